@@ -1,12 +1,23 @@
 //! The pure Raft core: no sockets, threads, clocks or disk.
 //!
-//! It is driven by `tick`, `step(message)`, `propose` and `read_index`, and
-//! hands back a [`Ready`]: what to persist, what to send (before or after the
-//! persist), what is committed and which reads may be served. The shell
-//! persists, sends, applies, then calls `advance`.
+//! It is driven by [`Raft::tick`], [`Raft::step`], [`Raft::propose`] and
+//! [`Raft::read_index`], and hands back a [`Ready`]: what to persist, what to
+//! send (before or after the persist), what is committed and which reads may
+//! be served. The shell persists, sends, applies, then calls
+//! [`Raft::advance`] — the division of labour of etcd's `RawNode`.
 
+mod engine;
 pub mod message;
+mod progress;
+mod quorum;
+mod raft_log;
+mod ready;
 pub mod types;
 
+#[cfg(test)]
+mod tests;
+
+pub use engine::{Config, NotLeader, Raft};
 pub use message::{Body, Message};
+pub use ready::{ReadState, Ready, Role, SoftState};
 pub use types::{Entry, HardState, Index, NodeId, Payload, Term};

@@ -1,0 +1,668 @@
+//! The Raft state machine: Figure 2 of the Raft paper, plus PreVote,
+//! CheckQuorum and leader stickiness (thesis §9.6, §6.2, §4.2.3), ReadIndex
+//! reads (§6.4) and the fast conflict back-off (§5.3).
+//!
+//! One entry point per kind of input (`tick`, `step`, `propose`,
+//! `read_index`); term rules are applied once in `step`, before the body is
+//! looked at; every other rule lives in exactly one handler.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use log::{debug, error, info};
+
+use super::message::{Body, Message};
+use super::progress::Progress;
+use super::quorum::{majority, majority_value};
+use super::raft_log::RaftLog;
+use super::ready::{ReadState, Ready, Role, SoftState};
+use super::types::{Entry, HardState, Index, NodeId, Payload, Term};
+
+/// Timing and behaviour knobs, all in ticks so the core needs no clock.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: NodeId,
+    /// Every voting member, this node included.
+    pub members: Vec<NodeId>,
+    /// Election timeouts are drawn uniformly from `[min, max)` ticks.
+    pub election_ticks: (u64, u64),
+    pub heartbeat_ticks: u64,
+    /// Upper bound on the entries carried by one AppendEntries.
+    pub max_append_bytes: usize,
+    pub pre_vote: bool,
+    pub check_quorum: bool,
+    /// Seeds the election-timeout randomness, so runs are reproducible.
+    pub seed: u64,
+}
+
+impl Config {
+    /// An unanswered AppendEntries is given up on after this many ticks, so a
+    /// lost message never stalls a follower (the shell usually reports
+    /// `peer_unreachable` sooner).
+    fn inflight_timeout(&self) -> u64 {
+        self.election_ticks.0
+    }
+}
+
+/// Returned when a request needs the leader and this node is not it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotLeader {
+    pub leader: Option<NodeId>,
+}
+
+#[derive(Debug)]
+struct PendingRead {
+    ctx: u64,
+    index: Index,
+    seq: u64,
+}
+
+pub struct Raft {
+    cfg: Config,
+    term: Term,
+    vote: Option<NodeId>,
+    role: Role,
+    leader: Option<NodeId>,
+    log: RaftLog,
+    /// Per-follower replication state; only meaningful on the leader.
+    progress: BTreeMap<NodeId, Progress>,
+    /// Votes received in the current (pre-)campaign.
+    votes: BTreeMap<NodeId, bool>,
+
+    ticks: u64,
+    election_elapsed: u64,
+    heartbeat_elapsed: u64,
+    election_timeout: u64,
+    rng: u64,
+    heartbeat_due: bool,
+
+    /// Number of ReadIndex rounds started; AppendEntries carry it and
+    /// replies echo it, so one heartbeat round confirms a whole batch of reads.
+    read_seq: u64,
+    pending_reads: VecDeque<PendingRead>,
+    /// Reads that arrived before this leader committed an entry of its own
+    /// term: until then it does not know the true commit index (§6.4 step 1).
+    reads_awaiting_commit: Vec<u64>,
+
+    messages: Vec<Message>,
+    persisted_messages: Vec<Message>,
+    read_states: Vec<ReadState>,
+    failed_reads: Vec<u64>,
+    last_hard_state: HardState,
+    last_soft_state: Option<SoftState>,
+    /// Last entry handed out by `ready`, made stable by `advance`.
+    handed_out: Option<(Index, Term)>,
+}
+
+impl Raft {
+    /// A node restarting from `hard_state` and the durable `entries`
+    /// (contiguous from index 1).
+    pub fn new(cfg: Config, hard_state: HardState, entries: Vec<Entry>) -> Raft {
+        assert!(cfg.members.contains(&cfg.id), "node {} is not a member", cfg.id);
+        assert!(cfg.election_ticks.0 > cfg.heartbeat_ticks && cfg.election_ticks.0 <= cfg.election_ticks.1);
+        let log = RaftLog::restore(entries, hard_state.commit);
+        let mut raft = Raft {
+            term: hard_state.term,
+            vote: hard_state.vote,
+            role: Role::Follower,
+            leader: None,
+            last_hard_state: HardState { commit: log.committed(), ..hard_state },
+            log,
+            progress: BTreeMap::new(),
+            votes: BTreeMap::new(),
+            ticks: 0,
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            election_timeout: 0,
+            rng: cfg.seed ^ 0x9E37_79B9_7F4A_7C15,
+            heartbeat_due: false,
+            read_seq: 0,
+            pending_reads: VecDeque::new(),
+            reads_awaiting_commit: Vec::new(),
+            messages: Vec::new(),
+            persisted_messages: Vec::new(),
+            read_states: Vec::new(),
+            failed_reads: Vec::new(),
+            last_soft_state: None,
+            handed_out: None,
+            cfg,
+        };
+        raft.randomize_election_timeout();
+        raft
+    }
+
+    // ----- inputs ---------------------------------------------------------
+
+    /// Advances the logical clock by one tick.
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        self.election_elapsed += 1;
+        if self.role != Role::Leader {
+            if self.election_elapsed >= self.election_timeout {
+                self.campaign();
+            }
+            return;
+        }
+        if self.election_elapsed >= self.cfg.election_ticks.0 {
+            self.election_elapsed = 0;
+            if self.cfg.check_quorum && !self.quorum_recently_active() {
+                info!("node {}: no contact with a majority for an election timeout; stepping down in term {}", self.cfg.id, self.term);
+                self.become_follower(self.term, None);
+                return;
+            }
+            self.progress.values_mut().for_each(|pr| pr.recent_active = false);
+        }
+        self.heartbeat_elapsed += 1;
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            self.heartbeat_due = true;
+        }
+        let (now, timeout) = (self.ticks, self.cfg.inflight_timeout());
+        for pr in self.progress.values_mut() {
+            if pr.inflight_since.is_some_and(|sent| now - sent >= timeout) {
+                pr.inflight_since = None;
+            }
+        }
+    }
+
+    /// Handles one message from a peer.
+    pub fn step(&mut self, m: Message) {
+        if m.to != self.cfg.id || m.from == self.cfg.id || !self.cfg.members.contains(&m.from) {
+            debug!("node {}: dropping misaddressed message {:?}", self.cfg.id, m);
+            return;
+        }
+        if m.term > self.term {
+            if matches!(m.body, Body::RequestVote { .. }) && self.in_leader_lease() {
+                info!(
+                    "node {}: ignoring vote request from {} for term {}: leader {:?} is alive",
+                    self.cfg.id, m.from, m.term, self.leader
+                );
+                return;
+            }
+            match m.body {
+                // A pre-vote never changes the receiver's term, and a granted
+                // pre-vote echoes the term the candidate has not taken yet.
+                Body::RequestVote { pre_vote: true, .. } => {}
+                Body::RequestVoteReply { pre_vote: true, granted: true } => {}
+                Body::AppendEntries { .. } => self.become_follower(m.term, Some(m.from)),
+                _ => self.become_follower(m.term, None),
+            }
+        } else if m.term < self.term {
+            self.reply_to_stale(&m);
+            return;
+        }
+        match m.body {
+            Body::RequestVote { last_log_index, last_log_term, pre_vote } => {
+                self.handle_request_vote(&m, last_log_index, last_log_term, pre_vote)
+            }
+            Body::RequestVoteReply { granted, pre_vote } => self.handle_vote_reply(m.from, granted, pre_vote),
+            Body::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit, read_seq } => {
+                self.handle_append_entries(m.from, prev_log_index, prev_log_term, entries, leader_commit, read_seq)
+            }
+            Body::AppendEntriesReply { success, match_index, conflict_index, conflict_term, read_seq } => {
+                self.handle_append_reply(m.from, success, match_index, conflict_index, conflict_term, read_seq)
+            }
+        }
+    }
+
+    /// Appends a client command. Returns its index; it is committed once
+    /// `committed` hands back an entry with this index and the current term.
+    pub fn propose(&mut self, command: Vec<u8>) -> Result<(Index, Term), NotLeader> {
+        self.require_leader()?;
+        let index = self.log.append(self.term, Payload::Command(command));
+        Ok((index, self.term))
+    }
+
+    /// Starts a linearizable read tagged `ctx`. It comes back in
+    /// `Ready::read_states` once leadership is confirmed by a majority, or in
+    /// `Ready::failed_reads` if leadership is lost first.
+    pub fn read_index(&mut self, ctx: u64) -> Result<(), NotLeader> {
+        self.require_leader()?;
+        if self.committed_in_current_term() {
+            self.start_read(ctx);
+        } else {
+            self.reads_awaiting_commit.push(ctx);
+        }
+        Ok(())
+    }
+
+    /// The transport gave up on the request in flight to `peer`: allow the
+    /// next one to go out right away instead of waiting for the timeout.
+    pub fn peer_unreachable(&mut self, peer: NodeId) {
+        if let Some(pr) = self.progress.get_mut(&peer) {
+            pr.inflight_since = None;
+        }
+    }
+
+    // ----- outputs --------------------------------------------------------
+
+    pub fn has_ready(&self) -> bool {
+        (self.role == Role::Leader && self.progress.values().any(|pr| self.wants_append(pr)))
+            || self.hard_state_changed()
+            || self.log.has_unstable()
+            || self.log.has_committed_to_apply()
+            || !self.messages.is_empty()
+            || !self.persisted_messages.is_empty()
+            || !self.read_states.is_empty()
+            || !self.failed_reads.is_empty()
+            || self.last_soft_state != Some(self.soft_state())
+    }
+
+    /// Collects everything the shell must do now; see [`Ready`] for the order.
+    pub fn ready(&mut self) -> Ready {
+        if self.role == Role::Leader {
+            self.send_appends();
+        }
+        let unstable = self.log.take_unstable();
+        if let Some(last) = unstable.entries.last() {
+            self.handed_out = Some((last.index, last.term));
+        }
+        // The commit index rides along with writes that happen anyway; after a
+        // crash the mirror of applied entries recovers anything newer.
+        let hard_state = (self.hard_state_changed() || !unstable.entries.is_empty()).then(|| {
+            self.last_hard_state = self.hard_state();
+            self.last_hard_state
+        });
+        let soft = self.soft_state();
+        let soft_state = (self.last_soft_state != Some(soft)).then(|| {
+            self.last_soft_state = Some(soft);
+            soft
+        });
+        Ready {
+            soft_state,
+            hard_state,
+            truncate_from: unstable.truncate_from,
+            entries: unstable.entries,
+            messages: std::mem::take(&mut self.messages),
+            persisted_messages: std::mem::take(&mut self.persisted_messages),
+            committed: self.log.take_committed(),
+            read_states: std::mem::take(&mut self.read_states),
+            failed_reads: std::mem::take(&mut self.failed_reads),
+        }
+    }
+
+    /// The shell has made the last `Ready`'s writes durable.
+    pub fn advance(&mut self) {
+        if let Some((index, term)) = self.handed_out.take() {
+            self.log.stable_to(index, term);
+            if self.role == Role::Leader {
+                self.maybe_commit();
+            }
+        }
+    }
+
+    // ----- observers ------------------------------------------------------
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+
+    pub fn soft_state(&self) -> SoftState {
+        SoftState { role: self.role, term: self.term, leader: self.leader }
+    }
+
+    pub fn hard_state(&self) -> HardState {
+        HardState { term: self.term, vote: self.vote, commit: self.log.committed() }
+    }
+
+    pub fn commit_index(&self) -> Index {
+        self.log.committed()
+    }
+
+    pub fn last_index(&self) -> Index {
+        self.log.last_index()
+    }
+
+    pub fn members(&self) -> &[NodeId] {
+        &self.cfg.members
+    }
+
+    // ----- elections ------------------------------------------------------
+
+    fn campaign(&mut self) {
+        if self.cfg.pre_vote {
+            self.become_pre_candidate();
+        } else {
+            self.become_candidate();
+        }
+    }
+
+    fn become_pre_candidate(&mut self) {
+        info!("node {}: election timeout; starting pre-vote for term {}", self.cfg.id, self.term + 1);
+        self.role = Role::PreCandidate;
+        self.leader = None;
+        self.start_election(true);
+    }
+
+    fn become_candidate(&mut self) {
+        self.term += 1;
+        self.vote = Some(self.cfg.id);
+        self.role = Role::Candidate;
+        self.leader = None;
+        info!("node {}: became candidate in term {}", self.cfg.id, self.term);
+        self.start_election(false);
+    }
+
+    fn start_election(&mut self, pre_vote: bool) {
+        self.election_elapsed = 0;
+        self.randomize_election_timeout();
+        self.votes = BTreeMap::from([(self.cfg.id, true)]);
+        let term = if pre_vote { self.term + 1 } else { self.term };
+        let body = Body::RequestVote {
+            last_log_index: self.log.last_index(),
+            last_log_term: self.log.last_term(),
+            pre_vote,
+        };
+        // The vote for ourselves must be durable before we ask for others'.
+        for to in self.peers() {
+            self.persisted_messages.push(Message { from: self.cfg.id, to, term, body: body.clone() });
+        }
+        self.tally_votes();
+    }
+
+    fn handle_request_vote(&mut self, m: &Message, last_log_index: Index, last_log_term: Term, pre_vote: bool) {
+        let can_vote = self.vote == Some(m.from)
+            || (self.vote.is_none() && self.leader.is_none())
+            || (pre_vote && m.term > self.term);
+        let granted = can_vote && self.log.is_up_to_date(last_log_term, last_log_index);
+        if granted && !pre_vote {
+            self.vote = Some(m.from);
+            self.election_elapsed = 0;
+        }
+        info!(
+            "node {}: {} {}vote to {} for term {} (its last log {}/{}, ours {}/{})",
+            self.cfg.id,
+            if granted { "granted" } else { "rejected" },
+            if pre_vote { "pre-" } else { "" },
+            m.from,
+            m.term,
+            last_log_term,
+            last_log_index,
+            self.log.last_term(),
+            self.log.last_index()
+        );
+        // A granted pre-vote answers in the candidate's future term; anything
+        // else carries ours so a stale candidate learns it is behind.
+        let term = if granted { m.term } else { self.term };
+        self.persisted_messages.push(Message {
+            from: self.cfg.id,
+            to: m.from,
+            term,
+            body: Body::RequestVoteReply { granted, pre_vote },
+        });
+    }
+
+    fn handle_vote_reply(&mut self, from: NodeId, granted: bool, pre_vote: bool) {
+        let expected = match self.role {
+            Role::PreCandidate => pre_vote,
+            Role::Candidate => !pre_vote,
+            _ => false,
+        };
+        if expected {
+            self.votes.insert(from, granted);
+            self.tally_votes();
+        }
+    }
+
+    fn tally_votes(&mut self) {
+        let granted = self.votes.values().filter(|&&g| g).count();
+        let rejected = self.votes.len() - granted;
+        let quorum = majority(self.cfg.members.len());
+        if granted >= quorum {
+            match self.role {
+                Role::PreCandidate => self.become_candidate(),
+                Role::Candidate => self.become_leader(),
+                _ => {}
+            }
+        } else if rejected >= quorum {
+            info!("node {}: lost the election for term {}", self.cfg.id, self.term);
+            self.become_follower(self.term, None);
+        }
+    }
+
+    fn become_leader(&mut self) {
+        info!("node {}: became leader in term {} (votes {:?})", self.cfg.id, self.term, self.votes);
+        self.role = Role::Leader;
+        self.leader = Some(self.cfg.id);
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        self.heartbeat_due = true;
+        let next = self.log.last_index() + 1;
+        self.progress = self.peers().into_iter().map(|p| (p, Progress::new(next - 1))).collect();
+        // A no-op of our own term lets entries of earlier terms commit (§5.4.2).
+        self.log.append(self.term, Payload::Noop);
+    }
+
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        if self.role != Role::Follower || self.leader != leader {
+            info!("node {}: follower in term {}, leader {:?}", self.cfg.id, self.term, leader);
+        }
+        if self.role != Role::Follower {
+            self.randomize_election_timeout();
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.progress.clear();
+        self.votes.clear();
+        self.failed_reads.extend(self.pending_reads.drain(..).map(|r| r.ctx));
+        self.failed_reads.append(&mut self.reads_awaiting_commit);
+    }
+
+    /// Followers that heard from a leader within the minimum election timeout
+    /// ignore vote requests, so a node rejoining from a partition cannot
+    /// depose a healthy leader (§4.2.3). Tied to CheckQuorum, which makes a
+    /// leader that lost its majority give up its lease.
+    fn in_leader_lease(&self) -> bool {
+        self.cfg.check_quorum && self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks.0
+    }
+
+    fn quorum_recently_active(&self) -> bool {
+        let active = 1 + self.progress.values().filter(|pr| pr.recent_active).count();
+        active >= majority(self.cfg.members.len())
+    }
+
+    // ----- replication ----------------------------------------------------
+
+    fn handle_append_entries(
+        &mut self,
+        from: NodeId,
+        prev_log_index: Index,
+        prev_log_term: Term,
+        entries: Vec<Entry>,
+        leader_commit: Index,
+        read_seq: u64,
+    ) {
+        if self.role == Role::Leader {
+            error!("node {}: two leaders in term {} (other: {}); ignoring", self.cfg.id, self.term, from);
+            return;
+        }
+        if self.role != Role::Follower || self.leader != Some(from) {
+            self.become_follower(self.term, Some(from));
+        }
+        self.election_elapsed = 0;
+        let reply = |this: &mut Raft, success, match_index, conflict_index, conflict_term| {
+            this.persisted_messages.push(Message {
+                from: this.cfg.id,
+                to: from,
+                term: this.term,
+                body: Body::AppendEntriesReply { success, match_index, conflict_index, conflict_term, read_seq },
+            });
+        };
+        match self.log.term(prev_log_index) {
+            None => {
+                let next = self.log.last_index() + 1;
+                reply(self, false, 0, next, None);
+            }
+            Some(term) if term != prev_log_term => {
+                let first = self.log.first_index_of_term_at(prev_log_index);
+                reply(self, false, 0, first, Some(term));
+            }
+            Some(_) => {
+                let last_new = prev_log_index + entries.len() as Index;
+                self.log.merge(entries);
+                // Only what this message verified may be committed: our log
+                // past `last_new` might still diverge from the leader's.
+                self.log.commit_to(leader_commit.min(last_new));
+                reply(self, true, last_new, 0, None);
+            }
+        }
+    }
+
+    fn handle_append_reply(
+        &mut self,
+        from: NodeId,
+        success: bool,
+        match_index: Index,
+        conflict_index: Index,
+        conflict_term: Option<Term>,
+        read_seq: u64,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else { return };
+        pr.recent_active = true;
+        pr.inflight_since = None;
+        pr.read_acked = pr.read_acked.max(read_seq);
+        if success {
+            if pr.on_success(match_index.min(last)) {
+                self.maybe_commit();
+            }
+        } else if conflict_index > pr.matched {
+            // Skip the follower's whole conflicting term at once; if we have
+            // entries of that term, resume right after our last one of it.
+            let next = conflict_term
+                .and_then(|t| self.log.last_index_of_term(t).map(|i| i + 1))
+                .unwrap_or(conflict_index);
+            self.progress.get_mut(&from).expect("checked above").on_reject(next.min(last + 1));
+        }
+        self.confirm_reads();
+    }
+
+    fn wants_append(&self, pr: &Progress) -> bool {
+        pr.inflight_since.is_none()
+            && (self.heartbeat_due
+                || pr.next <= self.log.last_index()
+                || pr.commit_sent < self.log.committed()
+                || (!self.pending_reads.is_empty() && pr.read_acked < self.read_seq))
+    }
+
+    /// One AppendEntries to every follower that is not waiting on one and has
+    /// something to learn; all proposals since the last round go in it.
+    fn send_appends(&mut self) {
+        let wanting: Vec<NodeId> =
+            self.progress.iter().filter(|(_, pr)| self.wants_append(pr)).map(|(&id, _)| id).collect();
+        for to in wanting {
+            let pr = &self.progress[&to];
+            let prev_log_index = pr.next - 1;
+            let prev_log_term = self.log.term(prev_log_index).expect("next <= last + 1");
+            let body = Body::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries: self.log.entries_from(pr.next, self.cfg.max_append_bytes),
+                leader_commit: self.log.committed(),
+                read_seq: self.read_seq,
+            };
+            let pr = self.progress.get_mut(&to).expect("listed above");
+            pr.inflight_since = Some(self.ticks);
+            pr.commit_sent = self.log.committed();
+            // The leader may send before its own write is durable (thesis
+            // §10.2.1): it counts itself toward commit only once it is.
+            self.messages.push(Message { from: self.cfg.id, to, term: self.term, body });
+        }
+        self.heartbeat_due = false;
+    }
+
+    /// Commits the highest index stored on a majority, but only if it is from
+    /// the current term; older entries commit with it (Figure 8).
+    fn maybe_commit(&mut self) {
+        let mut matched: Vec<Index> =
+            self.progress.values().map(|pr| pr.matched).chain([self.log.stable()]).collect();
+        let index = majority_value(&mut matched);
+        if index <= self.log.committed() || self.log.term(index) != Some(self.term) {
+            return;
+        }
+        let first_in_term = !self.committed_in_current_term();
+        self.log.commit_to(index);
+        if first_in_term {
+            for ctx in std::mem::take(&mut self.reads_awaiting_commit) {
+                self.start_read(ctx);
+            }
+        }
+    }
+
+    // ----- reads ----------------------------------------------------------
+
+    fn committed_in_current_term(&self) -> bool {
+        self.log.term(self.log.committed()) == Some(self.term)
+    }
+
+    fn start_read(&mut self, ctx: u64) {
+        self.read_seq += 1;
+        self.pending_reads.push_back(PendingRead { ctx, index: self.log.committed(), seq: self.read_seq });
+        self.confirm_reads();
+    }
+
+    /// Releases every read whose round a majority (ourselves included) has
+    /// acknowledged in this term.
+    fn confirm_reads(&mut self) {
+        let mut acked: Vec<u64> = self.progress.values().map(|pr| pr.read_acked).chain([u64::MAX]).collect();
+        let confirmed = majority_value(&mut acked);
+        while self.pending_reads.front().is_some_and(|r| r.seq <= confirmed) {
+            let read = self.pending_reads.pop_front().expect("checked");
+            self.read_states.push(ReadState { ctx: read.ctx, index: read.index });
+        }
+    }
+
+    // ----- helpers --------------------------------------------------------
+
+    fn require_leader(&self) -> Result<(), NotLeader> {
+        match self.role {
+            Role::Leader => Ok(()),
+            _ => Err(NotLeader { leader: self.leader }),
+        }
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.cfg.members.iter().copied().filter(|&id| id != self.cfg.id).collect()
+    }
+
+    fn hard_state_changed(&self) -> bool {
+        self.term != self.last_hard_state.term || self.vote != self.last_hard_state.vote
+    }
+
+    /// Answers a request from an older term with ours, so a deposed leader or
+    /// stale candidate steps down; stale replies are simply dropped.
+    fn reply_to_stale(&mut self, m: &Message) {
+        let body = match m.body {
+            Body::AppendEntries { read_seq, .. } => Body::AppendEntriesReply {
+                success: false,
+                match_index: 0,
+                conflict_index: 0,
+                conflict_term: None,
+                read_seq,
+            },
+            Body::RequestVote { pre_vote, .. } => Body::RequestVoteReply { granted: false, pre_vote },
+            _ => return,
+        };
+        self.persisted_messages.push(Message { from: self.cfg.id, to: m.from, term: self.term, body });
+    }
+
+    fn randomize_election_timeout(&mut self) {
+        let (min, max) = self.cfg.election_ticks;
+        self.election_timeout = min + self.next_random() % (max - min).max(1);
+    }
+
+    /// splitmix64: tiny, fast and fully determined by the seed.
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}

@@ -1,0 +1,77 @@
+//! What a leader knows about one follower's log (etcd's `tracker.Progress`).
+//!
+//! Replication runs one AppendEntries per follower at a time: the transport
+//! is REQ/REP, and whatever accumulates while a request is in flight goes out
+//! as one batch in the next one, which is where throughput comes from.
+
+use super::types::Index;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Highest index known to be replicated on the follower. Only grows.
+    pub matched: Index,
+    /// Next index to send. Always `> matched`.
+    pub next: Index,
+    /// Tick at which the outstanding AppendEntries was sent, if any. Expires
+    /// so that a lost request or reply never stalls replication.
+    pub inflight_since: Option<u64>,
+    /// Highest read round the follower acknowledged in this term.
+    pub read_acked: u64,
+    /// Commit index last sent, so the follower learns of new commits promptly.
+    pub commit_sent: Index,
+    /// Heard from in the current CheckQuorum window.
+    pub recent_active: bool,
+}
+
+impl Progress {
+    pub fn new(last_index: Index) -> Progress {
+        Progress {
+            matched: 0,
+            next: last_index + 1,
+            inflight_since: None,
+            read_acked: 0,
+            commit_sent: 0,
+            recent_active: false,
+        }
+    }
+
+    /// A success reply: the follower holds our log up to `index`. A stale
+    /// (reordered) reply never moves `matched` backwards. With one request in
+    /// flight there is no optimistic `next` to preserve.
+    pub fn on_success(&mut self, index: Index) -> bool {
+        let advanced = index > self.matched;
+        self.matched = self.matched.max(index);
+        self.next = self.matched + 1;
+        advanced
+    }
+
+    /// A rejection: retry from `next`, but never at or below what is known
+    /// to match.
+    pub fn on_reject(&mut self, next: Index) {
+        self.next = next.max(self.matched + 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_success_does_not_move_backwards() {
+        let mut pr = Progress::new(10);
+        assert!(pr.on_success(8));
+        assert_eq!((pr.matched, pr.next), (8, 9));
+        assert!(!pr.on_success(5));
+        assert_eq!((pr.matched, pr.next), (8, 9));
+    }
+
+    #[test]
+    fn reject_never_goes_below_matched() {
+        let mut pr = Progress::new(10);
+        pr.on_success(6);
+        pr.on_reject(3);
+        assert_eq!(pr.next, 7);
+        pr.on_reject(9);
+        assert_eq!(pr.next, 9);
+    }
+}

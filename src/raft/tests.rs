@@ -1,0 +1,852 @@
+//! Scenario tests of the core: whole clusters of `Raft` driven by hand
+//! through an in-memory network whose delivery the test controls.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::*;
+
+/// Durable state of one node as the shell would keep it.
+#[derive(Clone, Default)]
+struct Disk {
+    hard_state: HardState,
+    entries: Vec<Entry>,
+}
+
+struct Node {
+    raft: Raft,
+    disk: Disk,
+    applied: Vec<Entry>,
+    reads: Vec<ReadState>,
+    failed_reads: Vec<u64>,
+}
+
+struct Cluster {
+    nodes: BTreeMap<NodeId, Node>,
+    queue: VecDeque<Message>,
+    /// Directed links that drop everything.
+    cut: BTreeSet<(NodeId, NodeId)>,
+    cfg: Config,
+    /// Drops AppendEntries sent by this node (to strand a leader's entries).
+    drop_appends_from: Option<NodeId>,
+    /// Every message ever sent, for assertions about traffic.
+    sent: Vec<Message>,
+}
+
+fn config(id: NodeId, n: u64) -> Config {
+    Config {
+        id,
+        members: (1..=n).collect(),
+        election_ticks: (10, 20),
+        heartbeat_ticks: 2,
+        max_append_bytes: 1 << 20,
+        pre_vote: true,
+        check_quorum: true,
+        seed: id,
+    }
+}
+
+impl Cluster {
+    fn new(n: u64) -> Cluster {
+        Self::with(config(1, n))
+    }
+
+    fn with(cfg: Config) -> Cluster {
+        let nodes = cfg
+            .members
+            .iter()
+            .map(|&id| {
+                let raft = Raft::new(Config { id, seed: id, ..cfg.clone() }, HardState::default(), vec![]);
+                (id, Node { raft, disk: Disk::default(), applied: vec![], reads: vec![], failed_reads: vec![] })
+            })
+            .collect();
+        Cluster { nodes, queue: VecDeque::new(), cut: BTreeSet::new(), cfg, drop_appends_from: None, sent: vec![] }
+    }
+
+    fn raft(&self, id: NodeId) -> &Raft {
+        &self.nodes[&id].raft
+    }
+
+    fn raft_mut(&mut self, id: NodeId) -> &mut Raft {
+        &mut self.nodes.get_mut(&id).unwrap().raft
+    }
+
+    /// Runs the Ready loop of one node the way the shell does.
+    fn process(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        while node.raft.has_ready() {
+            let rd = node.raft.ready();
+            self.queue.extend(rd.messages.iter().cloned());
+            if let Some(hs) = rd.hard_state {
+                node.disk.hard_state = hs;
+            }
+            if let Some(from) = rd.truncate_from {
+                node.disk.entries.truncate(from as usize - 1);
+            }
+            node.disk.entries.extend(rd.entries);
+            self.queue.extend(rd.persisted_messages.iter().cloned());
+            self.sent.extend(rd.messages.into_iter().chain(rd.persisted_messages));
+            node.raft.advance();
+            node.applied.extend(rd.committed);
+            node.reads.extend(rd.read_states);
+            node.failed_reads.extend(rd.failed_reads);
+        }
+    }
+
+    /// Delivers queued messages (and whatever they cause) until quiet.
+    fn deliver(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in &ids {
+            self.process(*id);
+        }
+        let mut budget = 100_000;
+        while let Some(m) = self.queue.pop_front() {
+            budget -= 1;
+            assert!(budget > 0, "message storm");
+            let stranded = self.drop_appends_from == Some(m.from) && matches!(m.body, Body::AppendEntries { .. });
+            if stranded || self.cut.contains(&(m.from, m.to)) || !self.nodes.contains_key(&m.to) {
+                continue;
+            }
+            let to = m.to;
+            self.raft_mut(to).step(m);
+            self.process(to);
+        }
+    }
+
+    fn tick(&mut self, id: NodeId) {
+        self.raft_mut(id).tick();
+        self.process(id);
+    }
+
+    /// Ticks every node once and delivers, `n` times.
+    fn run(&mut self, n: usize) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for _ in 0..n {
+            for &id in &ids {
+                self.tick(id);
+            }
+            self.deliver();
+        }
+    }
+
+    /// Ticks only `id` until it starts an election, then delivers.
+    fn campaign(&mut self, id: NodeId) {
+        let start = self.raft(id).soft_state();
+        for _ in 0..100 {
+            self.tick(id);
+            if self.raft(id).soft_state().role != start.role || self.raft(id).soft_state().term != start.term {
+                break;
+            }
+        }
+        self.deliver();
+    }
+
+    fn leaders(&self) -> Vec<NodeId> {
+        self.nodes.values().filter(|n| n.raft.soft_state().role == Role::Leader).map(|n| n.raft.id()).collect()
+    }
+
+    fn isolate(&mut self, id: NodeId) {
+        for &other in self.nodes.keys() {
+            if other != id {
+                self.cut.insert((id, other));
+                self.cut.insert((other, id));
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    fn propose(&mut self, id: NodeId, data: &[u8]) -> (Index, Term) {
+        let r = self.raft_mut(id).propose(data.to_vec()).expect("leader");
+        self.deliver();
+        r
+    }
+
+    /// Crash: everything not on `disk` is lost; restart from it.
+    fn restart(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        let cfg = Config { id, seed: id + 1000, ..self.cfg.clone() };
+        node.raft = Raft::new(cfg, node.disk.hard_state, node.disk.entries.clone());
+        node.applied.clear();
+        self.queue.retain(|m| m.to != id && m.from != id);
+    }
+
+    fn commands(&self, id: NodeId) -> Vec<Vec<u8>> {
+        self.nodes[&id]
+            .applied
+            .iter()
+            .filter_map(|e| match &e.payload {
+                Payload::Command(c) => Some(c.clone()),
+                Payload::Noop => None,
+            })
+            .collect()
+    }
+}
+
+fn entry(index: Index, term: Term) -> Entry {
+    Entry { index, term, payload: Payload::Noop }
+}
+
+fn msg(from: NodeId, to: NodeId, term: Term, body: Body) -> Message {
+    Message { from, to, term, body }
+}
+
+/// A lone node built from explicit durable state, with its output drained.
+fn node_with(id: NodeId, n: u64, hs: HardState, entries: Vec<Entry>) -> Raft {
+    node_from(config(id, n), hs, entries)
+}
+
+fn node_from(cfg: Config, hs: HardState, entries: Vec<Entry>) -> Raft {
+    let mut raft = Raft::new(cfg, hs, entries);
+    raft.ready();
+    raft
+}
+
+/// Config for a lone node that campaigns without a pre-vote round.
+fn no_pre_vote(id: NodeId, n: u64) -> Config {
+    Config { pre_vote: false, ..config(id, n) }
+}
+
+/// Ticks until the node becomes a candidate; returns the ticks it took.
+fn tick_until_candidate(r: &mut Raft) -> u64 {
+    let mut ticks = 0;
+    while r.soft_state().role != Role::Candidate {
+        r.tick();
+        ticks += 1;
+        assert!(ticks < 1000);
+    }
+    ticks
+}
+
+fn drain(raft: &mut Raft) -> Ready {
+    let rd = raft.ready();
+    raft.advance();
+    rd
+}
+
+// ----- elections -----------------------------------------------------------
+
+#[test]
+fn single_node_elects_itself_and_commits() {
+    let mut c = Cluster::new(1);
+    c.run(25);
+    assert_eq!(c.leaders(), vec![1]);
+    c.propose(1, b"x");
+    assert_eq!(c.commands(1), vec![b"x".to_vec()]);
+}
+
+#[test]
+fn three_nodes_elect_exactly_one_leader_and_commit_its_noop() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leaders = c.leaders();
+    assert_eq!(leaders.len(), 1, "{leaders:?}");
+    c.run(5);
+    for id in 1..=3 {
+        assert_eq!(c.nodes[&id].applied.len(), 1, "node {id} applied the leader's no-op");
+        assert_eq!(c.raft(id).soft_state().leader, Some(leaders[0]));
+    }
+}
+
+#[test]
+fn vote_is_granted_once_per_term_and_durable_before_the_reply() {
+    let mut r = node_with(1, 3, HardState::default(), vec![]);
+    let ask = |from| msg(from, 1, 1, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false });
+    r.step(ask(2));
+    let rd = r.ready();
+    assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((1, Some(2))));
+    assert!(rd.messages.is_empty(), "a vote must not leave before it is durable");
+    assert_eq!(rd.persisted_messages[0].body, Body::RequestVoteReply { granted: true, pre_vote: false });
+    r.advance();
+    r.step(ask(3));
+    assert_eq!(r.ready().persisted_messages[0].body, Body::RequestVoteReply { granted: false, pre_vote: false });
+    r.step(ask(2));
+    assert_eq!(
+        r.ready().persisted_messages[0].body,
+        Body::RequestVoteReply { granted: true, pre_vote: false },
+        "a retried request from the same candidate is granted again"
+    );
+}
+
+#[test]
+fn up_to_date_check_uses_last_term_then_index() {
+    let log = vec![entry(1, 1), entry(2, 3)];
+    let cases = [((2, 10), false), ((3, 1), false), ((3, 2), true), ((4, 1), true)];
+    for ((last_log_term, last_log_index), granted) in cases {
+        let mut r = node_with(1, 3, HardState { term: 3, vote: None, commit: 0 }, log.clone());
+        r.step(msg(2, 1, 5, Body::RequestVote { last_log_index, last_log_term, pre_vote: false }));
+        let reply = &r.ready().persisted_messages[0];
+        assert_eq!(reply.body, Body::RequestVoteReply { granted, pre_vote: false }, "{last_log_term}/{last_log_index}");
+        assert_eq!(reply.term, 5, "the term was adopted either way");
+    }
+}
+
+#[test]
+fn higher_term_turns_leader_into_follower_and_clears_the_vote() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let term = c.raft(leader).soft_state().term;
+    let other = if leader == 1 { 2 } else { 1 };
+    c.raft_mut(leader).step(msg(other, leader, term + 5, Body::AppendEntriesReply {
+        success: false,
+        match_index: 0,
+        conflict_index: 0,
+        conflict_term: None,
+        read_seq: 0,
+    }));
+    let r = c.raft(leader);
+    assert_eq!(r.soft_state().role, Role::Follower);
+    assert_eq!(r.hard_state().term, term + 5);
+    assert_eq!(r.hard_state().vote, None);
+}
+
+#[test]
+fn stale_replies_are_ignored_and_stale_requests_answered_with_our_term() {
+    let mut r = node_with(1, 3, HardState { term: 5, vote: None, commit: 0 }, vec![]);
+    r.step(msg(2, 1, 3, Body::RequestVoteReply { granted: true, pre_vote: false }));
+    assert!(r.ready().persisted_messages.is_empty());
+    r.step(msg(2, 1, 3, Body::AppendEntries {
+        prev_log_index: 0,
+        prev_log_term: 0,
+        entries: vec![entry(1, 3)],
+        leader_commit: 1,
+        read_seq: 0,
+    }));
+    let rd = r.ready();
+    assert_eq!(rd.persisted_messages[0].term, 5);
+    assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: false, .. }));
+    assert_eq!(r.last_index(), 0, "a stale leader's entries are not taken");
+}
+
+#[test]
+fn rejecting_a_vote_does_not_reset_the_election_timer() {
+    let hs = HardState { term: 1, vote: Some(1), commit: 0 };
+    let timeout = tick_until_candidate(&mut node_from(no_pre_vote(1, 3), hs, vec![entry(1, 1)]));
+    let mut r = node_from(no_pre_vote(1, 3), hs, vec![entry(1, 1)]);
+    for _ in 0..timeout - 1 {
+        r.tick();
+        // Same term, log not up to date: rejected, timer keeps running.
+        r.step(msg(2, 1, 1, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false }));
+    }
+    r.tick();
+    assert_eq!(r.soft_state().role, Role::Candidate);
+}
+
+#[test]
+fn candidate_loses_to_a_majority_of_rejections() {
+    let mut r = node_from(no_pre_vote(1, 3), HardState::default(), vec![]);
+    tick_until_candidate(&mut r);
+    let term = r.soft_state().term;
+    r.step(msg(2, 1, term, Body::RequestVoteReply { granted: false, pre_vote: false }));
+    assert_eq!(r.soft_state().role, Role::Candidate);
+    r.step(msg(3, 1, term, Body::RequestVoteReply { granted: false, pre_vote: false }));
+    assert_eq!(r.soft_state().role, Role::Follower);
+}
+
+#[test]
+fn many_elections_never_produce_two_leaders_in_a_term() {
+    let mut c = Cluster::new(5);
+    let mut leader_of_term: BTreeMap<Term, NodeId> = BTreeMap::new();
+    for round in 0..40u64 {
+        // Knock out a varying pair of nodes each round.
+        c.heal();
+        c.isolate(round % 5 + 1);
+        c.isolate((round * 3 + 1) % 5 + 1);
+        for _ in 0..40 {
+            c.run(1);
+            for id in c.leaders() {
+                let term = c.raft(id).soft_state().term;
+                let prev = leader_of_term.insert(term, id);
+                assert!(prev.is_none() || prev == Some(id), "two leaders in term {term}");
+            }
+        }
+    }
+    assert!(leader_of_term.len() > 3, "elections happened: {leader_of_term:?}");
+}
+
+// ----- PreVote, CheckQuorum, stickiness -----------------------------------
+
+#[test]
+fn rejoining_node_does_not_disrupt_a_healthy_leader() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let term = c.raft(leader).soft_state().term;
+    let loner = (1..=3).find(|&id| id != leader).unwrap();
+    c.isolate(loner);
+    c.run(200);
+    assert_eq!(c.raft(loner).soft_state().term, term, "pre-votes fail without bumping the term");
+    c.heal();
+    c.run(50);
+    assert_eq!(c.leaders(), vec![leader]);
+    assert_eq!(c.raft(leader).soft_state().term, term);
+}
+
+#[test]
+fn partitioned_node_with_higher_term_rejoins_without_deposing_the_leader() {
+    let mut cfg = config(1, 3);
+    cfg.pre_vote = false;
+    let mut c = Cluster::with(cfg);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let term = c.raft(leader).soft_state().term;
+    let loner = (1..=3).find(|&id| id != leader).unwrap();
+    c.isolate(loner);
+    c.run(100);
+    assert!(c.raft(loner).soft_state().term > term, "without pre-vote the loner's term climbs");
+    c.heal();
+    c.run(100);
+    let leaders = c.leaders();
+    assert_eq!(leaders.len(), 1);
+    let new_leader = leaders[0];
+    c.propose(new_leader, b"after");
+    c.run(5);
+    for id in 1..=3 {
+        assert_eq!(c.commands(id), vec![b"after".to_vec()], "node {id}");
+    }
+}
+
+#[test]
+fn follower_ignores_vote_requests_while_it_hears_from_a_leader() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let term = c.raft(follower).soft_state().term;
+    let other = (1..=3).find(|&id| id != leader && id != follower).unwrap();
+    c.raft_mut(follower).step(msg(other, follower, term + 1, Body::RequestVote {
+        last_log_index: 100,
+        last_log_term: 100,
+        pre_vote: false,
+    }));
+    assert_eq!(c.raft(follower).soft_state().term, term);
+    assert_eq!(c.raft(follower).hard_state().vote, c.nodes[&follower].disk.hard_state.vote);
+}
+
+#[test]
+fn leader_steps_down_without_quorum() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    c.isolate(leader);
+    for _ in 0..25 {
+        c.tick(leader);
+    }
+    assert_ne!(c.raft(leader).soft_state().role, Role::Leader);
+}
+
+#[test]
+fn pre_vote_does_not_change_the_voters_term_or_vote() {
+    let mut r = node_with(1, 3, HardState { term: 2, vote: Some(3), commit: 0 }, vec![]);
+    r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true }));
+    let rd = r.ready();
+    assert!(rd.hard_state.is_none());
+    assert_eq!(rd.persisted_messages[0].term, 3);
+    assert_eq!(rd.persisted_messages[0].body, Body::RequestVoteReply { granted: true, pre_vote: true });
+    assert_eq!(r.hard_state(), HardState { term: 2, vote: Some(3), commit: 0 });
+}
+
+// ----- replication ---------------------------------------------------------
+
+#[test]
+fn replicated_commands_apply_in_the_same_order_everywhere() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    for i in 0..20u8 {
+        c.raft_mut(leader).propose(vec![i]).unwrap();
+        if i % 3 == 0 {
+            c.deliver();
+        }
+    }
+    c.deliver();
+    c.run(3);
+    let expected: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i]).collect();
+    for id in 1..=3 {
+        assert_eq!(c.commands(id), expected, "node {id}");
+    }
+}
+
+#[test]
+fn proposals_batch_into_one_append_per_follower() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    c.sent.clear();
+    for i in 0..50u8 {
+        c.raft_mut(leader).propose(vec![i]).unwrap();
+    }
+    c.deliver();
+    let appends: Vec<usize> = c
+        .sent
+        .iter()
+        .filter_map(|m| match &m.body {
+            Body::AppendEntries { entries, .. } if !entries.is_empty() => Some(entries.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(appends, vec![50, 50]);
+}
+
+#[test]
+fn follower_ack_for_new_entries_waits_for_persistence() {
+    let mut r = node_with(2, 3, HardState { term: 1, vote: None, commit: 0 }, vec![]);
+    r.step(msg(1, 2, 1, Body::AppendEntries {
+        prev_log_index: 0,
+        prev_log_term: 0,
+        entries: vec![entry(1, 1)],
+        leader_commit: 0,
+        read_seq: 0,
+    }));
+    let rd = r.ready();
+    assert_eq!(rd.entries, vec![entry(1, 1)]);
+    assert!(rd.messages.is_empty());
+    assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: true, match_index: 1, .. }));
+}
+
+#[test]
+fn follower_commit_is_capped_by_the_last_entry_verified() {
+    // Entries 3..4 from an old term may diverge from the leader's log.
+    let mut r = node_with(2, 3, HardState { term: 2, vote: None, commit: 0 }, vec![
+        entry(1, 1),
+        entry(2, 1),
+        entry(3, 2),
+        entry(4, 2),
+    ]);
+    r.step(msg(1, 2, 3, Body::AppendEntries {
+        prev_log_index: 2,
+        prev_log_term: 1,
+        entries: vec![],
+        leader_commit: 10,
+        read_seq: 0,
+    }));
+    assert_eq!(r.commit_index(), 2);
+    assert_eq!(r.last_index(), 4);
+}
+
+#[test]
+fn delayed_append_does_not_truncate_newer_entries() {
+    let mut r = node_with(2, 3, HardState { term: 1, vote: None, commit: 0 }, vec![]);
+    let append = |prev: Index, entries: Vec<Entry>| {
+        msg(1, 2, 1, Body::AppendEntries {
+            prev_log_index: prev,
+            prev_log_term: if prev == 0 { 0 } else { 1 },
+            entries,
+            leader_commit: 0,
+            read_seq: 0,
+        })
+    };
+    r.step(append(0, vec![entry(1, 1), entry(2, 1), entry(3, 1)]));
+    drain(&mut r);
+    r.step(append(0, vec![entry(1, 1)]));
+    let rd = drain(&mut r);
+    assert_eq!(r.last_index(), 3);
+    assert!(rd.truncate_from.is_none() && rd.entries.is_empty());
+    assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: true, match_index: 1, .. }));
+}
+
+#[test]
+fn conflicting_suffix_is_replaced_and_storage_told_to_truncate() {
+    let mut r = node_with(2, 3, HardState { term: 2, vote: None, commit: 1 }, vec![
+        entry(1, 1),
+        entry(2, 2),
+        entry(3, 2),
+    ]);
+    r.step(msg(1, 2, 3, Body::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: 1,
+        entries: vec![entry(2, 3)],
+        leader_commit: 1,
+        read_seq: 0,
+    }));
+    let rd = drain(&mut r);
+    assert_eq!(rd.truncate_from, Some(2));
+    assert_eq!(rd.entries, vec![entry(2, 3)]);
+    assert_eq!(r.last_index(), 2);
+}
+
+#[test]
+fn reject_carries_conflict_term_and_its_first_index() {
+    let mut r = node_with(2, 3, HardState { term: 3, vote: None, commit: 0 }, vec![
+        entry(1, 1),
+        entry(2, 2),
+        entry(3, 2),
+        entry(4, 2),
+    ]);
+    r.step(msg(1, 2, 4, Body::AppendEntries {
+        prev_log_index: 4,
+        prev_log_term: 3,
+        entries: vec![],
+        leader_commit: 0,
+        read_seq: 0,
+    }));
+    let rd = r.ready();
+    assert_eq!(rd.persisted_messages[0].body, Body::AppendEntriesReply {
+        success: false,
+        match_index: 0,
+        conflict_index: 2,
+        conflict_term: Some(2),
+        read_seq: 0,
+    });
+    r.step(msg(1, 2, 4, Body::AppendEntries {
+        prev_log_index: 9,
+        prev_log_term: 3,
+        entries: vec![],
+        leader_commit: 0,
+        read_seq: 0,
+    }));
+    assert!(matches!(
+        r.ready().persisted_messages[0].body,
+        Body::AppendEntriesReply { success: false, conflict_index: 5, conflict_term: None, .. }
+    ));
+}
+
+#[test]
+fn far_behind_follower_catches_up_in_a_few_round_trips() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let lagger = (1..=3).find(|&id| id != leader).unwrap();
+    c.isolate(lagger);
+    for i in 0..300u16 {
+        c.propose(leader, &i.to_be_bytes());
+    }
+    c.heal();
+    c.sent.clear();
+    c.raft_mut(leader).peer_unreachable(lagger);
+    c.run(3);
+    let to_lagger = c
+        .sent
+        .iter()
+        .filter(|m| m.to == lagger && matches!(m.body, Body::AppendEntries { .. }))
+        .count();
+    assert!(to_lagger <= 4, "{to_lagger} round trips");
+    assert_eq!(c.commands(lagger).len(), 300);
+}
+
+#[test]
+fn diverged_follower_with_many_stale_terms_is_repaired() {
+    // Raft paper Figure 7 (f): a follower with entries of terms 2 and 3 that
+    // no leader ever committed, against a leader in term 8.
+    let follower_log: Vec<Entry> = [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3]
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| entry(i as Index + 1, t))
+        .collect();
+    let leader_log: Vec<Entry> = [1, 1, 1, 4, 4, 5, 5, 6, 6, 6]
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| entry(i as Index + 1, t))
+        .collect();
+    let mut c = Cluster::new(3);
+    for (id, log, term) in [(1, &leader_log, 7), (2, &leader_log, 7), (3, &follower_log, 3)] {
+        let node = c.nodes.get_mut(&id).unwrap();
+        node.disk = Disk { hard_state: HardState { term, vote: None, commit: 3 }, entries: log.clone() };
+        c.restart(id);
+    }
+    c.isolate(3);
+    c.campaign(1);
+    c.heal();
+    c.run(10);
+    assert_eq!(c.leaders(), vec![1]);
+    c.propose(1, b"z");
+    c.run(5);
+    assert_eq!(c.nodes[&3].disk.entries, c.nodes[&1].disk.entries);
+}
+
+#[test]
+fn figure_8_old_term_entries_are_not_committed_by_counting_replicas() {
+    // Node 1 won term 4 with entry 2 from term 2 on all three logs.
+    let log = vec![entry(1, 1), entry(2, 2)];
+    let mut r = node_from(no_pre_vote(1, 3), HardState { term: 3, vote: None, commit: 1 }, log);
+    tick_until_candidate(&mut r);
+    drain(&mut r);
+    let term = r.soft_state().term;
+    r.step(msg(2, 1, term, Body::RequestVoteReply { granted: true, pre_vote: false }));
+    assert_eq!(r.soft_state().role, Role::Leader);
+    drain(&mut r); // the no-op (index 3) is now durable on the leader
+    let ack = |from, match_index| {
+        msg(from, 1, term, Body::AppendEntriesReply {
+            success: true,
+            match_index,
+            conflict_index: 0,
+            conflict_term: None,
+            read_seq: 0,
+        })
+    };
+    r.step(ack(2, 2));
+    r.step(ack(3, 2));
+    assert_eq!(r.commit_index(), 1, "entry 2 is from term 2: replicas alone must not commit it");
+    r.step(ack(2, 3));
+    assert_eq!(r.commit_index(), 3, "the no-op of term {term} commits, and entry 2 with it");
+}
+
+#[test]
+fn figure_8_scenario_end_to_end() {
+    // Figure 8 of the Raft paper with 5 nodes. (a) S1 leads term 1 and gets
+    // entry 2 onto S2 only. (b) S5 leads term 2 with votes of S3, S4 and
+    // writes a conflicting entry 2 that nobody else sees. (c) S1 leads term 3.
+    // (e) Everyone reconnects: S5's entry must be overwritten and every node
+    // must apply the same commands, never changing one already applied.
+    let mut c = Cluster::with(Config { pre_vote: false, check_quorum: false, ..config(1, 5) });
+    c.campaign(1);
+    assert_eq!(c.leaders(), vec![1]);
+    c.cut.extend([(1, 3), (1, 4), (1, 5)]);
+    c.propose(1, b"s1-term1");
+    c.heal();
+    c.isolate(1);
+    c.isolate(2);
+    c.drop_appends_from = Some(5);
+    c.campaign(5);
+    assert!(c.leaders().contains(&5), "S1 still thinks it leads term 1");
+    c.propose(5, b"s5-term2");
+    assert_eq!(c.nodes[&3].disk.entries.len(), 1, "S5's entries reached nobody");
+    c.drop_appends_from = None;
+    c.heal();
+    c.isolate(5);
+    c.restart(1);
+    // Term 2 is taken (S3 and S4 voted for S5), so S1 wins at term 3.
+    c.campaign(1);
+    c.campaign(1);
+    assert_eq!(c.raft(1).soft_state().term, 3);
+    assert!(c.leaders().contains(&1), "the isolated S5 still thinks it leads term 2");
+    c.run(3);
+    let applied_before: Vec<Vec<u8>> = c.commands(3);
+    assert_eq!(applied_before, vec![b"s1-term1".to_vec()]);
+    c.heal();
+    c.run(50);
+    let leader = c.leaders()[0];
+    c.propose(leader, b"final");
+    c.run(5);
+    for id in 1..=5 {
+        assert_eq!(c.commands(id), vec![b"s1-term1".to_vec(), b"final".to_vec()], "node {id}");
+    }
+}
+
+#[test]
+fn crash_loses_only_what_was_not_persisted() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    c.propose(leader, b"a");
+    c.run(3);
+    for id in 1..=3 {
+        c.restart(id);
+    }
+    c.run(60);
+    let leader = c.leaders()[0];
+    c.propose(leader, b"b");
+    c.run(5);
+    for id in 1..=3 {
+        assert_eq!(c.commands(id), vec![b"a".to_vec(), b"b".to_vec()], "node {id}");
+    }
+}
+
+#[test]
+fn leader_counts_itself_only_once_its_entries_are_durable() {
+    let mut c = Cluster::new(1);
+    c.run(25);
+    c.raft_mut(1).propose(b"x".to_vec()).unwrap();
+    let rd = c.raft_mut(1).ready();
+    assert_eq!(rd.entries.len(), 1);
+    assert!(rd.committed.is_empty());
+    assert_eq!(c.raft(1).commit_index(), 1, "only the no-op so far");
+    c.raft_mut(1).advance();
+    assert_eq!(c.raft(1).commit_index(), 2);
+}
+
+#[test]
+fn leaders_append_is_sent_before_its_own_persistence() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    c.raft_mut(leader).propose(b"x".to_vec()).unwrap();
+    let rd = c.raft_mut(leader).ready();
+    assert_eq!(rd.messages.len(), 2, "followers fsync in parallel with the leader");
+    assert_eq!(rd.entries.len(), 1);
+}
+
+// ----- reads ---------------------------------------------------------------
+
+#[test]
+fn read_index_is_confirmed_by_a_heartbeat_round() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    c.propose(leader, b"w");
+    let commit = c.raft(leader).commit_index();
+    c.raft_mut(leader).read_index(7).unwrap();
+    c.process(leader);
+    assert!(c.nodes[&leader].reads.is_empty(), "not before a majority answered");
+    c.deliver();
+    assert_eq!(c.nodes[&leader].reads, vec![ReadState { ctx: 7, index: commit }]);
+}
+
+#[test]
+fn isolated_leader_never_confirms_a_read_and_fails_it_on_step_down() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    c.isolate(leader);
+    c.raft_mut(leader).read_index(9).unwrap();
+    for _ in 0..50 {
+        c.tick(leader);
+        c.deliver();
+    }
+    assert!(c.nodes[&leader].reads.is_empty());
+    assert_eq!(c.nodes[&leader].failed_reads, vec![9]);
+}
+
+#[test]
+fn read_waits_for_the_new_leader_to_commit_in_its_term() {
+    let mut r = node_from(no_pre_vote(1, 3), HardState { term: 1, vote: None, commit: 0 }, vec![entry(1, 1)]);
+    tick_until_candidate(&mut r);
+    drain(&mut r);
+    let term = r.soft_state().term;
+    r.step(msg(2, 1, term, Body::RequestVoteReply { granted: true, pre_vote: false }));
+    drain(&mut r);
+    r.read_index(1).unwrap();
+    let ack = |match_index, read_seq| {
+        msg(2, 1, term, Body::AppendEntriesReply {
+            success: true,
+            match_index,
+            conflict_index: 0,
+            conflict_term: None,
+            read_seq,
+        })
+    };
+    // Follower 2 acknowledges a heartbeat but not the no-op yet.
+    r.step(ack(1, 0));
+    assert!(r.ready().read_states.is_empty());
+    // The no-op commits; the read's round (1) starts only now.
+    r.step(ack(2, 0));
+    assert!(r.ready().read_states.is_empty(), "needs a round started after the commit");
+    r.step(ack(2, 1));
+    assert_eq!(r.ready().read_states, vec![ReadState { ctx: 1, index: 2 }]);
+}
+
+#[test]
+fn followers_refuse_proposals_and_reads_naming_the_leader() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    assert_eq!(c.raft_mut(follower).propose(vec![1]), Err(NotLeader { leader: Some(leader) }));
+    assert_eq!(c.raft_mut(follower).read_index(1), Err(NotLeader { leader: Some(leader) }));
+}
+
+#[test]
+fn lost_append_is_retried_after_the_inflight_timeout() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    c.raft_mut(leader).propose(b"lost".to_vec()).unwrap();
+    c.process(leader);
+    c.queue.clear(); // the appends vanish
+    c.run(15);
+    for id in 1..=3 {
+        assert_eq!(c.commands(id), vec![b"lost".to_vec()], "node {id}");
+    }
+}
