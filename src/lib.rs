@@ -2,4 +2,5 @@
 //!
 //! `raft` is the pure consensus core; every other module is the I/O shell.
 
+pub mod config;
 pub mod raft;
