@@ -2,4 +2,7 @@
 //!
 //! `raft` is the pure consensus core; every other module is the I/O shell.
 
+pub mod config;
+pub mod kv;
+pub mod protocol;
 pub mod raft;

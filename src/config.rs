@@ -1,0 +1,483 @@
+//! `config.json`: the initial membership and the timing knobs (CONTRACT.md
+//! "config.json").
+//!
+//! Everything is validated up front so that a typo stops the process at
+//! start-up with one line naming the file and the problem, instead of
+//! surfacing later as a cluster that never elects a leader.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::NodeId;
+
+/// Frames beyond this size may be dropped unread (CONTRACT.md `too_large`),
+/// so a larger limit could never be honoured.
+pub const MAX_REQUEST_BYTES_LIMIT: usize = 64 * 1024 * 1024;
+
+/// One entry of `nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: NodeId,
+    /// Endpoint peers use for Raft traffic.
+    pub raft: String,
+    /// Endpoint external clients use.
+    pub client: String,
+}
+
+/// A validated `config.json`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from, so that later errors can name it.
+    pub path: PathBuf,
+    pub nodes: Vec<Member>,
+    /// Randomised election timeout range `[min, max)`.
+    pub election_timeout_ms: (u64, u64),
+    pub heartbeat_ms: u64,
+    pub max_request_bytes: usize,
+    /// Our extension: how long a client write or read may wait for commit
+    /// before it is answered with `timeout`.
+    pub request_timeout_ms: u64,
+    /// Already resolved against the config file's folder.
+    pub state_dir: PathBuf,
+    /// Already resolved against the config file's folder.
+    pub logs_dir: PathBuf,
+}
+
+/// Why a config could not be used. Displays as one line, `<path>: <problem>`,
+/// which is what the process prints before exiting with status 2.
+#[derive(Debug)]
+pub struct ConfigError {
+    path: PathBuf,
+    problem: String,
+}
+
+impl ConfigError {
+    fn new(path: &Path, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: path.to_path_buf(),
+            problem: problem.into(),
+        }
+    }
+
+    /// The problem without the path.
+    pub fn problem(&self) -> &str {
+        &self.problem
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The file as written. `nodes` has no default: a node must not guess its
+/// cluster.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    nodes: Vec<Member>,
+    #[serde(default = "defaults::election_timeout_ms")]
+    election_timeout_ms: (u64, u64),
+    #[serde(default = "defaults::heartbeat_ms")]
+    heartbeat_ms: u64,
+    #[serde(default = "defaults::max_request_bytes")]
+    max_request_bytes: usize,
+    #[serde(default = "defaults::request_timeout_ms")]
+    request_timeout_ms: u64,
+    #[serde(default = "defaults::state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "defaults::logs_dir")]
+    logs_dir: PathBuf,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+
+    pub fn election_timeout_ms() -> (u64, u64) {
+        (300, 600)
+    }
+    pub fn heartbeat_ms() -> u64 {
+        50
+    }
+    pub fn max_request_bytes() -> usize {
+        1024 * 1024
+    }
+    pub fn request_timeout_ms() -> u64 {
+        5000
+    }
+    pub fn state_dir() -> PathBuf {
+        PathBuf::from("state")
+    }
+    pub fn logs_dir() -> PathBuf {
+        PathBuf::from("logs")
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
+        let raw: RawConfig = serde_json::from_str(&text).map_err(|e| {
+            let problem = if e.is_data() {
+                e.to_string()
+            } else {
+                format!("invalid JSON: {e}")
+            };
+            ConfigError::new(path, problem)
+        })?;
+        validate(&raw).map_err(|problem| ConfigError::new(path, problem))?;
+        let folder = path.parent().unwrap_or(Path::new(""));
+        Ok(Config {
+            path: path.to_path_buf(),
+            nodes: raw.nodes,
+            election_timeout_ms: raw.election_timeout_ms,
+            heartbeat_ms: raw.heartbeat_ms,
+            max_request_bytes: raw.max_request_bytes,
+            request_timeout_ms: raw.request_timeout_ms,
+            // `join` keeps an absolute path as it is.
+            state_dir: folder.join(raw.state_dir),
+            logs_dir: folder.join(raw.logs_dir),
+        })
+    }
+
+    pub fn member(&self, id: NodeId) -> Option<&Member> {
+        self.nodes.iter().find(|m| m.id == id)
+    }
+
+    /// Like [`Config::member`], but a missing id is a config error, because
+    /// `--node-id` must name a listed node.
+    pub fn require_member(&self, id: NodeId) -> Result<&Member, ConfigError> {
+        self.member(id).ok_or_else(|| {
+            let ids: Vec<String> = self.nodes.iter().map(|m| m.id.to_string()).collect();
+            ConfigError::new(
+                &self.path,
+                format!("node id {id} is not in nodes (ids: {})", ids.join(", ")),
+            )
+        })
+    }
+
+    /// `state/<id>/`: the node's database folder.
+    pub fn node_state_dir(&self, id: NodeId) -> PathBuf {
+        self.state_dir.join(id.to_string())
+    }
+
+    /// `logs/<id>.txt`: the human-readable mirror of the committed log.
+    pub fn node_log_path(&self, id: NodeId) -> PathBuf {
+        self.logs_dir.join(format!("{id}.txt"))
+    }
+}
+
+fn validate(raw: &RawConfig) -> Result<(), String> {
+    if raw.nodes.is_empty() {
+        return Err("nodes is empty".into());
+    }
+    let mut ids = HashSet::new();
+    let mut endpoints = HashSet::new();
+    for member in &raw.nodes {
+        if !ids.insert(member.id) {
+            return Err(format!("duplicate node id {}", member.id));
+        }
+        for (field, endpoint) in [("raft", &member.raft), ("client", &member.client)] {
+            check_endpoint(endpoint).map_err(|why| {
+                format!("node {} {field} endpoint {endpoint:?}: {why}", member.id)
+            })?;
+            // Two sockets cannot bind the same endpoint, and a peer that
+            // reached the wrong one would misread every message.
+            if !endpoints.insert(endpoint.as_str()) {
+                return Err(format!(
+                    "duplicate endpoint {endpoint:?} (node {} {field})",
+                    member.id
+                ));
+            }
+        }
+    }
+    let (min, max) = raw.election_timeout_ms;
+    if min == 0 {
+        return Err("election_timeout_ms minimum must be > 0".into());
+    }
+    if min >= max {
+        return Err(format!(
+            "election_timeout_ms [{min}, {max}]: minimum must be < maximum"
+        ));
+    }
+    if raw.heartbeat_ms == 0 {
+        return Err("heartbeat_ms must be > 0".into());
+    }
+    // Followers would time out between heartbeats and depose a healthy leader.
+    if raw.heartbeat_ms >= min {
+        return Err(format!(
+            "heartbeat_ms {} must be < election_timeout_ms minimum {min}",
+            raw.heartbeat_ms
+        ));
+    }
+    if raw.max_request_bytes == 0 || raw.max_request_bytes > MAX_REQUEST_BYTES_LIMIT {
+        return Err(format!(
+            "max_request_bytes {} must be between 1 and {MAX_REQUEST_BYTES_LIMIT}",
+            raw.max_request_bytes
+        ));
+    }
+    if raw.request_timeout_ms == 0 {
+        return Err("request_timeout_ms must be > 0".into());
+    }
+    Ok(())
+}
+
+/// Accepts `tcp://host:port` with a non-empty host and a port in 1..=65535
+/// (port 0 would bind a random port that peers cannot know).
+fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
+    let rest = endpoint
+        .strip_prefix("tcp://")
+        .ok_or("must start with tcp://")?;
+    let (host, port) = rest.rsplit_once(':').ok_or("must be tcp://host:port")?;
+    if host.is_empty() {
+        return Err("host is empty");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+        _ => Err("port must be a number in 1..=65535"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODES: &str = r#""nodes": [
+        {"id": 0, "raft": "tcp://127.0.0.1:7000", "client": "tcp://127.0.0.1:7100"},
+        {"id": 1, "raft": "tcp://127.0.0.1:7001", "client": "tcp://127.0.0.1:7101"},
+        {"id": 2, "raft": "tcp://127.0.0.1:7002", "client": "tcp://127.0.0.1:7102"}
+    ]"#;
+
+    /// Writes `text` as `config.json` in a fresh folder and loads it.
+    fn load(text: &str) -> (tempfile::TempDir, Result<Config, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, text).unwrap();
+        let result = Config::load(&path);
+        (dir, result)
+    }
+
+    /// Loads `{NODES, extra}` and returns the problem it must report.
+    fn problem_with(extra: &str) -> String {
+        let (_dir, result) = load(&format!("{{{NODES}{extra}}}"));
+        result
+            .expect_err("config should be rejected")
+            .problem()
+            .to_string()
+    }
+
+    fn problem_with_nodes(nodes: &str) -> String {
+        let (_dir, result) = load(&format!(r#"{{"nodes": [{nodes}]}}"#));
+        result
+            .expect_err("config should be rejected")
+            .problem()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_apply_and_dirs_resolve_against_config_folder() {
+        let (dir, result) = load(&format!("{{{NODES}}}"));
+        let config = result.unwrap();
+        assert_eq!(config.path, dir.path().join("config.json"));
+        assert_eq!(config.nodes.len(), 3);
+        assert_eq!(config.nodes[1].client, "tcp://127.0.0.1:7101");
+        assert_eq!(config.election_timeout_ms, (300, 600));
+        assert_eq!(config.heartbeat_ms, 50);
+        assert_eq!(config.max_request_bytes, 1_048_576);
+        assert_eq!(config.request_timeout_ms, 5000);
+        assert_eq!(config.node_state_dir(2), dir.path().join("state").join("2"));
+        assert_eq!(
+            config.node_log_path(2),
+            dir.path().join("logs").join("2.txt")
+        );
+    }
+
+    #[test]
+    fn explicit_values_are_used() {
+        let (dir, result) = load(&format!(
+            r#"{{{NODES}, "election_timeout_ms": [100, 200], "heartbeat_ms": 20,
+                "max_request_bytes": 4096, "request_timeout_ms": 750,
+                "state_dir": "/var/lib/raft", "logs_dir": "out/logs"}}"#
+        ));
+        let config = result.unwrap();
+        assert_eq!(config.election_timeout_ms, (100, 200));
+        assert_eq!(config.heartbeat_ms, 20);
+        assert_eq!(config.max_request_bytes, 4096);
+        assert_eq!(config.request_timeout_ms, 750);
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/raft"));
+        assert_eq!(config.logs_dir, dir.path().join("out/logs"));
+    }
+
+    #[test]
+    fn member_lookup() {
+        let (_dir, result) = load(&format!("{{{NODES}}}"));
+        let config = result.unwrap();
+        assert_eq!(config.member(1).unwrap().raft, "tcp://127.0.0.1:7001");
+        assert!(config.member(7).is_none());
+        assert_eq!(config.require_member(2).unwrap().id, 2);
+        let err = config.require_member(7).unwrap_err();
+        assert_eq!(err.problem(), "node id 7 is not in nodes (ids: 0, 1, 2)");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: node id 7 is not in nodes (ids: 0, 1, 2)",
+                config.path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn unreadable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing.json");
+        let err = Config::load(&path).unwrap_err();
+        assert!(err.problem().starts_with("cannot read: "), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: ", path.display()))
+        );
+    }
+
+    #[test]
+    fn bad_json_names_line_and_column() {
+        let (_dir, result) = load("{\n  \"nodes\": [,]\n}");
+        let err = result.unwrap_err();
+        assert!(err.problem().starts_with("invalid JSON: "), "{err}");
+        assert!(err.problem().contains("line 2 column"), "{err}");
+        assert_eq!(err.to_string().lines().count(), 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(problem_with(r#", "heartbeat": 10"#).contains("unknown field `heartbeat`"));
+        let nested = problem_with_nodes(
+            r#"{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:2", "port": 3}"#,
+        );
+        assert!(nested.contains("unknown field `port`"), "{nested}");
+    }
+
+    #[test]
+    fn wrong_types_and_missing_nodes() {
+        assert!(problem_with(r#", "heartbeat_ms": "50""#).contains("invalid type"));
+        assert!(problem_with(r#", "election_timeout_ms": [300]"#).contains("invalid length"));
+        assert!(problem_with(r#", "heartbeat_ms": -1"#).contains("invalid value"));
+        let (_dir, result) = load(r#"{"heartbeat_ms": 50}"#);
+        assert!(
+            result
+                .unwrap_err()
+                .problem()
+                .contains("missing field `nodes`")
+        );
+    }
+
+    #[test]
+    fn empty_nodes() {
+        assert_eq!(problem_with_nodes(""), "nodes is empty");
+    }
+
+    #[test]
+    fn duplicate_id() {
+        let problem = problem_with_nodes(
+            r#"{"id": 4, "raft": "tcp://a:1", "client": "tcp://a:2"},
+               {"id": 4, "raft": "tcp://a:3", "client": "tcp://a:4"}"#,
+        );
+        assert_eq!(problem, "duplicate node id 4");
+    }
+
+    #[test]
+    fn duplicate_endpoint_across_raft_and_client() {
+        let problem = problem_with_nodes(
+            r#"{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:2"},
+               {"id": 1, "raft": "tcp://a:2", "client": "tcp://a:3"}"#,
+        );
+        assert_eq!(problem, r#"duplicate endpoint "tcp://a:2" (node 1 raft)"#);
+        let same_node =
+            problem_with_nodes(r#"{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:1"}"#);
+        assert_eq!(
+            same_node,
+            r#"duplicate endpoint "tcp://a:1" (node 0 client)"#
+        );
+    }
+
+    #[test]
+    fn malformed_endpoints() {
+        for (endpoint, why) in [
+            ("ipc:///tmp/x", "must start with tcp://"),
+            ("127.0.0.1:7000", "must start with tcp://"),
+            ("tcp://localhost", "must be tcp://host:port"),
+            ("tcp://:7000", "host is empty"),
+            ("tcp://a:http", "port must be a number in 1..=65535"),
+            ("tcp://a:0", "port must be a number in 1..=65535"),
+            ("tcp://a:70000", "port must be a number in 1..=65535"),
+            ("tcp://a:+80", "port must be a number in 1..=65535"),
+        ] {
+            let problem = problem_with_nodes(&format!(
+                r#"{{"id": 3, "raft": "tcp://a:1", "client": "{endpoint}"}}"#
+            ));
+            assert_eq!(
+                problem,
+                format!("node 3 client endpoint {endpoint:?}: {why}")
+            );
+        }
+        assert!(check_endpoint("tcp://[::1]:7000").is_ok());
+        assert!(check_endpoint("tcp://*:7000").is_ok());
+    }
+
+    #[test]
+    fn election_timeout_range() {
+        assert_eq!(
+            problem_with(r#", "election_timeout_ms": [600, 600]"#),
+            "election_timeout_ms [600, 600]: minimum must be < maximum"
+        );
+        assert_eq!(
+            problem_with(r#", "election_timeout_ms": [700, 600]"#),
+            "election_timeout_ms [700, 600]: minimum must be < maximum"
+        );
+        assert_eq!(
+            problem_with(r#", "election_timeout_ms": [0, 600]"#),
+            "election_timeout_ms minimum must be > 0"
+        );
+    }
+
+    #[test]
+    fn heartbeat_bounds() {
+        assert_eq!(
+            problem_with(r#", "heartbeat_ms": 0"#),
+            "heartbeat_ms must be > 0"
+        );
+        assert_eq!(
+            problem_with(r#", "heartbeat_ms": 300"#),
+            "heartbeat_ms 300 must be < election_timeout_ms minimum 300"
+        );
+    }
+
+    #[test]
+    fn max_request_bytes_bounds() {
+        assert_eq!(
+            problem_with(r#", "max_request_bytes": 0"#),
+            "max_request_bytes 0 must be between 1 and 67108864"
+        );
+        assert_eq!(
+            problem_with(r#", "max_request_bytes": 67108865"#),
+            "max_request_bytes 67108865 must be between 1 and 67108864"
+        );
+        let (_dir, result) = load(&format!(r#"{{{NODES}, "max_request_bytes": 67108864}}"#));
+        assert_eq!(result.unwrap().max_request_bytes, MAX_REQUEST_BYTES_LIMIT);
+    }
+
+    #[test]
+    fn request_timeout_must_be_positive() {
+        assert_eq!(
+            problem_with(r#", "request_timeout_ms": 0"#),
+            "request_timeout_ms must be > 0"
+        );
+    }
+}

@@ -1,0 +1,671 @@
+//! The replicated key-value state machine.
+//!
+//! Every replica applies the same committed entries in the same order, so
+//! everything here is deterministic: no clocks, no randomness, no iteration
+//! over hash maps. Client sessions give writes exactly-once semantics across
+//! retries (Raft thesis §6.3): a retried (client_id, seq) gets its first reply
+//! back instead of being executed a second time.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{ErrorCode, Reply};
+use crate::raft::{Index, Payload};
+
+/// A key or value as the client sent it. The type is kept so that a value
+/// comes back as str or bin exactly as it was written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Value {
+    Str(String),
+    Bin(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+impl Value {
+    /// The raw bytes. Keys are identified by these alone, so str "a" and
+    /// bin b"a" name the same key whatever a client library chose to send.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Value::Str(s) => s.as_bytes(),
+            Value::Bin(b) => b,
+        }
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Value::Str(s) => s.into_bytes(),
+            Value::Bin(b) => b,
+        }
+    }
+
+    /// The mirror's form: str as a JSON string, bin as `{"$bin": hex}`.
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Str(s) => s.as_str().into(),
+            Value::Bin(b) => bin_json(b),
+        }
+    }
+}
+
+/// A state-machine operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Put {
+        key: Value,
+        value: Value,
+    },
+    Delete {
+        key: Value,
+    },
+    /// Sets `key` to `value` if its current value equals `expect`
+    /// (`None`: the key must be absent).
+    Cas {
+        key: Value,
+        expect: Option<Value>,
+        value: Value,
+    },
+    /// An opaque command: it only takes a log slot.
+    Propose {
+        command: String,
+    },
+}
+
+impl Command {
+    /// The wire name of the operation.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Command::Put { .. } => "put",
+            Command::Delete { .. } => "delete",
+            Command::Cas { .. } => "cas",
+            Command::Propose { .. } => "propose",
+        }
+    }
+}
+
+/// What a log entry's `Payload::Command` holds: the command and the client
+/// session it belongs to, if any.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedCommand {
+    pub command: Command,
+    pub client_id: Option<String>,
+    pub seq: Option<u64>,
+}
+
+impl LoggedCommand {
+    pub fn encode(&self) -> Vec<u8> {
+        // Plain strings, bytes, integers and enums: MessagePack can hold them all.
+        rmp_serde::to_vec_named(self).expect("a LoggedCommand is always serializable")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<LoggedCommand, String> {
+        rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable command: {e}"))
+    }
+
+    fn to_json(&self) -> String {
+        let fields = write_fields(&self.command, self.client_id.as_deref(), self.seq);
+        let body: Vec<String> = fields
+            .into_iter()
+            .map(|(name, field)| {
+                let json = match field {
+                    Field::Value(v) => v.map_or(serde_json::Value::Null, Value::to_json),
+                    Field::Text(s) => s.into(),
+                    Field::Uint(n) => n.into(),
+                };
+                format!("\"{name}\":{json}")
+            })
+            .collect();
+        format!("{{{}}}", body.join(","))
+    }
+}
+
+/// One field of a write, borrowed, so that the MessagePack request encoder
+/// and the JSON mirror share one definition of which fields a write has and
+/// in what order.
+pub(crate) enum Field<'a> {
+    /// A key or value; `None` only for cas's `expect` (nil / null).
+    Value(Option<&'a Value>),
+    Text(&'a str),
+    Uint(u64),
+}
+
+/// The fields of a write in wire order: op, key, expect, value, command,
+/// client_id, seq (only those the command has).
+pub(crate) fn write_fields<'a>(
+    command: &'a Command,
+    client_id: Option<&'a str>,
+    seq: Option<u64>,
+) -> Vec<(&'static str, Field<'a>)> {
+    let mut fields = vec![("op", Field::Text(command.op()))];
+    match command {
+        Command::Put { key, value } => {
+            fields.push(("key", Field::Value(Some(key))));
+            fields.push(("value", Field::Value(Some(value))));
+        }
+        Command::Delete { key } => fields.push(("key", Field::Value(Some(key)))),
+        Command::Cas { key, expect, value } => {
+            fields.push(("key", Field::Value(Some(key))));
+            fields.push(("expect", Field::Value(expect.as_ref())));
+            fields.push(("value", Field::Value(Some(value))));
+        }
+        Command::Propose { command } => fields.push(("command", Field::Text(command))),
+    }
+    fields.extend(client_id.map(|c| ("client_id", Field::Text(c))));
+    fields.extend(seq.map(|s| ("seq", Field::Uint(s))));
+    fields
+}
+
+/// A write's session: both `client_id` and `seq`, or neither. Half a session
+/// could not be deduplicated, so it is refused rather than guessed at.
+pub fn session(client_id: Option<&str>, seq: Option<u64>) -> Result<Option<(&str, u64)>, String> {
+    match (client_id, seq) {
+        (Some(c), Some(s)) => Ok(Some((c, s))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err("client_id given without seq".into()),
+        (None, Some(_)) => Err("seq given without client_id".into()),
+    }
+}
+
+/// The latest write applied for one client, and the reply it got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Session {
+    seq: u64,
+    reply: Reply,
+}
+
+/// The key-value map plus the session table. Both are ordered maps so that
+/// two replicas holding the same state also iterate (and will snapshot) the
+/// same way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KvStore {
+    data: BTreeMap<Vec<u8>, Value>,
+    sessions: BTreeMap<String, Session>,
+}
+
+impl KvStore {
+    pub fn new() -> KvStore {
+        KvStore::default()
+    }
+
+    /// Applies a committed entry's payload at `index` and returns the reply
+    /// for the client that proposed it (`None` for a no-op).
+    ///
+    /// For a command with (client_id, seq): seq equal to the client's last
+    /// applied seq is a retry and gets the first reply again, original index
+    /// included; a lower seq is refused (that reply is gone); a higher seq is
+    /// executed and remembered. An undecodable payload yields a `bad_request`
+    /// reply: every replica reaches the same verdict, so it is still
+    /// deterministic.
+    pub fn apply(&mut self, index: Index, payload: &Payload) -> Option<Reply> {
+        let bytes = match payload {
+            Payload::Noop => return None,
+            Payload::Command(bytes) => bytes,
+        };
+        Some(match LoggedCommand::decode(bytes) {
+            Ok(logged) => self.apply_command(index, logged),
+            Err(e) => bad_request(format!("entry {index}: {e}")),
+        })
+    }
+
+    fn apply_command(&mut self, index: Index, logged: LoggedCommand) -> Reply {
+        let (client_id, seq) = match session(logged.client_id.as_deref(), logged.seq) {
+            Ok(Some(session)) => session,
+            Ok(None) => return self.execute(index, logged.command),
+            Err(problem) => return bad_request(problem),
+        };
+        if let Some(last) = self.sessions.get(client_id) {
+            if seq == last.seq {
+                return last.reply.clone();
+            }
+            if seq < last.seq {
+                return bad_request(format!("seq {seq} already superseded by {}", last.seq));
+            }
+        }
+        let reply = self.execute(index, logged.command);
+        self.sessions.insert(
+            client_id.to_owned(),
+            Session {
+                seq,
+                reply: reply.clone(),
+            },
+        );
+        reply
+    }
+
+    fn execute(&mut self, index: Index, command: Command) -> Reply {
+        match command {
+            Command::Put { key, value } => {
+                self.data.insert(key.into_bytes(), value);
+                Reply::Put { index }
+            }
+            Command::Delete { key } => Reply::Delete {
+                index,
+                existed: self.data.remove(key.as_bytes()).is_some(),
+            },
+            Command::Cas { key, expect, value } => {
+                let current = self.data.get(key.as_bytes());
+                // Compared by bytes, like keys, so the str/bin choice of a
+                // client library cannot make an equal value look different.
+                if current.map(Value::as_bytes) == expect.as_ref().map(Value::as_bytes) {
+                    self.data.insert(key.into_bytes(), value);
+                    // The client knows the value it just wrote; not keeping a
+                    // copy keeps the session table small.
+                    Reply::Cas {
+                        index,
+                        swapped: true,
+                        value: None,
+                    }
+                } else {
+                    Reply::Cas {
+                        index,
+                        swapped: false,
+                        value: current.cloned(),
+                    }
+                }
+            }
+            Command::Propose { .. } => Reply::Propose { index },
+        }
+    }
+
+    pub fn get(&self, key: &Value) -> Option<&Value> {
+        self.data.get(key.as_bytes())
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> Reply {
+    Reply::error(ErrorCode::BadRequest, message, None)
+}
+
+fn bin_json(bytes: &[u8]) -> serde_json::Value {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(2 * bytes.len());
+    for &byte in bytes {
+        hex.push(DIGITS[usize::from(byte >> 4)].into());
+        hex.push(DIGITS[usize::from(byte & 0xf)].into());
+    }
+    serde_json::json!({ "$bin": hex })
+}
+
+/// The mirror's JSON for an entry (CONTRACT.md "On disk"): compact, keys in
+/// the order op, key, expect, value, command, client_id, seq. An undecodable
+/// payload still gets one deterministic line, so replicas' mirrors stay
+/// byte-identical.
+pub fn command_json(payload: &Payload) -> String {
+    match payload {
+        Payload::Noop => r#"{"op":"noop"}"#.to_owned(),
+        Payload::Command(bytes) => match LoggedCommand::decode(bytes) {
+            Ok(logged) => logged.to_json(),
+            Err(_) => format!(r#"{{"op":"undecodable","raw":{}}}"#, bin_json(bytes)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(text: &str) -> Value {
+        Value::Str(text.into())
+    }
+
+    fn b(bytes: &[u8]) -> Value {
+        Value::Bin(bytes.to_vec())
+    }
+
+    fn payload(command: Command, client_id: Option<&str>, seq: Option<u64>) -> Payload {
+        let logged = LoggedCommand {
+            command,
+            client_id: client_id.map(str::to_owned),
+            seq,
+        };
+        Payload::Command(logged.encode())
+    }
+
+    fn plain(command: Command) -> Payload {
+        payload(command, None, None)
+    }
+
+    fn put(key: Value, value: Value) -> Command {
+        Command::Put { key, value }
+    }
+
+    fn error_message(reply: Option<Reply>) -> String {
+        match reply {
+            Some(Reply::Error {
+                code: ErrorCode::BadRequest,
+                message,
+                leader: None,
+            }) => message,
+            other => panic!("expected a bad_request reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn logged_command_roundtrips() {
+        for logged in [
+            LoggedCommand {
+                command: put(s("k"), b(&[0, 255])),
+                client_id: None,
+                seq: None,
+            },
+            LoggedCommand {
+                command: Command::Cas {
+                    key: b(b"k"),
+                    expect: None,
+                    value: s("v"),
+                },
+                client_id: Some("c".into()),
+                seq: Some(u64::MAX),
+            },
+            LoggedCommand {
+                command: Command::Propose {
+                    command: "x".into(),
+                },
+                client_id: None,
+                seq: None,
+            },
+        ] {
+            assert_eq!(LoggedCommand::decode(&logged.encode()), Ok(logged));
+        }
+        assert!(
+            LoggedCommand::decode(&[0xc1])
+                .unwrap_err()
+                .starts_with("undecodable command: ")
+        );
+    }
+
+    #[test]
+    fn noop_has_no_reply() {
+        assert_eq!(KvStore::new().apply(1, &Payload::Noop), None);
+    }
+
+    #[test]
+    fn put_then_get_keeps_the_value_type() {
+        let mut kv = KvStore::new();
+        assert_eq!(
+            kv.apply(3, &plain(put(s("a"), s("1")))),
+            Some(Reply::Put { index: 3 })
+        );
+        assert_eq!(
+            kv.apply(4, &plain(put(s("b"), b(b"\x00\x01")))),
+            Some(Reply::Put { index: 4 })
+        );
+        assert_eq!(kv.get(&s("a")), Some(&s("1")));
+        assert_eq!(kv.get(&s("b")), Some(&b(b"\x00\x01")));
+        assert_eq!(kv.get(&s("c")), None);
+        assert_eq!(kv.len(), 2);
+        assert!(!kv.is_empty());
+    }
+
+    #[test]
+    fn str_and_bin_keys_with_equal_bytes_are_the_same_key() {
+        let mut kv = KvStore::new();
+        kv.apply(1, &plain(put(s("a"), s("1"))));
+        assert_eq!(kv.get(&b(b"a")), Some(&s("1")));
+        kv.apply(2, &plain(put(b(b"a"), b(b"2"))));
+        assert_eq!(kv.get(&s("a")), Some(&b(b"2")));
+        assert_eq!(kv.len(), 1);
+    }
+
+    #[test]
+    fn delete_reports_whether_the_key_existed() {
+        let mut kv = KvStore::new();
+        kv.apply(1, &plain(put(s("a"), s("1"))));
+        let delete = plain(Command::Delete { key: s("a") });
+        assert_eq!(
+            kv.apply(2, &delete),
+            Some(Reply::Delete {
+                index: 2,
+                existed: true
+            })
+        );
+        assert_eq!(
+            kv.apply(3, &delete),
+            Some(Reply::Delete {
+                index: 3,
+                existed: false
+            })
+        );
+        assert!(kv.is_empty());
+    }
+
+    #[test]
+    fn cas_swaps_only_on_match() {
+        let mut kv = KvStore::new();
+        let cas = |expect: Option<Value>, value: &str| {
+            plain(Command::Cas {
+                key: s("a"),
+                expect,
+                value: s(value),
+            })
+        };
+        // Absent key: expect nil matches.
+        assert_eq!(
+            kv.apply(1, &cas(None, "1")),
+            Some(Reply::Cas {
+                index: 1,
+                swapped: true,
+                value: None
+            })
+        );
+        // Present key: expect nil fails and shows the current value.
+        assert_eq!(
+            kv.apply(2, &cas(None, "2")),
+            Some(Reply::Cas {
+                index: 2,
+                swapped: false,
+                value: Some(s("1"))
+            })
+        );
+        assert_eq!(
+            kv.apply(3, &cas(Some(s("9")), "2")),
+            Some(Reply::Cas {
+                index: 3,
+                swapped: false,
+                value: Some(s("1"))
+            })
+        );
+        // Equal bytes match even if the types differ.
+        assert_eq!(
+            kv.apply(4, &cas(Some(b(b"1")), "2")),
+            Some(Reply::Cas {
+                index: 4,
+                swapped: true,
+                value: None
+            })
+        );
+        assert_eq!(kv.get(&s("a")), Some(&s("2")));
+        // Expecting a value of an absent key fails with nil.
+        let other = plain(Command::Cas {
+            key: s("z"),
+            expect: Some(s("1")),
+            value: s("2"),
+        });
+        assert_eq!(
+            kv.apply(5, &other),
+            Some(Reply::Cas {
+                index: 5,
+                swapped: false,
+                value: None
+            })
+        );
+        assert_eq!(kv.get(&s("z")), None);
+    }
+
+    #[test]
+    fn propose_only_takes_a_slot() {
+        let mut kv = KvStore::new();
+        let reply = kv.apply(
+            8,
+            &plain(Command::Propose {
+                command: "x".into(),
+            }),
+        );
+        assert_eq!(reply, Some(Reply::Propose { index: 8 }));
+        assert!(kv.is_empty());
+    }
+
+    #[test]
+    fn retry_returns_the_first_reply_with_the_original_index() {
+        let mut kv = KvStore::new();
+        let first = payload(Command::Delete { key: s("a") }, Some("c1"), Some(1));
+        kv.apply(1, &plain(put(s("a"), s("1"))));
+        assert_eq!(
+            kv.apply(2, &first),
+            Some(Reply::Delete {
+                index: 2,
+                existed: true
+            })
+        );
+        kv.apply(3, &plain(put(s("a"), s("again"))));
+        // The retry is not executed: the key stays, the reply is the first one.
+        assert_eq!(
+            kv.apply(4, &first),
+            Some(Reply::Delete {
+                index: 2,
+                existed: true
+            })
+        );
+        assert_eq!(kv.get(&s("a")), Some(&s("again")));
+    }
+
+    #[test]
+    fn stale_seq_is_refused() {
+        let mut kv = KvStore::new();
+        kv.apply(1, &payload(put(s("a"), s("1")), Some("c1"), Some(5)));
+        let stale = kv.apply(2, &payload(put(s("a"), s("0")), Some("c1"), Some(4)));
+        assert_eq!(error_message(stale), "seq 4 already superseded by 5");
+        assert_eq!(kv.get(&s("a")), Some(&s("1")));
+        // A later seq executes; seqs may skip.
+        assert_eq!(
+            kv.apply(3, &payload(put(s("a"), s("2")), Some("c1"), Some(9))),
+            Some(Reply::Put { index: 3 })
+        );
+        assert_eq!(kv.get(&s("a")), Some(&s("2")));
+    }
+
+    #[test]
+    fn clients_have_independent_sessions() {
+        let mut kv = KvStore::new();
+        kv.apply(1, &payload(put(s("a"), s("1")), Some("c1"), Some(7)));
+        assert_eq!(
+            kv.apply(2, &payload(put(s("a"), s("2")), Some("c2"), Some(7))),
+            Some(Reply::Put { index: 2 })
+        );
+        // c2's session advanced to 7, so its seq 1 is stale; c1's retry of 7
+        // still gets c1's own first reply.
+        let stale = kv.apply(3, &payload(put(s("b"), s("3")), Some("c2"), Some(1)));
+        assert_eq!(error_message(stale), "seq 1 already superseded by 7");
+        assert_eq!(
+            kv.apply(4, &payload(put(s("a"), s("1")), Some("c1"), Some(7))),
+            Some(Reply::Put { index: 1 })
+        );
+        assert_eq!(kv.get(&s("a")), Some(&s("2")));
+    }
+
+    #[test]
+    fn half_sessions_are_refused() {
+        let mut kv = KvStore::new();
+        let reply = kv.apply(1, &payload(put(s("a"), s("1")), Some("c1"), None));
+        assert_eq!(error_message(reply), "client_id given without seq");
+        let reply = kv.apply(2, &payload(put(s("a"), s("1")), None, Some(1)));
+        assert_eq!(error_message(reply), "seq given without client_id");
+        assert!(kv.is_empty());
+    }
+
+    #[test]
+    fn undecodable_payload_is_a_bad_request() {
+        let mut kv = KvStore::new();
+        let reply = kv.apply(6, &Payload::Command(vec![0xc1, 0x00]));
+        assert!(error_message(reply).starts_with("entry 6: undecodable command: "));
+        assert_eq!(kv, KvStore::new());
+    }
+
+    #[test]
+    fn same_log_gives_same_store() {
+        let log = [
+            plain(put(s("a"), s("1"))),
+            payload(put(b(b"b"), b(b"\xff")), Some("c"), Some(1)),
+            Payload::Noop,
+            payload(
+                Command::Cas {
+                    key: s("a"),
+                    expect: Some(s("1")),
+                    value: s("2"),
+                },
+                Some("c"),
+                Some(2),
+            ),
+            payload(Command::Delete { key: s("b") }, Some("d"), Some(1)),
+            payload(Command::Delete { key: s("b") }, Some("d"), Some(1)),
+            Payload::Command(b"junk".to_vec()),
+        ];
+        let (mut one, mut two) = (KvStore::new(), KvStore::new());
+        for (i, entry) in log.iter().enumerate() {
+            let index = i as Index + 1;
+            assert_eq!(one.apply(index, entry), two.apply(index, entry));
+        }
+        assert_eq!(one, two);
+        assert_eq!(one.get(&s("a")), Some(&s("2")));
+    }
+
+    #[test]
+    fn command_json_exact_strings() {
+        let cases = [
+            (Payload::Noop, r#"{"op":"noop"}"#),
+            (
+                plain(put(s("a"), s("1"))),
+                r#"{"op":"put","key":"a","value":"1"}"#,
+            ),
+            (
+                plain(put(s("q\"\n"), b(&[0x00, 0xab, 0xff]))),
+                r#"{"op":"put","key":"q\"\n","value":{"$bin":"00abff"}}"#,
+            ),
+            (
+                plain(Command::Cas {
+                    key: s("a"),
+                    expect: None,
+                    value: s("2"),
+                }),
+                r#"{"op":"cas","key":"a","expect":null,"value":"2"}"#,
+            ),
+            (
+                payload(
+                    Command::Cas {
+                        key: b(b""),
+                        expect: Some(s("1")),
+                        value: s("2"),
+                    },
+                    Some("c1"),
+                    Some(4),
+                ),
+                r#"{"op":"cas","key":{"$bin":""},"expect":"1","value":"2","client_id":"c1","seq":4}"#,
+            ),
+            (
+                plain(Command::Propose {
+                    command: "x".into(),
+                }),
+                r#"{"op":"propose","command":"x"}"#,
+            ),
+            (
+                payload(Command::Delete { key: s("a") }, Some("c1"), Some(3)),
+                r#"{"op":"delete","key":"a","client_id":"c1","seq":3}"#,
+            ),
+            (
+                Payload::Command(vec![0xc1, 0x0f]),
+                r#"{"op":"undecodable","raw":{"$bin":"c10f"}}"#,
+            ),
+        ];
+        for (payload, json) in cases {
+            assert_eq!(command_json(&payload), json);
+        }
+    }
+}
