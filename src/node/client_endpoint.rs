@@ -1,0 +1,231 @@
+//! The client endpoint: one ROUTER socket that serves any number of REQ (or
+//! DEALER) clients at once.
+//!
+//! Malformed and oversized requests are answered here without bothering the
+//! core. Writes and reads on a follower are forwarded to the leader over a
+//! DEALER socket with the client's routing frames kept in front, so the
+//! leader's reply finds its way back through us (the ZeroMQ broker pattern).
+//! A forwarded request is never forwarded again, so two nodes with stale
+//! views of the leader cannot bounce a request between them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use log::{debug, info, warn};
+
+use super::Shared;
+use super::core_loop::ClientCall;
+use super::replies::{ReplyTo, Replier};
+use crate::config::Member;
+use crate::protocol::{ErrorCode, Reply, Request, decode_request};
+use crate::raft::NodeId;
+
+/// Frames above this are dropped by ZeroMQ itself; up to it, an oversized
+/// request gets a `too_large` reply (CONTRACT.md).
+const MAX_FRAME_BYTES: i64 = 64 * 1024 * 1024 + 64 * 1024;
+
+pub struct EndpointConfig {
+    pub id: NodeId,
+    pub members: Vec<Member>,
+    pub max_request_bytes: usize,
+    /// How long a forwarded request may wait for the leader's reply.
+    pub forward_timeout: Duration,
+}
+
+/// The connection to the leader that forwarded requests travel on.
+struct Forwarder {
+    leader: NodeId,
+    dealer: zmq::Socket,
+    /// Client identity → reply deadline, for requests awaiting the leader.
+    waiting: HashMap<Vec<u8>, (ReplyTo, Instant)>,
+}
+
+pub struct ClientEndpoint {
+    ctx: zmq::Context,
+    cfg: EndpointConfig,
+    router: zmq::Socket,
+    replies: zmq::Socket,
+    forwarder: Option<Forwarder>,
+}
+
+impl ClientEndpoint {
+    /// Binds the client endpoint and the inproc socket replies arrive on.
+    pub fn bind(ctx: &zmq::Context, cfg: EndpointConfig, replies_endpoint: &str) -> Result<ClientEndpoint, String> {
+        let me = cfg.members.iter().find(|m| m.id == cfg.id).ok_or("not a member")?;
+        let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
+        router.set_linger(0).map_err(|e| e.to_string())?;
+        router.set_maxmsgsize(MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
+        router.bind(&me.client).map_err(|e| format!("cannot bind client endpoint {}: {e}", me.client))?;
+        let replies = ctx.socket(zmq::PULL).map_err(|e| e.to_string())?;
+        replies.set_linger(0).map_err(|e| e.to_string())?;
+        replies.bind(replies_endpoint).map_err(|e| e.to_string())?;
+        Ok(ClientEndpoint { ctx: ctx.clone(), cfg, router, replies, forwarder: None })
+    }
+
+    pub fn run(mut self, shared: Arc<Shared>, to_core: Sender<ClientCall>, replier: Replier) {
+        while !shared.stopping.load(Ordering::Acquire) {
+            let (router_ready, replies_ready, dealer_ready) = match self.poll() {
+                Ok(ready) => ready,
+                Err(e) => {
+                    warn!("client endpoint poll failed: {e}");
+                    continue;
+                }
+            };
+            if replies_ready {
+                while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
+                    self.send_to_client(frames);
+                }
+            }
+            if dealer_ready {
+                self.relay_leader_replies();
+            }
+            if router_ready {
+                while let Ok(frames) = self.router.recv_multipart(zmq::DONTWAIT) {
+                    self.on_request(frames, &shared, &to_core, &replier);
+                }
+            }
+            self.expire_forwards(&replier);
+        }
+        // Whatever is still queued gets its answer before the socket closes.
+        while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
+            self.send_to_client(frames);
+        }
+    }
+
+    fn poll(&self) -> zmq::Result<(bool, bool, bool)> {
+        let mut items = vec![self.router.as_poll_item(zmq::POLLIN), self.replies.as_poll_item(zmq::POLLIN)];
+        if let Some(f) = &self.forwarder {
+            items.push(f.dealer.as_poll_item(zmq::POLLIN));
+        }
+        zmq::poll(&mut items, 50)?;
+        Ok((items[0].is_readable(), items[1].is_readable(), items.get(2).is_some_and(|i| i.is_readable())))
+    }
+
+    fn send_to_client(&self, frames: Vec<Vec<u8>>) {
+        if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
+            debug!("client went away before its reply: {e}");
+        }
+    }
+
+    fn on_request(&mut self, mut frames: Vec<Vec<u8>>, shared: &Shared, to_core: &Sender<ClientCall>, replier: &Replier) {
+        // [routing frames..., empty delimiter, request]
+        let Some(delimiter) = frames.iter().position(|f| f.is_empty()) else {
+            debug!("dropping a request without an empty delimiter frame");
+            return;
+        };
+        let body = frames.split_off(delimiter + 1);
+        let reply_to = ReplyTo { route: frames };
+        let reply_error = |reply_to, code, message: String| replier.send(reply_to, &Reply::error(code, message, shared.leader()));
+        let [request] = <[Vec<u8>; 1]>::try_from(body).unwrap_or_else(|_| [Vec::new()]) else { unreachable!() };
+        if request.is_empty() {
+            return reply_error(reply_to, ErrorCode::BadRequest, "expected exactly one non-empty request frame".into());
+        }
+        if request.len() > self.cfg.max_request_bytes {
+            let message = format!("request is {} bytes; max_request_bytes is {}", request.len(), self.cfg.max_request_bytes);
+            return reply_error(reply_to, ErrorCode::TooLarge, message);
+        }
+        if shared.stopping.load(Ordering::Acquire) {
+            return reply_error(reply_to, ErrorCode::ShuttingDown, "node is shutting down".into());
+        }
+        let request = match decode_request(&request) {
+            Ok(decoded) => (decoded, request),
+            Err(reply) => return replier.send(reply_to, &reply),
+        };
+        match (&request.0, shared.leader()) {
+            (Request::Status | Request::Log { .. }, _) => self.to_core(to_core, request.0, reply_to, replier),
+            (_, Some(leader)) if leader == self.cfg.id => self.to_core(to_core, request.0, reply_to, replier),
+            (_, Some(leader)) if reply_to.hops() == 1 => self.forward(leader, reply_to, request.1),
+            (_, leader) => {
+                let message = match leader {
+                    Some(id) => format!("node {} is not the leader; node {id} is", self.cfg.id),
+                    None => format!("node {} knows no leader (election in progress)", self.cfg.id),
+                };
+                reply_error(reply_to, ErrorCode::NoLeader, message)
+            }
+        }
+    }
+
+    fn to_core(&self, to_core: &Sender<ClientCall>, request: Request, reply_to: ReplyTo, replier: &Replier) {
+        if let Err(e) = to_core.send(ClientCall { request, reply_to }) {
+            replier.send(e.into_inner().reply_to, &Reply::error(ErrorCode::ShuttingDown, "node is shutting down", None));
+        }
+    }
+
+    fn forward(&mut self, leader: NodeId, reply_to: ReplyTo, request: Vec<u8>) {
+        if self.forwarder.as_ref().is_none_or(|f| f.leader != leader) {
+            self.connect_forwarder(leader);
+        }
+        let Some(forwarder) = self.forwarder.as_mut() else {
+            return;
+        };
+        let mut frames = reply_to.route.clone();
+        frames.push(request);
+        match forwarder.dealer.send_multipart(frames, zmq::DONTWAIT) {
+            Ok(()) => {
+                let deadline = Instant::now() + self.cfg.forward_timeout;
+                forwarder.waiting.insert(reply_to.route[0].clone(), (reply_to, deadline));
+            }
+            Err(e) => warn!("cannot forward a request to leader {leader}: {e}"),
+        }
+    }
+
+    /// Points the forwarder at a new leader. Requests in flight to the old
+    /// one may or may not have been applied: their clients hear `timeout`.
+    fn connect_forwarder(&mut self, leader: NodeId) {
+        if let Some(old) = self.forwarder.take() {
+            for (_, (reply_to, _)) in old.waiting {
+                self.reply(reply_to, ErrorCode::Timeout, "leader changed while the request was forwarded; it may or may not apply");
+            }
+        }
+        let Some(member) = self.cfg.members.iter().find(|m| m.id == leader) else { return };
+        let dealer = match self.ctx.socket(zmq::DEALER).and_then(|s| {
+            s.set_linger(0)?;
+            s.set_maxmsgsize(MAX_FRAME_BYTES)?;
+            s.connect(&member.client)?;
+            Ok(s)
+        }) {
+            Ok(dealer) => dealer,
+            Err(e) => {
+                warn!("cannot connect to leader {leader} at {}: {e}", member.client);
+                return;
+            }
+        };
+        info!("node {}: forwarding client requests to leader {leader} at {}", self.cfg.id, member.client);
+        self.forwarder = Some(Forwarder { leader, dealer, waiting: HashMap::new() });
+    }
+
+    fn relay_leader_replies(&mut self) {
+        let Some(forwarder) = self.forwarder.as_mut() else { return };
+        let mut replies = Vec::new();
+        while let Ok(frames) = forwarder.dealer.recv_multipart(zmq::DONTWAIT) {
+            // A reply whose client already got `timeout` is dropped.
+            if frames.first().is_some_and(|client| forwarder.waiting.remove(client).is_some()) {
+                replies.push(frames);
+            }
+        }
+        for frames in replies {
+            self.send_to_client(frames);
+        }
+    }
+
+    fn expire_forwards(&mut self, _replier: &Replier) {
+        let Some(forwarder) = self.forwarder.as_mut() else { return };
+        let now = Instant::now();
+        let expired: Vec<Vec<u8>> =
+            forwarder.waiting.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(k, _)| k.clone()).collect();
+        let expired: Vec<ReplyTo> =
+            expired.iter().filter_map(|k| forwarder.waiting.remove(k)).map(|(reply_to, _)| reply_to).collect();
+        for reply_to in expired {
+            self.reply(reply_to, ErrorCode::Timeout, "the leader did not answer in time; the request may or may not apply");
+        }
+    }
+
+    fn reply(&self, reply_to: ReplyTo, code: ErrorCode, message: &str) {
+        let mut frames = reply_to.route;
+        frames.push(Reply::error(code, message, self.forwarder.as_ref().map(|f| f.leader)).encode());
+        self.send_to_client(frames);
+    }
+}
