@@ -2,4 +2,6 @@
 //!
 //! `raft` is the pure consensus core; every other module is the I/O shell.
 
+pub mod mirror;
 pub mod raft;
+pub mod storage;
