@@ -1,8 +1,15 @@
 //! raft-zmq: a crash-safe Raft node speaking ZeroMQ.
 //!
-//! `raft` is the pure consensus core; every other module is the I/O shell.
+//! `raft` is the pure consensus core (no I/O). Everything else is the shell
+//! around it: `config`, `storage` (sled), `transport` (ZeroMQ peers), `kv`
+//! (the replicated state machine), `mirror` (logs/<id>.txt), `protocol`
+//! (the client wire format), `node` (threads wiring it all together) and
+//! `tools` (the cluster supervisor, CLI client and benchmark).
 
 pub mod config;
 pub mod kv;
+pub mod mirror;
+pub mod node;
 pub mod protocol;
 pub mod raft;
+pub mod storage;
