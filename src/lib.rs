@@ -13,3 +13,4 @@ pub mod node;
 pub mod protocol;
 pub mod raft;
 pub mod storage;
+pub mod tools;

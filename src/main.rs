@@ -1,1 +1,115 @@
-fn main() {}
+//! The `raft-zmq` command: run one node, or use one of the tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use raft_zmq::config::Config;
+use raft_zmq::node;
+use raft_zmq::tools::{bench, client, cluster};
+
+#[derive(Parser)]
+#[command(
+    name = "raft-zmq",
+    version,
+    about = "A crash-safe Raft node serving a replicated key-value store over ZeroMQ",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    /// Which node of the config to run.
+    #[arg(long, required = true)]
+    node_id: Option<u64>,
+    /// The cluster's config file.
+    #[arg(long, global = true, default_value = "config.json")]
+    config: PathBuf,
+    #[command(subcommand)]
+    tool: Option<Tool>,
+}
+
+#[derive(Subcommand)]
+enum Tool {
+    /// Start every node of the config as a separate process; Ctrl-C stops them.
+    Cluster,
+    /// Send one request to a node and print its reply as JSON.
+    Client {
+        /// Node to ask (default: the first in the config).
+        #[arg(long)]
+        node: Option<u64>,
+        /// Client endpoint to ask, instead of a node of the config.
+        #[arg(long, conflicts_with = "node")]
+        endpoint: Option<String>,
+        /// Give up after this long without a reply.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Session id for exactly-once writes (with --seq).
+        #[arg(long, requires = "seq")]
+        client_id: Option<String>,
+        /// Sequence number of this write within the session.
+        #[arg(long, requires = "client_id")]
+        seq: Option<u64>,
+        #[command(subcommand)]
+        op: client::Op,
+    },
+    /// Measure acknowledged-put throughput and latency against a running cluster.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.tool, Some(Tool::Client { .. } | Tool::Bench(_))) { "warn" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
+
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => return fail(2, &e),
+    };
+    let result = match cli.tool {
+        None => {
+            let id = cli.node_id.expect("clap requires --node-id without a subcommand");
+            if let Err(e) = config.require_member(id) {
+                return fail(2, &e);
+            }
+            node::run(&config, id).map_err(|e| format!("node {id}: {e}"))
+        }
+        Some(Tool::Cluster) => cluster::run(&cli.config, &config).map_err(|e| e.to_string()),
+        Some(Tool::Bench(args)) => bench::run(&config, &args).map_err(|e| e.to_string()),
+        Some(Tool::Client { node, endpoint, timeout_ms, client_id, seq, op }) => {
+            let endpoint = match (endpoint, node) {
+                (Some(endpoint), _) => endpoint,
+                (None, Some(id)) => match config.require_member(id) {
+                    Ok(member) => member.client.clone(),
+                    Err(e) => return fail(2, &e),
+                },
+                (None, None) => config.nodes[0].client.clone(),
+            };
+            return run_client(&endpoint, Duration::from_millis(timeout_ms), op.into_request(client_id, seq));
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &e),
+    }
+}
+
+/// Prints the reply as JSON; exit status 0 for `ok: true`, 1 for an error
+/// reply, 3 when no reply came.
+fn run_client(endpoint: &str, timeout: Duration, request: raft_zmq::protocol::Request) -> ExitCode {
+    let mut client = client::Client::new(&zmq::Context::new(), endpoint, timeout);
+    match client.call_raw(&raft_zmq::protocol::encode_request(&request)) {
+        Ok(frame) => {
+            println!("{}", client::reply_to_json(&frame));
+            match raft_zmq::protocol::Reply::decode(&frame, &request) {
+                Ok(raft_zmq::protocol::Reply::Error { .. }) | Err(_) => ExitCode::from(1),
+                Ok(_) => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => fail(3, &format!("{endpoint}: {e}")),
+    }
+}
+
+fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("raft-zmq: {error}");
+    ExitCode::from(code)
+}

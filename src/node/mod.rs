@@ -1,0 +1,208 @@
+//! One running raft-zmq node: the threads around the pure core.
+//!
+//! ```text
+//!  peers ──ROUTER/REQ──▶ transport ─┐                      ┌─▶ transport (to peers)
+//!  clients ──ROUTER──▶ client endpoint ─▶ core loop (Raft + sled) ─▶ applier (KV + logs/<id>.txt)
+//!        ◀──────────────── replies (inproc PUSH/PULL) ◀──────────────┘
+//! ```
+//!
+//! Threads are joined by crossbeam channels; the core loop is the only owner
+//! of the Raft state and of storage.
+
+mod applier;
+mod client_endpoint;
+mod core_loop;
+mod replies;
+
+use std::error::Error;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, unbounded};
+use log::{info, warn};
+
+use crate::config::{Config, Member};
+use crate::mirror::Mirror;
+use crate::raft::{self, HardState, NodeId, Raft};
+use crate::storage::Storage;
+use crate::transport::{Transport, TransportConfig, cluster_id};
+use applier::Applier;
+use client_endpoint::{ClientEndpoint, EndpointConfig};
+use core_loop::{CoreLoop, Inputs};
+use replies::Replier;
+
+/// State other threads read without asking the core loop.
+pub struct Shared {
+    leader: AtomicU64,
+    last_applied: Arc<AtomicU64>,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    const NO_LEADER: u64 = u64::MAX;
+
+    fn leader(&self) -> Option<NodeId> {
+        Some(self.leader.load(Ordering::Acquire)).filter(|&id| id != Self::NO_LEADER)
+    }
+
+    fn set_leader(&self, leader: Option<NodeId>) {
+        self.leader.store(leader.unwrap_or(Self::NO_LEADER), Ordering::Release);
+    }
+}
+
+/// Membership key in the state dir: once recorded, it wins over the file.
+const MEMBERSHIP_META: &str = "membership";
+
+/// Runs node `id` until SIGINT/SIGTERM.
+pub fn run(config: &Config, id: NodeId) -> Result<(), Box<dyn Error>> {
+    let (mut storage, recovered) = Storage::open(&config.node_state_dir(id))?;
+    let members = settle_membership(&mut storage, config)?;
+    let me = members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
+    let mut mirror = Mirror::open(&config.node_log_path(id))?;
+    let last_index = recovered.entries.len() as u64;
+    if mirror.last_index() > last_index {
+        warn!("{} is ahead of the durable log ({last_index}); cutting it back", config.node_log_path(id).display());
+        mirror.truncate_after(last_index)?;
+    }
+    // Entries in the mirror were applied, hence committed; the persisted
+    // commit index may lag behind them (it is written lazily).
+    let hard_state = HardState { commit: recovered.hard_state.commit.max(mirror.last_index()), ..recovered.hard_state };
+    info!(
+        "node {id}: starting with term {}, vote {:?}, {} log entries, commit {}",
+        hard_state.term, hard_state.vote, last_index, hard_state.commit
+    );
+    let raft = Raft::new(core_config(config, id, &members), hard_state, recovered.entries);
+
+    let ctx = zmq::Context::new();
+    let (peer_tx, peer_rx) = unbounded();
+    let peers: Vec<(NodeId, String)> = members.iter().filter(|m| m.id != id).map(|m| (m.id, m.raft.clone())).collect();
+    let cluster = cluster_id(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
+    let transport = Transport::start(
+        &ctx,
+        TransportConfig {
+            id,
+            cluster,
+            bind: me.raft.clone(),
+            peers,
+            reply_timeout: Duration::from_millis(config.election_timeout_ms.0),
+            max_message_bytes: (config.max_request_bytes as i64) * 2 + (16 << 20),
+        },
+        peer_tx,
+    )?;
+
+    let replies_endpoint = format!("{}-{id}", Replier::ENDPOINT_PREFIX);
+    let endpoint = ClientEndpoint::bind(
+        &ctx,
+        EndpointConfig {
+            id,
+            members: members.clone(),
+            max_request_bytes: config.max_request_bytes,
+            forward_timeout: Duration::from_millis(config.request_timeout_ms + 1000),
+        },
+        &replies_endpoint,
+    )?;
+    let replier = Replier::connect(&ctx, &replies_endpoint)?;
+    let shared = Arc::new(Shared {
+        leader: AtomicU64::new(Shared::NO_LEADER),
+        last_applied: Arc::new(AtomicU64::new(0)),
+        stopping: AtomicBool::new(false),
+    });
+
+    let (apply_tx, apply_rx) = unbounded();
+    let applier = Applier::new(mirror, replier.clone(), shared.last_applied.clone());
+    let applier = thread::Builder::new().name("applier".into()).spawn(move || applier.run(apply_rx))?;
+    let (client_tx, client_rx) = unbounded();
+    let endpoint = {
+        let (shared, replier) = (shared.clone(), replier.clone());
+        thread::Builder::new().name("clients".into()).spawn(move || endpoint.run(shared, client_tx, replier))?
+    };
+
+    let (stop_tx, stop_rx) = bounded(1);
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.try_send(());
+    })?;
+    info!("node {id}: serving peers on {} and clients on {}", me.raft, me.client);
+
+    let core = CoreLoop {
+        raft,
+        storage,
+        transport,
+        applier: apply_tx,
+        replier,
+        shared: shared.clone(),
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+    };
+    let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
+    let result = core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, stop: stop_rx });
+    shared.stopping.store(true, Ordering::Release);
+    let _ = applier.join();
+    let _ = endpoint.join();
+    info!("node {id}: stopped");
+    Ok(result?)
+}
+
+/// The membership recorded in the state dir, recording the config's on
+/// first start (CONTRACT.md: once a node has state, its record wins).
+fn settle_membership(storage: &mut Storage, config: &Config) -> Result<Vec<Member>, Box<dyn Error>> {
+    if let Some(bytes) = storage.read_meta(MEMBERSHIP_META)? {
+        let recorded: Vec<Member> = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("recorded membership in the state dir is unreadable: {e}"))?;
+        if recorded != config.nodes {
+            warn!("{}: nodes differ from the membership recorded in the state dir; using the recorded one", config.path.display());
+        }
+        return Ok(recorded);
+    }
+    storage.write_meta(MEMBERSHIP_META, &serde_json::to_vec(&config.nodes)?)?;
+    Ok(config.nodes.clone())
+}
+
+/// The largest tick (at most 10 ms) that divides every configured interval,
+/// so tick counts express the timeouts exactly.
+fn tick_ms(config: &Config) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let (min, max) = config.election_timeout_ms;
+    let g = gcd(gcd(config.heartbeat_ms, min), max);
+    (1..=10).rev().find(|d| g % d == 0).unwrap_or(1)
+}
+
+fn core_config(config: &Config, id: NodeId, members: &[Member]) -> raft::Config {
+    let tick = tick_ms(config);
+    let (min, max) = config.election_timeout_ms;
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ id;
+    raft::Config {
+        id,
+        members: members.iter().map(|m| m.id).collect(),
+        election_ticks: (min / tick, max / tick),
+        heartbeat_ticks: config.heartbeat_ms / tick,
+        max_append_bytes: 1 << 20,
+        pre_vote: true,
+        check_quorum: true,
+        seed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with(heartbeat_ms: u64, election_timeout_ms: (u64, u64)) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, r#"{"nodes":[{"id":0,"raft":"tcp://127.0.0.1:1","client":"tcp://127.0.0.1:2"}]}"#)
+            .unwrap();
+        Config { heartbeat_ms, election_timeout_ms, ..Config::load(&path).unwrap() }
+    }
+
+    #[test]
+    fn tick_divides_every_interval() {
+        assert_eq!(tick_ms(&config_with(50, (300, 600))), 10);
+        assert_eq!(tick_ms(&config_with(25, (150, 300))), 5);
+        assert_eq!(tick_ms(&config_with(55, (56, 90))), 1);
+        let cfg = core_config(&config_with(55, (56, 90)), 0, &config_with(55, (56, 90)).nodes);
+        assert_eq!((cfg.heartbeat_ticks, cfg.election_ticks), (55, (56, 90)));
+    }
+}

@@ -1,0 +1,126 @@
+//! `raft-zmq bench`: N concurrent clients issue acknowledged puts against a
+//! running cluster for a fixed time; prints throughput and latency
+//! percentiles from an HDR histogram.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use super::client::Client;
+use crate::config::Config;
+use crate::kv::{Command, Value};
+use crate::protocol::{Reply, Request};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Concurrent clients, each with its own connection and one request in flight.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Number of distinct keys written.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u64,
+    /// Size of each value in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub value_size: usize,
+    /// Client endpoint to send to (default: the current leader's).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+}
+
+struct ClientResult {
+    latencies: Histogram<u64>,
+    errors: u64,
+}
+
+pub fn run(config: &Config, args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let ctx = zmq::Context::new();
+    let endpoint = match &args.endpoint {
+        Some(endpoint) => endpoint.clone(),
+        None => find_leader_endpoint(&ctx, config, Duration::from_secs(15))?,
+    };
+    println!(
+        "bench: {} clients, {:.1}s, {} keys, {}-byte values, against {endpoint}",
+        args.clients, args.duration, args.keys, args.value_size
+    );
+    let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.clients)
+        .map(|i| {
+            let (ctx, endpoint) = (ctx.clone(), endpoint.clone());
+            let (keys, value_size) = (args.keys.max(1), args.value_size);
+            thread::spawn(move || run_client(&ctx, &endpoint, i as u64, keys, value_size, deadline))
+        })
+        .collect();
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for worker in workers {
+        let result = worker.join().map_err(|_| "a bench client panicked")?;
+        latencies.add(&result.latencies)?;
+        errors += result.errors;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "ok {} puts, {errors} errors in {elapsed:.2}s: {:.0} puts/s",
+        latencies.len(),
+        latencies.len() as f64 / elapsed
+    );
+    println!(
+        "latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999),
+        latencies.max() as f64 / 1000.0
+    );
+    Ok(())
+}
+
+fn run_client(ctx: &zmq::Context, endpoint: &str, id: u64, keys: u64, value_size: usize, deadline: Instant) -> ClientResult {
+    let mut client = Client::new(ctx, endpoint, Duration::from_secs(5));
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut errors = 0;
+    let mut rng = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let value: String = std::iter::repeat_n('v', value_size).collect();
+    while Instant::now() < deadline {
+        // xorshift64: cheap, and each client gets its own key sequence.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let request = Request::Write {
+            command: Command::Put { key: Value::Str(format!("k{}", rng % keys)), value: Value::Str(value.clone()) },
+            client_id: None,
+            seq: None,
+        };
+        let start = Instant::now();
+        match client.call(&request) {
+            Ok(Reply::Put { .. }) => {
+                latencies.saturating_record(start.elapsed().as_micros() as u64);
+            }
+            _ => errors += 1,
+        }
+    }
+    ClientResult { latencies, errors }
+}
+
+/// Asks every node for its status until one reports itself leader.
+pub fn find_leader_endpoint(ctx: &zmq::Context, config: &Config, wait: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + wait;
+    let mut clients: Vec<Client> =
+        config.nodes.iter().map(|m| Client::new(ctx, &m.client, Duration::from_millis(500))).collect();
+    while Instant::now() < deadline {
+        for client in &mut clients {
+            if let Ok(Reply::Status(status)) = client.call(&Request::Status) {
+                if status.role == "leader" {
+                    return Ok(client.endpoint().to_string());
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("no leader found within {wait:?}"))
+}

@@ -1,0 +1,159 @@
+//! A blocking client for the client protocol, and the `raft-zmq client`
+//! subcommand built on it.
+
+use std::time::Duration;
+
+use crate::kv::{Command, Value};
+use crate::protocol::{Reply, Request, encode_request};
+
+/// One REQ socket to one node. A request that gets no reply in time leaves
+/// the socket unusable (REQ lockstep), so it is replaced before the next call.
+pub struct Client {
+    ctx: zmq::Context,
+    endpoint: String,
+    timeout: Duration,
+    socket: Option<zmq::Socket>,
+}
+
+#[derive(Debug)]
+pub enum CallError {
+    /// No reply within the timeout: the request may or may not have applied.
+    NoReply,
+    /// The reply did not decode.
+    BadReply(String),
+    Zmq(zmq::Error),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::NoReply => write!(f, "no reply in time"),
+            CallError::BadReply(e) => write!(f, "undecodable reply: {e}"),
+            CallError::Zmq(e) => write!(f, "zmq: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+impl From<zmq::Error> for CallError {
+    fn from(e: zmq::Error) -> Self {
+        CallError::Zmq(e)
+    }
+}
+
+impl Client {
+    pub fn new(ctx: &zmq::Context, endpoint: &str, timeout: Duration) -> Client {
+        Client { ctx: ctx.clone(), endpoint: endpoint.to_string(), timeout, socket: None }
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Sends one raw frame and returns the raw reply frame.
+    pub fn call_raw(&mut self, frame: &[u8]) -> Result<Vec<u8>, CallError> {
+        let socket = match self.socket.take() {
+            Some(socket) => socket,
+            None => {
+                let socket = self.ctx.socket(zmq::REQ)?;
+                socket.set_linger(0)?;
+                socket.set_rcvtimeo(self.timeout.as_millis() as i32)?;
+                socket.set_sndtimeo(self.timeout.as_millis() as i32)?;
+                socket.connect(&self.endpoint)?;
+                socket
+            }
+        };
+        socket.send(frame, 0).map_err(|e| if e == zmq::Error::EAGAIN { CallError::NoReply } else { e.into() })?;
+        match socket.recv_bytes(0) {
+            Ok(reply) => {
+                self.socket = Some(socket);
+                Ok(reply)
+            }
+            Err(zmq::Error::EAGAIN) => Err(CallError::NoReply),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn call(&mut self, request: &Request) -> Result<Reply, CallError> {
+        let frame = self.call_raw(&encode_request(request))?;
+        Reply::decode(&frame, request).map_err(CallError::BadReply)
+    }
+}
+
+/// Renders a MessagePack reply as one line of JSON for people and scripts
+/// (bin values as `{"$bin": "<hex>"}`, as in the log mirror).
+pub fn reply_to_json(frame: &[u8]) -> String {
+    match rmpv::decode::read_value(&mut &frame[..]) {
+        Ok(value) => to_json(&value).to_string(),
+        Err(e) => format!("{{\"undecodable_reply\":\"{e}\"}}"),
+    }
+}
+
+fn to_json(value: &rmpv::Value) -> serde_json::Value {
+    use rmpv::Value as M;
+    use serde_json::Value as J;
+    match value {
+        M::Nil => J::Null,
+        M::Boolean(b) => J::Bool(*b),
+        M::Integer(i) => i.as_u64().map(J::from).or_else(|| i.as_i64().map(J::from)).unwrap_or(J::Null),
+        M::F32(f) => J::from(*f as f64),
+        M::F64(f) => J::from(*f),
+        M::String(s) => J::String(s.as_str().map_or_else(|| String::from_utf8_lossy(s.as_bytes()).into(), String::from)),
+        M::Binary(b) => serde_json::json!({ "$bin": b.iter().map(|x| format!("{x:02x}")).collect::<String>() }),
+        M::Array(items) => J::Array(items.iter().map(to_json).collect()),
+        M::Map(pairs) => J::Object(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.as_str().map_or_else(|| k.to_string(), String::from), to_json(v)))
+                .collect(),
+        ),
+        M::Ext(_, bytes) => serde_json::json!({ "$ext": bytes.len() }),
+    }
+}
+
+/// The operations of `raft-zmq client`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Op {
+    /// Set KEY to VALUE.
+    Put { key: String, value: String },
+    /// Read KEY (linearizable).
+    Get { key: String },
+    /// Remove KEY.
+    Delete { key: String },
+    /// Set KEY to VALUE if its current value is --expect (without it: if KEY is absent).
+    Cas {
+        key: String,
+        value: String,
+        #[arg(long)]
+        expect: Option<String>,
+    },
+    /// Append an opaque command to the log.
+    Propose { command: String },
+    /// Show the node's role, term, leader and indexes.
+    Status,
+    /// Show committed log entries.
+    Log {
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+}
+
+impl Op {
+    pub fn into_request(self, client_id: Option<String>, seq: Option<u64>) -> Request {
+        let write = |command| Request::Write { command, client_id, seq };
+        match self {
+            Op::Put { key, value } => write(Command::Put { key: Value::Str(key), value: Value::Str(value) }),
+            Op::Get { key } => Request::Get { key: Value::Str(key) },
+            Op::Delete { key } => write(Command::Delete { key: Value::Str(key) }),
+            Op::Cas { key, value, expect } => {
+                write(Command::Cas { key: Value::Str(key), expect: expect.map(Value::Str), value: Value::Str(value) })
+            }
+            Op::Propose { command } => write(Command::Propose { command }),
+            Op::Status => Request::Status,
+            Op::Log { from, limit } => Request::Log { from, limit },
+        }
+    }
+}

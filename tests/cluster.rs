@@ -1,0 +1,210 @@
+//! End-to-end tests of real `raft-zmq` processes: the user stories of the
+//! README, one test each.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use raft_zmq::kv::{Command, Value};
+use raft_zmq::protocol::{ErrorCode, Reply, Request};
+
+fn value(s: &str) -> Option<Value> {
+    Some(Value::Str(s.into()))
+}
+
+fn write(command: Command) -> Request {
+    Request::Write { command, client_id: None, seq: None }
+}
+
+fn key(s: &str) -> Value {
+    Value::Str(s.into())
+}
+
+#[test]
+fn every_op_works_against_every_node() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    for id in 0..3 {
+        let k = format!("key-{id}");
+        let Reply::Put { index } = cluster.call_ok(id, &put(&k, "1")) else { panic!("put") };
+        assert!(index > 0);
+        assert_eq!(cluster.get_value(id, &k), value("1"), "node {id} reads its write");
+        let cas = write(Command::Cas { key: key(&k), expect: value("1"), value: Value::Str("2".into()) });
+        assert!(matches!(cluster.call_ok(id, &cas), Reply::Cas { swapped: true, .. }));
+        let failed_cas = write(Command::Cas { key: key(&k), expect: None, value: Value::Str("3".into()) });
+        match cluster.call_ok(id, &failed_cas) {
+            Reply::Cas { swapped: false, value: current, .. } => assert_eq!(current, value("2")),
+            other => panic!("{other:?}"),
+        }
+        let Reply::Delete { existed: true, .. } = cluster.call_ok(id, &write(Command::Delete { key: key(&k) })) else {
+            panic!("delete")
+        };
+        assert_eq!(cluster.get_value(id, &k), None);
+        let Reply::Propose { index: p } = cluster.call_ok(id, &write(Command::Propose { command: "hello".into() }))
+        else {
+            panic!("propose")
+        };
+        assert!(p > index);
+    }
+    let Reply::Status(status) = cluster.call_ok(leader, &Request::Status) else { panic!("status") };
+    assert_eq!(status.role, "leader");
+    assert_eq!(status.members, vec![0, 1, 2]);
+    cluster.wait_applied(status.commit_index);
+    let Reply::Log { entries } = cluster.call_ok(0, &Request::Log { from: 1, limit: 1000 }) else { panic!("log") };
+    assert_eq!(entries[0].index, 1);
+    assert!(entries.iter().any(|e| e.command == r#"{"op":"propose","command":"hello"}"#), "{entries:?}");
+}
+
+#[test]
+fn binary_values_and_keys_keep_their_type() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_for_leader();
+    let bin = Value::Bin(vec![0, 159, 146, 150, 255]);
+    cluster.call_ok(1, &write(Command::Put { key: Value::Bin(b"b".to_vec()), value: bin.clone() }));
+    match cluster.call_ok(2, &Request::Get { key: Value::Bin(b"b".to_vec()) }) {
+        Reply::Get { value } => assert_eq!(value, Some(bin)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn leader_crash_fails_over_without_losing_acknowledged_writes() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    for i in 0..20 {
+        cluster.call_ok(leader, &put(&format!("k{i}"), &i.to_string()));
+    }
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    let survivor = (0..3).find(|&id| id != leader).unwrap();
+    cluster.call_ok(survivor, &put("after", "failover"));
+    let failover = killed_at.elapsed();
+    eprintln!("failover: first acknowledged write {failover:?} after kill -9 of the leader");
+    let new_leader = cluster.wait_for_leader();
+    assert_ne!(new_leader, leader);
+    for i in 0..20 {
+        assert_eq!(cluster.get_value(survivor, &format!("k{i}")), value(&i.to_string()));
+    }
+}
+
+#[test]
+fn restarted_node_catches_up_and_replica_logs_agree() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let follower = (0..3).find(|&id| id != leader).unwrap();
+    cluster.call_ok(leader, &put("before", "1"));
+    cluster.kill(follower);
+    for i in 0..30 {
+        cluster.call_ok(leader, &put(&format!("while-down-{i}"), "x"));
+    }
+    cluster.start_node(follower);
+    let Reply::Status(status) = cluster.call_ok(leader, &Request::Status) else { panic!() };
+    cluster.wait_applied(status.commit_index);
+    wait_for("identical mirrors", || {
+        let reference = cluster.mirror(leader);
+        (0..3).all(|id| cluster.mirror(id) == reference).then_some(())
+    });
+    let mirror = cluster.mirror(follower);
+    assert!(mirror.contains(r#"{"op":"put","key":"while-down-29","value":"x"}"#), "{mirror}");
+    // Every line is `<index>, <term>, <json>` with consecutive indexes.
+    for (i, line) in lines(&mirror).iter().enumerate() {
+        let mut parts = line.splitn(3, ", ");
+        assert_eq!(parts.next().unwrap().parse::<usize>().unwrap(), i + 1, "{line}");
+        parts.next().unwrap().parse::<u64>().unwrap();
+        serde_json::from_str::<serde_json::Value>(parts.next().unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn whole_cluster_crash_keeps_every_acknowledged_write() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    for i in 0..25 {
+        cluster.call_ok((leader + i) % 3, &put(&format!("k{i}"), &format!("v{i}")));
+    }
+    let mirrors_before: Vec<String> = (0..3).map(|id| cluster.mirror(id)).collect();
+    for id in 0..3 {
+        cluster.kill(id);
+    }
+    for id in 0..3 {
+        cluster.start_node(id);
+    }
+    cluster.wait_for_leader();
+    for i in 0..25 {
+        assert_eq!(cluster.get_value(i % 3, &format!("k{i}")), value(&format!("v{i}")));
+    }
+    // Restarting neither drops nor duplicates mirror lines.
+    let Reply::Status(status) = cluster.call_ok(0, &Request::Status) else { panic!() };
+    cluster.wait_applied(status.commit_index);
+    for id in 0..3 {
+        let now = cluster.mirror(id);
+        assert!(now.starts_with(&mirrors_before[id]), "node {id} mirror changed its past");
+    }
+}
+
+#[test]
+fn retried_write_with_the_same_session_applies_once() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_for_leader();
+    let request = |value: &str| Request::Write {
+        command: Command::Put { key: key("counter"), value: Value::Str(value.into()) },
+        client_id: Some("client-a".into()),
+        seq: Some(1),
+    };
+    let Reply::Put { index: first } = cluster.call_ok(0, &request("first")) else { panic!() };
+    let Reply::Put { index: retry } = cluster.call_ok(1, &request("second")) else { panic!() };
+    assert_eq!(first, retry, "the retry gets the first result back");
+    assert_eq!(cluster.get_value(2, "counter"), value("first"));
+}
+
+#[test]
+fn clean_shutdown_on_sigterm() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    cluster.call_ok(leader, &put("a", "1"));
+    for id in 0..3 {
+        assert!(cluster.terminate(id).success(), "node {id} exits 0 on SIGTERM");
+    }
+}
+
+#[test]
+fn paused_old_leader_never_serves_a_stale_read() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    cluster.call_ok(leader, &put("x", "old"));
+    cluster.signal(leader, libc::SIGSTOP);
+    let other = (0..3).find(|&id| id != leader).unwrap();
+    cluster.call_ok(other, &put("x", "new"));
+    // Ask the old leader directly while it is still paused; it answers after SIGCONT.
+    let ctx = zmq::Context::new();
+    let socket = ctx.socket(zmq::REQ).unwrap();
+    socket.set_linger(0).unwrap();
+    socket.set_rcvtimeo(10_000).unwrap();
+    socket.connect(&cluster.nodes[leader].client).unwrap();
+    socket.send(raft_zmq::protocol::encode_request(&get("x")), 0).unwrap();
+    cluster.signal(leader, libc::SIGCONT);
+    let reply = Reply::decode(&socket.recv_bytes(0).unwrap(), &get("x")).unwrap();
+    match reply {
+        Reply::Get { value: v } => assert_eq!(v, value("new")),
+        Reply::Error { code, .. } => assert!(matches!(code, ErrorCode::NoLeader | ErrorCode::Timeout), "{code:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn minority_cannot_commit_and_says_so() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let others: Vec<usize> = (0..3).filter(|&id| id != leader).collect();
+    for &id in &others {
+        cluster.kill(id);
+    }
+    let mut client = cluster.client(leader);
+    let started = Instant::now();
+    match client.call(&put("lonely", "1")) {
+        Ok(Reply::Error { code, .. }) => assert!(matches!(code, ErrorCode::Timeout | ErrorCode::NoLeader)),
+        other => panic!("a minority acknowledged a write: {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
