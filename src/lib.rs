@@ -3,3 +3,4 @@
 //! `raft` is the pure consensus core; every other module is the I/O shell.
 
 pub mod raft;
+pub mod transport;
