@@ -14,3 +14,4 @@ pub mod protocol;
 pub mod raft;
 pub mod storage;
 pub mod tools;
+pub mod transport;

@@ -1,0 +1,671 @@
+//! Peer-to-peer transport: carries the core's [`Message`]s between nodes
+//! over ZeroMQ.
+//!
+//! Threads:
+//! - one *server* thread owns a ROUTER socket bound to this node's raft
+//!   endpoint; it hands incoming requests to the core and sends the core's
+//!   replies back on the route each request came in on;
+//! - one *sender* thread per peer owns a REQ socket to that peer, sends
+//!   requests one at a time and hands back each reply, or
+//!   [`Inbound::Unreachable`] when none comes within the reply timeout.
+//!
+//! Everything received goes to a single crossbeam channel, so the core has
+//! one queue to wait on. Delivery is best effort, as Raft expects: messages
+//! may be lost (and stale ones are dropped on purpose), never corrupted or
+//! accepted from outside the cluster.
+
+mod envelope;
+mod peer;
+mod server;
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TrySendError};
+use log::{debug, error, warn};
+
+pub use envelope::{Envelope, PROTOCOL_VERSION, cluster_id};
+
+use crate::raft::{Message, NodeId};
+use envelope::Wire;
+use peer::Link;
+use server::Server;
+
+/// What the transport hands the core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// A request from a peer, or a peer's reply to one of ours.
+    Message(Message),
+    /// A request to this peer got no valid reply in time. Each request
+    /// actually sent is followed by its reply or by this (unless `inbound` is
+    /// full), so the core can stop waiting for its in-flight AppendEntries.
+    Unreachable(NodeId),
+}
+
+#[derive(Clone, Debug)]
+pub struct TransportConfig {
+    pub id: NodeId,
+    /// From [`cluster_id`]; frames carrying any other are dropped.
+    pub cluster: u64,
+    /// This node's own raft endpoint, e.g. `tcp://127.0.0.1:7000`.
+    pub bind: String,
+    /// The other members and their raft endpoints (an entry for `id` itself
+    /// is ignored).
+    pub peers: Vec<(NodeId, String)>,
+    /// How long a request waits for its reply before the peer is reported
+    /// unreachable. Should be well under the election timeout.
+    pub reply_timeout: Duration,
+    /// Largest frame sent or accepted (ZMQ_MAXMSGSIZE); negative = unlimited.
+    pub max_message_bytes: i64,
+}
+
+#[derive(Debug)]
+pub enum TransportError {
+    Bind {
+        endpoint: String,
+        source: zmq::Error,
+    },
+    Connect {
+        peer: NodeId,
+        endpoint: String,
+        source: zmq::Error,
+    },
+    Socket(zmq::Error),
+    Spawn(std::io::Error),
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            TransportError::Bind { endpoint, source } => {
+                write!(f, "cannot bind raft endpoint {endpoint}: {source}")
+            }
+            TransportError::Connect {
+                peer,
+                endpoint,
+                source,
+            } => {
+                write!(f, "cannot connect to peer {peer} at {endpoint}: {source}")
+            }
+            TransportError::Socket(e) => write!(f, "cannot set up a zeromq socket: {e}"),
+            TransportError::Spawn(e) => write!(f, "cannot start a transport thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TransportError::Bind { source, .. } | TransportError::Connect { source, .. } => {
+                Some(source)
+            }
+            TransportError::Socket(e) => Some(e),
+            TransportError::Spawn(e) => Some(e),
+        }
+    }
+}
+
+impl From<zmq::Error> for TransportError {
+    fn from(e: zmq::Error) -> TransportError {
+        TransportError::Socket(e)
+    }
+}
+
+/// How long a thread may go without noticing shutdown while waiting on a
+/// socket. Shutdown also wakes the server at once; this bounds the senders.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+/// A running transport. Dropping it stops it, like [`Transport::shutdown`].
+pub struct Transport {
+    wire: Arc<Wire>,
+    /// Each sender thread's queue of requests.
+    requests: HashMap<NodeId, Sender<Message>>,
+    /// Encoded replies for the server thread, keyed by destination.
+    replies: Sender<(NodeId, Vec<u8>)>,
+    /// Interrupts the server thread's poll. A Mutex because a zmq socket
+    /// must not be used by two threads at once and `send` takes `&self`.
+    wake: Mutex<zmq::Socket>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Transport {
+    /// Binds the raft endpoint (failing if it is taken or invalid), connects
+    /// to every peer, starts the threads, and delivers everything received to
+    /// `inbound`. If `inbound` is bounded and full, arrivals are dropped (with
+    /// a warning) rather than stalling the network threads.
+    pub fn start(
+        ctx: &zmq::Context,
+        cfg: TransportConfig,
+        inbound: Sender<Inbound>,
+    ) -> Result<Transport, TransportError> {
+        // Distinguishes the wake pipes of several transports in one context.
+        static INSTANCE: AtomicU64 = AtomicU64::new(0);
+
+        let peers: Vec<_> = cfg
+            .peers
+            .into_iter()
+            .filter(|(id, _)| *id != cfg.id)
+            .collect();
+        let wire = Arc::new(Wire::new(
+            cfg.id,
+            cfg.cluster,
+            peers.iter().map(|(id, _)| *id),
+            cfg.max_message_bytes,
+        ));
+
+        let router = ctx.socket(zmq::ROUTER)?;
+        router.set_linger(0)?;
+        router.set_maxmsgsize(cfg.max_message_bytes)?;
+        router
+            .bind(&cfg.bind)
+            .map_err(|source| TransportError::Bind {
+                endpoint: cfg.bind.clone(),
+                source,
+            })?;
+
+        let wake_endpoint = format!(
+            "inproc://raft-transport-wake-{}",
+            INSTANCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let wake_rx = ctx.socket(zmq::PULL)?;
+        wake_rx.set_linger(0)?;
+        wake_rx.bind(&wake_endpoint)?;
+        let wake_tx = ctx.socket(zmq::PUSH)?;
+        wake_tx.set_linger(0)?;
+        wake_tx.connect(&wake_endpoint)?;
+
+        let (replies, replies_rx) = crossbeam_channel::unbounded();
+        let stop = Arc::new(AtomicBool::new(false));
+        // From here on an early return drops `transport`, which stops and
+        // joins whatever threads were already started.
+        let mut transport = Transport {
+            wire: Arc::clone(&wire),
+            requests: HashMap::new(),
+            replies,
+            wake: Mutex::new(wake_tx),
+            stop: Arc::clone(&stop),
+            threads: Vec::new(),
+        };
+        let server = Server {
+            router,
+            wake: wake_rx,
+            replies: replies_rx,
+            wire: Arc::clone(&wire),
+            inbound: inbound.clone(),
+            stop: Arc::clone(&stop),
+        };
+        transport.spawn("raft-server".into(), move || server.run())?;
+
+        for (peer, endpoint) in peers {
+            let socket =
+                peer::connect(ctx, &endpoint, cfg.max_message_bytes).map_err(|source| {
+                    TransportError::Connect {
+                        peer,
+                        endpoint: endpoint.clone(),
+                        source,
+                    }
+                })?;
+            let (queue_tx, queue) = crossbeam_channel::unbounded();
+            transport.requests.insert(peer, queue_tx);
+            let link = Link {
+                peer,
+                endpoint,
+                ctx: ctx.clone(),
+                socket: Some(socket),
+                queue,
+                wire: Arc::clone(&wire),
+                inbound: inbound.clone(),
+                stop: Arc::clone(&stop),
+                reply_timeout: cfg.reply_timeout,
+                max_message_bytes: cfg.max_message_bytes,
+            };
+            transport.spawn(format!("raft-send-{peer}"), move || link.run())?;
+        }
+        Ok(transport)
+    }
+
+    /// Non-blocking. A request (see [`Body::is_request`]) is queued for the
+    /// sender thread of `message.to`; a reply is handed to the server thread,
+    /// which sends it to that peer's pending request. Messages for non-peers
+    /// are dropped.
+    ///
+    /// [`Body::is_request`]: crate::raft::Body::is_request
+    pub fn send(&self, message: Message) {
+        let to = message.to;
+        if message.body.is_request() {
+            match self.requests.get(&to) {
+                // Fails only once the sender thread is gone (shutdown).
+                Some(queue) => {
+                    let _ = queue.send(message);
+                }
+                None => debug!("request for non-peer {to} dropped"),
+            }
+        } else if !self.wire.is_peer(to) {
+            debug!("reply for non-peer {to} dropped");
+        } else {
+            match self.wire.seal(message) {
+                Ok(frame) => {
+                    // Fails only once the server thread is gone (shutdown).
+                    let _ = self.replies.send((to, frame));
+                    self.wake();
+                }
+                Err(reject) => warn!("reply to node {to} not sent: {reject}"),
+            }
+        }
+    }
+
+    /// Stops all threads and joins them; returns within about 50 ms even
+    /// while a request waits on a dead peer (sockets have LINGER 0).
+    pub fn shutdown(self) {
+        drop(self);
+    }
+
+    fn spawn(
+        &mut self,
+        name: String,
+        body: impl FnOnce() + Send + 'static,
+    ) -> Result<(), TransportError> {
+        let handle = thread::Builder::new()
+            .name(name)
+            .spawn(body)
+            .map_err(TransportError::Spawn)?;
+        self.threads.push(handle);
+        Ok(())
+    }
+
+    fn wake(&self) {
+        let wake = self.wake.lock().unwrap_or_else(PoisonError::into_inner);
+        // EAGAIN means the pipe is full of wake-ups already, which is as good.
+        let _ = wake.send(&[][..], zmq::DONTWAIT);
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Disconnecting the queues wakes idle sender threads.
+        self.requests.clear();
+        self.wake();
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                error!("a transport thread panicked");
+            }
+        }
+    }
+}
+
+/// Hands `item` to the core without ever blocking a network thread.
+fn deliver(inbound: &Sender<Inbound>, item: Inbound, warnings: &mut Warnings) {
+    match inbound.try_send(item) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => warnings.warn(
+            "inbound queue full",
+            "inbound queue full: the core is behind; message dropped",
+        ),
+        Err(TrySendError::Disconnected(_)) => debug!("inbound queue closed; message dropped"),
+    }
+}
+
+/// Logs at most one warning per reason per second, so that a flood of bad
+/// frames cannot fill the disk; the next one says how many were suppressed.
+#[derive(Default)]
+struct Warnings {
+    last: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl Warnings {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn warn(&mut self, reason: &'static str, detail: impl fmt::Display) {
+        let now = Instant::now();
+        let suppressed = match self.last.entry(reason) {
+            Entry::Vacant(slot) => {
+                slot.insert((now, 0));
+                0
+            }
+            Entry::Occupied(mut slot) => {
+                let (since, suppressed) = slot.get_mut();
+                if now.duration_since(*since) < Self::INTERVAL {
+                    *suppressed += 1;
+                    return;
+                }
+                *since = now;
+                std::mem::take(suppressed)
+            }
+        };
+        if suppressed == 0 {
+            warn!("{detail}");
+        } else {
+            warn!("{detail} (and {suppressed} more '{reason}' suppressed)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use crossbeam_channel::Receiver;
+
+    use super::*;
+    use crate::raft::{Body, Entry, Payload};
+
+    const CLUSTER: u64 = 0xc1;
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    /// A loopback endpoint on a port that was free a moment ago.
+    fn free_endpoint() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp://127.0.0.1:{}", listener.local_addr().unwrap().port())
+    }
+
+    fn start(
+        ctx: &zmq::Context,
+        id: NodeId,
+        members: &[(NodeId, String)],
+        reply_timeout: Duration,
+    ) -> (Transport, Receiver<Inbound>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let cfg = TransportConfig {
+            id,
+            cluster: CLUSTER,
+            bind: members.iter().find(|(m, _)| *m == id).unwrap().1.clone(),
+            peers: members.to_vec(),
+            reply_timeout,
+            max_message_bytes: 1 << 20,
+        };
+        (Transport::start(ctx, cfg, tx).unwrap(), rx)
+    }
+
+    fn members(n: NodeId) -> Vec<(NodeId, String)> {
+        (0..n).map(|id| (id, free_endpoint())).collect()
+    }
+
+    fn heartbeat(from: NodeId, to: NodeId, leader_commit: u64) -> Message {
+        Message {
+            from,
+            to,
+            term: 2,
+            body: Body::AppendEntries {
+                prev_log_index: 0,
+                prev_log_term: 0,
+                entries: vec![],
+                leader_commit,
+                read_seq: 0,
+            },
+        }
+    }
+
+    fn ack(from: NodeId, to: NodeId) -> Message {
+        Message {
+            from,
+            to,
+            term: 2,
+            body: Body::AppendEntriesReply {
+                success: true,
+                match_index: 0,
+                conflict_index: 0,
+                conflict_term: None,
+                read_seq: 0,
+            },
+        }
+    }
+
+    /// The next item matching `wanted`, skipping others, or a panic at `deadline`.
+    fn expect(
+        rx: &Receiver<Inbound>,
+        deadline: Instant,
+        wanted: impl Fn(&Inbound) -> bool,
+    ) -> Inbound {
+        loop {
+            match rx.recv_deadline(deadline) {
+                Ok(item) if wanted(&item) => return item,
+                Ok(_) => {}
+                Err(e) => panic!("nothing wanted arrived in time: {e}"),
+            }
+        }
+    }
+
+    fn message(rx: &Receiver<Inbound>) -> Message {
+        match rx.recv_deadline(Instant::now() + PATIENCE) {
+            Ok(Inbound::Message(m)) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn transport_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Transport>();
+    }
+
+    #[test]
+    fn request_and_reply_cross_loopback() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let (a, a_rx) = start(&ctx, 0, &nodes, PATIENCE);
+        let (b, b_rx) = start(&ctx, 1, &nodes, PATIENCE);
+
+        let request = Message {
+            body: Body::AppendEntries {
+                prev_log_index: 1,
+                prev_log_term: 1,
+                entries: vec![Entry {
+                    index: 2,
+                    term: 2,
+                    payload: Payload::Command(b"x=1".to_vec()),
+                }],
+                leader_commit: 1,
+                read_seq: 4,
+            },
+            ..heartbeat(0, 1, 1)
+        };
+        a.send(request.clone());
+        assert_eq!(message(&b_rx), request);
+        b.send(ack(1, 0));
+        assert_eq!(message(&a_rx), ack(1, 0));
+        a.shutdown();
+        b.shutdown();
+    }
+
+    #[test]
+    fn bad_frames_are_dropped_and_valid_peers_still_served() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let (server, inbound) = start(&ctx, 0, &nodes, PATIENCE);
+
+        // A DEALER speaking REQ framing keeps every frame on one connection,
+        // in order, so the valid request is provably processed last.
+        let raw = ctx.socket(zmq::DEALER).unwrap();
+        raw.set_linger(0).unwrap();
+        raw.connect(&nodes[0].1).unwrap();
+        let frame = |version, cluster, from, message: Message| {
+            let term = message.term;
+            rmp_serde::to_vec_named(&Envelope {
+                version,
+                cluster,
+                from,
+                term,
+                message,
+            })
+            .unwrap()
+        };
+        let bad = [
+            b"\xc1 not msgpack".to_vec(),
+            frame(PROTOCOL_VERSION + 1, CLUSTER, 1, heartbeat(1, 0, 0)),
+            frame(PROTOCOL_VERSION, CLUSTER + 1, 1, heartbeat(1, 0, 0)),
+            frame(PROTOCOL_VERSION, CLUSTER, 7, heartbeat(7, 0, 0)),
+            frame(PROTOCOL_VERSION, CLUSTER, 1, heartbeat(1, 5, 0)),
+            frame(PROTOCOL_VERSION, CLUSTER, 0, heartbeat(1, 0, 0)),
+            frame(PROTOCOL_VERSION, CLUSTER, 1, ack(1, 0)),
+        ];
+        for payload in &bad {
+            raw.send_multipart([&b""[..], payload], 0).unwrap();
+        }
+        raw.send(&b"no delimiter"[..], 0).unwrap();
+        raw.send_multipart([&b"x"[..], b"", b"extra"], 0).unwrap();
+
+        let valid = heartbeat(1, 0, 3);
+        raw.send_multipart(
+            [
+                &b""[..],
+                &frame(PROTOCOL_VERSION, CLUSTER, 1, valid.clone()),
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(message(&inbound), valid);
+        assert!(inbound.is_empty());
+
+        server.send(ack(0, 1));
+        assert!(raw.poll(zmq::POLLIN, PATIENCE.as_millis() as i64).unwrap() > 0);
+        let reply = raw.recv_multipart(0).unwrap();
+        assert_eq!(reply.len(), 2);
+        let wire = Wire::new(1, CLUSTER, [0], -1);
+        assert_eq!(wire.open_reply(&reply[1], 0), Ok(ack(0, 1)));
+        server.shutdown();
+    }
+
+    #[test]
+    fn dead_peer_is_reported_and_does_not_delay_live_ones() {
+        let ctx = zmq::Context::new();
+        let nodes = members(3); // node 2 never starts
+        let timeout = Duration::from_millis(300);
+        let (a, a_rx) = start(&ctx, 0, &nodes, timeout);
+        let (_b, b_rx) = start(&ctx, 1, &nodes, timeout);
+
+        let sent = Instant::now();
+        a.send(heartbeat(0, 2, 0));
+        a.send(heartbeat(0, 1, 0));
+        assert_eq!(message(&b_rx), heartbeat(0, 1, 0));
+        assert!(
+            sent.elapsed() < timeout,
+            "live peer waited {:?}",
+            sent.elapsed()
+        );
+
+        expect(&a_rx, sent + timeout + PATIENCE, |i| {
+            *i == Inbound::Unreachable(2)
+        });
+        assert!(sent.elapsed() >= timeout);
+    }
+
+    #[test]
+    fn peer_that_starts_late_gets_messages() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let (a, a_rx) = start(&ctx, 0, &nodes, Duration::from_millis(200));
+        a.send(heartbeat(0, 1, 0));
+        expect(&a_rx, Instant::now() + PATIENCE, |i| {
+            *i == Inbound::Unreachable(1)
+        });
+
+        let (b, b_rx) = start(&ctx, 1, &nodes, PATIENCE);
+        let deadline = Instant::now() + PATIENCE;
+        let received = loop {
+            a.send(heartbeat(0, 1, 1));
+            match b_rx.recv_timeout(Duration::from_millis(300)) {
+                Ok(Inbound::Message(m)) => break m,
+                _ => assert!(Instant::now() < deadline, "late peer never reached"),
+            }
+        };
+        assert_eq!(received, heartbeat(0, 1, 1));
+        b.send(ack(1, 0));
+        expect(&a_rx, Instant::now() + PATIENCE, |i| {
+            *i == Inbound::Message(ack(1, 0))
+        });
+    }
+
+    #[test]
+    fn only_the_newest_queued_request_is_sent() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let (a, a_rx) = start(&ctx, 0, &nodes, Duration::from_millis(300));
+        let (_b, b_rx) = start(&ctx, 1, &nodes, PATIENCE);
+
+        // b never answers the first request, so a's sender thread is busy
+        // waiting while the next ones queue up behind it.
+        a.send(heartbeat(0, 1, 0));
+        assert_eq!(message(&b_rx), heartbeat(0, 1, 0));
+        for commit in 1..=10 {
+            a.send(heartbeat(0, 1, commit));
+        }
+        expect(&a_rx, Instant::now() + PATIENCE, |i| {
+            *i == Inbound::Unreachable(1)
+        });
+        assert_eq!(message(&b_rx), heartbeat(0, 1, 10));
+    }
+
+    #[test]
+    fn binding_a_taken_endpoint_fails() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("tcp://127.0.0.1:{}", taken.local_addr().unwrap().port());
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let cfg = TransportConfig {
+            id: 0,
+            cluster: CLUSTER,
+            bind: endpoint.clone(),
+            peers: vec![(1, free_endpoint())],
+            reply_timeout: PATIENCE,
+            max_message_bytes: -1,
+        };
+        let error = Transport::start(&zmq::Context::new(), cfg, tx)
+            .err()
+            .unwrap();
+        assert_eq!(
+            error.to_string(),
+            format!("cannot bind raft endpoint {endpoint}: Address already in use")
+        );
+    }
+
+    #[test]
+    fn shutdown_is_prompt_while_waiting_on_a_dead_peer() {
+        let ctx = zmq::Context::new();
+        let nodes = members(3); // node 2 never starts
+        let (a, _a_rx) = start(&ctx, 0, &nodes, Duration::from_secs(30));
+        let (_b, b_rx) = start(&ctx, 1, &nodes, PATIENCE);
+        a.send(heartbeat(0, 2, 0));
+        a.send(heartbeat(0, 1, 0));
+        // Once b has its request, both of a's senders are waiting for replies.
+        message(&b_rx);
+        let stopping = Instant::now();
+        a.shutdown();
+        assert!(
+            stopping.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            stopping.elapsed()
+        );
+    }
+
+    #[test]
+    fn round_trip_throughput() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let (a, a_rx) = start(&ctx, 0, &nodes, PATIENCE);
+        let (b, b_rx) = start(&ctx, 1, &nodes, PATIENCE);
+        let rounds = 2000;
+        let responder = thread::spawn(move || {
+            for _ in 0..rounds {
+                b.send(ack(1, message(&b_rx).from));
+            }
+        });
+        let began = Instant::now();
+        for commit in 0..rounds {
+            a.send(heartbeat(0, 1, commit));
+            assert_eq!(message(&a_rx), ack(1, 0));
+        }
+        let elapsed = began.elapsed();
+        println!(
+            "{rounds} request/reply round trips in {elapsed:?}: {:.0}/s, {:?} each",
+            f64::from(rounds as u32) / elapsed.as_secs_f64(),
+            elapsed / rounds as u32
+        );
+        responder.join().unwrap();
+    }
+}

@@ -1,0 +1,113 @@
+//! The receiving half: one thread owning the ROUTER socket peers' REQ
+//! sockets connect to. ROUTER lets replies leave in whatever order the core
+//! produces them, addressed by the route each request came in on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, error, warn};
+
+use super::envelope::Wire;
+use super::{Inbound, STOP_CHECK, Warnings, deliver};
+use crate::raft::NodeId;
+
+/// Requests handled per wake-up before replies get another turn, so that a
+/// flood of requests cannot hold back replies (reply latency is commit latency).
+const BATCH: usize = 64;
+
+pub(super) struct Server {
+    pub(super) router: zmq::Socket,
+    /// Woken by `Transport::send` after queueing a reply, and on shutdown.
+    pub(super) wake: zmq::Socket,
+    pub(super) replies: Receiver<(NodeId, Vec<u8>)>,
+    pub(super) wire: Arc<Wire>,
+    pub(super) inbound: Sender<Inbound>,
+    pub(super) stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    pub(super) fn run(self) {
+        // Each peer has a single REQ socket, so it has at most one request
+        // outstanding: the route (identity frames up to the empty delimiter)
+        // of its latest one. A reply the core sends after the peer gave up and
+        // asked again answers the newer request; Raft replies describe
+        // themselves (term, match_index, read_seq), so that is harmless.
+        let mut pending: HashMap<NodeId, Vec<Vec<u8>>> = HashMap::new();
+        let mut warnings = Warnings::default();
+        let poll_ms = STOP_CHECK.as_millis() as i64;
+        while !self.stop.load(Ordering::Acquire) {
+            let mut items = [
+                self.router.as_poll_item(zmq::POLLIN),
+                self.wake.as_poll_item(zmq::POLLIN),
+            ];
+            match zmq::poll(&mut items, poll_ms) {
+                Ok(_) | Err(zmq::Error::EINTR) => {}
+                Err(e) => {
+                    error!("raft server poll failed, no longer receiving: {e}");
+                    return;
+                }
+            }
+            // Drain wake-ups before replies: a reply queued after this point
+            // leaves a wake-up behind, so the next poll returns at once.
+            while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
+            for (to, payload) in self.replies.try_iter() {
+                self.send_reply(&mut pending, to, payload);
+            }
+            for _ in 0..BATCH {
+                match self.router.recv_multipart(zmq::DONTWAIT) {
+                    Ok(frames) => self.accept(&mut pending, &mut warnings, frames),
+                    Err(zmq::Error::EAGAIN) => break,
+                    Err(e) => {
+                        warnings.warn("receive failed", format!("raft server receive failed: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept(
+        &self,
+        pending: &mut HashMap<NodeId, Vec<Vec<u8>>>,
+        warnings: &mut Warnings,
+        mut frames: Vec<Vec<u8>>,
+    ) {
+        // A REQ peer arrives as [identity, empty delimiter, payload].
+        let payload = frames.pop().unwrap_or_default();
+        if frames.len() < 2 || frames.last().is_some_and(|delimiter| !delimiter.is_empty()) {
+            let shape = format!(
+                "request dropped: malformed multipart of {} frames",
+                frames.len() + 1
+            );
+            warnings.warn("malformed multipart", shape);
+            return;
+        }
+        match self.wire.open_request(&payload) {
+            Ok(message) => {
+                pending.insert(message.from, frames);
+                deliver(&self.inbound, Inbound::Message(message), warnings);
+            }
+            Err(reject) => warnings.warn(reject.reason(), format!("request dropped: {reject}")),
+        }
+    }
+
+    fn send_reply(
+        &self,
+        pending: &mut HashMap<NodeId, Vec<Vec<u8>>>,
+        to: NodeId,
+        payload: Vec<u8>,
+    ) {
+        let Some(mut frames) = pending.remove(&to) else {
+            debug!("reply to node {to} dropped: no request of its is pending");
+            return;
+        };
+        frames.push(payload);
+        // ROUTER never blocks: it drops frames for a vanished or saturated peer,
+        // which then times out and retries.
+        if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
+            warn!("reply to node {to} not sent: {e}");
+        }
+    }
+}
