@@ -119,7 +119,7 @@ impl ClientEndpoint {
         let body = frames.split_off(delimiter + 1);
         let reply_to = ReplyTo { route: frames };
         let reply_error = |reply_to, code, message: String| replier.send(reply_to, &Reply::error(code, message, shared.leader()));
-        let [request] = <[Vec<u8>; 1]>::try_from(body).unwrap_or_else(|_| [Vec::new()]) else { unreachable!() };
+        let [request] = <[Vec<u8>; 1]>::try_from(body).unwrap_or_default();
         if request.is_empty() {
             return reply_error(reply_to, ErrorCode::BadRequest, "expected exactly one non-empty request frame".into());
         }

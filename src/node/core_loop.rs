@@ -184,10 +184,11 @@ impl State {
             if let Some(soft) = rd.soft_state {
                 self.on_soft_state(soft);
             }
+            let must_persist = rd.must_persist();
             for msg in rd.messages {
                 self.io.transport.send(msg);
             }
-            if rd.must_persist() {
+            if must_persist {
                 self.io.storage.write(rd.hard_state.as_ref(), rd.truncate_from, &rd.entries)?;
                 self.io.storage.sync()?;
             }
