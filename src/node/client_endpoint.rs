@@ -87,7 +87,10 @@ impl ClientEndpoint {
                     self.on_request(frames, &shared, &to_core, &replier);
                 }
             }
-            self.expire_forwards(&replier);
+            if self.forwarder.as_ref().is_some_and(|f| shared.leader() != Some(f.leader)) {
+                self.drop_forwarder();
+            }
+            self.expire_forwards();
         }
         // Whatever is still queued gets its answer before the socket closes.
         while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
@@ -172,14 +175,20 @@ impl ClientEndpoint {
         }
     }
 
-    /// Points the forwarder at a new leader. Requests in flight to the old
-    /// one may or may not have been applied: their clients hear `timeout`.
-    fn connect_forwarder(&mut self, leader: NodeId) {
+    /// Forgets the connection to a leader that is no longer leader. Requests
+    /// in flight to it may or may not have been applied: their clients hear
+    /// `timeout` now rather than when their deadline passes.
+    fn drop_forwarder(&mut self) {
         if let Some(old) = self.forwarder.take() {
             for (_, (reply_to, _)) in old.waiting {
-                self.reply(reply_to, ErrorCode::Timeout, "leader changed while the request was forwarded; it may or may not apply");
+                let message = "leader changed while the request was forwarded; it may or may not apply";
+                self.reply(reply_to, ErrorCode::Timeout, message);
             }
         }
+    }
+
+    fn connect_forwarder(&mut self, leader: NodeId) {
+        self.drop_forwarder();
         let Some(member) = self.cfg.members.iter().find(|m| m.id == leader) else { return };
         let dealer = match self.ctx.socket(zmq::DEALER).and_then(|s| {
             s.set_linger(0)?;
@@ -211,7 +220,7 @@ impl ClientEndpoint {
         }
     }
 
-    fn expire_forwards(&mut self, _replier: &Replier) {
+    fn expire_forwards(&mut self) {
         let Some(forwarder) = self.forwarder.as_mut() else { return };
         let now = Instant::now();
         let expired: Vec<Vec<u8>> =
