@@ -57,10 +57,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(path: &Path, problem: impl Into<String>) -> ConfigError {
-        ConfigError {
-            path: path.to_path_buf(),
-            problem: problem.into(),
-        }
+        ConfigError { path: path.to_path_buf(), problem: problem.into() }
     }
 
     /// The problem without the path.
@@ -123,14 +120,9 @@ mod defaults {
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
         let raw: RawConfig = serde_json::from_str(&text).map_err(|e| {
-            let problem = if e.is_data() {
-                e.to_string()
-            } else {
-                format!("invalid JSON: {e}")
-            };
+            let problem = if e.is_data() { e.to_string() } else { format!("invalid JSON: {e}") };
             ConfigError::new(path, problem)
         })?;
         validate(&raw).map_err(|problem| ConfigError::new(path, problem))?;
@@ -157,10 +149,7 @@ impl Config {
     pub fn require_member(&self, id: NodeId) -> Result<&Member, ConfigError> {
         self.member(id).ok_or_else(|| {
             let ids: Vec<String> = self.nodes.iter().map(|m| m.id.to_string()).collect();
-            ConfigError::new(
-                &self.path,
-                format!("node id {id} is not in nodes (ids: {})", ids.join(", ")),
-            )
+            ConfigError::new(&self.path, format!("node id {id} is not in nodes (ids: {})", ids.join(", ")))
         })
     }
 
@@ -186,16 +175,12 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
             return Err(format!("duplicate node id {}", member.id));
         }
         for (field, endpoint) in [("raft", &member.raft), ("client", &member.client)] {
-            check_endpoint(endpoint).map_err(|why| {
-                format!("node {} {field} endpoint {endpoint:?}: {why}", member.id)
-            })?;
+            check_endpoint(endpoint)
+                .map_err(|why| format!("node {} {field} endpoint {endpoint:?}: {why}", member.id))?;
             // Two sockets cannot bind the same endpoint, and a peer that
             // reached the wrong one would misread every message.
             if !endpoints.insert(endpoint.as_str()) {
-                return Err(format!(
-                    "duplicate endpoint {endpoint:?} (node {} {field})",
-                    member.id
-                ));
+                return Err(format!("duplicate endpoint {endpoint:?} (node {} {field})", member.id));
             }
         }
     }
@@ -204,19 +189,14 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
         return Err("election_timeout_ms minimum must be > 0".into());
     }
     if min >= max {
-        return Err(format!(
-            "election_timeout_ms [{min}, {max}]: minimum must be < maximum"
-        ));
+        return Err(format!("election_timeout_ms [{min}, {max}]: minimum must be < maximum"));
     }
     if raw.heartbeat_ms == 0 {
         return Err("heartbeat_ms must be > 0".into());
     }
     // Followers would time out between heartbeats and depose a healthy leader.
     if raw.heartbeat_ms >= min {
-        return Err(format!(
-            "heartbeat_ms {} must be < election_timeout_ms minimum {min}",
-            raw.heartbeat_ms
-        ));
+        return Err(format!("heartbeat_ms {} must be < election_timeout_ms minimum {min}", raw.heartbeat_ms));
     }
     if raw.max_request_bytes == 0 || raw.max_request_bytes > MAX_REQUEST_BYTES_LIMIT {
         return Err(format!(
@@ -233,9 +213,7 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
 /// Accepts `tcp://host:port` with a non-empty host and a port in 1..=65535
 /// (port 0 would bind a random port that peers cannot know).
 fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
-    let rest = endpoint
-        .strip_prefix("tcp://")
-        .ok_or("must start with tcp://")?;
+    let rest = endpoint.strip_prefix("tcp://").ok_or("must start with tcp://")?;
     let (host, port) = rest.rsplit_once(':').ok_or("must be tcp://host:port")?;
     if host.is_empty() {
         return Err("host is empty");
@@ -268,18 +246,12 @@ mod tests {
     /// Loads `{NODES, extra}` and returns the problem it must report.
     fn problem_with(extra: &str) -> String {
         let (_dir, result) = load(&format!("{{{NODES}{extra}}}"));
-        result
-            .expect_err("config should be rejected")
-            .problem()
-            .to_string()
+        result.expect_err("config should be rejected").problem().to_string()
     }
 
     fn problem_with_nodes(nodes: &str) -> String {
         let (_dir, result) = load(&format!(r#"{{"nodes": [{nodes}]}}"#));
-        result
-            .expect_err("config should be rejected")
-            .problem()
-            .to_string()
+        result.expect_err("config should be rejected").problem().to_string()
     }
 
     #[test]
@@ -294,10 +266,7 @@ mod tests {
         assert_eq!(config.max_request_bytes, 1_048_576);
         assert_eq!(config.request_timeout_ms, 5000);
         assert_eq!(config.node_state_dir(2), dir.path().join("state").join("2"));
-        assert_eq!(
-            config.node_log_path(2),
-            dir.path().join("logs").join("2.txt")
-        );
+        assert_eq!(config.node_log_path(2), dir.path().join("logs").join("2.txt"));
     }
 
     #[test]
@@ -325,13 +294,7 @@ mod tests {
         assert_eq!(config.require_member(2).unwrap().id, 2);
         let err = config.require_member(7).unwrap_err();
         assert_eq!(err.problem(), "node id 7 is not in nodes (ids: 0, 1, 2)");
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "{}: node id 7 is not in nodes (ids: 0, 1, 2)",
-                config.path.display()
-            )
-        );
+        assert_eq!(err.to_string(), format!("{}: node id 7 is not in nodes (ids: 0, 1, 2)", config.path.display()));
     }
 
     #[test]
@@ -340,10 +303,7 @@ mod tests {
         let path = dir.path().join("missing.json");
         let err = Config::load(&path).unwrap_err();
         assert!(err.problem().starts_with("cannot read: "), "{err}");
-        assert!(
-            err.to_string()
-                .starts_with(&format!("{}: ", path.display()))
-        );
+        assert!(err.to_string().starts_with(&format!("{}: ", path.display())));
     }
 
     #[test]
@@ -358,9 +318,7 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected() {
         assert!(problem_with(r#", "heartbeat": 10"#).contains("unknown field `heartbeat`"));
-        let nested = problem_with_nodes(
-            r#"{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:2", "port": 3}"#,
-        );
+        let nested = problem_with_nodes(r#"{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:2", "port": 3}"#);
         assert!(nested.contains("unknown field `port`"), "{nested}");
     }
 
@@ -370,12 +328,7 @@ mod tests {
         assert!(problem_with(r#", "election_timeout_ms": [300]"#).contains("invalid length"));
         assert!(problem_with(r#", "heartbeat_ms": -1"#).contains("invalid value"));
         let (_dir, result) = load(r#"{"heartbeat_ms": 50}"#);
-        assert!(
-            result
-                .unwrap_err()
-                .problem()
-                .contains("missing field `nodes`")
-        );
+        assert!(result.unwrap_err().problem().contains("missing field `nodes`"));
     }
 
     #[test]
@@ -399,12 +352,8 @@ mod tests {
                {"id": 1, "raft": "tcp://a:2", "client": "tcp://a:3"}"#,
         );
         assert_eq!(problem, r#"duplicate endpoint "tcp://a:2" (node 1 raft)"#);
-        let same_node =
-            problem_with_nodes(r#"{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:1"}"#);
-        assert_eq!(
-            same_node,
-            r#"duplicate endpoint "tcp://a:1" (node 0 client)"#
-        );
+        let same_node = problem_with_nodes(r#"{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:1"}"#);
+        assert_eq!(same_node, r#"duplicate endpoint "tcp://a:1" (node 0 client)"#);
     }
 
     #[test]
@@ -419,13 +368,8 @@ mod tests {
             ("tcp://a:70000", "port must be a number in 1..=65535"),
             ("tcp://a:+80", "port must be a number in 1..=65535"),
         ] {
-            let problem = problem_with_nodes(&format!(
-                r#"{{"id": 3, "raft": "tcp://a:1", "client": "{endpoint}"}}"#
-            ));
-            assert_eq!(
-                problem,
-                format!("node 3 client endpoint {endpoint:?}: {why}")
-            );
+            let problem = problem_with_nodes(&format!(r#"{{"id": 3, "raft": "tcp://a:1", "client": "{endpoint}"}}"#));
+            assert_eq!(problem, format!("node 3 client endpoint {endpoint:?}: {why}"));
         }
         assert!(check_endpoint("tcp://[::1]:7000").is_ok());
         assert!(check_endpoint("tcp://*:7000").is_ok());
@@ -441,18 +385,12 @@ mod tests {
             problem_with(r#", "election_timeout_ms": [700, 600]"#),
             "election_timeout_ms [700, 600]: minimum must be < maximum"
         );
-        assert_eq!(
-            problem_with(r#", "election_timeout_ms": [0, 600]"#),
-            "election_timeout_ms minimum must be > 0"
-        );
+        assert_eq!(problem_with(r#", "election_timeout_ms": [0, 600]"#), "election_timeout_ms minimum must be > 0");
     }
 
     #[test]
     fn heartbeat_bounds() {
-        assert_eq!(
-            problem_with(r#", "heartbeat_ms": 0"#),
-            "heartbeat_ms must be > 0"
-        );
+        assert_eq!(problem_with(r#", "heartbeat_ms": 0"#), "heartbeat_ms must be > 0");
         assert_eq!(
             problem_with(r#", "heartbeat_ms": 300"#),
             "heartbeat_ms 300 must be < election_timeout_ms minimum 300"
@@ -461,10 +399,7 @@ mod tests {
 
     #[test]
     fn max_request_bytes_bounds() {
-        assert_eq!(
-            problem_with(r#", "max_request_bytes": 0"#),
-            "max_request_bytes 0 must be between 1 and 67108864"
-        );
+        assert_eq!(problem_with(r#", "max_request_bytes": 0"#), "max_request_bytes 0 must be between 1 and 67108864");
         assert_eq!(
             problem_with(r#", "max_request_bytes": 67108865"#),
             "max_request_bytes 67108865 must be between 1 and 67108864"
@@ -475,9 +410,6 @@ mod tests {
 
     #[test]
     fn request_timeout_must_be_positive() {
-        assert_eq!(
-            problem_with(r#", "request_timeout_ms": 0"#),
-            "request_timeout_ms must be > 0"
-        );
+        assert_eq!(problem_with(r#", "request_timeout_ms": 0"#), "request_timeout_ms must be > 0");
     }
 }

@@ -221,13 +221,7 @@ impl KvStore {
             }
         }
         let reply = self.execute(index, logged.command);
-        self.sessions.insert(
-            client_id.to_owned(),
-            Session {
-                seq,
-                reply: reply.clone(),
-            },
-        );
+        self.sessions.insert(client_id.to_owned(), Session { seq, reply: reply.clone() });
         reply
     }
 
@@ -237,10 +231,7 @@ impl KvStore {
                 self.data.insert(key.into_bytes(), value);
                 Reply::Put { index }
             }
-            Command::Delete { key } => Reply::Delete {
-                index,
-                existed: self.data.remove(key.as_bytes()).is_some(),
-            },
+            Command::Delete { key } => Reply::Delete { index, existed: self.data.remove(key.as_bytes()).is_some() },
             Command::Cas { key, expect, value } => {
                 let current = self.data.get(key.as_bytes());
                 // Compared by bytes, like keys, so the str/bin choice of a
@@ -249,17 +240,9 @@ impl KvStore {
                     self.data.insert(key.into_bytes(), value);
                     // The client knows the value it just wrote; not keeping a
                     // copy keeps the session table small.
-                    Reply::Cas {
-                        index,
-                        swapped: true,
-                        value: None,
-                    }
+                    Reply::Cas { index, swapped: true, value: None }
                 } else {
-                    Reply::Cas {
-                        index,
-                        swapped: false,
-                        value: current.cloned(),
-                    }
+                    Reply::Cas { index, swapped: false, value: current.cloned() }
                 }
             }
             Command::Propose { .. } => Reply::Propose { index },
@@ -321,11 +304,7 @@ mod tests {
     }
 
     fn payload(command: Command, client_id: Option<&str>, seq: Option<u64>) -> Payload {
-        let logged = LoggedCommand {
-            command,
-            client_id: client_id.map(str::to_owned),
-            seq,
-        };
+        let logged = LoggedCommand { command, client_id: client_id.map(str::to_owned), seq };
         Payload::Command(logged.encode())
     }
 
@@ -339,11 +318,7 @@ mod tests {
 
     fn error_message(reply: Option<Reply>) -> String {
         match reply {
-            Some(Reply::Error {
-                code: ErrorCode::BadRequest,
-                message,
-                leader: None,
-            }) => message,
+            Some(Reply::Error { code: ErrorCode::BadRequest, message, leader: None }) => message,
             other => panic!("expected a bad_request reply, got {other:?}"),
         }
     }
@@ -351,35 +326,17 @@ mod tests {
     #[test]
     fn logged_command_roundtrips() {
         for logged in [
+            LoggedCommand { command: put(s("k"), b(&[0, 255])), client_id: None, seq: None },
             LoggedCommand {
-                command: put(s("k"), b(&[0, 255])),
-                client_id: None,
-                seq: None,
-            },
-            LoggedCommand {
-                command: Command::Cas {
-                    key: b(b"k"),
-                    expect: None,
-                    value: s("v"),
-                },
+                command: Command::Cas { key: b(b"k"), expect: None, value: s("v") },
                 client_id: Some("c".into()),
                 seq: Some(u64::MAX),
             },
-            LoggedCommand {
-                command: Command::Propose {
-                    command: "x".into(),
-                },
-                client_id: None,
-                seq: None,
-            },
+            LoggedCommand { command: Command::Propose { command: "x".into() }, client_id: None, seq: None },
         ] {
             assert_eq!(LoggedCommand::decode(&logged.encode()), Ok(logged));
         }
-        assert!(
-            LoggedCommand::decode(&[0xc1])
-                .unwrap_err()
-                .starts_with("undecodable command: ")
-        );
+        assert!(LoggedCommand::decode(&[0xc1]).unwrap_err().starts_with("undecodable command: "));
     }
 
     #[test]
@@ -390,14 +347,8 @@ mod tests {
     #[test]
     fn put_then_get_keeps_the_value_type() {
         let mut kv = KvStore::new();
-        assert_eq!(
-            kv.apply(3, &plain(put(s("a"), s("1")))),
-            Some(Reply::Put { index: 3 })
-        );
-        assert_eq!(
-            kv.apply(4, &plain(put(s("b"), b(b"\x00\x01")))),
-            Some(Reply::Put { index: 4 })
-        );
+        assert_eq!(kv.apply(3, &plain(put(s("a"), s("1")))), Some(Reply::Put { index: 3 }));
+        assert_eq!(kv.apply(4, &plain(put(s("b"), b(b"\x00\x01")))), Some(Reply::Put { index: 4 }));
         assert_eq!(kv.get(&s("a")), Some(&s("1")));
         assert_eq!(kv.get(&s("b")), Some(&b(b"\x00\x01")));
         assert_eq!(kv.get(&s("c")), None);
@@ -420,95 +371,36 @@ mod tests {
         let mut kv = KvStore::new();
         kv.apply(1, &plain(put(s("a"), s("1"))));
         let delete = plain(Command::Delete { key: s("a") });
-        assert_eq!(
-            kv.apply(2, &delete),
-            Some(Reply::Delete {
-                index: 2,
-                existed: true
-            })
-        );
-        assert_eq!(
-            kv.apply(3, &delete),
-            Some(Reply::Delete {
-                index: 3,
-                existed: false
-            })
-        );
+        assert_eq!(kv.apply(2, &delete), Some(Reply::Delete { index: 2, existed: true }));
+        assert_eq!(kv.apply(3, &delete), Some(Reply::Delete { index: 3, existed: false }));
         assert!(kv.is_empty());
     }
 
     #[test]
     fn cas_swaps_only_on_match() {
         let mut kv = KvStore::new();
-        let cas = |expect: Option<Value>, value: &str| {
-            plain(Command::Cas {
-                key: s("a"),
-                expect,
-                value: s(value),
-            })
-        };
+        let cas = |expect: Option<Value>, value: &str| plain(Command::Cas { key: s("a"), expect, value: s(value) });
         // Absent key: expect nil matches.
-        assert_eq!(
-            kv.apply(1, &cas(None, "1")),
-            Some(Reply::Cas {
-                index: 1,
-                swapped: true,
-                value: None
-            })
-        );
+        assert_eq!(kv.apply(1, &cas(None, "1")), Some(Reply::Cas { index: 1, swapped: true, value: None }));
         // Present key: expect nil fails and shows the current value.
-        assert_eq!(
-            kv.apply(2, &cas(None, "2")),
-            Some(Reply::Cas {
-                index: 2,
-                swapped: false,
-                value: Some(s("1"))
-            })
-        );
+        assert_eq!(kv.apply(2, &cas(None, "2")), Some(Reply::Cas { index: 2, swapped: false, value: Some(s("1")) }));
         assert_eq!(
             kv.apply(3, &cas(Some(s("9")), "2")),
-            Some(Reply::Cas {
-                index: 3,
-                swapped: false,
-                value: Some(s("1"))
-            })
+            Some(Reply::Cas { index: 3, swapped: false, value: Some(s("1")) })
         );
         // Equal bytes match even if the types differ.
-        assert_eq!(
-            kv.apply(4, &cas(Some(b(b"1")), "2")),
-            Some(Reply::Cas {
-                index: 4,
-                swapped: true,
-                value: None
-            })
-        );
+        assert_eq!(kv.apply(4, &cas(Some(b(b"1")), "2")), Some(Reply::Cas { index: 4, swapped: true, value: None }));
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
         // Expecting a value of an absent key fails with nil.
-        let other = plain(Command::Cas {
-            key: s("z"),
-            expect: Some(s("1")),
-            value: s("2"),
-        });
-        assert_eq!(
-            kv.apply(5, &other),
-            Some(Reply::Cas {
-                index: 5,
-                swapped: false,
-                value: None
-            })
-        );
+        let other = plain(Command::Cas { key: s("z"), expect: Some(s("1")), value: s("2") });
+        assert_eq!(kv.apply(5, &other), Some(Reply::Cas { index: 5, swapped: false, value: None }));
         assert_eq!(kv.get(&s("z")), None);
     }
 
     #[test]
     fn propose_only_takes_a_slot() {
         let mut kv = KvStore::new();
-        let reply = kv.apply(
-            8,
-            &plain(Command::Propose {
-                command: "x".into(),
-            }),
-        );
+        let reply = kv.apply(8, &plain(Command::Propose { command: "x".into() }));
         assert_eq!(reply, Some(Reply::Propose { index: 8 }));
         assert!(kv.is_empty());
     }
@@ -518,22 +410,10 @@ mod tests {
         let mut kv = KvStore::new();
         let first = payload(Command::Delete { key: s("a") }, Some("c1"), Some(1));
         kv.apply(1, &plain(put(s("a"), s("1"))));
-        assert_eq!(
-            kv.apply(2, &first),
-            Some(Reply::Delete {
-                index: 2,
-                existed: true
-            })
-        );
+        assert_eq!(kv.apply(2, &first), Some(Reply::Delete { index: 2, existed: true }));
         kv.apply(3, &plain(put(s("a"), s("again"))));
         // The retry is not executed: the key stays, the reply is the first one.
-        assert_eq!(
-            kv.apply(4, &first),
-            Some(Reply::Delete {
-                index: 2,
-                existed: true
-            })
-        );
+        assert_eq!(kv.apply(4, &first), Some(Reply::Delete { index: 2, existed: true }));
         assert_eq!(kv.get(&s("a")), Some(&s("again")));
     }
 
@@ -545,10 +425,7 @@ mod tests {
         assert_eq!(error_message(stale), "seq 4 already superseded by 5");
         assert_eq!(kv.get(&s("a")), Some(&s("1")));
         // A later seq executes; seqs may skip.
-        assert_eq!(
-            kv.apply(3, &payload(put(s("a"), s("2")), Some("c1"), Some(9))),
-            Some(Reply::Put { index: 3 })
-        );
+        assert_eq!(kv.apply(3, &payload(put(s("a"), s("2")), Some("c1"), Some(9))), Some(Reply::Put { index: 3 }));
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
     }
 
@@ -556,18 +433,12 @@ mod tests {
     fn clients_have_independent_sessions() {
         let mut kv = KvStore::new();
         kv.apply(1, &payload(put(s("a"), s("1")), Some("c1"), Some(7)));
-        assert_eq!(
-            kv.apply(2, &payload(put(s("a"), s("2")), Some("c2"), Some(7))),
-            Some(Reply::Put { index: 2 })
-        );
+        assert_eq!(kv.apply(2, &payload(put(s("a"), s("2")), Some("c2"), Some(7))), Some(Reply::Put { index: 2 }));
         // c2's session advanced to 7, so its seq 1 is stale; c1's retry of 7
         // still gets c1's own first reply.
         let stale = kv.apply(3, &payload(put(s("b"), s("3")), Some("c2"), Some(1)));
         assert_eq!(error_message(stale), "seq 1 already superseded by 7");
-        assert_eq!(
-            kv.apply(4, &payload(put(s("a"), s("1")), Some("c1"), Some(7))),
-            Some(Reply::Put { index: 1 })
-        );
+        assert_eq!(kv.apply(4, &payload(put(s("a"), s("1")), Some("c1"), Some(7))), Some(Reply::Put { index: 1 }));
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
     }
 
@@ -595,15 +466,7 @@ mod tests {
             plain(put(s("a"), s("1"))),
             payload(put(b(b"b"), b(b"\xff")), Some("c"), Some(1)),
             Payload::Noop,
-            payload(
-                Command::Cas {
-                    key: s("a"),
-                    expect: Some(s("1")),
-                    value: s("2"),
-                },
-                Some("c"),
-                Some(2),
-            ),
+            payload(Command::Cas { key: s("a"), expect: Some(s("1")), value: s("2") }, Some("c"), Some(2)),
             payload(Command::Delete { key: s("b") }, Some("d"), Some(1)),
             payload(Command::Delete { key: s("b") }, Some("d"), Some(1)),
             Payload::Command(b"junk".to_vec()),
@@ -621,48 +484,22 @@ mod tests {
     fn command_json_exact_strings() {
         let cases = [
             (Payload::Noop, r#"{"op":"noop"}"#),
+            (plain(put(s("a"), s("1"))), r#"{"op":"put","key":"a","value":"1"}"#),
+            (plain(put(s("q\"\n"), b(&[0x00, 0xab, 0xff]))), r#"{"op":"put","key":"q\"\n","value":{"$bin":"00abff"}}"#),
             (
-                plain(put(s("a"), s("1"))),
-                r#"{"op":"put","key":"a","value":"1"}"#,
-            ),
-            (
-                plain(put(s("q\"\n"), b(&[0x00, 0xab, 0xff]))),
-                r#"{"op":"put","key":"q\"\n","value":{"$bin":"00abff"}}"#,
-            ),
-            (
-                plain(Command::Cas {
-                    key: s("a"),
-                    expect: None,
-                    value: s("2"),
-                }),
+                plain(Command::Cas { key: s("a"), expect: None, value: s("2") }),
                 r#"{"op":"cas","key":"a","expect":null,"value":"2"}"#,
             ),
             (
-                payload(
-                    Command::Cas {
-                        key: b(b""),
-                        expect: Some(s("1")),
-                        value: s("2"),
-                    },
-                    Some("c1"),
-                    Some(4),
-                ),
+                payload(Command::Cas { key: b(b""), expect: Some(s("1")), value: s("2") }, Some("c1"), Some(4)),
                 r#"{"op":"cas","key":{"$bin":""},"expect":"1","value":"2","client_id":"c1","seq":4}"#,
             ),
-            (
-                plain(Command::Propose {
-                    command: "x".into(),
-                }),
-                r#"{"op":"propose","command":"x"}"#,
-            ),
+            (plain(Command::Propose { command: "x".into() }), r#"{"op":"propose","command":"x"}"#),
             (
                 payload(Command::Delete { key: s("a") }, Some("c1"), Some(3)),
                 r#"{"op":"delete","key":"a","client_id":"c1","seq":3}"#,
             ),
-            (
-                Payload::Command(vec![0xc1, 0x0f]),
-                r#"{"op":"undecodable","raw":{"$bin":"c10f"}}"#,
-            ),
+            (Payload::Command(vec![0xc1, 0x0f]), r#"{"op":"undecodable","raw":{"$bin":"c10f"}}"#),
         ];
         for (payload, json) in cases {
             assert_eq!(command_json(&payload), json);

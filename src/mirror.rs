@@ -49,24 +49,13 @@ impl Mirror {
     /// (no trailing `\n`), unparsable or out-of-sequence line on is dropped,
     /// with a warning.
     pub fn open(path: &Path) -> Result<Mirror, MirrorError> {
-        let err = |what: &str, e: io::Error| MirrorError {
-            path: path.to_path_buf(),
-            problem: format!("cannot {what}: {e}"),
-        };
+        let err =
+            |what: &str, e: io::Error| MirrorError { path: path.to_path_buf(), problem: format!("cannot {what}: {e}") };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::create_dir_all(parent).map_err(|e| err("create its directory", e))?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|e| err("open", e))?;
-        let mut mirror = Mirror {
-            path: path.to_path_buf(),
-            out: BufWriter::new(file),
-            last_index: 0,
-        };
+        let file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| err("open", e))?;
+        let mut mirror = Mirror { path: path.to_path_buf(), out: BufWriter::new(file), last_index: 0 };
         mirror.cut_after(Index::MAX)?;
         Ok(mirror)
     }
@@ -86,16 +75,11 @@ impl Mirror {
             return Ok(());
         }
         if index != self.last_index + 1 {
-            return Err(self.error(format!(
-                "entry {index} would leave a gap after line {}",
-                self.last_index
-            )));
+            return Err(self.error(format!("entry {index} would leave a gap after line {}", self.last_index)));
         }
         // The reader would reject such a line and cut the file there.
         if json.is_empty() || json.bytes().any(|b| b < 0x20) {
-            return Err(self.error(format!(
-                "entry {index}: command {json:?} is not compact one-line JSON"
-            )));
+            return Err(self.error(format!("entry {index}: command {json:?} is not compact one-line JSON")));
         }
         writeln!(self.out, "{index}, {term}, {json}")
             .map_err(|e| self.error(format!("cannot append entry {index}: {e}")))?;
@@ -119,9 +103,7 @@ impl Mirror {
     /// Hands buffered lines to the OS. No fsync: after a crash the mirror is
     /// completed from the durable log.
     pub fn flush(&mut self) -> Result<(), MirrorError> {
-        self.out
-            .flush()
-            .map_err(|e| self.error(format!("cannot write: {e}")))
+        self.out.flush().map_err(|e| self.error(format!("cannot write: {e}")))
     }
 
     /// Drops every line with an index above `index`. Only needed if the
@@ -139,10 +121,7 @@ impl Mirror {
         let file = self.out.get_ref();
         let (keep_len, last_index, invalid) =
             scan(file, keep_through).map_err(|e| self.error(format!("cannot read: {e}")))?;
-        let len = file
-            .metadata()
-            .map_err(|e| self.error(format!("cannot stat: {e}")))?
-            .len();
+        let len = file.metadata().map_err(|e| self.error(format!("cannot stat: {e}")))?.len();
         if keep_len < len {
             let why = invalid.unwrap_or_else(|| format!("lines past index {keep_through}"));
             log::warn!(
@@ -150,18 +129,14 @@ impl Mirror {
                 self.path.display(),
                 len - keep_len
             );
-            file.set_len(keep_len)
-                .map_err(|e| self.error(format!("cannot truncate to {keep_len} bytes: {e}")))?;
+            file.set_len(keep_len).map_err(|e| self.error(format!("cannot truncate to {keep_len} bytes: {e}")))?;
         }
         self.last_index = last_index;
         Ok(())
     }
 
     fn error(&self, problem: String) -> MirrorError {
-        MirrorError {
-            path: self.path.clone(),
-            problem,
-        }
+        MirrorError { path: self.path.clone(), problem }
     }
 }
 
@@ -187,11 +162,7 @@ fn scan(file: &File, keep_through: Index) -> io::Result<(u64, Index, Option<Stri
         let index = match parse_line(body, last) {
             Ok(index) => index,
             Err(problem) => {
-                return Ok((
-                    keep_len,
-                    last,
-                    Some(format!("line after {last} is bad: {problem}")),
-                ));
+                return Ok((keep_len, last, Some(format!("line after {last} is bad: {problem}"))));
             }
         };
         if index > keep_through {
@@ -210,9 +181,7 @@ fn parse_line(body: &[u8], last: Index) -> Result<Index, String> {
     }
     let text = std::str::from_utf8(body).map_err(|_| "not UTF-8".to_string())?;
     if let Some(rest) = text.strip_prefix(SNAPSHOT_PREFIX) {
-        let (index, term) = rest
-            .split_once(", ")
-            .ok_or("snapshot line without a term")?;
+        let (index, term) = rest.split_once(", ").ok_or("snapshot line without a term")?;
         let index = parse_number(index).ok_or("snapshot index is not a number")?;
         parse_number(term).ok_or("snapshot term is not a number")?;
         if index <= last {
@@ -271,10 +240,7 @@ mod tests {
         m.append(1, 1, r#"{"op":"noop"}"#).unwrap();
         m.append(2, 1, PUT).unwrap();
         m.flush().unwrap();
-        assert_eq!(
-            contents(&path),
-            format!("1, 1, {{\"op\":\"noop\"}}\n2, 1, {PUT}\n")
-        );
+        assert_eq!(contents(&path), format!("1, 1, {{\"op\":\"noop\"}}\n2, 1, {PUT}\n"));
         drop(m);
         let mut m = Mirror::open(&path).unwrap();
         assert_eq!(m.last_index(), 2);
@@ -302,10 +268,7 @@ mod tests {
         let mut m = Mirror::open(&path).unwrap();
         m.append(1, 1, PUT).unwrap();
         let e = m.append(3, 1, PUT).unwrap_err().to_string();
-        assert!(
-            e.starts_with(&format!("mirror {}: ", path.display())),
-            "{e}"
-        );
+        assert!(e.starts_with(&format!("mirror {}: ", path.display())), "{e}");
         assert!(e.contains("entry 3 would leave a gap after line 1"), "{e}");
         assert_eq!(m.last_index(), 1);
     }
@@ -344,14 +307,7 @@ mod tests {
 
     #[test]
     fn out_of_sequence_line_cuts_the_rest() {
-        for bad in [
-            "3, 1, {}",
-            "1, 1, {}",
-            "+2, 1, {}",
-            "2, x, {}",
-            "2, 1, ",
-            "2, 1",
-        ] {
+        for bad in ["3, 1, {}", "1, 1, {}", "+2, 1, {}", "2, x, {}", "2, 1, ", "2, 1"] {
             let (_tmp, path) = setup();
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(&path, format!("1, 1, {PUT}\n{bad}\n2, 1, {PUT}\n")).unwrap();
@@ -375,10 +331,7 @@ mod tests {
         let (_tmp, path) = setup();
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         let good = format!("1, 1, {PUT}\n");
-        for tail in [
-            vec![0u8; 4096],
-            [b"2, 1, {\"op\"".as_slice(), &[0; 100], b"\n"].concat(),
-        ] {
+        for tail in [vec![0u8; 4096], [b"2, 1, {\"op\"".as_slice(), &[0; 100], b"\n"].concat()] {
             fs::write(&path, [good.as_bytes(), &tail].concat()).unwrap();
             let m = Mirror::open(&path).unwrap();
             assert_eq!(m.last_index(), 1);
@@ -397,10 +350,7 @@ mod tests {
         assert!(m.append(10, 3, PUT).is_ok(), "covered by the snapshot");
         m.append(11, 3, PUT).unwrap();
         m.flush().unwrap();
-        assert_eq!(
-            contents(&path),
-            format!("1, 1, {PUT}\n# snapshot 10, 3\n11, 3, {PUT}\n")
-        );
+        assert_eq!(contents(&path), format!("1, 1, {PUT}\n# snapshot 10, 3\n11, 3, {PUT}\n"));
         drop(m);
         assert_eq!(Mirror::open(&path).unwrap().last_index(), 11);
     }
@@ -409,17 +359,9 @@ mod tests {
     fn file_starting_with_a_snapshot_reopens() {
         let (_tmp, path) = setup();
         fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(
-            &path,
-            format!("# snapshot 5, 2\n6, 2, {PUT}\n# snapshot 6, 2\n"),
-        )
-        .unwrap();
+        fs::write(&path, format!("# snapshot 5, 2\n6, 2, {PUT}\n# snapshot 6, 2\n")).unwrap();
         let m = Mirror::open(&path).unwrap();
-        assert_eq!(
-            m.last_index(),
-            6,
-            "a snapshot that does not move forward is cut"
-        );
+        assert_eq!(m.last_index(), 6, "a snapshot that does not move forward is cut");
         assert_eq!(contents(&path), format!("# snapshot 5, 2\n6, 2, {PUT}\n"));
     }
 

@@ -62,13 +62,8 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 5] = [
-        ErrorCode::NoLeader,
-        ErrorCode::Timeout,
-        ErrorCode::BadRequest,
-        ErrorCode::TooLarge,
-        ErrorCode::ShuttingDown,
-    ];
+    pub const ALL: [ErrorCode; 5] =
+        [ErrorCode::NoLeader, ErrorCode::Timeout, ErrorCode::BadRequest, ErrorCode::TooLarge, ErrorCode::ShuttingDown];
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
@@ -82,9 +77,7 @@ impl ErrorCode {
     }
 
     pub fn from_wire(name: &str) -> Option<ErrorCode> {
-        ErrorCode::ALL
-            .into_iter()
-            .find(|code| code.as_str() == name)
+        ErrorCode::ALL.into_iter().find(|code| code.as_str() == name)
     }
 }
 
@@ -152,11 +145,7 @@ pub enum Reply {
 
 impl Reply {
     pub fn error(code: ErrorCode, message: impl Into<String>, leader: Option<NodeId>) -> Reply {
-        Reply::Error {
-            code,
-            message: message.into(),
-            leader,
-        }
+        Reply::Error { code, message: message.into(), leader }
     }
 
     /// One MessagePack map with string keys, `ok` first. Absent values
@@ -170,11 +159,7 @@ impl Reply {
                 map.push(("index", (*index).into()));
                 map.push(("existed", (*existed).into()));
             }
-            Reply::Cas {
-                index,
-                swapped,
-                value,
-            } => {
+            Reply::Cas { index, swapped, value } => {
                 map.push(("index", (*index).into()));
                 map.push(("swapped", (*swapped).into()));
                 map.push(("value", value_or_nil(value.as_ref())));
@@ -188,10 +173,7 @@ impl Reply {
                 ("commit_index", status.commit_index.into()),
                 ("last_applied", status.last_applied.into()),
                 ("last_log_index", status.last_log_index.into()),
-                (
-                    "members",
-                    rmpv::Value::Array(status.members.iter().map(|&m| m.into()).collect()),
-                ),
+                ("members", rmpv::Value::Array(status.members.iter().map(|&m| m.into()).collect())),
             ]),
             Reply::Log { entries } => {
                 let entries = entries.iter().map(|entry| {
@@ -203,11 +185,7 @@ impl Reply {
                 });
                 map.push(("entries", rmpv::Value::Array(entries.collect())));
             }
-            Reply::Error {
-                code,
-                message,
-                leader,
-            } => map.extend([
+            Reply::Error { code, message, leader } => map.extend([
                 ("error", code.as_str().into()),
                 ("message", message.as_str().into()),
                 ("leader", uint_or_nil(*leader)),
@@ -234,10 +212,7 @@ impl Reply {
                 match command {
                     Command::Put { .. } => Reply::Put { index },
                     Command::Propose { .. } => Reply::Propose { index },
-                    Command::Delete { .. } => Reply::Delete {
-                        index,
-                        existed: fields.required("existed", to_bool)?,
-                    },
+                    Command::Delete { .. } => Reply::Delete { index, existed: fields.required("existed", to_bool)? },
                     Command::Cas { .. } => Reply::Cas {
                         index,
                         swapped: fields.required("swapped", to_bool)?,
@@ -245,9 +220,7 @@ impl Reply {
                     },
                 }
             }
-            Request::Get { .. } => Reply::Get {
-                value: fields.required("value", nullable(to_value))?,
-            },
+            Request::Get { .. } => Reply::Get { value: fields.required("value", nullable(to_value))? },
             Request::Status => Reply::Status(StatusInfo {
                 id: fields.required("id", to_u64)?,
                 role: fields.required("role", to_string)?,
@@ -258,9 +231,7 @@ impl Reply {
                 last_log_index: fields.required("last_log_index", to_u64)?,
                 members: fields.required("members", list(to_u64))?,
             }),
-            Request::Log { .. } => Reply::Log {
-                entries: fields.required("entries", list(to_log_entry))?,
-            },
+            Request::Log { .. } => Reply::Log { entries: fields.required("entries", list(to_log_entry))? },
         };
         Ok(reply)
     }
@@ -277,27 +248,17 @@ fn parse_request(frame: &[u8]) -> Result<Request, String> {
     let op = fields.required("op", to_string)?;
     let command = match op.as_str() {
         "get" => {
-            return Ok(Request::Get {
-                key: fields.required("key", to_value)?,
-            });
+            return Ok(Request::Get { key: fields.required("key", to_value)? });
         }
         "status" => return Ok(Request::Status),
         "log" => {
             return Ok(Request::Log {
                 from: fields.optional("from", to_u64)?.unwrap_or(1),
-                limit: fields
-                    .optional("limit", to_u64)?
-                    .unwrap_or(LOG_LIMIT_DEFAULT)
-                    .min(LOG_LIMIT_MAX),
+                limit: fields.optional("limit", to_u64)?.unwrap_or(LOG_LIMIT_DEFAULT).min(LOG_LIMIT_MAX),
             });
         }
-        "put" => Command::Put {
-            key: fields.required("key", to_value)?,
-            value: fields.required("value", to_value)?,
-        },
-        "delete" => Command::Delete {
-            key: fields.required("key", to_value)?,
-        },
+        "put" => Command::Put { key: fields.required("key", to_value)?, value: fields.required("value", to_value)? },
+        "delete" => Command::Delete { key: fields.required("key", to_value)? },
         // `expect` must be present: nil means "must be absent", and a
         // missing field is more likely a client bug than that.
         "cas" => Command::Cas {
@@ -305,29 +266,19 @@ fn parse_request(frame: &[u8]) -> Result<Request, String> {
             expect: fields.required("expect", nullable(to_value))?,
             value: fields.required("value", to_value)?,
         },
-        "propose" => Command::Propose {
-            command: fields.required("command", to_string)?,
-        },
+        "propose" => Command::Propose { command: fields.required("command", to_string)? },
         other => return Err(format!("unknown op {other:?}")),
     };
     let client_id = fields.optional("client_id", to_string)?;
     let seq = fields.optional("seq", to_u64)?;
     kv::session(client_id.as_deref(), seq)?;
-    Ok(Request::Write {
-        command,
-        client_id,
-        seq,
-    })
+    Ok(Request::Write { command, client_id, seq })
 }
 
 /// Encodes a request map, `op` first; the inverse of [`decode_request`].
 pub fn encode_request(request: &Request) -> Vec<u8> {
     let map = match request {
-        Request::Write {
-            command,
-            client_id,
-            seq,
-        } => kv::write_fields(command, client_id.as_deref(), *seq)
+        Request::Write { command, client_id, seq } => kv::write_fields(command, client_id.as_deref(), *seq)
             .into_iter()
             .map(|(name, field)| {
                 let value = match field {
@@ -341,23 +292,14 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
         Request::Get { key } => vec![("op", "get".into()), ("key", value_or_nil(Some(key)))],
         Request::Status => vec![("op", "status".into())],
         Request::Log { from, limit } => {
-            vec![
-                ("op", "log".into()),
-                ("from", (*from).into()),
-                ("limit", (*limit).into()),
-            ]
+            vec![("op", "log".into()), ("from", (*from).into()), ("limit", (*limit).into())]
         }
     };
     write(&to_map(map))
 }
 
 fn to_map(pairs: Vec<(&str, rmpv::Value)>) -> rmpv::Value {
-    rmpv::Value::Map(
-        pairs
-            .into_iter()
-            .map(|(name, value)| (name.into(), value))
-            .collect(),
-    )
+    rmpv::Value::Map(pairs.into_iter().map(|(name, value)| (name.into(), value)).collect())
 }
 
 fn write(value: &rmpv::Value) -> Vec<u8> {
@@ -388,32 +330,21 @@ impl Fields {
             return Err("empty frame, expected a MessagePack map".into());
         }
         let mut rest = frame;
-        let value =
-            rmpv::decode::read_value_with_max_depth(&mut rest, MAX_DEPTH).map_err(|e| match e {
-                rmpv::decode::Error::DepthLimitExceeded => "nested too deeply".to_owned(),
-                // Reading from a slice fails only when the slice runs out.
-                _ => "not MessagePack: the frame ends in the middle of a value".to_owned(),
-            })?;
+        let value = rmpv::decode::read_value_with_max_depth(&mut rest, MAX_DEPTH).map_err(|e| match e {
+            rmpv::decode::Error::DepthLimitExceeded => "nested too deeply".to_owned(),
+            // Reading from a slice fails only when the slice runs out.
+            _ => "not MessagePack: the frame ends in the middle of a value".to_owned(),
+        })?;
         let fields = to_fields(value)?;
         if !rest.is_empty() {
-            return Err(format!(
-                "trailing data after the MessagePack map ({} bytes)",
-                rest.len()
-            ));
+            return Err(format!("trailing data after the MessagePack map ({} bytes)", rest.len()));
         }
         Ok(fields)
     }
 
     /// Takes field `name`, which must be present (nil counts as present).
-    fn required<T>(
-        &mut self,
-        name: &str,
-        convert: impl FnOnce(rmpv::Value) -> Result<T, String>,
-    ) -> Result<T, String> {
-        let value = self
-            .0
-            .remove(name)
-            .ok_or_else(|| format!("missing field `{name}`"))?;
+    fn required<T>(&mut self, name: &str, convert: impl FnOnce(rmpv::Value) -> Result<T, String>) -> Result<T, String> {
+        let value = self.0.remove(name).ok_or_else(|| format!("missing field `{name}`"))?;
         convert(value).map_err(|problem| format!("field `{name}` {problem}"))
     }
 
@@ -423,11 +354,7 @@ impl Fields {
         name: &str,
         convert: impl FnOnce(rmpv::Value) -> Result<T, String>,
     ) -> Result<Option<T>, String> {
-        if self.0.contains_key(name) {
-            self.required(name, nullable(convert))
-        } else {
-            Ok(None)
-        }
+        if self.0.contains_key(name) { self.required(name, nullable(convert)) } else { Ok(None) }
     }
 }
 
@@ -469,17 +396,11 @@ fn nullable<T>(
     convert: impl FnOnce(rmpv::Value) -> Result<T, String>,
 ) -> impl FnOnce(rmpv::Value) -> Result<Option<T>, String> {
     move |value| {
-        if value.is_nil() {
-            Ok(None)
-        } else {
-            convert(value).map(Some)
-        }
+        if value.is_nil() { Ok(None) } else { convert(value).map(Some) }
     }
 }
 
-fn list<T>(
-    convert: impl Fn(rmpv::Value) -> Result<T, String>,
-) -> impl FnOnce(rmpv::Value) -> Result<Vec<T>, String> {
+fn list<T>(convert: impl Fn(rmpv::Value) -> Result<T, String>) -> impl FnOnce(rmpv::Value) -> Result<Vec<T>, String> {
     move |value| match value {
         rmpv::Value::Array(items) => items
             .into_iter()
@@ -492,10 +413,7 @@ fn list<T>(
 
 fn to_value(value: rmpv::Value) -> Result<Value, String> {
     match value {
-        rmpv::Value::String(s) => s
-            .into_str()
-            .map(Value::Str)
-            .ok_or_else(|| "must be valid UTF-8".into()),
+        rmpv::Value::String(s) => s.into_str().map(Value::Str).ok_or_else(|| "must be valid UTF-8".into()),
         rmpv::Value::Binary(b) => Ok(Value::Bin(b)),
         other => Err(format!("must be str or bin, got {}", type_name(&other))),
     }
@@ -510,20 +428,13 @@ fn to_string(value: rmpv::Value) -> Result<String, String> {
 
 fn to_u64(value: rmpv::Value) -> Result<u64, String> {
     match value {
-        rmpv::Value::Integer(n) => n
-            .as_u64()
-            .ok_or_else(|| format!("must be a non-negative integer, got {n}")),
-        other => Err(format!(
-            "must be a non-negative integer, got {}",
-            type_name(&other)
-        )),
+        rmpv::Value::Integer(n) => n.as_u64().ok_or_else(|| format!("must be a non-negative integer, got {n}")),
+        other => Err(format!("must be a non-negative integer, got {}", type_name(&other))),
     }
 }
 
 fn to_bool(value: rmpv::Value) -> Result<bool, String> {
-    value
-        .as_bool()
-        .ok_or_else(|| format!("must be a bool, got {}", type_name(&value)))
+    value.as_bool().ok_or_else(|| format!("must be a bool, got {}", type_name(&value)))
 }
 
 fn to_error_code(value: rmpv::Value) -> Result<ErrorCode, String> {
@@ -561,83 +472,35 @@ mod tests {
     /// The `bad_request` message `frame` must be refused with.
     fn bad(frame: &[u8]) -> String {
         match decode_request(frame) {
-            Err(Reply::Error {
-                code: ErrorCode::BadRequest,
-                message,
-                leader: None,
-            }) => message,
+            Err(Reply::Error { code: ErrorCode::BadRequest, message, leader: None }) => message,
             other => panic!("expected bad_request, got {other:?}"),
         }
     }
 
     fn put_with(extra: Vec<(&str, M)>) -> Vec<u8> {
-        let mut pairs = vec![
-            ("op", "put".into()),
-            ("key", "k".into()),
-            ("value", "v".into()),
-        ];
+        let mut pairs = vec![("op", "put".into()), ("key", "k".into()), ("value", "v".into())];
         pairs.extend(extra);
         frame(pairs)
     }
 
     /// The keys of an encoded map, in order.
     fn keys(frame: &[u8]) -> Vec<String> {
-        let M::Map(pairs) = rmpv::decode::read_value(&mut &frame[..]).unwrap() else {
-            panic!("not a map")
-        };
-        pairs
-            .into_iter()
-            .map(|(k, _)| k.as_str().unwrap().to_owned())
-            .collect()
+        let M::Map(pairs) = rmpv::decode::read_value(&mut &frame[..]).unwrap() else { panic!("not a map") };
+        pairs.into_iter().map(|(k, _)| k.as_str().unwrap().to_owned()).collect()
     }
 
     fn write_request(command: Command, session: Option<(&str, u64)>) -> Request {
-        Request::Write {
-            command,
-            client_id: session.map(|(c, _)| c.to_owned()),
-            seq: session.map(|(_, n)| n),
-        }
+        Request::Write { command, client_id: session.map(|(c, _)| c.to_owned()), seq: session.map(|(_, n)| n) }
     }
 
     fn all_requests() -> Vec<Request> {
         vec![
-            write_request(
-                Command::Put {
-                    key: s("a"),
-                    value: b(b"\x00\xff"),
-                },
-                None,
-            ),
-            write_request(
-                Command::Put {
-                    key: b(b"a"),
-                    value: s("1"),
-                },
-                Some(("c1", 0)),
-            ),
+            write_request(Command::Put { key: s("a"), value: b(b"\x00\xff") }, None),
+            write_request(Command::Put { key: b(b"a"), value: s("1") }, Some(("c1", 0))),
             write_request(Command::Delete { key: s("a") }, Some(("c1", u64::MAX))),
-            write_request(
-                Command::Cas {
-                    key: s("a"),
-                    expect: None,
-                    value: s("1"),
-                },
-                None,
-            ),
-            write_request(
-                Command::Cas {
-                    key: s("a"),
-                    expect: Some(b(b"0")),
-                    value: s("1"),
-                },
-                Some(("c", 2)),
-            ),
-            write_request(
-                Command::Propose {
-                    command: "x".into(),
-                },
-                None,
-            ),
+            write_request(Command::Cas { key: s("a"), expect: None, value: s("1") }, None),
+            write_request(Command::Cas { key: s("a"), expect: Some(b(b"0")), value: s("1") }, Some(("c", 2))),
+            write_request(Command::Propose { command: "x".into() }, None),
             Request::Get { key: b(b"\x01") },
             Request::Status,
             Request::Log { from: 5, limit: 7 },
@@ -656,28 +519,13 @@ mod tests {
     #[test]
     fn request_op_names() {
         let ops: Vec<&str> = all_requests().iter().map(Request::op).collect();
-        assert_eq!(
-            ops,
-            [
-                "put", "put", "delete", "cas", "cas", "propose", "get", "status", "log"
-            ]
-        );
+        assert_eq!(ops, ["put", "put", "delete", "cas", "cas", "propose", "get", "status", "log"]);
     }
 
     #[test]
     fn write_fields_are_encoded_in_wire_order() {
-        let cas = write_request(
-            Command::Cas {
-                key: s("a"),
-                expect: None,
-                value: s("1"),
-            },
-            Some(("c", 1)),
-        );
-        assert_eq!(
-            keys(&encode_request(&cas)),
-            ["op", "key", "expect", "value", "client_id", "seq"]
-        );
+        let cas = write_request(Command::Cas { key: s("a"), expect: None, value: s("1") }, Some(("c", 1)));
+        assert_eq!(keys(&encode_request(&cas)), ["op", "key", "expect", "value", "client_id", "seq"]);
     }
 
     #[test]
@@ -693,77 +541,25 @@ mod tests {
             members: vec![0, 1, 2],
         };
         let requests = all_requests();
-        let (put, delete, cas, propose, get, status_req, log) = (
-            &requests[0],
-            &requests[2],
-            &requests[3],
-            &requests[5],
-            &requests[6],
-            &requests[7],
-            &requests[8],
-        );
+        let (put, delete, cas, propose, get, status_req, log) =
+            (&requests[0], &requests[2], &requests[3], &requests[5], &requests[6], &requests[7], &requests[8]);
         let cases = [
             (put, Reply::Put { index: 3 }),
             (propose, Reply::Propose { index: 3 }),
-            (
-                delete,
-                Reply::Delete {
-                    index: 4,
-                    existed: true,
-                },
-            ),
-            (
-                cas,
-                Reply::Cas {
-                    index: 5,
-                    swapped: true,
-                    value: None,
-                },
-            ),
-            (
-                cas,
-                Reply::Cas {
-                    index: 5,
-                    swapped: false,
-                    value: Some(b(b"\x00")),
-                },
-            ),
-            (
-                get,
-                Reply::Get {
-                    value: Some(s("v")),
-                },
-            ),
-            (
-                get,
-                Reply::Get {
-                    value: Some(b(b"v")),
-                },
-            ),
+            (delete, Reply::Delete { index: 4, existed: true }),
+            (cas, Reply::Cas { index: 5, swapped: true, value: None }),
+            (cas, Reply::Cas { index: 5, swapped: false, value: Some(b(b"\x00")) }),
+            (get, Reply::Get { value: Some(s("v")) }),
+            (get, Reply::Get { value: Some(b(b"v")) }),
             (get, Reply::Get { value: None }),
             (status_req, Reply::Status(status.clone())),
-            (
-                status_req,
-                Reply::Status(StatusInfo {
-                    leader: None,
-                    role: "candidate".into(),
-                    ..status
-                }),
-            ),
+            (status_req, Reply::Status(StatusInfo { leader: None, role: "candidate".into(), ..status })),
             (
                 log,
                 Reply::Log {
                     entries: vec![
-                        LogEntryView {
-                            index: 1,
-                            term: 1,
-                            command: r#"{"op":"noop"}"#.into(),
-                        },
-                        LogEntryView {
-                            index: 2,
-                            term: 1,
-                            command: r#"{"op":"propose","command":"x"}"#.into(),
-                        },
+                        LogEntryView { index: 1, term: 1, command: r#"{"op":"noop"}"#.into() },
+                        LogEntryView { index: 2, term: 1, command: r#"{"op":"propose","command":"x"}"#.into() },
                     ],
                 },
             ),
@@ -800,39 +596,17 @@ mod tests {
 
     #[test]
     fn ok_replies_match_the_contract_exactly() {
+        assert_eq!(Reply::Put { index: 7 }.encode(), frame(vec![("ok", true.into()), ("index", 7u64.into())]));
         assert_eq!(
-            Reply::Put { index: 7 }.encode(),
-            frame(vec![("ok", true.into()), ("index", 7u64.into())])
-        );
-        assert_eq!(
-            Reply::Cas {
-                index: 2,
-                swapped: false,
-                value: None
-            }
-            .encode(),
-            frame(vec![
-                ("ok", true.into()),
-                ("index", 2u64.into()),
-                ("swapped", false.into()),
-                ("value", M::Nil)
-            ])
+            Reply::Cas { index: 2, swapped: false, value: None }.encode(),
+            frame(vec![("ok", true.into()), ("index", 2u64.into()), ("swapped", false.into()), ("value", M::Nil)])
         );
     }
 
     #[test]
     fn error_codes_have_contract_names() {
         let names: Vec<String> = ErrorCode::ALL.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            names,
-            [
-                "no_leader",
-                "timeout",
-                "bad_request",
-                "too_large",
-                "shutting_down"
-            ]
-        );
+        assert_eq!(names, ["no_leader", "timeout", "bad_request", "too_large", "shutting_down"]);
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
         }
@@ -842,28 +616,16 @@ mod tests {
     #[test]
     fn str_and_bin_keep_their_msgpack_types() {
         // 0xa1 = fixstr of length 1; 0xc4 0x01 = bin8 of length 1.
-        let str_reply = Reply::Get {
-            value: Some(s("v")),
-        }
-        .encode();
+        let str_reply = Reply::Get { value: Some(s("v")) }.encode();
         assert!(str_reply.ends_with(&[0xa1, b'v']));
-        let bin_reply = Reply::Get {
-            value: Some(b(b"v")),
-        }
-        .encode();
+        let bin_reply = Reply::Get { value: Some(b(b"v")) }.encode();
         assert!(bin_reply.ends_with(&[0xc4, 0x01, b'v']));
         let put = decode_request(&frame(vec![
             ("op", "put".into()),
             ("key", M::Binary(b"k".to_vec())),
             ("value", "v".into()),
         ]));
-        let expected = write_request(
-            Command::Put {
-                key: b(b"k"),
-                value: s("v"),
-            },
-            None,
-        );
+        let expected = write_request(Command::Put { key: b(b"k"), value: s("v") }, None);
         assert_eq!(put, Ok(expected));
     }
 
@@ -878,10 +640,7 @@ mod tests {
         assert_eq!(bad(&[0xc1]), "expected a map, got nil");
         let mut trailing = frame(vec![("op", "status".into())]);
         trailing.extend([0xc0, 0xc0]);
-        assert_eq!(
-            bad(&trailing),
-            "trailing data after the MessagePack map (2 bytes)"
-        );
+        assert_eq!(bad(&trailing), "trailing data after the MessagePack map (2 bytes)");
         assert_eq!(bad(&[0x01, 0x02]), "expected a map, got integer");
         assert_eq!(bad(&write(&M::Array(vec![]))), "expected a map, got array");
         assert_eq!(bad(&write(&M::from("put"))), "expected a map, got str");
@@ -889,10 +648,7 @@ mod tests {
         for _ in 0..100 {
             deep = M::Array(vec![deep]);
         }
-        assert_eq!(
-            bad(&frame(vec![("op", "status".into()), ("junk", deep)])),
-            "nested too deeply"
-        );
+        assert_eq!(bad(&frame(vec![("op", "status".into()), ("junk", deep)])), "nested too deeply");
     }
 
     #[test]
@@ -901,43 +657,23 @@ mod tests {
         assert_eq!(bad(&int_key), "map keys must be str, got integer");
         // fixmap(1) { fixstr(1) 0xff : nil }
         assert_eq!(bad(&[0x81, 0xa1, 0xff, 0xc0]), "map key is not valid UTF-8");
-        let twice = frame(vec![
-            ("op", "get".into()),
-            ("key", "a".into()),
-            ("key", "b".into()),
-        ]);
+        let twice = frame(vec![("op", "get".into()), ("key", "a".into()), ("key", "b".into())]);
         assert_eq!(bad(&twice), "duplicate field `key`");
     }
 
     #[test]
     fn op_must_be_a_known_string() {
         assert_eq!(bad(&frame(vec![("key", "a".into())])), "missing field `op`");
-        assert_eq!(
-            bad(&frame(vec![("op", 3.into())])),
-            "field `op` must be str, got integer"
-        );
-        assert_eq!(
-            bad(&frame(vec![("op", "frob".into())])),
-            r#"unknown op "frob""#
-        );
+        assert_eq!(bad(&frame(vec![("op", 3.into())])), "field `op` must be str, got integer");
+        assert_eq!(bad(&frame(vec![("op", "frob".into())])), r#"unknown op "frob""#);
     }
 
     #[test]
     fn missing_and_mistyped_fields() {
+        assert_eq!(bad(&frame(vec![("op", "get".into())])), "missing field `key`");
+        assert_eq!(bad(&frame(vec![("op", "put".into()), ("key", "k".into())])), "missing field `value`");
         assert_eq!(
-            bad(&frame(vec![("op", "get".into())])),
-            "missing field `key`"
-        );
-        assert_eq!(
-            bad(&frame(vec![("op", "put".into()), ("key", "k".into())])),
-            "missing field `value`"
-        );
-        assert_eq!(
-            bad(&frame(vec![
-                ("op", "put".into()),
-                ("key", "k".into()),
-                ("value", 1.into())
-            ])),
+            bad(&frame(vec![("op", "put".into()), ("key", "k".into()), ("value", 1.into())])),
             "field `value` must be str or bin, got integer"
         );
         assert_eq!(
@@ -945,88 +681,46 @@ mod tests {
             "field `key` must be str or bin, got nil"
         );
         // fixmap(2) { "op": "get", "key": fixstr(1) 0xff }
-        let invalid_utf8 = [
-            0x82, 0xa2, b'o', b'p', 0xa3, b'g', b'e', b't', 0xa3, b'k', b'e', b'y', 0xa1, 0xff,
-        ];
+        let invalid_utf8 = [0x82, 0xa2, b'o', b'p', 0xa3, b'g', b'e', b't', 0xa3, b'k', b'e', b'y', 0xa1, 0xff];
         assert_eq!(bad(&invalid_utf8), "field `key` must be valid UTF-8");
         assert_eq!(
-            bad(&frame(vec![
-                ("op", "propose".into()),
-                ("command", M::Binary(vec![1]))
-            ])),
+            bad(&frame(vec![("op", "propose".into()), ("command", M::Binary(vec![1]))])),
             "field `command` must be str, got bin"
         );
     }
 
     #[test]
     fn cas_requires_expect_but_accepts_nil() {
-        let without = frame(vec![
-            ("op", "cas".into()),
-            ("key", "k".into()),
-            ("value", "v".into()),
-        ]);
+        let without = frame(vec![("op", "cas".into()), ("key", "k".into()), ("value", "v".into())]);
         assert_eq!(bad(&without), "missing field `expect`");
-        let with_nil = frame(vec![
-            ("op", "cas".into()),
-            ("key", "k".into()),
-            ("expect", M::Nil),
-            ("value", "v".into()),
-        ]);
-        let expected = write_request(
-            Command::Cas {
-                key: s("k"),
-                expect: None,
-                value: s("v"),
-            },
-            None,
-        );
+        let with_nil =
+            frame(vec![("op", "cas".into()), ("key", "k".into()), ("expect", M::Nil), ("value", "v".into())]);
+        let expected = write_request(Command::Cas { key: s("k"), expect: None, value: s("v") }, None);
         assert_eq!(decode_request(&with_nil), Ok(expected));
-        let wrong = frame(vec![
-            ("op", "cas".into()),
-            ("key", "k".into()),
-            ("expect", true.into()),
-            ("value", "v".into()),
-        ]);
+        let wrong =
+            frame(vec![("op", "cas".into()), ("key", "k".into()), ("expect", true.into()), ("value", "v".into())]);
         assert_eq!(bad(&wrong), "field `expect` must be str or bin, got bool");
     }
 
     #[test]
     fn session_fields() {
         assert_eq!(
-            bad(&put_with(vec![
-                ("client_id", "c".into()),
-                ("seq", (-1).into())
-            ])),
+            bad(&put_with(vec![("client_id", "c".into()), ("seq", (-1).into())])),
             "field `seq` must be a non-negative integer, got -1"
         );
         assert_eq!(
-            bad(&put_with(vec![
-                ("client_id", "c".into()),
-                ("seq", M::F64(1.0))
-            ])),
+            bad(&put_with(vec![("client_id", "c".into()), ("seq", M::F64(1.0))])),
             "field `seq` must be a non-negative integer, got float"
         );
         assert_eq!(
             bad(&put_with(vec![("client_id", 5.into()), ("seq", 1.into())])),
             "field `client_id` must be str, got integer"
         );
-        assert_eq!(
-            bad(&put_with(vec![("seq", 1.into())])),
-            "seq given without client_id"
-        );
-        assert_eq!(
-            bad(&put_with(vec![("client_id", "c".into())])),
-            "client_id given without seq"
-        );
+        assert_eq!(bad(&put_with(vec![("seq", 1.into())])), "seq given without client_id");
+        assert_eq!(bad(&put_with(vec![("client_id", "c".into())])), "client_id given without seq");
         // Nil is the same as absent, as many client libraries send it.
         let nil_session = put_with(vec![("client_id", M::Nil), ("seq", M::Nil)]);
-        let expected = write_request(
-            Command::Put {
-                key: s("k"),
-                value: s("v"),
-            },
-            None,
-        );
+        let expected = write_request(Command::Put { key: s("k"), value: s("v") }, None);
         assert_eq!(decode_request(&nil_session), Ok(expected));
     }
 
@@ -1037,44 +731,21 @@ mod tests {
             pairs.extend(extra);
             frame(pairs)
         };
-        assert_eq!(
-            decode_request(&log(vec![])),
-            Ok(Request::Log {
-                from: 1,
-                limit: LOG_LIMIT_DEFAULT
-            })
-        );
+        assert_eq!(decode_request(&log(vec![])), Ok(Request::Log { from: 1, limit: LOG_LIMIT_DEFAULT }));
         assert_eq!(
             decode_request(&log(vec![("from", 3.into()), ("limit", 5000.into())])),
-            Ok(Request::Log {
-                from: 3,
-                limit: LOG_LIMIT_MAX
-            })
+            Ok(Request::Log { from: 3, limit: LOG_LIMIT_MAX })
         );
-        assert_eq!(
-            bad(&log(vec![("from", (-2).into())])),
-            "field `from` must be a non-negative integer, got -2"
-        );
-        assert_eq!(
-            bad(&log(vec![("limit", "10".into())])),
-            "field `limit` must be a non-negative integer, got str"
-        );
+        assert_eq!(bad(&log(vec![("from", (-2).into())])), "field `from` must be a non-negative integer, got -2");
+        assert_eq!(bad(&log(vec![("limit", "10".into())])), "field `limit` must be a non-negative integer, got str");
     }
 
     #[test]
     fn unknown_fields_are_ignored() {
-        let status = frame(vec![
-            ("op", "status".into()),
-            ("verbose", true.into()),
-            ("key", 1.into()),
-        ]);
+        let status = frame(vec![("op", "status".into()), ("verbose", true.into()), ("key", 1.into())]);
         assert_eq!(decode_request(&status), Ok(Request::Status));
         // A session on a read is not part of its op, so it is ignored too.
-        let get = frame(vec![
-            ("op", "get".into()),
-            ("key", "k".into()),
-            ("seq", 1.into()),
-        ]);
+        let get = frame(vec![("op", "get".into()), ("key", "k".into()), ("seq", 1.into())]);
         assert_eq!(decode_request(&get), Ok(Request::Get { key: s("k") }));
     }
 
@@ -1089,10 +760,7 @@ mod tests {
             r#"field `error` is an unknown error code "oops""#
         );
         let log = Request::Log { from: 1, limit: 1 };
-        let entries = M::Array(vec![to_map(vec![
-            ("index", 1.into()),
-            ("term", "x".into()),
-        ])]);
+        let entries = M::Array(vec![to_map(vec![("index", 1.into()), ("term", "x".into())])]);
         let bad_entry = frame(vec![("ok", true.into()), ("entries", entries)]);
         assert_eq!(
             Reply::decode(&bad_entry, &log).unwrap_err(),

@@ -69,10 +69,7 @@ pub struct StorageError {
 
 impl StorageError {
     fn new(dir: &Path, problem: impl Into<String>) -> Self {
-        StorageError {
-            dir: dir.to_path_buf(),
-            problem: problem.into(),
-        }
+        StorageError { dir: dir.to_path_buf(), problem: problem.into() }
     }
 }
 
@@ -119,8 +116,7 @@ impl Storage {
 
         let created = create_dirs(dir).map_err(|e| err(format!("cannot create: {e}")))?;
         let db = open_sled(dir)?;
-        let db_file = File::open(dir.join("db"))
-            .map_err(|e| err(format!("cannot open db file for syncing: {e}")))?;
+        let db_file = File::open(dir.join("db")).map_err(|e| err(format!("cannot open db file for syncing: {e}")))?;
 
         let mut storage = Storage {
             dir: dir.to_path_buf(),
@@ -142,8 +138,7 @@ impl Storage {
         for created_dir in created {
             let parent = created_dir.parent().filter(|p| !p.as_os_str().is_empty());
             let parent = parent.unwrap_or(Path::new("."));
-            fsync_path(parent)
-                .map_err(|e| err(format!("cannot fsync {}: {e}", parent.display())))?;
+            fsync_path(parent).map_err(|e| err(format!("cannot fsync {}: {e}", parent.display())))?;
         }
 
         let recovered = storage.recover()?;
@@ -158,33 +153,25 @@ impl Storage {
 
         let mut hard_state = match self.db.get(HARD_STATE_KEY) {
             Ok(None) => HardState::default(),
-            Ok(Some(bytes)) => rmp_serde::from_slice(&bytes)
-                .map_err(|e| err(format!("hard state is unreadable: {e}")))?,
+            Ok(Some(bytes)) => {
+                rmp_serde::from_slice(&bytes).map_err(|e| err(format!("hard state is unreadable: {e}")))?
+            }
             Err(e) => return Err(err(format!("cannot read hard state: {e}"))),
         };
 
         let mut entries: Vec<Entry> = Vec::new();
         for item in self.db.scan_prefix(LOG_PREFIX) {
             let (key, value) = item.map_err(|e| err(format!("cannot read log: {e}")))?;
-            let index = parse_log_key(&key).ok_or_else(|| {
-                err(format!(
-                    "log key {} is malformed",
-                    String::from_utf8_lossy(&key).escape_debug()
-                ))
-            })?;
-            let entry: Entry = rmp_serde::from_slice(&value)
-                .map_err(|e| err(format!("log entry {index} is unreadable: {e}")))?;
+            let index = parse_log_key(&key)
+                .ok_or_else(|| err(format!("log key {} is malformed", String::from_utf8_lossy(&key).escape_debug())))?;
+            let entry: Entry =
+                rmp_serde::from_slice(&value).map_err(|e| err(format!("log entry {index} is unreadable: {e}")))?;
             if entry.index != index {
-                return Err(err(format!(
-                    "log entry {index} is stored with index {} inside",
-                    entry.index
-                )));
+                return Err(err(format!("log entry {index} is stored with index {} inside", entry.index)));
             }
             let expected = entries.last().map_or(1, |e| e.index + 1);
             if index != expected {
-                return Err(err(format!(
-                    "log entry {index} follows a gap: expected index {expected}"
-                )));
+                return Err(err(format!("log entry {index} follows a gap: expected index {expected}")));
             }
             if let Some(prev) = entries.last()
                 && entry.term < prev.term
@@ -208,10 +195,7 @@ impl Storage {
             );
             hard_state.commit = last_index;
         }
-        Ok(Recovered {
-            hard_state,
-            entries,
-        })
+        Ok(Recovered { hard_state, entries })
     }
 
     /// Atomically (one sled batch, so a crash leaves either all or none of
@@ -245,9 +229,7 @@ impl Storage {
             // that replaces a truncated one wins.
             batch.insert(&log_key(entry.index)[..], self.encode(entry, "log entry")?);
         }
-        self.db
-            .apply_batch(batch)
-            .map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))?;
+        self.db.apply_batch(batch).map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))?;
         self.last_index = new_last;
         Ok(())
     }
@@ -278,20 +260,15 @@ impl Storage {
     }
 
     fn encode<T: serde::Serialize>(&self, value: &T, what: &str) -> Result<Vec<u8>, StorageError> {
-        rmp_serde::to_vec_named(value)
-            .map_err(|e| StorageError::new(&self.dir, format!("cannot encode {what}: {e}")))
+        rmp_serde::to_vec_named(value).map_err(|e| StorageError::new(&self.dir, format!("cannot encode {what}: {e}")))
     }
 
     /// Makes everything written so far durable (see the module docs for why
     /// this is more than `flush`). One call covers any number of writes, so
     /// the caller can group-commit.
     pub fn sync(&mut self) -> Result<(), StorageError> {
-        self.db
-            .flush()
-            .map_err(|e| StorageError::new(&self.dir, format!("cannot flush: {e}")))?;
-        self.db_file
-            .sync_data()
-            .map_err(|e| StorageError::new(&self.dir, format!("cannot fsync db file: {e}")))?;
+        self.db.flush().map_err(|e| StorageError::new(&self.dir, format!("cannot flush: {e}")))?;
+        self.db_file.sync_data().map_err(|e| StorageError::new(&self.dir, format!("cannot fsync db file: {e}")))?;
         self.sync_files()?;
         self.sync_dir_entries()?;
         self.sync_count += 1;
@@ -308,9 +285,8 @@ impl Storage {
     /// their names are durable too.
     fn sync_files(&mut self) -> Result<(), StorageError> {
         let blobs = self.dir.join("blobs");
-        let err = |what: &Path, e: io::Error| {
-            StorageError::new(&self.dir, format!("cannot fsync {}: {e}", what.display()))
-        };
+        let err =
+            |what: &Path, e: io::Error| StorageError::new(&self.dir, format!("cannot fsync {}: {e}", what.display()));
         let names = list_names(&blobs).map_err(|e| err(&blobs, e))?;
         let mut synced_any = false;
         for name in &names {
@@ -336,8 +312,7 @@ impl Storage {
     /// Fsyncs `dir` if names appeared or vanished in it since the last time
     /// (sled renames a new snapshot into place without doing so).
     fn sync_dir_entries(&mut self) -> Result<(), StorageError> {
-        let err =
-            |e: io::Error| StorageError::new(&self.dir, format!("cannot fsync the directory: {e}"));
+        let err = |e: io::Error| StorageError::new(&self.dir, format!("cannot fsync the directory: {e}"));
         let names = list_names(&self.dir).map_err(err)?;
         if names != self.synced_names {
             fsync_path(&self.dir).map_err(err)?;
@@ -357,9 +332,9 @@ impl Storage {
     /// Writes the metadata blob `name` and syncs (which also makes every
     /// earlier `write` durable).
     pub fn write_meta(&mut self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.db.insert(meta_key(name), value).map_err(|e| {
-            StorageError::new(&self.dir, format!("cannot write meta {name:?}: {e}"))
-        })?;
+        self.db
+            .insert(meta_key(name), value)
+            .map_err(|e| StorageError::new(&self.dir, format!("cannot write meta {name:?}: {e}")))?;
         self.sync()
     }
 }
@@ -392,17 +367,13 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StorageError> {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
-            Err(err(format!(
-                "not a readable sled database (sled panicked: {reason})"
-            )))
+            Err(err(format!("not a readable sled database (sled panicked: {reason})")))
         }
     }
 }
 
 fn list_names(dir: &Path) -> io::Result<HashSet<OsString>> {
-    fs::read_dir(dir)?
-        .map(|entry| entry.map(|e| e.file_name()))
-        .collect()
+    fs::read_dir(dir)?.map(|entry| entry.map(|e| e.file_name())).collect()
 }
 
 /// `fsync` on a file or a directory (on Linux a directory opened read-only
@@ -433,11 +404,7 @@ mod tests {
     use crate::raft::types::Payload;
 
     fn entry(index: Index, term: u64, data: &[u8]) -> Entry {
-        Entry {
-            index,
-            term,
-            payload: Payload::Command(data.to_vec()),
-        }
+        Entry { index, term, payload: Payload::Command(data.to_vec()) }
     }
 
     fn reopen(dir: &Path) -> Recovered {
@@ -473,20 +440,8 @@ mod tests {
     #[test]
     fn write_sync_reopen_roundtrip() {
         let tmp = tempfile::tempdir().unwrap();
-        let hs = HardState {
-            term: 3,
-            vote: Some(1),
-            commit: 2,
-        };
-        let entries = vec![
-            Entry {
-                index: 1,
-                term: 1,
-                payload: Payload::Noop,
-            },
-            entry(2, 2, b"a"),
-            entry(3, 3, b"b"),
-        ];
+        let hs = HardState { term: 3, vote: Some(1), commit: 2 };
+        let entries = vec![Entry { index: 1, term: 1, payload: Payload::Noop }, entry(2, 2, b"a"), entry(3, 3, b"b")];
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
             s.write(Some(&hs), None, &entries).unwrap();
@@ -504,17 +459,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(None, None, &[entry(1, 1, b"a"), entry(2, 1, b"b")])
-                .unwrap();
+            s.write(None, None, &[entry(1, 1, b"a"), entry(2, 1, b"b")]).unwrap();
             s.write(None, None, &[entry(3, 1, b"c")]).unwrap();
             s.write(None, None, &[]).unwrap();
             s.sync().unwrap();
         }
         let rec = reopen(tmp.path());
-        assert_eq!(
-            rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
+        assert_eq!(rec.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(rec.hard_state, HardState::default());
     }
 
@@ -526,23 +477,12 @@ mod tests {
             let old: Vec<_> = (1..=5).map(|i| entry(i, 1, b"old")).collect();
             s.write(None, None, &old).unwrap();
             s.sync().unwrap();
-            let hs = HardState {
-                term: 2,
-                vote: None,
-                commit: 2,
-            };
+            let hs = HardState { term: 2, vote: None, commit: 2 };
             s.write(Some(&hs), Some(3), &[entry(3, 2, b"new")]).unwrap();
             s.sync().unwrap();
         }
         let rec = reopen(tmp.path());
-        assert_eq!(
-            rec.entries,
-            vec![
-                entry(1, 1, b"old"),
-                entry(2, 1, b"old"),
-                entry(3, 2, b"new")
-            ]
-        );
+        assert_eq!(rec.entries, vec![entry(1, 1, b"old"), entry(2, 1, b"old"), entry(3, 2, b"new")]);
         assert_eq!(rec.hard_state.term, 2);
     }
 
@@ -550,12 +490,7 @@ mod tests {
     fn truncate_without_entries_shortens_log_and_later_appends_follow_it() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut s, _) = Storage::open(tmp.path()).unwrap();
-        s.write(
-            None,
-            None,
-            &(1..=4).map(|i| entry(i, 1, b"x")).collect::<Vec<_>>(),
-        )
-        .unwrap();
+        s.write(None, None, &(1..=4).map(|i| entry(i, 1, b"x")).collect::<Vec<_>>()).unwrap();
         s.write(None, Some(2), &[]).unwrap();
         // Index 3 would leave a gap after the truncation to 1.
         assert!(s.write(None, None, &[entry(3, 2, b"y")]).is_err());
@@ -571,36 +506,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(
-                Some(&HardState {
-                    term: 1,
-                    vote: Some(0),
-                    commit: 0,
-                }),
-                None,
-                &[],
-            )
-            .unwrap();
-            s.write(
-                Some(&HardState {
-                    term: 2,
-                    vote: None,
-                    commit: 0,
-                }),
-                None,
-                &[],
-            )
-            .unwrap();
+            s.write(Some(&HardState { term: 1, vote: Some(0), commit: 0 }), None, &[]).unwrap();
+            s.write(Some(&HardState { term: 2, vote: None, commit: 0 }), None, &[]).unwrap();
             s.sync().unwrap();
         }
-        assert_eq!(
-            reopen(tmp.path()).hard_state,
-            HardState {
-                term: 2,
-                vote: None,
-                commit: 0
-            }
-        );
+        assert_eq!(reopen(tmp.path()).hard_state, HardState { term: 2, vote: None, commit: 0 });
     }
 
     #[test]
@@ -608,11 +518,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            let hs = HardState {
-                term: 1,
-                vote: None,
-                commit: 9,
-            };
+            let hs = HardState { term: 1, vote: None, commit: 9 };
             s.write(Some(&hs), None, &[entry(1, 1, b"a")]).unwrap();
             s.sync().unwrap();
         }
@@ -623,14 +529,9 @@ mod tests {
     fn write_rejects_gaps() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut s, _) = Storage::open(tmp.path()).unwrap();
-        let e = s
-            .write(None, None, &[entry(2, 1, b"a")])
-            .unwrap_err()
-            .to_string();
+        let e = s.write(None, None, &[entry(2, 1, b"a")]).unwrap_err().to_string();
         assert!(e.contains("log entry 2 after last index 0"), "{e}");
-        let e = s
-            .write(None, None, &[entry(1, 1, b"a"), entry(3, 1, b"c")])
-            .unwrap_err();
+        let e = s.write(None, None, &[entry(1, 1, b"a"), entry(3, 1, b"c")]).unwrap_err();
         assert!(e.to_string().contains("consecutive"), "{e}");
         assert!(s.write(None, None, &[entry(0, 1, b"a")]).is_err());
         // A rejected write changes nothing.
@@ -672,28 +573,16 @@ mod tests {
     fn corrupt_entry_is_an_error() {
         let tmp = tempfile::tempdir().unwrap();
         let good = rmp_serde::to_vec_named(&entry(1, 1, b"a")).unwrap();
-        write_raw(
-            tmp.path(),
-            &[
-                (log_key(1).to_vec(), good),
-                (log_key(2).to_vec(), b"\xc1junk".to_vec()),
-            ],
-        );
+        write_raw(tmp.path(), &[(log_key(1).to_vec(), good), (log_key(2).to_vec(), b"\xc1junk".to_vec())]);
         let e = open_err(tmp.path());
-        assert!(
-            e.starts_with(&format!("state dir {}: ", tmp.path().display())),
-            "{e}"
-        );
+        assert!(e.starts_with(&format!("state dir {}: ", tmp.path().display())), "{e}");
         assert!(e.contains("log entry 2 is unreadable"), "{e}");
     }
 
     #[test]
     fn corrupt_hard_state_is_an_error() {
         let tmp = tempfile::tempdir().unwrap();
-        write_raw(
-            tmp.path(),
-            &[(HARD_STATE_KEY.to_vec(), b"\xff\xff".to_vec())],
-        );
+        write_raw(tmp.path(), &[(HARD_STATE_KEY.to_vec(), b"\xff\xff".to_vec())]);
         assert!(open_err(tmp.path()).contains("hard state is unreadable"));
     }
 
@@ -710,19 +599,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pairs: Vec<_> = [1, 2, 4]
             .into_iter()
-            .map(|i| {
-                (
-                    log_key(i).to_vec(),
-                    rmp_serde::to_vec_named(&entry(i, 1, b"a")).unwrap(),
-                )
-            })
+            .map(|i| (log_key(i).to_vec(), rmp_serde::to_vec_named(&entry(i, 1, b"a")).unwrap()))
             .collect();
         write_raw(tmp.path(), &pairs);
         let e = open_err(tmp.path());
-        assert!(
-            e.contains("log entry 4 follows a gap: expected index 3"),
-            "{e}"
-        );
+        assert!(e.contains("log entry 4 follows a gap: expected index 3"), "{e}");
     }
 
     #[test]
@@ -738,12 +619,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pairs: Vec<_> = [(1, 2), (2, 1)]
             .into_iter()
-            .map(|(i, t)| {
-                (
-                    log_key(i).to_vec(),
-                    rmp_serde::to_vec_named(&entry(i, t, b"a")).unwrap(),
-                )
-            })
+            .map(|(i, t)| (log_key(i).to_vec(), rmp_serde::to_vec_named(&entry(i, t, b"a")).unwrap()))
             .collect();
         write_raw(tmp.path(), &pairs);
         assert!(open_err(tmp.path()).contains("log entry 2 has term 1 after term 2"));
@@ -760,16 +636,9 @@ mod tests {
     fn garbage_dir_is_an_error_not_a_panic() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("db"), vec![0x5a; 4096]).unwrap();
-        fs::write(
-            tmp.path().join("conf"),
-            b"this is not a sled config file at all",
-        )
-        .unwrap();
+        fs::write(tmp.path().join("conf"), b"this is not a sled config file at all").unwrap();
         let e = open_err(tmp.path());
-        assert!(
-            e.starts_with(&format!("state dir {}: ", tmp.path().display())),
-            "{e}"
-        );
+        assert!(e.starts_with(&format!("state dir {}: ", tmp.path().display())), "{e}");
     }
 
     #[test]

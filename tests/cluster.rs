@@ -137,9 +137,8 @@ fn whole_cluster_crash_keeps_every_acknowledged_write() {
     // Restarting neither drops nor duplicates mirror lines.
     let Reply::Status(status) = cluster.call_ok(0, &Request::Status) else { panic!() };
     cluster.wait_applied(status.commit_index);
-    for id in 0..3 {
-        let now = cluster.mirror(id);
-        assert!(now.starts_with(&mirrors_before[id]), "node {id} mirror changed its past");
+    for (id, before) in mirrors_before.iter().enumerate() {
+        assert!(cluster.mirror(id).starts_with(before), "node {id} mirror changed its past");
     }
 }
 

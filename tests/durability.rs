@@ -52,11 +52,7 @@ fn acknowledged_write_was_fdatasynced_first() {
             .position(|l| l.contains("sendto(") && l.contains(r#"\242ok\303\245index"#))
             .expect("acknowledgement seen in trace");
     let synced = lines[request..ack].iter().any(|l| l.contains("fdatasync") && l.trim_end().ends_with("= 0"));
-    assert!(
-        synced,
-        "no completed fdatasync between request and acknowledgement:\n{}",
-        lines[request..=ack].join("\n")
-    );
+    assert!(synced, "no completed fdatasync between request and acknowledgement:\n{}", lines[request..=ack].join("\n"));
     let db = cluster.state_dir(0).join("db");
     assert!(
         trace.lines().any(|l| l.contains("fdatasync(") && l.contains(&*db.to_string_lossy())),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 
-use super::replies::{ReplyTo, Replier};
+use super::replies::{Replier, ReplyTo};
 use crate::kv::{KvStore, Value, command_json};
 use crate::mirror::Mirror;
 use crate::protocol::{ErrorCode, Reply};

@@ -18,7 +18,7 @@ use log::{debug, info, warn};
 
 use super::Shared;
 use super::core_loop::ClientCall;
-use super::replies::{ReplyTo, Replier};
+use super::replies::{Replier, ReplyTo};
 use crate::config::Member;
 use crate::protocol::{ErrorCode, Reply, Request, decode_request};
 use crate::raft::NodeId;
@@ -113,7 +113,13 @@ impl ClientEndpoint {
         }
     }
 
-    fn on_request(&mut self, mut frames: Vec<Vec<u8>>, shared: &Shared, to_core: &Sender<ClientCall>, replier: &Replier) {
+    fn on_request(
+        &mut self,
+        mut frames: Vec<Vec<u8>>,
+        shared: &Shared,
+        to_core: &Sender<ClientCall>,
+        replier: &Replier,
+    ) {
         // [routing frames..., empty delimiter, request]
         let Some(delimiter) = frames.iter().position(|f| f.is_empty()) else {
             debug!("dropping a request without an empty delimiter frame");
@@ -121,13 +127,15 @@ impl ClientEndpoint {
         };
         let body = frames.split_off(delimiter + 1);
         let reply_to = ReplyTo { route: frames };
-        let reply_error = |reply_to, code, message: String| replier.send(reply_to, &Reply::error(code, message, shared.leader()));
+        let reply_error =
+            |reply_to, code, message: String| replier.send(reply_to, &Reply::error(code, message, shared.leader()));
         let [request] = <[Vec<u8>; 1]>::try_from(body).unwrap_or_default();
         if request.is_empty() {
             return reply_error(reply_to, ErrorCode::BadRequest, "expected exactly one non-empty request frame".into());
         }
         if request.len() > self.cfg.max_request_bytes {
-            let message = format!("request is {} bytes; max_request_bytes is {}", request.len(), self.cfg.max_request_bytes);
+            let message =
+                format!("request is {} bytes; max_request_bytes is {}", request.len(), self.cfg.max_request_bytes);
             return reply_error(reply_to, ErrorCode::TooLarge, message);
         }
         if shared.stopping.load(Ordering::Acquire) {
@@ -153,7 +161,8 @@ impl ClientEndpoint {
 
     fn to_core(&self, to_core: &Sender<ClientCall>, request: Request, reply_to: ReplyTo, replier: &Replier) {
         if let Err(e) = to_core.send(ClientCall { request, reply_to }) {
-            replier.send(e.into_inner().reply_to, &Reply::error(ErrorCode::ShuttingDown, "node is shutting down", None));
+            replier
+                .send(e.into_inner().reply_to, &Reply::error(ErrorCode::ShuttingDown, "node is shutting down", None));
         }
     }
 
@@ -228,7 +237,11 @@ impl ClientEndpoint {
         let expired: Vec<ReplyTo> =
             expired.iter().filter_map(|k| forwarder.waiting.remove(k)).map(|(reply_to, _)| reply_to).collect();
         for reply_to in expired {
-            self.reply(reply_to, ErrorCode::Timeout, "the leader did not answer in time; the request may or may not apply");
+            self.reply(
+                reply_to,
+                ErrorCode::Timeout,
+                "the leader did not answer in time; the request may or may not apply",
+            );
         }
     }
 

@@ -15,7 +15,7 @@ use log::{info, warn};
 
 use super::Shared;
 use super::applier::ApplyMsg;
-use super::replies::{ReplyTo, Replier};
+use super::replies::{Replier, ReplyTo};
 use crate::kv::{LoggedCommand, Value, command_json};
 use crate::protocol::{ErrorCode, LogEntryView, Reply, Request, StatusInfo};
 use crate::raft::{NotLeader, Raft, Role, SoftState};

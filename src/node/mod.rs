@@ -59,7 +59,8 @@ const MEMBERSHIP_META: &str = "membership";
 pub fn run(config: &Config, id: NodeId) -> Result<(), Box<dyn Error>> {
     let (mut storage, recovered) = Storage::open(&config.node_state_dir(id))?;
     let members = settle_membership(&mut storage, config)?;
-    let me = members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
+    let me =
+        members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
     let mut mirror = Mirror::open(&config.node_log_path(id))?;
     let last_index = recovered.entries.len() as u64;
     if mirror.last_index() > last_index {
@@ -150,7 +151,10 @@ fn settle_membership(storage: &mut Storage, config: &Config) -> Result<Vec<Membe
         let recorded: Vec<Member> = serde_json::from_slice(&bytes)
             .map_err(|e| format!("recorded membership in the state dir is unreadable: {e}"))?;
         if recorded != config.nodes {
-            warn!("{}: nodes differ from the membership recorded in the state dir; using the recorded one", config.path.display());
+            warn!(
+                "{}: nodes differ from the membership recorded in the state dir; using the recorded one",
+                config.path.display()
+            );
         }
         return Ok(recorded);
     }
@@ -166,7 +170,7 @@ fn tick_ms(config: &Config) -> u64 {
     }
     let (min, max) = config.election_timeout_ms;
     let g = gcd(gcd(config.heartbeat_ms, min), max);
-    (1..=10).rev().find(|d| g % d == 0).unwrap_or(1)
+    (1..=10).rev().find(|&d| g.is_multiple_of(d)).unwrap_or(1)
 }
 
 fn core_config(config: &Config, id: NodeId, members: &[Member]) -> raft::Config {

@@ -145,7 +145,10 @@ impl Raft {
         if self.election_elapsed >= self.cfg.election_ticks.0 {
             self.election_elapsed = 0;
             if self.cfg.check_quorum && !self.quorum_recently_active() {
-                info!("node {}: no contact with a majority for an election timeout; stepping down in term {}", self.cfg.id, self.term);
+                info!(
+                    "node {}: no contact with a majority for an election timeout; stepping down in term {}",
+                    self.cfg.id, self.term
+                );
                 self.become_follower(self.term, None);
                 return;
             }
@@ -352,11 +355,8 @@ impl Raft {
         self.randomize_election_timeout();
         self.votes = BTreeMap::from([(self.cfg.id, true)]);
         let term = if pre_vote { self.term + 1 } else { self.term };
-        let body = Body::RequestVote {
-            last_log_index: self.log.last_index(),
-            last_log_term: self.log.last_term(),
-            pre_vote,
-        };
+        let body =
+            Body::RequestVote { last_log_index: self.log.last_index(), last_log_term: self.log.last_term(), pre_vote };
         // The vote for ourselves must be durable before we ask for others'.
         for to in self.peers() {
             self.persisted_messages.push(Message { from: self.cfg.id, to, term, body: body.clone() });
@@ -540,9 +540,8 @@ impl Raft {
         } else if conflict_index > pr.matched {
             // Skip the follower's whole conflicting term at once; if we have
             // entries of that term, resume right after our last one of it.
-            let next = conflict_term
-                .and_then(|t| self.log.last_index_of_term(t).map(|i| i + 1))
-                .unwrap_or(conflict_index);
+            let next =
+                conflict_term.and_then(|t| self.log.last_index_of_term(t).map(|i| i + 1)).unwrap_or(conflict_index);
             self.progress.get_mut(&from).expect("checked above").on_reject(next.min(last + 1));
         }
         self.confirm_reads();
@@ -585,8 +584,7 @@ impl Raft {
     /// Commits the highest index stored on a majority, but only if it is from
     /// the current term; older entries commit with it (Figure 8).
     fn maybe_commit(&mut self) {
-        let mut matched: Vec<Index> =
-            self.progress.values().map(|pr| pr.matched).chain([self.log.stable()]).collect();
+        let mut matched: Vec<Index> = self.progress.values().map(|pr| pr.matched).chain([self.log.stable()]).collect();
         let index = majority_value(&mut matched);
         if index <= self.log.committed() || self.log.term(index) != Some(self.term) {
             return;

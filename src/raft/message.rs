@@ -24,7 +24,10 @@ pub enum Body {
         last_log_term: Term,
         pre_vote: bool,
     },
-    RequestVoteReply { granted: bool, pre_vote: bool },
+    RequestVoteReply {
+        granted: bool,
+        pre_vote: bool,
+    },
     /// Replication and heartbeat in one. `read_seq` tags the round so that
     /// the leader can confirm it was still leader for pending reads (ReadIndex).
     AppendEntries {

@@ -132,11 +132,7 @@ impl RaftLog {
             match self.term(entry.index) {
                 Some(term) if term == entry.term => continue,
                 Some(_) => {
-                    assert!(
-                        entry.index > self.committed,
-                        "leader tried to overwrite committed entry {}",
-                        entry.index
-                    );
+                    assert!(entry.index > self.committed, "leader tried to overwrite committed entry {}", entry.index);
                     self.truncate_from(entry.index);
                 }
                 None => {}

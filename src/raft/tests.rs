@@ -289,13 +289,18 @@ fn higher_term_turns_leader_into_follower_and_clears_the_vote() {
     let leader = c.leaders()[0];
     let term = c.raft(leader).soft_state().term;
     let other = if leader == 1 { 2 } else { 1 };
-    c.raft_mut(leader).step(msg(other, leader, term + 5, Body::AppendEntriesReply {
-        success: false,
-        match_index: 0,
-        conflict_index: 0,
-        conflict_term: None,
-        read_seq: 0,
-    }));
+    c.raft_mut(leader).step(msg(
+        other,
+        leader,
+        term + 5,
+        Body::AppendEntriesReply {
+            success: false,
+            match_index: 0,
+            conflict_index: 0,
+            conflict_term: None,
+            read_seq: 0,
+        },
+    ));
     let r = c.raft(leader);
     assert_eq!(r.soft_state().role, Role::Follower);
     assert_eq!(r.hard_state().term, term + 5);
@@ -307,13 +312,18 @@ fn stale_replies_are_ignored_and_stale_requests_answered_with_our_term() {
     let mut r = node_with(1, 3, HardState { term: 5, vote: None, commit: 0 }, vec![]);
     r.step(msg(2, 1, 3, Body::RequestVoteReply { granted: true, pre_vote: false }));
     assert!(r.ready().persisted_messages.is_empty());
-    r.step(msg(2, 1, 3, Body::AppendEntries {
-        prev_log_index: 0,
-        prev_log_term: 0,
-        entries: vec![entry(1, 3)],
-        leader_commit: 1,
-        read_seq: 0,
-    }));
+    r.step(msg(
+        2,
+        1,
+        3,
+        Body::AppendEntries {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![entry(1, 3)],
+            leader_commit: 1,
+            read_seq: 0,
+        },
+    ));
     let rd = r.ready();
     assert_eq!(rd.persisted_messages[0].term, 5);
     assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: false, .. }));
@@ -416,11 +426,12 @@ fn follower_ignores_vote_requests_while_it_hears_from_a_leader() {
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let term = c.raft(follower).soft_state().term;
     let other = (1..=3).find(|&id| id != leader && id != follower).unwrap();
-    c.raft_mut(follower).step(msg(other, follower, term + 1, Body::RequestVote {
-        last_log_index: 100,
-        last_log_term: 100,
-        pre_vote: false,
-    }));
+    c.raft_mut(follower).step(msg(
+        other,
+        follower,
+        term + 1,
+        Body::RequestVote { last_log_index: 100, last_log_term: 100, pre_vote: false },
+    ));
     assert_eq!(c.raft(follower).soft_state().term, term);
     assert_eq!(c.raft(follower).hard_state().vote, c.nodes[&follower].disk.hard_state.vote);
 }
@@ -493,13 +504,18 @@ fn proposals_batch_into_one_append_per_follower() {
 #[test]
 fn follower_ack_for_new_entries_waits_for_persistence() {
     let mut r = node_with(2, 3, HardState { term: 1, vote: None, commit: 0 }, vec![]);
-    r.step(msg(1, 2, 1, Body::AppendEntries {
-        prev_log_index: 0,
-        prev_log_term: 0,
-        entries: vec![entry(1, 1)],
-        leader_commit: 0,
-        read_seq: 0,
-    }));
+    r.step(msg(
+        1,
+        2,
+        1,
+        Body::AppendEntries {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![entry(1, 1)],
+            leader_commit: 0,
+            read_seq: 0,
+        },
+    ));
     let rd = r.ready();
     assert_eq!(rd.entries, vec![entry(1, 1)]);
     assert!(rd.messages.is_empty());
@@ -509,19 +525,18 @@ fn follower_ack_for_new_entries_waits_for_persistence() {
 #[test]
 fn follower_commit_is_capped_by_the_last_entry_verified() {
     // Entries 3..4 from an old term may diverge from the leader's log.
-    let mut r = node_with(2, 3, HardState { term: 2, vote: None, commit: 0 }, vec![
-        entry(1, 1),
-        entry(2, 1),
-        entry(3, 2),
-        entry(4, 2),
-    ]);
-    r.step(msg(1, 2, 3, Body::AppendEntries {
-        prev_log_index: 2,
-        prev_log_term: 1,
-        entries: vec![],
-        leader_commit: 10,
-        read_seq: 0,
-    }));
+    let mut r = node_with(
+        2,
+        3,
+        HardState { term: 2, vote: None, commit: 0 },
+        vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)],
+    );
+    r.step(msg(
+        1,
+        2,
+        3,
+        Body::AppendEntries { prev_log_index: 2, prev_log_term: 1, entries: vec![], leader_commit: 10, read_seq: 0 },
+    ));
     assert_eq!(r.commit_index(), 2);
     assert_eq!(r.last_index(), 4);
 }
@@ -530,13 +545,18 @@ fn follower_commit_is_capped_by_the_last_entry_verified() {
 fn delayed_append_does_not_truncate_newer_entries() {
     let mut r = node_with(2, 3, HardState { term: 1, vote: None, commit: 0 }, vec![]);
     let append = |prev: Index, entries: Vec<Entry>| {
-        msg(1, 2, 1, Body::AppendEntries {
-            prev_log_index: prev,
-            prev_log_term: if prev == 0 { 0 } else { 1 },
-            entries,
-            leader_commit: 0,
-            read_seq: 0,
-        })
+        msg(
+            1,
+            2,
+            1,
+            Body::AppendEntries {
+                prev_log_index: prev,
+                prev_log_term: if prev == 0 { 0 } else { 1 },
+                entries,
+                leader_commit: 0,
+                read_seq: 0,
+            },
+        )
     };
     r.step(append(0, vec![entry(1, 1), entry(2, 1), entry(3, 1)]));
     drain(&mut r);
@@ -549,18 +569,20 @@ fn delayed_append_does_not_truncate_newer_entries() {
 
 #[test]
 fn conflicting_suffix_is_replaced_and_storage_told_to_truncate() {
-    let mut r = node_with(2, 3, HardState { term: 2, vote: None, commit: 1 }, vec![
-        entry(1, 1),
-        entry(2, 2),
-        entry(3, 2),
-    ]);
-    r.step(msg(1, 2, 3, Body::AppendEntries {
-        prev_log_index: 1,
-        prev_log_term: 1,
-        entries: vec![entry(2, 3)],
-        leader_commit: 1,
-        read_seq: 0,
-    }));
+    let mut r =
+        node_with(2, 3, HardState { term: 2, vote: None, commit: 1 }, vec![entry(1, 1), entry(2, 2), entry(3, 2)]);
+    r.step(msg(
+        1,
+        2,
+        3,
+        Body::AppendEntries {
+            prev_log_index: 1,
+            prev_log_term: 1,
+            entries: vec![entry(2, 3)],
+            leader_commit: 1,
+            read_seq: 0,
+        },
+    ));
     let rd = drain(&mut r);
     assert_eq!(rd.truncate_from, Some(2));
     assert_eq!(rd.entries, vec![entry(2, 3)]);
@@ -569,34 +591,35 @@ fn conflicting_suffix_is_replaced_and_storage_told_to_truncate() {
 
 #[test]
 fn reject_carries_conflict_term_and_its_first_index() {
-    let mut r = node_with(2, 3, HardState { term: 3, vote: None, commit: 0 }, vec![
-        entry(1, 1),
-        entry(2, 2),
-        entry(3, 2),
-        entry(4, 2),
-    ]);
-    r.step(msg(1, 2, 4, Body::AppendEntries {
-        prev_log_index: 4,
-        prev_log_term: 3,
-        entries: vec![],
-        leader_commit: 0,
-        read_seq: 0,
-    }));
+    let mut r = node_with(
+        2,
+        3,
+        HardState { term: 3, vote: None, commit: 0 },
+        vec![entry(1, 1), entry(2, 2), entry(3, 2), entry(4, 2)],
+    );
+    r.step(msg(
+        1,
+        2,
+        4,
+        Body::AppendEntries { prev_log_index: 4, prev_log_term: 3, entries: vec![], leader_commit: 0, read_seq: 0 },
+    ));
     let rd = r.ready();
-    assert_eq!(rd.persisted_messages[0].body, Body::AppendEntriesReply {
-        success: false,
-        match_index: 0,
-        conflict_index: 2,
-        conflict_term: Some(2),
-        read_seq: 0,
-    });
-    r.step(msg(1, 2, 4, Body::AppendEntries {
-        prev_log_index: 9,
-        prev_log_term: 3,
-        entries: vec![],
-        leader_commit: 0,
-        read_seq: 0,
-    }));
+    assert_eq!(
+        rd.persisted_messages[0].body,
+        Body::AppendEntriesReply {
+            success: false,
+            match_index: 0,
+            conflict_index: 2,
+            conflict_term: Some(2),
+            read_seq: 0,
+        }
+    );
+    r.step(msg(
+        1,
+        2,
+        4,
+        Body::AppendEntries { prev_log_index: 9, prev_log_term: 3, entries: vec![], leader_commit: 0, read_seq: 0 },
+    ));
     assert!(matches!(
         r.ready().persisted_messages[0].body,
         Body::AppendEntriesReply { success: false, conflict_index: 5, conflict_term: None, .. }
@@ -617,11 +640,7 @@ fn far_behind_follower_catches_up_in_a_few_round_trips() {
     c.sent.clear();
     c.raft_mut(leader).peer_unreachable(lagger);
     c.run(3);
-    let to_lagger = c
-        .sent
-        .iter()
-        .filter(|m| m.to == lagger && matches!(m.body, Body::AppendEntries { .. }))
-        .count();
+    let to_lagger = c.sent.iter().filter(|m| m.to == lagger && matches!(m.body, Body::AppendEntries { .. })).count();
     assert!(to_lagger <= 4, "{to_lagger} round trips");
     assert_eq!(c.commands(lagger).len(), 300);
 }
@@ -630,16 +649,10 @@ fn far_behind_follower_catches_up_in_a_few_round_trips() {
 fn diverged_follower_with_many_stale_terms_is_repaired() {
     // Raft paper Figure 7 (f): a follower with entries of terms 2 and 3 that
     // no leader ever committed, against a leader in term 8.
-    let follower_log: Vec<Entry> = [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3]
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| entry(i as Index + 1, t))
-        .collect();
-    let leader_log: Vec<Entry> = [1, 1, 1, 4, 4, 5, 5, 6, 6, 6]
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| entry(i as Index + 1, t))
-        .collect();
+    let follower_log: Vec<Entry> =
+        [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3].iter().enumerate().map(|(i, &t)| entry(i as Index + 1, t)).collect();
+    let leader_log: Vec<Entry> =
+        [1, 1, 1, 4, 4, 5, 5, 6, 6, 6].iter().enumerate().map(|(i, &t)| entry(i as Index + 1, t)).collect();
     let mut c = Cluster::new(3);
     for (id, log, term) in [(1, &leader_log, 7), (2, &leader_log, 7), (3, &follower_log, 3)] {
         let node = c.nodes.get_mut(&id).unwrap();
@@ -668,13 +681,18 @@ fn figure_8_old_term_entries_are_not_committed_by_counting_replicas() {
     assert_eq!(r.soft_state().role, Role::Leader);
     drain(&mut r); // the no-op (index 3) is now durable on the leader
     let ack = |from, match_index| {
-        msg(from, 1, term, Body::AppendEntriesReply {
-            success: true,
-            match_index,
-            conflict_index: 0,
-            conflict_term: None,
-            read_seq: 0,
-        })
+        msg(
+            from,
+            1,
+            term,
+            Body::AppendEntriesReply {
+                success: true,
+                match_index,
+                conflict_index: 0,
+                conflict_term: None,
+                read_seq: 0,
+            },
+        )
     };
     r.step(ack(2, 2));
     r.step(ack(3, 2));
@@ -809,13 +827,12 @@ fn read_waits_for_the_new_leader_to_commit_in_its_term() {
     drain(&mut r);
     r.read_index(1).unwrap();
     let ack = |match_index, read_seq| {
-        msg(2, 1, term, Body::AppendEntriesReply {
-            success: true,
-            match_index,
-            conflict_index: 0,
-            conflict_term: None,
-            read_seq,
-        })
+        msg(
+            2,
+            1,
+            term,
+            Body::AppendEntriesReply { success: true, match_index, conflict_index: 0, conflict_term: None, read_seq },
+        )
     };
     // Follower 2 acknowledges a heartbeat but not the no-op yet.
     r.step(ack(1, 0));

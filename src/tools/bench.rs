@@ -80,7 +80,14 @@ pub fn run(config: &Config, args: &BenchArgs) -> Result<(), Box<dyn std::error::
     Ok(())
 }
 
-fn run_client(ctx: &zmq::Context, endpoint: &str, id: u64, keys: u64, value_size: usize, deadline: Instant) -> ClientResult {
+fn run_client(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    id: u64,
+    keys: u64,
+    value_size: usize,
+    deadline: Instant,
+) -> ClientResult {
     let mut client = Client::new(ctx, endpoint, Duration::from_secs(5));
     let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
     let mut errors = 0;
@@ -114,10 +121,10 @@ pub fn find_leader_endpoint(ctx: &zmq::Context, config: &Config, wait: Duration)
         config.nodes.iter().map(|m| Client::new(ctx, &m.client, Duration::from_millis(500))).collect();
     while Instant::now() < deadline {
         for client in &mut clients {
-            if let Ok(Reply::Status(status)) = client.call(&Request::Status) {
-                if status.role == "leader" {
-                    return Ok(client.endpoint().to_string());
-                }
+            if let Ok(Reply::Status(status)) = client.call(&Request::Status)
+                && status.role == "leader"
+            {
+                return Ok(client.endpoint().to_string());
             }
         }
         thread::sleep(Duration::from_millis(100));

@@ -99,14 +99,13 @@ fn to_json(value: &rmpv::Value) -> serde_json::Value {
         M::Integer(i) => i.as_u64().map(J::from).or_else(|| i.as_i64().map(J::from)).unwrap_or(J::Null),
         M::F32(f) => J::from(*f as f64),
         M::F64(f) => J::from(*f),
-        M::String(s) => J::String(s.as_str().map_or_else(|| String::from_utf8_lossy(s.as_bytes()).into(), String::from)),
+        M::String(s) => {
+            J::String(s.as_str().map_or_else(|| String::from_utf8_lossy(s.as_bytes()).into(), String::from))
+        }
         M::Binary(b) => serde_json::json!({ "$bin": b.iter().map(|x| format!("{x:02x}")).collect::<String>() }),
         M::Array(items) => J::Array(items.iter().map(to_json).collect()),
         M::Map(pairs) => J::Object(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.as_str().map_or_else(|| k.to_string(), String::from), to_json(v)))
-                .collect(),
+            pairs.iter().map(|(k, v)| (k.as_str().map_or_else(|| k.to_string(), String::from), to_json(v))).collect(),
         ),
         M::Ext(_, bytes) => serde_json::json!({ "$ext": bytes.len() }),
     }

@@ -34,11 +34,7 @@ pub fn run(config_path: &Path, config: &Config) -> Result<(), Box<dyn std::error
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::Release))?;
     }
-    println!(
-        "cluster of {} nodes running; logs in {}; Ctrl-C stops it",
-        children.len(),
-        config.logs_dir.display()
-    );
+    println!("cluster of {} nodes running; logs in {}; Ctrl-C stops it", children.len(), config.logs_dir.display());
     // Run until asked to stop or until every node has exited on its own.
     while !stop.load(Ordering::Acquire) {
         children.retain_mut(|(id, child)| match child.try_wait() {

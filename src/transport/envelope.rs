@@ -47,9 +47,7 @@ pub fn cluster_id(members: &[(NodeId, &str)]) -> u64 {
     sorted
         .iter()
         .flat_map(|(id, endpoint)| format!("{id}={endpoint};").into_bytes())
-        .fold(OFFSET_BASIS, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-        })
+        .fold(OFFSET_BASIS, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(PRIME))
 }
 
 /// Why a frame was not accepted from, or not sent to, the network.
@@ -104,10 +102,7 @@ impl fmt::Display for Reject {
             Reject::Version(v) => write!(f, "got {v}, speak {PROTOCOL_VERSION}"),
             Reject::Cluster(c) => write!(f, "got {c:#018x}"),
             Reject::Inconsistent { envelope, message } => {
-                write!(
-                    f,
-                    "envelope says (from, term) = {envelope:?}, message {message:?}"
-                )
+                write!(f, "envelope says (from, term) = {envelope:?}, message {message:?}")
             }
             Reject::Stranger(id) => write!(f, "node {id} is not a peer"),
             Reject::Misaddressed { from, to } => write!(f, "from {from} for node {to}"),
@@ -138,12 +133,7 @@ impl Wire {
         max_message_bytes: i64,
     ) -> Wire {
         let peers = peers.into_iter().filter(|&id| id != me).collect();
-        Wire {
-            me,
-            cluster,
-            peers,
-            max_message_bytes,
-        }
+        Wire { me, cluster, peers, max_message_bytes }
     }
 
     pub(crate) fn is_peer(&self, id: NodeId) -> bool {
@@ -160,13 +150,11 @@ impl Wire {
             term: message.term,
             message,
         };
-        let bytes = rmp_serde::to_vec_named(&envelope)
-            .expect("plain data always serializes to MessagePack in memory");
+        let bytes = rmp_serde::to_vec_named(&envelope).expect("plain data always serializes to MessagePack in memory");
         match usize::try_from(self.max_message_bytes) {
-            Ok(limit) if bytes.len() > limit => Err(Reject::TooLarge {
-                bytes: bytes.len(),
-                limit: self.max_message_bytes,
-            }),
+            Ok(limit) if bytes.len() > limit => {
+                Err(Reject::TooLarge { bytes: bytes.len(), limit: self.max_message_bytes })
+            }
             _ => Ok(bytes),
         }
     }
@@ -175,10 +163,7 @@ impl Wire {
     pub(crate) fn open_request(&self, frame: &[u8]) -> Result<Message, Reject> {
         let message = self.open(frame)?;
         if !message.body.is_request() {
-            return Err(Reject::Unexpected {
-                from: message.from,
-                request: false,
-            });
+            return Err(Reject::Unexpected { from: message.from, request: false });
         }
         Ok(message)
     }
@@ -187,10 +172,7 @@ impl Wire {
     pub(crate) fn open_reply(&self, frame: &[u8], peer: NodeId) -> Result<Message, Reject> {
         let message = self.open(frame)?;
         if message.body.is_request() || message.from != peer {
-            return Err(Reject::Unexpected {
-                from: message.from,
-                request: message.body.is_request(),
-            });
+            return Err(Reject::Unexpected { from: message.from, request: message.body.is_request() });
         }
         Ok(message)
     }
@@ -204,26 +186,15 @@ impl Wire {
         if header.cluster != self.cluster {
             return Err(Reject::Cluster(header.cluster));
         }
-        let Envelope {
-            from,
-            term,
-            message,
-            ..
-        } = rmp_serde::from_slice(frame).map_err(undecodable)?;
+        let Envelope { from, term, message, .. } = rmp_serde::from_slice(frame).map_err(undecodable)?;
         if (from, term) != (message.from, message.term) {
-            return Err(Reject::Inconsistent {
-                envelope: (from, term),
-                message: (message.from, message.term),
-            });
+            return Err(Reject::Inconsistent { envelope: (from, term), message: (message.from, message.term) });
         }
         if !self.is_peer(from) {
             return Err(Reject::Stranger(from));
         }
         if message.to != self.me {
-            return Err(Reject::Misaddressed {
-                from,
-                to: message.to,
-            });
+            return Err(Reject::Misaddressed { from, to: message.to });
         }
         Ok(message)
     }
@@ -249,16 +220,8 @@ mod tests {
                 prev_log_index: 4,
                 prev_log_term: 2,
                 entries: vec![
-                    Entry {
-                        index: 5,
-                        term: 3,
-                        payload: Payload::Noop,
-                    },
-                    Entry {
-                        index: 6,
-                        term: 3,
-                        payload: Payload::Command(vec![0, 0xff, 7]),
-                    },
+                    Entry { index: 5, term: 3, payload: Payload::Noop },
+                    Entry { index: 6, term: 3, payload: Payload::Command(vec![0, 0xff, 7]) },
                 ],
                 leader_commit: 4,
                 read_seq: 9,
@@ -267,15 +230,7 @@ mod tests {
     }
 
     fn vote_reply(from: NodeId, to: NodeId) -> Message {
-        Message {
-            from,
-            to,
-            term: 3,
-            body: Body::RequestVoteReply {
-                granted: true,
-                pre_vote: false,
-            },
-        }
+        Message { from, to, term: 3, body: Body::RequestVoteReply { granted: true, pre_vote: false } }
     }
 
     fn raw(envelope: &Envelope) -> Vec<u8> {
@@ -283,13 +238,7 @@ mod tests {
     }
 
     fn envelope(message: Message) -> Envelope {
-        Envelope {
-            version: PROTOCOL_VERSION,
-            cluster: CLUSTER,
-            from: message.from,
-            term: message.term,
-            message,
-        }
+        Envelope { version: PROTOCOL_VERSION, cluster: CLUSTER, from: message.from, term: message.term, message }
     }
 
     #[test]
@@ -307,12 +256,7 @@ mod tests {
     fn encoding_is_a_named_map_with_binary_commands() {
         let frame = wire(1).seal(append(1, 0)).unwrap();
         let value = rmpv::decode::read_value(&mut &frame[..]).unwrap();
-        let keys: Vec<_> = value
-            .as_map()
-            .unwrap()
-            .iter()
-            .map(|(k, _)| k.as_str().unwrap().to_owned())
-            .collect();
+        let keys: Vec<_> = value.as_map().unwrap().iter().map(|(k, _)| k.as_str().unwrap().to_owned()).collect();
         assert_eq!(keys, ["version", "cluster", "from", "term", "message"]);
         // The command travels as msgpack bin, not as an array of integers.
         let bin = [0xc4, 3, 0, 0xff, 7];
@@ -324,10 +268,7 @@ mod tests {
         let me = wire(0);
         let mut bad = envelope(append(1, 0));
         bad.version = PROTOCOL_VERSION + 1;
-        assert_eq!(
-            me.open_request(&raw(&bad)),
-            Err(Reject::Version(PROTOCOL_VERSION + 1))
-        );
+        assert_eq!(me.open_request(&raw(&bad)), Err(Reject::Version(PROTOCOL_VERSION + 1)));
 
         let mut bad = envelope(append(1, 0));
         bad.cluster = 7;
@@ -335,13 +276,7 @@ mod tests {
 
         let mut bad = envelope(append(1, 0));
         bad.term = 2;
-        assert_eq!(
-            me.open_request(&raw(&bad)),
-            Err(Reject::Inconsistent {
-                envelope: (1, 2),
-                message: (1, 3)
-            })
-        );
+        assert_eq!(me.open_request(&raw(&bad)), Err(Reject::Inconsistent { envelope: (1, 2), message: (1, 3) }));
 
         let bad = envelope(append(5, 0));
         assert_eq!(me.open_request(&raw(&bad)), Err(Reject::Stranger(5)));
@@ -351,34 +286,13 @@ mod tests {
         assert_eq!(me.open_request(&raw(&bad)), Err(Reject::Stranger(0)));
 
         let bad = envelope(append(1, 2));
-        assert_eq!(
-            me.open_request(&raw(&bad)),
-            Err(Reject::Misaddressed { from: 1, to: 2 })
-        );
+        assert_eq!(me.open_request(&raw(&bad)), Err(Reject::Misaddressed { from: 1, to: 2 }));
 
         let reply = raw(&envelope(vote_reply(1, 0)));
-        assert_eq!(
-            me.open_request(&reply),
-            Err(Reject::Unexpected {
-                from: 1,
-                request: false
-            })
-        );
-        assert_eq!(
-            me.open_reply(&reply, 2),
-            Err(Reject::Unexpected {
-                from: 1,
-                request: false
-            })
-        );
+        assert_eq!(me.open_request(&reply), Err(Reject::Unexpected { from: 1, request: false }));
+        assert_eq!(me.open_reply(&reply, 2), Err(Reject::Unexpected { from: 1, request: false }));
         let request = raw(&envelope(append(1, 0)));
-        assert_eq!(
-            me.open_reply(&request, 1),
-            Err(Reject::Unexpected {
-                from: 1,
-                request: true
-            })
-        );
+        assert_eq!(me.open_reply(&request, 1), Err(Reject::Unexpected { from: 1, request: true }));
     }
 
     #[test]
@@ -388,31 +302,21 @@ mod tests {
         let truncated = &raw(&envelope(append(1, 0)))[..20];
         let huge_claim = [0xdd, 0xff, 0xff, 0xff, 0xff]; // array of 4G elements
         for frame in [&b""[..], b"hello", &deep, truncated, &huge_claim] {
-            assert!(matches!(
-                me.open_request(frame),
-                Err(Reject::Undecodable(_))
-            ));
+            assert!(matches!(me.open_request(frame), Err(Reject::Undecodable(_))));
         }
     }
 
     #[test]
     fn seal_refuses_frames_over_the_limit() {
         let small = Wire::new(1, CLUSTER, [0], 16);
-        assert!(matches!(
-            small.seal(append(1, 0)),
-            Err(Reject::TooLarge { limit: 16, .. })
-        ));
+        assert!(matches!(small.seal(append(1, 0)), Err(Reject::TooLarge { limit: 16, .. })));
         let unlimited = Wire::new(1, CLUSTER, [0], -1);
         assert!(unlimited.seal(append(1, 0)).is_ok());
     }
 
     #[test]
     fn cluster_id_is_stable_and_order_independent() {
-        let members = [
-            (0, "tcp://127.0.0.1:7000"),
-            (1, "tcp://127.0.0.1:7001"),
-            (2, "tcp://127.0.0.1:7002"),
-        ];
+        let members = [(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")];
         // Pinned: changing it splits every deployed cluster.
         assert_eq!(cluster_id(&members), 0xde99_cf3e_1453_088e);
         let shuffled = [members[2], members[0], members[1]];

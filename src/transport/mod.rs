@@ -66,15 +66,8 @@ pub struct TransportConfig {
 
 #[derive(Debug)]
 pub enum TransportError {
-    Bind {
-        endpoint: String,
-        source: zmq::Error,
-    },
-    Connect {
-        peer: NodeId,
-        endpoint: String,
-        source: zmq::Error,
-    },
+    Bind { endpoint: String, source: zmq::Error },
+    Connect { peer: NodeId, endpoint: String, source: zmq::Error },
     Socket(zmq::Error),
     Spawn(std::io::Error),
 }
@@ -85,11 +78,7 @@ impl fmt::Display for TransportError {
             TransportError::Bind { endpoint, source } => {
                 write!(f, "cannot bind raft endpoint {endpoint}: {source}")
             }
-            TransportError::Connect {
-                peer,
-                endpoint,
-                source,
-            } => {
+            TransportError::Connect { peer, endpoint, source } => {
                 write!(f, "cannot connect to peer {peer} at {endpoint}: {source}")
             }
             TransportError::Socket(e) => write!(f, "cannot set up a zeromq socket: {e}"),
@@ -101,9 +90,7 @@ impl fmt::Display for TransportError {
 impl std::error::Error for TransportError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            TransportError::Bind { source, .. } | TransportError::Connect { source, .. } => {
-                Some(source)
-            }
+            TransportError::Bind { source, .. } | TransportError::Connect { source, .. } => Some(source),
             TransportError::Socket(e) => Some(e),
             TransportError::Spawn(e) => Some(e),
         }
@@ -147,32 +134,15 @@ impl Transport {
         // Distinguishes the wake pipes of several transports in one context.
         static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
-        let peers: Vec<_> = cfg
-            .peers
-            .into_iter()
-            .filter(|(id, _)| *id != cfg.id)
-            .collect();
-        let wire = Arc::new(Wire::new(
-            cfg.id,
-            cfg.cluster,
-            peers.iter().map(|(id, _)| *id),
-            cfg.max_message_bytes,
-        ));
+        let peers: Vec<_> = cfg.peers.into_iter().filter(|(id, _)| *id != cfg.id).collect();
+        let wire = Arc::new(Wire::new(cfg.id, cfg.cluster, peers.iter().map(|(id, _)| *id), cfg.max_message_bytes));
 
         let router = ctx.socket(zmq::ROUTER)?;
         router.set_linger(0)?;
         router.set_maxmsgsize(cfg.max_message_bytes)?;
-        router
-            .bind(&cfg.bind)
-            .map_err(|source| TransportError::Bind {
-                endpoint: cfg.bind.clone(),
-                source,
-            })?;
+        router.bind(&cfg.bind).map_err(|source| TransportError::Bind { endpoint: cfg.bind.clone(), source })?;
 
-        let wake_endpoint = format!(
-            "inproc://raft-transport-wake-{}",
-            INSTANCE.fetch_add(1, Ordering::Relaxed)
-        );
+        let wake_endpoint = format!("inproc://raft-transport-wake-{}", INSTANCE.fetch_add(1, Ordering::Relaxed));
         let wake_rx = ctx.socket(zmq::PULL)?;
         wake_rx.set_linger(0)?;
         wake_rx.bind(&wake_endpoint)?;
@@ -203,14 +173,8 @@ impl Transport {
         transport.spawn("raft-server".into(), move || server.run())?;
 
         for (peer, endpoint) in peers {
-            let socket =
-                peer::connect(ctx, &endpoint, cfg.max_message_bytes).map_err(|source| {
-                    TransportError::Connect {
-                        peer,
-                        endpoint: endpoint.clone(),
-                        source,
-                    }
-                })?;
+            let socket = peer::connect(ctx, &endpoint, cfg.max_message_bytes)
+                .map_err(|source| TransportError::Connect { peer, endpoint: endpoint.clone(), source })?;
             let (queue_tx, queue) = crossbeam_channel::unbounded();
             transport.requests.insert(peer, queue_tx);
             let link = Link {
@@ -266,15 +230,8 @@ impl Transport {
         drop(self);
     }
 
-    fn spawn(
-        &mut self,
-        name: String,
-        body: impl FnOnce() + Send + 'static,
-    ) -> Result<(), TransportError> {
-        let handle = thread::Builder::new()
-            .name(name)
-            .spawn(body)
-            .map_err(TransportError::Spawn)?;
+    fn spawn(&mut self, name: String, body: impl FnOnce() + Send + 'static) -> Result<(), TransportError> {
+        let handle = thread::Builder::new().name(name).spawn(body).map_err(TransportError::Spawn)?;
         self.threads.push(handle);
         Ok(())
     }
@@ -304,10 +261,9 @@ impl Drop for Transport {
 fn deliver(inbound: &Sender<Inbound>, item: Inbound, warnings: &mut Warnings) {
     match inbound.try_send(item) {
         Ok(()) => {}
-        Err(TrySendError::Full(_)) => warnings.warn(
-            "inbound queue full",
-            "inbound queue full: the core is behind; message dropped",
-        ),
+        Err(TrySendError::Full(_)) => {
+            warnings.warn("inbound queue full", "inbound queue full: the core is behind; message dropped")
+        }
         Err(TrySendError::Disconnected(_)) => debug!("inbound queue closed; message dropped"),
     }
 }
@@ -418,11 +374,7 @@ mod tests {
     }
 
     /// The next item matching `wanted`, skipping others, or a panic at `deadline`.
-    fn expect(
-        rx: &Receiver<Inbound>,
-        deadline: Instant,
-        wanted: impl Fn(&Inbound) -> bool,
-    ) -> Inbound {
+    fn expect(rx: &Receiver<Inbound>, deadline: Instant, wanted: impl Fn(&Inbound) -> bool) -> Inbound {
         loop {
             match rx.recv_deadline(deadline) {
                 Ok(item) if wanted(&item) => return item,
@@ -456,11 +408,7 @@ mod tests {
             body: Body::AppendEntries {
                 prev_log_index: 1,
                 prev_log_term: 1,
-                entries: vec![Entry {
-                    index: 2,
-                    term: 2,
-                    payload: Payload::Command(b"x=1".to_vec()),
-                }],
+                entries: vec![Entry { index: 2, term: 2, payload: Payload::Command(b"x=1".to_vec()) }],
                 leader_commit: 1,
                 read_seq: 4,
             },
@@ -487,14 +435,7 @@ mod tests {
         raw.connect(&nodes[0].1).unwrap();
         let frame = |version, cluster, from, message: Message| {
             let term = message.term;
-            rmp_serde::to_vec_named(&Envelope {
-                version,
-                cluster,
-                from,
-                term,
-                message,
-            })
-            .unwrap()
+            rmp_serde::to_vec_named(&Envelope { version, cluster, from, term, message }).unwrap()
         };
         let bad = [
             b"\xc1 not msgpack".to_vec(),
@@ -512,14 +453,7 @@ mod tests {
         raw.send_multipart([&b"x"[..], b"", b"extra"], 0).unwrap();
 
         let valid = heartbeat(1, 0, 3);
-        raw.send_multipart(
-            [
-                &b""[..],
-                &frame(PROTOCOL_VERSION, CLUSTER, 1, valid.clone()),
-            ],
-            0,
-        )
-        .unwrap();
+        raw.send_multipart([&b""[..], &frame(PROTOCOL_VERSION, CLUSTER, 1, valid.clone())], 0).unwrap();
         assert_eq!(message(&inbound), valid);
         assert!(inbound.is_empty());
 
@@ -544,15 +478,9 @@ mod tests {
         a.send(heartbeat(0, 2, 0));
         a.send(heartbeat(0, 1, 0));
         assert_eq!(message(&b_rx), heartbeat(0, 1, 0));
-        assert!(
-            sent.elapsed() < timeout,
-            "live peer waited {:?}",
-            sent.elapsed()
-        );
+        assert!(sent.elapsed() < timeout, "live peer waited {:?}", sent.elapsed());
 
-        expect(&a_rx, sent + timeout + PATIENCE, |i| {
-            *i == Inbound::Unreachable(2)
-        });
+        expect(&a_rx, sent + timeout + PATIENCE, |i| *i == Inbound::Unreachable(2));
         assert!(sent.elapsed() >= timeout);
     }
 
@@ -562,9 +490,7 @@ mod tests {
         let nodes = members(2);
         let (a, a_rx) = start(&ctx, 0, &nodes, Duration::from_millis(200));
         a.send(heartbeat(0, 1, 0));
-        expect(&a_rx, Instant::now() + PATIENCE, |i| {
-            *i == Inbound::Unreachable(1)
-        });
+        expect(&a_rx, Instant::now() + PATIENCE, |i| *i == Inbound::Unreachable(1));
 
         let (b, b_rx) = start(&ctx, 1, &nodes, PATIENCE);
         let deadline = Instant::now() + PATIENCE;
@@ -577,9 +503,7 @@ mod tests {
         };
         assert_eq!(received, heartbeat(0, 1, 1));
         b.send(ack(1, 0));
-        expect(&a_rx, Instant::now() + PATIENCE, |i| {
-            *i == Inbound::Message(ack(1, 0))
-        });
+        expect(&a_rx, Instant::now() + PATIENCE, |i| *i == Inbound::Message(ack(1, 0)));
     }
 
     #[test]
@@ -596,9 +520,7 @@ mod tests {
         for commit in 1..=10 {
             a.send(heartbeat(0, 1, commit));
         }
-        expect(&a_rx, Instant::now() + PATIENCE, |i| {
-            *i == Inbound::Unreachable(1)
-        });
+        expect(&a_rx, Instant::now() + PATIENCE, |i| *i == Inbound::Unreachable(1));
         assert_eq!(message(&b_rx), heartbeat(0, 1, 10));
     }
 
@@ -615,13 +537,8 @@ mod tests {
             reply_timeout: PATIENCE,
             max_message_bytes: -1,
         };
-        let error = Transport::start(&zmq::Context::new(), cfg, tx)
-            .err()
-            .unwrap();
-        assert_eq!(
-            error.to_string(),
-            format!("cannot bind raft endpoint {endpoint}: Address already in use")
-        );
+        let error = Transport::start(&zmq::Context::new(), cfg, tx).err().unwrap();
+        assert_eq!(error.to_string(), format!("cannot bind raft endpoint {endpoint}: Address already in use"));
     }
 
     #[test]
@@ -636,11 +553,7 @@ mod tests {
         message(&b_rx);
         let stopping = Instant::now();
         a.shutdown();
-        assert!(
-            stopping.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            stopping.elapsed()
-        );
+        assert!(stopping.elapsed() < Duration::from_secs(1), "took {:?}", stopping.elapsed());
     }
 
     #[test]

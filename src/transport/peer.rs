@@ -15,11 +15,7 @@ use crate::raft::{Message, NodeId};
 /// A REQ socket to `endpoint`. It never needs a send or receive timeout:
 /// sends are DONTWAIT (connect creates the outgoing pipe at once, so one
 /// request always fits) and replies are awaited with `poll`.
-pub(super) fn connect(
-    ctx: &zmq::Context,
-    endpoint: &str,
-    max_message_bytes: i64,
-) -> zmq::Result<zmq::Socket> {
+pub(super) fn connect(ctx: &zmq::Context, endpoint: &str, max_message_bytes: i64) -> zmq::Result<zmq::Socket> {
     let socket = ctx.socket(zmq::REQ)?;
     socket.set_linger(0)?;
     socket.set_maxmsgsize(max_message_bytes)?;
@@ -83,9 +79,7 @@ impl Link {
                     match failure {
                         Failure::Stopped => return,
                         Failure::Timeout => {}
-                        Failure::Zmq(e) => {
-                            warnings.warn("peer socket error", format!("peer {}: {e}", self.peer))
-                        }
+                        Failure::Zmq(e) => warnings.warn("peer socket error", format!("peer {}: {e}", self.peer)),
                         Failure::Rejected(r) => {
                             let detail = format!("exchange with peer {} failed: {r}", self.peer);
                             warnings.warn(r.reason(), detail)
@@ -127,10 +121,7 @@ impl Link {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                debug!(
-                    "no reply from peer {} within {:?}",
-                    self.peer, self.reply_timeout
-                );
+                debug!("no reply from peer {} within {:?}", self.peer, self.reply_timeout);
                 return Err(Failure::Timeout);
             }
             let slice_ms = left.min(STOP_CHECK).as_millis().max(1) as i64;

@@ -38,10 +38,7 @@ impl Server {
         let mut warnings = Warnings::default();
         let poll_ms = STOP_CHECK.as_millis() as i64;
         while !self.stop.load(Ordering::Acquire) {
-            let mut items = [
-                self.router.as_poll_item(zmq::POLLIN),
-                self.wake.as_poll_item(zmq::POLLIN),
-            ];
+            let mut items = [self.router.as_poll_item(zmq::POLLIN), self.wake.as_poll_item(zmq::POLLIN)];
             match zmq::poll(&mut items, poll_ms) {
                 Ok(_) | Err(zmq::Error::EINTR) => {}
                 Err(e) => {
@@ -68,19 +65,11 @@ impl Server {
         }
     }
 
-    fn accept(
-        &self,
-        pending: &mut HashMap<NodeId, Vec<Vec<u8>>>,
-        warnings: &mut Warnings,
-        mut frames: Vec<Vec<u8>>,
-    ) {
+    fn accept(&self, pending: &mut HashMap<NodeId, Vec<Vec<u8>>>, warnings: &mut Warnings, mut frames: Vec<Vec<u8>>) {
         // A REQ peer arrives as [identity, empty delimiter, payload].
         let payload = frames.pop().unwrap_or_default();
         if frames.len() < 2 || frames.last().is_some_and(|delimiter| !delimiter.is_empty()) {
-            let shape = format!(
-                "request dropped: malformed multipart of {} frames",
-                frames.len() + 1
-            );
+            let shape = format!("request dropped: malformed multipart of {} frames", frames.len() + 1);
             warnings.warn("malformed multipart", shape);
             return;
         }
@@ -93,12 +82,7 @@ impl Server {
         }
     }
 
-    fn send_reply(
-        &self,
-        pending: &mut HashMap<NodeId, Vec<Vec<u8>>>,
-        to: NodeId,
-        payload: Vec<u8>,
-    ) {
+    fn send_reply(&self, pending: &mut HashMap<NodeId, Vec<Vec<u8>>>, to: NodeId, payload: Vec<u8>) {
         let Some(mut frames) = pending.remove(&to) else {
             debug!("reply to node {to} dropped: no request of its is pending");
             return;
