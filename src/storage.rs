@@ -357,7 +357,9 @@ fn create_dirs(dir: &Path) -> io::Result<Vec<PathBuf>> {
 /// files into errors.
 fn open_sled(dir: &Path) -> Result<sled::Db, StorageError> {
     let err = |problem: String| StorageError::new(dir, problem);
-    let opened = panic::catch_unwind(AssertUnwindSafe(|| sled::Config::new().path(dir).open()));
+    // No background flusher: `sync` flushes whenever the core needs
+    // durability, and a second writer of fsyncs only adds latency jitter.
+    let opened = panic::catch_unwind(AssertUnwindSafe(|| sled::Config::new().path(dir).flush_every_ms(None).open()));
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => Err(err(format!("cannot open sled database: {e}"))),
