@@ -267,7 +267,9 @@ fn bad_request(message: impl Into<String>) -> Reply {
     Reply::error(ErrorCode::BadRequest, message, None)
 }
 
-fn bin_json(bytes: &[u8]) -> serde_json::Value {
+/// How bytes appear in JSON (the log mirror, the CLI client's output):
+/// `{"$bin": "<lowercase hex>"}`.
+pub fn bin_json(bytes: &[u8]) -> serde_json::Value {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut hex = String::with_capacity(2 * bytes.len());
     for &byte in bytes {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::kv::{Command, Value};
+use crate::kv::{Command, Value, bin_json};
 use crate::protocol::{Reply, Request, encode_request};
 
 /// One REQ socket to one node. A request that gets no reply in time leaves
@@ -102,7 +102,7 @@ fn to_json(value: &rmpv::Value) -> serde_json::Value {
         M::String(s) => {
             J::String(s.as_str().map_or_else(|| String::from_utf8_lossy(s.as_bytes()).into(), String::from))
         }
-        M::Binary(b) => serde_json::json!({ "$bin": b.iter().map(|x| format!("{x:02x}")).collect::<String>() }),
+        M::Binary(b) => bin_json(b),
         M::Array(items) => J::Array(items.iter().map(to_json).collect()),
         M::Map(pairs) => J::Object(
             pairs.iter().map(|(k, v)| (k.as_str().map_or_else(|| k.to_string(), String::from), to_json(v))).collect(),
