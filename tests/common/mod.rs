@@ -6,10 +6,12 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+use std::ffi::OsStr;
 use std::fs;
+use std::io::{Read, Seek};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -152,6 +154,28 @@ impl TestCluster {
         wait_for("a clean exit", || child.try_wait().unwrap())
     }
 
+    /// A raw socket of `kind` connected to `endpoint`: linger 0 and 5 s
+    /// send/receive timeouts, so a test never blocks on it.
+    pub fn socket(&self, kind: zmq::SocketType, endpoint: &str) -> zmq::Socket {
+        let socket = self.ctx.socket(kind).unwrap();
+        socket.set_linger(0).unwrap();
+        socket.set_rcvtimeo(5_000).unwrap();
+        socket.set_sndtimeo(5_000).unwrap();
+        socket.connect(endpoint).unwrap();
+        socket
+    }
+
+    /// Runs node `id` of this cluster's config in the foreground until it
+    /// exits; see [`run_to_exit`].
+    pub fn run_node_to_exit(&self, id: usize) -> Exited {
+        run_to_exit([
+            OsStr::new("--node-id"),
+            OsStr::new(&id.to_string()),
+            OsStr::new("--config"),
+            self.config_path.as_os_str(),
+        ])
+    }
+
     pub fn client(&self, id: usize) -> Client {
         Client::new(&self.ctx, &self.nodes[id].client, Duration::from_secs(5))
     }
@@ -239,4 +263,57 @@ pub fn lines(text: &str) -> Vec<&str> {
 
 pub fn read_path(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A child process that is killed and reaped when dropped, even on panic.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// How a process that was expected to stop by itself ended.
+pub struct Exited {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+/// Runs the binary with `args` (and `RUST_LOG=info`) and waits for it to
+/// exit on its own; panics (and kills it) if it is still running after
+/// `WAIT`. Its stderr is captured in an unnamed temp file, so a chatty
+/// process cannot block on a full pipe.
+pub fn run_to_exit<I, S>(args: I) -> Exited
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut stderr = tempfile::tempfile().unwrap();
+    let child = Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let read_stderr = |file: &mut fs::File| {
+        let mut text = String::new();
+        file.rewind().unwrap();
+        file.read_to_string(&mut text).unwrap();
+        text
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return Exited { status, stderr: read_stderr(&mut stderr) };
+        }
+        if Instant::now() >= deadline {
+            panic!("still running after {WAIT:?}; stderr so far:\n{}", read_stderr(&mut stderr));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
