@@ -56,7 +56,7 @@ impl Mirror {
         }
         let file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| err("open", e))?;
         let mut mirror = Mirror { path: path.to_path_buf(), out: BufWriter::new(file), last_index: 0 };
-        mirror.cut_after(Index::MAX)?;
+        mirror.cut_invalid_tail()?;
         Ok(mirror)
     }
 
@@ -106,24 +106,13 @@ impl Mirror {
         self.out.flush().map_err(|e| self.error(format!("cannot write: {e}")))
     }
 
-    /// Drops every line with an index above `index`. Only needed if the
-    /// mirror got ahead of the durable state, which should not happen but
-    /// must not wedge a restart.
-    pub fn truncate_after(&mut self, index: Index) -> Result<(), MirrorError> {
-        self.flush()?;
-        self.cut_after(index)
-    }
-
     /// Scans the file from the start and truncates it after the last valid
-    /// line whose index is at most `keep_through`; sets `last_index` to it.
-    /// Everything buffered must have been flushed.
-    fn cut_after(&mut self, keep_through: Index) -> Result<(), MirrorError> {
+    /// line; sets `last_index` to that line's index.
+    fn cut_invalid_tail(&mut self) -> Result<(), MirrorError> {
         let file = self.out.get_ref();
-        let (keep_len, last_index, invalid) =
-            scan(file, keep_through).map_err(|e| self.error(format!("cannot read: {e}")))?;
+        let (keep_len, last_index, invalid) = scan(file).map_err(|e| self.error(format!("cannot read: {e}")))?;
         let len = file.metadata().map_err(|e| self.error(format!("cannot stat: {e}")))?.len();
-        if keep_len < len {
-            let why = invalid.unwrap_or_else(|| format!("lines past index {keep_through}"));
+        if let Some(why) = invalid.filter(|_| keep_len < len) {
             log::warn!(
                 "mirror {}: {why}; cutting {} bytes after line {last_index}",
                 self.path.display(),
@@ -140,10 +129,10 @@ impl Mirror {
     }
 }
 
-/// Reads lines while they are valid, consecutive and at most `keep_through`.
+/// Reads lines while they are valid and consecutive.
 /// Returns the byte length of that prefix, the index of its last line, and
 /// why the scan stopped early if it was because of a bad line.
-fn scan(file: &File, keep_through: Index) -> io::Result<(u64, Index, Option<String>)> {
+fn scan(file: &File) -> io::Result<(u64, Index, Option<String>)> {
     let mut reader = BufReader::new(file);
     // `file` is opened for appending, so reads start wherever the last
     // operation left the shared offset: go back to the start.
@@ -165,9 +154,6 @@ fn scan(file: &File, keep_through: Index) -> io::Result<(u64, Index, Option<Stri
                 return Ok((keep_len, last, Some(format!("line after {last} is bad: {problem}"))));
             }
         };
-        if index > keep_through {
-            return Ok((keep_len, last, None));
-        }
         keep_len += read as u64;
         last = index;
     }
@@ -363,25 +349,5 @@ mod tests {
         let m = Mirror::open(&path).unwrap();
         assert_eq!(m.last_index(), 6, "a snapshot that does not move forward is cut");
         assert_eq!(contents(&path), format!("# snapshot 5, 2\n6, 2, {PUT}\n"));
-    }
-
-    #[test]
-    fn truncate_after_drops_later_lines_including_unflushed() {
-        let (_tmp, path) = setup();
-        let mut m = Mirror::open(&path).unwrap();
-        for i in 1..=3 {
-            m.append(i, 1, PUT).unwrap();
-        }
-        m.flush().unwrap();
-        m.append_snapshot(8, 2).unwrap();
-        m.append(9, 2, PUT).unwrap();
-        m.truncate_after(5).unwrap();
-        assert_eq!(m.last_index(), 3);
-        m.append(4, 2, PUT).unwrap();
-        m.flush().unwrap();
-        let expected: String = (1..=3).map(|i| format!("{i}, 1, {PUT}\n")).collect();
-        assert_eq!(contents(&path), format!("{expected}4, 2, {PUT}\n"));
-        m.truncate_after(0).unwrap();
-        assert_eq!((m.last_index(), contents(&path)), (0, String::new()));
     }
 }

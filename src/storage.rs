@@ -58,6 +58,11 @@ use crate::raft::types::{Entry, HardState, Index};
 const HARD_STATE_KEY: &[u8] = b"hs";
 const LOG_PREFIX: &[u8] = b"log/";
 const META_PREFIX: &[u8] = b"meta/";
+/// Written when the database is created. sled treats an unreadable data file
+/// as a torn write and silently opens it empty; without this marker a
+/// corrupted state dir would restart as a blank node that may vote twice in a
+/// term and has forgotten acknowledged entries.
+const CREATED_KEY: &[u8] = b"created";
 const LOG_KEY_LEN: usize = LOG_PREFIX.len() + 8;
 
 /// A storage failure: the state dir and what went wrong there.
@@ -115,7 +120,21 @@ impl Storage {
         let err = |problem: String| StorageError::new(dir, problem);
 
         let created = create_dirs(dir).map_err(|e| err(format!("cannot create: {e}")))?;
+        let had_data = fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
         let db = open_sled(dir)?;
+        match db.get(CREATED_KEY) {
+            Ok(Some(_)) => {}
+            Ok(None) if !had_data => {
+                db.insert(CREATED_KEY, &[][..]).map_err(|e| err(format!("cannot initialise: {e}")))?;
+            }
+            Ok(None) => {
+                return Err(err("holds a data file but no readable raft-zmq state: it is corrupt or not ours. \
+                     Refusing to start, since a blank restart could vote twice or forget acknowledged writes. \
+                     To rebuild this node from its peers, move the state dir and its logs/<id>.txt away"
+                    .into()));
+            }
+            Err(e) => return Err(err(format!("cannot read: {e}"))),
+        }
         let db_file = File::open(dir.join("db")).map_err(|e| err(format!("cannot open db file for syncing: {e}")))?;
 
         let mut storage = Storage {
@@ -414,7 +433,11 @@ mod tests {
     }
 
     /// Writes raw key/values with sled directly, bypassing `Storage`'s checks.
+    /// Bypasses `Storage` to plant bad data in a store it created.
     fn write_raw(dir: &Path, pairs: &[(Vec<u8>, Vec<u8>)]) {
+        if !dir.join("db").exists() {
+            drop(Storage::open(dir).unwrap());
+        }
         let db = sled::open(dir).unwrap();
         for (k, v) in pairs {
             db.insert(k.as_slice(), v.as_slice()).unwrap();
@@ -641,6 +664,18 @@ mod tests {
         fs::write(tmp.path().join("conf"), b"this is not a sled config file at all").unwrap();
         let e = open_err(tmp.path());
         assert!(e.starts_with(&format!("state dir {}: ", tmp.path().display())), "{e}");
+    }
+
+    #[test]
+    fn garbage_data_file_with_a_valid_conf_is_refused_not_opened_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.write(Some(&HardState { term: 3, vote: Some(1), commit: 0 }), None, &[entry(1, 3, b"x")]).unwrap();
+            s.sync().unwrap();
+        }
+        fs::write(tmp.path().join("db"), vec![0x5a; 4096]).unwrap();
+        assert!(open_err(tmp.path()).contains("corrupt"));
     }
 
     #[test]

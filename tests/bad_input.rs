@@ -496,7 +496,6 @@ fn a_corrupt_state_dir_stops_the_node_with_a_clear_error_not_a_panic() {
 /// log; cutting it back"). In a real cluster that is a second vote in a term
 /// it already voted in, and a lost copy of acknowledged writes.
 #[test]
-#[ignore = "bug: a junk sled db (conf intact) is silently opened as empty; the node restarts blank (src/storage.rs Storage::open, src/node/mod.rs:65)"]
 fn a_corrupt_sled_db_alone_is_refused_not_opened_as_empty() {
     assert_corrupt_state_refused(&["db"]);
 }

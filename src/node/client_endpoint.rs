@@ -143,6 +143,7 @@ impl ClientEndpoint {
         }
         let request = match decode_request(&request) {
             Ok(decoded) => (decoded, request),
+            Err(Reply::Error { code, message, .. }) => return reply_error(reply_to, code, message),
             Err(reply) => return replier.send(reply_to, &reply),
         };
         match (&request.0, shared.leader()) {

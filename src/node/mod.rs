@@ -61,11 +61,17 @@ pub fn run(config: &Config, id: NodeId) -> Result<(), Box<dyn Error>> {
     let members = settle_membership(&mut storage, config)?;
     let me =
         members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
-    let mut mirror = Mirror::open(&config.node_log_path(id))?;
+    let mirror = Mirror::open(&config.node_log_path(id))?;
     let last_index = recovered.entries.len() as u64;
     if mirror.last_index() > last_index {
-        warn!("{} is ahead of the durable log ({last_index}); cutting it back", config.node_log_path(id).display());
-        mirror.truncate_after(last_index)?;
+        // Applied entries are durable first, so the state dir lost data.
+        return Err(format!(
+            "{} shows entries up to {} applied but the state dir holds only {last_index}: state was lost. \
+             To rebuild this node from its peers, move both away",
+            config.node_log_path(id).display(),
+            mirror.last_index()
+        )
+        .into());
     }
     // Entries in the mirror were applied, hence committed; the persisted
     // commit index may lag behind them (it is written lazily).
