@@ -21,6 +21,11 @@ struct Cli {
     /// Which node of the config to run.
     #[arg(long, required = true)]
     node_id: Option<u64>,
+    /// Reach peer ID at ENDPOINT instead of its `raft` endpoint in the config,
+    /// e.g. through a proxy or tunnel. Repeatable. Membership still comes from
+    /// the config.
+    #[arg(long = "peer", value_name = "ID=ENDPOINT", value_parser = parse_route)]
+    peer: Vec<(u64, String)>,
     /// The cluster's config file.
     #[arg(long, global = true, default_value = "config.json")]
     config: PathBuf,
@@ -71,7 +76,7 @@ fn main() -> ExitCode {
             if let Err(e) = config.require_member(id) {
                 return fail(2, &e);
             }
-            node::run(&config, id).map_err(|e| format!("node {id}: {e}"))
+            node::run(&config, id, &cli.peer).map_err(|e| format!("node {id}: {e}"))
         }
         Some(Tool::Cluster) => cluster::run(&cli.config, &config).map_err(|e| e.to_string()),
         Some(Tool::Bench(args)) => bench::run(&config, &args).map_err(|e| e.to_string()),
@@ -91,6 +96,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e),
     }
+}
+
+fn parse_route(route: &str) -> Result<(u64, String), String> {
+    let (id, endpoint) = route.split_once('=').ok_or("expected ID=ENDPOINT")?;
+    let id = id.parse().map_err(|e| format!("bad node id {id:?}: {e}"))?;
+    Ok((id, endpoint.to_string()))
 }
 
 /// Prints the reply as JSON; exit status 0 for `ok: true`, 1 for an error

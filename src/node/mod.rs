@@ -55,8 +55,9 @@ impl Shared {
 /// Membership key in the state dir: once recorded, it wins over the file.
 const MEMBERSHIP_META: &str = "membership";
 
-/// Runs node `id` until SIGINT/SIGTERM.
-pub fn run(config: &Config, id: NodeId) -> Result<(), Box<dyn Error>> {
+/// Runs node `id` until SIGINT/SIGTERM. `routes` (from `--peer`) reach some
+/// peers at another endpoint than their `raft` one; see [`peer_endpoints`].
+pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(), Box<dyn Error>> {
     let (mut storage, recovered) = Storage::open(&config.node_state_dir(id))?;
     let members = settle_membership(&mut storage, config)?;
     let me =
@@ -84,7 +85,7 @@ pub fn run(config: &Config, id: NodeId) -> Result<(), Box<dyn Error>> {
 
     let ctx = zmq::Context::new();
     let (peer_tx, peer_rx) = unbounded();
-    let peers: Vec<(NodeId, String)> = members.iter().filter(|m| m.id != id).map(|m| (m.id, m.raft.clone())).collect();
+    let peers = peer_endpoints(&members, id, routes)?;
     let cluster = cluster_id(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
     let transport = Transport::start(
         &ctx,
@@ -168,6 +169,28 @@ fn settle_membership(storage: &mut Storage, config: &Config) -> Result<Vec<Membe
     Ok(config.nodes.clone())
 }
 
+/// Where this node connects to reach each other member: its `raft` endpoint,
+/// unless a route names another one (a proxy or tunnel in between). Routes
+/// change only where this node connects; the membership, and with it the
+/// cluster id every envelope carries, stays the one all nodes share.
+fn peer_endpoints(
+    members: &[Member],
+    me: NodeId,
+    routes: &[(NodeId, String)],
+) -> Result<Vec<(NodeId, String)>, String> {
+    if let Some((id, _)) = routes.iter().find(|(id, _)| *id == me || !members.iter().any(|m| m.id == *id)) {
+        return Err(format!("--peer {id}: not a peer of node {me}"));
+    }
+    Ok(members
+        .iter()
+        .filter(|m| m.id != me)
+        .map(|m| {
+            let route = routes.iter().rev().find(|(id, _)| *id == m.id);
+            (m.id, route.map_or(&m.raft, |(_, endpoint)| endpoint).clone())
+        })
+        .collect())
+}
+
 /// The largest tick (at most 10 ms) that divides every configured interval,
 /// so tick counts express the timeouts exactly.
 fn tick_ms(config: &Config) -> u64 {
@@ -205,6 +228,24 @@ mod tests {
         std::fs::write(&path, r#"{"nodes":[{"id":0,"raft":"tcp://127.0.0.1:1","client":"tcp://127.0.0.1:2"}]}"#)
             .unwrap();
         Config { heartbeat_ms, election_timeout_ms, ..Config::load(&path).unwrap() }
+    }
+
+    #[test]
+    fn routes_redirect_only_the_named_peers() {
+        let member = |id: NodeId| Member {
+            id,
+            raft: format!("tcp://127.0.0.1:700{id}"),
+            client: format!("tcp://127.0.0.1:710{id}"),
+        };
+        let members = [member(0), member(1), member(2)];
+        let routes = [(2, "tcp://127.0.0.1:9002".to_string())];
+        assert_eq!(
+            peer_endpoints(&members, 0, &routes).unwrap(),
+            [(1, "tcp://127.0.0.1:7001".to_string()), (2, "tcp://127.0.0.1:9002".to_string())]
+        );
+        assert_eq!(peer_endpoints(&members, 1, &[]).unwrap().len(), 2);
+        assert!(peer_endpoints(&members, 0, &[(0, "tcp://127.0.0.1:9000".into())]).is_err(), "a route to itself");
+        assert!(peer_endpoints(&members, 0, &[(7, "tcp://127.0.0.1:9007".into())]).is_err(), "not a member");
     }
 
     #[test]

@@ -106,11 +106,17 @@ impl TestCluster {
     }
 
     pub fn start_node(&mut self, id: usize) {
+        self.start_node_with(id, &[]);
+    }
+
+    /// Like [`TestCluster::start_node`], with extra command-line arguments.
+    pub fn start_node_with(&mut self, id: usize, extra_args: &[String]) {
         assert!(self.nodes[id].process.is_none(), "node {id} already running");
         let log = fs::OpenOptions::new().create(true).append(true).open(self.output_path(id)).unwrap();
         let child = Command::new(binary())
             .args(["--node-id", &id.to_string(), "--config"])
             .arg(&self.config_path)
+            .args(extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

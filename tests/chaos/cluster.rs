@@ -1,0 +1,44 @@
+//! A [`TestCluster`] whose raft traffic runs through a [`Network`] of
+//! proxies, with the few operations the nemesis and the checks need.
+
+use crate::common::TestCluster;
+use crate::network::Network;
+
+pub struct ChaosCluster {
+    /// Declared first so it drops first: processes die before their proxies.
+    pub nodes: TestCluster,
+    pub network: Network,
+}
+
+impl ChaosCluster {
+    pub fn start(n: usize) -> ChaosCluster {
+        let nodes = TestCluster::configure(n, "");
+        let network = Network::start(&nodes.nodes.iter().map(|node| node.raft.clone()).collect::<Vec<_>>());
+        let mut cluster = ChaosCluster { nodes, network };
+        for id in 0..n {
+            cluster.restart(id);
+        }
+        cluster
+    }
+
+    pub fn size(&self) -> usize {
+        self.nodes.nodes.len()
+    }
+
+    /// Starts node `id` (again), its peer traffic routed through the network.
+    pub fn restart(&mut self, id: usize) {
+        let routes = self.network.routes(id);
+        self.nodes.start_node_with(id, &routes);
+    }
+
+    pub fn client_endpoints(&self) -> Vec<String> {
+        self.nodes.nodes.iter().map(|node| node.client.clone()).collect()
+    }
+
+    /// The node that says it leads in the highest term, asking each running
+    /// node once; `None` while an election is on.
+    pub fn leader(&self) -> Option<usize> {
+        let statuses = self.nodes.running().into_iter().filter_map(|id| self.nodes.status(id));
+        statuses.filter(|s| s.role == "leader").max_by_key(|s| s.term).map(|s| s.id as usize)
+    }
+}

@@ -1,0 +1,169 @@
+//! Jepsen-style chaos test of real `raft-zmq` processes on 127.0.0.1.
+//!
+//! Concurrent clients run random get/put/delete/cas through random nodes
+//! while a nemesis kills, pauses and partitions nodes one fault at a time.
+//! Afterwards: every key's history must be linearizable (final reads through
+//! the leader included, so no acknowledged write may be lost), all nodes must
+//! converge on the same last applied index, and their `logs/<id>.txt` must
+//! agree. Failover times are reported.
+//!
+//! `CHAOS_SECS=n` sets the load's duration per cluster (default 30);
+//! `CHAOS_SEED=n` replays a run's random choices (its nemesis schedule and
+//! client ops; timing still varies).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cluster;
+mod linearizability;
+mod nemesis;
+mod network;
+mod proxy;
+mod register;
+mod workload;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cluster::ChaosCluster;
+use common::wait_for;
+use linearizability::{Outcome, Verdict};
+use nemesis::{Fault, Scheduled};
+use register::Input;
+use workload::{History, Session, Workload};
+
+const CLIENTS: usize = 5;
+const KEYS: usize = 5;
+/// Checker runs spent shrinking a failing history.
+const SHRINK_BUDGET: usize = 300;
+
+#[test]
+fn three_nodes() {
+    chaos(3);
+}
+
+#[test]
+fn five_nodes() {
+    chaos(5);
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}")))
+}
+
+fn chaos(n: usize) {
+    let secs = env_u64("CHAOS_SECS").unwrap_or(30);
+    let seed = env_u64("CHAOS_SEED")
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+    eprintln!("chaos, {n} nodes: {secs} s of load, CHAOS_SEED={seed}");
+    let started = Instant::now();
+    let mut cluster = ChaosCluster::start(n);
+    cluster.nodes.wait_for_leader();
+
+    let t0 = Instant::now();
+    let workload = Workload::start(&cluster.client_endpoints(), CLIENTS, KEYS, seed, t0);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let schedule = nemesis::run(&mut cluster, &mut rng, t0, Duration::from_secs(secs));
+    let mut history = workload.finish();
+
+    // Healed: a final read of every key through the leader joins the history.
+    let leader = cluster.nodes.wait_for_leader();
+    let mut reader = Session::new(CLIENTS, &[cluster.client_endpoints()[leader].clone()], seed, t0);
+    for k in 0..KEYS {
+        let key = format!("k{k}");
+        let read = wait_for("a final read", || reader.perform(&key, Input::Get));
+        history.by_key.entry(key).or_default().push(read);
+    }
+    let checks = check(&history, &schedule, seed);
+    report(&history, &schedule, checks);
+    let applied = converge(&cluster);
+    eprintln!("all {n} nodes applied {applied} entries and their logs/<id>.txt agree");
+    eprintln!("chaos, {n} nodes: passed in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// Waits until every node has applied the leader's commit index, and checks
+/// that their log mirrors are identical; returns that index.
+fn converge(cluster: &ChaosCluster) -> u64 {
+    let n = cluster.size();
+    let applied = wait_for("every node to apply the leader's commit index", || {
+        let statuses: Vec<_> = (0..n).map(|id| cluster.nodes.status(id)).collect::<Option<_>>()?;
+        let commit = statuses.iter().find(|s| s.role == "leader")?.commit_index;
+        statuses.iter().all(|s| s.last_applied == commit).then_some(commit)
+    });
+    let mirrors = wait_for("every mirror to reach the applied index", || {
+        let mirrors: Vec<String> = (0..n).map(|id| cluster.nodes.mirror(id)).collect();
+        mirrors.iter().all(|m| m.lines().count() as u64 == applied).then_some(mirrors)
+    });
+    for (id, mirror) in mirrors.iter().enumerate() {
+        if let Some((i, (a, b))) = mirror.lines().zip(mirrors[0].lines()).enumerate().find(|(_, (a, b))| a != b) {
+            panic!("logs/{id}.txt and logs/0.txt differ at line {}:\n  {a}\n  {b}", i + 1);
+        }
+    }
+    applied
+}
+
+/// Checks every key; on a violation prints the seed, the schedule and the
+/// smallest failing sub-history found, then fails. Returns the checker runs.
+fn check(history: &History, schedule: &[Scheduled], seed: u64) -> usize {
+    for (key, ops) in &history.by_key {
+        match linearizability::check(ops) {
+            Verdict::Linearizable => {}
+            verdict => {
+                eprintln!("key {key}: {verdict:?} ({} ops); CHAOS_SEED={seed}\nnemesis schedule:", ops.len());
+                schedule.iter().for_each(|s| eprintln!("  {s}"));
+                if verdict == Verdict::Violation {
+                    let small = linearizability::shrink(ops, SHRINK_BUDGET);
+                    eprintln!("smallest failing sub-history of {key} ({} ops):", small.len());
+                    small.iter().for_each(|op| eprintln!("  {op}"));
+                }
+                panic!("key {key}: history is not linearizable ({verdict:?}); CHAOS_SEED={seed}");
+            }
+        }
+    }
+    history.by_key.len()
+}
+
+fn report(history: &History, schedule: &[Scheduled], checks: usize) {
+    let ops: Vec<_> = history.ops().collect();
+    let unknown = ops.iter().filter(|op| op.outcome == Outcome::Unknown).count();
+    eprintln!(
+        "{} ops recorded ({} unknown), {} definitely failed; {} faults; {checks} checker runs",
+        ops.len(),
+        unknown,
+        history.failed,
+        schedule.len()
+    );
+    for s in schedule {
+        eprintln!(
+            "  {s}{}",
+            failover(history, s).map_or(String::new(), |d| format!("  (next write acked {} ms later)", d.as_millis()))
+        );
+    }
+    let leader_lost = |s: &&Scheduled| s.fault.removes_leader();
+    let leader_killed = |s: &&Scheduled| matches!(s.fault, Fault::Kill { leader: true, .. });
+    print_failovers("leader killed", history, schedule.iter().filter(leader_killed));
+    print_failovers("leader killed, paused or isolated, or all killed", history, schedule.iter().filter(leader_lost));
+}
+
+fn print_failovers<'a>(what: &str, history: &History, faults: impl Iterator<Item = &'a Scheduled>) {
+    let mut times: Vec<Duration> = faults.filter_map(|s| failover(history, s)).collect();
+    times.sort();
+    if let (Some(p50), Some(max)) = (times.get(times.len() / 2), times.last()) {
+        let (p50, max) = (p50.as_millis(), max.as_millis());
+        eprintln!("failover ({what} → first acknowledged write), {} cases: p50 {p50} ms, max {max} ms", times.len());
+    }
+}
+
+/// Time from the fault's start to the first acknowledgement of a write
+/// invoked after it (a write invoked before may have been committed before).
+fn failover(history: &History, scheduled: &Scheduled) -> Option<Duration> {
+    let start = scheduled.start.as_micros() as u64;
+    let first = history
+        .ops()
+        .filter(|op| op.input.is_write() && op.invoked > start)
+        .filter_map(|op| match op.outcome {
+            Outcome::Returned { at, .. } => Some(at),
+            Outcome::Unknown => None,
+        })
+        .min()?;
+    Some(Duration::from_micros(first - start))
+}

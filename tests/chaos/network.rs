@@ -1,0 +1,49 @@
+//! The network between a cluster's nodes: one [`Proxy`] per directed link,
+//! so that any set of links can be cut.
+//!
+//! Node A reaches peer B through the proxy of link (A, B): A starts with
+//! `--peer B=<that proxy>`, while the shared config keeps B's real raft
+//! endpoint (and with it the cluster id). Link (A, B) carries A's requests to
+//! B and B's replies to A; B's own requests to A travel on link (B, A).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use crate::proxy::Proxy;
+
+pub struct Network {
+    links: BTreeMap<(usize, usize), Proxy>,
+}
+
+impl Network {
+    /// A proxy for every ordered pair of `raft_endpoints` (`tcp://ip:port`).
+    pub fn start(raft_endpoints: &[String]) -> Network {
+        let addr = |endpoint: &str| -> SocketAddr { endpoint.trim_start_matches("tcp://").parse().unwrap() };
+        let n = raft_endpoints.len();
+        let links = (0..n)
+            .flat_map(|from| (0..n).filter(move |&to| to != from).map(move |to| (from, to)))
+            .map(|(from, to)| ((from, to), Proxy::start(addr(&raft_endpoints[to]))))
+            .collect();
+        Network { links }
+    }
+
+    /// The arguments that route node `from`'s peer connections through its links.
+    pub fn routes(&self, from: usize) -> Vec<String> {
+        self.links
+            .iter()
+            .filter(|((source, _), _)| *source == from)
+            .flat_map(|((_, to), proxy)| ["--peer".to_string(), format!("{to}={}", proxy.endpoint())])
+            .collect()
+    }
+
+    /// Cuts exactly the links for which `cut(from, to)` holds; heals the rest.
+    pub fn apply(&self, cut: impl Fn(usize, usize) -> bool) {
+        for (&(from, to), proxy) in &self.links {
+            proxy.set_cut(cut(from, to));
+        }
+    }
+
+    pub fn heal(&self) {
+        self.apply(|_, _| false);
+    }
+}
