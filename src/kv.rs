@@ -293,17 +293,24 @@ pub fn command_json(payload: &Payload) -> String {
     }
 }
 
+/// Short constructors for tests of this module and of `protocol`.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_values {
+    use super::Value;
 
-    fn s(text: &str) -> Value {
+    pub fn s(text: &str) -> Value {
         Value::Str(text.into())
     }
 
-    fn b(bytes: &[u8]) -> Value {
+    pub fn b(bytes: &[u8]) -> Value {
         Value::Bin(bytes.to_vec())
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_values::{b, s};
+    use super::*;
 
     fn payload(command: Command, client_id: Option<&str>, seq: Option<u64>) -> Payload {
         let logged = LoggedCommand { command, client_id: client_id.map(str::to_owned), seq };

@@ -454,15 +454,8 @@ fn to_log_entry(value: rmpv::Value) -> Result<LogEntryView, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::test_values::{b, s};
     use rmpv::Value as M;
-
-    fn s(text: &str) -> Value {
-        Value::Str(text.into())
-    }
-
-    fn b(bytes: &[u8]) -> Value {
-        Value::Bin(bytes.to_vec())
-    }
 
     /// A frame holding a map with the given string keys.
     fn frame(pairs: Vec<(&str, M)>) -> Vec<u8> {
