@@ -11,6 +11,7 @@ and the node processes are killed in teardown whatever happens.
 
 import json
 import os
+import random
 import socket
 import subprocess
 import time
@@ -29,10 +30,27 @@ ERROR_KEYS = {"ok", "error", "message", "leader"}
 WRITES = {"put", "delete", "cas", "propose"}
 
 
+_handed_out = set()
+_rng = random.Random(os.getpid())
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on and not handed out before in this run.
+
+    Chosen below the kernel's ephemeral range (32768+), so the source port of
+    an outgoing connection cannot take it before the node binds it.
+    """
+    while True:
+        port = _rng.randrange(10_000, 32_000)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def pack(obj):
