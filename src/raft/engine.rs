@@ -642,12 +642,16 @@ impl Raft {
     /// stale candidate steps down; stale replies are simply dropped.
     fn reply_to_stale(&mut self, m: &Message) {
         let body = match m.body {
-            Body::AppendEntries { read_seq, .. } => Body::AppendEntriesReply {
+            // No read round echoed: it belongs to an older leadership, and a
+            // leader that restarted counts its rounds from 1 again, so the
+            // echo could confirm its new reads without a quorum (found by
+            // the simulator).
+            Body::AppendEntries { .. } => Body::AppendEntriesReply {
                 success: false,
                 match_index: 0,
                 conflict_index: 0,
                 conflict_term: None,
-                read_seq,
+                read_seq: 0,
             },
             Body::RequestVote { pre_vote, .. } => Body::RequestVoteReply { granted: false, pre_vote },
             _ => return,

@@ -845,6 +845,34 @@ fn read_waits_for_the_new_leader_to_commit_in_its_term() {
 }
 
 #[test]
+fn rejecting_an_older_terms_append_does_not_confirm_reads() {
+    // Node 1 led term 2, crashed and restarted, so its read rounds count
+    // from 1 again; now it leads term 3. Follower 2, already in term 3,
+    // rejects a delayed AppendEntries of term 2 that carried round 5 of the
+    // old process. That answer predates every read of term 3.
+    let mut follower = node_with(2, 3, HardState { term: 3, vote: Some(1), commit: 0 }, vec![entry(1, 1)]);
+    let old_append =
+        Body::AppendEntries { prev_log_index: 1, prev_log_term: 1, entries: vec![], leader_commit: 1, read_seq: 5 };
+    follower.step(msg(1, 2, 2, old_append));
+    let rejection = follower.ready().persisted_messages.pop().unwrap();
+    assert_eq!(rejection.term, 3);
+
+    let mut r = node_from(no_pre_vote(1, 3), HardState { term: 2, vote: None, commit: 0 }, vec![entry(1, 1)]);
+    tick_until_candidate(&mut r);
+    drain(&mut r);
+    assert_eq!(r.soft_state().term, 3);
+    r.step(msg(3, 1, 3, Body::RequestVoteReply { granted: true, pre_vote: false }));
+    drain(&mut r);
+    let noop_acked =
+        Body::AppendEntriesReply { success: true, match_index: 2, conflict_index: 0, conflict_term: None, read_seq: 0 };
+    r.step(msg(3, 1, 3, noop_acked));
+    drain(&mut r);
+    r.read_index(7).unwrap();
+    r.step(rejection);
+    assert!(r.ready().read_states.is_empty(), "a read confirmed by an answer to the previous leadership");
+}
+
+#[test]
 fn followers_refuse_proposals_and_reads_naming_the_leader() {
     let mut c = Cluster::new(3);
     c.run(30);

@@ -1,0 +1,160 @@
+//! The safety properties of Raft (paper Figure 3) and of the client
+//! contract, checked incrementally as the run produces facts, so checking
+//! after every step costs a few map lookups rather than a scan of all logs.
+
+use std::collections::{BTreeMap, HashMap};
+
+use raft_zmq::raft::{Entry, Index, NodeId, Payload, Term};
+
+use super::register::{Key, Version};
+use super::schedule::Time;
+
+#[derive(Debug)]
+pub struct Violation {
+    pub rule: &'static str,
+    pub detail: String,
+}
+
+pub type Check = Result<(), Violation>;
+
+fn violated(rule: &'static str, detail: String) -> Check {
+    Err(Violation { rule, detail })
+}
+
+/// An entry some node applied, hence committed.
+struct Committed {
+    term: Term,
+    payload: Payload,
+    /// Lowest current term of any node when it applied the entry. The entry
+    /// was committed in a term no higher, so every leader of a later term
+    /// must hold it.
+    seen_in_term: Term,
+}
+
+#[derive(Default)]
+pub struct Checker {
+    /// Election safety: the leader of every term, over the whole run.
+    leaders: BTreeMap<Term, NodeId>,
+    /// Log matching, by induction: an (index, term) pair names one payload
+    /// and one predecessor term for the whole run, hence one whole prefix.
+    entries: HashMap<(Index, Term), (Payload, Term)>,
+    /// State machine safety: what was applied at each index (`[i - 1]`).
+    committed: Vec<Committed>,
+    /// Last index each node applied in its current life.
+    applied: BTreeMap<NodeId, Index>,
+    /// Durability: the term of every write a client was told succeeded.
+    acked: BTreeMap<Index, Term>,
+    /// Read safety, per key: (completion time, index of the version) of
+    /// acknowledged writes and served reads, in completion order, with the
+    /// running maximum of the index.
+    observed: BTreeMap<Key, Vec<(Time, Index, Index)>>,
+}
+
+impl Checker {
+    pub fn became_leader(&mut self, node: NodeId, term: Term, log: &[Entry]) -> Check {
+        if let Some(&other) = self.leaders.get(&term).filter(|&&other| other != node) {
+            return violated("election safety", format!("nodes {other} and {node} both led term {term}"));
+        }
+        self.leaders.insert(term, node);
+        for (i, c) in self.committed.iter().enumerate().filter(|(_, c)| c.seen_in_term < term) {
+            let held = log.get(i).map(|e| e.term);
+            if held != Some(c.term) {
+                return violated(
+                    "leader completeness",
+                    format!(
+                        "node {node} leads term {term} but holds term {held:?} at index {} where term {} was committed",
+                        i + 1,
+                        c.term
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn leader_terms(&self) -> usize {
+        self.leaders.len()
+    }
+
+    /// `log` is a node's whole durable log, of which `from..` was just written.
+    pub fn persisted(&mut self, node: NodeId, log: &[Entry], from: Index) -> Check {
+        for e in &log[from as usize - 1..] {
+            let prev_term = if e.index == 1 { 0 } else { log[e.index as usize - 2].term };
+            let (payload, prev) =
+                self.entries.entry((e.index, e.term)).or_insert_with(|| (e.payload.clone(), prev_term));
+            if *payload != e.payload || *prev != prev_term {
+                return violated(
+                    "log matching",
+                    format!(
+                        "node {node} stores {e:?} after term {prev_term}; another log had {payload:?} after term {prev} there"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn applied(&mut self, node: NodeId, node_term: Term, e: &Entry) -> Check {
+        let last = self.applied.entry(node).or_default();
+        if e.index != *last + 1 {
+            return violated("state machine safety", format!("node {node} applied index {} after {}", e.index, last));
+        }
+        *last = e.index;
+        if let Some(&term) = self.acked.get(&e.index).filter(|&&t| t != e.term) {
+            return violated(
+                "durability",
+                format!("node {node} applied {e:?} over the acknowledged write of term {term}"),
+            );
+        }
+        match self.committed.get_mut(e.index as usize - 1) {
+            None => {
+                self.committed.push(Committed { term: e.term, payload: e.payload.clone(), seen_in_term: node_term })
+            }
+            Some(c) if c.term != e.term || c.payload != e.payload => {
+                return violated(
+                    "state machine safety",
+                    format!("node {node} applied {e:?}; another node applied {:?} of term {}", c.payload, c.term),
+                );
+            }
+            Some(c) => c.seen_in_term = c.seen_in_term.min(node_term),
+        }
+        Ok(())
+    }
+
+    /// A node lost its state machine and will re-apply from index 1.
+    pub fn restarted(&mut self, node: NodeId) {
+        self.applied.remove(&node);
+    }
+
+    pub fn write_acked(&mut self, key: Key, index: Index, term: Term, now: Time) {
+        self.acked.insert(index, term);
+        self.observe(key, now, index);
+    }
+
+    /// A read invoked at `invoked` must see at least every write and read of
+    /// its key that completed before then.
+    pub fn read_served(&mut self, key: Key, invoked: Time, now: Time, version: Version) -> Check {
+        let index = version.map_or(0, |(_, index)| index);
+        let history = self.observed.get(&key).map_or(&[][..], Vec::as_slice);
+        let before = history.partition_point(|&(completed, _, _)| completed < invoked);
+        if let Some(&(_, _, newest)) = before.checked_sub(1).map(|i| &history[i])
+            && newest > index
+        {
+            return violated(
+                "read safety",
+                format!(
+                    "read of {key:?} invoked at {invoked}us returned the version of index {index}, \
+                     but the version of index {newest} was already acknowledged or read"
+                ),
+            );
+        }
+        self.observe(key, now, index);
+        Ok(())
+    }
+
+    fn observe(&mut self, key: Key, now: Time, index: Index) {
+        let history = self.observed.entry(key).or_default();
+        let newest = history.last().map_or(index, |&(_, _, newest)| newest.max(index));
+        history.push((now, index, newest));
+    }
+}

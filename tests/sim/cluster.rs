@@ -1,0 +1,539 @@
+//! The simulated cluster: nodes, network, clients and faults driven by one
+//! agenda on a virtual clock. Every fact the run produces goes through the
+//! checker the moment it happens; the first violation panics with the seed,
+//! the recent trace and the command that replays it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use raft_zmq::raft::{Config, Index, Message, NodeId, Raft, Role};
+
+use super::checker::{Check, Checker, Violation};
+use super::faults::{Fault, Partition};
+use super::history::{History, OpId, OpKind, Outcome};
+use super::network::{NetProfile, Network};
+use super::node::{Completion, Effects, SimNode};
+use super::register::KEYS;
+use super::rng::Rng;
+use super::schedule::{MS, Schedule, Time};
+use super::storage::Disk;
+use super::trace::{Event as Traced, Trace};
+
+/// Nominal time between two ticks; each node's clock drifts from it.
+const TICK: Time = 10 * MS;
+/// How long the transport waits for a reply before reporting the peer
+/// unreachable to the core.
+const TRANSPORT_TIMEOUT: Time = 3 * TICK;
+/// Gap between two client operations.
+const CLIENT_GAP: (Time, Time) = (MS, 20 * MS);
+
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub nodes: u64,
+    pub pre_vote: bool,
+    pub check_quorum: bool,
+    /// Bytes per AppendEntries; tiny values send one entry at a time.
+    pub max_append_bytes: usize,
+    pub net: NetProfile,
+    /// Chance that a Ready round which must sync crashes the node between
+    /// sending its `messages` and the sync, while chaos is on.
+    pub torn_crash: f64,
+    /// Gap between two random faults while chaos is on.
+    pub fault_gap: (Time, Time),
+}
+
+impl Params {
+    /// A reliable network, and no faults unless a scenario injects them or
+    /// starts chaos.
+    pub fn calm(nodes: u64, pre_vote: bool, check_quorum: bool) -> Params {
+        Params {
+            nodes,
+            pre_vote,
+            check_quorum,
+            max_append_bytes: 1 << 20,
+            net: NetProfile::CALM,
+            torn_crash: 0.0,
+            fault_gap: (100 * MS, 1_000 * MS),
+        }
+    }
+}
+
+/// Where the background clients send their operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clients {
+    Off,
+    /// Mostly to a node that believes it leads (stale ones included).
+    Leaders,
+    /// Always to this node, as a client that knows no better.
+    Stuck(NodeId),
+}
+
+enum Event {
+    Tick(NodeId),
+    Deliver(Message),
+    /// The transport gave up waiting on a request between `node` and `peer`.
+    Unreachable {
+        node: NodeId,
+        peer: NodeId,
+        incarnation: u64,
+    },
+    Client,
+    Fault,
+    /// Heals the partition of this generation, if it is still in force.
+    Heal(u64),
+    Restart(NodeId),
+}
+
+/// What a run did, to see that it did something.
+pub struct Summary {
+    pub events: u64,
+    /// Terms that had a leader.
+    pub terms: usize,
+    pub acked: usize,
+    pub read: usize,
+    pub failed: usize,
+    pub crashes: usize,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let Summary { events, terms, acked, read, failed, crashes } = self;
+        write!(
+            f,
+            "{events} events, {terms} terms with a leader, {acked} writes acknowledged, {read} reads served, \
+             {failed} operations failed, {crashes} crashes"
+        )
+    }
+}
+
+pub struct Cluster {
+    params: Params,
+    /// Printed with a failure: how to replay this exact run.
+    rerun: String,
+    members: Vec<NodeId>,
+    nodes: BTreeMap<NodeId, SimNode>,
+    network: Network,
+    schedule: Schedule<Event>,
+    rng: Rng,
+    checker: Checker,
+    history: History,
+    trace: Trace,
+    clients: Clients,
+    chaos_until: Time,
+    partition_generation: u64,
+    /// The latest acknowledged write, for the liveness check.
+    last_ack: Option<(OpId, Index)>,
+    events: u64,
+    crashes: usize,
+}
+
+impl Cluster {
+    /// A cluster whose node `i` starts from `disks[i - 1]`.
+    pub fn new(mut rng: Rng, params: Params, disks: Vec<Disk>, rerun: String) -> Cluster {
+        assert_eq!(disks.len() as u64, params.nodes);
+        let members: Vec<NodeId> = (1..=params.nodes).collect();
+        let mut schedule = Schedule::new();
+        let mut nodes = BTreeMap::new();
+        for (id, disk) in members.iter().copied().zip(disks) {
+            let cfg = Config {
+                id,
+                members: members.clone(),
+                election_ticks: (10, 20),
+                heartbeat_ticks: 2,
+                max_append_bytes: params.max_append_bytes,
+                pre_vote: params.pre_vote,
+                check_quorum: params.check_quorum,
+                seed: rng.next_u64(),
+            };
+            let tick_period = TICK * rng.range(900, 1100) / 1000;
+            schedule.after(rng.range(0, tick_period), Event::Tick(id));
+            nodes.insert(id, SimNode::new(cfg, disk, tick_period));
+        }
+        Cluster {
+            network: Network::new(params.net),
+            params,
+            rerun,
+            members,
+            nodes,
+            schedule,
+            rng,
+            checker: Checker::default(),
+            history: History::default(),
+            trace: Trace::default(),
+            clients: Clients::Off,
+            chaos_until: 0,
+            partition_generation: 0,
+            last_ack: None,
+            events: 0,
+            crashes: 0,
+        }
+    }
+
+    // ----- driving --------------------------------------------------------
+
+    pub fn now(&self) -> Time {
+        self.schedule.now()
+    }
+
+    pub fn summary(&self) -> Summary {
+        let count = |outcome: fn(&Outcome) -> bool| self.history.ops().iter().filter(|op| outcome(&op.outcome)).count();
+        Summary {
+            events: self.events,
+            terms: self.checker.leader_terms(),
+            acked: count(|o| *o == Outcome::Acked),
+            read: count(|o| matches!(o, Outcome::Read(_))),
+            failed: count(|o| *o == Outcome::Failed),
+            crashes: self.crashes,
+        }
+    }
+
+    pub fn run_for(&mut self, duration: Time) {
+        self.run_until(self.now() + duration, |_| false);
+    }
+
+    /// Runs until `done` holds (true) or the clock reaches `deadline` (false).
+    pub fn run_until(&mut self, deadline: Time, done: impl Fn(&Cluster) -> bool) -> bool {
+        while let Some(event) = self.schedule.pop_until(deadline) {
+            self.events += 1;
+            self.handle(event);
+            if done(self) {
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn set_clients(&mut self, clients: Clients) {
+        if self.clients == Clients::Off && clients != Clients::Off {
+            self.schedule.after(0, Event::Client);
+        }
+        self.clients = clients;
+    }
+
+    /// Injects random faults for `duration`.
+    pub fn start_chaos(&mut self, duration: Time) {
+        self.chaos_until = self.now() + duration;
+        self.schedule.after(self.rng.range(self.params.fault_gap.0, self.params.fault_gap.1), Event::Fault);
+    }
+
+    /// The end of all faults: the network heals and calms down, paused
+    /// nodes resume and crashed ones restart.
+    pub fn heal_all(&mut self) {
+        self.chaos_until = self.now();
+        self.heal_network();
+        self.network.profile = NetProfile::CALM;
+        for id in self.members.clone() {
+            self.nodes.get_mut(&id).expect("member").paused_until = 0;
+            self.restart(id);
+        }
+    }
+
+    /// After the last fault healed, a leader must be elected and a write
+    /// invoked from now on acknowledged and applied by every node within
+    /// `bound` of virtual time.
+    pub fn await_liveness(&mut self, bound: Time) {
+        let start = self.now();
+        if self.clients == Clients::Off {
+            self.set_clients(Clients::Leaders);
+        }
+        let live = |c: &Cluster| {
+            c.last_ack.is_some_and(|(op, index)| {
+                c.history.ops()[op as usize].invoked >= start && c.nodes.values().all(|n| n.applied() >= index)
+            })
+        };
+        if !self.run_until(start + bound, live) {
+            let detail = format!(
+                "no write invoked after the heal at {start}us was acknowledged and applied everywhere within \
+                 {bound}us (leader now: {:?})",
+                self.leader()
+            );
+            self.fail(Violation { rule: "liveness", detail });
+        }
+    }
+
+    // ----- scripted faults and clients -------------------------------------
+
+    pub fn partition(&mut self, partition: Partition) {
+        self.trace.record(self.now(), Traced::Fault(Fault::Partition(partition)));
+        self.partition_generation += 1;
+        self.network.set_cut(partition.cut_links(&self.members));
+    }
+
+    pub fn heal_network(&mut self) {
+        self.trace.record(self.now(), Traced::Healed);
+        self.partition_generation += 1;
+        self.network.set_cut(BTreeSet::new());
+    }
+
+    pub fn crash(&mut self, id: NodeId) {
+        let mut fx = Effects::default();
+        self.nodes.get_mut(&id).expect("member").crash(&mut fx);
+        self.trace.record(self.now(), Traced::Crashed { node: id, torn: false });
+        self.crashes += 1;
+        self.absorb(id, fx);
+        self.checker.restarted(id);
+    }
+
+    /// Restarts `id` from its disk, if it is down.
+    pub fn restart(&mut self, id: NodeId) {
+        let seed = self.rng.next_u64();
+        let node = self.nodes.get_mut(&id).expect("member");
+        if !node.is_up() {
+            node.restart(seed);
+            self.trace.record(self.now(), Traced::Restarted(id));
+            self.process(id, Effects::default());
+        }
+    }
+
+    /// Fires `id`'s election timer now, as if it had drawn the shortest
+    /// timeout, so a scenario can choose who campaigns first.
+    pub fn expire_election_timer(&mut self, id: NodeId) {
+        let raft = self.nodes.get_mut(&id).and_then(SimNode::raft_mut).expect("node is up");
+        let before = raft.soft_state();
+        assert_ne!(before.role, Role::Leader, "a leader has no election timer");
+        while raft.soft_state() == before {
+            raft.tick();
+        }
+        self.process(id, Effects::default());
+    }
+
+    /// A client operation sent to `id`.
+    pub fn submit(&mut self, id: NodeId, kind: OpKind) -> OpId {
+        let op = self.history.invoke(kind, id, self.now());
+        self.trace.record(self.now(), Traced::Invoked { op, kind, node: id });
+        let mut fx = Effects::default();
+        self.nodes.get_mut(&id).expect("member").submit(op, kind, &mut fx);
+        self.process(id, fx);
+        op
+    }
+
+    // ----- observing ------------------------------------------------------
+
+    pub fn node(&self, id: NodeId) -> &SimNode {
+        &self.nodes[&id]
+    }
+
+    pub fn raft(&self, id: NodeId) -> &Raft {
+        self.nodes[&id].raft().expect("node is up")
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// The up node that believes it leads the highest term.
+    pub fn leader(&self) -> Option<NodeId> {
+        let leaders = self.nodes.values().filter_map(|n| n.raft()).map(|r| r.soft_state());
+        leaders.filter(|s| s.role == Role::Leader).max_by_key(|s| s.term).and_then(|s| s.leader)
+    }
+
+    // ----- events ---------------------------------------------------------
+
+    fn handle(&mut self, event: Event) {
+        let now = self.now();
+        match event {
+            Event::Tick(id) => {
+                let node = self.nodes.get_mut(&id).expect("member");
+                let next = if node.paused_until > now {
+                    node.paused_until - now
+                } else {
+                    if let Some(raft) = node.raft_mut() {
+                        raft.tick();
+                        self.process(id, Effects::default());
+                    }
+                    let period = self.nodes[&id].tick_period;
+                    self.rng.range(period * 95 / 100, period * 105 / 100)
+                };
+                self.schedule.after(next, Event::Tick(id));
+            }
+            Event::Deliver(m) => {
+                let node = &self.nodes[&m.to];
+                if self.network.is_cut(m.from, m.to) {
+                    self.dropped(&m, "partition");
+                } else if !node.is_up() {
+                    self.dropped(&m, "receiver down");
+                } else if node.paused_until > now {
+                    self.schedule.after(node.paused_until - now, Event::Deliver(m));
+                } else {
+                    let id = m.to;
+                    self.trace.record(now, Traced::Delivered((&m).into()));
+                    self.nodes.get_mut(&id).and_then(SimNode::raft_mut).expect("up").step(m);
+                    self.process(id, Effects::default());
+                }
+            }
+            Event::Unreachable { node: id, peer, incarnation } => {
+                let node = self.nodes.get_mut(&id).expect("member");
+                if node.paused_until > now {
+                    self.schedule.after(node.paused_until - now, Event::Unreachable { node: id, peer, incarnation });
+                } else if node.incarnation == incarnation
+                    && let Some(raft) = node.raft_mut()
+                {
+                    raft.peer_unreachable(peer);
+                    self.process(id, Effects::default());
+                }
+            }
+            Event::Client => self.client_op(),
+            Event::Fault if now < self.chaos_until => {
+                let leader = self.leader();
+                let (fault, duration) = Fault::random(&mut self.rng, &self.members, leader);
+                self.inject(fault, duration);
+                self.schedule.after(self.rng.range(self.params.fault_gap.0, self.params.fault_gap.1), Event::Fault);
+            }
+            Event::Fault => {}
+            Event::Heal(generation) => {
+                if generation == self.partition_generation {
+                    self.heal_network();
+                }
+            }
+            Event::Restart(id) => self.restart(id),
+        }
+    }
+
+    fn inject(&mut self, fault: Fault, duration: Time) {
+        match fault {
+            Fault::Partition(partition) => {
+                self.partition(partition);
+                self.schedule.after(duration, Event::Heal(self.partition_generation));
+            }
+            Fault::Crash(id) if self.nodes[&id].is_up() => {
+                self.crash(id);
+                self.schedule.after(duration, Event::Restart(id));
+            }
+            Fault::Pause(id) if self.nodes[&id].is_up() => {
+                self.trace.record(self.now(), Traced::Fault(fault));
+                let node = self.nodes.get_mut(&id).expect("member");
+                node.paused_until = node.paused_until.max(self.schedule.now() + duration);
+            }
+            Fault::Crash(_) | Fault::Pause(_) => {}
+        }
+    }
+
+    fn client_op(&mut self) {
+        let now = self.now();
+        let available: Vec<NodeId> =
+            self.nodes.values().filter(|n| n.is_up() && n.paused_until <= now).map(SimNode::id).collect();
+        let target = match self.clients {
+            Clients::Off => return,
+            Clients::Stuck(id) => Some(id).filter(|id| available.contains(id)),
+            Clients::Leaders => {
+                let leaders: Vec<NodeId> =
+                    available.iter().copied().filter(|&id| self.raft(id).soft_state().role == Role::Leader).collect();
+                let pool = if leaders.is_empty() || self.rng.chance(0.1) { &available } else { &leaders };
+                (!pool.is_empty()).then(|| self.rng.pick(pool))
+            }
+        };
+        if let Some(id) = target {
+            let key = self.rng.pick(&KEYS);
+            let kind = if self.rng.chance(0.6) { OpKind::Write(key) } else { OpKind::Read(key) };
+            self.submit(id, kind);
+        }
+        self.schedule.after(self.rng.range(CLIENT_GAP.0, CLIENT_GAP.1), Event::Client);
+    }
+
+    fn send(&mut self, m: Message) {
+        let mut delays = self.network.delays(&mut self.rng);
+        let Some(last) = delays.pop() else { return self.dropped(&m, "lost") };
+        for delay in delays {
+            self.schedule.after(delay, Event::Deliver(m.clone()));
+        }
+        self.schedule.after(last, Event::Deliver(m));
+    }
+
+    /// A message that never arrives leaves a request unanswered; the
+    /// requester's transport notices after a timeout.
+    fn dropped(&mut self, m: &Message, why: &'static str) {
+        self.trace.record(self.now(), Traced::Dropped(m.into(), why));
+        let (requester, peer) = if m.body.is_request() { (m.from, m.to) } else { (m.to, m.from) };
+        let incarnation = self.nodes[&requester].incarnation;
+        self.schedule.after(TRANSPORT_TIMEOUT, Event::Unreachable { node: requester, peer, incarnation });
+    }
+
+    fn process(&mut self, id: NodeId, mut fx: Effects) {
+        let torn_crash = if self.now() < self.chaos_until { self.params.torn_crash } else { 0.0 };
+        self.nodes.get_mut(&id).expect("member").process(&mut self.rng, torn_crash, &mut fx);
+        self.absorb(id, fx);
+    }
+
+    /// Routes what a node did and checks every fact it produced.
+    fn absorb(&mut self, id: NodeId, fx: Effects) {
+        let now = self.now();
+        for m in fx.sent {
+            self.send(m);
+        }
+        let node = &self.nodes[&id];
+        if let Some(from) = fx.wrote_from {
+            let to = node.disk.entries.len() as u64;
+            self.trace.record(now, Traced::Persisted { node: id, from, to });
+            let check = self.checker.persisted(id, &node.disk.entries, from);
+            self.check(check);
+        }
+        for soft in fx.roles {
+            self.trace.record(now, Traced::Role { node: id, role: soft.role, term: soft.term });
+            if soft.role == Role::Leader {
+                let check = self.checker.became_leader(id, soft.term, &self.nodes[&id].disk.entries);
+                self.check(check);
+            }
+        }
+        if let (Some(first), Some(last)) = (fx.applied.first(), fx.applied.last()) {
+            self.trace.record(now, Traced::Applied { node: id, from: first.index, to: last.index });
+            let node = &self.nodes[&id];
+            let term = node.raft().map_or(node.disk.hard_state.term, |r| r.soft_state().term);
+            for entry in &fx.applied {
+                let check = self.checker.applied(id, term, entry);
+                self.check(check);
+            }
+        }
+        for completion in fx.completed {
+            self.complete(completion);
+        }
+        if fx.torn_crash {
+            self.trace.record(now, Traced::Crashed { node: id, torn: true });
+            self.crashes += 1;
+            self.checker.restarted(id);
+            let downtime = self.rng.range(10 * MS, 500 * MS);
+            self.schedule.after(downtime, Event::Restart(id));
+        }
+    }
+
+    fn complete(&mut self, completion: Completion) {
+        let now = self.now();
+        match completion {
+            Completion::WriteAcked { op, index, term } => {
+                self.trace.record(now, Traced::Acked(op, index));
+                let OpKind::Write(key) = self.history.complete(op, now, Outcome::Acked).kind else {
+                    unreachable!("only writes are acknowledged")
+                };
+                self.checker.write_acked(key, index, term, now);
+                self.last_ack = Some((op, index));
+            }
+            Completion::ReadServed { op, key, version } => {
+                self.trace.record(now, Traced::Read(op, version.map_or(0, |(_, index)| index)));
+                let invoked = self.history.complete(op, now, Outcome::Read(version)).invoked;
+                let check = self.checker.read_served(key, invoked, now, version);
+                self.check(check);
+            }
+            Completion::Failed(op) => {
+                self.trace.record(now, Traced::Failed(op));
+                self.history.complete(op, now, Outcome::Failed);
+            }
+        }
+    }
+
+    fn check(&self, check: Check) {
+        if let Err(violation) = check {
+            self.fail(violation);
+        }
+    }
+
+    fn fail(&self, v: Violation) -> ! {
+        panic!(
+            "\n{} VIOLATED at {}us: {}\nparams: {:?}\nrecent events:\n{}\nrerun: {}\n",
+            v.rule.to_uppercase(),
+            self.now(),
+            v.detail,
+            self.params,
+            self.trace,
+            self.rerun
+        );
+    }
+}

@@ -1,0 +1,135 @@
+//! The last few hundred things that happened, printed with a failure. Events
+//! are small `Copy` summaries, so recording one costs no allocation; they are
+//! only formatted when a check fails.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use raft_zmq::raft::{Body, Index, Message, NodeId, Role, Term};
+
+use super::faults::Fault;
+use super::history::{OpId, OpKind};
+use super::schedule::Time;
+
+const CAPACITY: usize = 200;
+
+/// A message without its payloads.
+#[derive(Clone, Copy)]
+pub struct Envelope {
+    from: NodeId,
+    to: NodeId,
+    term: Term,
+    body: Summary,
+}
+
+#[derive(Clone, Copy)]
+enum Summary {
+    Vote { pre_vote: bool, last: (Index, Term) },
+    VoteReply { pre_vote: bool, granted: bool },
+    Append { prev: (Index, Term), entries: usize, commit: Index },
+    AppendReply { success: bool, match_index: Index, conflict_index: Index },
+}
+
+impl From<&Message> for Envelope {
+    fn from(m: &Message) -> Envelope {
+        let body = match &m.body {
+            Body::RequestVote { last_log_index, last_log_term, pre_vote } => {
+                Summary::Vote { pre_vote: *pre_vote, last: (*last_log_index, *last_log_term) }
+            }
+            Body::RequestVoteReply { granted, pre_vote } => {
+                Summary::VoteReply { pre_vote: *pre_vote, granted: *granted }
+            }
+            Body::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit, .. } => Summary::Append {
+                prev: (*prev_log_index, *prev_log_term),
+                entries: entries.len(),
+                commit: *leader_commit,
+            },
+            Body::AppendEntriesReply { success, match_index, conflict_index, .. } => {
+                Summary::AppendReply { success: *success, match_index: *match_index, conflict_index: *conflict_index }
+            }
+        };
+        Envelope { from: m.from, to: m.to, term: m.term, body }
+    }
+}
+
+impl fmt::Display for Envelope {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}->{} t{} ", self.from, self.to, self.term)?;
+        match self.body {
+            Summary::Vote { pre_vote, last } => {
+                write!(f, "{}Vote last={}/t{}", if pre_vote { "Pre" } else { "" }, last.0, last.1)
+            }
+            Summary::VoteReply { pre_vote, granted } => {
+                write!(f, "{}VoteReply granted={granted}", if pre_vote { "Pre" } else { "" })
+            }
+            Summary::Append { prev, entries, commit } => {
+                write!(f, "Append prev={}/t{} entries={entries} commit={commit}", prev.0, prev.1)
+            }
+            Summary::AppendReply { success, match_index, conflict_index } => {
+                write!(f, "AppendReply ok={success} match={match_index} conflict={conflict_index}")
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub enum Event {
+    Delivered(Envelope),
+    Dropped(Envelope, &'static str),
+    Role { node: NodeId, role: Role, term: Term },
+    Persisted { node: NodeId, from: Index, to: Index },
+    Applied { node: NodeId, from: Index, to: Index },
+    Fault(Fault),
+    Healed,
+    Crashed { node: NodeId, torn: bool },
+    Restarted(NodeId),
+    Invoked { op: OpId, kind: OpKind, node: NodeId },
+    Acked(OpId, Index),
+    Read(OpId, Index),
+    Failed(OpId),
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match *self {
+            Event::Delivered(m) => write!(f, "deliver {m}"),
+            Event::Dropped(m, why) => write!(f, "drop ({why}) {m}"),
+            Event::Role { node, role, term } => write!(f, "node {node} is {} in term {term}", role.as_str()),
+            Event::Persisted { node, from, to } => write!(f, "node {node} synced entries {from}..={to}"),
+            Event::Applied { node, from, to } => write!(f, "node {node} applied {from}..={to}"),
+            Event::Fault(fault) => write!(f, "FAULT {fault}"),
+            Event::Healed => write!(f, "HEAL network"),
+            Event::Crashed { node, torn } => {
+                write!(f, "CRASH node {node}{}", if torn { " between send and sync" } else { "" })
+            }
+            Event::Restarted(node) => write!(f, "RESTART node {node}"),
+            Event::Invoked { op, kind, node } => write!(f, "client op {op} {kind:?} at node {node}"),
+            Event::Acked(op, index) => write!(f, "client op {op} acknowledged at index {index}"),
+            Event::Read(op, index) => write!(f, "client op {op} read the version of index {index}"),
+            Event::Failed(op) => write!(f, "client op {op} failed"),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Trace {
+    events: VecDeque<(Time, Event)>,
+}
+
+impl Trace {
+    pub fn record(&mut self, now: Time, event: Event) {
+        if self.events.len() == CAPACITY {
+            self.events.pop_front();
+        }
+        self.events.push_back((now, event));
+    }
+}
+
+impl fmt::Display for Trace {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (at, event) in &self.events {
+            writeln!(f, "  {:>6}.{:03}ms  {event}", at / 1000, at % 1000)?;
+        }
+        Ok(())
+    }
+}
