@@ -22,8 +22,17 @@ use raft_zmq::tools::client::Client;
 /// Generous: CI machines are small and noisy.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// A port that is free now, below Linux's default ephemeral range (32768-60999):
+/// a port picked from that range could be taken, before the node binds it,
+/// by an outgoing connection or a listener on port 0 (the chaos test's
+/// proxies) of the tests running alongside.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = fastrand::u16(10_000..32_768);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn binary() -> &'static str {
