@@ -1,7 +1,8 @@
 //! Jepsen-style chaos test of real `raft-zmq` processes on 127.0.0.1.
 //!
 //! Concurrent clients run random get/put/delete/cas through random nodes
-//! while a nemesis kills, pauses and partitions nodes one fault at a time.
+//! while a nemesis kills, pauses and partitions nodes one fault at a time;
+//! probes aim at every leader it pauses or isolates (see `probe.rs`).
 //! Afterwards: every key's history must be linearizable (final reads through
 //! the leader included, so no acknowledged write may be lost), all nodes must
 //! converge on the same last applied index, and their `logs/<id>.txt` must
@@ -18,6 +19,7 @@ mod cluster;
 mod linearizability;
 mod nemesis;
 mod network;
+mod probe;
 mod proxy;
 mod register;
 mod workload;
@@ -28,6 +30,7 @@ use cluster::ChaosCluster;
 use common::wait_for;
 use linearizability::{Outcome, Verdict};
 use nemesis::{Fault, Scheduled};
+use probe::Probe;
 use register::Input;
 use workload::{History, Session, Workload};
 
@@ -60,18 +63,23 @@ fn chaos(n: usize) {
     cluster.nodes.wait_for_leader();
 
     let t0 = Instant::now();
-    let workload = Workload::start(&cluster.client_endpoints(), CLIENTS, KEYS, seed, t0);
+    let endpoints = cluster.client_endpoints();
+    let workload = Workload::start(&endpoints, CLIENTS, KEYS, seed, t0);
+    // Client ids after the workload's: the probes, then the final reader.
+    let mut probes = Probe::each_kind(CLIENTS, &endpoints, seed, t0);
+    let reader_id = CLIENTS + probes.len();
     let mut rng = fastrand::Rng::with_seed(seed);
-    let schedule = nemesis::run(&mut cluster, &mut rng, t0, Duration::from_secs(secs));
+    let schedule = nemesis::run(&mut cluster, &mut probes, &mut rng, t0, Duration::from_secs(secs));
     let mut history = workload.finish();
+    probes.into_iter().for_each(|probe| history.merge(probe.history));
 
     // Healed: a final read of every key through the leader joins the history.
     let leader = cluster.nodes.wait_for_leader();
-    let mut reader = Session::new(CLIENTS, &[cluster.client_endpoints()[leader].clone()], seed, t0);
-    for k in 0..KEYS {
-        let key = format!("k{k}");
-        let read = wait_for("a final read", || reader.perform(&key, Input::Get));
-        history.by_key.entry(key).or_default().push(read);
+    let mut reader = Session::new(reader_id, &endpoints, seed, t0);
+    let keys: Vec<String> = history.by_key.keys().cloned().collect();
+    for key in keys {
+        let read = wait_for("a final read", || reader.perform(&[leader], &key, Input::Get));
+        history.record(&key, Some(read));
     }
     let checks = check(&history, &schedule, seed);
     report(&history, &schedule, checks);

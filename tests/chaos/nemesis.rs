@@ -1,11 +1,19 @@
-//! The nemesis: one fault at a time, chosen at random, each healed before
-//! the next, with quiet gaps in between so the cluster can recover and serve.
+//! The nemesis: one fault at a time, each healed before the next, with quiet
+//! gaps in between so the cluster can recover and serve. Fault kinds are
+//! dealt from a shuffled deck, so any run of [`KINDS`] faults has them all.
+//! While a fault cuts the leader off, the probes aim at it.
 
 use std::fmt;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::cluster::ChaosCluster;
+use crate::probe::Probe;
+
+/// The kinds of fault [`Fault::pick`] deals.
+const KINDS: usize = 7;
+/// The longest SIGSTOP.
+pub const LONGEST_PAUSE: Duration = Duration::from_millis(2500);
 
 #[derive(Clone, Debug)]
 pub enum Fault {
@@ -32,12 +40,12 @@ pub struct Scheduled {
 }
 
 impl Fault {
-    /// One fault at random; `leader` is the current leader if one is known
-    /// (otherwise a random node stands in for it).
-    fn pick(rng: &mut fastrand::Rng, n: usize, leader: Option<usize>) -> Fault {
+    /// A fault of `kind` (below [`KINDS`]) on random nodes; `leader` is the
+    /// current leader if one is known (otherwise a random node stands in for it).
+    fn pick(kind: usize, rng: &mut fastrand::Rng, n: usize, leader: Option<usize>) -> Fault {
         let leader = leader.unwrap_or_else(|| rng.usize(..n));
         let other = (leader + rng.usize(1..n)) % n;
-        match rng.usize(..7) {
+        match kind {
             0 => Fault::Kill { node: other, leader: false },
             1 => Fault::Kill { node: leader, leader: true },
             2 => Fault::PauseLeader { node: leader },
@@ -59,7 +67,7 @@ impl Fault {
     fn duration(&self, rng: &mut fastrand::Rng) -> Duration {
         let ms = match self {
             Fault::Kill { .. } | Fault::KillAll => rng.u64(300..2000),
-            Fault::PauseLeader { .. } => rng.u64(1000..2500),
+            Fault::PauseLeader { .. } => rng.u64(1000..=LONGEST_PAUSE.as_millis() as u64),
             Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } => rng.u64(1000..3000),
         };
         Duration::from_millis(ms)
@@ -84,6 +92,15 @@ impl Fault {
             Fault::PauseLeader { node } => cluster.nodes.signal(*node, libc::SIGCONT),
             Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } => cluster.network.heal(),
             Fault::KillAll => (0..cluster.size()).for_each(|id| cluster.restart(id)),
+        }
+    }
+
+    /// The leader this fault cuts off from the others while it still runs:
+    /// a deposed leader that clients can reach.
+    fn cuts_off(&self) -> Option<usize> {
+        match self {
+            Fault::PauseLeader { node } | Fault::IsolateLeader { node } => Some(*node),
+            _ => None,
         }
     }
 
@@ -117,18 +134,40 @@ impl fmt::Display for Scheduled {
 }
 
 /// Injects faults until `until` (since `t0`), and leaves everything healed.
-pub fn run(cluster: &mut ChaosCluster, rng: &mut fastrand::Rng, t0: Instant, until: Duration) -> Vec<Scheduled> {
+/// The probes run while a fault cuts the leader off, and finish after it heals.
+pub fn run(
+    cluster: &mut ChaosCluster,
+    probes: &mut [Probe],
+    rng: &mut fastrand::Rng,
+    t0: Instant,
+    until: Duration,
+) -> Vec<Scheduled> {
     let mut schedule = Vec::new();
+    let mut deck = Vec::new();
     loop {
         thread::sleep(Duration::from_millis(rng.u64(1000..2000)));
         if t0.elapsed() >= until {
             return schedule;
         }
-        let fault = Fault::pick(rng, cluster.size(), cluster.leader());
+        if deck.is_empty() {
+            deck.extend(0..KINDS);
+            rng.shuffle(&mut deck);
+        }
+        let kind = deck.pop().expect("refilled");
+        let fault = Fault::pick(kind, rng, cluster.size(), cluster.leader());
         let start = t0.elapsed();
         fault.inject(cluster);
-        thread::sleep(fault.duration(rng));
-        fault.heal(cluster);
-        schedule.push(Scheduled { fault, start, healed: t0.elapsed() });
+        let healed = thread::scope(|s| {
+            let probing: Vec<_> = match fault.cuts_off() {
+                Some(leader) => probes.iter_mut().map(|probe| s.spawn(move || probe.run(leader))).collect(),
+                None => Vec::new(),
+            };
+            thread::sleep(fault.duration(rng));
+            fault.heal(cluster);
+            let healed = t0.elapsed();
+            probing.into_iter().for_each(|probe| probe.join().expect("a probe panicked"));
+            healed
+        });
+        schedule.push(Scheduled { fault, start, healed });
     }
 }

@@ -37,6 +37,23 @@ impl Input {
         !matches!(self, Input::Get)
     }
 
+    /// The value `output` shows the register held when this op took effect.
+    pub fn observed<'a>(&'a self, output: &'a Output) -> Option<&'a String> {
+        match (self, output) {
+            (Input::Cas { expect, .. }, Output::Cas { swapped: true, .. }) => expect.as_ref(),
+            (_, Output::Get(value) | Output::Cas { current: value, .. }) => value.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The value this op writes if it takes effect (and, for a cas, swaps).
+    pub fn written(&self) -> Option<&String> {
+        match self {
+            Input::Put(value) | Input::Cas { new: value, .. } => Some(value),
+            Input::Get | Input::Delete => None,
+        }
+    }
+
     /// The register's next state, and what it answers.
     pub fn apply(&self, state: &State) -> (State, Output) {
         match self {

@@ -8,6 +8,12 @@
 //! out and it is recorded as unknown. The cluster applies a session's write
 //! at most once, so a retried write is one operation from its first
 //! invocation to its final reply.
+//!
+//! A read is tried once and waits [`READ_TIMEOUT`], longer than any pause
+//! plus the node's own request timeout: a read queued at a paused node is
+//! then answered when the node wakes, which is when a deposed leader might
+//! answer from stale state. A read is either answered or failed, never
+//! unknown, so waiting costs no checking power.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,14 +26,19 @@ use raft_zmq::protocol::{ErrorCode, Reply, Request};
 use raft_zmq::tools::client::{CallError, Client};
 
 use crate::linearizability::{Op, Outcome};
+use crate::nemesis::LONGEST_PAUSE;
 use crate::register::{Input, Output};
 
-/// How long one attempt waits for its reply.
+/// How long one attempt of a write waits for its reply.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a read waits for its reply: longer than the longest pause plus
+/// the nodes' 3 s `request_timeout`.
+const READ_TIMEOUT: Duration = Duration::from_secs(6);
+const _: () = assert!(READ_TIMEOUT.as_millis() > LONGEST_PAUSE.as_millis() + 3000);
 /// How long a write is retried before its outcome is left unknown.
-const RETRY_WINDOW: Duration = Duration::from_secs(10);
+pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// Pause between retries, so a leaderless cluster is not hammered.
-const BACKOFF: Duration = Duration::from_millis(50);
+pub const BACKOFF: Duration = Duration::from_millis(50);
 
 /// Every recorded operation, by key; definite failures only counted.
 #[derive(Default)]
@@ -37,10 +48,17 @@ pub struct History {
 }
 
 impl History {
-    fn record(&mut self, key: String, op: Option<Op>) {
+    pub fn record(&mut self, key: &str, op: Option<Op>) {
         match op {
-            Some(op) => self.by_key.entry(key).or_default().push(op),
+            Some(op) => self.by_key.entry(key.to_string()).or_default().push(op),
             None => self.failed += 1,
+        }
+    }
+
+    pub fn merge(&mut self, other: History) {
+        self.failed += other.failed;
+        for (key, ops) in other.by_key {
+            self.by_key.entry(key).or_default().extend(ops);
         }
     }
 
@@ -49,43 +67,71 @@ impl History {
     }
 }
 
-/// One client: a REQ socket per node and a session for its writes.
+/// One client: REQ sockets to every node (one for reads, one for writes,
+/// as they wait differently long) and a session for its writes.
 pub struct Session {
     id: usize,
-    clients: Vec<Client>,
+    readers: Vec<Client>,
+    writers: Vec<Client>,
     rng: fastrand::Rng,
     seq: u64,
+    values: u64,
     t0: Instant,
 }
 
 impl Session {
+    /// Client `id` of the run with `seed`; its random choices are its own.
     pub fn new(id: usize, endpoints: &[String], seed: u64, t0: Instant) -> Session {
         let ctx = zmq::Context::new();
-        let clients = endpoints.iter().map(|e| Client::new(&ctx, e, ATTEMPT_TIMEOUT)).collect();
-        Session { id, clients, rng: fastrand::Rng::with_seed(seed), seq: 0, t0 }
+        let clients = |timeout| endpoints.iter().map(|e| Client::new(&ctx, e, timeout)).collect();
+        let (readers, writers) = (clients(READ_TIMEOUT), clients(ATTEMPT_TIMEOUT));
+        let rng = fastrand::Rng::with_seed(seed ^ (id as u64 + 1));
+        Session { id, readers, writers, rng, seq: 0, values: 0, t0 }
+    }
+
+    /// Connects to every node and waits for an answer, as a client that has
+    /// worked for a while has. A request to a node paused later then waits in
+    /// its socket buffers and is read as soon as it wakes, rather than after a
+    /// fresh connection's handshake, by which time it may have heard of its
+    /// successor.
+    pub fn connect(&mut self) {
+        for client in self.readers.iter_mut().chain(&mut self.writers) {
+            let _ = client.call(&Request::Status);
+        }
+    }
+
+    /// Every node: the `via` of a client that may use any.
+    pub fn all_nodes(&self) -> Vec<usize> {
+        (0..self.readers.len()).collect()
+    }
+
+    /// A value no client has written before.
+    pub fn fresh_value(&mut self) -> String {
+        self.values += 1;
+        format!("{}-{}", self.id, self.values)
     }
 
     fn now(&self) -> u64 {
         self.t0.elapsed().as_micros() as u64
     }
 
-    /// Runs `input` on `key` through random nodes: the recorded op, or
-    /// `None` when it definitely did not take effect (a failed read, or a
-    /// write refused without being appended).
-    pub fn perform(&mut self, key: &str, input: Input) -> Option<Op> {
+    /// Runs `input` on `key` through nodes picked at random from `via`: the
+    /// recorded op, or `None` when it definitely did not take effect (a
+    /// failed read, or a write refused without being appended).
+    pub fn perform(&mut self, via: &[usize], key: &str, input: Input) -> Option<Op> {
         let invoked = self.now();
-        let outcome = if input.is_write() { self.write(key, &input)? } else { self.read(key)? };
+        let outcome = if input.is_write() { self.write(via, key, &input)? } else { self.read(via, key)? };
         Some(Op { client: self.id, input, invoked, outcome })
     }
 
-    fn read(&mut self, key: &str) -> Option<Outcome> {
+    fn read(&mut self, via: &[usize], key: &str) -> Option<Outcome> {
         let request = Request::Get { key: Value::Str(key.into()) };
-        let node = self.rng.usize(..self.clients.len());
-        let output = output(self.clients[node].call(&request)).ok()?;
+        let node = via[self.rng.usize(..via.len())];
+        let output = output(self.readers[node].call(&request)).ok()?;
         Some(Outcome::Returned { at: self.now(), output })
     }
 
-    fn write(&mut self, key: &str, input: &Input) -> Option<Outcome> {
+    fn write(&mut self, via: &[usize], key: &str, input: &Input) -> Option<Outcome> {
         self.seq += 1;
         let request = Request::Write {
             command: command(key, input),
@@ -95,8 +141,8 @@ impl Session {
         let deadline = Instant::now() + RETRY_WINDOW;
         let mut maybe_applied = false;
         loop {
-            let node = self.rng.usize(..self.clients.len());
-            match output(self.clients[node].call(&request)) {
+            let node = via[self.rng.usize(..via.len())];
+            match output(self.writers[node].call(&request)) {
                 Ok(output) => return Some(Outcome::Returned { at: self.now(), output }),
                 Err(Attempt::NotApplied) => {}
                 Err(Attempt::MaybeApplied) => maybe_applied = true,
@@ -160,7 +206,7 @@ impl Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..clients)
             .map(|id| {
-                let session = Session::new(id, endpoints, seed ^ (id as u64 + 1), t0);
+                let session = Session::new(id, endpoints, seed, t0);
                 let stop = stop.clone();
                 thread::spawn(move || client(session, keys, &stop))
             })
@@ -173,11 +219,7 @@ impl Workload {
         self.stop.store(true, Ordering::Release);
         let mut history = History::default();
         for thread in self.threads.drain(..) {
-            let part = thread.join().expect("a client thread panicked");
-            history.failed += part.failed;
-            for (key, ops) in part.by_key {
-                history.by_key.entry(key).or_default().extend(ops);
-            }
+            history.merge(thread.join().expect("a client thread panicked"));
         }
         history
     }
@@ -194,19 +236,17 @@ impl Drop for Workload {
 fn client(mut session: Session, keys: usize, stop: &AtomicBool) -> History {
     let mut history = History::default();
     let mut last_seen: HashMap<String, Option<String>> = HashMap::new();
-    for n in 0.. {
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
+    let all = session.all_nodes();
+    while !stop.load(Ordering::Acquire) {
         let key = format!("k{}", session.rng.usize(..keys));
-        let value = format!("{}-{n}", session.id);
+        let value = session.fresh_value();
         let input = match session.rng.usize(..10) {
             0..=3 => Input::Get,
             4..=6 => Input::Put(value),
             7..=8 => Input::Cas { expect: last_seen.get(&key).cloned().flatten(), new: value },
             _ => Input::Delete,
         };
-        let op = session.perform(&key, input);
+        let op = session.perform(&all, &key, input);
         if let Some(Op { input, outcome: Outcome::Returned { output, .. }, .. }) = &op {
             let seen = match (input, output) {
                 (_, Output::Get(v)) => v.clone(),
@@ -216,7 +256,7 @@ fn client(mut session: Session, keys: usize, stop: &AtomicBool) -> History {
             };
             last_seen.insert(key.clone(), seen);
         }
-        history.record(key, op);
+        history.record(&key, op);
     }
     history
 }
