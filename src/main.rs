@@ -66,6 +66,10 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.tool, Some(Tool::Client { .. } | Tool::Bench(_))) { "warn" } else { "info" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
 
+    // A client given an endpoint needs no config file.
+    if let Some(Tool::Client { endpoint: Some(endpoint), timeout_ms, client_id, seq, op, .. }) = cli.tool {
+        return run_client(&endpoint, Duration::from_millis(timeout_ms), op.into_request(client_id, seq));
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => return fail(2, &e),
@@ -80,14 +84,13 @@ fn main() -> ExitCode {
         }
         Some(Tool::Cluster) => cluster::run(&cli.config, &config).map_err(|e| e.to_string()),
         Some(Tool::Bench(args)) => bench::run(&config, &args).map_err(|e| e.to_string()),
-        Some(Tool::Client { node, endpoint, timeout_ms, client_id, seq, op }) => {
-            let endpoint = match (endpoint, node) {
-                (Some(endpoint), _) => endpoint,
-                (None, Some(id)) => match config.require_member(id) {
+        Some(Tool::Client { node, timeout_ms, client_id, seq, op, .. }) => {
+            let endpoint = match node {
+                Some(id) => match config.require_member(id) {
                     Ok(member) => member.client.clone(),
                     Err(e) => return fail(2, &e),
                 },
-                (None, None) => config.nodes[0].client.clone(),
+                None => config.nodes[0].client.clone(),
             };
             return run_client(&endpoint, Duration::from_millis(timeout_ms), op.into_request(client_id, seq));
         }
