@@ -105,11 +105,10 @@ impl Applier {
                 error!("cannot write entry {} to the log mirror: {e}", entry.index);
             }
             if let Some(pending) = self.writes.remove(&entry.index) {
-                let reply = if pending.term == entry.term {
-                    reply.unwrap_or_else(|| Reply::error(ErrorCode::Timeout, "entry was replaced by a no-op", None))
-                } else {
+                let reply = match reply {
+                    Some(reply) if pending.term == entry.term => reply,
                     // Another leader's entry took this index: ours never committed.
-                    Reply::error(ErrorCode::NoLeader, "leadership changed; the write was not applied", None)
+                    _ => Reply::error(ErrorCode::NoLeader, "leadership changed; the write was not applied", None),
                 };
                 self.replier.send(pending.reply_to, &reply);
             }
