@@ -1,9 +1,10 @@
 //! The Raft state machine: Figure 2 of the Raft paper, plus PreVote,
-//! CheckQuorum and leader stickiness (thesis §9.6, §6.2, §4.2.3), ReadIndex
-//! reads (§6.4) and the fast conflict back-off (§5.3).
+//! CheckQuorum and leader stickiness (thesis §9.6, §6.2, §4.2.3), leadership
+//! transfer (§3.10), ReadIndex reads (§6.4) and the fast conflict back-off
+//! (§5.3).
 //!
 //! One entry point per kind of input (`tick`, `step`, `propose`,
-//! `read_index`); term rules are applied once in `step`, before the body is
+//! `read_index`, `transfer_leadership`); term rules are applied once in `step`, before the body is
 //! looked at; every other rule lives in exactly one handler.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -49,6 +50,32 @@ pub struct NotLeader {
     pub leader: Option<NodeId>,
 }
 
+/// Why [`Raft::transfer_leadership`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferError {
+    NotLeader(NotLeader),
+    /// The target is this node or not a member.
+    NotAPeer(NodeId),
+}
+
+/// A leadership transfer in progress on the leader.
+#[derive(Clone, Copy, Debug)]
+struct Transfer {
+    to: NodeId,
+    /// Tick at which it started; it is abandoned one minimum election
+    /// timeout later.
+    since: u64,
+}
+
+/// What a campaign asks voters for (etcd's `CampaignType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Campaign {
+    PreVote,
+    Election,
+    /// An election the leader asked for with `TimeoutNow`.
+    Transfer,
+}
+
 #[derive(Debug)]
 struct PendingRead {
     ctx: u64,
@@ -67,6 +94,8 @@ pub struct Raft {
     progress: BTreeMap<NodeId, Progress>,
     /// Votes received in the current (pre-)campaign.
     votes: BTreeMap<NodeId, bool>,
+    /// Only on the leader: the follower it is handing leadership to.
+    transfer: Option<Transfer>,
 
     ticks: u64,
     election_elapsed: u64,
@@ -109,6 +138,7 @@ impl Raft {
             log,
             progress: BTreeMap::new(),
             votes: BTreeMap::new(),
+            transfer: None,
             ticks: 0,
             election_elapsed: 0,
             heartbeat_elapsed: 0,
@@ -138,9 +168,15 @@ impl Raft {
         self.election_elapsed += 1;
         if self.role != Role::Leader {
             if self.election_elapsed >= self.election_timeout {
-                self.campaign();
+                self.campaign(if self.cfg.pre_vote { Campaign::PreVote } else { Campaign::Election });
             }
             return;
+        }
+        if let Some(Transfer { to, since }) = self.transfer
+            && self.ticks - since >= self.cfg.election_ticks.0
+        {
+            info!("node {}: leadership transfer to {} timed out; leading on in term {}", self.cfg.id, to, self.term);
+            self.transfer = None;
         }
         if self.election_elapsed >= self.cfg.election_ticks.0 {
             self.election_elapsed = 0;
@@ -174,7 +210,7 @@ impl Raft {
             return;
         }
         if m.term > self.term {
-            if matches!(m.body, Body::RequestVote { .. }) && self.in_leader_lease() {
+            if matches!(m.body, Body::RequestVote { transfer: false, .. }) && self.in_leader_lease() {
                 info!(
                     "node {}: ignoring vote request from {} for term {}: leader {:?} is alive",
                     self.cfg.id, m.from, m.term, self.leader
@@ -194,7 +230,7 @@ impl Raft {
             return;
         }
         match m.body {
-            Body::RequestVote { last_log_index, last_log_term, pre_vote } => {
+            Body::RequestVote { last_log_index, last_log_term, pre_vote, .. } => {
                 self.handle_request_vote(&m, last_log_index, last_log_term, pre_vote)
             }
             Body::RequestVoteReply { granted, pre_vote } => self.handle_vote_reply(m.from, granted, pre_vote),
@@ -204,13 +240,21 @@ impl Raft {
             Body::AppendEntriesReply { success, match_index, conflict_index, conflict_term, read_seq } => {
                 self.handle_append_reply(m.from, success, match_index, conflict_index, conflict_term, read_seq)
             }
+            Body::TimeoutNow => self.handle_timeout_now(m.from),
         }
     }
 
     /// Appends a client command. Returns its index; it is committed once
     /// `committed` hands back an entry with this index and the current term.
+    ///
+    /// Refused while leadership is being transferred, with no leader named:
+    /// a new entry would keep the transferee behind, and the client should
+    /// retry once the new leader is known, as after any election.
     pub fn propose(&mut self, command: Vec<u8>) -> Result<(Index, Term), NotLeader> {
         self.require_leader()?;
+        if self.transfer.is_some() {
+            return Err(NotLeader { leader: None });
+        }
         let index = self.log.append(self.term, Payload::Command(command));
         Ok((index, self.term))
     }
@@ -225,6 +269,21 @@ impl Raft {
         } else {
             self.reads_awaiting_commit.push(ctx);
         }
+        Ok(())
+    }
+
+    /// Hands leadership to `to` (thesis §3.10): proposals stop, `to` is
+    /// caught up, then told to campaign at once with `TimeoutNow`. Abandoned
+    /// if no new leader has taken over within one minimum election timeout;
+    /// a later call replaces the pending transfer.
+    pub fn transfer_leadership(&mut self, to: NodeId) -> Result<(), TransferError> {
+        self.require_leader().map_err(TransferError::NotLeader)?;
+        if !self.progress.contains_key(&to) {
+            return Err(TransferError::NotAPeer(to));
+        }
+        info!("node {}: transferring leadership to {} in term {}", self.cfg.id, to, self.term);
+        self.transfer = Some(Transfer { to, since: self.ticks });
+        self.send_timeout_now_if_caught_up();
         Ok(())
     }
 
@@ -324,39 +383,48 @@ impl Raft {
         &self.cfg.members
     }
 
+    /// On the leader: the follower that can take over soonest, i.e. the one
+    /// holding the most of the log, preferring those recently heard from.
+    pub fn transfer_candidate(&self) -> Option<NodeId> {
+        if self.role != Role::Leader {
+            return None;
+        }
+        self.progress.iter().max_by_key(|(_, pr)| (pr.matched, pr.recent_active)).map(|(&id, _)| id)
+    }
+
+    /// The follower a pending leadership transfer goes to.
+    pub fn transfer_target(&self) -> Option<NodeId> {
+        self.transfer.map(|t| t.to)
+    }
+
     // ----- elections ------------------------------------------------------
 
-    fn campaign(&mut self) {
-        if self.cfg.pre_vote {
-            self.become_pre_candidate();
+    fn campaign(&mut self, campaign: Campaign) {
+        if campaign == Campaign::PreVote {
+            info!("node {}: election timeout; starting pre-vote for term {}", self.cfg.id, self.term + 1);
+            self.role = Role::PreCandidate;
         } else {
-            self.become_candidate();
+            self.term += 1;
+            self.vote = Some(self.cfg.id);
+            self.role = Role::Candidate;
+            info!("node {}: became candidate in term {}", self.cfg.id, self.term);
         }
-    }
-
-    fn become_pre_candidate(&mut self) {
-        info!("node {}: election timeout; starting pre-vote for term {}", self.cfg.id, self.term + 1);
-        self.role = Role::PreCandidate;
         self.leader = None;
-        self.start_election(true);
+        self.start_election(campaign);
     }
 
-    fn become_candidate(&mut self) {
-        self.term += 1;
-        self.vote = Some(self.cfg.id);
-        self.role = Role::Candidate;
-        self.leader = None;
-        info!("node {}: became candidate in term {}", self.cfg.id, self.term);
-        self.start_election(false);
-    }
-
-    fn start_election(&mut self, pre_vote: bool) {
+    fn start_election(&mut self, campaign: Campaign) {
         self.election_elapsed = 0;
         self.randomize_election_timeout();
         self.votes = BTreeMap::from([(self.cfg.id, true)]);
+        let pre_vote = campaign == Campaign::PreVote;
         let term = if pre_vote { self.term + 1 } else { self.term };
-        let body =
-            Body::RequestVote { last_log_index: self.log.last_index(), last_log_term: self.log.last_term(), pre_vote };
+        let body = Body::RequestVote {
+            last_log_index: self.log.last_index(),
+            last_log_term: self.log.last_term(),
+            pre_vote,
+            transfer: campaign == Campaign::Transfer,
+        };
         // The vote for ourselves must be durable before we ask for others'.
         for to in self.peers() {
             self.persisted_messages.push(Message { from: self.cfg.id, to, term, body: body.clone() });
@@ -414,7 +482,7 @@ impl Raft {
         let quorum = majority(self.cfg.members.len());
         if granted >= quorum {
             match self.role {
-                Role::PreCandidate => self.become_candidate(),
+                Role::PreCandidate => self.campaign(Campaign::Election),
                 Role::Candidate => self.become_leader(),
                 _ => {}
             }
@@ -452,13 +520,29 @@ impl Raft {
         self.leader = leader;
         self.progress.clear();
         self.votes.clear();
+        self.transfer = None;
         self.failed_reads.extend(self.pending_reads.drain(..).map(|r| r.ctx));
         self.failed_reads.append(&mut self.reads_awaiting_commit);
     }
 
+    /// The leader asked us to take over, having caught our log up to its own:
+    /// campaign now, without a pre-vote round (the leader is alive, so it
+    /// would fail) and telling voters to disregard that leader's lease.
+    /// Anything else claiming to be `TimeoutNow` is ignored: after `step`'s
+    /// term rules, only our current leader in our current term qualifies.
+    fn handle_timeout_now(&mut self, from: NodeId) {
+        if self.leader != Some(from) {
+            debug!("node {}: ignoring TimeoutNow from {}, not our leader", self.cfg.id, from);
+            return;
+        }
+        info!("node {}: leader {} hands over leadership; campaigning in term {}", self.cfg.id, from, self.term + 1);
+        self.campaign(Campaign::Transfer);
+    }
+
     /// Followers that heard from a leader within the minimum election timeout
     /// ignore vote requests, so a node rejoining from a partition cannot
-    /// depose a healthy leader (§4.2.3). Tied to CheckQuorum, which makes a
+    /// depose a healthy leader (§4.2.3). A transfer election is exempt: that
+    /// leader asked for it. Tied to CheckQuorum, which makes a
     /// leader that lost its majority give up its lease.
     fn in_leader_lease(&self) -> bool {
         self.cfg.check_quorum && self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks.0
@@ -537,6 +621,9 @@ impl Raft {
             if pr.on_success(match_index.min(last)) {
                 self.maybe_commit();
             }
+            if self.transfer.is_some_and(|t| t.to == from) {
+                self.send_timeout_now_if_caught_up();
+            }
         } else if conflict_index > pr.matched {
             // Skip the follower's whole conflicting term at once; if we have
             // entries of that term, resume right after our last one of it.
@@ -579,6 +666,22 @@ impl Raft {
             self.messages.push(Message { from: self.cfg.id, to, term: self.term, body });
         }
         self.heartbeat_due = false;
+    }
+
+    /// Tells the transferee to campaign once it holds our whole log, so that
+    /// it wins on the up-to-date check. Proposals are refused meanwhile, so
+    /// `last_index` stands still. `TimeoutNow` takes the follower's request
+    /// slot like an AppendEntries would: the transport keeps one request per
+    /// peer in flight and only the newest of those queued behind it, so an
+    /// append right after would replace it.
+    fn send_timeout_now_if_caught_up(&mut self) {
+        let Some(Transfer { to, .. }) = self.transfer else { return };
+        let (last, now) = (self.log.last_index(), self.ticks);
+        let pr = self.progress.get_mut(&to).expect("the transferee is a peer");
+        if pr.matched == last {
+            pr.inflight_since = Some(now);
+            self.messages.push(Message { from: self.cfg.id, to, term: self.term, body: Body::TimeoutNow });
+        }
     }
 
     /// Commits the highest index stored on a majority, but only if it is from

@@ -18,11 +18,15 @@ pub struct Message {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
     /// A (pre-)candidate asks for a vote. A pre-vote carries the term the
-    /// candidate *would* use and changes no state on the receiver.
+    /// candidate *would* use and changes no state on the receiver. `transfer`
+    /// marks an election the leader asked for (`TimeoutNow`): voters grant it
+    /// even while they still hear from that leader.
     RequestVote {
         last_log_index: Index,
         last_log_term: Term,
         pre_vote: bool,
+        #[serde(default)]
+        transfer: bool,
     },
     RequestVoteReply {
         granted: bool,
@@ -47,11 +51,15 @@ pub enum Body {
         conflict_term: Option<Term>,
         read_seq: u64,
     },
+    /// Leadership transfer (thesis §3.10): the leader tells a follower whose
+    /// log matches its own to start an election now. Never answered; the
+    /// election that follows is the answer.
+    TimeoutNow,
 }
 
 impl Body {
     /// Requests travel on the sender's REQ socket; replies answer them.
     pub fn is_request(&self) -> bool {
-        matches!(self, Body::RequestVote { .. } | Body::AppendEntries { .. })
+        matches!(self, Body::RequestVote { .. } | Body::AppendEntries { .. } | Body::TimeoutNow)
     }
 }

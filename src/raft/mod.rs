@@ -1,7 +1,7 @@
 //! The pure Raft core: no sockets, threads, clocks or disk.
 //!
-//! It is driven by [`Raft::tick`], [`Raft::step`], [`Raft::propose`] and
-//! [`Raft::read_index`], and hands back a [`Ready`]: what to persist, what to
+//! It is driven by [`Raft::tick`], [`Raft::step`], [`Raft::propose`],
+//! [`Raft::read_index`] and [`Raft::transfer_leadership`], and hands back a [`Ready`]: what to persist, what to
 //! send (before or after the persist), what is committed and which reads may
 //! be served. The shell persists, sends, applies, then calls
 //! [`Raft::advance`] — the division of labour of etcd's `RawNode`.
@@ -17,7 +17,7 @@ pub mod types;
 #[cfg(test)]
 mod tests;
 
-pub use engine::{Config, NotLeader, Raft};
+pub use engine::{Config, NotLeader, Raft, TransferError};
 pub use message::{Body, Message};
 pub use ready::{ReadState, Ready, Role, SoftState};
 pub use types::{Entry, HardState, Index, NodeId, Payload, Term};

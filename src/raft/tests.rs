@@ -252,7 +252,9 @@ fn three_nodes_elect_exactly_one_leader_and_commit_its_noop() {
 #[test]
 fn vote_is_granted_once_per_term_and_durable_before_the_reply() {
     let mut r = node_with(1, 3, HardState::default(), vec![]);
-    let ask = |from| msg(from, 1, 1, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false });
+    let ask = |from| {
+        msg(from, 1, 1, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false, transfer: false })
+    };
     r.step(ask(2));
     let rd = r.ready();
     assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((1, Some(2))));
@@ -275,7 +277,7 @@ fn up_to_date_check_uses_last_term_then_index() {
     let cases = [((2, 10), false), ((3, 1), false), ((3, 2), true), ((4, 1), true)];
     for ((last_log_term, last_log_index), granted) in cases {
         let mut r = node_with(1, 3, HardState { term: 3, vote: None, commit: 0 }, log.clone());
-        r.step(msg(2, 1, 5, Body::RequestVote { last_log_index, last_log_term, pre_vote: false }));
+        r.step(msg(2, 1, 5, Body::RequestVote { last_log_index, last_log_term, pre_vote: false, transfer: false }));
         let reply = &r.ready().persisted_messages[0];
         assert_eq!(reply.body, Body::RequestVoteReply { granted, pre_vote: false }, "{last_log_term}/{last_log_index}");
         assert_eq!(reply.term, 5, "the term was adopted either way");
@@ -338,7 +340,12 @@ fn rejecting_a_vote_does_not_reset_the_election_timer() {
     for _ in 0..timeout - 1 {
         r.tick();
         // Same term, log not up to date: rejected, timer keeps running.
-        r.step(msg(2, 1, 1, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false }));
+        r.step(msg(
+            2,
+            1,
+            1,
+            Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false, transfer: false },
+        ));
     }
     r.tick();
     assert_eq!(r.soft_state().role, Role::Candidate);
@@ -430,7 +437,7 @@ fn follower_ignores_vote_requests_while_it_hears_from_a_leader() {
         other,
         follower,
         term + 1,
-        Body::RequestVote { last_log_index: 100, last_log_term: 100, pre_vote: false },
+        Body::RequestVote { last_log_index: 100, last_log_term: 100, pre_vote: false, transfer: false },
     ));
     assert_eq!(c.raft(follower).soft_state().term, term);
     assert_eq!(c.raft(follower).hard_state().vote, c.nodes[&follower].disk.hard_state.vote);
@@ -451,7 +458,7 @@ fn leader_steps_down_without_quorum() {
 #[test]
 fn pre_vote_does_not_change_the_voters_term_or_vote() {
     let mut r = node_with(1, 3, HardState { term: 2, vote: Some(3), commit: 0 }, vec![]);
-    r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true }));
+    r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true, transfer: false }));
     let rd = r.ready();
     assert!(rd.hard_state.is_none());
     assert_eq!(rd.persisted_messages[0].term, 3);
@@ -894,4 +901,167 @@ fn lost_append_is_retried_after_the_inflight_timeout() {
     for id in 1..=3 {
         assert_eq!(c.commands(id), vec![b"lost".to_vec()], "node {id}");
     }
+}
+
+// ----- leadership transfer -------------------------------------------------
+
+/// A settled 3-node cluster: (leader, a follower, the other follower, term).
+fn settled() -> (Cluster, NodeId, NodeId, NodeId, Term) {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let mut followers = (1..=3).filter(|&id| id != leader);
+    let (a, b) = (followers.next().unwrap(), followers.next().unwrap());
+    let term = c.raft(leader).soft_state().term;
+    (c, leader, a, b, term)
+}
+
+fn timeout_now_queued(c: &Cluster) -> bool {
+    c.queue.iter().any(|m| m.body == Body::TimeoutNow)
+}
+
+#[test]
+fn transfer_to_an_up_to_date_follower_hands_over_in_the_next_term() {
+    let (mut c, leader, target, other, term) = settled();
+    c.propose(leader, b"before");
+    c.raft_mut(leader).transfer_leadership(target).unwrap();
+    c.process(leader);
+    assert!(timeout_now_queued(&c), "the target is caught up: TimeoutNow goes out at once");
+    c.deliver();
+    assert_eq!(c.leaders(), vec![target]);
+    let expected = SoftState { role: Role::Follower, term: term + 1, leader: Some(target) };
+    assert_eq!(c.raft(leader).soft_state(), expected);
+    assert_eq!(c.raft(other).soft_state(), expected);
+    assert_eq!(c.raft(target).soft_state().term, term + 1, "one election, no split vote");
+    c.propose(target, b"after");
+    for id in 1..=3 {
+        assert_eq!(c.commands(id), vec![b"before".to_vec(), b"after".to_vec()], "node {id}");
+    }
+}
+
+#[test]
+fn transfer_to_a_lagging_follower_catches_it_up_first() {
+    let (mut c, leader, target, _, term) = settled();
+    c.cut.insert((leader, target));
+    c.propose(leader, b"a");
+    c.propose(leader, b"b");
+    c.heal();
+    c.raft_mut(leader).peer_unreachable(target);
+    c.raft_mut(leader).transfer_leadership(target).unwrap();
+    c.process(leader);
+    assert!(!timeout_now_queued(&c), "TimeoutNow waits until the target holds the whole log");
+    c.deliver();
+    assert_eq!(c.leaders(), vec![target], "it won the up-to-date check, so it had caught up");
+    assert_eq!(c.raft(target).soft_state().term, term + 1);
+    assert_eq!(c.commands(target), vec![b"a".to_vec(), b"b".to_vec()]);
+}
+
+#[test]
+fn proposals_are_refused_while_leadership_is_being_transferred() {
+    let (mut c, leader, target, _, _) = settled();
+    c.isolate(target);
+    c.raft_mut(leader).transfer_leadership(target).unwrap();
+    assert_eq!(c.raft_mut(leader).propose(b"x".to_vec()), Err(NotLeader { leader: None }));
+    assert_eq!(c.raft_mut(leader).read_index(1), Ok(()), "reads still need only a confirmed leader");
+    assert_eq!(
+        c.raft_mut(target).transfer_leadership(leader),
+        Err(TransferError::NotLeader(NotLeader { leader: Some(leader) }))
+    );
+    assert_eq!(c.raft_mut(leader).transfer_leadership(leader), Err(TransferError::NotAPeer(leader)));
+    assert_eq!(c.raft_mut(leader).transfer_leadership(9), Err(TransferError::NotAPeer(9)));
+}
+
+#[test]
+fn transfer_is_abandoned_after_an_election_timeout_and_the_leader_leads_on() {
+    let (mut c, leader, target, _, term) = settled();
+    c.isolate(target); // TimeoutNow is lost
+    c.raft_mut(leader).transfer_leadership(target).unwrap();
+    c.run(9);
+    assert_eq!(c.raft(leader).transfer_target(), Some(target));
+    c.run(1);
+    assert_eq!(c.raft(leader).transfer_target(), None);
+    assert_eq!(c.raft(leader).soft_state(), SoftState { role: Role::Leader, term, leader: Some(leader) });
+    c.propose(leader, b"still leading");
+    assert_eq!(c.commands(leader), vec![b"still leading".to_vec()]);
+}
+
+#[test]
+fn stepping_down_abandons_the_transfer() {
+    let (mut c, leader, target, _, term) = settled();
+    c.isolate(target);
+    c.raft_mut(leader).transfer_leadership(target).unwrap();
+    c.raft_mut(leader).step(msg(
+        target,
+        leader,
+        term + 1,
+        Body::AppendEntriesReply {
+            success: false,
+            match_index: 0,
+            conflict_index: 0,
+            conflict_term: None,
+            read_seq: 0,
+        },
+    ));
+    assert_eq!(c.raft(leader).soft_state().role, Role::Follower);
+    assert_eq!(c.raft(leader).transfer_target(), None);
+}
+
+#[test]
+fn voters_in_lease_grant_a_transfer_vote_but_reject_an_ordinary_one() {
+    let (mut c, _, voter, candidate, term) = settled();
+    let ask = |transfer| {
+        msg(
+            candidate,
+            voter,
+            term + 1,
+            Body::RequestVote { last_log_index: 100, last_log_term: 100, pre_vote: false, transfer },
+        )
+    };
+    c.raft_mut(voter).step(ask(false));
+    assert_eq!(c.raft(voter).hard_state().term, term, "ignored: the leader is alive");
+    c.raft_mut(voter).step(ask(true));
+    assert_eq!(
+        c.raft(voter).hard_state(),
+        HardState { term: term + 1, vote: Some(candidate), ..c.raft(voter).hard_state() }
+    );
+    let rd = c.raft_mut(voter).ready();
+    assert!(rd.messages.is_empty(), "the vote leaves only once durable");
+    assert_eq!(rd.persisted_messages[0].body, Body::RequestVoteReply { granted: true, pre_vote: false });
+}
+
+#[test]
+fn a_transfer_vote_still_needs_an_up_to_date_log() {
+    let (mut c, _, voter, candidate, term) = settled();
+    let last = c.raft(voter).last_index();
+    c.raft_mut(voter).step(msg(
+        candidate,
+        voter,
+        term + 1,
+        Body::RequestVote { last_log_index: last - 1, last_log_term: term, pre_vote: false, transfer: true },
+    ));
+    assert_eq!(c.raft(voter).hard_state().vote, None);
+    let rd = c.raft_mut(voter).ready();
+    assert_eq!(rd.persisted_messages[0].body, Body::RequestVoteReply { granted: false, pre_vote: false });
+}
+
+#[test]
+fn timeout_now_counts_only_from_the_current_leader_in_its_term() {
+    let (mut c, leader, follower, other, term) = settled();
+    let before = c.raft(follower).soft_state();
+    c.raft_mut(follower).step(msg(other, follower, term, Body::TimeoutNow));
+    c.raft_mut(follower).step(msg(leader, follower, term - 1, Body::TimeoutNow));
+    assert_eq!(c.raft(follower).soft_state(), before);
+    assert!(c.raft_mut(follower).ready().persisted_messages.is_empty(), "and nothing is answered");
+
+    c.raft_mut(follower).step(msg(leader, follower, term, Body::TimeoutNow));
+    assert_eq!(c.raft(follower).soft_state(), SoftState { role: Role::Candidate, term: term + 1, leader: None });
+    let rd = c.raft_mut(follower).ready();
+    let asks: Vec<&Body> = rd.persisted_messages.iter().map(|m| &m.body).collect();
+    let expected = Body::RequestVote {
+        last_log_index: c.raft(follower).last_index(),
+        last_log_term: term,
+        pre_vote: false,
+        transfer: true,
+    };
+    assert_eq!(asks, vec![&expected, &expected], "no pre-vote round, and voters are told to skip the lease");
 }

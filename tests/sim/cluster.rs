@@ -405,6 +405,16 @@ impl Cluster {
                 node.paused_until = node.paused_until.max(self.schedule.now() + duration);
             }
             Fault::Crash(_) | Fault::Pause(_) => {}
+            Fault::Transfer(to) => {
+                let now = self.now();
+                let Some(leader) = self.leader().filter(|&l| l != to && self.nodes[&l].paused_until <= now) else {
+                    return;
+                };
+                self.trace.record(now, Traced::Fault(fault));
+                let raft = self.nodes.get_mut(&leader).and_then(SimNode::raft_mut).expect("leader is up");
+                raft.transfer_leadership(to).expect("a leader can transfer to any other member");
+                self.process(leader, Effects::default());
+            }
         }
     }
 

@@ -1,6 +1,6 @@
-//! The faults a run injects: partitions of four shapes, crashes and pauses.
-//! Each lasts a while and then heals; which one, when and for how long is
-//! drawn from the run's seed.
+//! The faults a run injects: partitions of four shapes, crashes, pauses and
+//! leadership transfers. Each lasts a while and then heals; which one, when
+//! and for how long is drawn from the run's seed.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -75,6 +75,9 @@ pub enum Fault {
     /// Freezes the process: no ticks, no messages handled, then resumes
     /// with stale beliefs (the deposed-leader-wakes-up case).
     Pause(NodeId),
+    /// Not a fault but an operator action racing with them: the current
+    /// leader, if any, is asked to hand leadership over to this node.
+    Transfer(NodeId),
 }
 
 impl fmt::Display for Fault {
@@ -90,7 +93,7 @@ impl Fault {
             Some(leader) if rng.chance(0.5) => leader,
             _ => rng.pick(members),
         };
-        let fault = match rng.range(0, 5) {
+        let fault = match rng.range(0, 6) {
             0 => Fault::Partition(Partition::Split(NodeSet::of(&rng.split(members).0))),
             1 => Fault::Partition(Partition::Mute(NodeSet::of(&[victim]))),
             2 => Fault::Partition(Partition::IsolateLeader(victim)),
@@ -99,6 +102,7 @@ impl Fault {
                 Fault::Partition(Partition::Bridge { bridge: victim, side: NodeSet::of(&rng.split(&others).0) })
             }
             4 => Fault::Crash(victim),
+            5 => Fault::Transfer(rng.pick(members)),
             _ => Fault::Pause(victim),
         };
         (fault, rng.range(50 * MS, 1_000 * MS))

@@ -24,17 +24,18 @@ pub struct Envelope {
 
 #[derive(Clone, Copy)]
 enum Summary {
-    Vote { pre_vote: bool, last: (Index, Term) },
+    Vote { pre_vote: bool, transfer: bool, last: (Index, Term) },
     VoteReply { pre_vote: bool, granted: bool },
     Append { prev: (Index, Term), entries: usize, commit: Index },
     AppendReply { success: bool, match_index: Index, conflict_index: Index },
+    TimeoutNow,
 }
 
 impl From<&Message> for Envelope {
     fn from(m: &Message) -> Envelope {
         let body = match &m.body {
-            Body::RequestVote { last_log_index, last_log_term, pre_vote } => {
-                Summary::Vote { pre_vote: *pre_vote, last: (*last_log_index, *last_log_term) }
+            Body::RequestVote { last_log_index, last_log_term, pre_vote, transfer } => {
+                Summary::Vote { pre_vote: *pre_vote, transfer: *transfer, last: (*last_log_index, *last_log_term) }
             }
             Body::RequestVoteReply { granted, pre_vote } => {
                 Summary::VoteReply { pre_vote: *pre_vote, granted: *granted }
@@ -47,6 +48,7 @@ impl From<&Message> for Envelope {
             Body::AppendEntriesReply { success, match_index, conflict_index, .. } => {
                 Summary::AppendReply { success: *success, match_index: *match_index, conflict_index: *conflict_index }
             }
+            Body::TimeoutNow => Summary::TimeoutNow,
         };
         Envelope { from: m.from, to: m.to, term: m.term, body }
     }
@@ -56,8 +58,15 @@ impl fmt::Display for Envelope {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "{}->{} t{} ", self.from, self.to, self.term)?;
         match self.body {
-            Summary::Vote { pre_vote, last } => {
-                write!(f, "{}Vote last={}/t{}", if pre_vote { "Pre" } else { "" }, last.0, last.1)
+            Summary::Vote { pre_vote, transfer, last } => {
+                let kind = if pre_vote {
+                    "Pre"
+                } else if transfer {
+                    "Transfer"
+                } else {
+                    ""
+                };
+                write!(f, "{kind}Vote last={}/t{}", last.0, last.1)
             }
             Summary::VoteReply { pre_vote, granted } => {
                 write!(f, "{}VoteReply granted={granted}", if pre_vote { "Pre" } else { "" })
@@ -68,6 +77,7 @@ impl fmt::Display for Envelope {
             Summary::AppendReply { success, match_index, conflict_index } => {
                 write!(f, "AppendReply ok={success} match={match_index} conflict={conflict_index}")
             }
+            Summary::TimeoutNow => write!(f, "TimeoutNow"),
         }
     }
 }
