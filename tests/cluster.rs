@@ -3,11 +3,15 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
 use raft_zmq::kv::{Command, Value};
 use raft_zmq::protocol::{ErrorCode, Reply, Request};
+use raft_zmq::tools::client::Client;
 
 fn value(s: &str) -> Option<Value> {
     Some(Value::Str(s.into()))
@@ -165,6 +169,42 @@ fn clean_shutdown_on_sigterm() {
     for id in 0..3 {
         assert!(cluster.terminate(id).success(), "node {id} exits 0 on SIGTERM");
     }
+}
+
+#[test]
+fn sigterm_on_the_leader_hands_leadership_over_while_writes_go_on() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let via = (0..3).find(|&id| id != leader).unwrap();
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let mut client = Client::new(&zmq::Context::new(), &cluster.nodes[via].client, Duration::from_secs(5));
+        thread::spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                let i = acked.load(Ordering::Acquire);
+                wait_for("a write through a follower", || match client.call(&put(&format!("w{i}"), "x")) {
+                    Ok(Reply::Put { .. }) => Some(()),
+                    _ => None,
+                });
+                acked.store(i + 1, Ordering::Release);
+            }
+        })
+    };
+    let acked_after =
+        |n: u64| wait_for(&format!("{n} acknowledged writes"), || (acked.load(Ordering::Acquire) >= n).then_some(()));
+    acked_after(5);
+    assert!(cluster.terminate(leader).success(), "the leader exits 0 on SIGTERM");
+    let new_leader = cluster.wait_for_leader();
+    assert_ne!(new_leader, leader);
+    acked_after(acked.load(Ordering::Acquire) + 5);
+    stop.store(true, Ordering::Release);
+    writer.join().expect("every write was acknowledged in the end");
+    let output = read_path(&cluster.output_path(leader));
+    assert!(output.contains("transferring leadership to"), "{output}");
+    assert!(output.contains(&format!("node {new_leader} leads in term")), "{output}");
+    assert_eq!(cluster.get_value(new_leader, "w0"), value("x"));
 }
 
 #[test]

@@ -4,13 +4,17 @@
 //! everything else already queued before it processes the core's `Ready`.
 //! Proposals that arrive while the previous batch is being fsynced therefore
 //! share one append, one sync and one AppendEntries round (group commit).
+//!
+//! On the stop signal a leader first hands leadership to its most
+//! up-to-date follower and keeps serving until it has, so that clients see
+//! a new leader within a round trip instead of an election timeout.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, Sender, after, select};
 use log::{info, warn};
 
 use super::Shared;
@@ -46,6 +50,8 @@ pub struct CoreLoop {
     pub replier: Replier,
     pub shared: Arc<Shared>,
     pub request_timeout: Duration,
+    /// How long a stopping leader waits to see a new leader take over.
+    pub handover_timeout: Duration,
 }
 
 pub struct Inputs {
@@ -67,40 +73,80 @@ impl CoreLoop {
     /// cannot persist must not keep voting or acknowledging.
     pub fn run(self, inputs: Inputs) -> Result<(), StorageError> {
         let mut state = State { io: self, reads: HashMap::new(), next_read_ctx: 0, role: Role::Follower };
-        loop {
-            select! {
-                recv(inputs.stop) -> _ => break,
-                recv(inputs.ticks) -> _ => state.on_tick(),
-                recv(inputs.peers) -> msg => match msg {
-                    Ok(msg) => state.on_peer(msg),
-                    Err(_) => break,
-                },
-                recv(inputs.clients) -> call => match call {
-                    Ok(call) => state.on_client(call),
-                    Err(_) => break,
-                },
-            }
-            for _ in 0..MAX_BATCH {
-                let mut idle = true;
-                if let Ok(msg) = inputs.peers.try_recv() {
-                    state.on_peer(msg);
-                    idle = false;
-                }
-                if let Ok(call) = inputs.clients.try_recv() {
-                    state.on_client(call);
-                    idle = false;
-                }
-                if idle {
-                    break;
-                }
-            }
-            state.process_ready()?;
-        }
+        while state.run_once(&inputs, &inputs.stop)? {}
+        state.hand_over_leadership(&inputs)?;
         state.shut_down(&inputs.clients)
     }
 }
 
 impl State {
+    /// Waits for one input, drains what else is queued, then carries out the
+    /// core's `Ready`. False once `stop` fires or an input channel closes.
+    fn run_once<T>(&mut self, inputs: &Inputs, stop: &Receiver<T>) -> Result<bool, StorageError> {
+        select! {
+            recv(stop) -> _ => return Ok(false),
+            recv(inputs.ticks) -> _ => self.on_tick(),
+            recv(inputs.peers) -> msg => match msg {
+                Ok(msg) => self.on_peer(msg),
+                Err(_) => return Ok(false),
+            },
+            recv(inputs.clients) -> call => match call {
+                Ok(call) => self.on_client(call),
+                Err(_) => return Ok(false),
+            },
+        }
+        for _ in 0..MAX_BATCH {
+            let mut idle = true;
+            if let Ok(msg) = inputs.peers.try_recv() {
+                self.on_peer(msg);
+                idle = false;
+            }
+            if let Ok(call) = inputs.clients.try_recv() {
+                self.on_client(call);
+                idle = false;
+            }
+            if idle {
+                break;
+            }
+        }
+        self.process_ready()?;
+        Ok(true)
+    }
+
+    /// A stopping leader hands leadership to the follower holding the most
+    /// of the log and runs on until another node leads, the core abandons
+    /// the transfer, or `handover_timeout` passes. Writes are refused
+    /// meanwhile (clients retry, as after an election); reads are served.
+    fn hand_over_leadership(&mut self, inputs: &Inputs) -> Result<(), StorageError> {
+        let id = self.io.raft.id();
+        let Some(to) = self.io.raft.transfer_candidate() else { return Ok(()) };
+        if let Err(e) = self.io.raft.transfer_leadership(to) {
+            warn!("node {id}: cannot transfer leadership to {to}: {e:?}");
+            return Ok(());
+        }
+        info!("node {id}: transferring leadership to {to} before shutdown");
+        self.process_ready()?;
+        let deadline = after(self.io.handover_timeout);
+        loop {
+            let soft = self.io.raft.soft_state();
+            match soft.leader {
+                Some(leader) if leader != id => {
+                    info!("node {id}: node {leader} leads in term {}; shutting down", soft.term);
+                    return Ok(());
+                }
+                Some(_) if self.io.raft.transfer_target().is_none() => {
+                    info!("node {id}: leadership transfer to {to} failed; shutting down as leader");
+                    return Ok(());
+                }
+                _ => {}
+            }
+            if !self.run_once(inputs, &deadline)? {
+                info!("node {id}: no new leader seen within {:?}; shutting down", self.io.handover_timeout);
+                return Ok(());
+            }
+        }
+    }
+
     fn on_tick(&mut self) {
         self.io.raft.tick();
         let now = Instant::now();

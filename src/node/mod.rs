@@ -141,6 +141,9 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         replier,
         shared: shared.clone(),
         request_timeout: Duration::from_millis(config.request_timeout_ms),
+        // The core gives up after the minimum election timeout; the rest is
+        // time to hear from the new leader.
+        handover_timeout: Duration::from_millis(config.election_timeout_ms.1),
     };
     let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
     let result = core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, stop: stop_rx });

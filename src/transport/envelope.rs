@@ -253,6 +253,28 @@ mod tests {
     }
 
     #[test]
+    fn timeout_now_is_a_request_and_vote_requests_from_older_nodes_still_decode() {
+        let timeout_now = Message { from: 1, to: 0, term: 3, body: Body::TimeoutNow };
+        assert_eq!(wire(0).open_request(&wire(1).seal(timeout_now.clone()).unwrap()), Ok(timeout_now));
+
+        let vote = |transfer| Body::RequestVote { last_log_index: 4, last_log_term: 2, pre_vote: false, transfer };
+        let frame = wire(1).seal(Message { from: 1, to: 0, term: 3, body: vote(true) }).unwrap();
+        // Drop `transfer`, as a node without leadership transfer encodes it.
+        fn strip(value: &mut rmpv::Value) {
+            if let rmpv::Value::Map(entries) = value {
+                entries.retain(|(k, _)| k.as_str() != Some("transfer"));
+                entries.iter_mut().for_each(|(_, v)| strip(v));
+            }
+        }
+        let mut value = rmpv::decode::read_value(&mut &frame[..]).unwrap();
+        strip(&mut value);
+        let mut old = Vec::new();
+        rmpv::encode::write_value(&mut old, &value).unwrap();
+        assert!(old.len() < frame.len(), "the field was there to drop");
+        assert_eq!(wire(0).open_request(&old).map(|m| m.body), Ok(vote(false)));
+    }
+
+    #[test]
     fn encoding_is_a_named_map_with_binary_commands() {
         let frame = wire(1).seal(append(1, 0)).unwrap();
         let value = rmpv::decode::read_value(&mut &frame[..]).unwrap();
