@@ -141,7 +141,7 @@ impl State {
                 _ => {}
             }
             if !self.run_once(inputs, &deadline)? {
-                info!("node {id}: no new leader seen within {:?}; shutting down", self.io.handover_timeout);
+                info!("node {id}: stopping before a new leader was seen");
                 return Ok(());
             }
         }
