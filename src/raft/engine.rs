@@ -210,7 +210,9 @@ impl Raft {
             return;
         }
         if m.term > self.term {
-            if matches!(m.body, Body::RequestVote { transfer: false, .. }) && self.in_leader_lease() {
+            if let Body::RequestVote { transfer: false, pre_vote, .. } = m.body
+                && self.in_leader_lease(pre_vote)
+            {
                 info!(
                     "node {}: ignoring vote request from {} for term {}: leader {:?} is alive",
                     self.cfg.id, m.from, m.term, self.leader
@@ -539,13 +541,17 @@ impl Raft {
         self.campaign(Campaign::Transfer);
     }
 
-    /// Followers that heard from a leader within the minimum election timeout
+    /// Nodes that heard from a leader within the minimum election timeout
     /// ignore vote requests, so a node rejoining from a partition cannot
     /// depose a healthy leader (§4.2.3). A transfer election is exempt: that
-    /// leader asked for it. Tied to CheckQuorum, which makes a
-    /// leader that lost its majority give up its lease.
-    fn in_leader_lease(&self) -> bool {
-        self.cfg.check_quorum && self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks.0
+    /// leader asked for it. Pre-votes always respect the lease (§9.6: grant
+    /// one only if no leader was heard from recently); real votes only with
+    /// CheckQuorum, which makes a leader that lost its majority give up its
+    /// lease — without it, a cut-off leader would keep blocking elections.
+    fn in_leader_lease(&self, pre_vote: bool) -> bool {
+        (pre_vote || self.cfg.check_quorum)
+            && self.leader.is_some()
+            && self.election_elapsed < self.cfg.election_ticks.0
     }
 
     fn quorum_recently_active(&self) -> bool {

@@ -444,6 +444,19 @@ fn follower_ignores_vote_requests_while_it_hears_from_a_leader() {
 }
 
 #[test]
+fn pre_vote_is_refused_while_a_leader_is_heard_even_without_check_quorum() {
+    let mut c = Cluster::with(Config { check_quorum: false, ..config(1, 3) });
+    c.run(30);
+    let leader = c.leaders()[0];
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let other = (1..=3).find(|&id| id != leader && id != follower).unwrap();
+    let term = c.raft(follower).soft_state().term;
+    let pre_vote = Body::RequestVote { last_log_index: 100, last_log_term: 100, pre_vote: true, transfer: false };
+    c.raft_mut(follower).step(msg(other, follower, term + 1, pre_vote));
+    assert!(c.raft_mut(follower).ready().persisted_messages.is_empty(), "no pre-vote granted");
+}
+
+#[test]
 fn leader_steps_down_without_quorum() {
     let mut c = Cluster::new(3);
     c.run(30);
