@@ -2,7 +2,7 @@
 //!
 //! `raft` is the pure consensus core (no I/O). Everything else is the shell
 //! around it: `config`, `storage` (sled), `transport` (ZeroMQ peers), `kv`
-//! (the replicated state machine), `mirror` (logs/<id>.txt), `protocol`
+//! (the replicated state machine), `mirror` (`logs/<id>.txt`), `protocol`
 //! (the client wire format), `node` (threads wiring it all together) and
 //! `tools` (the cluster supervisor, CLI client and benchmark).
 

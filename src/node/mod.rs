@@ -56,7 +56,7 @@ impl Shared {
 const MEMBERSHIP_META: &str = "membership";
 
 /// Runs node `id` until SIGINT/SIGTERM. `routes` (from `--peer`) reach some
-/// peers at another endpoint than their `raft` one; see [`peer_endpoints`].
+/// peers at another endpoint than their `raft` one; see `peer_endpoints`.
 pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(), Box<dyn Error>> {
     let (mut storage, recovered) = Storage::open(&config.node_state_dir(id))?;
     let members = settle_membership(&mut storage, config)?;
