@@ -192,6 +192,28 @@ fn msg(from: NodeId, to: NodeId, term: Term, body: Body) -> Message {
     Message { from, to, term, body }
 }
 
+/// A successful AppendEntries reply: `from` holds the leader's log up to
+/// `match_index` and answers read round `read_seq`.
+fn ack(from: NodeId, to: NodeId, term: Term, match_index: Index, read_seq: u64) -> Message {
+    msg(
+        from,
+        to,
+        term,
+        Body::AppendEntriesReply { success: true, match_index, conflict_index: 0, conflict_term: None, read_seq },
+    )
+}
+
+/// An AppendEntries in `term` whose entries follow `prev` (index, term).
+fn append(from: NodeId, to: NodeId, term: Term, prev: (Index, Term), entries: Vec<Entry>, commit: Index) -> Message {
+    let (prev_log_index, prev_log_term) = prev;
+    msg(
+        from,
+        to,
+        term,
+        Body::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit: commit, read_seq: 0 },
+    )
+}
+
 /// A lone node built from explicit durable state, with its output drained.
 fn node_with(id: NodeId, n: u64, hs: HardState, entries: Vec<Entry>) -> Raft {
     node_from(config(id, n), hs, entries)
@@ -314,18 +336,7 @@ fn stale_replies_are_ignored_and_stale_requests_answered_with_our_term() {
     let mut r = node_with(1, 3, HardState { term: 5, vote: None, commit: 0 }, vec![]);
     r.step(msg(2, 1, 3, Body::RequestVoteReply { granted: true, pre_vote: false }));
     assert!(r.ready().persisted_messages.is_empty());
-    r.step(msg(
-        2,
-        1,
-        3,
-        Body::AppendEntries {
-            prev_log_index: 0,
-            prev_log_term: 0,
-            entries: vec![entry(1, 3)],
-            leader_commit: 1,
-            read_seq: 0,
-        },
-    ));
+    r.step(append(2, 1, 3, (0, 0), vec![entry(1, 3)], 1));
     let rd = r.ready();
     assert_eq!(rd.persisted_messages[0].term, 5);
     assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: false, .. }));
@@ -524,18 +535,7 @@ fn proposals_batch_into_one_append_per_follower() {
 #[test]
 fn follower_ack_for_new_entries_waits_for_persistence() {
     let mut r = node_with(2, 3, HardState { term: 1, vote: None, commit: 0 }, vec![]);
-    r.step(msg(
-        1,
-        2,
-        1,
-        Body::AppendEntries {
-            prev_log_index: 0,
-            prev_log_term: 0,
-            entries: vec![entry(1, 1)],
-            leader_commit: 0,
-            read_seq: 0,
-        },
-    ));
+    r.step(append(1, 2, 1, (0, 0), vec![entry(1, 1)], 0));
     let rd = r.ready();
     assert_eq!(rd.entries, vec![entry(1, 1)]);
     assert!(rd.messages.is_empty());
@@ -551,12 +551,7 @@ fn follower_commit_is_capped_by_the_last_entry_verified() {
         HardState { term: 2, vote: None, commit: 0 },
         vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)],
     );
-    r.step(msg(
-        1,
-        2,
-        3,
-        Body::AppendEntries { prev_log_index: 2, prev_log_term: 1, entries: vec![], leader_commit: 10, read_seq: 0 },
-    ));
+    r.step(append(1, 2, 3, (2, 1), vec![], 10));
     assert_eq!(r.commit_index(), 2);
     assert_eq!(r.last_index(), 4);
 }
@@ -564,23 +559,9 @@ fn follower_commit_is_capped_by_the_last_entry_verified() {
 #[test]
 fn delayed_append_does_not_truncate_newer_entries() {
     let mut r = node_with(2, 3, HardState { term: 1, vote: None, commit: 0 }, vec![]);
-    let append = |prev: Index, entries: Vec<Entry>| {
-        msg(
-            1,
-            2,
-            1,
-            Body::AppendEntries {
-                prev_log_index: prev,
-                prev_log_term: if prev == 0 { 0 } else { 1 },
-                entries,
-                leader_commit: 0,
-                read_seq: 0,
-            },
-        )
-    };
-    r.step(append(0, vec![entry(1, 1), entry(2, 1), entry(3, 1)]));
+    r.step(append(1, 2, 1, (0, 0), vec![entry(1, 1), entry(2, 1), entry(3, 1)], 0));
     drain(&mut r);
-    r.step(append(0, vec![entry(1, 1)]));
+    r.step(append(1, 2, 1, (0, 0), vec![entry(1, 1)], 0));
     let rd = drain(&mut r);
     assert_eq!(r.last_index(), 3);
     assert!(rd.truncate_from.is_none() && rd.entries.is_empty());
@@ -591,18 +572,7 @@ fn delayed_append_does_not_truncate_newer_entries() {
 fn conflicting_suffix_is_replaced_and_storage_told_to_truncate() {
     let mut r =
         node_with(2, 3, HardState { term: 2, vote: None, commit: 1 }, vec![entry(1, 1), entry(2, 2), entry(3, 2)]);
-    r.step(msg(
-        1,
-        2,
-        3,
-        Body::AppendEntries {
-            prev_log_index: 1,
-            prev_log_term: 1,
-            entries: vec![entry(2, 3)],
-            leader_commit: 1,
-            read_seq: 0,
-        },
-    ));
+    r.step(append(1, 2, 3, (1, 1), vec![entry(2, 3)], 1));
     let rd = drain(&mut r);
     assert_eq!(rd.truncate_from, Some(2));
     assert_eq!(rd.entries, vec![entry(2, 3)]);
@@ -617,12 +587,7 @@ fn reject_carries_conflict_term_and_its_first_index() {
         HardState { term: 3, vote: None, commit: 0 },
         vec![entry(1, 1), entry(2, 2), entry(3, 2), entry(4, 2)],
     );
-    r.step(msg(
-        1,
-        2,
-        4,
-        Body::AppendEntries { prev_log_index: 4, prev_log_term: 3, entries: vec![], leader_commit: 0, read_seq: 0 },
-    ));
+    r.step(append(1, 2, 4, (4, 3), vec![], 0));
     let rd = r.ready();
     assert_eq!(
         rd.persisted_messages[0].body,
@@ -634,12 +599,7 @@ fn reject_carries_conflict_term_and_its_first_index() {
             read_seq: 0,
         }
     );
-    r.step(msg(
-        1,
-        2,
-        4,
-        Body::AppendEntries { prev_log_index: 9, prev_log_term: 3, entries: vec![], leader_commit: 0, read_seq: 0 },
-    ));
+    r.step(append(1, 2, 4, (9, 3), vec![], 0));
     assert!(matches!(
         r.ready().persisted_messages[0].body,
         Body::AppendEntriesReply { success: false, conflict_index: 5, conflict_term: None, .. }
@@ -700,24 +660,10 @@ fn figure_8_old_term_entries_are_not_committed_by_counting_replicas() {
     r.step(msg(2, 1, term, Body::RequestVoteReply { granted: true, pre_vote: false }));
     assert_eq!(r.soft_state().role, Role::Leader);
     drain(&mut r); // the no-op (index 3) is now durable on the leader
-    let ack = |from, match_index| {
-        msg(
-            from,
-            1,
-            term,
-            Body::AppendEntriesReply {
-                success: true,
-                match_index,
-                conflict_index: 0,
-                conflict_term: None,
-                read_seq: 0,
-            },
-        )
-    };
-    r.step(ack(2, 2));
-    r.step(ack(3, 2));
+    r.step(ack(2, 1, term, 2, 0));
+    r.step(ack(3, 1, term, 2, 0));
     assert_eq!(r.commit_index(), 1, "entry 2 is from term 2: replicas alone must not commit it");
-    r.step(ack(2, 3));
+    r.step(ack(2, 1, term, 3, 0));
     assert_eq!(r.commit_index(), 3, "the no-op of term {term} commits, and entry 2 with it");
 }
 
@@ -846,21 +792,13 @@ fn read_waits_for_the_new_leader_to_commit_in_its_term() {
     r.step(msg(2, 1, term, Body::RequestVoteReply { granted: true, pre_vote: false }));
     drain(&mut r);
     r.read_index(1).unwrap();
-    let ack = |match_index, read_seq| {
-        msg(
-            2,
-            1,
-            term,
-            Body::AppendEntriesReply { success: true, match_index, conflict_index: 0, conflict_term: None, read_seq },
-        )
-    };
     // Follower 2 acknowledges a heartbeat but not the no-op yet.
-    r.step(ack(1, 0));
+    r.step(ack(2, 1, term, 1, 0));
     assert!(r.ready().read_states.is_empty());
     // The no-op commits; the read's round (1) starts only now.
-    r.step(ack(2, 0));
+    r.step(ack(2, 1, term, 2, 0));
     assert!(r.ready().read_states.is_empty(), "needs a round started after the commit");
-    r.step(ack(2, 1));
+    r.step(ack(2, 1, term, 2, 1));
     assert_eq!(r.ready().read_states, vec![ReadState { ctx: 1, index: 2 }]);
 }
 
@@ -883,9 +821,7 @@ fn rejecting_an_older_terms_append_does_not_confirm_reads() {
     assert_eq!(r.soft_state().term, 3);
     r.step(msg(3, 1, 3, Body::RequestVoteReply { granted: true, pre_vote: false }));
     drain(&mut r);
-    let noop_acked =
-        Body::AppendEntriesReply { success: true, match_index: 2, conflict_index: 0, conflict_term: None, read_seq: 0 };
-    r.step(msg(3, 1, 3, noop_acked));
+    r.step(ack(3, 1, 3, 2, 0));
     drain(&mut r);
     r.read_index(7).unwrap();
     r.step(rejection);
