@@ -18,7 +18,7 @@ use log::{debug, info, warn};
 
 use super::Shared;
 use super::core_loop::ClientCall;
-use super::replies::{Replier, ReplyTo};
+use super::replies::{Replier, ReplyTo, not_leader};
 use crate::config::Member;
 use crate::protocol::{ErrorCode, Reply, Request, decode_request};
 use crate::raft::NodeId;
@@ -150,13 +150,7 @@ impl ClientEndpoint {
             (Request::Status | Request::Log { .. }, _) => self.to_core(to_core, request.0, reply_to, replier),
             (_, Some(leader)) if leader == self.cfg.id => self.to_core(to_core, request.0, reply_to, replier),
             (_, Some(leader)) if reply_to.hops() == 1 => self.forward(leader, reply_to, request.1),
-            (_, leader) => {
-                let message = match leader {
-                    Some(id) => format!("node {} is not the leader; node {id} is", self.cfg.id),
-                    None => format!("node {} knows no leader (election in progress)", self.cfg.id),
-                };
-                reply_error(reply_to, ErrorCode::NoLeader, message)
-            }
+            (_, leader) => replier.send(reply_to, &not_leader(self.cfg.id, leader)),
         }
     }
 

@@ -19,7 +19,7 @@ use log::{info, warn};
 
 use super::Shared;
 use super::applier::ApplyMsg;
-use super::replies::{Replier, ReplyTo};
+use super::replies::{Replier, ReplyTo, not_leader};
 use crate::kv::{LoggedCommand, Value, command_json};
 use crate::protocol::{ErrorCode, LogEntryView, Reply, Request, StatusInfo};
 use crate::raft::{NotLeader, Raft, Role, SoftState};
@@ -283,11 +283,7 @@ impl State {
     }
 
     fn reply_not_leader(&self, reply_to: ReplyTo, NotLeader { leader }: NotLeader) {
-        let message = match leader {
-            Some(id) => format!("node {} is not the leader; node {id} is", self.io.raft.id()),
-            None => format!("node {} is not the leader and knows of none (election in progress)", self.io.raft.id()),
-        };
-        self.io.replier.send(reply_to, &Reply::error(ErrorCode::NoLeader, message, leader));
+        self.io.replier.send(reply_to, &not_leader(self.io.raft.id(), leader));
     }
 
     fn reply_error(&self, reply_to: ReplyTo, code: ErrorCode, message: &str) {

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use log::error;
 
-use crate::protocol::Reply;
+use crate::protocol::{ErrorCode, Reply};
+use crate::raft::NodeId;
 
 /// The ROUTER routing frames of one request: the client's identity, any
 /// forwarding hops, and the empty delimiter. Sending them back with the reply
@@ -54,4 +55,13 @@ impl Replier {
             error!("cannot hand a reply to the client endpoint: {e}");
         }
     }
+}
+
+/// The `no_leader` reply of node `me`, naming the leader it knows, if any.
+pub fn not_leader(me: NodeId, leader: Option<NodeId>) -> Reply {
+    let message = match leader {
+        Some(id) => format!("node {me} is not the leader; node {id} is"),
+        None => format!("node {me} is not the leader and knows of none (election in progress)"),
+    };
+    Reply::error(ErrorCode::NoLeader, message, leader)
 }
