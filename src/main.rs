@@ -62,6 +62,7 @@ enum Tool {
 }
 
 fn main() -> ExitCode {
+    node::abort_on_panic();
     let cli = Cli::parse();
     let default_level = if matches!(cli.tool, Some(Tool::Client { .. } | Tool::Bench(_))) { "warn" } else { "info" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();

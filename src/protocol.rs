@@ -59,11 +59,19 @@ pub enum ErrorCode {
     BadRequest,
     TooLarge,
     ShuttingDown,
+    /// Overloaded: the request was not taken, nothing was applied; retry later.
+    Busy,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 5] =
-        [ErrorCode::NoLeader, ErrorCode::Timeout, ErrorCode::BadRequest, ErrorCode::TooLarge, ErrorCode::ShuttingDown];
+    pub const ALL: [ErrorCode; 6] = [
+        ErrorCode::NoLeader,
+        ErrorCode::Timeout,
+        ErrorCode::BadRequest,
+        ErrorCode::TooLarge,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Busy,
+    ];
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
@@ -73,6 +81,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Busy => "busy",
         }
     }
 
@@ -599,7 +608,7 @@ mod tests {
     #[test]
     fn error_codes_have_contract_names() {
         let names: Vec<String> = ErrorCode::ALL.iter().map(ToString::to_string).collect();
-        assert_eq!(names, ["no_leader", "timeout", "bad_request", "too_large", "shutting_down"]);
+        assert_eq!(names, ["no_leader", "timeout", "bad_request", "too_large", "shutting_down", "busy"]);
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
         }

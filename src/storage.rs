@@ -53,7 +53,7 @@ use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use crate::raft::types::{Entry, HardState, Index};
+use crate::raft::types::{Entry, HardState, Index, Term};
 
 const HARD_STATE_KEY: &[u8] = b"hs";
 const LOG_PREFIX: &[u8] = b"log/";
@@ -267,15 +267,40 @@ impl Storage {
                 first.index
             ));
         }
-        for pair in entries.windows(2) {
-            if pair[1].index != pair[0].index + 1 {
+        let mut prev = (first.index - 1, self.stored_term(first.index - 1)?);
+        for entry in entries {
+            if entry.index != prev.0 + 1 {
                 return err(format!(
                     "refusing to write log entry {} after entry {}: entries must be consecutive",
-                    pair[1].index, pair[0].index
+                    entry.index, prev.0
                 ));
             }
+            // `open` rejects such a log: writing it would make the state dir unopenable.
+            if entry.term < prev.1 {
+                return err(format!(
+                    "refusing to write log entry {} with term {} after term {} at index {}",
+                    entry.index, entry.term, prev.1, prev.0
+                ));
+            }
+            prev = (entry.index, entry.term);
         }
-        Ok(kept_last.max(entries[entries.len() - 1].index))
+        Ok(kept_last.max(prev.0))
+    }
+
+    /// The term of the stored entry at `index` (0 for index 0).
+    fn stored_term(&self, index: Index) -> Result<Term, StorageError> {
+        if index == 0 {
+            return Ok(0);
+        }
+        let err = |problem: String| StorageError::new(&self.dir, problem);
+        let bytes = self
+            .db
+            .get(log_key(index))
+            .map_err(|e| err(format!("cannot read log entry {index}: {e}")))?
+            .ok_or_else(|| err(format!("log entry {index} is missing")))?;
+        let entry: Entry =
+            rmp_serde::from_slice(&bytes).map_err(|e| err(format!("log entry {index} is unreadable: {e}")))?;
+        Ok(entry.term)
     }
 
     fn encode<T: serde::Serialize>(&self, value: &T, what: &str) -> Result<Vec<u8>, StorageError> {
@@ -561,6 +586,21 @@ mod tests {
         assert!(s.write(None, None, &[entry(0, 1, b"a")]).is_err());
         // A rejected write changes nothing.
         s.write(None, None, &[entry(1, 1, b"a")]).unwrap();
+    }
+
+    #[test]
+    fn write_rejects_decreasing_terms_that_would_make_the_dir_unopenable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut s, _) = Storage::open(tmp.path()).unwrap();
+        s.write(None, None, &[entry(1, 2, b"a"), entry(2, 3, b"b")]).unwrap();
+        let e = s.write(None, None, &[entry(3, 2, b"c")]).unwrap_err().to_string();
+        assert!(e.contains("term 2 after term 3"), "{e}");
+        assert!(s.write(None, None, &[entry(3, 4, b"c"), entry(4, 3, b"d")]).is_err());
+        // After truncating entry 2, term 2 may follow entry 1 again.
+        s.write(None, Some(2), &[entry(2, 2, b"b2")]).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        assert_eq!(reopen(tmp.path()).entries.len(), 2);
     }
 
     #[test]

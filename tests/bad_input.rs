@@ -308,6 +308,82 @@ fn junk_on_the_raft_endpoint_neither_disturbs_the_leader_nor_stops_commits() {
     }
 }
 
+/// Messages a buggy or forged peer could send with a valid envelope: each
+/// must be dropped, never acted on, never persisted.
+#[test]
+fn inconsistent_peer_messages_with_a_valid_envelope_crash_nothing_and_never_reach_disk() {
+    use raft_zmq::raft::{Body, Entry, Message, Payload};
+    use raft_zmq::transport::Envelope;
+
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    for i in 0..3 {
+        cluster.call_ok(leader, &put(&format!("before-{i}"), "1"));
+    }
+    let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!() };
+    let term = before.term;
+    let members: Vec<(u64, &str)> =
+        cluster.nodes.iter().enumerate().map(|(id, n)| (id as u64, n.raft.as_str())).collect();
+    let cluster_id = raft_zmq::transport::cluster_id(&members);
+    let entry = |index, term| Entry { index, term, payload: Payload::Command(b"forged".to_vec()) };
+    let append = |prev: (u64, u64), entries: Vec<Entry>, leader_commit| Body::AppendEntries {
+        prev_log_index: prev.0,
+        prev_log_term: prev.1,
+        entries,
+        leader_commit,
+        read_seq: 0,
+    };
+    let forged: Vec<(&str, u64, Body)> = vec![
+        ("entry index 0", term, append((0, 0), vec![entry(0, term)], 0)),
+        ("decreasing entry terms", term, append((0, 0), vec![entry(1, term), entry(2, term - 1)], 0)),
+        ("entry term above the message's", term, append((0, 0), vec![entry(1, term + 5)], 100)),
+        ("gap after prev", term, append((0, 0), vec![entry(2, term)], 100)),
+        ("term 2^64-1 heartbeat", u64::MAX, append((0, 0), vec![], 0)),
+        (
+            "term 2^64-1 vote request",
+            u64::MAX,
+            Body::RequestVote { last_log_index: 1 << 40, last_log_term: 1 << 40, pre_vote: false, transfer: false },
+        ),
+    ];
+    for round in 0..2 {
+        for to in 0..3u64 {
+            // Forged in the name of the leader, or of a follower for the leader.
+            let from = if to == leader as u64 { (to + 1) % 3 } else { leader as u64 };
+            for (what, term, body) in &forged {
+                let message = Message { from, to, term: *term, body: body.clone() };
+                let envelope = Envelope {
+                    version: raft_zmq::transport::PROTOCOL_VERSION,
+                    cluster: cluster_id,
+                    from,
+                    term: *term,
+                    message,
+                };
+                let req = cluster.socket(zmq::REQ, &cluster.nodes[to as usize].raft);
+                req.set_rcvtimeo(100).unwrap();
+                req.send(rmp_serde::to_vec_named(&envelope).unwrap(), 0).unwrap();
+                assert!(req.recv_bytes(0).is_err(), "round {round}: node {to} answered {what}");
+            }
+        }
+        let Reply::Put { index } = cluster.call_ok(leader, &put(&format!("after-{round}"), "1")) else { panic!() };
+        cluster.wait_applied(index);
+    }
+    assert_eq!(cluster.running(), vec![0, 1, 2], "a node died");
+    let Reply::Status(after) = cluster.call_ok(leader, &Request::Status) else { panic!() };
+    assert_eq!((after.role.as_str(), after.term), ("leader", term), "forged messages caused an election");
+    let mirrors: Vec<String> = (0..3).map(|id| cluster.mirror(id)).collect();
+    assert!(mirrors.iter().all(|m| m == &mirrors[0] && !m.contains("forged")), "{mirrors:#?}");
+
+    // Nothing forged reached a state dir: every node restarts from its own.
+    for id in 0..3 {
+        cluster.kill(id);
+    }
+    for id in 0..3 {
+        cluster.start_node(id);
+    }
+    let leader = cluster.wait_for_leader();
+    assert_eq!(cluster.get_value(leader, "after-1"), Some(raft_zmq::kv::Value::Str("1".into())));
+}
+
 fn map_value(pairs: &[(&str, M)]) -> M {
     M::Map(pairs.iter().map(|(k, v)| (M::from(*k), v.clone())).collect())
 }

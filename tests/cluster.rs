@@ -250,3 +250,86 @@ fn minority_cannot_commit_and_says_so() {
     }
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// Sends `n` puts back to back on one DEALER socket, then collects the
+/// replies: (puts acknowledged, all replies). Never waits past `WAIT`.
+fn pipeline_puts(cluster: &TestCluster, id: usize, n: usize, prefix: &str) -> (usize, Vec<Reply>) {
+    let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[id].client);
+    let request = put(prefix, "x");
+    for i in 0..n {
+        let frame = raft_zmq::protocol::encode_request(&put(&format!("{prefix}-{i}"), "x"));
+        dealer.send_multipart([&b""[..], &frame[..]], 0).unwrap();
+    }
+    let deadline = Instant::now() + WAIT;
+    let mut replies = Vec::new();
+    while replies.len() < n && Instant::now() < deadline {
+        if let Ok(frames) = dealer.recv_multipart(0) {
+            replies.push(Reply::decode(frames.last().unwrap(), &request).unwrap());
+        }
+    }
+    (replies.iter().filter(|r| matches!(r, Reply::Put { .. })).count(), replies)
+}
+
+#[test]
+fn pipelined_requests_through_a_follower_each_get_their_own_reply() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let follower = (0..3).find(|&id| id != leader).unwrap();
+    let (acked, replies) = pipeline_puts(&cluster, follower, 100, "pipelined");
+    assert_eq!((acked, replies.len()), (100, 100), "{replies:?}");
+
+    // A REQ socket that correlates requests adds a request-id frame: it is
+    // still a client, whose request is forwarded like any other.
+    let req = cluster.socket(zmq::REQ, &cluster.nodes[follower].client);
+    req.set_req_correlate(true).unwrap();
+    req.set_req_relaxed(true).unwrap();
+    let request = put("correlated", "1");
+    req.send(raft_zmq::protocol::encode_request(&request), 0).unwrap();
+    let reply = Reply::decode(&req.recv_bytes(0).unwrap(), &request).unwrap();
+    assert!(matches!(reply, Reply::Put { .. }), "{reply:?}");
+}
+
+#[test]
+fn a_stopping_leader_answers_every_request_it_received() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[leader].client);
+    let request = put("queued", "x");
+    let frame = raft_zmq::protocol::encode_request(&request);
+    let sent = 300;
+    for _ in 0..sent {
+        dealer.send_multipart([&b""[..], &frame[..]], 0).unwrap();
+    }
+    cluster.signal(leader, libc::SIGTERM);
+    let mut replies = 0;
+    // Each reply is ok or an error (`shutting_down`, `no_leader`, `timeout`);
+    // none may be missing. Once the node has gone, recv times out.
+    while replies < sent && dealer.recv_multipart(0).is_ok() {
+        replies += 1;
+    }
+    assert_eq!(replies, sent, "requests left unanswered by the stopping leader");
+    let mut child = cluster.nodes[leader].process.take().unwrap();
+    assert!(wait_for("the leader to exit", || child.try_wait().unwrap()).success());
+}
+
+#[test]
+fn a_follower_whose_state_was_wiped_is_caught_up_by_the_same_leader() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let follower = (0..3).find(|&id| id != leader).unwrap();
+    for i in 0..20 {
+        cluster.call_ok(leader, &put(&format!("k{i}"), "v"));
+    }
+    let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!() };
+    cluster.wait_applied(before.commit_index);
+    cluster.kill(follower);
+    // The README's advice for a damaged node: move its state and mirror away.
+    std::fs::remove_dir_all(cluster.state_dir(follower)).unwrap();
+    std::fs::remove_file(cluster.mirror_path(follower)).unwrap();
+    cluster.start_node(follower);
+    wait_for("the wiped follower's mirror to match the leader's", || {
+        (cluster.mirror(follower) == cluster.mirror(leader)).then_some(())
+    });
+    let Reply::Status(after) = cluster.call_ok(leader, &Request::Status) else { panic!() };
+    assert_eq!((after.role.as_str(), after.term), ("leader", before.term), "caught up without a new election");
+}

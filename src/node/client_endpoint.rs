@@ -3,10 +3,11 @@
 //!
 //! Malformed and oversized requests are answered here without bothering the
 //! core. Writes and reads on a follower are forwarded to the leader over a
-//! DEALER socket with the client's routing frames kept in front, so the
-//! leader's reply finds its way back through us (the ZeroMQ broker pattern).
-//! A forwarded request is never forwarded again, so two nodes with stale
-//! views of the leader cannot bounce a request between them.
+//! DEALER socket, each under a token of its own, so that the leader's reply
+//! finds its way back to the right request even when one client has many in
+//! flight (the ZeroMQ broker pattern). Every request gets exactly one reply:
+//! the leader's, or an error when it cannot be forwarded, the leader
+//! changes, or no reply comes in time.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,12 +36,15 @@ pub struct EndpointConfig {
     pub forward_timeout: Duration,
 }
 
+/// How long replies still queued at shutdown may take to leave.
+const SHUTDOWN_LINGER_MS: i32 = 2000;
+
 /// The connection to the leader that forwarded requests travel on.
 struct Forwarder {
     leader: NodeId,
     dealer: zmq::Socket,
-    /// Client identity → reply deadline, for requests awaiting the leader.
-    waiting: HashMap<Vec<u8>, (ReplyTo, Instant)>,
+    /// Forwarding token → the client's route and its reply deadline.
+    waiting: HashMap<u64, (ReplyTo, Instant)>,
 }
 
 pub struct ClientEndpoint {
@@ -49,6 +53,8 @@ pub struct ClientEndpoint {
     router: zmq::Socket,
     replies: zmq::Socket,
     forwarder: Option<Forwarder>,
+    /// The last forwarding token handed out; unique for the process's life.
+    last_token: u64,
 }
 
 impl ClientEndpoint {
@@ -62,11 +68,14 @@ impl ClientEndpoint {
         let replies = ctx.socket(zmq::PULL).map_err(|e| e.to_string())?;
         replies.set_linger(0).map_err(|e| e.to_string())?;
         replies.bind(replies_endpoint).map_err(|e| e.to_string())?;
-        Ok(ClientEndpoint { ctx: ctx.clone(), cfg, router, replies, forwarder: None })
+        Ok(ClientEndpoint { ctx: ctx.clone(), cfg, router, replies, forwarder: None, last_token: 0 })
     }
 
+    /// Serves until the rest of the node has stopped (`replies_done`), so
+    /// that every reply the core loop and the applier give on their way out
+    /// still reaches its client.
     pub fn run(mut self, shared: Arc<Shared>, to_core: Sender<ClientCall>, replier: Replier) {
-        while !shared.stopping.load(Ordering::Acquire) {
+        while !shared.replies_done.load(Ordering::Acquire) {
             let (router_ready, replies_ready, dealer_ready) = match self.poll() {
                 Ok(ready) => ready,
                 Err(e) => {
@@ -92,9 +101,13 @@ impl ClientEndpoint {
             }
             self.expire_forwards();
         }
-        // Whatever is still queued gets its answer before the socket closes.
         while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
             self.send_to_client(frames);
+        }
+        self.drop_forwarder();
+        // Closing a socket with linger 0 would discard the replies just queued.
+        if let Err(e) = self.router.set_linger(SHUTDOWN_LINGER_MS) {
+            warn!("cannot let the last replies drain: {e}");
         }
     }
 
@@ -149,7 +162,7 @@ impl ClientEndpoint {
         match (&request.0, shared.leader()) {
             (Request::Status | Request::Log { .. }, _) => self.to_core(to_core, request.0, reply_to, replier),
             (_, Some(leader)) if leader == self.cfg.id => self.to_core(to_core, request.0, reply_to, replier),
-            (_, Some(leader)) if reply_to.hops() == 1 => self.forward(leader, reply_to, request.1),
+            (_, Some(leader)) if !reply_to.is_forwarded() => self.forward(leader, reply_to, request.1),
             (_, leader) => replier.send(reply_to, &not_leader(self.cfg.id, leader)),
         }
     }
@@ -166,16 +179,23 @@ impl ClientEndpoint {
             self.connect_forwarder(leader);
         }
         let Some(forwarder) = self.forwarder.as_mut() else {
-            return;
+            let message = format!("cannot connect to leader {leader} to forward the request; nothing was applied");
+            return self.reply(reply_to, ErrorCode::Busy, &message);
         };
-        let mut frames = reply_to.route.clone();
+        self.last_token += 1;
+        let mut frames = ReplyTo::forwarding_route(self.last_token);
         frames.push(request);
         match forwarder.dealer.send_multipart(frames, zmq::DONTWAIT) {
             Ok(()) => {
                 let deadline = Instant::now() + self.cfg.forward_timeout;
-                forwarder.waiting.insert(reply_to.route[0].clone(), (reply_to, deadline));
+                forwarder.waiting.insert(self.last_token, (reply_to, deadline));
             }
-            Err(e) => warn!("cannot forward a request to leader {leader}: {e}"),
+            Err(e) => {
+                // EAGAIN: the queue towards the leader is full.
+                debug!("cannot forward a request to leader {leader}: {e}");
+                let message = format!("cannot forward the request to leader {leader} ({e}); nothing was applied");
+                self.reply(reply_to, ErrorCode::Busy, &message);
+            }
         }
     }
 
@@ -213,10 +233,14 @@ impl ClientEndpoint {
     fn relay_leader_replies(&mut self) {
         let Some(forwarder) = self.forwarder.as_mut() else { return };
         let mut replies = Vec::new();
-        while let Ok(frames) = forwarder.dealer.recv_multipart(zmq::DONTWAIT) {
+        // [token, empty delimiter, reply]
+        while let Ok(mut frames) = forwarder.dealer.recv_multipart(zmq::DONTWAIT) {
             // A reply whose client already got `timeout` is dropped.
-            if frames.first().is_some_and(|client| forwarder.waiting.remove(client).is_some()) {
-                replies.push(frames);
+            let waiting = ReplyTo::forwarded_token(&frames).and_then(|token| forwarder.waiting.remove(&token));
+            if let (Some((reply_to, _)), Some(reply)) = (waiting, frames.pop()) {
+                let mut route = reply_to.route;
+                route.push(reply);
+                replies.push(route);
             }
         }
         for frames in replies {
@@ -227,8 +251,8 @@ impl ClientEndpoint {
     fn expire_forwards(&mut self) {
         let Some(forwarder) = self.forwarder.as_mut() else { return };
         let now = Instant::now();
-        let expired: Vec<Vec<u8>> =
-            forwarder.waiting.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(k, _)| k.clone()).collect();
+        let expired: Vec<u64> =
+            forwarder.waiting.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(&token, _)| token).collect();
         let expired: Vec<ReplyTo> =
             expired.iter().filter_map(|k| forwarder.waiting.remove(k)).map(|(reply_to, _)| reply_to).collect();
         for reply_to in expired {

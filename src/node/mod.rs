@@ -15,8 +15,8 @@ mod core_loop;
 mod replies;
 
 use std::error::Error;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,21 +35,46 @@ use replies::Replier;
 
 /// State other threads read without asking the core loop.
 pub struct Shared {
-    leader: AtomicU64,
+    leader: Mutex<Option<NodeId>>,
     last_applied: Arc<AtomicU64>,
+    /// The node is stopping: new requests get `shutting_down`.
     stopping: AtomicBool,
+    /// The core loop and the applier have stopped: every reply they will
+    /// ever give is queued, and the client endpoint may close once it has
+    /// sent them.
+    replies_done: AtomicBool,
 }
 
 impl Shared {
-    const NO_LEADER: u64 = u64::MAX;
+    fn new() -> Shared {
+        Shared {
+            leader: Mutex::new(None),
+            last_applied: Arc::new(AtomicU64::new(0)),
+            stopping: AtomicBool::new(false),
+            replies_done: AtomicBool::new(false),
+        }
+    }
 
     fn leader(&self) -> Option<NodeId> {
-        Some(self.leader.load(Ordering::Acquire)).filter(|&id| id != Self::NO_LEADER)
+        *self.leader.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn set_leader(&self, leader: Option<NodeId>) {
-        self.leader.store(leader.unwrap_or(Self::NO_LEADER), Ordering::Release);
+        *self.leader.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = leader;
     }
+}
+
+/// Makes a panic in any thread end the whole process at once. A node whose
+/// applier or transport thread died would otherwise keep voting and
+/// acknowledging half-alive; restarting from the state dir is always safe.
+/// (The release profile aborts on panic too; this also covers builds that
+/// unwind, and logs the panic first.)
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
 }
 
 /// Membership key in the state dir: once recorded, it wins over the file.
@@ -81,7 +106,9 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         "node {id}: starting with term {}, vote {:?}, {} log entries, commit {}",
         hard_state.term, hard_state.vote, last_index, hard_state.commit
     );
-    let raft = Raft::new(core_config(config, id, &members), hard_state, recovered.entries);
+    let core_config = core_config(config, id, &members);
+    let reply_timeout = Duration::from_millis(tick_ms(config) * core_config.inflight_timeout());
+    let raft = Raft::new(core_config, hard_state, recovered.entries);
 
     let ctx = zmq::Context::new();
     let (peer_tx, peer_rx) = unbounded();
@@ -94,7 +121,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
             cluster,
             bind: me.raft.clone(),
             peers,
-            reply_timeout: Duration::from_millis(config.election_timeout_ms.0),
+            reply_timeout,
             max_message_bytes: (config.max_request_bytes as i64) * 2 + (16 << 20),
         },
         peer_tx,
@@ -112,11 +139,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         &replies_endpoint,
     )?;
     let replier = Replier::connect(&ctx, &replies_endpoint)?;
-    let shared = Arc::new(Shared {
-        leader: AtomicU64::new(Shared::NO_LEADER),
-        last_applied: Arc::new(AtomicU64::new(0)),
-        stopping: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new());
 
     let (apply_tx, apply_rx) = unbounded();
     let applier = Applier::new(mirror, replier.clone(), shared.last_applied.clone());
@@ -149,6 +172,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let result = core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, stop: stop_rx });
     shared.stopping.store(true, Ordering::Release);
     let _ = applier.join();
+    shared.replies_done.store(true, Ordering::Release);
     let _ = endpoint.join();
     info!("node {id}: stopped");
     Ok(result?)
@@ -249,6 +273,37 @@ mod tests {
         assert_eq!(peer_endpoints(&members, 1, &[]).unwrap().len(), 2);
         assert!(peer_endpoints(&members, 0, &[(0, "tcp://127.0.0.1:9000".into())]).is_err(), "a route to itself");
         assert!(peer_endpoints(&members, 0, &[(7, "tcp://127.0.0.1:9007".into())]).is_err(), "not a member");
+    }
+
+    #[test]
+    fn a_panic_in_any_thread_aborts_the_process() {
+        const CHILD: &str = "RAFT_ZMQ_TEST_PANIC_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            abort_on_panic();
+            let _ = thread::spawn(|| panic!("a thread dies")).join();
+            std::process::exit(0); // only reached if the process lived on
+        }
+        let test = "node::tests::a_panic_in_any_thread_aborts_the_process";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("a thread dies"), "the panic is reported first");
+    }
+
+    #[test]
+    fn every_node_id_can_be_the_leader() {
+        let shared = Shared::new();
+        assert_eq!(shared.leader(), None);
+        for id in [0, 7, u64::MAX] {
+            shared.set_leader(Some(id));
+            assert_eq!(shared.leader(), Some(id));
+        }
+        shared.set_leader(None);
+        assert_eq!(shared.leader(), None);
     }
 
     #[test]

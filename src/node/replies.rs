@@ -13,18 +13,36 @@ use crate::protocol::{ErrorCode, Reply};
 use crate::raft::NodeId;
 
 /// The ROUTER routing frames of one request: the client's identity, any
-/// forwarding hops, and the empty delimiter. Sending them back with the reply
-/// routes it to the right client.
+/// frames its socket adds (a REQ_CORRELATE request id), a forwarding tag when
+/// a follower forwarded it, and the empty delimiter. Sending them back with
+/// the reply routes it to the right client.
 #[derive(Debug)]
 pub struct ReplyTo {
     pub route: Vec<Vec<u8>>,
 }
 
+/// Starts the frame a follower puts in front of a request it forwards to the
+/// leader; a per-request token follows. The leader never forwards such a
+/// request again, so two nodes with stale views of the leader cannot bounce
+/// it between them.
+const FORWARD_TAG: &[u8] = b"raft-zmq/forwarded/";
+
 impl ReplyTo {
-    /// How many nodes have routed this request: 1 when it came straight from
-    /// a client, 2 when a follower forwarded it to us.
-    pub fn hops(&self) -> usize {
-        self.route.len().saturating_sub(1)
+    /// Whether a follower forwarded this request to us.
+    pub fn is_forwarded(&self) -> bool {
+        self.route.get(1).is_some_and(|frame| frame.starts_with(FORWARD_TAG))
+    }
+
+    /// The frames a follower sends in front of request number `token` it forwards.
+    pub fn forwarding_route(token: u64) -> Vec<Vec<u8>> {
+        vec![[FORWARD_TAG, &token.to_be_bytes()[..]].concat(), Vec::new()]
+    }
+
+    /// The token of a forwarded request's reply as it comes back to the
+    /// follower that sent it (the frames of [`ReplyTo::forwarding_route`]).
+    pub fn forwarded_token(frames: &[Vec<u8>]) -> Option<u64> {
+        let token = frames.first()?.strip_prefix(FORWARD_TAG)?;
+        Some(u64::from_be_bytes(token.try_into().ok()?))
     }
 }
 
@@ -64,4 +82,22 @@ pub fn not_leader(me: NodeId, leader: Option<NodeId>) -> Reply {
         None => format!("node {me} is not the leader and knows of none (election in progress)"),
     };
     Reply::error(ErrorCode::NoLeader, message, leader)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_requests_are_told_apart_from_correlated_req_clients() {
+        let direct = ReplyTo { route: vec![b"client".to_vec(), vec![]] };
+        // A REQ socket with ZMQ_REQ_CORRELATE adds a 4-byte request id.
+        let correlated = ReplyTo { route: vec![b"client".to_vec(), vec![0, 0, 0, 7], vec![]] };
+        let mut route = vec![b"follower".to_vec()];
+        route.extend(ReplyTo::forwarding_route(42));
+        let forwarded = ReplyTo { route };
+        assert!(!direct.is_forwarded() && !correlated.is_forwarded() && forwarded.is_forwarded());
+        assert_eq!(ReplyTo::forwarded_token(&ReplyTo::forwarding_route(42)), Some(42));
+        assert_eq!(ReplyTo::forwarded_token(&[b"client".to_vec(), vec![]]), None);
+    }
 }

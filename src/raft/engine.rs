@@ -37,10 +37,12 @@ pub struct Config {
 
 impl Config {
     /// An unanswered AppendEntries is given up on after this many ticks, so a
-    /// lost message never stalls a follower (the shell usually reports
-    /// `peer_unreachable` sooner).
-    fn inflight_timeout(&self) -> u64 {
-        self.election_ticks.0
+    /// lost message never stalls a follower. Half the minimum election
+    /// timeout: the retry still reaches the follower before its election
+    /// timer fires and within the leader's CheckQuorum window. The shell's
+    /// transport gives up on a reply after the same time.
+    pub fn inflight_timeout(&self) -> u64 {
+        (self.election_ticks.0 / 2).max(1)
     }
 }
 
@@ -74,6 +76,15 @@ enum Campaign {
     Election,
     /// An election the leader asked for with `TimeoutNow`.
     Transfer,
+}
+
+/// A follower's refusal of an AppendEntries whose `prev_log_index` it does
+/// not hold, with its hint where to resume.
+#[derive(Clone, Copy, Debug)]
+struct Rejection {
+    prev_log_index: Index,
+    conflict_index: Index,
+    conflict_term: Option<Term>,
 }
 
 #[derive(Debug)]
@@ -209,6 +220,11 @@ impl Raft {
             debug!("node {}: dropping misaddressed message {:?}", self.cfg.id, m);
             return;
         }
+        // The transport drops these already; the core must not depend on it.
+        if let Err(problem) = m.validate() {
+            error!("node {}: dropping an inconsistent message from {}: {problem}", self.cfg.id, m.from);
+            return;
+        }
         if m.term > self.term {
             if let Body::RequestVote { transfer: false, pre_vote, .. } = m.body
                 && self.in_leader_lease(pre_vote)
@@ -239,8 +255,16 @@ impl Raft {
             Body::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit, read_seq } => {
                 self.handle_append_entries(m.from, prev_log_index, prev_log_term, entries, leader_commit, read_seq)
             }
-            Body::AppendEntriesReply { success, match_index, conflict_index, conflict_term, read_seq } => {
-                self.handle_append_reply(m.from, success, match_index, conflict_index, conflict_term, read_seq)
+            Body::AppendEntriesReply {
+                success,
+                prev_log_index,
+                match_index,
+                conflict_index,
+                conflict_term,
+                read_seq,
+            } => {
+                let rejection = (!success).then_some(Rejection { prev_log_index, conflict_index, conflict_term });
+                self.handle_append_reply(m.from, match_index, rejection, read_seq)
             }
             Body::TimeoutNow => self.handle_timeout_now(m.from),
         }
@@ -583,7 +607,14 @@ impl Raft {
                 from: this.cfg.id,
                 to: from,
                 term: this.term,
-                body: Body::AppendEntriesReply { success, match_index, conflict_index, conflict_term, read_seq },
+                body: Body::AppendEntriesReply {
+                    success,
+                    prev_log_index,
+                    match_index,
+                    conflict_index,
+                    conflict_term,
+                    read_seq,
+                },
             });
         };
         match self.log.term(prev_log_index) {
@@ -597,7 +628,18 @@ impl Raft {
             }
             Some(_) => {
                 let last_new = prev_log_index + entries.len() as Index;
-                self.log.merge(entries);
+                if let Err(index) = self.log.merge(entries) {
+                    // Two leaders disagree on a committed entry: a bug or a
+                    // forgery. Acting on it would break state machine safety.
+                    error!(
+                        "node {}: leader {} tried to overwrite committed entry {} (commit {}); ignoring its message",
+                        self.cfg.id,
+                        from,
+                        index,
+                        self.log.committed()
+                    );
+                    return;
+                }
                 // Only what this message verified may be committed: our log
                 // past `last_new` might still diverge from the leader's.
                 self.log.commit_to(leader_commit.min(last_new));
@@ -606,15 +648,7 @@ impl Raft {
         }
     }
 
-    fn handle_append_reply(
-        &mut self,
-        from: NodeId,
-        success: bool,
-        match_index: Index,
-        conflict_index: Index,
-        conflict_term: Option<Term>,
-        read_seq: u64,
-    ) {
+    fn handle_append_reply(&mut self, from: NodeId, match_index: Index, rejection: Option<Rejection>, read_seq: u64) {
         if self.role != Role::Leader {
             return;
         }
@@ -623,19 +657,31 @@ impl Raft {
         pr.recent_active = true;
         pr.inflight_since = None;
         pr.read_acked = pr.read_acked.max(read_seq);
-        if success {
-            if pr.on_success(match_index.min(last)) {
-                self.maybe_commit();
+        match rejection {
+            None => {
+                if pr.on_success(match_index.min(last)) {
+                    self.maybe_commit();
+                }
+                if self.transfer.is_some_and(|t| t.to == from) {
+                    self.send_timeout_now_if_caught_up();
+                }
             }
-            if self.transfer.is_some_and(|t| t.to == from) {
-                self.send_timeout_now_if_caught_up();
+            Some(Rejection { prev_log_index, conflict_index, conflict_term }) => {
+                // Skip the follower's whole conflicting term at once; if we have
+                // entries of that term, resume right after our last one of it.
+                let next = conflict_term
+                    .and_then(|t| self.log.last_index_of_term(t).map(|i| i + 1))
+                    .unwrap_or(conflict_index)
+                    .min(last + 1);
+                let pr = self.progress.get_mut(&from).expect("checked above");
+                if pr.on_reject(prev_log_index, next) {
+                    info!(
+                        "node {}: follower {} no longer holds entry {} it had acknowledged \
+                         (its state was lost?); replicating to it from {}",
+                        self.cfg.id, from, prev_log_index, pr.next
+                    );
+                }
             }
-        } else if conflict_index > pr.matched {
-            // Skip the follower's whole conflicting term at once; if we have
-            // entries of that term, resume right after our last one of it.
-            let next =
-                conflict_term.and_then(|t| self.log.last_index_of_term(t).map(|i| i + 1)).unwrap_or(conflict_index);
-            self.progress.get_mut(&from).expect("checked above").on_reject(next.min(last + 1));
         }
         self.confirm_reads();
     }
@@ -755,8 +801,9 @@ impl Raft {
             // leader that restarted counts its rounds from 1 again, so the
             // echo could confirm its new reads without a quorum (found by
             // the simulator).
-            Body::AppendEntries { .. } => Body::AppendEntriesReply {
+            Body::AppendEntries { prev_log_index, .. } => Body::AppendEntriesReply {
                 success: false,
+                prev_log_index,
                 match_index: 0,
                 conflict_index: 0,
                 conflict_term: None,

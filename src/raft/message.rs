@@ -5,6 +5,12 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{Entry, Index, NodeId, Term};
 
+/// The highest term a message may carry. No real cluster gets near it (a
+/// million elections a second would take 285 years), so a bigger one is a bug
+/// or a forgery; adopting it would leave no room for the next election. It is
+/// also the largest integer a JSON consumer (a browser, `jq`) reads exactly.
+pub const MAX_TERM: Term = (1 << 53) - 1;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub from: NodeId,
@@ -46,6 +52,10 @@ pub enum Body {
     /// let the leader skip back a whole term at a time (§5.3 optimisation).
     AppendEntriesReply {
         success: bool,
+        /// The `prev_log_index` of the request this answers, so the leader can
+        /// tell a rejection of its current probe from a stale one.
+        #[serde(default)]
+        prev_log_index: Index,
         match_index: Index,
         conflict_index: Index,
         conflict_term: Option<Term>,
@@ -55,6 +65,59 @@ pub enum Body {
     /// log matches its own to start an election now. Never answered; the
     /// election that follows is the answer.
     TimeoutNow,
+}
+
+impl Message {
+    /// Checks what the receiver relies on and a peer could get wrong (through
+    /// a bug, a version skew or malice): entries that follow `prev` without a
+    /// gap and with non-decreasing terms no newer than the message, terms
+    /// within [`MAX_TERM`], indexes that cannot overflow. The transport drops
+    /// a message that fails, so the core only ever sees consistent ones.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.term > MAX_TERM {
+            return Err(format!("term {} is above the maximum {MAX_TERM}", self.term));
+        }
+        if self.from == self.to {
+            return Err(format!("node {} sent a message to itself", self.from));
+        }
+        match &self.body {
+            Body::RequestVote { last_log_index, last_log_term, .. } => {
+                check_position("last log", *last_log_index, *last_log_term, self.term)
+            }
+            Body::AppendEntries { prev_log_index, prev_log_term, entries, .. } => {
+                check_position("prev log", *prev_log_index, *prev_log_term, self.term)?;
+                let (mut index, mut term) = (*prev_log_index, *prev_log_term);
+                for entry in entries {
+                    index = index.checked_add(1).ok_or("entry index overflows")?;
+                    if entry.index != index {
+                        return Err(format!("entry {} where {index} belongs", entry.index));
+                    }
+                    if entry.term < term || entry.term > self.term {
+                        return Err(format!(
+                            "entry {index} has term {} after term {term} in a term {} message",
+                            entry.term, self.term
+                        ));
+                    }
+                    term = entry.term;
+                }
+                Ok(())
+            }
+            Body::AppendEntriesReply { conflict_term: Some(conflict), .. } if *conflict > self.term => {
+                Err(format!("conflict term {conflict} is newer than the reply's term {}", self.term))
+            }
+            Body::RequestVoteReply { .. } | Body::AppendEntriesReply { .. } | Body::TimeoutNow => Ok(()),
+        }
+    }
+}
+
+/// A log position (index, term) as a message describes it: index 0 is the
+/// empty prefix with term 0, a real entry has a term of at least 1, and no
+/// entry is newer than the message carrying its position.
+fn check_position(what: &str, index: Index, term: Term, message_term: Term) -> Result<(), String> {
+    if (index == 0) != (term == 0) || term > message_term {
+        return Err(format!("{what} position {index}/{term} is impossible in a term {message_term} message"));
+    }
+    Ok(())
 }
 
 impl Body {

@@ -45,10 +45,22 @@ impl Progress {
         advanced
     }
 
-    /// A rejection: retry from `next`, but never at or below what is known
-    /// to match.
-    pub fn on_reject(&mut self, next: Index) {
+    /// A rejection of the request that had `prev_log_index`, with the index
+    /// to retry from. Only a rejection of the current probe (`next - 1`) is
+    /// acted on: an older one is stale. Normally the retry stays above what
+    /// is known to match; but a follower refusing `matched` itself has lost
+    /// entries it acknowledged (its state dir was wiped), so what we knew is
+    /// forgotten and it is caught up from its own hint. Returns true then.
+    pub fn on_reject(&mut self, prev_log_index: Index, next: Index) -> bool {
+        if prev_log_index + 1 != self.next {
+            return false;
+        }
+        let lost_state = prev_log_index != 0 && prev_log_index == self.matched;
+        if lost_state {
+            self.matched = 0;
+        }
         self.next = next.max(self.matched + 1);
+        lost_state
     }
 }
 
@@ -66,12 +78,21 @@ mod tests {
     }
 
     #[test]
-    fn reject_never_goes_below_matched() {
+    fn reject_of_a_probe_never_goes_below_matched() {
         let mut pr = Progress::new(10);
         pr.on_success(6);
-        pr.on_reject(3);
+        pr.next = 9;
+        assert!(!pr.on_reject(8, 3));
         assert_eq!(pr.next, 7);
-        pr.on_reject(9);
-        assert_eq!(pr.next, 9);
+        assert!(!pr.on_reject(8, 9), "stale: answers an older request");
+        assert_eq!(pr.next, 7);
+    }
+
+    #[test]
+    fn reject_at_matched_means_the_follower_lost_its_state() {
+        let mut pr = Progress::new(10);
+        pr.on_success(10);
+        assert!(pr.on_reject(10, 1));
+        assert_eq!((pr.matched, pr.next), (0, 1));
     }
 }

@@ -121,26 +121,27 @@ impl RaftLog {
         index
     }
 
-    /// Merges entries from a leader that follow an already-verified prefix.
-    /// Entries the log already holds are skipped; only a real conflict
-    /// truncates, so a delayed duplicate AppendEntries never cuts off newer
-    /// entries (a classic bug). Returns the index of the last entry given.
-    pub fn merge(&mut self, entries: Vec<Entry>) -> Index {
-        let mut last_given = 0;
-        for entry in entries {
-            last_given = entry.index;
-            match self.term(entry.index) {
-                Some(term) if term == entry.term => continue,
-                Some(_) => {
-                    assert!(entry.index > self.committed, "leader tried to overwrite committed entry {}", entry.index);
-                    self.truncate_from(entry.index);
-                }
-                None => {}
-            }
-            debug_assert_eq!(entry.index, self.last_index() + 1);
-            self.entries.push(entry);
+    /// Merges entries from a leader that follow an already-verified prefix
+    /// (consecutive, starting at most one past our last entry). Entries the
+    /// log already holds are skipped; only a real conflict truncates, so a
+    /// delayed duplicate AppendEntries never cuts off newer entries (a classic
+    /// bug). Entries that would overwrite a committed one are refused whole,
+    /// changing nothing: only a buggy or forged leader sends them. The error
+    /// is the index of the first such entry.
+    pub fn merge(&mut self, entries: Vec<Entry>) -> Result<(), Index> {
+        let Some(first_new) = entries.iter().position(|e| self.term(e.index) != Some(e.term)) else {
+            return Ok(());
+        };
+        let start = entries[first_new].index;
+        if start <= self.committed {
+            return Err(start);
         }
-        last_given
+        if start <= self.last_index() {
+            self.truncate_from(start);
+        }
+        debug_assert_eq!(start, self.last_index() + 1);
+        self.entries.extend(entries.into_iter().skip(first_new));
+        Ok(())
     }
 
     fn truncate_from(&mut self, index: Index) {
@@ -223,7 +224,7 @@ mod tests {
     fn merge_skips_entries_already_present_and_keeps_newer_ones() {
         let mut log = log_with_terms(&[1, 1, 2, 2]);
         // A delayed AppendEntries carrying only entries 2..3.
-        assert_eq!(log.merge(vec![entry(2, 1), entry(3, 2)]), 3);
+        assert_eq!(log.merge(vec![entry(2, 1), entry(3, 2)]), Ok(()));
         assert_eq!(log.last_index(), 4, "must not truncate entry 4");
         assert!(!log.has_unstable());
     }
@@ -231,7 +232,7 @@ mod tests {
     #[test]
     fn merge_truncates_only_at_the_first_conflict() {
         let mut log = log_with_terms(&[1, 1, 2, 2]);
-        log.merge(vec![entry(2, 1), entry(3, 3)]);
+        log.merge(vec![entry(2, 1), entry(3, 3)]).unwrap();
         assert_eq!(log.last_index(), 3);
         assert_eq!(log.term(3), Some(3));
         assert_eq!(log.stable(), 2, "the overwritten suffix is no longer durable");
@@ -241,11 +242,12 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "committed")]
-    fn merge_refuses_to_overwrite_committed_entries() {
+    fn merge_refuses_to_overwrite_committed_entries_and_changes_nothing() {
         let mut log = log_with_terms(&[1, 1]);
         log.commit_to(2);
-        log.merge(vec![entry(2, 2)]);
+        assert_eq!(log.merge(vec![entry(2, 1), entry(3, 1)]), Ok(()), "agreeing with the committed prefix is fine");
+        assert_eq!(log.merge(vec![entry(2, 2), entry(3, 2), entry(4, 2)]), Err(2));
+        assert_eq!((log.last_index(), log.term(2), log.term(3)), (3, Some(1), Some(1)));
     }
 
     #[test]
@@ -267,7 +269,7 @@ mod tests {
         let mut log = log_with_terms(&[1]);
         log.append(1, Payload::Noop);
         log.take_unstable();
-        log.merge(vec![entry(2, 2)]);
+        log.merge(vec![entry(2, 2)]).unwrap();
         let unstable = log.take_unstable();
         assert_eq!(unstable.truncate_from, Some(2));
         // A stale durability confirmation for the overwritten entry is ignored.

@@ -199,7 +199,14 @@ fn ack(from: NodeId, to: NodeId, term: Term, match_index: Index, read_seq: u64) 
         from,
         to,
         term,
-        Body::AppendEntriesReply { success: true, match_index, conflict_index: 0, conflict_term: None, read_seq },
+        Body::AppendEntriesReply {
+            success: true,
+            prev_log_index: 0,
+            match_index,
+            conflict_index: 0,
+            conflict_term: None,
+            read_seq,
+        },
     )
 }
 
@@ -319,6 +326,7 @@ fn higher_term_turns_leader_into_follower_and_clears_the_vote() {
         term + 5,
         Body::AppendEntriesReply {
             success: false,
+            prev_log_index: 0,
             match_index: 0,
             conflict_index: 0,
             conflict_term: None,
@@ -593,6 +601,7 @@ fn reject_carries_conflict_term_and_its_first_index() {
         rd.persisted_messages[0].body,
         Body::AppendEntriesReply {
             success: false,
+            prev_log_index: 4,
             match_index: 0,
             conflict_index: 2,
             conflict_term: Some(2),
@@ -852,6 +861,25 @@ fn lost_append_is_retried_after_the_inflight_timeout() {
     }
 }
 
+#[test]
+fn one_lost_append_does_not_silence_a_follower_for_an_election_timeout() {
+    // Every node's election timeout is exactly 10 ticks.
+    let mut c = Cluster::with(Config { election_ticks: (10, 11), ..config(1, 3) });
+    c.campaign(1);
+    c.run(5);
+    let leader = c.leaders()[0];
+    let term = c.raft(leader).soft_state().term;
+    c.raft_mut(leader).propose(b"lost".to_vec()).unwrap();
+    c.process(leader);
+    c.queue.clear(); // the appends vanish
+    c.sent.clear();
+    c.run(30);
+    let votes = c.sent.iter().filter(|m| matches!(m.body, Body::RequestVote { .. })).count();
+    assert_eq!(votes, 0, "a follower's election timer fired before the retry reached it");
+    assert_eq!((c.leaders(), c.raft(leader).soft_state().term), (vec![leader], term));
+    assert_eq!(c.commands(1), vec![b"lost".to_vec()]);
+}
+
 // ----- leadership transfer -------------------------------------------------
 
 /// A settled 3-node cluster: (leader, a follower, the other follower, term).
@@ -945,6 +973,7 @@ fn stepping_down_abandons_the_transfer() {
         term + 1,
         Body::AppendEntriesReply {
             success: false,
+            prev_log_index: 0,
             match_index: 0,
             conflict_index: 0,
             conflict_term: None,
@@ -963,7 +992,7 @@ fn voters_in_lease_grant_a_transfer_vote_but_reject_an_ordinary_one() {
             candidate,
             voter,
             term + 1,
-            Body::RequestVote { last_log_index: 100, last_log_term: 100, pre_vote: false, transfer },
+            Body::RequestVote { last_log_index: 100, last_log_term: term, pre_vote: false, transfer },
         )
     };
     c.raft_mut(voter).step(ask(false));
@@ -981,12 +1010,11 @@ fn voters_in_lease_grant_a_transfer_vote_but_reject_an_ordinary_one() {
 #[test]
 fn a_transfer_vote_still_needs_an_up_to_date_log() {
     let (mut c, _, voter, candidate, term) = settled();
-    let last = c.raft(voter).last_index();
     c.raft_mut(voter).step(msg(
         candidate,
         voter,
         term + 1,
-        Body::RequestVote { last_log_index: last - 1, last_log_term: term, pre_vote: false, transfer: true },
+        Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false, transfer: true },
     ));
     assert_eq!(c.raft(voter).hard_state().vote, None);
     let rd = c.raft_mut(voter).ready();
@@ -1013,4 +1041,74 @@ fn timeout_now_counts_only_from_the_current_leader_in_its_term() {
         transfer: true,
     };
     assert_eq!(asks, vec![&expected, &expected], "no pre-vote round, and voters are told to skip the lease");
+}
+
+// ----- buggy or hostile peers -------------------------------------------------
+
+#[test]
+fn inconsistent_messages_change_nothing_and_get_no_reply() {
+    let log = vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)];
+    let hs = HardState { term: 3, vote: None, commit: 2 };
+    let vote = |last_log_index, last_log_term| Body::RequestVote {
+        last_log_index,
+        last_log_term,
+        pre_vote: false,
+        transfer: false,
+    };
+    let heartbeat = |term| append(1, 2, term, (4, 2), vec![], 0);
+    let bad = [
+        ("entry index 0", append(1, 2, 4, (0, 0), vec![entry(0, 4)], 0)),
+        ("gap after prev", append(1, 2, 4, (4, 2), vec![entry(6, 4)], 6)),
+        ("decreasing terms", append(1, 2, 4, (4, 2), vec![entry(5, 4), entry(6, 3)], 0)),
+        ("entry term below prev term", append(1, 2, 4, (4, 2), vec![entry(5, 1)], 5)),
+        ("entry newer than the message", append(1, 2, 4, (4, 2), vec![entry(5, 5)], 5)),
+        ("prev newer than the message", append(1, 2, 4, (4, 5), vec![], 0)),
+        ("prev index 0 with a term", append(1, 2, 4, (0, 1), vec![], 0)),
+        ("index overflow", append(1, 2, 4, (u64::MAX, 2), vec![entry(0, 4)], 0)),
+        ("term past MAX_TERM", heartbeat(message::MAX_TERM + 1)),
+        ("term 2^64-1", heartbeat(u64::MAX)),
+        ("vote request with a term 2^64-1", msg(1, 2, u64::MAX, vote(9, 9))),
+        ("vote request claiming a newer log term", msg(1, 2, 4, vote(9, 5))),
+    ];
+    for (what, m) in bad {
+        let mut r = node_with(2, 3, hs, log.clone());
+        r.step(m);
+        let rd = r.ready();
+        assert_eq!(r.hard_state(), hs, "{what}: state changed");
+        assert_eq!((r.last_index(), r.commit_index()), (4, 2), "{what}: log changed");
+        assert!(rd.entries.is_empty() && rd.truncate_from.is_none(), "{what}: something to persist");
+        assert!(rd.messages.is_empty() && rd.persisted_messages.is_empty(), "{what}: answered");
+    }
+}
+
+#[test]
+fn append_overwriting_a_committed_entry_is_ignored_not_a_panic() {
+    let log = vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)];
+    let mut r = node_with(2, 3, HardState { term: 3, vote: None, commit: 4 }, log.clone());
+    r.step(append(1, 2, 4, (2, 1), vec![entry(3, 4)], 4));
+    let rd = r.ready();
+    assert!(rd.entries.is_empty() && rd.truncate_from.is_none());
+    assert!(rd.persisted_messages.is_empty(), "no acknowledgement for entries it refused");
+    assert_eq!((r.last_index(), r.commit_index()), (4, 4));
+}
+
+#[test]
+fn wiped_follower_is_caught_up_by_the_same_leader() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let term = c.raft(leader).soft_state().term;
+    for i in 0..20u8 {
+        c.propose(leader, &[i]);
+    }
+    c.run(3);
+    let wiped = (1..=3).find(|&id| id != leader).unwrap();
+    // Its operator moved `state/<id>/` away and restarted it with the same id.
+    c.nodes.get_mut(&wiped).unwrap().disk = Disk::default();
+    c.restart(wiped);
+    c.run(20);
+    assert_eq!(c.leaders(), vec![leader]);
+    assert_eq!(c.raft(leader).soft_state().term, term, "caught up without a leader change");
+    assert_eq!(c.nodes[&wiped].disk.entries, c.nodes[&leader].disk.entries);
+    assert_eq!(c.commands(wiped).len(), 20);
 }

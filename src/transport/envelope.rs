@@ -62,6 +62,11 @@ pub(crate) enum Reject {
         message: (NodeId, Term),
     },
     Stranger(NodeId),
+    /// Well-formed but inconsistent (see [`Message::validate`]).
+    Invalid {
+        from: NodeId,
+        problem: String,
+    },
     Misaddressed {
         from: NodeId,
         to: NodeId,
@@ -87,6 +92,7 @@ impl Reject {
             Reject::Cluster(_) => "cluster mismatch",
             Reject::Inconsistent { .. } => "inconsistent envelope",
             Reject::Stranger(_) => "unknown sender",
+            Reject::Invalid { .. } => "inconsistent message",
             Reject::Misaddressed { .. } => "misaddressed message",
             Reject::Unexpected { .. } => "unexpected message kind",
             Reject::TooLarge { .. } => "message too large",
@@ -105,6 +111,7 @@ impl fmt::Display for Reject {
                 write!(f, "envelope says (from, term) = {envelope:?}, message {message:?}")
             }
             Reject::Stranger(id) => write!(f, "node {id} is not a peer"),
+            Reject::Invalid { from, problem } => write!(f, "from node {from}: {problem}"),
             Reject::Misaddressed { from, to } => write!(f, "from {from} for node {to}"),
             Reject::Unexpected { from, request } => {
                 let kind = if *request { "request" } else { "reply" };
@@ -196,6 +203,7 @@ impl Wire {
         if message.to != self.me {
             return Err(Reject::Misaddressed { from, to: message.to });
         }
+        message.validate().map_err(|problem| Reject::Invalid { from, problem })?;
         Ok(message)
     }
 }
@@ -315,6 +323,18 @@ mod tests {
         assert_eq!(me.open_reply(&reply, 2), Err(Reject::Unexpected { from: 1, request: false }));
         let request = raw(&envelope(append(1, 0)));
         assert_eq!(me.open_reply(&request, 1), Err(Reject::Unexpected { from: 1, request: true }));
+    }
+
+    #[test]
+    fn inconsistent_messages_are_rejected_at_the_boundary() {
+        let mut bad = append(1, 0);
+        if let Body::AppendEntries { entries, .. } = &mut bad.body {
+            entries[1].term = 2; // after an entry of term 3
+        }
+        let rejected = wire(0).open_request(&raw(&envelope(bad)));
+        assert!(matches!(rejected, Err(Reject::Invalid { from: 1, .. })), "{rejected:?}");
+        let huge = Message { term: u64::MAX, ..append(1, 0) };
+        assert!(matches!(wire(0).open_request(&raw(&envelope(huge))), Err(Reject::Invalid { .. })));
     }
 
     #[test]

@@ -365,6 +365,7 @@ mod tests {
             term: 2,
             body: Body::AppendEntriesReply {
                 success: true,
+                prev_log_index: 0,
                 match_index: 0,
                 conflict_index: 0,
                 conflict_term: None,
