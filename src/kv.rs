@@ -7,11 +7,13 @@
 //! back instead of being executed a second time.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{ErrorCode, Reply};
 use crate::raft::{Index, Payload};
+use crate::sessions::{SessionTable, Verdict};
 
 /// A key or value as the client sent it. The type is kept so that a value
 /// comes back as str or bin exactly as it was written.
@@ -101,7 +103,7 @@ impl LoggedCommand {
         rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable command: {e}"))
     }
 
-    fn to_json(&self) -> String {
+    fn to_json(&self, duplicate: bool) -> String {
         let fields = write_fields(&self.command, self.client_id.as_deref(), self.seq);
         let body: Vec<String> = fields
             .into_iter()
@@ -113,6 +115,7 @@ impl LoggedCommand {
                 };
                 format!("\"{name}\":{json}")
             })
+            .chain(duplicate.then(|| r#""dup":true"#.to_owned()))
             .collect();
         format!("{{{}}}", body.join(","))
     }
@@ -165,20 +168,38 @@ pub fn session(client_id: Option<&str>, seq: Option<u64>) -> Result<Option<(&str
     }
 }
 
-/// The latest write applied for one client, and the reply it got.
+/// What applying one committed entry did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Session {
-    seq: u64,
-    reply: Reply,
+pub struct Applied {
+    /// For the client that proposed it.
+    pub reply: Reply,
+    /// The session check refused it (a retry, a superseded seq or a forgotten
+    /// session): it changed nothing, and the log shows it with `"dup": true`.
+    pub duplicate: bool,
 }
 
-/// The key-value map plus the session table. Both are ordered maps so that
+/// The key-value map plus the session table. The map is ordered so that
 /// two replicas holding the same state also iterate (and will snapshot) the
-/// same way.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// same way. The session table is shared with the core loop, which answers
+/// retries of applied writes from it without appending them again.
+#[derive(Debug, Default)]
 pub struct KvStore {
     data: BTreeMap<Vec<u8>, Value>,
-    sessions: BTreeMap<String, Session>,
+    sessions: Arc<Mutex<SessionTable>>,
+}
+
+impl PartialEq for KvStore {
+    fn eq(&self, other: &KvStore) -> bool {
+        self.data == other.data && *lock(&self.sessions) == *lock(&other.sessions)
+    }
+}
+
+impl Eq for KvStore {}
+
+/// Locks a session table; a panic elsewhere aborts the process, so a
+/// poisoned lock still holds a consistent table.
+pub fn lock(sessions: &Mutex<SessionTable>) -> MutexGuard<'_, SessionTable> {
+    sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl KvStore {
@@ -186,43 +207,43 @@ impl KvStore {
         KvStore::default()
     }
 
-    /// Applies a committed entry's payload at `index` and returns the reply
-    /// for the client that proposed it (`None` for a no-op).
+    /// The session table, for readers on other threads.
+    pub fn sessions(&self) -> Arc<Mutex<SessionTable>> {
+        self.sessions.clone()
+    }
+
+    /// Applies a committed entry's payload at `index` (`None` for a no-op).
     ///
-    /// For a command with (client_id, seq): seq equal to the client's last
-    /// applied seq is a retry and gets the first reply again, original index
-    /// included; a lower seq is refused (that reply is gone); a higher seq is
-    /// executed and remembered. An undecodable payload yields a `bad_request`
-    /// reply: every replica reaches the same verdict, so it is still
-    /// deterministic.
-    pub fn apply(&mut self, index: Index, payload: &Payload) -> Option<Reply> {
+    /// A command with (client_id, seq) executes only if the session table
+    /// says it is new; otherwise it is a duplicate answered per
+    /// [`Verdict`]: a retry gets the first reply, original index included.
+    /// An undecodable payload yields a `bad_request` reply: every replica
+    /// reaches the same verdict, so it is still deterministic.
+    pub fn apply(&mut self, index: Index, payload: &Payload) -> Option<Applied> {
         let bytes = match payload {
             Payload::Noop => return None,
             Payload::Command(bytes) => bytes,
         };
+        let executed = |reply| Applied { reply, duplicate: false };
         Some(match LoggedCommand::decode(bytes) {
             Ok(logged) => self.apply_command(index, logged),
-            Err(e) => bad_request(format!("entry {index}: {e}")),
+            Err(e) => executed(bad_request(format!("entry {index}: {e}"))),
         })
     }
 
-    fn apply_command(&mut self, index: Index, logged: LoggedCommand) -> Reply {
+    fn apply_command(&mut self, index: Index, logged: LoggedCommand) -> Applied {
         let (client_id, seq) = match session(logged.client_id.as_deref(), logged.seq) {
             Ok(Some(session)) => session,
-            Ok(None) => return self.execute(index, logged.command),
-            Err(problem) => return bad_request(problem),
+            Ok(None) => return Applied { reply: self.execute(index, logged.command), duplicate: false },
+            Err(problem) => return Applied { reply: bad_request(problem), duplicate: false },
         };
-        if let Some(last) = self.sessions.get(client_id) {
-            if seq == last.seq {
-                return last.reply.clone();
-            }
-            if seq < last.seq {
-                return bad_request(format!("seq {seq} already superseded by {}", last.seq));
-            }
+        let verdict = lock(&self.sessions).check(client_id, seq);
+        if let Some(reply) = session_reply(verdict, seq) {
+            return Applied { reply, duplicate: true };
         }
         let reply = self.execute(index, logged.command);
-        self.sessions.insert(client_id.to_owned(), Session { seq, reply: reply.clone() });
-        reply
+        lock(&self.sessions).record(client_id, seq, reply.clone(), index);
+        Applied { reply, duplicate: false }
     }
 
     fn execute(&mut self, index: Index, command: Command) -> Reply {
@@ -267,6 +288,21 @@ fn bad_request(message: impl Into<String>) -> Reply {
     Reply::error(ErrorCode::BadRequest, message, None)
 }
 
+/// The answer to a write whose session already decided it, or `None` if it
+/// is new and must be executed. The core loop answers early with the same
+/// rule, so a client gets the same answer whichever of the two answers it.
+pub fn session_reply(verdict: Verdict, seq: u64) -> Option<Reply> {
+    match verdict {
+        Verdict::New => None,
+        Verdict::Retry(reply) => Some(reply),
+        Verdict::Superseded { latest } => Some(bad_request(format!("seq {seq} already superseded by {latest}"))),
+        Verdict::Forgotten => Some(bad_request(
+            "this client_id's session was forgotten (over 10000 more recently active clients); \
+             whether the write applied is unknown: use a new client_id",
+        )),
+    }
+}
+
 /// How bytes appear in JSON (the log mirror, the CLI client's output):
 /// `{"$bin": "<lowercase hex>"}`.
 pub fn bin_json(bytes: &[u8]) -> serde_json::Value {
@@ -280,14 +316,15 @@ pub fn bin_json(bytes: &[u8]) -> serde_json::Value {
 }
 
 /// The mirror's JSON for an entry (CONTRACT.md "On disk"): compact, keys in
-/// the order op, key, expect, value, command, client_id, seq. An undecodable
+/// the order op, key, expect, value, command, client_id, seq, then
+/// `"dup":true` for a `duplicate` the state machine skipped. An undecodable
 /// payload still gets one deterministic line, so replicas' mirrors stay
 /// byte-identical.
-pub fn command_json(payload: &Payload) -> String {
+pub fn command_json(payload: &Payload, duplicate: bool) -> String {
     match payload {
         Payload::Noop => r#"{"op":"noop"}"#.to_owned(),
         Payload::Command(bytes) => match LoggedCommand::decode(bytes) {
-            Ok(logged) => logged.to_json(),
+            Ok(logged) => logged.to_json(duplicate),
             Err(_) => format!(r#"{{"op":"undecodable","raw":{}}}"#, bin_json(bytes)),
         },
     }
@@ -311,6 +348,7 @@ pub(crate) mod test_values {
 mod tests {
     use super::test_values::{b, s};
     use super::*;
+    use crate::sessions::MAX_SESSIONS;
 
     fn payload(command: Command, client_id: Option<&str>, seq: Option<u64>) -> Payload {
         let logged = LoggedCommand { command, client_id: client_id.map(str::to_owned), seq };
@@ -323,6 +361,11 @@ mod tests {
 
     fn put(key: Value, value: Value) -> Command {
         Command::Put { key, value }
+    }
+
+    /// The reply of applying `payload`, asserting that it executed.
+    fn apply(kv: &mut KvStore, index: Index, payload: &Payload) -> Option<Reply> {
+        kv.apply(index, payload).map(|applied| applied.reply)
     }
 
     fn error_message(reply: Option<Reply>) -> String {
@@ -356,8 +399,8 @@ mod tests {
     #[test]
     fn put_then_get_keeps_the_value_type() {
         let mut kv = KvStore::new();
-        assert_eq!(kv.apply(3, &plain(put(s("a"), s("1")))), Some(Reply::Put { index: 3 }));
-        assert_eq!(kv.apply(4, &plain(put(s("b"), b(b"\x00\x01")))), Some(Reply::Put { index: 4 }));
+        assert_eq!(apply(&mut kv, 3, &plain(put(s("a"), s("1")))), Some(Reply::Put { index: 3 }));
+        assert_eq!(apply(&mut kv, 4, &plain(put(s("b"), b(b"\x00\x01")))), Some(Reply::Put { index: 4 }));
         assert_eq!(kv.get(&s("a")), Some(&s("1")));
         assert_eq!(kv.get(&s("b")), Some(&b(b"\x00\x01")));
         assert_eq!(kv.get(&s("c")), None);
@@ -368,9 +411,9 @@ mod tests {
     #[test]
     fn str_and_bin_keys_with_equal_bytes_are_the_same_key() {
         let mut kv = KvStore::new();
-        kv.apply(1, &plain(put(s("a"), s("1"))));
+        apply(&mut kv, 1, &plain(put(s("a"), s("1"))));
         assert_eq!(kv.get(&b(b"a")), Some(&s("1")));
-        kv.apply(2, &plain(put(b(b"a"), b(b"2"))));
+        apply(&mut kv, 2, &plain(put(b(b"a"), b(b"2"))));
         assert_eq!(kv.get(&s("a")), Some(&b(b"2")));
         assert_eq!(kv.len(), 1);
     }
@@ -378,10 +421,10 @@ mod tests {
     #[test]
     fn delete_reports_whether_the_key_existed() {
         let mut kv = KvStore::new();
-        kv.apply(1, &plain(put(s("a"), s("1"))));
+        apply(&mut kv, 1, &plain(put(s("a"), s("1"))));
         let delete = plain(Command::Delete { key: s("a") });
-        assert_eq!(kv.apply(2, &delete), Some(Reply::Delete { index: 2, existed: true }));
-        assert_eq!(kv.apply(3, &delete), Some(Reply::Delete { index: 3, existed: false }));
+        assert_eq!(apply(&mut kv, 2, &delete), Some(Reply::Delete { index: 2, existed: true }));
+        assert_eq!(apply(&mut kv, 3, &delete), Some(Reply::Delete { index: 3, existed: false }));
         assert!(kv.is_empty());
     }
 
@@ -390,26 +433,32 @@ mod tests {
         let mut kv = KvStore::new();
         let cas = |expect: Option<Value>, value: &str| plain(Command::Cas { key: s("a"), expect, value: s(value) });
         // Absent key: expect nil matches.
-        assert_eq!(kv.apply(1, &cas(None, "1")), Some(Reply::Cas { index: 1, swapped: true, value: None }));
+        assert_eq!(apply(&mut kv, 1, &cas(None, "1")), Some(Reply::Cas { index: 1, swapped: true, value: None }));
         // Present key: expect nil fails and shows the current value.
-        assert_eq!(kv.apply(2, &cas(None, "2")), Some(Reply::Cas { index: 2, swapped: false, value: Some(s("1")) }));
         assert_eq!(
-            kv.apply(3, &cas(Some(s("9")), "2")),
+            apply(&mut kv, 2, &cas(None, "2")),
+            Some(Reply::Cas { index: 2, swapped: false, value: Some(s("1")) })
+        );
+        assert_eq!(
+            apply(&mut kv, 3, &cas(Some(s("9")), "2")),
             Some(Reply::Cas { index: 3, swapped: false, value: Some(s("1")) })
         );
         // Equal bytes match even if the types differ.
-        assert_eq!(kv.apply(4, &cas(Some(b(b"1")), "2")), Some(Reply::Cas { index: 4, swapped: true, value: None }));
+        assert_eq!(
+            apply(&mut kv, 4, &cas(Some(b(b"1")), "2")),
+            Some(Reply::Cas { index: 4, swapped: true, value: None })
+        );
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
         // Expecting a value of an absent key fails with nil.
         let other = plain(Command::Cas { key: s("z"), expect: Some(s("1")), value: s("2") });
-        assert_eq!(kv.apply(5, &other), Some(Reply::Cas { index: 5, swapped: false, value: None }));
+        assert_eq!(apply(&mut kv, 5, &other), Some(Reply::Cas { index: 5, swapped: false, value: None }));
         assert_eq!(kv.get(&s("z")), None);
     }
 
     #[test]
     fn propose_only_takes_a_slot() {
         let mut kv = KvStore::new();
-        let reply = kv.apply(8, &plain(Command::Propose { command: "x".into() }));
+        let reply = apply(&mut kv, 8, &plain(Command::Propose { command: "x".into() }));
         assert_eq!(reply, Some(Reply::Propose { index: 8 }));
         assert!(kv.is_empty());
     }
@@ -418,45 +467,54 @@ mod tests {
     fn retry_returns_the_first_reply_with_the_original_index() {
         let mut kv = KvStore::new();
         let first = payload(Command::Delete { key: s("a") }, Some("c1"), Some(1));
-        kv.apply(1, &plain(put(s("a"), s("1"))));
-        assert_eq!(kv.apply(2, &first), Some(Reply::Delete { index: 2, existed: true }));
-        kv.apply(3, &plain(put(s("a"), s("again"))));
+        apply(&mut kv, 1, &plain(put(s("a"), s("1"))));
+        assert_eq!(apply(&mut kv, 2, &first), Some(Reply::Delete { index: 2, existed: true }));
+        apply(&mut kv, 3, &plain(put(s("a"), s("again"))));
         // The retry is not executed: the key stays, the reply is the first one.
-        assert_eq!(kv.apply(4, &first), Some(Reply::Delete { index: 2, existed: true }));
+        assert_eq!(apply(&mut kv, 4, &first), Some(Reply::Delete { index: 2, existed: true }));
         assert_eq!(kv.get(&s("a")), Some(&s("again")));
     }
 
     #[test]
     fn stale_seq_is_refused() {
         let mut kv = KvStore::new();
-        kv.apply(1, &payload(put(s("a"), s("1")), Some("c1"), Some(5)));
-        let stale = kv.apply(2, &payload(put(s("a"), s("0")), Some("c1"), Some(4)));
+        apply(&mut kv, 1, &payload(put(s("a"), s("1")), Some("c1"), Some(5)));
+        let stale = apply(&mut kv, 2, &payload(put(s("a"), s("0")), Some("c1"), Some(4)));
         assert_eq!(error_message(stale), "seq 4 already superseded by 5");
         assert_eq!(kv.get(&s("a")), Some(&s("1")));
         // A later seq executes; seqs may skip.
-        assert_eq!(kv.apply(3, &payload(put(s("a"), s("2")), Some("c1"), Some(9))), Some(Reply::Put { index: 3 }));
+        assert_eq!(
+            apply(&mut kv, 3, &payload(put(s("a"), s("2")), Some("c1"), Some(9))),
+            Some(Reply::Put { index: 3 })
+        );
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
     }
 
     #[test]
     fn clients_have_independent_sessions() {
         let mut kv = KvStore::new();
-        kv.apply(1, &payload(put(s("a"), s("1")), Some("c1"), Some(7)));
-        assert_eq!(kv.apply(2, &payload(put(s("a"), s("2")), Some("c2"), Some(7))), Some(Reply::Put { index: 2 }));
+        apply(&mut kv, 1, &payload(put(s("a"), s("1")), Some("c1"), Some(7)));
+        assert_eq!(
+            apply(&mut kv, 2, &payload(put(s("a"), s("2")), Some("c2"), Some(7))),
+            Some(Reply::Put { index: 2 })
+        );
         // c2's session advanced to 7, so its seq 1 is stale; c1's retry of 7
         // still gets c1's own first reply.
-        let stale = kv.apply(3, &payload(put(s("b"), s("3")), Some("c2"), Some(1)));
+        let stale = apply(&mut kv, 3, &payload(put(s("b"), s("3")), Some("c2"), Some(1)));
         assert_eq!(error_message(stale), "seq 1 already superseded by 7");
-        assert_eq!(kv.apply(4, &payload(put(s("a"), s("1")), Some("c1"), Some(7))), Some(Reply::Put { index: 1 }));
+        assert_eq!(
+            apply(&mut kv, 4, &payload(put(s("a"), s("1")), Some("c1"), Some(7))),
+            Some(Reply::Put { index: 1 })
+        );
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
     }
 
     #[test]
     fn half_sessions_are_refused() {
         let mut kv = KvStore::new();
-        let reply = kv.apply(1, &payload(put(s("a"), s("1")), Some("c1"), None));
+        let reply = apply(&mut kv, 1, &payload(put(s("a"), s("1")), Some("c1"), None));
         assert_eq!(error_message(reply), "client_id given without seq");
-        let reply = kv.apply(2, &payload(put(s("a"), s("1")), None, Some(1)));
+        let reply = apply(&mut kv, 2, &payload(put(s("a"), s("1")), None, Some(1)));
         assert_eq!(error_message(reply), "seq given without client_id");
         assert!(kv.is_empty());
     }
@@ -464,7 +522,7 @@ mod tests {
     #[test]
     fn undecodable_payload_is_a_bad_request() {
         let mut kv = KvStore::new();
-        let reply = kv.apply(6, &Payload::Command(vec![0xc1, 0x00]));
+        let reply = apply(&mut kv, 6, &Payload::Command(vec![0xc1, 0x00]));
         assert!(error_message(reply).starts_with("entry 6: undecodable command: "));
         assert_eq!(kv, KvStore::new());
     }
@@ -511,7 +569,39 @@ mod tests {
             (Payload::Command(vec![0xc1, 0x0f]), r#"{"op":"undecodable","raw":{"$bin":"c10f"}}"#),
         ];
         for (payload, json) in cases {
-            assert_eq!(command_json(&payload), json);
+            assert_eq!(command_json(&payload, false), json);
         }
+    }
+
+    #[test]
+    fn duplicates_are_flagged_and_change_nothing() {
+        let mut kv = KvStore::new();
+        let write = payload(put(s("a"), s("1")), Some("c"), Some(2));
+        assert_eq!(kv.apply(1, &write), Some(Applied { reply: Reply::Put { index: 1 }, duplicate: false }));
+        kv.apply(2, &plain(put(s("a"), s("2"))));
+        assert_eq!(kv.apply(3, &write), Some(Applied { reply: Reply::Put { index: 1 }, duplicate: true }));
+        let older = kv.apply(4, &payload(put(s("a"), s("0")), Some("c"), Some(1))).unwrap();
+        assert!(older.duplicate);
+        assert_eq!(kv.get(&s("a")), Some(&s("2")));
+        assert_eq!(
+            command_json(&write, true),
+            r#"{"op":"put","key":"a","value":"1","client_id":"c","seq":2,"dup":true}"#
+        );
+    }
+
+    #[test]
+    fn a_forgotten_session_is_refused_never_applied_twice() {
+        let mut kv = KvStore::new();
+        let write = payload(put(s("k"), s("first")), Some("old"), Some(1));
+        kv.apply(1, &write);
+        for i in 0..MAX_SESSIONS as Index {
+            kv.apply(i + 2, &payload(put(s("other"), s("x")), Some(&format!("c{i}")), Some(1)));
+        }
+        kv.apply(20_000, &plain(put(s("k"), s("second"))));
+        let retry = kv.apply(20_001, &write).unwrap();
+        assert!(retry.duplicate);
+        assert!(error_message(Some(retry.reply)).contains("forgotten"));
+        assert_eq!(kv.get(&s("k")), Some(&s("second")));
+        assert_eq!(lock(&kv.sessions()).len(), MAX_SESSIONS);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! `raft` is the pure consensus core (no I/O). Everything else is the shell
 //! around it: `config`, `storage` (sled), `transport` (ZeroMQ peers), `kv`
-//! (the replicated state machine), `mirror` (`logs/<id>.txt`), `protocol`
+//! (the replicated state machine), `sessions` (its exactly-once table), `mirror` (`logs/<id>.txt`), `protocol`
 //! (the client wire format), `node` (threads wiring it all together) and
 //! `tools` (the cluster supervisor, CLI client and benchmark).
 
@@ -12,6 +12,7 @@ pub mod mirror;
 pub mod node;
 pub mod protocol;
 pub mod raft;
+pub mod sessions;
 pub mod storage;
 pub mod tools;
 pub mod transport;

@@ -365,6 +365,11 @@ impl Storage {
         Ok(())
     }
 
+    /// A view of the log for readers on other threads.
+    pub fn log_view(&self) -> LogView {
+        LogView { dir: self.dir.clone(), db: self.db.clone() }
+    }
+
     /// Reads the metadata blob `name`, if it was ever written.
     pub fn read_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
         self.db
@@ -380,6 +385,35 @@ impl Storage {
             .insert(meta_key(name), value)
             .map_err(|e| StorageError::new(&self.dir, format!("cannot write meta {name:?}: {e}")))?;
         self.sync()
+    }
+}
+
+/// A read-only view of the stored log for other threads (the `log` op), so
+/// reading never holds up the core loop. Only entries the node has applied
+/// may be asked for: those are durable and never change again.
+#[derive(Clone)]
+pub struct LogView {
+    dir: PathBuf,
+    db: sled::Db,
+}
+
+impl LogView {
+    /// Hands `visit` the entries `from..=to` in order until it returns false.
+    pub fn visit(&self, from: Index, to: Index, mut visit: impl FnMut(Entry) -> bool) -> Result<(), StorageError> {
+        let err = |problem: String| StorageError::new(&self.dir, problem);
+        if from > to {
+            return Ok(());
+        }
+        for item in self.db.range(log_key(from)..=log_key(to)) {
+            let (key, value) = item.map_err(|e| err(format!("cannot read log: {e}")))?;
+            let index = parse_log_key(&key).ok_or_else(|| err("malformed log key".into()))?;
+            let entry: Entry =
+                rmp_serde::from_slice(&value).map_err(|e| err(format!("log entry {index} is unreadable: {e}")))?;
+            if !visit(entry) {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -601,6 +635,28 @@ mod tests {
         s.sync().unwrap();
         drop(s);
         assert_eq!(reopen(tmp.path()).entries.len(), 2);
+    }
+
+    #[test]
+    fn log_view_visits_a_range_until_told_to_stop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut s, _) = Storage::open(tmp.path()).unwrap();
+        let entries: Vec<Entry> = (1..=5).map(|i| entry(i, 1, &[i as u8; 10])).collect();
+        s.write(None, None, &entries).unwrap();
+        let view = s.log_view();
+        let collect = |from, to, max: usize| {
+            let mut seen = Vec::new();
+            view.visit(from, to, |e| {
+                seen.push(e);
+                seen.len() < max
+            })
+            .unwrap();
+            seen
+        };
+        assert_eq!(collect(2, 4, 10), entries[1..4]);
+        assert_eq!(collect(4, 9, 10), entries[3..]);
+        assert!(collect(4, 3, 10).is_empty());
+        assert_eq!(collect(1, 5, 2), entries[..2]);
     }
 
     #[test]

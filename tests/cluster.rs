@@ -333,3 +333,61 @@ fn a_follower_whose_state_was_wiped_is_caught_up_by_the_same_leader() {
     let Reply::Status(after) = cluster.call_ok(leader, &Request::Status) else { panic!() };
     assert_eq!((after.role.as_str(), after.term), ("leader", before.term), "caught up without a new election");
 }
+
+#[test]
+fn retries_of_a_pending_or_an_applied_write_show_once_in_the_log() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let request = Request::Write {
+        command: Command::Propose { command: "exactly-once".into() },
+        client_id: Some("retrier".into()),
+        seq: Some(1),
+    };
+    // Three copies back to back: the later two arrive while the first is pending.
+    let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[leader].client);
+    let frame = raft_zmq::protocol::encode_request(&request);
+    for _ in 0..3 {
+        dealer.send_multipart([&b""[..], &frame[..]], 0).unwrap();
+    }
+    let replies: Vec<Reply> =
+        (0..3).map(|_| Reply::decode(dealer.recv_multipart(0).unwrap().last().unwrap(), &request).unwrap()).collect();
+    let Reply::Propose { index } = replies[0] else { panic!("{replies:?}") };
+    assert!(replies.iter().all(|r| *r == Reply::Propose { index }), "{replies:?}");
+    // Once applied, a retry through any node gets the same answer.
+    for id in 0..3 {
+        assert_eq!(cluster.call_ok(id, &request), Reply::Propose { index });
+    }
+    let Reply::Status(status) = cluster.call_ok(leader, &Request::Status) else { panic!() };
+    cluster.wait_applied(status.commit_index);
+    for id in 0..3 {
+        assert_eq!(cluster.mirror(id).matches("exactly-once").count(), 1, "node {id}: {}", cluster.mirror(id));
+    }
+}
+
+#[test]
+fn a_log_reply_is_capped_by_bytes_and_the_rest_pages_on() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let big = "x".repeat(400_000);
+    for i in 0..6 {
+        cluster.call_ok(leader, &put(&format!("big-{i}"), &big));
+    }
+    let Reply::Status(status) = cluster.call_ok(leader, &Request::Status) else { panic!() };
+    cluster.wait_applied(status.commit_index);
+    let mut from = 1;
+    let mut pages = 0;
+    while from <= status.commit_index {
+        let Reply::Log { entries } = cluster.call_ok(leader, &Request::Log { from, limit: 1000 }) else { panic!() };
+        let bytes: usize = entries.iter().map(|e| e.command.len()).sum();
+        assert!(!entries.is_empty());
+        assert!(
+            entries.len() == 1 || bytes <= raft_zmq::node::LOG_REPLY_MAX_BYTES,
+            "{bytes} bytes in {}",
+            entries.len()
+        );
+        assert!(entries.iter().enumerate().all(|(i, e)| e.index == from + i as u64), "pages are contiguous");
+        from += entries.len() as u64;
+        pages += 1;
+    }
+    assert!(pages >= 3, "six entries of 400 kB take at least three pages of 1 MiB, took {pages}");
+}

@@ -6,23 +6,27 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 
+use super::Shared;
 use super::replies::{Replier, ReplyTo};
-use crate::kv::{KvStore, Value, command_json};
+use crate::kv::{self, KvStore, Value, command_json};
 use crate::mirror::Mirror;
 use crate::protocol::{ErrorCode, Reply};
 use crate::raft::{Entry, Index, NodeId, Term};
+use crate::sessions::Verdict;
 
 pub enum ApplyMsg {
     /// Committed entries, in index order.
     Apply(Vec<Entry>),
-    /// A client waits for the entry proposed at `index` in `term`.
-    AwaitWrite { index: Index, term: Term, reply_to: ReplyTo, deadline: Instant },
+    /// A client waits for the entry proposed at `index` in `term`. A retry
+    /// may wait on an entry that was applied meanwhile: it is answered from
+    /// the session table by its `session` (client_id, seq).
+    AwaitWrite { index: Index, term: Term, session: Option<(String, u64)>, reply_to: ReplyTo, deadline: Instant },
     /// A confirmed linearizable read: serve it once `index` is applied.
     Read { index: Index, key: Value, reply_to: ReplyTo },
     /// This node stopped leading: writes it proposed may still commit under
@@ -42,14 +46,15 @@ pub struct Applier {
     kv: KvStore,
     mirror: Mirror,
     replier: Replier,
-    last_applied: Arc<AtomicU64>,
-    writes: BTreeMap<Index, PendingWrite>,
+    shared: Arc<Shared>,
+    /// Clients waiting on each index: the proposer, and retries of it.
+    writes: BTreeMap<Index, Vec<PendingWrite>>,
     reads: BTreeMap<Index, Vec<(Value, ReplyTo)>>,
 }
 
 impl Applier {
-    pub fn new(mirror: Mirror, replier: Replier, last_applied: Arc<AtomicU64>) -> Applier {
-        Applier { kv: KvStore::new(), mirror, replier, last_applied, writes: BTreeMap::new(), reads: BTreeMap::new() }
+    pub fn new(kv: KvStore, mirror: Mirror, replier: Replier, shared: Arc<Shared>) -> Applier {
+        Applier { kv, mirror, replier, shared, writes: BTreeMap::new(), reads: BTreeMap::new() }
     }
 
     pub fn run(mut self, inbox: Receiver<ApplyMsg>) {
@@ -74,8 +79,22 @@ impl Applier {
     fn handle(&mut self, msg: ApplyMsg) {
         match msg {
             ApplyMsg::Apply(entries) => self.apply(entries),
-            ApplyMsg::AwaitWrite { index, term, reply_to, deadline } => {
-                self.writes.insert(index, PendingWrite { term, reply_to, deadline });
+            ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline } => {
+                if index > self.applied() {
+                    self.writes.entry(index).or_default().push(PendingWrite { term, reply_to, deadline });
+                    return;
+                }
+                let verdict = session.map(|(client_id, seq)| kv::lock(&self.kv.sessions()).check(&client_id, seq));
+                let reply = match verdict {
+                    Some(Verdict::Retry(reply)) => reply,
+                    _ => Reply::error(
+                        ErrorCode::Timeout,
+                        "the write's log slot was applied with another entry; it may or may not apply \
+                         (retry with the same client_id/seq)",
+                        None,
+                    ),
+                };
+                self.replier.send(reply_to, &reply);
             }
             ApplyMsg::Read { index, key, reply_to } => {
                 if index <= self.applied() {
@@ -94,19 +113,23 @@ impl Applier {
     }
 
     fn applied(&self) -> Index {
-        self.last_applied.load(Ordering::Acquire)
+        self.shared.last_applied.load(Ordering::Acquire)
     }
 
     fn apply(&mut self, entries: Vec<Entry>) {
         let Some(last) = entries.last().map(|e| e.index) else { return };
         for entry in entries {
-            let reply = self.kv.apply(entry.index, &entry.payload);
-            if let Err(e) = self.mirror.append(entry.index, entry.term, &command_json(&entry.payload)) {
+            let applied = self.kv.apply(entry.index, &entry.payload);
+            let duplicate = applied.as_ref().is_some_and(|a| a.duplicate);
+            if duplicate {
+                self.shared.duplicates().insert(entry.index);
+            }
+            if let Err(e) = self.mirror.append(entry.index, entry.term, &command_json(&entry.payload, duplicate)) {
                 error!("cannot write entry {} to the log mirror: {e}", entry.index);
             }
-            if let Some(pending) = self.writes.remove(&entry.index) {
-                let reply = match reply {
-                    Some(reply) if pending.term == entry.term => reply,
+            for pending in self.writes.remove(&entry.index).into_iter().flatten() {
+                let reply = match &applied {
+                    Some(applied) if pending.term == entry.term => applied.reply.clone(),
                     // Another leader's entry took this index: ours never committed.
                     _ => Reply::error(ErrorCode::NoLeader, "leadership changed; the write was not applied", None),
                 };
@@ -116,7 +139,7 @@ impl Applier {
         if let Err(e) = self.mirror.flush() {
             error!("cannot flush the log mirror: {e}");
         }
-        self.last_applied.store(last, Ordering::Release);
+        self.shared.last_applied.store(last, Ordering::Release);
         let later = self.reads.split_off(&(last + 1));
         for (key, reply_to) in std::mem::replace(&mut self.reads, later).into_values().flatten() {
             self.answer_read(&key, reply_to);
@@ -129,10 +152,14 @@ impl Applier {
     }
 
     fn expire_writes(&mut self, now: Instant) {
-        let expired: Vec<Index> =
-            self.writes.iter().filter(|(_, w)| w.deadline <= now).map(|(&index, _)| index).collect();
-        for index in expired {
-            let write = self.writes.remove(&index).expect("listed above");
+        let mut expired = Vec::new();
+        self.writes.retain(|index, waiting| {
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(waiting).into_iter().partition(|w| w.deadline <= now);
+            expired.extend(gone.into_iter().map(|w| (*index, w)));
+            *waiting = kept;
+            !waiting.is_empty()
+        });
+        for (index, write) in expired {
             warn!("write at index {index} not committed in time");
             let reply = Reply::error(
                 ErrorCode::Timeout,
@@ -144,10 +171,11 @@ impl Applier {
     }
 
     fn fail_writes(&mut self, code: ErrorCode, message: &str, leader: Option<NodeId>) {
-        if !self.writes.is_empty() {
-            info!("failing {} pending writes: {message}", self.writes.len());
+        let writes: Vec<PendingWrite> = std::mem::take(&mut self.writes).into_values().flatten().collect();
+        if !writes.is_empty() {
+            info!("failing {} pending writes: {message}", writes.len());
         }
-        for (_, write) in std::mem::take(&mut self.writes) {
+        for write in writes {
             self.replier.send(write.reply_to, &Reply::error(code, message, leader));
         }
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Sender, TrySendError};
 use log::{debug, info, warn};
 
 use super::Shared;
@@ -34,6 +34,8 @@ pub struct EndpointConfig {
     pub max_request_bytes: usize,
     /// How long a forwarded request may wait for the leader's reply.
     pub forward_timeout: Duration,
+    /// Bytes of requests that may wait for the core loop; beyond, `busy`.
+    pub max_queued_bytes: usize,
 }
 
 /// How long replies still queued at shutdown may take to leave.
@@ -154,23 +156,40 @@ impl ClientEndpoint {
         if shared.stopping.load(Ordering::Acquire) {
             return reply_error(reply_to, ErrorCode::ShuttingDown, "node is shutting down".into());
         }
-        let request = match decode_request(&request) {
-            Ok(decoded) => (decoded, request),
+        let decoded = match decode_request(&request) {
+            Ok(decoded) => decoded,
             Err(Reply::Error { code, message, .. }) => return reply_error(reply_to, code, message),
             Err(reply) => return replier.send(reply_to, &reply),
         };
-        match (&request.0, shared.leader()) {
-            (Request::Status | Request::Log { .. }, _) => self.to_core(to_core, request.0, reply_to, replier),
-            (_, Some(leader)) if leader == self.cfg.id => self.to_core(to_core, request.0, reply_to, replier),
-            (_, Some(leader)) if !reply_to.is_forwarded() => self.forward(leader, reply_to, request.1),
-            (_, leader) => replier.send(reply_to, &not_leader(self.cfg.id, leader)),
+        let local = matches!(decoded, Request::Status | Request::Log { .. });
+        match shared.leader() {
+            leader if local || leader == Some(self.cfg.id) => {
+                let call = ClientCall { request: decoded, reply_to, bytes: request.len() };
+                self.to_core(to_core, shared, call, replier)
+            }
+            Some(leader) if !reply_to.is_forwarded() => self.forward(leader, reply_to, request),
+            leader => replier.send(reply_to, &not_leader(self.cfg.id, leader)),
         }
     }
 
-    fn to_core(&self, to_core: &Sender<ClientCall>, request: Request, reply_to: ReplyTo, replier: &Replier) {
-        if let Err(e) = to_core.send(ClientCall { request, reply_to }) {
-            replier
-                .send(e.into_inner().reply_to, &Reply::error(ErrorCode::ShuttingDown, "node is shutting down", None));
+    /// Queues a request for the core loop, or answers `busy` when the queue
+    /// is full by count or by bytes: memory stays bounded under any load.
+    fn to_core(&self, to_core: &Sender<ClientCall>, shared: &Shared, call: ClientCall, replier: &Replier) {
+        let queued = shared.queued_bytes.fetch_add(call.bytes, Ordering::AcqRel);
+        let refused = if queued + call.bytes > self.cfg.max_queued_bytes {
+            Some((call, ErrorCode::Busy, "too many requests queued; nothing was applied, retry later"))
+        } else {
+            match to_core.try_send(call) {
+                Ok(()) => None,
+                Err(TrySendError::Full(call)) => {
+                    Some((call, ErrorCode::Busy, "too many requests queued; nothing was applied, retry later"))
+                }
+                Err(TrySendError::Disconnected(call)) => Some((call, ErrorCode::ShuttingDown, "node is shutting down")),
+            }
+        };
+        if let Some((call, code, message)) = refused {
+            shared.queued_bytes.fetch_sub(call.bytes, Ordering::AcqRel);
+            replier.send(call.reply_to, &Reply::error(code, message, shared.leader()));
         }
     }
 

@@ -9,20 +9,22 @@
 //! up-to-date follower and keeps serving until it has, so that clients see
 //! a new leader within a round trip instead of an election timeout.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, after, select};
+use crossbeam_channel::{Receiver, Sender, TrySendError, after, select};
 use log::{info, warn};
 
 use super::Shared;
 use super::applier::ApplyMsg;
+use super::log_reader::LogRequest;
 use super::replies::{Replier, ReplyTo, not_leader};
-use crate::kv::{LoggedCommand, Value, command_json};
-use crate::protocol::{ErrorCode, LogEntryView, Reply, Request, StatusInfo};
-use crate::raft::{NotLeader, Raft, Role, SoftState};
+use crate::kv::{self, LoggedCommand, Value, session_reply};
+use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
+use crate::raft::{Index, NotLeader, Raft, Role, SoftState, Term};
+use crate::sessions::SessionTable;
 use crate::storage::{Storage, StorageError};
 use crate::transport::{Inbound, Transport};
 
@@ -30,11 +32,73 @@ use crate::transport::{Inbound, Transport};
 pub struct ClientCall {
     pub request: Request,
     pub reply_to: ReplyTo,
+    /// Its size on the wire, counted in `Shared::queued_bytes` until taken.
+    pub bytes: usize,
 }
 
 /// Inputs drained per wake-up before the batch is processed; bounds latency
 /// under a flood while still batching generously.
 const MAX_BATCH: usize = 4096;
+
+/// A leader refuses new writes with `busy` while this many entries, or this
+/// many bytes of them, are proposed but not yet applied: memory stays
+/// bounded when clients send faster than the cluster commits.
+pub const MAX_UNAPPLIED_ENTRIES: usize = 20_000;
+pub const MAX_UNAPPLIED_BYTES: usize = 256 << 20;
+
+/// Writes this leader proposed that are not applied yet, so that a retry of
+/// one waits for it instead of being appended again (CONTRACT.md: a retry
+/// of a pending write shows once in the log), and so that proposals can be
+/// refused while too much is in flight.
+#[derive(Default)]
+struct Proposals {
+    /// Oldest first: (index, approximate bytes).
+    unapplied: VecDeque<(Index, usize)>,
+    unapplied_bytes: usize,
+    /// client_id → (seq, index, term) of its latest pending write.
+    by_session: HashMap<String, (u64, Index, Term)>,
+    /// index → client_id, to forget sessions as their entries apply.
+    session_at: BTreeMap<Index, String>,
+}
+
+impl Proposals {
+    fn is_full(&self) -> bool {
+        self.unapplied.len() >= MAX_UNAPPLIED_ENTRIES || self.unapplied_bytes >= MAX_UNAPPLIED_BYTES
+    }
+
+    fn add(&mut self, index: Index, term: Term, bytes: usize, session: Option<(&str, u64)>) {
+        self.unapplied.push_back((index, bytes));
+        self.unapplied_bytes += bytes;
+        if let Some((client_id, seq)) = session {
+            self.by_session.insert(client_id.to_owned(), (seq, index, term));
+            self.session_at.insert(index, client_id.to_owned());
+        }
+    }
+
+    /// The pending write of `client_id` with `seq`, if any: (index, term).
+    fn pending(&self, client_id: &str, seq: u64) -> Option<(Index, Term)> {
+        self.by_session.get(client_id).filter(|(pending, ..)| *pending == seq).map(|&(_, index, term)| (index, term))
+    }
+
+    /// Everything up to `applied` has left the applier's queue.
+    fn applied_to(&mut self, applied: Index) {
+        while self.unapplied.front().is_some_and(|&(index, _)| index <= applied) {
+            let (_, bytes) = self.unapplied.pop_front().expect("checked");
+            self.unapplied_bytes -= bytes;
+        }
+        let later = self.session_at.split_off(&(applied + 1));
+        for (index, client_id) in std::mem::replace(&mut self.session_at, later) {
+            if self.by_session.get(&client_id).is_some_and(|&(_, at, _)| at == index) {
+                self.by_session.remove(&client_id);
+            }
+        }
+    }
+
+    /// Leadership was lost: whatever is pending is the next leader's to decide.
+    fn clear(&mut self) {
+        *self = Proposals::default();
+    }
+}
 
 struct PendingRead {
     key: Value,
@@ -47,6 +111,9 @@ pub struct CoreLoop {
     pub storage: Storage,
     pub transport: Transport,
     pub applier: Sender<ApplyMsg>,
+    pub log_reader: Sender<LogRequest>,
+    /// The state machine's session table, read to answer retries.
+    pub sessions: Arc<Mutex<SessionTable>>,
     pub replier: Replier,
     pub shared: Arc<Shared>,
     pub request_timeout: Duration,
@@ -66,13 +133,20 @@ struct State {
     reads: HashMap<u64, PendingRead>,
     next_read_ctx: u64,
     role: Role,
+    proposals: Proposals,
 }
 
 impl CoreLoop {
     /// Runs until `inputs.stop` fires. A storage error is fatal: a node that
     /// cannot persist must not keep voting or acknowledging.
     pub fn run(self, inputs: Inputs) -> Result<(), StorageError> {
-        let mut state = State { io: self, reads: HashMap::new(), next_read_ctx: 0, role: Role::Follower };
+        let mut state = State {
+            io: self,
+            reads: HashMap::new(),
+            next_read_ctx: 0,
+            role: Role::Follower,
+            proposals: Proposals::default(),
+        };
         while state.run_once(&inputs, &inputs.stop)? {}
         state.hand_over_leadership(&inputs)?;
         state.shut_down(&inputs.clients)
@@ -164,15 +238,13 @@ impl State {
         }
     }
 
-    fn on_client(&mut self, ClientCall { request, reply_to }: ClientCall) {
+    fn on_client(&mut self, ClientCall { request, reply_to, bytes }: ClientCall) {
+        self.io.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         let deadline = Instant::now() + self.io.request_timeout;
         match request {
             Request::Write { command, client_id, seq } => {
-                let bytes = LoggedCommand { command, client_id, seq }.encode();
-                match self.io.raft.propose(bytes) {
-                    Ok((index, term)) => self.to_applier(ApplyMsg::AwaitWrite { index, term, reply_to, deadline }),
-                    Err(not_leader) => self.reply_not_leader(reply_to, not_leader),
-                }
+                let logged = LoggedCommand { command, client_id, seq };
+                self.on_write(logged, reply_to, deadline);
             }
             Request::Get { key } => {
                 self.next_read_ctx += 1;
@@ -188,16 +260,41 @@ impl State {
                 let reply = Reply::Status(self.status());
                 self.io.replier.send(reply_to, &reply);
             }
-            Request::Log { from, limit } => {
-                let entries = self
-                    .io
-                    .raft
-                    .committed_entries(from, limit as usize)
-                    .iter()
-                    .map(|e| LogEntryView { index: e.index, term: e.term, command: command_json(&e.payload) })
-                    .collect();
-                self.io.replier.send(reply_to, &Reply::Log { entries });
+            Request::Log { from, limit } => match self.io.log_reader.try_send(LogRequest { from, limit, reply_to }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(request) | TrySendError::Disconnected(request)) => {
+                    self.reply_error(request.reply_to, ErrorCode::Busy, "too many log requests queued; retry later")
+                }
+            },
+        }
+    }
+
+    /// A write with a session that was already decided, or is pending here,
+    /// is answered without a new log entry; anything else is proposed.
+    fn on_write(&mut self, logged: LoggedCommand, reply_to: ReplyTo, deadline: Instant) {
+        let session = logged.client_id.clone().zip(logged.seq);
+        if let Some((client_id, seq)) = &session {
+            let verdict = kv::lock(&self.io.sessions).check(client_id, *seq);
+            if let Some(reply) = session_reply(verdict, *seq) {
+                return self.io.replier.send(reply_to, &reply);
             }
+            if let Some((index, term)) = self.proposals.pending(client_id, *seq) {
+                let session = session.clone();
+                return self.to_applier(ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline });
+            }
+        }
+        self.proposals.applied_to(self.io.shared.last_applied.load(Ordering::Acquire));
+        if self.proposals.is_full() {
+            return self.reply_error(reply_to, ErrorCode::Busy, "too many writes in flight; nothing was applied");
+        }
+        let bytes = logged.encode();
+        let size = bytes.len();
+        match self.io.raft.propose(bytes) {
+            Ok((index, term)) => {
+                self.proposals.add(index, term, size, session.as_ref().map(|(c, s)| (c.as_str(), *s)));
+                self.to_applier(ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline });
+            }
+            Err(not_leader) => self.reply_not_leader(reply_to, not_leader),
         }
     }
 
@@ -270,6 +367,7 @@ impl State {
         );
         self.io.shared.set_leader(soft.leader);
         if self.role == Role::Leader && soft.role != Role::Leader {
+            self.proposals.clear();
             self.to_applier(ApplyMsg::LeadershipLost { leader: soft.leader });
         }
         self.role = soft.role;

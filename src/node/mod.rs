@@ -12,11 +12,13 @@
 mod applier;
 mod client_endpoint;
 mod core_loop;
+mod log_reader;
 mod replies;
 
+use std::collections::BTreeSet;
 use std::error::Error;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,10 +26,13 @@ use crossbeam_channel::{bounded, unbounded};
 use log::{info, warn};
 
 use crate::config::{Config, Member};
+use crate::kv::KvStore;
 use crate::mirror::Mirror;
-use crate::raft::{self, HardState, NodeId, Raft};
+use crate::raft::{self, HardState, Index, NodeId, Raft};
 use crate::storage::Storage;
 use crate::transport::{Transport, TransportConfig, cluster_id};
+pub use log_reader::LOG_REPLY_MAX_BYTES;
+
 use applier::Applier;
 use client_endpoint::{ClientEndpoint, EndpointConfig};
 use core_loop::{CoreLoop, Inputs};
@@ -36,12 +41,17 @@ use replies::Replier;
 /// State other threads read without asking the core loop.
 pub struct Shared {
     leader: Mutex<Option<NodeId>>,
-    last_applied: Arc<AtomicU64>,
+    last_applied: AtomicU64,
+    /// Indexes of applied entries that the session check skipped; the `log`
+    /// op marks them `"dup": true`, as the mirror does.
+    duplicates: Mutex<BTreeSet<Index>>,
+    /// Bytes of client requests queued for the core loop (backpressure).
+    queued_bytes: AtomicUsize,
     /// The node is stopping: new requests get `shutting_down`.
     stopping: AtomicBool,
-    /// The core loop and the applier have stopped: every reply they will
-    /// ever give is queued, and the client endpoint may close once it has
-    /// sent them.
+    /// The core loop, the applier and the log reader have stopped: every
+    /// reply they will ever give is queued, and the client endpoint may
+    /// close once it has sent them.
     replies_done: AtomicBool,
 }
 
@@ -49,19 +59,31 @@ impl Shared {
     fn new() -> Shared {
         Shared {
             leader: Mutex::new(None),
-            last_applied: Arc::new(AtomicU64::new(0)),
+            last_applied: AtomicU64::new(0),
+            duplicates: Mutex::new(BTreeSet::new()),
+            queued_bytes: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             replies_done: AtomicBool::new(false),
         }
     }
 
     fn leader(&self) -> Option<NodeId> {
-        *self.leader.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        *lock(&self.leader)
     }
 
     fn set_leader(&self, leader: Option<NodeId>) {
-        *self.leader.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = leader;
+        *lock(&self.leader) = leader;
     }
+
+    fn duplicates(&self) -> MutexGuard<'_, BTreeSet<Index>> {
+        lock(&self.duplicates)
+    }
+}
+
+/// A panic elsewhere aborts the process (see [`abort_on_panic`]), so a
+/// poisoned lock cannot hold half-updated data.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Makes a panic in any thread end the whole process at once. A node whose
@@ -76,6 +98,13 @@ pub fn abort_on_panic() {
         std::process::abort();
     }));
 }
+
+/// Peer messages queued for the core loop; more are dropped (Raft tolerates
+/// loss, and each peer has one request in flight anyway).
+const PEER_QUEUE_LEN: usize = 1024;
+/// Client requests queued for the core loop, by count and by bytes; more get `busy`.
+const CLIENT_QUEUE_LEN: usize = 10_000;
+const CLIENT_QUEUE_BYTES: usize = 64 << 20;
 
 /// Membership key in the state dir: once recorded, it wins over the file.
 const MEMBERSHIP_META: &str = "membership";
@@ -111,7 +140,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let raft = Raft::new(core_config, hard_state, recovered.entries);
 
     let ctx = zmq::Context::new();
-    let (peer_tx, peer_rx) = unbounded();
+    let (peer_tx, peer_rx) = bounded(PEER_QUEUE_LEN);
     let peers = peer_endpoints(&members, id, routes)?;
     let cluster = cluster_id(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
     let transport = Transport::start(
@@ -135,16 +164,26 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
             members: members.clone(),
             max_request_bytes: config.max_request_bytes,
             forward_timeout: Duration::from_millis(config.request_timeout_ms + 1000),
+            max_queued_bytes: CLIENT_QUEUE_BYTES,
         },
         &replies_endpoint,
     )?;
     let replier = Replier::connect(&ctx, &replies_endpoint)?;
     let shared = Arc::new(Shared::new());
 
+    let kv = KvStore::new();
+    let sessions = kv.sessions();
     let (apply_tx, apply_rx) = unbounded();
-    let applier = Applier::new(mirror, replier.clone(), shared.last_applied.clone());
+    let applier = Applier::new(kv, mirror, replier.clone(), shared.clone());
     let applier = thread::Builder::new().name("applier".into()).spawn(move || applier.run(apply_rx))?;
-    let (client_tx, client_rx) = unbounded();
+    let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
+    let log_reader = {
+        let (view, shared, replier) = (storage.log_view(), shared.clone(), replier.clone());
+        thread::Builder::new()
+            .name("log-reader".into())
+            .spawn(move || log_reader::run(view, shared, replier, log_rx))?
+    };
+    let (client_tx, client_rx) = bounded(CLIENT_QUEUE_LEN);
     let endpoint = {
         let (shared, replier) = (shared.clone(), replier.clone());
         thread::Builder::new().name("clients".into()).spawn(move || endpoint.run(shared, client_tx, replier))?
@@ -161,6 +200,8 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         storage,
         transport,
         applier: apply_tx,
+        log_reader: log_tx,
+        sessions,
         replier,
         shared: shared.clone(),
         request_timeout: Duration::from_millis(config.request_timeout_ms),
@@ -172,6 +213,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let result = core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, stop: stop_rx });
     shared.stopping.store(true, Ordering::Release);
     let _ = applier.join();
+    let _ = log_reader.join();
     shared.replies_done.store(true, Ordering::Release);
     let _ = endpoint.join();
     info!("node {id}: stopped");

@@ -400,11 +400,6 @@ impl Raft {
         self.log.last_index()
     }
 
-    /// Up to `limit` committed entries from index `from` on.
-    pub fn committed_entries(&self, from: Index, limit: usize) -> &[Entry] {
-        self.log.committed_entries(from, limit)
-    }
-
     pub fn members(&self) -> &[NodeId] {
         &self.cfg.members
     }

@@ -90,13 +90,6 @@ impl RaftLog {
         out
     }
 
-    /// Up to `limit` committed entries starting at `from`.
-    pub fn committed_entries(&self, from: Index, limit: usize) -> &[Entry] {
-        let start = (from.max(1) - 1).min(self.committed) as usize;
-        let end = (self.committed as usize).min(start.saturating_add(limit));
-        &self.entries[start..end]
-    }
-
     /// First index of the run of entries with the same term as `index`
     /// (the follower's conflict hint).
     pub fn first_index_of_term_at(&self, index: Index) -> Index {
