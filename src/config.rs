@@ -45,6 +45,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Already resolved against the config file's folder.
     pub logs_dir: PathBuf,
+    /// Our extension: free space the state dir's file system must keep. Below
+    /// it the node raises the `nospace` alarm and stops taking new entries
+    /// until space returns (see `node::disk`).
+    pub disk_reserve_bytes: u64,
 }
 
 /// Why a config could not be used. Displays as one line, `<path>: <problem>`,
@@ -92,6 +96,7 @@ struct RawConfig {
     state_dir: PathBuf,
     #[serde(default = "defaults::logs_dir")]
     logs_dir: PathBuf,
+    disk_reserve_bytes: Option<u64>,
 }
 
 mod defaults {
@@ -137,6 +142,8 @@ impl Config {
             // `join` keeps an absolute path as it is.
             state_dir: folder.join(raw.state_dir),
             logs_dir: folder.join(raw.logs_dir),
+            // Room for a few of the largest appends besides sled's own overhead.
+            disk_reserve_bytes: raw.disk_reserve_bytes.unwrap_or((32 << 20).max(4 * raw.max_request_bytes as u64)),
         })
     }
 

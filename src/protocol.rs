@@ -107,7 +107,15 @@ pub struct StatusInfo {
     pub commit_index: Index,
     pub last_applied: Index,
     pub last_log_index: Index,
+    /// Voters.
     pub members: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// The oldest entry still in the log, and the last index covered by the
+    /// latest snapshot (0: none).
+    pub first_log_index: Index,
+    pub snapshot_index: Index,
+    /// Conditions an operator must act on, e.g. "nospace" (as etcd's alarms).
+    pub alarms: Vec<String>,
 }
 
 /// One entry of a `log` reply.
@@ -140,7 +148,7 @@ pub enum Reply {
     Get {
         value: Option<Value>,
     },
-    Status(StatusInfo),
+    Status(Box<StatusInfo>),
     Log {
         entries: Vec<LogEntryView>,
     },
@@ -183,6 +191,10 @@ impl Reply {
                 ("last_applied", status.last_applied.into()),
                 ("last_log_index", status.last_log_index.into()),
                 ("members", rmpv::Value::Array(status.members.iter().map(|&m| m.into()).collect())),
+                ("learners", rmpv::Value::Array(status.learners.iter().map(|&m| m.into()).collect())),
+                ("first_log_index", status.first_log_index.into()),
+                ("snapshot_index", status.snapshot_index.into()),
+                ("alarms", rmpv::Value::Array(status.alarms.iter().map(|a| a.as_str().into()).collect())),
             ]),
             Reply::Log { entries } => {
                 let entries = entries.iter().map(|entry| {
@@ -230,7 +242,7 @@ impl Reply {
                 }
             }
             Request::Get { .. } => Reply::Get { value: fields.required("value", nullable(to_value))? },
-            Request::Status => Reply::Status(StatusInfo {
+            Request::Status => Reply::Status(Box::new(StatusInfo {
                 id: fields.required("id", to_u64)?,
                 role: fields.required("role", to_string)?,
                 term: fields.required("term", to_u64)?,
@@ -239,7 +251,11 @@ impl Reply {
                 last_applied: fields.required("last_applied", to_u64)?,
                 last_log_index: fields.required("last_log_index", to_u64)?,
                 members: fields.required("members", list(to_u64))?,
-            }),
+                learners: fields.required("learners", list(to_u64))?,
+                first_log_index: fields.required("first_log_index", to_u64)?,
+                snapshot_index: fields.required("snapshot_index", to_u64)?,
+                alarms: fields.required("alarms", list(to_string))?,
+            })),
             Request::Log { .. } => Reply::Log { entries: fields.required("entries", list(to_log_entry))? },
         };
         Ok(reply)
@@ -541,6 +557,10 @@ mod tests {
             last_applied: 8,
             last_log_index: 10,
             members: vec![0, 1, 2],
+            learners: vec![],
+            first_log_index: 1,
+            snapshot_index: 0,
+            alarms: vec!["nospace".into()],
         };
         let requests = all_requests();
         let (put, delete, cas, propose, get, status_req, log) =
@@ -554,8 +574,8 @@ mod tests {
             (get, Reply::Get { value: Some(s("v")) }),
             (get, Reply::Get { value: Some(b(b"v")) }),
             (get, Reply::Get { value: None }),
-            (status_req, Reply::Status(status.clone())),
-            (status_req, Reply::Status(StatusInfo { leader: None, role: "candidate".into(), ..status })),
+            (status_req, Reply::Status(Box::new(status.clone()))),
+            (status_req, Reply::Status(Box::new(StatusInfo { leader: None, role: "candidate".into(), ..status }))),
             (
                 log,
                 Reply::Log {

@@ -575,3 +575,115 @@ fn a_corrupt_state_dir_stops_the_node_with_a_clear_error_not_a_panic() {
 fn a_corrupt_sled_db_alone_is_refused_not_opened_as_empty() {
     assert_corrupt_state_refused(&["db"]);
 }
+
+// ---------------------------------------------------------------------------
+// A full disk
+
+/// A small tmpfs mounted over node 2's state dir, detached when dropped
+/// (lazily, so a node still holding files open cannot make it fail).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// None (and a note) when not root: mounting needs it. CI runs as root.
+    fn mount(cluster: &TestCluster, id: usize, size: &str) -> Option<SmallDisk> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        let dir = cluster.state_dir(id);
+        fs::create_dir_all(&dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs on {}", dir.display());
+        Some(SmallDisk(dir))
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn alarms(cluster: &TestCluster, id: usize) -> Option<Vec<String>> {
+    cluster.status(id).map(|s| s.alarms)
+}
+
+/// Writes 300 kB values through any node until `done` holds.
+fn fill_until(cluster: &TestCluster, what: &str, mut done: impl FnMut() -> bool) -> usize {
+    let value = "v".repeat(300_000);
+    for i in 0..200 {
+        if done() {
+            return i;
+        }
+        cluster.call_ok(i % 2, &put(&format!("fill-{i}"), &value));
+    }
+    panic!("{what} never happened");
+}
+
+#[test]
+fn a_node_low_on_disk_raises_an_alarm_and_catches_up_by_itself_when_space_returns() {
+    let mut cluster = TestCluster::configure(3, r#", "disk_reserve_bytes": 2097152"#);
+    let Some(disk) = SmallDisk::mount(&cluster, 2, "8m") else { return };
+    for id in 0..3 {
+        cluster.start_node(id);
+    }
+    cluster.wait_for_leader();
+    fill_until(&cluster, "the nospace alarm", || alarms(&cluster, 2).is_some_and(|a| a == ["nospace"]));
+    // The majority goes on, led by a node with space; node 2 still answers.
+    for i in 0..5 {
+        cluster.call_ok(i % 2, &put(&format!("during-alarm-{i}"), "x"));
+    }
+    let leader = cluster.wait_for_leader();
+    assert_ne!(leader, 2, "a node low on space hands leadership over");
+    assert_eq!(alarms(&cluster, 2), Some(vec!["nospace".to_string()]));
+
+    disk.resize("64m");
+    wait_for("the alarm to clear", || alarms(&cluster, 2).filter(Vec::is_empty));
+    let Reply::Put { index } = cluster.call_ok(leader, &put("after-alarm", "x")) else { panic!() };
+    cluster.wait_applied(index);
+    wait_for("node 2 to catch up", || (cluster.mirror(2) == cluster.mirror(leader)).then_some(()));
+    assert_eq!(cluster.running(), vec![0, 1, 2]);
+}
+
+#[test]
+fn a_failed_write_stops_the_node_at_once_and_its_state_dir_still_opens() {
+    // No reserve: the node runs into ENOSPC.
+    let mut cluster = TestCluster::configure(3, r#", "disk_reserve_bytes": 0"#);
+    let Some(disk) = SmallDisk::mount(&cluster, 2, "4m") else { return };
+    for id in 0..3 {
+        cluster.start_node(id);
+    }
+    cluster.wait_for_leader();
+    let mut node2 = KillOnDrop(cluster.nodes[2].process.take().unwrap());
+    let mut exited = None;
+    fill_until(&cluster, "node 2 to stop", || {
+        exited = node2.0.try_wait().unwrap();
+        exited.is_some()
+    });
+    assert_eq!(exited.unwrap().code(), Some(1));
+    let output = read_path(&cluster.output_path(2));
+    let line = output.lines().find(|l| l.contains("stopping at once")).expect("one line saying why");
+    assert!(line.contains("No space left on device"), "{line}");
+    // The majority acknowledged meanwhile; node 2 restarts from its state dir
+    // once space returns, and catches up.
+    disk.resize("64m");
+    cluster.start_node(2);
+    let leader = cluster.wait_for_leader();
+    let Reply::Put { index } = cluster.call_ok(leader, &put("after-restart", "x")) else { panic!() };
+    cluster.wait_applied(index);
+    wait_for("node 2 to catch up", || (cluster.mirror(2) == cluster.mirror(leader)).then_some(()));
+}

@@ -15,15 +15,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, after, select};
-use log::{info, warn};
+use log::{error, info, warn};
 
 use super::Shared;
 use super::applier::ApplyMsg;
+use super::disk::{DiskAlarm, NOSPACE};
 use super::log_reader::LogRequest;
 use super::replies::{Replier, ReplyTo, not_leader};
 use crate::kv::{self, LoggedCommand, Value, session_reply};
 use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
-use crate::raft::{Index, NotLeader, Raft, Role, SoftState, Term};
+use crate::raft::{Body, Index, NotLeader, Raft, Role, SoftState, Term};
 use crate::sessions::SessionTable;
 use crate::storage::{Storage, StorageError};
 use crate::transport::{Inbound, Transport};
@@ -119,6 +120,7 @@ pub struct CoreLoop {
     pub request_timeout: Duration,
     /// How long a stopping leader waits to see a new leader take over.
     pub handover_timeout: Duration,
+    pub disk: DiskAlarm,
 }
 
 pub struct Inputs {
@@ -139,7 +141,12 @@ struct State {
 impl CoreLoop {
     /// Runs until `inputs.stop` fires. A storage error is fatal: a node that
     /// cannot persist must not keep voting or acknowledging.
-    pub fn run(self, inputs: Inputs) -> Result<(), StorageError> {
+    ///
+    /// A storage error stops the process at once, with one line saying why:
+    /// nothing may be retried after a failed fsync (the kernel may have
+    /// dropped the dirty pages), and sled, once a write failed, never returns
+    /// from closing the database.
+    pub fn run(self, inputs: Inputs) {
         let mut state = State {
             io: self,
             reads: HashMap::new(),
@@ -147,13 +154,22 @@ impl CoreLoop {
             role: Role::Follower,
             proposals: Proposals::default(),
         };
-        while state.run_once(&inputs, &inputs.stop)? {}
-        state.hand_over_leadership(&inputs)?;
-        state.shut_down(&inputs.clients)
+        if let Err(e) = state.serve(&inputs) {
+            error!("node {}: stopping at once: {e}; restart it once its disk is fine", state.io.raft.id());
+            std::process::exit(1);
+        }
+        state.to_applier(ApplyMsg::Shutdown);
+        state.io.transport.shutdown();
     }
 }
 
 impl State {
+    fn serve(&mut self, inputs: &Inputs) -> Result<(), StorageError> {
+        while self.run_once(inputs, &inputs.stop)? {}
+        self.hand_over_leadership(inputs)?;
+        self.shut_down(&inputs.clients)
+    }
+
     /// Waits for one input, drains what else is queued, then carries out the
     /// core's `Ready`. False once `stop` fires or an input channel closes.
     fn run_once<T>(&mut self, inputs: &Inputs, stop: &Receiver<T>) -> Result<bool, StorageError> {
@@ -229,10 +245,34 @@ impl State {
             let read = self.reads.remove(&ctx).expect("listed above");
             self.reply_error(read.reply_to, ErrorCode::Timeout, "could not confirm leadership in time");
         }
+        self.io.disk.poll(now);
+        if self.io.disk.raised() {
+            self.hand_over_for_lack_of_space();
+        }
+    }
+
+    /// A leader that cannot store new entries lets a follower lead instead,
+    /// so the cluster keeps taking writes.
+    fn hand_over_for_lack_of_space(&mut self) {
+        let raft = &mut self.io.raft;
+        if raft.transfer_target().is_some() {
+            return;
+        }
+        if let Some(to) = raft.transfer_candidate() {
+            info!("node {}: low on disk space; handing leadership to {to}", raft.id());
+            if let Err(e) = raft.transfer_leadership(to) {
+                warn!("node {}: cannot hand leadership to {to}: {e:?}", raft.id());
+            }
+        }
     }
 
     fn on_peer(&mut self, inbound: Inbound) {
         match inbound {
+            // Not taken while low on space (no reply: the leader retries,
+            // and the majority commits without us meanwhile).
+            Inbound::Message(msg)
+                if self.io.disk.raised()
+                    && matches!(&msg.body, Body::AppendEntries { entries, .. } if !entries.is_empty()) => {}
             Inbound::Message(msg) => self.io.raft.step(msg),
             Inbound::Unreachable(peer) => self.io.raft.peer_unreachable(peer),
         }
@@ -257,7 +297,7 @@ impl State {
                 }
             }
             Request::Status => {
-                let reply = Reply::Status(self.status());
+                let reply = Reply::Status(Box::new(self.status()));
                 self.io.replier.send(reply_to, &reply);
             }
             Request::Log { from, limit } => match self.io.log_reader.try_send(LogRequest { from, limit, reply_to }) {
@@ -286,6 +326,11 @@ impl State {
         self.proposals.applied_to(self.io.shared.last_applied.load(Ordering::Acquire));
         if self.proposals.is_full() {
             return self.reply_error(reply_to, ErrorCode::Busy, "too many writes in flight; nothing was applied");
+        }
+        if self.io.disk.raised() {
+            let message =
+                format!("node {} is low on disk space (alarm {NOSPACE}); nothing was applied", self.io.raft.id());
+            return self.reply_error(reply_to, ErrorCode::Busy, &message);
         }
         let bytes = logged.encode();
         let size = bytes.len();
@@ -316,6 +361,10 @@ impl State {
             last_applied: self.io.shared.last_applied.load(Ordering::Acquire),
             last_log_index: raft.last_index(),
             members: raft.members().to_vec(),
+            learners: Vec::new(),
+            first_log_index: 1,
+            snapshot_index: 0,
+            alarms: self.io.disk.raised().then(|| NOSPACE.to_string()).into_iter().collect(),
         }
     }
 
@@ -334,6 +383,8 @@ impl State {
             if must_persist {
                 self.io.storage.write(rd.hard_state.as_ref(), rd.truncate_from, &rd.entries)?;
                 self.io.storage.sync()?;
+                self.io.disk.wrote(rd.entries.iter().map(|e| e.approx_size() as u64).sum());
+                self.io.disk.poll(Instant::now());
             }
             for msg in rd.persisted_messages {
                 self.io.transport.send(msg);
@@ -391,7 +442,7 @@ impl State {
 
     /// Clean stop: answer everyone still waiting, record the commit index so a
     /// restart re-applies without waiting for a leader, and stop the applier.
-    fn shut_down(mut self, clients: &Receiver<ClientCall>) -> Result<(), StorageError> {
+    fn shut_down(&mut self, clients: &Receiver<ClientCall>) -> Result<(), StorageError> {
         self.io.shared.stopping.store(true, Ordering::Release);
         for call in clients.try_iter() {
             self.reply_error(call.reply_to, ErrorCode::ShuttingDown, "node is shutting down");
@@ -400,9 +451,6 @@ impl State {
             self.reply_error(read.reply_to, ErrorCode::ShuttingDown, "node is shutting down");
         }
         self.io.storage.write(Some(&self.io.raft.hard_state()), None, &[])?;
-        self.io.storage.sync()?;
-        self.to_applier(ApplyMsg::Shutdown);
-        self.io.transport.shutdown();
-        Ok(())
+        self.io.storage.sync()
     }
 }

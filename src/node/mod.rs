@@ -12,6 +12,7 @@
 mod applier;
 mod client_endpoint;
 mod core_loop;
+mod disk;
 mod log_reader;
 mod replies;
 
@@ -36,6 +37,7 @@ pub use log_reader::LOG_REPLY_MAX_BYTES;
 use applier::Applier;
 use client_endpoint::{ClientEndpoint, EndpointConfig};
 use core_loop::{CoreLoop, Inputs};
+use disk::DiskAlarm;
 use replies::Replier;
 
 /// State other threads read without asking the core loop.
@@ -208,16 +210,17 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         // The core gives up after the minimum election timeout; the rest is
         // time to hear from the new leader.
         handover_timeout: Duration::from_millis(config.election_timeout_ms.1),
+        disk: DiskAlarm::new(&config.node_state_dir(id), config.disk_reserve_bytes),
     };
     let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
-    let result = core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, stop: stop_rx });
+    core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, stop: stop_rx });
     shared.stopping.store(true, Ordering::Release);
     let _ = applier.join();
     let _ = log_reader.join();
     shared.replies_done.store(true, Ordering::Release);
     let _ = endpoint.join();
     info!("node {id}: stopped");
-    Ok(result?)
+    Ok(())
 }
 
 /// The membership recorded in the state dir, recording the config's on

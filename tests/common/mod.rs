@@ -209,7 +209,7 @@ impl TestCluster {
     pub fn status(&self, id: usize) -> Option<StatusInfo> {
         let mut client = Client::new(&self.ctx, &self.nodes[id].client, Duration::from_millis(500));
         match client.call(&Request::Status) {
-            Ok(Reply::Status(status)) => Some(status),
+            Ok(Reply::Status(status)) => Some(*status),
             _ => None,
         }
     }

@@ -271,6 +271,8 @@ def test_status_fields_and_types(cluster):
         assert st["leader"] is None or isinstance(st["leader"], int)
         assert st["last_applied"] <= st["commit_index"] <= st["last_log_index"], st
         assert sorted(st["members"]) == [0, 1, 2]
+        assert st["learners"] == [] and st["alarms"] == []
+        assert st["first_log_index"] >= 1 and st["snapshot_index"] < st["first_log_index"], st
     assert cluster.ok(leader, {"op": "status"})["role"] == "leader"
 
 

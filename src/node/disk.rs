@@ -1,0 +1,121 @@
+//! The disk-space alarm, like etcd's NOSPACE. sled cannot recover from a
+//! failed write (it stops answering), so the node keeps clear of a full disk
+//! instead: once the state dir's file system has less free space than the
+//! reserve, it raises the alarm and stops taking new entries (a leader
+//! refuses writes and hands leadership over; a follower ignores appends, so
+//! the majority goes on without it). It clears the alarm by itself once
+//! space returns, and the node catches up. If a write fails anyway, the node
+//! stops at once (see `node::run`).
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+/// The name `status` lists while the alarm is raised.
+pub const NOSPACE: &str = "nospace";
+
+pub struct DiskAlarm {
+    dir: PathBuf,
+    reserve: u64,
+    raised: bool,
+    next_check: Instant,
+    /// Bytes persisted since the last check: a fast writer is re-checked
+    /// long before it could eat the reserve.
+    written: u64,
+}
+
+impl DiskAlarm {
+    /// statvfs is cheap, but no need to ask more often than this.
+    const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+    pub fn new(dir: &Path, reserve: u64) -> DiskAlarm {
+        DiskAlarm { dir: dir.to_path_buf(), reserve, raised: false, next_check: Instant::now(), written: 0 }
+    }
+
+    /// Counts `bytes` persisted, so that the next [`DiskAlarm::poll`] looks
+    /// again once they add up to an eighth of the reserve.
+    pub fn wrote(&mut self, bytes: u64) {
+        self.written = self.written.saturating_add(bytes);
+    }
+
+    pub fn raised(&self) -> bool {
+        self.raised
+    }
+
+    /// Re-checks the free space when due; true if the alarm changed.
+    pub fn poll(&mut self, now: Instant) -> bool {
+        if now < self.next_check && self.written < (self.reserve / 8).max(1) {
+            return false;
+        }
+        self.next_check = now + Self::CHECK_EVERY;
+        self.written = 0;
+        let free = match free_bytes(&self.dir) {
+            Ok(free) => free,
+            Err(e) => {
+                warn!("cannot tell the free space of {}: {e}", self.dir.display());
+                return false;
+            }
+        };
+        let raised = free < self.reserve;
+        if raised == self.raised {
+            return false;
+        }
+        self.raised = raised;
+        if raised {
+            warn!(
+                "alarm {NOSPACE}: {} has {free} bytes free, below the reserve of {}; taking no new entries \
+                 until space is freed",
+                self.dir.display(),
+                self.reserve
+            );
+        } else {
+            info!("alarm {NOSPACE} cleared: {} has {free} bytes free again", self.dir.display());
+        }
+        true
+    }
+}
+
+/// Bytes an unprivileged process may still write on `dir`'s file system.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let path = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `stats` is written by the call.
+    if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `stats`.
+    let stats = unsafe { stats.assume_init() };
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raised_below_the_reserve_and_cleared_above_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ample = DiskAlarm::new(dir.path(), 1);
+        let mut starved = DiskAlarm::new(dir.path(), u64::MAX);
+        let now = Instant::now();
+        assert!(!ample.poll(now) && !ample.raised());
+        assert!(starved.poll(now) && starved.raised());
+        assert!(!starved.poll(now + DiskAlarm::CHECK_EVERY), "no change, no news");
+        starved.reserve = 1;
+        assert!(!starved.poll(now + DiskAlarm::CHECK_EVERY), "not due yet");
+        assert!(starved.poll(now + 2 * DiskAlarm::CHECK_EVERY) && !starved.raised());
+        starved.reserve = u64::MAX;
+        starved.wrote(u64::MAX / 8);
+        assert!(starved.poll(now + 2 * DiskAlarm::CHECK_EVERY), "due early after many bytes written");
+    }
+
+    #[test]
+    fn a_missing_dir_keeps_the_alarm_as_it_was() {
+        let mut alarm = DiskAlarm::new(Path::new("/nonexistent/raft-zmq"), u64::MAX);
+        assert!(!alarm.poll(Instant::now()) && !alarm.raised());
+    }
+}
