@@ -38,6 +38,12 @@ pub struct EndpointConfig {
     pub max_queued_bytes: usize,
 }
 
+/// Messages a socket queues per peer before it drops (ROUTER) or refuses
+/// (DEALER) more. ZeroMQ's default of 1,000 is less than one busy follower
+/// forwards at once, and a ROUTER drops replies beyond it without a word;
+/// the core loop's own queue bound (`busy`) is what limits memory.
+const QUEUE_HWM: i32 = 100_000;
+
 /// How long replies still queued at shutdown may take to leave.
 const SHUTDOWN_LINGER_MS: i32 = 2000;
 
@@ -66,6 +72,8 @@ impl ClientEndpoint {
         let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
         router.set_linger(0).map_err(|e| e.to_string())?;
         router.set_maxmsgsize(MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
+        router.set_sndhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
+        router.set_rcvhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
         router.bind(&me.client).map_err(|e| format!("cannot bind client endpoint {}: {e}", me.client))?;
         let replies = ctx.socket(zmq::PULL).map_err(|e| e.to_string())?;
         replies.set_linger(0).map_err(|e| e.to_string())?;
@@ -236,6 +244,8 @@ impl ClientEndpoint {
         let dealer = match self.ctx.socket(zmq::DEALER).and_then(|s| {
             s.set_linger(0)?;
             s.set_maxmsgsize(MAX_FRAME_BYTES)?;
+            s.set_sndhwm(QUEUE_HWM)?;
+            s.set_rcvhwm(QUEUE_HWM)?;
             s.connect(&member.client)?;
             Ok(s)
         }) {
