@@ -52,7 +52,7 @@ pub fn cluster_id(members: &[(NodeId, &str)]) -> u64 {
 
 /// Why a frame was not accepted from, or not sent to, the network.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Reject {
+pub enum Reject {
     Undecodable(String),
     Version(u8),
     Cluster(u64),
@@ -85,7 +85,7 @@ pub(crate) enum Reject {
 
 impl Reject {
     /// The key warnings are rate-limited by.
-    pub(crate) fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> &'static str {
         match self {
             Reject::Undecodable(_) => "undecodable frame",
             Reject::Version(_) => "protocol version mismatch",
@@ -124,7 +124,7 @@ impl fmt::Display for Reject {
 
 /// This node's view of the wire: who it is, which cluster it is in, whom it
 /// talks to and how large a frame may be.
-pub(crate) struct Wire {
+pub struct Wire {
     me: NodeId,
     cluster: u64,
     peers: HashSet<NodeId>,
@@ -133,23 +133,18 @@ pub(crate) struct Wire {
 }
 
 impl Wire {
-    pub(crate) fn new(
-        me: NodeId,
-        cluster: u64,
-        peers: impl IntoIterator<Item = NodeId>,
-        max_message_bytes: i64,
-    ) -> Wire {
+    pub fn new(me: NodeId, cluster: u64, peers: impl IntoIterator<Item = NodeId>, max_message_bytes: i64) -> Wire {
         let peers = peers.into_iter().filter(|&id| id != me).collect();
         Wire { me, cluster, peers, max_message_bytes }
     }
 
-    pub(crate) fn is_peer(&self, id: NodeId) -> bool {
+    pub fn is_peer(&self, id: NodeId) -> bool {
         self.peers.contains(&id)
     }
 
     /// Encodes an outgoing message. Refusing an oversized one here beats
     /// having the receiver's ZMQ_MAXMSGSIZE silently cut the connection.
-    pub(crate) fn seal(&self, message: Message) -> Result<Vec<u8>, Reject> {
+    pub fn seal(&self, message: Message) -> Result<Vec<u8>, Reject> {
         let envelope = Envelope {
             version: PROTOCOL_VERSION,
             cluster: self.cluster,
@@ -167,7 +162,7 @@ impl Wire {
     }
 
     /// Accepts a request from any peer.
-    pub(crate) fn open_request(&self, frame: &[u8]) -> Result<Message, Reject> {
+    pub fn open_request(&self, frame: &[u8]) -> Result<Message, Reject> {
         let message = self.open(frame)?;
         if !message.body.is_request() {
             return Err(Reject::Unexpected { from: message.from, request: false });
@@ -176,7 +171,7 @@ impl Wire {
     }
 
     /// Accepts only a reply, and only from the peer that was asked.
-    pub(crate) fn open_reply(&self, frame: &[u8], peer: NodeId) -> Result<Message, Reject> {
+    pub fn open_reply(&self, frame: &[u8], peer: NodeId) -> Result<Message, Reject> {
         let message = self.open(frame)?;
         if message.body.is_request() || message.from != peer {
             return Err(Reject::Unexpected { from: message.from, request: message.body.is_request() });

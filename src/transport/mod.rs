@@ -29,10 +29,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, TrySendError};
 use log::{debug, error, warn};
 
-pub use envelope::{Envelope, PROTOCOL_VERSION, cluster_id};
+pub use envelope::{Envelope, PROTOCOL_VERSION, Reject, Wire, cluster_id};
 
 use crate::raft::{Message, NodeId};
-use envelope::Wire;
 use peer::Link;
 use server::Server;
 

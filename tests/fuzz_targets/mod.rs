@@ -1,0 +1,258 @@
+//! Fuzz targets: what untrusted bytes reach, each as a function that must
+//! never panic on any input. The cargo-fuzz crate in `fuzz/` runs them under
+//! libFuzzer for as long as you like; `tests/fuzz.rs` runs their checked-in
+//! seed corpus and a fixed number of deterministic mutations in every test
+//! run.
+
+#![allow(dead_code)] // each user calls the targets it needs
+
+use std::collections::{BTreeMap, VecDeque};
+
+use raft_zmq::protocol::decode_request;
+use raft_zmq::raft::{Body, Config, Entry, HardState, Message, Payload, Raft, Role};
+use raft_zmq::transport::{Wire, cluster_id};
+
+/// A client request frame, as the client endpoint decodes it.
+pub fn client_request(data: &[u8]) {
+    let _ = decode_request(data);
+}
+
+/// A frame arriving on a node's raft endpoint, as a request and as a reply.
+/// Whatever the wire layer accepts must be a message the core can take.
+pub fn peer_frame(data: &[u8]) {
+    let cluster = cluster_id(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
+    let wire = Wire::new(0, cluster, [1, 2], 1 << 26);
+    for message in [wire.open_request(data), wire.open_reply(data, 1)].into_iter().flatten() {
+        assert!(message.validate().is_ok(), "the wire accepted an invalid message: {message:?}");
+        let mut node = Raft::new(config(0), HardState { term: 2, vote: None, commit: 1 }, log(&[1, 2]));
+        node.step(message);
+        drain(&mut node);
+    }
+}
+
+/// A 3-node cluster of the real core driven by `data`: ticks, deliveries,
+/// losses, duplicates, reorders, proposals and crashes, and, in hostile
+/// mode (first byte odd), messages forged from the input. Honest runs must
+/// keep Raft's safety properties; hostile runs must never panic nor leave a
+/// node whose log could not be stored (terms decreasing, commit past the end).
+pub fn core_sequence(data: &[u8]) {
+    let Some((&mode, ops)) = data.split_first() else { return };
+    let hostile = mode % 2 == 1;
+    let mut sim = Sim::new();
+    let mut bytes = ops.iter().copied();
+    while let Some(op) = bytes.next() {
+        let arg = bytes.next().unwrap_or(0);
+        let node = u64::from(arg % 3);
+        match op % 8 {
+            0 | 1 => sim.tick(node),
+            2 => sim.deliver(usize::from(arg)),
+            3 => sim.drop_message(usize::from(arg)),
+            4 => sim.duplicate(usize::from(arg)),
+            5 => sim.propose(node, arg),
+            6 => sim.restart(node),
+            _ if hostile => {
+                let forged = forge(node, &mut bytes);
+                sim.step(forged);
+            }
+            _ => sim.deliver(sim.queue.len().saturating_sub(1)),
+        }
+        sim.check(!hostile);
+    }
+}
+
+fn config(id: u64) -> Config {
+    Config {
+        id,
+        members: vec![0, 1, 2],
+        election_ticks: (4, 8),
+        heartbeat_ticks: 1,
+        max_append_bytes: 256,
+        pre_vote: id != 2,
+        check_quorum: id != 1,
+        seed: id,
+    }
+}
+
+fn log(terms: &[u64]) -> Vec<Entry> {
+    terms.iter().enumerate().map(|(i, &term)| Entry { index: i as u64 + 1, term, payload: Payload::Noop }).collect()
+}
+
+fn drain(node: &mut Raft) -> Vec<Message> {
+    let mut out = Vec::new();
+    while node.has_ready() {
+        let rd = node.ready();
+        out.extend(rd.messages);
+        out.extend(rd.persisted_messages);
+        node.advance();
+    }
+    out
+}
+
+/// A message from `to + 1` to `to` with fields taken from the input, small
+/// numbers mostly so that they land near the real log.
+fn forge(to: u64, bytes: &mut impl Iterator<Item = u8>) -> Message {
+    let mut next = || bytes.next().unwrap_or(0);
+    let number = |next: &mut dyn FnMut() -> u8| match next() {
+        255 => u64::MAX,
+        254 => u64::MAX / 2,
+        n => u64::from(n % 16),
+    };
+    let from = (to + 1 + u64::from(next() % 2)) % 3;
+    let term = number(&mut next);
+    let body = match next() % 5 {
+        0 => Body::RequestVote {
+            last_log_index: number(&mut next),
+            last_log_term: number(&mut next),
+            pre_vote: next() % 2 == 0,
+            transfer: next() % 2 == 0,
+        },
+        1 => Body::RequestVoteReply { granted: next() % 2 == 0, pre_vote: next() % 2 == 0 },
+        2 => {
+            let prev_log_index = number(&mut next);
+            let count = u64::from(next() % 4);
+            let entries = (0..count)
+                .map(|i| Entry {
+                    index: prev_log_index.wrapping_add(i + 1),
+                    term: number(&mut next),
+                    payload: Payload::Noop,
+                })
+                .collect();
+            Body::AppendEntries {
+                prev_log_index,
+                prev_log_term: number(&mut next),
+                entries,
+                leader_commit: number(&mut next),
+                read_seq: number(&mut next),
+            }
+        }
+        3 => Body::AppendEntriesReply {
+            success: next() % 2 == 0,
+            prev_log_index: number(&mut next),
+            match_index: number(&mut next),
+            conflict_index: number(&mut next),
+            conflict_term: (next() % 2 == 0).then(|| number(&mut next)),
+            read_seq: number(&mut next),
+        },
+        _ => Body::TimeoutNow,
+    };
+    Message { from, to, term, body }
+}
+
+struct SimNode {
+    raft: Raft,
+    hard_state: HardState,
+    disk: Vec<Entry>,
+    applied: Vec<Entry>,
+}
+
+struct Sim {
+    nodes: BTreeMap<u64, SimNode>,
+    queue: VecDeque<Message>,
+    leaders: BTreeMap<u64, u64>,
+    /// Every entry any node applied, by index: all must agree.
+    applied: BTreeMap<u64, Entry>,
+    proposals: u64,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        let nodes = (0..3)
+            .map(|id| {
+                let raft = Raft::new(config(id), HardState::default(), Vec::new());
+                (id, SimNode { raft, hard_state: HardState::default(), disk: Vec::new(), applied: Vec::new() })
+            })
+            .collect();
+        Sim { nodes, queue: VecDeque::new(), leaders: BTreeMap::new(), applied: BTreeMap::new(), proposals: 0 }
+    }
+
+    /// The node's Ready loop, as the shell runs it.
+    fn process(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("member");
+        while node.raft.has_ready() {
+            let rd = node.raft.ready();
+            self.queue.extend(rd.messages);
+            if let Some(hs) = rd.hard_state {
+                node.hard_state = hs;
+            }
+            if let Some(from) = rd.truncate_from {
+                node.disk.truncate(from as usize - 1);
+            }
+            node.disk.extend(rd.entries);
+            self.queue.extend(rd.persisted_messages);
+            node.raft.advance();
+            node.applied.extend(rd.committed);
+        }
+        // Bound the work per input: a real network loses messages too.
+        while self.queue.len() > 64 {
+            self.queue.pop_front();
+        }
+    }
+
+    fn tick(&mut self, id: u64) {
+        self.nodes.get_mut(&id).expect("member").raft.tick();
+        self.process(id);
+    }
+
+    fn step(&mut self, message: Message) {
+        let to = message.to;
+        self.nodes.get_mut(&to).expect("member").raft.step(message);
+        self.process(to);
+    }
+
+    fn deliver(&mut self, at: usize) {
+        if let Some(message) = self.take(at) {
+            self.step(message);
+        }
+    }
+
+    fn drop_message(&mut self, at: usize) {
+        self.take(at);
+    }
+
+    fn duplicate(&mut self, at: usize) {
+        if let Some(message) = self.queue.get(at % self.queue.len().max(1)).cloned() {
+            self.queue.push_back(message);
+        }
+    }
+
+    fn take(&mut self, at: usize) -> Option<Message> {
+        let len = self.queue.len();
+        (len > 0).then(|| self.queue.remove(at % len)).flatten()
+    }
+
+    fn propose(&mut self, id: u64, arg: u8) {
+        self.proposals += 1;
+        let command = [self.proposals.to_be_bytes().as_slice(), &[arg]].concat();
+        let _ = self.nodes.get_mut(&id).expect("member").raft.propose(command);
+        self.process(id);
+    }
+
+    /// A crash keeps only what was persisted.
+    fn restart(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("member");
+        node.raft = Raft::new(config(id), node.hard_state, node.disk.clone());
+        node.applied.clear();
+        self.queue.retain(|m| m.from != id);
+    }
+
+    fn check(&mut self, honest: bool) {
+        for (id, node) in &self.nodes {
+            let raft = &node.raft;
+            assert!(raft.commit_index() <= raft.last_index(), "node {id}: commit past the last entry");
+            assert!(node.disk.windows(2).all(|w| w[0].term <= w[1].term), "node {id}: terms decrease on disk");
+            assert!(node.disk.iter().enumerate().all(|(i, e)| e.index == i as u64 + 1), "node {id}: gap on disk");
+            if !honest {
+                continue;
+            }
+            let soft = raft.soft_state();
+            if soft.role == Role::Leader {
+                let leader = *self.leaders.entry(soft.term).or_insert(*id);
+                assert_eq!(leader, *id, "two leaders in term {}", soft.term);
+            }
+            for entry in &node.applied {
+                let agreed = self.applied.entry(entry.index).or_insert_with(|| entry.clone());
+                assert_eq!(agreed, entry, "node {id} applied another entry at {}", entry.index);
+            }
+        }
+    }
+}
