@@ -16,7 +16,8 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(client_request peer_frame core_sequence)
 for target in "${targets[@]}"; do
   mkdir -p "fuzz/work/$target"
+  # Optimised, with debug assertions and overflow checks (cargo-fuzz's default).
   # The first corpus dir receives new inputs; the checked-in seeds are read only.
-  cargo fuzz run --sanitizer none --release "$target" "fuzz/work/$target" "fuzz/corpus/$target" -- \
+  cargo fuzz run --sanitizer none "$target" "fuzz/work/$target" "fuzz/corpus/$target" -- \
     -max_total_time="$seconds" -print_final_stats=1
 done
