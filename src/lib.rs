@@ -14,5 +14,7 @@ pub mod protocol;
 pub mod raft;
 pub mod sessions;
 pub mod storage;
+#[doc(hidden)]
+pub mod testing;
 pub mod tools;
 pub mod transport;

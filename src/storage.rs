@@ -52,6 +52,7 @@ use std::fs::{self, File};
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::raft::types::{Entry, HardState, Index, Term};
 
@@ -433,13 +434,28 @@ fn create_dirs(dir: &Path) -> io::Result<Vec<PathBuf>> {
 
 /// `sled::open` that turns the panics sled 0.34 raises on some malformed
 /// files into errors.
+///
+/// sled releases its file lock only once its background threads let go of a
+/// dropped database, a moment after the drop; a lock still held after
+/// [`LOCK_WAIT`] means another process is using the state dir.
 fn open_sled(dir: &Path) -> Result<sled::Db, StorageError> {
+    const LOCK_WAIT: Duration = Duration::from_secs(3);
     let err = |problem: String| StorageError::new(dir, problem);
     // No background flusher: `sync` flushes whenever the core needs
     // durability, and a second writer of fsyncs only adds latency jitter.
-    let opened = panic::catch_unwind(AssertUnwindSafe(|| sled::Config::new().path(dir).flush_every_ms(None).open()));
+    let open = || panic::catch_unwind(AssertUnwindSafe(|| sled::Config::new().path(dir).flush_every_ms(None).open()));
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut opened = open();
+    while matches!(&opened, Ok(Err(e)) if e.to_string().contains("could not acquire lock")) && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+        opened = open();
+    }
     match opened {
         Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) if e.to_string().contains("could not acquire lock") => {
+            Err(err(format!("is in use by another process (is this node already running?): {e}")))
+        }
         Ok(Err(e)) => Err(err(format!("cannot open sled database: {e}"))),
         Err(payload) => {
             let reason = payload
@@ -657,6 +673,19 @@ mod tests {
         assert_eq!(collect(4, 9, 10), entries[3..]);
         assert!(collect(4, 3, 10).is_empty());
         assert_eq!(collect(1, 5, 2), entries[..2]);
+    }
+
+    #[test]
+    fn reopening_right_after_a_drop_waits_for_the_lock_and_a_second_opener_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..20 {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.write(None, None, &[entry(i + 1, 1, b"x")]).unwrap();
+            s.sync().unwrap();
+        }
+        let _first = Storage::open(tmp.path()).unwrap();
+        let e = Storage::open(tmp.path()).err().expect("the state dir is locked").to_string();
+        assert!(e.contains("in use by another process"), "{e}");
     }
 
     #[test]

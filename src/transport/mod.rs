@@ -314,10 +314,10 @@ mod tests {
     const CLUSTER: u64 = 0xc1;
     const PATIENCE: Duration = Duration::from_secs(5);
 
-    /// A loopback endpoint on a port that was free a moment ago.
+    /// A loopback endpoint on a free port below the ephemeral range, where
+    /// no outgoing connection's source port can take it meanwhile.
     fn free_endpoint() -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("tcp://127.0.0.1:{}", listener.local_addr().unwrap().port())
+        format!("tcp://127.0.0.1:{}", crate::testing::free_port())
     }
 
     fn start(
