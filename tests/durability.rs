@@ -15,48 +15,101 @@ use std::process::{Command, Stdio};
 use common::*;
 use raft_zmq::protocol::Reply;
 
+/// Traces `pids` with strace while `act` runs; returns each process's trace.
+fn trace_while(cluster: &TestCluster, ids: &[usize], act: impl FnOnce()) -> Vec<String> {
+    let traces: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let pid = cluster.nodes[id].process.as_ref().unwrap().id();
+            let path = cluster.dir.path().join(format!("strace-{id}.txt"));
+            let strace = Command::new("strace")
+                .args(["-f", "-y", "-s", "4096", "-e", "trace=fdatasync,sendto,recvfrom,write,read", "-o"])
+                .arg(&path)
+                .args(["-p", &pid.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("strace must be installed (.ci/run installs it)");
+            // Attached once our status requests show up in the trace.
+            wait_for("strace to attach", || {
+                cluster.status(id);
+                fs::read_to_string(&path).ok().filter(|t| t.contains("status")).map(|_| ())
+            });
+            (KillOnDrop(strace), path)
+        })
+        .collect();
+    act();
+    traces
+        .into_iter()
+        .map(|(mut strace, path)| {
+            // SIGINT makes strace detach and flush; the node keeps running.
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(strace.0.id() as libc::pid_t, libc::SIGINT) };
+            wait_for("strace to exit", || strace.0.try_wait().unwrap());
+            fs::read_to_string(&path).unwrap()
+        })
+        .collect()
+}
+
+/// Whether a completed fdatasync lies between the first line matching
+/// `received` and the first `sendto` after it matching `replied`; None if
+/// the trace has no such pair.
+fn synced_between(trace: &str, received: impl Fn(&str) -> bool, replied: impl Fn(&str) -> bool) -> Option<bool> {
+    let lines: Vec<&str> = trace.lines().collect();
+    let request = lines.iter().position(|l| received(l))?;
+    let reply = request + lines[request..].iter().position(|l| l.contains("sendto(") && replied(l))?;
+    Some(lines[request..reply].iter().any(|l| l.contains("fdatasync") && l.trim_end().ends_with("= 0")))
+}
+
 #[test]
 fn acknowledged_write_was_fdatasynced_first() {
     let cluster = TestCluster::start(1);
     cluster.wait_for_leader();
     cluster.call_ok(0, &put("warm-up", "1"));
-    let pid = cluster.nodes[0].process.as_ref().unwrap().id();
-    let trace_path = cluster.dir.path().join("strace.txt");
-    let mut strace = Command::new("strace")
-        .args(["-f", "-y", "-s", "256", "-e", "trace=fdatasync,sendto,recvfrom,write,read", "-o"])
-        .arg(&trace_path)
-        .args(["-p", &pid.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("strace must be installed (.ci/run installs it)");
-    // Attached once our status requests show up in the trace.
-    wait_for("strace to attach", || {
-        cluster.status(0);
-        fs::read_to_string(&trace_path).ok().filter(|t| t.contains("status")).map(|_| ())
-    });
-    let Reply::Put { .. } = cluster.call_ok(0, &put("durable-key", "durable-value")) else { panic!("put") };
-    // SIGINT makes strace detach and flush; the node keeps running.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(strace.id() as libc::pid_t, libc::SIGINT) };
-    wait_for("strace to exit", || strace.try_wait().unwrap());
-
-    let trace = fs::read_to_string(&trace_path).unwrap();
-    let lines: Vec<&str> = trace.lines().collect();
-    let request = lines.iter().position(|l| l.contains("durable-key")).expect("request seen in trace");
+    let trace = trace_while(&cluster, &[0], || {
+        let Reply::Put { .. } = cluster.call_ok(0, &put("durable-key", "durable-value")) else { panic!("put") };
+    })
+    .remove(0);
     // The ack is the first msgpack map {"ok": true, "index": ...} sent after it.
-    let ack = request
-        + lines[request..]
-            .iter()
-            .position(|l| l.contains("sendto(") && l.contains(r#"\242ok\303\245index"#))
-            .expect("acknowledgement seen in trace");
-    let synced = lines[request..ack].iter().any(|l| l.contains("fdatasync") && l.trim_end().ends_with("= 0"));
-    assert!(synced, "no completed fdatasync between request and acknowledgement:\n{}", lines[request..=ack].join("\n"));
+    let synced = synced_between(&trace, |l| l.contains("durable-key"), |l| l.contains(r#"\242ok\303\245index"#));
+    assert_eq!(synced, Some(true), "no completed fdatasync between request and acknowledgement:\n{trace}");
     let db = cluster.state_dir(0).join("db");
     assert!(
         trace.lines().any(|l| l.contains("fdatasync(") && l.contains(&*db.to_string_lossy())),
         "the fdatasync is on sled's data file {}",
         db.display()
     );
+}
+
+/// A follower acknowledges new entries, and grants a vote, only once they
+/// are durable: the node's own persist-before-send order, seen from outside.
+#[test]
+fn a_follower_syncs_before_it_acknowledges_entries_or_grants_a_vote() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    cluster.call_ok(leader, &put("warm-up", "1"));
+    let followers: Vec<usize> = (0..3).filter(|&id| id != leader).collect();
+    let traces = trace_while(&cluster, &followers, || {
+        cluster.call_ok(leader, &put("replicated-key", "v"));
+        cluster.signal(leader, libc::SIGKILL);
+        let survivor = followers[0];
+        wait_for("a new leader", || {
+            cluster.status(survivor).filter(|s| s.leader.is_some_and(|l| l as usize != leader)).map(|_| ())
+        });
+    });
+    // msgpack: "AppendEntriesReply" is a fixstr of 18 bytes (\262), true is \303.
+    let acked = |l: &str| l.contains(r#"\262AppendEntriesReply"#) && l.contains(r#"\247success\303"#);
+    for (id, trace) in followers.iter().zip(&traces) {
+        let synced = synced_between(trace, |l| l.contains("recvfrom(") && l.contains("replicated-key"), acked);
+        assert_eq!(synced, Some(true), "follower {id} acknowledged entries before an fdatasync:\n{trace}");
+    }
+    // A real vote (pre_vote false) granted after a vote request (a fixstr of
+    // 11 bytes, \253, then a map of 4 fields, \204).
+    let asked =
+        |l: &str| l.contains("recvfrom(") && l.contains(r#"\253RequestVote\204"#) && l.contains(r#"pre_vote\302"#);
+    let granted = |l: &str| l.contains(r#"\247granted\303\250pre_vote\302"#);
+    let votes: Vec<bool> = traces.iter().filter_map(|t| synced_between(t, asked, granted)).collect();
+    assert!(!votes.is_empty(), "no follower granted a vote in the trace");
+    assert!(votes.iter().all(|&synced| synced), "a vote was granted before an fdatasync:\n{traces:#?}");
 }
