@@ -6,7 +6,7 @@
 //! Afterwards: every key's history must be linearizable (final reads through
 //! the leader included, so no acknowledged write may be lost), all nodes must
 //! converge on the same last applied index, and their `logs/<id>.txt` must
-//! agree. Failover times are reported.
+//! agree. Failover times are reported, and bounded (`FAILOVER_BOUND`).
 //!
 //! `CHAOS_SECS=n` sets the load's duration per cluster (default 30);
 //! `CHAOS_SEED=n` replays a run's random choices (its nemesis schedule and
@@ -38,6 +38,12 @@ const CLIENTS: usize = 5;
 const KEYS: usize = 5;
 /// Checker runs spent shrinking a failing history.
 const SHRINK_BUDGET: usize = 300;
+/// The longest a failover may take (a fault takes the leader away → the
+/// first acknowledgement of a write invoked after it), except after `kill -9`
+/// of every node, which restarts them all: 5 × the maximum election timeout.
+/// Typical failovers take 0.4–0.6 s; a liveness bug (no leader for good, a
+/// cut-off leader that never steps down) takes forever.
+const FAILOVER_BOUND: Duration = Duration::from_millis(5 * 600);
 
 #[test]
 fn three_nodes() {
@@ -83,6 +89,7 @@ fn chaos(n: usize) {
     }
     let checks = check(&history, &schedule, seed);
     report(&history, &schedule, checks);
+    check_failovers(&history, &schedule, seed);
     let applied = converge(&cluster);
     eprintln!("all {n} nodes applied {applied} entries and their logs/<id>.txt agree");
     eprintln!("chaos, {n} nodes: passed in {:.1} s", started.elapsed().as_secs_f64());
@@ -150,6 +157,16 @@ fn report(history: &History, schedule: &[Scheduled], checks: usize) {
     let leader_killed = |s: &&Scheduled| matches!(s.fault, Fault::Kill { leader: true, .. });
     print_failovers("leader killed", history, schedule.iter().filter(leader_killed));
     print_failovers("leader killed, paused or isolated, or all killed", history, schedule.iter().filter(leader_lost));
+}
+
+fn check_failovers(history: &History, schedule: &[Scheduled], seed: u64) {
+    for s in schedule.iter().filter(|s| s.fault.removes_leader() && !matches!(s.fault, Fault::KillAll)) {
+        if let Some(took) = failover(history, s).filter(|&took| took > FAILOVER_BOUND) {
+            panic!(
+                "{s}: the next write was acknowledged only {took:?} later, over {FAILOVER_BOUND:?}; CHAOS_SEED={seed}"
+            );
+        }
+    }
 }
 
 fn print_failovers<'a>(what: &str, history: &History, faults: impl Iterator<Item = &'a Scheduled>) {
