@@ -72,8 +72,7 @@ fn chaos(n: usize) {
     let endpoints = cluster.client_endpoints();
     let workload = Workload::start(&endpoints, CLIENTS, KEYS, seed, t0);
     // Client ids after the workload's: the probes, then the final reader.
-    let mut probes = Probe::each_kind(CLIENTS, &endpoints, seed, t0);
-    let reader_id = CLIENTS + probes.len();
+    let (mut probes, reader_id) = Probe::each_kind(CLIENTS, &endpoints, seed, t0);
     let mut rng = fastrand::Rng::with_seed(seed);
     let schedule = nemesis::run(&mut cluster, &mut probes, &mut rng, t0, Duration::from_secs(secs));
     let mut history = workload.finish();

@@ -1,7 +1,7 @@
 //! The nemesis: one fault at a time, each healed before the next, with quiet
 //! gaps in between so the cluster can recover and serve. Fault kinds are
 //! dealt from a shuffled deck, so any run of [`KINDS`] faults has them all.
-//! While a fault cuts the leader off, the probes aim at it.
+//! While a fault cuts the leader off or takes it away, the probes aim at it.
 
 use std::fmt;
 use std::thread;
@@ -95,9 +95,15 @@ impl Fault {
         }
     }
 
+    /// Whether the fault takes away a leader that was serving, leaving the
+    /// others to elect a new one (not `KillAll`: then all restart together).
+    pub fn removes_live_leader(&self) -> bool {
+        self.removes_leader() && !matches!(self, Fault::KillAll)
+    }
+
     /// The leader this fault cuts off from the others while it still runs:
     /// a deposed leader that clients can reach.
-    fn cuts_off(&self) -> Option<usize> {
+    pub fn cuts_off(&self) -> Option<usize> {
         match self {
             Fault::PauseLeader { node } | Fault::IsolateLeader { node } => Some(*node),
             _ => None,
@@ -134,7 +140,7 @@ impl fmt::Display for Scheduled {
 }
 
 /// Injects faults until `until` (since `t0`), and leaves everything healed.
-/// The probes run while a fault cuts the leader off, and finish after it heals.
+/// The probes run while each fault lasts, and finish after it heals.
 pub fn run(
     cluster: &mut ChaosCluster,
     probes: &mut [Probe],
@@ -154,14 +160,14 @@ pub fn run(
             rng.shuffle(&mut deck);
         }
         let kind = deck.pop().expect("refilled");
-        let fault = Fault::pick(kind, rng, cluster.size(), cluster.leader());
+        let leader = cluster.leader();
+        let fault = Fault::pick(kind, rng, cluster.size(), leader);
+        probes.iter_mut().for_each(|probe| probe.before(&fault, leader));
         let start = t0.elapsed();
         fault.inject(cluster);
         let healed = thread::scope(|s| {
-            let probing: Vec<_> = match fault.cuts_off() {
-                Some(leader) => probes.iter_mut().map(|probe| s.spawn(move || probe.run(leader))).collect(),
-                None => Vec::new(),
-            };
+            let fault = &fault;
+            let probing: Vec<_> = probes.iter_mut().map(|probe| s.spawn(move || probe.during(fault, leader))).collect();
             thread::sleep(fault.duration(rng));
             fault.heal(cluster);
             let healed = t0.elapsed();

@@ -16,17 +16,37 @@
 //!   reads the key through the other nodes, which must see it if the old
 //!   leader acknowledged it: a write is only committed once a majority holds it.
 //!
-//! Both record their operations in the history like any client; a read that
+//! A new leader is the third place for a mistake: until it has committed an
+//! entry of its own term it does not know the commit index, and must not
+//! serve reads. Whenever a fault takes the leader away (killed, paused or
+//! isolated), the new-leader probe writes a fresh value through the leader
+//! just before the fault, then floods the other nodes with reads from
+//! several sessions, so that some reach the new leader in its first
+//! milliseconds.
+//!
+//! All record their operations in the history like any client; a read that
 //! fails is retried until one is answered, as only answered reads are checked.
 
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::nemesis::Fault;
 use crate::register::Input;
 use crate::workload::{BACKOFF, History, RETRY_WINDOW, Session};
 
+/// Sessions reading at once for the new-leader probe, and for how long.
+const FLOOD_READERS: usize = 4;
+const FLOOD: Duration = Duration::from_millis(1500);
+
 #[derive(Clone, Copy, Debug)]
 enum Kind {
+    /// Writes through one side of the cut around a cut-off leader, reads through the other.
+    AcrossTheCut(Cut),
+    NewLeaderRead,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Cut {
     StaleRead,
     LostWrite,
 }
@@ -34,35 +54,101 @@ enum Kind {
 pub struct Probe {
     kind: Kind,
     session: Session,
+    /// Extra sessions of the new-leader probe's flood.
+    flood: Vec<Session>,
     pub history: History,
 }
 
 impl Probe {
-    /// One probe of each kind, with client ids from `first_id` on, connected
-    /// to every node.
-    pub fn each_kind(first_id: usize, endpoints: &[String], seed: u64, t0: Instant) -> Vec<Probe> {
-        let probe = |(kind, id)| {
-            let mut session = Session::new(id, endpoints, seed, t0);
+    /// One probe of each kind, connected to every node, with client ids from
+    /// `first_id` on; also returns the first id left unused.
+    pub fn each_kind(first_id: usize, endpoints: &[String], seed: u64, t0: Instant) -> (Vec<Probe>, usize) {
+        let mut next_id = first_id;
+        let mut session = || {
+            let mut session = Session::new(next_id, endpoints, seed, t0);
+            next_id += 1;
             session.connect();
-            Probe { kind, session, history: History::default() }
+            session
         };
-        [Kind::StaleRead, Kind::LostWrite].into_iter().zip(first_id..).map(probe).collect()
+        let probes = [Kind::AcrossTheCut(Cut::StaleRead), Kind::AcrossTheCut(Cut::LostWrite), Kind::NewLeaderRead]
+            .into_iter()
+            .map(|kind| {
+                let flood_size = if matches!(kind, Kind::NewLeaderRead) { FLOOD_READERS } else { 0 };
+                Probe {
+                    kind,
+                    session: session(),
+                    flood: (0..flood_size).map(|_| session()).collect(),
+                    history: History::default(),
+                }
+            })
+            .collect();
+        (probes, next_id)
     }
 
     fn key(&self) -> &'static str {
         match self.kind {
-            Kind::StaleRead => "stale-read-probe",
-            Kind::LostWrite => "lost-write-probe",
+            Kind::AcrossTheCut(Cut::StaleRead) => "stale-read-probe",
+            Kind::AcrossTheCut(Cut::LostWrite) => "lost-write-probe",
+            Kind::NewLeaderRead => "new-leader-probe",
         }
+    }
+
+    /// Just before `fault` strikes the leader: the new-leader probe's write.
+    pub fn before(&mut self, fault: &Fault, leader: Option<usize>) {
+        if let (Kind::NewLeaderRead, Some(leader), true) = (self.kind, leader, fault.removes_live_leader()) {
+            let key = self.key();
+            let value = self.session.fresh_value();
+            let write = self.session.perform(&[leader], key, Input::Put(value));
+            self.history.record(key, write);
+        }
+    }
+
+    /// While `fault` lasts, if it is one this probe aims at.
+    pub fn during(&mut self, fault: &Fault, leader: Option<usize>) {
+        match (self.kind, leader) {
+            (Kind::AcrossTheCut(cut), _) => {
+                if let Some(cut_off) = fault.cuts_off() {
+                    self.across_the_cut(cut, cut_off);
+                }
+            }
+            (Kind::NewLeaderRead, Some(leader)) if fault.removes_live_leader() => self.flood(leader),
+            (Kind::NewLeaderRead, _) => {}
+        }
+    }
+
+    /// Reads from every flood session at once through the nodes other than
+    /// the old `leader`, for [`FLOOD`].
+    fn flood(&mut self, leader: usize) {
+        let key = self.key();
+        let others: Vec<usize> = self.session.all_nodes().into_iter().filter(|&id| id != leader).collect();
+        let until = Instant::now() + FLOOD;
+        let histories: Vec<History> = thread::scope(|s| {
+            let readers: Vec<_> = self
+                .flood
+                .iter_mut()
+                .map(|session| {
+                    let others = &others;
+                    s.spawn(move || {
+                        let mut history = History::default();
+                        while Instant::now() < until {
+                            history.record(key, session.perform(others, key, Input::Get));
+                        }
+                        history
+                    })
+                })
+                .collect();
+            readers.into_iter().map(|r| r.join().expect("a flood reader panicked")).collect()
+        });
+        histories.into_iter().for_each(|h| self.history.merge(h));
     }
 
     /// Writes through one side of the cut around `leader`, then reads
     /// through the other.
-    pub fn run(&mut self, leader: usize) {
+    fn across_the_cut(&mut self, cut: Cut, leader: usize) {
         let others: Vec<usize> = self.session.all_nodes().into_iter().filter(|&id| id != leader).collect();
-        let (write_via, read_via) = match self.kind {
-            Kind::StaleRead => (others, vec![leader]),
-            Kind::LostWrite => (vec![leader], others),
+        let (write_via, read_via) = match cut {
+            Cut::StaleRead => (others, vec![leader]),
+            Cut::LostWrite => (vec![leader], others),
         };
         let key = self.key();
         let value = self.session.fresh_value();

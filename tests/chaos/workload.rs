@@ -157,7 +157,7 @@ impl Session {
 
 /// Why an attempt got no usable answer.
 enum Attempt {
-    /// `no_leader`, `bad_request`, `too_large`: nothing was appended.
+    /// `no_leader`, `bad_request`, `too_large`, `busy`: nothing was appended.
     NotApplied,
     /// `timeout`, `shutting_down`, no reply, or a socket error: it may apply, now or later.
     MaybeApplied,
@@ -174,9 +174,10 @@ fn output(reply: Result<Reply, CallError>) -> Result<Output, Attempt> {
         Ok(Reply::Put { .. }) => Ok(Output::Put),
         Ok(Reply::Delete { existed, .. }) => Ok(Output::Delete { existed }),
         Ok(Reply::Cas { swapped, value, .. }) => Ok(Output::Cas { swapped, current: text(value) }),
-        Ok(Reply::Error { code: ErrorCode::NoLeader | ErrorCode::BadRequest | ErrorCode::TooLarge, .. }) => {
-            Err(Attempt::NotApplied)
-        }
+        Ok(Reply::Error {
+            code: ErrorCode::NoLeader | ErrorCode::BadRequest | ErrorCode::TooLarge | ErrorCode::Busy,
+            ..
+        }) => Err(Attempt::NotApplied),
         Ok(Reply::Error { code: ErrorCode::Timeout | ErrorCode::ShuttingDown, .. })
         | Err(CallError::NoReply | CallError::Zmq(_)) => Err(Attempt::MaybeApplied),
         Ok(other) => panic!("reply of the wrong kind: {other:?}"),
