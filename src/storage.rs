@@ -507,13 +507,13 @@ mod tests {
         Storage::open(dir).expect("reopen").1
     }
 
-    /// Writes raw key/values with sled directly, bypassing `Storage`'s checks.
-    /// Bypasses `Storage` to plant bad data in a store it created.
+    /// Writes raw key/values with sled directly, bypassing `Storage`'s
+    /// checks, to plant bad data in a store it created.
     fn write_raw(dir: &Path, pairs: &[(Vec<u8>, Vec<u8>)]) {
         if !dir.join("db").exists() {
             drop(Storage::open(dir).unwrap());
         }
-        let db = sled::open(dir).unwrap();
+        let db = open_sled(dir).unwrap();
         for (k, v) in pairs {
             db.insert(k.as_slice(), v.as_slice()).unwrap();
         }

@@ -651,7 +651,8 @@ impl Raft {
         let Some(pr) = self.progress.get_mut(&from) else { return };
         pr.recent_active = true;
         pr.inflight_since = None;
-        pr.read_acked = pr.read_acked.max(read_seq);
+        // A reply cannot acknowledge a read round that has not started.
+        pr.read_acked = pr.read_acked.max(read_seq.min(self.read_seq));
         match rejection {
             None => {
                 if pr.on_success(match_index.min(last)) {

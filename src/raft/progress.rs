@@ -52,7 +52,8 @@ impl Progress {
     /// entries it acknowledged (its state dir was wiped), so what we knew is
     /// forgotten and it is caught up from its own hint. Returns true then.
     pub fn on_reject(&mut self, prev_log_index: Index, next: Index) -> bool {
-        if prev_log_index + 1 != self.next {
+        // `next` is at least 1; a peer's index may be anything.
+        if prev_log_index != self.next - 1 {
             return false;
         }
         let lost_state = prev_log_index != 0 && prev_log_index == self.matched;
@@ -85,6 +86,7 @@ mod tests {
         assert!(!pr.on_reject(8, 3));
         assert_eq!(pr.next, 7);
         assert!(!pr.on_reject(8, 9), "stale: answers an older request");
+        assert!(!pr.on_reject(u64::MAX, 9), "found by fuzzing: no overflow");
         assert_eq!(pr.next, 7);
     }
 

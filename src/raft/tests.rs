@@ -793,6 +793,21 @@ fn isolated_leader_never_confirms_a_read_and_fails_it_on_step_down() {
 }
 
 #[test]
+fn a_reply_cannot_acknowledge_read_rounds_not_yet_started() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let term = c.raft(leader).soft_state().term;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    c.isolate(leader);
+    // A buggy follower claims to have seen every read round there will ever be.
+    c.raft_mut(leader).step(ack(follower, leader, term, 0, u64::MAX));
+    c.raft_mut(leader).read_index(9).unwrap();
+    c.process(leader);
+    assert!(c.nodes[&leader].reads.is_empty(), "confirmed without a round that reached a majority");
+}
+
+#[test]
 fn read_waits_for_the_new_leader_to_commit_in_its_term() {
     let mut r = node_from(no_pre_vote(1, 3), HardState { term: 1, vote: None, commit: 0 }, vec![entry(1, 1)]);
     tick_until_candidate(&mut r);

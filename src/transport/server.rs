@@ -17,6 +17,9 @@ use crate::raft::NodeId;
 /// flood of requests cannot hold back replies (reply latency is commit latency).
 const BATCH: usize = 64;
 
+/// How long the last replies may take to leave once the transport stops.
+const LAST_REPLIES_LINGER_MS: i32 = 100;
+
 pub(super) struct Server {
     pub(super) router: zmq::Socket,
     /// Woken by `Transport::send` after queueing a reply, and on shutdown.
@@ -62,6 +65,14 @@ impl Server {
                     }
                 }
             }
+        }
+        // Replies the core gave before stopping still leave (a vote granted,
+        // an acknowledgement): a peer waiting on one would otherwise time out.
+        for (to, payload) in self.replies.try_iter() {
+            self.send_reply(&mut pending, to, payload);
+        }
+        if let Err(e) = self.router.set_linger(LAST_REPLIES_LINGER_MS) {
+            debug!("cannot let the last replies drain: {e}");
         }
     }
 
