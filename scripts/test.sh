@@ -5,12 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release
+# The `ci` profile: optimised, with debug assertions and overflow checks.
 # Integration tests run whole clusters; three at a time suits a 2-core box.
-cargo test --release -- --test-threads=3
+cargo test --profile ci -- --test-threads=3
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
-RAFT_ZMQ_BIN="$PWD/target/release/raft-zmq" .venv/bin/python -m pytest -q tests/python
+RAFT_ZMQ_BIN="$PWD/target/ci/raft-zmq" .venv/bin/python -m pytest -q tests/python

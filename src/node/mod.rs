@@ -130,6 +130,17 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         )
         .into());
     }
+    if recovered.hard_state.term > raft::message::MAX_TERM {
+        // Only a forged or buggy message before peer messages were validated
+        // could have put it there; no peer would accept this node's messages.
+        return Err(format!(
+            "the state dir holds term {}, above the maximum {}: it was corrupted by a forged message; \
+             rebuild this node from its peers (move state/{id}/ and its logs/{id}.txt away)",
+            recovered.hard_state.term,
+            raft::message::MAX_TERM
+        )
+        .into());
+    }
     // Entries in the mirror were applied, hence committed; the persisted
     // commit index may lag behind them (it is written lazily).
     let hard_state = HardState { commit: recovered.hard_state.commit.max(mirror.last_index()), ..recovered.hard_state };

@@ -337,6 +337,7 @@ impl Raft {
 
     /// Collects everything the shell must do now; see [`Ready`] for the order.
     pub fn ready(&mut self) -> Ready {
+        self.debug_check_invariants();
         if self.role == Role::Leader {
             self.send_appends();
         }
@@ -773,6 +774,20 @@ impl Raft {
     }
 
     // ----- helpers --------------------------------------------------------
+
+    /// What must hold between any two inputs. Checked with debug assertions,
+    /// which the test suite's `ci` profile turns on and releases leave off.
+    fn debug_check_invariants(&self) {
+        let last = self.log.last_index();
+        debug_assert!(self.log.committed() <= last, "commit {} past the last entry {last}", self.log.committed());
+        debug_assert!(self.term >= self.last_hard_state.term, "the term went back");
+        debug_assert_eq!(self.role == Role::Leader, self.leader == Some(self.cfg.id), "leader but not leading");
+        debug_assert!(
+            self.progress.values().all(|pr| pr.matched < pr.next && pr.next <= last + 1),
+            "progress out of bounds: {:?} (last {last})",
+            self.progress
+        );
+    }
 
     fn require_leader(&self) -> Result<(), NotLeader> {
         match self.role {
