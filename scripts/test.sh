@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/need-libzmq.sh
 cargo build --release
 # Integration tests run whole clusters; three at a time suits a 2-core box.
 cargo test --release -- --test-threads=3
