@@ -23,6 +23,7 @@ use super::replies::{Replier, ReplyTo, not_leader};
 use crate::config::Member;
 use crate::protocol::{ErrorCode, Reply, Request, decode_request};
 use crate::raft::NodeId;
+use crate::security::{Domain, NodeSecurity};
 
 /// Frames above this are dropped by ZeroMQ itself; up to it, an oversized
 /// request gets a `too_large` reply (CONTRACT.md).
@@ -34,6 +35,8 @@ pub struct EndpointConfig {
     pub max_request_bytes: usize,
     /// How long a forwarded request may wait for the leader's reply.
     pub forward_timeout: Duration,
+    /// Plaintext, or CURVE for clients and for forwarding to the leader.
+    pub security: Arc<NodeSecurity>,
 }
 
 /// How long replies still queued at shutdown may take to leave.
@@ -64,6 +67,7 @@ impl ClientEndpoint {
         let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
         router.set_linger(0).map_err(|e| e.to_string())?;
         router.set_maxmsgsize(MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
+        cfg.security.server(&router, Domain::Client).map_err(|e| e.to_string())?;
         router.bind(&me.client).map_err(|e| format!("cannot bind client endpoint {}: {e}", me.client))?;
         let replies = ctx.socket(zmq::PULL).map_err(|e| e.to_string())?;
         replies.set_linger(0).map_err(|e| e.to_string())?;
@@ -217,6 +221,7 @@ impl ClientEndpoint {
         let dealer = match self.ctx.socket(zmq::DEALER).and_then(|s| {
             s.set_linger(0)?;
             s.set_maxmsgsize(MAX_FRAME_BYTES)?;
+            self.cfg.security.client(&s, leader)?;
             s.connect(&member.client)?;
             Ok(s)
         }) {

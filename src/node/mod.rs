@@ -26,6 +26,7 @@ use log::{info, warn};
 use crate::config::{Config, Member};
 use crate::mirror::Mirror;
 use crate::raft::{self, HardState, NodeId, Raft};
+use crate::security::NodeSecurity;
 use crate::storage::Storage;
 use crate::transport::{Transport, TransportConfig, cluster_id};
 use applier::Applier;
@@ -83,8 +84,11 @@ const MEMBERSHIP_META: &str = "membership";
 /// Runs node `id` until SIGINT/SIGTERM. `routes` (from `--peer`) reach some
 /// peers at another endpoint than their `raft` one; see `peer_endpoints`.
 pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(), Box<dyn Error>> {
+    // Before the state dir is touched: a node without its key must not start.
+    let security = Arc::new(NodeSecurity::load(config, id)?);
     let (mut storage, recovered) = Storage::open(&config.node_state_dir(id))?;
     let members = settle_membership(&mut storage, config)?;
+    security.check_members(&members)?;
     let me =
         members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
     let mirror = Mirror::open(&config.node_log_path(id))?;
@@ -111,6 +115,9 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let raft = Raft::new(core_config, hard_state, recovered.entries);
 
     let ctx = zmq::Context::new();
+    // Declared before the sockets' owners so that it is dropped after them:
+    // with no ZAP handler bound, libzmq would let any CURVE key in.
+    let _authenticator = security.authenticate(&ctx)?;
     let (peer_tx, peer_rx) = unbounded();
     let peers = peer_endpoints(&members, id, routes)?;
     let cluster = cluster_id(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
@@ -123,6 +130,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
             peers,
             reply_timeout,
             max_message_bytes: (config.max_request_bytes as i64) * 2 + (16 << 20),
+            security: Arc::clone(&security),
         },
         peer_tx,
     )?;
@@ -135,6 +143,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
             members: members.clone(),
             max_request_bytes: config.max_request_bytes,
             forward_timeout: Duration::from_millis(config.request_timeout_ms + 1000),
+            security,
         },
         &replies_endpoint,
     )?;

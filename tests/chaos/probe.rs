@@ -22,6 +22,7 @@
 use std::thread;
 use std::time::Instant;
 
+use crate::common::Endpoint;
 use crate::register::Input;
 use crate::workload::{BACKOFF, History, RETRY_WINDOW, Session};
 
@@ -40,7 +41,7 @@ pub struct Probe {
 impl Probe {
     /// One probe of each kind, with client ids from `first_id` on, connected
     /// to every node.
-    pub fn each_kind(first_id: usize, endpoints: &[String], seed: u64, t0: Instant) -> Vec<Probe> {
+    pub fn each_kind(first_id: usize, endpoints: &[Endpoint], seed: u64, t0: Instant) -> Vec<Probe> {
         let probe = |(kind, id)| {
             let mut session = Session::new(id, endpoints, seed, t0);
             session.connect();
