@@ -350,7 +350,7 @@ fn a_node_without_its_own_secret_key_does_not_start() {
             None => fs::remove_file(&key_path).unwrap(),
         }
         let exited = cluster.run_node_to_exit(0);
-        assert!(!exited.status.success(), "{case}: started");
+        assert_eq!(exited.status.code(), Some(1), "{case}: {}", exited.stderr);
         let error = exited.stderr.lines().find(|l| l.starts_with("raft-zmq: ")).unwrap_or_default();
         assert!(error.contains(path(&key_path)) && error.contains(problem), "{case}: {error:?}\n{}", exited.stderr);
         assert!(!cluster.state_dir(0).exists(), "{case}: state was created");
