@@ -499,6 +499,25 @@ mod tests {
         assert!(!dir.path().join("a/b/node0.key").exists(), "no half pair written");
     }
 
+    #[test]
+    fn a_node_connects_only_to_members_with_keys() {
+        let identity = CurveIdentity::generate().unwrap();
+        let nodes = BTreeMap::from([(0, identity.public), (1, CurveIdentity::generate().unwrap().public)]);
+        let security = NodeSecurity::Curve(NodeKeys { identity, nodes, clients: None });
+        let member = |id| Member { id, raft: format!("tcp://127.0.0.1:{}", 7000 + id), client: String::new() };
+        assert_eq!(security.check_members(&[member(0), member(1)]), Ok(()));
+        assert_eq!(
+            security.check_members(&[member(0), member(2)]),
+            Err("node 2 is a member but the config gives it no public_key".into())
+        );
+        assert_eq!(NodeSecurity::Plain.check_members(&[member(2)]), Ok(()));
+
+        let socket = zmq::Context::new().socket(zmq::REQ).unwrap();
+        assert_eq!(security.client(&socket, 2), Err(zmq::Error::EINVAL));
+        security.client(&socket, 1).unwrap();
+        assert_eq!(socket.get_mechanism().unwrap(), zmq::Mechanism::ZMQ_CURVE);
+    }
+
     fn zap_request(domain: &str, key: &[u8]) -> Vec<Vec<u8>> {
         [&b"1.0"[..], b"7", domain.as_bytes(), b"127.0.0.1", b"", b"CURVE", key].iter().map(|f| f.to_vec()).collect()
     }
