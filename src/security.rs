@@ -267,10 +267,15 @@ impl NodeSecurity {
         let path = config.node_key_path(id);
         let configured = curve.node_keys.get(&id).ok_or_else(|| format!("node {id} has no public_key"))?;
         let identity = CurveIdentity::load(&path).map_err(|e| {
+            let name = path.with_extension("");
             let hint = if path.exists() {
                 String::new()
             } else {
-                format!(" (create it with `raft-zmq keygen {}`)", path.with_extension("").display())
+                format!(
+                    " (make a pair with `raft-zmq keygen {}` and put {}.pub in the config as node {id}'s public_key)",
+                    name.display(),
+                    name.display()
+                )
             };
             format!("{e}{hint}")
         })?;
