@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/need-libzmq.sh
 echo "== building (release)"
 cargo build --release --quiet
 BIN=target/release/raft-zmq

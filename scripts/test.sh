@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/need-libzmq.sh
 # The `ci` profile: optimised, with debug assertions and overflow checks.
 # Integration tests run whole clusters; three at a time suits a 2-core box.
 cargo test --profile ci -- --test-threads=3

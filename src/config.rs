@@ -5,13 +5,14 @@
 //! start-up with one line naming the file and the problem, instead of
 //! surfacing later as a cluster that never elects a leader.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::raft::NodeId;
+use crate::security::PublicKey;
 
 /// Frames beyond this size may be dropped unread (CONTRACT.md `too_large`),
 /// so a larger limit could never be honoured.
@@ -26,6 +27,28 @@ pub struct Member {
     pub raft: String,
     /// Endpoint external clients use.
     pub client: String,
+}
+
+/// One entry of `nodes` as written: a [`Member`] and its CURVE key. The key
+/// is not part of the membership a node records, so that adding keys to a
+/// running cluster's config takes effect.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
+    id: NodeId,
+    raft: String,
+    client: String,
+    #[serde(default)]
+    public_key: Option<String>,
+}
+
+/// CURVE settings: present when every node has a `public_key`.
+#[derive(Clone, Debug)]
+pub struct CurveConfig {
+    pub node_keys: BTreeMap<NodeId, PublicKey>,
+    /// The clients a client endpoint lets in besides the nodes; `None`: any
+    /// CURVE client.
+    pub client_keys: Option<Vec<PublicKey>>,
 }
 
 /// A validated `config.json`.
@@ -49,6 +72,11 @@ pub struct Config {
     /// it the node raises the `nospace` alarm and stops taking new entries
     /// until space returns (see `node::disk`).
     pub disk_reserve_bytes: u64,
+    /// Where node N finds its secret key `N.key`; already resolved against
+    /// the config file's folder.
+    pub keys_dir: PathBuf,
+    /// `None`: no keys, plaintext.
+    pub curve: Option<CurveConfig>,
 }
 
 /// Why a config could not be used. Displays as one line, `<path>: <problem>`,
@@ -83,7 +111,7 @@ impl std::error::Error for ConfigError {}
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    nodes: Vec<Member>,
+    nodes: Vec<RawMember>,
     #[serde(default = "defaults::election_timeout_ms")]
     election_timeout_ms: (u64, u64),
     #[serde(default = "defaults::heartbeat_ms")]
@@ -97,6 +125,10 @@ struct RawConfig {
     #[serde(default = "defaults::logs_dir")]
     logs_dir: PathBuf,
     disk_reserve_bytes: Option<u64>,
+    #[serde(default = "defaults::keys_dir")]
+    keys_dir: PathBuf,
+    #[serde(default)]
+    client_keys: Option<Vec<String>>,
 }
 
 mod defaults {
@@ -120,6 +152,9 @@ mod defaults {
     pub fn logs_dir() -> PathBuf {
         PathBuf::from("logs")
     }
+    pub fn keys_dir() -> PathBuf {
+        PathBuf::from("keys")
+    }
 }
 
 impl Config {
@@ -131,10 +166,11 @@ impl Config {
             ConfigError::new(path, problem)
         })?;
         validate(&raw).map_err(|problem| ConfigError::new(path, problem))?;
+        let curve = curve_config(&raw).map_err(|problem| ConfigError::new(path, problem))?;
         let folder = path.parent().unwrap_or(Path::new(""));
         Ok(Config {
             path: path.to_path_buf(),
-            nodes: raw.nodes,
+            nodes: raw.nodes.into_iter().map(|n| Member { id: n.id, raft: n.raft, client: n.client }).collect(),
             election_timeout_ms: raw.election_timeout_ms,
             heartbeat_ms: raw.heartbeat_ms,
             max_request_bytes: raw.max_request_bytes,
@@ -144,6 +180,8 @@ impl Config {
             logs_dir: folder.join(raw.logs_dir),
             // Room for a few of the largest appends besides sled's own overhead.
             disk_reserve_bytes: raw.disk_reserve_bytes.unwrap_or((32 << 20).max(4 * raw.max_request_bytes as u64)),
+            keys_dir: folder.join(raw.keys_dir),
+            curve,
         })
     }
 
@@ -168,6 +206,16 @@ impl Config {
     /// `logs/<id>.txt`: the human-readable mirror of the committed log.
     pub fn node_log_path(&self, id: NodeId) -> PathBuf {
         self.logs_dir.join(format!("{id}.txt"))
+    }
+
+    /// `keys/<id>.key`: the node's CURVE secret key.
+    pub fn node_key_path(&self, id: NodeId) -> PathBuf {
+        self.keys_dir.join(format!("{id}.key"))
+    }
+
+    /// Node `id`'s CURVE public key, if the config has keys.
+    pub fn node_key(&self, id: NodeId) -> Option<PublicKey> {
+        self.curve.as_ref()?.node_keys.get(&id).copied()
     }
 }
 
@@ -215,6 +263,43 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
         return Err("request_timeout_ms must be > 0".into());
     }
     Ok(())
+}
+
+/// The keys, checked: valid Z85, on every node or on none, no two nodes
+/// sharing one, and `client_keys` only with node keys.
+fn curve_config(raw: &RawConfig) -> Result<Option<CurveConfig>, String> {
+    let mut node_keys = BTreeMap::new();
+    for node in &raw.nodes {
+        let Some(text) = &node.public_key else { continue };
+        let key = PublicKey::parse(text).map_err(|why| format!("node {} public_key {text:?}: {why}", node.id))?;
+        if let Some((other, _)) = node_keys.iter().find(|(_, k)| **k == key) {
+            return Err(format!("nodes {other} and {} have the same public_key", node.id));
+        }
+        node_keys.insert(node.id, key);
+    }
+    let Some(&keyed) = node_keys.keys().next() else {
+        return match raw.client_keys {
+            Some(_) => Err("client_keys needs a public_key on every node".into()),
+            None => Ok(None),
+        };
+    };
+    if let Some(node) = raw.nodes.iter().find(|n| n.public_key.is_none()) {
+        return Err(format!(
+            "node {} has no public_key but node {keyed} has one: give every node a public_key, or none",
+            node.id
+        ));
+    }
+    let client_keys = raw
+        .client_keys
+        .as_ref()
+        .map(|keys| {
+            let parse = |(i, text): (usize, &String)| {
+                PublicKey::parse(text).map_err(|why| format!("client_keys[{i}] {text:?}: {why}"))
+            };
+            keys.iter().enumerate().map(parse).collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    Ok(Some(CurveConfig { node_keys, client_keys }))
 }
 
 /// Accepts `tcp://host:port` with a non-empty host and a port in 1..=65535
@@ -413,6 +498,74 @@ mod tests {
         );
         let (_dir, result) = load(&format!(r#"{{{NODES}, "max_request_bytes": 67108864}}"#));
         assert_eq!(result.unwrap().max_request_bytes, MAX_REQUEST_BYTES_LIMIT);
+    }
+
+    const KEY_A: &str = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID";
+    const KEY_B: &str = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7";
+    const KEY_C: &str = "5FkP!5FkP!5FkP!5FkP!5FkP!5FkP!5FkP!5FkP!";
+
+    /// Two nodes with these public keys (`None`: no key), then `extra`.
+    fn keyed(keys: [Option<&str>; 2], extra: &str) -> String {
+        let nodes: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(id, key)| {
+                let key = key.map_or(String::new(), |k| format!(r#", "public_key": "{k}""#));
+                format!(r#"{{"id": {id}, "raft": "tcp://a:{}", "client": "tcp://b:{}"{key}}}"#, id + 1, id + 1)
+            })
+            .collect();
+        format!(r#"{{"nodes": [{}]{extra}}}"#, nodes.join(", "))
+    }
+
+    fn keys_problem(keys: [Option<&str>; 2], extra: &str) -> String {
+        let (_dir, result) = load(&keyed(keys, extra));
+        result.expect_err("config should be rejected").problem().to_string()
+    }
+
+    #[test]
+    fn keys_on_every_node_turn_curve_on() {
+        let (dir, result) = load(&keyed([Some(KEY_A), Some(KEY_B)], &format!(r#", "client_keys": ["{KEY_C}"]"#)));
+        let config = result.unwrap();
+        let curve = config.curve.as_ref().expect("keys on every node");
+        assert_eq!(curve.node_keys.values().map(|k| k.to_string()).collect::<Vec<_>>(), [KEY_A, KEY_B]);
+        assert_eq!(config.node_key(1), Some(PublicKey::parse(KEY_B).unwrap()));
+        assert_eq!(curve.client_keys, Some(vec![PublicKey::parse(KEY_C).unwrap()]));
+        assert_eq!(config.node_key_path(1), dir.path().join("keys").join("1.key"));
+        assert_eq!(config.nodes[0], Member { id: 0, raft: "tcp://a:1".into(), client: "tcp://b:1".into() });
+
+        let (dir, result) = load(&keyed([Some(KEY_A), Some(KEY_B)], r#", "keys_dir": "secrets""#));
+        let config = result.unwrap();
+        assert_eq!(config.curve.as_ref().unwrap().client_keys, None, "any client");
+        assert_eq!(config.node_key_path(0), dir.path().join("secrets").join("0.key"));
+
+        let (_dir, result) = load(&keyed([None, None], ""));
+        let config = result.unwrap();
+        assert!(config.curve.is_none() && config.node_key(0).is_none(), "no keys: plaintext");
+    }
+
+    #[test]
+    fn keys_must_be_valid_distinct_and_on_every_node() {
+        assert_eq!(
+            keys_problem([Some(KEY_A), None], ""),
+            "node 1 has no public_key but node 0 has one: give every node a public_key, or none"
+        );
+        assert_eq!(
+            keys_problem([None, Some(KEY_A)], ""),
+            "node 0 has no public_key but node 1 has one: give every node a public_key, or none"
+        );
+        assert_eq!(
+            keys_problem([Some(KEY_A), Some("abc")], ""),
+            r#"node 1 public_key "abc": must be 40 Z85 characters, not 3"#
+        );
+        assert_eq!(keys_problem([Some(KEY_A), Some(KEY_A)], ""), "nodes 0 and 1 have the same public_key");
+        assert_eq!(
+            keys_problem([None, None], &format!(r#", "client_keys": ["{KEY_C}"]"#)),
+            "client_keys needs a public_key on every node"
+        );
+        assert_eq!(
+            keys_problem([Some(KEY_A), Some(KEY_B)], &format!(r#", "client_keys": ["{KEY_C}", "{KEY_C} "]"#)),
+            format!(r#"client_keys[1] "{KEY_C} ": contains a character outside the Z85 alphabet"#)
+        );
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! `raft` is the pure consensus core (no I/O). Everything else is the shell
 //! around it: `config`, `storage` (sled), `transport` (ZeroMQ peers), `kv`
-//! (the replicated state machine), `sessions` (its exactly-once table), `mirror` (`logs/<id>.txt`), `protocol`
-//! (the client wire format), `node` (threads wiring it all together) and
-//! `tools` (the cluster supervisor, CLI client and benchmark).
+//! (the replicated state machine), `sessions` (its exactly-once table), `mirror`
+//! (`logs/<id>.txt`), `protocol` (the client wire format), `security` (CURVE
+//! keys and socket setup), `node` (threads wiring it all together) and `tools`
+//! (the cluster supervisor, CLI client and benchmark).
 
 pub mod config;
 pub mod kv;
@@ -12,6 +13,7 @@ pub mod mirror;
 pub mod node;
 pub mod protocol;
 pub mod raft;
+pub mod security;
 pub mod sessions;
 pub mod storage;
 #[doc(hidden)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use raft_zmq::config::Config;
 use raft_zmq::node;
+use raft_zmq::security::{ClientCurve, CurveIdentity};
 use raft_zmq::tools::{bench, client, cluster};
 
 #[derive(Parser)]
@@ -54,11 +55,19 @@ enum Tool {
         /// Sequence number of this write within the session.
         #[arg(long, requires = "client_id")]
         seq: Option<u64>,
+        #[command(flatten)]
+        curve: client::CurveArgs,
         #[command(subcommand)]
         op: client::Op,
     },
     /// Measure acknowledged-put throughput and latency against a running cluster.
     Bench(bench::BenchArgs),
+    /// Write a new CURVE key pair, NAME.key (secret, mode 0600) and NAME.pub,
+    /// and print the public key.
+    Keygen {
+        /// Where the two files go, e.g. keys/0 for keys/0.key and keys/0.pub.
+        name: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,9 +76,22 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.tool, Some(Tool::Client { .. } | Tool::Bench(_))) { "warn" } else { "info" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
 
+    if let Some(Tool::Keygen { name }) = &cli.tool {
+        return match CurveIdentity::write_new(name) {
+            Ok(identity) => {
+                println!("{}", identity.public());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, &e),
+        };
+    }
     // A client given an endpoint needs no config file.
-    if let Some(Tool::Client { endpoint: Some(endpoint), timeout_ms, client_id, seq, op, .. }) = cli.tool {
-        return run_client(&endpoint, Duration::from_millis(timeout_ms), op.into_request(client_id, seq));
+    if let Some(Tool::Client { endpoint: Some(endpoint), timeout_ms, client_id, seq, curve, op, .. }) = cli.tool {
+        let curve = match curve.load(false) {
+            Ok(keys) => keys.towards(None),
+            Err(e) => return fail(2, &e),
+        };
+        return run_client(&endpoint, curve, Duration::from_millis(timeout_ms), op.into_request(client_id, seq));
     }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -85,16 +107,22 @@ fn main() -> ExitCode {
         }
         Some(Tool::Cluster) => cluster::run(&cli.config, &config).map_err(|e| e.to_string()),
         Some(Tool::Bench(args)) => bench::run(&config, &args).map_err(|e| e.to_string()),
-        Some(Tool::Client { node, timeout_ms, client_id, seq, op, .. }) => {
-            let endpoint = match node {
+        Some(Tool::Client { node, timeout_ms, client_id, seq, curve, op, .. }) => {
+            let member = match node {
                 Some(id) => match config.require_member(id) {
-                    Ok(member) => member.client.clone(),
+                    Ok(member) => member,
                     Err(e) => return fail(2, &e),
                 },
-                None => config.nodes[0].client.clone(),
+                None => &config.nodes[0],
             };
-            return run_client(&endpoint, Duration::from_millis(timeout_ms), op.into_request(client_id, seq));
+            let curve = match curve.load(config.curve.is_some()) {
+                Ok(keys) => keys.towards(config.node_key(member.id)),
+                Err(e) => return fail(2, &e),
+            };
+            let request = op.into_request(client_id, seq);
+            return run_client(&member.client, curve, Duration::from_millis(timeout_ms), request);
         }
+        Some(Tool::Keygen { .. }) => unreachable!("handled before the config is read"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,8 +138,13 @@ fn parse_route(route: &str) -> Result<(u64, String), String> {
 
 /// Prints the reply as JSON; exit status 0 for `ok: true`, 1 for an error
 /// reply, 3 when no reply came.
-fn run_client(endpoint: &str, timeout: Duration, request: raft_zmq::protocol::Request) -> ExitCode {
-    let mut client = client::Client::new(&zmq::Context::new(), endpoint, timeout);
+fn run_client(
+    endpoint: &str,
+    curve: Option<ClientCurve>,
+    timeout: Duration,
+    request: raft_zmq::protocol::Request,
+) -> ExitCode {
+    let mut client = client::Client::new(&zmq::Context::new(), endpoint, timeout).with_curve(curve);
     match client.call_raw(&raft_zmq::protocol::encode_request(&request)) {
         Ok(frame) => {
             println!("{}", client::reply_to_json(&frame));

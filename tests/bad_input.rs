@@ -436,6 +436,14 @@ fn node_json(id: u64) -> String {
     format!(r#"{{"id": {id}, "raft": "tcp://127.0.0.1:{}", "client": "tcp://127.0.0.1:{}"}}"#, free_port(), free_port())
 }
 
+/// A valid Z85 public key (libzmq's zmq_curve(7) example).
+const KEY: &str = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID";
+
+/// A node entry from [`node_json`] with a `public_key`.
+fn keyed(node: &str, key: &str) -> String {
+    format!(r#"{}, "public_key": "{key}"}}"#, node.strip_suffix('}').unwrap())
+}
+
 fn assert_config_rejected(dir: &Path, case: &str, config_path: &Path, node_id: &str) {
     let exited = run_to_exit(["--node-id".as_ref(), node_id.as_ref(), "--config".as_ref(), config_path.as_os_str()]);
     let path = config_path.display().to_string();
@@ -489,6 +497,13 @@ fn bad_configs_exit_2_with_one_line_naming_the_file() {
         (
             "heartbeat > election min",
             Some(format!(r#"{{"nodes": {nodes}, "election_timeout_ms": [300, 600], "heartbeat_ms": 400}}"#)),
+            "0",
+        ),
+        ("public_key on some nodes only", Some(format!(r#"{{"nodes": [{}, {b}, {c}]}}"#, keyed(&a, KEY))), "1"),
+        ("malformed public_key", Some(format!(r#"{{"nodes": [{}]}}"#, keyed(&a, "not-a-z85-key"))), "0"),
+        (
+            "malformed client key",
+            Some(format!(r#"{{"nodes": [{}], "client_keys": ["{}"]}}"#, keyed(&a, KEY), &KEY[1..])),
             "0",
         ),
     ];

@@ -23,6 +23,7 @@ use super::replies::{Replier, ReplyTo, not_leader};
 use crate::config::Member;
 use crate::protocol::{ErrorCode, Reply, Request, decode_request};
 use crate::raft::NodeId;
+use crate::security::{Domain, NodeSecurity};
 
 /// Frames above this are dropped by ZeroMQ itself; up to it, an oversized
 /// request gets a `too_large` reply (CONTRACT.md).
@@ -36,6 +37,8 @@ pub struct EndpointConfig {
     pub forward_timeout: Duration,
     /// Bytes of requests that may wait for the core loop; beyond, `busy`.
     pub max_queued_bytes: usize,
+    /// Plaintext, or CURVE for clients and for forwarding to the leader.
+    pub security: Arc<NodeSecurity>,
 }
 
 /// Messages a socket queues per peer before it drops (ROUTER) or refuses
@@ -74,6 +77,7 @@ impl ClientEndpoint {
         router.set_maxmsgsize(MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
         router.set_sndhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
         router.set_rcvhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
+        cfg.security.server(&router, Domain::Client).map_err(|e| e.to_string())?;
         router.bind(&me.client).map_err(|e| format!("cannot bind client endpoint {}: {e}", me.client))?;
         let replies = ctx.socket(zmq::PULL).map_err(|e| e.to_string())?;
         replies.set_linger(0).map_err(|e| e.to_string())?;
@@ -246,6 +250,7 @@ impl ClientEndpoint {
             s.set_maxmsgsize(MAX_FRAME_BYTES)?;
             s.set_sndhwm(QUEUE_HWM)?;
             s.set_rcvhwm(QUEUE_HWM)?;
+            self.cfg.security.client(&s, leader)?;
             s.connect(&member.client)?;
             Ok(s)
         }) {

@@ -30,6 +30,7 @@ use crate::config::{Config, Member};
 use crate::kv::KvStore;
 use crate::mirror::Mirror;
 use crate::raft::{self, HardState, Index, NodeId, Raft};
+use crate::security::NodeSecurity;
 use crate::storage::Storage;
 use crate::transport::{Transport, TransportConfig, cluster_id};
 pub use log_reader::LOG_REPLY_MAX_BYTES;
@@ -114,8 +115,11 @@ const MEMBERSHIP_META: &str = "membership";
 /// Runs node `id` until SIGINT/SIGTERM. `routes` (from `--peer`) reach some
 /// peers at another endpoint than their `raft` one; see `peer_endpoints`.
 pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(), Box<dyn Error>> {
+    // Before the state dir is touched: a node without its key must not start.
+    let security = Arc::new(NodeSecurity::load(config, id)?);
     let (mut storage, recovered) = Storage::open(&config.node_state_dir(id))?;
     let members = settle_membership(&mut storage, config)?;
+    security.check_members(&members)?;
     let me =
         members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
     let mirror = Mirror::open(&config.node_log_path(id))?;
@@ -153,6 +157,9 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let raft = Raft::new(core_config, hard_state, recovered.entries);
 
     let ctx = zmq::Context::new();
+    // Declared before the sockets' owners so that it is dropped after them:
+    // with no ZAP handler bound, libzmq would let any CURVE key in.
+    let _authenticator = security.authenticate(&ctx)?;
     let (peer_tx, peer_rx) = bounded(PEER_QUEUE_LEN);
     let peers = peer_endpoints(&members, id, routes)?;
     let cluster = cluster_id(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
@@ -165,6 +172,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
             peers,
             reply_timeout,
             max_message_bytes: (config.max_request_bytes as i64) * 2 + (16 << 20),
+            security: Arc::clone(&security),
         },
         peer_tx,
     )?;
@@ -178,6 +186,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
             max_request_bytes: config.max_request_bytes,
             forward_timeout: Duration::from_millis(config.request_timeout_ms + 1000),
             max_queued_bytes: CLIENT_QUEUE_BYTES,
+            security,
         },
         &replies_endpoint,
     )?;

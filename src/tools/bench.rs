@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::client::Client;
-use crate::config::Config;
+use super::client::{Client, ClientKeys, CurveArgs};
+use crate::config::{Config, Member};
 use crate::kv::{Command, Value};
 use crate::protocol::{Reply, Request};
 
@@ -29,6 +29,8 @@ pub struct BenchArgs {
     /// Client endpoint to send to (default: the current leader's).
     #[arg(long)]
     pub endpoint: Option<String>,
+    #[command(flatten)]
+    pub curve: CurveArgs,
 }
 
 struct ClientResult {
@@ -38,10 +40,14 @@ struct ClientResult {
 
 pub fn run(config: &Config, args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let ctx = zmq::Context::new();
+    let keys = args.curve.load(config.curve.is_some())?;
     let endpoint = match &args.endpoint {
         Some(endpoint) => endpoint.clone(),
-        None => find_leader_endpoint(&ctx, config, Duration::from_secs(15))?,
+        None => find_leader(&ctx, config, &keys, Duration::from_secs(15))?.client.clone(),
     };
+    // The node behind the endpoint, for its public key.
+    let node = config.nodes.iter().find(|m| m.client == endpoint);
+    let curve = keys.towards(node.and_then(|m| config.node_key(m.id)));
     println!(
         "bench: {} clients, {:.1}s, {} keys, {}-byte values, against {endpoint}",
         args.clients, args.duration, args.keys, args.value_size
@@ -50,9 +56,9 @@ pub fn run(config: &Config, args: &BenchArgs) -> Result<(), Box<dyn std::error::
     let started = Instant::now();
     let workers: Vec<_> = (0..args.clients)
         .map(|i| {
-            let (ctx, endpoint) = (ctx.clone(), endpoint.clone());
+            let client = Client::new(&ctx, &endpoint, Duration::from_secs(5)).with_curve(curve.clone());
             let (keys, value_size) = (args.keys.max(1), args.value_size);
-            thread::spawn(move || run_client(&ctx, &endpoint, i as u64, keys, value_size, deadline))
+            thread::spawn(move || run_client(client, i as u64, keys, value_size, deadline))
         })
         .collect();
     let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -80,15 +86,7 @@ pub fn run(config: &Config, args: &BenchArgs) -> Result<(), Box<dyn std::error::
     Ok(())
 }
 
-fn run_client(
-    ctx: &zmq::Context,
-    endpoint: &str,
-    id: u64,
-    keys: u64,
-    value_size: usize,
-    deadline: Instant,
-) -> ClientResult {
-    let mut client = Client::new(ctx, endpoint, Duration::from_secs(5));
+fn run_client(mut client: Client, id: u64, keys: u64, value_size: usize, deadline: Instant) -> ClientResult {
     let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
     let mut errors = 0;
     let mut rng = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -115,16 +113,23 @@ fn run_client(
 }
 
 /// Asks every node for its status until one reports itself leader.
-pub fn find_leader_endpoint(ctx: &zmq::Context, config: &Config, wait: Duration) -> Result<String, String> {
+fn find_leader<'a>(
+    ctx: &zmq::Context,
+    config: &'a Config,
+    keys: &ClientKeys,
+    wait: Duration,
+) -> Result<&'a Member, String> {
     let deadline = Instant::now() + wait;
-    let mut clients: Vec<Client> =
-        config.nodes.iter().map(|m| Client::new(ctx, &m.client, Duration::from_millis(500))).collect();
+    let client = |m: &Member| {
+        Client::new(ctx, &m.client, Duration::from_millis(500)).with_curve(keys.towards(config.node_key(m.id)))
+    };
+    let mut clients: Vec<(&Member, Client)> = config.nodes.iter().map(|m| (m, client(m))).collect();
     while Instant::now() < deadline {
-        for client in &mut clients {
+        for (member, client) in &mut clients {
             if let Ok(Reply::Status(status)) = client.call(&Request::Status)
                 && status.role == "leader"
             {
-                return Ok(client.endpoint().to_string());
+                return Ok(member);
             }
         }
         thread::sleep(Duration::from_millis(100));

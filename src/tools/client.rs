@@ -1,10 +1,12 @@
 //! A blocking client for the client protocol, and the `raft-zmq client`
 //! subcommand built on it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::kv::{Command, Value, bin_json};
 use crate::protocol::{Reply, Request, encode_request};
+use crate::security::{ClientCurve, CurveIdentity, PublicKey};
 
 /// One REQ socket to one node. A request that gets no reply in time leaves
 /// the socket unusable (REQ lockstep), so it is replaced before the next call.
@@ -12,6 +14,8 @@ pub struct Client {
     ctx: zmq::Context,
     endpoint: String,
     timeout: Duration,
+    /// `None`: plaintext.
+    curve: Option<ClientCurve>,
     socket: Option<zmq::Socket>,
 }
 
@@ -44,11 +48,12 @@ impl From<zmq::Error> for CallError {
 
 impl Client {
     pub fn new(ctx: &zmq::Context, endpoint: &str, timeout: Duration) -> Client {
-        Client { ctx: ctx.clone(), endpoint: endpoint.to_string(), timeout, socket: None }
+        Client { ctx: ctx.clone(), endpoint: endpoint.to_string(), timeout, curve: None, socket: None }
     }
 
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
+    /// Talks CURVE to the node when `curve` is given.
+    pub fn with_curve(self, curve: Option<ClientCurve>) -> Client {
+        Client { curve, ..self }
     }
 
     /// Sends one raw frame and returns the raw reply frame.
@@ -60,6 +65,9 @@ impl Client {
                 socket.set_linger(0)?;
                 socket.set_rcvtimeo(self.timeout.as_millis() as i32)?;
                 socket.set_sndtimeo(self.timeout.as_millis() as i32)?;
+                if let Some(curve) = &self.curve {
+                    curve.configure(&socket)?;
+                }
                 socket.connect(&self.endpoint)?;
                 socket
             }
@@ -78,6 +86,49 @@ impl Client {
     pub fn call(&mut self, request: &Request) -> Result<Reply, CallError> {
         let frame = self.call_raw(&encode_request(request))?;
         Reply::decode(&frame, request).map_err(CallError::BadReply)
+    }
+}
+
+/// The CURVE flags of `raft-zmq client` and `raft-zmq bench`.
+#[derive(Debug, clap::Args)]
+pub struct CurveArgs {
+    /// The node's CURVE public key: Z85 text or a .pub file (default: the
+    /// node's public_key in the config, if it has keys).
+    #[arg(long, value_name = "KEY")]
+    pub server_key: Option<String>,
+    /// This client's secret key file, from `raft-zmq keygen NAME` (default:
+    /// a new key pair for this run, which a cluster with client_keys refuses).
+    #[arg(long, value_name = "NAME.key")]
+    pub key: Option<PathBuf>,
+}
+
+impl CurveArgs {
+    /// Reads the keys the flags name. `config_has_keys`: whether the nodes
+    /// talk CURVE without a --server-key (their keys are in the config).
+    pub fn load(&self, config_has_keys: bool) -> Result<ClientKeys, String> {
+        let server_key = self.server_key.as_deref().map(PublicKey::from_text_or_file).transpose()?;
+        let identity = match (&self.key, server_key.is_some() || config_has_keys) {
+            (Some(path), true) => Some(CurveIdentity::load(path)?),
+            (Some(_), false) => return Err("--key needs --server-key, or a config whose nodes have public keys".into()),
+            (None, true) => Some(CurveIdentity::generate().map_err(|e| format!("cannot generate a key pair: {e}"))?),
+            (None, false) => None,
+        };
+        Ok(ClientKeys { identity, server_key })
+    }
+}
+
+/// A client tool's keys: plaintext, or CURVE with one key pair for every node.
+pub struct ClientKeys {
+    identity: Option<CurveIdentity>,
+    server_key: Option<PublicKey>,
+}
+
+impl ClientKeys {
+    /// How to reach a node whose configured public key is `configured`:
+    /// CURVE towards --server-key if given, else towards `configured`.
+    pub fn towards(&self, configured: Option<PublicKey>) -> Option<ClientCurve> {
+        let server = self.server_key.or(configured)?;
+        Some(ClientCurve { identity: self.identity.clone()?, server })
     }
 }
 
@@ -154,5 +205,33 @@ impl Op {
             Op::Status => Request::Status,
             Op::Log { from, limit } => Request::Log { from, limit },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(server_key: Option<String>, key: Option<PathBuf>) -> CurveArgs {
+        CurveArgs { server_key, key }
+    }
+
+    #[test]
+    fn curve_flags_choose_the_server_key_and_the_client_key_pair() {
+        let configured = CurveIdentity::generate().unwrap().public();
+        assert!(flags(None, None).load(false).unwrap().towards(None).is_none(), "no keys anywhere: plaintext");
+        let ephemeral = flags(None, None).load(true).unwrap().towards(Some(configured)).unwrap();
+        assert_eq!(ephemeral.server, configured, "the config's key by default");
+
+        let given = CurveIdentity::generate().unwrap().public();
+        let explicit = flags(Some(given.to_string()), None).load(false).unwrap();
+        assert_eq!(explicit.towards(Some(configured)).unwrap().server, given, "--server-key wins");
+
+        let dir = tempfile::tempdir().unwrap();
+        let mine = CurveIdentity::write_new(&dir.path().join("me")).unwrap();
+        let keyed = flags(None, Some(dir.path().join("me.key"))).load(true).unwrap();
+        assert_eq!(keyed.towards(Some(configured)).unwrap().identity.public(), mine.public());
+        let Err(error) = flags(None, Some(dir.path().join("me.key"))).load(false) else { panic!("--key alone") };
+        assert_eq!(error, "--key needs --server-key, or a config whose nodes have public keys");
     }
 }

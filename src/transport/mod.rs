@@ -32,6 +32,7 @@ use log::{debug, error, warn};
 pub use envelope::{Envelope, PROTOCOL_VERSION, Reject, Wire, cluster_id};
 
 use crate::raft::{Message, NodeId};
+use crate::security::{Domain, NodeSecurity};
 use peer::Link;
 use server::Server;
 
@@ -61,6 +62,8 @@ pub struct TransportConfig {
     pub reply_timeout: Duration,
     /// Largest frame sent or accepted (ZMQ_MAXMSGSIZE); negative = unlimited.
     pub max_message_bytes: i64,
+    /// Plaintext, or CURVE with the nodes' keys only.
+    pub security: Arc<NodeSecurity>,
 }
 
 #[derive(Debug)]
@@ -139,6 +142,7 @@ impl Transport {
         let router = ctx.socket(zmq::ROUTER)?;
         router.set_linger(0)?;
         router.set_maxmsgsize(cfg.max_message_bytes)?;
+        cfg.security.server(&router, Domain::Raft)?;
         router.bind(&cfg.bind).map_err(|source| TransportError::Bind { endpoint: cfg.bind.clone(), source })?;
 
         let wake_endpoint = format!("inproc://raft-transport-wake-{}", INSTANCE.fetch_add(1, Ordering::Relaxed));
@@ -172,7 +176,7 @@ impl Transport {
         transport.spawn("raft-server".into(), move || server.run())?;
 
         for (peer, endpoint) in peers {
-            let socket = peer::connect(ctx, &endpoint, cfg.max_message_bytes)
+            let socket = peer::connect(ctx, &endpoint, cfg.max_message_bytes, &cfg.security, peer)
                 .map_err(|source| TransportError::Connect { peer, endpoint: endpoint.clone(), source })?;
             let (queue_tx, queue) = crossbeam_channel::unbounded();
             transport.requests.insert(peer, queue_tx);
@@ -187,6 +191,7 @@ impl Transport {
                 stop: Arc::clone(&stop),
                 reply_timeout: cfg.reply_timeout,
                 max_message_bytes: cfg.max_message_bytes,
+                security: Arc::clone(&cfg.security),
             };
             transport.spawn(format!("raft-send-{peer}"), move || link.run())?;
         }
@@ -270,14 +275,14 @@ fn deliver(inbound: &Sender<Inbound>, item: Inbound, warnings: &mut Warnings) {
 /// Logs at most one warning per reason per second, so that a flood of bad
 /// frames cannot fill the disk; the next one says how many were suppressed.
 #[derive(Default)]
-struct Warnings {
+pub(crate) struct Warnings {
     last: HashMap<&'static str, (Instant, u64)>,
 }
 
 impl Warnings {
     const INTERVAL: Duration = Duration::from_secs(1);
 
-    fn warn(&mut self, reason: &'static str, detail: impl fmt::Display) {
+    pub(crate) fn warn(&mut self, reason: &'static str, detail: impl fmt::Display) {
         let now = Instant::now();
         let suppressed = match self.last.entry(reason) {
             Entry::Vacant(slot) => {
@@ -334,6 +339,7 @@ mod tests {
             peers: members.to_vec(),
             reply_timeout,
             max_message_bytes: 1 << 20,
+            security: Arc::new(NodeSecurity::Plain),
         };
         (Transport::start(ctx, cfg, tx).unwrap(), rx)
     }
@@ -536,6 +542,7 @@ mod tests {
             peers: vec![(1, free_endpoint())],
             reply_timeout: PATIENCE,
             max_message_bytes: -1,
+            security: Arc::new(NodeSecurity::Plain),
         };
         let error = Transport::start(&zmq::Context::new(), cfg, tx).err().unwrap();
         assert_eq!(error.to_string(), format!("cannot bind raft endpoint {endpoint}: Address already in use"));

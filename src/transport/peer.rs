@@ -11,14 +11,22 @@ use log::{debug, info};
 use super::envelope::{Reject, Wire};
 use super::{Inbound, STOP_CHECK, Warnings, deliver};
 use crate::raft::{Message, NodeId};
+use crate::security::NodeSecurity;
 
-/// A REQ socket to `endpoint`. It never needs a send or receive timeout:
-/// sends are DONTWAIT (connect creates the outgoing pipe at once, so one
-/// request always fits) and replies are awaited with `poll`.
-pub(super) fn connect(ctx: &zmq::Context, endpoint: &str, max_message_bytes: i64) -> zmq::Result<zmq::Socket> {
+/// A REQ socket to `peer` at `endpoint`. It never needs a send or receive
+/// timeout: sends are DONTWAIT (connect creates the outgoing pipe at once, so
+/// one request always fits) and replies are awaited with `poll`.
+pub(super) fn connect(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    max_message_bytes: i64,
+    security: &NodeSecurity,
+    peer: NodeId,
+) -> zmq::Result<zmq::Socket> {
     let socket = ctx.socket(zmq::REQ)?;
     socket.set_linger(0)?;
     socket.set_maxmsgsize(max_message_bytes)?;
+    security.client(&socket, peer)?;
     socket.connect(endpoint)?;
     Ok(socket)
 }
@@ -36,6 +44,7 @@ pub(super) struct Link {
     pub(super) stop: Arc<AtomicBool>,
     pub(super) reply_timeout: Duration,
     pub(super) max_message_bytes: i64,
+    pub(super) security: Arc<NodeSecurity>,
 }
 
 enum Failure {
@@ -102,7 +111,7 @@ impl Link {
         let request = self.wire.seal(message)?;
         let socket = match self.socket.take() {
             Some(socket) => socket,
-            None => connect(&self.ctx, &self.endpoint, self.max_message_bytes)?,
+            None => connect(&self.ctx, &self.endpoint, self.max_message_bytes, &self.security, self.peer)?,
         };
         socket.send(request, zmq::DONTWAIT)?;
         self.await_reply(&socket)?;

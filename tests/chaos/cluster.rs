@@ -1,7 +1,7 @@
 //! A [`TestCluster`] whose raft traffic runs through a [`Network`] of
 //! proxies, with the few operations the nemesis and the checks need.
 
-use crate::common::TestCluster;
+use crate::common::{Endpoint, TestCluster};
 use crate::network::Network;
 
 pub struct ChaosCluster {
@@ -11,8 +11,9 @@ pub struct ChaosCluster {
 }
 
 impl ChaosCluster {
-    pub fn start(n: usize) -> ChaosCluster {
-        let nodes = TestCluster::configure(n, "");
+    /// `curve`: whether every endpoint, the workload's included, uses CURVE.
+    pub fn start(n: usize, curve: bool) -> ChaosCluster {
+        let nodes = if curve { TestCluster::configure_with_keys(n, false) } else { TestCluster::configure(n, "") };
         let network = Network::start(&nodes.nodes.iter().map(|node| node.raft.clone()).collect::<Vec<_>>());
         let mut cluster = ChaosCluster { nodes, network };
         for id in 0..n {
@@ -31,8 +32,8 @@ impl ChaosCluster {
         self.nodes.start_node_with(id, &routes);
     }
 
-    pub fn client_endpoints(&self) -> Vec<String> {
-        self.nodes.nodes.iter().map(|node| node.client.clone()).collect()
+    pub fn client_endpoints(&self) -> Vec<Endpoint> {
+        self.nodes.endpoints()
     }
 
     /// The node that says it leads in the highest term, asking each running

@@ -30,6 +30,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::common::Endpoint;
 use crate::nemesis::Fault;
 use crate::register::Input;
 use crate::workload::{BACKOFF, History, RETRY_WINDOW, Session};
@@ -62,7 +63,7 @@ pub struct Probe {
 impl Probe {
     /// One probe of each kind, connected to every node, with client ids from
     /// `first_id` on; also returns the first id left unused.
-    pub fn each_kind(first_id: usize, endpoints: &[String], seed: u64, t0: Instant) -> (Vec<Probe>, usize) {
+    pub fn each_kind(first_id: usize, endpoints: &[Endpoint], seed: u64, t0: Instant) -> (Vec<Probe>, usize) {
         let mut next_id = first_id;
         let mut session = || {
             let mut session = Session::new(next_id, endpoints, seed, t0);

@@ -25,6 +25,8 @@ use raft_zmq::kv::{Command, Value};
 use raft_zmq::protocol::{ErrorCode, Reply, Request};
 use raft_zmq::tools::client::{CallError, Client};
 
+use crate::common::Endpoint;
+
 use crate::linearizability::{Op, Outcome};
 use crate::nemesis::LONGEST_PAUSE;
 use crate::register::{Input, Output};
@@ -81,9 +83,9 @@ pub struct Session {
 
 impl Session {
     /// Client `id` of the run with `seed`; its random choices are its own.
-    pub fn new(id: usize, endpoints: &[String], seed: u64, t0: Instant) -> Session {
+    pub fn new(id: usize, endpoints: &[Endpoint], seed: u64, t0: Instant) -> Session {
         let ctx = zmq::Context::new();
-        let clients = |timeout| endpoints.iter().map(|e| Client::new(&ctx, e, timeout)).collect();
+        let clients = |timeout| endpoints.iter().map(|e| e.client(&ctx, timeout)).collect();
         let (readers, writers) = (clients(READ_TIMEOUT), clients(ATTEMPT_TIMEOUT));
         let rng = fastrand::Rng::with_seed(seed ^ (id as u64 + 1));
         Session { id, readers, writers, rng, seq: 0, values: 0, t0 }
@@ -203,7 +205,7 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn start(endpoints: &[String], clients: usize, keys: usize, seed: u64, t0: Instant) -> Workload {
+    pub fn start(endpoints: &[Endpoint], clients: usize, keys: usize, seed: u64, t0: Instant) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..clients)
             .map(|id| {

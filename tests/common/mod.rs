@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use raft_zmq::kv::{Command as KvCommand, Value};
 use raft_zmq::protocol::{Reply, Request, StatusInfo};
+use raft_zmq::security::{ClientCurve, CurveIdentity, PublicKey};
 pub use raft_zmq::testing::free_port;
 use raft_zmq::tools::client::Client;
 
@@ -41,6 +42,8 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 pub struct Node {
     pub raft: String,
     pub client: String,
+    /// Its `public_key` in the config, when the cluster has keys.
+    pub public_key: Option<PublicKey>,
     pub process: Option<Child>,
 }
 
@@ -48,7 +51,24 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub nodes: Vec<Node>,
+    /// The key pair the harness's clients use when the cluster has keys
+    /// (`keys/client.key`).
+    pub client_key: Option<CurveIdentity>,
     ctx: zmq::Context,
+}
+
+/// How a test client reaches one node: an address (its client endpoint, or
+/// a proxy in front of it) and, when the cluster has keys, CURVE towards it.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub address: String,
+    pub curve: Option<ClientCurve>,
+}
+
+impl Endpoint {
+    pub fn client(&self, ctx: &zmq::Context, timeout: Duration) -> Client {
+        Client::new(ctx, &self.address, timeout).with_curve(self.curve.clone())
+    }
 }
 
 pub fn put(key: &str, value: &str) -> Request {
@@ -66,39 +86,78 @@ pub fn get(key: &str) -> Request {
 impl TestCluster {
     /// Writes a config for `n` nodes and starts them all.
     pub fn start(n: usize) -> TestCluster {
-        let cluster = Self::configure(n, "");
-        let mut cluster = cluster;
-        for id in 0..n {
-            cluster.start_node(id);
+        Self::configure(n, "").start_all()
+    }
+
+    /// Like [`TestCluster::start`], with CURVE; see [`TestCluster::configure_with_keys`].
+    pub fn start_with_keys(n: usize, client_keys: bool) -> TestCluster {
+        Self::configure_with_keys(n, client_keys).start_all()
+    }
+
+    fn start_all(mut self) -> TestCluster {
+        for id in 0..self.nodes.len() {
+            self.start_node(id);
         }
-        cluster
+        self
     }
 
     /// Writes the config only; `extra` is spliced into the JSON object.
     pub fn configure(n: usize, extra: &str) -> TestCluster {
+        let cluster = Self::new(n);
+        cluster.write_config(extra);
+        cluster
+    }
+
+    /// Like [`TestCluster::configure`], with CURVE: a key pair for every
+    /// node in `keys/`, and `keys/client` for the harness's own clients.
+    /// `client_keys`: whether the config lets in only that client (and the
+    /// nodes) rather than any CURVE client.
+    pub fn configure_with_keys(n: usize, client_keys: bool) -> TestCluster {
+        let mut cluster = Self::new(n);
+        let keys = cluster.dir.path().join("keys");
+        for (id, node) in cluster.nodes.iter_mut().enumerate() {
+            node.public_key = Some(CurveIdentity::write_new(&keys.join(id.to_string())).unwrap().public());
+        }
+        let client = CurveIdentity::write_new(&keys.join("client")).unwrap();
+        let extra = if client_keys { format!(r#", "client_keys": ["{}"]"#, client.public()) } else { String::new() };
+        cluster.client_key = Some(client);
+        cluster.write_config(&extra);
+        cluster
+    }
+
+    /// `n` nodes on free ports in a fresh temp dir; no config yet.
+    fn new(n: usize) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<Node> = (0..n)
             .map(|_| Node {
                 raft: format!("tcp://127.0.0.1:{}", free_port()),
                 client: format!("tcp://127.0.0.1:{}", free_port()),
+                public_key: None,
                 process: None,
             })
             .collect();
-        let members: Vec<String> = nodes
+        let config_path = dir.path().join("config.json");
+        TestCluster { dir, config_path, nodes, client_key: None, ctx: zmq::Context::new() }
+    }
+
+    fn write_config(&self, extra: &str) {
+        let members: Vec<String> = self
+            .nodes
             .iter()
             .enumerate()
-            .map(|(id, n)| format!(r#"{{"id": {id}, "raft": "{}", "client": "{}"}}"#, n.raft, n.client))
+            .map(|(id, n)| {
+                let key = n.public_key.map_or(String::new(), |key| format!(r#", "public_key": "{key}""#));
+                format!(r#"{{"id": {id}, "raft": "{}", "client": "{}"{key}}}"#, n.raft, n.client)
+            })
             .collect();
-        let config_path = dir.path().join("config.json");
         fs::write(
-            &config_path,
+            &self.config_path,
             format!(
                 r#"{{"nodes": [{}], "election_timeout_ms": [300, 600], "heartbeat_ms": 50, "request_timeout_ms": 3000{extra}}}"#,
                 members.join(", ")
             ),
         )
         .unwrap();
-        TestCluster { dir, config_path, nodes, ctx: zmq::Context::new() }
     }
 
     pub fn start_node(&mut self, id: usize) {
@@ -178,8 +237,21 @@ impl TestCluster {
         ])
     }
 
+    /// CURVE from the harness's client towards node `id`, when the cluster has keys.
+    pub fn curve(&self, id: usize) -> Option<ClientCurve> {
+        Some(ClientCurve { identity: self.client_key.clone()?, server: self.nodes[id].public_key? })
+    }
+
+    pub fn endpoint(&self, id: usize) -> Endpoint {
+        Endpoint { address: self.nodes[id].client.clone(), curve: self.curve(id) }
+    }
+
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        (0..self.nodes.len()).map(|id| self.endpoint(id)).collect()
+    }
+
     pub fn client(&self, id: usize) -> Client {
-        Client::new(&self.ctx, &self.nodes[id].client, Duration::from_secs(5))
+        self.endpoint(id).client(&self.ctx, Duration::from_secs(5))
     }
 
     pub fn running(&self) -> Vec<usize> {
@@ -187,7 +259,7 @@ impl TestCluster {
     }
 
     pub fn status(&self, id: usize) -> Option<StatusInfo> {
-        let mut client = Client::new(&self.ctx, &self.nodes[id].client, Duration::from_millis(500));
+        let mut client = self.endpoint(id).client(&self.ctx, Duration::from_millis(500));
         match client.call(&Request::Status) {
             Ok(Reply::Status(status)) => Some(*status),
             _ => None,
@@ -280,29 +352,30 @@ impl Drop for KillOnDrop {
 /// How a process that was expected to stop by itself ended.
 pub struct Exited {
     pub status: ExitStatus,
+    pub stdout: String,
     pub stderr: String,
 }
 
 /// Runs the binary with `args` (and `RUST_LOG=info`) and waits for it to
 /// exit on its own; panics (and kills it) if it is still running after
-/// `WAIT`. Its stderr is captured in an unnamed temp file, so a chatty
-/// process cannot block on a full pipe.
+/// `WAIT`. Its stdout and stderr are captured in unnamed temp files, so a
+/// chatty process cannot block on a full pipe.
 pub fn run_to_exit<I, S>(args: I) -> Exited
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut stderr = tempfile::tempfile().unwrap();
+    let (mut stdout, mut stderr) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
     let child = Command::new(binary())
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout.try_clone().unwrap())
         .stderr(stderr.try_clone().unwrap())
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
-    let read_stderr = |file: &mut fs::File| {
+    let read = |file: &mut fs::File| {
         let mut text = String::new();
         file.rewind().unwrap();
         file.read_to_string(&mut text).unwrap();
@@ -311,10 +384,10 @@ where
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(status) = child.0.try_wait().unwrap() {
-            return Exited { status, stderr: read_stderr(&mut stderr) };
+            return Exited { status, stdout: read(&mut stdout), stderr: read(&mut stderr) };
         }
         if Instant::now() >= deadline {
-            panic!("still running after {WAIT:?}; stderr so far:\n{}", read_stderr(&mut stderr));
+            panic!("still running after {WAIT:?}; stderr so far:\n{}", read(&mut stderr));
         }
         thread::sleep(Duration::from_millis(20));
     }

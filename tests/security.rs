@@ -1,0 +1,358 @@
+//! CURVE against real `raft-zmq` processes (README "Security"): a cluster
+//! with keys works end to end; clients and peers without an allowed key get
+//! nothing; values never cross the wire in the clear; keys are generated and
+//! checked.
+
+mod common;
+
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use common::*;
+use raft_zmq::protocol::{Reply, Request};
+use raft_zmq::raft::{Body, Message};
+use raft_zmq::security::{ClientCurve, CurveIdentity, PublicKey};
+use raft_zmq::transport::{Envelope, PROTOCOL_VERSION, cluster_id};
+
+/// How long a refused client waits for the reply that must not come.
+const REFUSED_WAIT: Duration = Duration::from_secs(1);
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The `raft-zmq client` arguments that reach node `id` of `cluster`.
+fn client_args(cluster: &TestCluster, id: usize) -> Vec<String> {
+    let (config, id) = (path(&cluster.config_path).to_string(), id.to_string());
+    ["client", "--config", &config, "--node", &id].map(String::from).to_vec()
+}
+
+/// Runs `raft-zmq client` until it exits 0 (a node may still be settling),
+/// and returns its stdout.
+fn cli_ok(args: &[String]) -> String {
+    wait_for(&format!("`raft-zmq {}` to succeed", args.join(" ")), || {
+        let exited = run_to_exit(args);
+        exited.status.success().then_some(exited.stdout)
+    })
+}
+
+fn with(args: &[String], more: &[&str]) -> Vec<String> {
+    args.iter().cloned().chain(more.iter().map(|s| s.to_string())).collect()
+}
+
+/// Asserts that a REQ-style request on `socket` gets no reply in `REFUSED_WAIT`.
+fn assert_no_reply(socket: &zmq::Socket, request: &[u8], what: &str) {
+    socket.set_rcvtimeo(REFUSED_WAIT.as_millis() as i32).unwrap();
+    // A refused connection may leave the send queued forever: never block on it.
+    let _ = socket.send(request, zmq::DONTWAIT);
+    assert!(socket.recv_bytes(0).is_err(), "{what} got a reply");
+}
+
+/// A REQ socket that talks CURVE to node `id` as `identity`.
+fn curve_req(cluster: &TestCluster, endpoint: &str, identity: &CurveIdentity, id: usize) -> zmq::Socket {
+    let socket = zmq::Context::new().socket(zmq::REQ).unwrap();
+    socket.set_linger(0).unwrap();
+    let curve = ClientCurve { identity: identity.clone(), server: cluster.nodes[id].public_key.unwrap() };
+    curve.configure(&socket).unwrap();
+    socket.connect(endpoint).unwrap();
+    socket
+}
+
+/// Waits until node `id`'s log says it refused `key`.
+fn wait_for_refusal(cluster: &TestCluster, id: usize, key: PublicKey, endpoint: &str) {
+    let line = format!("refused CURVE key {key} from 127.0.0.1 on the {endpoint} endpoint");
+    wait_for(&format!("node {id} to log {line:?}"), || {
+        read_path(&cluster.output_path(id)).contains(&line).then_some(())
+    });
+}
+
+#[test]
+fn a_curve_cluster_elects_a_leader_and_serves_the_cli_client() {
+    let cluster = TestCluster::start_with_keys(3, false);
+    // The harness's own status calls already talk CURVE.
+    let leader = cluster.wait_for_leader();
+    let follower = (leader + 1) % 3;
+
+    // Keys from the config and an ephemeral client key pair; the follower
+    // forwards the write to the leader over CURVE too.
+    let put = cli_ok(&with(&client_args(&cluster, follower), &["put", "secure", "yes"]));
+    assert!(put.contains(r#""ok":true"#), "{put}");
+    let get = cli_ok(&with(&client_args(&cluster, leader), &["get", "secure"]));
+    assert_eq!(get.trim(), r#"{"ok":true,"value":"yes"}"#);
+
+    // Explicit keys, no config: --server-key as a .pub file and as text.
+    let keys = cluster.dir.path().join("keys");
+    let endpoint = cluster.nodes[follower].client.clone();
+    let server_pub = keys.join(format!("{follower}.pub"));
+    let server_text = cluster.nodes[follower].public_key.unwrap().to_string();
+    let client_key = keys.join("client.key");
+    for server_key in [path(&server_pub), &server_text] {
+        let args = ["client", "--endpoint", &endpoint, "--server-key", server_key, "--key", path(&client_key)];
+        let get = cli_ok(&with(&args.map(String::from), &["get", "secure"]));
+        assert_eq!(get.trim(), r#"{"ok":true,"value":"yes"}"#);
+    }
+
+    // Plaintext gets nothing, not even an error reply.
+    let plain = cluster.socket(zmq::REQ, &endpoint);
+    assert_no_reply(&plain, &raft_zmq::protocol::encode_request(&Request::Status), "a plaintext client");
+    let refused = run_to_exit(["client", "--endpoint", &endpoint, "--timeout-ms", "500", "status"]);
+    assert_eq!(refused.status.code(), Some(3), "no reply: {}", refused.stderr);
+    assert!(refused.stdout.is_empty());
+}
+
+#[test]
+fn with_client_keys_only_those_clients_get_replies() {
+    let cluster = TestCluster::start_with_keys(3, true);
+    let leader = cluster.wait_for_leader();
+    let follower = (leader + 1) % 3;
+    let listed_key = cluster.dir.path().join("keys").join("client.key");
+    let put = cli_ok(&with(&client_args(&cluster, follower), &["--key", path(&listed_key), "put", "k", "v"]));
+    assert!(put.contains(r#""ok":true"#), "{put}");
+
+    // Clients whose keys are not on client_keys. The node's log names the
+    // first refused key (refusals are logged at most once a second).
+    let stranger = CurveIdentity::generate().unwrap();
+    let socket = curve_req(&cluster, &cluster.nodes[follower].client, &stranger, follower);
+    assert_no_reply(&socket, &raft_zmq::protocol::encode_request(&get("k")), "an unlisted CURVE key");
+    wait_for_refusal(&cluster, follower, stranger.public(), "client");
+    let refused = run_to_exit(with(&client_args(&cluster, follower), &["--timeout-ms", "500", "get", "k"]));
+    assert_eq!(refused.status.code(), Some(3), "an ephemeral key got a reply: {}", refused.stdout);
+
+    // Meanwhile, the listed client and forwarding between nodes still work.
+    assert_eq!(cluster.get_value(follower, "k"), Some(raft_zmq::kv::Value::Str("v".into())));
+}
+
+#[test]
+fn a_peer_without_a_node_key_is_ignored() {
+    let cluster = TestCluster::start_with_keys(3, false);
+    let leader = cluster.wait_for_leader();
+    let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!("status") };
+    let members: Vec<(u64, &str)> =
+        cluster.nodes.iter().enumerate().map(|(id, n)| (id as u64, n.raft.as_str())).collect();
+    let cluster_id = cluster_id(&members);
+    let envelope = |from: usize, to: usize, term: u64, body: Body| {
+        let (from, to) = (from as u64, to as u64);
+        let message = Message { from, to, term, body };
+        rmp_serde::to_vec_named(&Envelope { version: PROTOCOL_VERSION, cluster: cluster_id, from, term, message })
+            .unwrap()
+    };
+    // A heartbeat in the leader's name, which a follower always answers; and
+    // a vote request in a far higher term, which a node that read it would
+    // adopt, deposing the leader.
+    let heartbeat = |to| {
+        let body =
+            Body::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0, read_seq: 0 };
+        envelope(leader, to, before.term, body)
+    };
+    let vote = |to| {
+        let (from, term) = ((to + 1) % 3, before.term + 100);
+        let body = Body::RequestVote { last_log_index: 1 << 40, last_log_term: term, pre_vote: false, transfer: false };
+        envelope(from, to, term, body)
+    };
+    // The harness's client key is let in on client endpoints, never on raft ones.
+    let client_key = cluster.client_key.clone().unwrap();
+    for to in 0..3 {
+        let raft = &cluster.nodes[to].raft;
+        let mut requests = vec![("vote request", vote(to))];
+        if to != leader {
+            requests.push(("heartbeat", heartbeat(to)));
+        }
+        for (what, request) in requests {
+            let plain = cluster.socket(zmq::REQ, raft);
+            assert_no_reply(&plain, &request, &format!("a plaintext {what} to node {to}"));
+            let rogue = curve_req(&cluster, raft, &client_key, to);
+            assert_no_reply(&rogue, &request, &format!("a {what} with a non-node key to node {to}"));
+        }
+        wait_for_refusal(&cluster, to, client_key.public(), "raft");
+    }
+    let Reply::Put { index } = cluster.call_ok(leader, &put("after-rogue", "1")) else { panic!("put") };
+    cluster.wait_applied(index);
+    for id in 0..3 {
+        let status = cluster.status(id).expect("status");
+        assert_eq!((status.term, status.leader), (before.term, Some(leader as u64)), "node {id} was disturbed");
+    }
+}
+
+/// A loopback TCP proxy that keeps a copy of every byte it forwards, one
+/// buffer per connection and direction, so that no value is split by
+/// another stream's bytes.
+struct CaptureProxy {
+    listen: SocketAddr,
+    stop: Arc<AtomicBool>,
+    acceptor: JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl CaptureProxy {
+    fn start(target: &str) -> CaptureProxy {
+        let target: SocketAddr = target.trim_start_matches("tcp://").parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listen = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let stop = stop.clone();
+            thread::spawn(move || capture(&listener, target, &stop))
+        };
+        CaptureProxy { listen, stop, acceptor }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("tcp://{}", self.listen)
+    }
+
+    /// Stops forwarding; every stream's bytes.
+    fn finish(self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::Release);
+        self.acceptor.join().unwrap()
+    }
+}
+
+/// How often idle proxy threads look at the stop flag.
+const PROXY_POLL: Duration = Duration::from_millis(20);
+
+fn capture(listener: &TcpListener, target: SocketAddr, stop: &Arc<AtomicBool>) -> Vec<Vec<u8>> {
+    let mut pumps = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        let Ok((client, _)) = listener.accept() else {
+            thread::sleep(PROXY_POLL);
+            continue;
+        };
+        let Ok(server) = TcpStream::connect(target) else { continue };
+        for (from, to) in [(&client, &server), (&server, &client)] {
+            let (from, to, stop) = (from.try_clone().unwrap(), to.try_clone().unwrap(), stop.clone());
+            pumps.push(thread::spawn(move || pump(from, to, &stop)));
+        }
+    }
+    pumps.into_iter().map(|pump| pump.join().unwrap()).collect()
+}
+
+/// Copies `from` to `to` until either ends or the proxy stops; returns the bytes.
+fn pump(mut from: TcpStream, mut to: TcpStream, stop: &AtomicBool) -> Vec<u8> {
+    from.set_read_timeout(Some(PROXY_POLL)).unwrap();
+    let (mut seen, mut buf) = (Vec::new(), vec![0; 64 * 1024]);
+    while !stop.load(Ordering::Acquire) {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    seen
+}
+
+/// Runs a 3-node cluster whose peer traffic, and one client's traffic to the
+/// leader, go through capturing proxies; writes `value` and reads it back
+/// through them. Returns every captured stream.
+fn wire_bytes(curve: bool, value: &str) -> Vec<Vec<u8>> {
+    let mut cluster = if curve { TestCluster::configure_with_keys(3, false) } else { TestCluster::configure(3, "") };
+    let raft_proxies: Vec<CaptureProxy> = cluster.nodes.iter().map(|n| CaptureProxy::start(&n.raft)).collect();
+    for id in 0..3 {
+        let routes: Vec<String> = (0..3)
+            .filter(|&peer| peer != id)
+            .flat_map(|peer| ["--peer".to_string(), format!("{peer}={}", raft_proxies[peer].endpoint())])
+            .collect();
+        cluster.start_node_with(id, &routes);
+    }
+    let leader = cluster.wait_for_leader();
+    let client_proxy = CaptureProxy::start(&cluster.nodes[leader].client);
+    let through_proxy = Endpoint { address: client_proxy.endpoint(), ..cluster.endpoint(leader) };
+    let mut client = through_proxy.client(&zmq::Context::new(), Duration::from_secs(5));
+    let index = wait_for("a put through the proxy", || match client.call(&put("wire", value)) {
+        Ok(Reply::Put { index }) => Some(index),
+        _ => None,
+    });
+    // The followers applied it, so it reached them through the proxies.
+    cluster.wait_applied(index);
+    let Ok(Reply::Get { value: Some(read) }) = client.call(&get("wire")) else { panic!("get through the proxy") };
+    assert_eq!(read, raft_zmq::kv::Value::Str(value.into()));
+    let mut streams = client_proxy.finish();
+    raft_proxies.into_iter().for_each(|proxy| streams.extend(proxy.finish()));
+    streams
+}
+
+fn carries(streams: &[Vec<u8>], value: &str) -> bool {
+    streams.iter().any(|s| s.windows(value.len()).any(|w| w == value.as_bytes()))
+}
+
+#[test]
+fn with_curve_a_value_never_crosses_the_wire_in_the_clear() {
+    let value = format!("wire-secret-{:016x}", fastrand::u64(..));
+    let streams = wire_bytes(true, &value);
+    let total: usize = streams.iter().map(Vec::len).sum();
+    assert!(total > 10_000, "only {total} bytes captured: the proxies saw too little");
+    assert!(!carries(&streams, &value), "{value} crossed the wire in the clear");
+}
+
+/// The control: the same capture without keys does see the value, in the
+/// client's traffic and in the AppendEntries to followers.
+#[test]
+fn without_curve_the_capture_sees_the_value() {
+    let value = format!("wire-plain-{:016x}", fastrand::u64(..));
+    let streams = wire_bytes(false, &value);
+    let with_value = streams.iter().filter(|s| carries(std::slice::from_ref(s), &value)).count();
+    // Client request and reply, and the AppendEntries to each follower.
+    assert!(with_value >= 4, "the value is in {with_value} of {} streams", streams.len());
+}
+
+#[test]
+fn keygen_writes_a_key_pair_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = dir.path().join("new/folder/node");
+    let made = run_to_exit(["keygen", path(&name)]);
+    assert!(made.status.success(), "{}", made.stderr);
+    let (secret_path, public_path) = (dir.path().join("new/folder/node.key"), dir.path().join("new/folder/node.pub"));
+    let (secret, public) = (fs::read_to_string(&secret_path).unwrap(), fs::read_to_string(&public_path).unwrap());
+    for text in [&secret, &public] {
+        assert_eq!((text.len(), text.lines().count()), (41, 1), "40 characters and a newline: {text:?}");
+    }
+    assert_eq!(made.stdout, public, "prints the public key");
+    let public_key = PublicKey::parse(public.trim_end()).unwrap();
+    assert_eq!(CurveIdentity::load(&secret_path).unwrap().public(), public_key, "a pair");
+    assert_eq!(fs::metadata(&secret_path).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let again = run_to_exit(["keygen", path(&name)]);
+    assert!(!again.status.success(), "overwrote a key pair");
+    assert_eq!(again.stderr.trim(), format!("raft-zmq: {} already exists; not overwriting it", secret_path.display()));
+    assert_eq!(fs::read_to_string(&secret_path).unwrap(), secret, "the old key is kept");
+}
+
+#[test]
+fn a_node_without_its_own_secret_key_does_not_start() {
+    let cluster = TestCluster::configure_with_keys(1, false);
+    let key_path = cluster.dir.path().join("keys").join("0.key");
+    let other = CurveIdentity::write_new(&cluster.dir.path().join("other")).unwrap();
+    let mismatch = format!(
+        "does not match node 0's public_key in {} (its public key is {})",
+        path(&cluster.config_path),
+        other.public()
+    );
+    let cases = [
+        ("missing", None, "raft-zmq keygen"),
+        ("not a key", Some("hello\n".to_string()), "not a secret key"),
+        ("another's key", Some(fs::read_to_string(cluster.dir.path().join("other.key")).unwrap()), mismatch.as_str()),
+    ];
+    for (case, content, problem) in cases {
+        match content {
+            Some(text) => fs::write(&key_path, text).unwrap(),
+            None => fs::remove_file(&key_path).unwrap(),
+        }
+        let exited = cluster.run_node_to_exit(0);
+        assert_eq!(exited.status.code(), Some(1), "{case}: {}", exited.stderr);
+        let error = exited.stderr.lines().find(|l| l.starts_with("raft-zmq: ")).unwrap_or_default();
+        assert!(error.contains(path(&key_path)) && error.contains(problem), "{case}: {error:?}\n{}", exited.stderr);
+        assert!(!cluster.state_dir(0).exists(), "{case}: state was created");
+    }
+}
