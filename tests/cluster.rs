@@ -289,27 +289,53 @@ fn pipelined_requests_through_a_follower_each_get_their_own_reply() {
     assert!(matches!(reply, Reply::Put { .. }), "{reply:?}");
 }
 
-#[test]
-fn a_stopping_leader_answers_every_request_it_received() {
-    let mut cluster = TestCluster::start(3);
-    let leader = cluster.wait_for_leader();
-    let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[leader].client);
-    let request = put("queued", "x");
-    let frame = raft_zmq::protocol::encode_request(&request);
+/// Sends `sent` puts on `dealer`, then a `status` whose reply, once it
+/// comes, shows that the node has read (and forwarded) every put before it;
+/// SIGTERMs node `id` then, and asserts that every put gets its reply before
+/// the node exits.
+fn assert_stopping_node_answers_everything(cluster: &mut TestCluster, id: usize) {
+    let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[id].client);
+    let frame = raft_zmq::protocol::encode_request(&put("queued", "x"));
     let sent = 300;
     for _ in 0..sent {
         dealer.send_multipart([&b""[..], &frame[..]], 0).unwrap();
     }
-    cluster.signal(leader, libc::SIGTERM);
+    dealer.send_multipart([&b""[..], &raft_zmq::protocol::encode_request(&Request::Status)[..]], 0).unwrap();
+    let is_status = |frames: &[Vec<u8>]| Reply::decode(frames.last().unwrap(), &Request::Status).is_ok();
     let mut replies = 0;
+    loop {
+        let frames = dealer.recv_multipart(0).expect("the status reply");
+        if is_status(&frames) {
+            break;
+        }
+        replies += 1;
+    }
+    cluster.signal(id, libc::SIGTERM);
     // Each reply is ok or an error (`shutting_down`, `no_leader`, `timeout`);
     // none may be missing. Once the node has gone, recv times out.
     while replies < sent && dealer.recv_multipart(0).is_ok() {
         replies += 1;
     }
-    assert_eq!(replies, sent, "requests left unanswered by the stopping leader");
-    let mut child = cluster.nodes[leader].process.take().unwrap();
-    assert!(wait_for("the leader to exit", || child.try_wait().unwrap()).success());
+    assert_eq!(replies, sent, "requests left unanswered by stopping node {id}");
+    let mut child = cluster.nodes[id].process.take().unwrap();
+    assert!(wait_for("the node to exit", || child.try_wait().unwrap()).success());
+}
+
+#[test]
+fn a_stopping_leader_answers_every_request_it_received() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    assert_stopping_node_answers_everything(&mut cluster, leader);
+}
+
+#[test]
+fn a_stopping_follower_answers_every_request_it_forwarded() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let follower = (0..3).find(|&id| id != leader).unwrap();
+    // A paused leader keeps the forwarded requests waiting at the follower.
+    cluster.signal(leader, libc::SIGSTOP);
+    assert_stopping_node_answers_everything(&mut cluster, follower);
 }
 
 #[test]
