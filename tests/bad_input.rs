@@ -171,6 +171,31 @@ fn malformed_client_requests_get_bad_request_and_the_node_keeps_serving() {
 }
 
 #[test]
+fn a_flood_of_bad_requests_neither_wedges_nor_kills_the_node() {
+    let cluster = TestCluster::start(1);
+    cluster.wait_for_leader();
+    // More error replies at once than the inproc reply queue holds (100k):
+    // the endpoint must never wait on a queue only it drains.
+    let dealers: Vec<zmq::Socket> = (0..2)
+        .map(|_| {
+            let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[0].client);
+            dealer.set_sndhwm(0).unwrap();
+            dealer
+        })
+        .collect();
+    for dealer in &dealers {
+        for _ in 0..60_000 {
+            dealer.send_multipart([&b""[..], &b"x"[..]], 0).unwrap();
+        }
+    }
+    assert_serves(&cluster, 0, "after-flood");
+    for dealer in &dealers {
+        let answered = (0..60_000).take_while(|_| dealer.recv_multipart(0).is_ok()).count();
+        assert_eq!(answered, 60_000, "every bad request gets its bad_request");
+    }
+}
+
+#[test]
 fn a_multi_frame_request_from_a_dealer_is_bad_request() {
     let cluster = TestCluster::start(3);
     cluster.wait_for_leader();

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, info, warn};
 
 use super::Shared;
 use super::core_loop::ClientCall;
-use super::replies::{Replier, ReplyTo, not_leader};
+use super::replies::{ReplyTo, not_leader};
 use crate::config::Member;
 use crate::protocol::{ErrorCode, Reply, Request, decode_request};
 use crate::raft::NodeId;
@@ -46,6 +46,9 @@ pub struct EndpointConfig {
 /// forwards at once, and a ROUTER drops replies beyond it without a word;
 /// the core loop's own queue bound (`busy`) is what limits memory.
 const QUEUE_HWM: i32 = 100_000;
+
+/// Requests read per wake-up before replies get another turn.
+const REQUEST_BATCH: usize = 1000;
 
 /// How long replies still queued at shutdown may take to leave.
 const SHUTDOWN_LINGER_MS: i32 = 2000;
@@ -87,8 +90,9 @@ impl ClientEndpoint {
 
     /// Serves until the rest of the node has stopped (`replies_done`), so
     /// that every reply the core loop and the applier give on their way out
-    /// still reaches its client.
-    pub fn run(mut self, shared: Arc<Shared>, to_core: Sender<ClientCall>, replier: Replier) {
+    /// still reaches its client. `core_queue` is the receiving end of
+    /// `to_core`: whatever the core loop left in it is answered on the way out.
+    pub fn run(mut self, shared: Arc<Shared>, to_core: Sender<ClientCall>, core_queue: Receiver<ClientCall>) {
         while !shared.replies_done.load(Ordering::Acquire) {
             let (router_ready, replies_ready, dealer_ready) = match self.poll() {
                 Ok(ready) => ready,
@@ -105,9 +109,11 @@ impl ClientEndpoint {
             if dealer_ready {
                 self.relay_leader_replies();
             }
+            // A bounded batch, so replies get their turn even under a flood.
             if router_ready {
-                while let Ok(frames) = self.router.recv_multipart(zmq::DONTWAIT) {
-                    self.on_request(frames, &shared, &to_core, &replier);
+                for _ in 0..REQUEST_BATCH {
+                    let Ok(frames) = self.router.recv_multipart(zmq::DONTWAIT) else { break };
+                    self.on_request(frames, &shared, &to_core);
                 }
             }
             if self.forwarder.as_ref().is_some_and(|f| shared.leader() != Some(f.leader)) {
@@ -117,6 +123,11 @@ impl ClientEndpoint {
         }
         while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
             self.send_to_client(frames);
+        }
+        // Queued after the core loop's last look; nothing adds to it now.
+        for call in core_queue.try_iter() {
+            shared.queued_bytes.fetch_sub(call.bytes, Ordering::AcqRel);
+            self.refuse(call.reply_to, ErrorCode::ShuttingDown, "node is shutting down", None);
         }
         self.drop_forwarder();
         // Closing a socket with linger 0 would discard the replies just queued.
@@ -140,13 +151,20 @@ impl ClientEndpoint {
         }
     }
 
-    fn on_request(
-        &mut self,
-        mut frames: Vec<Vec<u8>>,
-        shared: &Shared,
-        to_core: &Sender<ClientCall>,
-        replier: &Replier,
-    ) {
+    /// Answers directly on the ROUTER, never through the `Replier`: that
+    /// queue is drained by this very thread, so blocking on it when full
+    /// would wedge the node.
+    fn answer(&self, reply_to: ReplyTo, reply: &Reply) {
+        let mut frames = reply_to.route;
+        frames.push(reply.encode());
+        self.send_to_client(frames);
+    }
+
+    fn refuse(&self, reply_to: ReplyTo, code: ErrorCode, message: impl Into<String>, leader: Option<NodeId>) {
+        self.answer(reply_to, &Reply::error(code, message, leader));
+    }
+
+    fn on_request(&mut self, mut frames: Vec<Vec<u8>>, shared: &Shared, to_core: &Sender<ClientCall>) {
         // [routing frames..., empty delimiter, request]
         let Some(delimiter) = frames.iter().position(|f| f.is_empty()) else {
             debug!("dropping a request without an empty delimiter frame");
@@ -154,39 +172,38 @@ impl ClientEndpoint {
         };
         let body = frames.split_off(delimiter + 1);
         let reply_to = ReplyTo { route: frames };
-        let reply_error =
-            |reply_to, code, message: String| replier.send(reply_to, &Reply::error(code, message, shared.leader()));
+        let leader = shared.leader();
         let [request] = <[Vec<u8>; 1]>::try_from(body).unwrap_or_default();
         if request.is_empty() {
-            return reply_error(reply_to, ErrorCode::BadRequest, "expected exactly one non-empty request frame".into());
+            return self.refuse(reply_to, ErrorCode::BadRequest, "expected exactly one non-empty request frame", leader);
         }
         if request.len() > self.cfg.max_request_bytes {
             let message =
                 format!("request is {} bytes; max_request_bytes is {}", request.len(), self.cfg.max_request_bytes);
-            return reply_error(reply_to, ErrorCode::TooLarge, message);
+            return self.refuse(reply_to, ErrorCode::TooLarge, message, leader);
         }
         if shared.stopping.load(Ordering::Acquire) {
-            return reply_error(reply_to, ErrorCode::ShuttingDown, "node is shutting down".into());
+            return self.refuse(reply_to, ErrorCode::ShuttingDown, "node is shutting down", leader);
         }
         let decoded = match decode_request(&request) {
             Ok(decoded) => decoded,
-            Err(Reply::Error { code, message, .. }) => return reply_error(reply_to, code, message),
-            Err(reply) => return replier.send(reply_to, &reply),
+            Err(Reply::Error { code, message, .. }) => return self.refuse(reply_to, code, message, leader),
+            Err(reply) => return self.answer(reply_to, &reply),
         };
         let local = matches!(decoded, Request::Status | Request::Log { .. });
-        match shared.leader() {
+        match leader {
             leader if local || leader == Some(self.cfg.id) => {
                 let call = ClientCall { request: decoded, reply_to, bytes: request.len() };
-                self.to_core(to_core, shared, call, replier)
+                self.to_core(to_core, shared, call)
             }
             Some(leader) if !reply_to.is_forwarded() => self.forward(leader, reply_to, request),
-            leader => replier.send(reply_to, &not_leader(self.cfg.id, leader)),
+            leader => self.answer(reply_to, &not_leader(self.cfg.id, leader)),
         }
     }
 
     /// Queues a request for the core loop, or answers `busy` when the queue
     /// is full by count or by bytes: memory stays bounded under any load.
-    fn to_core(&self, to_core: &Sender<ClientCall>, shared: &Shared, call: ClientCall, replier: &Replier) {
+    fn to_core(&self, to_core: &Sender<ClientCall>, shared: &Shared, call: ClientCall) {
         let queued = shared.queued_bytes.fetch_add(call.bytes, Ordering::AcqRel);
         let refused = if queued + call.bytes > self.cfg.max_queued_bytes {
             Some((call, ErrorCode::Busy, "too many requests queued; nothing was applied, retry later"))
@@ -201,7 +218,7 @@ impl ClientEndpoint {
         };
         if let Some((call, code, message)) = refused {
             shared.queued_bytes.fetch_sub(call.bytes, Ordering::AcqRel);
-            replier.send(call.reply_to, &Reply::error(code, message, shared.leader()));
+            self.refuse(call.reply_to, code, message, shared.leader());
         }
     }
 
@@ -298,9 +315,8 @@ impl ClientEndpoint {
         }
     }
 
+    /// An error naming the leader requests are forwarded to.
     fn reply(&self, reply_to: ReplyTo, code: ErrorCode, message: &str) {
-        let mut frames = reply_to.route;
-        frames.push(Reply::error(code, message, self.forwarder.as_ref().map(|f| f.leader)).encode());
-        self.send_to_client(frames);
+        self.refuse(reply_to, code, message, self.forwarder.as_ref().map(|f| f.leader));
     }
 }

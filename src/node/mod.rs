@@ -207,8 +207,8 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     };
     let (client_tx, client_rx) = bounded(CLIENT_QUEUE_LEN);
     let endpoint = {
-        let (shared, replier) = (shared.clone(), replier.clone());
-        thread::Builder::new().name("clients".into()).spawn(move || endpoint.run(shared, client_tx, replier))?
+        let (shared, core_queue) = (shared.clone(), client_rx.clone());
+        thread::Builder::new().name("clients".into()).spawn(move || endpoint.run(shared, client_tx, core_queue))?
     };
 
     let (stop_tx, stop_rx) = bounded(1);
