@@ -175,7 +175,12 @@ impl ClientEndpoint {
         let leader = shared.leader();
         let [request] = <[Vec<u8>; 1]>::try_from(body).unwrap_or_default();
         if request.is_empty() {
-            return self.refuse(reply_to, ErrorCode::BadRequest, "expected exactly one non-empty request frame", leader);
+            return self.refuse(
+                reply_to,
+                ErrorCode::BadRequest,
+                "expected exactly one non-empty request frame",
+                leader,
+            );
         }
         if request.len() > self.cfg.max_request_bytes {
             let message =

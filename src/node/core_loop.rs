@@ -46,6 +46,8 @@ const MAX_BATCH: usize = 4096;
 /// bounded when clients send faster than the cluster commits.
 pub const MAX_UNAPPLIED_ENTRIES: usize = 20_000;
 pub const MAX_UNAPPLIED_BYTES: usize = 256 << 20;
+/// Reads waiting for their leadership confirmation; more get `busy`.
+pub const MAX_PENDING_READS: usize = 10_000;
 
 /// Writes this leader proposed that are not applied yet, so that a retry of
 /// one waits for it instead of being appended again (CONTRACT.md: a retry
@@ -246,19 +248,20 @@ impl State {
             self.reply_error(read.reply_to, ErrorCode::Timeout, "could not confirm leadership in time");
         }
         self.io.disk.poll(now);
-        if self.io.disk.raised() {
+        if self.io.disk.handover_due() {
             self.hand_over_for_lack_of_space();
         }
     }
 
-    /// A leader that cannot store new entries lets a follower lead instead,
-    /// so the cluster keeps taking writes.
+    /// A leader low on space lets a follower lead instead, so the cluster
+    /// keeps taking writes if that one has space.
     fn hand_over_for_lack_of_space(&mut self) {
         let raft = &mut self.io.raft;
         if raft.transfer_target().is_some() {
             return;
         }
         if let Some(to) = raft.transfer_candidate() {
+            self.io.disk.handed_over();
             info!("node {}: low on disk space; handing leadership to {to}", raft.id());
             if let Err(e) = raft.transfer_leadership(to) {
                 warn!("node {}: cannot hand leadership to {to}: {e:?}", raft.id());
@@ -285,6 +288,9 @@ impl State {
             Request::Write { command, client_id, seq } => {
                 let logged = LoggedCommand { command, client_id, seq };
                 self.on_write(logged, reply_to, deadline);
+            }
+            Request::Get { .. } if self.reads.len() >= MAX_PENDING_READS => {
+                self.reply_error(reply_to, ErrorCode::Busy, "too many reads in flight; retry later")
             }
             Request::Get { key } => {
                 self.next_read_ctx += 1;
@@ -318,7 +324,9 @@ impl State {
             if let Some(reply) = session_reply(verdict, *seq) {
                 return self.io.replier.send(reply_to, &reply);
             }
-            if let Some((index, term)) = self.proposals.pending(client_id, *seq) {
+            if let Some((index, term)) = self.proposals.pending(client_id, *seq)
+                && !self.proposals.is_full()
+            {
                 let session = session.clone();
                 return self.to_applier(ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline });
             }
@@ -327,13 +335,17 @@ impl State {
         if self.proposals.is_full() {
             return self.reply_error(reply_to, ErrorCode::Busy, "too many writes in flight; nothing was applied");
         }
+        let bytes = logged.encode();
+        let size = bytes.len();
+        // Counted before it is written, so that one large batch cannot eat
+        // the reserve between two checks.
+        self.io.disk.wrote(size as u64);
+        self.io.disk.poll(Instant::now());
         if self.io.disk.raised() {
             let message =
                 format!("node {} is low on disk space (alarm {NOSPACE}); nothing was applied", self.io.raft.id());
             return self.reply_error(reply_to, ErrorCode::Busy, &message);
         }
-        let bytes = logged.encode();
-        let size = bytes.len();
         match self.io.raft.propose(bytes) {
             Ok((index, term)) => {
                 self.proposals.add(index, term, size, session.as_ref().map(|(c, s)| (c.as_str(), *s)));

@@ -1,11 +1,12 @@
 //! The disk-space alarm, like etcd's NOSPACE. sled cannot recover from a
 //! failed write (it stops answering), so the node keeps clear of a full disk
-//! instead: once the state dir's file system has less free space than the
-//! reserve, it raises the alarm and stops taking new entries (a leader
-//! refuses writes and hands leadership over; a follower ignores appends, so
-//! the majority goes on without it). It clears the alarm by itself once
-//! space returns, and the node catches up. If a write fails anyway, the node
-//! stops at once (see `node::run`).
+//! instead. Once the state dir's file system has less free space than the
+//! reserve, it raises the alarm and takes no new entries: a leader refuses
+//! client writes and hands leadership over (once per alarm, so that
+//! leadership does not go round when every node is short of space); a
+//! follower ignores appends, and the majority goes on without it. It clears
+//! the alarm by itself once space returns, and the node catches up. If a
+//! write fails anyway, the node stops at once (see `core_loop`).
 
 use std::ffi::CString;
 use std::io;
@@ -22,6 +23,8 @@ pub struct DiskAlarm {
     dir: PathBuf,
     reserve: u64,
     raised: bool,
+    /// This alarm has not made a leader hand over yet.
+    handover_due: bool,
     next_check: Instant,
     /// Bytes persisted since the last check: a fast writer is re-checked
     /// long before it could eat the reserve.
@@ -33,7 +36,14 @@ impl DiskAlarm {
     const CHECK_EVERY: Duration = Duration::from_millis(250);
 
     pub fn new(dir: &Path, reserve: u64) -> DiskAlarm {
-        DiskAlarm { dir: dir.to_path_buf(), reserve, raised: false, next_check: Instant::now(), written: 0 }
+        DiskAlarm {
+            dir: dir.to_path_buf(),
+            reserve,
+            raised: false,
+            handover_due: false,
+            next_check: Instant::now(),
+            written: 0,
+        }
     }
 
     /// Counts `bytes` persisted, so that the next [`DiskAlarm::poll`] looks
@@ -44,6 +54,16 @@ impl DiskAlarm {
 
     pub fn raised(&self) -> bool {
         self.raised
+    }
+
+    /// A leader should hand leadership over: once per alarm, so that when
+    /// every node is short of space leadership settles instead of going round.
+    pub fn handover_due(&self) -> bool {
+        self.raised && self.handover_due
+    }
+
+    pub fn handed_over(&mut self) {
+        self.handover_due = false;
     }
 
     /// Re-checks the free space when due; true if the alarm changed.
@@ -65,6 +85,7 @@ impl DiskAlarm {
             return false;
         }
         self.raised = raised;
+        self.handover_due = raised;
         if raised {
             warn!(
                 "alarm {NOSPACE}: {} has {free} bytes free, below the reserve of {}; taking no new entries \
@@ -103,7 +124,9 @@ mod tests {
         let mut starved = DiskAlarm::new(dir.path(), u64::MAX);
         let now = Instant::now();
         assert!(!ample.poll(now) && !ample.raised());
-        assert!(starved.poll(now) && starved.raised());
+        assert!(starved.poll(now) && starved.raised() && starved.handover_due());
+        starved.handed_over();
+        assert!(!starved.handover_due(), "once per alarm");
         assert!(!starved.poll(now + DiskAlarm::CHECK_EVERY), "no change, no news");
         starved.reserve = 1;
         assert!(!starved.poll(now + DiskAlarm::CHECK_EVERY), "not due yet");

@@ -663,6 +663,8 @@ impl Raft {
                     self.send_timeout_now_if_caught_up();
                 }
             }
+            // No hint: the follower answered a request from an older term.
+            Some(Rejection { conflict_index: 0, .. }) => {}
             Some(Rejection { prev_log_index, conflict_index, conflict_term }) => {
                 // Skip the follower's whole conflicting term at once; if we have
                 // entries of that term, resume right after our last one of it.

@@ -54,7 +54,6 @@ pub enum Body {
         success: bool,
         /// The `prev_log_index` of the request this answers, so the leader can
         /// tell a rejection of its current probe from a stale one.
-        #[serde(default)]
         prev_log_index: Index,
         match_index: Index,
         conflict_index: Index,

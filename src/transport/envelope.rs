@@ -10,7 +10,9 @@ use crate::raft::{Message, NodeId, Term};
 
 /// Bumped on any incompatible change to [`Envelope`] or [`Message`], so that
 /// mixed versions refuse each other instead of misreading each other.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version 2: AppendEntriesReply names the `prev_log_index` it answers,
+/// which the leader needs to tell a wiped follower from a stale reply.
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// What travels in one ZeroMQ frame: MessagePack with named fields, so the
 /// format is self-describing and readable by non-Rust tools.
