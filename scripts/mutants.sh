@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Mutation testing, on demand (not part of CI; a full run takes hours on two
+# cores). cargo-mutants changes the Raft core (src/raft) and the node's Ready
+# driver (src/node/core_loop.rs) one small edit at a time, and runs the fast
+# suites against each mutant: the unit tests and the deterministic
+# simulation. A mutant that no test catches ("missed") is a gap to close.
+#
+#   scripts/mutants.sh                          # everything (~440 mutants)
+#   scripts/mutants.sh -f src/raft/progress.rs  # only the mutants of one file
+#   scripts/mutants.sh --list                   # what it would try
+#
+# Results go to mutants.out/ (missed.txt, caught.txt, timeout.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo-mutants >/dev/null || cargo install cargo-mutants
+files=(-f 'src/raft/*.rs' -f src/node/core_loop.rs)
+for arg in "$@"; do
+  # Files named on the command line replace the default set.
+  if [ "$arg" = -f ] || [ "$arg" = --file ]; then files=(); fi
+done
+exec cargo mutants "${files[@]}" -e src/raft/tests.rs --profile ci "$@" -- --lib --test simulation
