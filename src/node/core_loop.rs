@@ -58,10 +58,11 @@ struct Proposals {
     /// Oldest first: (index, approximate bytes).
     unapplied: VecDeque<(Index, usize)>,
     unapplied_bytes: usize,
-    /// client_id → (seq, index, term) of its latest pending write.
-    by_session: HashMap<String, (u64, Index, Term)>,
-    /// index → client_id, to forget sessions as their entries apply.
-    session_at: BTreeMap<Index, String>,
+    /// (client_id, seq) → (index, term) of each pending write with a
+    /// session; a client may pipeline several.
+    by_session: HashMap<(String, u64), (Index, Term)>,
+    /// index → its (client_id, seq), to forget them as their entries apply.
+    session_at: BTreeMap<Index, (String, u64)>,
 }
 
 impl Proposals {
@@ -73,14 +74,15 @@ impl Proposals {
         self.unapplied.push_back((index, bytes));
         self.unapplied_bytes += bytes;
         if let Some((client_id, seq)) = session {
-            self.by_session.insert(client_id.to_owned(), (seq, index, term));
-            self.session_at.insert(index, client_id.to_owned());
+            let session = (client_id.to_owned(), seq);
+            self.by_session.insert(session.clone(), (index, term));
+            self.session_at.insert(index, session);
         }
     }
 
     /// The pending write of `client_id` with `seq`, if any: (index, term).
     fn pending(&self, client_id: &str, seq: u64) -> Option<(Index, Term)> {
-        self.by_session.get(client_id).filter(|(pending, ..)| *pending == seq).map(|&(_, index, term)| (index, term))
+        self.by_session.get(&(client_id.to_owned(), seq)).copied()
     }
 
     /// Everything up to `applied` has left the applier's queue.
@@ -90,9 +92,9 @@ impl Proposals {
             self.unapplied_bytes -= bytes;
         }
         let later = self.session_at.split_off(&(applied + 1));
-        for (index, client_id) in std::mem::replace(&mut self.session_at, later) {
-            if self.by_session.get(&client_id).is_some_and(|&(_, at, _)| at == index) {
-                self.by_session.remove(&client_id);
+        for (index, session) in std::mem::replace(&mut self.session_at, later) {
+            if self.by_session.get(&session).is_some_and(|&(at, _)| at == index) {
+                self.by_session.remove(&session);
             }
         }
     }
@@ -464,5 +466,24 @@ impl State {
         }
         self.io.storage.write(Some(&self.io.raft.hard_state()), None, &[])?;
         self.io.storage.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipelined_writes_of_one_client_are_each_pending_until_applied() {
+        let mut proposals = Proposals::default();
+        proposals.add(7, 2, 10, Some(("c", 5)));
+        proposals.add(8, 2, 10, Some(("c", 6)));
+        proposals.add(9, 2, 10, None);
+        assert_eq!((proposals.pending("c", 5), proposals.pending("c", 6)), (Some((7, 2)), Some((8, 2))));
+        proposals.applied_to(7);
+        assert_eq!((proposals.pending("c", 5), proposals.pending("c", 6)), (None, Some((8, 2))));
+        assert_eq!((proposals.unapplied.len(), proposals.unapplied_bytes), (2, 20));
+        proposals.applied_to(9);
+        assert!(proposals.by_session.is_empty() && proposals.session_at.is_empty() && proposals.unapplied.is_empty());
     }
 }
