@@ -7,10 +7,11 @@
 //! back instead of being executed a second time.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::lock;
 use crate::protocol::{ErrorCode, Reply};
 use crate::raft::{Index, Payload};
 use crate::sessions::{SessionTable, Verdict};
@@ -195,12 +196,6 @@ impl PartialEq for KvStore {
 }
 
 impl Eq for KvStore {}
-
-/// Locks a session table; a panic elsewhere aborts the process, so a
-/// poisoned lock still holds a consistent table.
-pub fn lock(sessions: &Mutex<SessionTable>) -> MutexGuard<'_, SessionTable> {
-    sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 impl KvStore {
     pub fn new() -> KvStore {

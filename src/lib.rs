@@ -7,6 +7,15 @@
 //! keys and socket setup), `node` (threads wiring it all together) and `tools`
 //! (the cluster supervisor, CLI client and benchmark).
 
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks `mutex` whether or not another thread panicked while holding it: a
+/// panic aborts the whole process (`node::abort_on_panic`), so no thread
+/// ever sees data a panic left half-updated.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub mod config;
 pub mod kv;
 pub mod mirror;

@@ -14,7 +14,8 @@ use log::{error, info, warn};
 
 use super::Shared;
 use super::replies::{Replier, ReplyTo};
-use crate::kv::{self, KvStore, Value, command_json};
+use crate::kv::{KvStore, Value, command_json};
+use crate::lock;
 use crate::mirror::Mirror;
 use crate::protocol::{ErrorCode, Reply};
 use crate::raft::{Entry, Index, NodeId, Term};
@@ -84,7 +85,7 @@ impl Applier {
                     self.writes.entry(index).or_default().push(PendingWrite { term, reply_to, deadline });
                     return;
                 }
-                let verdict = session.map(|(client_id, seq)| kv::lock(&self.kv.sessions()).check(&client_id, seq));
+                let verdict = session.map(|(client_id, seq)| lock(&self.kv.sessions()).check(&client_id, seq));
                 let reply = match verdict {
                     Some(Verdict::Retry(reply)) => reply,
                     _ => Reply::error(

@@ -22,7 +22,8 @@ use super::applier::ApplyMsg;
 use super::disk::{DiskAlarm, NOSPACE};
 use super::log_reader::LogRequest;
 use super::replies::{Replier, ReplyTo, not_leader};
-use crate::kv::{self, LoggedCommand, Value, session_reply};
+use crate::kv::{LoggedCommand, Value, session_reply};
+use crate::lock;
 use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
 use crate::raft::{Body, Index, NotLeader, Raft, Role, SoftState, Term};
 use crate::sessions::SessionTable;
@@ -322,7 +323,7 @@ impl State {
     fn on_write(&mut self, logged: LoggedCommand, reply_to: ReplyTo, deadline: Instant) {
         let session = logged.client_id.clone().zip(logged.seq);
         if let Some((client_id, seq)) = &session {
-            let verdict = kv::lock(&self.io.sessions).check(client_id, *seq);
+            let verdict = lock(&self.io.sessions).check(client_id, *seq);
             if let Some(reply) = session_reply(verdict, *seq) {
                 return self.io.replier.send(reply_to, &reply);
             }

@@ -28,6 +28,7 @@ use log::{info, warn};
 
 use crate::config::{Config, Member};
 use crate::kv::KvStore;
+use crate::lock;
 use crate::mirror::Mirror;
 use crate::raft::{self, HardState, Index, NodeId, Raft};
 use crate::security::NodeSecurity;
@@ -81,12 +82,6 @@ impl Shared {
     fn duplicates(&self) -> MutexGuard<'_, BTreeSet<Index>> {
         lock(&self.duplicates)
     }
-}
-
-/// A panic elsewhere aborts the process (see [`abort_on_panic`]), so a
-/// poisoned lock cannot hold half-updated data.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Makes a panic in any thread end the whole process at once. A node whose

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use log::error;
 
+use crate::lock;
 use crate::protocol::{ErrorCode, Reply};
 use crate::raft::NodeId;
 
@@ -68,7 +69,7 @@ impl Replier {
     pub fn send(&self, to: ReplyTo, reply: &Reply) {
         let mut frames = to.route;
         frames.push(reply.encode());
-        let push = self.push.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let push = lock(&self.push);
         if let Err(e) = push.send_multipart(frames, 0) {
             error!("cannot hand a reply to the client endpoint: {e}");
         }

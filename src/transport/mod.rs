@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -241,7 +241,7 @@ impl Transport {
     }
 
     fn wake(&self) {
-        let wake = self.wake.lock().unwrap_or_else(PoisonError::into_inner);
+        let wake = crate::lock(&self.wake);
         // EAGAIN means the pipe is full of wake-ups already, which is as good.
         let _ = wake.send(&[][..], zmq::DONTWAIT);
     }
