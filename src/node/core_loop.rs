@@ -172,7 +172,7 @@ impl State {
     fn serve(&mut self, inputs: &Inputs) -> Result<(), StorageError> {
         while self.run_once(inputs, &inputs.stop)? {}
         self.hand_over_leadership(inputs)?;
-        self.shut_down(&inputs.clients)
+        self.shut_down()
     }
 
     /// Waits for one input, drains what else is queued, then carries out the
@@ -455,13 +455,12 @@ impl State {
         self.io.replier.send(reply_to, &Reply::error(code, message, leader));
     }
 
-    /// Clean stop: answer everyone still waiting, record the commit index so a
-    /// restart re-applies without waiting for a leader, and stop the applier.
-    fn shut_down(&mut self, clients: &Receiver<ClientCall>) -> Result<(), StorageError> {
+    /// Clean stop: answer the reads still waiting and record the commit index
+    /// so a restart re-applies without waiting for a leader. Requests still
+    /// queued for us are answered by the client endpoint, their only
+    /// producer, once it has stopped adding to the queue.
+    fn shut_down(&mut self) -> Result<(), StorageError> {
         self.io.shared.stopping.store(true, Ordering::Release);
-        for call in clients.try_iter() {
-            self.reply_error(call.reply_to, ErrorCode::ShuttingDown, "node is shutting down");
-        }
         for (_, read) in std::mem::take(&mut self.reads) {
             self.reply_error(read.reply_to, ErrorCode::ShuttingDown, "node is shutting down");
         }
