@@ -35,11 +35,4 @@ impl ChaosCluster {
     pub fn client_endpoints(&self) -> Vec<Endpoint> {
         self.nodes.endpoints()
     }
-
-    /// The node that says it leads in the highest term, asking each running
-    /// node once; `None` while an election is on.
-    pub fn leader(&self) -> Option<usize> {
-        let statuses = self.nodes.running().into_iter().filter_map(|id| self.nodes.status(id));
-        statuses.filter(|s| s.role == "leader").max_by_key(|s| s.term).map(|s| s.id as usize)
-    }
 }

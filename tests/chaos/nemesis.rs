@@ -41,9 +41,8 @@ pub struct Scheduled {
 
 impl Fault {
     /// A fault of `kind` (below [`KINDS`]) on random nodes; `leader` is the
-    /// current leader if one is known (otherwise a random node stands in for it).
-    fn pick(kind: usize, rng: &mut fastrand::Rng, n: usize, leader: Option<usize>) -> Fault {
-        let leader = leader.unwrap_or_else(|| rng.usize(..n));
+    /// current leader.
+    fn pick(kind: usize, rng: &mut fastrand::Rng, n: usize, leader: usize) -> Fault {
         let other = (leader + rng.usize(1..n)) % n;
         match kind {
             0 => Fault::Kill { node: other, leader: false },
@@ -160,7 +159,10 @@ pub fn run(
             rng.shuffle(&mut deck);
         }
         let kind = deck.pop().expect("refilled");
-        let leader = cluster.leader();
+        // Each fault strikes a cluster that has recovered from the last one
+        // (a kill-all takes about 2 s to serve again): a failover then
+        // measures its own fault, and "the leader" is the one that leads.
+        let leader = cluster.nodes.wait_for_leader();
         let fault = Fault::pick(kind, rng, cluster.size(), leader);
         probes.iter_mut().for_each(|probe| probe.before(&fault, leader));
         let start = t0.elapsed();

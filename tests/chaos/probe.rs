@@ -95,8 +95,8 @@ impl Probe {
     }
 
     /// Just before `fault` strikes the leader: the new-leader probe's write.
-    pub fn before(&mut self, fault: &Fault, leader: Option<usize>) {
-        if let (Kind::NewLeaderRead, Some(leader), true) = (self.kind, leader, fault.removes_live_leader()) {
+    pub fn before(&mut self, fault: &Fault, leader: usize) {
+        if matches!(self.kind, Kind::NewLeaderRead) && fault.removes_live_leader() {
             let key = self.key();
             let value = self.session.fresh_value();
             let write = self.session.perform(&[leader], key, Input::Put(value));
@@ -105,15 +105,15 @@ impl Probe {
     }
 
     /// While `fault` lasts, if it is one this probe aims at.
-    pub fn during(&mut self, fault: &Fault, leader: Option<usize>) {
-        match (self.kind, leader) {
-            (Kind::AcrossTheCut(cut), _) => {
+    pub fn during(&mut self, fault: &Fault, leader: usize) {
+        match self.kind {
+            Kind::AcrossTheCut(cut) => {
                 if let Some(cut_off) = fault.cuts_off() {
                     self.across_the_cut(cut, cut_off);
                 }
             }
-            (Kind::NewLeaderRead, Some(leader)) if fault.removes_live_leader() => self.flood(leader),
-            (Kind::NewLeaderRead, _) => {}
+            Kind::NewLeaderRead if fault.removes_live_leader() => self.flood(leader),
+            Kind::NewLeaderRead => {}
         }
     }
 
