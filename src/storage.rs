@@ -9,11 +9,13 @@
 //! | key                         | value        |
 //! |-----------------------------|--------------|
 //! | `hs`                        | [`HardState`] |
+//! | `snapshot`                  | [`SnapshotMeta`]: the log starts after it |
 //! | `log/` + index as u64 BE    | [`Entry`]    |
 //! | `meta/` + name              | raw bytes    |
 //!
-//! Big-endian indexes make sled's key order the log order, so recovery is one
-//! prefix scan.
+//! Big-endian indexes make sled's key order the log order. The newest
+//! entries (up to [`TAIL_BYTES`]) are also kept in memory, and they are all
+//! that opening reads: the core reads older ones through [`LogStore`].
 //!
 //! # Atomicity
 //!
@@ -45,7 +47,7 @@
 //! create, plus their parents, so a freshly created node's files exist after a
 //! power loss.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File};
@@ -54,9 +56,12 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::raft::log_store::take_within;
 use crate::raft::types::{Entry, HardState, Index, Term};
+use crate::raft::{LogStore, SnapshotMeta};
 
 const HARD_STATE_KEY: &[u8] = b"hs";
+const SNAPSHOT_KEY: &[u8] = b"snapshot";
 const LOG_PREFIX: &[u8] = b"log/";
 const META_PREFIX: &[u8] = b"meta/";
 /// Written when the database is created. sled treats an unreadable data file
@@ -87,15 +92,19 @@ impl fmt::Display for StorageError {
 
 impl std::error::Error for StorageError {}
 
-/// What [`Storage::open`] found on disk.
+/// What [`Storage::open`] found on disk besides the log.
 #[derive(Debug)]
 pub struct Recovered {
     /// Default (term 0, no vote, commit 0) for a fresh node; `commit` is
     /// clamped to the last log index.
     pub hard_state: HardState,
-    /// The whole log, contiguous from index 1.
-    pub entries: Vec<Entry>,
 }
+
+/// The newest entries are kept in memory too, up to this many bytes: the
+/// leader replicates and applies from memory, and only a follower far
+/// behind costs database reads. It is also all that `open` reads and checks,
+/// so a restart takes the same time however long the log is.
+const TAIL_BYTES: usize = 32 << 20;
 
 /// The node's durable state. Writes are buffered by sled until [`Storage::sync`].
 pub struct Storage {
@@ -108,15 +117,20 @@ pub struct Storage {
     synced_blobs: HashSet<OsString>,
     /// Names in `dir` when it was last fsynced.
     synced_names: HashSet<OsString>,
+    /// The snapshot the stored log follows.
+    snapshot: SnapshotMeta,
     /// Index of the last log entry written (durable or not), so that `write`
     /// can truncate and validate without reading the database.
     last_index: Index,
+    /// The newest entries, contiguous and ending at `last_index`.
+    tail: VecDeque<Entry>,
+    tail_bytes: usize,
     sync_count: u64,
 }
 
 impl Storage {
-    /// Opens (creating if absent) the sled db in `dir`, validates and returns
-    /// its contents.
+    /// Opens (creating if absent) the sled db in `dir`, checks it and reads
+    /// the hard state and the newest entries.
     pub fn open(dir: &Path) -> Result<(Storage, Recovered), StorageError> {
         let err = |problem: String| StorageError::new(dir, problem);
 
@@ -144,7 +158,10 @@ impl Storage {
             db_file,
             synced_blobs: HashSet::new(),
             synced_names: HashSet::new(),
+            snapshot: SnapshotMeta::default(),
             last_index: 0,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
             sync_count: 0,
         };
         // sled wrote `conf` (and maybe `db`'s first pages) without fsync.
@@ -162,113 +179,190 @@ impl Storage {
         }
 
         let recovered = storage.recover()?;
-        storage.last_index = recovered.entries.last().map_or(0, |e| e.index);
         Ok((storage, recovered))
     }
 
-    /// Reads and validates everything; any inconsistency is an error rather
-    /// than something to paper over, since Raft's safety rests on this state.
-    fn recover(&self) -> Result<Recovered, StorageError> {
+    /// Reads the hard state, the snapshot position and the log's newest
+    /// entries, and checks them; any inconsistency is an error rather than
+    /// something to paper over, since Raft's safety rests on this state.
+    /// Older entries are checked as they are read.
+    fn recover(&mut self) -> Result<Recovered, StorageError> {
         let err = |problem: String| StorageError::new(&self.dir, problem);
 
-        let mut hard_state = match self.db.get(HARD_STATE_KEY) {
-            Ok(None) => HardState::default(),
-            Ok(Some(bytes)) => {
-                rmp_serde::from_slice(&bytes).map_err(|e| err(format!("hard state is unreadable: {e}")))?
-            }
-            Err(e) => return Err(err(format!("cannot read hard state: {e}"))),
-        };
+        let mut hard_state: HardState = self.read_key(HARD_STATE_KEY, "hard state")?.unwrap_or_default();
+        self.snapshot = self.read_key(SNAPSHOT_KEY, "snapshot position")?.unwrap_or_default();
 
-        let mut entries: Vec<Entry> = Vec::new();
-        for item in self.db.scan_prefix(LOG_PREFIX) {
+        // Newest first, until the byte budget is spent.
+        let mut newest: Vec<Entry> = Vec::new();
+        let mut bytes = 0;
+        let mut reached_start = true;
+        for item in self.db.scan_prefix(LOG_PREFIX).rev() {
+            if bytes >= TAIL_BYTES {
+                reached_start = false;
+                break;
+            }
             let (key, value) = item.map_err(|e| err(format!("cannot read log: {e}")))?;
-            let index = parse_log_key(&key)
-                .ok_or_else(|| err(format!("log key {} is malformed", String::from_utf8_lossy(&key).escape_debug())))?;
-            let entry: Entry =
-                rmp_serde::from_slice(&value).map_err(|e| err(format!("log entry {index} is unreadable: {e}")))?;
-            if entry.index != index {
-                return Err(err(format!("log entry {index} is stored with index {} inside", entry.index)));
-            }
-            let expected = entries.last().map_or(1, |e| e.index + 1);
-            if index != expected {
-                return Err(err(format!("log entry {index} follows a gap: expected index {expected}")));
-            }
-            if let Some(prev) = entries.last()
-                && entry.term < prev.term
-            {
-                return Err(err(format!(
-                    "log entry {index} has term {} after term {} at index {}",
-                    entry.term, prev.term, prev.index
-                )));
-            }
-            entries.push(entry);
+            let entry = decode_entry(&self.dir, &key, &value)?;
+            bytes += entry.approx_size();
+            newest.push(entry);
         }
+        newest.reverse();
+        let mut prev: Option<(Index, Term)> = reached_start.then_some((self.snapshot.index, self.snapshot.term));
+        for entry in &newest {
+            if let Some((index, term)) = prev {
+                if entry.index != index + 1 {
+                    return Err(err(format!("log entry {} follows a gap: expected index {}", entry.index, index + 1)));
+                }
+                if entry.term < term {
+                    return Err(err(format!(
+                        "log entry {} has term {} after term {term} at index {index}",
+                        entry.index, entry.term
+                    )));
+                }
+            }
+            prev = Some((entry.index, entry.term));
+        }
+        self.last_index = newest.last().map_or(self.snapshot.index, |e| e.index);
+        self.tail_bytes = bytes;
+        self.tail = newest.into();
 
-        let last_index = entries.last().map_or(0, |e| e.index);
-        if hard_state.commit > last_index {
+        if hard_state.commit > self.last_index {
             log::warn!(
                 "state dir {}: commit index {} is past the last log entry {}; using {}",
                 self.dir.display(),
                 hard_state.commit,
-                last_index,
-                last_index
+                self.last_index,
+                self.last_index
             );
-            hard_state.commit = last_index;
+            hard_state.commit = self.last_index;
         }
-        Ok(Recovered { hard_state, entries })
+        Ok(Recovered { hard_state })
+    }
+
+    fn read_key<T: serde::de::DeserializeOwned>(&self, key: &[u8], what: &str) -> Result<Option<T>, StorageError> {
+        let err = |problem: String| StorageError::new(&self.dir, problem);
+        match self.db.get(key) {
+            Ok(None) => Ok(None),
+            Ok(Some(bytes)) => {
+                rmp_serde::from_slice(&bytes).map(Some).map_err(|e| err(format!("{what} is unreadable: {e}")))
+            }
+            Err(e) => Err(err(format!("cannot read {what}: {e}"))),
+        }
     }
 
     /// Atomically (one sled batch, so a crash leaves either all or none of
-    /// it): sets the hard state if `Some`, deletes every log entry with index
-    /// `>= truncate_from` if `Some`, inserts `entries`.
+    /// it): sets the hard state if `Some`, and writes `entries` in place of
+    /// every stored entry from the first of them on.
     ///
-    /// `entries` must be consecutive and start at most one past the last
-    /// entry left after truncation, so that the log on disk never has a gap
-    /// (which `open` would reject). Not durable until [`Storage::sync`].
-    pub fn write(
-        &mut self,
-        hard_state: Option<&HardState>,
-        truncate_from: Option<Index>,
-        entries: &[Entry],
-    ) -> Result<(), StorageError> {
-        let kept_last = match truncate_from {
-            Some(from) => self.last_index.min(from.saturating_sub(1)),
-            None => self.last_index,
-        };
-        let new_last = self.check_appendable(kept_last, entries)?;
-
+    /// `entries` must be consecutive, start past the snapshot and at most
+    /// one past the last stored entry, and not go back in term, so that the
+    /// log on disk never has a gap (which `open` would reject). Not durable
+    /// until [`Storage::sync`].
+    pub fn write(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), StorageError> {
+        let new_last = self.check_appendable(entries)?;
         let mut batch = sled::Batch::default();
         if let Some(hs) = hard_state {
             batch.insert(HARD_STATE_KEY, self.encode(hs, "hard state")?);
         }
-        for index in kept_last + 1..=self.last_index {
-            batch.remove(&log_key(index)[..]);
+        if let Some(first) = entries.first() {
+            for index in first.index..=self.last_index {
+                batch.remove(&log_key(index)[..]);
+            }
         }
         for entry in entries {
             // Inserted after the removals: a batch is a map, so an entry
             // that replaces a truncated one wins.
             batch.insert(&log_key(entry.index)[..], self.encode(entry, "log entry")?);
         }
-        self.db.apply_batch(batch).map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))?;
-        self.last_index = new_last;
+        self.apply(batch)?;
+        if let Some(first) = entries.first() {
+            while self.tail.back().is_some_and(|e| e.index >= first.index) {
+                let dropped = self.tail.pop_back().expect("checked");
+                self.tail_bytes -= dropped.approx_size();
+            }
+            if self.tail.back().is_some_and(|e| e.index + 1 != first.index) {
+                self.tail.clear();
+                self.tail_bytes = 0;
+            }
+            for entry in entries {
+                self.tail_bytes += entry.approx_size();
+                self.tail.push_back(entry.clone());
+            }
+            while self.tail.len() > 1 && self.tail_bytes > TAIL_BYTES {
+                let dropped = self.tail.pop_front().expect("more than one");
+                self.tail_bytes -= dropped.approx_size();
+            }
+            self.last_index = new_last;
+        }
         Ok(())
     }
 
-    /// Returns the last index after appending `entries` behind `kept_last`,
-    /// or an error if that would leave a gap.
-    fn check_appendable(&self, kept_last: Index, entries: &[Entry]) -> Result<Index, StorageError> {
-        let Some(first) = entries.first() else {
-            return Ok(kept_last);
-        };
-        let err = |problem: String| Err(StorageError::new(&self.dir, problem));
-        if first.index == 0 || first.index > kept_last + 1 {
-            return err(format!(
-                "refusing to write log entry {} after last index {kept_last}: \
-                 the log would have a gap",
-                first.index
+    /// Starts the log over after `snapshot`: every stored entry goes (those
+    /// after it may conflict with the history it holds). Atomic, not durable
+    /// until [`Storage::sync`].
+    pub fn install_snapshot(&mut self, snapshot: SnapshotMeta) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT_KEY, self.encode(&snapshot, "snapshot position")?);
+        for index in self.snapshot.index + 1..=self.last_index {
+            batch.remove(&log_key(index)[..]);
+        }
+        self.apply(batch)?;
+        self.snapshot = snapshot;
+        self.last_index = snapshot.index;
+        self.tail.clear();
+        self.tail_bytes = 0;
+        Ok(())
+    }
+
+    /// Deletes the entries up to `index`, which a durable snapshot covers.
+    /// Atomic, not durable until [`Storage::sync`] (a crash before only
+    /// leaves entries that are deleted again next time).
+    pub fn compact(&mut self, index: Index) -> Result<(), StorageError> {
+        if index <= self.snapshot.index {
+            return Ok(());
+        }
+        if index > self.last_index {
+            return Err(StorageError::new(
+                &self.dir,
+                format!("cannot compact to {index}: the log ends at {}", self.last_index),
             ));
         }
-        let mut prev = (first.index - 1, self.stored_term(first.index - 1)?);
+        let snapshot = SnapshotMeta { index, term: self.term(index) };
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT_KEY, self.encode(&snapshot, "snapshot position")?);
+        for i in self.snapshot.index + 1..=index {
+            batch.remove(&log_key(i)[..]);
+        }
+        self.apply(batch)?;
+        self.snapshot = snapshot;
+        while self.tail.front().is_some_and(|e| e.index <= index) {
+            let dropped = self.tail.pop_front().expect("checked");
+            self.tail_bytes -= dropped.approx_size();
+        }
+        Ok(())
+    }
+
+    fn apply(&self, batch: sled::Batch) -> Result<(), StorageError> {
+        self.db.apply_batch(batch).map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))
+    }
+
+    /// Returns the last index after writing `entries`, or an error if that
+    /// would leave a gap or a term going back.
+    fn check_appendable(&self, entries: &[Entry]) -> Result<Index, StorageError> {
+        let Some(first) = entries.first() else {
+            return Ok(self.last_index);
+        };
+        let err = |problem: String| Err(StorageError::new(&self.dir, problem));
+        if first.index <= self.snapshot.index || first.index > self.last_index + 1 {
+            return err(format!(
+                "refusing to write log entry {} after last index {} (snapshot at {}): \
+                 the log would have a gap",
+                first.index, self.last_index, self.snapshot.index
+            ));
+        }
+        let prev_index = first.index - 1;
+        let prev_term = if prev_index == self.snapshot.index { self.snapshot.term } else { self.term(prev_index) };
+        let mut prev = (prev_index, prev_term);
         for entry in entries {
             if entry.index != prev.0 + 1 {
                 return err(format!(
@@ -285,23 +379,24 @@ impl Storage {
             }
             prev = (entry.index, entry.term);
         }
-        Ok(kept_last.max(prev.0))
+        Ok(prev.0)
     }
 
-    /// The term of the stored entry at `index` (0 for index 0).
-    fn stored_term(&self, index: Index) -> Result<Term, StorageError> {
-        if index == 0 {
-            return Ok(0);
-        }
-        let err = |problem: String| StorageError::new(&self.dir, problem);
-        let bytes = self
+    /// The stored entry at `index`. A node that cannot read its own log
+    /// must not go on: this stops the process, saying why.
+    fn read_entry(&self, index: Index) -> Entry {
+        let read = self
             .db
             .get(log_key(index))
-            .map_err(|e| err(format!("cannot read log entry {index}: {e}")))?
-            .ok_or_else(|| err(format!("log entry {index} is missing")))?;
-        let entry: Entry =
-            rmp_serde::from_slice(&bytes).map_err(|e| err(format!("log entry {index} is unreadable: {e}")))?;
-        Ok(entry.term)
+            .map_err(|e| format!("cannot read log entry {index}: {e}"))
+            .and_then(|bytes| bytes.ok_or_else(|| format!("log entry {index} is missing")))
+            .and_then(|bytes| decode_entry(&self.dir, &log_key(index), &bytes).map_err(|e| e.problem));
+        read.unwrap_or_else(|problem| self.fatal(&problem))
+    }
+
+    fn fatal(&self, problem: &str) -> ! {
+        log::error!("state dir {}: {problem}; stopping at once", self.dir.display());
+        std::process::exit(1)
     }
 
     fn encode<T: serde::Serialize>(&self, value: &T, what: &str) -> Result<Vec<u8>, StorageError> {
@@ -386,6 +481,33 @@ impl Storage {
             .insert(meta_key(name), value)
             .map_err(|e| StorageError::new(&self.dir, format!("cannot write meta {name:?}: {e}")))?;
         self.sync()
+    }
+}
+
+impl LogStore for Storage {
+    fn snapshot_meta(&self) -> SnapshotMeta {
+        self.snapshot
+    }
+
+    fn last_index(&self) -> Index {
+        self.last_index
+    }
+
+    fn term(&self, index: Index) -> Term {
+        match self.tail.front() {
+            Some(first) if index >= first.index => self.tail[(index - first.index) as usize].term,
+            _ => self.read_entry(index).term,
+        }
+    }
+
+    fn entries(&self, lo: Index, hi: Index, max_bytes: usize) -> Vec<Entry> {
+        if let Some(first) = self.tail.front()
+            && lo >= first.index
+        {
+            let range = (lo - first.index) as usize..=(hi - first.index) as usize;
+            return take_within(self.tail.range(range).cloned(), max_bytes);
+        }
+        take_within((lo..=hi).map(|index| self.read_entry(index)), max_bytes)
     }
 }
 
@@ -490,6 +612,19 @@ fn parse_log_key(key: &[u8]) -> Option<Index> {
     Some(Index::from_be_bytes(bytes.try_into().ok()?))
 }
 
+/// Decodes the log entry stored under `key`, checking the two agree.
+fn decode_entry(dir: &Path, key: &[u8], value: &[u8]) -> Result<Entry, StorageError> {
+    let err = |problem: String| StorageError::new(dir, problem);
+    let index = parse_log_key(key)
+        .ok_or_else(|| err(format!("log key {} is malformed", String::from_utf8_lossy(key).escape_debug())))?;
+    let entry: Entry =
+        rmp_serde::from_slice(value).map_err(|e| err(format!("log entry {index} is unreadable: {e}")))?;
+    if entry.index != index {
+        return Err(err(format!("log entry {index} is stored with index {} inside", entry.index)));
+    }
+    Ok(entry)
+}
+
 fn meta_key(name: &str) -> Vec<u8> {
     [META_PREFIX, name.as_bytes()].concat()
 }
@@ -503,8 +638,19 @@ mod tests {
         Entry { index, term, payload: Payload::Command(data.to_vec()) }
     }
 
-    fn reopen(dir: &Path) -> Recovered {
-        Storage::open(dir).expect("reopen").1
+    struct Reopened {
+        hard_state: HardState,
+        entries: Vec<Entry>,
+    }
+
+    fn all_entries(s: &Storage) -> Vec<Entry> {
+        let first = s.snapshot_meta().index + 1;
+        if first > s.last_index() { vec![] } else { s.entries(first, s.last_index(), usize::MAX) }
+    }
+
+    fn reopen(dir: &Path) -> Reopened {
+        let (s, rec) = Storage::open(dir).expect("reopen");
+        Reopened { hard_state: rec.hard_state, entries: all_entries(&s) }
     }
 
     /// Writes raw key/values with sled directly, bypassing `Storage`'s
@@ -531,9 +677,9 @@ mod tests {
     fn fresh_dir_is_empty_and_created_with_parents() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("state").join("0");
-        let (_s, rec) = Storage::open(&dir).unwrap();
+        let (s, rec) = Storage::open(&dir).unwrap();
         assert_eq!(rec.hard_state, HardState::default());
-        assert!(rec.entries.is_empty());
+        assert!(all_entries(&s).is_empty());
         assert!(dir.join("db").exists());
     }
 
@@ -544,7 +690,7 @@ mod tests {
         let entries = vec![Entry { index: 1, term: 1, payload: Payload::Noop }, entry(2, 2, b"a"), entry(3, 3, b"b")];
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(Some(&hs), None, &entries).unwrap();
+            s.write(Some(&hs), &entries).unwrap();
             assert_eq!(s.sync_count(), 0);
             s.sync().unwrap();
             assert_eq!(s.sync_count(), 1);
@@ -559,9 +705,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(None, None, &[entry(1, 1, b"a"), entry(2, 1, b"b")]).unwrap();
-            s.write(None, None, &[entry(3, 1, b"c")]).unwrap();
-            s.write(None, None, &[]).unwrap();
+            s.write(None, &[entry(1, 1, b"a"), entry(2, 1, b"b")]).unwrap();
+            s.write(None, &[entry(3, 1, b"c")]).unwrap();
+            s.write(None, &[]).unwrap();
             s.sync().unwrap();
         }
         let rec = reopen(tmp.path());
@@ -575,10 +721,10 @@ mod tests {
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
             let old: Vec<_> = (1..=5).map(|i| entry(i, 1, b"old")).collect();
-            s.write(None, None, &old).unwrap();
+            s.write(None, &old).unwrap();
             s.sync().unwrap();
             let hs = HardState { term: 2, vote: None, commit: 2 };
-            s.write(Some(&hs), Some(3), &[entry(3, 2, b"new")]).unwrap();
+            s.write(Some(&hs), &[entry(3, 2, b"new")]).unwrap();
             s.sync().unwrap();
         }
         let rec = reopen(tmp.path());
@@ -587,27 +733,12 @@ mod tests {
     }
 
     #[test]
-    fn truncate_without_entries_shortens_log_and_later_appends_follow_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut s, _) = Storage::open(tmp.path()).unwrap();
-        s.write(None, None, &(1..=4).map(|i| entry(i, 1, b"x")).collect::<Vec<_>>()).unwrap();
-        s.write(None, Some(2), &[]).unwrap();
-        // Index 3 would leave a gap after the truncation to 1.
-        assert!(s.write(None, None, &[entry(3, 2, b"y")]).is_err());
-        s.write(None, None, &[entry(2, 2, b"y")]).unwrap();
-        s.sync().unwrap();
-        drop(s);
-        let rec = reopen(tmp.path());
-        assert_eq!(rec.entries, vec![entry(1, 1, b"x"), entry(2, 2, b"y")]);
-    }
-
-    #[test]
     fn hard_state_updates_replace_previous() {
         let tmp = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(Some(&HardState { term: 1, vote: Some(0), commit: 0 }), None, &[]).unwrap();
-            s.write(Some(&HardState { term: 2, vote: None, commit: 0 }), None, &[]).unwrap();
+            s.write(Some(&HardState { term: 1, vote: Some(0), commit: 0 }), &[]).unwrap();
+            s.write(Some(&HardState { term: 2, vote: None, commit: 0 }), &[]).unwrap();
             s.sync().unwrap();
         }
         assert_eq!(reopen(tmp.path()).hard_state, HardState { term: 2, vote: None, commit: 0 });
@@ -619,7 +750,7 @@ mod tests {
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
             let hs = HardState { term: 1, vote: None, commit: 9 };
-            s.write(Some(&hs), None, &[entry(1, 1, b"a")]).unwrap();
+            s.write(Some(&hs), &[entry(1, 1, b"a")]).unwrap();
             s.sync().unwrap();
         }
         assert_eq!(reopen(tmp.path()).hard_state.commit, 1);
@@ -629,25 +760,25 @@ mod tests {
     fn write_rejects_gaps() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut s, _) = Storage::open(tmp.path()).unwrap();
-        let e = s.write(None, None, &[entry(2, 1, b"a")]).unwrap_err().to_string();
-        assert!(e.contains("log entry 2 after last index 0"), "{e}");
-        let e = s.write(None, None, &[entry(1, 1, b"a"), entry(3, 1, b"c")]).unwrap_err();
+        let e = s.write(None, &[entry(2, 1, b"a")]).unwrap_err().to_string();
+        assert!(e.contains("log entry 2 after last index 0 (snapshot at 0)"), "{e}");
+        let e = s.write(None, &[entry(1, 1, b"a"), entry(3, 1, b"c")]).unwrap_err();
         assert!(e.to_string().contains("consecutive"), "{e}");
-        assert!(s.write(None, None, &[entry(0, 1, b"a")]).is_err());
+        assert!(s.write(None, &[entry(0, 1, b"a")]).is_err());
         // A rejected write changes nothing.
-        s.write(None, None, &[entry(1, 1, b"a")]).unwrap();
+        s.write(None, &[entry(1, 1, b"a")]).unwrap();
     }
 
     #[test]
     fn write_rejects_decreasing_terms_that_would_make_the_dir_unopenable() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut s, _) = Storage::open(tmp.path()).unwrap();
-        s.write(None, None, &[entry(1, 2, b"a"), entry(2, 3, b"b")]).unwrap();
-        let e = s.write(None, None, &[entry(3, 2, b"c")]).unwrap_err().to_string();
+        s.write(None, &[entry(1, 2, b"a"), entry(2, 3, b"b")]).unwrap();
+        let e = s.write(None, &[entry(3, 2, b"c")]).unwrap_err().to_string();
         assert!(e.contains("term 2 after term 3"), "{e}");
-        assert!(s.write(None, None, &[entry(3, 4, b"c"), entry(4, 3, b"d")]).is_err());
+        assert!(s.write(None, &[entry(3, 4, b"c"), entry(4, 3, b"d")]).is_err());
         // After truncating entry 2, term 2 may follow entry 1 again.
-        s.write(None, Some(2), &[entry(2, 2, b"b2")]).unwrap();
+        s.write(None, &[entry(2, 2, b"b2")]).unwrap();
         s.sync().unwrap();
         drop(s);
         assert_eq!(reopen(tmp.path()).entries.len(), 2);
@@ -658,7 +789,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (mut s, _) = Storage::open(tmp.path()).unwrap();
         let entries: Vec<Entry> = (1..=5).map(|i| entry(i, 1, &[i as u8; 10])).collect();
-        s.write(None, None, &entries).unwrap();
+        s.write(None, &entries).unwrap();
         let view = s.log_view();
         let collect = |from, to, max: usize| {
             let mut seen = Vec::new();
@@ -680,7 +811,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         for i in 0..20 {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(None, None, &[entry(i + 1, 1, b"x")]).unwrap();
+            s.write(None, &[entry(i + 1, 1, b"x")]).unwrap();
             s.sync().unwrap();
         }
         let _first = Storage::open(tmp.path()).unwrap();
@@ -694,7 +825,7 @@ mod tests {
         let big = vec![0xAB; 1 << 20];
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(None, None, &[entry(1, 1, &big)]).unwrap();
+            s.write(None, &[entry(1, 1, &big)]).unwrap();
             s.sync().unwrap();
             assert!(!s.synced_blobs.is_empty(), "sync found no blob file");
             let on_disk = list_names(&tmp.path().join("blobs")).unwrap();
@@ -714,8 +845,8 @@ mod tests {
             assert_eq!(s.sync_count(), 2, "write_meta syncs");
             assert_eq!(s.read_meta("membership").unwrap(), Some(b"v2".to_vec()));
         }
-        let (s, rec) = Storage::open(tmp.path()).unwrap();
-        assert!(rec.entries.is_empty(), "meta keys are not log entries");
+        let (s, _) = Storage::open(tmp.path()).unwrap();
+        assert!(all_entries(&s).is_empty(), "meta keys are not log entries");
         assert_eq!(s.read_meta("membership").unwrap(), Some(b"v2".to_vec()));
     }
 
@@ -796,7 +927,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(Some(&HardState { term: 3, vote: Some(1), commit: 0 }), None, &[entry(1, 3, b"x")]).unwrap();
+            s.write(Some(&HardState { term: 3, vote: Some(1), commit: 0 }), &[entry(1, 3, b"x")]).unwrap();
             s.sync().unwrap();
         }
         fs::write(tmp.path().join("db"), vec![0x5a; 4096]).unwrap();
@@ -809,5 +940,47 @@ mod tests {
         let file = tmp.path().join("state");
         fs::write(&file, b"x").unwrap();
         assert!(open_err(&file).contains("cannot create"));
+    }
+
+    #[test]
+    fn compaction_and_snapshot_install_survive_a_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.write(None, &(1..=6).map(|i| entry(i, 1 + i / 4, b"x")).collect::<Vec<_>>()).unwrap();
+            s.compact(4).unwrap();
+            assert_eq!(s.snapshot_meta(), SnapshotMeta { index: 4, term: 2 });
+            assert!(s.write(None, &[entry(4, 2, b"y")]).is_err(), "below the snapshot");
+            s.sync().unwrap();
+        }
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            assert_eq!((s.snapshot_meta().index, s.last_index(), s.term(5)), (4, 6, 2));
+            assert_eq!(all_entries(&s).iter().map(|e| e.index).collect::<Vec<_>>(), vec![5, 6]);
+            s.install_snapshot(SnapshotMeta { index: 9, term: 3 }).unwrap();
+            s.write(None, &[entry(10, 3, b"z")]).unwrap();
+            s.sync().unwrap();
+        }
+        let (s, _) = Storage::open(tmp.path()).unwrap();
+        assert_eq!(s.snapshot_meta(), SnapshotMeta { index: 9, term: 3 });
+        assert_eq!(all_entries(&s), vec![entry(10, 3, b"z")]);
+        let e = {
+            drop(s);
+            write_raw(tmp.path(), &[(log_key(12).to_vec(), rmp_serde::to_vec_named(&entry(12, 3, b"a")).unwrap())]);
+            open_err(tmp.path())
+        };
+        assert!(e.contains("log entry 12 follows a gap: expected index 11"), "{e}");
+    }
+
+    #[test]
+    fn entries_older_than_the_memory_tail_are_read_from_the_database() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut s, _) = Storage::open(tmp.path()).unwrap();
+        let big = vec![7u8; 1 << 20];
+        let entries: Vec<Entry> = (1..=40).map(|i| entry(i, 1, &big)).collect();
+        s.write(None, &entries).unwrap();
+        assert!(s.tail.front().unwrap().index > 1, "the tail is bounded");
+        assert_eq!(s.entries(1, 3, 3 << 20), entries[..2]);
+        assert_eq!(s.term(1), 1);
     }
 }

@@ -18,12 +18,15 @@ use crate::kv::{KvStore, Value, command_json};
 use crate::lock;
 use crate::mirror::Mirror;
 use crate::protocol::{ErrorCode, Reply};
-use crate::raft::{Entry, Index, NodeId, Term};
+use crate::raft::{Entry, Index, NodeId, SnapshotMeta, Term};
 use crate::sessions::Verdict;
 
 pub enum ApplyMsg {
     /// Committed entries, in index order.
     Apply(Vec<Entry>),
+    /// The state machine starts over from the snapshot the core loop just
+    /// installed.
+    Restore(SnapshotMeta),
     /// A client waits for the entry proposed at `index` in `term`. A retry
     /// may wait on an entry that was applied meanwhile: it is answered from
     /// the session table by its `session` (client_id, seq).
@@ -80,6 +83,11 @@ impl Applier {
     fn handle(&mut self, msg: ApplyMsg) {
         match msg {
             ApplyMsg::Apply(entries) => self.apply(entries),
+            ApplyMsg::Restore(snapshot) => {
+                // The transport drops InstallSnapshot until it can carry the data.
+                error!("cannot install snapshot {}/{}: not supported yet; stopping", snapshot.index, snapshot.term);
+                std::process::exit(1);
+            }
             ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline } => {
                 if index > self.applied() {
                     self.writes.entry(index).or_default().push(PendingWrite { term, reply_to, deadline });

@@ -19,15 +19,19 @@ use log::{error, info, warn};
 
 use super::Shared;
 use super::applier::ApplyMsg;
-use super::disk::{DiskAlarm, NOSPACE};
+use super::disk::NOSPACE;
 use super::log_reader::LogRequest;
 use super::replies::{Replier, ReplyTo, not_leader};
+use super::store::NodeStore;
+use crate::driver::{self, run_ready};
 use crate::kv::{LoggedCommand, Value, session_reply};
 use crate::lock;
 use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
-use crate::raft::{Body, Index, NotLeader, Raft, Role, SoftState, Term};
+use crate::raft::{
+    Body, Entry, Index, Message, NodeId, NotLeader, Raft, ReadState, Role, SnapshotMeta, SoftState, Term,
+};
 use crate::sessions::SessionTable;
-use crate::storage::{Storage, StorageError};
+use crate::storage::StorageError;
 use crate::transport::{Inbound, Transport};
 
 /// A decoded client request on its way to the core loop.
@@ -106,15 +110,21 @@ impl Proposals {
     }
 }
 
-struct PendingRead {
+pub struct PendingRead {
     key: Value,
     reply_to: ReplyTo,
     deadline: Instant,
 }
 
 pub struct CoreLoop {
-    pub raft: Raft,
-    pub storage: Storage,
+    pub raft: Raft<NodeStore>,
+    pub io: Io,
+}
+
+/// Everything the core loop drives around the core: the Ready driver's
+/// shell.
+pub struct Io {
+    pub id: NodeId,
     pub transport: Transport,
     pub applier: Sender<ApplyMsg>,
     pub log_reader: Sender<LogRequest>,
@@ -125,7 +135,41 @@ pub struct CoreLoop {
     pub request_timeout: Duration,
     /// How long a stopping leader waits to see a new leader take over.
     pub handover_timeout: Duration,
-    pub disk: DiskAlarm,
+    pub reads: HashMap<u64, PendingRead>,
+    pub role: Role,
+    pub leader: Option<NodeId>,
+    proposals: Proposals,
+}
+
+impl Io {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: NodeId,
+        transport: Transport,
+        applier: Sender<ApplyMsg>,
+        log_reader: Sender<LogRequest>,
+        sessions: Arc<Mutex<SessionTable>>,
+        replier: Replier,
+        shared: Arc<Shared>,
+        request_timeout: Duration,
+        handover_timeout: Duration,
+    ) -> Io {
+        Io {
+            id,
+            transport,
+            applier,
+            log_reader,
+            sessions,
+            replier,
+            shared,
+            request_timeout,
+            handover_timeout,
+            reads: HashMap::new(),
+            role: Role::Follower,
+            leader: None,
+            proposals: Proposals::default(),
+        }
+    }
 }
 
 pub struct Inputs {
@@ -136,11 +180,9 @@ pub struct Inputs {
 }
 
 struct State {
-    io: CoreLoop,
-    reads: HashMap<u64, PendingRead>,
+    raft: Raft<NodeStore>,
+    io: Io,
     next_read_ctx: u64,
-    role: Role,
-    proposals: Proposals,
 }
 
 impl CoreLoop {
@@ -152,18 +194,12 @@ impl CoreLoop {
     /// dropped the dirty pages), and sled, once a write failed, never returns
     /// from closing the database.
     pub fn run(self, inputs: Inputs) {
-        let mut state = State {
-            io: self,
-            reads: HashMap::new(),
-            next_read_ctx: 0,
-            role: Role::Follower,
-            proposals: Proposals::default(),
-        };
+        let mut state = State { raft: self.raft, io: self.io, next_read_ctx: 0 };
         if let Err(e) = state.serve(&inputs) {
-            error!("node {}: stopping at once: {e}; restart it once its disk is fine", state.io.raft.id());
+            error!("node {}: stopping at once: {e}; restart it once its disk is fine", state.io.id);
             std::process::exit(1);
         }
-        state.to_applier(ApplyMsg::Shutdown);
+        state.io.to_applier(ApplyMsg::Shutdown);
         state.io.transport.shutdown();
     }
 }
@@ -213,9 +249,9 @@ impl State {
     /// the transfer, or `handover_timeout` passes. Writes are refused
     /// meanwhile (clients retry, as after an election); reads are served.
     fn hand_over_leadership(&mut self, inputs: &Inputs) -> Result<(), StorageError> {
-        let id = self.io.raft.id();
-        let Some(to) = self.io.raft.transfer_candidate() else { return Ok(()) };
-        if let Err(e) = self.io.raft.transfer_leadership(to) {
+        let id = self.raft.id();
+        let Some(to) = self.raft.transfer_candidate() else { return Ok(()) };
+        if let Err(e) = self.raft.transfer_leadership(to) {
             warn!("node {id}: cannot transfer leadership to {to}: {e:?}");
             return Ok(());
         }
@@ -223,13 +259,13 @@ impl State {
         self.process_ready()?;
         let deadline = after(self.io.handover_timeout);
         loop {
-            let soft = self.io.raft.soft_state();
+            let soft = self.raft.soft_state();
             match soft.leader {
                 Some(leader) if leader != id => {
                     info!("node {id}: node {leader} leads in term {}; shutting down", soft.term);
                     return Ok(());
                 }
-                Some(_) if self.io.raft.transfer_target().is_none() => {
+                Some(_) if self.raft.transfer_target().is_none() => {
                     info!("node {id}: leadership transfer to {to} failed; shutting down as leader");
                     return Ok(());
                 }
@@ -243,15 +279,15 @@ impl State {
     }
 
     fn on_tick(&mut self) {
-        self.io.raft.tick();
+        self.raft.tick();
         let now = Instant::now();
-        let expired: Vec<u64> = self.reads.iter().filter(|(_, r)| r.deadline <= now).map(|(&ctx, _)| ctx).collect();
+        let expired: Vec<u64> = self.io.reads.iter().filter(|(_, r)| r.deadline <= now).map(|(&ctx, _)| ctx).collect();
         for ctx in expired {
-            let read = self.reads.remove(&ctx).expect("listed above");
-            self.reply_error(read.reply_to, ErrorCode::Timeout, "could not confirm leadership in time");
+            let read = self.io.reads.remove(&ctx).expect("listed above");
+            self.io.reply_error(read.reply_to, ErrorCode::Timeout, "could not confirm leadership in time");
         }
-        self.io.disk.poll(now);
-        if self.io.disk.handover_due() {
+        self.raft.store_mut().disk.poll(now);
+        if self.raft.store().disk.handover_due() {
             self.hand_over_for_lack_of_space();
         }
     }
@@ -259,12 +295,12 @@ impl State {
     /// A leader low on space lets a follower lead instead, so the cluster
     /// keeps taking writes if that one has space.
     fn hand_over_for_lack_of_space(&mut self) {
-        let raft = &mut self.io.raft;
+        let raft = &mut self.raft;
         if raft.transfer_target().is_some() {
             return;
         }
         if let Some(to) = raft.transfer_candidate() {
-            self.io.disk.handed_over();
+            raft.store_mut().disk.handed_over();
             info!("node {}: low on disk space; handing leadership to {to}", raft.id());
             if let Err(e) = raft.transfer_leadership(to) {
                 warn!("node {}: cannot hand leadership to {to}: {e:?}", raft.id());
@@ -277,10 +313,10 @@ impl State {
             // Not taken while low on space (no reply: the leader retries,
             // and the majority commits without us meanwhile).
             Inbound::Message(msg)
-                if self.io.disk.raised()
+                if self.raft.store().disk.raised()
                     && matches!(&msg.body, Body::AppendEntries { entries, .. } if !entries.is_empty()) => {}
-            Inbound::Message(msg) => self.io.raft.step(msg),
-            Inbound::Unreachable(peer) => self.io.raft.peer_unreachable(peer),
+            Inbound::Message(msg) => self.raft.step(msg),
+            Inbound::Unreachable(peer) => self.raft.peer_unreachable(peer),
         }
     }
 
@@ -292,17 +328,17 @@ impl State {
                 let logged = LoggedCommand { command, client_id, seq };
                 self.on_write(logged, reply_to, deadline);
             }
-            Request::Get { .. } if self.reads.len() >= MAX_PENDING_READS => {
-                self.reply_error(reply_to, ErrorCode::Busy, "too many reads in flight; retry later")
+            Request::Get { .. } if self.io.reads.len() >= MAX_PENDING_READS => {
+                self.io.reply_error(reply_to, ErrorCode::Busy, "too many reads in flight; retry later")
             }
             Request::Get { key } => {
                 self.next_read_ctx += 1;
                 let ctx = self.next_read_ctx;
-                match self.io.raft.read_index(ctx) {
+                match self.raft.read_index(ctx) {
                     Ok(()) => {
-                        self.reads.insert(ctx, PendingRead { key, reply_to, deadline });
+                        self.io.reads.insert(ctx, PendingRead { key, reply_to, deadline });
                     }
-                    Err(not_leader) => self.reply_not_leader(reply_to, not_leader),
+                    Err(not_leader) => self.io.reply_not_leader(reply_to, not_leader),
                 }
             }
             Request::Status => {
@@ -312,7 +348,7 @@ impl State {
             Request::Log { from, limit } => match self.io.log_reader.try_send(LogRequest { from, limit, reply_to }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(request) | TrySendError::Disconnected(request)) => {
-                    self.reply_error(request.reply_to, ErrorCode::Busy, "too many log requests queued; retry later")
+                    self.io.reply_error(request.reply_to, ErrorCode::Busy, "too many log requests queued; retry later")
                 }
             },
         }
@@ -327,39 +363,39 @@ impl State {
             if let Some(reply) = session_reply(verdict, *seq) {
                 return self.io.replier.send(reply_to, &reply);
             }
-            if let Some((index, term)) = self.proposals.pending(client_id, *seq)
-                && !self.proposals.is_full()
+            if let Some((index, term)) = self.io.proposals.pending(client_id, *seq)
+                && !self.io.proposals.is_full()
             {
                 let session = session.clone();
-                return self.to_applier(ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline });
+                return self.io.to_applier(ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline });
             }
         }
-        self.proposals.applied_to(self.io.shared.last_applied.load(Ordering::Acquire));
-        if self.proposals.is_full() {
-            return self.reply_error(reply_to, ErrorCode::Busy, "too many writes in flight; nothing was applied");
+        self.io.proposals.applied_to(self.io.shared.last_applied.load(Ordering::Acquire));
+        if self.io.proposals.is_full() {
+            return self.io.reply_error(reply_to, ErrorCode::Busy, "too many writes in flight; nothing was applied");
         }
         let bytes = logged.encode();
         let size = bytes.len();
         // Counted before it is written, so that one large batch cannot eat
         // the reserve between two checks.
-        self.io.disk.wrote(size as u64);
-        self.io.disk.poll(Instant::now());
-        if self.io.disk.raised() {
+        self.raft.store_mut().disk.wrote(size as u64);
+        self.raft.store_mut().disk.poll(Instant::now());
+        if self.raft.store().disk.raised() {
             let message =
-                format!("node {} is low on disk space (alarm {NOSPACE}); nothing was applied", self.io.raft.id());
-            return self.reply_error(reply_to, ErrorCode::Busy, &message);
+                format!("node {} is low on disk space (alarm {NOSPACE}); nothing was applied", self.raft.id());
+            return self.io.reply_error(reply_to, ErrorCode::Busy, &message);
         }
-        match self.io.raft.propose(bytes) {
+        match self.raft.propose(bytes) {
             Ok((index, term)) => {
-                self.proposals.add(index, term, size, session.as_ref().map(|(c, s)| (c.as_str(), *s)));
-                self.to_applier(ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline });
+                self.io.proposals.add(index, term, size, session.as_ref().map(|(c, s)| (c.as_str(), *s)));
+                self.io.to_applier(ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline });
             }
-            Err(not_leader) => self.reply_not_leader(reply_to, not_leader),
+            Err(not_leader) => self.io.reply_not_leader(reply_to, not_leader),
         }
     }
 
     fn status(&self) -> StatusInfo {
-        let raft = &self.io.raft;
+        let raft = &self.raft;
         let soft = raft.soft_state();
         let role = match soft.role {
             Role::Leader => "leader",
@@ -379,80 +415,12 @@ impl State {
             learners: Vec::new(),
             first_log_index: 1,
             snapshot_index: 0,
-            alarms: self.io.disk.raised().then(|| NOSPACE.to_string()).into_iter().collect(),
+            alarms: self.raft.store().disk.raised().then(|| NOSPACE.to_string()).into_iter().collect(),
         }
     }
 
-    /// Carries out the core's `Ready`s in the documented order until it has
-    /// nothing more to say.
     fn process_ready(&mut self) -> Result<(), StorageError> {
-        while self.io.raft.has_ready() {
-            let rd = self.io.raft.ready();
-            if let Some(soft) = rd.soft_state {
-                self.on_soft_state(soft);
-            }
-            let must_persist = rd.must_persist();
-            for msg in rd.messages {
-                self.io.transport.send(msg);
-            }
-            if must_persist {
-                self.io.storage.write(rd.hard_state.as_ref(), rd.truncate_from, &rd.entries)?;
-                self.io.storage.sync()?;
-                self.io.disk.wrote(rd.entries.iter().map(|e| e.approx_size() as u64).sum());
-                self.io.disk.poll(Instant::now());
-            }
-            for msg in rd.persisted_messages {
-                self.io.transport.send(msg);
-            }
-            self.io.raft.advance();
-            if !rd.committed.is_empty() {
-                self.to_applier(ApplyMsg::Apply(rd.committed));
-            }
-            for rs in rd.read_states {
-                if let Some(read) = self.reads.remove(&rs.ctx) {
-                    self.to_applier(ApplyMsg::Read { index: rs.index, key: read.key, reply_to: read.reply_to });
-                }
-            }
-            for ctx in rd.failed_reads {
-                if let Some(read) = self.reads.remove(&ctx) {
-                    let leader = self.io.raft.soft_state().leader;
-                    self.reply_not_leader(read.reply_to, NotLeader { leader });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn on_soft_state(&mut self, soft: SoftState) {
-        info!(
-            "node {}: role {} in term {}, leader {}",
-            self.io.raft.id(),
-            soft.role.as_str(),
-            soft.term,
-            soft.leader.map_or("unknown".to_string(), |l| l.to_string())
-        );
-        self.io.shared.set_leader(soft.leader);
-        if self.role == Role::Leader && soft.role != Role::Leader {
-            self.proposals.clear();
-            self.to_applier(ApplyMsg::LeadershipLost { leader: soft.leader });
-        }
-        self.role = soft.role;
-    }
-
-    fn to_applier(&self, msg: ApplyMsg) {
-        // The applier only stops after us; a failed send means it crashed.
-        if self.io.applier.send(msg).is_err() {
-            warn!("apply loop is gone");
-        }
-    }
-
-    fn reply_not_leader(&self, reply_to: ReplyTo, NotLeader { leader }: NotLeader) {
-        self.io.replier.send(reply_to, &not_leader(self.io.raft.id(), leader));
-    }
-
-    fn reply_error(&self, reply_to: ReplyTo, code: ErrorCode, message: &str) {
-        let leader = self.io.raft.soft_state().leader;
-        self.io.replier.send(reply_to, &Reply::error(code, message, leader));
+        run_ready(&mut self.raft, &mut self.io)
     }
 
     /// Clean stop: answer the reads still waiting and record the commit index
@@ -461,11 +429,73 @@ impl State {
     /// producer, once it has stopped adding to the queue.
     fn shut_down(&mut self) -> Result<(), StorageError> {
         self.io.shared.stopping.store(true, Ordering::Release);
-        for (_, read) in std::mem::take(&mut self.reads) {
-            self.reply_error(read.reply_to, ErrorCode::ShuttingDown, "node is shutting down");
+        for (_, read) in std::mem::take(&mut self.io.reads) {
+            self.io.reply_error(read.reply_to, ErrorCode::ShuttingDown, "node is shutting down");
         }
-        self.io.storage.write(Some(&self.io.raft.hard_state()), None, &[])?;
-        self.io.storage.sync()
+        let hard_state = self.raft.hard_state();
+        let storage = &mut self.raft.store_mut().storage;
+        storage.write(Some(&hard_state), &[])?;
+        storage.sync()
+    }
+}
+
+impl driver::Shell for Io {
+    fn send(&mut self, msg: Message) {
+        self.transport.send(msg);
+    }
+
+    fn soft_state(&mut self, soft: SoftState) {
+        info!(
+            "node {}: role {} in term {}, leader {}",
+            self.id,
+            soft.role.as_str(),
+            soft.term,
+            soft.leader.map_or("unknown".to_string(), |l| l.to_string())
+        );
+        self.shared.set_leader(soft.leader);
+        self.leader = soft.leader;
+        if self.role == Role::Leader && soft.role != Role::Leader {
+            self.proposals.clear();
+            self.to_applier(ApplyMsg::LeadershipLost { leader: soft.leader });
+        }
+        self.role = soft.role;
+    }
+
+    fn restore(&mut self, snapshot: SnapshotMeta) {
+        self.to_applier(ApplyMsg::Restore(snapshot));
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        self.to_applier(ApplyMsg::Apply(entries));
+    }
+
+    fn read_ready(&mut self, read: ReadState) {
+        if let Some(pending) = self.reads.remove(&read.ctx) {
+            self.to_applier(ApplyMsg::Read { index: read.index, key: pending.key, reply_to: pending.reply_to });
+        }
+    }
+
+    fn read_failed(&mut self, ctx: u64) {
+        if let Some(read) = self.reads.remove(&ctx) {
+            self.reply_not_leader(read.reply_to, NotLeader { leader: self.leader });
+        }
+    }
+}
+
+impl Io {
+    fn to_applier(&self, msg: ApplyMsg) {
+        // The applier only stops after us; a failed send means it crashed.
+        if self.applier.send(msg).is_err() {
+            warn!("apply loop is gone");
+        }
+    }
+
+    fn reply_not_leader(&self, reply_to: ReplyTo, NotLeader { leader }: NotLeader) {
+        self.replier.send(reply_to, &not_leader(self.id, leader));
+    }
+
+    fn reply_error(&self, reply_to: ReplyTo, code: ErrorCode, message: &str) {
+        self.replier.send(reply_to, &Reply::error(code, message, self.leader));
     }
 }
 

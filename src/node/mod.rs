@@ -15,6 +15,7 @@ mod core_loop;
 mod disk;
 mod log_reader;
 mod replies;
+mod store;
 
 use std::collections::BTreeSet;
 use std::error::Error;
@@ -30,7 +31,7 @@ use crate::config::{Config, Member};
 use crate::kv::KvStore;
 use crate::lock;
 use crate::mirror::Mirror;
-use crate::raft::{self, HardState, Index, NodeId, Raft};
+use crate::raft::{self, HardState, Index, LogStore, NodeId, Raft};
 use crate::security::NodeSecurity;
 use crate::storage::Storage;
 use crate::transport::{Transport, TransportConfig, cluster_id};
@@ -38,9 +39,10 @@ pub use log_reader::LOG_REPLY_MAX_BYTES;
 
 use applier::Applier;
 use client_endpoint::{ClientEndpoint, EndpointConfig};
-use core_loop::{CoreLoop, Inputs};
+use core_loop::{CoreLoop, Inputs, Io};
 use disk::DiskAlarm;
 use replies::Replier;
+use store::NodeStore;
 
 /// State other threads read without asking the core loop.
 pub struct Shared {
@@ -118,7 +120,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let me =
         members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
     let mirror = Mirror::open(&config.node_log_path(id))?;
-    let last_index = recovered.entries.len() as u64;
+    let last_index = storage.last_index();
     if mirror.last_index() > last_index {
         // Applied entries are durable first, so the state dir lost data.
         return Err(format!(
@@ -144,12 +146,16 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     // commit index may lag behind them (it is written lazily).
     let hard_state = HardState { commit: recovered.hard_state.commit.max(mirror.last_index()), ..recovered.hard_state };
     info!(
-        "node {id}: starting with term {}, vote {:?}, {} log entries, commit {}",
-        hard_state.term, hard_state.vote, last_index, hard_state.commit
+        "node {id}: starting with term {}, vote {:?}, log entries {}..={last_index}, commit {}",
+        hard_state.term,
+        hard_state.vote,
+        storage.snapshot_meta().index + 1,
+        hard_state.commit
     );
     let core_config = core_config(config, id, &members);
     let reply_timeout = Duration::from_millis(tick_ms(config) * core_config.inflight_timeout());
-    let raft = Raft::new(core_config, hard_state, recovered.entries);
+    let disk = DiskAlarm::new(&config.node_state_dir(id), config.disk_reserve_bytes);
+    let raft = Raft::new(core_config, NodeStore { storage, disk }, hard_state, 0);
 
     let ctx = zmq::Context::new();
     // Declared before the sockets' owners so that it is dropped after them:
@@ -195,7 +201,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let applier = thread::Builder::new().name("applier".into()).spawn(move || applier.run(apply_rx))?;
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
     let log_reader = {
-        let (view, shared, replier) = (storage.log_view(), shared.clone(), replier.clone());
+        let (view, shared, replier) = (raft.store().storage.log_view(), shared.clone(), replier.clone());
         thread::Builder::new()
             .name("log-reader".into())
             .spawn(move || log_reader::run(view, shared, replier, log_rx))?
@@ -212,21 +218,20 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     })?;
     info!("node {id}: serving peers on {} and clients on {}", me.raft, me.client);
 
-    let core = CoreLoop {
-        raft,
-        storage,
+    let io = Io::new(
+        id,
         transport,
-        applier: apply_tx,
-        log_reader: log_tx,
+        apply_tx,
+        log_tx,
         sessions,
         replier,
-        shared: shared.clone(),
-        request_timeout: Duration::from_millis(config.request_timeout_ms),
+        shared.clone(),
+        Duration::from_millis(config.request_timeout_ms),
         // The core gives up after the minimum election timeout; the rest is
         // time to hear from the new leader.
-        handover_timeout: Duration::from_millis(config.election_timeout_ms.1),
-        disk: DiskAlarm::new(&config.node_state_dir(id), config.disk_reserve_bytes),
-    };
+        Duration::from_millis(config.election_timeout_ms.1),
+    );
+    let core = CoreLoop { raft, io };
     let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
     core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, stop: stop_rx });
     shared.stopping.store(true, Ordering::Release);
@@ -299,6 +304,7 @@ fn core_config(config: &Config, id: NodeId, members: &[Member]) -> raft::Config 
         election_ticks: (min / tick, max / tick),
         heartbeat_ticks: config.heartbeat_ms / tick,
         max_append_bytes: 1 << 20,
+        max_apply_bytes: 16 << 20,
         pre_vote: true,
         check_quorum: true,
         seed,

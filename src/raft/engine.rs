@@ -11,12 +11,13 @@ use std::collections::{BTreeMap, VecDeque};
 
 use log::{debug, error, info};
 
+use super::log_store::LogStore;
 use super::message::{Body, Message};
 use super::progress::Progress;
 use super::quorum::{majority, majority_value};
 use super::raft_log::RaftLog;
 use super::ready::{ReadState, Ready, Role, SoftState};
-use super::types::{Entry, HardState, Index, NodeId, Payload, Term};
+use super::types::{Entry, HardState, Index, NodeId, Payload, SnapshotMeta, Term};
 
 /// Timing and behaviour knobs, all in ticks so the core needs no clock.
 #[derive(Clone, Debug)]
@@ -29,6 +30,8 @@ pub struct Config {
     pub heartbeat_ticks: u64,
     /// Upper bound on the entries carried by one AppendEntries.
     pub max_append_bytes: usize,
+    /// Upper bound on the committed entries handed out by one `Ready`.
+    pub max_apply_bytes: usize,
     pub pre_vote: bool,
     pub check_quorum: bool,
     /// Seeds the election-timeout randomness, so runs are reproducible.
@@ -43,6 +46,13 @@ impl Config {
     /// transport gives up on a reply after the same time.
     pub fn inflight_timeout(&self) -> u64 {
         (self.election_ticks.0 / 2).max(1)
+    }
+
+    /// A snapshot takes far longer to send than an AppendEntries, and the
+    /// shell's transport sends it once however often it is asked: the
+    /// leader asks again only after this many ticks without an answer.
+    pub fn snapshot_timeout(&self) -> u64 {
+        self.election_ticks.1 * 4
     }
 }
 
@@ -94,13 +104,13 @@ struct PendingRead {
     seq: u64,
 }
 
-pub struct Raft {
+pub struct Raft<S> {
     cfg: Config,
     term: Term,
     vote: Option<NodeId>,
     role: Role,
     leader: Option<NodeId>,
-    log: RaftLog,
+    log: RaftLog<S>,
     /// Per-follower replication state; only meaningful on the leader.
     progress: BTreeMap<NodeId, Progress>,
     /// Votes received in the current (pre-)campaign.
@@ -133,13 +143,13 @@ pub struct Raft {
     handed_out: Option<(Index, Term)>,
 }
 
-impl Raft {
-    /// A node restarting from `hard_state` and the durable `entries`
-    /// (contiguous from index 1).
-    pub fn new(cfg: Config, hard_state: HardState, entries: Vec<Entry>) -> Raft {
+impl<S: LogStore> Raft<S> {
+    /// A node restarting from `hard_state` and the durable log in `store`,
+    /// its state machine at `applied` (the snapshot it loaded, if any).
+    pub fn new(cfg: Config, store: S, hard_state: HardState, applied: Index) -> Raft<S> {
         assert!(cfg.members.contains(&cfg.id), "node {} is not a member", cfg.id);
         assert!(cfg.election_ticks.0 > cfg.heartbeat_ticks && cfg.election_ticks.0 <= cfg.election_ticks.1);
-        let log = RaftLog::restore(entries, hard_state.commit);
+        let log = RaftLog::new(store, hard_state.commit, applied);
         let mut raft = Raft {
             term: hard_state.term,
             vote: hard_state.vote,
@@ -206,10 +216,13 @@ impl Raft {
             self.heartbeat_elapsed = 0;
             self.heartbeat_due = true;
         }
-        let (now, timeout) = (self.ticks, self.cfg.inflight_timeout());
+        let now = self.ticks;
+        let (append_timeout, snapshot_timeout) = (self.cfg.inflight_timeout(), self.cfg.snapshot_timeout());
         for pr in self.progress.values_mut() {
+            let timeout = if pr.pending_snapshot.is_some() { snapshot_timeout } else { append_timeout };
             if pr.inflight_since.is_some_and(|sent| now - sent >= timeout) {
                 pr.inflight_since = None;
+                pr.pending_snapshot = None;
             }
         }
     }
@@ -267,6 +280,7 @@ impl Raft {
                 self.handle_append_reply(m.from, match_index, rejection, read_seq)
             }
             Body::TimeoutNow => self.handle_timeout_now(m.from),
+            Body::InstallSnapshot { snapshot } => self.handle_install_snapshot(m.from, snapshot),
         }
     }
 
@@ -318,6 +332,7 @@ impl Raft {
     pub fn peer_unreachable(&mut self, peer: NodeId) {
         if let Some(pr) = self.progress.get_mut(&peer) {
             pr.inflight_since = None;
+            pr.pending_snapshot = None;
         }
     }
 
@@ -341,13 +356,14 @@ impl Raft {
         if self.role == Role::Leader {
             self.send_appends();
         }
-        let unstable = self.log.take_unstable();
-        if let Some(last) = unstable.entries.last() {
+        let snapshot = self.log.take_snapshot();
+        let entries = self.log.take_unstable();
+        if let Some(last) = entries.last() {
             self.handed_out = Some((last.index, last.term));
         }
         // The commit index rides along with writes that happen anyway; after a
         // crash the mirror of applied entries recovers anything newer.
-        let hard_state = (self.hard_state_changed() || !unstable.entries.is_empty()).then(|| {
+        let hard_state = (self.hard_state_changed() || !entries.is_empty() || snapshot.is_some()).then(|| {
             self.last_hard_state = self.hard_state();
             self.last_hard_state
         });
@@ -359,11 +375,11 @@ impl Raft {
         Ready {
             soft_state,
             hard_state,
-            truncate_from: unstable.truncate_from,
-            entries: unstable.entries,
+            snapshot,
+            entries,
             messages: std::mem::take(&mut self.messages),
             persisted_messages: std::mem::take(&mut self.persisted_messages),
-            committed: self.log.take_committed(),
+            committed: self.log.take_committed(self.cfg.max_apply_bytes),
             read_states: std::mem::take(&mut self.read_states),
             failed_reads: std::mem::take(&mut self.failed_reads),
         }
@@ -371,6 +387,7 @@ impl Raft {
 
     /// The shell has made the last `Ready`'s writes durable.
     pub fn advance(&mut self) {
+        self.log.snapshot_installed();
         if let Some((index, term)) = self.handed_out.take() {
             self.log.stable_to(index, term);
             if self.role == Role::Leader {
@@ -395,6 +412,31 @@ impl Raft {
 
     pub fn commit_index(&self) -> Index {
         self.log.committed()
+    }
+
+    /// The durable log. The shell writes to it only as a `Ready` asks, and
+    /// compacts it only up to what it has applied.
+    pub fn store(&self) -> &S {
+        self.log.store()
+    }
+
+    pub fn store_mut(&mut self) -> &mut S {
+        self.log.store_mut()
+    }
+
+    /// What survives a crash: the store, as the shell last persisted it.
+    pub fn into_store(self) -> S {
+        self.log.into_store()
+    }
+
+    /// Last index handed to the shell to apply (or restored from a snapshot).
+    pub fn applied(&self) -> Index {
+        self.log.applied()
+    }
+
+    /// The snapshot the log starts after.
+    pub fn snapshot(&self) -> SnapshotMeta {
+        self.log.snapshot()
     }
 
     pub fn last_index(&self) -> Index {
@@ -590,15 +632,10 @@ impl Raft {
         leader_commit: Index,
         read_seq: u64,
     ) {
-        if self.role == Role::Leader {
-            error!("node {}: two leaders in term {} (other: {}); ignoring", self.cfg.id, self.term, from);
+        if !self.follow(from) {
             return;
         }
-        if self.role != Role::Follower || self.leader != Some(from) {
-            self.become_follower(self.term, Some(from));
-        }
-        self.election_elapsed = 0;
-        let reply = |this: &mut Raft, success, match_index, conflict_index, conflict_term| {
+        let reply = |this: &mut Raft<S>, success, match_index, conflict_index, conflict_term| {
             this.persisted_messages.push(Message {
                 from: this.cfg.id,
                 to: from,
@@ -613,6 +650,12 @@ impl Raft {
                 },
             });
         };
+        if prev_log_index < self.log.snapshot().index {
+            // Our snapshot covers `prev`: everything up to our commit index is
+            // committed, hence in the leader's log too (Leader Completeness).
+            let committed = self.log.committed();
+            return reply(self, true, committed, 0, None);
+        }
         match self.log.term(prev_log_index) {
             None => {
                 let next = self.log.last_index() + 1;
@@ -642,6 +685,60 @@ impl Raft {
                 reply(self, true, last_new, 0, None);
             }
         }
+    }
+
+    /// A message only a leader sends came from `from` in our term: follow it
+    /// and hold off elections. False if we lead this term ourselves, which
+    /// only a bug or a forgery can cause.
+    fn follow(&mut self, from: NodeId) -> bool {
+        if self.role == Role::Leader {
+            error!("node {}: two leaders in term {} (other: {}); ignoring", self.cfg.id, self.term, from);
+            return false;
+        }
+        if self.role != Role::Follower || self.leader != Some(from) {
+            self.become_follower(self.term, Some(from));
+        }
+        self.election_elapsed = 0;
+        true
+    }
+
+    /// A snapshot from the leader, already received and checked by the
+    /// shell: install it unless our log already covers it.
+    fn handle_install_snapshot(&mut self, from: NodeId, snapshot: SnapshotMeta) {
+        if !self.follow(from) {
+            return;
+        }
+        let match_index = if snapshot.index <= self.log.committed() {
+            self.log.committed()
+        } else if self.log.term(snapshot.index) == Some(snapshot.term) {
+            // We hold its last entry, hence every entry before it: they are committed.
+            self.log.commit_to(snapshot.index);
+            snapshot.index
+        } else {
+            info!(
+                "node {}: installing snapshot {}/{} from leader {} (our log ends at {})",
+                self.cfg.id,
+                snapshot.index,
+                snapshot.term,
+                from,
+                self.log.last_index()
+            );
+            self.log.restore(snapshot);
+            snapshot.index
+        };
+        self.persisted_messages.push(Message {
+            from: self.cfg.id,
+            to: from,
+            term: self.term,
+            body: Body::AppendEntriesReply {
+                success: true,
+                prev_log_index: snapshot.index,
+                match_index,
+                conflict_index: 0,
+                conflict_term: None,
+                read_seq: 0,
+            },
+        });
     }
 
     fn handle_append_reply(&mut self, from: NodeId, match_index: Index, rejection: Option<Rejection>, read_seq: u64) {
@@ -687,6 +784,7 @@ impl Raft {
 
     fn wants_append(&self, pr: &Progress) -> bool {
         pr.inflight_since.is_none()
+            && pr.pending_snapshot.is_none()
             && (self.heartbeat_due
                 || pr.next <= self.log.last_index()
                 || pr.commit_sent < self.log.committed()
@@ -701,15 +799,22 @@ impl Raft {
         for to in wanting {
             let pr = &self.progress[&to];
             let prev_log_index = pr.next - 1;
-            let prev_log_term = self.log.term(prev_log_index).expect("next <= last + 1");
-            let body = Body::AppendEntries {
-                prev_log_index,
-                prev_log_term,
-                entries: self.log.entries_from(pr.next, self.cfg.max_append_bytes),
-                leader_commit: self.log.committed(),
-                read_seq: self.read_seq,
+            let body = match self.log.term(prev_log_index) {
+                Some(prev_log_term) => Body::AppendEntries {
+                    prev_log_index,
+                    prev_log_term,
+                    entries: self.log.entries_from(pr.next, self.cfg.max_append_bytes),
+                    leader_commit: self.log.committed(),
+                    read_seq: self.read_seq,
+                },
+                // What the follower needs next was compacted away.
+                None => Body::InstallSnapshot { snapshot: self.log.snapshot() },
             };
             let pr = self.progress.get_mut(&to).expect("listed above");
+            if let Body::InstallSnapshot { snapshot } = &body {
+                info!("node {}: sending snapshot {}/{} to {}", self.cfg.id, snapshot.index, snapshot.term, to);
+                pr.pending_snapshot = Some(snapshot.index);
+            }
             pr.inflight_since = Some(self.ticks);
             pr.commit_sent = self.log.committed();
             // The leader may send before its own write is durable (thesis
@@ -782,6 +887,7 @@ impl Raft {
     fn debug_check_invariants(&self) {
         let last = self.log.last_index();
         debug_assert!(self.log.committed() <= last, "commit {} past the last entry {last}", self.log.committed());
+        debug_assert!(self.log.committed() >= self.log.snapshot().index, "commit behind the snapshot");
         debug_assert!(self.term >= self.last_hard_state.term, "the term went back");
         debug_assert_eq!(self.role == Role::Leader, self.leader == Some(self.cfg.id), "leader but not leading");
         debug_assert!(
@@ -814,14 +920,17 @@ impl Raft {
             // leader that restarted counts its rounds from 1 again, so the
             // echo could confirm its new reads without a quorum (found by
             // the simulator).
-            Body::AppendEntries { prev_log_index, .. } => Body::AppendEntriesReply {
-                success: false,
-                prev_log_index,
-                match_index: 0,
-                conflict_index: 0,
-                conflict_term: None,
-                read_seq: 0,
-            },
+            Body::AppendEntries { prev_log_index, .. }
+            | Body::InstallSnapshot { snapshot: SnapshotMeta { index: prev_log_index, .. } } => {
+                Body::AppendEntriesReply {
+                    success: false,
+                    prev_log_index,
+                    match_index: 0,
+                    conflict_index: 0,
+                    conflict_term: None,
+                    read_seq: 0,
+                }
+            }
             Body::RequestVote { pre_vote, .. } => Body::RequestVoteReply { granted: false, pre_vote },
             _ => return,
         };

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Entry, Index, NodeId, Term};
+use super::types::{Entry, Index, NodeId, SnapshotMeta, Term};
 
 /// The highest term a message may carry. No real cluster gets near it (a
 /// million elections a second would take 285 years), so a bigger one is a bug
@@ -64,6 +64,13 @@ pub enum Body {
     /// log matches its own to start an election now. Never answered; the
     /// election that follows is the answer.
     TimeoutNow,
+    /// The leader has compacted entries the follower needs: it sends the
+    /// snapshot instead. The shell's transport streams the snapshot's data
+    /// and delivers this message once all of it arrived intact. Answered by
+    /// an `AppendEntriesReply` whose `prev_log_index` is the snapshot's index.
+    InstallSnapshot {
+        snapshot: SnapshotMeta,
+    },
 }
 
 impl Message {
@@ -104,6 +111,8 @@ impl Message {
             Body::AppendEntriesReply { conflict_term: Some(conflict), .. } if *conflict > self.term => {
                 Err(format!("conflict term {conflict} is newer than the reply's term {}", self.term))
             }
+            Body::InstallSnapshot { snapshot } if snapshot.index == 0 => Err("snapshot at index 0".into()),
+            Body::InstallSnapshot { snapshot } => check_position("snapshot", snapshot.index, snapshot.term, self.term),
             Body::RequestVoteReply { .. } | Body::AppendEntriesReply { .. } | Body::TimeoutNow => Ok(()),
         }
     }
@@ -122,6 +131,9 @@ fn check_position(what: &str, index: Index, term: Term, message_term: Term) -> R
 impl Body {
     /// Requests travel on the sender's REQ socket; replies answer them.
     pub fn is_request(&self) -> bool {
-        matches!(self, Body::RequestVote { .. } | Body::AppendEntries { .. } | Body::TimeoutNow)
+        matches!(
+            self,
+            Body::RequestVote { .. } | Body::AppendEntries { .. } | Body::TimeoutNow | Body::InstallSnapshot { .. }
+        )
     }
 }

@@ -7,6 +7,7 @@
 //! [`Raft::advance`] — the division of labour of etcd's `RawNode`.
 
 mod engine;
+pub mod log_store;
 pub mod message;
 mod progress;
 mod quorum;
@@ -18,6 +19,7 @@ pub mod types;
 mod tests;
 
 pub use engine::{Config, NotLeader, Raft, TransferError};
+pub use log_store::{LogStore, MemStore};
 pub use message::{Body, Message};
 pub use ready::{ReadState, Ready, Role, SoftState};
-pub use types::{Entry, HardState, Index, NodeId, Payload, Term};
+pub use types::{Entry, HardState, Index, NodeId, Payload, SnapshotMeta, Term};

@@ -21,6 +21,9 @@ pub struct Progress {
     pub commit_sent: Index,
     /// Heard from in the current CheckQuorum window.
     pub recent_active: bool,
+    /// Index of the snapshot being sent to the follower, which gets nothing
+    /// else until it answers (or the send is given up on).
+    pub pending_snapshot: Option<Index>,
 }
 
 impl Progress {
@@ -32,6 +35,7 @@ impl Progress {
             read_acked: 0,
             commit_sent: 0,
             recent_active: false,
+            pending_snapshot: None,
         }
     }
 
@@ -42,6 +46,9 @@ impl Progress {
         let advanced = index > self.matched;
         self.matched = self.matched.max(index);
         self.next = self.matched + 1;
+        if self.pending_snapshot.is_some_and(|snapshot| self.matched >= snapshot) {
+            self.pending_snapshot = None;
+        }
         advanced
     }
 

@@ -1,70 +1,95 @@
-//! The in-memory Raft log and its three watermarks.
+//! The Raft log: durable entries behind a [`LogStore`], the not yet durable
+//! tail in memory, and the watermarks.
 //!
 //! ```text
-//!   1 ........ applied ...... committed ...... stable ...... last
-//!   |<- handed to the shell ->|                |<- not yet durable ->|
+//!   snapshot ... applied ...... committed ...... stable ...... last
+//!   |<- compacted ->|<- handed to the shell ->|   |<- unstable: memory only ->|
 //! ```
 //!
-//! `stable` is the last index the shell has made durable; entries past it
-//! exist only in memory and must not be counted toward commit by this node
-//! nor applied. `unstable_from` marks the first entry the shell has not yet
-//! been given to persist, so "what must be fsynced" is always explicit (the
-//! same split as etcd's `log_unstable.go`). `committed` may run ahead of
-//! `stable` on a follower or a leader; entries are only handed out for
-//! applying once they are both committed and locally durable.
+//! Entries before `offset` are in the store, durable (`stable` is
+//! `offset - 1`); entries from `offset` on live only in memory until the
+//! shell has written and synced them (the split of etcd's `log_unstable.go`).
+//! Only stable entries count toward commit on this node and are applied.
+//! `committed` may run ahead of `stable`.
+//!
+//! The store may still hold stale entries at or after `offset` (a follower
+//! truncated its log at a conflict, or installed a snapshot): they are never
+//! read, and the shell's next write of entries replaces them.
 
-use super::types::{Entry, Index, Payload, Term};
+use super::log_store::{LogStore, take_within};
+use super::types::{Entry, Index, Payload, SnapshotMeta, Term};
 
 #[derive(Debug)]
-pub struct RaftLog {
-    /// `entries[i]` has index `i + 1`.
-    entries: Vec<Entry>,
-    stable: Index,
+pub struct RaftLog<S> {
+    store: S,
+    /// `unstable[i]` has index `offset + i`.
+    unstable: Vec<Entry>,
+    offset: Index,
+    /// Last index handed to the shell to write (`offset - 1` when none).
+    handed: Index,
     committed: Index,
+    /// Last index handed to the shell to apply.
     applied: Index,
-    /// First index not yet handed to storage; `last + 1` when all is handed.
-    unstable_from: Index,
-    /// The last index storage holds (durable or in flight). A write that
-    /// starts at or below it must first delete the stale suffix.
-    storage_last: Index,
+    /// A snapshot from the leader that replaces the log; the shell installs
+    /// it before anything else.
+    pending_snapshot: Option<SnapshotMeta>,
+    /// It was handed to the shell.
+    snapshot_handed: bool,
 }
 
-/// What storage must do to catch up with the in-memory log.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Unstable {
-    /// Delete stored entries with index >= this before appending.
-    pub truncate_from: Option<Index>,
-    pub entries: Vec<Entry>,
-}
-
-impl RaftLog {
-    /// A log recovered from storage: everything in it is durable.
-    pub fn restore(entries: Vec<Entry>, committed: Index) -> RaftLog {
-        debug_assert!(entries.iter().enumerate().all(|(i, e)| e.index == i as Index + 1));
-        let last = entries.len() as Index;
+impl<S: LogStore> RaftLog<S> {
+    /// A log recovered from `store`, whose state machine is at `applied`.
+    pub fn new(store: S, committed: Index, applied: Index) -> RaftLog<S> {
+        let last = store.last_index();
+        let snapshot = store.snapshot_meta().index;
+        let applied = applied.clamp(snapshot, last);
         RaftLog {
-            entries,
-            stable: last,
-            committed: committed.min(last),
-            applied: 0,
-            unstable_from: last + 1,
-            storage_last: last,
+            unstable: Vec::new(),
+            offset: last + 1,
+            handed: last,
+            committed: committed.clamp(applied, last),
+            applied,
+            pending_snapshot: None,
+            snapshot_handed: false,
+            store,
         }
     }
 
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
+    /// The snapshot the log starts after.
+    pub fn snapshot(&self) -> SnapshotMeta {
+        self.pending_snapshot.unwrap_or_else(|| self.store.snapshot_meta())
+    }
+
     pub fn last_index(&self) -> Index {
-        self.entries.len() as Index
+        self.offset + self.unstable.len() as Index - 1
     }
 
     pub fn last_term(&self) -> Term {
-        self.entries.last().map_or(0, |e| e.term)
+        self.term(self.last_index()).expect("the last entry is never compacted")
     }
 
-    /// Term of the entry at `index`; 0 for index 0, None past the end.
+    /// Term of the entry at `index`; None if compacted or past the end.
     pub fn term(&self, index: Index) -> Option<Term> {
-        match index {
-            0 => Some(0),
-            i => self.entries.get(i as usize - 1).map(|e| e.term),
+        if index >= self.offset {
+            return self.unstable.get((index - self.offset) as usize).map(|e| e.term);
+        }
+        let snapshot = self.snapshot();
+        match index.cmp(&snapshot.index) {
+            std::cmp::Ordering::Less => None,
+            std::cmp::Ordering::Equal => Some(snapshot.term),
+            std::cmp::Ordering::Greater => Some(self.store.term(index)),
         }
     }
 
@@ -72,55 +97,102 @@ impl RaftLog {
         self.committed
     }
 
-    pub fn stable(&self) -> Index {
-        self.stable
+    pub fn applied(&self) -> Index {
+        self.applied
     }
 
-    /// Entries from `from` on, at most `max_bytes` in total but at least one.
-    pub fn entries_from(&self, from: Index, max_bytes: usize) -> Vec<Entry> {
+    pub fn stable(&self) -> Index {
+        self.offset - 1
+    }
+
+    /// Entries `lo..=hi`, at most `max_bytes` in total but at least one.
+    /// `lo` must be past the snapshot.
+    fn slice(&self, lo: Index, hi: Index, max_bytes: usize) -> Vec<Entry> {
+        if lo > hi {
+            return Vec::new();
+        }
         let mut out = Vec::new();
-        let mut bytes = 0;
-        for entry in self.entries.iter().skip(from.saturating_sub(1) as usize) {
-            bytes += entry.approx_size();
-            if !out.is_empty() && bytes > max_bytes {
+        if lo < self.offset {
+            out = self.store.entries(lo, hi.min(self.offset - 1), max_bytes);
+            if out.last().is_some_and(|e| e.index < self.offset - 1) || hi < self.offset {
+                return out;
+            }
+        }
+        let used: usize = out.iter().map(Entry::approx_size).sum();
+        let from = (lo.max(self.offset) - self.offset) as usize;
+        let to = (hi - self.offset) as usize;
+        let rest = self.unstable[from..=to].iter().cloned();
+        if out.is_empty() {
+            return take_within(rest, max_bytes);
+        }
+        let mut budget = max_bytes.saturating_sub(used);
+        for entry in rest {
+            if entry.approx_size() > budget {
                 break;
             }
-            out.push(entry.clone());
+            budget -= entry.approx_size();
+            out.push(entry);
         }
         out
     }
 
+    /// Entries from `from` (past the snapshot) on, at most `max_bytes` in
+    /// total but at least one.
+    pub fn entries_from(&self, from: Index, max_bytes: usize) -> Vec<Entry> {
+        self.slice(from, self.last_index(), max_bytes)
+    }
+
     /// First index of the run of entries with the same term as `index`
-    /// (the follower's conflict hint).
+    /// (the follower's conflict hint); it stops at the first stored entry.
+    /// Terms never decrease along the log, so this is a binary search.
     pub fn first_index_of_term_at(&self, index: Index) -> Index {
         let term = self.term(index);
-        let mut first = index;
-        while first > 1 && self.term(first - 1) == term {
-            first -= 1;
+        let (mut lo, mut hi) = (self.snapshot().index + 1, index);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.term(mid) < term {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
         }
-        first
+        lo.min(index)
     }
 
     /// Last index whose entry has exactly `term`, if any (the leader's side
-    /// of the conflict hint).
+    /// of the conflict hint); a binary search, like the above.
     pub fn last_index_of_term(&self, term: Term) -> Option<Index> {
-        self.entries.iter().rev().find(|e| e.term == term).map(|e| e.index)
+        let (mut lo, mut hi) = (self.snapshot().index, self.last_index());
+        if self.term(lo) > Some(term) {
+            return None;
+        }
+        // term(lo) <= term; find the last such index.
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if self.term(mid) <= Some(term) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        (self.term(lo) == Some(term)).then_some(lo)
     }
 
     /// Appends a new entry at `last + 1` and returns its index.
     pub fn append(&mut self, term: Term, payload: Payload) -> Index {
         let index = self.last_index() + 1;
-        self.entries.push(Entry { index, term, payload });
+        self.unstable.push(Entry { index, term, payload });
         index
     }
 
     /// Merges entries from a leader that follow an already-verified prefix
-    /// (consecutive, starting at most one past our last entry). Entries the
-    /// log already holds are skipped; only a real conflict truncates, so a
-    /// delayed duplicate AppendEntries never cuts off newer entries (a classic
-    /// bug). Entries that would overwrite a committed one are refused whole,
-    /// changing nothing: only a buggy or forged leader sends them. The error
-    /// is the index of the first such entry.
+    /// (consecutive, starting past the snapshot and at most one past our
+    /// last entry). Entries the log already holds are skipped; only a real
+    /// conflict truncates, so a delayed duplicate AppendEntries never cuts
+    /// off newer entries (a classic bug). Entries that would overwrite a
+    /// committed one are refused whole, changing nothing: only a buggy or
+    /// forged leader sends them. The error is the index of the first such
+    /// entry.
     pub fn merge(&mut self, entries: Vec<Entry>) -> Result<(), Index> {
         let Some(first_new) = entries.iter().position(|e| self.term(e.index) != Some(e.term)) else {
             return Ok(());
@@ -129,18 +201,17 @@ impl RaftLog {
         if start <= self.committed {
             return Err(start);
         }
-        if start <= self.last_index() {
-            self.truncate_from(start);
+        debug_assert!(start <= self.last_index() + 1 && start > self.snapshot().index);
+        if start >= self.offset {
+            self.unstable.truncate((start - self.offset) as usize);
+        } else {
+            // The conflict is in stored entries: they are rewritten from here.
+            self.unstable.clear();
+            self.offset = start;
         }
-        debug_assert_eq!(start, self.last_index() + 1);
-        self.entries.extend(entries.into_iter().skip(first_new));
+        self.handed = self.handed.min(start - 1);
+        self.unstable.extend(entries.into_iter().skip(first_new));
         Ok(())
-    }
-
-    fn truncate_from(&mut self, index: Index) {
-        self.entries.truncate(index as usize - 1);
-        self.stable = self.stable.min(index - 1);
-        self.unstable_from = self.unstable_from.min(index);
     }
 
     pub fn commit_to(&mut self, index: Index) {
@@ -150,44 +221,75 @@ impl RaftLog {
         }
     }
 
-    /// Hands out what storage must write, and assumes it will be written.
-    pub fn take_unstable(&mut self) -> Unstable {
-        let last = self.last_index();
-        if self.unstable_from > last && self.storage_last <= last {
-            return Unstable::default();
+    /// Replaces the whole log by `snapshot` from the leader (which is past
+    /// our commit index): it is committed and, once installed, applied.
+    pub fn restore(&mut self, snapshot: SnapshotMeta) {
+        debug_assert!(snapshot.index > self.committed);
+        self.unstable.clear();
+        self.offset = snapshot.index + 1;
+        self.handed = snapshot.index;
+        self.committed = snapshot.index;
+        self.applied = snapshot.index;
+        self.pending_snapshot = Some(snapshot);
+        self.snapshot_handed = false;
+    }
+
+    /// Hands out the snapshot to install, once.
+    pub fn take_snapshot(&mut self) -> Option<SnapshotMeta> {
+        if self.snapshot_handed {
+            return None;
         }
-        let truncate_from = (self.unstable_from <= self.storage_last).then_some(self.unstable_from);
-        let entries = self.entries[self.unstable_from as usize - 1..].to_vec();
-        self.unstable_from = last + 1;
-        self.storage_last = last;
-        Unstable { truncate_from, entries }
+        self.snapshot_handed = true;
+        self.pending_snapshot
+    }
+
+    /// The shell installed the snapshot in its store.
+    pub fn snapshot_installed(&mut self) {
+        if self.snapshot_handed {
+            self.pending_snapshot = None;
+            self.snapshot_handed = false;
+        }
+    }
+
+    /// Hands out what storage must write (replacing whatever it holds from
+    /// the first of them on), and assumes it will be written.
+    pub fn take_unstable(&mut self) -> Vec<Entry> {
+        let last = self.last_index();
+        if self.handed >= last {
+            return Vec::new();
+        }
+        let from = (self.handed + 1 - self.offset) as usize;
+        self.handed = last;
+        self.unstable[from..].to_vec()
     }
 
     /// Storage confirmed durable everything handed out up to `index` with
     /// `term`. Ignored if the log was truncated below it meanwhile.
     pub fn stable_to(&mut self, index: Index, term: Term) {
-        if index > self.stable && self.term(index) == Some(term) {
-            self.stable = index;
+        if index >= self.offset && self.term(index) == Some(term) {
+            self.unstable.drain(..=(index - self.offset) as usize);
+            self.offset = index + 1;
         }
     }
 
-    /// Committed, durable entries not yet handed out for applying.
-    pub fn take_committed(&mut self) -> Vec<Entry> {
-        let upto = self.committed.min(self.stable);
+    /// Committed, durable entries not yet handed out for applying, at most
+    /// `max_bytes` of them (but at least one).
+    pub fn take_committed(&mut self, max_bytes: usize) -> Vec<Entry> {
+        let upto = self.committed.min(self.stable());
         if upto <= self.applied {
             return Vec::new();
         }
-        let out = self.entries[self.applied as usize..upto as usize].to_vec();
-        self.applied = upto;
+        let out = self.slice(self.applied + 1, upto, max_bytes);
+        self.applied = out.last().map_or(self.applied, |e| e.index);
         out
     }
 
     pub fn has_unstable(&self) -> bool {
-        self.unstable_from <= self.last_index() || self.storage_last > self.last_index()
+        self.handed < self.last_index() || (self.pending_snapshot.is_some() && !self.snapshot_handed)
     }
 
     pub fn has_committed_to_apply(&self) -> bool {
-        self.committed.min(self.stable) > self.applied
+        self.committed.min(self.stable()) > self.applied
     }
 
     /// Is `(term, index)` at least as up to date as our last entry (§5.4.1)?
@@ -195,22 +297,29 @@ impl RaftLog {
         (last_term, last_index) >= (self.last_term(), self.last_index())
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::log_store::MemStore;
 
-    fn log_with_terms(terms: &[Term]) -> RaftLog {
-        let entries = terms
-            .iter()
-            .enumerate()
-            .map(|(i, &term)| Entry { index: i as Index + 1, term, payload: Payload::Noop })
-            .collect();
-        RaftLog::restore(entries, 0)
+    fn log_with_terms(terms: &[Term]) -> RaftLog<MemStore> {
+        let entries: Vec<Entry> = terms.iter().enumerate().map(|(i, &term)| entry(i as Index + 1, term)).collect();
+        let mut store = MemStore::default();
+        store.append(&entries);
+        RaftLog::new(store, 0, 0)
     }
 
     fn entry(index: Index, term: Term) -> Entry {
         Entry { index, term, payload: Payload::Noop }
+    }
+
+    /// What the shell does with a handed-out write.
+    fn persist(log: &mut RaftLog<MemStore>) {
+        let entries = log.take_unstable();
+        log.store_mut().append(&entries);
+        if let Some(last) = entries.last() {
+            log.stable_to(last.index, last.term);
+        }
     }
 
     #[test]
@@ -229,9 +338,11 @@ mod tests {
         assert_eq!(log.last_index(), 3);
         assert_eq!(log.term(3), Some(3));
         assert_eq!(log.stable(), 2, "the overwritten suffix is no longer durable");
-        let unstable = log.take_unstable();
-        assert_eq!(unstable.truncate_from, Some(3));
-        assert_eq!(unstable.entries, vec![entry(3, 3)]);
+        assert_eq!(log.take_unstable(), vec![entry(3, 3)]);
+        assert_eq!(log.store().last_index(), 4, "the store still holds the stale entries");
+        log.store_mut().append(&[entry(3, 3)]);
+        log.stable_to(3, 3);
+        assert_eq!((log.stable(), log.store().last_index()), (3, 3));
     }
 
     #[test]
@@ -244,14 +355,12 @@ mod tests {
     }
 
     #[test]
-    fn unstable_entries_are_handed_out_once_and_need_no_truncation_when_appending() {
+    fn unstable_entries_are_handed_out_once() {
         let mut log = log_with_terms(&[1]);
         log.append(2, Payload::Noop);
         log.append(2, Payload::Noop);
-        let unstable = log.take_unstable();
-        assert_eq!(unstable.truncate_from, None);
-        assert_eq!(unstable.entries.len(), 2);
-        assert_eq!(log.take_unstable(), Unstable::default());
+        assert_eq!(log.take_unstable().len(), 2);
+        assert!(log.take_unstable().is_empty());
         assert_eq!(log.stable(), 1);
         log.stable_to(3, 2);
         assert_eq!(log.stable(), 3);
@@ -263,8 +372,7 @@ mod tests {
         log.append(1, Payload::Noop);
         log.take_unstable();
         log.merge(vec![entry(2, 2)]).unwrap();
-        let unstable = log.take_unstable();
-        assert_eq!(unstable.truncate_from, Some(2));
+        assert_eq!(log.take_unstable(), vec![entry(2, 2)]);
         // A stale durability confirmation for the overwritten entry is ignored.
         log.stable_to(2, 1);
         assert_eq!(log.stable(), 1);
@@ -273,15 +381,15 @@ mod tests {
     }
 
     #[test]
-    fn only_committed_and_durable_entries_are_applied() {
+    fn only_committed_and_durable_entries_are_applied_within_the_byte_cap() {
         let mut log = log_with_terms(&[1, 1]);
         log.append(1, Payload::Noop);
         log.commit_to(3);
-        assert_eq!(log.take_committed().len(), 2, "entry 3 is not durable yet");
-        log.take_unstable();
-        log.stable_to(3, 1);
-        assert_eq!(log.take_committed(), vec![entry(3, 1)]);
-        assert!(log.take_committed().is_empty());
+        assert_eq!(log.take_committed(0), vec![entry(1, 1)], "at least one entry");
+        assert_eq!(log.take_committed(1 << 20).len(), 1, "entry 3 is not durable yet");
+        persist(&mut log);
+        assert_eq!(log.take_committed(1 << 20), vec![entry(3, 1)]);
+        assert!(log.take_committed(1 << 20).is_empty());
     }
 
     #[test]
@@ -289,8 +397,13 @@ mod tests {
         let log = log_with_terms(&[1, 1, 4, 4, 4, 5]);
         assert_eq!(log.first_index_of_term_at(5), 3);
         assert_eq!(log.first_index_of_term_at(2), 1);
+        assert_eq!(log.first_index_of_term_at(6), 6);
         assert_eq!(log.last_index_of_term(4), Some(5));
+        assert_eq!(log.last_index_of_term(1), Some(2));
+        assert_eq!(log.last_index_of_term(5), Some(6));
         assert_eq!(log.last_index_of_term(3), None);
+        assert_eq!(log.last_index_of_term(0), Some(0));
+        assert_eq!(log.last_index_of_term(9), None);
     }
 
     #[test]
@@ -303,10 +416,35 @@ mod tests {
     }
 
     #[test]
-    fn entries_from_respects_the_byte_budget_but_sends_at_least_one() {
-        let log = log_with_terms(&[1, 1, 1, 1]);
+    fn entries_from_spans_the_store_and_memory_within_the_byte_budget() {
+        let mut log = log_with_terms(&[1, 1, 1, 1]);
+        log.append(1, Payload::Noop);
         assert_eq!(log.entries_from(2, 0).len(), 1);
         assert_eq!(log.entries_from(2, 48).len(), 2);
-        assert_eq!(log.entries_from(5, 1000).len(), 0);
+        assert_eq!(log.entries_from(2, 1000).len(), 4, "three stored, one in memory");
+        assert_eq!(log.entries_from(5, 1000), vec![entry(5, 1)]);
+        assert_eq!(log.entries_from(6, 1000).len(), 0);
+    }
+
+    #[test]
+    fn a_compacted_log_answers_from_its_snapshot() {
+        let mut log = log_with_terms(&[1, 1, 2, 2]);
+        log.commit_to(4);
+        log.take_committed(1 << 20);
+        log.store_mut().compact(3);
+        assert_eq!((log.snapshot(), log.term(3), log.term(2)), (SnapshotMeta { index: 3, term: 2 }, Some(2), None));
+        assert_eq!(log.first_index_of_term_at(4), 4);
+        assert_eq!(log.last_index_of_term(1), None, "compacted away");
+        assert_eq!(log.last_index_of_term(2), Some(4));
+        let snapshot = SnapshotMeta { index: 9, term: 3 };
+        log.restore(snapshot);
+        assert_eq!((log.last_index(), log.last_term(), log.committed(), log.applied()), (9, 3, 9, 9));
+        assert_eq!(log.take_snapshot(), Some(snapshot));
+        assert_eq!(log.take_snapshot(), None, "handed out once");
+        log.store_mut().restore(snapshot);
+        log.snapshot_installed();
+        log.append(3, Payload::Noop);
+        persist(&mut log);
+        assert_eq!((log.store().last_index(), log.stable()), (10, 10));
     }
 }

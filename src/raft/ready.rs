@@ -1,7 +1,7 @@
 //! What the core hands the shell after a round of input (etcd's `Ready`).
 
 use super::message::Message;
-use super::types::{Entry, HardState, Index, NodeId, Term};
+use super::types::{Entry, HardState, Index, NodeId, SnapshotMeta, Term};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -40,16 +40,19 @@ pub struct ReadState {
 
 /// One batch of work for the shell, to be carried out in this order:
 /// 1. send `messages` (they do not depend on this batch being durable);
-/// 2. persist `hard_state`, truncate at `truncate_from`, append `entries`,
-///    and make all of it durable with one sync;
+/// 2. install `snapshot` (the state machine and the store start over from
+///    it), persist `hard_state`, write `entries` (replacing whatever the
+///    store holds from the first of them on), and make all of it durable;
 /// 3. send `persisted_messages` (votes and acknowledgements that promise
 ///    durability), then call `Raft::advance`;
 /// 4. apply `committed`, serve `read_states`, fail `failed_reads`.
+///
+/// [`crate::driver`] carries this out; it is the only code that does.
 #[derive(Debug, Default)]
 pub struct Ready {
     pub soft_state: Option<SoftState>,
     pub hard_state: Option<HardState>,
-    pub truncate_from: Option<Index>,
+    pub snapshot: Option<SnapshotMeta>,
     pub entries: Vec<Entry>,
     pub messages: Vec<Message>,
     pub persisted_messages: Vec<Message>,
@@ -61,6 +64,6 @@ pub struct Ready {
 impl Ready {
     /// Whether step 2 has anything to write.
     pub fn must_persist(&self) -> bool {
-        self.hard_state.is_some() || self.truncate_from.is_some() || !self.entries.is_empty()
+        self.hard_state.is_some() || self.snapshot.is_some() || !self.entries.is_empty()
     }
 }

@@ -4,24 +4,62 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::*;
+use crate::driver::{Shell, run_ready};
 
-/// Durable state of one node as the shell would keep it.
-#[derive(Clone, Default)]
-struct Disk {
-    hard_state: HardState,
-    entries: Vec<Entry>,
-}
+/// The core with its durable state as the shell keeps it.
+type Node = Raft<MemStore>;
 
-struct Node {
-    raft: Raft,
-    disk: Disk,
+/// What the tests' shell saw of one node.
+#[derive(Default)]
+struct Seen {
     applied: Vec<Entry>,
     reads: Vec<ReadState>,
     failed_reads: Vec<u64>,
 }
 
+/// The shell of one node, for one run of the driver.
+struct TestShell<'a> {
+    seen: &'a mut Seen,
+    queue: &'a mut VecDeque<Message>,
+    sent: &'a mut Vec<Message>,
+}
+
+impl Shell for TestShell<'_> {
+    fn send(&mut self, msg: Message) {
+        self.queue.push_back(msg.clone());
+        self.sent.push(msg);
+    }
+
+    fn soft_state(&mut self, _: SoftState) {}
+
+    fn restore(&mut self, snapshot: SnapshotMeta) {
+        self.seen.applied.clear();
+        self.seen.applied.push(Entry { index: snapshot.index, term: snapshot.term, payload: Payload::Noop });
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        self.seen.applied.extend(entries);
+    }
+
+    fn read_ready(&mut self, read: ReadState) {
+        self.seen.reads.push(read);
+    }
+
+    fn read_failed(&mut self, ctx: u64) {
+        self.seen.failed_reads.push(ctx);
+    }
+}
+
+/// Everything a node's store holds after its snapshot.
+fn stored(raft: &Node) -> Vec<Entry> {
+    let store = raft.store();
+    let first = store.snapshot_meta().index + 1;
+    if first > store.last_index() { vec![] } else { store.entries(first, store.last_index(), usize::MAX) }
+}
+
 struct Cluster {
     nodes: BTreeMap<NodeId, Node>,
+    seen: BTreeMap<NodeId, Seen>,
     queue: VecDeque<Message>,
     /// Directed links that drop everything.
     cut: BTreeSet<(NodeId, NodeId)>,
@@ -39,6 +77,7 @@ fn config(id: NodeId, n: u64) -> Config {
         election_ticks: (10, 20),
         heartbeat_ticks: 2,
         max_append_bytes: 1 << 20,
+        max_apply_bytes: 1 << 20,
         pre_vote: true,
         check_quorum: true,
         seed: id,
@@ -55,41 +94,35 @@ impl Cluster {
             .members
             .iter()
             .map(|&id| {
-                let raft = Raft::new(Config { id, seed: id, ..cfg.clone() }, HardState::default(), vec![]);
-                (id, Node { raft, disk: Disk::default(), applied: vec![], reads: vec![], failed_reads: vec![] })
+                (id, Raft::new(Config { id, seed: id, ..cfg.clone() }, MemStore::default(), HardState::default(), 0))
             })
             .collect();
-        Cluster { nodes, queue: VecDeque::new(), cut: BTreeSet::new(), cfg, drop_appends_from: None, sent: vec![] }
-    }
-
-    fn raft(&self, id: NodeId) -> &Raft {
-        &self.nodes[&id].raft
-    }
-
-    fn raft_mut(&mut self, id: NodeId) -> &mut Raft {
-        &mut self.nodes.get_mut(&id).unwrap().raft
-    }
-
-    /// Runs the Ready loop of one node the way the shell does.
-    fn process(&mut self, id: NodeId) {
-        let node = self.nodes.get_mut(&id).unwrap();
-        while node.raft.has_ready() {
-            let rd = node.raft.ready();
-            self.queue.extend(rd.messages.iter().cloned());
-            if let Some(hs) = rd.hard_state {
-                node.disk.hard_state = hs;
-            }
-            if let Some(from) = rd.truncate_from {
-                node.disk.entries.truncate(from as usize - 1);
-            }
-            node.disk.entries.extend(rd.entries);
-            self.queue.extend(rd.persisted_messages.iter().cloned());
-            self.sent.extend(rd.messages.into_iter().chain(rd.persisted_messages));
-            node.raft.advance();
-            node.applied.extend(rd.committed);
-            node.reads.extend(rd.read_states);
-            node.failed_reads.extend(rd.failed_reads);
+        let seen = cfg.members.iter().map(|&id| (id, Seen::default())).collect();
+        Cluster {
+            nodes,
+            seen,
+            queue: VecDeque::new(),
+            cut: BTreeSet::new(),
+            cfg,
+            drop_appends_from: None,
+            sent: vec![],
         }
+    }
+
+    fn raft(&self, id: NodeId) -> &Node {
+        &self.nodes[&id]
+    }
+
+    fn raft_mut(&mut self, id: NodeId) -> &mut Node {
+        self.nodes.get_mut(&id).unwrap()
+    }
+
+    /// Runs the Ready loop of one node through the shared driver.
+    fn process(&mut self, id: NodeId) {
+        let raft = self.nodes.get_mut(&id).unwrap();
+        let seen = self.seen.get_mut(&id).unwrap();
+        let mut shell = TestShell { seen, queue: &mut self.queue, sent: &mut self.sent };
+        let Ok(()) = run_ready(raft, &mut shell);
     }
 
     /// Delivers queued messages (and whatever they cause) until quiet.
@@ -141,7 +174,7 @@ impl Cluster {
     }
 
     fn leaders(&self) -> Vec<NodeId> {
-        self.nodes.values().filter(|n| n.raft.soft_state().role == Role::Leader).map(|n| n.raft.id()).collect()
+        self.nodes.values().filter(|n| n.soft_state().role == Role::Leader).map(|n| n.id()).collect()
     }
 
     fn isolate(&mut self, id: NodeId) {
@@ -163,17 +196,23 @@ impl Cluster {
         r
     }
 
-    /// Crash: everything not on `disk` is lost; restart from it.
+    /// Crash: everything not in its store is lost; restart from it.
     fn restart(&mut self, id: NodeId) {
-        let node = self.nodes.get_mut(&id).unwrap();
+        let store = self.raft(id).store().clone();
+        self.restart_from(id, store);
+    }
+
+    /// Restarts `id` from `store`, its state machine empty.
+    fn restart_from(&mut self, id: NodeId, store: MemStore) {
         let cfg = Config { id, seed: id + 1000, ..self.cfg.clone() };
-        node.raft = Raft::new(cfg, node.disk.hard_state, node.disk.entries.clone());
-        node.applied.clear();
+        let hard_state = store.hard_state;
+        self.nodes.insert(id, Raft::new(cfg, store, hard_state, 0));
+        self.seen.insert(id, Seen::default());
         self.queue.retain(|m| m.to != id && m.from != id);
     }
 
     fn commands(&self, id: NodeId) -> Vec<Vec<u8>> {
-        self.nodes[&id]
+        self.seen[&id]
             .applied
             .iter()
             .filter_map(|e| match &e.payload {
@@ -222,12 +261,12 @@ fn append(from: NodeId, to: NodeId, term: Term, prev: (Index, Term), entries: Ve
 }
 
 /// A lone node built from explicit durable state, with its output drained.
-fn node_with(id: NodeId, n: u64, hs: HardState, entries: Vec<Entry>) -> Raft {
+fn node_with(id: NodeId, n: u64, hs: HardState, entries: Vec<Entry>) -> Node {
     node_from(config(id, n), hs, entries)
 }
 
-fn node_from(cfg: Config, hs: HardState, entries: Vec<Entry>) -> Raft {
-    let mut raft = Raft::new(cfg, hs, entries);
+fn node_from(cfg: Config, hs: HardState, entries: Vec<Entry>) -> Node {
+    let mut raft = Raft::new(cfg, MemStore::new(hs, &entries), hs, 0);
     raft.ready();
     raft
 }
@@ -238,7 +277,7 @@ fn no_pre_vote(id: NodeId, n: u64) -> Config {
 }
 
 /// Ticks until the node becomes a candidate; returns the ticks it took.
-fn tick_until_candidate(r: &mut Raft) -> u64 {
+fn tick_until_candidate(r: &mut Node) -> u64 {
     let mut ticks = 0;
     while r.soft_state().role != Role::Candidate {
         r.tick();
@@ -248,8 +287,10 @@ fn tick_until_candidate(r: &mut Raft) -> u64 {
     ticks
 }
 
-fn drain(raft: &mut Raft) -> Ready {
+/// One Ready, persisted as the driver would, with nothing sent.
+fn drain(raft: &mut Node) -> Ready {
     let rd = raft.ready();
+    let Ok(()) = crate::driver::Storage::persist(raft.store_mut(), rd.snapshot, rd.hard_state.as_ref(), &rd.entries);
     raft.advance();
     rd
 }
@@ -273,7 +314,7 @@ fn three_nodes_elect_exactly_one_leader_and_commit_its_noop() {
     assert_eq!(leaders.len(), 1, "{leaders:?}");
     c.run(5);
     for id in 1..=3 {
-        assert_eq!(c.nodes[&id].applied.len(), 1, "node {id} applied the leader's no-op");
+        assert_eq!(c.seen[&id].applied.len(), 1, "node {id} applied the leader's no-op");
         assert_eq!(c.raft(id).soft_state().leader, Some(leaders[0]));
     }
 }
@@ -459,7 +500,7 @@ fn follower_ignores_vote_requests_while_it_hears_from_a_leader() {
         Body::RequestVote { last_log_index: 100, last_log_term: 100, pre_vote: false, transfer: false },
     ));
     assert_eq!(c.raft(follower).soft_state().term, term);
-    assert_eq!(c.raft(follower).hard_state().vote, c.nodes[&follower].disk.hard_state.vote);
+    assert_eq!(c.raft(follower).hard_state().vote, c.raft(follower).store().hard_state.vote);
 }
 
 #[test]
@@ -572,7 +613,7 @@ fn delayed_append_does_not_truncate_newer_entries() {
     r.step(append(1, 2, 1, (0, 0), vec![entry(1, 1)], 0));
     let rd = drain(&mut r);
     assert_eq!(r.last_index(), 3);
-    assert!(rd.truncate_from.is_none() && rd.entries.is_empty());
+    assert!(rd.entries.is_empty());
     assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: true, match_index: 1, .. }));
 }
 
@@ -582,8 +623,7 @@ fn conflicting_suffix_is_replaced_and_storage_told_to_truncate() {
         node_with(2, 3, HardState { term: 2, vote: None, commit: 1 }, vec![entry(1, 1), entry(2, 2), entry(3, 2)]);
     r.step(append(1, 2, 3, (1, 1), vec![entry(2, 3)], 1));
     let rd = drain(&mut r);
-    assert_eq!(rd.truncate_from, Some(2));
-    assert_eq!(rd.entries, vec![entry(2, 3)]);
+    assert_eq!(rd.entries, vec![entry(2, 3)], "the write replaces the store's entries from 2 on");
     assert_eq!(r.last_index(), 2);
 }
 
@@ -644,9 +684,7 @@ fn diverged_follower_with_many_stale_terms_is_repaired() {
         [1, 1, 1, 4, 4, 5, 5, 6, 6, 6].iter().enumerate().map(|(i, &t)| entry(i as Index + 1, t)).collect();
     let mut c = Cluster::new(3);
     for (id, log, term) in [(1, &leader_log, 7), (2, &leader_log, 7), (3, &follower_log, 3)] {
-        let node = c.nodes.get_mut(&id).unwrap();
-        node.disk = Disk { hard_state: HardState { term, vote: None, commit: 3 }, entries: log.clone() };
-        c.restart(id);
+        c.restart_from(id, MemStore::new(HardState { term, vote: None, commit: 3 }, log));
     }
     c.isolate(3);
     c.campaign(1);
@@ -655,7 +693,7 @@ fn diverged_follower_with_many_stale_terms_is_repaired() {
     assert_eq!(c.leaders(), vec![1]);
     c.propose(1, b"z");
     c.run(5);
-    assert_eq!(c.nodes[&3].disk.entries, c.nodes[&1].disk.entries);
+    assert_eq!(stored(c.raft(3)), stored(c.raft(1)));
 }
 
 #[test]
@@ -695,7 +733,7 @@ fn figure_8_scenario_end_to_end() {
     c.campaign(5);
     assert!(c.leaders().contains(&5), "S1 still thinks it leads term 1");
     c.propose(5, b"s5-term2");
-    assert_eq!(c.nodes[&3].disk.entries.len(), 1, "S5's entries reached nobody");
+    assert_eq!(stored(c.raft(3)).len(), 1, "S5's entries reached nobody");
     c.drop_appends_from = None;
     c.heal();
     c.isolate(5);
@@ -746,6 +784,7 @@ fn leader_counts_itself_only_once_its_entries_are_durable() {
     assert_eq!(rd.entries.len(), 1);
     assert!(rd.committed.is_empty());
     assert_eq!(c.raft(1).commit_index(), 1, "only the no-op so far");
+    c.raft_mut(1).store_mut().append(&rd.entries);
     c.raft_mut(1).advance();
     assert_eq!(c.raft(1).commit_index(), 2);
 }
@@ -772,9 +811,9 @@ fn read_index_is_confirmed_by_a_heartbeat_round() {
     let commit = c.raft(leader).commit_index();
     c.raft_mut(leader).read_index(7).unwrap();
     c.process(leader);
-    assert!(c.nodes[&leader].reads.is_empty(), "not before a majority answered");
+    assert!(c.seen[&leader].reads.is_empty(), "not before a majority answered");
     c.deliver();
-    assert_eq!(c.nodes[&leader].reads, vec![ReadState { ctx: 7, index: commit }]);
+    assert_eq!(c.seen[&leader].reads, vec![ReadState { ctx: 7, index: commit }]);
 }
 
 #[test]
@@ -788,8 +827,8 @@ fn isolated_leader_never_confirms_a_read_and_fails_it_on_step_down() {
         c.tick(leader);
         c.deliver();
     }
-    assert!(c.nodes[&leader].reads.is_empty());
-    assert_eq!(c.nodes[&leader].failed_reads, vec![9]);
+    assert!(c.seen[&leader].reads.is_empty());
+    assert_eq!(c.seen[&leader].failed_reads, vec![9]);
 }
 
 #[test]
@@ -804,7 +843,7 @@ fn a_reply_cannot_acknowledge_read_rounds_not_yet_started() {
     c.raft_mut(leader).step(ack(follower, leader, term, 0, u64::MAX));
     c.raft_mut(leader).read_index(9).unwrap();
     c.process(leader);
-    assert!(c.nodes[&leader].reads.is_empty(), "confirmed without a round that reached a majority");
+    assert!(c.seen[&leader].reads.is_empty(), "confirmed without a round that reached a majority");
 }
 
 #[test]
@@ -1091,7 +1130,7 @@ fn inconsistent_messages_change_nothing_and_get_no_reply() {
         let rd = r.ready();
         assert_eq!(r.hard_state(), hs, "{what}: state changed");
         assert_eq!((r.last_index(), r.commit_index()), (4, 2), "{what}: log changed");
-        assert!(rd.entries.is_empty() && rd.truncate_from.is_none(), "{what}: something to persist");
+        assert!(rd.entries.is_empty(), "{what}: something to persist");
         assert!(rd.messages.is_empty() && rd.persisted_messages.is_empty(), "{what}: answered");
     }
 }
@@ -1102,7 +1141,7 @@ fn append_overwriting_a_committed_entry_is_ignored_not_a_panic() {
     let mut r = node_with(2, 3, HardState { term: 3, vote: None, commit: 4 }, log.clone());
     r.step(append(1, 2, 4, (2, 1), vec![entry(3, 4)], 4));
     let rd = r.ready();
-    assert!(rd.entries.is_empty() && rd.truncate_from.is_none());
+    assert!(rd.entries.is_empty());
     assert!(rd.persisted_messages.is_empty(), "no acknowledgement for entries it refused");
     assert_eq!((r.last_index(), r.commit_index()), (4, 4));
 }
@@ -1119,11 +1158,65 @@ fn wiped_follower_is_caught_up_by_the_same_leader() {
     c.run(3);
     let wiped = (1..=3).find(|&id| id != leader).unwrap();
     // Its operator moved `state/<id>/` away and restarted it with the same id.
-    c.nodes.get_mut(&wiped).unwrap().disk = Disk::default();
-    c.restart(wiped);
+    c.restart_from(wiped, MemStore::default());
     c.run(20);
     assert_eq!(c.leaders(), vec![leader]);
     assert_eq!(c.raft(leader).soft_state().term, term, "caught up without a leader change");
-    assert_eq!(c.nodes[&wiped].disk.entries, c.nodes[&leader].disk.entries);
+    assert_eq!(stored(c.raft(wiped)), stored(c.raft(leader)));
     assert_eq!(c.commands(wiped).len(), 20);
+}
+
+// ----- compaction and snapshots ---------------------------------------------
+
+#[test]
+fn follower_behind_the_compacted_log_is_caught_up_by_a_snapshot() {
+    let mut c = Cluster::new(3);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let lagger = (1..=3).find(|&id| id != leader).unwrap();
+    c.isolate(lagger);
+    for i in 0..20u8 {
+        c.propose(leader, &[i]);
+    }
+    let applied = c.raft(leader).applied();
+    c.raft_mut(leader).store_mut().compact(applied);
+    assert_eq!(c.raft(leader).snapshot().index, applied);
+    c.heal();
+    c.run(10);
+    let snapshots = c.sent.iter().filter(|m| m.to == lagger && matches!(m.body, Body::InstallSnapshot { .. })).count();
+    assert_eq!(snapshots, 1, "one snapshot, however many heartbeats went by");
+    assert_eq!(c.raft(lagger).snapshot().index, applied, "the follower's log now starts after the snapshot");
+    assert_eq!(c.seen[&lagger].applied[0].index, applied, "its state machine was restored from it");
+    c.propose(leader, b"after");
+    c.run(3);
+    assert_eq!(c.commands(lagger), vec![b"after".to_vec()]);
+    assert_eq!(stored(c.raft(lagger)), stored(c.raft(leader)));
+    assert_eq!(c.raft(lagger).commit_index(), c.raft(leader).commit_index());
+}
+
+#[test]
+fn snapshot_already_covered_by_the_followers_log_only_advances_its_commit() {
+    let log = vec![entry(1, 1), entry(2, 1), entry(3, 2)];
+    let mut r = node_with(2, 3, HardState { term: 2, vote: None, commit: 1 }, log);
+    r.step(msg(1, 2, 2, Body::InstallSnapshot { snapshot: SnapshotMeta { index: 3, term: 2 } }));
+    let rd = drain(&mut r);
+    assert!(rd.snapshot.is_none(), "nothing to install");
+    assert_eq!((r.commit_index(), r.last_index()), (3, 3));
+    assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: true, match_index: 3, .. }));
+    // An older snapshot than what is committed is answered with the commit index.
+    r.step(msg(1, 2, 2, Body::InstallSnapshot { snapshot: SnapshotMeta { index: 2, term: 1 } }));
+    let rd = drain(&mut r);
+    assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: true, match_index: 3, .. }));
+}
+
+#[test]
+fn append_below_the_followers_snapshot_is_answered_with_its_commit_index() {
+    let mut store = MemStore::new(HardState { term: 2, vote: None, commit: 4 }, &[]);
+    store.restore(SnapshotMeta { index: 4, term: 2 });
+    let hs = store.hard_state;
+    let mut r = Raft::new(config(2, 3), store, hs, 4);
+    r.step(append(1, 2, 2, (1, 1), vec![entry(2, 1)], 4));
+    let rd = drain(&mut r);
+    assert!(rd.entries.is_empty());
+    assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: true, match_index: 4, .. }));
 }

@@ -46,3 +46,11 @@ pub struct HardState {
     pub vote: Option<NodeId>,
     pub commit: Index,
 }
+
+/// Where a snapshot stands in the log: it covers every entry up to `index`,
+/// the last of which had `term` (needed to check the entry after it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub index: Index,
+    pub term: Term,
+}

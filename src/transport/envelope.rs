@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::raft::{Message, NodeId, Term};
+use crate::raft::{Body, Message, NodeId, Term};
 
 /// Bumped on any incompatible change to [`Envelope`] or [`Message`], so that
 /// mixed versions refuse each other instead of misreading each other.
@@ -169,6 +169,11 @@ impl Wire {
         if !message.body.is_request() {
             return Err(Reject::Unexpected { from: message.from, request: false });
         }
+        // Its data travels in chunks the transport reassembles; the bare
+        // message would make the core drop its log for data it never got.
+        if let Body::InstallSnapshot { .. } = message.body {
+            return Err(Reject::Invalid { from: message.from, problem: "a snapshot without its data".into() });
+        }
         Ok(message)
     }
 
@@ -208,7 +213,7 @@ impl Wire {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::{Body, Entry, Payload};
+    use crate::raft::{Entry, Payload};
 
     const CLUSTER: u64 = 0xc1;
 

@@ -8,8 +8,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use raft_zmq::driver::{Shell, run_ready};
 use raft_zmq::protocol::decode_request;
-use raft_zmq::raft::{Body, Config, Entry, HardState, Message, Payload, Raft, Role};
+use raft_zmq::raft::{
+    Body, Config, Entry, HardState, LogStore, MemStore, Message, Payload, Raft, ReadState, Role, SnapshotMeta,
+    SoftState,
+};
 use raft_zmq::transport::{Wire, cluster_id};
 
 /// A client request frame, as the client endpoint decodes it.
@@ -24,14 +28,17 @@ pub fn peer_frame(data: &[u8]) {
     let wire = Wire::new(0, cluster, [1, 2], 1 << 26);
     for message in [wire.open_request(data), wire.open_reply(data, 1)].into_iter().flatten() {
         assert!(message.validate().is_ok(), "the wire accepted an invalid message: {message:?}");
-        let mut node = Raft::new(config(0), HardState { term: 2, vote: None, commit: 1 }, log(&[1, 2]));
+        let hard_state = HardState { term: 2, vote: None, commit: 1 };
+        let mut node = Raft::new(config(0), MemStore::new(hard_state, &log(&[1, 2])), hard_state, 0);
         node.step(message);
-        drain(&mut node);
+        let mut sink = Node::default();
+        let Ok(()) = run_ready(&mut node, &mut FuzzShell { node: &mut sink, queue: &mut VecDeque::new() });
     }
 }
 
 /// A 3-node cluster of the real core driven by `data`: ticks, deliveries,
-/// losses, duplicates, reorders, proposals and crashes, and, in hostile
+/// losses, duplicates, reorders, proposals, crashes and log compactions
+/// (so snapshots are sent), and, in hostile
 /// mode (first byte odd), messages forged from the input. Honest runs must
 /// keep Raft's safety properties; hostile runs must never panic nor leave a
 /// node whose log could not be stored (terms decreasing, commit past the end).
@@ -44,7 +51,7 @@ pub fn core_sequence(data: &[u8]) {
         let arg = bytes.next().unwrap_or(0);
         let node = u64::from(arg % 3);
         match op % 8 {
-            0 | 1 => sim.tick(node),
+            0 | 1 => sim.tick(node, arg >= 0x80),
             2 => sim.deliver(usize::from(arg)),
             3 => sim.drop_message(usize::from(arg)),
             4 => sim.duplicate(usize::from(arg)),
@@ -67,6 +74,7 @@ fn config(id: u64) -> Config {
         election_ticks: (4, 8),
         heartbeat_ticks: 1,
         max_append_bytes: 256,
+        max_apply_bytes: 256,
         pre_vote: id != 2,
         check_quorum: id != 1,
         seed: id,
@@ -75,17 +83,6 @@ fn config(id: u64) -> Config {
 
 fn log(terms: &[u64]) -> Vec<Entry> {
     terms.iter().enumerate().map(|(i, &term)| Entry { index: i as u64 + 1, term, payload: Payload::Noop }).collect()
-}
-
-fn drain(node: &mut Raft) -> Vec<Message> {
-    let mut out = Vec::new();
-    while node.has_ready() {
-        let rd = node.ready();
-        out.extend(rd.messages);
-        out.extend(rd.persisted_messages);
-        node.advance();
-    }
-    out
 }
 
 /// A message from `to + 1` to `to` with fields taken from the input, small
@@ -99,7 +96,7 @@ fn forge(to: u64, bytes: &mut impl Iterator<Item = u8>) -> Message {
     };
     let from = (to + 1 + u64::from(next() % 2)) % 3;
     let term = number(&mut next);
-    let body = match next() % 5 {
+    let body = match next() % 6 {
         0 => Body::RequestVote {
             last_log_index: number(&mut next),
             last_log_term: number(&mut next),
@@ -133,20 +130,47 @@ fn forge(to: u64, bytes: &mut impl Iterator<Item = u8>) -> Message {
             conflict_term: (next() % 2 == 0).then(|| number(&mut next)),
             read_seq: number(&mut next),
         },
-        _ => Body::TimeoutNow,
+        4 => Body::TimeoutNow,
+        _ => Body::InstallSnapshot { snapshot: SnapshotMeta { index: number(&mut next), term: number(&mut next) } },
     };
     Message { from, to, term, body }
 }
 
-struct SimNode {
-    raft: Raft,
-    hard_state: HardState,
-    disk: Vec<Entry>,
+/// What the fuzz shell keeps of one node besides its core and store.
+#[derive(Default)]
+struct Node {
     applied: Vec<Entry>,
 }
 
+struct FuzzShell<'a> {
+    node: &'a mut Node,
+    queue: &'a mut VecDeque<Message>,
+}
+
+impl Shell for FuzzShell<'_> {
+    fn send(&mut self, msg: Message) {
+        self.queue.push_back(msg);
+    }
+
+    fn soft_state(&mut self, _: SoftState) {}
+
+    fn restore(&mut self, _: SnapshotMeta) {
+        // The snapshot stands for every entry up to it.
+        self.node.applied.clear();
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        self.node.applied.extend(entries);
+    }
+
+    fn read_ready(&mut self, _: ReadState) {}
+
+    fn read_failed(&mut self, _: u64) {}
+}
+
 struct Sim {
-    nodes: BTreeMap<u64, SimNode>,
+    rafts: BTreeMap<u64, Raft<MemStore>>,
+    nodes: BTreeMap<u64, Node>,
     queue: VecDeque<Message>,
     leaders: BTreeMap<u64, u64>,
     /// Every entry any node applied, by index: all must agree.
@@ -156,46 +180,38 @@ struct Sim {
 
 impl Sim {
     fn new() -> Sim {
-        let nodes = (0..3)
-            .map(|id| {
-                let raft = Raft::new(config(id), HardState::default(), Vec::new());
-                (id, SimNode { raft, hard_state: HardState::default(), disk: Vec::new(), applied: Vec::new() })
-            })
-            .collect();
-        Sim { nodes, queue: VecDeque::new(), leaders: BTreeMap::new(), applied: BTreeMap::new(), proposals: 0 }
+        let rafts =
+            (0..3).map(|id| (id, Raft::new(config(id), MemStore::default(), HardState::default(), 0))).collect();
+        let nodes = (0..3).map(|id| (id, Node::default())).collect();
+        Sim { rafts, nodes, queue: VecDeque::new(), leaders: BTreeMap::new(), applied: BTreeMap::new(), proposals: 0 }
     }
 
-    /// The node's Ready loop, as the shell runs it.
+    /// The node's Ready loop, through the shared driver.
     fn process(&mut self, id: u64) {
+        let raft = self.rafts.get_mut(&id).expect("member");
         let node = self.nodes.get_mut(&id).expect("member");
-        while node.raft.has_ready() {
-            let rd = node.raft.ready();
-            self.queue.extend(rd.messages);
-            if let Some(hs) = rd.hard_state {
-                node.hard_state = hs;
-            }
-            if let Some(from) = rd.truncate_from {
-                node.disk.truncate(from as usize - 1);
-            }
-            node.disk.extend(rd.entries);
-            self.queue.extend(rd.persisted_messages);
-            node.raft.advance();
-            node.applied.extend(rd.committed);
-        }
+        let Ok(()) = run_ready(raft, &mut FuzzShell { node, queue: &mut self.queue });
         // Bound the work per input: a real network loses messages too.
         while self.queue.len() > 64 {
             self.queue.pop_front();
         }
     }
 
-    fn tick(&mut self, id: u64) {
-        self.nodes.get_mut(&id).expect("member").raft.tick();
+    /// A tick, and with `compact`, a compaction of the log up to what the
+    /// node applied, as the shell does after a snapshot.
+    fn tick(&mut self, id: u64, compact: bool) {
+        let raft = self.rafts.get_mut(&id).expect("member");
+        raft.tick();
+        if compact {
+            let applied = raft.applied();
+            raft.store_mut().compact(applied);
+        }
         self.process(id);
     }
 
     fn step(&mut self, message: Message) {
         let to = message.to;
-        self.nodes.get_mut(&to).expect("member").raft.step(message);
+        self.rafts.get_mut(&to).expect("member").step(message);
         self.process(to);
     }
 
@@ -223,24 +239,33 @@ impl Sim {
     fn propose(&mut self, id: u64, arg: u8) {
         self.proposals += 1;
         let command = [self.proposals.to_be_bytes().as_slice(), &[arg]].concat();
-        let _ = self.nodes.get_mut(&id).expect("member").raft.propose(command);
+        let _ = self.rafts.get_mut(&id).expect("member").propose(command);
         self.process(id);
     }
 
     /// A crash keeps only what was persisted.
     fn restart(&mut self, id: u64) {
-        let node = self.nodes.get_mut(&id).expect("member");
-        node.raft = Raft::new(config(id), node.hard_state, node.disk.clone());
-        node.applied.clear();
+        let store = self.rafts.remove(&id).expect("member").into_store();
+        let hard_state = store.hard_state;
+        // The state machine restarts from the snapshot the log starts after.
+        let applied = store.snapshot_meta().index;
+        self.rafts.insert(id, Raft::new(config(id), store, hard_state, applied));
+        self.nodes.insert(id, Node::default());
         self.queue.retain(|m| m.from != id);
     }
 
     fn check(&mut self, honest: bool) {
-        for (id, node) in &self.nodes {
-            let raft = &node.raft;
+        for (id, raft) in &self.rafts {
+            let node = &self.nodes[id];
             assert!(raft.commit_index() <= raft.last_index(), "node {id}: commit past the last entry");
-            assert!(node.disk.windows(2).all(|w| w[0].term <= w[1].term), "node {id}: terms decrease on disk");
-            assert!(node.disk.iter().enumerate().all(|(i, e)| e.index == i as u64 + 1), "node {id}: gap on disk");
+            let store = raft.store();
+            let (first, last) = (store.snapshot_meta().index + 1, store.last_index());
+            let disk = if first > last { vec![] } else { store.entries(first, last, usize::MAX) };
+            let mut prev = store.snapshot_meta().term;
+            for e in &disk {
+                assert!(e.term >= prev, "node {id}: terms decrease on disk");
+                prev = e.term;
+            }
             if !honest {
                 continue;
             }

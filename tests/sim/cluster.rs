@@ -141,6 +141,7 @@ impl Cluster {
                 election_ticks: (10, 20),
                 heartbeat_ticks: 2,
                 max_append_bytes: params.max_append_bytes,
+                max_apply_bytes: params.max_append_bytes,
                 pre_vote: params.pre_vote,
                 check_quorum: params.check_quorum,
                 seed: rng.next_u64(),
@@ -313,7 +314,7 @@ impl Cluster {
         &self.nodes[&id]
     }
 
-    pub fn raft(&self, id: NodeId) -> &Raft {
+    pub fn raft(&self, id: NodeId) -> &Raft<Disk> {
         self.nodes[&id].raft().expect("node is up")
     }
 
@@ -472,22 +473,23 @@ impl Cluster {
         }
         let node = &self.nodes[&id];
         if let Some(from) = fx.wrote_from {
-            let to = node.disk.entries.len() as u64;
+            let entries = node.disk().entries();
+            let to = entries.len() as u64;
             self.trace.record(now, Traced::Persisted { node: id, from, to });
-            let check = self.checker.persisted(id, &node.disk.entries, from);
+            let check = self.checker.persisted(id, &entries, from);
             self.check(check);
         }
         for soft in fx.roles {
             self.trace.record(now, Traced::Role { node: id, role: soft.role, term: soft.term });
             if soft.role == Role::Leader {
-                let check = self.checker.became_leader(id, soft.term, &self.nodes[&id].disk.entries);
+                let check = self.checker.became_leader(id, soft.term, &self.nodes[&id].disk().entries());
                 self.check(check);
             }
         }
         if let (Some(first), Some(last)) = (fx.applied.first(), fx.applied.last()) {
             self.trace.record(now, Traced::Applied { node: id, from: first.index, to: last.index });
             let node = &self.nodes[&id];
-            let term = node.raft().map_or(node.disk.hard_state.term, |r| r.soft_state().term);
+            let term = node.raft().map_or(node.disk().hard_state().term, |r| r.soft_state().term);
             for entry in &fx.applied {
                 let check = self.checker.applied(id, term, entry);
                 self.check(check);

@@ -1,16 +1,17 @@
-//! One simulated server: the real `Raft` core plus a shell that follows the
-//! Ready protocol of `ready.rs` exactly as `node/core_loop.rs` does, a disk
-//! model, the register state machine and the client requests it holds.
+//! One simulated server: the real `Raft` core driven by the node's own Ready
+//! driver (`raft_zmq::driver`), a disk model, the register state machine and
+//! the client requests it holds.
 
 use std::collections::BTreeMap;
 
-use raft_zmq::raft::{Config, Entry, Index, Message, NodeId, Raft, SoftState, Term};
+use raft_zmq::driver::{Shell, run_ready};
+use raft_zmq::raft::{Config, Entry, Index, Message, NodeId, Raft, ReadState, SnapshotMeta, SoftState, Term};
 
 use super::history::{OpId, OpKind};
 use super::register::{Key, Register, Version, encode_set};
 use super::rng::Rng;
 use super::schedule::Time;
-use super::storage::Disk;
+use super::storage::{Crashed, Disk};
 
 /// How a client request held by a node ended.
 #[derive(Clone, Copy, Debug)]
@@ -39,17 +40,9 @@ struct PendingRead {
     index: Option<Index>,
 }
 
-pub struct SimNode {
-    cfg: Config,
-    /// `None` while crashed.
-    raft: Option<Raft>,
-    pub disk: Disk,
-    /// Bumped by every crash, so stale timers for a past life are ignored.
-    pub incarnation: u64,
-    /// This node's drifting clock: virtual time between two ticks.
-    pub tick_period: Time,
-    /// A paused process (GC, SIGSTOP) handles nothing until then.
-    pub paused_until: Time,
+/// The state machine and the client requests a node holds: what a crash loses.
+#[derive(Default)]
+struct App {
     register: Register,
     applied: Index,
     /// Proposals awaiting their apply: index → (term, op).
@@ -58,20 +51,80 @@ pub struct SimNode {
     reads: BTreeMap<OpId, PendingRead>,
 }
 
+pub struct SimNode {
+    cfg: Config,
+    /// The running core, which owns the disk; `None` while crashed.
+    raft: Option<Raft<Disk>>,
+    /// The disk while the node is down.
+    down_disk: Option<Disk>,
+    /// Bumped by every crash, so stale timers for a past life are ignored.
+    pub incarnation: u64,
+    /// This node's drifting clock: virtual time between two ticks.
+    pub tick_period: Time,
+    /// A paused process (GC, SIGSTOP) handles nothing until then.
+    pub paused_until: Time,
+    app: App,
+}
+
+/// The node's side of the shared Ready driver, for one run of it.
+struct SimShell<'a> {
+    app: &'a mut App,
+    fx: &'a mut Effects,
+}
+
+impl Shell for SimShell<'_> {
+    fn send(&mut self, msg: Message) {
+        self.fx.sent.push(msg);
+    }
+
+    fn soft_state(&mut self, soft: SoftState) {
+        self.fx.roles.push(soft);
+    }
+
+    fn restore(&mut self, snapshot: SnapshotMeta) {
+        unreachable!("the simulated nodes never compact, so no snapshot is sent: {snapshot:?}")
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            self.app.register.apply(&entry);
+            self.app.applied = entry.index;
+            if let Some((term, op)) = self.app.writes.remove(&entry.index) {
+                self.fx.completed.push(if term == entry.term {
+                    Completion::WriteAcked { op, index: entry.index, term }
+                } else {
+                    Completion::Failed(op)
+                });
+            }
+            self.fx.applied.push(entry);
+        }
+    }
+
+    fn read_ready(&mut self, read: ReadState) {
+        if let Some(pending) = self.app.reads.get_mut(&read.ctx) {
+            pending.index = Some(read.index);
+        }
+    }
+
+    fn read_failed(&mut self, ctx: u64) {
+        if self.app.reads.remove(&ctx).is_some() {
+            self.fx.completed.push(Completion::Failed(ctx));
+        }
+    }
+}
+
 impl SimNode {
     pub fn new(cfg: Config, disk: Disk, tick_period: Time) -> SimNode {
-        let raft = Raft::new(cfg.clone(), disk.hard_state, disk.entries.clone());
+        let hard_state = disk.hard_state();
+        let raft = Raft::new(cfg.clone(), disk, hard_state, 0);
         SimNode {
             cfg,
             raft: Some(raft),
-            disk,
+            down_disk: None,
             incarnation: 0,
             tick_period,
             paused_until: 0,
-            register: Register::default(),
-            applied: 0,
-            writes: BTreeMap::new(),
-            reads: BTreeMap::new(),
+            app: App::default(),
         }
     }
 
@@ -79,12 +132,19 @@ impl SimNode {
         self.cfg.id
     }
 
-    pub fn raft(&self) -> Option<&Raft> {
+    pub fn raft(&self) -> Option<&Raft<Disk>> {
         self.raft.as_ref()
     }
 
-    pub fn raft_mut(&mut self) -> Option<&mut Raft> {
+    pub fn raft_mut(&mut self) -> Option<&mut Raft<Disk>> {
         self.raft.as_mut()
+    }
+
+    pub fn disk(&self) -> &Disk {
+        match &self.raft {
+            Some(raft) => raft.store(),
+            None => self.down_disk.as_ref().expect("a node that is down keeps its disk"),
+        }
     }
 
     pub fn is_up(&self) -> bool {
@@ -92,7 +152,7 @@ impl SimNode {
     }
 
     pub fn applied(&self) -> Index {
-        self.applied
+        self.app.applied
     }
 
     /// Hands a client request to the core; a refusal fails it at once.
@@ -102,7 +162,7 @@ impl SimNode {
             OpKind::Write(key) => match raft.propose(encode_set(key, op)) {
                 Ok((index, term)) => {
                     // A slot re-proposed after a truncation: the old request lost it.
-                    if let Some((_, displaced)) = self.writes.insert(index, (term, op)) {
+                    if let Some((_, displaced)) = self.app.writes.insert(index, (term, op)) {
                         fx.completed.push(Completion::Failed(displaced));
                     }
                 }
@@ -110,85 +170,57 @@ impl SimNode {
             },
             OpKind::Read(key) => match raft.read_index(op) {
                 Ok(()) => {
-                    self.reads.insert(op, PendingRead { key, index: None });
+                    self.app.reads.insert(op, PendingRead { key, index: None });
                 }
                 Err(_) => fx.completed.push(Completion::Failed(op)),
             },
         }
     }
 
-    /// Runs Ready rounds until the core is quiet, in the documented order.
-    /// With probability `torn_crash`, a round that must persist crashes the
-    /// node after its `messages` left and before the sync.
+    /// Runs the shared Ready driver until the core is quiet. With
+    /// probability `torn_crash`, its first write crashes the node after the
+    /// round's `messages` left and before the sync.
     pub fn process(&mut self, rng: &mut Rng, torn_crash: f64, fx: &mut Effects) {
-        loop {
-            let Some(raft) = self.raft.as_mut().filter(|raft| raft.has_ready()) else { return };
-            let mut rd = raft.ready();
-            fx.roles.extend(rd.soft_state);
-            fx.sent.append(&mut rd.messages);
-            if rd.must_persist() && rng.chance(torn_crash) {
+        let Some(raft) = self.raft.as_mut() else { return };
+        raft.store_mut().crash_before_sync = torn_crash > 0.0 && rng.chance(torn_crash);
+        let outcome = run_ready(raft, &mut SimShell { app: &mut self.app, fx });
+        let disk = raft.store_mut();
+        disk.crash_before_sync = false;
+        fx.wrote_from = disk.wrote_from.take();
+        match outcome {
+            Ok(()) => self.serve_reads(fx),
+            Err(Crashed) => {
                 fx.torn_crash = true;
-                return self.crash(fx);
+                self.crash(fx);
             }
-            if let Some(first) = self.disk.persist(&rd) {
-                fx.wrote_from = Some(fx.wrote_from.map_or(first, |f| f.min(first)));
-            }
-            fx.sent.append(&mut rd.persisted_messages);
-            raft.advance();
-            for entry in rd.committed {
-                self.apply(entry, fx);
-            }
-            for rs in rd.read_states {
-                if let Some(read) = self.reads.get_mut(&rs.ctx) {
-                    read.index = Some(rs.index);
-                }
-            }
-            for ctx in rd.failed_reads {
-                if self.reads.remove(&ctx).is_some() {
-                    fx.completed.push(Completion::Failed(ctx));
-                }
-            }
-            self.serve_reads(fx);
         }
-    }
-
-    fn apply(&mut self, entry: Entry, fx: &mut Effects) {
-        self.register.apply(&entry);
-        self.applied = entry.index;
-        if let Some((term, op)) = self.writes.remove(&entry.index) {
-            fx.completed.push(if term == entry.term {
-                Completion::WriteAcked { op, index: entry.index, term }
-            } else {
-                Completion::Failed(op)
-            });
-        }
-        fx.applied.push(entry);
     }
 
     fn serve_reads(&mut self, fx: &mut Effects) {
-        let applied = self.applied;
+        let app = &mut self.app;
         let ready: Vec<OpId> =
-            self.reads.iter().filter(|(_, r)| r.index.is_some_and(|i| i <= applied)).map(|(&op, _)| op).collect();
+            app.reads.iter().filter(|(_, r)| r.index.is_some_and(|i| i <= app.applied)).map(|(&op, _)| op).collect();
         for op in ready {
-            let key = self.reads.remove(&op).expect("listed above").key;
-            fx.completed.push(Completion::ReadServed { op, key, version: self.register.get(key) });
+            let key = app.reads.remove(&op).expect("listed above").key;
+            fx.completed.push(Completion::ReadServed { op, key, version: app.register.get(key) });
         }
     }
 
     /// Loses everything but the disk; held client requests get no answer.
     pub fn crash(&mut self, fx: &mut Effects) {
-        self.raft = None;
+        let Some(raft) = self.raft.take() else { return };
+        self.down_disk = Some(raft.into_store());
         self.incarnation += 1;
-        self.register = Register::default();
-        self.applied = 0;
-        let writes = std::mem::take(&mut self.writes).into_values().map(|(_, op)| op);
-        let reads = std::mem::take(&mut self.reads).into_keys();
-        fx.completed.extend(writes.chain(reads).map(Completion::Failed));
+        let app = std::mem::take(&mut self.app);
+        let writes = app.writes.into_values().map(|(_, op)| op);
+        fx.completed.extend(writes.chain(app.reads.into_keys()).map(Completion::Failed));
     }
 
     /// Starts a fresh process from what the disk holds.
     pub fn restart(&mut self, seed: u64) {
         let cfg = Config { seed, ..self.cfg.clone() };
-        self.raft = Some(Raft::new(cfg, self.disk.hard_state, self.disk.entries.clone()));
+        let disk = self.down_disk.take().expect("restarting a node that is down");
+        let hard_state = disk.hard_state();
+        self.raft = Some(Raft::new(cfg, disk, hard_state, 0));
     }
 }

@@ -20,7 +20,7 @@ fn log(terms: &[Term]) -> Vec<Entry> {
 }
 
 fn disk(term: Term, vote: Option<NodeId>, terms: &[Term]) -> Disk {
-    Disk { hard_state: HardState { term, vote, commit: 0 }, entries: log(terms) }
+    Disk::with(HardState { term, vote, commit: 0 }, &log(terms))
 }
 
 fn cluster(name: &str, seed: u64, params: Params, disks: Vec<Disk>) -> Cluster {
@@ -59,11 +59,11 @@ fn figure_7_leader_repairs_followers_of_every_shape() {
     c.set_clients(Clients::Leaders);
     c.run_for(1_000 * MS);
     c.await_liveness(LIVENESS_BOUND);
-    let repaired = &c.node(1).disk.entries;
+    let repaired = &c.node(1).disk().entries();
     assert!(repaired.len() > leader.len());
     assert_eq!(repaired[..leader.len()], log(leader)[..], "the leader kept its own log");
     for id in 2..=7 {
-        assert_eq!(&c.node(id).disk.entries, repaired, "follower {id} was not repaired");
+        assert_eq!(&c.node(id).disk().entries(), repaired, "follower {id} was not repaired");
     }
 }
 

@@ -1,28 +1,73 @@
 //! The model of sled's durability: a node's disk holds exactly what the shell
 //! wrote *and* synced. A crash keeps this and loses everything else.
 
-use raft_zmq::raft::{Entry, HardState, Index, Ready};
+use raft_zmq::driver::Storage;
+use raft_zmq::raft::{Entry, HardState, Index, LogStore, MemStore, SnapshotMeta, Term};
+
+/// The write never reached the disk: the node crashed before its sync.
+pub struct Crashed;
 
 #[derive(Clone, Debug, Default)]
 pub struct Disk {
-    pub hard_state: HardState,
-    /// Contiguous from index 1.
-    pub entries: Vec<Entry>,
+    pub store: MemStore,
+    /// The next write crashes the node before it is synced (and keeps
+    /// nothing of it, as sled after a power loss may).
+    pub crash_before_sync: bool,
+    /// Lowest index written since the simulator last looked, for the checker.
+    pub wrote_from: Option<Index>,
 }
 
 impl Disk {
-    /// Step 2 of the Ready protocol: one atomic, synced write. Returns the
-    /// first index it wrote, if it wrote entries.
-    pub fn persist(&mut self, rd: &Ready) -> Option<Index> {
-        if let Some(hs) = rd.hard_state {
-            self.hard_state = hs;
+    /// A disk holding `entries` (contiguous from index 1) and `hard_state`.
+    pub fn with(hard_state: HardState, entries: &[Entry]) -> Disk {
+        Disk { store: MemStore::new(hard_state, entries), ..Disk::default() }
+    }
+
+    pub fn hard_state(&self) -> HardState {
+        self.store.hard_state
+    }
+
+    /// Every entry held after the snapshot, in order.
+    pub fn entries(&self) -> Vec<Entry> {
+        let (first, last) = (self.store.snapshot_meta().index + 1, self.store.last_index());
+        if first > last { Vec::new() } else { self.store.entries(first, last, usize::MAX) }
+    }
+}
+
+impl LogStore for Disk {
+    fn snapshot_meta(&self) -> SnapshotMeta {
+        self.store.snapshot_meta()
+    }
+
+    fn last_index(&self) -> Index {
+        self.store.last_index()
+    }
+
+    fn term(&self, index: Index) -> Term {
+        self.store.term(index)
+    }
+
+    fn entries(&self, lo: Index, hi: Index, max_bytes: usize) -> Vec<Entry> {
+        self.store.entries(lo, hi, max_bytes)
+    }
+}
+
+impl Storage for Disk {
+    type Error = Crashed;
+
+    fn persist(
+        &mut self,
+        snapshot: Option<SnapshotMeta>,
+        hard_state: Option<&HardState>,
+        entries: &[Entry],
+    ) -> Result<(), Crashed> {
+        if std::mem::take(&mut self.crash_before_sync) {
+            return Err(Crashed);
         }
-        if let Some(from) = rd.truncate_from {
-            self.entries.truncate(from as usize - 1);
+        let Ok(()) = self.store.persist(snapshot, hard_state, entries);
+        if let Some(first) = entries.first() {
+            self.wrote_from = Some(self.wrote_from.map_or(first.index, |f| f.min(first.index)));
         }
-        let first = rd.entries.first()?.index;
-        assert_eq!(first, self.entries.len() as Index + 1, "the core asked for a write with a gap");
-        self.entries.extend_from_slice(&rd.entries);
-        Some(first)
+        Ok(())
     }
 }

@@ -29,6 +29,7 @@ enum Summary {
     Append { prev: (Index, Term), entries: usize, commit: Index },
     AppendReply { success: bool, match_index: Index, conflict_index: Index },
     TimeoutNow,
+    Snapshot { last: (Index, Term) },
 }
 
 impl From<&Message> for Envelope {
@@ -49,6 +50,7 @@ impl From<&Message> for Envelope {
                 Summary::AppendReply { success: *success, match_index: *match_index, conflict_index: *conflict_index }
             }
             Body::TimeoutNow => Summary::TimeoutNow,
+            Body::InstallSnapshot { snapshot } => Summary::Snapshot { last: (snapshot.index, snapshot.term) },
         };
         Envelope { from: m.from, to: m.to, term: m.term, body }
     }
@@ -78,6 +80,7 @@ impl fmt::Display for Envelope {
                 write!(f, "AppendReply ok={success} match={match_index} conflict={conflict_index}")
             }
             Summary::TimeoutNow => write!(f, "TimeoutNow"),
+            Summary::Snapshot { last } => write!(f, "Snapshot last={}/t{}", last.0, last.1),
         }
     }
 }

@@ -1,0 +1,99 @@
+//! The Ready cycle, written once: the node's core loop, the deterministic
+//! simulator, the fuzz targets and the core's unit tests all drive the core
+//! through [`run_ready`], over the [`Storage`] and [`Shell`] each provides.
+//! So the order that makes Raft safe — nothing that promises durability
+//! leaves before the sync — is the same code everywhere, and a bug in it is
+//! a bug the simulator finds.
+
+use std::convert::Infallible;
+
+use crate::raft::{Entry, HardState, LogStore, MemStore, Message, Raft, ReadState, SnapshotMeta, SoftState};
+
+/// The durable side of a node.
+pub trait Storage: LogStore {
+    type Error;
+
+    /// Step 2 of a `Ready`, all of it durable when this returns: start the
+    /// log over after `snapshot` (whose data the shell received and staged
+    /// with the message that brought it), set `hard_state`, write `entries`
+    /// (replacing whatever the store holds from the first of them on).
+    fn persist(
+        &mut self,
+        snapshot: Option<SnapshotMeta>,
+        hard_state: Option<&HardState>,
+        entries: &[Entry],
+    ) -> Result<(), Self::Error>;
+}
+
+/// Everything else around the core: the network, the state machine and the
+/// clients waiting on it.
+pub trait Shell {
+    fn send(&mut self, msg: Message);
+    /// Role, term or leader changed.
+    fn soft_state(&mut self, soft: SoftState);
+    /// The state machine starts over from the snapshot just installed.
+    fn restore(&mut self, snapshot: SnapshotMeta);
+    /// Committed entries, in order, to apply.
+    fn apply(&mut self, entries: Vec<Entry>);
+    /// A linearizable read may be served once `read.index` is applied.
+    fn read_ready(&mut self, read: ReadState);
+    /// A read whose leadership could not be confirmed.
+    fn read_failed(&mut self, ctx: u64);
+}
+
+/// Carries out the core's `Ready`s, in the order [`crate::raft::Ready`]
+/// documents, until it has nothing more to say. A storage error stops it
+/// at once: the caller must not go on (the node exits, the simulator
+/// counts a crash).
+pub fn run_ready<S: Storage, H: Shell>(raft: &mut Raft<S>, shell: &mut H) -> Result<(), S::Error> {
+    while raft.has_ready() {
+        let rd = raft.ready();
+        let must_persist = rd.must_persist();
+        if let Some(soft) = rd.soft_state {
+            shell.soft_state(soft);
+        }
+        for msg in rd.messages {
+            shell.send(msg);
+        }
+        if must_persist {
+            raft.store_mut().persist(rd.snapshot, rd.hard_state.as_ref(), &rd.entries)?;
+        }
+        for msg in rd.persisted_messages {
+            shell.send(msg);
+        }
+        raft.advance();
+        if let Some(snapshot) = rd.snapshot {
+            shell.restore(snapshot);
+        }
+        if !rd.committed.is_empty() {
+            shell.apply(rd.committed);
+        }
+        for read in rd.read_states {
+            shell.read_ready(read);
+        }
+        for ctx in rd.failed_reads {
+            shell.read_failed(ctx);
+        }
+    }
+    Ok(())
+}
+
+impl Storage for MemStore {
+    type Error = Infallible;
+
+    fn persist(
+        &mut self,
+        snapshot: Option<SnapshotMeta>,
+        hard_state: Option<&HardState>,
+        entries: &[Entry],
+    ) -> Result<(), Infallible> {
+        if let Some(snapshot) = snapshot {
+            self.restore(snapshot);
+        }
+        if let Some(hs) = hard_state {
+            self.hard_state = *hs;
+        }
+        self.append(entries);
+        Ok(())
+    }
+}
