@@ -72,6 +72,9 @@ pub struct Config {
     /// it the node raises the `nospace` alarm and stops taking new entries
     /// until space returns (see `node::disk`).
     pub disk_reserve_bytes: u64,
+    /// A node snapshots its state machine once this many entries were
+    /// applied since its last snapshot (CONTRACT.md).
+    pub snapshot_entries: u64,
     /// Where node N finds its secret key `N.key`; already resolved against
     /// the config file's folder.
     pub keys_dir: PathBuf,
@@ -125,6 +128,8 @@ struct RawConfig {
     #[serde(default = "defaults::logs_dir")]
     logs_dir: PathBuf,
     disk_reserve_bytes: Option<u64>,
+    #[serde(default = "defaults::snapshot_entries")]
+    snapshot_entries: u64,
     #[serde(default = "defaults::keys_dir")]
     keys_dir: PathBuf,
     #[serde(default)]
@@ -145,6 +150,9 @@ mod defaults {
     }
     pub fn request_timeout_ms() -> u64 {
         5000
+    }
+    pub fn snapshot_entries() -> u64 {
+        10_000
     }
     pub fn state_dir() -> PathBuf {
         PathBuf::from("state")
@@ -175,6 +183,7 @@ impl Config {
             heartbeat_ms: raw.heartbeat_ms,
             max_request_bytes: raw.max_request_bytes,
             request_timeout_ms: raw.request_timeout_ms,
+            snapshot_entries: raw.snapshot_entries,
             // `join` keeps an absolute path as it is.
             state_dir: folder.join(raw.state_dir),
             logs_dir: folder.join(raw.logs_dir),
@@ -261,6 +270,9 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
     }
     if raw.request_timeout_ms == 0 {
         return Err("request_timeout_ms must be > 0".into());
+    }
+    if raw.snapshot_entries == 0 {
+        return Err("snapshot_entries must be > 0".into());
     }
     Ok(())
 }

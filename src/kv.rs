@@ -207,6 +207,23 @@ impl KvStore {
         self.sessions.clone()
     }
 
+    /// The whole state, data and sessions, as bytes for a snapshot.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let data: Vec<(&serde_bytes::Bytes, &Value)> =
+            self.data.iter().map(|(key, value)| (serde_bytes::Bytes::new(key), value)).collect();
+        rmp_serde::to_vec(&(data, &*lock(&self.sessions))).expect("plain data always encodes")
+    }
+
+    /// Replaces the whole state by a snapshot's. The session table is
+    /// replaced in place, so other threads holding it see the new one.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let (data, sessions): (Vec<(serde_bytes::ByteBuf, Value)>, SessionTable) =
+            rmp_serde::from_slice(bytes).map_err(|e| format!("the state machine in it is unreadable: {e}"))?;
+        self.data = data.into_iter().map(|(key, value)| (key.into_vec(), value)).collect();
+        *lock(&self.sessions) = sessions;
+        Ok(())
+    }
+
     /// Applies a committed entry's payload at `index` (`None` for a no-op).
     ///
     /// A command with (client_id, seq) executes only if the session table
@@ -598,5 +615,18 @@ mod tests {
         assert!(error_message(Some(retry.reply)).contains("forgotten"));
         assert_eq!(kv.get(&s("k")), Some(&s("second")));
         assert_eq!(lock(&kv.sessions()).len(), MAX_SESSIONS);
+    }
+
+    #[test]
+    fn a_restored_snapshot_holds_the_same_data_and_sessions() {
+        let mut kv = KvStore::new();
+        apply(&mut kv, 1, &payload(put(s("a"), b(b"\x00\xff")), Some("c1"), Some(4)));
+        apply(&mut kv, 2, &plain(put(b(b"k"), s("v"))));
+        let mut restored = KvStore::new();
+        let shared = restored.sessions();
+        restored.restore(&kv.snapshot()).unwrap();
+        assert_eq!(restored, kv);
+        assert!(matches!(lock(&shared).check("c1", 4), Verdict::Retry(_)), "the shared table was replaced in place");
+        assert!(restored.restore(b"junk").unwrap_err().contains("unreadable"));
     }
 }

@@ -25,6 +25,7 @@ pub mod protocol;
 pub mod raft;
 pub mod security;
 pub mod sessions;
+pub mod snapshot;
 pub mod storage;
 #[doc(hidden)]
 pub mod testing;

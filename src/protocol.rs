@@ -5,6 +5,7 @@
 //! not through serde derive, so that every malformed request gets a
 //! `bad_request` naming the exact field and problem.
 
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 
@@ -38,6 +39,8 @@ pub enum Request {
         from: Index,
         limit: u64,
     },
+    /// Snapshot the state machine of the node asked, now.
+    Snapshot,
 }
 
 impl Request {
@@ -48,11 +51,12 @@ impl Request {
             Request::Get { .. } => "get",
             Request::Status => "status",
             Request::Log { .. } => "log",
+            Request::Snapshot => "snapshot",
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
     NoLeader,
     Timeout,
@@ -97,7 +101,7 @@ impl fmt::Display for ErrorCode {
 }
 
 /// The `status` reply.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub id: NodeId,
     /// "leader", "follower" or "candidate".
@@ -119,7 +123,7 @@ pub struct StatusInfo {
 }
 
 /// One entry of a `log` reply.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntryView {
     pub index: Index,
     pub term: Term,
@@ -127,7 +131,7 @@ pub struct LogEntryView {
     pub command: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     Put {
         index: Index,
@@ -152,6 +156,10 @@ pub enum Reply {
     Log {
         entries: Vec<LogEntryView>,
     },
+    /// The applied index the node's newest snapshot was taken at.
+    Snapshot {
+        index: Index,
+    },
     /// `leader` is the leader this node knows of, so a client can go there.
     Error {
         code: ErrorCode,
@@ -171,7 +179,9 @@ impl Reply {
         let ok = !matches!(self, Reply::Error { .. });
         let mut map = vec![("ok", ok.into())];
         match self {
-            Reply::Put { index } | Reply::Propose { index } => map.push(("index", (*index).into())),
+            Reply::Put { index } | Reply::Propose { index } | Reply::Snapshot { index } => {
+                map.push(("index", (*index).into()))
+            }
             Reply::Delete { index, existed } => {
                 map.push(("index", (*index).into()));
                 map.push(("existed", (*existed).into()));
@@ -257,6 +267,7 @@ impl Reply {
                 alarms: fields.required("alarms", list(to_string))?,
             })),
             Request::Log { .. } => Reply::Log { entries: fields.required("entries", list(to_log_entry))? },
+            Request::Snapshot => Reply::Snapshot { index: fields.required("index", to_u64)? },
         };
         Ok(reply)
     }
@@ -276,6 +287,7 @@ fn parse_request(frame: &[u8]) -> Result<Request, String> {
             return Ok(Request::Get { key: fields.required("key", to_value)? });
         }
         "status" => return Ok(Request::Status),
+        "snapshot" => return Ok(Request::Snapshot),
         "log" => {
             return Ok(Request::Log {
                 from: fields.optional("from", to_u64)?.unwrap_or(1),
@@ -316,6 +328,7 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
             .collect(),
         Request::Get { key } => vec![("op", "get".into()), ("key", value_or_nil(Some(key)))],
         Request::Status => vec![("op", "status".into())],
+        Request::Snapshot => vec![("op", "snapshot".into())],
         Request::Log { from, limit } => {
             vec![("op", "log".into()), ("from", (*from).into()), ("limit", (*limit).into())]
         }

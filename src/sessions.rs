@@ -12,6 +12,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 use crate::protocol::Reply;
 use crate::raft::Index;
 
@@ -34,7 +36,7 @@ pub enum Verdict {
     Forgotten,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Session {
     seq: u64,
     reply: Reply,
@@ -42,7 +44,8 @@ struct Session {
     last_active: Index,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Part of every snapshot, so it serializes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionTable {
     sessions: BTreeMap<String, Session>,
     /// `last_active` → client: the eviction order. Unique keys, since each

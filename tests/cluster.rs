@@ -417,3 +417,51 @@ fn a_log_reply_is_capped_by_bytes_and_the_rest_pages_on() {
     }
     assert!(pages >= 3, "six entries of 400 kB take at least three pages of 1 MiB, took {pages}");
 }
+
+#[test]
+fn nodes_snapshot_every_snapshot_entries_and_restart_from_the_snapshot() {
+    let mut cluster = TestCluster::configure(3, r#", "snapshot_entries": 40"#);
+    for id in 0..3 {
+        cluster.start_node(id);
+    }
+    let leader = cluster.wait_for_leader();
+    for i in 0..100 {
+        cluster.call_ok(leader, &put(&format!("k{}", i % 30), &format!("v{i}")));
+    }
+    let Reply::Status(status) = cluster.call_ok(leader, &Request::Status) else { panic!() };
+    cluster.wait_applied(status.commit_index);
+    for id in 0..3 {
+        let status = cluster.status(id).unwrap();
+        assert!(status.snapshot_index >= 80, "node {id} snapshots every 40 entries: {status:?}");
+        assert_eq!(status.first_log_index, 1, "the log is not compacted yet");
+    }
+    // The `snapshot` op takes one at once, at the applied index.
+    let follower = (0..3).find(|&id| id != leader).unwrap();
+    let Reply::Snapshot { index } = cluster.call_ok(follower, &Request::Snapshot) else { panic!() };
+    assert_eq!(index, cluster.status(follower).unwrap().last_applied);
+    assert_eq!(cluster.status(follower).unwrap().snapshot_index, index);
+
+    let mirrors_before: Vec<String> = (0..3).map(|id| cluster.mirror(id)).collect();
+    for id in 0..3 {
+        cluster.kill(id);
+    }
+    for id in 0..3 {
+        cluster.start_node(id);
+    }
+    let leader = cluster.wait_for_leader();
+    for i in 70..100 {
+        assert_eq!(cluster.get_value(leader, &format!("k{}", i % 30)), value(&format!("v{i}")));
+    }
+    for (id, before) in mirrors_before.iter().enumerate() {
+        let output = read_path(&cluster.output_path(id));
+        assert!(output.contains("restored the state machine from snapshot"), "node {id}:\n{output}");
+        assert!(cluster.mirror(id).starts_with(before), "node {id}'s mirror lost lines");
+    }
+    cluster.call_ok(leader, &put("after", "restart"));
+    let Reply::Status(status) = cluster.call_ok(leader, &Request::Status) else { panic!() };
+    cluster.wait_applied(status.commit_index);
+    wait_for("identical mirrors", || {
+        let reference = cluster.mirror(leader);
+        (0..3).all(|id| cluster.mirror(id) == reference).then_some(())
+    });
+}

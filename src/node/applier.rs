@@ -1,5 +1,8 @@
 //! The apply loop: feeds committed entries to the KV state machine, mirrors
-//! them to `logs/<id>.txt`, and answers the clients waiting on them.
+//! them to `logs/<id>.txt`, answers the clients waiting on them, and
+//! snapshots the state machine every `snapshot_entries` entries (or when
+//! asked), so that a restart loads the snapshot and replays only the entries
+//! after it.
 //!
 //! It runs on its own thread so that applying and mirroring never delay the
 //! core loop's persistence and replication.
@@ -20,6 +23,7 @@ use crate::mirror::Mirror;
 use crate::protocol::{ErrorCode, Reply};
 use crate::raft::{Entry, Index, NodeId, SnapshotMeta, Term};
 use crate::sessions::Verdict;
+use crate::snapshot::Snapshots;
 
 pub enum ApplyMsg {
     /// Committed entries, in index order.
@@ -31,6 +35,8 @@ pub enum ApplyMsg {
     /// may wait on an entry that was applied meanwhile: it is answered from
     /// the session table by its `session` (client_id, seq).
     AwaitWrite { index: Index, term: Term, session: Option<(String, u64)>, reply_to: ReplyTo, deadline: Instant },
+    /// Snapshot the state machine now (the `snapshot` op).
+    Snapshot { reply_to: ReplyTo },
     /// A confirmed linearizable read: serve it once `index` is applied.
     Read { index: Index, key: Value, reply_to: ReplyTo },
     /// This node stopped leading: writes it proposed may still commit under
@@ -46,9 +52,21 @@ struct PendingWrite {
     deadline: Instant,
 }
 
+/// When and where the applier snapshots the state machine.
+pub struct SnapshotPolicy {
+    pub snapshots: Snapshots,
+    /// Snapshot once this many entries were applied since the last one.
+    pub every: u64,
+    /// The newest snapshot on disk (index 0: none).
+    pub last: SnapshotMeta,
+}
+
 pub struct Applier {
     kv: KvStore,
     mirror: Mirror,
+    snapshot: SnapshotPolicy,
+    /// Index and term of the last entry applied.
+    applied: SnapshotMeta,
     replier: Replier,
     shared: Arc<Shared>,
     /// Clients waiting on each index: the proposer, and retries of it.
@@ -57,8 +75,19 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn new(kv: KvStore, mirror: Mirror, replier: Replier, shared: Arc<Shared>) -> Applier {
-        Applier { kv, mirror, replier, shared, writes: BTreeMap::new(), reads: BTreeMap::new() }
+    /// An applier whose state machine `kv` is at `snapshot.last` (restored
+    /// from that snapshot, or empty at index 0).
+    pub fn new(
+        kv: KvStore,
+        mirror: Mirror,
+        snapshot: SnapshotPolicy,
+        replier: Replier,
+        shared: Arc<Shared>,
+    ) -> Applier {
+        let applied = snapshot.last;
+        shared.last_applied.store(applied.index, Ordering::Release);
+        shared.snapshot_index.store(applied.index, Ordering::Release);
+        Applier { kv, mirror, snapshot, applied, replier, shared, writes: BTreeMap::new(), reads: BTreeMap::new() }
     }
 
     pub fn run(mut self, inbox: Receiver<ApplyMsg>) {
@@ -87,6 +116,13 @@ impl Applier {
                 // The transport drops InstallSnapshot until it can carry the data.
                 error!("cannot install snapshot {}/{}: not supported yet; stopping", snapshot.index, snapshot.term);
                 std::process::exit(1);
+            }
+            ApplyMsg::Snapshot { reply_to } => {
+                if self.applied.index > self.snapshot.last.index {
+                    self.take_snapshot();
+                }
+                let reply = Reply::Snapshot { index: self.snapshot.last.index };
+                self.replier.send(reply_to, &reply);
             }
             ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline } => {
                 if index > self.applied() {
@@ -129,6 +165,7 @@ impl Applier {
         let Some(last) = entries.last().map(|e| e.index) else { return };
         for entry in entries {
             let applied = self.kv.apply(entry.index, &entry.payload);
+            self.applied = SnapshotMeta { index: entry.index, term: entry.term };
             let duplicate = applied.as_ref().is_some_and(|a| a.duplicate);
             if duplicate {
                 self.shared.duplicates().insert(entry.index);
@@ -149,9 +186,35 @@ impl Applier {
             error!("cannot flush the log mirror: {e}");
         }
         self.shared.last_applied.store(last, Ordering::Release);
+        if self.applied.index - self.snapshot.last.index >= self.snapshot.every {
+            self.take_snapshot();
+        }
         let later = self.reads.split_off(&(last + 1));
         for (key, reply_to) in std::mem::replace(&mut self.reads, later).into_values().flatten() {
             self.answer_read(&key, reply_to);
+        }
+    }
+
+    /// Writes the state machine as it stands to a new snapshot file. A node
+    /// that cannot is not harmed (the log still holds everything), so a
+    /// failure is logged and retried at the next occasion.
+    fn take_snapshot(&mut self) {
+        let started = Instant::now();
+        let data = self.kv.snapshot();
+        match self.snapshot.snapshots.save(self.applied, &data) {
+            Ok(()) => {
+                info!(
+                    "snapshot at {}/{} taken ({} bytes, {} keys) in {:?}",
+                    self.applied.index,
+                    self.applied.term,
+                    data.len(),
+                    self.kv.len(),
+                    started.elapsed()
+                );
+                self.snapshot.last = self.applied;
+                self.shared.snapshot_index.store(self.applied.index, Ordering::Release);
+            }
+            Err(e) => error!("cannot take a snapshot: {e}"),
         }
     }
 

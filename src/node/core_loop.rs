@@ -345,6 +345,7 @@ impl State {
                 let reply = Reply::Status(Box::new(self.status()));
                 self.io.replier.send(reply_to, &reply);
             }
+            Request::Snapshot => self.io.to_applier(ApplyMsg::Snapshot { reply_to }),
             Request::Log { from, limit } => match self.io.log_reader.try_send(LogRequest { from, limit, reply_to }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(request) | TrySendError::Disconnected(request)) => {
@@ -413,8 +414,8 @@ impl State {
             last_log_index: raft.last_index(),
             members: raft.members().to_vec(),
             learners: Vec::new(),
-            first_log_index: 1,
-            snapshot_index: 0,
+            first_log_index: raft.snapshot().index + 1,
+            snapshot_index: self.io.shared.snapshot_index.load(Ordering::Acquire),
             alarms: self.raft.store().disk.raised().then(|| NOSPACE.to_string()).into_iter().collect(),
         }
     }

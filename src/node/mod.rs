@@ -31,13 +31,14 @@ use crate::config::{Config, Member};
 use crate::kv::KvStore;
 use crate::lock;
 use crate::mirror::Mirror;
-use crate::raft::{self, HardState, Index, LogStore, NodeId, Raft};
+use crate::raft::{self, HardState, Index, LogStore, NodeId, Raft, SnapshotMeta};
 use crate::security::NodeSecurity;
+use crate::snapshot::Snapshots;
 use crate::storage::Storage;
 use crate::transport::{Transport, TransportConfig, cluster_id};
 pub use log_reader::LOG_REPLY_MAX_BYTES;
 
-use applier::Applier;
+use applier::{Applier, SnapshotPolicy};
 use client_endpoint::{ClientEndpoint, EndpointConfig};
 use core_loop::{CoreLoop, Inputs, Io};
 use disk::DiskAlarm;
@@ -48,6 +49,8 @@ use store::NodeStore;
 pub struct Shared {
     leader: Mutex<Option<NodeId>>,
     last_applied: AtomicU64,
+    /// Index of the newest snapshot of the state machine (0: none).
+    snapshot_index: AtomicU64,
     /// Indexes of applied entries that the session check skipped; the `log`
     /// op marks them `"dup": true`, as the mirror does.
     duplicates: Mutex<BTreeSet<Index>>,
@@ -66,6 +69,7 @@ impl Shared {
         Shared {
             leader: Mutex::new(None),
             last_applied: AtomicU64::new(0),
+            snapshot_index: AtomicU64::new(0),
             duplicates: Mutex::new(BTreeSet::new()),
             queued_bytes: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
@@ -106,6 +110,9 @@ const PEER_QUEUE_LEN: usize = 1024;
 const CLIENT_QUEUE_LEN: usize = 10_000;
 const CLIENT_QUEUE_BYTES: usize = 64 << 20;
 
+/// Where snapshots live, inside the state dir.
+const SNAPSHOTS_DIR: &str = "snapshots";
+
 /// Membership key in the state dir: once recorded, it wins over the file.
 const MEMBERSHIP_META: &str = "membership";
 
@@ -120,6 +127,8 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let me =
         members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
     let mirror = Mirror::open(&config.node_log_path(id))?;
+    let snapshots = Snapshots::open(&config.node_state_dir(id).join(SNAPSHOTS_DIR))?;
+    let (kv, last_snapshot) = restore_state_machine(&snapshots, &mut storage)?;
     let last_index = storage.last_index();
     if mirror.last_index() > last_index {
         // Applied entries are durable first, so the state dir lost data.
@@ -155,7 +164,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let core_config = core_config(config, id, &members);
     let reply_timeout = Duration::from_millis(tick_ms(config) * core_config.inflight_timeout());
     let disk = DiskAlarm::new(&config.node_state_dir(id), config.disk_reserve_bytes);
-    let raft = Raft::new(core_config, NodeStore { storage, disk }, hard_state, 0);
+    let raft = Raft::new(core_config, NodeStore { storage, disk }, hard_state, last_snapshot.index);
 
     let ctx = zmq::Context::new();
     // Declared before the sockets' owners so that it is dropped after them:
@@ -194,10 +203,10 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let replier = Replier::connect(&ctx, &replies_endpoint)?;
     let shared = Arc::new(Shared::new());
 
-    let kv = KvStore::new();
     let sessions = kv.sessions();
     let (apply_tx, apply_rx) = unbounded();
-    let applier = Applier::new(kv, mirror, replier.clone(), shared.clone());
+    let policy = SnapshotPolicy { snapshots, every: config.snapshot_entries, last: last_snapshot };
+    let applier = Applier::new(kv, mirror, policy, replier.clone(), shared.clone());
     let applier = thread::Builder::new().name("applier".into()).spawn(move || applier.run(apply_rx))?;
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
     let log_reader = {
@@ -241,6 +250,36 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let _ = endpoint.join();
     info!("node {id}: stopped");
     Ok(())
+}
+
+/// The state machine as of the newest snapshot (empty at index 0 if none).
+/// A snapshot the log does not hold (a crash came between installing one
+/// from the leader and starting the log over after it) starts the log over
+/// now; the log's entries from before it are covered by it.
+fn restore_state_machine(
+    snapshots: &Snapshots,
+    storage: &mut Storage,
+) -> Result<(KvStore, SnapshotMeta), Box<dyn Error>> {
+    let mut kv = KvStore::new();
+    let Some((meta, data)) = snapshots.latest()? else { return Ok((kv, SnapshotMeta::default())) };
+    kv.restore(&data).map_err(|e| format!("snapshot {}/{}: {e}", meta.index, meta.term))?;
+    let start = storage.snapshot_meta();
+    if meta.index < start.index {
+        return Err(format!(
+            "the log was compacted up to {} but the newest snapshot is at {}: it cannot be restored",
+            start.index, meta.index
+        )
+        .into());
+    }
+    let held = if meta.index == start.index { Some(start.term) } else { None };
+    let held = held.or_else(|| (meta.index <= storage.last_index()).then(|| storage.term(meta.index)));
+    if held != Some(meta.term) {
+        warn!("the log does not hold snapshot {}/{}; starting the log over after it", meta.index, meta.term);
+        storage.install_snapshot(meta)?;
+        storage.sync()?;
+    }
+    info!("restored the state machine from snapshot {}/{} ({} keys)", meta.index, meta.term, kv.len());
+    Ok((kv, meta))
 }
 
 /// The membership recorded in the state dir, recording the config's on

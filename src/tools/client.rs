@@ -189,6 +189,8 @@ pub enum Op {
         #[arg(long, default_value_t = 100)]
         limit: u64,
     },
+    /// Snapshot the node's state machine now.
+    Snapshot,
 }
 
 impl Op {
@@ -204,6 +206,7 @@ impl Op {
             Op::Propose { command } => write(Command::Propose { command }),
             Op::Status => Request::Status,
             Op::Log { from, limit } => Request::Log { from, limit },
+            Op::Snapshot => Request::Snapshot,
         }
     }
 }
