@@ -10,18 +10,25 @@
 //! name, fsynced, renamed into place and the directory fsynced: a crash at
 //! any point leaves the previous snapshot usable, and at most a temporary
 //! file that the next open deletes.
+//!
+//! A snapshot received from the leader is staged as `incoming-<from>.tmp`
+//! while its pieces arrive, renamed `received-<index>-<term>.ready` once it
+//! is complete, checked and fsynced, and adopted (renamed to its final
+//! name) when the node installs it. Opening deletes both kinds of leftovers:
+//! the leader sends the snapshot again.
 
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::raft::{Index, SnapshotMeta};
+use crate::raft::{Index, NodeId, SnapshotMeta};
 
 const MAGIC: &[u8] = b"raft-zmq snapshot 1\n";
 const HEADER_LEN: usize = MAGIC.len() + 24;
 const SUFFIX: &str = ".snap";
 const TEMP_SUFFIX: &str = ".tmp";
+const RECEIVED_SUFFIX: &str = ".ready";
 /// Older snapshots kept besides the newest, as a fallback for an operator.
 const KEEP_OLDER: usize = 1;
 
@@ -76,7 +83,22 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotMeta, &[u8]), String> {
     Ok((meta, data))
 }
 
+/// Reads the snapshot file at `path`, checking it is intact and holds `meta`.
+fn read_checked(path: &Path, meta: SnapshotMeta) -> Result<Vec<u8>, SnapshotError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| SnapshotError::new(path, format!("cannot read: {e}")))?;
+    let (held, data) = decode(&bytes).map_err(|problem| SnapshotError::new(path, problem))?;
+    if held != meta {
+        let problem = format!("holds {}/{}, not {}/{}", held.index, held.term, meta.index, meta.term);
+        return Err(SnapshotError::new(path, problem));
+    }
+    Ok(data.to_vec())
+}
+
 /// The snapshots directory of one node.
+#[derive(Clone, Debug)]
 pub struct Snapshots {
     dir: PathBuf,
 }
@@ -88,7 +110,8 @@ impl Snapshots {
         fs::create_dir_all(dir).map_err(err)?;
         for entry in fs::read_dir(dir).map_err(err)? {
             let path = entry.map_err(err)?.path();
-            if path.to_string_lossy().ends_with(TEMP_SUFFIX) {
+            let name = path.to_string_lossy();
+            if name.ends_with(TEMP_SUFFIX) || name.ends_with(RECEIVED_SUFFIX) {
                 fs::remove_file(&path).map_err(err)?;
             }
         }
@@ -108,10 +131,48 @@ impl Snapshots {
         file.sync_all().map_err(|e| err("fsync", e))?;
         fs::rename(&temp, &path).map_err(|e| err("rename into place", e))?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| err("fsync its directory", e))?;
-        for (older, _) in self.list().map_err(|e| err("list", e))?.into_iter().rev().skip(1 + KEEP_OLDER) {
-            fs::remove_file(older).map_err(|e| err("delete an older snapshot", e))?;
+        self.prune().map_err(|e| err("delete an older snapshot", e))
+    }
+
+    fn prune(&self) -> io::Result<()> {
+        for (older, _) in self.list()?.into_iter().rev().skip(1 + KEEP_OLDER) {
+            fs::remove_file(older)?;
         }
         Ok(())
+    }
+
+    /// The data of snapshot `meta`, checked.
+    pub fn load(&self, meta: SnapshotMeta) -> Result<Vec<u8>, SnapshotError> {
+        read_checked(&self.path(meta), meta)
+    }
+
+    /// Where the pieces of a snapshot from `from` are collected.
+    pub fn incoming(&self, from: NodeId) -> PathBuf {
+        self.dir.join(format!("incoming-{from}{TEMP_SUFFIX}"))
+    }
+
+    /// Marks the complete snapshot collected in `incoming` as received:
+    /// checks it is `meta` and intact, makes it durable.
+    pub fn receive(&self, incoming: &Path, meta: SnapshotMeta) -> Result<(), SnapshotError> {
+        read_checked(incoming, meta)?;
+        let received = self.received(meta);
+        let err = |what: &str, e: io::Error| SnapshotError::new(incoming, format!("cannot {what}: {e}"));
+        File::open(incoming).and_then(|f| f.sync_all()).map_err(|e| err("fsync", e))?;
+        fs::rename(incoming, &received).map_err(|e| err("rename", e))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| err("fsync its directory", e))
+    }
+
+    /// Makes the received snapshot `meta` this node's newest.
+    pub fn adopt(&self, meta: SnapshotMeta) -> Result<(), SnapshotError> {
+        let received = self.received(meta);
+        let err = |what: &str, e: io::Error| SnapshotError::new(&received, format!("cannot {what}: {e}"));
+        fs::rename(&received, self.path(meta)).map_err(|e| err("adopt", e))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| err("fsync its directory", e))?;
+        self.prune().map_err(|e| err("delete an older snapshot", e))
+    }
+
+    fn received(&self, meta: SnapshotMeta) -> PathBuf {
+        self.dir.join(format!("received-{}-{}{RECEIVED_SUFFIX}", meta.index, meta.term))
     }
 
     /// The newest snapshot and its data, checked; `None` if there is none.
@@ -120,18 +181,7 @@ impl Snapshots {
     pub fn latest(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, SnapshotError> {
         let listed = self.list().map_err(|e| SnapshotError::new(&self.dir, format!("cannot list: {e}")))?;
         let Some((path, named)) = listed.into_iter().last() else { return Ok(None) };
-        let mut bytes = Vec::new();
-        File::open(&path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|e| SnapshotError::new(&path, format!("cannot read: {e}")))?;
-        let (meta, data) = decode(&bytes).map_err(|problem| SnapshotError::new(&path, problem))?;
-        if meta != named {
-            return Err(SnapshotError::new(
-                &path,
-                format!("holds {}/{}, not what its name says", meta.index, meta.term),
-            ));
-        }
-        Ok(Some((meta, data.to_vec())))
+        Ok(Some((named, read_checked(&path, named)?)))
     }
 
     /// Snapshot files, oldest first.
@@ -152,7 +202,8 @@ impl Snapshots {
         Ok(found)
     }
 
-    fn path(&self, meta: SnapshotMeta) -> PathBuf {
+    /// The file of snapshot `meta` (which may not exist).
+    pub fn path(&self, meta: SnapshotMeta) -> PathBuf {
         self.dir.join(format!("{:020}-{}{SUFFIX}", meta.index, meta.term))
     }
 }

@@ -485,7 +485,7 @@ impl Storage {
 }
 
 impl LogStore for Storage {
-    fn snapshot_meta(&self) -> SnapshotMeta {
+    fn log_start(&self) -> SnapshotMeta {
         self.snapshot
     }
 
@@ -644,7 +644,7 @@ mod tests {
     }
 
     fn all_entries(s: &Storage) -> Vec<Entry> {
-        let first = s.snapshot_meta().index + 1;
+        let first = s.log_start().index + 1;
         if first > s.last_index() { vec![] } else { s.entries(first, s.last_index(), usize::MAX) }
     }
 
@@ -949,20 +949,20 @@ mod tests {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
             s.write(None, &(1..=6).map(|i| entry(i, 1 + i / 4, b"x")).collect::<Vec<_>>()).unwrap();
             s.compact(4).unwrap();
-            assert_eq!(s.snapshot_meta(), SnapshotMeta { index: 4, term: 2 });
+            assert_eq!(s.log_start(), SnapshotMeta { index: 4, term: 2 });
             assert!(s.write(None, &[entry(4, 2, b"y")]).is_err(), "below the snapshot");
             s.sync().unwrap();
         }
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            assert_eq!((s.snapshot_meta().index, s.last_index(), s.term(5)), (4, 6, 2));
+            assert_eq!((s.log_start().index, s.last_index(), s.term(5)), (4, 6, 2));
             assert_eq!(all_entries(&s).iter().map(|e| e.index).collect::<Vec<_>>(), vec![5, 6]);
             s.install_snapshot(SnapshotMeta { index: 9, term: 3 }).unwrap();
             s.write(None, &[entry(10, 3, b"z")]).unwrap();
             s.sync().unwrap();
         }
         let (s, _) = Storage::open(tmp.path()).unwrap();
-        assert_eq!(s.snapshot_meta(), SnapshotMeta { index: 9, term: 3 });
+        assert_eq!(s.log_start(), SnapshotMeta { index: 9, term: 3 });
         assert_eq!(all_entries(&s), vec![entry(10, 3, b"z")]);
         let e = {
             drop(s);

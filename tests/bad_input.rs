@@ -369,6 +369,11 @@ fn inconsistent_peer_messages_with_a_valid_envelope_crash_nothing_and_never_reac
             u64::MAX,
             Body::RequestVote { last_log_index: 1 << 40, last_log_term: 1 << 40, pre_vote: false, transfer: false },
         ),
+        (
+            "a snapshot far ahead, without its data",
+            term,
+            Body::InstallSnapshot { snapshot: raft_zmq::raft::SnapshotMeta { index: 1 << 40, term } },
+        ),
     ];
     for round in 0..2 {
         for to in 0..3u64 {
@@ -382,6 +387,7 @@ fn inconsistent_peer_messages_with_a_valid_envelope_crash_nothing_and_never_reac
                     from,
                     term: *term,
                     message,
+                    chunk: None,
                 };
                 let req = cluster.socket(zmq::REQ, &cluster.nodes[to as usize].raft);
                 req.set_rcvtimeo(100).unwrap();

@@ -139,8 +139,15 @@ fn a_peer_without_a_node_key_is_ignored() {
     let envelope = |from: usize, to: usize, term: u64, body: Body| {
         let (from, to) = (from as u64, to as u64);
         let message = Message { from, to, term, body };
-        rmp_serde::to_vec_named(&Envelope { version: PROTOCOL_VERSION, cluster: cluster_id, from, term, message })
-            .unwrap()
+        rmp_serde::to_vec_named(&Envelope {
+            version: PROTOCOL_VERSION,
+            cluster: cluster_id,
+            from,
+            term,
+            message,
+            chunk: None,
+        })
+        .unwrap()
     };
     // A heartbeat in the leader's name, which a follower always answers; and
     // a vote request in a far higher term, which a node that read it would

@@ -39,7 +39,7 @@ fn random_schedules() {
 fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     let started = Instant::now();
     let next = AtomicU64::new(0);
-    let (seeds, events) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (seeds, events, installs) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let failed = AtomicBool::new(false);
     let workers = thread::available_parallelism().map_or(2, |n| n.get());
     thread::scope(|s| {
@@ -53,6 +53,7 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
                     match panic::catch_unwind(AssertUnwindSafe(|| run_seed(first.wrapping_add(i)))) {
                         Ok(summary) => {
                             events.fetch_add(summary.events, Ordering::Relaxed);
+                            installs.fetch_add(summary.installs as u64, Ordering::Relaxed);
                             seeds.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(panic) => {
@@ -65,9 +66,11 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
         }
     });
     let secs = started.elapsed().as_secs_f64();
-    let (seeds, events) = (seeds.into_inner(), events.into_inner());
+    let (seeds, events, installs) = (seeds.into_inner(), events.into_inner(), installs.into_inner());
     println!(
-        "{seeds} seeds from {first} ({events} events) in {secs:.1}s on {workers} threads: {:.0} events/s",
+        "{seeds} seeds from {first} ({events} events, {installs} snapshots installed) in {secs:.1}s \
+         on {workers} threads: {:.0} events/s",
         events as f64 / secs
     );
+    assert!(seeds < 1000 || installs > seeds / 10, "too few runs sent a snapshot to test InstallSnapshot");
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{error, info, warn};
 
 use super::Shared;
@@ -59,6 +59,8 @@ pub struct SnapshotPolicy {
     pub every: u64,
     /// The newest snapshot on disk (index 0: none).
     pub last: SnapshotMeta,
+    /// Tells the core loop of each new snapshot.
+    pub taken: Sender<SnapshotMeta>,
 }
 
 pub struct Applier {
@@ -79,12 +81,16 @@ impl Applier {
     /// from that snapshot, or empty at index 0).
     pub fn new(
         kv: KvStore,
-        mirror: Mirror,
+        mut mirror: Mirror,
         snapshot: SnapshotPolicy,
         replier: Replier,
         shared: Arc<Shared>,
     ) -> Applier {
         let applied = snapshot.last;
+        // A power loss may have cost the mirror lines the snapshot covers.
+        if let Err(e) = mirror.append_snapshot(applied.index, applied.term) {
+            error!("cannot write snapshot {} to the log mirror: {e}", applied.index);
+        }
         shared.last_applied.store(applied.index, Ordering::Release);
         shared.snapshot_index.store(applied.index, Ordering::Release);
         Applier { kv, mirror, snapshot, applied, replier, shared, writes: BTreeMap::new(), reads: BTreeMap::new() }
@@ -112,11 +118,7 @@ impl Applier {
     fn handle(&mut self, msg: ApplyMsg) {
         match msg {
             ApplyMsg::Apply(entries) => self.apply(entries),
-            ApplyMsg::Restore(snapshot) => {
-                // The transport drops InstallSnapshot until it can carry the data.
-                error!("cannot install snapshot {}/{}: not supported yet; stopping", snapshot.index, snapshot.term);
-                std::process::exit(1);
-            }
+            ApplyMsg::Restore(snapshot) => self.restore(snapshot),
             ApplyMsg::Snapshot { reply_to } => {
                 if self.applied.index > self.snapshot.last.index {
                     self.take_snapshot();
@@ -189,10 +191,32 @@ impl Applier {
         if self.applied.index - self.snapshot.last.index >= self.snapshot.every {
             self.take_snapshot();
         }
-        let later = self.reads.split_off(&(last + 1));
-        for (key, reply_to) in std::mem::replace(&mut self.reads, later).into_values().flatten() {
-            self.answer_read(&key, reply_to);
+        self.answer_reads_up_to(last);
+    }
+
+    /// Starts the state machine over from the snapshot the core loop
+    /// installed (from the leader). A node that cannot read the file it
+    /// just made durable has a broken disk: it stops.
+    fn restore(&mut self, snapshot: SnapshotMeta) {
+        let restored = self.snapshot.snapshots.load(snapshot).map_err(|e| e.to_string());
+        if let Err(problem) = restored.and_then(|data| self.kv.restore(&data)) {
+            error!("cannot load snapshot {}/{}: {problem}; stopping at once", snapshot.index, snapshot.term);
+            std::process::exit(1);
         }
+        info!(
+            "state machine restored from the leader's snapshot {}/{} ({} keys)",
+            snapshot.index,
+            snapshot.term,
+            self.kv.len()
+        );
+        if let Err(e) = self.mirror.append_snapshot(snapshot.index, snapshot.term).and_then(|()| self.mirror.flush()) {
+            error!("cannot write snapshot {} to the log mirror: {e}", snapshot.index);
+        }
+        self.applied = snapshot;
+        self.snapshot.last = snapshot;
+        self.shared.last_applied.store(snapshot.index, Ordering::Release);
+        self.shared.snapshot_index.store(snapshot.index, Ordering::Release);
+        self.answer_reads_up_to(snapshot.index);
     }
 
     /// Writes the state machine as it stands to a new snapshot file. A node
@@ -213,8 +237,17 @@ impl Applier {
                 );
                 self.snapshot.last = self.applied;
                 self.shared.snapshot_index.store(self.applied.index, Ordering::Release);
+                // The core loop compacts the log behind it; if it is gone, so is the node.
+                let _ = self.snapshot.taken.send(self.applied);
             }
             Err(e) => error!("cannot take a snapshot: {e}"),
+        }
+    }
+
+    fn answer_reads_up_to(&mut self, applied: Index) {
+        let later = self.reads.split_off(&(applied + 1));
+        for (key, reply_to) in std::mem::replace(&mut self.reads, later).into_values().flatten() {
+            self.answer_read(&key, reply_to);
         }
     }
 

@@ -22,7 +22,7 @@ use super::applier::ApplyMsg;
 use super::disk::NOSPACE;
 use super::log_reader::LogRequest;
 use super::replies::{Replier, ReplyTo, not_leader};
-use super::store::NodeStore;
+use super::store::{NodeStore, PersistError};
 use crate::driver::{self, run_ready};
 use crate::kv::{LoggedCommand, Value, session_reply};
 use crate::lock;
@@ -31,7 +31,6 @@ use crate::raft::{
     Body, Entry, Index, Message, NodeId, NotLeader, Raft, ReadState, Role, SnapshotMeta, SoftState, Term,
 };
 use crate::sessions::SessionTable;
-use crate::storage::StorageError;
 use crate::transport::{Inbound, Transport};
 
 /// A decoded client request on its way to the core loop.
@@ -176,6 +175,8 @@ pub struct Inputs {
     pub ticks: Receiver<Instant>,
     pub peers: Receiver<Inbound>,
     pub clients: Receiver<ClientCall>,
+    /// Snapshots the applier took.
+    pub snapshots: Receiver<SnapshotMeta>,
     pub stop: Receiver<()>,
 }
 
@@ -205,7 +206,7 @@ impl CoreLoop {
 }
 
 impl State {
-    fn serve(&mut self, inputs: &Inputs) -> Result<(), StorageError> {
+    fn serve(&mut self, inputs: &Inputs) -> Result<(), PersistError> {
         while self.run_once(inputs, &inputs.stop)? {}
         self.hand_over_leadership(inputs)?;
         self.shut_down()
@@ -213,7 +214,7 @@ impl State {
 
     /// Waits for one input, drains what else is queued, then carries out the
     /// core's `Ready`. False once `stop` fires or an input channel closes.
-    fn run_once<T>(&mut self, inputs: &Inputs, stop: &Receiver<T>) -> Result<bool, StorageError> {
+    fn run_once<T>(&mut self, inputs: &Inputs, stop: &Receiver<T>) -> Result<bool, PersistError> {
         select! {
             recv(stop) -> _ => return Ok(false),
             recv(inputs.ticks) -> _ => self.on_tick(),
@@ -223,6 +224,10 @@ impl State {
             },
             recv(inputs.clients) -> call => match call {
                 Ok(call) => self.on_client(call),
+                Err(_) => return Ok(false),
+            },
+            recv(inputs.snapshots) -> snapshot => match snapshot {
+                Ok(snapshot) => self.raft.store_mut().snapshot_taken(snapshot)?,
                 Err(_) => return Ok(false),
             },
         }
@@ -248,7 +253,7 @@ impl State {
     /// of the log and runs on until another node leads, the core abandons
     /// the transfer, or `handover_timeout` passes. Writes are refused
     /// meanwhile (clients retry, as after an election); reads are served.
-    fn hand_over_leadership(&mut self, inputs: &Inputs) -> Result<(), StorageError> {
+    fn hand_over_leadership(&mut self, inputs: &Inputs) -> Result<(), PersistError> {
         let id = self.raft.id();
         let Some(to) = self.raft.transfer_candidate() else { return Ok(()) };
         if let Err(e) = self.raft.transfer_leadership(to) {
@@ -420,7 +425,7 @@ impl State {
         }
     }
 
-    fn process_ready(&mut self) -> Result<(), StorageError> {
+    fn process_ready(&mut self) -> Result<(), PersistError> {
         run_ready(&mut self.raft, &mut self.io)
     }
 
@@ -428,7 +433,7 @@ impl State {
     /// so a restart re-applies without waiting for a leader. Requests still
     /// queued for us are answered by the client endpoint, their only
     /// producer, once it has stopped adding to the queue.
-    fn shut_down(&mut self) -> Result<(), StorageError> {
+    fn shut_down(&mut self) -> Result<(), PersistError> {
         self.io.shared.stopping.store(true, Ordering::Release);
         for (_, read) in std::mem::take(&mut self.io.reads) {
             self.io.reply_error(read.reply_to, ErrorCode::ShuttingDown, "node is shutting down");
@@ -436,7 +441,7 @@ impl State {
         let hard_state = self.raft.hard_state();
         let storage = &mut self.raft.store_mut().storage;
         storage.write(Some(&hard_state), &[])?;
-        storage.sync()
+        Ok(storage.sync()?)
     }
 }
 

@@ -158,13 +158,20 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         "node {id}: starting with term {}, vote {:?}, log entries {}..={last_index}, commit {}",
         hard_state.term,
         hard_state.vote,
-        storage.snapshot_meta().index + 1,
+        storage.log_start().index + 1,
         hard_state.commit
     );
     let core_config = core_config(config, id, &members);
     let reply_timeout = Duration::from_millis(tick_ms(config) * core_config.inflight_timeout());
     let disk = DiskAlarm::new(&config.node_state_dir(id), config.disk_reserve_bytes);
-    let raft = Raft::new(core_config, NodeStore { storage, disk }, hard_state, last_snapshot.index);
+    let store = NodeStore {
+        storage,
+        disk,
+        snapshots: snapshots.clone(),
+        newest: last_snapshot,
+        margin: compaction_margin(config.snapshot_entries),
+    };
+    let raft = Raft::new(core_config, store, hard_state, last_snapshot.index);
 
     let ctx = zmq::Context::new();
     // Declared before the sockets' owners so that it is dropped after them:
@@ -183,6 +190,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
             reply_timeout,
             max_message_bytes: (config.max_request_bytes as i64) * 2 + (16 << 20),
             security: Arc::clone(&security),
+            snapshots: snapshots.clone(),
         },
         peer_tx,
     )?;
@@ -205,7 +213,8 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
 
     let sessions = kv.sessions();
     let (apply_tx, apply_rx) = unbounded();
-    let policy = SnapshotPolicy { snapshots, every: config.snapshot_entries, last: last_snapshot };
+    let (taken_tx, taken_rx) = unbounded();
+    let policy = SnapshotPolicy { snapshots, every: config.snapshot_entries, last: last_snapshot, taken: taken_tx };
     let applier = Applier::new(kv, mirror, policy, replier.clone(), shared.clone());
     let applier = thread::Builder::new().name("applier".into()).spawn(move || applier.run(apply_rx))?;
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
@@ -242,7 +251,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     );
     let core = CoreLoop { raft, io };
     let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
-    core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, stop: stop_rx });
+    core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, snapshots: taken_rx, stop: stop_rx });
     shared.stopping.store(true, Ordering::Release);
     let _ = applier.join();
     let _ = log_reader.join();
@@ -250,6 +259,14 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let _ = endpoint.join();
     info!("node {id}: stopped");
     Ok(())
+}
+
+/// Entries a node keeps before its newest snapshot when it compacts its log:
+/// a follower that far behind catches up from the log, one further behind
+/// gets the snapshot. Half the snapshot interval, at most 5,000 (etcd's
+/// number), so the log holds at most 1.5 intervals of entries.
+fn compaction_margin(snapshot_entries: u64) -> u64 {
+    (snapshot_entries / 2).min(5_000)
 }
 
 /// The state machine as of the newest snapshot (empty at index 0 if none).
@@ -263,7 +280,7 @@ fn restore_state_machine(
     let mut kv = KvStore::new();
     let Some((meta, data)) = snapshots.latest()? else { return Ok((kv, SnapshotMeta::default())) };
     kv.restore(&data).map_err(|e| format!("snapshot {}/{}: {e}", meta.index, meta.term))?;
-    let start = storage.snapshot_meta();
+    let start = storage.log_start();
     if meta.index < start.index {
         return Err(format!(
             "the log was compacted up to {} but the newest snapshot is at {}: it cannot be restored",

@@ -1,10 +1,14 @@
-//! The node's durable side as the Ready driver sees it: the sled log, plus
-//! the disk-space alarm that watches every byte written to it.
+//! The node's durable side as the Ready driver sees it: the sled log, the
+//! snapshot files, and the disk-space alarm that watches every byte written.
 
+use std::fmt;
 use std::time::Instant;
+
+use log::info;
 
 use crate::driver;
 use crate::raft::{Entry, HardState, Index, LogStore, SnapshotMeta, Term};
+use crate::snapshot::{SnapshotError, Snapshots};
 use crate::storage::{Storage, StorageError};
 
 use super::disk::DiskAlarm;
@@ -12,11 +16,68 @@ use super::disk::DiskAlarm;
 pub struct NodeStore {
     pub storage: Storage,
     pub disk: DiskAlarm,
+    pub snapshots: Snapshots,
+    /// The newest snapshot on disk, which a follower that needs compacted
+    /// entries is sent.
+    pub newest: SnapshotMeta,
+    /// Entries kept before the newest snapshot when compacting, so that a
+    /// follower only a little behind catches up from the log rather than by
+    /// a whole snapshot (etcd keeps 5,000).
+    pub margin: u64,
+}
+
+/// Persisting failed: the node must stop.
+#[derive(Debug)]
+pub enum PersistError {
+    Storage(StorageError),
+    Snapshot(SnapshotError),
+}
+
+impl fmt::Display for PersistError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PersistError::Storage(e) => e.fmt(f),
+            PersistError::Snapshot(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<StorageError> for PersistError {
+    fn from(e: StorageError) -> Self {
+        PersistError::Storage(e)
+    }
+}
+
+impl From<SnapshotError> for PersistError {
+    fn from(e: SnapshotError) -> Self {
+        PersistError::Snapshot(e)
+    }
+}
+
+impl NodeStore {
+    /// The state machine has a new snapshot on disk: it becomes the one to
+    /// send, and the log is compacted up to `margin` entries before it.
+    pub fn snapshot_taken(&mut self, snapshot: SnapshotMeta) -> Result<(), StorageError> {
+        if snapshot.index <= self.newest.index {
+            return Ok(());
+        }
+        self.newest = snapshot;
+        let upto = snapshot.index.saturating_sub(self.margin);
+        if upto > self.storage.log_start().index {
+            self.storage.compact(upto)?;
+            info!("log compacted up to {upto} (snapshot at {})", snapshot.index);
+        }
+        Ok(())
+    }
 }
 
 impl LogStore for NodeStore {
-    fn snapshot_meta(&self) -> SnapshotMeta {
-        self.storage.snapshot_meta()
+    fn log_start(&self) -> SnapshotMeta {
+        self.storage.log_start()
+    }
+
+    fn snapshot(&self) -> SnapshotMeta {
+        self.newest
     }
 
     fn last_index(&self) -> Index {
@@ -33,16 +94,22 @@ impl LogStore for NodeStore {
 }
 
 impl driver::Storage for NodeStore {
-    type Error = StorageError;
+    type Error = PersistError;
 
+    /// A snapshot from the leader: its file (received and checked by the
+    /// transport) becomes the newest first, then the log starts over after
+    /// it. A crash in between is repaired at the next start, which finds a
+    /// snapshot the log does not hold.
     fn persist(
         &mut self,
         snapshot: Option<SnapshotMeta>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), PersistError> {
         if let Some(snapshot) = snapshot {
+            self.snapshots.adopt(snapshot)?;
             self.storage.install_snapshot(snapshot)?;
+            self.newest = snapshot;
         }
         self.storage.write(hard_state, entries)?;
         self.storage.sync()?;

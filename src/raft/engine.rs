@@ -219,9 +219,10 @@ impl<S: LogStore> Raft<S> {
         let now = self.ticks;
         let (append_timeout, snapshot_timeout) = (self.cfg.inflight_timeout(), self.cfg.snapshot_timeout());
         for pr in self.progress.values_mut() {
-            let timeout = if pr.pending_snapshot.is_some() { snapshot_timeout } else { append_timeout };
-            if pr.inflight_since.is_some_and(|sent| now - sent >= timeout) {
+            if pr.inflight_since.is_some_and(|sent| now - sent >= append_timeout) {
                 pr.inflight_since = None;
+            }
+            if pr.pending_snapshot.is_some_and(|(_, sent)| now - sent >= snapshot_timeout) {
                 pr.pending_snapshot = None;
             }
         }
@@ -808,12 +809,12 @@ impl<S: LogStore> Raft<S> {
                     read_seq: self.read_seq,
                 },
                 // What the follower needs next was compacted away.
-                None => Body::InstallSnapshot { snapshot: self.log.snapshot() },
+                None => Body::InstallSnapshot { snapshot: self.log.newest_snapshot() },
             };
             let pr = self.progress.get_mut(&to).expect("listed above");
             if let Body::InstallSnapshot { snapshot } = &body {
                 info!("node {}: sending snapshot {}/{} to {}", self.cfg.id, snapshot.index, snapshot.term, to);
-                pr.pending_snapshot = Some(snapshot.index);
+                pr.pending_snapshot = Some((snapshot.index, self.ticks));
             }
             pr.inflight_since = Some(self.ticks);
             pr.commit_sent = self.log.committed();

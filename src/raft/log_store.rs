@@ -12,15 +12,23 @@
 use super::types::{Entry, HardState, Index, SnapshotMeta, Term};
 
 pub trait LogStore {
-    /// The snapshot the stored log follows; `SnapshotMeta::default()` (index
-    /// 0, term 0) when nothing was ever compacted.
-    fn snapshot_meta(&self) -> SnapshotMeta;
+    /// Index and term of the last compacted entry: the stored log starts
+    /// right after it. `SnapshotMeta::default()` (index 0, term 0) when
+    /// nothing was ever compacted.
+    fn log_start(&self) -> SnapshotMeta;
+
+    /// The newest snapshot the shell can send a follower; at or after
+    /// `log_start` (a store may keep entries before its newest snapshot for
+    /// followers that are only a little behind).
+    fn snapshot(&self) -> SnapshotMeta {
+        self.log_start()
+    }
 
     /// Index of the last stored entry; the snapshot's index when none.
     fn last_index(&self) -> Index;
 
     /// Term of the stored entry at `index`, for
-    /// `snapshot_meta().index < index <= last_index()`.
+    /// `log_start().index < index <= last_index()`.
     fn term(&self, index: Index) -> Term;
 
     /// The stored entries `lo..=hi` (within the range `term` accepts), in
@@ -89,7 +97,7 @@ impl MemStore {
 }
 
 impl LogStore for MemStore {
-    fn snapshot_meta(&self) -> SnapshotMeta {
+    fn log_start(&self) -> SnapshotMeta {
         self.snapshot
     }
 
@@ -137,7 +145,7 @@ mod tests {
         store.append(&[entry(3, 2), entry(4, 2)]);
         assert_eq!((store.last_index(), store.term(3)), (4, 2));
         store.compact(2);
-        assert_eq!(store.snapshot_meta(), SnapshotMeta { index: 2, term: 1 });
+        assert_eq!(store.log_start(), SnapshotMeta { index: 2, term: 1 });
         assert_eq!(store.entries(3, 4, 0), vec![entry(3, 2)]);
         assert_eq!(store.entries(3, 4, 1000), vec![entry(3, 2), entry(4, 2)]);
         store.restore(SnapshotMeta { index: 9, term: 3 });

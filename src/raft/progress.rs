@@ -21,9 +21,12 @@ pub struct Progress {
     pub commit_sent: Index,
     /// Heard from in the current CheckQuorum window.
     pub recent_active: bool,
-    /// Index of the snapshot being sent to the follower, which gets nothing
-    /// else until it answers (or the send is given up on).
-    pub pending_snapshot: Option<Index>,
+    /// Index of the snapshot being sent to the follower and the tick it was
+    /// sent at. The follower gets nothing else until it answers or the send
+    /// is given up on; this has its own clock, since a stale reply may end
+    /// the in-flight mark without answering the snapshot (found by the
+    /// simulator: the follower was never contacted again).
+    pub pending_snapshot: Option<(Index, u64)>,
 }
 
 impl Progress {
@@ -46,7 +49,7 @@ impl Progress {
         let advanced = index > self.matched;
         self.matched = self.matched.max(index);
         self.next = self.matched + 1;
-        if self.pending_snapshot.is_some_and(|snapshot| self.matched >= snapshot) {
+        if self.pending_snapshot.is_some_and(|(snapshot, _)| self.matched >= snapshot) {
             self.pending_snapshot = None;
         }
         advanced

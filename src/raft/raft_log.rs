@@ -41,7 +41,7 @@ impl<S: LogStore> RaftLog<S> {
     /// A log recovered from `store`, whose state machine is at `applied`.
     pub fn new(store: S, committed: Index, applied: Index) -> RaftLog<S> {
         let last = store.last_index();
-        let snapshot = store.snapshot_meta().index;
+        let snapshot = store.log_start().index;
         let applied = applied.clamp(snapshot, last);
         RaftLog {
             unstable: Vec::new(),
@@ -67,9 +67,16 @@ impl<S: LogStore> RaftLog<S> {
         self.store
     }
 
-    /// The snapshot the log starts after.
+    /// The position the log starts after.
     pub fn snapshot(&self) -> SnapshotMeta {
-        self.pending_snapshot.unwrap_or_else(|| self.store.snapshot_meta())
+        self.pending_snapshot.unwrap_or_else(|| self.store.log_start())
+    }
+
+    /// The newest snapshot to send a follower that needs compacted entries.
+    pub fn newest_snapshot(&self) -> SnapshotMeta {
+        let newest = self.pending_snapshot.unwrap_or_else(|| self.store.snapshot());
+        debug_assert!(newest.index >= self.snapshot().index, "the newest snapshot is older than the log start");
+        newest
     }
 
     pub fn last_index(&self) -> Index {

@@ -53,7 +53,7 @@ impl Shell for TestShell<'_> {
 /// Everything a node's store holds after its snapshot.
 fn stored(raft: &Node) -> Vec<Entry> {
     let store = raft.store();
-    let first = store.snapshot_meta().index + 1;
+    let first = store.log_start().index + 1;
     if first > store.last_index() { vec![] } else { store.entries(first, store.last_index(), usize::MAX) }
 }
 
@@ -1168,8 +1168,9 @@ fn wiped_follower_is_caught_up_by_the_same_leader() {
 
 // ----- compaction and snapshots ---------------------------------------------
 
-#[test]
-fn follower_behind_the_compacted_log_is_caught_up_by_a_snapshot() {
+/// A 3-node cluster whose leader compacted its log up to 20 entries that a
+/// cut-off follower never got: (cluster, leader, follower, compacted index).
+fn leader_compacted_past_a_lagger() -> (Cluster, NodeId, NodeId, Index) {
     let mut c = Cluster::new(3);
     c.run(30);
     let leader = c.leaders()[0];
@@ -1181,6 +1182,12 @@ fn follower_behind_the_compacted_log_is_caught_up_by_a_snapshot() {
     let applied = c.raft(leader).applied();
     c.raft_mut(leader).store_mut().compact(applied);
     assert_eq!(c.raft(leader).snapshot().index, applied);
+    (c, leader, lagger, applied)
+}
+
+#[test]
+fn follower_behind_the_compacted_log_is_caught_up_by_a_snapshot() {
+    let (mut c, leader, lagger, applied) = leader_compacted_past_a_lagger();
     c.heal();
     c.run(10);
     let snapshots = c.sent.iter().filter(|m| m.to == lagger && matches!(m.body, Body::InstallSnapshot { .. })).count();
@@ -1219,4 +1226,18 @@ fn append_below_the_followers_snapshot_is_answered_with_its_commit_index() {
     let rd = drain(&mut r);
     assert!(rd.entries.is_empty());
     assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: true, match_index: 4, .. }));
+}
+
+#[test]
+fn a_lost_snapshot_is_sent_again_even_after_a_stale_reply() {
+    let (mut c, leader, lagger, applied) = leader_compacted_past_a_lagger();
+    let term = c.raft(leader).soft_state().term;
+    c.run(10); // the snapshot goes out, and is lost
+    assert!(c.sent.iter().any(|m| m.to == lagger && matches!(m.body, Body::InstallSnapshot { .. })));
+    // A reply to an older AppendEntries arrives late (found by the simulator).
+    c.raft_mut(leader).step(ack(lagger, leader, term, 1, 0));
+    c.heal();
+    c.run(100);
+    assert_eq!(c.raft(lagger).snapshot().index, applied, "the snapshot was sent again");
+    assert_eq!(c.raft(lagger).commit_index(), c.raft(leader).commit_index());
 }

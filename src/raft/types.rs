@@ -49,7 +49,7 @@ pub struct HardState {
 
 /// Where a snapshot stands in the log: it covers every entry up to `index`,
 /// the last of which had `term` (needed to check the entry after it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SnapshotMeta {
     pub index: Index,
     pub term: Term,

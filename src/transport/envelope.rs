@@ -12,7 +12,8 @@ use crate::raft::{Body, Message, NodeId, Term};
 /// mixed versions refuse each other instead of misreading each other.
 /// Version 2: AppendEntriesReply names the `prev_log_index` it answers,
 /// which the leader needs to tell a wiped follower from a stale reply.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// Version 3: InstallSnapshot, with its data in chunks.
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// What travels in one ZeroMQ frame: MessagePack with named fields, so the
 /// format is self-describing and readable by non-Rust tools.
@@ -26,6 +27,28 @@ pub struct Envelope {
     pub from: NodeId,
     pub term: Term,
     pub message: Message,
+    /// Only with an InstallSnapshot: a piece of the snapshot file, or, in
+    /// the receiver's answer, how much of it has arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<Chunk>,
+}
+
+/// The transport streams a snapshot file as a series of InstallSnapshot
+/// requests, each carrying the next piece, so a snapshot of any size
+/// travels in frames well below the size limit. The receiver answers each
+/// piece with how much it holds (so an interrupted transfer resumes), and
+/// the last one, once the whole file is checked, with the core's reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Chunk {
+    /// Bytes `offset..offset + data.len()` of a file of `total` bytes.
+    Data {
+        offset: u64,
+        total: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The receiver holds the first `next` bytes: send from there.
+    Ack { next: u64 },
 }
 
 /// The fields that must be checked before the rest can be trusted to parse:
@@ -147,12 +170,18 @@ impl Wire {
     /// Encodes an outgoing message. Refusing an oversized one here beats
     /// having the receiver's ZMQ_MAXMSGSIZE silently cut the connection.
     pub fn seal(&self, message: Message) -> Result<Vec<u8>, Reject> {
+        self.seal_chunk(message, None)
+    }
+
+    /// Encodes an InstallSnapshot with a piece of its data, or the answer to one.
+    pub fn seal_chunk(&self, message: Message, chunk: Option<Chunk>) -> Result<Vec<u8>, Reject> {
         let envelope = Envelope {
             version: PROTOCOL_VERSION,
             cluster: self.cluster,
             from: message.from,
             term: message.term,
             message,
+            chunk,
         };
         let bytes = rmp_serde::to_vec_named(&envelope).expect("plain data always serializes to MessagePack in memory");
         match usize::try_from(self.max_message_bytes) {
@@ -163,30 +192,46 @@ impl Wire {
         }
     }
 
-    /// Accepts a request from any peer.
-    pub fn open_request(&self, frame: &[u8]) -> Result<Message, Reject> {
-        let message = self.open(frame)?;
+    /// Accepts a request from any peer: an InstallSnapshot always with a
+    /// piece of its data, anything else without.
+    pub fn open_request(&self, frame: &[u8]) -> Result<(Message, Option<Chunk>), Reject> {
+        let (message, chunk) = self.open(frame)?;
+        let from = message.from;
         if !message.body.is_request() {
-            return Err(Reject::Unexpected { from: message.from, request: false });
+            return Err(Reject::Unexpected { from, request: false });
         }
-        // Its data travels in chunks the transport reassembles; the bare
-        // message would make the core drop its log for data it never got.
-        if let Body::InstallSnapshot { .. } = message.body {
-            return Err(Reject::Invalid { from: message.from, problem: "a snapshot without its data".into() });
+        match (&message.body, &chunk) {
+            (Body::InstallSnapshot { .. }, Some(Chunk::Data { offset, total, data })) => {
+                if offset.checked_add(data.len() as u64).is_none_or(|end| end > *total) {
+                    let problem = format!("snapshot piece at {offset} of {} bytes overruns {total}", data.len());
+                    return Err(Reject::Invalid { from, problem });
+                }
+            }
+            // The bare message would make the core drop its log for data it never got.
+            (Body::InstallSnapshot { .. }, _) => {
+                return Err(Reject::Invalid { from, problem: "a snapshot without its data".into() });
+            }
+            (_, Some(_)) => return Err(Reject::Invalid { from, problem: "snapshot data with another message".into() }),
+            (_, None) => {}
         }
-        Ok(message)
+        Ok((message, chunk))
     }
 
-    /// Accepts only a reply, and only from the peer that was asked.
-    pub fn open_reply(&self, frame: &[u8], peer: NodeId) -> Result<Message, Reject> {
-        let message = self.open(frame)?;
-        if message.body.is_request() || message.from != peer {
-            return Err(Reject::Unexpected { from: message.from, request: message.body.is_request() });
+    /// Accepts only a reply, and only from the peer that was asked: a
+    /// message of the core, or the acknowledgement of a snapshot piece.
+    pub fn open_reply(&self, frame: &[u8], peer: NodeId) -> Result<(Message, Option<Chunk>), Reject> {
+        let (message, chunk) = self.open(frame)?;
+        let request = message.body.is_request();
+        let acknowledgement =
+            matches!((&message.body, &chunk), (Body::InstallSnapshot { .. }, Some(Chunk::Ack { .. })));
+        let plain_reply = !request && chunk.is_none();
+        if message.from != peer || !(acknowledgement || plain_reply) {
+            return Err(Reject::Unexpected { from: message.from, request });
         }
-        Ok(message)
+        Ok((message, chunk))
     }
 
-    fn open(&self, frame: &[u8]) -> Result<Message, Reject> {
+    fn open(&self, frame: &[u8]) -> Result<(Message, Option<Chunk>), Reject> {
         let undecodable = |e: rmp_serde::decode::Error| Reject::Undecodable(e.to_string());
         let header: Header = rmp_serde::from_slice(frame).map_err(undecodable)?;
         if header.version != PROTOCOL_VERSION {
@@ -195,7 +240,7 @@ impl Wire {
         if header.cluster != self.cluster {
             return Err(Reject::Cluster(header.cluster));
         }
-        let Envelope { from, term, message, .. } = rmp_serde::from_slice(frame).map_err(undecodable)?;
+        let Envelope { from, term, message, chunk, .. } = rmp_serde::from_slice(frame).map_err(undecodable)?;
         if (from, term) != (message.from, message.term) {
             return Err(Reject::Inconsistent { envelope: (from, term), message: (message.from, message.term) });
         }
@@ -206,7 +251,7 @@ impl Wire {
             return Err(Reject::Misaddressed { from, to: message.to });
         }
         message.validate().map_err(|problem| Reject::Invalid { from, problem })?;
-        Ok(message)
+        Ok((message, chunk))
     }
 }
 
@@ -248,24 +293,31 @@ mod tests {
     }
 
     fn envelope(message: Message) -> Envelope {
-        Envelope { version: PROTOCOL_VERSION, cluster: CLUSTER, from: message.from, term: message.term, message }
+        Envelope {
+            version: PROTOCOL_VERSION,
+            cluster: CLUSTER,
+            from: message.from,
+            term: message.term,
+            message,
+            chunk: None,
+        }
     }
 
     #[test]
     fn request_and_reply_roundtrip() {
         let request = append(1, 0);
         let frame = wire(1).seal(request.clone()).unwrap();
-        assert_eq!(wire(0).open_request(&frame), Ok(request));
+        assert_eq!(wire(0).open_request(&frame), Ok((request, None)));
 
         let reply = vote_reply(0, 1);
         let frame = wire(0).seal(reply.clone()).unwrap();
-        assert_eq!(wire(1).open_reply(&frame, 0), Ok(reply));
+        assert_eq!(wire(1).open_reply(&frame, 0), Ok((reply, None)));
     }
 
     #[test]
     fn timeout_now_is_a_request_and_vote_requests_from_older_nodes_still_decode() {
         let timeout_now = Message { from: 1, to: 0, term: 3, body: Body::TimeoutNow };
-        assert_eq!(wire(0).open_request(&wire(1).seal(timeout_now.clone()).unwrap()), Ok(timeout_now));
+        assert_eq!(wire(0).open_request(&wire(1).seal(timeout_now.clone()).unwrap()), Ok((timeout_now, None)));
 
         let vote = |transfer| Body::RequestVote { last_log_index: 4, last_log_term: 2, pre_vote: false, transfer };
         let frame = wire(1).seal(Message { from: 1, to: 0, term: 3, body: vote(true) }).unwrap();
@@ -281,7 +333,7 @@ mod tests {
         let mut old = Vec::new();
         rmpv::encode::write_value(&mut old, &value).unwrap();
         assert!(old.len() < frame.len(), "the field was there to drop");
-        assert_eq!(wire(0).open_request(&old).map(|m| m.body), Ok(vote(false)));
+        assert_eq!(wire(0).open_request(&old).map(|(m, _)| m.body), Ok(vote(false)));
     }
 
     #[test]

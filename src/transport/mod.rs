@@ -33,6 +33,7 @@ pub use envelope::{Envelope, PROTOCOL_VERSION, Reject, Wire, cluster_id};
 
 use crate::raft::{Message, NodeId};
 use crate::security::{Domain, NodeSecurity};
+use crate::snapshot::Snapshots;
 use peer::Link;
 use server::Server;
 
@@ -64,6 +65,8 @@ pub struct TransportConfig {
     pub max_message_bytes: i64,
     /// Plaintext, or CURVE with the nodes' keys only.
     pub security: Arc<NodeSecurity>,
+    /// Where snapshots to send are read from and received ones collected.
+    pub snapshots: Snapshots,
 }
 
 #[derive(Debug)]
@@ -172,6 +175,7 @@ impl Transport {
             wire: Arc::clone(&wire),
             inbound: inbound.clone(),
             stop: Arc::clone(&stop),
+            snapshots: cfg.snapshots.clone(),
         };
         transport.spawn("raft-server".into(), move || server.run())?;
 
@@ -192,6 +196,7 @@ impl Transport {
                 reply_timeout: cfg.reply_timeout,
                 max_message_bytes: cfg.max_message_bytes,
                 security: Arc::clone(&cfg.security),
+                snapshots: cfg.snapshots.clone(),
             };
             transport.spawn(format!("raft-send-{peer}"), move || link.run())?;
         }
@@ -314,7 +319,7 @@ mod tests {
     use crossbeam_channel::Receiver;
 
     use super::*;
-    use crate::raft::{Body, Entry, Payload};
+    use crate::raft::{Body, Entry, Payload, SnapshotMeta};
 
     const CLUSTER: u64 = 0xc1;
     const PATIENCE: Duration = Duration::from_secs(5);
@@ -331,6 +336,16 @@ mod tests {
         members: &[(NodeId, String)],
         reply_timeout: Duration,
     ) -> (Transport, Receiver<Inbound>) {
+        start_with(ctx, id, members, reply_timeout, snapshots_dir())
+    }
+
+    fn start_with(
+        ctx: &zmq::Context,
+        id: NodeId,
+        members: &[(NodeId, String)],
+        reply_timeout: Duration,
+        snapshots: Snapshots,
+    ) -> (Transport, Receiver<Inbound>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let cfg = TransportConfig {
             id,
@@ -338,10 +353,16 @@ mod tests {
             bind: members.iter().find(|(m, _)| *m == id).unwrap().1.clone(),
             peers: members.to_vec(),
             reply_timeout,
-            max_message_bytes: 1 << 20,
+            max_message_bytes: 1 << 20 | 1 << 16,
             security: Arc::new(NodeSecurity::Plain),
+            snapshots,
         };
         (Transport::start(ctx, cfg, tx).unwrap(), rx)
+    }
+
+    /// A snapshots directory that outlives the test (the OS cleans /tmp).
+    fn snapshots_dir() -> Snapshots {
+        Snapshots::open(&tempfile::tempdir().unwrap().keep()).unwrap()
     }
 
     fn members(n: NodeId) -> Vec<(NodeId, String)> {
@@ -404,6 +425,36 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_travels_in_pieces_and_only_an_intact_one_reaches_the_core() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let (leader_dir, follower_dir) = (snapshots_dir(), snapshots_dir());
+        let (a, a_rx) = start_with(&ctx, 0, &nodes, PATIENCE, leader_dir.clone());
+        let (b, b_rx) = start_with(&ctx, 1, &nodes, PATIENCE, follower_dir.clone());
+        let snapshot = SnapshotMeta { index: 40, term: 3 };
+        let data: Vec<u8> = (0..(3 * peer::SNAPSHOT_CHUNK + 12_345)).map(|i| (i % 251) as u8).collect();
+        leader_dir.save(snapshot, &data).unwrap();
+        let install = Message { from: 0, to: 1, term: 3, body: Body::InstallSnapshot { snapshot } };
+        a.send(install.clone());
+        assert_eq!(message(&b_rx), install, "the core sees one InstallSnapshot, once all of it arrived");
+        b.send(Message { from: 1, to: 0, ..ack(1, 0) });
+        assert_eq!(message(&a_rx), ack(1, 0), "the core's reply answers the last piece");
+        follower_dir.adopt(snapshot).unwrap();
+        assert_eq!(follower_dir.load(snapshot).unwrap(), data);
+
+        // A damaged file never reaches the follower's core.
+        let damaged = SnapshotMeta { index: 50, term: 3 };
+        leader_dir.save(damaged, &data).unwrap();
+        let mut bytes = std::fs::read(leader_dir.path(damaged)).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(leader_dir.path(damaged), bytes).unwrap();
+        a.send(Message { body: Body::InstallSnapshot { snapshot: damaged }, ..install });
+        expect(&a_rx, Instant::now() + Duration::from_secs(15), |item| *item == Inbound::Unreachable(1));
+        assert!(b_rx.try_recv().is_err(), "nothing was delivered");
+        drop((a, b));
+    }
+
+    #[test]
     fn request_and_reply_cross_loopback() {
         let ctx = zmq::Context::new();
         let nodes = members(2);
@@ -441,7 +492,7 @@ mod tests {
         raw.connect(&nodes[0].1).unwrap();
         let frame = |version, cluster, from, message: Message| {
             let term = message.term;
-            rmp_serde::to_vec_named(&Envelope { version, cluster, from, term, message }).unwrap()
+            rmp_serde::to_vec_named(&Envelope { version, cluster, from, term, message, chunk: None }).unwrap()
         };
         let bad = [
             b"\xc1 not msgpack".to_vec(),
@@ -468,7 +519,7 @@ mod tests {
         let reply = raw.recv_multipart(0).unwrap();
         assert_eq!(reply.len(), 2);
         let wire = Wire::new(1, CLUSTER, [0], -1);
-        assert_eq!(wire.open_reply(&reply[1], 0), Ok(ack(0, 1)));
+        assert_eq!(wire.open_reply(&reply[1], 0), Ok((ack(0, 1), None)));
         server.shutdown();
     }
 
@@ -543,6 +594,7 @@ mod tests {
             reply_timeout: PATIENCE,
             max_message_bytes: -1,
             security: Arc::new(NodeSecurity::Plain),
+            snapshots: snapshots_dir(),
         };
         let error = Transport::start(&zmq::Context::new(), cfg, tx).err().unwrap();
         assert_eq!(error.to_string(), format!("cannot bind raft endpoint {endpoint}: Address already in use"));

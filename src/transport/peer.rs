@@ -1,6 +1,9 @@
 //! The sending half: one thread and one REQ socket per peer, so a slow or
-//! dead peer only ever delays messages to itself.
+//! dead peer only ever delays messages to itself. An InstallSnapshot is
+//! sent as the snapshot file's pieces, one request each (see [`Chunk`]).
 
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -8,10 +11,20 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info};
 
-use super::envelope::{Reject, Wire};
+use super::envelope::{Chunk, Reject, Wire};
 use super::{Inbound, STOP_CHECK, Warnings, deliver};
-use crate::raft::{Message, NodeId};
+use crate::raft::{Body, Message, NodeId, SnapshotMeta};
 use crate::security::NodeSecurity;
+use crate::snapshot::Snapshots;
+
+/// Bytes of snapshot per request: far below any frame limit, big enough
+/// that a large snapshot takes few round trips.
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// How long one piece of a snapshot may wait for its answer. Longer than
+/// for other requests: the last one is answered once the follower has
+/// checked the whole file, made it durable and installed it.
+const SNAPSHOT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A REQ socket to `peer` at `endpoint`. It never needs a send or receive
 /// timeout: sends are DONTWAIT (connect creates the outgoing pipe at once, so
@@ -45,6 +58,7 @@ pub(super) struct Link {
     pub(super) reply_timeout: Duration,
     pub(super) max_message_bytes: i64,
     pub(super) security: Arc<NodeSecurity>,
+    pub(super) snapshots: Snapshots,
 }
 
 enum Failure {
@@ -52,6 +66,8 @@ enum Failure {
     Timeout,
     Zmq(zmq::Error),
     Rejected(Reject),
+    /// The snapshot to send cannot be read, or the follower refused it.
+    Snapshot(String),
 }
 
 impl From<zmq::Error> for Failure {
@@ -93,6 +109,9 @@ impl Link {
                             let detail = format!("exchange with peer {} failed: {r}", self.peer);
                             warnings.warn(r.reason(), detail)
                         }
+                        Failure::Snapshot(problem) => {
+                            warnings.warn("snapshot not sent", format!("snapshot to peer {}: {problem}", self.peer))
+                        }
                     }
                     if reachable {
                         info!("peer {} unreachable at {}", self.peer, self.endpoint);
@@ -105,32 +124,82 @@ impl Link {
         }
     }
 
+    /// One request and its reply, or a whole snapshot and the reply to its
+    /// last piece.
+    fn exchange(&mut self, message: Message) -> Result<Message, Failure> {
+        if let Body::InstallSnapshot { snapshot } = message.body {
+            return self.send_snapshot(message, snapshot);
+        }
+        let request = self.wire.seal(message)?;
+        match self.round_trip(request, self.reply_timeout)? {
+            (reply, None) => Ok(reply),
+            (_, Some(_)) => Err(Failure::Snapshot("a snapshot acknowledgement where none belongs".into())),
+        }
+    }
+
+    /// Streams the snapshot file piece by piece, going on from wherever the
+    /// follower says it is (so a transfer interrupted by a timeout resumes).
+    fn send_snapshot(&mut self, message: Message, snapshot: SnapshotMeta) -> Result<Message, Failure> {
+        let path = self.snapshots.path(snapshot);
+        let unreadable = |e: io::Error| Failure::Snapshot(format!("cannot read {}: {e}", path.display()));
+        let mut file = File::open(&path).map_err(unreadable)?;
+        let total = file.metadata().map_err(unreadable)?.len();
+        let started = Instant::now();
+        let mut offset = 0;
+        loop {
+            let mut data = vec![0; SNAPSHOT_CHUNK.min((total - offset) as usize)];
+            file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut data)).map_err(unreadable)?;
+            let last = offset + data.len() as u64 == total;
+            let request = self.wire.seal_chunk(message.clone(), Some(Chunk::Data { offset, total, data }))?;
+            match self.round_trip(request, self.reply_timeout.max(SNAPSHOT_REPLY_TIMEOUT))? {
+                (reply, None) if last => {
+                    info!(
+                        "sent snapshot {}/{} to peer {} ({total} bytes in {:?})",
+                        snapshot.index,
+                        snapshot.term,
+                        self.peer,
+                        started.elapsed()
+                    );
+                    return Ok(reply);
+                }
+                (_, Some(Chunk::Ack { next })) if next <= total && !(last && next == total) => {
+                    if last && next <= offset {
+                        return Err(Failure::Snapshot(format!("refused after all {total} bytes were sent")));
+                    }
+                    offset = next;
+                }
+                (reply, chunk) => {
+                    return Err(Failure::Snapshot(format!("unexpected answer {reply:?} with {chunk:?}")));
+                }
+            }
+        }
+    }
+
     /// One request, one reply. On any failure the socket is dropped here and
     /// a fresh one is connected for the next request.
-    fn exchange(&mut self, message: Message) -> Result<Message, Failure> {
-        let request = self.wire.seal(message)?;
+    fn round_trip(&mut self, request: Vec<u8>, timeout: Duration) -> Result<(Message, Option<Chunk>), Failure> {
         let socket = match self.socket.take() {
             Some(socket) => socket,
             None => connect(&self.ctx, &self.endpoint, self.max_message_bytes, &self.security, self.peer)?,
         };
         socket.send(request, zmq::DONTWAIT)?;
-        self.await_reply(&socket)?;
+        self.await_reply(&socket, timeout)?;
         let reply = socket.recv_bytes(zmq::DONTWAIT)?;
         let reply = self.wire.open_reply(&reply, self.peer)?;
         self.socket = Some(socket);
         Ok(reply)
     }
 
-    /// Waits up to `reply_timeout`, in slices so that shutdown is prompt.
-    fn await_reply(&self, socket: &zmq::Socket) -> Result<(), Failure> {
-        let deadline = Instant::now() + self.reply_timeout;
+    /// Waits up to `timeout`, in slices so that shutdown is prompt.
+    fn await_reply(&self, socket: &zmq::Socket, timeout: Duration) -> Result<(), Failure> {
+        let deadline = Instant::now() + timeout;
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Err(Failure::Stopped);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                debug!("no reply from peer {} within {:?}", self.peer, self.reply_timeout);
+                debug!("no reply from peer {} within {timeout:?}", self.peer);
                 return Err(Failure::Timeout);
             }
             let slice_ms = left.min(STOP_CHECK).as_millis().max(1) as i64;

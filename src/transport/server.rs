@@ -1,17 +1,25 @@
 //! The receiving half: one thread owning the ROUTER socket peers' REQ
 //! sockets connect to. ROUTER lets replies leave in whatever order the core
 //! produces them, addressed by the route each request came in on.
+//!
+//! It also collects the pieces of a snapshot a leader streams (see
+//! [`Chunk`]): each is written to the staging file and acknowledged here;
+//! once the whole file is in, checked and durable, the InstallSnapshot goes
+//! to the core, whose reply answers the last piece.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender};
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 
-use super::envelope::Wire;
+use super::envelope::{Chunk, Wire};
 use super::{Inbound, STOP_CHECK, Warnings, deliver};
-use crate::raft::NodeId;
+use crate::raft::{Body, Message, NodeId, SnapshotMeta};
+use crate::snapshot::Snapshots;
 
 /// Requests handled per wake-up before replies get another turn, so that a
 /// flood of requests cannot hold back replies (reply latency is commit latency).
@@ -28,6 +36,15 @@ pub(super) struct Server {
     pub(super) wire: Arc<Wire>,
     pub(super) inbound: Sender<Inbound>,
     pub(super) stop: Arc<AtomicBool>,
+    pub(super) snapshots: Snapshots,
+}
+
+/// A snapshot being received from one peer.
+struct Incoming {
+    snapshot: SnapshotMeta,
+    total: u64,
+    received: u64,
+    file: File,
 }
 
 impl Server {
@@ -38,6 +55,7 @@ impl Server {
         // asked again answers the newer request; Raft replies describe
         // themselves (term, match_index, read_seq), so that is harmless.
         let mut pending: HashMap<NodeId, Vec<Vec<u8>>> = HashMap::new();
+        let mut incoming: HashMap<NodeId, Incoming> = HashMap::new();
         let mut warnings = Warnings::default();
         let poll_ms = STOP_CHECK.as_millis() as i64;
         while !self.stop.load(Ordering::Acquire) {
@@ -57,7 +75,7 @@ impl Server {
             }
             for _ in 0..BATCH {
                 match self.router.recv_multipart(zmq::DONTWAIT) {
-                    Ok(frames) => self.accept(&mut pending, &mut warnings, frames),
+                    Ok(frames) => self.accept(&mut pending, &mut incoming, &mut warnings, frames),
                     Err(zmq::Error::EAGAIN) => break,
                     Err(e) => {
                         warnings.warn("receive failed", format!("raft server receive failed: {e}"));
@@ -76,7 +94,13 @@ impl Server {
         }
     }
 
-    fn accept(&self, pending: &mut HashMap<NodeId, Vec<Vec<u8>>>, warnings: &mut Warnings, mut frames: Vec<Vec<u8>>) {
+    fn accept(
+        &self,
+        pending: &mut HashMap<NodeId, Vec<Vec<u8>>>,
+        incoming: &mut HashMap<NodeId, Incoming>,
+        warnings: &mut Warnings,
+        mut frames: Vec<Vec<u8>>,
+    ) {
         // A REQ peer arrives as [identity, empty delimiter, payload].
         let payload = frames.pop().unwrap_or_default();
         if frames.len() < 2 || frames.last().is_some_and(|delimiter| !delimiter.is_empty()) {
@@ -85,11 +109,82 @@ impl Server {
             return;
         }
         match self.wire.open_request(&payload) {
-            Ok(message) => {
+            Ok((message, Some(Chunk::Data { offset, total, data }))) => {
+                let from = message.from;
+                match self.collect(incoming, &message, offset, total, &data) {
+                    Ok(Some(next)) => self.acknowledge(frames, message, next),
+                    Ok(None) => {
+                        pending.insert(from, frames);
+                        deliver(&self.inbound, Inbound::Message(message), warnings);
+                    }
+                    Err(problem) => {
+                        // No answer: the leader gives up on this transfer and tries again later.
+                        incoming.remove(&from);
+                        warnings.warn("snapshot not received", format!("snapshot from node {from}: {problem}"));
+                    }
+                }
+            }
+            Ok((message, _)) => {
                 pending.insert(message.from, frames);
                 deliver(&self.inbound, Inbound::Message(message), warnings);
             }
             Err(reject) => warnings.warn(reject.reason(), format!("request dropped: {reject}")),
+        }
+    }
+
+    /// Adds a piece to the snapshot being received from the message's
+    /// sender. Returns how much of it is held when more is to come (a piece
+    /// out of order is not written: the answer tells the sender where to go
+    /// on), or `None` once the whole file is in, intact and durable.
+    fn collect(
+        &self,
+        incoming: &mut HashMap<NodeId, Incoming>,
+        message: &Message,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<Option<u64>, String> {
+        let Body::InstallSnapshot { snapshot } = message.body else { unreachable!("the wire checked") };
+        let from = message.from;
+        let path = self.snapshots.incoming(from);
+        let fresh = incoming.get(&from).is_none_or(|i| i.snapshot != snapshot || i.total != total);
+        if fresh {
+            if offset != 0 {
+                return Ok(Some(0));
+            }
+            let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            incoming.insert(from, Incoming { snapshot, total, received: 0, file });
+        }
+        let state = incoming.get_mut(&from).expect("inserted above");
+        if offset != state.received {
+            return Ok(Some(state.received));
+        }
+        state.file.write_all(data).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        state.received += data.len() as u64;
+        if state.received < total {
+            return Ok(Some(state.received));
+        }
+        incoming.remove(&from);
+        if let Err(e) = self.snapshots.receive(&path, snapshot) {
+            // Answered with "nothing held", so the sender gives up at once.
+            warn!("snapshot from node {from} refused: {e}");
+            return Ok(Some(0));
+        }
+        info!("node {from}'s snapshot {}/{} received ({total} bytes)", snapshot.index, snapshot.term);
+        Ok(None)
+    }
+
+    /// Answers a piece with how much of the snapshot is held.
+    fn acknowledge(&self, mut frames: Vec<Vec<u8>>, request: Message, next: u64) {
+        let answer = Message { from: request.to, to: request.from, ..request };
+        match self.wire.seal_chunk(answer, Some(Chunk::Ack { next })) {
+            Ok(frame) => {
+                frames.push(frame);
+                if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
+                    warn!("snapshot acknowledgement not sent: {e}");
+                }
+            }
+            Err(reject) => warn!("snapshot acknowledgement not sent: {reject}"),
         }
     }
 

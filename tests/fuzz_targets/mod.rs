@@ -26,7 +26,7 @@ pub fn client_request(data: &[u8]) {
 pub fn peer_frame(data: &[u8]) {
     let cluster = cluster_id(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
     let wire = Wire::new(0, cluster, [1, 2], 1 << 26);
-    for message in [wire.open_request(data), wire.open_reply(data, 1)].into_iter().flatten() {
+    for (message, _) in [wire.open_request(data), wire.open_reply(data, 1)].into_iter().flatten() {
         assert!(message.validate().is_ok(), "the wire accepted an invalid message: {message:?}");
         let hard_state = HardState { term: 2, vote: None, commit: 1 };
         let mut node = Raft::new(config(0), MemStore::new(hard_state, &log(&[1, 2])), hard_state, 0);
@@ -248,7 +248,7 @@ impl Sim {
         let store = self.rafts.remove(&id).expect("member").into_store();
         let hard_state = store.hard_state;
         // The state machine restarts from the snapshot the log starts after.
-        let applied = store.snapshot_meta().index;
+        let applied = store.log_start().index;
         self.rafts.insert(id, Raft::new(config(id), store, hard_state, applied));
         self.nodes.insert(id, Node::default());
         self.queue.retain(|m| m.from != id);
@@ -259,9 +259,9 @@ impl Sim {
             let node = &self.nodes[id];
             assert!(raft.commit_index() <= raft.last_index(), "node {id}: commit past the last entry");
             let store = raft.store();
-            let (first, last) = (store.snapshot_meta().index + 1, store.last_index());
+            let (first, last) = (store.log_start().index + 1, store.last_index());
             let disk = if first > last { vec![] } else { store.entries(first, last, usize::MAX) };
-            let mut prev = store.snapshot_meta().term;
+            let mut prev = store.log_start().term;
             for e in &disk {
                 assert!(e.term >= prev, "node {id}: terms decrease on disk");
                 prev = e.term;

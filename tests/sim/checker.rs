@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use raft_zmq::raft::{Entry, Index, NodeId, Payload, Term};
+use raft_zmq::raft::{Entry, Index, NodeId, Payload, SnapshotMeta, Term};
 
 use super::register::{Key, Version};
 use super::schedule::Time;
@@ -51,13 +51,21 @@ pub struct Checker {
 }
 
 impl Checker {
-    pub fn became_leader(&mut self, node: NodeId, term: Term, log: &[Entry]) -> Check {
+    /// `log` is the node's durable log after `start`, which its snapshot covers.
+    pub fn became_leader(&mut self, node: NodeId, term: Term, start: SnapshotMeta, log: &[Entry]) -> Check {
         if let Some(&other) = self.leaders.get(&term).filter(|&&other| other != node) {
             return violated("election safety", format!("nodes {other} and {node} both led term {term}"));
         }
         self.leaders.insert(term, node);
-        for (i, c) in self.committed.iter().enumerate().filter(|(_, c)| c.seen_in_term < term) {
-            let held = log.get(i).map(|e| e.term);
+        // Entries before the snapshot are held by Log Matching if its last one is.
+        let from = start.index.saturating_sub(1) as usize;
+        for (i, c) in self.committed.iter().enumerate().skip(from).filter(|(_, c)| c.seen_in_term < term) {
+            let index = i as Index + 1;
+            let held = if index == start.index {
+                Some(start.term)
+            } else {
+                log.get((index - start.index - 1) as usize).map(|e| e.term)
+            };
             if held != Some(c.term) {
                 return violated(
                     "leader completeness",
@@ -76,10 +84,12 @@ impl Checker {
         self.leaders.len()
     }
 
-    /// `log` is a node's whole durable log, of which `from..` was just written.
-    pub fn persisted(&mut self, node: NodeId, log: &[Entry], from: Index) -> Check {
-        for e in &log[from as usize - 1..] {
-            let prev_term = if e.index == 1 { 0 } else { log[e.index as usize - 2].term };
+    /// `log` is a node's durable log after `start`, of which `from..` was
+    /// just written.
+    pub fn persisted(&mut self, node: NodeId, start: SnapshotMeta, log: &[Entry], from: Index) -> Check {
+        let offset = |index: Index| (index - start.index - 1) as usize;
+        for e in &log[offset(from)..] {
+            let prev_term = if e.index == start.index + 1 { start.term } else { log[offset(e.index) - 1].term };
             let (payload, prev) =
                 self.entries.entry((e.index, e.term)).or_insert_with(|| (e.payload.clone(), prev_term));
             if *payload != e.payload || *prev != prev_term {
@@ -119,6 +129,20 @@ impl Checker {
             Some(c) => c.seen_in_term = c.seen_in_term.min(node_term),
         }
         Ok(())
+    }
+
+    /// A node's state machine started over from `snapshot`, which must hold
+    /// what was committed: its last entry is one that was applied.
+    pub fn restored(&mut self, node: NodeId, snapshot: SnapshotMeta) -> Check {
+        self.applied.insert(node, snapshot.index);
+        match self.committed.get(snapshot.index as usize - 1) {
+            Some(c) if c.term != snapshot.term => violated(
+                "state machine safety",
+                format!("node {node} installed snapshot {snapshot:?}; term {} was committed there", c.term),
+            ),
+            None => violated("state machine safety", format!("node {node} installed {snapshot:?}, past any commit")),
+            Some(_) => Ok(()),
+        }
     }
 
     /// A node lost its state machine and will re-apply from index 1.

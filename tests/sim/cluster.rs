@@ -6,13 +6,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use raft_zmq::raft::{Config, Index, Message, NodeId, Raft, Role};
+use raft_zmq::raft::{Config, Index, LogStore, Message, NodeId, Raft, Role};
 
 use super::checker::{Check, Checker, Violation};
 use super::faults::{Fault, Partition};
 use super::history::{History, OpId, OpKind, Outcome};
 use super::network::{NetProfile, Network};
-use super::node::{Completion, Effects, SimNode};
+use super::node::{Completion, Effects, SimNode, SnapshotRegistry};
 use super::register::KEYS;
 use super::rng::Rng;
 use super::schedule::{MS, Schedule, Time};
@@ -40,6 +40,9 @@ pub struct Params {
     pub torn_crash: f64,
     /// Gap between two random faults while chaos is on.
     pub fault_gap: (Time, Time),
+    /// Chance per tick that a node snapshots its state machine and
+    /// compacts its log, so that lagging followers get snapshots.
+    pub compaction: f64,
 }
 
 impl Params {
@@ -54,6 +57,7 @@ impl Params {
             net: NetProfile::CALM,
             torn_crash: 0.0,
             fault_gap: (100 * MS, 1_000 * MS),
+            compaction: 0.0,
         }
     }
 }
@@ -93,15 +97,17 @@ pub struct Summary {
     pub read: usize,
     pub failed: usize,
     pub crashes: usize,
+    /// Snapshots installed from a leader.
+    pub installs: usize,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let Summary { events, terms, acked, read, failed, crashes } = self;
+        let Summary { events, terms, acked, read, failed, crashes, installs } = self;
         write!(
             f,
             "{events} events, {terms} terms with a leader, {acked} writes acknowledged, {read} reads served, \
-             {failed} operations failed, {crashes} crashes"
+             {failed} operations failed, {crashes} crashes, {installs} snapshots installed"
         )
     }
 }
@@ -112,6 +118,7 @@ pub struct Cluster {
     rerun: String,
     members: Vec<NodeId>,
     nodes: BTreeMap<NodeId, SimNode>,
+    snapshots: SnapshotRegistry,
     network: Network,
     schedule: Schedule<Event>,
     rng: Rng,
@@ -125,6 +132,7 @@ pub struct Cluster {
     last_ack: Option<(OpId, Index)>,
     events: u64,
     crashes: usize,
+    installs: usize,
 }
 
 impl Cluster {
@@ -156,6 +164,7 @@ impl Cluster {
             rerun,
             members,
             nodes,
+            snapshots: SnapshotRegistry::new(),
             schedule,
             rng,
             checker: Checker::default(),
@@ -167,6 +176,7 @@ impl Cluster {
             last_ack: None,
             events: 0,
             crashes: 0,
+            installs: 0,
         }
     }
 
@@ -185,6 +195,7 @@ impl Cluster {
             read: count(|o| matches!(o, Outcome::Read(_))),
             failed: count(|o| *o == Outcome::Failed),
             crashes: self.crashes,
+            installs: self.installs,
         }
     }
 
@@ -280,8 +291,13 @@ impl Cluster {
         let seed = self.rng.next_u64();
         let node = self.nodes.get_mut(&id).expect("member");
         if !node.is_up() {
-            node.restart(seed);
+            node.restart(seed, &self.snapshots);
+            let start = node.disk().log_start();
             self.trace.record(self.now(), Traced::Restarted(id));
+            if start.index > 0 {
+                let check = self.checker.restored(id, start);
+                self.check(check);
+            }
             self.process(id, Effects::default());
         }
     }
@@ -340,6 +356,12 @@ impl Cluster {
                 } else {
                     if let Some(raft) = node.raft_mut() {
                         raft.tick();
+                        if self.params.compaction > 0.0
+                            && self.rng.chance(self.params.compaction)
+                            && let Some(snapshot) = node.compact(&mut self.snapshots)
+                        {
+                            self.trace.record(now, Traced::Compacted { node: id, index: snapshot.index });
+                        }
                         self.process(id, Effects::default());
                     }
                     let period = self.nodes[&id].tick_period;
@@ -461,7 +483,7 @@ impl Cluster {
 
     fn process(&mut self, id: NodeId, mut fx: Effects) {
         let torn_crash = if self.now() < self.chaos_until { self.params.torn_crash } else { 0.0 };
-        self.nodes.get_mut(&id).expect("member").process(&mut self.rng, torn_crash, &mut fx);
+        self.nodes.get_mut(&id).expect("member").process(&mut self.rng, torn_crash, &self.snapshots, &mut fx);
         self.absorb(id, fx);
     }
 
@@ -471,18 +493,25 @@ impl Cluster {
         for m in fx.sent {
             self.send(m);
         }
+        if let Some(snapshot) = fx.restored {
+            self.trace.record(now, Traced::Restored { node: id, index: snapshot.index });
+            self.installs += 1;
+            let check = self.checker.restored(id, snapshot);
+            self.check(check);
+        }
         let node = &self.nodes[&id];
         if let Some(from) = fx.wrote_from {
-            let entries = node.disk().entries();
-            let to = entries.len() as u64;
+            let (start, entries) = (node.disk().log_start(), node.disk().entries());
+            let to = start.index + entries.len() as u64;
             self.trace.record(now, Traced::Persisted { node: id, from, to });
-            let check = self.checker.persisted(id, &entries, from);
+            let check = self.checker.persisted(id, start, &entries, from);
             self.check(check);
         }
         for soft in fx.roles {
             self.trace.record(now, Traced::Role { node: id, role: soft.role, term: soft.term });
             if soft.role == Role::Leader {
-                let check = self.checker.became_leader(id, soft.term, &self.nodes[&id].disk().entries());
+                let disk = self.nodes[&id].disk();
+                let check = self.checker.became_leader(id, soft.term, disk.log_start(), &disk.entries());
                 self.check(check);
             }
         }

@@ -4,8 +4,11 @@
 
 use std::collections::BTreeMap;
 
+/// Every snapshot any node took, by position: the state machine at that
+/// index is the same on every node (state machine safety, which the checker
+/// verifies), so a follower installing one takes its state from here.
 use raft_zmq::driver::{Shell, run_ready};
-use raft_zmq::raft::{Config, Entry, Index, Message, NodeId, Raft, ReadState, SnapshotMeta, SoftState, Term};
+use raft_zmq::raft::{Config, Entry, Index, LogStore, Message, NodeId, Raft, ReadState, SnapshotMeta, SoftState, Term};
 
 use super::history::{OpId, OpKind};
 use super::register::{Key, Register, Version, encode_set};
@@ -32,7 +35,11 @@ pub struct Effects {
     pub completed: Vec<Completion>,
     /// The node crashed between sending `messages` and syncing its write.
     pub torn_crash: bool,
+    /// The node's state machine started over from this snapshot.
+    pub restored: Option<SnapshotMeta>,
 }
+
+pub type SnapshotRegistry = BTreeMap<SnapshotMeta, Register>;
 
 struct PendingRead {
     key: Key,
@@ -70,6 +77,7 @@ pub struct SimNode {
 struct SimShell<'a> {
     app: &'a mut App,
     fx: &'a mut Effects,
+    snapshots: &'a SnapshotRegistry,
 }
 
 impl Shell for SimShell<'_> {
@@ -82,7 +90,13 @@ impl Shell for SimShell<'_> {
     }
 
     fn restore(&mut self, snapshot: SnapshotMeta) {
-        unreachable!("the simulated nodes never compact, so no snapshot is sent: {snapshot:?}")
+        self.app.register = self.snapshots.get(&snapshot).expect("every snapshot sent was taken").clone();
+        self.app.applied = snapshot.index;
+        // Whether these made it into the snapshot cannot be told: unknown.
+        let later = self.app.writes.split_off(&(snapshot.index + 1));
+        let covered = std::mem::replace(&mut self.app.writes, later);
+        self.fx.completed.extend(covered.into_values().map(|(_, op)| Completion::Failed(op)));
+        self.fx.restored = Some(snapshot);
     }
 
     fn apply(&mut self, entries: Vec<Entry>) {
@@ -180,10 +194,10 @@ impl SimNode {
     /// Runs the shared Ready driver until the core is quiet. With
     /// probability `torn_crash`, its first write crashes the node after the
     /// round's `messages` left and before the sync.
-    pub fn process(&mut self, rng: &mut Rng, torn_crash: f64, fx: &mut Effects) {
+    pub fn process(&mut self, rng: &mut Rng, torn_crash: f64, snapshots: &SnapshotRegistry, fx: &mut Effects) {
         let Some(raft) = self.raft.as_mut() else { return };
         raft.store_mut().crash_before_sync = torn_crash > 0.0 && rng.chance(torn_crash);
-        let outcome = run_ready(raft, &mut SimShell { app: &mut self.app, fx });
+        let outcome = run_ready(raft, &mut SimShell { app: &mut self.app, fx, snapshots });
         let disk = raft.store_mut();
         disk.crash_before_sync = false;
         fx.wrote_from = disk.wrote_from.take();
@@ -216,11 +230,30 @@ impl SimNode {
         fx.completed.extend(writes.chain(app.reads.into_keys()).map(Completion::Failed));
     }
 
-    /// Starts a fresh process from what the disk holds.
-    pub fn restart(&mut self, seed: u64) {
+    /// Starts a fresh process from what the disk holds: the state machine
+    /// from the snapshot its log starts after, then the log.
+    pub fn restart(&mut self, seed: u64, snapshots: &SnapshotRegistry) {
         let cfg = Config { seed, ..self.cfg.clone() };
         let disk = self.down_disk.take().expect("restarting a node that is down");
-        let hard_state = disk.hard_state();
-        self.raft = Some(Raft::new(cfg, disk, hard_state, 0));
+        let (hard_state, start) = (disk.hard_state(), disk.log_start());
+        if start.index > 0 {
+            self.app.register = snapshots.get(&start).expect("a compacted log follows a snapshot").clone();
+            self.app.applied = start.index;
+        }
+        self.raft = Some(Raft::new(cfg, disk, hard_state, start.index));
+    }
+
+    /// Snapshots the state machine and compacts the log up to what was
+    /// applied, as the node does every `snapshot_entries` entries.
+    pub fn compact(&mut self, snapshots: &mut SnapshotRegistry) -> Option<SnapshotMeta> {
+        let raft = self.raft.as_mut()?;
+        let applied = self.app.applied;
+        if applied <= raft.store().log_start().index {
+            return None;
+        }
+        let snapshot = SnapshotMeta { index: applied, term: raft.store().term(applied) };
+        snapshots.insert(snapshot, self.app.register.clone());
+        raft.store_mut().store.compact(applied);
+        Some(snapshot)
     }
 }

@@ -27,7 +27,7 @@ fn decode_set(command: &[u8]) -> (Key, OpId) {
     (key.chars().next().expect("one-letter key"), value.parse().expect("numeric value"))
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Register {
     values: BTreeMap<Key, (OpId, Index)>,
 }

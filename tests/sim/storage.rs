@@ -29,14 +29,14 @@ impl Disk {
 
     /// Every entry held after the snapshot, in order.
     pub fn entries(&self) -> Vec<Entry> {
-        let (first, last) = (self.store.snapshot_meta().index + 1, self.store.last_index());
+        let (first, last) = (self.store.log_start().index + 1, self.store.last_index());
         if first > last { Vec::new() } else { self.store.entries(first, last, usize::MAX) }
     }
 }
 
 impl LogStore for Disk {
-    fn snapshot_meta(&self) -> SnapshotMeta {
-        self.store.snapshot_meta()
+    fn log_start(&self) -> SnapshotMeta {
+        self.store.log_start()
     }
 
     fn last_index(&self) -> Index {

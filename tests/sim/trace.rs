@@ -96,6 +96,8 @@ pub enum Event {
     Healed,
     Crashed { node: NodeId, torn: bool },
     Restarted(NodeId),
+    Compacted { node: NodeId, index: Index },
+    Restored { node: NodeId, index: Index },
     Invoked { op: OpId, kind: OpKind, node: NodeId },
     Acked(OpId, Index),
     Read(OpId, Index),
@@ -116,6 +118,8 @@ impl fmt::Display for Event {
                 write!(f, "CRASH node {node}{}", if torn { " between send and sync" } else { "" })
             }
             Event::Restarted(node) => write!(f, "RESTART node {node}"),
+            Event::Compacted { node, index } => write!(f, "node {node} snapshot at {index}, log compacted"),
+            Event::Restored { node, index } => write!(f, "node {node} installed the snapshot at {index}"),
             Event::Invoked { op, kind, node } => write!(f, "client op {op} {kind:?} at node {node}"),
             Event::Acked(op, index) => write!(f, "client op {op} acknowledged at index {index}"),
             Event::Read(op, index) => write!(f, "client op {op} read the version of index {index}"),
