@@ -75,6 +75,9 @@ pub struct Config {
     /// A node snapshots its state machine once this many entries were
     /// applied since its last snapshot (CONTRACT.md).
     pub snapshot_entries: u64,
+    /// Our extension: `logs/<id>.txt` starts a new file every
+    /// `snapshot_entries` entries and keeps this many older ones.
+    pub log_mirror_files: usize,
     /// Where node N finds its secret key `N.key`; already resolved against
     /// the config file's folder.
     pub keys_dir: PathBuf,
@@ -130,6 +133,8 @@ struct RawConfig {
     disk_reserve_bytes: Option<u64>,
     #[serde(default = "defaults::snapshot_entries")]
     snapshot_entries: u64,
+    #[serde(default = "defaults::log_mirror_files")]
+    log_mirror_files: usize,
     #[serde(default = "defaults::keys_dir")]
     keys_dir: PathBuf,
     #[serde(default)]
@@ -153,6 +158,9 @@ mod defaults {
     }
     pub fn snapshot_entries() -> u64 {
         10_000
+    }
+    pub fn log_mirror_files() -> usize {
+        10
     }
     pub fn state_dir() -> PathBuf {
         PathBuf::from("state")
@@ -184,6 +192,7 @@ impl Config {
             max_request_bytes: raw.max_request_bytes,
             request_timeout_ms: raw.request_timeout_ms,
             snapshot_entries: raw.snapshot_entries,
+            log_mirror_files: raw.log_mirror_files,
             // `join` keeps an absolute path as it is.
             state_dir: folder.join(raw.state_dir),
             logs_dir: folder.join(raw.logs_dir),

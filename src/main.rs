@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use raft_zmq::config::Config;
 use raft_zmq::node;
 use raft_zmq::security::{ClientCurve, CurveIdentity};
-use raft_zmq::tools::{bench, client, cluster};
+use raft_zmq::tools::{backup, bench, client, cluster};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +68,33 @@ enum Tool {
         /// Where the two files go, e.g. keys/0 for keys/0.key and keys/0.pub.
         name: PathBuf,
     },
+    /// Back up the replicated state, or build a new cluster's nodes from a backup.
+    #[command(subcommand)]
+    Snapshot(SnapshotTool),
+}
+
+#[derive(Subcommand)]
+enum SnapshotTool {
+    /// Have a node snapshot its state now and copy the snapshot (KV data and
+    /// sessions, checksummed) to FILE.
+    Save {
+        file: PathBuf,
+        /// Node to ask (default: the first in the config).
+        #[arg(long)]
+        node: Option<u64>,
+        /// Give up after this long without a reply.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        curve: client::CurveArgs,
+    },
+    /// Create node N's state dir for a new cluster (the config's nodes) from
+    /// FILE; run it for every node, then start them.
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        node_id: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -123,6 +150,42 @@ fn main() -> ExitCode {
             return run_client(&member.client, curve, Duration::from_millis(timeout_ms), request);
         }
         Some(Tool::Keygen { .. }) => unreachable!("handled before the config is read"),
+        Some(Tool::Snapshot(SnapshotTool::Save { file, node, timeout_ms, curve })) => {
+            let member = match node.map(|id| config.require_member(id)).transpose() {
+                Ok(member) => member.unwrap_or(&config.nodes[0]),
+                Err(e) => return fail(2, &e),
+            };
+            let curve = match curve.load(config.curve.is_some()) {
+                Ok(keys) => keys.towards(config.node_key(member.id)),
+                Err(e) => return fail(2, &e),
+            };
+            let mut client =
+                client::Client::new(&zmq::Context::new(), &member.client, Duration::from_millis(timeout_ms))
+                    .with_curve(curve);
+            backup::save(&mut client, &file).map(|s| {
+                println!(
+                    "saved node {}'s snapshot at index {} (term {}, {} keys, {} bytes) to {}",
+                    member.id,
+                    s.snapshot.index,
+                    s.snapshot.term,
+                    s.keys,
+                    s.bytes,
+                    file.display()
+                )
+            })
+        }
+        Some(Tool::Snapshot(SnapshotTool::Restore { file, node_id })) => {
+            backup::restore(&config, node_id, &file).map(|s| {
+                println!(
+                    "node {node_id}: state dir {} created from the snapshot at index {} (term {}, {} keys); \
+                 start it with raft-zmq --node-id {node_id}",
+                    config.node_state_dir(node_id).display(),
+                    s.snapshot.index,
+                    s.snapshot.term,
+                    s.keys
+                )
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,13 @@
 //! restart neither duplicates nor drops a line: whatever a crash left after
 //! the last good line (a torn line, zeros from a power loss) is cut off, and
 //! [`Mirror::append`] skips indexes already present.
+//!
+//! With a [`Rotation`], the mirror does not grow forever: a new file starts
+//! at every index `every × k + 1` (the same indexes on every node, so
+//! replicas stay diffable file by file), beginning with the line
+//! `# snapshot <every × k>, <term>` that says where its numbering continues;
+//! the previous file becomes `<path>.1`, that one `<path>.2`, and so on, and
+//! files beyond `keep` are deleted.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -36,11 +43,23 @@ impl fmt::Display for MirrorError {
 
 impl std::error::Error for MirrorError {}
 
+/// When the mirror starts a new file, and how many old ones it keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct Rotation {
+    pub every: u64,
+    pub keep: usize,
+}
+
 /// An open mirror file, positioned for appending after its last good line.
 pub struct Mirror {
     path: PathBuf,
     out: BufWriter<File>,
     last_index: Index,
+    /// Term of the last line, for the first line of the next file.
+    last_term: Term,
+    /// Bytes in the current file.
+    len: u64,
+    rotation: Option<Rotation>,
 }
 
 impl Mirror {
@@ -55,9 +74,21 @@ impl Mirror {
             fs::create_dir_all(parent).map_err(|e| err("create its directory", e))?;
         }
         let file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| err("open", e))?;
-        let mut mirror = Mirror { path: path.to_path_buf(), out: BufWriter::new(file), last_index: 0 };
+        let mut mirror = Mirror {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+            last_index: 0,
+            last_term: 0,
+            len: 0,
+            rotation: None,
+        };
         mirror.cut_invalid_tail()?;
         Ok(mirror)
+    }
+
+    /// Splits the mirror into files from now on (see the module docs).
+    pub fn with_rotation(self, rotation: Rotation) -> Mirror {
+        Mirror { rotation: Some(rotation).filter(|r| r.every > 0), ..self }
     }
 
     /// Index of the last line kept (0 if none; a snapshot line counts as its
@@ -81,10 +112,46 @@ impl Mirror {
         if json.is_empty() || json.bytes().any(|b| b < 0x20) {
             return Err(self.error(format!("entry {index}: command {json:?} is not compact one-line JSON")));
         }
-        writeln!(self.out, "{index}, {term}, {json}")
-            .map_err(|e| self.error(format!("cannot append entry {index}: {e}")))?;
+        if self.rotation.is_some_and(|r| (index - 1).is_multiple_of(r.every)) && self.len > 0 {
+            self.rotate()?;
+        }
+        self.write_line(index, term, &format!("{index}, {term}, {json}"))
+    }
+
+    fn write_line(&mut self, index: Index, term: Term, line: &str) -> Result<(), MirrorError> {
+        writeln!(self.out, "{line}").map_err(|e| self.error(format!("cannot append line {index}: {e}")))?;
+        self.len += line.len() as u64 + 1;
         self.last_index = index;
+        self.last_term = term;
         Ok(())
+    }
+
+    /// Moves the current file to `<path>.1` (and older ones one further,
+    /// deleting what passes `keep`), and starts a new one where it stopped.
+    fn rotate(&mut self) -> Result<(), MirrorError> {
+        let keep = self.rotation.map_or(0, |r| r.keep);
+        self.flush()?;
+        let numbered = |n: usize| PathBuf::from(format!("{}.{n}", self.path.display()));
+        let err = |what: String, e: io::Error| self.error(format!("cannot {what}: {e}"));
+        let ignore_missing = |result: io::Result<()>| match result {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+        ignore_missing(fs::remove_file(numbered(keep.max(1)))).map_err(|e| err("delete the oldest file".into(), e))?;
+        for n in (1..keep).rev() {
+            ignore_missing(fs::rename(numbered(n), numbered(n + 1))).map_err(|e| err(format!("rename file {n}"), e))?;
+        }
+        if keep == 0 {
+            fs::remove_file(&self.path).map_err(|e| err("delete the full file".into(), e))?;
+        } else {
+            fs::rename(&self.path, numbered(1)).map_err(|e| err("rotate".into(), e))?;
+        }
+        let file =
+            OpenOptions::new().append(true).create(true).open(&self.path).map_err(|e| err("create".into(), e))?;
+        self.out = BufWriter::new(file);
+        self.len = 0;
+        let (index, term) = (self.last_index, self.last_term);
+        self.write_line(index, term, &format!("{SNAPSHOT_PREFIX}{index}, {term}"))
     }
 
     /// Appends `# snapshot <index>, <term>`; numbering continues at
@@ -94,10 +161,7 @@ impl Mirror {
         if index <= self.last_index {
             return Ok(());
         }
-        writeln!(self.out, "{SNAPSHOT_PREFIX}{index}, {term}")
-            .map_err(|e| self.error(format!("cannot append snapshot {index}: {e}")))?;
-        self.last_index = index;
-        Ok(())
+        self.write_line(index, term, &format!("{SNAPSHOT_PREFIX}{index}, {term}"))
     }
 
     /// Hands buffered lines to the OS. No fsync: after a crash the mirror is
@@ -110,7 +174,8 @@ impl Mirror {
     /// line; sets `last_index` to that line's index.
     fn cut_invalid_tail(&mut self) -> Result<(), MirrorError> {
         let file = self.out.get_ref();
-        let (keep_len, last_index, invalid) = scan(file).map_err(|e| self.error(format!("cannot read: {e}")))?;
+        let (keep_len, (last_index, last_term), invalid) =
+            scan(file).map_err(|e| self.error(format!("cannot read: {e}")))?;
         let len = file.metadata().map_err(|e| self.error(format!("cannot stat: {e}")))?.len();
         if let Some(why) = invalid.filter(|_| keep_len < len) {
             log::warn!(
@@ -121,6 +186,8 @@ impl Mirror {
             file.set_len(keep_len).map_err(|e| self.error(format!("cannot truncate to {keep_len} bytes: {e}")))?;
         }
         self.last_index = last_index;
+        self.last_term = last_term;
+        self.len = keep_len;
         Ok(())
     }
 
@@ -130,14 +197,14 @@ impl Mirror {
 }
 
 /// Reads lines while they are valid and consecutive.
-/// Returns the byte length of that prefix, the index of its last line, and
-/// why the scan stopped early if it was because of a bad line.
-fn scan(file: &File) -> io::Result<(u64, Index, Option<String>)> {
+/// Returns the byte length of that prefix, the index and term of its last
+/// line, and why the scan stopped early if it was because of a bad line.
+fn scan(file: &File) -> io::Result<(u64, (Index, Term), Option<String>)> {
     let mut reader = BufReader::new(file);
     // `file` is opened for appending, so reads start wherever the last
     // operation left the shared offset: go back to the start.
     io::Seek::rewind(&mut reader)?;
-    let (mut keep_len, mut last) = (0u64, 0);
+    let (mut keep_len, mut last) = (0u64, (0, 0));
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -148,20 +215,20 @@ fn scan(file: &File) -> io::Result<(u64, Index, Option<String>)> {
         let Some(body) = line.strip_suffix(b"\n") else {
             return Ok((keep_len, last, Some("last line is torn".to_string())));
         };
-        let index = match parse_line(body, last) {
-            Ok(index) => index,
+        let position = match parse_line(body, last.0) {
+            Ok(position) => position,
             Err(problem) => {
-                return Ok((keep_len, last, Some(format!("line after {last} is bad: {problem}"))));
+                return Ok((keep_len, last, Some(format!("line after {} is bad: {problem}", last.0))));
             }
         };
         keep_len += read as u64;
-        last = index;
+        last = position;
     }
 }
 
 /// Parses one line (without its `\n`) that must follow a line with index
-/// `last`; returns its index.
-fn parse_line(body: &[u8], last: Index) -> Result<Index, String> {
+/// `last`; returns its index and term.
+fn parse_line(body: &[u8], last: Index) -> Result<(Index, Term), String> {
     if body.iter().any(|&b| b < 0x20) {
         return Err("control characters (power-loss garbage?)".to_string());
     }
@@ -169,22 +236,22 @@ fn parse_line(body: &[u8], last: Index) -> Result<Index, String> {
     if let Some(rest) = text.strip_prefix(SNAPSHOT_PREFIX) {
         let (index, term) = rest.split_once(", ").ok_or("snapshot line without a term")?;
         let index = parse_number(index).ok_or("snapshot index is not a number")?;
-        parse_number(term).ok_or("snapshot term is not a number")?;
+        let term = parse_number(term).ok_or("snapshot term is not a number")?;
         if index <= last {
             return Err(format!("snapshot at {index} does not move past {last}"));
         }
-        return Ok(index);
+        return Ok((index, term));
     }
     let mut fields = text.splitn(3, ", ");
     let index = fields.next().and_then(parse_number).ok_or("no index")?;
-    fields.next().and_then(parse_number).ok_or("no term")?;
+    let term = fields.next().and_then(parse_number).ok_or("no term")?;
     if fields.next().is_none_or(str::is_empty) {
         return Err("no command".to_string());
     }
     if index != last + 1 {
         return Err(format!("index {index} is not {}", last + 1));
     }
-    Ok(index)
+    Ok((index, term))
 }
 
 /// Strict decimal: `u64::from_str` would also take a leading `+`.
@@ -349,5 +416,28 @@ mod tests {
         let m = Mirror::open(&path).unwrap();
         assert_eq!(m.last_index(), 6, "a snapshot that does not move forward is cut");
         assert_eq!(contents(&path), format!("# snapshot 5, 2\n6, 2, {PUT}\n"));
+    }
+
+    #[test]
+    fn rotation_starts_a_file_at_every_boundary_and_keeps_a_few() {
+        let (_tmp, path) = setup();
+        let mut m = Mirror::open(&path).unwrap().with_rotation(Rotation { every: 3, keep: 2 });
+        for index in 1..=10 {
+            m.append(index, 1 + index / 5, PUT).unwrap();
+        }
+        m.flush().unwrap();
+        let numbered = |n: usize| PathBuf::from(format!("{}.{n}", path.display()));
+        assert_eq!(contents(&path), format!("# snapshot 9, 2\n10, 3, {PUT}\n"));
+        assert_eq!(contents(&numbered(1)), format!("# snapshot 6, 2\n7, 2, {PUT}\n8, 2, {PUT}\n9, 2, {PUT}\n"));
+        assert!(contents(&numbered(2)).starts_with("# snapshot 3, 1\n4, 1, "));
+        assert!(!numbered(3).exists(), "only two old files are kept");
+        drop(m);
+        let mut m = Mirror::open(&path).unwrap().with_rotation(Rotation { every: 3, keep: 2 });
+        assert_eq!(m.last_index(), 10);
+        m.append(11, 3, PUT).unwrap();
+        m.append(12, 3, PUT).unwrap();
+        m.append(13, 3, PUT).unwrap();
+        m.flush().unwrap();
+        assert_eq!(contents(&path), format!("# snapshot 12, 3\n13, 3, {PUT}\n"), "the reopened file rotates too");
     }
 }

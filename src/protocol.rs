@@ -41,6 +41,12 @@ pub enum Request {
     },
     /// Snapshot the state machine of the node asked, now.
     Snapshot,
+    /// A piece of the file of the node's snapshot at `index` (default: its
+    /// newest), from byte `offset`: what `raft-zmq snapshot save` reads.
+    SnapshotData {
+        index: Option<Index>,
+        offset: u64,
+    },
 }
 
 impl Request {
@@ -52,6 +58,7 @@ impl Request {
             Request::Status => "status",
             Request::Log { .. } => "log",
             Request::Snapshot => "snapshot",
+            Request::SnapshotData { .. } => "snapshot_data",
         }
     }
 }
@@ -160,6 +167,16 @@ pub enum Reply {
     Snapshot {
         index: Index,
     },
+    /// Bytes `offset..offset + data.len()` of the `total` bytes of the
+    /// snapshot file at `index`/`term`.
+    SnapshotData {
+        index: Index,
+        term: Term,
+        total: u64,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// `leader` is the leader this node knows of, so a client can go there.
     Error {
         code: ErrorCode,
@@ -182,6 +199,13 @@ impl Reply {
             Reply::Put { index } | Reply::Propose { index } | Reply::Snapshot { index } => {
                 map.push(("index", (*index).into()))
             }
+            Reply::SnapshotData { index, term, total, offset, data } => map.extend([
+                ("index", (*index).into()),
+                ("term", (*term).into()),
+                ("total", (*total).into()),
+                ("offset", (*offset).into()),
+                ("data", rmpv::Value::Binary(data.clone())),
+            ]),
             Reply::Delete { index, existed } => {
                 map.push(("index", (*index).into()));
                 map.push(("existed", (*existed).into()));
@@ -268,6 +292,13 @@ impl Reply {
             })),
             Request::Log { .. } => Reply::Log { entries: fields.required("entries", list(to_log_entry))? },
             Request::Snapshot => Reply::Snapshot { index: fields.required("index", to_u64)? },
+            Request::SnapshotData { .. } => Reply::SnapshotData {
+                index: fields.required("index", to_u64)?,
+                term: fields.required("term", to_u64)?,
+                total: fields.required("total", to_u64)?,
+                offset: fields.required("offset", to_u64)?,
+                data: fields.required("data", to_bin)?,
+            },
         };
         Ok(reply)
     }
@@ -288,6 +319,12 @@ fn parse_request(frame: &[u8]) -> Result<Request, String> {
         }
         "status" => return Ok(Request::Status),
         "snapshot" => return Ok(Request::Snapshot),
+        "snapshot_data" => {
+            return Ok(Request::SnapshotData {
+                index: fields.optional("index", to_u64)?,
+                offset: fields.optional("offset", to_u64)?.unwrap_or(0),
+            });
+        }
         "log" => {
             return Ok(Request::Log {
                 from: fields.optional("from", to_u64)?.unwrap_or(1),
@@ -329,6 +366,11 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
         Request::Get { key } => vec![("op", "get".into()), ("key", value_or_nil(Some(key)))],
         Request::Status => vec![("op", "status".into())],
         Request::Snapshot => vec![("op", "snapshot".into())],
+        Request::SnapshotData { index, offset } => {
+            let mut map = vec![("op", "snapshot_data".into()), ("offset", (*offset).into())];
+            map.extend(index.map(|index| ("index", index.into())));
+            map
+        }
         Request::Log { from, limit } => {
             vec![("op", "log".into()), ("from", (*from).into()), ("limit", (*limit).into())]
         }
@@ -454,6 +496,13 @@ fn to_value(value: rmpv::Value) -> Result<Value, String> {
         rmpv::Value::String(s) => s.into_str().map(Value::Str).ok_or_else(|| "must be valid UTF-8".into()),
         rmpv::Value::Binary(b) => Ok(Value::Bin(b)),
         other => Err(format!("must be str or bin, got {}", type_name(&other))),
+    }
+}
+
+fn to_bin(value: rmpv::Value) -> Result<Vec<u8>, String> {
+    match value {
+        rmpv::Value::Binary(b) => Ok(b),
+        other => Err(format!("must be bin, got {}", type_name(&other))),
     }
 }
 

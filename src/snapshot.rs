@@ -83,6 +83,11 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotMeta, &[u8]), String> {
     Ok((meta, data))
 }
 
+/// Where a node's snapshots live, inside its state dir.
+pub fn dir_in(state_dir: &Path) -> PathBuf {
+    state_dir.join("snapshots")
+}
+
 /// Reads the snapshot file at `path`, checking it is intact and holds `meta`.
 fn read_checked(path: &Path, meta: SnapshotMeta) -> Result<Vec<u8>, SnapshotError> {
     let mut bytes = Vec::new();
@@ -182,6 +187,15 @@ impl Snapshots {
         let listed = self.list().map_err(|e| SnapshotError::new(&self.dir, format!("cannot list: {e}")))?;
         let Some((path, named)) = listed.into_iter().last() else { return Ok(None) };
         Ok(Some((named, read_checked(&path, named)?)))
+    }
+
+    /// The snapshot at `index`, or the newest if `None`, if there is one.
+    pub fn find(&self, index: Option<Index>) -> io::Result<Option<SnapshotMeta>> {
+        let mut listed = self.list()?.into_iter().map(|(_, meta)| meta);
+        Ok(match index {
+            Some(index) => listed.rfind(|meta| meta.index == index),
+            None => listed.next_back(),
+        })
     }
 
     /// Snapshot files, oldest first.

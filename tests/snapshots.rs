@@ -8,7 +8,7 @@ mod common;
 use std::fs;
 
 use common::*;
-use raft_zmq::kv::Value;
+use raft_zmq::kv::{Command, Value};
 use raft_zmq::protocol::{Reply, Request};
 
 fn value(s: &str) -> Option<Value> {
@@ -160,9 +160,84 @@ fn a_snapshot_over_64_mib_is_streamed_to_a_follower() {
     let output = read_path(&cluster.output_path(leader));
     let sent = output.lines().find(|l| l.contains(&format!("sent snapshot {index}/")));
     eprintln!("{}", sent.unwrap_or_else(|| panic!("no snapshot sent:\n{output}")));
+    let taken = output.lines().find(|l| l.contains(&format!("snapshot at {index}/")));
+    eprintln!("{}", taken.unwrap_or_else(|| panic!("no snapshot taken:\n{output}")));
     // Its state is the leader's: once the leader is gone, reads see it.
     cluster.kill(leader);
     let new_leader = cluster.wait_for_leader();
     let Some(Value::Str(got)) = cluster.get_value(new_leader, "big-139") else { panic!() };
     assert_eq!(got.len(), big.len() + 3);
+}
+
+#[test]
+fn a_backup_restores_into_a_new_cluster_and_a_corrupted_one_is_refused() {
+    let mut old = start(3, "");
+    let leader = old.wait_for_leader();
+    for i in 0..50 {
+        old.call_ok(leader, &put(&format!("k{i}"), &format!("v{i}")));
+    }
+    let session = |value: &str| Request::Write {
+        command: Command::Put { key: Value::Str("s".into()), value: Value::Str(value.into()) },
+        client_id: Some("backup-client".into()),
+        seq: Some(7),
+    };
+    let Reply::Put { index: first } = old.call_ok(leader, &session("once")) else { panic!() };
+    settle(&old, leader);
+    let backup = old.dir.path().join("backup.snap");
+    let follower = (0..3).find(|&id| id != leader).unwrap();
+    let config = old.config_path.to_str().unwrap().to_string();
+    let saved = run_to_exit([
+        "snapshot",
+        "save",
+        backup.to_str().unwrap(),
+        "--node",
+        &follower.to_string(),
+        "--config",
+        &config,
+    ]);
+    assert!(saved.status.success(), "{}{}", saved.stdout, saved.stderr);
+    assert!(saved.stdout.contains("51 keys"), "{}", saved.stdout);
+    old.kill(0);
+    old.kill(1);
+    old.kill(2);
+
+    let mut new = TestCluster::configure(3, "");
+    let new_config = new.config_path.to_str().unwrap().to_string();
+    let restore = |file: &std::path::Path, id: usize, config: &str| {
+        run_to_exit(["snapshot", "restore", file.to_str().unwrap(), "--node-id", &id.to_string(), "--config", config])
+    };
+    for id in 0..3 {
+        let restored = restore(&backup, id, &new_config);
+        assert!(restored.status.success(), "{}{}", restored.stdout, restored.stderr);
+    }
+    let again = restore(&backup, 0, &new_config);
+    assert!(!again.status.success() && again.stderr.contains("already exists"), "{}", again.stderr);
+    for id in 0..3 {
+        new.start_node(id);
+    }
+    let leader = new.wait_for_leader();
+    for i in 0..50 {
+        assert_eq!(new.get_value(leader, &format!("k{i}")), value(&format!("v{i}")));
+    }
+    // Sessions came along: a retry is answered from them, not applied again.
+    assert_eq!(new.call_ok(leader, &session("twice")), Reply::Put { index: first });
+    assert_eq!(new.get_value(leader, "s"), value("once"));
+    new.call_ok(leader, &put("after", "restore"));
+    settle(&new, leader);
+    for id in 0..3 {
+        assert!(new.mirror(id).starts_with("# snapshot "), "node {id}: {}", new.mirror(id));
+    }
+
+    // A damaged backup is refused with a clear error and creates nothing.
+    let mut bytes = fs::read(&backup).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    let damaged = old.dir.path().join("damaged.snap");
+    fs::write(&damaged, bytes).unwrap();
+    let fresh = TestCluster::configure(1, "");
+    let fresh_config = fresh.config_path.to_str().unwrap().to_string();
+    let refused = restore(&damaged, 0, &fresh_config);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(refused.stderr.contains("checksum mismatch"), "{}", refused.stderr);
+    assert!(!fresh.state_dir(0).exists());
 }

@@ -195,7 +195,8 @@ impl ClientEndpoint {
             Err(Reply::Error { code, message, .. }) => return self.refuse(reply_to, code, message, leader),
             Err(reply) => return self.answer(reply_to, &reply),
         };
-        let local = matches!(decoded, Request::Status | Request::Log { .. } | Request::Snapshot);
+        let local =
+            matches!(decoded, Request::Status | Request::Log { .. } | Request::Snapshot | Request::SnapshotData { .. });
         match leader {
             leader if local || leader == Some(self.cfg.id) => {
                 let call = ClientCall { request: decoded, reply_to, bytes: request.len() };

@@ -20,7 +20,7 @@ use log::{error, info, warn};
 use super::Shared;
 use super::applier::ApplyMsg;
 use super::disk::NOSPACE;
-use super::log_reader::LogRequest;
+use super::log_reader::DiskRead;
 use super::replies::{Replier, ReplyTo, not_leader};
 use super::store::{NodeStore, PersistError};
 use crate::driver::{self, run_ready};
@@ -126,7 +126,7 @@ pub struct Io {
     pub id: NodeId,
     pub transport: Transport,
     pub applier: Sender<ApplyMsg>,
-    pub log_reader: Sender<LogRequest>,
+    pub log_reader: Sender<DiskRead>,
     /// The state machine's session table, read to answer retries.
     pub sessions: Arc<Mutex<SessionTable>>,
     pub replier: Replier,
@@ -146,7 +146,7 @@ impl Io {
         id: NodeId,
         transport: Transport,
         applier: Sender<ApplyMsg>,
-        log_reader: Sender<LogRequest>,
+        log_reader: Sender<DiskRead>,
         sessions: Arc<Mutex<SessionTable>>,
         replier: Replier,
         shared: Arc<Shared>,
@@ -351,12 +351,14 @@ impl State {
                 self.io.replier.send(reply_to, &reply);
             }
             Request::Snapshot => self.io.to_applier(ApplyMsg::Snapshot { reply_to }),
-            Request::Log { from, limit } => match self.io.log_reader.try_send(LogRequest { from, limit, reply_to }) {
-                Ok(()) => {}
-                Err(TrySendError::Full(request) | TrySendError::Disconnected(request)) => {
-                    self.io.reply_error(request.reply_to, ErrorCode::Busy, "too many log requests queued; retry later")
-                }
-            },
+            Request::Log { from, limit } => self.read_disk(DiskRead::Log { from, limit, reply_to }),
+            Request::SnapshotData { index, offset } => self.read_disk(DiskRead::Snapshot { index, offset, reply_to }),
+        }
+    }
+
+    fn read_disk(&self, read: DiskRead) {
+        if let Err(TrySendError::Full(read) | TrySendError::Disconnected(read)) = self.io.log_reader.try_send(read) {
+            self.io.reply_error(read.reply_to(), ErrorCode::Busy, "too many log or snapshot reads queued; retry later")
         }
     }
 

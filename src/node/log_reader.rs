@@ -1,7 +1,10 @@
-//! The `log` op, served on a thread of its own from the stored log: a client
-//! paging through large entries never holds up the core loop's heartbeats,
+//! The `log` and `snapshot_data` ops, served on a thread of their own from
+//! the stored log and the snapshot files: a client paging through large
+//! entries or copying a snapshot never holds up the core loop's heartbeats,
 //! nor the applier.
 
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -13,6 +16,7 @@ use super::replies::{Replier, ReplyTo};
 use crate::kv::command_json;
 use crate::protocol::{ErrorCode, LogEntryView, Reply};
 use crate::raft::Index;
+use crate::snapshot::Snapshots;
 use crate::storage::LogView;
 
 /// A `log` reply takes entries until their commands, as rendered, pass this
@@ -23,37 +27,76 @@ pub const LOG_REPLY_MAX_BYTES: usize = 1 << 20;
 /// `log` requests waiting for the reader beyond this many get `busy`.
 pub const QUEUE_LEN: usize = 64;
 
-pub struct LogRequest {
-    pub from: Index,
-    pub limit: u64,
-    pub reply_to: ReplyTo,
+/// A `snapshot_data` reply carries at most this many bytes of the file.
+pub const SNAPSHOT_PIECE_BYTES: usize = 1 << 20;
+
+pub enum DiskRead {
+    Log { from: Index, limit: u64, reply_to: ReplyTo },
+    Snapshot { index: Option<Index>, offset: u64, reply_to: ReplyTo },
+}
+
+impl DiskRead {
+    pub fn reply_to(self) -> ReplyTo {
+        match self {
+            DiskRead::Log { reply_to, .. } | DiskRead::Snapshot { reply_to, .. } => reply_to,
+        }
+    }
 }
 
 /// Serves requests until the channel closes.
-pub fn run(view: LogView, shared: Arc<Shared>, replier: Replier, requests: Receiver<LogRequest>) {
-    for LogRequest { from, limit, reply_to } in requests {
-        // Applied entries are committed, durable and never change again.
-        let applied = shared.last_applied.load(Ordering::Acquire);
-        let (from, to) = (from.max(1), applied.min(from.saturating_add(limit).saturating_sub(1)));
-        let mut entries = Vec::new();
-        let mut bytes = 0;
-        let read = view.visit(from, to, |entry| {
-            let duplicate = shared.duplicates().contains(&entry.index);
-            let command = command_json(&entry.payload, duplicate);
-            bytes += command.len();
-            if bytes > LOG_REPLY_MAX_BYTES && !entries.is_empty() {
-                return false;
+pub fn run(view: LogView, snapshots: Snapshots, shared: Arc<Shared>, replier: Replier, requests: Receiver<DiskRead>) {
+    for request in requests {
+        match request {
+            DiskRead::Log { from, limit, reply_to } => replier.send(reply_to, &read_log(&view, &shared, from, limit)),
+            DiskRead::Snapshot { index, offset, reply_to } => {
+                let reply = read_snapshot(&snapshots, index, offset)
+                    .unwrap_or_else(|message| Reply::error(ErrorCode::BadRequest, message, shared.leader()));
+                replier.send(reply_to, &reply);
             }
-            entries.push(LogEntryView { index: entry.index, term: entry.term, command });
-            true
-        });
-        let reply = match read {
-            Ok(()) => Reply::Log { entries },
-            Err(e) => {
-                error!("log request: {e}");
-                Reply::error(ErrorCode::Busy, format!("cannot read the log: {e}"), shared.leader())
-            }
-        };
-        replier.send(reply_to, &reply);
+        }
+    }
+}
+
+/// A piece of the snapshot file at `index` (the newest if `None`).
+fn read_snapshot(snapshots: &Snapshots, index: Option<Index>, offset: u64) -> Result<Reply, String> {
+    let meta =
+        snapshots.find(index).map_err(|e| format!("cannot list snapshots: {e}"))?.ok_or_else(|| match index {
+            Some(index) => format!("no snapshot at index {index} (a newer one replaced it? take one with `snapshot`)"),
+            None => "this node has no snapshot yet (take one with `snapshot`)".to_string(),
+        })?;
+    let path = snapshots.path(meta);
+    let unreadable = |e: std::io::Error| format!("cannot read snapshot {}: {e}", path.display());
+    let mut file = File::open(&path).map_err(unreadable)?;
+    let total = file.metadata().map_err(unreadable)?.len();
+    if offset > total {
+        return Err(format!("offset {offset} is past the snapshot's {total} bytes"));
+    }
+    let mut data = vec![0; SNAPSHOT_PIECE_BYTES.min((total - offset) as usize)];
+    file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut data)).map_err(unreadable)?;
+    Ok(Reply::SnapshotData { index: meta.index, term: meta.term, total, offset, data })
+}
+
+fn read_log(view: &LogView, shared: &Shared, from: Index, limit: u64) -> Reply {
+    // Applied entries are committed, durable and never change again.
+    let applied = shared.last_applied.load(Ordering::Acquire);
+    let (from, to) = (from.max(1), applied.min(from.saturating_add(limit).saturating_sub(1)));
+    let mut entries = Vec::new();
+    let mut bytes = 0;
+    let read = view.visit(from, to, |entry| {
+        let duplicate = shared.duplicates().contains(&entry.index);
+        let command = command_json(&entry.payload, duplicate);
+        bytes += command.len();
+        if bytes > LOG_REPLY_MAX_BYTES && !entries.is_empty() {
+            return false;
+        }
+        entries.push(LogEntryView { index: entry.index, term: entry.term, command });
+        true
+    });
+    match read {
+        Ok(()) => Reply::Log { entries },
+        Err(e) => {
+            error!("log request: {e}");
+            Reply::error(ErrorCode::Busy, format!("cannot read the log: {e}"), shared.leader())
+        }
     }
 }

@@ -30,10 +30,10 @@ use log::{info, warn};
 use crate::config::{Config, Member};
 use crate::kv::KvStore;
 use crate::lock;
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, Rotation};
 use crate::raft::{self, HardState, Index, LogStore, NodeId, Raft, SnapshotMeta};
 use crate::security::NodeSecurity;
-use crate::snapshot::Snapshots;
+use crate::snapshot::{self, Snapshots};
 use crate::storage::Storage;
 use crate::transport::{Transport, TransportConfig, cluster_id};
 pub use log_reader::LOG_REPLY_MAX_BYTES;
@@ -110,9 +110,6 @@ const PEER_QUEUE_LEN: usize = 1024;
 const CLIENT_QUEUE_LEN: usize = 10_000;
 const CLIENT_QUEUE_BYTES: usize = 64 << 20;
 
-/// Where snapshots live, inside the state dir.
-const SNAPSHOTS_DIR: &str = "snapshots";
-
 /// Membership key in the state dir: once recorded, it wins over the file.
 const MEMBERSHIP_META: &str = "membership";
 
@@ -126,8 +123,9 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     security.check_members(&members)?;
     let me =
         members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
-    let mirror = Mirror::open(&config.node_log_path(id))?;
-    let snapshots = Snapshots::open(&config.node_state_dir(id).join(SNAPSHOTS_DIR))?;
+    let rotation = Rotation { every: config.snapshot_entries, keep: config.log_mirror_files };
+    let mirror = Mirror::open(&config.node_log_path(id))?.with_rotation(rotation);
+    let snapshots = Snapshots::open(&snapshot::dir_in(&config.node_state_dir(id)))?;
     let (kv, last_snapshot) = restore_state_machine(&snapshots, &mut storage)?;
     let last_index = storage.last_index();
     if mirror.last_index() > last_index {
@@ -214,7 +212,12 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let sessions = kv.sessions();
     let (apply_tx, apply_rx) = unbounded();
     let (taken_tx, taken_rx) = unbounded();
-    let policy = SnapshotPolicy { snapshots, every: config.snapshot_entries, last: last_snapshot, taken: taken_tx };
+    let policy = SnapshotPolicy {
+        snapshots: snapshots.clone(),
+        every: config.snapshot_entries,
+        last: last_snapshot,
+        taken: taken_tx,
+    };
     let applier = Applier::new(kv, mirror, policy, replier.clone(), shared.clone());
     let applier = thread::Builder::new().name("applier".into()).spawn(move || applier.run(apply_rx))?;
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
@@ -222,7 +225,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         let (view, shared, replier) = (raft.store().storage.log_view(), shared.clone(), replier.clone());
         thread::Builder::new()
             .name("log-reader".into())
-            .spawn(move || log_reader::run(view, shared, replier, log_rx))?
+            .spawn(move || log_reader::run(view, snapshots, shared, replier, log_rx))?
     };
     let (client_tx, client_rx) = bounded(CLIENT_QUEUE_LEN);
     let endpoint = {

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Seek};
@@ -304,6 +305,26 @@ impl TestCluster {
 
     pub fn mirror(&self, id: usize) -> String {
         fs::read_to_string(self.mirror_path(id)).unwrap_or_default()
+    }
+
+    /// The entry lines of node `id`'s whole mirror, rotated files included,
+    /// by index (`# snapshot` lines say where numbering continues and are
+    /// not entries), and the last index it covers, snapshot lines included.
+    pub fn mirror_entries(&self, id: usize) -> (BTreeMap<u64, String>, u64) {
+        let path = self.mirror_path(id);
+        let rotated = (1..).map(|n| PathBuf::from(format!("{}.{n}", path.display()))).take_while(|p| p.exists());
+        let files: Vec<PathBuf> = rotated.collect::<Vec<_>>().into_iter().rev().chain([path]).collect();
+        let (mut entries, mut last) = (BTreeMap::new(), 0);
+        for file in files {
+            for line in fs::read_to_string(&file).unwrap_or_default().lines() {
+                let snapshot = line.strip_prefix("# snapshot ");
+                last = snapshot.unwrap_or(line).split(", ").next().unwrap().parse().expect("an index");
+                if snapshot.is_none() {
+                    entries.insert(last, line.to_string());
+                }
+            }
+        }
+        (entries, last)
     }
 }
 
