@@ -439,4 +439,34 @@ mod tests {
         let cfg = core_config(&config_with(55, (56, 90)), 0, &config_with(55, (56, 90)).nodes);
         assert_eq!((cfg.heartbeat_ticks, cfg.election_ticks), (55, (56, 90)));
     }
+
+    #[test]
+    fn a_snapshot_the_log_does_not_hold_starts_the_log_over_after_it() {
+        use crate::raft::{Entry, Payload};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut storage, _) = Storage::open(&dir.path().join("db")).unwrap();
+        let entries: Vec<Entry> = (1..=10).map(|index| Entry { index, term: 1, payload: Payload::Noop }).collect();
+        storage.write(None, &entries).unwrap();
+        let snapshots = Snapshots::open(&dir.path().join("snapshots")).unwrap();
+        let (mut kv, empty) = restore_state_machine(&snapshots, &mut storage).unwrap();
+        assert_eq!((empty, kv.len()), (SnapshotMeta::default(), 0), "no snapshot, nothing changes");
+        // Installed from a leader, made durable, then a crash before the log was reset.
+        let put = crate::kv::Command::Put {
+            key: crate::kv::Value::Str("k".into()),
+            value: crate::kv::Value::Str("v".into()),
+        };
+        let logged = crate::kv::LoggedCommand { command: put, client_id: None, seq: None };
+        kv.apply(1, &Payload::Command(logged.encode()));
+        let ahead = SnapshotMeta { index: 20, term: 2 };
+        snapshots.save(ahead, &kv.snapshot()).unwrap();
+        let (restored, meta) = restore_state_machine(&snapshots, &mut storage).unwrap();
+        assert_eq!((meta, restored.len()), (ahead, 1));
+        assert_eq!((storage.log_start(), storage.last_index()), (ahead, 20), "the log starts over after it");
+        // One the log holds (same index and term) leaves the log alone.
+        storage.write(None, &[Entry { index: 21, term: 2, payload: Payload::Noop }]).unwrap();
+        let held = SnapshotMeta { index: 21, term: 2 };
+        snapshots.save(held, &kv.snapshot()).unwrap();
+        restore_state_machine(&snapshots, &mut storage).unwrap();
+        assert_eq!((storage.log_start(), storage.last_index()), (ahead, 21));
+    }
 }

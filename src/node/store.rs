@@ -64,8 +64,9 @@ impl NodeStore {
         self.newest = snapshot;
         let upto = snapshot.index.saturating_sub(self.margin);
         if upto > self.storage.log_start().index {
+            let started = Instant::now();
             self.storage.compact(upto)?;
-            info!("log compacted up to {upto} (snapshot at {})", snapshot.index);
+            info!("log compacted up to {upto} (snapshot at {}) in {:?}", snapshot.index, started.elapsed());
         }
         Ok(())
     }

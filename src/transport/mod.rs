@@ -320,6 +320,7 @@ mod tests {
 
     use super::*;
     use crate::raft::{Body, Entry, Payload, SnapshotMeta};
+    use envelope::Chunk;
 
     const CLUSTER: u64 = 0xc1;
     const PATIENCE: Duration = Duration::from_secs(5);
@@ -521,6 +522,45 @@ mod tests {
         let wire = Wire::new(1, CLUSTER, [0], -1);
         assert_eq!(wire.open_reply(&reply[1], 0), Ok((ack(0, 1), None)));
         server.shutdown();
+    }
+
+    #[test]
+    fn snapshot_pieces_out_of_order_or_repeated_are_answered_with_where_to_go_on() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let follower_dir = snapshots_dir();
+        let (_follower, inbound) = start_with(&ctx, 0, &nodes, PATIENCE, follower_dir.clone());
+        let raw = ctx.socket(zmq::REQ).unwrap();
+        raw.set_linger(0).unwrap();
+        raw.set_rcvtimeo(PATIENCE.as_millis() as i32).unwrap();
+        raw.connect(&nodes[0].1).unwrap();
+        let leader = Wire::new(1, CLUSTER, [0], -1);
+        let snapshot = SnapshotMeta { index: 9, term: 2 };
+        let file = crate::snapshot::encode(snapshot, &[7; 2500]);
+        let total = file.len() as u64;
+        let install = Message { from: 1, to: 0, term: 2, body: Body::InstallSnapshot { snapshot } };
+        // Sends the piece at `offset` (1000 bytes at most); returns the answer.
+        let piece = |offset: u64| {
+            let data = file[offset as usize..(offset as usize + 1000).min(file.len())].to_vec();
+            let chunk = Chunk::Data { offset, total, data };
+            raw.send(leader.seal_chunk(install.clone(), Some(chunk)).unwrap(), 0).unwrap();
+            leader.open_reply(&raw.recv_bytes(0).unwrap(), 0).unwrap().1
+        };
+        assert_eq!(piece(0), Some(Chunk::Ack { next: 1000 }));
+        assert_eq!(piece(0), Some(Chunk::Ack { next: 1000 }), "a repeated piece is not written twice");
+        assert_eq!(piece(2000), Some(Chunk::Ack { next: 1000 }), "a piece ahead is refused: go on from 1000");
+        assert_eq!(piece(1000), Some(Chunk::Ack { next: 2000 }));
+        assert!(inbound.is_empty(), "nothing reaches the core before the whole file");
+        raw.send(
+            leader
+                .seal_chunk(install.clone(), Some(Chunk::Data { offset: 2000, total, data: file[2000..].to_vec() }))
+                .unwrap(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(message(&inbound), install, "complete and intact: handed to the core");
+        follower_dir.adopt(snapshot).unwrap();
+        assert_eq!(follower_dir.load(snapshot).unwrap(), vec![7; 2500]);
     }
 
     #[test]
