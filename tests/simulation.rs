@@ -39,7 +39,8 @@ fn random_schedules() {
 fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     let started = Instant::now();
     let next = AtomicU64::new(0);
-    let (seeds, events, installs) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (seeds, events) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (installs, duplicates) = (AtomicU64::new(0), AtomicU64::new(0));
     let failed = AtomicBool::new(false);
     let workers = thread::available_parallelism().map_or(2, |n| n.get());
     thread::scope(|s| {
@@ -54,6 +55,7 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
                         Ok(summary) => {
                             events.fetch_add(summary.events, Ordering::Relaxed);
                             installs.fetch_add(summary.installs as u64, Ordering::Relaxed);
+                            duplicates.fetch_add(summary.duplicates as u64, Ordering::Relaxed);
                             seeds.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(panic) => {
@@ -66,11 +68,13 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
         }
     });
     let secs = started.elapsed().as_secs_f64();
-    let (seeds, events, installs) = (seeds.into_inner(), events.into_inner(), installs.into_inner());
+    let (seeds, events) = (seeds.into_inner(), events.into_inner());
+    let (installs, duplicates) = (installs.into_inner(), duplicates.into_inner());
     println!(
-        "{seeds} seeds from {first} ({events} events, {installs} snapshots installed) in {secs:.1}s \
-         on {workers} threads: {:.0} events/s",
+        "{seeds} seeds from {first} ({events} events, {installs} snapshots installed, {duplicates} duplicate \
+         writes skipped) in {secs:.1}s on {workers} threads: {:.0} events/s",
         events as f64 / secs
     );
     assert!(seeds < 1000 || installs > seeds / 10, "too few runs sent a snapshot to test InstallSnapshot");
+    assert!(seeds < 1000 || duplicates > seeds / 10, "too few retries reached the log twice to test exactly-once");
 }

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use raft_zmq::raft::{Entry, Index, NodeId, Payload, SnapshotMeta, Term};
 
-use super::register::{Key, Version};
+use super::history::OpId;
+use super::register::{Applied, Key, Version};
 use super::schedule::Time;
 
 #[derive(Debug)]
@@ -42,6 +43,8 @@ pub struct Checker {
     committed: Vec<Committed>,
     /// Last index each node applied in its current life.
     applied: BTreeMap<NodeId, Index>,
+    /// Exactly once: the index where each write (by value) first applied.
+    first_applied: HashMap<OpId, Index>,
     /// Durability: the term of every write a client was told succeeded.
     acked: BTreeMap<Index, Term>,
     /// Read safety, per key: (completion time, index of the version) of
@@ -131,6 +134,29 @@ impl Checker {
         Ok(())
     }
 
+    /// Exactly-once: a write (a session's seq) takes effect at one index only,
+    /// on every node, however often retries put it in the log; a skipped
+    /// duplicate answers with that index.
+    pub fn executed(&mut self, node: NodeId, index: Index, applied: &Applied) -> Check {
+        let first = *self.first_applied.entry(applied.value).or_insert(index);
+        if !applied.duplicate && first != index {
+            return violated(
+                "exactly once",
+                format!("node {node} applied write {} at {index}; it was applied at {first} before", applied.value),
+            );
+        }
+        if applied.duplicate && applied.index != first {
+            return violated(
+                "exactly once",
+                format!(
+                    "node {node} answered a retry of write {} with index {}, not {first}",
+                    applied.value, applied.index
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// A node's state machine started over from `snapshot`, which must hold
     /// what was committed: its last entry is one that was applied.
     pub fn restored(&mut self, node: NodeId, snapshot: SnapshotMeta) -> Check {
@@ -150,7 +176,10 @@ impl Checker {
         self.applied.remove(&node);
     }
 
-    pub fn write_acked(&mut self, key: Key, index: Index, term: Term, now: Time) {
+    /// A client was told its write of `key` was applied at `index` (by this
+    /// node, which applied it: its term is known).
+    pub fn write_acked(&mut self, key: Key, index: Index, now: Time) {
+        let term = self.committed[index as usize - 1].term;
         self.acked.insert(index, term);
         self.observe(key, now, index);
     }

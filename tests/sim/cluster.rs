@@ -13,7 +13,7 @@ use super::faults::{Fault, Partition};
 use super::history::{History, OpId, OpKind, Outcome};
 use super::network::{NetProfile, Network};
 use super::node::{Completion, Effects, SimNode, SnapshotRegistry};
-use super::register::KEYS;
+use super::register::{KEYS, Key};
 use super::rng::Rng;
 use super::schedule::{MS, Schedule, Time};
 use super::storage::Disk;
@@ -82,6 +82,11 @@ enum Event {
         incarnation: u64,
     },
     Client,
+    /// A client sends the write `of` again, after it failed.
+    Retry {
+        key: Key,
+        of: OpId,
+    },
     Fault,
     /// Heals the partition of this generation, if it is still in force.
     Heal(u64),
@@ -99,15 +104,18 @@ pub struct Summary {
     pub crashes: usize,
     /// Snapshots installed from a leader.
     pub installs: usize,
+    /// Retried writes the session check skipped (on any node).
+    pub duplicates: usize,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let Summary { events, terms, acked, read, failed, crashes, installs } = self;
+        let Summary { events, terms, acked, read, failed, crashes, installs, duplicates } = self;
         write!(
             f,
             "{events} events, {terms} terms with a leader, {acked} writes acknowledged, {read} reads served, \
-             {failed} operations failed, {crashes} crashes, {installs} snapshots installed"
+             {failed} operations failed, {crashes} crashes, {installs} snapshots installed, \
+             {duplicates} duplicate writes skipped"
         )
     }
 }
@@ -133,6 +141,7 @@ pub struct Cluster {
     events: u64,
     crashes: usize,
     installs: usize,
+    duplicates: usize,
 }
 
 impl Cluster {
@@ -177,6 +186,7 @@ impl Cluster {
             events: 0,
             crashes: 0,
             installs: 0,
+            duplicates: 0,
         }
     }
 
@@ -196,6 +206,7 @@ impl Cluster {
             failed: count(|o| *o == Outcome::Failed),
             crashes: self.crashes,
             installs: self.installs,
+            duplicates: self.duplicates,
         }
     }
 
@@ -395,7 +406,8 @@ impl Cluster {
                     self.process(id, Effects::default());
                 }
             }
-            Event::Client => self.client_op(),
+            Event::Client => self.client_op(None),
+            Event::Retry { key, of } => self.client_op(Some(OpKind::Retry(key, of))),
             Event::Fault if now < self.chaos_until => {
                 let leader = self.leader();
                 let (fault, duration) = Fault::random(&mut self.rng, &self.members, leader);
@@ -441,7 +453,8 @@ impl Cluster {
         }
     }
 
-    fn client_op(&mut self) {
+    /// A new operation, or `retry`, sent to a node chosen as `clients` says.
+    fn client_op(&mut self, retry: Option<OpKind>) {
         let now = self.now();
         let available: Vec<NodeId> =
             self.nodes.values().filter(|n| n.is_up() && n.paused_until <= now).map(SimNode::id).collect();
@@ -455,6 +468,12 @@ impl Cluster {
                 (!pool.is_empty()).then(|| self.rng.pick(pool))
             }
         };
+        if let Some(retry) = retry {
+            if let Some(id) = target {
+                self.submit(id, retry);
+            }
+            return;
+        }
         if let Some(id) = target {
             let key = self.rng.pick(&KEYS);
             let kind = if self.rng.chance(0.6) { OpKind::Write(key) } else { OpKind::Read(key) };
@@ -515,12 +534,24 @@ impl Cluster {
                 self.check(check);
             }
         }
+        if let Some(raft) = self.nodes[&id].raft()
+            && raft.commit_index() > raft.last_index()
+        {
+            let detail =
+                format!("node {id} has commit index {} past its last entry {}", raft.commit_index(), raft.last_index());
+            self.fail(Violation { rule: "log", detail });
+        }
         if let (Some(first), Some(last)) = (fx.applied.first(), fx.applied.last()) {
             self.trace.record(now, Traced::Applied { node: id, from: first.index, to: last.index });
             let node = &self.nodes[&id];
             let term = node.raft().map_or(node.disk().hard_state().term, |r| r.soft_state().term);
             for entry in &fx.applied {
                 let check = self.checker.applied(id, term, entry);
+                self.check(check);
+            }
+            for (index, applied) in &fx.executed {
+                self.duplicates += usize::from(applied.duplicate);
+                let check = self.checker.executed(id, *index, applied);
                 self.check(check);
             }
         }
@@ -539,12 +570,13 @@ impl Cluster {
     fn complete(&mut self, completion: Completion) {
         let now = self.now();
         match completion {
-            Completion::WriteAcked { op, index, term } => {
+            Completion::WriteAcked { op, index } => {
                 self.trace.record(now, Traced::Acked(op, index));
-                let OpKind::Write(key) = self.history.complete(op, now, Outcome::Acked).kind else {
+                let (OpKind::Write(key) | OpKind::Retry(key, _)) = self.history.complete(op, now, Outcome::Acked).kind
+                else {
                     unreachable!("only writes are acknowledged")
                 };
-                self.checker.write_acked(key, index, term, now);
+                self.checker.write_acked(key, index, now);
                 self.last_ack = Some((op, index));
             }
             Completion::ReadServed { op, key, version } => {
@@ -555,7 +587,19 @@ impl Cluster {
             }
             Completion::Failed(op) => {
                 self.trace.record(now, Traced::Failed(op));
-                self.history.complete(op, now, Outcome::Failed);
+                let kind = self.history.complete(op, now, Outcome::Failed).kind;
+                // Half the failed writes are sent again, as the same session
+                // write: whatever became of the first, it applies at most once.
+                if let OpKind::Write(key) | OpKind::Retry(key, _) = kind
+                    && self.clients != Clients::Off
+                    && self.rng.chance(0.5)
+                {
+                    let of = match kind {
+                        OpKind::Retry(_, of) => of,
+                        _ => op,
+                    };
+                    self.schedule.after(self.rng.range(CLIENT_GAP.0, CLIENT_GAP.1), Event::Retry { key, of });
+                }
             }
         }
     }

@@ -12,6 +12,9 @@ pub type OpId = u64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpKind {
     Write(Key),
+    /// The same write as op `OpId` (same value, same session), sent again
+    /// after that one failed: applied at most once, whatever happens.
+    Retry(Key, OpId),
     Read(Key),
 }
 

@@ -11,7 +11,7 @@ use raft_zmq::driver::{Shell, run_ready};
 use raft_zmq::raft::{Config, Entry, Index, LogStore, Message, NodeId, Raft, ReadState, SnapshotMeta, SoftState, Term};
 
 use super::history::{OpId, OpKind};
-use super::register::{Key, Register, Version, encode_set};
+use super::register::{Applied, Image, Key, Register, Version, encode_write};
 use super::rng::Rng;
 use super::schedule::Time;
 use super::storage::{Crashed, Disk};
@@ -19,8 +19,16 @@ use super::storage::{Crashed, Disk};
 /// How a client request held by a node ended.
 #[derive(Clone, Copy, Debug)]
 pub enum Completion {
-    WriteAcked { op: OpId, index: Index, term: Term },
-    ReadServed { op: OpId, key: Key, version: Version },
+    /// `index` is the one the reply names: where the write was first applied.
+    WriteAcked {
+        op: OpId,
+        index: Index,
+    },
+    ReadServed {
+        op: OpId,
+        key: Key,
+        version: Version,
+    },
     Failed(OpId),
 }
 
@@ -37,9 +45,11 @@ pub struct Effects {
     pub torn_crash: bool,
     /// The node's state machine started over from this snapshot.
     pub restored: Option<SnapshotMeta>,
+    /// Write commands applied: (entry index, what the state machine did).
+    pub executed: Vec<(Index, Applied)>,
 }
 
-pub type SnapshotRegistry = BTreeMap<SnapshotMeta, Register>;
+pub type SnapshotRegistry = BTreeMap<SnapshotMeta, Image>;
 
 struct PendingRead {
     key: Key,
@@ -90,7 +100,7 @@ impl Shell for SimShell<'_> {
     }
 
     fn restore(&mut self, snapshot: SnapshotMeta) {
-        self.app.register = self.snapshots.get(&snapshot).expect("every snapshot sent was taken").clone();
+        self.app.register = Register::restore(self.snapshots.get(&snapshot).expect("every snapshot sent was taken"));
         self.app.applied = snapshot.index;
         // Whether these made it into the snapshot cannot be told: unknown.
         let later = self.app.writes.split_off(&(snapshot.index + 1));
@@ -101,15 +111,15 @@ impl Shell for SimShell<'_> {
 
     fn apply(&mut self, entries: Vec<Entry>) {
         for entry in entries {
-            self.app.register.apply(&entry);
+            let applied = self.app.register.apply(&entry);
             self.app.applied = entry.index;
             if let Some((term, op)) = self.app.writes.remove(&entry.index) {
-                self.fx.completed.push(if term == entry.term {
-                    Completion::WriteAcked { op, index: entry.index, term }
-                } else {
-                    Completion::Failed(op)
+                self.fx.completed.push(match &applied {
+                    Some(applied) if term == entry.term => Completion::WriteAcked { op, index: applied.index },
+                    _ => Completion::Failed(op),
                 });
             }
+            self.fx.executed.extend(applied.map(|applied| (entry.index, applied)));
             self.fx.applied.push(entry);
         }
     }
@@ -173,15 +183,21 @@ impl SimNode {
     pub fn submit(&mut self, op: OpId, kind: OpKind, fx: &mut Effects) {
         let Some(raft) = self.raft.as_mut() else { return fx.completed.push(Completion::Failed(op)) };
         match kind {
-            OpKind::Write(key) => match raft.propose(encode_set(key, op)) {
-                Ok((index, term)) => {
-                    // A slot re-proposed after a truncation: the old request lost it.
-                    if let Some((_, displaced)) = self.app.writes.insert(index, (term, op)) {
-                        fx.completed.push(Completion::Failed(displaced));
+            OpKind::Write(_) | OpKind::Retry(..) => {
+                let command = match kind {
+                    OpKind::Retry(key, of) => encode_write(key, of),
+                    OpKind::Write(key) | OpKind::Read(key) => encode_write(key, op),
+                };
+                match raft.propose(command) {
+                    Ok((index, term)) => {
+                        // A slot re-proposed after a truncation: the old request lost it.
+                        if let Some((_, displaced)) = self.app.writes.insert(index, (term, op)) {
+                            fx.completed.push(Completion::Failed(displaced));
+                        }
                     }
+                    Err(_) => fx.completed.push(Completion::Failed(op)),
                 }
-                Err(_) => fx.completed.push(Completion::Failed(op)),
-            },
+            }
             OpKind::Read(key) => match raft.read_index(op) {
                 Ok(()) => {
                     self.app.reads.insert(op, PendingRead { key, index: None });
@@ -237,7 +253,7 @@ impl SimNode {
         let disk = self.down_disk.take().expect("restarting a node that is down");
         let (hard_state, start) = (disk.hard_state(), disk.log_start());
         if start.index > 0 {
-            self.app.register = snapshots.get(&start).expect("a compacted log follows a snapshot").clone();
+            self.app.register = Register::restore(snapshots.get(&start).expect("a compacted log follows a snapshot"));
             self.app.applied = start.index;
         }
         self.raft = Some(Raft::new(cfg, disk, hard_state, start.index));
@@ -252,7 +268,7 @@ impl SimNode {
             return None;
         }
         let snapshot = SnapshotMeta { index: applied, term: raft.store().term(applied) };
-        snapshots.insert(snapshot, self.app.register.clone());
+        snapshots.insert(snapshot, self.app.register.snapshot());
         raft.store_mut().store.compact(applied);
         Some(snapshot)
     }
