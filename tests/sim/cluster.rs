@@ -26,6 +26,14 @@ const TICK: Time = 10 * MS;
 const TRANSPORT_TIMEOUT: Time = 3 * TICK;
 /// Gap between two client operations.
 const CLIENT_GAP: (Time, Time) = (MS, 20 * MS);
+/// While chaos goes on, every time the cluster becomes whole again (every
+/// node up and running, no partition) and stays so this long, a write and a
+/// read invoked since must have completed: five maximum election timeouts, through
+/// whatever loss, delay and duplication the network has. Not with one entry
+/// per AppendEntries (`max_append_bytes` 1, there to exercise log matching
+/// entry by entry): replicating one entry per round trip, a follower's
+/// backlog can take longer than any fixed bound while clients keep adding.
+const HEALED_BOUND: Time = 1_000 * MS;
 
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -91,6 +99,9 @@ enum Event {
     /// Heals the partition of this generation, if it is still in force.
     Heal(u64),
     Restart(NodeId),
+    /// The cluster has been whole for `HEALED_BOUND`, unless the generation
+    /// moved on (something failed meanwhile).
+    WholeFor(u64),
 }
 
 /// What a run did, to see that it did something.
@@ -106,16 +117,18 @@ pub struct Summary {
     pub installs: usize,
     /// Retried writes the session check skipped (on any node).
     pub duplicates: usize,
+    /// Heals during chaos after which liveness was checked.
+    pub heals: usize,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let Summary { events, terms, acked, read, failed, crashes, installs, duplicates } = self;
+        let Summary { events, terms, acked, read, failed, crashes, installs, duplicates, heals } = self;
         write!(
             f,
             "{events} events, {terms} terms with a leader, {acked} writes acknowledged, {read} reads served, \
              {failed} operations failed, {crashes} crashes, {installs} snapshots installed, \
-             {duplicates} duplicate writes skipped"
+             {duplicates} duplicate writes skipped, {heals} heals checked for liveness"
         )
     }
 }
@@ -138,6 +151,14 @@ pub struct Cluster {
     partition_generation: u64,
     /// The latest acknowledged write, for the liveness check.
     last_ack: Option<(OpId, Index)>,
+    /// The latest read served, for the liveness check.
+    last_read: Option<OpId>,
+    /// Since when every node is up and running and no link is cut, if so
+    /// (`Some(0)` at the start: only a heal after a fault counts).
+    whole_since: Option<Time>,
+    whole_generation: u64,
+    /// Liveness checks passed after a heal in the middle of chaos.
+    heals_checked: usize,
     events: u64,
     crashes: usize,
     installs: usize,
@@ -183,6 +204,10 @@ impl Cluster {
             chaos_until: 0,
             partition_generation: 0,
             last_ack: None,
+            last_read: None,
+            whole_since: Some(0),
+            whole_generation: 0,
+            heals_checked: 0,
             events: 0,
             crashes: 0,
             installs: 0,
@@ -207,6 +232,7 @@ impl Cluster {
             crashes: self.crashes,
             installs: self.installs,
             duplicates: self.duplicates,
+            heals: self.heals_checked,
         }
     }
 
@@ -421,7 +447,54 @@ impl Cluster {
                 }
             }
             Event::Restart(id) => self.restart(id),
+            Event::WholeFor(generation) => {
+                if generation == self.whole_generation
+                    && let Some(since) = self.whole_since
+                {
+                    self.check_live_since(since);
+                }
+            }
         }
+        self.track_wholeness();
+    }
+
+    /// Notes when the cluster becomes whole during chaos (and schedules the
+    /// liveness check), and when it stops being whole.
+    fn track_wholeness(&mut self) {
+        let now = self.now();
+        let whole = now < self.chaos_until
+            && self.clients != Clients::Off
+            && self.params.max_append_bytes > 1
+            && self.network.is_whole()
+            && self.nodes.values().all(|n| n.is_up() && n.paused_until <= now);
+        match (whole, self.whole_since) {
+            (true, None) => {
+                self.whole_since = Some(now);
+                self.whole_generation += 1;
+                self.schedule.after(HEALED_BOUND, Event::WholeFor(self.whole_generation));
+            }
+            (false, Some(_)) => {
+                self.whole_since = None;
+                self.whole_generation += 1;
+            }
+            _ => {}
+        }
+    }
+
+    fn check_live_since(&mut self, since: Time) {
+        let invoked_since = |op: OpId| self.history.ops()[op as usize].invoked >= since;
+        let wrote = self.last_ack.is_some_and(|(op, _)| invoked_since(op));
+        let read = self.last_read.is_some_and(invoked_since);
+        if !(wrote && read) {
+            let detail = format!(
+                "the cluster has been whole since {since}us, but in {HEALED_BOUND}us no {} invoked since completed \
+                 (leader now: {:?})",
+                if wrote { "read" } else { "write" },
+                self.leader()
+            );
+            self.fail(Violation { rule: "liveness after a heal", detail });
+        }
+        self.heals_checked += 1;
     }
 
     fn inject(&mut self, fault: Fault, duration: Time) {
@@ -580,6 +653,7 @@ impl Cluster {
                 self.last_ack = Some((op, index));
             }
             Completion::ReadServed { op, key, version } => {
+                self.last_read = Some(op);
                 self.trace.record(now, Traced::Read(op, version.map_or(0, |(_, index)| index)));
                 let invoked = self.history.complete(op, now, Outcome::Read(version)).invoked;
                 let check = self.checker.read_served(key, invoked, now, version);

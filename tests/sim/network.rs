@@ -46,6 +46,11 @@ impl Network {
         Network { profile, cut: BTreeSet::new() }
     }
 
+    /// No link is cut.
+    pub fn is_whole(&self) -> bool {
+        self.cut.is_empty()
+    }
+
     pub fn is_cut(&self, from: NodeId, to: NodeId) -> bool {
         self.cut.contains(&(from, to))
     }
