@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing, on demand (not part of CI; a full run takes hours on two
-# cores). cargo-mutants changes the Raft core (src/raft) and the node's Ready
-# driver (src/node/core_loop.rs) one small edit at a time, and runs the fast
+# cores). cargo-mutants changes the Raft core (src/raft), the Ready driver
+# (src/driver.rs) and the node's core loop (src/node/core_loop.rs) one small
+# edit at a time, and runs the fast
 # suites against each mutant: the unit tests and the deterministic
 # simulation. A mutant that no test catches ("missed") is a gap to close.
 #
@@ -14,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo-mutants >/dev/null || cargo install cargo-mutants
-files=(-f 'src/raft/*.rs' -f src/node/core_loop.rs)
+files=(-f 'src/raft/*.rs' -f src/driver.rs -f src/node/core_loop.rs)
 for arg in "$@"; do
   # Files named on the command line replace the default set.
   if [ "$arg" = -f ] || [ "$arg" = --file ]; then files=(); fi

@@ -165,3 +165,22 @@ fn leader_isolated_from_the_majority_while_clients_still_reach_it() {
         c.history().ops().iter().any(|op| matches!(op.kind, OpKind::Read(_)) && op.node == old && op.invoked >= cut)
     );
 }
+
+/// A new leader that gets only reads must still serve them: it commits an
+/// entry of its own term (the no-op) to learn the commit index (§6.4, and
+/// the "leader appends no no-op" row, which clients that write all
+/// the time hide).
+#[test]
+fn a_new_leader_serves_reads_when_no_client_writes() {
+    let mut c = cluster("reads_only_after_a_leader_change", 4, Params::calm(3, true, true), vec![Disk::default(); 3]);
+    c.set_clients(Clients::Leaders);
+    let old = elect_someone(&mut c);
+    c.run_for(500 * MS);
+    c.set_clients(Clients::Off);
+    c.crash(old);
+    let new = elect_someone(&mut c);
+    assert_ne!(new, old);
+    let read = c.submit(new, OpKind::Read('a'));
+    let served = |c: &Cluster| matches!(c.history().ops()[read as usize].outcome, Outcome::Read(_));
+    assert!(c.run_until(c.now() + 1_000 * MS, served), "the new leader never served a read");
+}
