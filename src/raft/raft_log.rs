@@ -125,22 +125,11 @@ impl<S: LogStore> RaftLog<S> {
                 return out;
             }
         }
-        let used: usize = out.iter().map(Entry::approx_size).sum();
+        // The stored part is all of `lo..offset` and within the budget: the
+        // budget goes on into memory.
         let from = (lo.max(self.offset) - self.offset) as usize;
         let to = (hi - self.offset) as usize;
-        let rest = self.unstable[from..=to].iter().cloned();
-        if out.is_empty() {
-            return take_within(rest, max_bytes);
-        }
-        let mut budget = max_bytes.saturating_sub(used);
-        for entry in rest {
-            if entry.approx_size() > budget {
-                break;
-            }
-            budget -= entry.approx_size();
-            out.push(entry);
-        }
-        out
+        take_within(out.into_iter().chain(self.unstable[from..=to].iter().cloned()), max_bytes)
     }
 
     /// Entries from `from` (past the snapshot) on, at most `max_bytes` in
