@@ -328,12 +328,13 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
-    /// The transport gave up on the request in flight to `peer`: allow the
-    /// next one to go out right away instead of waiting for the timeout.
+    /// The transport gave up on the request in flight to `peer`: the next
+    /// one goes out with the next heartbeat instead of after the timeout.
     pub fn peer_unreachable(&mut self, peer: NodeId) {
         if let Some(pr) = self.progress.get_mut(&peer) {
             pr.inflight_since = None;
             pr.pending_snapshot = None;
+            pr.retry_on_heartbeat = true;
         }
     }
 
@@ -786,6 +787,7 @@ impl<S: LogStore> Raft<S> {
     fn wants_append(&self, pr: &Progress) -> bool {
         pr.inflight_since.is_none()
             && pr.pending_snapshot.is_none()
+            && (self.heartbeat_due || !pr.retry_on_heartbeat)
             && (self.heartbeat_due
                 || pr.next <= self.log.last_index()
                 || pr.commit_sent < self.log.committed()
@@ -817,6 +819,7 @@ impl<S: LogStore> Raft<S> {
                 pr.pending_snapshot = Some((snapshot.index, self.ticks));
             }
             pr.inflight_since = Some(self.ticks);
+            pr.retry_on_heartbeat = false;
             pr.commit_sent = self.log.committed();
             // The leader may send before its own write is durable (thesis
             // §10.2.1): it counts itself toward commit only once it is.

@@ -674,6 +674,24 @@ fn far_behind_follower_catches_up_in_a_few_round_trips() {
     assert_eq!(c.commands(lagger).len(), 300);
 }
 
+/// A request that fails at once (a refused connection, a snapshot file that
+/// cannot be read) is retried with the heartbeat, never in a hot loop.
+#[test]
+fn a_send_that_fails_at_once_is_retried_at_the_heartbeat_pace() {
+    let (mut c, leader, failing, _, _) = settled();
+    c.isolate(failing);
+    c.sent.clear();
+    let ticks = 20;
+    for i in 0..ticks {
+        // Each proposal wants an append; each request to `failing` fails.
+        c.propose(leader, &[i as u8]);
+        c.raft_mut(leader).peer_unreachable(failing);
+        c.tick(leader);
+    }
+    let tries = c.sent.iter().filter(|m| m.to == failing).count();
+    assert!(tries <= ticks / c.cfg.heartbeat_ticks as usize + 1, "{tries} tries in {ticks} ticks");
+}
+
 #[test]
 fn diverged_follower_with_many_stale_terms_is_repaired() {
     // Raft paper Figure 7 (f): a follower with entries of terms 2 and 3 that
@@ -979,7 +997,11 @@ fn transfer_to_a_lagging_follower_catches_it_up_first() {
     c.heal();
     c.raft_mut(leader).peer_unreachable(target);
     c.raft_mut(leader).transfer_leadership(target).unwrap();
-    c.process(leader);
+    // The retry towards the unreachable target goes with the next heartbeat.
+    for _ in 0..c.cfg.heartbeat_ticks {
+        c.tick(leader);
+    }
+    assert!(c.queue.iter().any(|m| m.to == target), "the target is contacted again");
     assert!(!timeout_now_queued(&c), "TimeoutNow waits until the target holds the whole log");
     c.deliver();
     assert_eq!(c.leaders(), vec![target], "it won the up-to-date check, so it had caught up");

@@ -1,5 +1,6 @@
 //! A [`TestCluster`] whose raft traffic runs through a [`Network`] of
-//! proxies, with the few operations the nemesis and the checks need.
+//! proxies and whose state dirs are on lazyfs (so that a kill is a power
+//! loss), with the few operations the nemesis and the checks need.
 
 use crate::common::{Endpoint, TestCluster};
 use crate::network::Network;
@@ -14,6 +15,7 @@ impl ChaosCluster {
     /// `curve`: whether every endpoint, the workload's included, uses CURVE.
     pub fn start(n: usize, curve: bool) -> ChaosCluster {
         let nodes = if curve { TestCluster::configure_with_keys(n, false) } else { TestCluster::configure(n, "") };
+        let nodes = nodes.on_lazy_disks();
         let network = Network::start(&nodes.nodes.iter().map(|node| node.raft.clone()).collect::<Vec<_>>());
         let mut cluster = ChaosCluster { nodes, network };
         for id in 0..n {

@@ -1,7 +1,9 @@
 //! Jepsen-style chaos test of real `raft-zmq` processes on 127.0.0.1.
 //!
 //! Concurrent clients run random get/put/delete/cas through random nodes
-//! while a nemesis kills, pauses and partitions nodes one fault at a time;
+//! while a nemesis cuts the power of nodes (`kill -9` with their unsynced
+//! writes lost, see `tests/common/lazyfs.rs`), pauses and partitions them,
+//! one fault at a time;
 //! probes aim at every leader it pauses or isolates (see `probe.rs`).
 //! Afterwards: every key's history must be linearizable (final reads through
 //! the leader included, so no acknowledged write may be lost), all nodes must
@@ -41,7 +43,7 @@ const KEYS: usize = 5;
 /// Checker runs spent shrinking a failing history.
 const SHRINK_BUDGET: usize = 300;
 /// The longest a failover may take (a fault takes the leader away → the
-/// first acknowledgement of a write invoked after it), except after `kill -9`
+/// first acknowledgement of a write invoked after it), except after a power loss
 /// of every node, which restarts them all: 5 × the maximum election timeout.
 /// Typical failovers take 0.4–0.6 s; a liveness bug (no leader for good, a
 /// cut-off leader that never steps down) takes forever.
@@ -167,13 +169,13 @@ fn report(history: &History, schedule: &[Scheduled], checks: usize) {
         );
     }
     let leader_lost = |s: &&Scheduled| s.fault.removes_leader();
-    let leader_killed = |s: &&Scheduled| matches!(s.fault, Fault::Kill { leader: true, .. });
-    print_failovers("leader killed", history, schedule.iter().filter(leader_killed));
-    print_failovers("leader killed, paused or isolated, or all killed", history, schedule.iter().filter(leader_lost));
+    let leader_killed = |s: &&Scheduled| matches!(s.fault, Fault::PowerOff { leader: true, .. });
+    print_failovers("leader lost power", history, schedule.iter().filter(leader_killed));
+    print_failovers("leader lost power, paused or isolated, or all lost power", history, schedule.iter().filter(leader_lost));
 }
 
 fn check_failovers(history: &History, schedule: &[Scheduled], seed: u64) {
-    for s in schedule.iter().filter(|s| s.fault.removes_leader() && !matches!(s.fault, Fault::KillAll)) {
+    for s in schedule.iter().filter(|s| s.fault.removes_leader() && !matches!(s.fault, Fault::PowerOffAll)) {
         if let Some(took) = failover(history, s).filter(|&took| took > FAILOVER_BOUND) {
             panic!(
                 "{s}: the next write was acknowledged only {took:?} later, over {FAILOVER_BOUND:?}; CHAOS_SEED={seed}"

@@ -1,4 +1,4 @@
-//! The nemesis: one fault at a time, each healed before the next, with quiet
+//! The nemesis: one fault at a time (power losses, pauses, partitions), each healed before the next, with quiet
 //! gaps in between so the cluster can recover and serve. Fault kinds are
 //! dealt from a shuffled deck, so any run of [`KINDS`] faults has them all.
 //! While a fault cuts the leader off or takes it away, the probes aim at it.
@@ -17,8 +17,9 @@ pub const LONGEST_PAUSE: Duration = Duration::from_millis(2500);
 
 #[derive(Clone, Debug)]
 pub enum Fault {
-    /// `kill -9`, restarted when healed.
-    Kill { node: usize, leader: bool },
+    /// Power loss: `kill -9`, and every write the node had not fsynced is
+    /// gone (its state dir is on lazyfs); restarted when healed.
+    PowerOff { node: usize, leader: bool },
     /// SIGSTOP for longer than an election timeout, SIGCONT when healed.
     PauseLeader { node: usize },
     /// Every link to and from the leader cut.
@@ -27,8 +28,8 @@ pub enum Fault {
     Split { minority: Vec<usize> },
     /// `from` cannot reach `to`; `to` still reaches `from` (requests and replies).
     OneWay { from: usize, to: usize },
-    /// `kill -9` of every node at once, all restarted when healed.
-    KillAll,
+    /// Every node loses power at once; all restarted when healed.
+    PowerOffAll,
 }
 
 /// A fault as it happened: times are since the run started.
@@ -45,8 +46,8 @@ impl Fault {
     fn pick(kind: usize, rng: &mut fastrand::Rng, n: usize, leader: usize) -> Fault {
         let other = (leader + rng.usize(1..n)) % n;
         match kind {
-            0 => Fault::Kill { node: other, leader: false },
-            1 => Fault::Kill { node: leader, leader: true },
+            0 => Fault::PowerOff { node: other, leader: false },
+            1 => Fault::PowerOff { node: leader, leader: true },
             2 => Fault::PauseLeader { node: leader },
             3 => Fault::IsolateLeader { node: leader },
             4 => {
@@ -58,14 +59,14 @@ impl Fault {
             }
             5 if rng.bool() => Fault::OneWay { from: leader, to: other },
             5 => Fault::OneWay { from: other, to: leader },
-            _ => Fault::KillAll,
+            _ => Fault::PowerOffAll,
         }
     }
 
     /// How long it lasts: a pause must outlast the 600 ms election timeout.
     fn duration(&self, rng: &mut fastrand::Rng) -> Duration {
         let ms = match self {
-            Fault::Kill { .. } | Fault::KillAll => rng.u64(300..2000),
+            Fault::PowerOff { .. } | Fault::PowerOffAll => rng.u64(300..2000),
             Fault::PauseLeader { .. } => rng.u64(1000..=LONGEST_PAUSE.as_millis() as u64),
             Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } => rng.u64(1000..3000),
         };
@@ -74,30 +75,30 @@ impl Fault {
 
     fn inject(&self, cluster: &mut ChaosCluster) {
         match self {
-            Fault::Kill { node, .. } => cluster.nodes.kill(*node),
+            Fault::PowerOff { node, .. } => cluster.nodes.power_off(*node),
             Fault::PauseLeader { node } => cluster.nodes.signal(*node, libc::SIGSTOP),
             Fault::IsolateLeader { node } => cluster.network.apply(|from, to| from == *node || to == *node),
             Fault::Split { minority } => {
                 cluster.network.apply(|from, to| minority.contains(&from) != minority.contains(&to))
             }
             Fault::OneWay { from, to } => cluster.network.apply(|a, b| (a, b) == (*from, *to)),
-            Fault::KillAll => (0..cluster.size()).for_each(|id| cluster.nodes.kill(id)),
+            Fault::PowerOffAll => (0..cluster.size()).for_each(|id| cluster.nodes.power_off(id)),
         }
     }
 
     fn heal(&self, cluster: &mut ChaosCluster) {
         match self {
-            Fault::Kill { node, .. } => cluster.restart(*node),
+            Fault::PowerOff { node, .. } => cluster.restart(*node),
             Fault::PauseLeader { node } => cluster.nodes.signal(*node, libc::SIGCONT),
             Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } => cluster.network.heal(),
-            Fault::KillAll => (0..cluster.size()).for_each(|id| cluster.restart(id)),
+            Fault::PowerOffAll => (0..cluster.size()).for_each(|id| cluster.restart(id)),
         }
     }
 
     /// Whether the fault takes away a leader that was serving, leaving the
-    /// others to elect a new one (not `KillAll`: then all restart together).
+    /// others to elect a new one (not `PowerOffAll`: then all restart together).
     pub fn removes_live_leader(&self) -> bool {
-        self.removes_leader() && !matches!(self, Fault::KillAll)
+        self.removes_leader() && !matches!(self, Fault::PowerOffAll)
     }
 
     /// The leader this fault cuts off from the others while it still runs:
@@ -113,7 +114,7 @@ impl Fault {
     pub fn removes_leader(&self) -> bool {
         matches!(
             self,
-            Fault::Kill { leader: true, .. } | Fault::PauseLeader { .. } | Fault::IsolateLeader { .. } | Fault::KillAll
+            Fault::PowerOff { leader: true, .. } | Fault::PauseLeader { .. } | Fault::IsolateLeader { .. } | Fault::PowerOffAll
         )
     }
 }
@@ -121,13 +122,13 @@ impl Fault {
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Fault::Kill { node, leader: true } => write!(f, "kill -9 leader {node}"),
-            Fault::Kill { node, leader: false } => write!(f, "kill -9 follower {node}"),
+            Fault::PowerOff { node, leader: true } => write!(f, "power loss of leader {node}"),
+            Fault::PowerOff { node, leader: false } => write!(f, "power loss of follower {node}"),
             Fault::PauseLeader { node } => write!(f, "SIGSTOP leader {node}"),
             Fault::IsolateLeader { node } => write!(f, "isolate leader {node}"),
             Fault::Split { minority } => write!(f, "split off minority {minority:?}"),
             Fault::OneWay { from, to } => write!(f, "one-way: {from} cannot reach {to}"),
-            Fault::KillAll => write!(f, "kill -9 all"),
+            Fault::PowerOffAll => write!(f, "power loss of every node"),
         }
     }
 }
@@ -160,7 +161,7 @@ pub fn run(
         }
         let kind = deck.pop().expect("refilled");
         // Each fault strikes a cluster that has recovered from the last one
-        // (a kill-all takes about 2 s to serve again): a failover then
+        // (after a power loss of all it takes about 2 s to serve again): a failover then
         // measures its own fault, and "the leader" is the one that leads.
         let leader = cluster.nodes.wait_for_leader();
         let fault = Fault::pick(kind, rng, cluster.size(), leader);

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod lazyfs;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -20,6 +22,8 @@ use raft_zmq::protocol::{Reply, Request, StatusInfo};
 use raft_zmq::security::{ClientCurve, CurveIdentity, PublicKey};
 pub use raft_zmq::testing::free_port;
 use raft_zmq::tools::client::Client;
+
+use lazyfs::LazyDisk;
 
 /// Generous: CI machines are small and noisy.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -55,6 +59,8 @@ pub struct TestCluster {
     /// The key pair the harness's clients use when the cluster has keys
     /// (`keys/client.key`).
     pub client_key: Option<CurveIdentity>,
+    /// Each node's state dir on a [`LazyDisk`], when the test cuts power.
+    disks: Vec<LazyDisk>,
     ctx: zmq::Context,
 }
 
@@ -138,7 +144,7 @@ impl TestCluster {
             })
             .collect();
         let config_path = dir.path().join("config.json");
-        TestCluster { dir, config_path, nodes, client_key: None, ctx: zmq::Context::new() }
+        TestCluster { dir, config_path, nodes, client_key: None, disks: Vec::new(), ctx: zmq::Context::new() }
     }
 
     fn write_config(&self, extra: &str) {
@@ -199,6 +205,31 @@ impl TestCluster {
         let pid = self.nodes[id].process.as_ref().expect("running").id();
         // SAFETY: kill(2) on a child we spawned and have not reaped.
         assert_eq!(unsafe { libc::kill(pid as libc::pid_t, signal) }, 0);
+    }
+
+    /// Puts every node's state dir on a [`LazyDisk`] (before any starts),
+    /// so that [`TestCluster::power_off`] can lose what they did not sync.
+    pub fn on_lazy_disks(mut self) -> TestCluster {
+        assert!(self.running().is_empty(), "mount the disks before starting nodes");
+        self.disks = (0..self.nodes.len())
+            .map(|id| {
+                let root = self.dir.path();
+                LazyDisk::mount(
+                    root.join("disks").join(id.to_string()),
+                    self.state_dir(id),
+                    root.join(format!("lazyfs{id}.out")),
+                )
+            })
+            .collect();
+        self
+    }
+
+    /// A power loss: `kill -9`, and every write the node did not fsync is
+    /// gone. Needs [`TestCluster::on_lazy_disks`].
+    pub fn power_off(&mut self, id: usize) {
+        assert!(!self.disks.is_empty(), "power_off needs on_lazy_disks");
+        self.kill(id);
+        self.disks[id].power_loss();
     }
 
     /// `kill -9`: a crash.
@@ -338,6 +369,8 @@ impl Drop for TestCluster {
                 self.kill(id);
             }
         }
+        // Unmounted before the temp dir goes.
+        self.disks.clear();
         if std::thread::panicking() {
             for id in 0..self.nodes.len() {
                 let out = fs::read_to_string(self.output_path(id)).unwrap_or_default();
