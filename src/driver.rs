@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 
-use crate::raft::{Entry, HardState, LogStore, MemStore, Message, Raft, ReadState, SnapshotMeta, SoftState};
+use crate::raft::{Entry, HardState, LogStore, MemStore, Membership, Message, Raft, ReadState, Snapshot, SoftState};
 
 /// The durable side of a node.
 pub trait Storage: LogStore {
@@ -15,11 +15,12 @@ pub trait Storage: LogStore {
 
     /// Step 2 of a `Ready`, all of it durable when this returns: start the
     /// log over after `snapshot` (whose data the shell received and staged
-    /// with the message that brought it), set `hard_state`, write `entries`
-    /// (replacing whatever the store holds from the first of them on).
+    /// with the message that brought it) with its membership, set
+    /// `hard_state`, write `entries` (replacing whatever the store holds from
+    /// the first of them on).
     fn persist(
         &mut self,
-        snapshot: Option<SnapshotMeta>,
+        snapshot: Option<&Snapshot>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), Self::Error>;
@@ -31,8 +32,11 @@ pub trait Shell {
     fn send(&mut self, msg: Message);
     /// Role, term or leader changed.
     fn soft_state(&mut self, soft: SoftState);
+    /// The membership in force changed (an entry was appended or cut off, or
+    /// a snapshot brought it): messages to new members follow.
+    fn membership(&mut self, membership: &Membership);
     /// The state machine starts over from the snapshot just installed.
-    fn restore(&mut self, snapshot: SnapshotMeta);
+    fn restore(&mut self, snapshot: &Snapshot);
     /// Committed entries, in order, to apply.
     fn apply(&mut self, entries: Vec<Entry>);
     /// A linearizable read may be served once `read.index` is applied.
@@ -52,17 +56,20 @@ pub fn run_ready<S: Storage, H: Shell>(raft: &mut Raft<S>, shell: &mut H) -> Res
         if let Some(soft) = rd.soft_state {
             shell.soft_state(soft);
         }
+        if let Some(membership) = &rd.membership {
+            shell.membership(membership);
+        }
         for msg in rd.messages {
             shell.send(msg);
         }
         if must_persist {
-            raft.store_mut().persist(rd.snapshot, rd.hard_state.as_ref(), &rd.entries)?;
+            raft.store_mut().persist(rd.snapshot.as_ref(), rd.hard_state.as_ref(), &rd.entries)?;
         }
         for msg in rd.persisted_messages {
             shell.send(msg);
         }
         raft.advance();
-        if let Some(snapshot) = rd.snapshot {
+        if let Some(snapshot) = &rd.snapshot {
             shell.restore(snapshot);
         }
         if !rd.committed.is_empty() {
@@ -83,12 +90,12 @@ impl Storage for MemStore {
 
     fn persist(
         &mut self,
-        snapshot: Option<SnapshotMeta>,
+        snapshot: Option<&Snapshot>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), Infallible> {
         if let Some(snapshot) = snapshot {
-            self.restore(snapshot);
+            self.restore(snapshot.meta, snapshot.membership.clone());
         }
         if let Some(hs) = hard_state {
             self.hard_state = *hs;

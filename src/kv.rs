@@ -224,7 +224,8 @@ impl KvStore {
         Ok(())
     }
 
-    /// Applies a committed entry's payload at `index` (`None` for a no-op).
+    /// Applies a committed entry's payload at `index` (`None` for a no-op or
+    /// a membership entry, which the core applied already).
     ///
     /// A command with (client_id, seq) executes only if the session table
     /// says it is new; otherwise it is a duplicate answered per
@@ -233,7 +234,7 @@ impl KvStore {
     /// reaches the same verdict, so it is still deterministic.
     pub fn apply(&mut self, index: Index, payload: &Payload) -> Option<Applied> {
         let bytes = match payload {
-            Payload::Noop => return None,
+            Payload::Noop | Payload::Membership(_) => return None,
             Payload::Command(bytes) => bytes,
         };
         let executed = |reply| Applied { reply, duplicate: false };
@@ -339,6 +340,18 @@ pub fn command_json(payload: &Payload, duplicate: bool) -> String {
             Ok(logged) => logged.to_json(duplicate),
             Err(_) => format!(r#"{{"op":"undecodable","raw":{}}}"#, bin_json(bytes)),
         },
+        Payload::Membership(membership) => {
+            // The node's context is the members' JSON; anything else shows as bytes.
+            let members = serde_json::from_slice::<serde_json::Value>(&membership.context)
+                .unwrap_or_else(|_| bin_json(&membership.context));
+            let ids = |set: &std::collections::BTreeSet<u64>| serde_json::to_string(set).expect("a list of numbers");
+            format!(
+                r#"{{"op":"config","voters":{},"learners":{},"promote":{},"members":{members}}}"#,
+                ids(&membership.voters),
+                ids(&membership.learners),
+                ids(&membership.promote)
+            )
+        }
     }
 }
 

@@ -11,11 +11,16 @@
 //! | `hs`                        | [`HardState`] |
 //! | `snapshot`                  | [`SnapshotMeta`]: the log starts after it |
 //! | `log/` + index as u64 BE    | [`Entry`]    |
+//! | `membership`                | (index, [`Membership`]): in force at the log start |
+//! | `membership/` + index as BE | [`Membership`] of the membership entry at that index |
 //! | `meta/` + name              | raw bytes    |
 //!
 //! Big-endian indexes make sled's key order the log order. The newest
 //! entries (up to [`TAIL_BYTES`]) are also kept in memory, and they are all
 //! that opening reads: the core reads older ones through [`LogStore`].
+//! Membership entries are also indexed on their own, in the same batch as
+//! the entries, so that opening finds every membership without reading the
+//! whole log.
 //!
 //! # Atomicity
 //!
@@ -57,12 +62,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::raft::log_store::take_within;
-use crate::raft::types::{Entry, HardState, Index, Term};
+use crate::raft::types::{Entry, HardState, Index, Membership, Payload, Term};
 use crate::raft::{LogStore, SnapshotMeta};
 
 const HARD_STATE_KEY: &[u8] = b"hs";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 const LOG_PREFIX: &[u8] = b"log/";
+const MEMBERSHIP_KEY: &[u8] = b"membership";
+const MEMBERSHIP_PREFIX: &[u8] = b"membership/";
 const META_PREFIX: &[u8] = b"meta/";
 /// Written when the database is created. sled treats an unreadable data file
 /// as a torn write and silently opens it empty; without this marker a
@@ -122,6 +129,9 @@ pub struct Storage {
     /// Index of the last log entry written (durable or not), so that `write`
     /// can truncate and validate without reading the database.
     last_index: Index,
+    /// The membership in force at the log start, then those of the stored
+    /// membership entries; empty until a membership is first recorded.
+    memberships: Vec<(Index, Membership)>,
     /// The newest entries, contiguous and ending at `last_index`.
     tail: VecDeque<Entry>,
     tail_bytes: usize,
@@ -224,6 +234,7 @@ impl Storage {
             synced_names: HashSet::new(),
             snapshot: SnapshotMeta::default(),
             last_index: 0,
+            memberships: Vec::new(),
             tail: VecDeque::new(),
             tail_bytes: 0,
             sync_count: 0,
@@ -298,6 +309,18 @@ impl Storage {
         }
         self.tail_bytes = bytes;
         self.tail = newest.into();
+        self.memberships = self.read_key(MEMBERSHIP_KEY, "membership")?.into_iter().collect();
+        for item in self.db.scan_prefix(MEMBERSHIP_PREFIX) {
+            let (key, value) = item.map_err(|e| err(format!("cannot read memberships: {e}")))?;
+            let index = parse_index_key(MEMBERSHIP_PREFIX, &key).ok_or_else(|| err("malformed membership key".into()))?;
+            // Leftovers of a compaction or a truncation a crash cut short.
+            if index <= self.snapshot.index || index > self.last_index {
+                continue;
+            }
+            let membership = rmp_serde::from_slice(&value)
+                .map_err(|e| err(format!("membership of entry {index} is unreadable: {e}")))?;
+            self.memberships.push((index, membership));
+        }
 
         if hard_state.commit > self.last_index {
             log::warn!(
@@ -337,17 +360,27 @@ impl Storage {
         if let Some(hs) = hard_state {
             batch.insert(HARD_STATE_KEY, self.encode(hs, "hard state")?);
         }
+        let mut memberships = self.memberships.clone();
         if let Some(first) = entries.first() {
             for index in first.index..=self.last_index {
                 batch.remove(&log_key(index)[..]);
+            }
+            let kept = memberships.partition_point(|(index, _)| *index < first.index).max(1);
+            for (index, _) in memberships.drain(kept.min(memberships.len())..) {
+                batch.remove(&membership_key(index)[..]);
             }
         }
         for entry in entries {
             // Inserted after the removals: a batch is a map, so an entry
             // that replaces a truncated one wins.
             batch.insert(&log_key(entry.index)[..], self.encode(entry, "log entry")?);
+            if let Payload::Membership(membership) = &entry.payload {
+                batch.insert(&membership_key(entry.index)[..], self.encode(membership, "membership")?);
+                memberships.push((entry.index, membership.clone()));
+            }
         }
         self.apply(batch)?;
+        self.memberships = memberships;
         if let Some(first) = entries.first() {
             while self.tail.back().is_some_and(|e| e.index >= first.index) {
                 let dropped = self.tail.pop_back().expect("checked");
@@ -373,13 +406,20 @@ impl Storage {
     /// Starts the log over after `snapshot`: every stored entry goes (those
     /// after it may conflict with the history it holds). Atomic, not durable
     /// until [`Storage::sync`].
-    pub fn install_snapshot(&mut self, snapshot: SnapshotMeta) -> Result<(), StorageError> {
+    /// `membership` is the one in force at the snapshot.
+    pub fn install_snapshot(&mut self, snapshot: SnapshotMeta, membership: &Membership) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
         batch.insert(SNAPSHOT_KEY, self.encode(&snapshot, "snapshot position")?);
         for index in self.snapshot.index + 1..=self.last_index {
             batch.remove(&log_key(index)[..]);
         }
+        for (index, _) in self.memberships.iter().skip(1) {
+            batch.remove(&membership_key(*index)[..]);
+        }
+        let start = (snapshot.index, membership.clone());
+        batch.insert(MEMBERSHIP_KEY, self.encode(&start, "membership")?);
         self.apply(batch)?;
+        self.memberships = vec![start];
         self.snapshot = snapshot;
         self.last_index = snapshot.index;
         self.tail.clear();
@@ -404,13 +444,39 @@ impl Storage {
         let snapshot = SnapshotMeta { index, term: self.term(index) };
         let mut batch = sled::Batch::default();
         batch.insert(SNAPSHOT_KEY, self.encode(&snapshot, "snapshot position")?);
+        // The newest membership at or before the new start becomes the start's.
+        let covered = self.memberships.partition_point(|(i, _)| *i <= index);
+        if covered > 1 {
+            for (i, _) in &self.memberships[1..covered] {
+                batch.remove(&membership_key(*i)[..]);
+            }
+            batch.insert(MEMBERSHIP_KEY, self.encode(&self.memberships[covered - 1], "membership")?);
+        }
         self.apply(batch)?;
+        if covered > 1 {
+            self.memberships.drain(..covered - 1);
+        }
         self.compactor.delete(self.snapshot.index + 1, index);
         self.snapshot = snapshot;
         while self.tail.front().is_some_and(|e| e.index <= index) {
             let dropped = self.tail.pop_front().expect("checked");
             self.tail_bytes -= dropped.approx_size();
         }
+        Ok(())
+    }
+
+    /// Records the membership a new cluster starts with, unless one is
+    /// recorded already (it wins: it may have changed since). Not durable
+    /// until [`Storage::sync`].
+    pub fn bootstrap_membership(&mut self, membership: &Membership) -> Result<(), StorageError> {
+        if !self.memberships.is_empty() {
+            return Ok(());
+        }
+        let start = (self.snapshot.index, membership.clone());
+        let mut batch = sled::Batch::default();
+        batch.insert(MEMBERSHIP_KEY, self.encode(&start, "membership")?);
+        self.apply(batch)?;
+        self.memberships = vec![start];
         Ok(())
     }
 
@@ -581,6 +647,14 @@ impl LogStore for Storage {
         }
         take_within((lo..=hi).map(|index| self.read_entry(index)), max_bytes)
     }
+
+    /// Before a membership is recorded: none, so the node waits to be added.
+    fn memberships(&self) -> Vec<(Index, Membership)> {
+        if self.memberships.is_empty() {
+            return vec![(self.snapshot.index, Membership::default())];
+        }
+        self.memberships.clone()
+    }
 }
 
 /// A read-only view of the stored log for other threads (the `log` op), so
@@ -679,8 +753,17 @@ fn log_key(index: Index) -> [u8; LOG_KEY_LEN] {
     key
 }
 
+fn membership_key(index: Index) -> Vec<u8> {
+    [MEMBERSHIP_PREFIX, &index.to_be_bytes()].concat()
+}
+
 fn parse_log_key(key: &[u8]) -> Option<Index> {
-    let bytes = key.strip_prefix(LOG_PREFIX)?;
+    parse_index_key(LOG_PREFIX, key)
+}
+
+/// The index in a key made of `prefix` and a big-endian u64.
+fn parse_index_key(prefix: &[u8], key: &[u8]) -> Option<Index> {
+    let bytes = key.strip_prefix(prefix)?;
     Some(Index::from_be_bytes(bytes.try_into().ok()?))
 }
 
@@ -1029,7 +1112,7 @@ mod tests {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
             assert_eq!((s.log_start().index, s.last_index(), s.term(5)), (4, 6, 2));
             assert_eq!(all_entries(&s).iter().map(|e| e.index).collect::<Vec<_>>(), vec![5, 6]);
-            s.install_snapshot(SnapshotMeta { index: 9, term: 3 }).unwrap();
+            s.install_snapshot(SnapshotMeta { index: 9, term: 3 }, &Membership::default()).unwrap();
             s.write(None, &[entry(10, 3, b"z")]).unwrap();
             s.sync().unwrap();
         }

@@ -372,7 +372,10 @@ fn inconsistent_peer_messages_with_a_valid_envelope_crash_nothing_and_never_reac
         (
             "a snapshot far ahead, without its data",
             term,
-            Body::InstallSnapshot { snapshot: raft_zmq::raft::SnapshotMeta { index: 1 << 40, term } },
+            Body::InstallSnapshot {
+                snapshot: raft_zmq::raft::SnapshotMeta { index: 1 << 40, term },
+                membership: Default::default(),
+            },
         ),
     ];
     for round in 0..2 {

@@ -28,7 +28,8 @@ use crate::kv::{LoggedCommand, Value, session_reply};
 use crate::lock;
 use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
 use crate::raft::{
-    Body, Entry, Index, Message, NodeId, NotLeader, Raft, ReadState, Role, SnapshotMeta, SoftState, Term,
+    Body, Entry, Index, Membership, Message, NodeId, NotLeader, Raft, ReadState, Role, Snapshot, SnapshotMeta, SoftState,
+    Term,
 };
 use crate::sessions::SessionTable;
 use crate::transport::{Inbound, Transport};
@@ -419,8 +420,8 @@ impl State {
             commit_index: raft.commit_index(),
             last_applied: self.io.shared.last_applied.load(Ordering::Acquire),
             last_log_index: raft.last_index(),
-            members: raft.members().to_vec(),
-            learners: Vec::new(),
+            members: raft.membership().voters.iter().copied().collect(),
+            learners: raft.membership().learners.iter().copied().collect(),
             first_log_index: raft.snapshot().index + 1,
             snapshot_index: self.io.shared.snapshot_index.load(Ordering::Acquire),
             alarms: self.raft.store().disk.raised().then(|| NOSPACE.to_string()).into_iter().collect(),
@@ -469,8 +470,12 @@ impl driver::Shell for Io {
         self.role = soft.role;
     }
 
-    fn restore(&mut self, snapshot: SnapshotMeta) {
-        self.to_applier(ApplyMsg::Restore(snapshot));
+    fn membership(&mut self, membership: &Membership) {
+        info!("node {}: members: voters {:?}, learners {:?}", self.id, membership.voters, membership.learners);
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) {
+        self.to_applier(ApplyMsg::Restore(snapshot.meta));
     }
 
     fn apply(&mut self, entries: Vec<Entry>) {

@@ -31,7 +31,7 @@ use crate::config::{Config, Member};
 use crate::kv::KvStore;
 use crate::lock;
 use crate::mirror::{Mirror, Rotation};
-use crate::raft::{self, HardState, Index, LogStore, NodeId, Raft, SnapshotMeta};
+use crate::raft::{self, HardState, Index, LogStore, Membership, NodeId, Raft, SnapshotMeta};
 use crate::security::NodeSecurity;
 use crate::snapshot::{self, Snapshots};
 use crate::storage::Storage;
@@ -159,7 +159,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         storage.log_start().index + 1,
         hard_state.commit
     );
-    let core_config = core_config(config, id, &members);
+    let core_config = core_config(config, id);
     let reply_timeout = Duration::from_millis(tick_ms(config) * core_config.inflight_timeout());
     let disk = DiskAlarm::new(&config.node_state_dir(id), config.disk_reserve_bytes);
     let store = NodeStore {
@@ -295,7 +295,10 @@ fn restore_state_machine(
     let held = held.or_else(|| (meta.index <= storage.last_index()).then(|| storage.term(meta.index)));
     if held != Some(meta.term) {
         warn!("the log does not hold snapshot {}/{}; starting the log over after it", meta.index, meta.term);
-        storage.install_snapshot(meta)?;
+        // The membership in force there is what the log holds last: this
+        // repairs a crash right after the snapshot was adopted.
+        let membership = storage.memberships().pop().expect("never empty").1;
+        storage.install_snapshot(meta, &membership)?;
         storage.sync()?;
     }
     info!("restored the state machine from snapshot {}/{} ({} keys)", meta.index, meta.term, kv.len());
@@ -303,21 +306,30 @@ fn restore_state_machine(
 }
 
 /// The membership recorded in the state dir, recording the config's on
-/// first start (CONTRACT.md: once a node has state, its record wins).
+/// first start (CONTRACT.md: once a node has state, its record wins). The
+/// core's copy goes into the log's store; a state dir from before it was
+/// kept there gets it from the record.
 fn settle_membership(storage: &mut Storage, config: &Config) -> Result<Vec<Member>, Box<dyn Error>> {
-    if let Some(bytes) = storage.read_meta(MEMBERSHIP_META)? {
-        let recorded: Vec<Member> = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("recorded membership in the state dir is unreadable: {e}"))?;
-        if recorded != config.nodes {
-            warn!(
-                "{}: nodes differ from the membership recorded in the state dir; using the recorded one",
-                config.path.display()
-            );
+    let members = match storage.read_meta(MEMBERSHIP_META)? {
+        Some(bytes) => {
+            let recorded: Vec<Member> = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("recorded membership in the state dir is unreadable: {e}"))?;
+            if recorded != config.nodes {
+                warn!(
+                    "{}: nodes differ from the membership recorded in the state dir; using the recorded one",
+                    config.path.display()
+                );
+            }
+            recorded
         }
-        return Ok(recorded);
-    }
-    storage.write_meta(MEMBERSHIP_META, &serde_json::to_vec(&config.nodes)?)?;
-    Ok(config.nodes.clone())
+        None => {
+            storage.write_meta(MEMBERSHIP_META, &serde_json::to_vec(&config.nodes)?)?;
+            config.nodes.clone()
+        }
+    };
+    let context = serde_json::to_vec(&members)?;
+    storage.bootstrap_membership(&Membership::of_voters(members.iter().map(|m| m.id), context))?;
+    Ok(members)
 }
 
 /// Where this node connects to reach each other member: its `raft` endpoint,
@@ -353,13 +365,12 @@ fn tick_ms(config: &Config) -> u64 {
     (1..=10).rev().find(|&d| g.is_multiple_of(d)).unwrap_or(1)
 }
 
-fn core_config(config: &Config, id: NodeId, members: &[Member]) -> raft::Config {
+fn core_config(config: &Config, id: NodeId) -> raft::Config {
     let tick = tick_ms(config);
     let (min, max) = config.election_timeout_ms;
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ id;
     raft::Config {
         id,
-        members: members.iter().map(|m| m.id).collect(),
         election_ticks: (min / tick, max / tick),
         heartbeat_ticks: config.heartbeat_ms / tick,
         max_append_bytes: 1 << 20,
@@ -436,7 +447,7 @@ mod tests {
         assert_eq!(tick_ms(&config_with(50, (300, 600))), 10);
         assert_eq!(tick_ms(&config_with(25, (150, 300))), 5);
         assert_eq!(tick_ms(&config_with(55, (56, 90))), 1);
-        let cfg = core_config(&config_with(55, (56, 90)), 0, &config_with(55, (56, 90)).nodes);
+        let cfg = core_config(&config_with(55, (56, 90)), 0);
         assert_eq!((cfg.heartbeat_ticks, cfg.election_ticks), (55, (56, 90)));
     }
 

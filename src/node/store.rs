@@ -7,7 +7,7 @@ use std::time::Instant;
 use log::info;
 
 use crate::driver;
-use crate::raft::{Entry, HardState, Index, LogStore, SnapshotMeta, Term};
+use crate::raft::{Entry, HardState, Index, LogStore, Membership, Snapshot, SnapshotMeta, Term};
 use crate::snapshot::{SnapshotError, Snapshots};
 use crate::storage::{Storage, StorageError};
 
@@ -92,6 +92,10 @@ impl LogStore for NodeStore {
     fn entries(&self, lo: Index, hi: Index, max_bytes: usize) -> Vec<Entry> {
         self.storage.entries(lo, hi, max_bytes)
     }
+
+    fn memberships(&self) -> Vec<(Index, Membership)> {
+        self.storage.memberships()
+    }
 }
 
 impl driver::Storage for NodeStore {
@@ -103,14 +107,14 @@ impl driver::Storage for NodeStore {
     /// snapshot the log does not hold.
     fn persist(
         &mut self,
-        snapshot: Option<SnapshotMeta>,
+        snapshot: Option<&Snapshot>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), PersistError> {
-        if let Some(snapshot) = snapshot {
-            self.snapshots.adopt(snapshot)?;
-            self.storage.install_snapshot(snapshot)?;
-            self.newest = snapshot;
+        if let Some(Snapshot { meta, membership }) = snapshot {
+            self.snapshots.adopt(*meta)?;
+            self.storage.install_snapshot(*meta, membership)?;
+            self.newest = *meta;
         }
         self.storage.write(hard_state, entries)?;
         self.storage.sync()?;

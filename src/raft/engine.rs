@@ -7,24 +7,23 @@
 //! `read_index`, `transfer_leadership`); term rules are applied once in `step`, before the body is
 //! looked at; every other rule lives in exactly one handler.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use log::{debug, error, info};
 
 use super::log_store::LogStore;
+use super::membership::MembershipChange;
 use super::message::{Body, Message};
 use super::progress::Progress;
-use super::quorum::{majority, majority_value};
 use super::raft_log::RaftLog;
 use super::ready::{ReadState, Ready, Role, SoftState};
-use super::types::{Entry, HardState, Index, NodeId, Payload, SnapshotMeta, Term};
+use super::tracker::{Tracker, VoteResult};
+use super::types::{Entry, HardState, Index, Membership, NodeId, Payload, Snapshot, SnapshotMeta, Term};
 
 /// Timing and behaviour knobs, all in ticks so the core needs no clock.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: NodeId,
-    /// Every voting member, this node included.
-    pub members: Vec<NodeId>,
     /// Election timeouts are drawn uniformly from `[min, max)` ticks.
     pub election_ticks: (u64, u64),
     pub heartbeat_ticks: u64,
@@ -66,8 +65,19 @@ pub struct NotLeader {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransferError {
     NotLeader(NotLeader),
-    /// The target is this node or not a member.
+    /// The target is this node or not a voter.
     NotAPeer(NodeId),
+}
+
+/// Why [`Raft::change_membership`] refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeError {
+    NotLeader(NotLeader),
+    /// Not now: another change is not committed yet, or this leader has not
+    /// committed an entry of its own term yet, or it is handing over.
+    Busy(&'static str),
+    /// The change makes no sense for the current membership.
+    Invalid(String),
 }
 
 /// A leadership transfer in progress on the leader.
@@ -111,10 +121,9 @@ pub struct Raft<S> {
     role: Role,
     leader: Option<NodeId>,
     log: RaftLog<S>,
-    /// Per-follower replication state; only meaningful on the leader.
-    progress: BTreeMap<NodeId, Progress>,
-    /// Votes received in the current (pre-)campaign.
-    votes: BTreeMap<NodeId, bool>,
+    /// The membership in force, the leader's view of each member and a
+    /// campaign's votes: every quorum is counted there.
+    tracker: Tracker,
     /// Only on the leader: the follower it is handing leadership to.
     transfer: Option<Transfer>,
 
@@ -139,17 +148,23 @@ pub struct Raft<S> {
     failed_reads: Vec<u64>,
     last_hard_state: HardState,
     last_soft_state: Option<SoftState>,
+    /// Bumped at every change of membership; the shell has been told up to
+    /// `membership_reported` (0: not even the first).
+    membership_version: u64,
+    membership_reported: u64,
     /// Last entry handed out by `ready`, made stable by `advance`.
     handed_out: Option<(Index, Term)>,
 }
 
 impl<S: LogStore> Raft<S> {
     /// A node restarting from `hard_state` and the durable log in `store`,
-    /// its state machine at `applied` (the snapshot it loaded, if any).
+    /// its state machine at `applied` (the snapshot it loaded, if any). Its
+    /// membership is the newest in the log; a node that is not in it (one
+    /// waiting to join) never campaigns and only follows a leader.
     pub fn new(cfg: Config, store: S, hard_state: HardState, applied: Index) -> Raft<S> {
-        assert!(cfg.members.contains(&cfg.id), "node {} is not a member", cfg.id);
         assert!(cfg.election_ticks.0 > cfg.heartbeat_ticks && cfg.election_ticks.0 <= cfg.election_ticks.1);
         let log = RaftLog::new(store, hard_state.commit, applied);
+        let tracker = Tracker::new(cfg.id, log.membership().clone());
         let mut raft = Raft {
             term: hard_state.term,
             vote: hard_state.vote,
@@ -157,8 +172,7 @@ impl<S: LogStore> Raft<S> {
             leader: None,
             last_hard_state: HardState { commit: log.committed(), ..hard_state },
             log,
-            progress: BTreeMap::new(),
-            votes: BTreeMap::new(),
+            tracker,
             transfer: None,
             ticks: 0,
             election_elapsed: 0,
@@ -174,6 +188,8 @@ impl<S: LogStore> Raft<S> {
             read_states: Vec::new(),
             failed_reads: Vec::new(),
             last_soft_state: None,
+            membership_version: 1,
+            membership_reported: 0,
             handed_out: None,
             cfg,
         };
@@ -188,7 +204,8 @@ impl<S: LogStore> Raft<S> {
         self.ticks += 1;
         self.election_elapsed += 1;
         if self.role != Role::Leader {
-            if self.election_elapsed >= self.election_timeout {
+            // Learners and nodes outside the membership never campaign.
+            if self.election_elapsed >= self.election_timeout && self.tracker.is_voter() {
                 self.campaign(if self.cfg.pre_vote { Campaign::PreVote } else { Campaign::Election });
             }
             return;
@@ -196,12 +213,17 @@ impl<S: LogStore> Raft<S> {
         if let Some(Transfer { to, since }) = self.transfer
             && self.ticks - since >= self.cfg.election_ticks.0
         {
-            info!("node {}: leadership transfer to {} timed out; leading on in term {}", self.cfg.id, to, self.term);
             self.transfer = None;
+            if !self.tracker.is_voter() {
+                info!("node {}: handing over to {} timed out; removed, so stepping down", self.cfg.id, to);
+                self.become_follower(self.term, None);
+                return;
+            }
+            info!("node {}: leadership transfer to {} timed out; leading on in term {}", self.cfg.id, to, self.term);
         }
         if self.election_elapsed >= self.cfg.election_ticks.0 {
             self.election_elapsed = 0;
-            if self.cfg.check_quorum && !self.quorum_recently_active() {
+            if self.cfg.check_quorum && !self.tracker.quorum_active() {
                 info!(
                     "node {}: no contact with a majority for an election timeout; stepping down in term {}",
                     self.cfg.id, self.term
@@ -209,7 +231,7 @@ impl<S: LogStore> Raft<S> {
                 self.become_follower(self.term, None);
                 return;
             }
-            self.progress.values_mut().for_each(|pr| pr.recent_active = false);
+            self.tracker.progresses_mut().for_each(|pr| pr.recent_active = false);
         }
         self.heartbeat_elapsed += 1;
         if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
@@ -218,7 +240,7 @@ impl<S: LogStore> Raft<S> {
         }
         let now = self.ticks;
         let (append_timeout, snapshot_timeout) = (self.cfg.inflight_timeout(), self.cfg.snapshot_timeout());
-        for pr in self.progress.values_mut() {
+        for pr in self.tracker.progresses_mut() {
             if pr.inflight_since.is_some_and(|sent| now - sent >= append_timeout) {
                 pr.inflight_since = None;
             }
@@ -226,11 +248,22 @@ impl<S: LogStore> Raft<S> {
                 pr.pending_snapshot = None;
             }
         }
+        self.promote_caught_up_learners();
     }
 
     /// Handles one message from a peer.
+    ///
+    /// Messages from outside the membership are dropped, so a removed node
+    /// can neither disrupt the cluster nor be counted. A leader's messages
+    /// are the exception: a node that is joining, or that has not yet
+    /// appended the entry adding that leader, must still follow it, and a
+    /// leader that removed itself hands over with `TimeoutNow` (term rules
+    /// keep a stale leader harmless).
     pub fn step(&mut self, m: Message) {
-        if m.to != self.cfg.id || m.from == self.cfg.id || !self.cfg.members.contains(&m.from) {
+        let from_leader =
+            matches!(m.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. } | Body::TimeoutNow);
+        if m.to != self.cfg.id || m.from == self.cfg.id || !(from_leader || self.tracker.membership().contains(m.from))
+        {
             debug!("node {}: dropping misaddressed message {:?}", self.cfg.id, m);
             return;
         }
@@ -281,7 +314,9 @@ impl<S: LogStore> Raft<S> {
                 self.handle_append_reply(m.from, match_index, rejection, read_seq)
             }
             Body::TimeoutNow => self.handle_timeout_now(m.from),
-            Body::InstallSnapshot { snapshot } => self.handle_install_snapshot(m.from, snapshot),
+            Body::InstallSnapshot { snapshot, membership } => {
+                self.handle_install_snapshot(m.from, Snapshot { meta: snapshot, membership })
+            }
         }
     }
 
@@ -319,7 +354,7 @@ impl<S: LogStore> Raft<S> {
     /// a later call replaces the pending transfer.
     pub fn transfer_leadership(&mut self, to: NodeId) -> Result<(), TransferError> {
         self.require_leader().map_err(TransferError::NotLeader)?;
-        if !self.progress.contains_key(&to) {
+        if to == self.cfg.id || !self.tracker.membership().is_voter(to) {
             return Err(TransferError::NotAPeer(to));
         }
         info!("node {}: transferring leadership to {} in term {}", self.cfg.id, to, self.term);
@@ -328,20 +363,43 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
-    /// The transport gave up on the request in flight to `peer`: the next
-    /// one goes out with the next heartbeat instead of after the timeout.
+    /// Proposes a membership change (see [`super::membership`]); `context`
+    /// becomes the new membership's shell data. Returns the index of the
+    /// membership entry, which takes effect at once and is committed like
+    /// any other. A leader that removes itself hands leadership to the most
+    /// up-to-date voter once the change is committed, and steps down.
+    pub fn change_membership(&mut self, change: MembershipChange, context: Vec<u8>) -> Result<Index, ChangeError> {
+        self.require_leader().map_err(ChangeError::NotLeader)?;
+        if self.transfer.is_some() {
+            return Err(ChangeError::Busy("leadership is being transferred"));
+        }
+        if !self.committed_in_current_term() {
+            return Err(ChangeError::Busy("the new leader has not committed an entry of its term yet"));
+        }
+        if self.log.membership_index() > self.log.committed() {
+            return Err(ChangeError::Busy("another membership change is not committed yet"));
+        }
+        let next = change.apply_to(self.tracker.membership(), context).map_err(ChangeError::Invalid)?;
+        info!("node {}: proposing {:?} in term {}", self.cfg.id, change, self.term);
+        let index = self.log.append(self.term, Payload::Membership(next));
+        self.membership_may_have_changed();
+        Ok(index)
+    }
+
+    /// The transport gave up on the request in flight to `peer`: allow the
+    /// next one to go out right away instead of waiting for the timeout (the
+    /// transport paces failures that come back at once).
     pub fn peer_unreachable(&mut self, peer: NodeId) {
-        if let Some(pr) = self.progress.get_mut(&peer) {
+        if let Some(pr) = self.tracker.progress_mut(peer) {
             pr.inflight_since = None;
             pr.pending_snapshot = None;
-            pr.retry_on_heartbeat = true;
         }
     }
 
     // ----- outputs --------------------------------------------------------
 
     pub fn has_ready(&self) -> bool {
-        (self.role == Role::Leader && self.progress.values().any(|pr| self.wants_append(pr)))
+        (self.role == Role::Leader && self.tracker.progresses().any(|(_, pr)| self.wants_append(pr)))
             || self.hard_state_changed()
             || self.log.has_unstable()
             || self.log.has_committed_to_apply()
@@ -350,6 +408,7 @@ impl<S: LogStore> Raft<S> {
             || !self.read_states.is_empty()
             || !self.failed_reads.is_empty()
             || self.last_soft_state != Some(self.soft_state())
+            || self.membership_reported != self.membership_version
     }
 
     /// Collects everything the shell must do now; see [`Ready`] for the order.
@@ -374,8 +433,13 @@ impl<S: LogStore> Raft<S> {
             self.last_soft_state = Some(soft);
             soft
         });
+        let membership = (self.membership_reported != self.membership_version).then(|| {
+            self.membership_reported = self.membership_version;
+            self.tracker.membership().clone()
+        });
         Ready {
             soft_state,
+            membership,
             hard_state,
             snapshot,
             entries,
@@ -445,17 +509,28 @@ impl<S: LogStore> Raft<S> {
         self.log.last_index()
     }
 
-    pub fn members(&self) -> &[NodeId] {
-        &self.cfg.members
+    /// The membership in force (the newest in the log).
+    pub fn membership(&self) -> &Membership {
+        self.tracker.membership()
     }
 
-    /// On the leader: the follower that can take over soonest, i.e. the one
+    /// On the leader: the voter that can take over soonest, i.e. the one
     /// holding the most of the log, preferring those recently heard from.
     pub fn transfer_candidate(&self) -> Option<NodeId> {
         if self.role != Role::Leader {
             return None;
         }
-        self.progress.iter().max_by_key(|(_, pr)| (pr.matched, pr.recent_active)).map(|(&id, _)| id)
+        let voters = &self.tracker.membership().voters;
+        self.tracker
+            .progresses()
+            .filter(|(id, _)| voters.contains(id))
+            .max_by_key(|(_, pr)| (pr.matched, pr.recent_active))
+            .map(|(id, _)| id)
+    }
+
+    /// On the leader: what it knows of member `id`'s log.
+    pub fn progress(&self, id: NodeId) -> Option<&Progress> {
+        self.tracker.progress(id)
     }
 
     /// The follower a pending leadership transfer goes to.
@@ -482,7 +557,7 @@ impl<S: LogStore> Raft<S> {
     fn start_election(&mut self, campaign: Campaign) {
         self.election_elapsed = 0;
         self.randomize_election_timeout();
-        self.votes = BTreeMap::from([(self.cfg.id, true)]);
+        self.tracker.start_campaign();
         let pre_vote = campaign == Campaign::PreVote;
         let term = if pre_vote { self.term + 1 } else { self.term };
         let body = Body::RequestVote {
@@ -492,7 +567,8 @@ impl<S: LogStore> Raft<S> {
             transfer: campaign == Campaign::Transfer,
         };
         // The vote for ourselves must be durable before we ask for others'.
-        for to in self.peers() {
+        let voters: Vec<NodeId> = self.tracker.voter_peers().collect();
+        for to in voters {
             self.persisted_messages.push(Message { from: self.cfg.id, to, term, body: body.clone() });
         }
         self.tally_votes();
@@ -537,36 +613,31 @@ impl<S: LogStore> Raft<S> {
             _ => false,
         };
         if expected {
-            self.votes.insert(from, granted);
+            self.tracker.record_vote(from, granted);
             self.tally_votes();
         }
     }
 
     fn tally_votes(&mut self) {
-        let granted = self.votes.values().filter(|&&g| g).count();
-        let rejected = self.votes.len() - granted;
-        let quorum = majority(self.cfg.members.len());
-        if granted >= quorum {
-            match self.role {
-                Role::PreCandidate => self.campaign(Campaign::Election),
-                Role::Candidate => self.become_leader(),
-                _ => {}
+        match self.tracker.vote_result() {
+            VoteResult::Won if self.role == Role::PreCandidate => self.campaign(Campaign::Election),
+            VoteResult::Won => self.become_leader(),
+            VoteResult::Lost => {
+                info!("node {}: lost the election for term {}", self.cfg.id, self.term);
+                self.become_follower(self.term, None);
             }
-        } else if rejected >= quorum {
-            info!("node {}: lost the election for term {}", self.cfg.id, self.term);
-            self.become_follower(self.term, None);
+            VoteResult::Pending => {}
         }
     }
 
     fn become_leader(&mut self) {
-        info!("node {}: became leader in term {} (votes {:?})", self.cfg.id, self.term, self.votes);
+        info!("node {}: became leader in term {} (votes {:?})", self.cfg.id, self.term, self.tracker.votes());
         self.role = Role::Leader;
         self.leader = Some(self.cfg.id);
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
         self.heartbeat_due = true;
-        let next = self.log.last_index() + 1;
-        self.progress = self.peers().into_iter().map(|p| (p, Progress::new(next - 1))).collect();
+        self.tracker.start_leading(self.log.last_index() + 1);
         // A no-op of our own term lets entries of earlier terms commit (§5.4.2).
         self.log.append(self.term, Payload::Noop);
     }
@@ -584,8 +655,8 @@ impl<S: LogStore> Raft<S> {
         }
         self.role = Role::Follower;
         self.leader = leader;
-        self.progress.clear();
-        self.votes.clear();
+        self.tracker.stop_leading();
+        self.tracker.clear_votes();
         self.transfer = None;
         self.failed_reads.extend(self.pending_reads.drain(..).map(|r| r.ctx));
         self.failed_reads.append(&mut self.reads_awaiting_commit);
@@ -597,7 +668,7 @@ impl<S: LogStore> Raft<S> {
     /// Anything else claiming to be `TimeoutNow` is ignored: after `step`'s
     /// term rules, only our current leader in our current term qualifies.
     fn handle_timeout_now(&mut self, from: NodeId) {
-        if self.leader != Some(from) {
+        if self.leader != Some(from) || !self.tracker.is_voter() {
             debug!("node {}: ignoring TimeoutNow from {}, not our leader", self.cfg.id, from);
             return;
         }
@@ -616,11 +687,6 @@ impl<S: LogStore> Raft<S> {
         (pre_vote || self.cfg.check_quorum)
             && self.leader.is_some()
             && self.election_elapsed < self.cfg.election_ticks.0
-    }
-
-    fn quorum_recently_active(&self) -> bool {
-        let active = 1 + self.progress.values().filter(|pr| pr.recent_active).count();
-        active >= majority(self.cfg.members.len())
     }
 
     // ----- replication ----------------------------------------------------
@@ -681,6 +747,7 @@ impl<S: LogStore> Raft<S> {
                     );
                     return;
                 }
+                self.membership_may_have_changed();
                 // Only what this message verified may be committed: our log
                 // past `last_new` might still diverge from the leader's.
                 self.log.commit_to(leader_commit.min(last_new));
@@ -706,10 +773,11 @@ impl<S: LogStore> Raft<S> {
 
     /// A snapshot from the leader, already received and checked by the
     /// shell: install it unless our log already covers it.
-    fn handle_install_snapshot(&mut self, from: NodeId, snapshot: SnapshotMeta) {
+    fn handle_install_snapshot(&mut self, from: NodeId, install: Snapshot) {
         if !self.follow(from) {
             return;
         }
+        let snapshot = install.meta;
         let match_index = if snapshot.index <= self.log.committed() {
             self.log.committed()
         } else if self.log.term(snapshot.index) == Some(snapshot.term) {
@@ -725,7 +793,8 @@ impl<S: LogStore> Raft<S> {
                 from,
                 self.log.last_index()
             );
-            self.log.restore(snapshot);
+            self.log.restore(install);
+            self.membership_may_have_changed();
             snapshot.index
         };
         self.persisted_messages.push(Message {
@@ -748,7 +817,7 @@ impl<S: LogStore> Raft<S> {
             return;
         }
         let last = self.log.last_index();
-        let Some(pr) = self.progress.get_mut(&from) else { return };
+        let Some(pr) = self.tracker.progress_mut(from) else { return };
         pr.recent_active = true;
         pr.inflight_since = None;
         // A reply cannot acknowledge a read round that has not started.
@@ -761,6 +830,7 @@ impl<S: LogStore> Raft<S> {
                 if self.transfer.is_some_and(|t| t.to == from) {
                     self.send_timeout_now_if_caught_up();
                 }
+                self.promote_caught_up_learners();
             }
             // No hint: the follower answered a request from an older term.
             Some(Rejection { conflict_index: 0, .. }) => {}
@@ -771,7 +841,7 @@ impl<S: LogStore> Raft<S> {
                     .and_then(|t| self.log.last_index_of_term(t).map(|i| i + 1))
                     .unwrap_or(conflict_index)
                     .min(last + 1);
-                let pr = self.progress.get_mut(&from).expect("checked above");
+                let pr = self.tracker.progress_mut(from).expect("checked above");
                 if pr.on_reject(prev_log_index, next) {
                     info!(
                         "node {}: follower {} no longer holds entry {} it had acknowledged \
@@ -787,7 +857,6 @@ impl<S: LogStore> Raft<S> {
     fn wants_append(&self, pr: &Progress) -> bool {
         pr.inflight_since.is_none()
             && pr.pending_snapshot.is_none()
-            && (self.heartbeat_due || !pr.retry_on_heartbeat)
             && (self.heartbeat_due
                 || pr.next <= self.log.last_index()
                 || pr.commit_sent < self.log.committed()
@@ -798,9 +867,9 @@ impl<S: LogStore> Raft<S> {
     /// something to learn; all proposals since the last round go in it.
     fn send_appends(&mut self) {
         let wanting: Vec<NodeId> =
-            self.progress.iter().filter(|(_, pr)| self.wants_append(pr)).map(|(&id, _)| id).collect();
+            self.tracker.progresses().filter(|(_, pr)| self.wants_append(pr)).map(|(id, _)| id).collect();
         for to in wanting {
-            let pr = &self.progress[&to];
+            let pr = self.tracker.progress(to).expect("listed above");
             let prev_log_index = pr.next - 1;
             let body = match self.log.term(prev_log_index) {
                 Some(prev_log_term) => Body::AppendEntries {
@@ -811,15 +880,17 @@ impl<S: LogStore> Raft<S> {
                     read_seq: self.read_seq,
                 },
                 // What the follower needs next was compacted away.
-                None => Body::InstallSnapshot { snapshot: self.log.newest_snapshot() },
+                None => {
+                    let Snapshot { meta, membership } = self.log.newest_snapshot();
+                    Body::InstallSnapshot { snapshot: meta, membership }
+                }
             };
-            let pr = self.progress.get_mut(&to).expect("listed above");
-            if let Body::InstallSnapshot { snapshot } = &body {
+            let pr = self.tracker.progress_mut(to).expect("listed above");
+            if let Body::InstallSnapshot { snapshot, .. } = &body {
                 info!("node {}: sending snapshot {}/{} to {}", self.cfg.id, snapshot.index, snapshot.term, to);
                 pr.pending_snapshot = Some((snapshot.index, self.ticks));
             }
             pr.inflight_since = Some(self.ticks);
-            pr.retry_on_heartbeat = false;
             pr.commit_sent = self.log.committed();
             // The leader may send before its own write is durable (thesis
             // §10.2.1): it counts itself toward commit only once it is.
@@ -837,7 +908,7 @@ impl<S: LogStore> Raft<S> {
     fn send_timeout_now_if_caught_up(&mut self) {
         let Some(Transfer { to, .. }) = self.transfer else { return };
         let (last, now) = (self.log.last_index(), self.ticks);
-        let pr = self.progress.get_mut(&to).expect("the transferee is a peer");
+        let pr = self.tracker.progress_mut(to).expect("the transferee is a member");
         if pr.matched == last {
             pr.inflight_since = Some(now);
             self.messages.push(Message { from: self.cfg.id, to, term: self.term, body: Body::TimeoutNow });
@@ -847,8 +918,7 @@ impl<S: LogStore> Raft<S> {
     /// Commits the highest index stored on a majority, but only if it is from
     /// the current term; older entries commit with it (Figure 8).
     fn maybe_commit(&mut self) {
-        let mut matched: Vec<Index> = self.progress.values().map(|pr| pr.matched).chain([self.log.stable()]).collect();
-        let index = majority_value(&mut matched);
+        let index = self.tracker.committed(self.log.stable());
         if index <= self.log.committed() || self.log.term(index) != Some(self.term) {
             return;
         }
@@ -857,6 +927,81 @@ impl<S: LogStore> Raft<S> {
         if first_in_term {
             for ctx in std::mem::take(&mut self.reads_awaiting_commit) {
                 self.start_read(ctx);
+            }
+        }
+        self.hand_over_if_removed();
+    }
+
+    // ----- membership -----------------------------------------------------
+
+    /// The log's newest membership is the one in force: called whenever the
+    /// log may have gained or lost a membership entry.
+    fn membership_may_have_changed(&mut self) {
+        if self.tracker.membership() == self.log.membership() {
+            return;
+        }
+        let membership = self.log.membership().clone();
+        info!(
+            "node {}: membership from entry {}: voters {:?}, learners {:?}",
+            self.cfg.id,
+            self.log.membership_index(),
+            membership.voters,
+            membership.learners
+        );
+        self.tracker.set_membership(membership, self.log.last_index() + 1, self.role == Role::Leader);
+        self.membership_version += 1;
+        if self.transfer.is_some_and(|t| !self.tracker.membership().is_voter(t.to)) {
+            self.transfer = None;
+        }
+        match self.role {
+            Role::PreCandidate | Role::Candidate if !self.tracker.is_voter() => self.become_follower(self.term, None),
+            Role::PreCandidate | Role::Candidate => self.tally_votes(),
+            _ => {}
+        }
+    }
+
+    /// A leader whose removal is committed hands leadership to the most
+    /// up-to-date voter (like a transfer: it catches that voter up, then
+    /// sends `TimeoutNow`), so the cluster goes on without waiting out an
+    /// election timeout. Should the transfer time out, it just steps down.
+    fn hand_over_if_removed(&mut self) {
+        if self.role != Role::Leader
+            || self.tracker.is_voter()
+            || self.transfer.is_some()
+            || self.log.committed() < self.log.membership_index()
+        {
+            return;
+        }
+        let to = self.transfer_candidate().expect("a membership always keeps a voter");
+        info!("node {}: removed from the cluster; handing leadership to {} in term {}", self.cfg.id, to, self.term);
+        self.transfer = Some(Transfer { to, since: self.ticks });
+        self.send_timeout_now_if_caught_up();
+    }
+
+    /// Promotes a learner that was added to become a voter once it has caught
+    /// up (thesis §4.2.1): it is replicated to in rounds, each up to the
+    /// leader's last index when the round began; when a round completes
+    /// within a minimum election timeout, the learner is close enough that
+    /// making it a voter will not stall commits, and the leader proposes it.
+    fn promote_caught_up_learners(&mut self) {
+        if self.role != Role::Leader || self.tracker.membership().promote.is_empty() {
+            return;
+        }
+        let (last, now, round) = (self.log.last_index(), self.ticks, self.cfg.election_ticks.0);
+        let learners: Vec<NodeId> = self.tracker.membership().promote.iter().copied().collect();
+        for id in learners {
+            let Some(pr) = self.tracker.progress_mut(id) else { continue };
+            match pr.catch_up {
+                Some((target, started)) if pr.matched >= target && now - started < round => {
+                    let context = self.tracker.membership().context.clone();
+                    match self.change_membership(MembershipChange::Promote(id), context) {
+                        Ok(index) => info!("node {}: learner {id} caught up; promoting it (entry {index})", self.cfg.id),
+                        Err(e) => debug!("node {}: learner {id} caught up, not promoted yet: {e:?}", self.cfg.id),
+                    }
+                    return;
+                }
+                Some((target, _)) if pr.matched < target => {}
+                _ => pr.catch_up = Some((last, now)),
             }
         }
     }
@@ -876,8 +1021,7 @@ impl<S: LogStore> Raft<S> {
     /// Releases every read whose round a majority (ourselves included) has
     /// acknowledged in this term.
     fn confirm_reads(&mut self) {
-        let mut acked: Vec<u64> = self.progress.values().map(|pr| pr.read_acked).chain([u64::MAX]).collect();
-        let confirmed = majority_value(&mut acked);
+        let confirmed = self.tracker.read_confirmed();
         while self.pending_reads.front().is_some_and(|r| r.seq <= confirmed) {
             let read = self.pending_reads.pop_front().expect("checked");
             self.read_states.push(ReadState { ctx: read.ctx, index: read.index });
@@ -895,10 +1039,16 @@ impl<S: LogStore> Raft<S> {
         debug_assert!(self.term >= self.last_hard_state.term, "the term went back");
         debug_assert_eq!(self.role == Role::Leader, self.leader == Some(self.cfg.id), "leader but not leading");
         debug_assert!(
-            self.progress.values().all(|pr| pr.matched < pr.next && pr.next <= last + 1),
+            self.tracker.progresses().all(|(_, pr)| pr.matched < pr.next && pr.next <= last + 1),
             "progress out of bounds: {:?} (last {last})",
-            self.progress
+            self.tracker
         );
+        debug_assert!(
+            self.role != Role::Leader || self.tracker.progresses().map(|(id, _)| id).eq(self.tracker.peers()),
+            "the leader does not track exactly the other members: {:?}",
+            self.tracker
+        );
+        debug_assert_eq!(self.tracker.membership(), self.log.membership(), "the tracker's membership is not the log's");
     }
 
     fn require_leader(&self) -> Result<(), NotLeader> {
@@ -906,10 +1056,6 @@ impl<S: LogStore> Raft<S> {
             Role::Leader => Ok(()),
             _ => Err(NotLeader { leader: self.leader }),
         }
-    }
-
-    fn peers(&self) -> Vec<NodeId> {
-        self.cfg.members.iter().copied().filter(|&id| id != self.cfg.id).collect()
     }
 
     fn hard_state_changed(&self) -> bool {
@@ -925,7 +1071,7 @@ impl<S: LogStore> Raft<S> {
             // echo could confirm its new reads without a quorum (found by
             // the simulator).
             Body::AppendEntries { prev_log_index, .. }
-            | Body::InstallSnapshot { snapshot: SnapshotMeta { index: prev_log_index, .. } } => {
+            | Body::InstallSnapshot { snapshot: SnapshotMeta { index: prev_log_index, .. }, .. } => {
                 Body::AppendEntriesReply {
                     success: false,
                     prev_log_index,

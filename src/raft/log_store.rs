@@ -9,7 +9,7 @@
 //! log must stop at once (the node's store does, with a clear message), since
 //! acting on half of it could break every safety property.
 
-use super::types::{Entry, HardState, Index, SnapshotMeta, Term};
+use super::types::{Entry, HardState, Index, Membership, Payload, SnapshotMeta, Term};
 
 pub trait LogStore {
     /// Index and term of the last compacted entry: the stored log starts
@@ -35,6 +35,11 @@ pub trait LogStore {
     /// order, stopping before their sizes add up to more than `max_bytes`,
     /// but always at least one.
     fn entries(&self, lo: Index, hi: Index, max_bytes: usize) -> Vec<Entry>;
+
+    /// The membership in force at the log start (indexed by the log start),
+    /// then every membership entry stored after it, oldest first. Read once,
+    /// when the core starts.
+    fn memberships(&self) -> Vec<(Index, Membership)>;
 }
 
 /// A store in memory: the reference implementation, used by the core's
@@ -43,14 +48,18 @@ pub trait LogStore {
 pub struct MemStore {
     pub hard_state: HardState,
     snapshot: SnapshotMeta,
+    /// The membership in force at the snapshot.
+    start_membership: Membership,
     /// `entries[i]` has index `snapshot.index + 1 + i`.
     entries: Vec<Entry>,
 }
 
 impl MemStore {
-    /// A store holding `hard_state` and `entries`, contiguous from index 1.
-    pub fn new(hard_state: HardState, entries: &[Entry]) -> MemStore {
-        let mut store = MemStore { hard_state, ..MemStore::default() };
+    /// A store of a cluster of `membership` holding `hard_state` and
+    /// `entries`, contiguous from index 1. A node that is to join a cluster
+    /// starts with an empty membership.
+    pub fn new(membership: Membership, hard_state: HardState, entries: &[Entry]) -> MemStore {
+        let mut store = MemStore { hard_state, start_membership: membership, ..MemStore::default() };
         store.append(entries);
         store
     }
@@ -80,15 +89,17 @@ impl MemStore {
         }
         assert!(index <= self.last_index(), "compaction past the last entry {}", self.last_index());
         let term = self.term(index);
+        self.start_membership = self.memberships().into_iter().rev().find(|(i, _)| *i <= index).expect("the start's").1;
         self.entries.drain(..self.offset(index + 1));
         self.snapshot = SnapshotMeta { index, term };
     }
 
     /// Starts over after `snapshot`: entries it covers are dropped, and so is
     /// every other one, since they may conflict with the snapshot's history.
-    pub fn restore(&mut self, snapshot: SnapshotMeta) {
+    pub fn restore(&mut self, snapshot: SnapshotMeta, membership: Membership) {
         self.entries.clear();
         self.snapshot = snapshot;
+        self.start_membership = membership;
     }
 
     fn offset(&self, index: Index) -> usize {
@@ -111,6 +122,14 @@ impl LogStore for MemStore {
 
     fn entries(&self, lo: Index, hi: Index, max_bytes: usize) -> Vec<Entry> {
         take_within(self.entries[self.offset(lo)..=self.offset(hi)].iter().cloned(), max_bytes)
+    }
+
+    fn memberships(&self) -> Vec<(Index, Membership)> {
+        let later = self.entries.iter().filter_map(|e| match &e.payload {
+            Payload::Membership(membership) => Some((e.index, membership.clone())),
+            _ => None,
+        });
+        [(self.snapshot.index, self.start_membership.clone())].into_iter().chain(later).collect()
     }
 }
 
@@ -148,9 +167,22 @@ mod tests {
         assert_eq!(store.log_start(), SnapshotMeta { index: 2, term: 1 });
         assert_eq!(store.entries(3, 4, 0), vec![entry(3, 2)]);
         assert_eq!(store.entries(3, 4, 1000), vec![entry(3, 2), entry(4, 2)]);
-        store.restore(SnapshotMeta { index: 9, term: 3 });
+        store.restore(SnapshotMeta { index: 9, term: 3 }, Membership::default());
         assert_eq!(store.last_index(), 9);
         store.append(&[entry(10, 3)]);
         assert_eq!(store.term(10), 3);
+    }
+
+    #[test]
+    fn memberships_start_at_the_snapshot_and_follow_the_log() {
+        let of = |ids: &[u64]| Membership::of_voters(ids.iter().copied(), vec![]);
+        let changed = |index, ids: &[u64]| Entry { index, term: 1, payload: Payload::Membership(of(ids)) };
+        let mut store = MemStore::new(of(&[1]), HardState::default(), &[entry(1, 1), changed(2, &[1, 2]), entry(3, 1)]);
+        store.append(&[changed(4, &[1, 2, 3])]);
+        assert_eq!(store.memberships(), vec![(0, of(&[1])), (2, of(&[1, 2])), (4, of(&[1, 2, 3]))]);
+        store.compact(3);
+        assert_eq!(store.memberships(), vec![(3, of(&[1, 2])), (4, of(&[1, 2, 3]))]);
+        store.restore(SnapshotMeta { index: 9, term: 2 }, of(&[5]));
+        assert_eq!(store.memberships(), vec![(9, of(&[5]))]);
     }
 }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Entry, Index, NodeId, SnapshotMeta, Term};
+use super::types::{Entry, Index, Membership, NodeId, SnapshotMeta, Term};
 
 /// The highest term a message may carry. No real cluster gets near it (a
 /// million elections a second would take 285 years), so a bigger one is a bug
@@ -68,8 +68,10 @@ pub enum Body {
     /// snapshot instead. The shell's transport streams the snapshot's data
     /// and delivers this message once all of it arrived intact. Answered by
     /// an `AppendEntriesReply` whose `prev_log_index` is the snapshot's index.
+    /// `membership` is the one in force at the snapshot.
     InstallSnapshot {
         snapshot: SnapshotMeta,
+        membership: Membership,
     },
 }
 
@@ -111,8 +113,18 @@ impl Message {
             Body::AppendEntriesReply { conflict_term: Some(conflict), .. } if *conflict > self.term => {
                 Err(format!("conflict term {conflict} is newer than the reply's term {}", self.term))
             }
-            Body::InstallSnapshot { snapshot } if snapshot.index == 0 => Err("snapshot at index 0".into()),
-            Body::InstallSnapshot { snapshot } => check_position("snapshot", snapshot.index, snapshot.term, self.term),
+            Body::InstallSnapshot { snapshot, .. } if snapshot.index == 0 => Err("snapshot at index 0".into()),
+            Body::InstallSnapshot { snapshot, membership } => {
+                check_position("snapshot", snapshot.index, snapshot.term, self.term)?;
+                let members: std::collections::BTreeSet<NodeId> = membership.ids().collect();
+                if !membership.learners.is_disjoint(&membership.voters)
+                    || !membership.promote.is_subset(&membership.learners)
+                    || !membership.removed.is_disjoint(&members)
+                {
+                    return Err(format!("inconsistent membership in a snapshot: {membership:?}"));
+                }
+                Ok(())
+            }
             Body::RequestVoteReply { .. } | Body::AppendEntriesReply { .. } | Body::TimeoutNow => Ok(()),
         }
     }

@@ -8,18 +8,21 @@
 
 mod engine;
 pub mod log_store;
+pub mod membership;
 pub mod message;
 mod progress;
 mod quorum;
 mod raft_log;
 mod ready;
+mod tracker;
 pub mod types;
 
 #[cfg(test)]
 mod tests;
 
-pub use engine::{Config, NotLeader, Raft, TransferError};
+pub use engine::{ChangeError, Config, NotLeader, Raft, TransferError};
 pub use log_store::{LogStore, MemStore};
+pub use membership::MembershipChange;
 pub use message::{Body, Message};
 pub use ready::{ReadState, Ready, Role, SoftState};
-pub use types::{Entry, HardState, Index, NodeId, Payload, SnapshotMeta, Term};
+pub use types::{Entry, HardState, Index, Membership, NodeId, Payload, Snapshot, SnapshotMeta, Term};

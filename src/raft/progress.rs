@@ -27,11 +27,9 @@ pub struct Progress {
     /// the in-flight mark without answering the snapshot (found by the
     /// simulator: the follower was never contacted again).
     pub pending_snapshot: Option<(Index, u64)>,
-    /// The transport gave up on the last request: the next one waits for a
-    /// heartbeat round, so that a failure that comes back at once (a refused
-    /// connection, a snapshot file that cannot be read) is retried at the
-    /// heartbeat's pace rather than in a hot loop.
-    pub retry_on_heartbeat: bool,
+    /// For a learner awaiting promotion: the catch-up round in progress, as
+    /// the index it must reach and the tick it began (thesis §4.2.1).
+    pub catch_up: Option<(Index, u64)>,
 }
 
 impl Progress {
@@ -44,7 +42,7 @@ impl Progress {
             commit_sent: 0,
             recent_active: false,
             pending_snapshot: None,
-            retry_on_heartbeat: false,
+            catch_up: None,
         }
     }
 

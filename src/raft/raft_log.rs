@@ -17,7 +17,8 @@
 //! read, and the shell's next write of entries replaces them.
 
 use super::log_store::{LogStore, take_within};
-use super::types::{Entry, Index, Payload, SnapshotMeta, Term};
+use super::membership::Memberships;
+use super::types::{Entry, Index, Membership, Payload, Snapshot, SnapshotMeta, Term};
 
 #[derive(Debug)]
 pub struct RaftLog<S> {
@@ -32,9 +33,11 @@ pub struct RaftLog<S> {
     applied: Index,
     /// A snapshot from the leader that replaces the log; the shell installs
     /// it before anything else.
-    pending_snapshot: Option<SnapshotMeta>,
+    pending_snapshot: Option<Snapshot>,
     /// It was handed to the shell.
     snapshot_handed: bool,
+    /// The memberships in the log; the newest is in force.
+    memberships: Memberships,
 }
 
 impl<S: LogStore> RaftLog<S> {
@@ -51,6 +54,7 @@ impl<S: LogStore> RaftLog<S> {
             applied,
             pending_snapshot: None,
             snapshot_handed: false,
+            memberships: Memberships::new(store.memberships()),
             store,
         }
     }
@@ -69,14 +73,28 @@ impl<S: LogStore> RaftLog<S> {
 
     /// The position the log starts after.
     pub fn snapshot(&self) -> SnapshotMeta {
-        self.pending_snapshot.unwrap_or_else(|| self.store.log_start())
+        self.pending_snapshot.as_ref().map_or_else(|| self.store.log_start(), |s| s.meta)
     }
 
-    /// The newest snapshot to send a follower that needs compacted entries.
-    pub fn newest_snapshot(&self) -> SnapshotMeta {
-        let newest = self.pending_snapshot.unwrap_or_else(|| self.store.snapshot());
-        debug_assert!(newest.index >= self.snapshot().index, "the newest snapshot is older than the log start");
-        newest
+    /// The newest snapshot to send a follower that needs compacted entries,
+    /// with the membership it holds.
+    pub fn newest_snapshot(&self) -> Snapshot {
+        if let Some(pending) = &self.pending_snapshot {
+            return pending.clone();
+        }
+        let meta = self.store.snapshot();
+        debug_assert!(meta.index >= self.snapshot().index, "the newest snapshot is older than the log start");
+        Snapshot { meta, membership: self.memberships.at(meta.index).clone() }
+    }
+
+    /// The membership in force: the newest in the log.
+    pub fn membership(&self) -> &Membership {
+        self.memberships.current()
+    }
+
+    /// Index of the entry that made the membership in force.
+    pub fn membership_index(&self) -> Index {
+        self.memberships.current_index()
     }
 
     pub fn last_index(&self) -> Index {
@@ -177,7 +195,9 @@ impl<S: LogStore> RaftLog<S> {
     /// Appends a new entry at `last + 1` and returns its index.
     pub fn append(&mut self, term: Term, payload: Payload) -> Index {
         let index = self.last_index() + 1;
-        self.unstable.push(Entry { index, term, payload });
+        let entry = Entry { index, term, payload };
+        self.memberships.appended(std::slice::from_ref(&entry));
+        self.unstable.push(entry);
         index
     }
 
@@ -206,6 +226,8 @@ impl<S: LogStore> RaftLog<S> {
             self.offset = start;
         }
         self.handed = self.handed.min(start - 1);
+        self.memberships.truncated(start);
+        self.memberships.appended(&entries[first_new..]);
         self.unstable.extend(entries.into_iter().skip(first_new));
         Ok(())
     }
@@ -219,24 +241,26 @@ impl<S: LogStore> RaftLog<S> {
 
     /// Replaces the whole log by `snapshot` from the leader (which is past
     /// our commit index): it is committed and, once installed, applied.
-    pub fn restore(&mut self, snapshot: SnapshotMeta) {
-        debug_assert!(snapshot.index > self.committed);
+    pub fn restore(&mut self, snapshot: Snapshot) {
+        let index = snapshot.meta.index;
+        debug_assert!(index > self.committed);
         self.unstable.clear();
-        self.offset = snapshot.index + 1;
-        self.handed = snapshot.index;
-        self.committed = snapshot.index;
-        self.applied = snapshot.index;
+        self.offset = index + 1;
+        self.handed = index;
+        self.committed = index;
+        self.applied = index;
+        self.memberships.restored(index, snapshot.membership.clone());
         self.pending_snapshot = Some(snapshot);
         self.snapshot_handed = false;
     }
 
     /// Hands out the snapshot to install, once.
-    pub fn take_snapshot(&mut self) -> Option<SnapshotMeta> {
+    pub fn take_snapshot(&mut self) -> Option<Snapshot> {
         if self.snapshot_handed {
             return None;
         }
         self.snapshot_handed = true;
-        self.pending_snapshot
+        self.pending_snapshot.clone()
     }
 
     /// The shell installed the snapshot in its store.
@@ -432,12 +456,13 @@ mod tests {
         assert_eq!(log.first_index_of_term_at(4), 4);
         assert_eq!(log.last_index_of_term(1), None, "compacted away");
         assert_eq!(log.last_index_of_term(2), Some(4));
-        let snapshot = SnapshotMeta { index: 9, term: 3 };
-        log.restore(snapshot);
+        let snapshot = Snapshot { meta: SnapshotMeta { index: 9, term: 3 }, membership: Membership::of_voters([7], vec![]) };
+        log.restore(snapshot.clone());
         assert_eq!((log.last_index(), log.last_term(), log.committed(), log.applied()), (9, 3, 9, 9));
-        assert_eq!(log.take_snapshot(), Some(snapshot));
+        assert_eq!(log.membership(), &snapshot.membership);
+        assert_eq!(log.take_snapshot(), Some(snapshot.clone()));
         assert_eq!(log.take_snapshot(), None, "handed out once");
-        log.store_mut().restore(snapshot);
+        log.store_mut().restore(snapshot.meta, snapshot.membership);
         log.snapshot_installed();
         log.append(3, Payload::Noop);
         persist(&mut log);

@@ -1,7 +1,7 @@
 //! What the core hands the shell after a round of input (etcd's `Ready`).
 
 use super::message::Message;
-use super::types::{Entry, HardState, Index, NodeId, SnapshotMeta, Term};
+use super::types::{Entry, HardState, Index, Membership, NodeId, Snapshot, Term};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -39,6 +39,7 @@ pub struct ReadState {
 }
 
 /// One batch of work for the shell, to be carried out in this order:
+/// 0. take note of `membership` (the members to reach from now on);
 /// 1. send `messages` (they do not depend on this batch being durable);
 /// 2. install `snapshot` (the state machine and the store start over from
 ///    it), persist `hard_state`, write `entries` (replacing whatever the
@@ -51,8 +52,10 @@ pub struct ReadState {
 #[derive(Debug, Default)]
 pub struct Ready {
     pub soft_state: Option<SoftState>,
+    /// The membership in force, when it changed.
+    pub membership: Option<Membership>,
     pub hard_state: Option<HardState>,
-    pub snapshot: Option<SnapshotMeta>,
+    pub snapshot: Option<Snapshot>,
     pub entries: Vec<Entry>,
     pub messages: Vec<Message>,
     pub persisted_messages: Vec<Message>,

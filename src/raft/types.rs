@@ -1,6 +1,8 @@
 //! Plain data shared by the core and the I/O shell: ids, log entries and the
 //! state that must be durable before the node may talk about it.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 /// A member's id, as in `config.json`.
@@ -18,6 +20,47 @@ pub enum Payload {
     Noop,
     /// An opaque state-machine command (the KV layer's encoding).
     Command(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The whole membership from this entry on. It takes effect on every
+    /// node as soon as the node appends it, committed or not (thesis §4.1).
+    Membership(Membership),
+}
+
+/// Who is in the cluster. Voters elect leaders and make up every quorum;
+/// learners only receive the log. `context` is the shell's data about the
+/// members (their endpoints and keys), replicated with them; the core never
+/// looks inside it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+    /// Learners the leader promotes to voters once they have caught up.
+    pub promote: BTreeSet<NodeId>,
+    /// Every id ever removed. An id is never reused (as in etcd): a node
+    /// replaying the log must not mistake an earlier member's removal for
+    /// its own, and a removed node can always be told apart.
+    pub removed: BTreeSet<NodeId>,
+    #[serde(with = "serde_bytes")]
+    pub context: Vec<u8>,
+}
+
+impl Membership {
+    /// A membership of `voters` only, as a new cluster starts.
+    pub fn of_voters(voters: impl IntoIterator<Item = NodeId>, context: Vec<u8>) -> Membership {
+        Membership { voters: voters.into_iter().collect(), context, ..Membership::default() }
+    }
+
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        self.voters.contains(&id)
+    }
+
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
+    }
+
+    /// Voters and learners, in id order.
+    pub fn ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.voters.union(&self.learners).copied()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +76,7 @@ impl Entry {
         24 + match &self.payload {
             Payload::Noop => 0,
             Payload::Command(bytes) => bytes.len(),
+            Payload::Membership(membership) => membership.context.len() + 16 * membership.ids().count(),
         }
     }
 }
@@ -45,6 +89,15 @@ pub struct HardState {
     pub term: Term,
     pub vote: Option<NodeId>,
     pub commit: Index,
+}
+
+/// A snapshot as the core hands it around: where it stands, and the
+/// membership in force at that point (entries it covers are gone, the
+/// membership entries among them too).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub meta: SnapshotMeta,
+    pub membership: Membership,
 }
 
 /// Where a snapshot stands in the log: it covers every entry up to `index`,

@@ -435,7 +435,7 @@ mod tests {
         let snapshot = SnapshotMeta { index: 40, term: 3 };
         let data: Vec<u8> = (0..(3 * peer::SNAPSHOT_CHUNK + 12_345)).map(|i| (i % 251) as u8).collect();
         leader_dir.save(snapshot, &data).unwrap();
-        let install = Message { from: 0, to: 1, term: 3, body: Body::InstallSnapshot { snapshot } };
+        let install = Message { from: 0, to: 1, term: 3, body: Body::InstallSnapshot { snapshot, membership: Default::default() } };
         a.send(install.clone());
         assert_eq!(message(&b_rx), install, "the core sees one InstallSnapshot, once all of it arrived");
         b.send(Message { from: 1, to: 0, ..ack(1, 0) });
@@ -449,7 +449,7 @@ mod tests {
         let mut bytes = std::fs::read(leader_dir.path(damaged)).unwrap();
         bytes[100] ^= 0xff;
         std::fs::write(leader_dir.path(damaged), bytes).unwrap();
-        a.send(Message { body: Body::InstallSnapshot { snapshot: damaged }, ..install });
+        a.send(Message { body: Body::InstallSnapshot { snapshot: damaged, membership: Default::default() }, ..install });
         expect(&a_rx, Instant::now() + Duration::from_secs(15), |item| *item == Inbound::Unreachable(1));
         assert!(b_rx.try_recv().is_err(), "nothing was delivered");
         drop((a, b));
@@ -538,7 +538,7 @@ mod tests {
         let snapshot = SnapshotMeta { index: 9, term: 2 };
         let file = crate::snapshot::encode(snapshot, &[7; 2500]);
         let total = file.len() as u64;
-        let install = Message { from: 1, to: 0, term: 2, body: Body::InstallSnapshot { snapshot } };
+        let install = Message { from: 1, to: 0, term: 2, body: Body::InstallSnapshot { snapshot, membership: Default::default() } };
         // Sends the piece at `offset` (1000 bytes at most); returns the answer.
         let piece = |offset: u64| {
             let data = file[offset as usize..(offset as usize + 1000).min(file.len())].to_vec();
@@ -579,6 +579,24 @@ mod tests {
 
         expect(&a_rx, sent + timeout + PATIENCE, |i| *i == Inbound::Unreachable(2));
         assert!(sent.elapsed() >= timeout);
+    }
+
+    /// A send that fails at once (here: a snapshot file that is missing)
+    /// is reported no sooner than a timeout would be: the core sends again
+    /// as soon as it hears, and must not spin (it once tried 6,000 times a
+    /// second).
+    #[test]
+    fn a_failure_that_comes_at_once_is_reported_after_the_reply_timeout() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let timeout = Duration::from_millis(300);
+        let (a, a_rx) = start(&ctx, 0, &nodes, timeout);
+        let (_b, _b_rx) = start(&ctx, 1, &nodes, PATIENCE);
+        let missing = Body::InstallSnapshot { snapshot: SnapshotMeta { index: 7, term: 1 }, membership: Default::default() };
+        let sent = Instant::now();
+        a.send(Message { from: 0, to: 1, term: 1, body: missing });
+        expect(&a_rx, sent + timeout + PATIENCE, |i| *i == Inbound::Unreachable(1));
+        assert!(sent.elapsed() >= timeout, "reported after {:?}", sent.elapsed());
     }
 
     #[test]

@@ -92,6 +92,7 @@ impl Link {
             // newest reflects this node's state; older ones are stale and
             // Raft tolerates their loss.
             let message = self.queue.try_iter().last().unwrap_or(oldest);
+            let started = Instant::now();
             let outcome = match self.exchange(message) {
                 Ok(reply) => {
                     if !reachable {
@@ -117,6 +118,14 @@ impl Link {
                         info!("peer {} unreachable at {}", self.peer, self.endpoint);
                         reachable = false;
                     }
+                    // The core sends again as soon as it hears of a failure.
+                    // One that came back at once (a snapshot file that cannot
+                    // be read, a refusal) would make that a hot loop (seen:
+                    // 6,000 tries a second), so every failure is reported
+                    // no sooner than a timeout would be.
+                    if !self.sleep_until(started + self.reply_timeout) {
+                        return;
+                    }
                     Inbound::Unreachable(self.peer)
                 }
             };
@@ -127,7 +136,7 @@ impl Link {
     /// One request and its reply, or a whole snapshot and the reply to its
     /// last piece.
     fn exchange(&mut self, message: Message) -> Result<Message, Failure> {
-        if let Body::InstallSnapshot { snapshot } = message.body {
+        if let Body::InstallSnapshot { snapshot, .. } = message.body {
             return self.send_snapshot(message, snapshot);
         }
         let request = self.wire.seal(message)?;
@@ -188,6 +197,20 @@ impl Link {
         let reply = self.wire.open_reply(&reply, self.peer)?;
         self.socket = Some(socket);
         Ok(reply)
+    }
+
+    /// Sleeps until `deadline` in slices; false if told to stop meanwhile.
+    fn sleep_until(&self, deadline: Instant) -> bool {
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(STOP_CHECK));
+        }
     }
 
     /// Waits up to `timeout`, in slices so that shutdown is prompt.

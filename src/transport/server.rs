@@ -144,7 +144,7 @@ impl Server {
         total: u64,
         data: &[u8],
     ) -> Result<Option<u64>, String> {
-        let Body::InstallSnapshot { snapshot } = message.body else { unreachable!("the wire checked") };
+        let Body::InstallSnapshot { snapshot, .. } = message.body else { unreachable!("the wire checked") };
         let from = message.from;
         let path = self.snapshots.incoming(from);
         let fresh = incoming.get(&from).is_none_or(|i| i.snapshot != snapshot || i.total != total);

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, VecDeque};
 use raft_zmq::driver::{Shell, run_ready};
 use raft_zmq::protocol::decode_request;
 use raft_zmq::raft::{
-    Body, Config, Entry, HardState, LogStore, MemStore, Message, Payload, Raft, ReadState, Role, SnapshotMeta,
-    SoftState,
+    Body, Config, Entry, HardState, LogStore, MemStore, Membership, Message, Payload, Raft, ReadState, Role, Snapshot,
+    SnapshotMeta, SoftState,
 };
 use raft_zmq::transport::{Wire, cluster_id};
 
@@ -29,7 +29,7 @@ pub fn peer_frame(data: &[u8]) {
     for (message, _) in [wire.open_request(data), wire.open_reply(data, 1)].into_iter().flatten() {
         assert!(message.validate().is_ok(), "the wire accepted an invalid message: {message:?}");
         let hard_state = HardState { term: 2, vote: None, commit: 1 };
-        let mut node = Raft::new(config(0), MemStore::new(hard_state, &log(&[1, 2])), hard_state, 0);
+        let mut node = Raft::new(config(0), MemStore::new(members(), hard_state, &log(&[1, 2])), hard_state, 0);
         node.step(message);
         let mut sink = Node::default();
         let Ok(()) = run_ready(&mut node, &mut FuzzShell { node: &mut sink, queue: &mut VecDeque::new() });
@@ -67,10 +67,14 @@ pub fn core_sequence(data: &[u8]) {
     }
 }
 
+/// Voters 0, 1 and 2.
+fn members() -> Membership {
+    Membership::of_voters(0..3, vec![])
+}
+
 fn config(id: u64) -> Config {
     Config {
         id,
-        members: vec![0, 1, 2],
         election_ticks: (4, 8),
         heartbeat_ticks: 1,
         max_append_bytes: 256,
@@ -131,7 +135,14 @@ fn forge(to: u64, bytes: &mut impl Iterator<Item = u8>) -> Message {
             read_seq: number(&mut next),
         },
         4 => Body::TimeoutNow,
-        _ => Body::InstallSnapshot { snapshot: SnapshotMeta { index: number(&mut next), term: number(&mut next) } },
+        _ => {
+            // Any voters among 0..4, so forged snapshots may change who votes.
+            let voters: Vec<u64> = (0..4).filter(|_| next() % 2 == 0).collect();
+            Body::InstallSnapshot {
+                snapshot: SnapshotMeta { index: number(&mut next), term: number(&mut next) },
+                membership: Membership::of_voters(voters, vec![]),
+            }
+        }
     };
     Message { from, to, term, body }
 }
@@ -154,7 +165,9 @@ impl Shell for FuzzShell<'_> {
 
     fn soft_state(&mut self, _: SoftState) {}
 
-    fn restore(&mut self, _: SnapshotMeta) {
+    fn membership(&mut self, _: &Membership) {}
+
+    fn restore(&mut self, _: &Snapshot) {
         // The snapshot stands for every entry up to it.
         self.node.applied.clear();
     }
@@ -181,7 +194,7 @@ struct Sim {
 impl Sim {
     fn new() -> Sim {
         let rafts =
-            (0..3).map(|id| (id, Raft::new(config(id), MemStore::default(), HardState::default(), 0))).collect();
+            (0..3).map(|id| (id, Raft::new(config(id), MemStore::new(members(), HardState::default(), &[]), HardState::default(), 0))).collect();
         let nodes = (0..3).map(|id| (id, Node::default())).collect();
         Sim { rafts, nodes, queue: VecDeque::new(), leaders: BTreeMap::new(), applied: BTreeMap::new(), proposals: 0 }
     }
@@ -209,10 +222,14 @@ impl Sim {
         self.process(id);
     }
 
+    /// A message to a node that does not exist (a forged membership may
+    /// name one) is lost.
     fn step(&mut self, message: Message) {
         let to = message.to;
-        self.rafts.get_mut(&to).expect("member").step(message);
-        self.process(to);
+        if let Some(raft) = self.rafts.get_mut(&to) {
+            raft.step(message);
+            self.process(to);
+        }
     }
 
     fn deliver(&mut self, at: usize) {

@@ -2,7 +2,7 @@
 //! contract, checked incrementally as the run produces facts, so checking
 //! after every step costs a few map lookups rather than a scan of all logs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use raft_zmq::raft::{Entry, Index, NodeId, Payload, SnapshotMeta, Term};
 
@@ -41,6 +41,8 @@ pub struct Checker {
     entries: HashMap<(Index, Term), (Payload, Term)>,
     /// State machine safety: what was applied at each index (`[i - 1]`).
     committed: Vec<Committed>,
+    /// The voters of the newest committed membership entry.
+    voters: Option<BTreeSet<NodeId>>,
     /// Last index each node applied in its current life.
     applied: BTreeMap<NodeId, Index>,
     /// Exactly once: the index where each write (by value) first applied.
@@ -121,7 +123,10 @@ impl Checker {
         }
         match self.committed.get_mut(e.index as usize - 1) {
             None => {
-                self.committed.push(Committed { term: e.term, payload: e.payload.clone(), seen_in_term: node_term })
+                self.committed.push(Committed { term: e.term, payload: e.payload.clone(), seen_in_term: node_term });
+                if let Payload::Membership(membership) = &e.payload {
+                    self.membership_committed(e.index, &membership.voters)?;
+                }
             }
             Some(c) if c.term != e.term || c.payload != e.payload => {
                 return violated(
@@ -130,6 +135,21 @@ impl Checker {
                 );
             }
             Some(c) => c.seen_in_term = c.seen_in_term.min(node_term),
+        }
+        Ok(())
+    }
+
+    /// One change at a time: successive memberships differ by one voter at
+    /// most, so a majority of the old voters and one of the new always
+    /// share a voter (thesis §4.1), and no two leaders can arise in a term.
+    fn membership_committed(&mut self, index: Index, voters: &BTreeSet<NodeId>) -> Check {
+        if let Some(previous) = self.voters.replace(voters.clone())
+            && previous.symmetric_difference(voters).count() > 1
+        {
+            return violated(
+                "single-server changes",
+                format!("membership entry {index} has voters {voters:?} after {previous:?}: more than one changed"),
+            );
         }
         Ok(())
     }

@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 /// index is the same on every node (state machine safety, which the checker
 /// verifies), so a follower installing one takes its state from here.
 use raft_zmq::driver::{Shell, run_ready};
-use raft_zmq::raft::{Config, Entry, Index, LogStore, Message, NodeId, Raft, ReadState, SnapshotMeta, SoftState, Term};
+use raft_zmq::raft::{
+    Config, Entry, Index, LogStore, Membership, Message, NodeId, Payload, Raft, ReadState, Role, Snapshot, SnapshotMeta,
+    SoftState, Term,
+};
 
 use super::history::{OpId, OpKind};
 use super::register::{Applied, Image, Key, Register, Version, encode_write};
@@ -45,6 +48,8 @@ pub struct Effects {
     pub torn_crash: bool,
     /// The node's state machine started over from this snapshot.
     pub restored: Option<SnapshotMeta>,
+    /// The membership in force changed to this.
+    pub membership: Option<Membership>,
     /// Write commands applied: (entry index, what the state machine did).
     pub executed: Vec<(Index, Applied)>,
 }
@@ -66,6 +71,8 @@ struct App {
     writes: BTreeMap<Index, (Term, OpId)>,
     /// Reads by ctx, which is the op id.
     reads: BTreeMap<OpId, PendingRead>,
+    /// A membership applied (or restored) says this node was removed.
+    removed: bool,
 }
 
 pub struct SimNode {
@@ -85,6 +92,7 @@ pub struct SimNode {
 
 /// The node's side of the shared Ready driver, for one run of it.
 struct SimShell<'a> {
+    id: NodeId,
     app: &'a mut App,
     fx: &'a mut Effects,
     snapshots: &'a SnapshotRegistry,
@@ -99,7 +107,13 @@ impl Shell for SimShell<'_> {
         self.fx.roles.push(soft);
     }
 
-    fn restore(&mut self, snapshot: SnapshotMeta) {
+    fn membership(&mut self, membership: &Membership) {
+        self.fx.membership = Some(membership.clone());
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) {
+        self.app.removed |= snapshot.membership.removed.contains(&self.id);
+        let snapshot = snapshot.meta;
         self.app.register = Register::restore(self.snapshots.get(&snapshot).expect("every snapshot sent was taken"));
         self.app.applied = snapshot.index;
         // Whether these made it into the snapshot cannot be told: unknown.
@@ -111,6 +125,9 @@ impl Shell for SimShell<'_> {
 
     fn apply(&mut self, entries: Vec<Entry>) {
         for entry in entries {
+            if let Payload::Membership(membership) = &entry.payload {
+                self.app.removed |= membership.removed.contains(&self.id);
+            }
             let applied = self.app.register.apply(&entry);
             self.app.applied = entry.index;
             if let Some((term, op)) = self.app.writes.remove(&entry.index) {
@@ -150,10 +167,6 @@ impl SimNode {
             paused_until: 0,
             app: App::default(),
         }
-    }
-
-    pub fn id(&self) -> NodeId {
-        self.cfg.id
     }
 
     pub fn raft(&self) -> Option<&Raft<Disk>> {
@@ -213,7 +226,8 @@ impl SimNode {
     pub fn process(&mut self, rng: &mut Rng, torn_crash: f64, snapshots: &SnapshotRegistry, fx: &mut Effects) {
         let Some(raft) = self.raft.as_mut() else { return };
         raft.store_mut().crash_before_sync = torn_crash > 0.0 && rng.chance(torn_crash);
-        let outcome = run_ready(raft, &mut SimShell { app: &mut self.app, fx, snapshots });
+        let id = self.cfg.id;
+        let outcome = run_ready(raft, &mut SimShell { id, app: &mut self.app, fx, snapshots });
         let disk = raft.store_mut();
         disk.crash_before_sync = false;
         fx.wrote_from = disk.wrote_from.take();
@@ -246,12 +260,29 @@ impl SimNode {
         fx.completed.extend(writes.chain(app.reads.into_keys()).map(Completion::Failed));
     }
 
+    /// Whether the node applied its own removal and no longer leads (a
+    /// leader that removed itself hands over first): a real node exits then.
+    pub fn must_exit(&self) -> bool {
+        self.app.removed && self.raft().is_some_and(|r| r.soft_state().role != Role::Leader)
+    }
+
+    /// Replaces the disk by an empty one (a new machine, or a wiped one,
+    /// under the same id) and starts a node on it that waits to be added.
+    pub fn wipe(&mut self, seed: u64, fx: &mut Effects) {
+        self.crash(fx);
+        self.down_disk = Some(Disk::default());
+        self.app = App::default();
+        self.restart(seed, &SnapshotRegistry::new());
+    }
+
     /// Starts a fresh process from what the disk holds: the state machine
     /// from the snapshot its log starts after, then the log.
     pub fn restart(&mut self, seed: u64, snapshots: &SnapshotRegistry) {
         let cfg = Config { seed, ..self.cfg.clone() };
         let disk = self.down_disk.take().expect("restarting a node that is down");
         let (hard_state, start) = (disk.hard_state(), disk.log_start());
+        // The membership the log starts with is committed.
+        self.app.removed = disk.memberships()[0].1.removed.contains(&self.cfg.id);
         if start.index > 0 {
             self.app.register = Register::restore(snapshots.get(&start).expect("a compacted log follows a snapshot"));
             self.app.applied = start.index;

@@ -28,8 +28,9 @@ pub fn run_seed(seed: u64) -> Summary {
         torn_crash: rng.pick(&[0.0, 0.002, 0.01]),
         fault_gap: (100 * MS, rng.pick(&[400 * MS, 1_500 * MS])),
         compaction: rng.pick(&[0.0, 0.005, 0.05]),
+        churn: rng.chance(0.5),
     };
-    let disks = vec![Disk::default(); params.nodes as usize];
+    let disks = vec![Disk::bootstrap(params.nodes); params.nodes as usize];
     let rerun = format!("SIM_SEED={seed} cargo test --release --test simulation");
     let mut cluster = Cluster::new(rng, params, disks, rerun);
     cluster.set_clients(Clients::Leaders);

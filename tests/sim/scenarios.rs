@@ -19,8 +19,9 @@ fn log(terms: &[Term]) -> Vec<Entry> {
     terms.iter().enumerate().map(entry).collect()
 }
 
-fn disk(term: Term, vote: Option<NodeId>, terms: &[Term]) -> Disk {
-    Disk::with(HardState { term, vote, commit: 0 }, &log(terms))
+/// The disk of a node of a cluster of voters 1 to `n`.
+fn disk(n: u64, term: Term, vote: Option<NodeId>, terms: &[Term]) -> Disk {
+    Disk::with(n, HardState { term, vote, commit: 0 }, &log(terms))
 }
 
 fn cluster(name: &str, seed: u64, params: Params, disks: Vec<Disk>) -> Cluster {
@@ -51,7 +52,7 @@ fn figure_7_leader_repairs_followers_of_every_shape() {
         &[1, 1, 1, 4, 4, 4, 4],
         &[1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3],
     ];
-    let disks = [leader].iter().chain(&followers).map(|terms| disk(7, None, terms)).collect();
+    let disks = [leader].iter().chain(&followers).map(|terms| disk(7, 7, None, terms)).collect();
     let mut c = cluster("figure_7", 7, Params::calm(7, true, true), disks);
     c.expire_election_timer(1);
     assert_eq!(elect_someone(&mut c), 1);
@@ -77,11 +78,11 @@ fn figure_8_old_term_entries_survive_only_if_committed_properly() {
     // Each seed crashes S1 at a different moment, then injects random faults.
     for seed in 0..300 {
         let disks = vec![
-            disk(3, None, &[1, 2]),
-            disk(2, Some(1), &[1, 2]),
-            disk(3, Some(5), &[1]),
-            disk(3, Some(5), &[1]),
-            disk(3, Some(5), &[1, 3]),
+            disk(5, 3, None, &[1, 2]),
+            disk(5, 2, Some(1), &[1, 2]),
+            disk(5, 3, Some(5), &[1]),
+            disk(5, 3, Some(5), &[1]),
+            disk(5, 3, Some(5), &[1, 3]),
         ];
         let params = Params { max_append_bytes: 1, fault_gap: (50 * MS, 500 * MS), ..Params::calm(5, false, false) };
         let mut c = cluster("figure_8", seed, params, disks);
@@ -99,7 +100,7 @@ fn figure_8_old_term_entries_survive_only_if_committed_properly() {
 /// A follower cut off for many election timeouts rejoins. Returns the
 /// leader and term before the cut and after the rejoin.
 fn rejoin_after_partition(pre_vote: bool) -> ((NodeId, Term), (NodeId, Term)) {
-    let mut c = cluster("partitioned_node_rejoins", 1, Params::calm(3, pre_vote, true), vec![Disk::default(); 3]);
+    let mut c = cluster("partitioned_node_rejoins", 1, Params::calm(3, pre_vote, true), vec![Disk::bootstrap(3); 3]);
     c.set_clients(Clients::Leaders);
     let leader = elect_someone(&mut c);
     let term = term_of(&c, leader);
@@ -133,7 +134,7 @@ fn partitioned_node_rejoins_with_a_higher_term_without_pre_vote() {
 
 #[test]
 fn leader_isolated_from_the_majority_while_clients_still_reach_it() {
-    let mut c = cluster("isolated_leader", 3, Params::calm(5, true, true), vec![Disk::default(); 5]);
+    let mut c = cluster("isolated_leader", 3, Params::calm(5, true, true), vec![Disk::bootstrap(5); 5]);
     c.set_clients(Clients::Leaders);
     let old = elect_someone(&mut c);
     let old_term = term_of(&c, old);
@@ -172,7 +173,7 @@ fn leader_isolated_from_the_majority_while_clients_still_reach_it() {
 /// the time hide).
 #[test]
 fn a_new_leader_serves_reads_when_no_client_writes() {
-    let mut c = cluster("reads_only_after_a_leader_change", 4, Params::calm(3, true, true), vec![Disk::default(); 3]);
+    let mut c = cluster("reads_only_after_a_leader_change", 4, Params::calm(3, true, true), vec![Disk::bootstrap(3); 3]);
     c.set_clients(Clients::Leaders);
     let old = elect_someone(&mut c);
     c.run_for(500 * MS);

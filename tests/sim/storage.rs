@@ -2,11 +2,12 @@
 //! wrote *and* synced. A crash keeps this and loses everything else.
 
 use raft_zmq::driver::Storage;
-use raft_zmq::raft::{Entry, HardState, Index, LogStore, MemStore, SnapshotMeta, Term};
+use raft_zmq::raft::{Entry, HardState, Index, LogStore, MemStore, Membership, Snapshot, SnapshotMeta, Term};
 
 /// The write never reached the disk: the node crashed before its sync.
 pub struct Crashed;
 
+/// `Default` is the empty disk of a node that waits to be added to a cluster.
 #[derive(Clone, Debug, Default)]
 pub struct Disk {
     pub store: MemStore,
@@ -18,9 +19,16 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// A disk holding `entries` (contiguous from index 1) and `hard_state`.
-    pub fn with(hard_state: HardState, entries: &[Entry]) -> Disk {
-        Disk { store: MemStore::new(hard_state, entries), ..Disk::default() }
+    /// A disk of a node of a new cluster of voters 1 to `n`, holding
+    /// `entries` (contiguous from index 1) and `hard_state`.
+    pub fn with(n: u64, hard_state: HardState, entries: &[Entry]) -> Disk {
+        let store = MemStore::new(Membership::of_voters(1..=n, vec![]), hard_state, entries);
+        Disk { store, ..Disk::default() }
+    }
+
+    /// A blank disk of a node of a new cluster of voters 1 to `n`.
+    pub fn bootstrap(n: u64) -> Disk {
+        Disk::with(n, HardState::default(), &[])
     }
 
     pub fn hard_state(&self) -> HardState {
@@ -50,6 +58,10 @@ impl LogStore for Disk {
     fn entries(&self, lo: Index, hi: Index, max_bytes: usize) -> Vec<Entry> {
         self.store.entries(lo, hi, max_bytes)
     }
+
+    fn memberships(&self) -> Vec<(Index, Membership)> {
+        self.store.memberships()
+    }
 }
 
 impl Storage for Disk {
@@ -57,7 +69,7 @@ impl Storage for Disk {
 
     fn persist(
         &mut self,
-        snapshot: Option<SnapshotMeta>,
+        snapshot: Option<&Snapshot>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), Crashed> {

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use raft_zmq::raft::{Body, Index, Message, NodeId, Role, Term};
+use raft_zmq::raft::{Body, Index, MembershipChange, Message, NodeId, Role, Term};
 
 use super::faults::Fault;
 use super::history::{OpId, OpKind};
@@ -50,7 +50,7 @@ impl From<&Message> for Envelope {
                 Summary::AppendReply { success: *success, match_index: *match_index, conflict_index: *conflict_index }
             }
             Body::TimeoutNow => Summary::TimeoutNow,
-            Body::InstallSnapshot { snapshot } => Summary::Snapshot { last: (snapshot.index, snapshot.term) },
+            Body::InstallSnapshot { snapshot, .. } => Summary::Snapshot { last: (snapshot.index, snapshot.term) },
         };
         Envelope { from: m.from, to: m.to, term: m.term, body }
     }
@@ -98,6 +98,12 @@ pub enum Event {
     Restarted(NodeId),
     Compacted { node: NodeId, index: Index },
     Restored { node: NodeId, index: Index },
+    /// The leader was asked for a membership change; `accepted`: it took it.
+    Change { leader: NodeId, change: MembershipChange, accepted: bool },
+    /// The node applied its own removal and exited, as a real node does.
+    Exited(NodeId),
+    /// The node starts over with an empty disk, to be added.
+    Wiped(NodeId),
     Invoked { op: OpId, kind: OpKind, node: NodeId },
     Acked(OpId, Index),
     Read(OpId, Index),
@@ -120,6 +126,11 @@ impl fmt::Display for Event {
             Event::Restarted(node) => write!(f, "RESTART node {node}"),
             Event::Compacted { node, index } => write!(f, "node {node} snapshot at {index}, log compacted"),
             Event::Restored { node, index } => write!(f, "node {node} installed the snapshot at {index}"),
+            Event::Change { leader, change, accepted } => {
+                write!(f, "MEMBERSHIP {change:?} asked of leader {leader}: {}", if accepted { "proposed" } else { "refused" })
+            }
+            Event::Exited(node) => write!(f, "node {node} applied its removal and EXITED"),
+            Event::Wiped(node) => write!(f, "node {node} starts over with an EMPTY disk"),
             Event::Invoked { op, kind, node } => write!(f, "client op {op} {kind:?} at node {node}"),
             Event::Acked(op, index) => write!(f, "client op {op} acknowledged at index {index}"),
             Event::Read(op, index) => write!(f, "client op {op} read the version of index {index}"),
