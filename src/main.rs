@@ -27,6 +27,11 @@ struct Cli {
     /// the config.
     #[arg(long = "peer", value_name = "ID=ENDPOINT", value_parser = parse_route)]
     peer: Vec<(u64, String)>,
+    /// Join a running cluster: with no state yet, wait to be added (see
+    /// `add_node`) instead of starting a new cluster from the config's
+    /// nodes. With state, it changes nothing.
+    #[arg(long)]
+    join: bool,
     /// The cluster's config file.
     #[arg(long, global = true, default_value = "config.json")]
     config: PathBuf,
@@ -71,6 +76,42 @@ enum Tool {
     /// Back up the replicated state, or build a new cluster's nodes from a backup.
     #[command(subcommand)]
     Snapshot(SnapshotTool),
+    /// List, add or remove members (the client ops `members`, `add_node`,
+    /// `remove_node`); prints the reply as JSON.
+    Member {
+        /// Node to ask (default: the first in the config).
+        #[arg(long)]
+        node: Option<u64>,
+        #[command(subcommand)]
+        op: MemberOp,
+    },
+    /// Hand leadership to node --to (default: the most up-to-date voter) and
+    /// wait until it leads; prints the reply as JSON.
+    TransferLeader {
+        #[arg(long)]
+        to: Option<u64>,
+        /// Node to ask (default: the first in the config).
+        #[arg(long)]
+        node: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberOp {
+    /// Every member: id, endpoints, voter or learner, and (from the leader)
+    /// match index and last contact.
+    List,
+    /// Add node ID at RAFT and CLIENT; promoted to voter once caught up
+    /// unless --learner. Start it with `--join` and a config that lists it.
+    Add {
+        id: u64,
+        raft: String,
+        client: String,
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove node ID; it stops by itself, and its id is never reused.
+    Remove { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -130,7 +171,7 @@ fn main() -> ExitCode {
             if let Err(e) = config.require_member(id) {
                 return fail(2, &e);
             }
-            node::run(&config, id, &cli.peer).map_err(|e| format!("node {id}: {e}"))
+            node::run(&config, id, &cli.peer, cli.join).map_err(|e| format!("node {id}: {e}"))
         }
         Some(Tool::Cluster) => cluster::run(&cli.config, &config).map_err(|e| e.to_string()),
         Some(Tool::Bench(args)) => bench::run(&config, &args).map_err(|e| e.to_string()),
@@ -150,6 +191,27 @@ fn main() -> ExitCode {
             return run_client(&member.client, curve, Duration::from_millis(timeout_ms), request);
         }
         Some(Tool::Keygen { .. }) => unreachable!("handled before the config is read"),
+        Some(tool @ (Tool::Member { .. } | Tool::TransferLeader { .. })) => {
+            let (node, op) = match tool {
+                Tool::Member { node, op: MemberOp::List } => (node, client::Op::Members),
+                Tool::Member { node, op: MemberOp::Add { id, raft, client, learner } } => {
+                    (node, client::Op::AddNode { id, raft, client, learner })
+                }
+                Tool::Member { node, op: MemberOp::Remove { id } } => (node, client::Op::RemoveNode { id }),
+                Tool::TransferLeader { to, node } => (node, client::Op::TransferLeader { to }),
+                _ => unreachable!("matched above"),
+            };
+            let member = match node.map(|id| config.require_member(id)).transpose() {
+                Ok(member) => member.unwrap_or(&config.nodes[0]),
+                Err(e) => return fail(2, &e),
+            };
+            let curve = match (client::CurveArgs { server_key: None, key: None }).load(config.curve.is_some()) {
+                Ok(keys) => keys.towards(config.node_key(member.id)),
+                Err(e) => return fail(2, &e),
+            };
+            // Membership changes and transfers wait for an election at worst.
+            return run_client(&member.client, curve, Duration::from_secs(10), op.into_request(None, None));
+        }
         Some(Tool::Snapshot(SnapshotTool::Save { file, node, timeout_ms, curve })) => {
             let member = match node.map(|id| config.require_member(id)).transpose() {
                 Ok(member) => member.unwrap_or(&config.nodes[0]),

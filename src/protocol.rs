@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 
+use crate::config::Member;
 use crate::kv::{self, Command, Field, Value};
 use crate::raft::{Index, NodeId, Term};
 
@@ -47,6 +48,21 @@ pub enum Request {
         index: Option<Index>,
         offset: u64,
     },
+    /// The members as this node knows them.
+    Members,
+    /// A new member, which joins as a learner (promoted once caught up when
+    /// `voter`).
+    AddNode {
+        member: Member,
+        voter: bool,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
+    /// Hand leadership to `to`, or to the most up-to-date voter.
+    TransferLeader {
+        to: Option<NodeId>,
+    },
 }
 
 impl Request {
@@ -59,8 +75,25 @@ impl Request {
             Request::Log { .. } => "log",
             Request::Snapshot => "snapshot",
             Request::SnapshotData { .. } => "snapshot_data",
+            Request::Members => "members",
+            Request::AddNode { .. } => "add_node",
+            Request::RemoveNode { .. } => "remove_node",
+            Request::TransferLeader { .. } => "transfer_leader",
         }
     }
+}
+
+/// One member in the `members` reply; the leader adds how far each other
+/// member's log matches its own and when it last heard from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub raft: String,
+    pub client: String,
+    /// "voter" or "learner".
+    pub role: String,
+    pub match_index: Option<Index>,
+    pub last_contact_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +189,17 @@ pub enum Reply {
     Propose {
         index: Index,
     },
+    /// `add_node` and `remove_node`: the index of the membership entry.
+    Membership {
+        index: Index,
+    },
+    Members {
+        members: Vec<MemberInfo>,
+    },
+    /// The new leader, once it has taken over.
+    TransferLeader {
+        leader: NodeId,
+    },
     Get {
         value: Option<Value>,
     },
@@ -196,8 +240,23 @@ impl Reply {
         let ok = !matches!(self, Reply::Error { .. });
         let mut map = vec![("ok", ok.into())];
         match self {
-            Reply::Put { index } | Reply::Propose { index } | Reply::Snapshot { index } => {
+            Reply::Put { index } | Reply::Propose { index } | Reply::Snapshot { index } | Reply::Membership { index } => {
                 map.push(("index", (*index).into()))
+            }
+            Reply::TransferLeader { leader } => map.push(("leader", (*leader).into())),
+            Reply::Members { members } => {
+                let members = members.iter().map(|m| {
+                    let mut fields = vec![
+                        ("id", m.id.into()),
+                        ("raft", m.raft.as_str().into()),
+                        ("client", m.client.as_str().into()),
+                        ("role", m.role.as_str().into()),
+                    ];
+                    fields.extend(m.match_index.map(|i| ("match_index", i.into())));
+                    fields.extend(m.last_contact_ms.map(|ms| ("last_contact_ms", ms.into())));
+                    to_map(fields)
+                });
+                map.push(("members", rmpv::Value::Array(members.collect())));
             }
             Reply::SnapshotData { index, term, total, offset, data } => map.extend([
                 ("index", (*index).into()),
@@ -299,6 +358,11 @@ impl Reply {
                 offset: fields.required("offset", to_u64)?,
                 data: fields.required("data", to_bin)?,
             },
+            Request::AddNode { .. } | Request::RemoveNode { .. } => {
+                Reply::Membership { index: fields.required("index", to_u64)? }
+            }
+            Request::TransferLeader { .. } => Reply::TransferLeader { leader: fields.required("leader", to_u64)? },
+            Request::Members => Reply::Members { members: fields.required("members", list(to_member_info))? },
         };
         Ok(reply)
     }
@@ -325,6 +389,17 @@ fn parse_request(frame: &[u8]) -> Result<Request, String> {
                 offset: fields.optional("offset", to_u64)?.unwrap_or(0),
             });
         }
+        "members" => return Ok(Request::Members),
+        "add_node" => {
+            let member = Member {
+                id: fields.required("id", to_u64)?,
+                raft: fields.required("raft", to_string)?,
+                client: fields.required("client", to_string)?,
+            };
+            return Ok(Request::AddNode { member, voter: fields.optional("voter", to_bool)?.unwrap_or(true) });
+        }
+        "remove_node" => return Ok(Request::RemoveNode { id: fields.required("id", to_u64)? }),
+        "transfer_leader" => return Ok(Request::TransferLeader { to: fields.optional("to", to_u64)? }),
         "log" => {
             return Ok(Request::Log {
                 from: fields.optional("from", to_u64)?.unwrap_or(1),
@@ -373,6 +448,20 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
         }
         Request::Log { from, limit } => {
             vec![("op", "log".into()), ("from", (*from).into()), ("limit", (*limit).into())]
+        }
+        Request::Members => vec![("op", "members".into())],
+        Request::AddNode { member, voter } => vec![
+            ("op", "add_node".into()),
+            ("id", member.id.into()),
+            ("raft", member.raft.as_str().into()),
+            ("client", member.client.as_str().into()),
+            ("voter", (*voter).into()),
+        ],
+        Request::RemoveNode { id } => vec![("op", "remove_node".into()), ("id", (*id).into())],
+        Request::TransferLeader { to } => {
+            let mut map = vec![("op", "transfer_leader".into())];
+            map.extend(to.map(|to| ("to", to.into())));
+            map
         }
     };
     write(&to_map(map))
@@ -504,6 +593,18 @@ fn to_bin(value: rmpv::Value) -> Result<Vec<u8>, String> {
         rmpv::Value::Binary(b) => Ok(b),
         other => Err(format!("must be bin, got {}", type_name(&other))),
     }
+}
+
+fn to_member_info(value: rmpv::Value) -> Result<MemberInfo, String> {
+    let mut fields = to_fields(value)?;
+    Ok(MemberInfo {
+        id: fields.required("id", to_u64)?,
+        raft: fields.required("raft", to_string)?,
+        client: fields.required("client", to_string)?,
+        role: fields.required("role", to_string)?,
+        match_index: fields.optional("match_index", to_u64)?,
+        last_contact_ms: fields.optional("last_contact_ms", to_u64)?,
+    })
 }
 
 fn to_string(value: rmpv::Value) -> Result<String, String> {

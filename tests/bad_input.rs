@@ -685,8 +685,11 @@ fn fill_until(cluster: &TestCluster, what: &str, mut done: impl FnMut() -> bool)
 
 #[test]
 fn a_node_low_on_disk_raises_an_alarm_and_catches_up_by_itself_when_space_returns() {
-    let mut cluster = TestCluster::configure(3, r#", "disk_reserve_bytes": 2097152"#);
-    let Some(disk) = SmallDisk::mount(&cluster, 2, "8m") else { return };
+    // The reserve must exceed what sled may write at once: with 300 kB
+    // values it rewrites whole leaf pages of several MB as one blob, so a
+    // 2 MB reserve on an 8 MB disk ran into ENOSPC before the alarm.
+    let mut cluster = TestCluster::configure(3, r#", "disk_reserve_bytes": 12582912"#);
+    let Some(disk) = SmallDisk::mount(&cluster, 2, "32m") else { return };
     for id in 0..3 {
         cluster.start_node(id);
     }
@@ -700,7 +703,7 @@ fn a_node_low_on_disk_raises_an_alarm_and_catches_up_by_itself_when_space_return
     assert_ne!(leader, 2, "a node low on space hands leadership over");
     assert_eq!(alarms(&cluster, 2), Some(vec!["nospace".to_string()]));
 
-    disk.resize("64m");
+    disk.resize("128m");
     wait_for("the alarm to clear", || alarms(&cluster, 2).filter(Vec::is_empty));
     let Reply::Put { index } = cluster.call_ok(leader, &put("after-alarm", "x")) else { panic!() };
     cluster.wait_applied(index);

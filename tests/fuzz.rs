@@ -128,7 +128,7 @@ fn write_seed_corpus() {
     write_seeds("client_request", requests.iter().map(encode_request));
 
     let cluster = cluster_id(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
-    let wire = Wire::new(1, cluster, [0, 2], 1 << 26);
+    let wire = Wire::new(1, cluster, 1 << 26);
     let entry = |index, term| Entry { index, term, payload: Payload::Command(vec![index as u8; 3]) };
     let bodies = [
         Body::RequestVote { last_log_index: 2, last_log_term: 2, pre_vote: true, transfer: false },

@@ -21,7 +21,7 @@ use crate::kv::{KvStore, Value, command_json};
 use crate::lock;
 use crate::mirror::Mirror;
 use crate::protocol::{ErrorCode, Reply};
-use crate::raft::{Entry, Index, NodeId, SnapshotMeta, Term};
+use crate::raft::{Entry, Index, NodeId, Payload, SnapshotMeta, Term};
 use crate::sessions::Verdict;
 use crate::snapshot::Snapshots;
 
@@ -63,6 +63,13 @@ pub struct SnapshotPolicy {
     pub taken: Sender<SnapshotMeta>,
 }
 
+/// This node, and how to stop it once it applies its own removal (as an
+/// etcd member does: a removed node has no business running).
+pub struct Removal {
+    pub id: NodeId,
+    pub stop: Sender<()>,
+}
+
 pub struct Applier {
     kv: KvStore,
     mirror: Mirror,
@@ -71,6 +78,7 @@ pub struct Applier {
     applied: SnapshotMeta,
     replier: Replier,
     shared: Arc<Shared>,
+    removal: Removal,
     /// Clients waiting on each index: the proposer, and retries of it.
     writes: BTreeMap<Index, Vec<PendingWrite>>,
     reads: BTreeMap<Index, Vec<(Value, ReplyTo)>>,
@@ -85,6 +93,7 @@ impl Applier {
         snapshot: SnapshotPolicy,
         replier: Replier,
         shared: Arc<Shared>,
+        removal: Removal,
     ) -> Applier {
         let applied = snapshot.last;
         // A power loss may have cost the mirror lines the snapshot covers.
@@ -93,7 +102,17 @@ impl Applier {
         }
         shared.last_applied.store(applied.index, Ordering::Release);
         shared.snapshot_index.store(applied.index, Ordering::Release);
-        Applier { kv, mirror, snapshot, applied, replier, shared, writes: BTreeMap::new(), reads: BTreeMap::new() }
+        Applier {
+            kv,
+            mirror,
+            snapshot,
+            applied,
+            replier,
+            shared,
+            removal,
+            writes: BTreeMap::new(),
+            reads: BTreeMap::new(),
+        }
     }
 
     pub fn run(mut self, inbox: Receiver<ApplyMsg>) {
@@ -175,9 +194,16 @@ impl Applier {
             if let Err(e) = self.mirror.append(entry.index, entry.term, &command_json(&entry.payload, duplicate)) {
                 error!("cannot write entry {} to the log mirror: {e}", entry.index);
             }
+            if let Payload::Membership(membership) = &entry.payload
+                && membership.removed.contains(&self.removal.id)
+            {
+                info!("node {}: removed from the cluster (membership entry {}); stopping", self.removal.id, entry.index);
+                let _ = self.removal.stop.try_send(());
+            }
             for pending in self.writes.remove(&entry.index).into_iter().flatten() {
-                let reply = match &applied {
-                    Some(applied) if pending.term == entry.term => applied.reply.clone(),
+                let reply = match (&applied, &entry.payload) {
+                    (_, Payload::Membership(_)) if pending.term == entry.term => Reply::Membership { index: entry.index },
+                    (Some(applied), _) if pending.term == entry.term => applied.reply.clone(),
                     // Another leader's entry took this index: ours never committed.
                     _ => Reply::error(ErrorCode::NoLeader, "leadership changed; the write was not applied", None),
                 };

@@ -20,7 +20,6 @@ use log::{debug, info, warn};
 use super::Shared;
 use super::core_loop::ClientCall;
 use super::replies::{ReplyTo, not_leader};
-use crate::config::Member;
 use crate::protocol::{ErrorCode, Reply, Request, decode_request};
 use crate::raft::NodeId;
 use crate::security::{Domain, NodeSecurity};
@@ -31,7 +30,8 @@ const MAX_FRAME_BYTES: i64 = 64 * 1024 * 1024 + 64 * 1024;
 
 pub struct EndpointConfig {
     pub id: NodeId,
-    pub members: Vec<Member>,
+    /// This node's client endpoint, to bind.
+    pub client: String,
     pub max_request_bytes: usize,
     /// How long a forwarded request may wait for the leader's reply.
     pub forward_timeout: Duration,
@@ -74,14 +74,13 @@ pub struct ClientEndpoint {
 impl ClientEndpoint {
     /// Binds the client endpoint and the inproc socket replies arrive on.
     pub fn bind(ctx: &zmq::Context, cfg: EndpointConfig, replies_endpoint: &str) -> Result<ClientEndpoint, String> {
-        let me = cfg.members.iter().find(|m| m.id == cfg.id).ok_or("not a member")?;
         let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
         router.set_linger(0).map_err(|e| e.to_string())?;
         router.set_maxmsgsize(MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
         router.set_sndhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
         router.set_rcvhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
         cfg.security.server(&router, Domain::Client).map_err(|e| e.to_string())?;
-        router.bind(&me.client).map_err(|e| format!("cannot bind client endpoint {}: {e}", me.client))?;
+        router.bind(&cfg.client).map_err(|e| format!("cannot bind client endpoint {}: {e}", cfg.client))?;
         let replies = ctx.socket(zmq::PULL).map_err(|e| e.to_string())?;
         replies.set_linger(0).map_err(|e| e.to_string())?;
         replies.bind(replies_endpoint).map_err(|e| e.to_string())?;
@@ -196,13 +195,16 @@ impl ClientEndpoint {
             Err(reply) => return self.answer(reply_to, &reply),
         };
         let local =
-            matches!(decoded, Request::Status | Request::Log { .. } | Request::Snapshot | Request::SnapshotData { .. });
+            matches!(
+                decoded,
+                Request::Status | Request::Members | Request::Log { .. } | Request::Snapshot | Request::SnapshotData { .. }
+            );
         match leader {
             leader if local || leader == Some(self.cfg.id) => {
                 let call = ClientCall { request: decoded, reply_to, bytes: request.len() };
                 self.to_core(to_core, shared, call)
             }
-            Some(leader) if !reply_to.is_forwarded() => self.forward(leader, reply_to, request),
+            Some(leader) if !reply_to.is_forwarded() => self.forward(leader, shared, reply_to, request),
             leader => self.answer(reply_to, &not_leader(self.cfg.id, leader)),
         }
     }
@@ -228,9 +230,9 @@ impl ClientEndpoint {
         }
     }
 
-    fn forward(&mut self, leader: NodeId, reply_to: ReplyTo, request: Vec<u8>) {
+    fn forward(&mut self, leader: NodeId, shared: &Shared, reply_to: ReplyTo, request: Vec<u8>) {
         if self.forwarder.as_ref().is_none_or(|f| f.leader != leader) {
-            self.connect_forwarder(leader);
+            self.connect_forwarder(leader, shared);
         }
         let Some(forwarder) = self.forwarder.as_mut() else {
             let message = format!("cannot connect to leader {leader} to forward the request; nothing was applied");
@@ -265,9 +267,9 @@ impl ClientEndpoint {
         }
     }
 
-    fn connect_forwarder(&mut self, leader: NodeId) {
+    fn connect_forwarder(&mut self, leader: NodeId, shared: &Shared) {
         self.drop_forwarder();
-        let Some(member) = self.cfg.members.iter().find(|m| m.id == leader) else { return };
+        let Some(member) = shared.member(leader) else { return };
         let dealer = match self.ctx.socket(zmq::DEALER).and_then(|s| {
             s.set_linger(0)?;
             s.set_maxmsgsize(MAX_FRAME_BYTES)?;

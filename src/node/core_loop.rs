@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError, after, select};
 use log::{error, info, warn};
 
-use super::Shared;
 use super::applier::ApplyMsg;
+use super::members::{LastContact, Transfers, check_new_member, context_of, member_infos, members_of};
+use super::{Shared, peer_endpoints, record_cluster};
 use super::disk::NOSPACE;
 use super::log_reader::DiskRead;
 use super::replies::{Replier, ReplyTo, not_leader};
@@ -27,9 +28,10 @@ use crate::driver::{self, run_ready};
 use crate::kv::{LoggedCommand, Value, session_reply};
 use crate::lock;
 use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
+use crate::config::Member;
 use crate::raft::{
-    Body, Entry, Index, Membership, Message, NodeId, NotLeader, Raft, ReadState, Role, Snapshot, SnapshotMeta, SoftState,
-    Term,
+    Body, ChangeError, Entry, Index, Membership, MembershipChange, Message, NodeId, NotLeader, Raft, ReadState, Role,
+    Snapshot, SnapshotMeta, SoftState, Term, TransferError,
 };
 use crate::sessions::SessionTable;
 use crate::transport::{Inbound, Transport};
@@ -139,6 +141,12 @@ pub struct Io {
     pub role: Role,
     pub leader: Option<NodeId>,
     proposals: Proposals,
+    /// `--peer` routes: where to reach some peers instead of their `raft` endpoint.
+    pub routes: Vec<(NodeId, String)>,
+    transfers: Transfers,
+    last_contact: LastContact,
+    /// The cluster id the state dir holds (0: none yet, while joining).
+    pub cluster_recorded: u64,
 }
 
 impl Io {
@@ -168,6 +176,10 @@ impl Io {
             role: Role::Follower,
             leader: None,
             proposals: Proposals::default(),
+            routes: Vec::new(),
+            transfers: Transfers::default(),
+            last_contact: LastContact::default(),
+            cluster_recorded: 0,
         }
     }
 }
@@ -218,7 +230,7 @@ impl State {
     fn run_once<T>(&mut self, inputs: &Inputs, stop: &Receiver<T>) -> Result<bool, PersistError> {
         select! {
             recv(stop) -> _ => return Ok(false),
-            recv(inputs.ticks) -> _ => self.on_tick(),
+            recv(inputs.ticks) -> _ => self.on_tick()?,
             recv(inputs.peers) -> msg => match msg {
                 Ok(msg) => self.on_peer(msg),
                 Err(_) => return Ok(false),
@@ -247,6 +259,10 @@ impl State {
             }
         }
         self.process_ready()?;
+        if self.raft.removed() {
+            info!("node {}: removed from the cluster (a member said so); stopping", self.raft.id());
+            return Ok(false);
+        }
         Ok(true)
     }
 
@@ -284,9 +300,19 @@ impl State {
         }
     }
 
-    fn on_tick(&mut self) {
+    fn on_tick(&mut self) -> Result<(), PersistError> {
         self.raft.tick();
         let now = Instant::now();
+        for (to, reply_to) in self.io.transfers.expired(now) {
+            let message = format!("node {to} did not take over leadership in time");
+            self.io.reply_error(reply_to, ErrorCode::Timeout, &message);
+        }
+        // A joining node took the cluster of the leader that added it.
+        let cluster = self.io.transport.cluster();
+        if cluster != self.io.cluster_recorded {
+            record_cluster(&mut self.raft.store_mut().storage, cluster)?;
+            self.io.cluster_recorded = cluster;
+        }
         let expired: Vec<u64> = self.io.reads.iter().filter(|(_, r)| r.deadline <= now).map(|(&ctx, _)| ctx).collect();
         for ctx in expired {
             let read = self.io.reads.remove(&ctx).expect("listed above");
@@ -296,6 +322,7 @@ impl State {
         if self.raft.store().disk.handover_due() {
             self.hand_over_for_lack_of_space();
         }
+        Ok(())
     }
 
     /// A leader low on space lets a follower lead instead, so the cluster
@@ -321,7 +348,10 @@ impl State {
             Inbound::Message(msg)
                 if self.raft.store().disk.raised()
                     && matches!(&msg.body, Body::AppendEntries { entries, .. } if !entries.is_empty()) => {}
-            Inbound::Message(msg) => self.raft.step(msg),
+            Inbound::Message(msg) => {
+                self.io.last_contact.heard(msg.from);
+                self.raft.step(msg)
+            }
             Inbound::Unreachable(peer) => self.raft.peer_unreachable(peer),
         }
     }
@@ -354,6 +384,59 @@ impl State {
             Request::Snapshot => self.io.to_applier(ApplyMsg::Snapshot { reply_to }),
             Request::Log { from, limit } => self.read_disk(DiskRead::Log { from, limit, reply_to }),
             Request::SnapshotData { index, offset } => self.read_disk(DiskRead::Snapshot { index, offset, reply_to }),
+            Request::Members => {
+                let raft = &self.raft;
+                let contact = &self.io.last_contact;
+                let progress = |id| raft.progress(id).map(|pr| (pr.matched, contact.get(id)));
+                let members = member_infos(raft.membership(), progress);
+                self.io.replier.send(reply_to, &Reply::Members { members });
+            }
+            Request::AddNode { member, voter } => {
+                let mut members = members_of(self.raft.membership());
+                if let Err(problem) = check_new_member(&members, &member) {
+                    return self.io.reply_error(reply_to, ErrorCode::BadRequest, &problem);
+                }
+                let change = MembershipChange::AddLearner { id: member.id, promote: voter };
+                members.push(member);
+                self.change_membership(change, &members, reply_to, deadline);
+            }
+            Request::RemoveNode { id } => {
+                let mut members = members_of(self.raft.membership());
+                members.retain(|m| m.id != id);
+                self.change_membership(MembershipChange::Remove(id), &members, reply_to, deadline);
+            }
+            Request::TransferLeader { to } => self.transfer_leader(to, reply_to),
+        }
+    }
+
+    /// Proposes a membership change; the client is answered once it applies.
+    fn change_membership(&mut self, change: MembershipChange, members: &[Member], reply_to: ReplyTo, deadline: Instant) {
+        match self.raft.change_membership(change, context_of(members)) {
+            Ok(index) => {
+                let term = self.raft.soft_state().term;
+                self.io.to_applier(ApplyMsg::AwaitWrite { index, term, session: None, reply_to, deadline });
+            }
+            Err(ChangeError::NotLeader(not_leader)) => self.io.reply_not_leader(reply_to, not_leader),
+            Err(ChangeError::Busy(why)) => self.io.reply_error(reply_to, ErrorCode::Busy, why),
+            Err(ChangeError::Invalid(why)) => self.io.reply_error(reply_to, ErrorCode::BadRequest, &why),
+        }
+    }
+
+    /// Hands leadership to `to` (default: the most up-to-date voter); the
+    /// client is answered once it leads, or after an election timeout.
+    fn transfer_leader(&mut self, to: Option<NodeId>, reply_to: ReplyTo) {
+        let raft = &mut self.raft;
+        let target = to.or_else(|| raft.transfer_candidate()).unwrap_or(raft.id());
+        if raft.soft_state().role == Role::Leader && target == raft.id() {
+            return self.io.replier.send(reply_to, &Reply::TransferLeader { leader: target });
+        }
+        match raft.transfer_leadership(target) {
+            Ok(()) => self.io.transfers.wait(target, reply_to, Instant::now() + self.io.handover_timeout),
+            Err(TransferError::NotLeader(not_leader)) => self.io.reply_not_leader(reply_to, not_leader),
+            Err(TransferError::NotAPeer(id)) => {
+                let message = format!("node {id} is not a voter of this cluster");
+                self.io.reply_error(reply_to, ErrorCode::BadRequest, &message)
+            }
         }
     }
 
@@ -463,6 +546,11 @@ impl driver::Shell for Io {
         );
         self.shared.set_leader(soft.leader);
         self.leader = soft.leader;
+        if let Some(leader) = soft.leader {
+            for reply_to in self.transfers.done(leader) {
+                self.replier.send(reply_to, &Reply::TransferLeader { leader });
+            }
+        }
         if self.role == Role::Leader && soft.role != Role::Leader {
             self.proposals.clear();
             self.to_applier(ApplyMsg::LeadershipLost { leader: soft.leader });
@@ -472,6 +560,16 @@ impl driver::Shell for Io {
 
     fn membership(&mut self, membership: &Membership) {
         info!("node {}: members: voters {:?}, learners {:?}", self.id, membership.voters, membership.learners);
+        let members = members_of(membership);
+        // Joining: no membership yet, so the config's nodes stay the peers.
+        if !members.is_empty() {
+            let routes: Vec<_> = self.routes.iter().filter(|(id, _)| members.iter().any(|m| m.id == *id)).cloned().collect();
+            let peers = peer_endpoints(&members, self.id, &routes).expect("routes filtered to members");
+            if let Err(e) = self.transport.set_peers(peers) {
+                warn!("node {}: cannot connect to the new members: {e}", self.id);
+            }
+            *lock(&self.shared.members) = members;
+        }
     }
 
     fn restore(&mut self, snapshot: &Snapshot) {

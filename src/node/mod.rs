@@ -14,6 +14,7 @@ mod client_endpoint;
 mod core_loop;
 mod disk;
 mod log_reader;
+mod members;
 mod replies;
 mod store;
 
@@ -38,7 +39,7 @@ use crate::storage::Storage;
 use crate::transport::{Transport, TransportConfig, cluster_id};
 pub use log_reader::LOG_REPLY_MAX_BYTES;
 
-use applier::{Applier, SnapshotPolicy};
+use applier::{Applier, Removal, SnapshotPolicy};
 use client_endpoint::{ClientEndpoint, EndpointConfig};
 use core_loop::{CoreLoop, Inputs, Io};
 use disk::DiskAlarm;
@@ -58,6 +59,8 @@ pub struct Shared {
     queued_bytes: AtomicUsize,
     /// The node is stopping: new requests get `shutting_down`.
     stopping: AtomicBool,
+    /// Every member's endpoints, as the membership in force says.
+    members: Mutex<Vec<Member>>,
     /// The core loop, the applier and the log reader have stopped: every
     /// reply they will ever give is queued, and the client endpoint may
     /// close once it has sent them.
@@ -73,6 +76,7 @@ impl Shared {
             duplicates: Mutex::new(BTreeSet::new()),
             queued_bytes: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            members: Mutex::new(Vec::new()),
             replies_done: AtomicBool::new(false),
         }
     }
@@ -87,6 +91,10 @@ impl Shared {
 
     fn duplicates(&self) -> MutexGuard<'_, BTreeSet<Index>> {
         lock(&self.duplicates)
+    }
+
+    fn member(&self, id: NodeId) -> Option<Member> {
+        lock(&self.members).iter().find(|m| m.id == id).cloned()
     }
 }
 
@@ -112,17 +120,29 @@ const CLIENT_QUEUE_BYTES: usize = 64 << 20;
 
 /// Membership key in the state dir: once recorded, it wins over the file.
 const MEMBERSHIP_META: &str = "membership";
+/// The cluster's identity, carried in every envelope (see `cluster_id`).
+const CLUSTER_META: &str = "cluster_id";
 
-/// Runs node `id` until SIGINT/SIGTERM. `routes` (from `--peer`) reach some
-/// peers at another endpoint than their `raft` one; see `peer_endpoints`.
-pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(), Box<dyn Error>> {
+/// Runs node `id` until SIGINT/SIGTERM, or until it applies its own removal.
+/// `routes` (from `--peer`) reach some peers at another endpoint than their
+/// `raft` one; see `peer_endpoints`. With `join`, a node without state
+/// waits to be added to a running cluster instead of starting a new one.
+pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], join: bool) -> Result<(), Box<dyn Error>> {
     // Before the state dir is touched: a node without its key must not start.
     let security = Arc::new(NodeSecurity::load(config, id)?);
     let (mut storage, recovered) = Storage::open(&config.node_state_dir(id))?;
-    let members = settle_membership(&mut storage, config)?;
+    let joining = join && storage.memberships().iter().all(|(_, m)| m.voters.is_empty());
+    let members = if joining { config.nodes.clone() } else { settle_membership(&mut storage, config)? };
+    if storage.memberships()[0].1.removed.contains(&id) {
+        info!("node {id}: removed from the cluster (its state dir says so); not starting");
+        return Ok(());
+    }
+    let cluster = settle_cluster(&mut storage, &members, joining)?;
+    if joining {
+        info!("node {id}: joining: waiting to be added to a running cluster (add_node)");
+    }
     security.check_members(&members)?;
-    let me =
-        members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
+    let me = members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
     let rotation = Rotation { every: config.snapshot_entries, keep: config.log_mirror_files };
     let mirror = Mirror::open(&config.node_log_path(id))?.with_rotation(rotation);
     let snapshots = Snapshots::open(&snapshot::dir_in(&config.node_state_dir(id)))?;
@@ -177,7 +197,6 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
     let _authenticator = security.authenticate(&ctx)?;
     let (peer_tx, peer_rx) = bounded(PEER_QUEUE_LEN);
     let peers = peer_endpoints(&members, id, routes)?;
-    let cluster = cluster_id(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
     let transport = Transport::start(
         &ctx,
         TransportConfig {
@@ -198,7 +217,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         &ctx,
         EndpointConfig {
             id,
-            members: members.clone(),
+            client: me.client.clone(),
             max_request_bytes: config.max_request_bytes,
             forward_timeout: Duration::from_millis(config.request_timeout_ms + 1000),
             max_queued_bytes: CLIENT_QUEUE_BYTES,
@@ -218,7 +237,9 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         last: last_snapshot,
         taken: taken_tx,
     };
-    let applier = Applier::new(kv, mirror, policy, replier.clone(), shared.clone());
+    let (stop_tx, stop_rx) = bounded(1);
+    let removal = Removal { id, stop: stop_tx.clone() };
+    let applier = Applier::new(kv, mirror, policy, replier.clone(), shared.clone(), removal);
     let applier = thread::Builder::new().name("applier".into()).spawn(move || applier.run(apply_rx))?;
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
     let log_reader = {
@@ -233,13 +254,12 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         thread::Builder::new().name("clients".into()).spawn(move || endpoint.run(shared, client_tx, core_queue))?
     };
 
-    let (stop_tx, stop_rx) = bounded(1);
     ctrlc::set_handler(move || {
         let _ = stop_tx.try_send(());
     })?;
     info!("node {id}: serving peers on {} and clients on {}", me.raft, me.client);
 
-    let io = Io::new(
+    let mut io = Io::new(
         id,
         transport,
         apply_tx,
@@ -252,6 +272,8 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)]) -> Result<(
         // time to hear from the new leader.
         Duration::from_millis(config.election_timeout_ms.1),
     );
+    io.routes = routes.to_vec();
+    io.cluster_recorded = cluster;
     let core = CoreLoop { raft, io };
     let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
     core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, snapshots: taken_rx, stop: stop_rx });
@@ -330,6 +352,27 @@ fn settle_membership(storage: &mut Storage, config: &Config) -> Result<Vec<Membe
     let context = serde_json::to_vec(&members)?;
     storage.bootstrap_membership(&Membership::of_voters(members.iter().map(|m| m.id), context))?;
     Ok(members)
+}
+
+/// The cluster's identity as recorded in the state dir. A new cluster
+/// records the hash of its first members' endpoints (so every node of it
+/// derives the same); a node joining one records none yet (0), and takes the
+/// cluster of the leader that adds it (the core loop records it then).
+fn settle_cluster(storage: &mut Storage, members: &[Member], joining: bool) -> Result<u64, Box<dyn Error>> {
+    if let Some(bytes) = storage.read_meta(CLUSTER_META)? {
+        let bytes: [u8; 8] = bytes.try_into().map_err(|_| "the recorded cluster id is unreadable")?;
+        return Ok(u64::from_be_bytes(bytes));
+    }
+    if joining {
+        return Ok(0);
+    }
+    let cluster = cluster_id(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
+    record_cluster(storage, cluster)?;
+    Ok(cluster)
+}
+
+pub(crate) fn record_cluster(storage: &mut Storage, cluster: u64) -> Result<(), crate::storage::StorageError> {
+    storage.write_meta(CLUSTER_META, &cluster.to_be_bytes())
 }
 
 /// Where this node connects to reach each other member: its `raft` endpoint,

@@ -148,6 +148,8 @@ pub struct Raft<S> {
     failed_reads: Vec<u64>,
     last_hard_state: HardState,
     last_soft_state: Option<SoftState>,
+    /// A member said a committed membership removed this node.
+    removed: bool,
     /// Bumped at every change of membership; the shell has been told up to
     /// `membership_reported` (0: not even the first).
     membership_version: u64,
@@ -188,6 +190,7 @@ impl<S: LogStore> Raft<S> {
             read_states: Vec::new(),
             failed_reads: Vec::new(),
             last_soft_state: None,
+            removed: false,
             membership_version: 1,
             membership_reported: 0,
             handed_out: None,
@@ -260,10 +263,31 @@ impl<S: LogStore> Raft<S> {
     /// leader that removed itself hands over with `TimeoutNow` (term rules
     /// keep a stale leader harmless).
     pub fn step(&mut self, m: Message) {
+        if m.to != self.cfg.id || m.from == self.cfg.id {
+            debug!("node {}: dropping misaddressed message {:?}", self.cfg.id, m);
+            return;
+        }
+        let membership = self.tracker.membership();
+        if m.body == Body::Removed {
+            if membership.contains(m.from) && !self.removed {
+                info!("node {}: member {} says this node was removed from the cluster", self.cfg.id, m.from);
+                self.removed = true;
+            }
+            return;
+        }
+        // A removed node that campaigns is told, once its removal is
+        // committed (an uncommitted one may be undone). A removed leader
+        // still hands over: its messages are not answered so.
+        if membership.removed.contains(&m.from)
+            && matches!(m.body, Body::RequestVote { .. })
+            && self.log.membership_index() <= self.log.committed()
+        {
+            self.messages.push(Message { from: self.cfg.id, to: m.from, term: self.term, body: Body::Removed });
+            return;
+        }
         let from_leader =
             matches!(m.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. } | Body::TimeoutNow);
-        if m.to != self.cfg.id || m.from == self.cfg.id || !(from_leader || self.tracker.membership().contains(m.from))
-        {
+        if !(from_leader || membership.contains(m.from)) {
             debug!("node {}: dropping misaddressed message {:?}", self.cfg.id, m);
             return;
         }
@@ -317,6 +341,7 @@ impl<S: LogStore> Raft<S> {
             Body::InstallSnapshot { snapshot, membership } => {
                 self.handle_install_snapshot(m.from, Snapshot { meta: snapshot, membership })
             }
+            Body::Removed => unreachable!("handled above"),
         }
     }
 
@@ -512,6 +537,13 @@ impl<S: LogStore> Raft<S> {
     /// The membership in force (the newest in the log).
     pub fn membership(&self) -> &Membership {
         self.tracker.membership()
+    }
+
+    /// Whether a member told this node that a committed membership removed
+    /// it (see [`Body::Removed`]). The shell then stops the node, as it does
+    /// when it applies its own removal.
+    pub fn removed(&self) -> bool {
+        self.removed
     }
 
     /// On the leader: the voter that can take over soonest, i.e. the one

@@ -73,6 +73,10 @@ pub enum Body {
         snapshot: SnapshotMeta,
         membership: Membership,
     },
+    /// The answer to any request from a node that a committed membership
+    /// removed: it has no business running any more (it may have been down,
+    /// or cut off, when the entry removing it went out).
+    Removed,
 }
 
 impl Message {
@@ -125,7 +129,7 @@ impl Message {
                 }
                 Ok(())
             }
-            Body::RequestVoteReply { .. } | Body::AppendEntriesReply { .. } | Body::TimeoutNow => Ok(()),
+            Body::RequestVoteReply { .. } | Body::AppendEntriesReply { .. } | Body::TimeoutNow | Body::Removed => Ok(()),
         }
     }
 }

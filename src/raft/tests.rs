@@ -1425,3 +1425,36 @@ fn a_node_joining_behind_a_compacted_log_gets_the_membership_with_the_snapshot()
     assert_eq!(c.raft(4).commit_index(), c.raft(lagger).commit_index());
     assert!(c.commands(4).ends_with(&[b"after".to_vec()]));
 }
+
+#[test]
+fn a_removed_node_that_asks_for_votes_is_told_and_only_by_a_member() {
+    let (mut c, leader, removed, other, _) = settled();
+    c.isolate(removed);
+    c.change(leader, MembershipChange::Remove(removed)).unwrap();
+    c.run(3);
+    assert!(c.raft(other).membership().removed.contains(&removed));
+    assert!(!c.raft(removed).removed(), "it never got the entry that removed it");
+    // Its election timer fires; the members it asks tell it.
+    c.heal();
+    c.run(40);
+    assert!(c.raft(removed).removed());
+    assert!(c.sent.iter().any(|m| m.from == other && m.to == removed && m.body == Body::Removed));
+    // A stranger's word counts for nothing.
+    let mut r = node_with(2, HardState { term: 1, vote: None, commit: 0 }, vec![]);
+    r.step(msg(9, 2, 1, Body::Removed));
+    assert!(!r.removed());
+}
+
+#[test]
+fn an_uncommitted_removal_is_not_told() {
+    let (mut c, leader, removed, other, term) = settled();
+    // The removal reaches nobody else, so it cannot commit.
+    c.isolate(leader);
+    c.raft_mut(leader).change_membership(MembershipChange::Remove(removed), vec![]).unwrap();
+    c.process(leader);
+    let vote = Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true, transfer: false };
+    c.raft_mut(leader).step(msg(removed, leader, term + 1, vote));
+    c.process(leader);
+    assert!(!c.queue.iter().any(|m| m.body == Body::Removed), "the removal may still be undone");
+    assert!(c.raft(other).membership().contains(removed));
+}

@@ -191,6 +191,27 @@ pub enum Op {
     },
     /// Snapshot the node's state machine now.
     Snapshot,
+    /// List the members: id, endpoints, voter or learner (and, asked of the
+    /// leader, how far each has replicated and when it was last heard from).
+    Members,
+    /// Add node ID, reachable at RAFT and CLIENT; it joins as a learner and
+    /// is promoted to voter once caught up (never, with --learner). Start it
+    /// with `raft-zmq --node-id ID --join` and a config listing it.
+    AddNode {
+        id: u64,
+        raft: String,
+        client: String,
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove node ID (removing the leader hands leadership over first).
+    /// Its id can never be used again.
+    RemoveNode { id: u64 },
+    /// Hand leadership to node --to (default: the most up-to-date voter).
+    TransferLeader {
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 impl Op {
@@ -207,6 +228,12 @@ impl Op {
             Op::Status => Request::Status,
             Op::Log { from, limit } => Request::Log { from, limit },
             Op::Snapshot => Request::Snapshot,
+            Op::Members => Request::Members,
+            Op::AddNode { id, raft, client, learner } => {
+                Request::AddNode { member: crate::config::Member { id, raft, client }, voter: !learner }
+            }
+            Op::RemoveNode { id } => Request::RemoveNode { id },
+            Op::TransferLeader { to } => Request::TransferLeader { to },
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The wire format between Raft peers and the checks every frame passes
 //! before the core sees it.
 
-use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +13,9 @@ use crate::raft::{Body, Message, NodeId, Term};
 /// Version 2: AppendEntriesReply names the `prev_log_index` it answers,
 /// which the leader needs to tell a wiped follower from a stale reply.
 /// Version 3: InstallSnapshot, with its data in chunks.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// Version 4: memberships (entries that change it, and the one a snapshot
+/// holds in InstallSnapshot).
+pub const PROTOCOL_VERSION: u8 = 4;
 
 /// What travels in one ZeroMQ frame: MessagePack with named fields, so the
 /// format is self-describing and readable by non-Rust tools.
@@ -86,7 +88,6 @@ pub enum Reject {
         envelope: (NodeId, Term),
         message: (NodeId, Term),
     },
-    Stranger(NodeId),
     /// Well-formed but inconsistent (see [`Message::validate`]).
     Invalid {
         from: NodeId,
@@ -116,7 +117,6 @@ impl Reject {
             Reject::Version(_) => "protocol version mismatch",
             Reject::Cluster(_) => "cluster mismatch",
             Reject::Inconsistent { .. } => "inconsistent envelope",
-            Reject::Stranger(_) => "unknown sender",
             Reject::Invalid { .. } => "inconsistent message",
             Reject::Misaddressed { .. } => "misaddressed message",
             Reject::Unexpected { .. } => "unexpected message kind",
@@ -135,7 +135,6 @@ impl fmt::Display for Reject {
             Reject::Inconsistent { envelope, message } => {
                 write!(f, "envelope says (from, term) = {envelope:?}, message {message:?}")
             }
-            Reject::Stranger(id) => write!(f, "node {id} is not a peer"),
             Reject::Invalid { from, problem } => write!(f, "from node {from}: {problem}"),
             Reject::Misaddressed { from, to } => write!(f, "from {from} for node {to}"),
             Reject::Unexpected { from, request } => {
@@ -147,24 +146,26 @@ impl fmt::Display for Reject {
     }
 }
 
-/// This node's view of the wire: who it is, which cluster it is in, whom it
-/// talks to and how large a frame may be.
+/// This node's view of the wire: who it is, which cluster it is in and how
+/// large a frame may be. Who may send is the core's business: membership
+/// changes at run time, and the core drops messages from non-members.
 pub struct Wire {
     me: NodeId,
-    cluster: u64,
-    peers: HashSet<NodeId>,
+    /// 0 while a joining node does not know it yet: it takes the cluster
+    /// of the first request it gets (which comes from the leader adding it).
+    cluster: AtomicU64,
     /// As ZMQ_MAXMSGSIZE: negative means unlimited.
     max_message_bytes: i64,
 }
 
 impl Wire {
-    pub fn new(me: NodeId, cluster: u64, peers: impl IntoIterator<Item = NodeId>, max_message_bytes: i64) -> Wire {
-        let peers = peers.into_iter().filter(|&id| id != me).collect();
-        Wire { me, cluster, peers, max_message_bytes }
+    pub fn new(me: NodeId, cluster: u64, max_message_bytes: i64) -> Wire {
+        Wire { me, cluster: AtomicU64::new(cluster), max_message_bytes }
     }
 
-    pub fn is_peer(&self, id: NodeId) -> bool {
-        self.peers.contains(&id)
+    /// The cluster this node belongs to; 0 while joining.
+    pub fn cluster(&self) -> u64 {
+        self.cluster.load(Ordering::Acquire)
     }
 
     /// Encodes an outgoing message. Refusing an oversized one here beats
@@ -177,7 +178,7 @@ impl Wire {
     pub fn seal_chunk(&self, message: Message, chunk: Option<Chunk>) -> Result<Vec<u8>, Reject> {
         let envelope = Envelope {
             version: PROTOCOL_VERSION,
-            cluster: self.cluster,
+            cluster: self.cluster(),
             from: message.from,
             term: message.term,
             message,
@@ -195,7 +196,7 @@ impl Wire {
     /// Accepts a request from any peer: an InstallSnapshot always with a
     /// piece of its data, anything else without.
     pub fn open_request(&self, frame: &[u8]) -> Result<(Message, Option<Chunk>), Reject> {
-        let (message, chunk) = self.open(frame)?;
+        let (message, chunk) = self.open(frame, true)?;
         let from = message.from;
         if !message.body.is_request() {
             return Err(Reject::Unexpected { from, request: false });
@@ -220,7 +221,7 @@ impl Wire {
     /// Accepts only a reply, and only from the peer that was asked: a
     /// message of the core, or the acknowledgement of a snapshot piece.
     pub fn open_reply(&self, frame: &[u8], peer: NodeId) -> Result<(Message, Option<Chunk>), Reject> {
-        let (message, chunk) = self.open(frame)?;
+        let (message, chunk) = self.open(frame, false)?;
         let request = message.body.is_request();
         let acknowledgement =
             matches!((&message.body, &chunk), (Body::InstallSnapshot { .. }, Some(Chunk::Ack { .. })));
@@ -231,26 +232,31 @@ impl Wire {
         Ok((message, chunk))
     }
 
-    fn open(&self, frame: &[u8]) -> Result<(Message, Option<Chunk>), Reject> {
+    /// `request`: a joining node may take the frame's cluster as its own.
+    fn open(&self, frame: &[u8], request: bool) -> Result<(Message, Option<Chunk>), Reject> {
         let undecodable = |e: rmp_serde::decode::Error| Reject::Undecodable(e.to_string());
         let header: Header = rmp_serde::from_slice(frame).map_err(undecodable)?;
         if header.version != PROTOCOL_VERSION {
             return Err(Reject::Version(header.version));
         }
-        if header.cluster != self.cluster {
+        let joining = request && self.cluster() == 0 && header.cluster != 0;
+        if header.cluster != self.cluster() && !joining {
             return Err(Reject::Cluster(header.cluster));
         }
         let Envelope { from, term, message, chunk, .. } = rmp_serde::from_slice(frame).map_err(undecodable)?;
         if (from, term) != (message.from, message.term) {
             return Err(Reject::Inconsistent { envelope: (from, term), message: (message.from, message.term) });
         }
-        if !self.is_peer(from) {
-            return Err(Reject::Stranger(from));
-        }
         if message.to != self.me {
             return Err(Reject::Misaddressed { from, to: message.to });
         }
         message.validate().map_err(|problem| Reject::Invalid { from, problem })?;
+        // Only a leader adds nodes: joining ends with its first message.
+        if joining && matches!(message.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. }) {
+            let _ = self.cluster.compare_exchange(0, header.cluster, Ordering::AcqRel, Ordering::Acquire);
+        } else if joining {
+            return Err(Reject::Cluster(header.cluster));
+        }
         Ok((message, chunk))
     }
 }
@@ -263,7 +269,7 @@ mod tests {
     const CLUSTER: u64 = 0xc1;
 
     fn wire(me: NodeId) -> Wire {
-        Wire::new(me, CLUSTER, [0, 1, 2], 1 << 20)
+        Wire::new(me, CLUSTER, 1 << 20)
     }
 
     fn append(from: NodeId, to: NodeId) -> Message {
@@ -301,6 +307,26 @@ mod tests {
             message,
             chunk: None,
         }
+    }
+
+    #[test]
+    fn a_joining_node_takes_the_cluster_of_the_first_leader_message() {
+        let joining = Wire::new(0, 0, 1 << 20);
+        let vote = Message {
+            from: 1,
+            to: 0,
+            term: 3,
+            body: Body::RequestVote { last_log_index: 9, last_log_term: 3, pre_vote: true, transfer: false },
+        };
+        let mut other = envelope(vote);
+        other.cluster = 7;
+        assert_eq!(joining.open_request(&raw(&other)), Err(Reject::Cluster(7)), "only a leader adds nodes");
+        assert_eq!(joining.cluster(), 0);
+        assert!(joining.open_request(&raw(&envelope(append(1, 0)))).is_ok());
+        assert_eq!(joining.cluster(), CLUSTER);
+        let mut other = envelope(append(1, 0));
+        other.cluster = 7;
+        assert_eq!(joining.open_request(&raw(&other)), Err(Reject::Cluster(7)), "joined: one cluster only");
     }
 
     #[test]
@@ -362,12 +388,9 @@ mod tests {
         bad.term = 2;
         assert_eq!(me.open_request(&raw(&bad)), Err(Reject::Inconsistent { envelope: (1, 2), message: (1, 3) }));
 
-        let bad = envelope(append(5, 0));
-        assert_eq!(me.open_request(&raw(&bad)), Err(Reject::Stranger(5)));
-
-        // Our own id is not a peer: a node never talks to itself.
+        // A node never talks to itself.
         let bad = envelope(append(0, 0));
-        assert_eq!(me.open_request(&raw(&bad)), Err(Reject::Stranger(0)));
+        assert!(matches!(me.open_request(&raw(&bad)), Err(Reject::Invalid { from: 0, .. })));
 
         let bad = envelope(append(1, 2));
         assert_eq!(me.open_request(&raw(&bad)), Err(Reject::Misaddressed { from: 1, to: 2 }));
@@ -404,9 +427,9 @@ mod tests {
 
     #[test]
     fn seal_refuses_frames_over_the_limit() {
-        let small = Wire::new(1, CLUSTER, [0], 16);
+        let small = Wire::new(1, CLUSTER, 16);
         assert!(matches!(small.seal(append(1, 0)), Err(Reject::TooLarge { limit: 16, .. })));
-        let unlimited = Wire::new(1, CLUSTER, [0], -1);
+        let unlimited = Wire::new(1, CLUSTER, -1);
         assert!(unlimited.seal(append(1, 0)).is_ok());
     }
 

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, error, warn};
 
 pub use envelope::{Envelope, PROTOCOL_VERSION, Reject, Wire, cluster_id};
@@ -108,6 +108,40 @@ impl From<zmq::Error> for TransportError {
     }
 }
 
+/// What every sender thread shares.
+struct LinkSettings {
+    id: NodeId,
+    ctx: zmq::Context,
+    wire: Arc<Wire>,
+    inbound: Sender<Inbound>,
+    stop: Arc<AtomicBool>,
+    reply_timeout: Duration,
+    max_message_bytes: i64,
+    security: Arc<NodeSecurity>,
+    snapshots: Snapshots,
+}
+
+impl LinkSettings {
+    fn link(&self, peer: NodeId, endpoint: String, queue: Receiver<Message>) -> Result<Link, TransportError> {
+        let socket = peer::connect(&self.ctx, &endpoint, self.max_message_bytes, &self.security, peer)
+            .map_err(|source| TransportError::Connect { peer, endpoint: endpoint.clone(), source })?;
+        Ok(Link {
+            peer,
+            endpoint,
+            ctx: self.ctx.clone(),
+            socket: Some(socket),
+            queue,
+            wire: Arc::clone(&self.wire),
+            inbound: self.inbound.clone(),
+            stop: Arc::clone(&self.stop),
+            reply_timeout: self.reply_timeout,
+            max_message_bytes: self.max_message_bytes,
+            security: Arc::clone(&self.security),
+            snapshots: self.snapshots.clone(),
+        })
+    }
+}
+
 /// How long a thread may go without noticing shutdown while waiting on a
 /// socket. Shutdown also wakes the server at once; this bounds the senders.
 const STOP_CHECK: Duration = Duration::from_millis(50);
@@ -115,8 +149,10 @@ const STOP_CHECK: Duration = Duration::from_millis(50);
 /// A running transport. Dropping it stops it, like [`Transport::shutdown`].
 pub struct Transport {
     wire: Arc<Wire>,
-    /// Each sender thread's queue of requests.
-    requests: HashMap<NodeId, Sender<Message>>,
+    /// Each peer's endpoint and its sender thread's queue of requests.
+    requests: HashMap<NodeId, (String, Sender<Message>)>,
+    /// What starting a sender thread for a new peer takes.
+    links: LinkSettings,
     /// Encoded replies for the server thread, keyed by destination.
     replies: Sender<(NodeId, Vec<u8>)>,
     /// Interrupts the server thread's poll. A Mutex because a zmq socket
@@ -139,8 +175,7 @@ impl Transport {
         // Distinguishes the wake pipes of several transports in one context.
         static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
-        let peers: Vec<_> = cfg.peers.into_iter().filter(|(id, _)| *id != cfg.id).collect();
-        let wire = Arc::new(Wire::new(cfg.id, cfg.cluster, peers.iter().map(|(id, _)| *id), cfg.max_message_bytes));
+        let wire = Arc::new(Wire::new(cfg.id, cfg.cluster, cfg.max_message_bytes));
 
         let router = ctx.socket(zmq::ROUTER)?;
         router.set_linger(0)?;
@@ -160,9 +195,21 @@ impl Transport {
         let stop = Arc::new(AtomicBool::new(false));
         // From here on an early return drops `transport`, which stops and
         // joins whatever threads were already started.
+        let links = LinkSettings {
+            id: cfg.id,
+            ctx: ctx.clone(),
+            wire: Arc::clone(&wire),
+            inbound: inbound.clone(),
+            stop: Arc::clone(&stop),
+            reply_timeout: cfg.reply_timeout,
+            max_message_bytes: cfg.max_message_bytes,
+            security: Arc::clone(&cfg.security),
+            snapshots: cfg.snapshots.clone(),
+        };
         let mut transport = Transport {
             wire: Arc::clone(&wire),
             requests: HashMap::new(),
+            links,
             replies,
             wake: Mutex::new(wake_tx),
             stop: Arc::clone(&stop),
@@ -178,35 +225,38 @@ impl Transport {
             snapshots: cfg.snapshots.clone(),
         };
         transport.spawn("raft-server".into(), move || server.run())?;
-
-        for (peer, endpoint) in peers {
-            let socket = peer::connect(ctx, &endpoint, cfg.max_message_bytes, &cfg.security, peer)
-                .map_err(|source| TransportError::Connect { peer, endpoint: endpoint.clone(), source })?;
-            let (queue_tx, queue) = crossbeam_channel::unbounded();
-            transport.requests.insert(peer, queue_tx);
-            let link = Link {
-                peer,
-                endpoint,
-                ctx: ctx.clone(),
-                socket: Some(socket),
-                queue,
-                wire: Arc::clone(&wire),
-                inbound: inbound.clone(),
-                stop: Arc::clone(&stop),
-                reply_timeout: cfg.reply_timeout,
-                max_message_bytes: cfg.max_message_bytes,
-                security: Arc::clone(&cfg.security),
-                snapshots: cfg.snapshots.clone(),
-            };
-            transport.spawn(format!("raft-send-{peer}"), move || link.run())?;
-        }
+        transport.set_peers(cfg.peers)?;
         Ok(transport)
+    }
+
+    /// The peers to send to from now on (an entry for this node is ignored):
+    /// a sender thread starts for each new one, and stops for each gone one
+    /// once its queue is empty. A peer whose endpoint changed gets a new one.
+    pub fn set_peers(&mut self, peers: Vec<(NodeId, String)>) -> Result<(), TransportError> {
+        let me = self.links.id;
+        let wanted: HashMap<NodeId, String> = peers.into_iter().filter(|(id, _)| *id != me).collect();
+        self.requests.retain(|id, (endpoint, _)| wanted.get(id) == Some(endpoint));
+        for (peer, endpoint) in wanted {
+            if self.requests.contains_key(&peer) {
+                continue;
+            }
+            let (queue_tx, queue) = crossbeam_channel::unbounded();
+            let link = self.links.link(peer, endpoint.clone(), queue)?;
+            self.spawn(format!("raft-send-{peer}"), move || link.run())?;
+            self.requests.insert(peer, (endpoint, queue_tx));
+        }
+        Ok(())
+    }
+
+    /// The cluster this node is in; 0 while it is joining one.
+    pub fn cluster(&self) -> u64 {
+        self.wire.cluster()
     }
 
     /// Non-blocking. A request (see [`Body::is_request`]) is queued for the
     /// sender thread of `message.to`; a reply is handed to the server thread,
-    /// which sends it to that peer's pending request. Messages for non-peers
-    /// are dropped.
+    /// which sends it to that node's pending request, if any. Requests for
+    /// non-peers are dropped.
     ///
     /// [`Body::is_request`]: crate::raft::Body::is_request
     pub fn send(&self, message: Message) {
@@ -214,13 +264,11 @@ impl Transport {
         if message.body.is_request() {
             match self.requests.get(&to) {
                 // Fails only once the sender thread is gone (shutdown).
-                Some(queue) => {
+                Some((_, queue)) => {
                     let _ = queue.send(message);
                 }
                 None => debug!("request for non-peer {to} dropped"),
             }
-        } else if !self.wire.is_peer(to) {
-            debug!("reply for non-peer {to} dropped");
         } else {
             match self.wire.seal(message) {
                 Ok(frame) => {
@@ -480,6 +528,8 @@ mod tests {
         b.shutdown();
     }
 
+    /// (A sender outside the membership is the core's to drop: membership
+    /// changes at run time.)
     #[test]
     fn bad_frames_are_dropped_and_valid_peers_still_served() {
         let ctx = zmq::Context::new();
@@ -499,7 +549,6 @@ mod tests {
             b"\xc1 not msgpack".to_vec(),
             frame(PROTOCOL_VERSION + 1, CLUSTER, 1, heartbeat(1, 0, 0)),
             frame(PROTOCOL_VERSION, CLUSTER + 1, 1, heartbeat(1, 0, 0)),
-            frame(PROTOCOL_VERSION, CLUSTER, 7, heartbeat(7, 0, 0)),
             frame(PROTOCOL_VERSION, CLUSTER, 1, heartbeat(1, 5, 0)),
             frame(PROTOCOL_VERSION, CLUSTER, 0, heartbeat(1, 0, 0)),
             frame(PROTOCOL_VERSION, CLUSTER, 1, ack(1, 0)),
@@ -519,7 +568,7 @@ mod tests {
         assert!(raw.poll(zmq::POLLIN, PATIENCE.as_millis() as i64).unwrap() > 0);
         let reply = raw.recv_multipart(0).unwrap();
         assert_eq!(reply.len(), 2);
-        let wire = Wire::new(1, CLUSTER, [0], -1);
+        let wire = Wire::new(1, CLUSTER, -1);
         assert_eq!(wire.open_reply(&reply[1], 0), Ok((ack(0, 1), None)));
         server.shutdown();
     }
@@ -534,7 +583,7 @@ mod tests {
         raw.set_linger(0).unwrap();
         raw.set_rcvtimeo(PATIENCE.as_millis() as i32).unwrap();
         raw.connect(&nodes[0].1).unwrap();
-        let leader = Wire::new(1, CLUSTER, [0], -1);
+        let leader = Wire::new(1, CLUSTER, -1);
         let snapshot = SnapshotMeta { index: 9, term: 2 };
         let file = crate::snapshot::encode(snapshot, &[7; 2500]);
         let total = file.len() as u64;

@@ -148,17 +148,25 @@ impl TestCluster {
     }
 
     fn write_config(&self, extra: &str) {
+        self.write_config_of(&self.config_path, 0..self.nodes.len(), extra);
+    }
+
+    /// Writes a config at `path` whose `nodes` are those of `ids` only (a
+    /// new cluster's, or a joining node's, which lists itself and a member).
+    pub fn write_config_of(&self, path: &Path, ids: impl IntoIterator<Item = usize>, extra: &str) {
+        let ids: Vec<usize> = ids.into_iter().collect();
         let members: Vec<String> = self
             .nodes
             .iter()
             .enumerate()
+            .filter(|(id, _)| ids.contains(id))
             .map(|(id, n)| {
                 let key = n.public_key.map_or(String::new(), |key| format!(r#", "public_key": "{key}""#));
                 format!(r#"{{"id": {id}, "raft": "{}", "client": "{}"{key}}}"#, n.raft, n.client)
             })
             .collect();
         fs::write(
-            &self.config_path,
+            path,
             format!(
                 r#"{{"nodes": [{}], "election_timeout_ms": [300, 600], "heartbeat_ms": 50, "request_timeout_ms": 3000{extra}}}"#,
                 members.join(", ")
@@ -173,11 +181,17 @@ impl TestCluster {
 
     /// Like [`TestCluster::start_node`], with extra command-line arguments.
     pub fn start_node_with(&mut self, id: usize, extra_args: &[String]) {
+        let config = self.config_path.clone();
+        self.start_node_from(id, &config, extra_args);
+    }
+
+    /// Starts node `id` with the config at `config` and `extra_args`.
+    pub fn start_node_from(&mut self, id: usize, config: &Path, extra_args: &[String]) {
         assert!(self.nodes[id].process.is_none(), "node {id} already running");
         let log = fs::OpenOptions::new().create(true).append(true).open(self.output_path(id)).unwrap();
         let child = Command::new(binary())
             .args(["--node-id", &id.to_string(), "--config"])
-            .arg(&self.config_path)
+            .arg(config)
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -25,7 +25,7 @@ pub fn client_request(data: &[u8]) {
 /// Whatever the wire layer accepts must be a message the core can take.
 pub fn peer_frame(data: &[u8]) {
     let cluster = cluster_id(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
-    let wire = Wire::new(0, cluster, [1, 2], 1 << 26);
+    let wire = Wire::new(0, cluster, 1 << 26);
     for (message, _) in [wire.open_request(data), wire.open_reply(data, 1)].into_iter().flatten() {
         assert!(message.validate().is_ok(), "the wire accepted an invalid message: {message:?}");
         let hard_state = HardState { term: 2, vote: None, commit: 1 };

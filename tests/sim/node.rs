@@ -263,7 +263,7 @@ impl SimNode {
     /// Whether the node applied its own removal and no longer leads (a
     /// leader that removed itself hands over first): a real node exits then.
     pub fn must_exit(&self) -> bool {
-        self.app.removed && self.raft().is_some_and(|r| r.soft_state().role != Role::Leader)
+        self.raft().is_some_and(|r| (self.app.removed || r.removed()) && r.soft_state().role != Role::Leader)
     }
 
     /// Replaces the disk by an empty one (a new machine, or a wiped one,

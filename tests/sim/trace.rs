@@ -30,6 +30,7 @@ enum Summary {
     AppendReply { success: bool, match_index: Index, conflict_index: Index },
     TimeoutNow,
     Snapshot { last: (Index, Term) },
+    Removed,
 }
 
 impl From<&Message> for Envelope {
@@ -51,6 +52,7 @@ impl From<&Message> for Envelope {
             }
             Body::TimeoutNow => Summary::TimeoutNow,
             Body::InstallSnapshot { snapshot, .. } => Summary::Snapshot { last: (snapshot.index, snapshot.term) },
+            Body::Removed => Summary::Removed,
         };
         Envelope { from: m.from, to: m.to, term: m.term, body }
     }
@@ -81,6 +83,7 @@ impl fmt::Display for Envelope {
             }
             Summary::TimeoutNow => write!(f, "TimeoutNow"),
             Summary::Snapshot { last } => write!(f, "Snapshot last={}/t{}", last.0, last.1),
+            Summary::Removed => write!(f, "Removed"),
         }
     }
 }

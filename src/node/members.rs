@@ -1,0 +1,133 @@
+//! The node's side of membership: the members' endpoints (replicated as the
+//! membership's context, JSON like `config.json`'s `nodes`), the membership
+//! ops and the leadership transfers clients wait on.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::config::Member;
+use crate::protocol::MemberInfo;
+use crate::raft::{Membership, NodeId};
+
+use super::replies::ReplyTo;
+
+/// The members' endpoints a membership carries, in id order.
+pub fn members_of(membership: &Membership) -> Vec<Member> {
+    let mut members: Vec<Member> = serde_json::from_slice(&membership.context).unwrap_or_default();
+    members.retain(|m| membership.contains(m.id));
+    members.sort_by_key(|m| m.id);
+    members
+}
+
+/// The context of a membership of `members`.
+pub fn context_of(members: &[Member]) -> Vec<u8> {
+    serde_json::to_vec(members).expect("members always serialize")
+}
+
+/// Why a new member cannot be added as given.
+pub fn check_new_member(members: &[Member], new: &Member) -> Result<(), String> {
+    for (what, endpoint) in [("raft", &new.raft), ("client", &new.client)] {
+        if !endpoint.starts_with("tcp://") {
+            return Err(format!("`{what}` must be a tcp:// endpoint, not {endpoint:?}"));
+        }
+        if let Some(m) = members.iter().find(|m| &m.raft == endpoint || &m.client == endpoint) {
+            return Err(format!("endpoint {endpoint} is already node {}'s", m.id));
+        }
+    }
+    Ok(())
+}
+
+/// The `members` reply: every member with its role; on the leader, with
+/// `progress` (match index, and when it was last heard from).
+pub fn member_infos(
+    membership: &Membership,
+    progress: impl Fn(NodeId) -> Option<(u64, Option<Instant>)>,
+) -> Vec<MemberInfo> {
+    members_of(membership)
+        .into_iter()
+        .map(|m| {
+            let seen = progress(m.id);
+            MemberInfo {
+                id: m.id,
+                role: if membership.is_voter(m.id) { "voter" } else { "learner" }.to_string(),
+                match_index: seen.map(|(matched, _)| matched),
+                last_contact_ms: seen.and_then(|(_, at)| at).map(|at| at.elapsed().as_millis() as u64),
+                raft: m.raft,
+                client: m.client,
+            }
+        })
+        .collect()
+}
+
+/// Clients waiting for a leadership transfer to complete.
+#[derive(Default)]
+pub struct Transfers {
+    waiting: Vec<(NodeId, ReplyTo, Instant)>,
+}
+
+impl Transfers {
+    pub fn wait(&mut self, to: NodeId, reply_to: ReplyTo, deadline: Instant) {
+        self.waiting.push((to, reply_to, deadline));
+    }
+
+    /// Those waiting for `leader` to take over, which it has.
+    pub fn done(&mut self, leader: NodeId) -> Vec<ReplyTo> {
+        self.take(|to, _| to == leader).into_iter().map(|(_, reply_to)| reply_to).collect()
+    }
+
+    /// Those whose deadline passed, with the target that did not take over.
+    pub fn expired(&mut self, now: Instant) -> Vec<(NodeId, ReplyTo)> {
+        self.take(|_, deadline| deadline <= now)
+    }
+
+    fn take(&mut self, pick: impl Fn(NodeId, Instant) -> bool) -> Vec<(NodeId, ReplyTo)> {
+        let (picked, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|(to, _, deadline)| pick(*to, *deadline));
+        self.waiting = kept;
+        picked.into_iter().map(|(to, reply_to, _)| (to, reply_to)).collect()
+    }
+}
+
+/// When each peer was last heard from (any message), for `last_contact_ms`.
+#[derive(Default)]
+pub struct LastContact(HashMap<NodeId, Instant>);
+
+impl LastContact {
+    pub fn heard(&mut self, from: NodeId) {
+        self.0.insert(from, Instant::now());
+    }
+
+    pub fn get(&self, id: NodeId) -> Option<Instant> {
+        self.0.get(&id).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: NodeId) -> Member {
+        Member { id, raft: format!("tcp://127.0.0.1:{}", 7000 + id), client: format!("tcp://127.0.0.1:{}", 7100 + id) }
+    }
+
+    #[test]
+    fn members_round_trip_through_the_context_and_follow_the_membership() {
+        let members = vec![member(2), member(0), member(1)];
+        let membership = Membership { learners: [2].into(), ..Membership::of_voters([0, 1], context_of(&members)) };
+        assert_eq!(members_of(&membership), vec![member(0), member(1), member(2)]);
+        let infos = member_infos(&membership, |id| (id == 1).then_some((7, None)));
+        let roles: Vec<(NodeId, &str, Option<u64>)> =
+            infos.iter().map(|i| (i.id, i.role.as_str(), i.match_index)).collect();
+        assert_eq!(roles, vec![(0, "voter", None), (1, "voter", Some(7)), (2, "learner", None)]);
+    }
+
+    #[test]
+    fn a_new_member_needs_endpoints_of_its_own() {
+        let members = vec![member(0), member(1)];
+        assert!(check_new_member(&members, &member(2)).is_ok());
+        let taken = Member { raft: member(1).raft, ..member(2) };
+        assert!(check_new_member(&members, &taken).unwrap_err().contains("node 1"));
+        let bad = Member { client: "127.0.0.1:9".into(), ..member(2) };
+        assert!(check_new_member(&members, &bad).is_err());
+    }
+}

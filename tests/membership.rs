@@ -1,0 +1,109 @@
+//! Runtime membership with real processes: a node joins a running cluster
+//! with `--join`, is added and promoted to voter once caught up; a follower
+//! and then the leader are removed (each exits by itself); leadership moves
+//! on request. Client writes are checked to survive every step.
+
+mod common;
+
+use std::process::ExitStatus;
+
+use common::*;
+use raft_zmq::config::Member;
+use raft_zmq::protocol::{Reply, Request};
+
+fn member(cluster: &TestCluster, id: usize) -> Member {
+    let node = &cluster.nodes[id];
+    Member { id: id as u64, raft: node.raft.clone(), client: node.client.clone() }
+}
+
+/// Waits until node `id` (which was asked to leave) exits by itself.
+fn exits(cluster: &mut TestCluster, id: usize) -> ExitStatus {
+    let process = cluster.nodes[id].process.as_mut().expect("running");
+    let status = wait_for("a removed node to exit", || process.try_wait().unwrap());
+    cluster.nodes[id].process = None;
+    status
+}
+
+/// The leader every running node but `gone` agrees on (the harness's own
+/// wait counts a majority of all the nodes it ever had).
+fn leader_among(cluster: &TestCluster, gone: &[usize]) -> usize {
+    let ids: Vec<usize> = cluster.running().into_iter().filter(|id| !gone.contains(id)).collect();
+    wait_for("a new leader", || {
+        let statuses: Vec<_> = ids.iter().map(|&id| cluster.status(id)).collect::<Option<_>>()?;
+        let leader = statuses.iter().find(|s| s.role == "leader")?;
+        statuses.iter().all(|s| s.leader == Some(leader.id)).then_some(leader.id as usize)
+    })
+}
+
+/// The voters and learners `id` reports.
+fn membership(cluster: &TestCluster, id: usize) -> Option<(Vec<u64>, Vec<u64>)> {
+    cluster.status(id).map(|s| (s.members, s.learners))
+}
+
+#[test]
+fn a_node_joins_and_is_promoted_then_a_follower_and_the_leader_leave() {
+    // Four slots; the cluster starts with nodes 0 to 2.
+    let mut cluster = TestCluster::configure(4, "");
+    cluster.write_config_of(&cluster.config_path.clone(), 0..3, "");
+    (0..3).for_each(|id| cluster.start_node(id));
+    let leader = cluster.wait_for_leader();
+    for i in 0..50 {
+        cluster.call_ok(leader, &put(&format!("before-{i}"), "v"));
+    }
+
+    // Node 3 joins with a config that lists itself and the others.
+    let join = cluster.dir.path().join("join.json");
+    cluster.write_config_of(&join, 0..4, "");
+    cluster.start_node_from(3, &join, &["--join".to_string()]);
+    let Reply::Membership { index } = cluster.call_ok(leader, &Request::AddNode { member: member(&cluster, 3), voter: true })
+    else {
+        panic!("add_node")
+    };
+    assert!(index > 50);
+    wait_for("node 3 to be promoted to voter everywhere", || {
+        (0..4).all(|id| membership(&cluster, id) == Some((vec![0, 1, 2, 3], vec![]))).then_some(())
+    });
+    assert_eq!(cluster.get_value(3, "before-49"), Some(raft_zmq::kv::Value::Str("v".into())));
+    let Reply::Members { members } = cluster.call_ok(leader, &Request::Members) else { panic!("members") };
+    assert_eq!(members.len(), 4);
+    assert!(members.iter().all(|m| m.role == "voter"));
+    assert!(members.iter().filter(|m| m.id != leader as u64).all(|m| m.match_index.is_some()));
+    // Adding a member twice is a bad request.
+    let mut client = cluster.client(leader);
+    let again = client.call(&Request::AddNode { member: member(&cluster, 3), voter: true }).unwrap();
+    assert!(matches!(again, Reply::Error { code: raft_zmq::protocol::ErrorCode::BadRequest, .. }), "{again:?}");
+
+    // A follower leaves: it exits by itself, with status 0.
+    let follower = (0..3).find(|&id| id != leader).unwrap();
+    cluster.call_ok(leader, &Request::RemoveNode { id: follower as u64 });
+    assert!(exits(&mut cluster, follower).success());
+    assert!(read_path(&cluster.output_path(follower)).contains("removed from the cluster"));
+    cluster.call_ok(leader, &put("after-follower", "v"));
+
+    // The leader leaves: it hands over first; the others go on.
+    cluster.call_ok(leader, &Request::RemoveNode { id: leader as u64 });
+    assert!(exits(&mut cluster, leader).success());
+    let new_leader = leader_among(&cluster, &[leader, follower]);
+    assert_ne!(new_leader, leader);
+    cluster.call_ok(new_leader, &put("after-leader", "v"));
+    let remaining: Vec<u64> = (0..4).filter(|&id| id != leader && id != follower).map(|id| id as u64).collect();
+    assert_eq!(membership(&cluster, new_leader).map(|m| m.0), Some(remaining.clone()));
+    for id in [leader, follower] {
+        // Restarted with its old state, a removed node says so and stops.
+        let exited = cluster.run_node_to_exit(id);
+        assert!(exited.status.success(), "{}", exited.stderr);
+        assert!(exited.stderr.contains("removed from the cluster"), "{}", exited.stderr);
+    }
+
+    // Leadership moves on request.
+    let to = remaining.iter().copied().find(|&id| id != new_leader as u64).unwrap();
+    let Reply::TransferLeader { leader: moved } =
+        cluster.call_ok(new_leader, &Request::TransferLeader { to: Some(to) })
+    else {
+        panic!("transfer_leader")
+    };
+    assert_eq!(moved, to);
+    for id in remaining {
+        assert_eq!(cluster.get_value(id as usize, "after-leader"), Some(raft_zmq::kv::Value::Str("v".into())));
+    }
+}
