@@ -32,6 +32,12 @@ struct Cli {
     /// nodes. With state, it changes nothing.
     #[arg(long)]
     join: bool,
+    /// After losing a majority for good: restart this node alone, with its
+    /// data, as a one-node cluster that others can then be added to. Every
+    /// other member is removed (they stop if they come back). Unsafe: writes
+    /// acknowledged by the lost majority but not held here are gone.
+    #[arg(long, conflicts_with = "join")]
+    force_new_cluster: bool,
     /// The cluster's config file.
     #[arg(long, global = true, default_value = "config.json")]
     config: PathBuf,
@@ -171,7 +177,14 @@ fn main() -> ExitCode {
             if let Err(e) = config.require_member(id) {
                 return fail(2, &e);
             }
-            node::run(&config, id, &cli.peer, cli.join).map_err(|e| format!("node {id}: {e}"))
+            let start = if cli.force_new_cluster {
+                node::Start::ForceNewCluster
+            } else if cli.join {
+                node::Start::Join
+            } else {
+                node::Start::Normal
+            };
+            node::run(&config, id, &cli.peer, start).map_err(|e| format!("node {id}: {e}"))
         }
         Some(Tool::Cluster) => cluster::run(&cli.config, &config).map_err(|e| e.to_string()),
         Some(Tool::Bench(args)) => bench::run(&config, &args).map_err(|e| e.to_string()),

@@ -107,3 +107,46 @@ fn a_node_joins_and_is_promoted_then_a_follower_and_the_leader_leave() {
         assert_eq!(cluster.get_value(id as usize, "after-leader"), Some(raft_zmq::kv::Value::Str("v".into())));
     }
 }
+
+/// The majority is lost for good: `--force-new-cluster` restarts a survivor
+/// alone with its data; old members that come back are told to stop; a new
+/// node joins it.
+#[test]
+fn a_survivor_forced_into_a_new_cluster_keeps_its_data_and_grows_again() {
+    let mut cluster = TestCluster::configure(4, "");
+    cluster.write_config_of(&cluster.config_path.clone(), 0..3, "");
+    (0..3).for_each(|id| cluster.start_node(id));
+    let leader = cluster.wait_for_leader();
+    for i in 0..20 {
+        cluster.call_ok(leader, &put(&format!("key-{i}"), "v"));
+    }
+    cluster.wait_applied(cluster.status(leader).unwrap().commit_index);
+    (0..3).for_each(|id| cluster.kill(id));
+
+    let survivor = (leader + 1) % 3;
+    cluster.start_node_with(survivor, &["--force-new-cluster".to_string()]);
+    assert_eq!(leader_among(&cluster, &[]), survivor);
+    assert_eq!(membership(&cluster, survivor), Some((vec![survivor as u64], vec![])));
+    assert_eq!(cluster.get_value(survivor, "key-19"), Some(raft_zmq::kv::Value::Str("v".into())));
+    cluster.call_ok(survivor, &put("after-force", "v"));
+    assert!(read_path(&cluster.output_path(survivor)).contains("FORCED A NEW CLUSTER"));
+
+    // An old member back with its state is told it was removed, and stops.
+    let old = (survivor + 1) % 3;
+    cluster.start_node(old);
+    assert!(exits(&mut cluster, old).success());
+    assert!(read_path(&cluster.output_path(old)).contains("removed from the cluster"));
+
+    // And the cluster grows again.
+    let join = cluster.dir.path().join("join.json");
+    cluster.write_config_of(&join, [survivor, 3], "");
+    cluster.start_node_from(3, &join, &["--join".to_string()]);
+    cluster.call_ok(survivor, &Request::AddNode { member: member(&cluster, 3), voter: true });
+    let both = {
+        let mut ids = vec![survivor as u64, 3];
+        ids.sort_unstable();
+        ids
+    };
+    wait_for("node 3 to become a voter", || (membership(&cluster, 3) == Some((both.clone(), vec![]))).then_some(()));
+    assert_eq!(cluster.get_value(3, "after-force"), Some(raft_zmq::kv::Value::Str("v".into())));
+}

@@ -123,15 +123,25 @@ const MEMBERSHIP_META: &str = "membership";
 /// The cluster's identity, carried in every envelope (see `cluster_id`).
 const CLUSTER_META: &str = "cluster_id";
 
+/// How a node starts (see the `--join` and `--force-new-cluster` flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Normal,
+    /// Without state: wait to be added to a running cluster instead of
+    /// starting a new one. With state: as `Normal`.
+    Join,
+    /// Alone, with its data, as a one-node cluster (the majority is lost).
+    ForceNewCluster,
+}
+
 /// Runs node `id` until SIGINT/SIGTERM, or until it applies its own removal.
 /// `routes` (from `--peer`) reach some peers at another endpoint than their
-/// `raft` one; see `peer_endpoints`. With `join`, a node without state
-/// waits to be added to a running cluster instead of starting a new one.
-pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], join: bool) -> Result<(), Box<dyn Error>> {
+/// `raft` one; see `peer_endpoints`.
+pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Start) -> Result<(), Box<dyn Error>> {
     // Before the state dir is touched: a node without its key must not start.
     let security = Arc::new(NodeSecurity::load(config, id)?);
-    let (mut storage, recovered) = Storage::open(&config.node_state_dir(id))?;
-    let joining = join && storage.memberships().iter().all(|(_, m)| m.voters.is_empty());
+    let (mut storage, mut recovered) = Storage::open(&config.node_state_dir(id))?;
+    let joining = start == Start::Join && storage.memberships().iter().all(|(_, m)| m.voters.is_empty());
     let members = if joining { config.nodes.clone() } else { settle_membership(&mut storage, config)? };
     if storage.memberships()[0].1.removed.contains(&id) {
         info!("node {id}: removed from the cluster (its state dir says so); not starting");
@@ -147,6 +157,9 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], join: bool)
     let mirror = Mirror::open(&config.node_log_path(id))?.with_rotation(rotation);
     let snapshots = Snapshots::open(&snapshot::dir_in(&config.node_state_dir(id)))?;
     let (kv, last_snapshot) = restore_state_machine(&snapshots, &mut storage)?;
+    if start == Start::ForceNewCluster {
+        force_new_cluster(&mut storage, &mut recovered.hard_state, config, id)?;
+    }
     let last_index = storage.last_index();
     if mirror.last_index() > last_index {
         // Applied entries are durable first, so the state dir lost data.
@@ -352,6 +365,35 @@ fn settle_membership(storage: &mut Storage, config: &Config) -> Result<Vec<Membe
     let context = serde_json::to_vec(&members)?;
     storage.bootstrap_membership(&Membership::of_voters(members.iter().map(|m| m.id), context))?;
     Ok(members)
+}
+
+/// Makes this node the only voter, with a membership entry appended to its
+/// log (as etcd's `--force-new-cluster` does): it elects itself, commits
+/// everything its log holds, and every other member is removed, so that one
+/// coming back with its old state is told to stop.
+fn force_new_cluster(
+    storage: &mut Storage,
+    hard_state: &mut HardState,
+    config: &Config,
+    id: NodeId,
+) -> Result<(), Box<dyn Error>> {
+    let current = storage.memberships().pop().expect("never empty").1;
+    let me = config.require_member(id)?.clone();
+    let mut removed = current.removed.clone();
+    removed.extend(current.ids().filter(|&other| other != id));
+    let membership = Membership { removed, ..Membership::of_voters([id], members::context_of(&[me])) };
+    let index = storage.last_index() + 1;
+    let term = hard_state.term.max(storage.log_start().term);
+    let entry = raft::Entry { index, term, payload: raft::Payload::Membership(membership) };
+    *hard_state = HardState { term, vote: None, ..*hard_state };
+    storage.write(Some(hard_state), &[entry])?;
+    storage.sync()?;
+    warn!(
+        "node {id}: FORCED A NEW CLUSTER of this node alone (entry {index}); members {:?} were removed. \
+         Writes acknowledged by the lost majority and not held here are gone. Add nodes with add_node.",
+        current.ids().filter(|&other| other != id).collect::<Vec<_>>()
+    );
+    Ok(())
 }
 
 /// The cluster's identity as recorded in the state dir. A new cluster
