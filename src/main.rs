@@ -189,16 +189,9 @@ fn main() -> ExitCode {
         Some(Tool::Cluster) => cluster::run(&cli.config, &config).map_err(|e| e.to_string()),
         Some(Tool::Bench(args)) => bench::run(&config, &args).map_err(|e| e.to_string()),
         Some(Tool::Client { node, timeout_ms, client_id, seq, curve, op, .. }) => {
-            let member = match node {
-                Some(id) => match config.require_member(id) {
-                    Ok(member) => member,
-                    Err(e) => return fail(2, &e),
-                },
-                None => &config.nodes[0],
-            };
-            let curve = match curve.load(config.curve.is_some()) {
-                Ok(keys) => keys.towards(config.node_key(member.id)),
-                Err(e) => return fail(2, &e),
+            let (member, curve) = match node_target(&config, node, &curve) {
+                Ok(target) => target,
+                Err(code) => return code,
             };
             let request = op.into_request(client_id, seq);
             return run_client(&member.client, curve, Duration::from_millis(timeout_ms), request);
@@ -214,25 +207,17 @@ fn main() -> ExitCode {
                 Tool::TransferLeader { to, node } => (node, client::Op::TransferLeader { to }),
                 _ => unreachable!("matched above"),
             };
-            let member = match node.map(|id| config.require_member(id)).transpose() {
-                Ok(member) => member.unwrap_or(&config.nodes[0]),
-                Err(e) => return fail(2, &e),
-            };
-            let curve = match (client::CurveArgs { server_key: None, key: None }).load(config.curve.is_some()) {
-                Ok(keys) => keys.towards(config.node_key(member.id)),
-                Err(e) => return fail(2, &e),
+            let (member, curve) = match node_target(&config, node, &client::CurveArgs { server_key: None, key: None }) {
+                Ok(target) => target,
+                Err(code) => return code,
             };
             // Membership changes and transfers wait for an election at worst.
             return run_client(&member.client, curve, Duration::from_secs(10), op.into_request(None, None));
         }
         Some(Tool::Snapshot(SnapshotTool::Save { file, node, timeout_ms, curve })) => {
-            let member = match node.map(|id| config.require_member(id)).transpose() {
-                Ok(member) => member.unwrap_or(&config.nodes[0]),
-                Err(e) => return fail(2, &e),
-            };
-            let curve = match curve.load(config.curve.is_some()) {
-                Ok(keys) => keys.towards(config.node_key(member.id)),
-                Err(e) => return fail(2, &e),
+            let (member, curve) = match node_target(&config, node, &curve) {
+                Ok(target) => target,
+                Err(code) => return code,
             };
             let mut client =
                 client::Client::new(&zmq::Context::new(), &member.client, Duration::from_millis(timeout_ms))
@@ -292,6 +277,23 @@ fn run_client(
             }
         }
         Err(e) => fail(3, &format!("{endpoint}: {e}")),
+    }
+}
+
+/// Node `node` of the config (default: the first) and CURVE towards it; a
+/// bad node id or key is reported, exit status 2.
+fn node_target<'a>(
+    config: &'a Config,
+    node: Option<u64>,
+    curve: &client::CurveArgs,
+) -> Result<(&'a raft_zmq::config::Member, Option<ClientCurve>), ExitCode> {
+    let member = match node.map(|id| config.require_member(id)).transpose() {
+        Ok(member) => member.unwrap_or(&config.nodes[0]),
+        Err(e) => return Err(fail(2, &e)),
+    };
+    match curve.load(config.curve.is_some()) {
+        Ok(keys) => Ok((member, keys.towards(config.node_key(member.id)))),
+        Err(e) => Err(fail(2, &e)),
     }
 }
 

@@ -360,27 +360,32 @@ impl Storage {
         if let Some(hs) = hard_state {
             batch.insert(HARD_STATE_KEY, self.encode(hs, "hard state")?);
         }
-        let mut memberships = self.memberships.clone();
+        // Memberships of truncated entries go; the start's always stays.
+        let kept_memberships = entries.first().map_or(self.memberships.len(), |first| {
+            let kept = self.memberships.partition_point(|(index, _)| *index < first.index).max(1);
+            kept.min(self.memberships.len())
+        });
         if let Some(first) = entries.first() {
             for index in first.index..=self.last_index {
                 batch.remove(&log_key(index)[..]);
             }
-            let kept = memberships.partition_point(|(index, _)| *index < first.index).max(1);
-            for (index, _) in memberships.drain(kept.min(memberships.len())..) {
-                batch.remove(&membership_key(index)[..]);
+            for (index, _) in &self.memberships[kept_memberships..] {
+                batch.remove(&membership_key(*index)[..]);
             }
         }
+        let mut added = Vec::new();
         for entry in entries {
             // Inserted after the removals: a batch is a map, so an entry
             // that replaces a truncated one wins.
             batch.insert(&log_key(entry.index)[..], self.encode(entry, "log entry")?);
             if let Payload::Membership(membership) = &entry.payload {
                 batch.insert(&membership_key(entry.index)[..], self.encode(membership, "membership")?);
-                memberships.push((entry.index, membership.clone()));
+                added.push((entry.index, membership.clone()));
             }
         }
         self.apply(batch)?;
-        self.memberships = memberships;
+        self.memberships.truncate(kept_memberships);
+        self.memberships.extend(added);
         if let Some(first) = entries.first() {
             while self.tail.back().is_some_and(|e| e.index >= first.index) {
                 let dropped = self.tail.pop_back().expect("checked");

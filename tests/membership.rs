@@ -35,6 +35,28 @@ fn leader_among(cluster: &TestCluster, gone: &[usize]) -> usize {
     })
 }
 
+/// Four slots, with a cluster of nodes 0 to 2 started and `keys` keys
+/// written as `<prefix>-<i>`; returns it and its leader.
+fn three_of_four(prefix: &str, keys: usize) -> (TestCluster, usize) {
+    let mut cluster = TestCluster::configure(4, "");
+    cluster.write_config_of(&cluster.config_path.clone(), 0..3, "");
+    (0..3).for_each(|id| cluster.start_node(id));
+    let leader = cluster.wait_for_leader();
+    for i in 0..keys {
+        cluster.call_ok(leader, &put(&format!("{prefix}-{i}"), "v"));
+    }
+    (cluster, leader)
+}
+
+/// Starts node 3 with `--join` and a config listing it and `members`, and
+/// has `leader` add it (to become a voter); returns the reply.
+fn join_node_3(cluster: &mut TestCluster, members: &[usize], leader: usize) -> Reply {
+    let join = cluster.dir.path().join("join.json");
+    cluster.write_config_of(&join, members.iter().copied().chain([3]), "");
+    cluster.start_node_from(3, &join, &["--join".to_string()]);
+    cluster.call_ok(leader, &Request::AddNode { member: member(cluster, 3), voter: true })
+}
+
 /// The voters and learners `id` reports.
 fn membership(cluster: &TestCluster, id: usize) -> Option<(Vec<u64>, Vec<u64>)> {
     cluster.status(id).map(|s| (s.members, s.learners))
@@ -42,23 +64,9 @@ fn membership(cluster: &TestCluster, id: usize) -> Option<(Vec<u64>, Vec<u64>)> 
 
 #[test]
 fn a_node_joins_and_is_promoted_then_a_follower_and_the_leader_leave() {
-    // Four slots; the cluster starts with nodes 0 to 2.
-    let mut cluster = TestCluster::configure(4, "");
-    cluster.write_config_of(&cluster.config_path.clone(), 0..3, "");
-    (0..3).for_each(|id| cluster.start_node(id));
-    let leader = cluster.wait_for_leader();
-    for i in 0..50 {
-        cluster.call_ok(leader, &put(&format!("before-{i}"), "v"));
-    }
-
+    let (mut cluster, leader) = three_of_four("before", 50);
     // Node 3 joins with a config that lists itself and the others.
-    let join = cluster.dir.path().join("join.json");
-    cluster.write_config_of(&join, 0..4, "");
-    cluster.start_node_from(3, &join, &["--join".to_string()]);
-    let Reply::Membership { index } = cluster.call_ok(leader, &Request::AddNode { member: member(&cluster, 3), voter: true })
-    else {
-        panic!("add_node")
-    };
+    let Reply::Membership { index } = join_node_3(&mut cluster, &[0, 1, 2], leader) else { panic!("add_node") };
     assert!(index > 50);
     wait_for("node 3 to be promoted to voter everywhere", || {
         (0..4).all(|id| membership(&cluster, id) == Some((vec![0, 1, 2, 3], vec![]))).then_some(())
@@ -113,13 +121,7 @@ fn a_node_joins_and_is_promoted_then_a_follower_and_the_leader_leave() {
 /// node joins it.
 #[test]
 fn a_survivor_forced_into_a_new_cluster_keeps_its_data_and_grows_again() {
-    let mut cluster = TestCluster::configure(4, "");
-    cluster.write_config_of(&cluster.config_path.clone(), 0..3, "");
-    (0..3).for_each(|id| cluster.start_node(id));
-    let leader = cluster.wait_for_leader();
-    for i in 0..20 {
-        cluster.call_ok(leader, &put(&format!("key-{i}"), "v"));
-    }
+    let (mut cluster, leader) = three_of_four("key", 20);
     cluster.wait_applied(cluster.status(leader).unwrap().commit_index);
     (0..3).for_each(|id| cluster.kill(id));
 
@@ -138,10 +140,7 @@ fn a_survivor_forced_into_a_new_cluster_keeps_its_data_and_grows_again() {
     assert!(read_path(&cluster.output_path(old)).contains("removed from the cluster"));
 
     // And the cluster grows again.
-    let join = cluster.dir.path().join("join.json");
-    cluster.write_config_of(&join, [survivor, 3], "");
-    cluster.start_node_from(3, &join, &["--join".to_string()]);
-    cluster.call_ok(survivor, &Request::AddNode { member: member(&cluster, 3), voter: true });
+    join_node_3(&mut cluster, &[survivor], survivor);
     let both = {
         let mut ids = vec![survivor as u64, 3];
         ids.sort_unstable();

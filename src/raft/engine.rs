@@ -651,14 +651,14 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn tally_votes(&mut self) {
-        match self.tracker.vote_result() {
-            VoteResult::Won if self.role == Role::PreCandidate => self.campaign(Campaign::Election),
-            VoteResult::Won => self.become_leader(),
-            VoteResult::Lost => {
+        match (self.tracker.vote_result(), self.role) {
+            (VoteResult::Won, Role::PreCandidate) => self.campaign(Campaign::Election),
+            (VoteResult::Won, Role::Candidate) => self.become_leader(),
+            (VoteResult::Lost, _) => {
                 info!("node {}: lost the election for term {}", self.cfg.id, self.term);
                 self.become_follower(self.term, None);
             }
-            VoteResult::Pending => {}
+            _ => {}
         }
     }
 
