@@ -40,6 +40,8 @@ struct RawMember {
     client: String,
     #[serde(default)]
     public_key: Option<String>,
+    #[serde(default)]
+    http: Option<String>,
 }
 
 /// CURVE settings: present when every node has a `public_key`.
@@ -83,6 +85,10 @@ pub struct Config {
     pub keys_dir: PathBuf,
     /// `None`: no keys, plaintext.
     pub curve: Option<CurveConfig>,
+    /// Where each node that has one serves HTTP (`HOST:PORT`): metrics,
+    /// health, status and the web view. Not part of the membership: each
+    /// node reads its own from the file.
+    pub http: BTreeMap<NodeId, String>,
 }
 
 /// Why a config could not be used. Displays as one line, `<path>: <problem>`,
@@ -184,6 +190,7 @@ impl Config {
         validate(&raw).map_err(|problem| ConfigError::new(path, problem))?;
         let curve = curve_config(&raw).map_err(|problem| ConfigError::new(path, problem))?;
         let folder = path.parent().unwrap_or(Path::new(""));
+        let http = raw.nodes.iter().filter_map(|n| Some((n.id, n.http.clone()?))).collect();
         Ok(Config {
             path: path.to_path_buf(),
             nodes: raw.nodes.into_iter().map(|n| Member { id: n.id, raft: n.raft, client: n.client }).collect(),
@@ -200,6 +207,7 @@ impl Config {
             disk_reserve_bytes: raw.disk_reserve_bytes.unwrap_or((32 << 20).max(4 * raw.max_request_bytes as u64)),
             keys_dir: folder.join(raw.keys_dir),
             curve,
+            http,
         })
     }
 
@@ -254,6 +262,12 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
             // reached the wrong one would misread every message.
             if !endpoints.insert(endpoint.as_str()) {
                 return Err(format!("duplicate endpoint {endpoint:?} (node {} {field})", member.id));
+            }
+        }
+        if let Some(http) = &member.http {
+            check_http(http).map_err(|why| format!("node {} http {http:?}: {why}", member.id))?;
+            if !endpoints.insert(http.as_str()) {
+                return Err(format!("duplicate endpoint {http:?} (node {} http)", member.id));
             }
         }
     }
@@ -327,7 +341,22 @@ fn curve_config(raw: &RawConfig) -> Result<Option<CurveConfig>, String> {
 /// (port 0 would bind a random port that peers cannot know).
 fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
     let rest = endpoint.strip_prefix("tcp://").ok_or("must start with tcp://")?;
-    let (host, port) = rest.rsplit_once(':').ok_or("must be tcp://host:port")?;
+    check_host_port(rest).map_err(|why| if why == NO_PORT { "must be tcp://host:port" } else { why })
+}
+
+/// An `http` address: `HOST:PORT`, as a TCP listener takes it (no scheme:
+/// it is not a ZeroMQ endpoint).
+fn check_http(address: &str) -> Result<(), &'static str> {
+    if address.contains("://") {
+        return Err("must be host:port without a scheme, e.g. 127.0.0.1:7200");
+    }
+    check_host_port(address).map_err(|why| if why == NO_PORT { "must be host:port, e.g. 127.0.0.1:7200" } else { why })
+}
+
+const NO_PORT: &str = "no port";
+
+fn check_host_port(address: &str) -> Result<(), &'static str> {
+    let (host, port) = address.rsplit_once(':').ok_or(NO_PORT)?;
     if host.is_empty() {
         return Err("host is empty");
     }
@@ -486,6 +515,31 @@ mod tests {
         }
         assert!(check_endpoint("tcp://[::1]:7000").is_ok());
         assert!(check_endpoint("tcp://*:7000").is_ok());
+    }
+
+    #[test]
+    fn http_addresses() {
+        let with_http = |http: &str| {
+            problem_with_nodes(&format!(r#"{{"id": 3, "raft": "tcp://a:1", "client": "tcp://a:2", "http": "{http}"}}"#))
+        };
+        assert_eq!(
+            with_http("http://a:80"),
+            r#"node 3 http "http://a:80": must be host:port without a scheme, e.g. 127.0.0.1:7200"#
+        );
+        assert_eq!(with_http("localhost"), r#"node 3 http "localhost": must be host:port, e.g. 127.0.0.1:7200"#);
+        assert_eq!(with_http("a:0"), r#"node 3 http "a:0": port must be a number in 1..=65535"#);
+        let duplicate = problem_with_nodes(
+            r#"{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:2", "http": "a:80"},
+               {"id": 1, "raft": "tcp://a:3", "client": "tcp://a:4", "http": "a:80"}"#,
+        );
+        assert_eq!(duplicate, r#"duplicate endpoint "a:80" (node 1 http)"#);
+        let (_dir, config) = load(
+            r#"{"nodes": [{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:2", "http": "127.0.0.1:7200"},
+                         {"id": 1, "raft": "tcp://a:3", "client": "tcp://a:4"}]}"#,
+        );
+        let config = config.unwrap();
+        assert_eq!(config.http.get(&0).map(String::as_str), Some("127.0.0.1:7200"));
+        assert_eq!(config.http.get(&1), None);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub mod config;
 pub mod driver;
 pub mod kv;
+pub mod metrics;
 pub mod mirror;
 pub mod node;
 pub mod protocol;

@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 use raft_zmq::config::Config;
 use raft_zmq::node;
 use raft_zmq::security::{ClientCurve, CurveIdentity};
-use raft_zmq::tools::{backup, bench, client, cluster};
+use raft_zmq::tools::status::{self, Target};
+use raft_zmq::tools::{backup, bench, client, cluster, shell};
 
 #[derive(Parser)]
 #[command(
@@ -41,15 +42,28 @@ struct Cli {
     /// The cluster's config file.
     #[arg(long, global = true, default_value = "config.json")]
     config: PathBuf,
+    /// Log lines as text for people, or as one JSON object per line (time,
+    /// level, node, term, target, event) for log shippers.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     tool: Option<Tool>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Tool {
     /// Start every node of the config as a separate process; Ctrl-C stops them.
     Cluster,
-    /// Send one request to a node and print its reply as JSON.
+    /// Send one request to a node and print its reply as JSON; with no
+    /// command, open an interactive shell (it reads commands from standard
+    /// input when that is not a terminal).
+    #[command(alias = "shell")]
     Client {
         /// Node to ask (default: the first in the config).
         #[arg(long)]
@@ -66,10 +80,28 @@ enum Tool {
         /// Sequence number of this write within the session.
         #[arg(long, requires = "client_id")]
         seq: Option<u64>,
+        /// Shell: print each reply as one line of JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         curve: client::CurveArgs,
         #[command(subcommand)]
-        op: client::Op,
+        op: Option<client::Op>,
+    },
+    /// Ask every node for its status at once and print one row per node
+    /// (exit status 1 when some node did not answer).
+    Status {
+        /// Client endpoints to ask (comma-separated), instead of the config's nodes.
+        #[arg(long, value_name = "LIST")]
+        endpoints: Option<String>,
+        /// Output format.
+        #[arg(short = 'w', long = "write-out", value_enum, default_value = "table")]
+        write_out: status::Format,
+        /// Give up on a node after this long without a reply.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        curve: client::CurveArgs,
     },
     /// Measure acknowledged-put throughput and latency against a running cluster.
     Bench(bench::BenchArgs),
@@ -147,8 +179,8 @@ enum SnapshotTool {
 fn main() -> ExitCode {
     node::abort_on_panic();
     let cli = Cli::parse();
-    let default_level = if matches!(cli.tool, Some(Tool::Client { .. } | Tool::Bench(_))) { "warn" } else { "info" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
+    let quiet = matches!(cli.tool, Some(Tool::Client { .. } | Tool::Bench(_) | Tool::Status { .. }));
+    init_logging(if quiet { "warn" } else { "info" }, cli.log_format, cli.node_id);
 
     if let Some(Tool::Keygen { name }) = &cli.tool {
         return match CurveIdentity::write_new(name) {
@@ -159,13 +191,28 @@ fn main() -> ExitCode {
             Err(e) => fail(1, &e),
         };
     }
-    // A client given an endpoint needs no config file.
-    if let Some(Tool::Client { endpoint: Some(endpoint), timeout_ms, client_id, seq, curve, op, .. }) = cli.tool {
-        let curve = match curve.load(false) {
-            Ok(keys) => keys.towards(None),
+    // A client given an endpoint, or a status of given endpoints, needs no config file.
+    if let Some(Tool::Client { endpoint: Some(endpoint), timeout_ms, client_id, seq, curve, op, json, .. }) = cli.tool {
+        let keys = match curve.load(false) {
+            Ok(keys) => keys,
             Err(e) => return fail(2, &e),
         };
-        return run_client(&endpoint, curve, Duration::from_millis(timeout_ms), op.into_request(client_id, seq));
+        let timeout = Duration::from_millis(timeout_ms);
+        return match op {
+            Some(op) => run_client(&endpoint, keys.towards(None), timeout, op.into_request(client_id, seq)),
+            None => {
+                let target = Target { id: None, endpoint };
+                run_shell(shell::Shell::new(vec![target], 0, Box::new(move |_| keys.towards(None)), timeout, json))
+            }
+        };
+    }
+    if let Some(Tool::Status { endpoints: Some(list), write_out, timeout_ms, curve }) = &cli.tool {
+        let keys = match curve.load(false) {
+            Ok(keys) => keys,
+            Err(e) => return fail(2, &e),
+        };
+        let curve = status::curve_for(None, keys);
+        return run_status(status::targets_from_list(list), &curve, *timeout_ms, *write_out);
     }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -188,13 +235,35 @@ fn main() -> ExitCode {
         }
         Some(Tool::Cluster) => cluster::run(&cli.config, &config).map_err(|e| e.to_string()),
         Some(Tool::Bench(args)) => bench::run(&config, &args).map_err(|e| e.to_string()),
-        Some(Tool::Client { node, timeout_ms, client_id, seq, curve, op, .. }) => {
+        Some(Tool::Client { node, timeout_ms, client_id, seq, curve, op: Some(op), .. }) => {
             let (member, curve) = match node_target(&config, node, &curve) {
                 Ok(target) => target,
                 Err(code) => return code,
             };
             let request = op.into_request(client_id, seq);
             return run_client(&member.client, curve, Duration::from_millis(timeout_ms), request);
+        }
+        Some(Tool::Client { node, timeout_ms, curve, op: None, json, .. }) => {
+            let (member, _) = match node_target(&config, node, &curve) {
+                Ok(target) => target,
+                Err(code) => return code,
+            };
+            let keys = match curve.load(config.curve.is_some()) {
+                Ok(keys) => keys,
+                Err(e) => return fail(2, &e),
+            };
+            let first = config.nodes.iter().position(|m| m.id == member.id).expect("a node of the config");
+            let curve = Box::new(status::curve_for(Some(&config), keys));
+            let timeout = Duration::from_millis(timeout_ms);
+            return run_shell(shell::Shell::new(status::targets_of(&config), first, curve, timeout, json));
+        }
+        Some(Tool::Status { write_out, timeout_ms, curve, .. }) => {
+            let keys = match curve.load(config.curve.is_some()) {
+                Ok(keys) => keys,
+                Err(e) => return fail(2, &e),
+            };
+            let curve = status::curve_for(Some(&config), keys);
+            return run_status(status::targets_of(&config), &curve, timeout_ms, write_out);
         }
         Some(Tool::Keygen { .. }) => unreachable!("handled before the config is read"),
         Some(tool @ (Tool::Member { .. } | Tool::TransferLeader { .. })) => {
@@ -253,6 +322,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// env_logger at `RUST_LOG` (default `default_level`), as text or JSON lines.
+fn init_logging(default_level: &str, format: LogFormat, node: Option<u64>) {
+    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level));
+    if format == LogFormat::Json {
+        builder.format(move |out, record| {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "time": out.timestamp_millis().to_string(),
+                "level": record.level().as_str(),
+                "node": node,
+                "term": raft_zmq::metrics::METRICS.term.get(),
+                "target": record.target(),
+                "event": record.args().to_string(),
+            });
+            writeln!(out, "{line}")
+        });
+    }
+    builder.init();
+}
+
 fn parse_route(route: &str) -> Result<(u64, String), String> {
     let (id, endpoint) = route.split_once('=').ok_or("expected ID=ENDPOINT")?;
     let id = id.parse().map_err(|e| format!("bad node id {id:?}: {e}"))?;
@@ -278,6 +367,25 @@ fn run_client(
         }
         Err(e) => fail(3, &format!("{endpoint}: {e}")),
     }
+}
+
+fn run_shell(shell: shell::Shell) -> ExitCode {
+    match shell.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &e),
+    }
+}
+
+/// Prints the status of every node; exit status 1 when one did not answer.
+fn run_status(
+    targets: Vec<Target>,
+    curve: &dyn Fn(Option<u64>) -> Option<ClientCurve>,
+    timeout_ms: u64,
+    format: status::Format,
+) -> ExitCode {
+    let rows = status::ask_all(targets, curve, Duration::from_millis(timeout_ms));
+    print!("{}", status::render(&rows, format));
+    if rows.iter().all(|row| row.status.is_ok()) { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 /// Node `node` of the config (default: the first) and CURVE towards it; a

@@ -160,6 +160,37 @@ pub struct StatusInfo {
     pub snapshot_index: Index,
     /// Conditions an operator must act on, e.g. "nospace" (as etcd's alarms).
     pub alarms: Vec<String>,
+    /// Our extensions, for `raft-zmq status` and the web view: whom this
+    /// node voted for in its term, how long ago it last heard from its
+    /// leader (0 on the leader; none when it knows no leader), and the bytes
+    /// its state dir takes.
+    pub vote: Option<NodeId>,
+    pub leader_contact_ms: Option<u64>,
+    pub state_bytes: u64,
+}
+
+#[cfg(test)]
+impl StatusInfo {
+    /// Node `id`, a follower of a healthy 3-node cluster that node 0 leads.
+    pub(crate) fn sample(id: NodeId) -> StatusInfo {
+        StatusInfo {
+            id,
+            role: "follower".into(),
+            term: 3,
+            leader: Some(0),
+            commit_index: 10,
+            last_applied: 10,
+            last_log_index: 10,
+            members: vec![0, 1, 2],
+            learners: vec![],
+            first_log_index: 1,
+            snapshot_index: 0,
+            alarms: vec![],
+            vote: Some(0),
+            leader_contact_ms: Some(40),
+            state_bytes: 2048,
+        }
+    }
 }
 
 /// One entry of a `log` reply.
@@ -234,15 +265,35 @@ impl Reply {
         Reply::Error { code, message: message.into(), leader }
     }
 
+    /// "ok", or the error code's wire name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reply::Error { code, .. } => code.as_str(),
+            _ => "ok",
+        }
+    }
+
+    /// [`Reply::code`] of an encoded reply, without decoding the rest of it
+    /// ("bad_reply" when it is not one).
+    pub fn code_of(frame: &[u8]) -> &'static str {
+        let Ok(mut fields) = Fields::parse(frame) else { return "bad_reply" };
+        match fields.required("ok", to_bool) {
+            Ok(true) => "ok",
+            Ok(false) => fields.required("error", to_error_code).map_or("bad_reply", ErrorCode::as_str),
+            Err(_) => "bad_reply",
+        }
+    }
+
     /// One MessagePack map with string keys, `ok` first. Absent values
     /// (and an unknown leader) are nil.
     pub fn encode(&self) -> Vec<u8> {
         let ok = !matches!(self, Reply::Error { .. });
         let mut map = vec![("ok", ok.into())];
         match self {
-            Reply::Put { index } | Reply::Propose { index } | Reply::Snapshot { index } | Reply::Membership { index } => {
-                map.push(("index", (*index).into()))
-            }
+            Reply::Put { index }
+            | Reply::Propose { index }
+            | Reply::Snapshot { index }
+            | Reply::Membership { index } => map.push(("index", (*index).into())),
             Reply::TransferLeader { leader } => map.push(("leader", (*leader).into())),
             Reply::Members { members } => {
                 let members = members.iter().map(|m| {
@@ -288,6 +339,9 @@ impl Reply {
                 ("first_log_index", status.first_log_index.into()),
                 ("snapshot_index", status.snapshot_index.into()),
                 ("alarms", rmpv::Value::Array(status.alarms.iter().map(|a| a.as_str().into()).collect())),
+                ("vote", uint_or_nil(status.vote)),
+                ("leader_contact_ms", uint_or_nil(status.leader_contact_ms)),
+                ("state_bytes", status.state_bytes.into()),
             ]),
             Reply::Log { entries } => {
                 let entries = entries.iter().map(|entry| {
@@ -348,6 +402,10 @@ impl Reply {
                 first_log_index: fields.required("first_log_index", to_u64)?,
                 snapshot_index: fields.required("snapshot_index", to_u64)?,
                 alarms: fields.required("alarms", list(to_string))?,
+                // Absent from nodes of earlier versions.
+                vote: fields.optional("vote", to_u64)?,
+                leader_contact_ms: fields.optional("leader_contact_ms", to_u64)?,
+                state_bytes: fields.optional("state_bytes", to_u64)?.unwrap_or(0),
             })),
             Request::Log { .. } => Reply::Log { entries: fields.required("entries", list(to_log_entry))? },
             Request::Snapshot => Reply::Snapshot { index: fields.required("index", to_u64)? },
@@ -724,6 +782,9 @@ mod tests {
             first_log_index: 1,
             snapshot_index: 0,
             alarms: vec!["nospace".into()],
+            vote: Some(1),
+            leader_contact_ms: Some(0),
+            state_bytes: 12345,
         };
         let requests = all_requests();
         let (put, delete, cas, propose, get, status_req, log) =

@@ -323,6 +323,17 @@ impl NodeSecurity {
         }
     }
 
+    /// How this node, as a client, reaches `node`'s client endpoint (its own
+    /// included): with its own key pair, which every client endpoint lets in.
+    pub fn client_curve(&self, node: NodeId) -> Option<ClientCurve> {
+        match self {
+            NodeSecurity::Plain => None,
+            NodeSecurity::Curve(keys) => {
+                Some(ClientCurve { identity: keys.identity.clone(), server: *keys.nodes.get(&node)? })
+            }
+        }
+    }
+
     /// With CURVE, starts the ZAP handler of `ctx`. It must run before any
     /// server socket of `ctx` binds and until the last one is closed: while
     /// no handler is bound, libzmq lets every CURVE client in.

@@ -61,6 +61,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::metrics::{METRICS, seconds_since};
 use crate::raft::log_store::take_within;
 use crate::raft::types::{Entry, HardState, Index, Membership, Payload, Term};
 use crate::raft::{LogStore, SnapshotMeta};
@@ -312,7 +313,8 @@ impl Storage {
         self.memberships = self.read_key(MEMBERSHIP_KEY, "membership")?.into_iter().collect();
         for item in self.db.scan_prefix(MEMBERSHIP_PREFIX) {
             let (key, value) = item.map_err(|e| err(format!("cannot read memberships: {e}")))?;
-            let index = parse_index_key(MEMBERSHIP_PREFIX, &key).ok_or_else(|| err("malformed membership key".into()))?;
+            let index =
+                parse_index_key(MEMBERSHIP_PREFIX, &key).ok_or_else(|| err("malformed membership key".into()))?;
             // Leftovers of a compaction or a truncation a crash cut short.
             if index <= self.snapshot.index || index > self.last_index {
                 continue;
@@ -550,11 +552,13 @@ impl Storage {
     /// this is more than `flush`). One call covers any number of writes, so
     /// the caller can group-commit.
     pub fn sync(&mut self) -> Result<(), StorageError> {
+        let started = Instant::now();
         self.db.flush().map_err(|e| StorageError::new(&self.dir, format!("cannot flush: {e}")))?;
         self.db_file.sync_data().map_err(|e| StorageError::new(&self.dir, format!("cannot fsync db file: {e}")))?;
         self.sync_files()?;
         self.sync_dir_entries()?;
         self.sync_count += 1;
+        METRICS.fsync_seconds.observe(seconds_since(started));
         Ok(())
     }
 

@@ -19,6 +19,7 @@ use super::Shared;
 use super::replies::{Replier, ReplyTo};
 use crate::kv::{KvStore, Value, command_json};
 use crate::lock;
+use crate::metrics::{METRICS, seconds_since};
 use crate::mirror::Mirror;
 use crate::protocol::{ErrorCode, Reply};
 use crate::raft::{Entry, Index, NodeId, Payload, SnapshotMeta, Term};
@@ -184,6 +185,8 @@ impl Applier {
 
     fn apply(&mut self, entries: Vec<Entry>) {
         let Some(last) = entries.last().map(|e| e.index) else { return };
+        let started = Instant::now();
+        METRICS.apply_entries.observe(entries.len() as f64);
         for entry in entries {
             let applied = self.kv.apply(entry.index, &entry.payload);
             self.applied = SnapshotMeta { index: entry.index, term: entry.term };
@@ -197,12 +200,17 @@ impl Applier {
             if let Payload::Membership(membership) = &entry.payload
                 && membership.removed.contains(&self.removal.id)
             {
-                info!("node {}: removed from the cluster (membership entry {}); stopping", self.removal.id, entry.index);
+                info!(
+                    "node {}: removed from the cluster (membership entry {}); stopping",
+                    self.removal.id, entry.index
+                );
                 let _ = self.removal.stop.try_send(());
             }
             for pending in self.writes.remove(&entry.index).into_iter().flatten() {
                 let reply = match (&applied, &entry.payload) {
-                    (_, Payload::Membership(_)) if pending.term == entry.term => Reply::Membership { index: entry.index },
+                    (_, Payload::Membership(_)) if pending.term == entry.term => {
+                        Reply::Membership { index: entry.index }
+                    }
                     (Some(applied), _) if pending.term == entry.term => applied.reply.clone(),
                     // Another leader's entry took this index: ours never committed.
                     _ => Reply::error(ErrorCode::NoLeader, "leadership changed; the write was not applied", None),
@@ -214,6 +222,8 @@ impl Applier {
             error!("cannot flush the log mirror: {e}");
         }
         self.shared.last_applied.store(last, Ordering::Release);
+        METRICS.applied_index.set(last as i64);
+        METRICS.apply_seconds.observe(seconds_since(started));
         if self.applied.index - self.snapshot.last.index >= self.snapshot.every {
             self.take_snapshot();
         }
@@ -242,6 +252,8 @@ impl Applier {
         self.snapshot.last = snapshot;
         self.shared.last_applied.store(snapshot.index, Ordering::Release);
         self.shared.snapshot_index.store(snapshot.index, Ordering::Release);
+        METRICS.applied_index.set(snapshot.index as i64);
+        METRICS.snapshot_index.set(snapshot.index as i64);
         self.answer_reads_up_to(snapshot.index);
     }
 
@@ -263,6 +275,9 @@ impl Applier {
                 );
                 self.snapshot.last = self.applied;
                 self.shared.snapshot_index.store(self.applied.index, Ordering::Release);
+                METRICS.snapshots.inc();
+                METRICS.snapshot_seconds.observe(seconds_since(started));
+                METRICS.snapshot_index.set(self.applied.index as i64);
                 // The core loop compacts the log behind it; if it is gone, so is the node.
                 let _ = self.snapshot.taken.send(self.applied);
             }

@@ -154,6 +154,7 @@ impl ClientEndpoint {
     /// queue is drained by this very thread, so blocking on it when full
     /// would wedge the node.
     fn answer(&self, reply_to: ReplyTo, reply: &Reply) {
+        reply_to.record(reply.code());
         let mut frames = reply_to.route;
         frames.push(reply.encode());
         self.send_to_client(frames);
@@ -170,7 +171,7 @@ impl ClientEndpoint {
             return;
         };
         let body = frames.split_off(delimiter + 1);
-        let reply_to = ReplyTo { route: frames };
+        let mut reply_to = ReplyTo::new(frames);
         let leader = shared.leader();
         let [request] = <[Vec<u8>; 1]>::try_from(body).unwrap_or_default();
         if request.is_empty() {
@@ -194,11 +195,11 @@ impl ClientEndpoint {
             Err(Reply::Error { code, message, .. }) => return self.refuse(reply_to, code, message, leader),
             Err(reply) => return self.answer(reply_to, &reply),
         };
-        let local =
-            matches!(
-                decoded,
-                Request::Status | Request::Members | Request::Log { .. } | Request::Snapshot | Request::SnapshotData { .. }
-            );
+        reply_to.op = decoded.op();
+        let local = matches!(
+            decoded,
+            Request::Status | Request::Members | Request::Log { .. } | Request::Snapshot | Request::SnapshotData { .. }
+        );
         match leader {
             leader if local || leader == Some(self.cfg.id) => {
                 let call = ClientCall { request: decoded, reply_to, bytes: request.len() };
@@ -297,6 +298,7 @@ impl ClientEndpoint {
             // A reply whose client already got `timeout` is dropped.
             let waiting = ReplyTo::forwarded_token(&frames).and_then(|token| forwarder.waiting.remove(&token));
             if let (Some((reply_to, _)), Some(reply)) = (waiting, frames.pop()) {
+                reply_to.record(Reply::code_of(&reply));
                 let mut route = reply_to.route;
                 route.push(reply);
                 replies.push(route);

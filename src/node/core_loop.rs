@@ -18,17 +18,18 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, after, select};
 use log::{error, info, warn};
 
 use super::applier::ApplyMsg;
-use super::members::{LastContact, Transfers, check_new_member, context_of, member_infos, members_of};
-use super::{Shared, peer_endpoints, record_cluster};
 use super::disk::NOSPACE;
 use super::log_reader::DiskRead;
+use super::members::{LastContact, Transfers, check_new_member, context_of, member_infos, members_of};
 use super::replies::{Replier, ReplyTo, not_leader};
 use super::store::{NodeStore, PersistError};
+use super::{Shared, peer_endpoints, record_cluster};
+use crate::config::Member;
 use crate::driver::{self, run_ready};
 use crate::kv::{LoggedCommand, Value, session_reply};
 use crate::lock;
+use crate::metrics::METRICS;
 use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
-use crate::config::Member;
 use crate::raft::{
     Body, ChangeError, Entry, Index, Membership, MembershipChange, Message, NodeId, NotLeader, Raft, ReadState, Role,
     Snapshot, SnapshotMeta, SoftState, Term, TransferError,
@@ -259,6 +260,7 @@ impl State {
             }
         }
         self.process_ready()?;
+        self.publish_metrics(inputs);
         if self.raft.removed() {
             info!("node {}: removed from the cluster (a member said so); stopping", self.raft.id());
             return Ok(false);
@@ -410,9 +412,16 @@ impl State {
     }
 
     /// Proposes a membership change; the client is answered once it applies.
-    fn change_membership(&mut self, change: MembershipChange, members: &[Member], reply_to: ReplyTo, deadline: Instant) {
+    fn change_membership(
+        &mut self,
+        change: MembershipChange,
+        members: &[Member],
+        reply_to: ReplyTo,
+        deadline: Instant,
+    ) {
         match self.raft.change_membership(change, context_of(members)) {
             Ok(index) => {
+                METRICS.proposals.inc();
                 let term = self.raft.soft_state().term;
                 self.io.to_applier(ApplyMsg::AwaitWrite { index, term, session: None, reply_to, deadline });
             }
@@ -479,6 +488,7 @@ impl State {
         }
         match self.raft.propose(bytes) {
             Ok((index, term)) => {
+                METRICS.proposals.inc();
                 self.io.proposals.add(index, term, size, session.as_ref().map(|(c, s)| (c.as_str(), *s)));
                 self.io.to_applier(ApplyMsg::AwaitWrite { index, term, session, reply_to, deadline });
             }
@@ -508,7 +518,29 @@ impl State {
             first_log_index: raft.snapshot().index + 1,
             snapshot_index: self.io.shared.snapshot_index.load(Ordering::Acquire),
             alarms: self.raft.store().disk.raised().then(|| NOSPACE.to_string()).into_iter().collect(),
+            vote: raft.hard_state().vote,
+            leader_contact_ms: match soft.leader {
+                Some(leader) if leader == raft.id() => Some(0),
+                Some(leader) => self.io.last_contact.get(leader).map(|at| at.elapsed().as_millis() as u64),
+                None => None,
+            },
+            state_bytes: self.raft.store().disk.state_bytes(),
         }
+    }
+
+    /// What the core knows, for `/metrics` (a handful of atomic stores).
+    fn publish_metrics(&self, inputs: &Inputs) {
+        let (raft, m) = (&self.raft, &*METRICS);
+        let soft = raft.soft_state();
+        m.term.set(soft.term as i64);
+        m.is_leader.set((soft.role == Role::Leader) as i64);
+        m.commit_index.set(raft.commit_index() as i64);
+        m.last_log_index.set(raft.last_index() as i64);
+        m.first_log_index.set(raft.snapshot().index as i64 + 1);
+        m.members.with_label_values(&["voter"]).set(raft.membership().voters.len() as i64);
+        m.members.with_label_values(&["learner"]).set(raft.membership().learners.len() as i64);
+        m.client_queue.set(inputs.clients.len() as i64);
+        m.apply_queue.set(self.io.applier.len() as i64);
     }
 
     fn process_ready(&mut self) -> Result<(), PersistError> {
@@ -545,6 +577,14 @@ impl driver::Shell for Io {
             soft.leader.map_or("unknown".to_string(), |l| l.to_string())
         );
         self.shared.set_leader(soft.leader);
+        if soft.leader.is_some() && soft.leader != self.leader {
+            METRICS.leader_changes.inc();
+        }
+        // A candidate's soft state changes only when it starts an election
+        // (a new term) or stops being one.
+        if soft.role == Role::Candidate {
+            METRICS.elections.inc();
+        }
         self.leader = soft.leader;
         if let Some(leader) = soft.leader {
             for reply_to in self.transfers.done(leader) {
@@ -563,7 +603,8 @@ impl driver::Shell for Io {
         let members = members_of(membership);
         // Joining: no membership yet, so the config's nodes stay the peers.
         if !members.is_empty() {
-            let routes: Vec<_> = self.routes.iter().filter(|(id, _)| members.iter().any(|m| m.id == *id)).cloned().collect();
+            let routes: Vec<_> =
+                self.routes.iter().filter(|(id, _)| members.iter().any(|m| m.id == *id)).cloned().collect();
             let peers = peer_endpoints(&members, self.id, &routes).expect("routes filtered to members");
             if let Err(e) = self.transport.set_peers(peers) {
                 warn!("node {}: cannot connect to the new members: {e}", self.id);

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use crate::metrics::METRICS;
+
 /// The name `status` lists while the alarm is raised.
 pub const NOSPACE: &str = "nospace";
 
@@ -56,6 +58,11 @@ impl DiskAlarm {
         self.raised
     }
 
+    /// Bytes the state dir takes on disk.
+    pub fn state_bytes(&self) -> u64 {
+        dir_bytes(&self.dir)
+    }
+
     /// A leader should hand leadership over: once per alarm, so that when
     /// every node is short of space leadership settles instead of going round.
     pub fn handover_due(&self) -> bool {
@@ -86,6 +93,7 @@ impl DiskAlarm {
         }
         self.raised = raised;
         self.handover_due = raised;
+        METRICS.nospace.set(raised as i64);
         if raised {
             warn!(
                 "alarm {NOSPACE}: {} has {free} bytes free, below the reserve of {}; taking no new entries \
@@ -113,6 +121,22 @@ fn free_bytes(dir: &Path) -> io::Result<u64> {
     Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
+/// Bytes the files under `dir` take on disk (allocated blocks, so sparse
+/// and preallocated files count as the disk sees them); unreadable entries
+/// count 0.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
+            Ok(meta) => meta.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +158,16 @@ mod tests {
         starved.reserve = u64::MAX;
         starved.wrote(u64::MAX / 8);
         assert!(starved.poll(now + 2 * DiskAlarm::CHECK_EVERY), "due early after many bytes written");
+    }
+
+    #[test]
+    fn dir_bytes_counts_nested_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("a"), vec![1; 10_000]).unwrap();
+        std::fs::write(dir.path().join("sub/b"), vec![1; 20_000]).unwrap();
+        assert!(dir_bytes(dir.path()) >= 30_000, "{}", dir_bytes(dir.path()));
+        assert_eq!(dir_bytes(&dir.path().join("missing")), 0);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod applier;
 mod client_endpoint;
 mod core_loop;
 mod disk;
+mod http;
 mod log_reader;
 mod members;
 mod replies;
@@ -43,6 +44,7 @@ use applier::{Applier, Removal, SnapshotPolicy};
 use client_endpoint::{ClientEndpoint, EndpointConfig};
 use core_loop::{CoreLoop, Inputs, Io};
 use disk::DiskAlarm;
+use http::{HttpConfig, HttpServer};
 use replies::Replier;
 use store::NodeStore;
 
@@ -152,7 +154,8 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         info!("node {id}: joining: waiting to be added to a running cluster (add_node)");
     }
     security.check_members(&members)?;
-    let me = members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
+    let me =
+        members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
     let rotation = Rotation { every: config.snapshot_entries, keep: config.log_mirror_files };
     let mirror = Mirror::open(&config.node_log_path(id))?.with_rotation(rotation);
     let snapshots = Snapshots::open(&snapshot::dir_in(&config.node_state_dir(id)))?;
@@ -234,12 +237,30 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
             max_request_bytes: config.max_request_bytes,
             forward_timeout: Duration::from_millis(config.request_timeout_ms + 1000),
             max_queued_bytes: CLIENT_QUEUE_BYTES,
-            security,
+            security: security.clone(),
         },
         &replies_endpoint,
     )?;
     let replier = Replier::connect(&ctx, &replies_endpoint)?;
     let shared = Arc::new(Shared::new());
+    *lock(&shared.members) = members.clone();
+    let http = match config.http.get(&id) {
+        Some(listen) => {
+            let http = HttpConfig {
+                id,
+                listen: listen.clone(),
+                client: me.client.clone(),
+                state_dir: config.node_state_dir(id),
+                leader_silence: Duration::from_millis(config.election_timeout_ms.1),
+                security,
+            };
+            let shared = shared.clone();
+            let server = HttpServer::start(&ctx, http, Arc::new(move || lock(&shared.members).clone()))?;
+            info!("node {id}: serving metrics, health and the web view on http://{listen}/");
+            Some(server)
+        }
+        None => None,
+    };
 
     let sessions = kv.sessions();
     let (apply_tx, apply_rx) = unbounded();
@@ -295,6 +316,9 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let _ = log_reader.join();
     shared.replies_done.store(true, Ordering::Release);
     let _ = endpoint.join();
+    if let Some(http) = http {
+        http.stop();
+    }
     info!("node {id}: stopped");
     Ok(())
 }

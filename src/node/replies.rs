@@ -6,10 +6,12 @@
 //! immediately: a reply's latency is the client's latency.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use log::error;
 
 use crate::lock;
+use crate::metrics::{METRICS, seconds_since};
 use crate::protocol::{ErrorCode, Reply};
 use crate::raft::NodeId;
 
@@ -20,6 +22,10 @@ use crate::raft::NodeId;
 #[derive(Debug)]
 pub struct ReplyTo {
     pub route: Vec<Vec<u8>>,
+    /// The request's op (its metrics label; "unknown" before it decoded).
+    pub op: &'static str,
+    /// When it arrived, for the latency metric.
+    pub arrived: Instant,
 }
 
 /// Starts the frame a follower puts in front of a request it forwards to the
@@ -29,6 +35,20 @@ pub struct ReplyTo {
 const FORWARD_TAG: &[u8] = b"raft-zmq/forwarded/";
 
 impl ReplyTo {
+    pub fn new(route: Vec<Vec<u8>>) -> ReplyTo {
+        ReplyTo { route, op: "unknown", arrived: Instant::now() }
+    }
+
+    /// Counts the request as answered with `code` ("ok" or an error code).
+    /// A follower forwarded a request it counts itself, end to end, so the
+    /// leader leaves it out: summed over nodes, each request counts once.
+    pub fn record(&self, code: &str) {
+        if !self.is_forwarded() {
+            METRICS.client_requests.with_label_values(&[self.op, code]).inc();
+            METRICS.client_seconds.with_label_values(&[self.op]).observe(seconds_since(self.arrived));
+        }
+    }
+
     /// Whether a follower forwarded this request to us.
     pub fn is_forwarded(&self) -> bool {
         self.route.get(1).is_some_and(|frame| frame.starts_with(FORWARD_TAG))
@@ -67,6 +87,7 @@ impl Replier {
     }
 
     pub fn send(&self, to: ReplyTo, reply: &Reply) {
+        to.record(reply.code());
         let mut frames = to.route;
         frames.push(reply.encode());
         let push = lock(&self.push);
@@ -91,12 +112,12 @@ mod tests {
 
     #[test]
     fn forwarded_requests_are_told_apart_from_correlated_req_clients() {
-        let direct = ReplyTo { route: vec![b"client".to_vec(), vec![]] };
+        let direct = ReplyTo::new(vec![b"client".to_vec(), vec![]]);
         // A REQ socket with ZMQ_REQ_CORRELATE adds a 4-byte request id.
-        let correlated = ReplyTo { route: vec![b"client".to_vec(), vec![0, 0, 0, 7], vec![]] };
+        let correlated = ReplyTo::new(vec![b"client".to_vec(), vec![0, 0, 0, 7], vec![]]);
         let mut route = vec![b"follower".to_vec()];
         route.extend(ReplyTo::forwarding_route(42));
-        let forwarded = ReplyTo { route };
+        let forwarded = ReplyTo::new(route);
         assert!(!direct.is_forwarded() && !correlated.is_forwarded() && forwarded.is_forwarded());
         assert_eq!(ReplyTo::forwarded_token(&ReplyTo::forwarding_route(42)), Some(42));
         assert_eq!(ReplyTo::forwarded_token(&[b"client".to_vec(), vec![]]), None);

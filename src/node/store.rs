@@ -7,6 +7,7 @@ use std::time::Instant;
 use log::info;
 
 use crate::driver;
+use crate::metrics::{METRICS, seconds_since};
 use crate::raft::{Entry, HardState, Index, LogStore, Membership, Snapshot, SnapshotMeta, Term};
 use crate::snapshot::{SnapshotError, Snapshots};
 use crate::storage::{Storage, StorageError};
@@ -66,6 +67,8 @@ impl NodeStore {
         if upto > self.storage.log_start().index {
             let started = Instant::now();
             self.storage.compact(upto)?;
+            METRICS.compactions.inc();
+            METRICS.compaction_seconds.observe(seconds_since(started));
             info!("log compacted up to {upto} (snapshot at {}) in {:?}", snapshot.index, started.elapsed());
         }
         Ok(())
@@ -118,6 +121,9 @@ impl driver::Storage for NodeStore {
         }
         self.storage.write(hard_state, entries)?;
         self.storage.sync()?;
+        if !entries.is_empty() {
+            METRICS.persist_entries.observe(entries.len() as f64);
+        }
         self.disk.wrote(entries.iter().map(|e| e.approx_size() as u64).sum());
         self.disk.poll(Instant::now());
         Ok(())

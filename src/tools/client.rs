@@ -183,6 +183,7 @@ pub enum Op {
     /// Show the node's role, term, leader and indexes.
     Status,
     /// Show committed log entries.
+    #[command(alias = "show-log")]
     Log {
         #[arg(long, default_value_t = 1)]
         from: u64,

@@ -1,7 +1,10 @@
 //! Programs built on the library, behind the `raft-zmq` subcommands: a
-//! cluster supervisor, a command-line client, a benchmark and backups.
+//! cluster supervisor, a command-line client and its interactive shell, the
+//! cluster status table, a benchmark and backups.
 
 pub mod backup;
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod shell;
+pub mod status;

@@ -13,6 +13,7 @@ use log::{debug, info};
 
 use super::envelope::{Chunk, Reject, Wire};
 use super::{Inbound, STOP_CHECK, Warnings, deliver};
+use crate::metrics::{METRICS, seconds_since};
 use crate::raft::{Body, Message, NodeId, SnapshotMeta};
 use crate::security::NodeSecurity;
 use crate::snapshot::Snapshots;
@@ -140,8 +141,12 @@ impl Link {
             return self.send_snapshot(message, snapshot);
         }
         let request = self.wire.seal(message)?;
+        let started = Instant::now();
         match self.round_trip(request, self.reply_timeout)? {
-            (reply, None) => Ok(reply),
+            (reply, None) => {
+                METRICS.peer_seconds.with_label_values(&[&self.peer.to_string()]).observe(seconds_since(started));
+                Ok(reply)
+            }
             (_, Some(_)) => Err(Failure::Snapshot("a snapshot acknowledgement where none belongs".into())),
         }
     }

@@ -49,6 +49,8 @@ pub struct Node {
     pub client: String,
     /// Its `public_key` in the config, when the cluster has keys.
     pub public_key: Option<PublicKey>,
+    /// Its `http` address (HOST:PORT), when it serves HTTP.
+    pub http: Option<String>,
     pub process: Option<Child>,
 }
 
@@ -101,7 +103,17 @@ impl TestCluster {
         Self::configure_with_keys(n, client_keys).start_all()
     }
 
-    fn start_all(mut self) -> TestCluster {
+    /// Like [`TestCluster::configure`], each node also serving HTTP.
+    pub fn configure_with_http(n: usize) -> TestCluster {
+        let mut cluster = Self::new(n);
+        for node in &mut cluster.nodes {
+            node.http = Some(format!("127.0.0.1:{}", free_port()));
+        }
+        cluster.write_config("");
+        cluster
+    }
+
+    pub fn start_all(mut self) -> TestCluster {
         for id in 0..self.nodes.len() {
             self.start_node(id);
         }
@@ -140,6 +152,7 @@ impl TestCluster {
                 raft: format!("tcp://127.0.0.1:{}", free_port()),
                 client: format!("tcp://127.0.0.1:{}", free_port()),
                 public_key: None,
+                http: None,
                 process: None,
             })
             .collect();
@@ -162,7 +175,8 @@ impl TestCluster {
             .filter(|(id, _)| ids.contains(id))
             .map(|(id, n)| {
                 let key = n.public_key.map_or(String::new(), |key| format!(r#", "public_key": "{key}""#));
-                format!(r#"{{"id": {id}, "raft": "{}", "client": "{}"{key}}}"#, n.raft, n.client)
+                let http = n.http.as_ref().map_or(String::new(), |http| format!(r#", "http": "{http}""#));
+                format!(r#"{{"id": {id}, "raft": "{}", "client": "{}"{key}{http}}}"#, n.raft, n.client)
             })
             .collect();
         fs::write(
@@ -398,6 +412,20 @@ impl Drop for TestCluster {
     }
 }
 
+/// `GET path` from an HTTP server at `address` (HOST:PORT): the status code
+/// and the body, or `None` when it cannot be reached or does not answer.
+pub fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
 /// The mirror file's lines, for comparing replicas.
 pub fn lines(text: &str) -> Vec<&str> {
     text.lines().collect()
@@ -433,11 +461,30 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    run_to_exit_with_input(args, None)
+}
+
+/// Like [`run_to_exit`], with `input` (if any) as its standard input, which
+/// then is a file, not a terminal.
+pub fn run_to_exit_with_input<I, S>(args: I, input: Option<&str>) -> Exited
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let (mut stdout, mut stderr) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+    let stdin = match input {
+        Some(text) => {
+            let mut file = tempfile::tempfile().unwrap();
+            std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+            file.rewind().unwrap();
+            Stdio::from(file)
+        }
+        None => Stdio::null(),
+    };
     let child = Command::new(binary())
         .args(args)
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(stdout.try_clone().unwrap())
         .stderr(stderr.try_clone().unwrap())
         .spawn()
