@@ -45,6 +45,7 @@ leader() {
 echo "== starting 3 nodes"
 for id in 0 1 2; do start "$id"; done
 L=$(leader)
+echo "watch it live: open http://127.0.0.1:7200/ (or :7201, :7202) in a browser"
 echo "leader is node $L. Election, from the nodes' logs:"
 grep -h -E "became (candidate|leader)|granted vote" "$OUT"/node*.log | tail -n 4 | sed 's/^/    /'
 
@@ -76,9 +77,16 @@ for _ in $(seq 150); do
 done
 echo "node $L applied $APPLIED of $COMMIT committed entries"
 
+echo "== the cluster at a glance: $BIN status"
+"$BIN" status || true
+
 echo "== the replicas' logs agree"
 for id in 0 1 2; do echo "logs/$id.txt: $(wc -l <logs/$id.txt) lines"; done
 diff logs/0.txt logs/1.txt && diff logs/1.txt logs/2.txt && echo "diff logs/0.txt logs/1.txt logs/2.txt: identical"
 echo "last lines of logs/$L.txt:"
 tail -n 3 "logs/$L.txt" | sed 's/^/    /'
+if [ -t 0 ]; then
+  echo "== the cluster keeps running: http://127.0.0.1:7200/ shows it, $BIN client opens a shell;"
+  read -r -p "   press Enter to stop it " _
+fi
 echo "== done; stopping the cluster"

@@ -202,7 +202,8 @@ fn main() -> ExitCode {
             Some(op) => run_client(&endpoint, keys.towards(None), timeout, op.into_request(client_id, seq)),
             None => {
                 let target = Target { id: None, endpoint };
-                run_shell(shell::Shell::new(vec![target], 0, Box::new(move |_| keys.towards(None)), timeout, json))
+                let sh = shell::Shell::new(vec![target], 0, Box::new(move |_| keys.towards(None)), timeout, json);
+                run_shell(sh.with_session(client_id, seq))
             }
         };
     }
@@ -243,19 +244,19 @@ fn main() -> ExitCode {
             let request = op.into_request(client_id, seq);
             return run_client(&member.client, curve, Duration::from_millis(timeout_ms), request);
         }
-        Some(Tool::Client { node, timeout_ms, curve, op: None, json, .. }) => {
-            let (member, _) = match node_target(&config, node, &curve) {
-                Ok(target) => target,
-                Err(code) => return code,
+        Some(Tool::Client { node, timeout_ms, client_id, seq, curve, op: None, json, .. }) => {
+            let first = match node.map(|id| config.require_member(id)).transpose() {
+                Ok(member) => member.map_or(0, |m| config.nodes.iter().position(|n| n.id == m.id).expect("listed")),
+                Err(e) => return fail(2, &e),
             };
             let keys = match curve.load(config.curve.is_some()) {
                 Ok(keys) => keys,
                 Err(e) => return fail(2, &e),
             };
-            let first = config.nodes.iter().position(|m| m.id == member.id).expect("a node of the config");
             let curve = Box::new(status::curve_for(Some(&config), keys));
             let timeout = Duration::from_millis(timeout_ms);
-            return run_shell(shell::Shell::new(status::targets_of(&config), first, curve, timeout, json));
+            let sh = shell::Shell::new(status::targets_of(&config), first, curve, timeout, json);
+            return run_shell(sh.with_session(client_id, seq));
         }
         Some(Tool::Status { write_out, timeout_ms, curve, .. }) => {
             let keys = match curve.load(config.curve.is_some()) {

@@ -92,7 +92,7 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(client_requests.clone())).expect("registered once");
-        Metrics {
+        let metrics = Metrics {
             term: gauge("raft_term", "Current term"),
             is_leader: gauge("raft_is_leader", "1 on the leader, 0 elsewhere"),
             commit_index: gauge("raft_commit_index", "Highest log index known to be committed"),
@@ -140,7 +140,14 @@ impl Metrics {
             disk_bytes: gauge("raft_disk_bytes", "Bytes the state dir takes on disk"),
             nospace: gauge("raft_alarm_nospace", "1 while the nospace alarm is raised"),
             registry,
+        };
+        // Every op's series exist from the start, so that a scrape of an
+        // idle node has them (Prometheus leaves out a family with none).
+        for op in crate::protocol::Request::OPS {
+            metrics.client_requests.with_label_values(&[op, "ok"]);
+            metrics.client_seconds.with_label_values(&[op]);
         }
+        metrics
     }
 
     /// The text `/metrics` serves.
@@ -160,6 +167,9 @@ mod tests {
 
     #[test]
     fn the_contract_metrics_are_rendered() {
+        let idle = METRICS.render();
+        assert!(idle.contains("raft_client_requests_total{code=\"ok\",op=\"transfer_leader\"} 0"), "{idle}");
+        assert!(idle.contains("raft_client_request_seconds_count{op=\"transfer_leader\"} 0"), "{idle}");
         METRICS.term.set(7);
         METRICS.client_requests.with_label_values(&["put", "ok"]).inc();
         METRICS.client_seconds.with_label_values(&["put"]).observe(0.002);

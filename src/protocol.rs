@@ -66,6 +66,23 @@ pub enum Request {
 }
 
 impl Request {
+    /// Every op's wire name.
+    pub const OPS: [&'static str; 13] = [
+        "put",
+        "delete",
+        "cas",
+        "propose",
+        "get",
+        "status",
+        "log",
+        "snapshot",
+        "snapshot_data",
+        "members",
+        "add_node",
+        "remove_node",
+        "transfer_leader",
+    ];
+
     /// The wire name of the operation.
     pub fn op(&self) -> &'static str {
         match self {
@@ -161,9 +178,9 @@ pub struct StatusInfo {
     /// Conditions an operator must act on, e.g. "nospace" (as etcd's alarms).
     pub alarms: Vec<String>,
     /// Our extensions, for `raft-zmq status` and the web view: whom this
-    /// node voted for in its term, how long ago it last heard from its
-    /// leader (0 on the leader; none when it knows no leader), and the bytes
-    /// its state dir takes.
+    /// node voted for in its term; how long ago it last heard from its
+    /// leader (on the leader: from a majority of voters; none when it knows
+    /// no leader); and the bytes its state dir takes.
     pub vote: Option<NodeId>,
     pub leader_contact_ms: Option<u64>,
     pub state_bytes: u64,
@@ -759,6 +776,19 @@ mod tests {
     fn request_op_names() {
         let ops: Vec<&str> = all_requests().iter().map(Request::op).collect();
         assert_eq!(ops, ["put", "put", "delete", "cas", "cas", "propose", "get", "status", "log"]);
+        let more = [
+            Request::Snapshot,
+            Request::SnapshotData { index: None, offset: 0 },
+            Request::Members,
+            Request::AddNode {
+                member: Member { id: 1, raft: "tcp://a:1".into(), client: "tcp://a:2".into() },
+                voter: true,
+            },
+            Request::RemoveNode { id: 1 },
+            Request::TransferLeader { to: None },
+        ];
+        let every: Vec<&str> = all_requests().iter().chain(&more).map(Request::op).collect();
+        assert!(Request::OPS.iter().all(|op| every.contains(op)) && every.iter().all(|op| Request::OPS.contains(op)));
     }
 
     #[test]

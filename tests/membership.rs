@@ -102,6 +102,12 @@ fn a_node_joins_and_is_promoted_then_a_follower_and_the_leader_leave() {
         assert!(exited.status.success(), "{}", exited.stderr);
         assert!(exited.stderr.contains("removed from the cluster"), "{}", exited.stderr);
     }
+    // `raft-zmq status` shows the members (the joined node included), not
+    // the config's entries of removed ones.
+    let table = run_to_exit(["status", "--config", cluster.config_path.to_str().unwrap(), "-w", "json"]);
+    assert!(table.status.success(), "{}{}", table.stdout, table.stderr);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&table.stdout).unwrap();
+    assert_eq!(rows.iter().map(|r| r["id"].as_u64().unwrap()).collect::<Vec<_>>(), remaining);
 
     // Leadership moves on request.
     let to = remaining.iter().copied().find(|&id| id != new_leader as u64).unwrap();

@@ -103,6 +103,8 @@ impl Applier {
         }
         shared.last_applied.store(applied.index, Ordering::Release);
         shared.snapshot_index.store(applied.index, Ordering::Release);
+        METRICS.applied_index.set(applied.index as i64);
+        METRICS.snapshot_index.set(applied.index as i64);
         Applier {
             kv,
             mirror,

@@ -148,6 +148,10 @@ pub struct Io {
     last_contact: LastContact,
     /// The cluster id the state dir holds (0: none yet, while joining).
     pub cluster_recorded: u64,
+    /// For the metrics: the last leadership counted, and the last term this
+    /// node campaigned in.
+    leadership_seen: Option<(NodeId, Term)>,
+    campaigned_in: Term,
 }
 
 impl Io {
@@ -181,6 +185,8 @@ impl Io {
             transfers: Transfers::default(),
             last_contact: LastContact::default(),
             cluster_recorded: 0,
+            leadership_seen: None,
+            campaigned_in: 0,
         }
     }
 }
@@ -304,6 +310,7 @@ impl State {
 
     fn on_tick(&mut self) -> Result<(), PersistError> {
         self.raft.tick();
+        *lock(&self.io.shared.status) = Some(self.status());
         let now = Instant::now();
         for (to, reply_to) in self.io.transfers.expired(now) {
             let message = format!("node {to} did not take over leadership in time");
@@ -519,8 +526,12 @@ impl State {
             snapshot_index: self.io.shared.snapshot_index.load(Ordering::Acquire),
             alarms: self.raft.store().disk.raised().then(|| NOSPACE.to_string()).into_iter().collect(),
             vote: raft.hard_state().vote,
+            // A leader's leader is the majority that keeps it leading.
             leader_contact_ms: match soft.leader {
-                Some(leader) if leader == raft.id() => Some(0),
+                Some(leader) if leader == raft.id() => {
+                    let voters = &raft.membership().voters;
+                    self.io.last_contact.majority_silence(leader, voters, Instant::now()).map(|d| d.as_millis() as u64)
+                }
                 Some(leader) => self.io.last_contact.get(leader).map(|at| at.elapsed().as_millis() as u64),
                 None => None,
             },
@@ -577,12 +588,18 @@ impl driver::Shell for Io {
             soft.leader.map_or("unknown".to_string(), |l| l.to_string())
         );
         self.shared.set_leader(soft.leader);
-        if soft.leader.is_some() && soft.leader != self.leader {
+        // A leadership is a (leader, term): a blip of "no leader" between
+        // two heartbeats of the same one is no change.
+        if let Some(leader) = soft.leader
+            && self.leadership_seen != Some((leader, soft.term))
+        {
+            self.leadership_seen = Some((leader, soft.term));
             METRICS.leader_changes.inc();
         }
-        // A candidate's soft state changes only when it starts an election
-        // (a new term) or stops being one.
-        if soft.role == Role::Candidate {
+        // A candidate or leader in a term it was not one in before campaigned
+        // in it (a lone voter becomes leader without showing as candidate).
+        if matches!(soft.role, Role::Candidate | Role::Leader) && soft.term > self.campaigned_in {
+            self.campaigned_in = soft.term;
             METRICS.elections.inc();
         }
         self.leader = soft.leader;
@@ -610,6 +627,10 @@ impl driver::Shell for Io {
                 warn!("node {}: cannot connect to the new members: {e}", self.id);
             }
             *lock(&self.shared.members) = members;
+        }
+        for id in &membership.removed {
+            // Absent already after the first time, which is fine.
+            let _ = METRICS.peer_seconds.remove_label_values(&[&id.to_string()]);
         }
     }
 

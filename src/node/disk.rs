@@ -31,6 +31,8 @@ pub struct DiskAlarm {
     /// Bytes persisted since the last check: a fast writer is re-checked
     /// long before it could eat the reserve.
     written: u64,
+    /// What the state dir took on disk at the last check.
+    state_bytes: u64,
 }
 
 impl DiskAlarm {
@@ -45,6 +47,7 @@ impl DiskAlarm {
             handover_due: false,
             next_check: Instant::now(),
             written: 0,
+            state_bytes: 0,
         }
     }
 
@@ -58,9 +61,9 @@ impl DiskAlarm {
         self.raised
     }
 
-    /// Bytes the state dir takes on disk.
+    /// Bytes the state dir took on disk at the last check.
     pub fn state_bytes(&self) -> u64 {
-        dir_bytes(&self.dir)
+        self.state_bytes
     }
 
     /// A leader should hand leadership over: once per alarm, so that when
@@ -80,6 +83,7 @@ impl DiskAlarm {
         }
         self.next_check = now + Self::CHECK_EVERY;
         self.written = 0;
+        self.state_bytes = dir_bytes(&self.dir);
         let free = match free_bytes(&self.dir) {
             Ok(free) => free,
             Err(e) => {

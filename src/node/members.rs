@@ -2,12 +2,12 @@
 //! membership's context, JSON like `config.json`'s `nodes`), the membership
 //! ops and the leadership transfers clients wait on.
 
-use std::collections::HashMap;
-use std::time::Instant;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use crate::config::Member;
 use crate::protocol::MemberInfo;
-use crate::raft::{Membership, NodeId};
+use crate::raft::{Membership, NodeId, majority_value};
 
 use super::replies::ReplyTo;
 
@@ -100,6 +100,25 @@ impl LastContact {
     pub fn get(&self, id: NodeId) -> Option<Instant> {
         self.0.get(&id).copied()
     }
+
+    /// How long ago a majority of `voters` was last heard from, `me`
+    /// counting as heard now: a leader's own view of whether it still leads.
+    /// `None` while no majority ever was.
+    pub fn majority_silence(&self, me: NodeId, voters: &BTreeSet<NodeId>, now: Instant) -> Option<Duration> {
+        // Freshness in µs before the far future, so that the highest value a
+        // majority reaches is the oldest contact among the freshest majority.
+        const FAR: u64 = u64::MAX;
+        let freshness = |id: &NodeId| match self.get(*id) {
+            _ if *id == me => FAR,
+            Some(at) => FAR - now.saturating_duration_since(at).as_micros() as u64,
+            None => 0,
+        };
+        let mut values: Vec<u64> = voters.iter().map(freshness).collect();
+        match majority_value(&mut values) {
+            0 => None,
+            fresh => Some(Duration::from_micros(FAR - fresh)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -108,6 +127,20 @@ mod tests {
 
     fn member(id: NodeId) -> Member {
         Member { id, raft: format!("tcp://127.0.0.1:{}", 7000 + id), client: format!("tcp://127.0.0.1:{}", 7100 + id) }
+    }
+
+    #[test]
+    fn majority_silence_is_the_age_of_the_freshest_majority() {
+        let now = Instant::now();
+        let mut contact = LastContact::default();
+        let voters: BTreeSet<NodeId> = [0, 1, 2, 3, 4].into();
+        assert_eq!(contact.majority_silence(0, &voters, now), None, "no majority heard yet");
+        contact.0.insert(1, now - Duration::from_millis(30));
+        contact.0.insert(2, now - Duration::from_millis(700));
+        assert_eq!(contact.majority_silence(0, &voters, now), Some(Duration::from_millis(700)));
+        contact.0.insert(3, now - Duration::from_millis(10));
+        assert_eq!(contact.majority_silence(0, &voters, now), Some(Duration::from_millis(30)));
+        assert_eq!(contact.majority_silence(0, &[0].into(), now), Some(Duration::ZERO), "alone");
     }
 
     #[test]

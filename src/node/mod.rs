@@ -33,6 +33,7 @@ use crate::config::{Config, Member};
 use crate::kv::KvStore;
 use crate::lock;
 use crate::mirror::{Mirror, Rotation};
+use crate::protocol::StatusInfo;
 use crate::raft::{self, HardState, Index, LogStore, Membership, NodeId, Raft, SnapshotMeta};
 use crate::security::NodeSecurity;
 use crate::snapshot::{self, Snapshots};
@@ -63,6 +64,9 @@ pub struct Shared {
     stopping: AtomicBool,
     /// Every member's endpoints, as the membership in force says.
     members: Mutex<Vec<Member>>,
+    /// The `status` reply as of the core loop's last tick (`None` before
+    /// the first), for the HTTP endpoint.
+    status: Mutex<Option<StatusInfo>>,
     /// The core loop, the applier and the log reader have stopped: every
     /// reply they will ever give is queued, and the client endpoint may
     /// close once it has sent them.
@@ -79,6 +83,7 @@ impl Shared {
             queued_bytes: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             members: Mutex::new(Vec::new()),
+            status: Mutex::new(None),
             replies_done: AtomicBool::new(false),
         }
     }
@@ -247,15 +252,12 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let http = match config.http.get(&id) {
         Some(listen) => {
             let http = HttpConfig {
-                id,
                 listen: listen.clone(),
-                client: me.client.clone(),
                 state_dir: config.node_state_dir(id),
                 leader_silence: Duration::from_millis(config.election_timeout_ms.1),
                 security,
             };
-            let shared = shared.clone();
-            let server = HttpServer::start(&ctx, http, Arc::new(move || lock(&shared.members).clone()))?;
+            let server = HttpServer::start(&ctx, http, shared.clone())?;
             info!("node {id}: serving metrics, health and the web view on http://{listen}/");
             Some(server)
         }
@@ -316,9 +318,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let _ = log_reader.join();
     shared.replies_done.store(true, Ordering::Release);
     let _ = endpoint.join();
-    if let Some(http) = http {
-        http.stop();
-    }
+    drop(http);
     info!("node {id}: stopped");
     Ok(())
 }

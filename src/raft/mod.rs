@@ -24,5 +24,6 @@ pub use engine::{ChangeError, Config, NotLeader, Raft, TransferError};
 pub use log_store::{LogStore, MemStore};
 pub use membership::MembershipChange;
 pub use message::{Body, Message};
+pub use quorum::majority_value;
 pub use ready::{ReadState, Ready, Role, SoftState};
 pub use types::{Entry, HardState, Index, Membership, NodeId, Payload, Snapshot, SnapshotMeta, Term};

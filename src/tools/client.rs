@@ -166,20 +166,36 @@ fn to_json(value: &rmpv::Value) -> serde_json::Value {
 #[derive(Debug, clap::Subcommand)]
 pub enum Op {
     /// Set KEY to VALUE.
-    Put { key: String, value: String },
+    Put {
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+    },
     /// Read KEY (linearizable).
-    Get { key: String },
+    Get {
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+    },
     /// Remove KEY.
-    Delete { key: String },
+    Delete {
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+    },
     /// Set KEY to VALUE if its current value is --expect (without it: if KEY is absent).
     Cas {
+        #[arg(allow_hyphen_values = true)]
         key: String,
+        #[arg(allow_hyphen_values = true)]
         value: String,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         expect: Option<String>,
     },
     /// Append an opaque command to the log.
-    Propose { command: String },
+    Propose {
+        #[arg(allow_hyphen_values = true)]
+        command: String,
+    },
     /// Show the node's role, term, leader and indexes.
     Status,
     /// Show committed log entries.

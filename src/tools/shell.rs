@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value as Json, json};
 
 use super::client::{CallError, Client, Op, reply_to_json};
-use super::status::{self, Row, Target};
-use crate::protocol::{ErrorCode, Reply, Request, StatusInfo, encode_request};
+use super::status::{self, Target, leader_of};
+use crate::protocol::{ErrorCode, Reply, Request, encode_request};
 use crate::raft::NodeId;
 use crate::security::ClientCurve;
 
@@ -50,27 +50,12 @@ enum Command {
     Exit,
 }
 
-/// The commands, for completion and `help`.
-const COMMANDS: [&str; 18] = [
-    "get",
-    "put",
-    "delete",
-    "cas",
-    "propose",
-    "status",
-    "log",
-    "show_log",
-    "members",
-    "snapshot",
-    "add_node",
-    "remove_node",
-    "transfer_leader",
-    "leader",
-    "elect",
-    "use",
-    "help",
-    "exit",
-];
+/// The commands' names, for completion and `help --json`.
+fn command_names() -> Vec<String> {
+    use clap::CommandFactory;
+    let names = Line::command().get_subcommands().map(|c| c.get_name().to_string()).collect::<Vec<_>>();
+    names.into_iter().chain(["help".to_string()]).collect()
+}
 
 /// The nodes the shell knows: from the config, and from `members` replies.
 pub struct Shell {
@@ -99,18 +84,32 @@ impl Shell {
         Shell { ctx: zmq::Context::new(), nodes, current: first, curve, timeout, json, client_id, seq: 0 }
     }
 
+    /// Writes use session `client_id`, numbered from `first_seq` on, instead
+    /// of a new session of their own.
+    pub fn with_session(self, client_id: Option<String>, first_seq: Option<u64>) -> Shell {
+        match client_id {
+            Some(client_id) => Shell { client_id, seq: first_seq.unwrap_or(1).saturating_sub(1), ..self },
+            None => self,
+        }
+    }
+
     /// Runs until `exit` or the end of input; exit status 0.
     pub fn run(mut self) -> Result<(), String> {
         if std::io::stdin().is_terminal() {
             self.interactive()
         } else {
-            for line in std::io::stdin().lock().lines() {
-                let line = line.map_err(|e| format!("cannot read standard input: {e}"))?;
-                if !self.execute(&line) {
-                    break;
+            let mut input = std::io::stdin().lock();
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match input.read_until(b'\n', &mut line) {
+                    Ok(0) => return Ok(()),
+                    // A line that is not UTF-8 still gets its one result.
+                    Ok(_) if !self.execute(&String::from_utf8_lossy(&line)) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("cannot read standard input: {e}")),
                 }
             }
-            Ok(())
         }
     }
 
@@ -194,8 +193,16 @@ impl Shell {
     }
 
     /// Sends `request`, retrying what is safe to retry, and prints the reply.
+    /// Errors that say nothing was applied are always retried; a request
+    /// that may have applied (no reply, `timeout`) is sent again only when
+    /// that cannot apply it twice: a read, or a write with its session.
     fn call(&mut self, request: &Request) {
         let frame = encode_request(request);
+        let resendable = match request {
+            Request::Write { seq, .. } => seq.is_some(),
+            Request::Get { .. } | Request::Status | Request::Log { .. } | Request::Members => true,
+            _ => false,
+        };
         let started = Instant::now();
         let mut tried_elsewhere = 0;
         loop {
@@ -204,7 +211,9 @@ impl Shell {
                 Client::new(&self.ctx, &endpoint, self.timeout).with_curve((self.curve)(self.nodes[self.current].id));
             let reply = match client.call_raw(&frame) {
                 Ok(reply) => reply,
-                Err(CallError::NoReply) if tried_elsewhere + 1 < self.nodes.len() && started.elapsed() < RETRY_FOR => {
+                Err(CallError::NoReply)
+                    if resendable && tried_elsewhere + 1 < self.nodes.len() && started.elapsed() < RETRY_FOR =>
+                {
                     tried_elsewhere += 1;
                     let was = self.here();
                     self.current = (self.current + 1) % self.nodes.len();
@@ -214,7 +223,10 @@ impl Shell {
                 Err(e) => return self.print_error("unreachable", &format!("{endpoint}: {e}")),
             };
             match Reply::decode(&reply, request) {
-                Ok(Reply::Error { code, leader, .. }) if retryable(code) && started.elapsed() < RETRY_FOR => {
+                Ok(Reply::Error { code, leader, .. })
+                    if (nothing_applied(code) || resendable && code == ErrorCode::Timeout)
+                        && started.elapsed() < RETRY_FOR =>
+                {
                     if let Some(at) = leader.and_then(|id| self.nodes.iter().position(|n| n.id == Some(id))) {
                         self.current = at;
                     }
@@ -304,7 +316,7 @@ impl Shell {
 
     fn help(&self) {
         if self.json {
-            return println!("{}", json!({"ok": true, "commands": COMMANDS}));
+            return println!("{}", json!({"ok": true, "commands": command_names()}));
         }
         println!(
             "\
@@ -334,14 +346,9 @@ help, exit"
     }
 }
 
-/// Errors after which the same request may simply be sent again.
-fn retryable(code: ErrorCode) -> bool {
-    matches!(code, ErrorCode::NoLeader | ErrorCode::Busy | ErrorCode::ShuttingDown | ErrorCode::Timeout)
-}
-
-fn leader_of(rows: &[Row]) -> Option<&StatusInfo> {
-    let answers = || rows.iter().filter_map(|r| r.status.as_ref().ok());
-    answers().filter(|s| s.role == "leader").max_by_key(|s| s.term)
+/// Errors that say the request was not applied, so it may be sent again.
+fn nothing_applied(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::NoLeader | ErrorCode::Busy | ErrorCode::ShuttingDown)
 }
 
 /// A reply as a person reads it.
@@ -414,7 +421,7 @@ impl rustyline::completion::Completer for Completion {
         if typed.contains(' ') {
             return Ok((pos, Vec::new()));
         }
-        Ok((0, COMMANDS.iter().filter(|c| c.starts_with(typed)).map(|c| format!("{c} ")).collect()))
+        Ok((0, command_names().into_iter().filter(|c| c.starts_with(typed)).map(|c| format!("{c} ")).collect()))
     }
 }
 

@@ -9,7 +9,7 @@ use serde_json::{Value as Json, json};
 
 use super::client::{Client, ClientKeys};
 use crate::config::Config;
-use crate::protocol::{Reply, Request, StatusInfo};
+use crate::protocol::{MemberInfo, Reply, Request, StatusInfo};
 use crate::raft::NodeId;
 use crate::security::ClientCurve;
 
@@ -43,45 +43,58 @@ pub fn targets_from_list(list: &str) -> Vec<Target> {
 }
 
 /// Asks every target at once, then any member they report that was not
-/// asked (one added at run time), so the rows cover the whole cluster.
-/// `keys` gives the CURVE setup towards a node (by its id, if known).
+/// asked (one added at run time), so the rows cover the whole cluster. A
+/// target that did not answer and is not a member (an entry of the config
+/// that was removed) is left out. `curve` gives the CURVE setup towards a
+/// node (by its id, if known).
 pub fn ask_all(
     targets: Vec<Target>,
-    keys: &dyn Fn(Option<NodeId>) -> Option<ClientCurve>,
+    curve: &dyn Fn(Option<NodeId>) -> Option<ClientCurve>,
     timeout: Duration,
 ) -> Vec<Row> {
     let ctx = zmq::Context::new();
-    let mut rows = ask(&ctx, targets, keys, timeout);
-    let known: Vec<&str> = rows.iter().map(|r| r.target.endpoint.as_str()).collect();
-    let answered_ids: Vec<NodeId> = rows.iter().filter_map(|r| r.status.as_ref().ok().map(|s| s.id)).collect();
+    let mut rows = ask(&ctx, targets, curve, timeout);
     let first = rows.iter().find(|r| r.status.is_ok()).map(|r| r.target.clone());
-    let extra = first.map_or_else(Vec::new, |first| {
-        let mut client = Client::new(&ctx, &first.endpoint, timeout).with_curve(keys(first.id));
+    let members = first.and_then(|first| {
+        let mut client = Client::new(&ctx, &first.endpoint, timeout).with_curve(curve(first.id));
         match client.call(&Request::Members) {
-            Ok(Reply::Members { members }) => members
-                .into_iter()
-                .filter(|m| !known.contains(&m.client.as_str()) && !answered_ids.contains(&m.id))
-                .map(|m| Target { id: Some(m.id), endpoint: m.client })
-                .collect(),
-            _ => Vec::new(),
+            Ok(Reply::Members { members }) => Some(members),
+            _ => None,
         }
     });
-    rows.extend(ask(&ctx, extra, keys, timeout));
+    if let Some(members) = members {
+        rows.retain(|row| row.status.is_ok() || row.target.id.is_none_or(|id| members.iter().any(|m| m.id == id)));
+        let asked = |m: &MemberInfo| {
+            rows.iter().any(|r| r.target.endpoint == m.client || r.status.as_ref().is_ok_and(|s| s.id == m.id))
+        };
+        let extra: Vec<Target> = members
+            .iter()
+            .filter(|m| !asked(m))
+            .map(|m| Target { id: Some(m.id), endpoint: m.client.clone() })
+            .collect();
+        rows.extend(ask(&ctx, extra, curve, timeout));
+    }
     rows.sort_by_key(|row| row.status.as_ref().ok().map(|s| s.id).or(row.target.id));
     rows
+}
+
+/// The leader among the answers: the one in the highest term, should a
+/// deposed one not know yet.
+pub fn leader_of(rows: &[Row]) -> Option<&StatusInfo> {
+    rows.iter().filter_map(|r| r.status.as_ref().ok()).filter(|s| s.role == "leader").max_by_key(|s| s.term)
 }
 
 fn ask(
     ctx: &zmq::Context,
     targets: Vec<Target>,
-    keys: &dyn Fn(Option<NodeId>) -> Option<ClientCurve>,
+    curve: &dyn Fn(Option<NodeId>) -> Option<ClientCurve>,
     timeout: Duration,
 ) -> Vec<Row> {
     thread::scope(|scope| {
         let asks: Vec<_> = targets
             .into_iter()
             .map(|target| {
-                let mut client = Client::new(ctx, &target.endpoint, timeout).with_curve(keys(target.id));
+                let mut client = Client::new(ctx, &target.endpoint, timeout).with_curve(curve(target.id));
                 scope.spawn(move || {
                     let status = match client.call(&Request::Status) {
                         Ok(Reply::Status(status)) => Ok(*status),
@@ -111,7 +124,7 @@ pub fn curve_for(
 /// the highest commit index seen, with no leader among the answers).
 fn lag(rows: &[Row], status: &StatusInfo) -> u64 {
     let answers = || rows.iter().filter_map(|r| r.status.as_ref().ok());
-    let leader = answers().find(|s| s.role == "leader").map(|s| s.commit_index);
+    let leader = leader_of(rows).map(|s| s.commit_index);
     let commit = leader.unwrap_or_else(|| answers().map(|s| s.commit_index).max().unwrap_or(0));
     commit.saturating_sub(status.last_applied)
 }
