@@ -114,8 +114,8 @@ enum Tool {
     /// Back up the replicated state, or build a new cluster's nodes from a backup.
     #[command(subcommand)]
     Snapshot(SnapshotTool),
-    /// List, add or remove members (the client ops `members`, `add_node`,
-    /// `remove_node`); prints the reply as JSON.
+    /// List, add, remove or promote members (the client ops `members`,
+    /// `add_node`, `remove_node`, `promote_node`); prints the reply as JSON.
     Member {
         /// Node to ask (default: the first in the config).
         #[arg(long)]
@@ -150,6 +150,8 @@ enum MemberOp {
     },
     /// Remove node ID; it stops by itself, and its id is never reused.
     Remove { id: u64 },
+    /// Make learner ID (added with --learner) a voter, once it has caught up.
+    Promote { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -274,6 +276,7 @@ fn main() -> ExitCode {
                     (node, client::Op::AddNode { id, raft, client, learner })
                 }
                 Tool::Member { node, op: MemberOp::Remove { id } } => (node, client::Op::RemoveNode { id }),
+                Tool::Member { node, op: MemberOp::Promote { id } } => (node, client::Op::PromoteNode { id }),
                 Tool::TransferLeader { to, node } => (node, client::Op::TransferLeader { to }),
                 _ => unreachable!("matched above"),
             };
@@ -329,6 +332,8 @@ fn init_logging(default_level: &str, format: LogFormat, node: Option<u64>) {
     if format == LogFormat::Json {
         builder.format(move |out, record| {
             use std::io::Write;
+            let mut fields = JsonFields(serde_json::Map::new());
+            let _ = record.key_values().visit(&mut fields);
             let line = serde_json::json!({
                 "time": out.timestamp_millis().to_string(),
                 "level": record.level().as_str(),
@@ -336,11 +341,30 @@ fn init_logging(default_level: &str, format: LogFormat, node: Option<u64>) {
                 "term": raft_zmq::metrics::METRICS.term.get(),
                 "target": record.target(),
                 "event": record.args().to_string(),
+                "fields": fields.0,
             });
             writeln!(out, "{line}")
         });
     }
     builder.init();
+}
+
+/// A log record's structured fields (`info!(term = 3, granted; "...")`) as
+/// JSON: numbers and booleans as such, anything else as its text.
+struct JsonFields(serde_json::Map<String, serde_json::Value>);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for JsonFields {
+    fn visit_pair(&mut self, key: log::kv::Key<'kvs>, value: log::kv::Value<'kvs>) -> Result<(), log::kv::Error> {
+        let json = match (value.to_u64(), value.to_bool(), value.to_string()) {
+            (Some(n), _, _) => n.into(),
+            (_, Some(b), _) => b.into(),
+            // An absent `Option` (a leader nobody knows).
+            (_, _, text) if text == "None" => serde_json::Value::Null,
+            (_, _, text) => text.into(),
+        };
+        self.0.insert(key.to_string(), json);
+        Ok(())
+    }
 }
 
 fn parse_route(route: &str) -> Result<(u64, String), String> {

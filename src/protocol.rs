@@ -59,6 +59,11 @@ pub enum Request {
     RemoveNode {
         id: NodeId,
     },
+    /// A learner becomes a voter (etcd's `member promote`); only once it has
+    /// caught up, else `busy`.
+    PromoteNode {
+        id: NodeId,
+    },
     /// Hand leadership to `to`, or to the most up-to-date voter.
     TransferLeader {
         to: Option<NodeId>,
@@ -67,7 +72,7 @@ pub enum Request {
 
 impl Request {
     /// Every op's wire name.
-    pub const OPS: [&'static str; 13] = [
+    pub const OPS: [&'static str; 14] = [
         "put",
         "delete",
         "cas",
@@ -80,6 +85,7 @@ impl Request {
         "members",
         "add_node",
         "remove_node",
+        "promote_node",
         "transfer_leader",
     ];
 
@@ -95,6 +101,7 @@ impl Request {
             Request::Members => "members",
             Request::AddNode { .. } => "add_node",
             Request::RemoveNode { .. } => "remove_node",
+            Request::PromoteNode { .. } => "promote_node",
             Request::TransferLeader { .. } => "transfer_leader",
         }
     }
@@ -433,7 +440,7 @@ impl Reply {
                 offset: fields.required("offset", to_u64)?,
                 data: fields.required("data", to_bin)?,
             },
-            Request::AddNode { .. } | Request::RemoveNode { .. } => {
+            Request::AddNode { .. } | Request::RemoveNode { .. } | Request::PromoteNode { .. } => {
                 Reply::Membership { index: fields.required("index", to_u64)? }
             }
             Request::TransferLeader { .. } => Reply::TransferLeader { leader: fields.required("leader", to_u64)? },
@@ -474,6 +481,7 @@ fn parse_request(frame: &[u8]) -> Result<Request, String> {
             return Ok(Request::AddNode { member, voter: fields.optional("voter", to_bool)?.unwrap_or(true) });
         }
         "remove_node" => return Ok(Request::RemoveNode { id: fields.required("id", to_u64)? }),
+        "promote_node" => return Ok(Request::PromoteNode { id: fields.required("id", to_u64)? }),
         "transfer_leader" => return Ok(Request::TransferLeader { to: fields.optional("to", to_u64)? }),
         "log" => {
             return Ok(Request::Log {
@@ -533,6 +541,7 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
             ("voter", (*voter).into()),
         ],
         Request::RemoveNode { id } => vec![("op", "remove_node".into()), ("id", (*id).into())],
+        Request::PromoteNode { id } => vec![("op", "promote_node".into()), ("id", (*id).into())],
         Request::TransferLeader { to } => {
             let mut map = vec![("op", "transfer_leader".into())];
             map.extend(to.map(|to| ("to", to.into())));
@@ -785,6 +794,7 @@ mod tests {
                 voter: true,
             },
             Request::RemoveNode { id: 1 },
+            Request::PromoteNode { id: 1 },
             Request::TransferLeader { to: None },
         ];
         let every: Vec<&str> = all_requests().iter().chain(&more).map(Request::op).collect();

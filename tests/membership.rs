@@ -49,12 +49,12 @@ fn three_of_four(prefix: &str, keys: usize) -> (TestCluster, usize) {
 }
 
 /// Starts node 3 with `--join` and a config listing it and `members`, and
-/// has `leader` add it (to become a voter); returns the reply.
-fn join_node_3(cluster: &mut TestCluster, members: &[usize], leader: usize) -> Reply {
+/// has `leader` add it (to become a voter if `voter`); returns the reply.
+fn join_node_3(cluster: &mut TestCluster, members: &[usize], leader: usize, voter: bool) -> Reply {
     let join = cluster.dir.path().join("join.json");
     cluster.write_config_of(&join, members.iter().copied().chain([3]), "");
     cluster.start_node_from(3, &join, &["--join".to_string()]);
-    cluster.call_ok(leader, &Request::AddNode { member: member(cluster, 3), voter: true })
+    cluster.call_ok(leader, &Request::AddNode { member: member(cluster, 3), voter })
 }
 
 /// The voters and learners `id` reports.
@@ -66,7 +66,7 @@ fn membership(cluster: &TestCluster, id: usize) -> Option<(Vec<u64>, Vec<u64>)> 
 fn a_node_joins_and_is_promoted_then_a_follower_and_the_leader_leave() {
     let (mut cluster, leader) = three_of_four("before", 50);
     // Node 3 joins with a config that lists itself and the others.
-    let Reply::Membership { index } = join_node_3(&mut cluster, &[0, 1, 2], leader) else { panic!("add_node") };
+    let Reply::Membership { index } = join_node_3(&mut cluster, &[0, 1, 2], leader, true) else { panic!("add_node") };
     assert!(index > 50);
     wait_for("node 3 to be promoted to voter everywhere", || {
         (0..4).all(|id| membership(&cluster, id) == Some((vec![0, 1, 2, 3], vec![]))).then_some(())
@@ -145,13 +145,21 @@ fn a_survivor_forced_into_a_new_cluster_keeps_its_data_and_grows_again() {
     assert!(exits(&mut cluster, old).success());
     assert!(read_path(&cluster.output_path(old)).contains("removed from the cluster"));
 
-    // And the cluster grows again.
-    join_node_3(&mut cluster, &[survivor], survivor);
+    // And the cluster grows again: node 3 as a learner, then promoted by
+    // hand (`raft-zmq member promote`, refused with `busy` until caught up).
+    join_node_3(&mut cluster, &[survivor], survivor, false);
     let both = {
         let mut ids = vec![survivor as u64, 3];
         ids.sort_unstable();
         ids
     };
+    let learner = Some((vec![survivor as u64], vec![3]));
+    wait_for("node 3 to be a learner", || (membership(&cluster, 3) == learner).then_some(()));
+    let config = cluster.config_path.to_str().unwrap().to_string();
+    wait_for("member promote to be taken", || {
+        let promote = run_to_exit(["member", "--config", &config, "--node", &survivor.to_string(), "promote", "3"]);
+        promote.status.success().then_some(())
+    });
     wait_for("node 3 to become a voter", || (membership(&cluster, 3) == Some((both.clone(), vec![]))).then_some(()));
     assert_eq!(cluster.get_value(3, "after-force"), Some(raft_zmq::kv::Value::Str("v".into())));
 }

@@ -166,3 +166,27 @@ fn the_shell_reads_commands_from_standard_input() {
     assert_eq!((lines[0], lines[2]), ("hello world", "(nil)"));
     assert!(lines[1].starts_with("deleted (index "), "{}", human.stdout);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_node_term_and_fields() {
+    let mut cluster = TestCluster::configure(1, "");
+    cluster.start_node_with(0, &["--log-format".to_string(), "json".to_string()]);
+    cluster.wait_for_leader();
+    let lines = wait_for("the node to log that it leads", || {
+        let text = common::read_path(&cluster.output_path(0));
+        text.contains("role leader").then_some(text)
+    });
+    let objects: Vec<serde_json::Value> = lines
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object: {l:?}: {e}")))
+        .collect();
+    for object in &objects {
+        for key in ["time", "level", "node", "term", "target", "event", "fields"] {
+            assert!(object.get(key).is_some(), "{key} missing from {object}");
+        }
+    }
+    let leads = objects.iter().find(|o| o["fields"]["role"] == "leader").expect("a role change with its fields");
+    assert_eq!((leads["node"].as_u64(), leads["fields"]["leader"].as_u64()), (Some(0), Some(0)));
+    assert!(leads["fields"]["term"].as_u64().is_some_and(|term| term >= 1), "{leads}");
+}

@@ -414,6 +414,20 @@ impl State {
                 members.retain(|m| m.id != id);
                 self.change_membership(MembershipChange::Remove(id), &members, reply_to, deadline);
             }
+            Request::PromoteNode { id } => {
+                // As etcd: only a learner that holds everything committed, so
+                // that counting it does not stall commits.
+                let (raft, committed) = (&self.raft, self.raft.commit_index());
+                let behind = raft.membership().learners.contains(&id)
+                    && raft.progress(id).is_some_and(|pr| pr.matched < committed);
+                if behind {
+                    let matched = raft.progress(id).map_or(0, |pr| pr.matched);
+                    let message = format!("learner {id} is still catching up ({matched} of {committed}); retry later");
+                    return self.io.reply_error(reply_to, ErrorCode::Busy, &message);
+                }
+                let members = members_of(self.raft.membership());
+                self.change_membership(MembershipChange::Promote(id), &members, reply_to, deadline);
+            }
             Request::TransferLeader { to } => self.transfer_leader(to, reply_to),
         }
     }
@@ -581,6 +595,7 @@ impl driver::Shell for Io {
 
     fn soft_state(&mut self, soft: SoftState) {
         info!(
+            role = soft.role.as_str(), term = soft.term, leader = soft.leader;
             "node {}: role {} in term {}, leader {}",
             self.id,
             soft.role.as_str(),
@@ -616,7 +631,10 @@ impl driver::Shell for Io {
     }
 
     fn membership(&mut self, membership: &Membership) {
-        info!("node {}: members: voters {:?}, learners {:?}", self.id, membership.voters, membership.learners);
+        info!(
+            voters:? = membership.voters, learners:? = membership.learners;
+            "node {}: members: voters {:?}, learners {:?}", self.id, membership.voters, membership.learners
+        );
         let members = members_of(membership);
         // Joining: no membership yet, so the config's nodes stay the peers.
         if !members.is_empty() {

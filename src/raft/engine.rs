@@ -616,6 +616,7 @@ impl<S: LogStore> Raft<S> {
             self.election_elapsed = 0;
         }
         info!(
+            candidate = m.from, term = m.term, granted, pre_vote;
             "node {}: {} {}vote to {} for term {} (its last log {}/{}, ours {}/{})",
             self.cfg.id,
             if granted { "granted" } else { "rejected" },

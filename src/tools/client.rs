@@ -224,6 +224,8 @@ pub enum Op {
     /// Remove node ID (removing the leader hands leadership over first).
     /// Its id can never be used again.
     RemoveNode { id: u64 },
+    /// Make learner ID a voter (once it has caught up; else `busy`).
+    PromoteNode { id: u64 },
     /// Hand leadership to node --to (default: the most up-to-date voter).
     TransferLeader {
         #[arg(long)]
@@ -250,6 +252,7 @@ impl Op {
                 Request::AddNode { member: crate::config::Member { id, raft, client }, voter: !learner }
             }
             Op::RemoveNode { id } => Request::RemoveNode { id },
+            Op::PromoteNode { id } => Request::PromoteNode { id },
             Op::TransferLeader { to } => Request::TransferLeader { to },
         }
     }

@@ -332,7 +332,7 @@ leader                         who leads, and when each node last heard from it
 elect [N]                      make node N (default: the best follower) the leader now
 use N                          talk to node N from now on
 snapshot                       have this node snapshot its state now
-add_node ID RAFT CLIENT [--learner], remove_node ID, transfer_leader [--to N]
+add_node ID RAFT CLIENT [--learner], remove_node ID, promote_node ID, transfer_leader [--to N]
 help, exit"
         );
     }
