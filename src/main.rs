@@ -24,8 +24,8 @@ struct Cli {
     #[arg(long, required = true)]
     node_id: Option<u64>,
     /// Reach peer ID at ENDPOINT instead of its `raft` endpoint in the config,
-    /// e.g. through a proxy or tunnel. Repeatable. Membership still comes from
-    /// the config.
+    /// e.g. through a proxy or tunnel. Repeatable; ID may be a node that is
+    /// added later. Membership still comes from the config.
     #[arg(long = "peer", value_name = "ID=ENDPOINT", value_parser = parse_route)]
     peer: Vec<(u64, String)>,
     /// Join a running cluster: with no state yet, wait to be added (see

@@ -8,13 +8,8 @@ mod common;
 use std::process::ExitStatus;
 
 use common::*;
-use raft_zmq::config::Member;
 use raft_zmq::protocol::{Reply, Request};
 
-fn member(cluster: &TestCluster, id: usize) -> Member {
-    let node = &cluster.nodes[id];
-    Member { id: id as u64, raft: node.raft.clone(), client: node.client.clone() }
-}
 
 /// Waits until node `id` (which was asked to leave) exits by itself.
 fn exits(cluster: &mut TestCluster, id: usize) -> ExitStatus {
@@ -54,7 +49,7 @@ fn join_node_3(cluster: &mut TestCluster, members: &[usize], leader: usize, vote
     let join = cluster.dir.path().join("join.json");
     cluster.write_config_of(&join, members.iter().copied().chain([3]), "");
     cluster.start_node_from(3, &join, &["--join".to_string()]);
-    cluster.call_ok(leader, &Request::AddNode { member: member(cluster, 3), voter })
+    cluster.call_ok(leader, &Request::AddNode { member: cluster.member(3), voter })
 }
 
 /// The voters and learners `id` reports.
@@ -72,13 +67,19 @@ fn a_node_joins_and_is_promoted_then_a_follower_and_the_leader_leave() {
         (0..4).all(|id| membership(&cluster, id) == Some((vec![0, 1, 2, 3], vec![]))).then_some(())
     });
     assert_eq!(cluster.get_value(3, "before-49"), Some(raft_zmq::kv::Value::Str("v".into())));
+    // It restarts from its state like any member (`--join` then changes nothing).
+    cluster.kill(3);
+    cluster.start_node_from(3, &cluster.dir.path().join("join.json"), &["--join".to_string()]);
+    wait_for("node 3 to be back as a voter", || {
+        (membership(&cluster, 3) == Some((vec![0, 1, 2, 3], vec![]))).then_some(())
+    });
     let Reply::Members { members } = cluster.call_ok(leader, &Request::Members) else { panic!("members") };
     assert_eq!(members.len(), 4);
     assert!(members.iter().all(|m| m.role == "voter"));
     assert!(members.iter().filter(|m| m.id != leader as u64).all(|m| m.match_index.is_some()));
     // Adding a member twice is a bad request.
     let mut client = cluster.client(leader);
-    let again = client.call(&Request::AddNode { member: member(&cluster, 3), voter: true }).unwrap();
+    let again = client.call(&Request::AddNode { member: cluster.member(3), voter: true }).unwrap();
     assert!(matches!(again, Reply::Error { code: raft_zmq::protocol::ErrorCode::BadRequest, .. }), "{again:?}");
 
     // A follower leaves: it exits by itself, with status 0.

@@ -638,9 +638,7 @@ impl driver::Shell for Io {
         let members = members_of(membership);
         // Joining: no membership yet, so the config's nodes stay the peers.
         if !members.is_empty() {
-            let routes: Vec<_> =
-                self.routes.iter().filter(|(id, _)| members.iter().any(|m| m.id == *id)).cloned().collect();
-            let peers = peer_endpoints(&members, self.id, &routes).expect("routes filtered to members");
+            let peers = peer_endpoints(&members, self.id, &self.routes).expect("no route to itself: checked at start");
             if let Err(e) = self.transport.set_peers(peers) {
                 warn!("node {}: cannot connect to the new members: {e}", self.id);
             }

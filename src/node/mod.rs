@@ -150,6 +150,11 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let (mut storage, mut recovered) = Storage::open(&config.node_state_dir(id))?;
     let joining = start == Start::Join && storage.memberships().iter().all(|(_, m)| m.voters.is_empty());
     let members = if joining { config.nodes.clone() } else { settle_membership(&mut storage, config)? };
+    // The endpoints the log's membership carries win over any file, unless
+    // it leaves this node out (a removal it may not have applied yet, or
+    // that a new leader may cut off): then it starts as before and learns.
+    let logged = members::members_of(&storage.memberships().pop().expect("never empty").1);
+    let members = if logged.iter().any(|m| m.id == id) { logged } else { members };
     if storage.memberships()[0].1.removed.contains(&id) {
         info!("node {id}: removed from the cluster (its state dir says so); not starting");
         return Ok(());
@@ -444,14 +449,15 @@ pub(crate) fn record_cluster(storage: &mut Storage, cluster: u64) -> Result<(), 
 /// Where this node connects to reach each other member: its `raft` endpoint,
 /// unless a route names another one (a proxy or tunnel in between). Routes
 /// change only where this node connects; the membership, and with it the
-/// cluster id every envelope carries, stays the one all nodes share.
+/// cluster id every envelope carries, stays the one all nodes share. A route
+/// to a node that is not a member (yet) is used once it is added.
 fn peer_endpoints(
     members: &[Member],
     me: NodeId,
     routes: &[(NodeId, String)],
 ) -> Result<Vec<(NodeId, String)>, String> {
-    if let Some((id, _)) = routes.iter().find(|(id, _)| *id == me || !members.iter().any(|m| m.id == *id)) {
-        return Err(format!("--peer {id}: not a peer of node {me}"));
+    if routes.iter().any(|(id, _)| *id == me) {
+        return Err(format!("--peer {me}: a route to this node itself"));
     }
     Ok(members
         .iter()
@@ -517,7 +523,8 @@ mod tests {
         );
         assert_eq!(peer_endpoints(&members, 1, &[]).unwrap().len(), 2);
         assert!(peer_endpoints(&members, 0, &[(0, "tcp://127.0.0.1:9000".into())]).is_err(), "a route to itself");
-        assert!(peer_endpoints(&members, 0, &[(7, "tcp://127.0.0.1:9007".into())]).is_err(), "not a member");
+        let later = peer_endpoints(&members, 0, &[(7, "tcp://127.0.0.1:9007".into())]).unwrap();
+        assert!(later.iter().all(|(id, _)| *id != 7), "a node that may join later: not a peer yet");
     }
 
     #[test]

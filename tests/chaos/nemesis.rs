@@ -1,4 +1,5 @@
-//! The nemesis: one fault at a time (power losses, pauses, partitions), each healed before the next, with quiet
+//! The nemesis: one fault at a time (power losses, pauses, partitions,
+//! replacing a member), each healed before the next, with quiet
 //! gaps in between so the cluster can recover and serve. Fault kinds are
 //! dealt from a shuffled deck, so any run of [`KINDS`] faults has them all.
 //! While a fault cuts the leader off or takes it away, the probes aim at it.
@@ -11,7 +12,7 @@ use crate::cluster::ChaosCluster;
 use crate::probe::Probe;
 
 /// The kinds of fault [`Fault::pick`] deals.
-const KINDS: usize = 7;
+const KINDS: usize = 8;
 /// The longest SIGSTOP.
 pub const LONGEST_PAUSE: Duration = Duration::from_millis(2500);
 
@@ -30,6 +31,9 @@ pub enum Fault {
     OneWay { from: usize, to: usize },
     /// Every node loses power at once; all restarted when healed.
     PowerOffAll,
+    /// Member `old` (perhaps the leader) is removed and stops; when healed,
+    /// a new node `new` with an empty disk joins and is promoted.
+    Replace { old: usize, new: usize },
 }
 
 /// A fault as it happened: times are since the run started.
@@ -41,32 +45,38 @@ pub struct Scheduled {
 }
 
 impl Fault {
-    /// A fault of `kind` (below [`KINDS`]) on random nodes; `leader` is the
-    /// current leader.
-    fn pick(kind: usize, rng: &mut fastrand::Rng, n: usize, leader: usize) -> Fault {
-        let other = (leader + rng.usize(1..n)) % n;
+    /// A fault of `kind` (below [`KINDS`]) on random `members`; `leader`
+    /// is the current leader, `spare` the id a node that joins would take.
+    fn pick(kind: usize, rng: &mut fastrand::Rng, members: &[usize], leader: usize, spare: Option<usize>) -> Fault {
+        let others: Vec<usize> = members.iter().copied().filter(|&m| m != leader).collect();
+        let other = others[rng.usize(..others.len())];
         match kind {
             0 => Fault::PowerOff { node: other, leader: false },
             1 => Fault::PowerOff { node: leader, leader: true },
             2 => Fault::PauseLeader { node: leader },
             3 => Fault::IsolateLeader { node: leader },
             4 => {
-                let mut nodes: Vec<usize> = (0..n).collect();
+                let mut nodes = members.to_vec();
                 rng.shuffle(&mut nodes);
-                nodes.truncate(rng.usize(1..=(n - 1) / 2));
+                nodes.truncate(rng.usize(1..=(members.len() - 1) / 2));
                 nodes.sort_unstable();
                 Fault::Split { minority: nodes }
             }
             5 if rng.bool() => Fault::OneWay { from: leader, to: other },
             5 => Fault::OneWay { from: other, to: leader },
-            _ => Fault::PowerOffAll,
+            6 => Fault::PowerOffAll,
+            // Without a spare slot left: a power loss instead.
+            _ => match spare {
+                Some(new) => Fault::Replace { old: if rng.bool() { leader } else { other }, new },
+                None => Fault::PowerOff { node: other, leader: false },
+            },
         }
     }
 
     /// How long it lasts: a pause must outlast the 600 ms election timeout.
     fn duration(&self, rng: &mut fastrand::Rng) -> Duration {
         let ms = match self {
-            Fault::PowerOff { .. } | Fault::PowerOffAll => rng.u64(300..2000),
+            Fault::PowerOff { .. } | Fault::PowerOffAll | Fault::Replace { .. } => rng.u64(300..2000),
             Fault::PauseLeader { .. } => rng.u64(1000..=LONGEST_PAUSE.as_millis() as u64),
             Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } => rng.u64(1000..3000),
         };
@@ -82,7 +92,8 @@ impl Fault {
                 cluster.network.apply(|from, to| minority.contains(&from) != minority.contains(&to))
             }
             Fault::OneWay { from, to } => cluster.network.apply(|a, b| (a, b) == (*from, *to)),
-            Fault::PowerOffAll => (0..cluster.size()).for_each(|id| cluster.nodes.power_off(id)),
+            Fault::PowerOffAll => cluster.members.clone().into_iter().for_each(|id| cluster.nodes.power_off(id)),
+            Fault::Replace { old, .. } => cluster.remove(*old),
         }
     }
 
@@ -91,7 +102,8 @@ impl Fault {
             Fault::PowerOff { node, .. } => cluster.restart(*node),
             Fault::PauseLeader { node } => cluster.nodes.signal(*node, libc::SIGCONT),
             Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } => cluster.network.heal(),
-            Fault::PowerOffAll => (0..cluster.size()).for_each(|id| cluster.restart(id)),
+            Fault::PowerOffAll => cluster.members.clone().into_iter().for_each(|id| cluster.restart(id)),
+            Fault::Replace { new, .. } => assert_eq!(cluster.join(), *new),
         }
     }
 
@@ -129,6 +141,7 @@ impl fmt::Display for Fault {
             Fault::Split { minority } => write!(f, "split off minority {minority:?}"),
             Fault::OneWay { from, to } => write!(f, "one-way: {from} cannot reach {to}"),
             Fault::PowerOffAll => write!(f, "power loss of every node"),
+            Fault::Replace { old, new } => write!(f, "replace member {old} by a new node {new}"),
         }
     }
 }
@@ -163,14 +176,17 @@ pub fn run(
         // Each fault strikes a cluster that has recovered from the last one
         // (after a power loss of all it takes about 2 s to serve again): a failover then
         // measures its own fault, and "the leader" is the one that leads.
-        let leader = cluster.nodes.wait_for_leader();
-        let fault = Fault::pick(kind, rng, cluster.size(), leader);
+        let leader = cluster.wait_for_leader();
+        let fault = Fault::pick(kind, rng, &cluster.members, leader, cluster.spare());
+        let members = cluster.members.clone();
         probes.iter_mut().for_each(|probe| probe.before(&fault, leader));
         let start = t0.elapsed();
         fault.inject(cluster);
         let healed = thread::scope(|s| {
             let fault = &fault;
-            let probing: Vec<_> = probes.iter_mut().map(|probe| s.spawn(move || probe.during(fault, leader))).collect();
+            let members = &members;
+            let probing: Vec<_> =
+                probes.iter_mut().map(|probe| s.spawn(move || probe.during(fault, leader, members))).collect();
             thread::sleep(fault.duration(rng));
             fault.heal(cluster);
             let healed = t0.elapsed();

@@ -61,14 +61,21 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// One probe of each kind, connected to every node, with client ids from
-    /// `first_id` on; also returns the first id left unused.
-    pub fn each_kind(first_id: usize, endpoints: &[Endpoint], seed: u64, t0: Instant) -> (Vec<Probe>, usize) {
+    /// One probe of each kind, able to reach every slot and connected to
+    /// the `members`, with client ids from `first_id` on; also returns the
+    /// first id left unused.
+    pub fn each_kind(
+        first_id: usize,
+        endpoints: &[Endpoint],
+        members: &[usize],
+        seed: u64,
+        t0: Instant,
+    ) -> (Vec<Probe>, usize) {
         let mut next_id = first_id;
         let mut session = || {
             let mut session = Session::new(next_id, endpoints, seed, t0);
             next_id += 1;
-            session.connect();
+            session.connect(members);
             session
         };
         let probes = [Kind::AcrossTheCut(Cut::StaleRead), Kind::AcrossTheCut(Cut::LostWrite), Kind::NewLeaderRead]
@@ -104,24 +111,25 @@ impl Probe {
         }
     }
 
-    /// While `fault` lasts, if it is one this probe aims at.
-    pub fn during(&mut self, fault: &Fault, leader: usize) {
+    /// While `fault` lasts, if it is one this probe aims at; `members` were
+    /// the members when it struck.
+    pub fn during(&mut self, fault: &Fault, leader: usize, members: &[usize]) {
         match self.kind {
             Kind::AcrossTheCut(cut) => {
                 if let Some(cut_off) = fault.cuts_off() {
-                    self.across_the_cut(cut, cut_off);
+                    self.across_the_cut(cut, cut_off, members);
                 }
             }
-            Kind::NewLeaderRead if fault.removes_live_leader() => self.flood(leader),
+            Kind::NewLeaderRead if fault.removes_live_leader() => self.flood(leader, members),
             Kind::NewLeaderRead => {}
         }
     }
 
     /// Reads from every flood session at once through the nodes other than
     /// the old `leader`, for [`FLOOD`].
-    fn flood(&mut self, leader: usize) {
+    fn flood(&mut self, leader: usize, members: &[usize]) {
         let key = self.key();
-        let others: Vec<usize> = self.session.all_nodes().into_iter().filter(|&id| id != leader).collect();
+        let others: Vec<usize> = members.iter().copied().filter(|&id| id != leader).collect();
         let until = Instant::now() + FLOOD;
         let histories: Vec<History> = thread::scope(|s| {
             let readers: Vec<_> = self
@@ -145,8 +153,8 @@ impl Probe {
 
     /// Writes through one side of the cut around `leader`, then reads
     /// through the other.
-    fn across_the_cut(&mut self, cut: Cut, leader: usize) {
-        let others: Vec<usize> = self.session.all_nodes().into_iter().filter(|&id| id != leader).collect();
+    fn across_the_cut(&mut self, cut: Cut, leader: usize, members: &[usize]) {
+        let others: Vec<usize> = members.iter().copied().filter(|&id| id != leader).collect();
         let (write_via, read_via) = match cut {
             Cut::StaleRead => (others, vec![leader]),
             Cut::LostWrite => (vec![leader], others),

@@ -16,8 +16,8 @@
 //! unknown, so waiting costs no checking power.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -96,15 +96,12 @@ impl Session {
     /// its socket buffers and is read as soon as it wakes, rather than after a
     /// fresh connection's handshake, by which time it may have heard of its
     /// successor.
-    pub fn connect(&mut self) {
-        for client in self.readers.iter_mut().chain(&mut self.writers) {
-            let _ = client.call(&Request::Status);
+    /// Only `nodes` (those running): a spare slot would answer nothing.
+    pub fn connect(&mut self, nodes: &[usize]) {
+        for &id in nodes {
+            let _ = self.readers[id].call(&Request::Status);
+            let _ = self.writers[id].call(&Request::Status);
         }
-    }
-
-    /// Every node: the `via` of a client that may use any.
-    pub fn all_nodes(&self) -> Vec<usize> {
-        (0..self.readers.len()).collect()
     }
 
     /// A value no client has written before.
@@ -205,13 +202,22 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn start(endpoints: &[Endpoint], clients: usize, keys: usize, seed: u64, t0: Instant) -> Workload {
+    /// `endpoints`: every slot's; `members`: the ones to use, kept current
+    /// as members come and go.
+    pub fn start(
+        endpoints: &[Endpoint],
+        members: Arc<Mutex<Vec<usize>>>,
+        clients: usize,
+        keys: usize,
+        seed: u64,
+        t0: Instant,
+    ) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..clients)
             .map(|id| {
                 let session = Session::new(id, endpoints, seed, t0);
-                let stop = stop.clone();
-                thread::spawn(move || client(session, keys, &stop))
+                let (stop, members) = (stop.clone(), members.clone());
+                thread::spawn(move || client(session, keys, &members, &stop))
             })
             .collect();
         Workload { stop, threads }
@@ -236,11 +242,11 @@ impl Drop for Workload {
 
 /// One client's loop: a random op on a random key, until stopped. A cas
 /// expects the value this client last saw, which is often still current.
-fn client(mut session: Session, keys: usize, stop: &AtomicBool) -> History {
+fn client(mut session: Session, keys: usize, members: &Mutex<Vec<usize>>, stop: &AtomicBool) -> History {
     let mut history = History::default();
     let mut last_seen: HashMap<String, Option<String>> = HashMap::new();
-    let all = session.all_nodes();
     while !stop.load(Ordering::Acquire) {
+        let all = members.lock().unwrap().clone();
         let key = format!("k{}", session.rng.usize(..keys));
         let value = session.fresh_value();
         let input = match session.rng.usize(..10) {

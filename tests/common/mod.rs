@@ -314,6 +314,12 @@ impl TestCluster {
         self.endpoint(id).client(&self.ctx, Duration::from_secs(5))
     }
 
+    /// Node `id` as `add_node` names it.
+    pub fn member(&self, id: usize) -> raft_zmq::config::Member {
+        let node = &self.nodes[id];
+        raft_zmq::config::Member { id: id as u64, raft: node.raft.clone(), client: node.client.clone() }
+    }
+
     pub fn running(&self) -> Vec<usize> {
         (0..self.nodes.len()).filter(|&id| self.nodes[id].process.is_some()).collect()
     }
