@@ -27,6 +27,11 @@ pub struct Member {
     pub raft: String,
     /// Endpoint external clients use.
     pub client: String,
+    /// Its CURVE public key (Z85), when the cluster uses CURVE: the config
+    /// gives the first members', `add_node` those of nodes added later, and
+    /// the membership carries them to every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// One entry of `nodes` as written: a [`Member`] and its CURVE key. The key
@@ -193,7 +198,11 @@ impl Config {
         let http = raw.nodes.iter().filter_map(|n| Some((n.id, n.http.clone()?))).collect();
         Ok(Config {
             path: path.to_path_buf(),
-            nodes: raw.nodes.into_iter().map(|n| Member { id: n.id, raft: n.raft, client: n.client }).collect(),
+            nodes: raw
+                .nodes
+                .into_iter()
+                .map(|n| Member { id: n.id, raft: n.raft, client: n.client, public_key: n.public_key })
+                .collect(),
             election_timeout_ms: raw.election_timeout_ms,
             heartbeat_ms: raw.heartbeat_ms,
             max_request_bytes: raw.max_request_bytes,
@@ -606,7 +615,11 @@ mod tests {
         assert_eq!(config.node_key(1), Some(PublicKey::parse(KEY_B).unwrap()));
         assert_eq!(curve.client_keys, Some(vec![PublicKey::parse(KEY_C).unwrap()]));
         assert_eq!(config.node_key_path(1), dir.path().join("keys").join("1.key"));
-        assert_eq!(config.nodes[0], Member { id: 0, raft: "tcp://a:1".into(), client: "tcp://b:1".into() });
+        assert_eq!(
+            config.nodes[0],
+            Member { id: 0, raft: "tcp://a:1".into(), client: "tcp://b:1".into(), public_key: Some(KEY_A.into()) },
+            "the key goes into the membership"
+        );
 
         let (dir, result) = load(&keyed([Some(KEY_A), Some(KEY_B)], r#", "keys_dir": "secrets""#));
         let config = result.unwrap();

@@ -147,6 +147,10 @@ enum MemberOp {
         client: String,
         #[arg(long)]
         learner: bool,
+        /// Its CURVE public key, Z85 text or a .pub file (required when the
+        /// cluster uses CURVE).
+        #[arg(long, value_name = "KEY")]
+        public_key: Option<String>,
     },
     /// Remove node ID; it stops by itself, and its id is never reused.
     Remove { id: u64 },
@@ -272,8 +276,8 @@ fn main() -> ExitCode {
         Some(tool @ (Tool::Member { .. } | Tool::TransferLeader { .. })) => {
             let (node, op) = match tool {
                 Tool::Member { node, op: MemberOp::List } => (node, client::Op::Members),
-                Tool::Member { node, op: MemberOp::Add { id, raft, client, learner } } => {
-                    (node, client::Op::AddNode { id, raft, client, learner })
+                Tool::Member { node, op: MemberOp::Add { id, raft, client, learner, public_key } } => {
+                    (node, client::Op::AddNode { id, raft, client, learner, public_key })
                 }
                 Tool::Member { node, op: MemberOp::Remove { id } } => (node, client::Op::RemoveNode { id }),
                 Tool::Member { node, op: MemberOp::Promote { id } } => (node, client::Op::PromoteNode { id }),

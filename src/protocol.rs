@@ -477,6 +477,7 @@ fn parse_request(frame: &[u8]) -> Result<Request, String> {
                 id: fields.required("id", to_u64)?,
                 raft: fields.required("raft", to_string)?,
                 client: fields.required("client", to_string)?,
+                public_key: fields.optional("public_key", to_public_key)?,
             };
             return Ok(Request::AddNode { member, voter: fields.optional("voter", to_bool)?.unwrap_or(true) });
         }
@@ -539,7 +540,10 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
             ("raft", member.raft.as_str().into()),
             ("client", member.client.as_str().into()),
             ("voter", (*voter).into()),
-        ],
+        ]
+        .into_iter()
+        .chain(member.public_key.as_deref().map(|key| ("public_key", key.into())))
+        .collect(),
         Request::RemoveNode { id } => vec![("op", "remove_node".into()), ("id", (*id).into())],
         Request::PromoteNode { id } => vec![("op", "promote_node".into()), ("id", (*id).into())],
         Request::TransferLeader { to } => {
@@ -698,6 +702,13 @@ fn to_string(value: rmpv::Value) -> Result<String, String> {
     }
 }
 
+/// A CURVE public key as Z85 text.
+fn to_public_key(value: rmpv::Value) -> Result<String, String> {
+    let text = to_string(value)?;
+    crate::security::PublicKey::parse(&text).map_err(|why| format!("is not a CURVE public key: {why}"))?;
+    Ok(text)
+}
+
 fn to_u64(value: rmpv::Value) -> Result<u64, String> {
     match value {
         rmpv::Value::Integer(n) => n.as_u64().ok_or_else(|| format!("must be a non-negative integer, got {n}")),
@@ -790,7 +801,7 @@ mod tests {
             Request::SnapshotData { index: None, offset: 0 },
             Request::Members,
             Request::AddNode {
-                member: Member { id: 1, raft: "tcp://a:1".into(), client: "tcp://a:2".into() },
+                member: Member { id: 1, raft: "tcp://a:1".into(), client: "tcp://a:2".into(), public_key: None },
                 voter: true,
             },
             Request::RemoveNode { id: 1 },

@@ -13,15 +13,15 @@
 //! every handshake on a server socket of its context. A refused client's
 //! handshake fails, so the node never reads a frame from it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::{CString, c_char, c_int};
 use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -252,9 +252,10 @@ pub enum NodeSecurity {
 #[derive(Clone, Debug)]
 pub struct NodeKeys {
     identity: CurveIdentity,
-    /// Every node's public key: the servers this node connects to, and the
-    /// only clients its raft endpoint lets in.
-    nodes: BTreeMap<NodeId, PublicKey>,
+    /// Every member's public key: the servers this node connects to, and the
+    /// only clients its raft endpoint lets in. The config's nodes to start
+    /// with; members added later as the membership brings their keys.
+    nodes: Arc<RwLock<BTreeMap<NodeId, PublicKey>>>,
     /// Who else may use the client endpoint; `None`: any CURVE client.
     clients: Option<Vec<PublicKey>>,
 }
@@ -288,7 +289,8 @@ impl NodeSecurity {
             ));
         }
         info!("node {id}: CURVE on, public key {}", identity.public);
-        let keys = NodeKeys { identity, nodes: curve.node_keys.clone(), clients: curve.client_keys.clone() };
+        let nodes = Arc::new(RwLock::new(curve.node_keys.clone()));
+        let keys = NodeKeys { identity, nodes, clients: curve.client_keys.clone() };
         Ok(NodeSecurity::Curve(keys))
     }
 
@@ -296,10 +298,36 @@ impl NodeSecurity {
     /// nodes all do; a member recorded in the state dir may not be listed.
     pub fn check_members(&self, members: &[Member]) -> Result<(), String> {
         let NodeSecurity::Curve(keys) = self else { return Ok(()) };
-        match members.iter().find(|m| !keys.nodes.contains_key(&m.id)) {
+        let nodes = keys.nodes();
+        match members.iter().find(|m| !nodes.contains_key(&m.id)) {
             Some(m) => Err(format!("node {} is a member but the config gives it no public_key", m.id)),
             None => Ok(()),
         }
+    }
+
+    /// Takes the keys of members added at run time from the membership, so
+    /// that this node connects to them and lets them in. A key already known
+    /// for an id stays (the config's, or the first one heard).
+    pub fn learn(&self, members: &[Member]) {
+        let NodeSecurity::Curve(keys) = self else { return };
+        let mut nodes = keys.nodes.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for member in members {
+            let Some(text) = &member.public_key else { continue };
+            match PublicKey::parse(text) {
+                Ok(key) => {
+                    nodes.entry(member.id).or_insert_with(|| {
+                        info!("node {} has CURVE public key {key}", member.id);
+                        key
+                    });
+                }
+                Err(why) => warn!("member {}: public_key {text:?} in the membership is unusable: {why}", member.id),
+            }
+        }
+    }
+
+    /// Whether `add_node` must carry a public key (the cluster uses CURVE).
+    pub fn is_curve(&self) -> bool {
+        matches!(self, NodeSecurity::Curve(_))
     }
 
     /// Sets up a server socket of `domain` before it binds.
@@ -317,8 +345,8 @@ impl NodeSecurity {
         match self {
             NodeSecurity::Plain => Ok(()),
             NodeSecurity::Curve(keys) => {
-                let server = keys.nodes.get(&node).ok_or(zmq::Error::EINVAL)?;
-                configure_client(socket, &keys.identity, server)
+                let server = *keys.nodes().get(&node).ok_or(zmq::Error::EINVAL)?;
+                configure_client(socket, &keys.identity, &server)
             }
         }
     }
@@ -329,7 +357,7 @@ impl NodeSecurity {
         match self {
             NodeSecurity::Plain => None,
             NodeSecurity::Curve(keys) => {
-                Some(ClientCurve { identity: keys.identity.clone(), server: *keys.nodes.get(&node)? })
+                Some(ClientCurve { identity: keys.identity.clone(), server: *keys.nodes().get(&node)? })
             }
         }
     }
@@ -339,16 +367,37 @@ impl NodeSecurity {
     /// no handler is bound, libzmq lets every CURVE client in.
     pub fn authenticate(&self, ctx: &zmq::Context) -> Result<Option<Authenticator>, String> {
         let NodeSecurity::Curve(keys) = self else { return Ok(None) };
-        let nodes: HashSet<PublicKey> = keys.nodes.values().copied().collect();
-        let clients =
-            keys.clients.as_ref().map(|clients| clients.iter().copied().chain(nodes.iter().copied()).collect());
-        let allowed = HashMap::from([(Domain::Raft.name(), Some(nodes)), (Domain::Client.name(), clients)]);
-        Authenticator::start(ctx, allowed).map(Some)
+        let clients = keys.clients.as_ref().map(|clients| clients.iter().copied().collect());
+        Authenticator::start(ctx, Gate { nodes: keys.nodes.clone(), clients }).map(Some)
     }
 }
 
-/// Per ZAP domain, the public keys let in; `None`: every key.
-type AllowLists = HashMap<&'static str, Option<HashSet<PublicKey>>>;
+impl NodeKeys {
+    fn nodes(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<NodeId, PublicKey>> {
+        self.nodes.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Who the ZAP handler lets in: on the raft endpoint the members' keys only;
+/// on the client endpoint the members' and `clients` (`None`: any key).
+struct Gate {
+    nodes: Arc<RwLock<BTreeMap<NodeId, PublicKey>>>,
+    clients: Option<HashSet<PublicKey>>,
+}
+
+impl Gate {
+    /// Whether `key` may in on `domain`; `None` for an unknown domain.
+    fn allows(&self, domain: &str, key: &PublicKey) -> Option<bool> {
+        let member = || self.nodes.read().unwrap_or_else(|poisoned| poisoned.into_inner()).values().any(|k| k == key);
+        if domain == Domain::Raft.name() {
+            Some(member())
+        } else if domain == Domain::Client.name() {
+            Some(self.clients.as_ref().is_none_or(|clients| clients.contains(key)) || member())
+        } else {
+            None
+        }
+    }
+}
 
 /// The ZAP handler of one zmq context: a thread that answers libzmq's
 /// question "may this key in?" for every CURVE handshake on the context's
@@ -364,7 +413,7 @@ impl Authenticator {
     /// How long the thread may go without noticing it is to stop.
     const STOP_CHECK: Duration = Duration::from_millis(50);
 
-    fn start(ctx: &zmq::Context, allowed: AllowLists) -> Result<Authenticator, String> {
+    fn start(ctx: &zmq::Context, allowed: Gate) -> Result<Authenticator, String> {
         let bind = || -> zmq::Result<zmq::Socket> {
             let socket = ctx.socket(zmq::REP)?;
             socket.set_linger(0)?;
@@ -396,7 +445,7 @@ impl Drop for Authenticator {
 /// Answers ZAP requests until stopped. A handler that cannot answer must not
 /// quietly stop: libzmq would then let every key in. So any socket error
 /// panics, which takes the whole node down (`node::abort_on_panic`).
-fn serve(socket: &zmq::Socket, allowed: &AllowLists, stop: &AtomicBool) {
+fn serve(socket: &zmq::Socket, allowed: &Gate, stop: &AtomicBool) {
     let mut warnings = Warnings::default();
     let poll_ms = Authenticator::STOP_CHECK.as_millis() as i64;
     while !stop.load(Ordering::Acquire) {
@@ -416,19 +465,20 @@ fn serve(socket: &zmq::Socket, allowed: &AllowLists, stop: &AtomicBool) {
 
 /// One ZAP reply: status 200 for a key on the domain's allow-list, 400
 /// otherwise; and for a refusal, a line for the log.
-fn answer(allowed: &AllowLists, request: &[Vec<u8>]) -> (Vec<Vec<u8>>, Option<String>) {
+fn answer(allowed: &Gate, request: &[Vec<u8>]) -> (Vec<Vec<u8>>, Option<String>) {
     // [version, request id, domain, address, routing id, mechanism, credentials...]
     let request_id = request.get(1).cloned().unwrap_or_default();
     let verdict = match request {
         [version, _, domain, address, _, mechanism, key] if version == b"1.0" && mechanism == b"CURVE" => {
             let domain = String::from_utf8_lossy(domain);
             let address = String::from_utf8_lossy(address);
-            match (allowed.get(domain.as_ref()), <[u8; 32]>::try_from(key.as_slice()).map(PublicKey)) {
-                (Some(None), Ok(_)) => Ok(()),
-                (Some(Some(keys)), Ok(key)) if keys.contains(&key) => Ok(()),
-                (Some(_), Ok(key)) => Err(format!("refused CURVE key {key} from {address} on the {domain} endpoint")),
-                (None, _) => Err(format!("refused a handshake from {address} in unknown ZAP domain {domain:?}")),
-                (_, Err(_)) => Err(format!("refused a handshake from {address}: malformed CURVE key")),
+            match <[u8; 32]>::try_from(key.as_slice()).map(PublicKey) {
+                Ok(key) => match allowed.allows(&domain, &key) {
+                    Some(true) => Ok(()),
+                    Some(false) => Err(format!("refused CURVE key {key} from {address} on the {domain} endpoint")),
+                    None => Err(format!("refused a handshake from {address} in unknown ZAP domain {domain:?}")),
+                },
+                Err(_) => Err(format!("refused a handshake from {address}: malformed CURVE key")),
             }
         }
         _ => Err("refused a malformed ZAP request".to_string()),
@@ -519,8 +569,9 @@ mod tests {
     fn a_node_connects_only_to_members_with_keys() {
         let identity = CurveIdentity::generate().unwrap();
         let nodes = BTreeMap::from([(0, identity.public), (1, CurveIdentity::generate().unwrap().public)]);
-        let security = NodeSecurity::Curve(NodeKeys { identity, nodes, clients: None });
-        let member = |id| Member { id, raft: format!("tcp://127.0.0.1:{}", 7000 + id), client: String::new() };
+        let security = NodeSecurity::Curve(NodeKeys { identity, nodes: Arc::new(RwLock::new(nodes)), clients: None });
+        let member =
+            |id| Member { id, raft: format!("tcp://127.0.0.1:{}", 7000 + id), client: String::new(), public_key: None };
         assert_eq!(security.check_members(&[member(0), member(1)]), Ok(()));
         assert_eq!(
             security.check_members(&[member(0), member(2)]),
@@ -532,6 +583,12 @@ mod tests {
         assert_eq!(security.client(&socket, 2), Err(zmq::Error::EINVAL));
         security.client(&socket, 1).unwrap();
         assert_eq!(socket.get_mechanism().unwrap(), zmq::Mechanism::ZMQ_CURVE);
+
+        // A member added at run time brings its key in the membership.
+        let added = Member { public_key: Some(CurveIdentity::generate().unwrap().public.to_string()), ..member(2) };
+        security.learn(&[added]);
+        assert_eq!(security.check_members(&[member(0), member(2)]), Ok(()));
+        security.client(&socket, 2).unwrap();
     }
 
     fn zap_request(domain: &str, key: &[u8]) -> Vec<Vec<u8>> {
@@ -541,11 +598,8 @@ mod tests {
     #[test]
     fn zap_answers_from_the_domain_allow_list() {
         let (node, client, stranger) = ([1; 32], [2; 32], [3; 32]);
-        let allowed: AllowLists = HashMap::from([
-            ("raft", Some(HashSet::from([PublicKey(node)]))),
-            ("client", None),
-            ("closed", Some(HashSet::new())),
-        ]);
+        let nodes = Arc::new(RwLock::new(BTreeMap::from([(0, PublicKey(node))])));
+        let allowed = Gate { nodes: nodes.clone(), clients: None };
         let status = |request: &[Vec<u8>]| {
             let (reply, refused) = answer(&allowed, request);
             assert_eq!((&reply[0][..], &reply[1][..]), (&b"1.0"[..], &b"7"[..]), "version and request id");
@@ -556,12 +610,18 @@ mod tests {
         assert_eq!(status(&zap_request("raft", &node)), "200");
         assert_eq!(status(&zap_request("raft", &client)), "400");
         assert_eq!(status(&zap_request("client", &stranger)), "200");
-        assert_eq!(status(&zap_request("closed", &node)), "400");
         assert_eq!(status(&zap_request("other", &node)), "400");
         assert_eq!(status(&zap_request("raft", &node[..31])), "400");
         let mut plain = zap_request("raft", &node);
         plain[5] = b"NULL".to_vec();
         assert_eq!(status(&plain), "400");
         assert_eq!(status(&plain[..3]), "400");
+        // Keys learnt later are let in; a client allow-list keeps strangers out.
+        nodes.write().unwrap().insert(5, PublicKey(client));
+        assert_eq!(status(&zap_request("raft", &client)), "200");
+        let listed = Gate { nodes, clients: Some(HashSet::from([PublicKey(stranger)])) };
+        assert_eq!(answer(&listed, &zap_request("client", &stranger)).0[2], b"200");
+        assert_eq!(answer(&listed, &zap_request("client", &node)).0[2], b"200", "a node forwards");
+        assert_eq!(answer(&listed, &zap_request("client", &[4; 32])).0[2], b"400");
     }
 }

@@ -106,6 +106,38 @@ fn a_curve_cluster_elects_a_leader_and_serves_the_cli_client() {
     assert!(refused.stdout.is_empty());
 }
 
+/// A node added at run time to a CURVE cluster: its key travels in the
+/// membership, so the members let it in and it lets them in.
+#[test]
+fn a_node_added_at_run_time_joins_a_curve_cluster_with_its_key() {
+    let mut cluster = TestCluster::configure_with_keys(4, false);
+    cluster.write_config_of(&cluster.config_path.clone(), 0..3, "");
+    (0..3).for_each(|id| cluster.start_node(id));
+    let leader = cluster.wait_for_leader();
+    cluster.call_ok(leader, &put("before", "v"));
+    let join = cluster.dir.path().join("join.json");
+    cluster.write_config_of(&join, 0..4, "");
+    cluster.start_node_from(3, &join, &["--join".to_string()]);
+
+    let without_key = raft_zmq::config::Member { public_key: None, ..cluster.member(3) };
+    let refused = cluster.client(leader).call(&Request::AddNode { member: without_key, voter: true }).unwrap();
+    assert!(
+        matches!(&refused, Reply::Error { code: raft_zmq::protocol::ErrorCode::BadRequest, message, .. }
+            if message.contains("needs a public_key")),
+        "{refused:?}"
+    );
+    cluster.call_ok(leader, &Request::AddNode { member: cluster.member(3), voter: true });
+    wait_for("node 3 to be a voter", || cluster.status(3).filter(|s| s.members == [0, 1, 2, 3]).map(|_| ()));
+    assert_eq!(cluster.get_value(3, "before"), Some(raft_zmq::kv::Value::Str("v".into())));
+    // It can lead: the others let it in on their raft endpoints.
+    let Reply::TransferLeader { leader: moved } = cluster.call_ok(leader, &Request::TransferLeader { to: Some(3) })
+    else {
+        panic!("transfer_leader")
+    };
+    assert_eq!(moved, 3);
+    cluster.call_ok(3, &put("after", "v"));
+}
+
 #[test]
 fn with_client_keys_only_those_clients_get_replies() {
     let cluster = TestCluster::start_with_keys(3, true);

@@ -34,6 +34,7 @@ use crate::raft::{
     Body, ChangeError, Entry, Index, Membership, MembershipChange, Message, NodeId, NotLeader, Raft, ReadState, Role,
     Snapshot, SnapshotMeta, SoftState, Term, TransferError,
 };
+use crate::security::NodeSecurity;
 use crate::sessions::SessionTable;
 use crate::transport::{Inbound, Transport};
 
@@ -148,6 +149,8 @@ pub struct Io {
     last_contact: LastContact,
     /// The cluster id the state dir holds (0: none yet, while joining).
     pub cluster_recorded: u64,
+    /// Plaintext or CURVE; learns the keys of members added at run time.
+    pub security: Arc<NodeSecurity>,
     /// For the metrics: the last leadership counted, and the last term this
     /// node campaigned in.
     leadership_seen: Option<(NodeId, Term)>,
@@ -185,6 +188,7 @@ impl Io {
             transfers: Transfers::default(),
             last_contact: LastContact::default(),
             cluster_recorded: 0,
+            security: Arc::new(NodeSecurity::Plain),
             leadership_seen: None,
             campaigned_in: 0,
         }
@@ -403,6 +407,15 @@ impl State {
             Request::AddNode { member, voter } => {
                 let mut members = members_of(self.raft.membership());
                 if let Err(problem) = check_new_member(&members, &member) {
+                    return self.io.reply_error(reply_to, ErrorCode::BadRequest, &problem);
+                }
+                let curve = self.io.security.is_curve();
+                if curve != member.public_key.is_some() {
+                    let problem = if curve {
+                        format!("the cluster uses CURVE: node {} needs a public_key", member.id)
+                    } else {
+                        "the cluster does not use CURVE: no public_key".to_string()
+                    };
                     return self.io.reply_error(reply_to, ErrorCode::BadRequest, &problem);
                 }
                 let change = MembershipChange::AddLearner { id: member.id, promote: voter };
@@ -638,6 +651,8 @@ impl driver::Shell for Io {
         let members = members_of(membership);
         // Joining: no membership yet, so the config's nodes stay the peers.
         if !members.is_empty() {
+            // Their keys first: the connections to new members need them.
+            self.security.learn(&members);
             let peers = peer_endpoints(&members, self.id, &self.routes).expect("no route to itself: checked at start");
             if let Err(e) = self.transport.set_peers(peers) {
                 warn!("node {}: cannot connect to the new members: {e}", self.id);

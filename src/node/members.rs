@@ -126,7 +126,8 @@ mod tests {
     use super::*;
 
     fn member(id: NodeId) -> Member {
-        Member { id, raft: format!("tcp://127.0.0.1:{}", 7000 + id), client: format!("tcp://127.0.0.1:{}", 7100 + id) }
+        let (raft, client) = (format!("tcp://127.0.0.1:{}", 7000 + id), format!("tcp://127.0.0.1:{}", 7100 + id));
+        Member { id, raft, client, public_key: None }
     }
 
     #[test]

@@ -163,6 +163,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     if joining {
         info!("node {id}: joining: waiting to be added to a running cluster (add_node)");
     }
+    security.learn(&members);
     security.check_members(&members)?;
     let me =
         members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
@@ -260,7 +261,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
                 listen: listen.clone(),
                 state_dir: config.node_state_dir(id),
                 leader_silence: Duration::from_millis(config.election_timeout_ms.1),
-                security,
+                security: security.clone(),
             };
             let server = HttpServer::start(&ctx, http, shared.clone())?;
             info!("node {id}: serving metrics, health and the web view on http://{listen}/");
@@ -315,6 +316,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     );
     io.routes = routes.to_vec();
     io.cluster_recorded = cluster;
+    io.security = security.clone();
     let core = CoreLoop { raft, io };
     let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
     core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, snapshots: taken_rx, stop: stop_rx });
@@ -511,6 +513,7 @@ mod tests {
     #[test]
     fn routes_redirect_only_the_named_peers() {
         let member = |id: NodeId| Member {
+            public_key: None,
             id,
             raft: format!("tcp://127.0.0.1:700{id}"),
             client: format!("tcp://127.0.0.1:710{id}"),

@@ -220,6 +220,10 @@ pub enum Op {
         client: String,
         #[arg(long)]
         learner: bool,
+        /// Its CURVE public key, Z85 text or a .pub file (required when the
+        /// cluster uses CURVE).
+        #[arg(long, value_name = "KEY")]
+        public_key: Option<String>,
     },
     /// Remove node ID (removing the leader hands leadership over first).
     /// Its id can never be used again.
@@ -248,8 +252,11 @@ impl Op {
             Op::Log { from, limit } => Request::Log { from, limit },
             Op::Snapshot => Request::Snapshot,
             Op::Members => Request::Members,
-            Op::AddNode { id, raft, client, learner } => {
-                Request::AddNode { member: crate::config::Member { id, raft, client }, voter: !learner }
+            Op::AddNode { id, raft, client, learner, public_key } => {
+                // A .pub file becomes its text; anything else goes as given,
+                // for the node to judge.
+                let public_key = public_key.map(|k| PublicKey::from_text_or_file(&k).map_or(k, |key| key.to_string()));
+                Request::AddNode { member: crate::config::Member { id, raft, client, public_key }, voter: !learner }
             }
             Op::RemoveNode { id } => Request::RemoveNode { id },
             Op::PromoteNode { id } => Request::PromoteNode { id },

@@ -317,7 +317,8 @@ impl TestCluster {
     /// Node `id` as `add_node` names it.
     pub fn member(&self, id: usize) -> raft_zmq::config::Member {
         let node = &self.nodes[id];
-        raft_zmq::config::Member { id: id as u64, raft: node.raft.clone(), client: node.client.clone() }
+        let public_key = node.public_key.map(|key| key.to_string());
+        raft_zmq::config::Member { id: id as u64, raft: node.raft.clone(), client: node.client.clone(), public_key }
     }
 
     pub fn running(&self) -> Vec<usize> {
