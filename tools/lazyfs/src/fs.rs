@@ -216,7 +216,10 @@ impl State {
         let moved: Vec<(PathBuf, u64)> =
             self.inodes.iter().filter(|(path, _)| path.starts_with(from)).map(|(p, &i)| (p.clone(), i)).collect();
         for (old, ino) in moved {
-            let new = to.join(old.strip_prefix(from).expect("filtered"));
+            // Not `to.join("")` for `from` itself: that adds a trailing
+            // slash, and the backing file's path would then fail with ENOTDIR.
+            let rest = old.strip_prefix(from).expect("filtered");
+            let new = if rest.as_os_str().is_empty() { to.to_path_buf() } else { to.join(rest) };
             self.inodes.remove(&old);
             self.inodes.insert(new.clone(), ino);
             self.paths.insert(ino, new);

@@ -66,6 +66,7 @@ fn synced_writes_survive_a_power_loss_and_unsynced_ones_do_not() {
     tmp.write_all(b"snapshot").unwrap();
     tmp.sync_all().unwrap();
     fs::rename(mountpoint.join("snap.tmp"), mountpoint.join("snap")).unwrap();
+    assert_eq!(fs::read(mountpoint.join("snap")).unwrap(), b"snapshot", "readable under its new name at once");
     fs::create_dir(mountpoint.join("sub")).unwrap();
     fs::write(mountpoint.join("sub/never-synced"), b"gone").unwrap();
     let mut grown = OpenOptions::new().create(true).truncate(false).write(true).open(mountpoint.join("grown")).unwrap();
