@@ -208,8 +208,12 @@ impl<S: LogStore> Raft<S> {
         self.election_elapsed += 1;
         if self.role != Role::Leader {
             // Learners and nodes outside the membership never campaign.
-            if self.election_elapsed >= self.election_timeout && self.tracker.is_voter() {
-                self.campaign(if self.cfg.pre_vote { Campaign::PreVote } else { Campaign::Election });
+            if self.election_elapsed >= self.election_timeout {
+                if self.tracker.is_voter() {
+                    self.campaign(if self.cfg.pre_vote { Campaign::PreVote } else { Campaign::Election });
+                } else if self.tracker.membership().learners.contains(&self.cfg.id) {
+                    self.ask_if_still_a_member();
+                }
             }
             return;
         }
@@ -586,6 +590,27 @@ impl<S: LogStore> Raft<S> {
         self.start_election(campaign);
     }
 
+    /// A learner that has not heard from a leader for an election timeout
+    /// may have been removed while it was away, and no leader replicates to
+    /// a removed node: it sends the voters a pre-vote request, which changes
+    /// nothing (voters grant none to a learner), but which members answer
+    /// with `Removed` once its removal is committed, as for a removed voter.
+    fn ask_if_still_a_member(&mut self) {
+        self.election_elapsed = 0;
+        self.randomize_election_timeout();
+        debug!("node {}: learner without a leader for an election timeout; asking the voters", self.cfg.id);
+        let body = Body::RequestVote {
+            last_log_index: self.log.last_index(),
+            last_log_term: self.log.last_term(),
+            pre_vote: true,
+            transfer: false,
+        };
+        let voters: Vec<NodeId> = self.tracker.voter_peers().collect();
+        for to in voters {
+            self.messages.push(Message { from: self.cfg.id, to, term: self.term + 1, body: body.clone() });
+        }
+    }
+
     fn start_election(&mut self, campaign: Campaign) {
         self.election_elapsed = 0;
         self.randomize_election_timeout();
@@ -610,7 +635,10 @@ impl<S: LogStore> Raft<S> {
         let can_vote = self.vote == Some(m.from)
             || (self.vote.is_none() && self.leader.is_none())
             || (pre_vote && m.term > self.term);
-        let granted = can_vote && self.log.is_up_to_date(last_log_term, last_log_index);
+        // A learner asks only whether it is still a member (and a voter that
+        // has not yet appended its own promotion waits for it).
+        let candidate_votes = self.tracker.membership().is_voter(m.from);
+        let granted = can_vote && candidate_votes && self.log.is_up_to_date(last_log_term, last_log_index);
         if granted && !pre_vote {
             self.vote = Some(m.from);
             self.election_elapsed = 0;

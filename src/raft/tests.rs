@@ -1313,7 +1313,8 @@ fn learners_never_vote_campaign_or_count_toward_commit() {
     c.run(100);
     assert_eq!(c.raft(4).soft_state().role, Role::Follower);
     assert_eq!(c.raft(4).soft_state().term, term, "it never started an election");
-    assert!(c.sent.iter().all(|m| m.from != 4 || !matches!(m.body, Body::RequestVote { .. })));
+    // It only asks whether it is still a member (a pre-vote request).
+    assert!(c.sent.iter().all(|m| m.from != 4 || !matches!(m.body, Body::RequestVote { pre_vote: false, .. })));
 }
 
 #[test]
@@ -1443,6 +1444,46 @@ fn a_removed_node_that_asks_for_votes_is_told_and_only_by_a_member() {
     let mut r = node_with(2, HardState { term: 1, vote: None, commit: 0 }, vec![]);
     r.step(msg(9, 2, 1, Body::Removed));
     assert!(!r.removed());
+}
+
+#[test]
+fn a_learner_removed_while_it_was_away_asks_and_is_told() {
+    let (mut c, leader, _, other, _) = settled();
+    c.join(4);
+    c.change(leader, MembershipChange::AddLearner { id: 4, promote: false }).unwrap();
+    c.run(10);
+    assert!(c.raft(4).membership().learners.contains(&4));
+    c.isolate(4);
+    c.change(leader, MembershipChange::Remove(4)).unwrap();
+    c.run(3);
+    assert!(!c.raft(4).removed(), "it never got the entry that removed it");
+    // A learner never campaigns, but asks when no leader is heard from.
+    c.heal();
+    c.run(40);
+    assert!(c.raft(4).removed());
+    assert!(c.sent.iter().any(|m| m.from == other && m.to == 4 && m.body == Body::Removed));
+    assert!(
+        !c.sent.iter().any(|m| m.from == 4 && matches!(m.body, Body::RequestVote { pre_vote: false, .. })),
+        "it only asked"
+    );
+}
+
+#[test]
+fn a_learner_gets_no_vote() {
+    let hs = HardState { term: 1, vote: None, commit: 1 };
+    let membership = Membership { learners: [4].into(), ..voters(3) };
+    let mut r = Raft::new(config(2), MemStore::new(membership, hs, &[entry(1, 1)]), hs, 0);
+    r.ready();
+    let ask = |pre_vote| Body::RequestVote { last_log_index: 1, last_log_term: 1, pre_vote, transfer: false };
+    let granted = |r: &mut Node| {
+        let rd = drain(r);
+        let replies = rd.messages.iter().chain(&rd.persisted_messages);
+        replies.clone().any(|m| m.body == Body::RequestVoteReply { granted: true, pre_vote: true })
+    };
+    r.step(msg(4, 2, 2, ask(true)));
+    assert!(!granted(&mut r), "a learner only asks whether it is still a member");
+    r.step(msg(3, 2, 2, ask(true)));
+    assert!(granted(&mut r), "a voter asking the same gets it");
 }
 
 #[test]
