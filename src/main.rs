@@ -141,17 +141,7 @@ enum MemberOp {
     List,
     /// Add node ID at RAFT and CLIENT; promoted to voter once caught up
     /// unless --learner. Start it with `--join` and a config that lists it.
-    Add {
-        id: u64,
-        raft: String,
-        client: String,
-        #[arg(long)]
-        learner: bool,
-        /// Its CURVE public key, Z85 text or a .pub file (required when the
-        /// cluster uses CURVE).
-        #[arg(long, value_name = "KEY")]
-        public_key: Option<String>,
-    },
+    Add(client::NewMember),
     /// Remove node ID; it stops by itself, and its id is never reused.
     Remove { id: u64 },
     /// Make learner ID (added with --learner) a voter, once it has caught up.
@@ -276,9 +266,7 @@ fn main() -> ExitCode {
         Some(tool @ (Tool::Member { .. } | Tool::TransferLeader { .. })) => {
             let (node, op) = match tool {
                 Tool::Member { node, op: MemberOp::List } => (node, client::Op::Members),
-                Tool::Member { node, op: MemberOp::Add { id, raft, client, learner, public_key } } => {
-                    (node, client::Op::AddNode { id, raft, client, learner, public_key })
-                }
+                Tool::Member { node, op: MemberOp::Add(new) } => (node, client::Op::AddNode(new)),
                 Tool::Member { node, op: MemberOp::Remove { id } } => (node, client::Op::RemoveNode { id }),
                 Tool::Member { node, op: MemberOp::Promote { id } } => (node, client::Op::PromoteNode { id }),
                 Tool::TransferLeader { to, node } => (node, client::Op::TransferLeader { to }),

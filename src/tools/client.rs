@@ -162,6 +162,20 @@ fn to_json(value: &rmpv::Value) -> serde_json::Value {
     }
 }
 
+/// A node to add: the arguments of `client add-node` and `member add`.
+#[derive(Debug, clap::Args)]
+pub struct NewMember {
+    id: u64,
+    raft: String,
+    client: String,
+    #[arg(long)]
+    learner: bool,
+    /// Its CURVE public key, Z85 text or a .pub file (required when the
+    /// cluster uses CURVE).
+    #[arg(long, value_name = "KEY")]
+    public_key: Option<String>,
+}
+
 /// The operations of `raft-zmq client`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Op {
@@ -214,17 +228,7 @@ pub enum Op {
     /// Add node ID, reachable at RAFT and CLIENT; it joins as a learner and
     /// is promoted to voter once caught up (never, with --learner). Start it
     /// with `raft-zmq --node-id ID --join` and a config listing it.
-    AddNode {
-        id: u64,
-        raft: String,
-        client: String,
-        #[arg(long)]
-        learner: bool,
-        /// Its CURVE public key, Z85 text or a .pub file (required when the
-        /// cluster uses CURVE).
-        #[arg(long, value_name = "KEY")]
-        public_key: Option<String>,
-    },
+    AddNode(NewMember),
     /// Remove node ID (removing the leader hands leadership over first).
     /// Its id can never be used again.
     RemoveNode { id: u64 },
@@ -252,7 +256,7 @@ impl Op {
             Op::Log { from, limit } => Request::Log { from, limit },
             Op::Snapshot => Request::Snapshot,
             Op::Members => Request::Members,
-            Op::AddNode { id, raft, client, learner, public_key } => {
+            Op::AddNode(NewMember { id, raft, client, learner, public_key }) => {
                 // A .pub file becomes its text; anything else goes as given,
                 // for the node to judge.
                 let public_key = public_key.map(|k| PublicKey::from_text_or_file(&k).map_or(k, |key| key.to_string()));
