@@ -345,8 +345,12 @@ pub fn command_json(payload: &Payload, duplicate: bool) -> String {
             let members = serde_json::from_slice::<serde_json::Value>(&membership.context)
                 .unwrap_or_else(|_| bin_json(&membership.context));
             let ids = |set: &std::collections::BTreeSet<u64>| serde_json::to_string(set).expect("a list of numbers");
+            let cluster = match membership.cluster {
+                0 => String::new(),
+                named => format!(r#","cluster":"{named:016x}""#),
+            };
             format!(
-                r#"{{"op":"config","voters":{},"learners":{},"promote":{},"members":{members}}}"#,
+                r#"{{"op":"config","voters":{},"learners":{},"promote":{},"members":{members}{cluster}}}"#,
                 ids(&membership.voters),
                 ids(&membership.learners),
                 ids(&membership.promote)

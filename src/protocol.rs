@@ -187,10 +187,12 @@ pub struct StatusInfo {
     /// Our extensions, for `raft-zmq status` and the web view: whom this
     /// node voted for in its term; how long ago it last heard from its
     /// leader (on the leader: from a majority of voters; none when it knows
-    /// no leader); and the bytes its state dir takes.
+    /// no leader); the bytes its state dir takes; and the cluster's name
+    /// as 16 hex digits (none while this node does not know it).
     pub vote: Option<NodeId>,
     pub leader_contact_ms: Option<u64>,
     pub state_bytes: u64,
+    pub cluster_id: Option<String>,
 }
 
 #[cfg(test)]
@@ -213,6 +215,7 @@ impl StatusInfo {
             vote: Some(0),
             leader_contact_ms: Some(40),
             state_bytes: 2048,
+            cluster_id: Some("00000000c0ffee00".into()),
         }
     }
 }
@@ -366,6 +369,7 @@ impl Reply {
                 ("vote", uint_or_nil(status.vote)),
                 ("leader_contact_ms", uint_or_nil(status.leader_contact_ms)),
                 ("state_bytes", status.state_bytes.into()),
+                ("cluster_id", status.cluster_id.as_deref().map_or(rmpv::Value::Nil, Into::into)),
             ]),
             Reply::Log { entries } => {
                 let entries = entries.iter().map(|entry| {
@@ -430,6 +434,7 @@ impl Reply {
                 vote: fields.optional("vote", to_u64)?,
                 leader_contact_ms: fields.optional("leader_contact_ms", to_u64)?,
                 state_bytes: fields.optional("state_bytes", to_u64)?.unwrap_or(0),
+                cluster_id: fields.optional("cluster_id", to_string)?,
             })),
             Request::Log { .. } => Reply::Log { entries: fields.required("entries", list(to_log_entry))? },
             Request::Snapshot => Reply::Snapshot { index: fields.required("index", to_u64)? },
@@ -836,6 +841,7 @@ mod tests {
             vote: Some(1),
             leader_contact_ms: Some(0),
             state_bytes: 12345,
+            cluster_id: None,
         };
         let requests = all_requests();
         let (put, delete, cas, propose, get, status_req, log) =

@@ -263,9 +263,7 @@ fn junk_on_the_raft_endpoint_neither_disturbs_the_leader_nor_stops_commits() {
     let cluster = TestCluster::start(3);
     let leader = cluster.wait_for_leader();
     let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!() };
-    let members: Vec<(u64, &str)> =
-        cluster.nodes.iter().enumerate().map(|(id, n)| (id as u64, n.raft.as_str())).collect();
-    let cluster_id = raft_zmq::transport::cluster_id(&members);
+    let cluster_id = cluster.wait_for_name(leader);
     let version = u64::from(raft_zmq::transport::PROTOCOL_VERSION);
     let mut truncated = map(&[
         ("version", M::from(version)),
@@ -347,9 +345,7 @@ fn inconsistent_peer_messages_with_a_valid_envelope_crash_nothing_and_never_reac
     }
     let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!() };
     let term = before.term;
-    let members: Vec<(u64, &str)> =
-        cluster.nodes.iter().enumerate().map(|(id, n)| (id as u64, n.raft.as_str())).collect();
-    let cluster_id = raft_zmq::transport::cluster_id(&members);
+    let cluster_id = cluster.wait_for_name(leader);
     let entry = |index, term| Entry { index, term, payload: Payload::Command(b"forged".to_vec()) };
     let append = |prev: (u64, u64), entries: Vec<Entry>, leader_commit| Body::AppendEntries {
         prev_log_index: prev.0,

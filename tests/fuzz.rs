@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use raft_zmq::kv::{Command, Value};
 use raft_zmq::protocol::{Request, encode_request};
 use raft_zmq::raft::{Body, Entry, Message, Payload};
-use raft_zmq::transport::{Wire, cluster_id};
+use raft_zmq::transport::{Wire, bootstrap_fingerprint};
 
 /// Mutated inputs per target on top of the corpus.
 const MUTATIONS: usize = 20_000;
@@ -127,8 +127,9 @@ fn write_seed_corpus() {
     ];
     write_seeds("client_request", requests.iter().map(encode_request));
 
-    let cluster = cluster_id(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
-    let wire = Wire::new(1, cluster, 1 << 26);
+    let cluster =
+        bootstrap_fingerprint(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
+    let wire = Wire::new(1, cluster, 0, 1 << 26);
     let entry = |index, term| Entry { index, term, payload: Payload::Command(vec![index as u8; 3]) };
     let bodies = [
         Body::RequestVote { last_log_index: 2, last_log_term: 2, pre_vote: true, transfer: false },
@@ -150,7 +151,7 @@ fn write_seed_corpus() {
         },
         Body::TimeoutNow,
     ];
-    let frames = bodies.into_iter().map(|body| wire.seal(Message { from: 1, to: 0, term: 3, body }).unwrap());
+    let frames = bodies.into_iter().map(|body| wire.seal(&Message { from: 1, to: 0, term: 3, body }).unwrap());
     write_seeds("peer_frame", frames);
 
     // Rounds of: tick every node, deliver what is queued, propose at every

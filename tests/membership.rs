@@ -10,7 +10,6 @@ use std::process::ExitStatus;
 use common::*;
 use raft_zmq::protocol::{Reply, Request};
 
-
 /// Waits until node `id` (which was asked to leave) exits by itself.
 fn exits(cluster: &mut TestCluster, id: usize) -> ExitStatus {
     let process = cluster.nodes[id].process.as_mut().expect("running");
@@ -163,4 +162,67 @@ fn a_survivor_forced_into_a_new_cluster_keeps_its_data_and_grows_again() {
     });
     wait_for("node 3 to become a voter", || (membership(&cluster, 3) == Some((both.clone(), vec![]))).then_some(()));
     assert_eq!(cluster.get_value(3, "after-force"), Some(raft_zmq::kv::Value::Str("v".into())));
+}
+
+/// Every running node's name for the cluster, once each knows one.
+fn names(cluster: &TestCluster, ids: &[usize]) -> Vec<u64> {
+    ids.iter().map(|&id| cluster.wait_for_name(id)).collect()
+}
+
+/// The others' state dirs wiped and the cluster bootstrapped anew from the
+/// same config: the new cluster gets a new name, and the node still holding
+/// the old cluster's state (a higher term, a longer log) is never heard.
+#[test]
+fn a_new_cluster_names_itself_and_shuts_out_a_node_with_an_old_clusters_state() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    for i in 0..20 {
+        cluster.call_ok(leader, &put(&format!("old-{i}"), "v"));
+    }
+    let old = names(&cluster, &[0, 1, 2]);
+    assert!(old.iter().all(|&name| name == old[0]), "one name: {old:x?}");
+    (0..3).for_each(|id| cluster.kill(id));
+    for id in [0, 1] {
+        std::fs::remove_dir_all(cluster.state_dir(id)).unwrap();
+        std::fs::remove_file(cluster.mirror_path(id)).unwrap();
+    }
+    (0..3).for_each(|id| cluster.start_node(id));
+
+    let leader = leader_among(&cluster, &[2]);
+    let new = names(&cluster, &[0, 1]);
+    assert!(new[0] == new[1] && new[0] != old[0], "a new name for the new cluster: {new:x?}, was {:x}", old[0]);
+    cluster.call_ok(leader, &put("new", "v"));
+    assert_eq!(cluster.get_value(leader, "old-0"), None, "the old cluster's data stays out");
+    let stale = cluster.status(2).expect("node 2 runs");
+    assert_eq!(stale.cluster_id, Some(format!("{:016x}", old[0])));
+    assert_ne!(stale.leader, Some(leader as u64), "node 2 follows nobody of the new cluster");
+    assert!(!cluster.mirror(2).contains("\"new\""), "nor does node 2 get the new cluster's");
+    wait_for("node 2 to log the refusals", || read_path(&cluster.output_path(2)).contains("cluster").then_some(()));
+}
+
+/// A member of a new cluster that starts only after the others named it
+/// (and compacted their logs) is brought the log, by snapshot, in the
+/// cluster's fingerprint, learns the name and takes part.
+#[test]
+fn a_member_that_starts_after_the_cluster_was_named_learns_the_name() {
+    let mut cluster = TestCluster::configure(3, r#", "snapshot_entries": 20"#);
+    cluster.start_node(0);
+    cluster.start_node(1);
+    let leader = leader_among(&cluster, &[2]);
+    let name = names(&cluster, &[0, 1]);
+    for i in 0..60 {
+        cluster.call_ok(leader, &put(&format!("k-{i}"), "v"));
+    }
+    let Reply::Status(status) = cluster.call_ok(leader, &Request::Status) else { panic!("status") };
+    cluster.start_node(2);
+    assert_eq!(cluster.wait_for_name(2), name[0]);
+    wait_for("node 2 to catch up", || {
+        cluster.status(2).filter(|s| s.last_applied >= status.commit_index && s.leader == Some(leader as u64))
+    });
+    let out = read_path(&cluster.output_path(2));
+    assert!(out.contains("snapshot"), "caught up by snapshot:\n{out}");
+    // It counts: with node 0 gone, nodes 1 and 2 still commit.
+    cluster.kill(0);
+    let leader = leader_among(&cluster, &[0]);
+    cluster.call_ok(leader, &put("after", "v"));
 }

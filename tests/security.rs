@@ -18,7 +18,7 @@ use common::*;
 use raft_zmq::protocol::{Reply, Request};
 use raft_zmq::raft::{Body, Message};
 use raft_zmq::security::{ClientCurve, CurveIdentity, PublicKey};
-use raft_zmq::transport::{Envelope, PROTOCOL_VERSION, cluster_id};
+use raft_zmq::transport::{Envelope, PROTOCOL_VERSION};
 
 /// How long a refused client waits for the reply that must not come.
 const REFUSED_WAIT: Duration = Duration::from_secs(1);
@@ -165,9 +165,7 @@ fn a_peer_without_a_node_key_is_ignored() {
     let cluster = TestCluster::start_with_keys(3, false);
     let leader = cluster.wait_for_leader();
     let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!("status") };
-    let members: Vec<(u64, &str)> =
-        cluster.nodes.iter().enumerate().map(|(id, n)| (id as u64, n.raft.as_str())).collect();
-    let cluster_id = cluster_id(&members);
+    let cluster_id = cluster.wait_for_name(leader);
     let envelope = |from: usize, to: usize, term: u64, body: Body| {
         let (from, to) = (from as u64, to as u64);
         let message = Message { from, to, term, body };

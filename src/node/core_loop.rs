@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, after, select};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use super::applier::ApplyMsg;
 use super::disk::NOSPACE;
@@ -320,12 +320,8 @@ impl State {
             let message = format!("node {to} did not take over leadership in time");
             self.io.reply_error(reply_to, ErrorCode::Timeout, &message);
         }
-        // A joining node took the cluster of the leader that added it.
-        let cluster = self.io.transport.cluster();
-        if cluster != self.io.cluster_recorded {
-            record_cluster(&mut self.raft.store_mut().storage, cluster)?;
-            self.io.cluster_recorded = cluster;
-        }
+        self.follow_cluster_name()?;
+        self.name_new_cluster();
         let expired: Vec<u64> = self.io.reads.iter().filter(|(_, r)| r.deadline <= now).map(|(&ctx, _)| ctx).collect();
         for ctx in expired {
             let read = self.io.reads.remove(&ctx).expect("listed above");
@@ -336,6 +332,46 @@ impl State {
             self.hand_over_for_lack_of_space();
         }
         Ok(())
+    }
+
+    /// Keeps the wire in step with the cluster's name in the log, and the
+    /// state dir in step with the wire (a joining node takes the name of the
+    /// leader that added it): see `transport::Wire`.
+    fn follow_cluster_name(&mut self) -> Result<(), PersistError> {
+        let transport = &self.io.transport;
+        if transport.cluster() == 0 {
+            match self.raft.committed_membership().cluster {
+                0 => transport.expect_cluster(self.raft.membership().cluster),
+                named => {
+                    info!("node {}: the cluster is named {named:#018x}", self.raft.id());
+                    transport.name_cluster(named);
+                }
+            }
+        }
+        let cluster = transport.cluster();
+        if cluster != self.io.cluster_recorded {
+            record_cluster(&mut self.raft.store_mut().storage, cluster)?;
+            self.io.cluster_recorded = cluster;
+        }
+        Ok(())
+    }
+
+    /// The first leader of a new cluster names it: a random id (or, for a
+    /// cluster whose nodes agreed on one before names were logged, that one),
+    /// committed like any membership change, so every member learns the same.
+    fn name_new_cluster(&mut self) {
+        if self.raft.soft_state().role != Role::Leader || self.raft.membership().cluster != 0 {
+            return;
+        }
+        let name = match self.io.transport.cluster() {
+            0 => random_cluster_name(),
+            named => named,
+        };
+        let context = self.raft.membership().context.clone();
+        match self.raft.change_membership(MembershipChange::Name(name), context) {
+            Ok(index) => info!("node {}: naming the new cluster {name:#018x} (entry {index})", self.raft.id()),
+            Err(e) => debug!("node {}: cannot name the cluster yet: {e:?}", self.raft.id()),
+        }
     }
 
     /// A leader low on space lets a follower lead instead, so the cluster
@@ -453,6 +489,11 @@ impl State {
         reply_to: ReplyTo,
         deadline: Instant,
     ) {
+        if self.raft.committed_membership().cluster == 0 {
+            // A node added now would take the fingerprint for the name.
+            let message = "the new cluster has not committed its name yet; retry in a moment";
+            return self.io.reply_error(reply_to, ErrorCode::Busy, message);
+        }
         match self.raft.change_membership(change, context_of(members)) {
             Ok(index) => {
                 METRICS.proposals.inc();
@@ -563,6 +604,10 @@ impl State {
                 None => None,
             },
             state_bytes: self.raft.store().disk.state_bytes(),
+            cluster_id: match self.io.transport.cluster() {
+                0 => None,
+                named => Some(format!("{named:016x}")),
+            },
         }
     }
 
@@ -701,6 +746,14 @@ impl Io {
     fn reply_error(&self, reply_to: ReplyTo, code: ErrorCode, message: &str) {
         self.replier.send(reply_to, &Reply::error(code, message, self.leader));
     }
+}
+
+/// A new cluster's name: random (std's `RandomState` is keyed from the
+/// operating system's random source), never 0, which means "no name".
+fn random_cluster_name() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    RandomState::new().hash_one(now).max(1)
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ use crate::raft::{self, HardState, Index, LogStore, Membership, NodeId, Raft, Sn
 use crate::security::NodeSecurity;
 use crate::snapshot::{self, Snapshots};
 use crate::storage::Storage;
-use crate::transport::{Transport, TransportConfig, cluster_id};
+use crate::transport::{Transport, TransportConfig, bootstrap_fingerprint};
 pub use log_reader::LOG_REPLY_MAX_BYTES;
 
 use applier::{Applier, Removal, SnapshotPolicy};
@@ -127,8 +127,11 @@ const CLIENT_QUEUE_BYTES: usize = 64 << 20;
 
 /// Membership key in the state dir: once recorded, it wins over the file.
 const MEMBERSHIP_META: &str = "membership";
-/// The cluster's identity, carried in every envelope (see `cluster_id`).
+/// The cluster's name once this node knows it, carried in every envelope
+/// (see `transport::Wire`).
 const CLUSTER_META: &str = "cluster_id";
+/// The new cluster this node was a member of (see `bootstrap_fingerprint`).
+const FINGERPRINT_META: &str = "cluster_fingerprint";
 
 /// How a node starts (see the `--join` and `--force-new-cluster` flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,7 +162,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         info!("node {id}: removed from the cluster (its state dir says so); not starting");
         return Ok(());
     }
-    let cluster = settle_cluster(&mut storage, &members, joining)?;
+    let (cluster, fingerprint) = settle_cluster(&mut storage, &members, joining, recovered.hard_state.commit)?;
     if joining {
         info!("node {id}: joining: waiting to be added to a running cluster (add_node)");
     }
@@ -229,6 +232,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         TransportConfig {
             id,
             cluster,
+            fingerprint,
             bind: me.raft.clone(),
             peers,
             reply_timeout,
@@ -412,7 +416,8 @@ fn force_new_cluster(
     let me = config.require_member(id)?.clone();
     let mut removed = current.removed.clone();
     removed.extend(current.ids().filter(|&other| other != id));
-    let membership = Membership { removed, ..Membership::of_voters([id], members::context_of(&[me])) };
+    let membership =
+        Membership { removed, cluster: current.cluster, ..Membership::of_voters([id], members::context_of(&[me])) };
     let index = storage.last_index() + 1;
     let term = hard_state.term.max(storage.log_start().term);
     let entry = raft::Entry { index, term, payload: raft::Payload::Membership(membership) };
@@ -427,21 +432,40 @@ fn force_new_cluster(
     Ok(())
 }
 
-/// The cluster's identity as recorded in the state dir. A new cluster
-/// records the hash of its first members' endpoints (so every node of it
-/// derives the same); a node joining one records none yet (0), and takes the
-/// cluster of the leader that adds it (the core loop records it then).
-fn settle_cluster(storage: &mut Storage, members: &[Member], joining: bool) -> Result<u64, Box<dyn Error>> {
-    if let Some(bytes) = storage.read_meta(CLUSTER_META)? {
-        let bytes: [u8; 8] = bytes.try_into().map_err(|_| "the recorded cluster id is unreadable")?;
-        return Ok(u64::from_be_bytes(bytes));
+/// The cluster's identity as recorded in the state dir: its name, once
+/// this node has learned it (0 before), and for a member of a new cluster,
+/// the fingerprint it speaks for until then (0 for a node that joined a
+/// running cluster, or whose state predates named clusters).
+fn settle_cluster(
+    storage: &mut Storage,
+    members: &[Member],
+    joining: bool,
+    commit: u64,
+) -> Result<(u64, u64), Box<dyn Error>> {
+    let read = |key: &str| -> Result<Option<u64>, Box<dyn Error>> {
+        let Some(bytes) = storage.read_meta(key)? else { return Ok(None) };
+        let bytes: [u8; 8] = bytes.try_into().map_err(|_| format!("the recorded {key} is unreadable"))?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    };
+    let cluster = read(CLUSTER_META)?.unwrap_or(0);
+    let fingerprint = match read(FINGERPRINT_META)? {
+        Some(fingerprint) => fingerprint,
+        None if cluster != 0 || joining => 0,
+        None => {
+            let fingerprint = bootstrap_fingerprint(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
+            storage.write_meta(FINGERPRINT_META, &fingerprint.to_be_bytes())?;
+            fingerprint
+        }
+    };
+    let memberships = storage.memberships();
+    let logged = memberships.iter().rev().find(|(index, _)| *index <= commit).map_or(0, |(_, m)| m.cluster);
+    if cluster != 0 && logged != 0 && logged != cluster {
+        return Err(format!(
+            "the state dir is inconsistent: it records cluster {cluster:#018x}, its log names {logged:#018x}"
+        )
+        .into());
     }
-    if joining {
-        return Ok(0);
-    }
-    let cluster = cluster_id(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
-    record_cluster(storage, cluster)?;
-    Ok(cluster)
+    Ok((cluster, fingerprint))
 }
 
 pub(crate) fn record_cluster(storage: &mut Storage, cluster: u64) -> Result<(), crate::storage::StorageError> {

@@ -543,6 +543,12 @@ impl<S: LogStore> Raft<S> {
         self.tracker.membership()
     }
 
+    /// The membership as of the commit index: unlike the one in force, it
+    /// can no longer be cut off.
+    pub fn committed_membership(&self) -> &Membership {
+        self.log.committed_membership()
+    }
+
     /// Whether a member told this node that a committed membership removed
     /// it (see [`Body::Removed`]). The shell then stops the node, as it does
     /// when it applies its own removal.

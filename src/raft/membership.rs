@@ -22,6 +22,8 @@ pub enum MembershipChange {
     Promote(NodeId),
     /// A voter or learner leaves.
     Remove(NodeId),
+    /// A new cluster records the id its first leader chose, once.
+    Name(u64),
 }
 
 impl MembershipChange {
@@ -60,6 +62,15 @@ impl MembershipChange {
                 next.learners.remove(&id);
                 next.promote.remove(&id);
                 next.removed.insert(id);
+            }
+            MembershipChange::Name(cluster) => {
+                if current.cluster != 0 {
+                    return Err(format!("the cluster is named {:#018x} already", current.cluster));
+                }
+                if cluster == 0 {
+                    return Err("0 is no cluster id".into());
+                }
+                next.cluster = cluster;
             }
         }
         Ok(next)
@@ -157,6 +168,17 @@ mod tests {
         assert!(MembershipChange::Remove(1).apply_to(&start, vec![]).is_err(), "the only voter");
         let with_learner = add(2).apply_to(&start, vec![]).unwrap();
         assert!(MembershipChange::Remove(2).apply_to(&with_learner, vec![]).is_ok(), "a learner may go");
+        assert!(MembershipChange::Name(0).apply_to(&start, vec![]).is_err(), "0 is no id");
+    }
+
+    #[test]
+    fn a_cluster_is_named_once_and_keeps_its_name_through_changes() {
+        let named = MembershipChange::Name(0xabc).apply_to(&voters(&[1, 2]), vec![]).unwrap();
+        assert_eq!((named.cluster, &named.voters), (0xabc, &[1, 2].into()));
+        assert!(MembershipChange::Name(0xdef).apply_to(&named, vec![]).unwrap_err().contains("already"));
+        let grown = MembershipChange::AddLearner { id: 3, promote: true }.apply_to(&named, vec![]).unwrap();
+        let shrunk = MembershipChange::Remove(1).apply_to(&grown, vec![]).unwrap();
+        assert_eq!(shrunk.cluster, 0xabc);
     }
 
     #[test]

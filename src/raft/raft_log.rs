@@ -92,6 +92,11 @@ impl<S: LogStore> RaftLog<S> {
         self.memberships.current()
     }
 
+    /// The membership once everything committed is applied.
+    pub fn committed_membership(&self) -> &Membership {
+        self.memberships.at(self.committed)
+    }
+
     /// Index of the entry that made the membership in force.
     pub fn membership_index(&self) -> Index {
         self.memberships.current_index()

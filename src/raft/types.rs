@@ -39,6 +39,11 @@ pub struct Membership {
     /// replaying the log must not mistake an earlier member's removal for
     /// its own, and a removed node can always be told apart.
     pub removed: BTreeSet<NodeId>,
+    /// The cluster's id: random, chosen by the first leader of a new
+    /// cluster and committed like any change (see `MembershipChange::Name`);
+    /// 0 until then. Every envelope carries it.
+    #[serde(default)]
+    pub cluster: u64,
     #[serde(with = "serde_bytes")]
     pub context: Vec<u8>,
 }

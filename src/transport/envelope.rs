@@ -55,18 +55,45 @@ pub enum Chunk {
 
 /// The fields that must be checked before the rest can be trusted to parse:
 /// a newer version may carry a message this build cannot decode, and that
-/// deserves a clearer warning than "undecodable".
-#[derive(Deserialize)]
+/// deserves a clearer warning than "undecodable". Alone, with `refused`, it
+/// is the whole answer to a request whose cluster the receiver does not
+/// accept: the receiver names the cluster it speaks for instead.
+#[derive(Serialize, Deserialize)]
 struct Header {
     version: u8,
     cluster: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    refused: bool,
 }
 
-/// A stable identity for a membership: FNV-1a 64 over `"id=endpoint;"` for
-/// each member sorted by id. Nodes configured for different clusters (say a
-/// test cluster reusing a production port) thereby never act on each other's
-/// messages. Stable across builds and platforms, unlike `DefaultHasher`.
-pub fn cluster_id(members: &[(NodeId, &str)]) -> u64 {
+/// A request as accepted: the message, its snapshot piece if any, and the
+/// cluster it named, which the answer names too.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub message: Message,
+    pub chunk: Option<Chunk>,
+    pub cluster: u64,
+}
+
+/// The same message as an [`Envelope`], borrowed: what is sealed.
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    version: u8,
+    cluster: u64,
+    from: NodeId,
+    term: Term,
+    message: &'a Message,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk: Option<&'a Chunk>,
+}
+
+/// A stable fingerprint of a new cluster's first members: FNV-1a 64 over
+/// `"id=endpoint;"` for each, sorted by id. The members of a new cluster
+/// speak by it until the cluster has named itself (see [`Wire`]), so that
+/// nodes configured for different clusters (say a test cluster reusing a
+/// production port) never act on each other's messages even then. Stable
+/// across builds and platforms, unlike `DefaultHasher`.
+pub fn bootstrap_fingerprint(members: &[(NodeId, &str)]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut sorted = members.to_vec();
@@ -83,6 +110,11 @@ pub enum Reject {
     Undecodable(String),
     Version(u8),
     Cluster(u64),
+    /// The peer did not accept the cluster this node spoke for; it speaks
+    /// for `cluster`.
+    Refused {
+        cluster: u64,
+    },
     /// The envelope's `(from, term)` disagrees with the message's.
     Inconsistent {
         envelope: (NodeId, Term),
@@ -116,6 +148,7 @@ impl Reject {
             Reject::Undecodable(_) => "undecodable frame",
             Reject::Version(_) => "protocol version mismatch",
             Reject::Cluster(_) => "cluster mismatch",
+            Reject::Refused { .. } => "refused by another cluster",
             Reject::Inconsistent { .. } => "inconsistent envelope",
             Reject::Invalid { .. } => "inconsistent message",
             Reject::Misaddressed { .. } => "misaddressed message",
@@ -132,6 +165,7 @@ impl fmt::Display for Reject {
             Reject::Undecodable(e) => write!(f, "{e}"),
             Reject::Version(v) => write!(f, "got {v}, speak {PROTOCOL_VERSION}"),
             Reject::Cluster(c) => write!(f, "got {c:#018x}"),
+            Reject::Refused { cluster } => write!(f, "the peer speaks for {cluster:#018x}"),
             Reject::Inconsistent { envelope, message } => {
                 write!(f, "envelope says (from, term) = {envelope:?}, message {message:?}")
             }
@@ -149,41 +183,91 @@ impl fmt::Display for Reject {
 /// This node's view of the wire: who it is, which cluster it is in and how
 /// large a frame may be. Who may send is the core's business: membership
 /// changes at run time, and the core drops messages from non-members.
+///
+/// Every envelope names a cluster, and a node acts only on those naming its
+/// own. A cluster's id is random: the first leader of a new cluster chooses
+/// it and commits it in a membership entry. Until a node knows it is
+/// committed, the node is *unnamed*:
+/// - a member of a new cluster speaks for the cluster's bootstrap
+///   fingerprint (its first members' endpoints, which every one of them
+///   derives alone), and also accepts the id its log holds uncommitted;
+/// - a joining node speaks for nothing (0) and takes the id of the first
+///   AppendEntries or InstallSnapshot it gets, which comes from the leader
+///   adding it (a cluster adds nodes only once it has a name).
+///
+/// A named node accepts its id only: a node with an old cluster's state
+/// (the others' state dirs wiped and bootstrapped anew from the same config)
+/// is never heard by the new cluster, nor it by them. The one way back is
+/// for the new cluster's members that have not learned its name yet: a named
+/// leader brings them the log in their fingerprint (see the peer links), and
+/// it cannot be an old cluster's node, which could not win their votes.
 pub struct Wire {
     me: NodeId,
-    /// 0 while a joining node does not know it yet: it takes the cluster
-    /// of the first request it gets (which comes from the leader adding it).
+    /// The cluster's id; 0 while this node does not know it yet.
     cluster: AtomicU64,
+    /// The fingerprint this node spoke for as a member of a new cluster; 0
+    /// if it joined a running one (or its state predates named clusters).
+    fingerprint: u64,
+    /// While unnamed: the id its log holds, not committed yet (0: none).
+    pending: AtomicU64,
     /// As ZMQ_MAXMSGSIZE: negative means unlimited.
     max_message_bytes: i64,
 }
 
 impl Wire {
-    pub fn new(me: NodeId, cluster: u64, max_message_bytes: i64) -> Wire {
-        Wire { me, cluster: AtomicU64::new(cluster), max_message_bytes }
+    pub fn new(me: NodeId, cluster: u64, fingerprint: u64, max_message_bytes: i64) -> Wire {
+        Wire { me, cluster: AtomicU64::new(cluster), fingerprint, pending: AtomicU64::new(0), max_message_bytes }
     }
 
-    /// The cluster this node belongs to; 0 while joining.
+    /// The cluster this node belongs to; 0 while it does not know its id.
     pub fn cluster(&self) -> u64 {
         self.cluster.load(Ordering::Acquire)
     }
 
-    /// Encodes an outgoing message. Refusing an oversized one here beats
-    /// having the receiver's ZMQ_MAXMSGSIZE silently cut the connection.
-    pub fn seal(&self, message: Message) -> Result<Vec<u8>, Reject> {
-        self.seal_chunk(message, None)
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
-    /// Encodes an InstallSnapshot with a piece of its data, or the answer to one.
-    pub fn seal_chunk(&self, message: Message, chunk: Option<Chunk>) -> Result<Vec<u8>, Reject> {
-        let envelope = Envelope {
-            version: PROTOCOL_VERSION,
-            cluster: self.cluster(),
-            from: message.from,
-            term: message.term,
-            message,
-            chunk,
-        };
+    /// The cluster's name is committed: from now on only it counts.
+    pub fn name(&self, cluster: u64) {
+        self.cluster.store(cluster, Ordering::Release);
+    }
+
+    /// While unnamed: the id the log holds uncommitted (0: none).
+    pub fn expect(&self, cluster: u64) {
+        self.pending.store(cluster, Ordering::Release);
+    }
+
+    /// What this node's own requests and replies carry.
+    pub fn speaks_for(&self) -> u64 {
+        match self.cluster() {
+            0 => self.fingerprint,
+            cluster => cluster,
+        }
+    }
+
+    /// Whether a request naming `cluster` is for this node's cluster.
+    fn accepts(&self, cluster: u64) -> bool {
+        match self.cluster() {
+            0 => {
+                let pending = self.pending.load(Ordering::Acquire);
+                self.fingerprint != 0 && (cluster == self.fingerprint || (pending != 0 && cluster == pending))
+            }
+            named => cluster == named,
+        }
+    }
+
+    /// Encodes an outgoing message. Refusing an oversized one here beats
+    /// having the receiver's ZMQ_MAXMSGSIZE silently cut the connection.
+    pub fn seal(&self, message: &Message) -> Result<Vec<u8>, Reject> {
+        self.seal_as(self.speaks_for(), message, None)
+    }
+
+    /// Encodes a message naming `cluster`, with a piece of a snapshot or the
+    /// answer to one.
+    pub fn seal_as(&self, cluster: u64, message: &Message, chunk: Option<&Chunk>) -> Result<Vec<u8>, Reject> {
+        let envelope =
+            Outgoing { version: PROTOCOL_VERSION, cluster, from: message.from, term: message.term, message, chunk };
         let bytes = rmp_serde::to_vec_named(&envelope).expect("plain data always serializes to MessagePack in memory");
         match usize::try_from(self.max_message_bytes) {
             Ok(limit) if bytes.len() > limit => {
@@ -193,10 +277,18 @@ impl Wire {
         }
     }
 
+    /// The answer to a request refused for its cluster: the one this node
+    /// speaks for, so that the sender can tell a member of its own cluster
+    /// that has not learned the cluster's name from a stranger.
+    pub fn refusal(&self) -> Vec<u8> {
+        let header = Header { version: PROTOCOL_VERSION, cluster: self.speaks_for(), refused: true };
+        rmp_serde::to_vec_named(&header).expect("plain data always serializes to MessagePack in memory")
+    }
+
     /// Accepts a request from any peer: an InstallSnapshot always with a
     /// piece of its data, anything else without.
-    pub fn open_request(&self, frame: &[u8]) -> Result<(Message, Option<Chunk>), Reject> {
-        let (message, chunk) = self.open(frame, true)?;
+    pub fn open_request(&self, frame: &[u8]) -> Result<Request, Reject> {
+        let (message, chunk, cluster) = self.open(frame, None)?;
         let from = message.from;
         if !message.body.is_request() {
             return Err(Reject::Unexpected { from, request: false });
@@ -215,13 +307,14 @@ impl Wire {
             (_, Some(_)) => return Err(Reject::Invalid { from, problem: "snapshot data with another message".into() }),
             (_, None) => {}
         }
-        Ok((message, chunk))
+        Ok(Request { message, chunk, cluster })
     }
 
     /// Accepts only a reply, and only from the peer that was asked: a
     /// message of the core, or the acknowledgement of a snapshot piece.
-    pub fn open_reply(&self, frame: &[u8], peer: NodeId) -> Result<(Message, Option<Chunk>), Reject> {
-        let (message, chunk) = self.open(frame, false)?;
+    /// `sent_as` is the cluster the request named.
+    pub fn open_reply(&self, frame: &[u8], peer: NodeId, sent_as: u64) -> Result<(Message, Option<Chunk>), Reject> {
+        let (message, chunk, _) = self.open(frame, Some(sent_as))?;
         let request = message.body.is_request();
         let acknowledgement =
             matches!((&message.body, &chunk), (Body::InstallSnapshot { .. }, Some(Chunk::Ack { .. })));
@@ -232,15 +325,27 @@ impl Wire {
         Ok((message, chunk))
     }
 
-    /// `request`: a joining node may take the frame's cluster as its own.
-    fn open(&self, frame: &[u8], request: bool) -> Result<(Message, Option<Chunk>), Reject> {
+    /// `sent_as`: for a reply, the cluster its request named. Returns the
+    /// cluster the frame named with its contents.
+    fn open(&self, frame: &[u8], sent_as: Option<u64>) -> Result<(Message, Option<Chunk>, u64), Reject> {
         let undecodable = |e: rmp_serde::decode::Error| Reject::Undecodable(e.to_string());
         let header: Header = rmp_serde::from_slice(frame).map_err(undecodable)?;
         if header.version != PROTOCOL_VERSION {
             return Err(Reject::Version(header.version));
         }
-        let joining = request && self.cluster() == 0 && header.cluster != 0;
-        if header.cluster != self.cluster() && !joining {
+        if header.refused {
+            return Err(match sent_as {
+                Some(_) => Reject::Refused { cluster: header.cluster },
+                None => Reject::Undecodable("a refusal where a request belongs".into()),
+            });
+        }
+        let joining = sent_as.is_none() && self.cluster() == 0 && self.fingerprint == 0 && header.cluster != 0;
+        let accepted = match sent_as {
+            // The answer names the cluster its request did.
+            Some(sent) => header.cluster == sent,
+            None => self.accepts(header.cluster) || joining,
+        };
+        if !accepted {
             return Err(Reject::Cluster(header.cluster));
         }
         let Envelope { from, term, message, chunk, .. } = rmp_serde::from_slice(frame).map_err(undecodable)?;
@@ -257,7 +362,7 @@ impl Wire {
         } else if joining {
             return Err(Reject::Cluster(header.cluster));
         }
-        Ok((message, chunk))
+        Ok((message, chunk, header.cluster))
     }
 }
 
@@ -269,7 +374,7 @@ mod tests {
     const CLUSTER: u64 = 0xc1;
 
     fn wire(me: NodeId) -> Wire {
-        Wire::new(me, CLUSTER, 1 << 20)
+        Wire::new(me, CLUSTER, 0, 1 << 20)
     }
 
     fn append(from: NodeId, to: NodeId) -> Message {
@@ -311,7 +416,7 @@ mod tests {
 
     #[test]
     fn a_joining_node_takes_the_cluster_of_the_first_leader_message() {
-        let joining = Wire::new(0, 0, 1 << 20);
+        let joining = Wire::new(0, 0, 0, 1 << 20);
         let vote = Message {
             from: 1,
             to: 0,
@@ -332,21 +437,22 @@ mod tests {
     #[test]
     fn request_and_reply_roundtrip() {
         let request = append(1, 0);
-        let frame = wire(1).seal(request.clone()).unwrap();
-        assert_eq!(wire(0).open_request(&frame), Ok((request, None)));
+        let frame = wire(1).seal(&request).unwrap();
+        assert_eq!(wire(0).open_request(&frame), Ok(Request { message: request, chunk: None, cluster: CLUSTER }));
 
         let reply = vote_reply(0, 1);
-        let frame = wire(0).seal(reply.clone()).unwrap();
-        assert_eq!(wire(1).open_reply(&frame, 0), Ok((reply, None)));
+        let frame = wire(0).seal(&reply).unwrap();
+        assert_eq!(wire(1).open_reply(&frame, 0, CLUSTER), Ok((reply, None)));
     }
 
     #[test]
     fn timeout_now_is_a_request_and_vote_requests_from_older_nodes_still_decode() {
         let timeout_now = Message { from: 1, to: 0, term: 3, body: Body::TimeoutNow };
-        assert_eq!(wire(0).open_request(&wire(1).seal(timeout_now.clone()).unwrap()), Ok((timeout_now, None)));
+        let frame = wire(1).seal(&timeout_now).unwrap();
+        assert_eq!(wire(0).open_request(&frame).map(|r| r.message), Ok(timeout_now));
 
         let vote = |transfer| Body::RequestVote { last_log_index: 4, last_log_term: 2, pre_vote: false, transfer };
-        let frame = wire(1).seal(Message { from: 1, to: 0, term: 3, body: vote(true) }).unwrap();
+        let frame = wire(1).seal(&Message { from: 1, to: 0, term: 3, body: vote(true) }).unwrap();
         // Drop `transfer`, as a node without leadership transfer encodes it.
         fn strip(value: &mut rmpv::Value) {
             if let rmpv::Value::Map(entries) = value {
@@ -359,12 +465,12 @@ mod tests {
         let mut old = Vec::new();
         rmpv::encode::write_value(&mut old, &value).unwrap();
         assert!(old.len() < frame.len(), "the field was there to drop");
-        assert_eq!(wire(0).open_request(&old).map(|(m, _)| m.body), Ok(vote(false)));
+        assert_eq!(wire(0).open_request(&old).map(|r| r.message.body), Ok(vote(false)));
     }
 
     #[test]
     fn encoding_is_a_named_map_with_binary_commands() {
-        let frame = wire(1).seal(append(1, 0)).unwrap();
+        let frame = wire(1).seal(&append(1, 0)).unwrap();
         let value = rmpv::decode::read_value(&mut &frame[..]).unwrap();
         let keys: Vec<_> = value.as_map().unwrap().iter().map(|(k, _)| k.as_str().unwrap().to_owned()).collect();
         assert_eq!(keys, ["version", "cluster", "from", "term", "message"]);
@@ -397,9 +503,9 @@ mod tests {
 
         let reply = raw(&envelope(vote_reply(1, 0)));
         assert_eq!(me.open_request(&reply), Err(Reject::Unexpected { from: 1, request: false }));
-        assert_eq!(me.open_reply(&reply, 2), Err(Reject::Unexpected { from: 1, request: false }));
+        assert_eq!(me.open_reply(&reply, 2, CLUSTER), Err(Reject::Unexpected { from: 1, request: false }));
         let request = raw(&envelope(append(1, 0)));
-        assert_eq!(me.open_reply(&request, 1), Err(Reject::Unexpected { from: 1, request: true }));
+        assert_eq!(me.open_reply(&request, 1, CLUSTER), Err(Reject::Unexpected { from: 1, request: true }));
     }
 
     #[test]
@@ -427,21 +533,62 @@ mod tests {
 
     #[test]
     fn seal_refuses_frames_over_the_limit() {
-        let small = Wire::new(1, CLUSTER, 16);
-        assert!(matches!(small.seal(append(1, 0)), Err(Reject::TooLarge { limit: 16, .. })));
-        let unlimited = Wire::new(1, CLUSTER, -1);
-        assert!(unlimited.seal(append(1, 0)).is_ok());
+        let small = Wire::new(1, CLUSTER, 0, 16);
+        assert!(matches!(small.seal(&append(1, 0)), Err(Reject::TooLarge { limit: 16, .. })));
+        let unlimited = Wire::new(1, CLUSTER, 0, -1);
+        assert!(unlimited.seal(&append(1, 0)).is_ok());
     }
 
     #[test]
-    fn cluster_id_is_stable_and_order_independent() {
+    fn fingerprint_is_stable_and_order_independent() {
         let members = [(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")];
-        // Pinned: changing it splits every deployed cluster.
-        assert_eq!(cluster_id(&members), 0xde99_cf3e_1453_088e);
+        // Pinned: changing it splits every new cluster being started, and
+        // clusters from before names were logged use it as their name.
+        assert_eq!(bootstrap_fingerprint(&members), 0xde99_cf3e_1453_088e);
         let shuffled = [members[2], members[0], members[1]];
-        assert_eq!(cluster_id(&shuffled), cluster_id(&members));
+        assert_eq!(bootstrap_fingerprint(&shuffled), bootstrap_fingerprint(&members));
         let moved = [members[0], members[1], (2, "tcp://127.0.0.1:7003")];
-        assert_ne!(cluster_id(&moved), cluster_id(&members));
-        assert_eq!(cluster_id(&[]), 0xcbf2_9ce4_8422_2325);
+        assert_ne!(bootstrap_fingerprint(&moved), bootstrap_fingerprint(&members));
+        assert_eq!(bootstrap_fingerprint(&[]), 0xcbf2_9ce4_8422_2325);
+    }
+
+    fn naming(cluster: u64, from: NodeId) -> Vec<u8> {
+        raw(&Envelope { cluster, ..envelope(append(from, 0)) })
+    }
+
+    const FINGERPRINT: u64 = 0xf1;
+
+    #[test]
+    fn an_unnamed_member_hears_its_fingerprint_and_the_name_its_log_holds_and_a_named_one_only_its_name() {
+        let unnamed = Wire::new(0, 0, FINGERPRINT, 1 << 20);
+        assert_eq!(unnamed.speaks_for(), FINGERPRINT);
+        assert!(unnamed.open_request(&naming(FINGERPRINT, 1)).is_ok());
+        assert_eq!(unnamed.open_request(&naming(CLUSTER, 1)), Err(Reject::Cluster(CLUSTER)), "an old cluster's node");
+        unnamed.expect(CLUSTER);
+        assert!(unnamed.open_request(&naming(CLUSTER, 1)).is_ok(), "a leader that knows the name is committed");
+        assert!(unnamed.open_request(&naming(FINGERPRINT, 1)).is_ok());
+        assert_eq!(unnamed.cluster(), 0, "hearing the name does not commit it");
+
+        unnamed.name(CLUSTER);
+        assert_eq!(unnamed.speaks_for(), CLUSTER);
+        assert!(unnamed.open_request(&naming(CLUSTER, 1)).is_ok());
+        let refused = unnamed.open_request(&naming(FINGERPRINT, 1));
+        assert_eq!(
+            refused,
+            Err(Reject::Cluster(FINGERPRINT)),
+            "named: the new cluster of a wiped majority is a stranger"
+        );
+    }
+
+    #[test]
+    fn an_answer_names_the_cluster_its_request_named_and_a_refusal_the_one_spoken_for() {
+        let leader = Wire::new(1, CLUSTER, FINGERPRINT, 1 << 20);
+        let reply = raw(&Envelope { cluster: FINGERPRINT, ..envelope(vote_reply(0, 1)) });
+        assert!(leader.open_reply(&reply, 0, FINGERPRINT).is_ok());
+        assert_eq!(leader.open_reply(&reply, 0, CLUSTER), Err(Reject::Cluster(FINGERPRINT)));
+
+        let unnamed = Wire::new(0, 0, FINGERPRINT, 1 << 20);
+        assert_eq!(leader.open_reply(&unnamed.refusal(), 0, CLUSTER), Err(Reject::Refused { cluster: FINGERPRINT }));
+        assert!(matches!(leader.open_request(&unnamed.refusal()), Err(Reject::Undecodable(_))));
     }
 }

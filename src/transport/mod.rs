@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, error, warn};
 
-pub use envelope::{Envelope, PROTOCOL_VERSION, Reject, Wire, cluster_id};
+pub use envelope::{Envelope, PROTOCOL_VERSION, Reject, Request, Wire, bootstrap_fingerprint};
 
 use crate::raft::{Message, NodeId};
 use crate::security::{Domain, NodeSecurity};
@@ -51,8 +51,12 @@ pub enum Inbound {
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
     pub id: NodeId,
-    /// From [`cluster_id`]; frames carrying any other are dropped.
+    /// The cluster's name, or 0 while this node does not know it (see
+    /// [`Wire`]).
     pub cluster: u64,
+    /// The new cluster this node was a member of, by [`bootstrap_fingerprint`];
+    /// 0 if it joined a running one.
+    pub fingerprint: u64,
     /// This node's own raft endpoint, e.g. `tcp://127.0.0.1:7000`.
     pub bind: String,
     /// The other members and their raft endpoints (an entry for `id` itself
@@ -138,6 +142,7 @@ impl LinkSettings {
             max_message_bytes: self.max_message_bytes,
             security: Arc::clone(&self.security),
             snapshots: self.snapshots.clone(),
+            speak_as: None,
         })
     }
 }
@@ -153,8 +158,9 @@ pub struct Transport {
     requests: HashMap<NodeId, (String, Sender<Message>)>,
     /// What starting a sender thread for a new peer takes.
     links: LinkSettings,
-    /// Encoded replies for the server thread, keyed by destination.
-    replies: Sender<(NodeId, Vec<u8>)>,
+    /// Replies for the server thread, which seals each naming the cluster
+    /// its request named.
+    replies: Sender<Message>,
     /// Interrupts the server thread's poll. A Mutex because a zmq socket
     /// must not be used by two threads at once and `send` takes `&self`.
     wake: Mutex<zmq::Socket>,
@@ -175,7 +181,7 @@ impl Transport {
         // Distinguishes the wake pipes of several transports in one context.
         static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
-        let wire = Arc::new(Wire::new(cfg.id, cfg.cluster, cfg.max_message_bytes));
+        let wire = Arc::new(Wire::new(cfg.id, cfg.cluster, cfg.fingerprint, cfg.max_message_bytes));
 
         let router = ctx.socket(zmq::ROUTER)?;
         router.set_linger(0)?;
@@ -248,9 +254,19 @@ impl Transport {
         Ok(())
     }
 
-    /// The cluster this node is in; 0 while it is joining one.
+    /// The cluster this node is in; 0 while it does not know its name.
     pub fn cluster(&self) -> u64 {
         self.wire.cluster()
+    }
+
+    /// The cluster's name is committed (see [`Wire`]).
+    pub fn name_cluster(&self, cluster: u64) {
+        self.wire.name(cluster);
+    }
+
+    /// While the name is not committed: the one the log holds (0: none).
+    pub fn expect_cluster(&self, cluster: u64) {
+        self.wire.expect(cluster);
     }
 
     /// Non-blocking. A request (see [`Body::is_request`]) is queued for the
@@ -270,14 +286,9 @@ impl Transport {
                 None => debug!("request for non-peer {to} dropped"),
             }
         } else {
-            match self.wire.seal(message) {
-                Ok(frame) => {
-                    // Fails only once the server thread is gone (shutdown).
-                    let _ = self.replies.send((to, frame));
-                    self.wake();
-                }
-                Err(reject) => warn!("reply to node {to} not sent: {reject}"),
-            }
+            // Fails only once the server thread is gone (shutdown).
+            let _ = self.replies.send(message);
+            self.wake();
         }
     }
 
@@ -395,10 +406,23 @@ mod tests {
         reply_timeout: Duration,
         snapshots: Snapshots,
     ) -> (Transport, Receiver<Inbound>) {
+        start_in(ctx, id, members, (CLUSTER, 0), reply_timeout, snapshots)
+    }
+
+    /// `(cluster, fingerprint)` as [`TransportConfig`] has them.
+    fn start_in(
+        ctx: &zmq::Context,
+        id: NodeId,
+        members: &[(NodeId, String)],
+        (cluster, fingerprint): (u64, u64),
+        reply_timeout: Duration,
+        snapshots: Snapshots,
+    ) -> (Transport, Receiver<Inbound>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let cfg = TransportConfig {
             id,
-            cluster: CLUSTER,
+            cluster,
+            fingerprint,
             bind: members.iter().find(|(m, _)| *m == id).unwrap().1.clone(),
             peers: members.to_vec(),
             reply_timeout,
@@ -528,6 +552,43 @@ mod tests {
         b.shutdown();
     }
 
+    /// A named leader brings the log to a member of its new cluster that has
+    /// not learned the name, in the cluster's fingerprint, and asks for no
+    /// vote that way; once the member knows the name, they speak by it.
+    #[test]
+    fn a_named_leader_reaches_a_member_that_has_not_learned_the_name_and_only_with_the_log() {
+        const FINGERPRINT: u64 = 0xf1;
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        // A refusal is reported as a failure, no sooner than the reply timeout.
+        let reply_timeout = Duration::from_millis(300);
+        let (leader, leader_rx) = start_in(&ctx, 0, &nodes, (CLUSTER, FINGERPRINT), reply_timeout, snapshots_dir());
+        let (member, member_rx) = start_in(&ctx, 1, &nodes, (0, FINGERPRINT), PATIENCE, snapshots_dir());
+
+        let vote = Message {
+            from: 0,
+            to: 1,
+            term: 1,
+            body: Body::RequestVote { last_log_index: 9, last_log_term: 1, pre_vote: false, transfer: false },
+        };
+        leader.send(vote);
+        assert_eq!(expect(&leader_rx, Instant::now() + PATIENCE, |_| true), Inbound::Unreachable(1));
+        assert!(member_rx.is_empty(), "no vote asked in the fingerprint");
+
+        leader.send(heartbeat(0, 1, 1));
+        assert_eq!(message(&member_rx), heartbeat(0, 1, 1));
+        member.send(ack(1, 0));
+        assert_eq!(message(&leader_rx), ack(1, 0), "answered in the fingerprint it was asked in");
+
+        member.name_cluster(CLUSTER);
+        leader.send(heartbeat(0, 1, 2));
+        assert_eq!(message(&member_rx), heartbeat(0, 1, 2), "refused in the fingerprint, then sent by name");
+        member.send(ack(1, 0));
+        assert_eq!(message(&leader_rx), ack(1, 0));
+        leader.shutdown();
+        member.shutdown();
+    }
+
     /// (A sender outside the membership is the core's to drop: membership
     /// changes at run time.)
     #[test]
@@ -564,12 +625,17 @@ mod tests {
         assert_eq!(message(&inbound), valid);
         assert!(inbound.is_empty());
 
+        // Only the request naming another cluster got an answer: which one
+        // this node speaks for.
+        let wire = Wire::new(1, CLUSTER, 0, -1);
+        assert!(raw.poll(zmq::POLLIN, PATIENCE.as_millis() as i64).unwrap() > 0);
+        let refusal = raw.recv_multipart(0).unwrap();
+        assert_eq!(wire.open_reply(&refusal[1], 0, CLUSTER + 1), Err(Reject::Refused { cluster: CLUSTER }));
         server.send(ack(0, 1));
         assert!(raw.poll(zmq::POLLIN, PATIENCE.as_millis() as i64).unwrap() > 0);
         let reply = raw.recv_multipart(0).unwrap();
         assert_eq!(reply.len(), 2);
-        let wire = Wire::new(1, CLUSTER, -1);
-        assert_eq!(wire.open_reply(&reply[1], 0), Ok((ack(0, 1), None)));
+        assert_eq!(wire.open_reply(&reply[1], 0, CLUSTER), Ok((ack(0, 1), None)));
         server.shutdown();
     }
 
@@ -583,7 +649,7 @@ mod tests {
         raw.set_linger(0).unwrap();
         raw.set_rcvtimeo(PATIENCE.as_millis() as i32).unwrap();
         raw.connect(&nodes[0].1).unwrap();
-        let leader = Wire::new(1, CLUSTER, -1);
+        let leader = Wire::new(1, CLUSTER, 0, -1);
         let snapshot = SnapshotMeta { index: 9, term: 2 };
         let file = crate::snapshot::encode(snapshot, &[7; 2500]);
         let total = file.len() as u64;
@@ -592,21 +658,16 @@ mod tests {
         let piece = |offset: u64| {
             let data = file[offset as usize..(offset as usize + 1000).min(file.len())].to_vec();
             let chunk = Chunk::Data { offset, total, data };
-            raw.send(leader.seal_chunk(install.clone(), Some(chunk)).unwrap(), 0).unwrap();
-            leader.open_reply(&raw.recv_bytes(0).unwrap(), 0).unwrap().1
+            raw.send(leader.seal_as(CLUSTER, &install, Some(&chunk)).unwrap(), 0).unwrap();
+            leader.open_reply(&raw.recv_bytes(0).unwrap(), 0, CLUSTER).unwrap().1
         };
         assert_eq!(piece(0), Some(Chunk::Ack { next: 1000 }));
         assert_eq!(piece(0), Some(Chunk::Ack { next: 1000 }), "a repeated piece is not written twice");
         assert_eq!(piece(2000), Some(Chunk::Ack { next: 1000 }), "a piece ahead is refused: go on from 1000");
         assert_eq!(piece(1000), Some(Chunk::Ack { next: 2000 }));
         assert!(inbound.is_empty(), "nothing reaches the core before the whole file");
-        raw.send(
-            leader
-                .seal_chunk(install.clone(), Some(Chunk::Data { offset: 2000, total, data: file[2000..].to_vec() }))
-                .unwrap(),
-            0,
-        )
-        .unwrap();
+        let last = Chunk::Data { offset: 2000, total, data: file[2000..].to_vec() };
+        raw.send(leader.seal_as(CLUSTER, &install, Some(&last)).unwrap(), 0).unwrap();
         assert_eq!(message(&inbound), install, "complete and intact: handed to the core");
         follower_dir.adopt(snapshot).unwrap();
         assert_eq!(follower_dir.load(snapshot).unwrap(), vec![7; 2500]);
@@ -696,6 +757,7 @@ mod tests {
         let cfg = TransportConfig {
             id: 0,
             cluster: CLUSTER,
+            fingerprint: 0,
             bind: endpoint.clone(),
             peers: vec![(1, free_endpoint())],
             reply_timeout: PATIENCE,

@@ -60,6 +60,10 @@ pub(super) struct Link {
     pub(super) max_message_bytes: i64,
     pub(super) security: Arc<NodeSecurity>,
     pub(super) snapshots: Snapshots,
+    /// The cluster to name instead of the one this node speaks for: the
+    /// fingerprint, for a member of a new cluster that has not learned the
+    /// cluster's name (see [`Wire`]).
+    pub(super) speak_as: Option<u64>,
 }
 
 enum Failure {
@@ -135,14 +139,56 @@ impl Link {
     }
 
     /// One request and its reply, or a whole snapshot and the reply to its
-    /// last piece.
+    /// last piece; once more at once if the peer refused the cluster named
+    /// and named one this node may speak for to it.
     fn exchange(&mut self, message: Message) -> Result<Message, Failure> {
+        match self.exchange_once(&message) {
+            Err(Failure::Rejected(Reject::Refused { cluster })) if self.switch_to(cluster, &message) => {
+                self.exchange_once(&message)
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// The cluster this link names.
+    fn speaks_for(&self) -> u64 {
+        self.speak_as.unwrap_or_else(|| self.wire.speaks_for())
+    }
+
+    /// Whether to name `theirs` to this peer from now on: the cluster's
+    /// name, once the peer has learned it; or, from a named leader bringing
+    /// the log, the fingerprint of the new cluster this node was a member
+    /// of, to a member that has not learned its name. Never to ask for a
+    /// vote: a node with an old cluster's state must not win the votes of a
+    /// new cluster's members.
+    fn switch_to(&mut self, theirs: u64, message: &Message) -> bool {
+        let named = self.wire.cluster();
+        let next = if named != 0 && theirs == named {
+            None
+        } else if named != 0
+            && theirs == self.wire.fingerprint()
+            && matches!(message.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. })
+        {
+            Some(theirs)
+        } else {
+            return false;
+        };
+        if theirs == self.speaks_for() {
+            return false;
+        }
+        info!("peer {}: naming cluster {theirs:#018x} to it from now on", self.peer);
+        self.speak_as = next;
+        true
+    }
+
+    fn exchange_once(&mut self, message: &Message) -> Result<Message, Failure> {
         if let Body::InstallSnapshot { snapshot, .. } = message.body {
             return self.send_snapshot(message, snapshot);
         }
-        let request = self.wire.seal(message)?;
+        let cluster = self.speaks_for();
+        let request = self.wire.seal_as(cluster, message, None)?;
         let started = Instant::now();
-        match self.round_trip(request, self.reply_timeout)? {
+        match self.round_trip(request, cluster, self.reply_timeout)? {
             (reply, None) => {
                 METRICS.peer_seconds.with_label_values(&[&self.peer.to_string()]).observe(seconds_since(started));
                 Ok(reply)
@@ -153,19 +199,21 @@ impl Link {
 
     /// Streams the snapshot file piece by piece, going on from wherever the
     /// follower says it is (so a transfer interrupted by a timeout resumes).
-    fn send_snapshot(&mut self, message: Message, snapshot: SnapshotMeta) -> Result<Message, Failure> {
+    fn send_snapshot(&mut self, message: &Message, snapshot: SnapshotMeta) -> Result<Message, Failure> {
         let path = self.snapshots.path(snapshot);
         let unreadable = |e: io::Error| Failure::Snapshot(format!("cannot read {}: {e}", path.display()));
         let mut file = File::open(&path).map_err(unreadable)?;
         let total = file.metadata().map_err(unreadable)?.len();
         let started = Instant::now();
+        let cluster = self.speaks_for();
         let mut offset = 0;
         loop {
             let mut data = vec![0; SNAPSHOT_CHUNK.min((total - offset) as usize)];
             file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut data)).map_err(unreadable)?;
             let last = offset + data.len() as u64 == total;
-            let request = self.wire.seal_chunk(message.clone(), Some(Chunk::Data { offset, total, data }))?;
-            match self.round_trip(request, self.reply_timeout.max(SNAPSHOT_REPLY_TIMEOUT))? {
+            let chunk = Chunk::Data { offset, total, data };
+            let request = self.wire.seal_as(cluster, message, Some(&chunk))?;
+            match self.round_trip(request, cluster, self.reply_timeout.max(SNAPSHOT_REPLY_TIMEOUT))? {
                 (reply, None) if last => {
                     info!(
                         "sent snapshot {}/{} to peer {} ({total} bytes in {:?})",
@@ -191,7 +239,13 @@ impl Link {
 
     /// One request, one reply. On any failure the socket is dropped here and
     /// a fresh one is connected for the next request.
-    fn round_trip(&mut self, request: Vec<u8>, timeout: Duration) -> Result<(Message, Option<Chunk>), Failure> {
+    /// `cluster`: the one the request names, and so must the reply.
+    fn round_trip(
+        &mut self,
+        request: Vec<u8>,
+        cluster: u64,
+        timeout: Duration,
+    ) -> Result<(Message, Option<Chunk>), Failure> {
         let socket = match self.socket.take() {
             Some(socket) => socket,
             None => connect(&self.ctx, &self.endpoint, self.max_message_bytes, &self.security, self.peer)?,
@@ -199,7 +253,7 @@ impl Link {
         socket.send(request, zmq::DONTWAIT)?;
         self.await_reply(&socket, timeout)?;
         let reply = socket.recv_bytes(zmq::DONTWAIT)?;
-        let reply = self.wire.open_reply(&reply, self.peer)?;
+        let reply = self.wire.open_reply(&reply, self.peer, cluster)?;
         self.socket = Some(socket);
         Ok(reply)
     }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 
-use super::envelope::{Chunk, Wire};
+use super::envelope::{Chunk, Reject, Request, Wire};
 use super::{Inbound, STOP_CHECK, Warnings, deliver};
 use crate::raft::{Body, Message, NodeId, SnapshotMeta};
 use crate::snapshot::Snapshots;
@@ -32,11 +32,19 @@ pub(super) struct Server {
     pub(super) router: zmq::Socket,
     /// Woken by `Transport::send` after queueing a reply, and on shutdown.
     pub(super) wake: zmq::Socket,
-    pub(super) replies: Receiver<(NodeId, Vec<u8>)>,
+    pub(super) replies: Receiver<Message>,
     pub(super) wire: Arc<Wire>,
     pub(super) inbound: Sender<Inbound>,
     pub(super) stop: Arc<AtomicBool>,
     pub(super) snapshots: Snapshots,
+}
+
+/// A peer's request waiting for the core's answer: the route it came in on
+/// (identity frames up to the empty delimiter), and the cluster it named,
+/// which the answer names too.
+struct Waiting {
+    route: Vec<Vec<u8>>,
+    cluster: u64,
 }
 
 /// A snapshot being received from one peer.
@@ -50,11 +58,10 @@ struct Incoming {
 impl Server {
     pub(super) fn run(self) {
         // Each peer has a single REQ socket, so it has at most one request
-        // outstanding: the route (identity frames up to the empty delimiter)
-        // of its latest one. A reply the core sends after the peer gave up and
+        // outstanding: its latest one. A reply the core sends after the peer gave up and
         // asked again answers the newer request; Raft replies describe
         // themselves (term, match_index, read_seq), so that is harmless.
-        let mut pending: HashMap<NodeId, Vec<Vec<u8>>> = HashMap::new();
+        let mut pending: HashMap<NodeId, Waiting> = HashMap::new();
         let mut incoming: HashMap<NodeId, Incoming> = HashMap::new();
         let mut warnings = Warnings::default();
         let poll_ms = STOP_CHECK.as_millis() as i64;
@@ -70,8 +77,8 @@ impl Server {
             // Drain wake-ups before replies: a reply queued after this point
             // leaves a wake-up behind, so the next poll returns at once.
             while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
-            for (to, payload) in self.replies.try_iter() {
-                self.send_reply(&mut pending, to, payload);
+            for reply in self.replies.try_iter() {
+                self.send_reply(&mut pending, reply);
             }
             for _ in 0..BATCH {
                 match self.router.recv_multipart(zmq::DONTWAIT) {
@@ -86,8 +93,8 @@ impl Server {
         }
         // Replies the core gave before stopping still leave (a vote granted,
         // an acknowledgement): a peer waiting on one would otherwise time out.
-        for (to, payload) in self.replies.try_iter() {
-            self.send_reply(&mut pending, to, payload);
+        for reply in self.replies.try_iter() {
+            self.send_reply(&mut pending, reply);
         }
         if let Err(e) = self.router.set_linger(LAST_REPLIES_LINGER_MS) {
             debug!("cannot let the last replies drain: {e}");
@@ -96,7 +103,7 @@ impl Server {
 
     fn accept(
         &self,
-        pending: &mut HashMap<NodeId, Vec<Vec<u8>>>,
+        pending: &mut HashMap<NodeId, Waiting>,
         incoming: &mut HashMap<NodeId, Incoming>,
         warnings: &mut Warnings,
         mut frames: Vec<Vec<u8>>,
@@ -109,12 +116,12 @@ impl Server {
             return;
         }
         match self.wire.open_request(&payload) {
-            Ok((message, Some(Chunk::Data { offset, total, data }))) => {
+            Ok(Request { message, chunk: Some(Chunk::Data { offset, total, data }), cluster }) => {
                 let from = message.from;
                 match self.collect(incoming, &message, offset, total, &data) {
-                    Ok(Some(next)) => self.acknowledge(frames, message, next),
+                    Ok(Some(next)) => self.acknowledge(frames, cluster, message, next),
                     Ok(None) => {
-                        pending.insert(from, frames);
+                        pending.insert(from, Waiting { route: frames, cluster });
                         deliver(&self.inbound, Inbound::Message(message), warnings);
                     }
                     Err(problem) => {
@@ -124,11 +131,21 @@ impl Server {
                     }
                 }
             }
-            Ok((message, _)) => {
-                pending.insert(message.from, frames);
+            Ok(Request { message, cluster, .. }) => {
+                pending.insert(message.from, Waiting { route: frames, cluster });
                 deliver(&self.inbound, Inbound::Message(message), warnings);
             }
-            Err(reject) => warnings.warn(reject.reason(), format!("request dropped: {reject}")),
+            Err(reject) => {
+                warnings.warn(reject.reason(), format!("request dropped: {reject}"));
+                // Said at once, so the sender need not wait out a timeout to
+                // learn which cluster this node speaks for.
+                if let Reject::Cluster(_) = reject {
+                    frames.push(self.wire.refusal());
+                    if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
+                        debug!("refusal not sent: {e}");
+                    }
+                }
+            }
         }
     }
 
@@ -175,9 +192,9 @@ impl Server {
     }
 
     /// Answers a piece with how much of the snapshot is held.
-    fn acknowledge(&self, mut frames: Vec<Vec<u8>>, request: Message, next: u64) {
+    fn acknowledge(&self, mut frames: Vec<Vec<u8>>, cluster: u64, request: Message, next: u64) {
         let answer = Message { from: request.to, to: request.from, ..request };
-        match self.wire.seal_chunk(answer, Some(Chunk::Ack { next })) {
+        match self.wire.seal_as(cluster, &answer, Some(&Chunk::Ack { next })) {
             Ok(frame) => {
                 frames.push(frame);
                 if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
@@ -188,12 +205,16 @@ impl Server {
         }
     }
 
-    fn send_reply(&self, pending: &mut HashMap<NodeId, Vec<Vec<u8>>>, to: NodeId, payload: Vec<u8>) {
-        let Some(mut frames) = pending.remove(&to) else {
+    fn send_reply(&self, pending: &mut HashMap<NodeId, Waiting>, reply: Message) {
+        let to = reply.to;
+        let Some(Waiting { route: mut frames, cluster }) = pending.remove(&to) else {
             debug!("reply to node {to} dropped: no request of its is pending");
             return;
         };
-        frames.push(payload);
+        match self.wire.seal_as(cluster, &reply, None) {
+            Ok(payload) => frames.push(payload),
+            Err(reject) => return warn!("reply to node {to} not sent: {reject}"),
+        }
         // ROUTER never blocks: it drops frames for a vanished or saturated peer,
         // which then times out and retries.
         if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {

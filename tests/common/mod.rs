@@ -344,6 +344,15 @@ impl TestCluster {
         })
     }
 
+    /// The cluster's name as node `id` knows it, once it does (the first
+    /// leader names a new cluster just after its election).
+    pub fn wait_for_name(&self, id: usize) -> u64 {
+        wait_for("the cluster's name", || {
+            let name = self.status(id)?.cluster_id?;
+            Some(u64::from_str_radix(&name, 16).expect("16 hex digits"))
+        })
+    }
+
     /// Retries `request` on node `id` until it gets a non-error reply.
     pub fn call_ok(&self, id: usize, request: &Request) -> Reply {
         let mut client = self.client(id);

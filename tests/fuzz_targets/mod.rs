@@ -14,7 +14,7 @@ use raft_zmq::raft::{
     Body, Config, Entry, HardState, LogStore, MemStore, Membership, Message, Payload, Raft, ReadState, Role, Snapshot,
     SnapshotMeta, SoftState,
 };
-use raft_zmq::transport::{Wire, cluster_id};
+use raft_zmq::transport::{Wire, bootstrap_fingerprint};
 
 /// A client request frame, as the client endpoint decodes it.
 pub fn client_request(data: &[u8]) {
@@ -24,9 +24,11 @@ pub fn client_request(data: &[u8]) {
 /// A frame arriving on a node's raft endpoint, as a request and as a reply.
 /// Whatever the wire layer accepts must be a message the core can take.
 pub fn peer_frame(data: &[u8]) {
-    let cluster = cluster_id(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
-    let wire = Wire::new(0, cluster, 1 << 26);
-    for (message, _) in [wire.open_request(data), wire.open_reply(data, 1)].into_iter().flatten() {
+    let cluster =
+        bootstrap_fingerprint(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
+    let wire = Wire::new(0, cluster, 0, 1 << 26);
+    let request = wire.open_request(data).map(|request| request.message);
+    for message in [request, wire.open_reply(data, 1, cluster).map(|(message, _)| message)].into_iter().flatten() {
         assert!(message.validate().is_ok(), "the wire accepted an invalid message: {message:?}");
         let hard_state = HardState { term: 2, vote: None, commit: 1 };
         let mut node = Raft::new(config(0), MemStore::new(members(), hard_state, &log(&[1, 2])), hard_state, 0);
@@ -193,8 +195,14 @@ struct Sim {
 
 impl Sim {
     fn new() -> Sim {
-        let rafts =
-            (0..3).map(|id| (id, Raft::new(config(id), MemStore::new(members(), HardState::default(), &[]), HardState::default(), 0))).collect();
+        let rafts = (0..3)
+            .map(|id| {
+                (
+                    id,
+                    Raft::new(config(id), MemStore::new(members(), HardState::default(), &[]), HardState::default(), 0),
+                )
+            })
+            .collect();
         let nodes = (0..3).map(|id| (id, Node::default())).collect();
         Sim { rafts, nodes, queue: VecDeque::new(), leaders: BTreeMap::new(), applied: BTreeMap::new(), proposals: 0 }
     }
