@@ -150,9 +150,9 @@ pub struct Raft<S> {
     last_soft_state: Option<SoftState>,
     /// A member said a committed membership removed this node.
     removed: bool,
-    /// Bumped at every change of membership; the shell has been told up to
-    /// `membership_reported` (0: not even the first).
-    membership_version: u64,
+    /// The log's membership generation the tracker follows, and the one
+    /// the shell was last told of (0: not even the first).
+    membership_followed: u64,
     membership_reported: u64,
     /// Last entry handed out by `ready`, made stable by `advance`.
     handed_out: Option<(Index, Term)>,
@@ -166,7 +166,8 @@ impl<S: LogStore> Raft<S> {
     pub fn new(cfg: Config, store: S, hard_state: HardState, applied: Index) -> Raft<S> {
         assert!(cfg.election_ticks.0 > cfg.heartbeat_ticks && cfg.election_ticks.0 <= cfg.election_ticks.1);
         let log = RaftLog::new(store, hard_state.commit, applied);
-        let tracker = Tracker::new(cfg.id, log.membership().clone());
+        let generation = log.membership_generation();
+        let tracker = Tracker::new(cfg.id);
         let mut raft = Raft {
             term: hard_state.term,
             vote: hard_state.vote,
@@ -191,7 +192,7 @@ impl<S: LogStore> Raft<S> {
             failed_reads: Vec::new(),
             last_soft_state: None,
             removed: false,
-            membership_version: 1,
+            membership_followed: generation,
             membership_reported: 0,
             handed_out: None,
             cfg,
@@ -209,9 +210,9 @@ impl<S: LogStore> Raft<S> {
         if self.role != Role::Leader {
             // Learners and nodes outside the membership never campaign.
             if self.election_elapsed >= self.election_timeout {
-                if self.tracker.is_voter() {
+                if self.is_voter() {
                     self.campaign(if self.cfg.pre_vote { Campaign::PreVote } else { Campaign::Election });
-                } else if self.tracker.membership().learners.contains(&self.cfg.id) {
+                } else if self.log.membership().learners.contains(&self.cfg.id) {
                     self.ask_if_still_a_member();
                 }
             }
@@ -221,7 +222,7 @@ impl<S: LogStore> Raft<S> {
             && self.ticks - since >= self.cfg.election_ticks.0
         {
             self.transfer = None;
-            if !self.tracker.is_voter() {
+            if !self.is_voter() {
                 info!("node {}: handing over to {} timed out; removed, so stepping down", self.cfg.id, to);
                 self.become_follower(self.term, None);
                 return;
@@ -230,7 +231,7 @@ impl<S: LogStore> Raft<S> {
         }
         if self.election_elapsed >= self.cfg.election_ticks.0 {
             self.election_elapsed = 0;
-            if self.cfg.check_quorum && !self.tracker.quorum_active() {
+            if self.cfg.check_quorum && !self.tracker.quorum_active(self.log.membership()) {
                 info!(
                     "node {}: no contact with a majority for an election timeout; stepping down in term {}",
                     self.cfg.id, self.term
@@ -271,7 +272,7 @@ impl<S: LogStore> Raft<S> {
             debug!("node {}: dropping misaddressed message {:?}", self.cfg.id, m);
             return;
         }
-        let membership = self.tracker.membership();
+        let membership = self.log.membership();
         if m.body == Body::Removed {
             if membership.contains(m.from) && !self.removed {
                 info!("node {}: member {} says this node was removed from the cluster", self.cfg.id, m.from);
@@ -383,7 +384,7 @@ impl<S: LogStore> Raft<S> {
     /// a later call replaces the pending transfer.
     pub fn transfer_leadership(&mut self, to: NodeId) -> Result<(), TransferError> {
         self.require_leader().map_err(TransferError::NotLeader)?;
-        if to == self.cfg.id || !self.tracker.membership().is_voter(to) {
+        if to == self.cfg.id || !self.log.membership().is_voter(to) {
             return Err(TransferError::NotAPeer(to));
         }
         info!("node {}: transferring leadership to {} in term {}", self.cfg.id, to, self.term);
@@ -408,7 +409,7 @@ impl<S: LogStore> Raft<S> {
         if self.log.membership_index() > self.log.committed() {
             return Err(ChangeError::Busy("another membership change is not committed yet"));
         }
-        let next = change.apply_to(self.tracker.membership(), context).map_err(ChangeError::Invalid)?;
+        let next = change.apply_to(self.log.membership(), context).map_err(ChangeError::Invalid)?;
         info!("node {}: proposing {:?} in term {}", self.cfg.id, change, self.term);
         let index = self.log.append(self.term, Payload::Membership(next));
         self.membership_may_have_changed();
@@ -437,7 +438,7 @@ impl<S: LogStore> Raft<S> {
             || !self.read_states.is_empty()
             || !self.failed_reads.is_empty()
             || self.last_soft_state != Some(self.soft_state())
-            || self.membership_reported != self.membership_version
+            || self.membership_reported != self.log.membership_generation()
     }
 
     /// Collects everything the shell must do now; see [`Ready`] for the order.
@@ -462,9 +463,9 @@ impl<S: LogStore> Raft<S> {
             self.last_soft_state = Some(soft);
             soft
         });
-        let membership = (self.membership_reported != self.membership_version).then(|| {
-            self.membership_reported = self.membership_version;
-            self.tracker.membership().clone()
+        let membership = (self.membership_reported != self.log.membership_generation()).then(|| {
+            self.membership_reported = self.log.membership_generation();
+            self.log.membership().clone()
         });
         Ready {
             soft_state,
@@ -540,7 +541,7 @@ impl<S: LogStore> Raft<S> {
 
     /// The membership in force (the newest in the log).
     pub fn membership(&self) -> &Membership {
-        self.tracker.membership()
+        self.log.membership()
     }
 
     /// The membership as of the commit index: unlike the one in force, it
@@ -562,7 +563,7 @@ impl<S: LogStore> Raft<S> {
         if self.role != Role::Leader {
             return None;
         }
-        let voters = &self.tracker.membership().voters;
+        let voters = &self.log.membership().voters;
         self.tracker
             .progresses()
             .filter(|(id, _)| voters.contains(id))
@@ -611,7 +612,7 @@ impl<S: LogStore> Raft<S> {
             pre_vote: true,
             transfer: false,
         };
-        let voters: Vec<NodeId> = self.tracker.voter_peers().collect();
+        let voters: Vec<NodeId> = self.log.membership().other_voters(self.cfg.id).collect();
         for to in voters {
             self.messages.push(Message { from: self.cfg.id, to, term: self.term + 1, body: body.clone() });
         }
@@ -630,7 +631,7 @@ impl<S: LogStore> Raft<S> {
             transfer: campaign == Campaign::Transfer,
         };
         // The vote for ourselves must be durable before we ask for others'.
-        let voters: Vec<NodeId> = self.tracker.voter_peers().collect();
+        let voters: Vec<NodeId> = self.log.membership().other_voters(self.cfg.id).collect();
         for to in voters {
             self.persisted_messages.push(Message { from: self.cfg.id, to, term, body: body.clone() });
         }
@@ -643,7 +644,7 @@ impl<S: LogStore> Raft<S> {
             || (pre_vote && m.term > self.term);
         // A learner asks only whether it is still a member (and a voter that
         // has not yet appended its own promotion waits for it).
-        let candidate_votes = self.tracker.membership().is_voter(m.from);
+        let candidate_votes = self.log.membership().is_voter(m.from);
         let granted = can_vote && candidate_votes && self.log.is_up_to_date(last_log_term, last_log_index);
         if granted && !pre_vote {
             self.vote = Some(m.from);
@@ -680,13 +681,13 @@ impl<S: LogStore> Raft<S> {
             _ => false,
         };
         if expected {
-            self.tracker.record_vote(from, granted);
+            self.tracker.record_vote(self.log.membership(), from, granted);
             self.tally_votes();
         }
     }
 
     fn tally_votes(&mut self) {
-        match (self.tracker.vote_result(), self.role) {
+        match (self.tracker.vote_result(self.log.membership()), self.role) {
             (VoteResult::Won, Role::PreCandidate) => self.campaign(Campaign::Election),
             (VoteResult::Won, Role::Candidate) => self.become_leader(),
             (VoteResult::Lost, _) => {
@@ -704,7 +705,7 @@ impl<S: LogStore> Raft<S> {
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
         self.heartbeat_due = true;
-        self.tracker.start_leading(self.log.last_index() + 1);
+        self.tracker.start_leading(self.log.membership(), self.log.last_index() + 1);
         // A no-op of our own term lets entries of earlier terms commit (§5.4.2).
         self.log.append(self.term, Payload::Noop);
     }
@@ -735,7 +736,7 @@ impl<S: LogStore> Raft<S> {
     /// Anything else claiming to be `TimeoutNow` is ignored: after `step`'s
     /// term rules, only our current leader in our current term qualifies.
     fn handle_timeout_now(&mut self, from: NodeId) {
-        if self.leader != Some(from) || !self.tracker.is_voter() {
+        if self.leader != Some(from) || !self.is_voter() {
             debug!("node {}: ignoring TimeoutNow from {}, not our leader", self.cfg.id, from);
             return;
         }
@@ -985,7 +986,7 @@ impl<S: LogStore> Raft<S> {
     /// Commits the highest index stored on a majority, but only if it is from
     /// the current term; older entries commit with it (Figure 8).
     fn maybe_commit(&mut self) {
-        let index = self.tracker.committed(self.log.stable());
+        let index = self.tracker.committed(self.log.membership(), self.log.stable());
         if index <= self.log.committed() || self.log.term(index) != Some(self.term) {
             return;
         }
@@ -1004,10 +1005,12 @@ impl<S: LogStore> Raft<S> {
     /// The log's newest membership is the one in force: called whenever the
     /// log may have gained or lost a membership entry.
     fn membership_may_have_changed(&mut self) {
-        if self.tracker.membership() == self.log.membership() {
+        let generation = self.log.membership_generation();
+        if self.membership_followed == generation {
             return;
         }
-        let membership = self.log.membership().clone();
+        self.membership_followed = generation;
+        let membership = self.log.membership();
         info!(
             "node {}: membership from entry {}: voters {:?}, learners {:?}",
             self.cfg.id,
@@ -1015,13 +1018,12 @@ impl<S: LogStore> Raft<S> {
             membership.voters,
             membership.learners
         );
-        self.tracker.set_membership(membership, self.log.last_index() + 1, self.role == Role::Leader);
-        self.membership_version += 1;
-        if self.transfer.is_some_and(|t| !self.tracker.membership().is_voter(t.to)) {
+        self.tracker.membership_changed(membership, self.log.last_index() + 1, self.role == Role::Leader);
+        if self.transfer.is_some_and(|t| !membership.is_voter(t.to)) {
             self.transfer = None;
         }
         match self.role {
-            Role::PreCandidate | Role::Candidate if !self.tracker.is_voter() => self.become_follower(self.term, None),
+            Role::PreCandidate | Role::Candidate if !self.is_voter() => self.become_follower(self.term, None),
             Role::PreCandidate | Role::Candidate => self.tally_votes(),
             _ => {}
         }
@@ -1033,7 +1035,7 @@ impl<S: LogStore> Raft<S> {
     /// election timeout. Should the transfer time out, it just steps down.
     fn hand_over_if_removed(&mut self) {
         if self.role != Role::Leader
-            || self.tracker.is_voter()
+            || self.is_voter()
             || self.transfer.is_some()
             || self.log.committed() < self.log.membership_index()
         {
@@ -1051,16 +1053,16 @@ impl<S: LogStore> Raft<S> {
     /// within a minimum election timeout, the learner is close enough that
     /// making it a voter will not stall commits, and the leader proposes it.
     fn promote_caught_up_learners(&mut self) {
-        if self.role != Role::Leader || self.tracker.membership().promote.is_empty() {
+        if self.role != Role::Leader || self.log.membership().promote.is_empty() {
             return;
         }
         let (last, now, round) = (self.log.last_index(), self.ticks, self.cfg.election_ticks.0);
-        let learners: Vec<NodeId> = self.tracker.membership().promote.iter().copied().collect();
+        let learners: Vec<NodeId> = self.log.membership().promote.iter().copied().collect();
         for id in learners {
             let Some(pr) = self.tracker.progress_mut(id) else { continue };
             match pr.catch_up {
                 Some((target, started)) if pr.matched >= target && now - started < round => {
-                    let context = self.tracker.membership().context.clone();
+                    let context = self.log.membership().context.clone();
                     match self.change_membership(MembershipChange::Promote(id), context) {
                         Ok(index) => info!("node {}: learner {id} caught up; promoting it (entry {index})", self.cfg.id),
                         Err(e) => debug!("node {}: learner {id} caught up, not promoted yet: {e:?}", self.cfg.id),
@@ -1088,7 +1090,7 @@ impl<S: LogStore> Raft<S> {
     /// Releases every read whose round a majority (ourselves included) has
     /// acknowledged in this term.
     fn confirm_reads(&mut self) {
-        let confirmed = self.tracker.read_confirmed();
+        let confirmed = self.tracker.read_confirmed(self.log.membership());
         while self.pending_reads.front().is_some_and(|r| r.seq <= confirmed) {
             let read = self.pending_reads.pop_front().expect("checked");
             self.read_states.push(ReadState { ctx: read.ctx, index: read.index });
@@ -1111,11 +1113,17 @@ impl<S: LogStore> Raft<S> {
             self.tracker
         );
         debug_assert!(
-            self.role != Role::Leader || self.tracker.progresses().map(|(id, _)| id).eq(self.tracker.peers()),
+            self.role != Role::Leader
+                || self.tracker.progresses().map(|(id, _)| id).eq(self.log.membership().others(self.cfg.id)),
             "the leader does not track exactly the other members: {:?}",
             self.tracker
         );
-        debug_assert_eq!(self.tracker.membership(), self.log.membership(), "the tracker's membership is not the log's");
+        debug_assert_eq!(self.membership_followed, self.log.membership_generation(), "the tracker lags the log");
+    }
+
+    /// Whether this node may campaign, and votes count for it.
+    fn is_voter(&self) -> bool {
+        self.log.membership().is_voter(self.cfg.id)
     }
 
     fn require_leader(&self) -> Result<(), NotLeader> {

@@ -82,6 +82,9 @@ impl MembershipChange {
 #[derive(Clone, Debug)]
 pub struct Memberships {
     list: Vec<(Index, Membership)>,
+    /// Bumped whenever the membership in force may have changed, so that
+    /// whoever follows it need not keep a copy to compare.
+    generation: u64,
 }
 
 impl Memberships {
@@ -89,7 +92,12 @@ impl Memberships {
     pub fn new(list: Vec<(Index, Membership)>) -> Memberships {
         assert!(!list.is_empty(), "a log has a membership at its start");
         debug_assert!(list.windows(2).all(|w| w[0].0 < w[1].0), "memberships out of order");
-        Memberships { list }
+        Memberships { list, generation: 1 }
+    }
+
+    /// See the field: starts at 1.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The newest, which is the one in force.
@@ -114,6 +122,7 @@ impl Memberships {
         for entry in entries {
             if let Payload::Membership(membership) = &entry.payload {
                 self.list.push((entry.index, membership.clone()));
+                self.generation += 1;
             }
         }
     }
@@ -122,12 +131,16 @@ impl Memberships {
     /// longer hold. The one at the log start stays.
     pub fn truncated(&mut self, index: Index) {
         let keep = self.list.partition_point(|(i, _)| *i < index).max(1);
-        self.list.truncate(keep);
+        if keep < self.list.len() {
+            self.list.truncate(keep);
+            self.generation += 1;
+        }
     }
 
     /// The log starts over after a snapshot at `index` with `membership`.
     pub fn restored(&mut self, index: Index, membership: Membership) {
         self.list = vec![(index, membership)];
+        self.generation += 1;
     }
 }
 
@@ -194,8 +207,11 @@ mod tests {
         assert_eq!(memberships.at(4), &voters(&[1, 2, 3]));
         assert_eq!(memberships.at(5), &voters(&[1, 2, 3, 4]));
         assert_eq!(memberships.at(100), &voters(&[1, 2, 4]));
+        assert_eq!(memberships.generation(), 3, "two membership entries");
+        memberships.truncated(10);
+        assert_eq!(memberships.generation(), 3, "nothing cut");
         memberships.truncated(9);
-        assert_eq!(memberships.current(), &voters(&[1, 2, 3, 4]));
+        assert_eq!((memberships.current(), memberships.generation()), (&voters(&[1, 2, 3, 4]), 4));
         memberships.truncated(1);
         assert_eq!(memberships.current(), &voters(&[1, 2, 3]), "the start's membership stays");
         memberships.restored(20, voters(&[7]));

@@ -92,6 +92,11 @@ impl<S: LogStore> RaftLog<S> {
         self.memberships.current()
     }
 
+    /// Changes whenever the membership in force may have.
+    pub fn membership_generation(&self) -> u64 {
+        self.memberships.generation()
+    }
+
     /// The membership once everything committed is applied.
     pub fn committed_membership(&self) -> &Membership {
         self.memberships.at(self.committed)

@@ -66,6 +66,16 @@ impl Membership {
     pub fn ids(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.voters.union(&self.learners).copied()
     }
+
+    /// Every member but `me`, learners included: whom a leader replicates to.
+    pub fn others(&self, me: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+        self.ids().filter(move |&id| id != me)
+    }
+
+    /// Every voter but `me`: whom a candidate asks for votes.
+    pub fn other_voters(&self, me: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+        self.voters.iter().copied().filter(move |&id| id != me)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
