@@ -169,9 +169,9 @@ fn names(cluster: &TestCluster, ids: &[usize]) -> Vec<u64> {
     ids.iter().map(|&id| cluster.wait_for_name(id)).collect()
 }
 
-/// The others' state dirs wiped and the cluster bootstrapped anew from the
-/// same config: the new cluster gets a new name, and the node still holding
-/// the old cluster's state (a higher term, a longer log) is never heard.
+/// Nodes 0 and 1 wiped and the cluster started again from the same config,
+/// node 2 keeping the old cluster's state (a higher term, a longer log): the
+/// new cluster gets a new name, and node 2 is never heard by it.
 #[test]
 fn a_new_cluster_names_itself_and_shuts_out_a_node_with_an_old_clusters_state() {
     let mut cluster = TestCluster::start(3);

@@ -118,10 +118,7 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot_and_can_then_rebui
     cluster.kill(leader);
     fs::remove_dir_all(cluster.state_dir(leader)).unwrap();
     fs::remove_file(cluster.mirror_path(leader)).unwrap();
-    wait_for("the lagger to lead", || {
-        let reply = cluster.client(lagger).call(&Request::TransferLeader { to: Some(lagger as u64) });
-        matches!(reply, Ok(Reply::TransferLeader { leader }) if leader == lagger as u64).then_some(())
-    });
+    cluster.make_leader(lagger);
     for i in 120..150 {
         assert_eq!(cluster.get_value(lagger, &format!("k{}", i % 30)), value(&format!("v{i}")));
     }

@@ -338,15 +338,18 @@ impl State {
     /// state dir in step with the wire (a joining node takes the name of the
     /// leader that added it): see `transport::Wire`.
     fn follow_cluster_name(&mut self) -> Result<(), PersistError> {
-        let transport = &self.io.transport;
+        let (raft, transport) = (&self.raft, &self.io.transport);
         if transport.cluster() == 0 {
-            match self.raft.committed_membership().cluster {
-                0 => transport.expect_cluster(self.raft.membership().cluster),
+            match raft.committed_membership().cluster {
+                0 => transport.expect_cluster(raft.membership().cluster),
                 named => {
-                    info!("node {}: the cluster is named {named:#018x}", self.raft.id());
+                    info!("node {}: the cluster is named {named:#018x}", raft.id());
                     transport.name_cluster(named);
                 }
             }
+        }
+        if transport.cluster() != 0 {
+            transport.learn_fingerprint(raft.membership().fingerprint);
         }
         let cluster = transport.cluster();
         if cluster != self.io.cluster_recorded {
@@ -356,17 +359,14 @@ impl State {
         Ok(())
     }
 
-    /// The first leader of a new cluster names it: a random id (or, for a
-    /// cluster whose nodes agreed on one before names were logged, that one),
-    /// committed like any membership change, so every member learns the same.
+    /// The first leader of a new cluster names it: a random id, committed
+    /// like any membership change, so every member learns the same.
     fn name_new_cluster(&mut self) {
-        if self.raft.soft_state().role != Role::Leader || self.raft.membership().cluster != 0 {
+        let unnamed = self.io.transport.cluster() == 0 && self.raft.membership().cluster == 0;
+        if self.raft.soft_state().role != Role::Leader || !unnamed {
             return;
         }
-        let name = match self.io.transport.cluster() {
-            0 => random_cluster_name(),
-            named => named,
-        };
+        let name = random_cluster_name();
         let context = self.raft.membership().context.clone();
         match self.raft.change_membership(MembershipChange::Name(name), context) {
             Ok(index) => info!("node {}: naming the new cluster {name:#018x} (entry {index})", self.raft.id()),
@@ -489,8 +489,9 @@ impl State {
         reply_to: ReplyTo,
         deadline: Instant,
     ) {
-        if self.raft.committed_membership().cluster == 0 {
-            // A node added now would take the fingerprint for the name.
+        if self.raft.soft_state().role == Role::Leader && self.io.transport.cluster() == 0 {
+            // A node added before this leader speaks for the name (once it
+            // knows it is committed) would take the fingerprint for it.
             let message = "the new cluster has not committed its name yet; retry in a moment";
             return self.io.reply_error(reply_to, ErrorCode::Busy, message);
         }
@@ -748,8 +749,9 @@ impl Io {
     }
 }
 
-/// A new cluster's name: random (std's `RandomState` is keyed from the
-/// operating system's random source), never 0, which means "no name".
+/// A new cluster's name: the clock hashed under the random keys std's
+/// `RandomState` draws from the operating system, so unpredictable and, in
+/// practice, unique; never 0, which means "no name".
 fn random_cluster_name() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());

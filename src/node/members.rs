@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::config::Member;
 use crate::protocol::MemberInfo;
 use crate::raft::{Membership, NodeId, majority_value};
+use crate::transport::bootstrap_fingerprint;
 
 use super::replies::ReplyTo;
 
@@ -17,6 +18,16 @@ pub fn members_of(membership: &Membership) -> Vec<Member> {
     members.retain(|m| membership.contains(m.id));
     members.sort_by_key(|m| m.id);
     members
+}
+
+/// The first membership of a new cluster of `members`: all voters, and the
+/// fingerprint they speak for until the cluster is named.
+pub fn first_membership(members: &[Member]) -> Membership {
+    let endpoints: Vec<(NodeId, &str)> = members.iter().map(|m| (m.id, m.raft.as_str())).collect();
+    Membership {
+        fingerprint: bootstrap_fingerprint(&endpoints),
+        ..Membership::of_voters(members.iter().map(|m| m.id), context_of(members))
+    }
 }
 
 /// The context of a membership of `members`.

@@ -16,6 +16,7 @@ mod disk;
 mod http;
 mod log_reader;
 mod members;
+pub use members::first_membership;
 mod replies;
 mod store;
 
@@ -38,7 +39,7 @@ use crate::raft::{self, HardState, Index, LogStore, Membership, NodeId, Raft, Sn
 use crate::security::NodeSecurity;
 use crate::snapshot::{self, Snapshots};
 use crate::storage::Storage;
-use crate::transport::{Transport, TransportConfig, bootstrap_fingerprint};
+use crate::transport::{Transport, TransportConfig};
 pub use log_reader::LOG_REPLY_MAX_BYTES;
 
 use applier::{Applier, Removal, SnapshotPolicy};
@@ -130,8 +131,6 @@ const MEMBERSHIP_META: &str = "membership";
 /// The cluster's name once this node knows it, carried in every envelope
 /// (see `transport::Wire`).
 const CLUSTER_META: &str = "cluster_id";
-/// The new cluster this node was a member of (see `bootstrap_fingerprint`).
-const FINGERPRINT_META: &str = "cluster_fingerprint";
 
 /// How a node starts (see the `--join` and `--force-new-cluster` flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,7 +161,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         info!("node {id}: removed from the cluster (its state dir says so); not starting");
         return Ok(());
     }
-    let (cluster, fingerprint) = settle_cluster(&mut storage, &members, joining, recovered.hard_state.commit)?;
+    let (cluster, fingerprint) = settle_cluster(&mut storage, recovered.hard_state.commit)?;
     if joining {
         info!("node {id}: joining: waiting to be added to a running cluster (add_node)");
     }
@@ -397,8 +396,7 @@ fn settle_membership(storage: &mut Storage, config: &Config) -> Result<Vec<Membe
             config.nodes.clone()
         }
     };
-    let context = serde_json::to_vec(&members)?;
-    storage.bootstrap_membership(&Membership::of_voters(members.iter().map(|m| m.id), context))?;
+    storage.bootstrap_membership(&members::first_membership(&members))?;
     Ok(members)
 }
 
@@ -416,8 +414,7 @@ fn force_new_cluster(
     let me = config.require_member(id)?.clone();
     let mut removed = current.removed.clone();
     removed.extend(current.ids().filter(|&other| other != id));
-    let membership =
-        Membership { removed, cluster: current.cluster, ..Membership::of_voters([id], members::context_of(&[me])) };
+    let membership = Membership { voters: [id].into(), learners: Default::default(), promote: Default::default(), removed, context: members::context_of(&[me]), ..current };
     let index = storage.last_index() + 1;
     let term = hard_state.term.max(storage.log_start().term);
     let entry = raft::Entry { index, term, payload: raft::Payload::Membership(membership) };
@@ -432,30 +429,18 @@ fn force_new_cluster(
     Ok(())
 }
 
-/// The cluster's identity as recorded in the state dir: its name, once
-/// this node has learned it (0 before), and for a member of a new cluster,
-/// the fingerprint it speaks for until then (0 for a node that joined a
-/// running cluster, or whose state predates named clusters).
-fn settle_cluster(
-    storage: &mut Storage,
-    members: &[Member],
-    joining: bool,
-    commit: u64,
-) -> Result<(u64, u64), Box<dyn Error>> {
-    let read = |key: &str| -> Result<Option<u64>, Box<dyn Error>> {
-        let Some(bytes) = storage.read_meta(key)? else { return Ok(None) };
-        let bytes: [u8; 8] = bytes.try_into().map_err(|_| format!("the recorded {key} is unreadable"))?;
-        Ok(Some(u64::from_be_bytes(bytes)))
-    };
-    let cluster = read(CLUSTER_META)?.unwrap_or(0);
-    let fingerprint = match read(FINGERPRINT_META)? {
-        Some(fingerprint) => fingerprint,
-        None if cluster != 0 || joining => 0,
-        None => {
-            let fingerprint = bootstrap_fingerprint(&members.iter().map(|m| (m.id, m.raft.as_str())).collect::<Vec<_>>());
-            storage.write_meta(FINGERPRINT_META, &fingerprint.to_be_bytes())?;
-            fingerprint
+/// The cluster's identity: its name as the state dir records it, once this
+/// node has learned it (0 before), and the fingerprint the first membership
+/// carries (0 for a node still waiting to join). State from before clusters
+/// were named recorded the fingerprint as the cluster's id: such a cluster
+/// speaks for it until its leader names it.
+fn settle_cluster(storage: &mut Storage, commit: u64) -> Result<(u64, u64), Box<dyn Error>> {
+    let cluster = match storage.read_meta(CLUSTER_META)? {
+        Some(bytes) => {
+            let bytes: [u8; 8] = bytes.try_into().map_err(|_| "the recorded cluster id is unreadable")?;
+            u64::from_be_bytes(bytes)
         }
+        None => 0,
     };
     let memberships = storage.memberships();
     let logged = memberships.iter().rev().find(|(index, _)| *index <= commit).map_or(0, |(_, m)| m.cluster);
@@ -465,7 +450,12 @@ fn settle_cluster(
         )
         .into());
     }
-    Ok((cluster, fingerprint))
+    let fingerprint = memberships.iter().map(|(_, m)| m.fingerprint).find(|&f| f != 0).unwrap_or(0);
+    let unnamed = memberships.iter().all(|(_, m)| m.cluster == 0);
+    Ok(match (cluster, fingerprint) {
+        (recorded, 0) if recorded != 0 && unnamed => (0, recorded),
+        identity => identity,
+    })
 }
 
 pub(crate) fn record_cluster(storage: &mut Storage, cluster: u64) -> Result<(), crate::storage::StorageError> {
@@ -532,6 +522,38 @@ mod tests {
         std::fs::write(&path, r#"{"nodes":[{"id":0,"raft":"tcp://127.0.0.1:1","client":"tcp://127.0.0.1:2"}]}"#)
             .unwrap();
         Config { heartbeat_ms, election_timeout_ms, ..Config::load(&path).unwrap() }
+    }
+
+    #[test]
+    fn a_new_cluster_speaks_for_its_fingerprint_and_older_state_for_the_id_it_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = |id: NodeId| Member {
+            public_key: None,
+            id,
+            raft: format!("tcp://127.0.0.1:700{id}"),
+            client: format!("tcp://127.0.0.1:710{id}"),
+        };
+        let first = first_membership(&[member(0), member(1)]);
+        assert_ne!(first.fingerprint, 0);
+
+        let (mut fresh, _) = Storage::open(&dir.path().join("fresh")).unwrap();
+        assert_eq!(settle_cluster(&mut fresh, 0).unwrap(), (0, 0), "joining: nothing to speak for yet");
+        fresh.bootstrap_membership(&first).unwrap();
+        assert_eq!(settle_cluster(&mut fresh, 0).unwrap(), (0, first.fingerprint));
+        record_cluster(&mut fresh, 0xabc).unwrap();
+        assert_eq!(settle_cluster(&mut fresh, 0).unwrap(), (0xabc, first.fingerprint));
+
+        // Before names: the first membership had no fingerprint, and the
+        // state dir recorded the endpoint hash as the cluster's id.
+        let (mut old, _) = Storage::open(&dir.path().join("old")).unwrap();
+        old.bootstrap_membership(&Membership { fingerprint: 0, ..first.clone() }).unwrap();
+        record_cluster(&mut old, first.fingerprint).unwrap();
+        assert_eq!(settle_cluster(&mut old, 0).unwrap(), (0, first.fingerprint), "unnamed until its leader names it");
+
+        let (mut inconsistent, _) = Storage::open(&dir.path().join("inconsistent")).unwrap();
+        inconsistent.bootstrap_membership(&Membership { cluster: 0xdef, ..first }).unwrap();
+        record_cluster(&mut inconsistent, 0xabc).unwrap();
+        assert!(settle_cluster(&mut inconsistent, 0).unwrap_err().to_string().contains("inconsistent"));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct Membership {
     /// 0 until then. Every envelope carries it.
     #[serde(default)]
     pub cluster: u64,
+    /// The shell's: what a new cluster's members speak for until it is
+    /// named (set in the first membership; 0 for clusters that predate it).
+    #[serde(default)]
+    pub fingerprint: u64,
     #[serde(with = "serde_bytes")]
     pub context: Vec<u8>,
 }

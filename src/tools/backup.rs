@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::kv::KvStore;
 use crate::protocol::{Reply, Request};
-use crate::raft::{HardState, Membership, NodeId, SnapshotMeta};
+use crate::raft::{HardState, NodeId, SnapshotMeta};
 use crate::snapshot::{self, Snapshots};
 use crate::storage::Storage;
 
@@ -83,9 +83,8 @@ pub fn restore(config: &Config, id: NodeId, file: &Path) -> Result<Summary, Stri
         let (_, data) = snapshot::decode(&bytes).expect("checked above");
         let snapshots = Snapshots::open(&snapshot::dir_in(&building)).map_err(|e| e.to_string())?;
         snapshots.save(summary.snapshot, data).map_err(|e| e.to_string())?;
-        // The new cluster's members are the config's.
-        let context = serde_json::to_vec(&config.nodes).map_err(|e| e.to_string())?;
-        let membership = Membership::of_voters(config.nodes.iter().map(|m| m.id), context);
+        // A new cluster of the config's nodes: it names itself anew.
+        let membership = crate::node::first_membership(&config.nodes);
         storage.install_snapshot(summary.snapshot, &membership).map_err(|e| e.to_string())?;
         let hard_state = HardState { term: summary.snapshot.term, vote: None, commit: summary.snapshot.index };
         storage.write(Some(&hard_state), &[]).map_err(|e| e.to_string())?;

@@ -15,7 +15,9 @@ use crate::raft::{Body, Message, NodeId, Term};
 /// Version 3: InstallSnapshot, with its data in chunks.
 /// Version 4: memberships (entries that change it, and the one a snapshot
 /// holds in InstallSnapshot).
-pub const PROTOCOL_VERSION: u8 = 4;
+/// Version 5: cluster names (in memberships, with the fingerprint), and
+/// refusals naming the cluster the refusing node speaks for.
+pub const PROTOCOL_VERSION: u8 = 5;
 
 /// What travels in one ZeroMQ frame: MessagePack with named fields, so the
 /// format is self-describing and readable by non-Rust tools.
@@ -199,15 +201,17 @@ impl fmt::Display for Reject {
 /// (the others' state dirs wiped and bootstrapped anew from the same config)
 /// is never heard by the new cluster, nor it by them. The one way back is
 /// for the new cluster's members that have not learned its name yet: a named
-/// leader brings them the log in their fingerprint (see the peer links), and
-/// it cannot be an old cluster's node, which could not win their votes.
+/// leader brings them the log in their fingerprint (see the peer links), as
+/// it does a follower that lost its state. A stopped node of an old cluster
+/// cannot use that way to take over a new one: it would have to lead, and it
+/// cannot win their votes (never asked for in the fingerprint).
 pub struct Wire {
     me: NodeId,
     /// The cluster's id; 0 while this node does not know it yet.
     cluster: AtomicU64,
-    /// The fingerprint this node spoke for as a member of a new cluster; 0
-    /// if it joined a running one (or its state predates named clusters).
-    fingerprint: u64,
+    /// The fingerprint of the cluster's first membership: this node speaks
+    /// for it while unnamed. 0 while a joining node does not know it.
+    fingerprint: AtomicU64,
     /// While unnamed: the id its log holds, not committed yet (0: none).
     pending: AtomicU64,
     /// As ZMQ_MAXMSGSIZE: negative means unlimited.
@@ -216,7 +220,13 @@ pub struct Wire {
 
 impl Wire {
     pub fn new(me: NodeId, cluster: u64, fingerprint: u64, max_message_bytes: i64) -> Wire {
-        Wire { me, cluster: AtomicU64::new(cluster), fingerprint, pending: AtomicU64::new(0), max_message_bytes }
+        Wire {
+            me,
+            cluster: AtomicU64::new(cluster),
+            fingerprint: AtomicU64::new(fingerprint),
+            pending: AtomicU64::new(0),
+            max_message_bytes,
+        }
     }
 
     /// The cluster this node belongs to; 0 while it does not know its id.
@@ -225,7 +235,13 @@ impl Wire {
     }
 
     pub fn fingerprint(&self) -> u64 {
-        self.fingerprint
+        self.fingerprint.load(Ordering::Acquire)
+    }
+
+    /// A joined node learns the fingerprint from the membership, to reach
+    /// members of the first one that have not learned the name.
+    pub fn learn_fingerprint(&self, fingerprint: u64) {
+        let _ = self.fingerprint.compare_exchange(0, fingerprint, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// The cluster's name is committed: from now on only it counts.
@@ -241,7 +257,7 @@ impl Wire {
     /// What this node's own requests and replies carry.
     pub fn speaks_for(&self) -> u64 {
         match self.cluster() {
-            0 => self.fingerprint,
+            0 => self.fingerprint(),
             cluster => cluster,
         }
     }
@@ -250,8 +266,8 @@ impl Wire {
     fn accepts(&self, cluster: u64) -> bool {
         match self.cluster() {
             0 => {
-                let pending = self.pending.load(Ordering::Acquire);
-                self.fingerprint != 0 && (cluster == self.fingerprint || (pending != 0 && cluster == pending))
+                let (fingerprint, pending) = (self.fingerprint(), self.pending.load(Ordering::Acquire));
+                fingerprint != 0 && (cluster == fingerprint || (pending != 0 && cluster == pending))
             }
             named => cluster == named,
         }
@@ -339,7 +355,7 @@ impl Wire {
                 None => Reject::Undecodable("a refusal where a request belongs".into()),
             });
         }
-        let joining = sent_as.is_none() && self.cluster() == 0 && self.fingerprint == 0 && header.cluster != 0;
+        let joining = sent_as.is_none() && self.cluster() == 0 && self.fingerprint() == 0 && header.cluster != 0;
         let accepted = match sent_as {
             // The answer names the cluster its request did.
             Some(sent) => header.cluster == sent,
@@ -357,10 +373,16 @@ impl Wire {
         }
         message.validate().map_err(|problem| Reject::Invalid { from, problem })?;
         // Only a leader adds nodes: joining ends with its first message.
-        if joining && matches!(message.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. }) {
-            let _ = self.cluster.compare_exchange(0, header.cluster, Ordering::AcqRel, Ordering::Acquire);
-        } else if joining {
-            return Err(Reject::Cluster(header.cluster));
+        if joining {
+            let from_leader = matches!(message.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. });
+            if !from_leader {
+                return Err(Reject::Cluster(header.cluster));
+            }
+            // Another thread may have taken a name meanwhile.
+            let taken = self.cluster.compare_exchange(0, header.cluster, Ordering::AcqRel, Ordering::Acquire);
+            if taken.is_err_and(|named| named != header.cluster) {
+                return Err(Reject::Cluster(header.cluster));
+            }
         }
         Ok((message, chunk, header.cluster))
     }

@@ -269,6 +269,11 @@ impl Transport {
         self.wire.expect(cluster);
     }
 
+    /// The fingerprint of the cluster's first membership, from the log.
+    pub fn learn_fingerprint(&self, fingerprint: u64) {
+        self.wire.learn_fingerprint(fingerprint);
+    }
+
     /// Non-blocking. A request (see [`Body::is_request`]) is queued for the
     /// sender thread of `message.to`; a reply is handed to the server thread,
     /// which sends it to that node's pending request, if any. Requests for
@@ -571,7 +576,7 @@ mod tests {
             term: 1,
             body: Body::RequestVote { last_log_index: 9, last_log_term: 1, pre_vote: false, transfer: false },
         };
-        leader.send(vote);
+        leader.send(vote.clone());
         assert_eq!(expect(&leader_rx, Instant::now() + PATIENCE, |_| true), Inbound::Unreachable(1));
         assert!(member_rx.is_empty(), "no vote asked in the fingerprint");
 
@@ -579,6 +584,9 @@ mod tests {
         assert_eq!(message(&member_rx), heartbeat(0, 1, 1));
         member.send(ack(1, 0));
         assert_eq!(message(&leader_rx), ack(1, 0), "answered in the fingerprint it was asked in");
+        leader.send(vote.clone());
+        assert_eq!(expect(&leader_rx, Instant::now() + PATIENCE, |_| true), Inbound::Unreachable(1));
+        assert!(member_rx.is_empty(), "still no vote asked in the fingerprint");
 
         member.name_cluster(CLUSTER);
         leader.send(heartbeat(0, 1, 2));

@@ -150,30 +150,37 @@ impl Link {
         }
     }
 
-    /// The cluster this link names.
-    fn speaks_for(&self) -> u64 {
-        self.speak_as.unwrap_or_else(|| self.wire.speaks_for())
+    /// The cluster a request names: the one this node speaks for, or for
+    /// the log only, the one this link switched to.
+    fn speaks_for(&self, message: &Message) -> u64 {
+        match self.speak_as {
+            Some(cluster) if matches!(message.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. }) => {
+                cluster
+            }
+            _ => self.wire.speaks_for(),
+        }
     }
 
     /// Whether to name `theirs` to this peer from now on: the cluster's
     /// name, once the peer has learned it; or, from a named leader bringing
-    /// the log, the fingerprint of the new cluster this node was a member
-    /// of, to a member that has not learned its name. Never to ask for a
-    /// vote: a node with an old cluster's state must not win the votes of a
-    /// new cluster's members.
+    /// the log, the fingerprint of the cluster's first membership, to a
+    /// member that has not learned the name (started late, or wiped). Never
+    /// to ask for a vote: a node with an old cluster's state must not win
+    /// the votes of a new cluster's members.
     fn switch_to(&mut self, theirs: u64, message: &Message) -> bool {
-        let named = self.wire.cluster();
+        let (named, fingerprint) = (self.wire.cluster(), self.wire.fingerprint());
         let next = if named != 0 && theirs == named {
             None
         } else if named != 0
-            && theirs == self.wire.fingerprint()
+            && fingerprint != 0
+            && theirs == fingerprint
             && matches!(message.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. })
         {
             Some(theirs)
         } else {
             return false;
         };
-        if theirs == self.speaks_for() {
+        if theirs == self.speaks_for(message) {
             return false;
         }
         info!("peer {}: naming cluster {theirs:#018x} to it from now on", self.peer);
@@ -185,7 +192,7 @@ impl Link {
         if let Body::InstallSnapshot { snapshot, .. } = message.body {
             return self.send_snapshot(message, snapshot);
         }
-        let cluster = self.speaks_for();
+        let cluster = self.speaks_for(message);
         let request = self.wire.seal_as(cluster, message, None)?;
         let started = Instant::now();
         match self.round_trip(request, cluster, self.reply_timeout)? {
@@ -205,7 +212,7 @@ impl Link {
         let mut file = File::open(&path).map_err(unreadable)?;
         let total = file.metadata().map_err(unreadable)?.len();
         let started = Instant::now();
-        let cluster = self.speaks_for();
+        let cluster = self.speaks_for(message);
         let mut offset = 0;
         loop {
             let mut data = vec![0; SNAPSHOT_CHUNK.min((total - offset) as usize)];

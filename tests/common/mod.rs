@@ -344,6 +344,14 @@ impl TestCluster {
         })
     }
 
+    /// Asks until node `id` leads (a leadership transfer to it).
+    pub fn make_leader(&self, id: usize) {
+        wait_for("a transfer of leadership", || {
+            let reply = self.client(id).call(&Request::TransferLeader { to: Some(id as u64) });
+            matches!(reply, Ok(Reply::TransferLeader { leader }) if leader == id as u64).then_some(())
+        });
+    }
+
     /// The cluster's name as node `id` knows it, once it does (the first
     /// leader names a new cluster just after its election).
     pub fn wait_for_name(&self, id: usize) -> u64 {
