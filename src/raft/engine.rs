@@ -724,7 +724,6 @@ impl<S: LogStore> Raft<S> {
         self.role = Role::Follower;
         self.leader = leader;
         self.tracker.stop_leading();
-        self.tracker.clear_votes();
         self.transfer = None;
         self.failed_reads.extend(self.pending_reads.drain(..).map(|r| r.ctx));
         self.failed_reads.append(&mut self.reads_awaiting_commit);

@@ -821,6 +821,29 @@ fn leaders_append_is_sent_before_its_own_persistence() {
     assert_eq!(rd.entries.len(), 1);
 }
 
+/// A new leader assumes every follower holds what it held before its no-op,
+/// so its first AppendEntries carry the no-op instead of probing past it.
+#[test]
+fn a_new_leaders_first_appends_carry_its_no_op() {
+    let hs = HardState { term: 1, vote: None, commit: 2 };
+    let mut r = node_from(no_pre_vote(1), hs, vec![entry(1, 1), entry(2, 1)]);
+    tick_until_candidate(&mut r);
+    drain(&mut r);
+    r.step(msg(2, 1, 2, Body::RequestVoteReply { granted: true, pre_vote: false }));
+    assert_eq!(r.soft_state().role, Role::Leader);
+    let appends: Vec<(NodeId, Index, Vec<Index>)> = drain(&mut r)
+        .messages
+        .into_iter()
+        .filter_map(|m| match m.body {
+            Body::AppendEntries { prev_log_index, entries, .. } => {
+                Some((m.to, prev_log_index, entries.iter().map(|e| e.index).collect()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(appends, vec![(2, 2, vec![3]), (3, 2, vec![3])]);
+}
+
 // ----- reads ---------------------------------------------------------------
 
 #[test]

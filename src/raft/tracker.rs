@@ -130,10 +130,6 @@ impl Tracker {
     pub fn votes(&self) -> &BTreeMap<NodeId, bool> {
         &self.votes
     }
-
-    pub fn clear_votes(&mut self) {
-        self.votes.clear();
-    }
 }
 
 #[cfg(test)]

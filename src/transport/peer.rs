@@ -87,6 +87,12 @@ impl From<Reject> for Failure {
     }
 }
 
+/// Only a leader's AppendEntries and InstallSnapshot may name the
+/// fingerprint to a member that has not learned the cluster's name.
+fn brings_the_log(message: &Message) -> bool {
+    matches!(message.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. })
+}
+
 impl Link {
     /// Runs until the transport drops the queue's sender (shutdown).
     pub(super) fn run(mut self) {
@@ -154,9 +160,7 @@ impl Link {
     /// the log only, the one this link switched to.
     fn speaks_for(&self, message: &Message) -> u64 {
         match self.speak_as {
-            Some(cluster) if matches!(message.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. }) => {
-                cluster
-            }
+            Some(cluster) if brings_the_log(message) => cluster,
             _ => self.wire.speaks_for(),
         }
     }
@@ -171,11 +175,7 @@ impl Link {
         let (named, fingerprint) = (self.wire.cluster(), self.wire.fingerprint());
         let next = if named != 0 && theirs == named {
             None
-        } else if named != 0
-            && fingerprint != 0
-            && theirs == fingerprint
-            && matches!(message.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. })
-        {
+        } else if named != 0 && fingerprint != 0 && theirs == fingerprint && brings_the_log(message) {
             Some(theirs)
         } else {
             return false;
