@@ -161,7 +161,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         info!("node {id}: removed from the cluster (its state dir says so); not starting");
         return Ok(());
     }
-    let (cluster, fingerprint) = settle_cluster(&mut storage, recovered.hard_state.commit)?;
+    let (cluster, fingerprint) = settle_cluster(&storage, recovered.hard_state.commit)?;
     if joining {
         info!("node {id}: joining: waiting to be added to a running cluster (add_node)");
     }
@@ -414,7 +414,9 @@ fn force_new_cluster(
     let me = config.require_member(id)?.clone();
     let mut removed = current.removed.clone();
     removed.extend(current.ids().filter(|&other| other != id));
-    let membership = Membership { voters: [id].into(), learners: Default::default(), promote: Default::default(), removed, context: members::context_of(&[me]), ..current };
+    let (cluster, fingerprint) = (current.cluster, current.fingerprint);
+    let membership =
+        Membership { removed, cluster, fingerprint, ..Membership::of_voters([id], members::context_of(&[me])) };
     let index = storage.last_index() + 1;
     let term = hard_state.term.max(storage.log_start().term);
     let entry = raft::Entry { index, term, payload: raft::Payload::Membership(membership) };
@@ -434,7 +436,7 @@ fn force_new_cluster(
 /// carries (0 for a node still waiting to join). State from before clusters
 /// were named recorded the fingerprint as the cluster's id: such a cluster
 /// speaks for it until its leader names it.
-fn settle_cluster(storage: &mut Storage, commit: u64) -> Result<(u64, u64), Box<dyn Error>> {
+fn settle_cluster(storage: &Storage, commit: u64) -> Result<(u64, u64), Box<dyn Error>> {
     let cluster = match storage.read_meta(CLUSTER_META)? {
         Some(bytes) => {
             let bytes: [u8; 8] = bytes.try_into().map_err(|_| "the recorded cluster id is unreadable")?;
@@ -524,46 +526,43 @@ mod tests {
         Config { heartbeat_ms, election_timeout_ms, ..Config::load(&path).unwrap() }
     }
 
-    #[test]
-    fn a_new_cluster_speaks_for_its_fingerprint_and_older_state_for_the_id_it_recorded() {
-        let dir = tempfile::tempdir().unwrap();
-        let member = |id: NodeId| Member {
+    fn member(id: NodeId) -> Member {
+        Member {
             public_key: None,
             id,
             raft: format!("tcp://127.0.0.1:700{id}"),
             client: format!("tcp://127.0.0.1:710{id}"),
-        };
+        }
+    }
+
+    #[test]
+    fn a_new_cluster_speaks_for_its_fingerprint_and_older_state_for_the_id_it_recorded() {
+        let dir = tempfile::tempdir().unwrap();
         let first = first_membership(&[member(0), member(1)]);
         assert_ne!(first.fingerprint, 0);
 
         let (mut fresh, _) = Storage::open(&dir.path().join("fresh")).unwrap();
-        assert_eq!(settle_cluster(&mut fresh, 0).unwrap(), (0, 0), "joining: nothing to speak for yet");
+        assert_eq!(settle_cluster(&fresh, 0).unwrap(), (0, 0), "joining: nothing to speak for yet");
         fresh.bootstrap_membership(&first).unwrap();
-        assert_eq!(settle_cluster(&mut fresh, 0).unwrap(), (0, first.fingerprint));
+        assert_eq!(settle_cluster(&fresh, 0).unwrap(), (0, first.fingerprint));
         record_cluster(&mut fresh, 0xabc).unwrap();
-        assert_eq!(settle_cluster(&mut fresh, 0).unwrap(), (0xabc, first.fingerprint));
+        assert_eq!(settle_cluster(&fresh, 0).unwrap(), (0xabc, first.fingerprint));
 
         // Before names: the first membership had no fingerprint, and the
         // state dir recorded the endpoint hash as the cluster's id.
         let (mut old, _) = Storage::open(&dir.path().join("old")).unwrap();
         old.bootstrap_membership(&Membership { fingerprint: 0, ..first.clone() }).unwrap();
         record_cluster(&mut old, first.fingerprint).unwrap();
-        assert_eq!(settle_cluster(&mut old, 0).unwrap(), (0, first.fingerprint), "unnamed until its leader names it");
+        assert_eq!(settle_cluster(&old, 0).unwrap(), (0, first.fingerprint), "unnamed until its leader names it");
 
         let (mut inconsistent, _) = Storage::open(&dir.path().join("inconsistent")).unwrap();
         inconsistent.bootstrap_membership(&Membership { cluster: 0xdef, ..first }).unwrap();
         record_cluster(&mut inconsistent, 0xabc).unwrap();
-        assert!(settle_cluster(&mut inconsistent, 0).unwrap_err().to_string().contains("inconsistent"));
+        assert!(settle_cluster(&inconsistent, 0).unwrap_err().to_string().contains("inconsistent"));
     }
 
     #[test]
     fn routes_redirect_only_the_named_peers() {
-        let member = |id: NodeId| Member {
-            public_key: None,
-            id,
-            raft: format!("tcp://127.0.0.1:700{id}"),
-            client: format!("tcp://127.0.0.1:710{id}"),
-        };
         let members = [member(0), member(1), member(2)];
         let routes = [(2, "tcp://127.0.0.1:9002".to_string())];
         assert_eq!(
