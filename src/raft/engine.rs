@@ -210,7 +210,7 @@ impl<S: LogStore> Raft<S> {
         if self.role != Role::Leader {
             // Learners and nodes outside the membership never campaign.
             if self.election_elapsed >= self.election_timeout {
-                if self.is_voter() {
+                if self.may_campaign() {
                     self.campaign(if self.cfg.pre_vote { Campaign::PreVote } else { Campaign::Election });
                 } else if self.log.membership().learners.contains(&self.cfg.id) {
                     self.ask_if_still_a_member();
@@ -262,11 +262,12 @@ impl<S: LogStore> Raft<S> {
     /// Handles one message from a peer.
     ///
     /// Messages from outside the membership are dropped, so a removed node
-    /// can neither disrupt the cluster nor be counted. A leader's messages
-    /// are the exception: a node that is joining, or that has not yet
-    /// appended the entry adding that leader, must still follow it, and a
-    /// leader that removed itself hands over with `TimeoutNow` (term rules
-    /// keep a stale leader harmless).
+    /// can neither disrupt the cluster nor be counted once its removal is
+    /// committed (until then it may still be needed: see `may_campaign`).
+    /// A leader's messages are the exception: a node that is joining, or
+    /// that has not yet appended the entry adding that leader, must still
+    /// follow it, and a leader that removed itself hands over with
+    /// `TimeoutNow` (term rules keep a stale leader harmless).
     pub fn step(&mut self, m: Message) {
         if m.to != self.cfg.id || m.from == self.cfg.id {
             debug!("node {}: dropping misaddressed message {:?}", self.cfg.id, m);
@@ -292,7 +293,9 @@ impl<S: LogStore> Raft<S> {
         }
         let from_leader =
             matches!(m.body, Body::AppendEntries { .. } | Body::InstallSnapshot { .. } | Body::TimeoutNow);
-        if !(from_leader || membership.contains(m.from)) {
+        // A node whose removal is not committed yet may still campaign.
+        let member = membership.contains(m.from) || self.log.committed_membership().contains(m.from);
+        if !(from_leader || member) {
             debug!("node {}: dropping misaddressed message {:?}", self.cfg.id, m);
             return;
         }
@@ -600,7 +603,7 @@ impl<S: LogStore> Raft<S> {
     /// A learner that has not heard from a leader for an election timeout
     /// may have been removed while it was away, and no leader replicates to
     /// a removed node: it sends the voters a pre-vote request, which changes
-    /// nothing (voters grant none to a learner), but which members answer
+    /// nothing (a learner counts no votes), but which members answer
     /// with `Removed` once its removal is committed, as for a removed voter.
     fn ask_if_still_a_member(&mut self) {
         self.election_elapsed = 0;
@@ -642,10 +645,12 @@ impl<S: LogStore> Raft<S> {
         let can_vote = self.vote == Some(m.from)
             || (self.vote.is_none() && self.leader.is_none())
             || (pre_vote && m.term > self.term);
-        // A learner asks only whether it is still a member (and a voter that
-        // has not yet appended its own promotion waits for it).
-        let candidate_votes = self.log.membership().is_voter(m.from);
-        let granted = can_vote && candidate_votes && self.log.is_up_to_date(last_log_term, last_log_index);
+        // Granted on the log alone, whatever our membership says of the
+        // candidate (thesis §4.1): it may have appended a membership we have
+        // not (its promotion, say), and the candidate counts only the votes
+        // of its own voters. A learner never campaigns; its requests only
+        // ask whether it is still a member.
+        let granted = can_vote && self.log.is_up_to_date(last_log_term, last_log_index);
         if granted && !pre_vote {
             self.vote = Some(m.from);
             self.election_elapsed = 0;
@@ -1022,7 +1027,7 @@ impl<S: LogStore> Raft<S> {
             self.transfer = None;
         }
         match self.role {
-            Role::PreCandidate | Role::Candidate if !self.is_voter() => self.become_follower(self.term, None),
+            Role::PreCandidate | Role::Candidate if !self.may_campaign() => self.become_follower(self.term, None),
             Role::PreCandidate | Role::Candidate => self.tally_votes(),
             _ => {}
         }
@@ -1120,9 +1125,20 @@ impl<S: LogStore> Raft<S> {
         debug_assert_eq!(self.membership_followed, self.log.membership_generation(), "the tracker lags the log");
     }
 
-    /// Whether this node may campaign, and votes count for it.
+    /// Whether this node's vote counts (for itself as for others).
     fn is_voter(&self) -> bool {
         self.log.membership().is_voter(self.cfg.id)
+    }
+
+    /// A voter may campaign, and so may a voter whose removal is in the log
+    /// but not committed: its log may be the only one that can commit it,
+    /// as when the leader that proposed it crashed (thesis §4.2.2). It wins
+    /// by the votes of the membership that leaves it out, its own not
+    /// counted, and hands over once the removal commits.
+    fn may_campaign(&self) -> bool {
+        self.is_voter()
+            || (self.log.membership_index() > self.log.committed()
+                && self.log.committed_membership().is_voter(self.cfg.id))
     }
 
     fn require_leader(&self) -> Result<(), NotLeader> {

@@ -1492,21 +1492,54 @@ fn a_learner_removed_while_it_was_away_asks_and_is_told() {
 }
 
 #[test]
-fn a_learner_gets_no_vote() {
+fn a_vote_is_granted_on_the_log_not_on_the_receivers_membership() {
+    // Node 2 has not appended the promotion of learner 4 that 4 has: 4 is
+    // a voter in its own log, and the longer log wins the vote.
     let hs = HardState { term: 1, vote: None, commit: 1 };
     let membership = Membership { learners: [4].into(), ..voters(3) };
     let mut r = Raft::new(config(2), MemStore::new(membership, hs, &[entry(1, 1)]), hs, 0);
     r.ready();
-    let ask = |pre_vote| Body::RequestVote { last_log_index: 1, last_log_term: 1, pre_vote, transfer: false };
+    let ask = |last_log_index| Body::RequestVote { last_log_index, last_log_term: 1, pre_vote: false, transfer: false };
     let granted = |r: &mut Node| {
         let rd = drain(r);
         let replies = rd.messages.iter().chain(&rd.persisted_messages);
-        replies.clone().any(|m| m.body == Body::RequestVoteReply { granted: true, pre_vote: true })
+        replies.clone().any(|m| m.body == Body::RequestVoteReply { granted: true, pre_vote: false })
     };
-    r.step(msg(4, 2, 2, ask(true)));
-    assert!(!granted(&mut r), "a learner only asks whether it is still a member");
-    r.step(msg(3, 2, 2, ask(true)));
-    assert!(granted(&mut r), "a voter asking the same gets it");
+    r.step(msg(4, 2, 2, ask(2)));
+    assert!(granted(&mut r), "its log is longer");
+    assert_eq!(r.hard_state().vote, Some(4));
+}
+
+#[test]
+fn a_leader_whose_removal_is_pending_campaigns_to_commit_it() {
+    // Four voters; the leader removes itself, and the entry reaches no one.
+    let mut c = Cluster::new(4);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let others: Vec<NodeId> = (1..=4).filter(|&id| id != leader).collect();
+    let (a, b, down) = (others[0], others[1], others[2]);
+    c.drop_appends_from = Some(leader);
+    c.change(leader, MembershipChange::Remove(leader)).unwrap();
+    // One voter goes down, and the leader, cut off for a while, steps down.
+    c.isolate(down);
+    c.isolate(leader);
+    c.run(30);
+    assert_ne!(c.raft(leader).soft_state().role, Role::Leader);
+    // Without the entry, `a` and `b` need three votes of four, and the old
+    // leader refuses them (its log is longer): only it can win, by the votes
+    // of the membership that leaves it out, and commit its removal.
+    c.heal();
+    c.isolate(down);
+    c.drop_appends_from = None;
+    c.run(100);
+    let new = c.leaders();
+    assert!(new == [a] || new == [b], "it handed over once its removal committed: {new:?}");
+    for id in [a, b] {
+        assert!(c.raft(id).committed_membership().removed.contains(&leader), "node {id}");
+    }
+    let (index, _) = c.propose(new[0], b"after");
+    c.run(3);
+    assert!(c.raft(new[0]).commit_index() >= index);
 }
 
 #[test]

@@ -318,7 +318,8 @@ impl Cluster {
             })
         };
         if !self.run_until(start + bound, live) {
-            let applied: BTreeMap<NodeId, Index> = self.members().iter().map(|&id| (id, self.nodes[&id].applied())).collect();
+            let applied: BTreeMap<NodeId, Index> =
+                self.members().iter().map(|&id| (id, self.nodes[&id].applied())).collect();
             let detail = format!(
                 "no write invoked after the heal at {start}us was acknowledged and applied everywhere within \
                  {bound}us (leader now: {:?}; members applied {applied:?}, last ack {:?})",
@@ -602,7 +603,8 @@ impl Cluster {
             if removable.is_empty() {
                 return;
             }
-            let removed = if removable.contains(&leader) && self.rng.chance(0.3) { leader } else { self.rng.pick(&removable) };
+            let removed =
+                if removable.contains(&leader) && self.rng.chance(0.3) { leader } else { self.rng.pick(&removable) };
             MembershipChange::Remove(removed)
         };
         let raft = self.nodes.get_mut(&leader).and_then(SimNode::raft_mut).expect("leader is up");
@@ -793,13 +795,45 @@ impl Cluster {
 
     fn fail(&self, v: Violation) -> ! {
         panic!(
-            "\n{} VIOLATED at {}us: {}\nparams: {:?}\nrecent events:\n{}\nrerun: {}\n",
+            "\n{} VIOLATED at {}us: {}\nparams: {:?}\nnodes now:\n{}recent events:\n{}\nrerun: {}\n",
             v.rule.to_uppercase(),
             self.now(),
             v.detail,
             self.params,
+            self.node_states(),
             self.trace,
             self.rerun
         );
+    }
+
+    /// What each node believes, for the failure report: most liveness
+    /// failures are explained by one node's term, log or membership.
+    fn node_states(&self) -> String {
+        let mut out = String::new();
+        for (id, node) in &self.nodes {
+            let Some(raft) = node.raft() else {
+                out += &format!("  node {id}: down\n");
+                continue;
+            };
+            let (soft, hard, m) = (raft.soft_state(), raft.hard_state(), raft.membership());
+            let (last, start) = (raft.last_index(), raft.store().log_start());
+            let last_term = if last == start.index { start.term } else { raft.store().term(last) };
+            out += &format!(
+                "  node {id}: {:?} term {} vote {:?} leader {:?} last {last}/t{} commit {} applied {} \
+                 voters {:?} learners {:?} promote {:?} removed {:?}\n",
+                soft.role,
+                soft.term,
+                hard.vote,
+                soft.leader,
+                last_term,
+                hard.commit,
+                raft.applied(),
+                m.voters,
+                m.learners,
+                m.promote,
+                m.removed,
+            );
+        }
+        out
     }
 }
