@@ -65,8 +65,32 @@ pub struct Ready {
 }
 
 impl Ready {
-    /// Whether step 2 has anything to write.
+    /// Whether step 2 has anything to write. The core hands out the hard
+    /// state with every snapshot and every entry (the commit index rides
+    /// along), so the hard state alone tells.
     pub fn must_persist(&self) -> bool {
-        self.hard_state.is_some() || self.snapshot.is_some() || !self.entries.is_empty()
+        debug_assert!(
+            self.hard_state.is_some() || (self.snapshot.is_none() && self.entries.is_empty()),
+            "a write without its hard state"
+        );
+        self.hard_state.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_each_role() {
+        let roles = [Role::Follower, Role::PreCandidate, Role::Candidate, Role::Leader];
+        assert_eq!(roles.map(Role::as_str), ["follower", "pre-candidate", "candidate", "leader"]);
+    }
+
+    #[test]
+    fn only_a_ready_that_writes_must_persist() {
+        assert!(!Ready::default().must_persist(), "an idle round costs no fsync");
+        let hard_state = Some(HardState { term: 1, vote: None, commit: 0 });
+        assert!(Ready { hard_state, ..Ready::default() }.must_persist());
     }
 }
