@@ -161,7 +161,7 @@ pub struct Raft<S> {
 impl<S: LogStore> Raft<S> {
     /// A node restarting from `hard_state` and the durable log in `store`,
     /// its state machine at `applied` (the snapshot it loaded, if any). Its
-    /// membership is the newest in the log; a node that is not in it (one
+    /// membership is the newest in the log; a node that is in none (one
     /// waiting to join) never campaigns and only follows a leader.
     pub fn new(cfg: Config, store: S, hard_state: HardState, applied: Index) -> Raft<S> {
         assert!(cfg.election_ticks.0 > cfg.heartbeat_ticks && cfg.election_ticks.0 <= cfg.election_ticks.1);
@@ -208,7 +208,8 @@ impl<S: LogStore> Raft<S> {
         self.ticks += 1;
         self.election_elapsed += 1;
         if self.role != Role::Leader {
-            // Learners and nodes outside the membership never campaign.
+            // Learners and nodes outside the membership never campaign
+            // (a voter whose removal is pending is still in it).
             if self.election_elapsed >= self.election_timeout {
                 if self.may_campaign() {
                     self.campaign(if self.cfg.pre_vote { Campaign::PreVote } else { Campaign::Election });

@@ -8,7 +8,9 @@
 //! be elected in one term across a change. That argument holds only for one
 //! change at a time, and only once the leader has committed an entry of its
 //! own term (the bug found in 2015, thesis §4.1 / raft-dev): the leader
-//! refuses a change until both hold. Learners never vote and never count.
+//! refuses a change until both hold. Learners never campaign, and votes
+//! and acknowledgements count only from the voters of the membership the
+//! counting node holds.
 
 use super::types::{Entry, Index, Membership, NodeId, Payload};
 
