@@ -6,18 +6,24 @@
 # suites against each mutant: the unit tests and the deterministic
 # simulation. A mutant that no test catches ("missed") is a gap to close.
 #
-#   scripts/mutants.sh                          # everything (~440 mutants)
+#   scripts/mutants.sh                          # everything (~750 mutants)
 #   scripts/mutants.sh -f src/raft/progress.rs  # only the mutants of one file
 #   scripts/mutants.sh --list                   # what it would try
 #
 # Results go to mutants.out/ (missed.txt, caught.txt, timeout.txt).
+#
+# The `mutants` profile is the CI profile built incrementally: a mutant
+# rebuilds in about 10 s instead of 80 s, and the tests run about a quarter
+# slower. The simulation runs fresh random seeds for SIM_SOAK_SECS (10 by
+# default) instead of its fixed 20,000, as most mutants fail in far less.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo-mutants >/dev/null || cargo install cargo-mutants
+export SIM_SOAK_SECS="${SIM_SOAK_SECS:-10}"
 files=(-f 'src/raft/*.rs' -f src/driver.rs -f src/node/core_loop.rs)
 for arg in "$@"; do
   # Files named on the command line replace the default set.
   if [ "$arg" = -f ] || [ "$arg" = --file ]; then files=(); fi
 done
-exec cargo mutants "${files[@]}" -e src/raft/tests.rs --profile ci "$@" -- --lib --test simulation
+exec cargo mutants "${files[@]}" -e src/raft/tests.rs --profile mutants "$@" -- --lib --test simulation

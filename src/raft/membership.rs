@@ -218,5 +218,6 @@ mod tests {
         assert_eq!(memberships.current(), &voters(&[1, 2, 3]), "the start's membership stays");
         memberships.restored(20, voters(&[7]));
         assert_eq!((memberships.current_index(), memberships.at(3)), (20, &voters(&[7])));
+        assert_eq!(memberships.generation(), 6, "a restore changes the membership too");
     }
 }

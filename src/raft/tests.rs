@@ -275,7 +275,6 @@ fn append(from: NodeId, to: NodeId, term: Term, prev: (Index, Term), entries: Ve
     )
 }
 
-/// A lone node built from explicit durable state, with its output drained.
 /// Voters 1 to `n`.
 fn voters(n: u64) -> Membership {
     Membership::of_voters(1..=n, vec![])
@@ -1154,6 +1153,23 @@ fn inconsistent_messages_change_nothing_and_get_no_reply() {
         transfer: false,
     };
     let heartbeat = |term| append(1, 2, term, (4, 2), vec![], 0);
+    let rejection = |conflict_term| Body::AppendEntriesReply {
+        success: false,
+        prev_log_index: 4,
+        match_index: 0,
+        conflict_index: 3,
+        conflict_term: Some(conflict_term),
+        read_seq: 0,
+    };
+    let snapshot = |index, term, membership: Membership| Body::InstallSnapshot {
+        snapshot: SnapshotMeta { index, term },
+        membership,
+    };
+    let members_and = |change: fn(&mut Membership)| {
+        let mut membership = voters(3);
+        change(&mut membership);
+        snapshot(9, 3, membership)
+    };
     let bad = [
         ("entry index 0", append(1, 2, 4, (0, 0), vec![entry(0, 4)], 0)),
         ("gap after prev", append(1, 2, 4, (4, 2), vec![entry(6, 4)], 6)),
@@ -1164,9 +1180,15 @@ fn inconsistent_messages_change_nothing_and_get_no_reply() {
         ("prev index 0 with a term", append(1, 2, 4, (0, 1), vec![], 0)),
         ("index overflow", append(1, 2, 4, (u64::MAX, 2), vec![entry(0, 4)], 0)),
         ("term past MAX_TERM", heartbeat(message::MAX_TERM + 1)),
+        ("term 2^53, which a JSON reader cannot hold exactly", heartbeat(1 << 53)),
         ("term 2^64-1", heartbeat(u64::MAX)),
         ("vote request with a term 2^64-1", msg(1, 2, u64::MAX, vote(9, 9))),
         ("vote request claiming a newer log term", msg(1, 2, 4, vote(9, 5))),
+        ("reply naming a conflict term newer than itself", msg(1, 2, 4, rejection(5))),
+        ("snapshot at index 0", msg(1, 2, 4, snapshot(0, 0, voters(3)))),
+        ("snapshot whose voter is a learner too", msg(1, 2, 4, members_and(|m| _ = m.learners.insert(3)))),
+        ("snapshot promoting a non-learner", msg(1, 2, 4, members_and(|m| _ = m.promote.insert(4)))),
+        ("snapshot whose voter was removed", msg(1, 2, 4, members_and(|m| _ = m.removed.insert(3)))),
     ];
     for (what, m) in bad {
         let mut r = node_with(2, hs, log.clone());
@@ -1176,6 +1198,21 @@ fn inconsistent_messages_change_nothing_and_get_no_reply() {
         assert_eq!((r.last_index(), r.commit_index()), (4, 2), "{what}: log changed");
         assert!(rd.entries.is_empty(), "{what}: something to persist");
         assert!(rd.messages.is_empty() && rd.persisted_messages.is_empty(), "{what}: answered");
+    }
+    // Their consistent neighbours are heard (their term adopted), so the
+    // cases above fail for what they name.
+    let largest = (1 << 53) - 1; // the largest term a JSON reader holds exactly
+    let good = [
+        heartbeat(largest),
+        msg(1, 2, 4, rejection(3)),
+        msg(1, 2, 4, snapshot(9, 3, voters(3))),
+        msg(1, 2, 4, members_and(|m| _ = m.learners.insert(4))),
+    ];
+    for m in good {
+        let term = m.term;
+        let mut r = node_with(2, hs, log.clone());
+        r.step(m);
+        assert_eq!(r.hard_state().term, term);
     }
 }
 
