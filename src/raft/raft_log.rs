@@ -457,6 +457,17 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_cut_short_in_the_store_does_not_go_on_in_memory() {
+        let mut log = log_with_terms(&[1, 1]);
+        log.append(1, Payload::Command(vec![0; 100]));
+        persist(&mut log);
+        log.append(1, Payload::Noop);
+        // Entry 3 is too big for the budget; entry 4, in memory, is not, but
+        // sending 2 then 4 would leave a gap.
+        assert_eq!(log.entries_from(2, 50), vec![entry(2, 1)]);
+    }
+
+    #[test]
     fn a_compacted_log_answers_from_its_snapshot() {
         let mut log = log_with_terms(&[1, 1, 2, 2]);
         log.commit_to(4);
