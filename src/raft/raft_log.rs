@@ -481,8 +481,10 @@ mod tests {
         log.restore(snapshot.clone());
         assert_eq!((log.last_index(), log.last_term(), log.committed(), log.applied()), (9, 3, 9, 9));
         assert_eq!(log.membership(), &snapshot.membership);
+        assert!(log.has_unstable(), "the snapshot is still to be written");
         assert_eq!(log.take_snapshot(), Some(snapshot.clone()));
         assert_eq!(log.take_snapshot(), None, "handed out once");
+        assert!(!log.has_unstable());
         log.store_mut().restore(snapshot.meta, snapshot.membership);
         log.snapshot_installed();
         log.append(3, Payload::Noop);

@@ -543,11 +543,21 @@ fn leader_steps_down_without_quorum() {
     let mut c = Cluster::new(3);
     c.run(30);
     let leader = c.leaders()[0];
+    let term = c.raft(leader).soft_state().term;
     c.isolate(leader);
     for _ in 0..25 {
-        c.tick(leader);
+        c.raft_mut(leader).tick();
+        if c.raft(leader).soft_state().role != Role::Leader {
+            break;
+        }
+        c.process(leader);
     }
-    assert_ne!(c.raft(leader).soft_state().role, Role::Leader);
+    // Nothing but the role changed, and the shell must still hear of it.
+    let r = c.raft_mut(leader);
+    assert!(r.has_ready(), "the step down is not reported");
+    let rd = r.ready();
+    assert_eq!(rd.soft_state, Some(SoftState { role: Role::Follower, term, leader: None }));
+    assert!(rd.hard_state.is_none() && rd.messages.is_empty());
 }
 
 #[test]
@@ -977,6 +987,30 @@ fn one_lost_append_does_not_silence_a_follower_for_an_election_timeout() {
     assert_eq!(c.commands(1), vec![b"lost".to_vec()]);
 }
 
+/// How many messages `from` sent `to` that `is_kind` picks out.
+fn count_sent(c: &Cluster, from: NodeId, to: NodeId, is_kind: fn(&Body) -> bool) -> usize {
+    c.sent.iter().filter(|m| m.from == from && m.to == to && is_kind(&m.body)).count()
+}
+
+fn carries_entries(body: &Body) -> bool {
+    matches!(body, Body::AppendEntries { entries, .. } if !entries.is_empty())
+}
+
+#[test]
+fn an_unanswered_append_is_sent_again_only_after_the_inflight_timeout() {
+    let (mut c, leader, a, _, _) = settled();
+    // Half the shortest election timeout (10 ticks): a retry still reaches
+    // a follower before its election timer fires.
+    let timeout = 5;
+    c.cut.insert((a, leader)); // a's replies are lost
+    c.sent.clear();
+    c.propose(leader, b"slow");
+    c.run(timeout - 1);
+    assert_eq!(count_sent(&c, leader, a, carries_entries), 1, "sent again before the timeout");
+    c.run(timeout + 1);
+    assert!(count_sent(&c, leader, a, carries_entries) >= 2, "never sent again");
+}
+
 // ----- leadership transfer -------------------------------------------------
 
 /// A settled 3-node cluster: (leader, a follower, the other follower, term).
@@ -1188,6 +1222,8 @@ fn inconsistent_messages_change_nothing_and_get_no_reply() {
         ("snapshot whose voter is a learner too", msg(1, 2, 4, members_and(|m| _ = m.learners.insert(3)))),
         ("snapshot promoting a non-learner", msg(1, 2, 4, members_and(|m| _ = m.promote.insert(4)))),
         ("snapshot whose voter was removed", msg(1, 2, 4, members_and(|m| _ = m.removed.insert(3)))),
+        ("addressed to another node", append(1, 3, 4, (4, 2), vec![], 0)),
+        ("from the receiver itself", append(2, 2, 4, (4, 2), vec![], 0)),
     ];
     for (what, m) in bad {
         let mut r = node_with(2, hs, log.clone());
@@ -1322,10 +1358,45 @@ fn a_lost_snapshot_is_sent_again_even_after_a_stale_reply() {
     assert_eq!(c.raft(lagger).commit_index(), c.raft(leader).commit_index());
 }
 
+#[test]
+fn an_unanswered_snapshot_is_sent_again_only_after_the_snapshot_timeout() {
+    let (mut c, leader, lagger, _) = leader_compacted_past_a_lagger();
+    let is_snapshot = |body: &Body| matches!(body, Body::InstallSnapshot { .. });
+    c.heal();
+    c.cut.insert((lagger, leader)); // the lagger's replies are lost
+    c.sent.clear();
+    for _ in 0..100 {
+        if count_sent(&c, leader, lagger, is_snapshot) > 0 {
+            break;
+        }
+        c.run(1);
+    }
+    // Four of the longest election timeouts (20 ticks): sending a snapshot
+    // takes far longer than an AppendEntries.
+    let timeout = 80;
+    c.run(timeout - 2);
+    assert_eq!(count_sent(&c, leader, lagger, is_snapshot), 1, "sent again before the timeout");
+    c.run(4);
+    assert_eq!(count_sent(&c, leader, lagger, is_snapshot), 2, "never sent again");
+}
+
 // ----- membership -----------------------------------------------------------
 
 fn add_learner(id: NodeId, promote: bool) -> MembershipChange {
     MembershipChange::AddLearner { id, promote }
+}
+
+#[test]
+fn a_node_whose_addition_is_not_committed_yet_is_heard() {
+    let (mut c, leader, a, b, _) = settled();
+    c.isolate(a);
+    c.isolate(b);
+    c.join(4);
+    c.raft_mut(leader).change_membership(add_learner(4, false), vec![]).unwrap();
+    c.run(5); // less than an election timeout: still the leader
+    let r = c.raft(leader);
+    assert!(r.commit_index() < r.last_index(), "the addition cannot commit without a or b");
+    assert_eq!(r.progress(4).map(|pr| pr.matched), Some(r.last_index()), "node 4's acks were dropped");
 }
 
 #[test]
