@@ -561,6 +561,14 @@ fn leader_steps_down_without_quorum() {
 }
 
 #[test]
+fn a_pre_vote_for_a_term_that_is_not_newer_is_refused_by_a_node_that_voted() {
+    let mut r = node_with(1, HardState { term: 3, vote: Some(3), commit: 0 }, vec![]);
+    r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true, transfer: false }));
+    let rd = r.ready();
+    assert_eq!(rd.persisted_messages[0].body, Body::RequestVoteReply { granted: false, pre_vote: true });
+}
+
+#[test]
 fn pre_vote_does_not_change_the_voters_term_or_vote() {
     let mut r = node_with(1, HardState { term: 2, vote: Some(3), commit: 0 }, vec![]);
     r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true, transfer: false }));
