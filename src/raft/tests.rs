@@ -539,6 +539,25 @@ fn pre_vote_is_refused_while_a_leader_is_heard_even_without_check_quorum() {
 }
 
 #[test]
+fn the_leader_lease_ends_after_the_shortest_election_timeout() {
+    let mut r = node_with(2, HardState { term: 2, vote: None, commit: 0 }, vec![]);
+    r.step(append(1, 2, 2, (0, 0), vec![], 0));
+    r.ready();
+    let pre_vote = Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true, transfer: false };
+    let granted = |r: &mut Node| {
+        r.step(msg(3, 2, 3, pre_vote.clone()));
+        r.ready().persisted_messages.iter().any(|m| m.body == Body::RequestVoteReply { granted: true, pre_vote: true })
+    };
+    for _ in 0..9 {
+        r.tick();
+    }
+    assert!(!granted(&mut r), "leader 1 was heard 9 ticks ago");
+    r.tick();
+    assert_eq!(r.soft_state().leader, Some(1), "its own election timer has not fired yet");
+    assert!(granted(&mut r), "10 ticks without leader 1 end its lease");
+}
+
+#[test]
 fn leader_steps_down_without_quorum() {
     let mut c = Cluster::new(3);
     c.run(30);
