@@ -275,6 +275,11 @@ fn append(from: NodeId, to: NodeId, term: Term, prev: (Index, Term), entries: Ve
     )
 }
 
+/// A pre-vote request from a candidate whose last entry is (index, term).
+fn pre_vote_request(last_log_index: Index, last_log_term: Term) -> Body {
+    Body::RequestVote { last_log_index, last_log_term, pre_vote: true, transfer: false }
+}
+
 /// Voters 1 to `n`.
 fn voters(n: u64) -> Membership {
     Membership::of_voters(1..=n, vec![])
@@ -533,7 +538,7 @@ fn pre_vote_is_refused_while_a_leader_is_heard_even_without_check_quorum() {
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let other = (1..=3).find(|&id| id != leader && id != follower).unwrap();
     let term = c.raft(follower).soft_state().term;
-    let pre_vote = Body::RequestVote { last_log_index: 100, last_log_term: 100, pre_vote: true, transfer: false };
+    let pre_vote = pre_vote_request(100, 100);
     c.raft_mut(follower).step(msg(other, follower, term + 1, pre_vote));
     assert!(c.raft_mut(follower).ready().persisted_messages.is_empty(), "no pre-vote granted");
 }
@@ -543,9 +548,8 @@ fn the_leader_lease_ends_after_the_shortest_election_timeout() {
     let mut r = node_with(2, HardState { term: 2, vote: None, commit: 0 }, vec![]);
     r.step(append(1, 2, 2, (0, 0), vec![], 0));
     r.ready();
-    let pre_vote = Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true, transfer: false };
     let granted = |r: &mut Node| {
-        r.step(msg(3, 2, 3, pre_vote.clone()));
+        r.step(msg(3, 2, 3, pre_vote_request(0, 0)));
         r.ready().persisted_messages.iter().any(|m| m.body == Body::RequestVoteReply { granted: true, pre_vote: true })
     };
     for _ in 0..9 {
@@ -582,7 +586,7 @@ fn leader_steps_down_without_quorum() {
 #[test]
 fn a_pre_vote_for_a_term_that_is_not_newer_is_refused_by_a_node_that_voted() {
     let mut r = node_with(1, HardState { term: 3, vote: Some(3), commit: 0 }, vec![]);
-    r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true, transfer: false }));
+    r.step(msg(2, 1, 3, pre_vote_request(0, 0)));
     let rd = r.ready();
     assert_eq!(rd.persisted_messages[0].body, Body::RequestVoteReply { granted: false, pre_vote: true });
 }
@@ -590,7 +594,7 @@ fn a_pre_vote_for_a_term_that_is_not_newer_is_refused_by_a_node_that_voted() {
 #[test]
 fn pre_vote_does_not_change_the_voters_term_or_vote() {
     let mut r = node_with(1, HardState { term: 2, vote: Some(3), commit: 0 }, vec![]);
-    r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true, transfer: false }));
+    r.step(msg(2, 1, 3, pre_vote_request(0, 0)));
     let rd = r.ready();
     assert!(rd.hard_state.is_none());
     assert_eq!(rd.persisted_messages[0].term, 3);
@@ -1683,7 +1687,7 @@ fn an_uncommitted_removal_is_not_told() {
     c.isolate(leader);
     c.raft_mut(leader).change_membership(MembershipChange::Remove(removed), vec![]).unwrap();
     c.process(leader);
-    let vote = Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: true, transfer: false };
+    let vote = pre_vote_request(0, 0);
     c.raft_mut(leader).step(msg(removed, leader, term + 1, vote));
     c.process(leader);
     assert!(!c.queue.iter().any(|m| m.body == Body::Removed), "the removal may still be undone");
