@@ -717,6 +717,54 @@ fn reject_carries_conflict_term_and_its_first_index() {
 }
 
 #[test]
+fn a_rejection_moves_the_leader_back_to_where_the_logs_may_agree() {
+    // Node 1 leads term 4 over entries of terms 1, 1, 2, 2, 2 and its no-op
+    // (6), and has sent follower 2 an AppendEntries after entry 5 (term 2).
+    let leader = || {
+        let log = vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2), entry(5, 2)];
+        let mut r = node_from(no_pre_vote(1), HardState { term: 3, vote: None, commit: 0 }, log);
+        tick_until_candidate(&mut r);
+        drain(&mut r);
+        r.step(msg(2, 1, 4, Body::RequestVoteReply { granted: true, pre_vote: false }));
+        let sent = drain(&mut r).messages;
+        assert!(sent.iter().any(|m| m.to == 2 && matches!(m.body, Body::AppendEntries { prev_log_index: 5, .. })));
+        r
+    };
+    let cases = [
+        ("its entry 5 is of term 1: resume after our last entry of term 1", Some(1), 1, 2),
+        ("its entry 5 is of term 3, which we lack: resume at its first one", Some(3), 4, 3),
+        ("its log ends at 2: resume right after it", None, 3, 2),
+        // No honest follower sends this; it must not send us past our log
+        // (which would mean a snapshot): the next heartbeat probes entry 6.
+        ("a hint past our log", None, 100, 6),
+    ];
+    for (what, conflict_term, conflict_index, expected_prev) in cases {
+        let mut r = leader();
+        let reply = Body::AppendEntriesReply {
+            success: false,
+            prev_log_index: 5,
+            match_index: 0,
+            conflict_index,
+            conflict_term,
+            read_seq: 0,
+        };
+        r.step(msg(2, 1, 4, reply));
+        let mut to_follower = vec![];
+        for _ in 0..10 {
+            to_follower.extend(drain(&mut r).messages.into_iter().filter(|m| m.to == 2).map(|m| m.body));
+            if !to_follower.is_empty() {
+                break;
+            }
+            r.tick();
+        }
+        assert!(
+            matches!(to_follower[..], [Body::AppendEntries { prev_log_index, .. }] if prev_log_index == expected_prev),
+            "{what}: sent {to_follower:?}"
+        );
+    }
+}
+
+#[test]
 fn far_behind_follower_catches_up_in_a_few_round_trips() {
     let mut c = Cluster::new(3);
     c.run(30);
