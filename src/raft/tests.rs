@@ -979,6 +979,25 @@ fn a_reply_cannot_acknowledge_read_rounds_not_yet_started() {
 }
 
 #[test]
+fn a_follower_that_answered_the_read_round_is_not_asked_again() {
+    // Only one of four followers hears the leader, so the read waits for a
+    // majority; the one that answered must not be sent the round over and
+    // over meanwhile.
+    let mut c = Cluster::new(5);
+    c.run(30);
+    let leader = c.leaders()[0];
+    let mut followers = (1..=5).filter(|&id| id != leader);
+    let heard = followers.next().unwrap();
+    c.cut.extend(followers.map(|id| (leader, id)));
+    c.sent.clear();
+    c.raft_mut(leader).read_index(7).unwrap();
+    c.deliver();
+    assert!(c.seen[&leader].reads.is_empty(), "confirmed by a minority");
+    let asked = c.sent.iter().filter(|m| m.from == leader && m.to == heard).count();
+    assert_eq!(asked, 1, "asked {asked} times");
+}
+
+#[test]
 fn read_waits_for_the_new_leader_to_commit_in_its_term() {
     let mut r = node_from(no_pre_vote(1), HardState { term: 1, vote: None, commit: 0 }, vec![entry(1, 1)]);
     tick_until_candidate(&mut r);
