@@ -1485,6 +1485,23 @@ fn add_learner(id: NodeId, promote: bool) -> MembershipChange {
 }
 
 #[test]
+fn a_new_member_is_first_probed_at_the_leaders_last_entry() {
+    // As in etcd: the newcomer may hold the whole log already (a node
+    // re-added with its state), so the first AppendEntries resends nothing;
+    // a rejection then moves the leader back.
+    let (mut c, leader, ..) = settled();
+    c.join(4);
+    c.sent.clear();
+    let index = c.raft_mut(leader).change_membership(add_learner(4, false), vec![]).unwrap();
+    c.process(leader);
+    let first = c.sent.iter().find(|m| m.to == 4).map(|m| &m.body);
+    assert!(
+        matches!(first, Some(Body::AppendEntries { prev_log_index, entries, .. }) if *prev_log_index == index && entries.is_empty()),
+        "sent {first:?}, the membership entry is {index}"
+    );
+}
+
+#[test]
 fn a_node_whose_addition_is_not_committed_yet_is_heard() {
     let (mut c, leader, a, b, _) = settled();
     c.isolate(a);
