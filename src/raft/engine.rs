@@ -1008,7 +1008,9 @@ impl<S: LogStore> Raft<S> {
     // ----- membership -----------------------------------------------------
 
     /// The log's newest membership is the one in force: called whenever the
-    /// log may have gained or lost a membership entry.
+    /// log may have gained or lost a membership entry. Only a leader (by its
+    /// own proposal, never during a transfer) or a follower (from its
+    /// leader) gets here: a candidate's log does not change.
     fn membership_may_have_changed(&mut self) {
         let generation = self.log.membership_generation();
         if self.membership_followed == generation {
@@ -1024,14 +1026,6 @@ impl<S: LogStore> Raft<S> {
             membership.learners
         );
         self.tracker.membership_changed(membership, self.log.last_index() + 1, self.role == Role::Leader);
-        if self.transfer.is_some_and(|t| !membership.is_voter(t.to)) {
-            self.transfer = None;
-        }
-        match self.role {
-            Role::PreCandidate | Role::Candidate if !self.may_campaign() => self.become_follower(self.term, None),
-            Role::PreCandidate | Role::Candidate => self.tally_votes(),
-            _ => {}
-        }
     }
 
     /// A leader whose removal is committed hands leadership to the most
@@ -1057,8 +1051,9 @@ impl<S: LogStore> Raft<S> {
     /// leader's last index when the round began; when a round completes
     /// within a minimum election timeout, the learner is close enough that
     /// making it a voter will not stall commits, and the leader proposes it.
+    /// Leaders only: called on their ticks and their followers' replies.
     fn promote_caught_up_learners(&mut self) {
-        if self.role != Role::Leader || self.log.membership().promote.is_empty() {
+        if self.log.membership().promote.is_empty() {
             return;
         }
         let (last, now, round) = (self.log.last_index(), self.ticks, self.cfg.election_ticks.0);
@@ -1124,6 +1119,11 @@ impl<S: LogStore> Raft<S> {
             self.tracker
         );
         debug_assert_eq!(self.membership_followed, self.log.membership_generation(), "the tracker lags the log");
+        debug_assert!(
+            self.transfer.is_none_or(|t| self.role == Role::Leader && self.log.membership().is_voter(t.to)),
+            "transfer to {:?}, not a voter or not leading",
+            self.transfer
+        );
     }
 
     /// Whether this node's vote counts (for itself as for others).

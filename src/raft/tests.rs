@@ -313,6 +313,17 @@ fn tick_until_candidate(r: &mut Node) -> u64 {
     ticks
 }
 
+/// Node 1 of three voters, elected in the term after `term` by node 2's
+/// vote, its no-op appended; its output not yet drained.
+fn elected(term: Term, log: Vec<Entry>) -> Node {
+    let mut r = node_from(no_pre_vote(1), HardState { term, vote: None, commit: 0 }, log);
+    tick_until_candidate(&mut r);
+    drain(&mut r);
+    r.step(msg(2, 1, term + 1, Body::RequestVoteReply { granted: true, pre_vote: false }));
+    assert_eq!(r.soft_state().role, Role::Leader);
+    r
+}
+
 /// One Ready, persisted as the driver would, with nothing sent.
 fn drain(raft: &mut Node) -> Ready {
     let rd = raft.ready();
@@ -417,6 +428,34 @@ fn stale_replies_are_ignored_and_stale_requests_answered_with_our_term() {
     assert_eq!(rd.persisted_messages[0].term, 5);
     assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: false, .. }));
     assert_eq!(r.last_index(), 0, "a stale leader's entries are not taken");
+    // A stale candidate learns our term too, so it can catch up (etcd #8501).
+    for pre_vote in [false, true] {
+        r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 9, last_log_term: 3, pre_vote, transfer: false }));
+        let reply = r.ready().persisted_messages.pop().map(|m| (m.term, m.body));
+        assert_eq!(reply, Some((5, Body::RequestVoteReply { granted: false, pre_vote })));
+    }
+}
+
+#[test]
+fn a_vote_that_changes_only_the_vote_is_durable_before_the_reply() {
+    // Term 3 is durable already, with no vote (say a candidate with a shorter
+    // log asked first): granting one now changes the vote alone.
+    let mut r = node_with(1, HardState { term: 3, vote: None, commit: 0 }, vec![]);
+    r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false, transfer: false }));
+    let rd = r.ready();
+    assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((3, Some(2))));
+    assert_eq!(rd.persisted_messages[0].body, Body::RequestVoteReply { granted: true, pre_vote: false });
+}
+
+#[test]
+fn election_timeouts_are_drawn_from_the_whole_configured_range() {
+    // election_ticks (10, 20): every draw in [10, 20), and every value drawn.
+    let drawn: BTreeSet<u64> = (0..200)
+        .map(|seed| {
+            tick_until_candidate(&mut node_from(Config { seed, ..no_pre_vote(1) }, HardState::default(), vec![]))
+        })
+        .collect();
+    assert_eq!(drawn, (10..20).collect(), "drawn over 200 seeds");
 }
 
 #[test]
@@ -721,11 +760,7 @@ fn a_rejection_moves_the_leader_back_to_where_the_logs_may_agree() {
     // Node 1 leads term 4 over entries of terms 1, 1, 2, 2, 2 and its no-op
     // (6), and has sent follower 2 an AppendEntries after entry 5 (term 2).
     let leader = || {
-        let log = vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2), entry(5, 2)];
-        let mut r = node_from(no_pre_vote(1), HardState { term: 3, vote: None, commit: 0 }, log);
-        tick_until_candidate(&mut r);
-        drain(&mut r);
-        r.step(msg(2, 1, 4, Body::RequestVoteReply { granted: true, pre_vote: false }));
+        let mut r = elected(3, vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2), entry(5, 2)]);
         let sent = drain(&mut r).messages;
         assert!(sent.iter().any(|m| m.to == 2 && matches!(m.body, Body::AppendEntries { prev_log_index: 5, .. })));
         r
@@ -1563,6 +1598,20 @@ fn learners_never_vote_campaign_or_count_toward_commit() {
 }
 
 #[test]
+fn a_learner_never_campaigns_while_its_addition_is_pending() {
+    // Only a voter of the committed membership may campaign while a change
+    // is pending (to commit its own removal); learner 4 is in neither.
+    let added = Membership { learners: [4].into(), ..voters(3) };
+    let log = vec![entry(1, 1), Entry { index: 2, term: 1, payload: Payload::Membership(added) }];
+    let mut r = node_from(no_pre_vote(4), HardState { term: 1, vote: None, commit: 1 }, log);
+    for _ in 0..100 {
+        r.tick();
+        drain(&mut r);
+    }
+    assert_eq!((r.soft_state().role, r.soft_state().term), (Role::Follower, 1));
+}
+
+#[test]
 fn one_change_at_a_time() {
     let (mut c, leader, follower, _, _) = settled();
     c.join(4);
@@ -1670,6 +1719,51 @@ fn a_node_joining_behind_a_compacted_log_gets_the_membership_with_the_snapshot()
     assert_eq!(c.raft(4).store().memberships().last().map(|(_, m)| m), Some(&membership));
     assert_eq!(c.raft(4).commit_index(), c.raft(lagger).commit_index());
     assert!(c.commands(4).ends_with(&[b"after".to_vec()]));
+}
+
+#[test]
+fn a_learner_is_promoted_once_a_round_completes_within_an_election_timeout() {
+    // Node 1 leads voters 1 to 3 and adds learner 4 to promote. Follower 2
+    // answers every tick, so the leader looks at the learner's round often.
+    let mut r = elected(1, vec![]);
+    drain(&mut r);
+    r.step(ack(2, 1, 2, 1, 0));
+    let added = r.change_membership(add_learner(4, true), vec![]).unwrap();
+    drain(&mut r);
+    r.step(ack(2, 1, 2, added, 0)); // commits it; the learner's first round (to `added`) starts
+    let promoted = |r: &Node| r.membership().voters.contains(&4);
+    for tick in 1..=10 {
+        r.tick();
+        drain(&mut r);
+        r.step(ack(2, 1, 2, added, 0));
+        assert!(!promoted(&r), "promoted at tick {tick} without a copy of the log");
+    }
+    r.step(ack(4, 1, 2, added, 0));
+    assert!(!promoted(&r), "promoted after a round as long as the shortest election timeout (10 ticks)");
+    // That answer began a second round, which the next one completes at once.
+    r.tick();
+    r.step(ack(4, 1, 2, added, 0));
+    assert!(promoted(&r));
+}
+
+#[test]
+fn a_leader_that_removes_itself_leads_on_until_the_removal_commits() {
+    let mut r = elected(1, vec![]);
+    drain(&mut r);
+    r.step(ack(2, 1, 2, 1, 0));
+    let (before, _) = r.propose(b"before".to_vec()).unwrap();
+    let removal = r.change_membership(MembershipChange::Remove(1), vec![]).unwrap();
+    drain(&mut r);
+    // The membership without node 1 is in force: 2 and 3 commit.
+    for id in [2, 3] {
+        r.step(ack(id, 1, 2, before, 0));
+    }
+    assert_eq!(r.commit_index(), before);
+    assert!(r.propose(b"while pending".to_vec()).is_ok(), "handed over before its removal committed");
+    for id in [2, 3] {
+        r.step(ack(id, 1, 2, removal, 0));
+    }
+    assert_eq!(r.propose(b"after".to_vec()), Err(NotLeader { leader: None }), "handing over");
 }
 
 #[test]
