@@ -1012,6 +1012,7 @@ impl<S: LogStore> Raft<S> {
     /// own proposal, never during a transfer) or a follower (from its
     /// leader) gets here: a candidate's log does not change.
     fn membership_may_have_changed(&mut self) {
+        debug_assert!(matches!(self.role, Role::Leader | Role::Follower), "{:?}", self.role);
         let generation = self.log.membership_generation();
         if self.membership_followed == generation {
             return;
@@ -1025,7 +1026,9 @@ impl<S: LogStore> Raft<S> {
             membership.voters,
             membership.learners
         );
-        self.tracker.membership_changed(membership, self.log.last_index() + 1, self.role == Role::Leader);
+        if self.role == Role::Leader {
+            self.tracker.membership_changed(membership, self.log.last_index() + 1);
+        }
     }
 
     /// A leader whose removal is committed hands leadership to the most
@@ -1053,6 +1056,7 @@ impl<S: LogStore> Raft<S> {
     /// making it a voter will not stall commits, and the leader proposes it.
     /// Leaders only: called on their ticks and their followers' replies.
     fn promote_caught_up_learners(&mut self) {
+        debug_assert_eq!(self.role, Role::Leader);
         if self.log.membership().promote.is_empty() {
             return;
         }

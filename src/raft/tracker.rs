@@ -34,16 +34,13 @@ impl Tracker {
         Tracker { id, progress: BTreeMap::new(), votes: BTreeMap::new() }
     }
 
-    /// `membership` is now in force. A leader starts tracking new members
-    /// from `next` and forgets those that left.
-    pub fn membership_changed(&mut self, membership: &Membership, next: Index, leading: bool) {
-        if leading {
-            self.progress.retain(|&id, _| membership.contains(id));
-            for id in membership.others(self.id) {
-                self.progress.entry(id).or_insert_with(|| Progress::new(next - 1));
-            }
+    /// `membership` is now in force on the leader: it starts tracking new
+    /// members from `next` and forgets those that left.
+    pub fn membership_changed(&mut self, membership: &Membership, next: Index) {
+        self.progress.retain(|&id, _| membership.contains(id));
+        for id in membership.others(self.id) {
+            self.progress.entry(id).or_insert_with(|| Progress::new(next - 1));
         }
-        self.votes.retain(|id, _| membership.voters.contains(id));
     }
 
     // ----- leader ---------------------------------------------------------
@@ -196,7 +193,7 @@ mod tests {
         let (mut t, _) = tracker(&[1, 2, 3], &[]);
         matched(&mut t, 2, 4);
         let next = Membership { voters: [1, 2].into(), learners: [7].into(), ..Membership::default() };
-        t.membership_changed(&next, 10, true);
+        t.membership_changed(&next, 10);
         let tracked: Vec<NodeId> = t.progresses().map(|(id, _)| id).collect();
         assert_eq!(tracked, vec![2, 7]);
         assert_eq!(t.progress(2).unwrap().matched, 4, "kept");
