@@ -275,6 +275,11 @@ fn append(from: NodeId, to: NodeId, term: Term, prev: (Index, Term), entries: Ve
     )
 }
 
+/// A vote request from a candidate whose last entry is (index, term).
+fn vote_request(last_log_index: Index, last_log_term: Term) -> Body {
+    Body::RequestVote { last_log_index, last_log_term, pre_vote: false, transfer: false }
+}
+
 /// A pre-vote request from a candidate whose last entry is (index, term).
 fn pre_vote_request(last_log_index: Index, last_log_term: Term) -> Body {
     Body::RequestVote { last_log_index, last_log_term, pre_vote: true, transfer: false }
@@ -360,9 +365,7 @@ fn three_nodes_elect_exactly_one_leader_and_commit_its_noop() {
 #[test]
 fn vote_is_granted_once_per_term_and_durable_before_the_reply() {
     let mut r = node_with(1, HardState::default(), vec![]);
-    let ask = |from| {
-        msg(from, 1, 1, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false, transfer: false })
-    };
+    let ask = |from| msg(from, 1, 1, vote_request(0, 0));
     r.step(ask(2));
     let rd = r.ready();
     assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((1, Some(2))));
@@ -385,7 +388,7 @@ fn up_to_date_check_uses_last_term_then_index() {
     let cases = [((2, 10), false), ((3, 1), false), ((3, 2), true), ((4, 1), true)];
     for ((last_log_term, last_log_index), granted) in cases {
         let mut r = node_with(1, HardState { term: 3, vote: None, commit: 0 }, log.clone());
-        r.step(msg(2, 1, 5, Body::RequestVote { last_log_index, last_log_term, pre_vote: false, transfer: false }));
+        r.step(msg(2, 1, 5, vote_request(last_log_index, last_log_term)));
         let reply = &r.ready().persisted_messages[0];
         assert_eq!(reply.body, Body::RequestVoteReply { granted, pre_vote: false }, "{last_log_term}/{last_log_index}");
         assert_eq!(reply.term, 5, "the term was adopted either way");
@@ -441,7 +444,7 @@ fn a_vote_that_changes_only_the_vote_is_durable_before_the_reply() {
     // Term 3 is durable already, with no vote (say a candidate with a shorter
     // log asked first): granting one now changes the vote alone.
     let mut r = node_with(1, HardState { term: 3, vote: None, commit: 0 }, vec![]);
-    r.step(msg(2, 1, 3, Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false, transfer: false }));
+    r.step(msg(2, 1, 3, vote_request(0, 0)));
     let rd = r.ready();
     assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((3, Some(2))));
     assert_eq!(rd.persisted_messages[0].body, Body::RequestVoteReply { granted: true, pre_vote: false });
@@ -466,12 +469,7 @@ fn rejecting_a_vote_does_not_reset_the_election_timer() {
     for _ in 0..timeout - 1 {
         r.tick();
         // Same term, log not up to date: rejected, timer keeps running.
-        r.step(msg(
-            2,
-            1,
-            1,
-            Body::RequestVote { last_log_index: 0, last_log_term: 0, pre_vote: false, transfer: false },
-        ));
+        r.step(msg(2, 1, 1, vote_request(0, 0)));
     }
     r.tick();
     assert_eq!(r.soft_state().role, Role::Candidate);
@@ -559,12 +557,7 @@ fn follower_ignores_vote_requests_while_it_hears_from_a_leader() {
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let term = c.raft(follower).soft_state().term;
     let other = (1..=3).find(|&id| id != leader && id != follower).unwrap();
-    c.raft_mut(follower).step(msg(
-        other,
-        follower,
-        term + 1,
-        Body::RequestVote { last_log_index: 100, last_log_term: 100, pre_vote: false, transfer: false },
-    ));
+    c.raft_mut(follower).step(msg(other, follower, term + 1, vote_request(100, 100)));
     assert_eq!(c.raft(follower).soft_state().term, term);
     assert_eq!(c.raft(follower).hard_state().vote, c.raft(follower).store().hard_state.vote);
 }
@@ -720,8 +713,7 @@ fn delayed_append_does_not_truncate_newer_entries() {
 
 #[test]
 fn conflicting_suffix_is_replaced_and_storage_told_to_truncate() {
-    let mut r =
-        node_with(2, HardState { term: 2, vote: None, commit: 1 }, vec![entry(1, 1), entry(2, 2), entry(3, 2)]);
+    let mut r = node_with(2, HardState { term: 2, vote: None, commit: 1 }, vec![entry(1, 1), entry(2, 2), entry(3, 2)]);
     r.step(append(1, 2, 3, (1, 1), vec![entry(2, 3)], 1));
     let rd = drain(&mut r);
     assert_eq!(rd.entries, vec![entry(2, 3)], "the write replaces the store's entries from 2 on");
@@ -1302,12 +1294,6 @@ fn timeout_now_counts_only_from_the_current_leader_in_its_term() {
 fn inconsistent_messages_change_nothing_and_get_no_reply() {
     let log = vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)];
     let hs = HardState { term: 3, vote: None, commit: 2 };
-    let vote = |last_log_index, last_log_term| Body::RequestVote {
-        last_log_index,
-        last_log_term,
-        pre_vote: false,
-        transfer: false,
-    };
     let heartbeat = |term| append(1, 2, term, (4, 2), vec![], 0);
     let rejection = |conflict_term| Body::AppendEntriesReply {
         success: false,
@@ -1337,8 +1323,8 @@ fn inconsistent_messages_change_nothing_and_get_no_reply() {
         ("index overflow", append(1, 2, 4, (u64::MAX, 2), vec![entry(0, 4)], 0)),
         ("term 2^53, past MAX_TERM: a JSON reader cannot hold it exactly", heartbeat(1 << 53)),
         ("term 2^64-1", heartbeat(u64::MAX)),
-        ("vote request with a term 2^64-1", msg(1, 2, u64::MAX, vote(9, 9))),
-        ("vote request claiming a newer log term", msg(1, 2, 4, vote(9, 5))),
+        ("vote request with a term 2^64-1", msg(1, 2, u64::MAX, vote_request(9, 9))),
+        ("vote request claiming a newer log term", msg(1, 2, 4, vote_request(9, 5))),
         ("reply naming a conflict term newer than itself", msg(1, 2, 4, rejection(5))),
         ("snapshot at index 0", msg(1, 2, 4, snapshot(0, 0, voters(3)))),
         ("snapshot whose voter is a learner too", msg(1, 2, 4, members_and(|m| _ = m.learners.insert(3)))),
@@ -1801,7 +1787,7 @@ fn a_vote_is_granted_on_the_log_not_on_the_receivers_membership() {
     let membership = Membership { learners: [4].into(), ..voters(3) };
     let mut r = Raft::new(config(2), MemStore::new(membership, hs, &[entry(1, 1)]), hs, 0);
     r.ready();
-    let ask = |last_log_index| Body::RequestVote { last_log_index, last_log_term: 1, pre_vote: false, transfer: false };
+    let ask = |last_log_index| vote_request(last_log_index, 1);
     let granted = |r: &mut Node| {
         let rd = drain(r);
         let replies = rd.messages.iter().chain(&rd.persisted_messages);
