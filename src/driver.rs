@@ -27,16 +27,17 @@ pub trait Storage: LogStore {
 }
 
 /// Everything else around the core: the network, the state machine and the
-/// clients waiting on it.
-pub trait Shell {
+/// clients waiting on it. `S` is the core's store, which a state machine
+/// restoring a snapshot reads it from.
+pub trait Shell<S> {
     fn send(&mut self, msg: Message);
     /// Role, term or leader changed.
     fn soft_state(&mut self, soft: SoftState);
     /// The membership in force changed (an entry was appended or cut off, or
     /// a snapshot brought it): messages to new members follow.
     fn membership(&mut self, membership: &Membership);
-    /// The state machine starts over from the snapshot just installed.
-    fn restore(&mut self, snapshot: &Snapshot);
+    /// The state machine starts over from the snapshot just installed in `store`.
+    fn restore(&mut self, snapshot: &Snapshot, store: &S);
     /// Committed entries, in order, to apply.
     fn apply(&mut self, entries: Vec<Entry>);
     /// A linearizable read may be served once `read.index` is applied.
@@ -49,7 +50,7 @@ pub trait Shell {
 /// documents, until it has nothing more to say. A storage error stops it
 /// at once: the caller must not go on (the node exits, the simulator
 /// counts a crash).
-pub fn run_ready<S: Storage, H: Shell>(raft: &mut Raft<S>, shell: &mut H) -> Result<(), S::Error> {
+pub fn run_ready<S: Storage, H: Shell<S>>(raft: &mut Raft<S>, shell: &mut H) -> Result<(), S::Error> {
     while raft.has_ready() {
         let rd = raft.ready();
         let must_persist = rd.must_persist();
@@ -70,7 +71,7 @@ pub fn run_ready<S: Storage, H: Shell>(raft: &mut Raft<S>, shell: &mut H) -> Res
         }
         raft.advance();
         if let Some(snapshot) = &rd.snapshot {
-            shell.restore(snapshot);
+            shell.restore(snapshot, raft.store());
         }
         if !rd.committed.is_empty() {
             shell.apply(rd.committed);

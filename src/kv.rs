@@ -6,12 +6,9 @@
 //! retries (Raft thesis §6.3): a retried (client_id, seq) gets its first reply
 //! back instead of being executed a second time.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
-use crate::lock;
 use crate::protocol::{ErrorCode, Reply};
 use crate::raft::{Index, Payload};
 use crate::sessions::{SessionTable, Verdict};
@@ -180,47 +177,62 @@ pub struct Applied {
 }
 
 /// The key-value map plus the session table. The map is ordered so that
-/// two replicas holding the same state also iterate (and will snapshot) the
-/// same way. The session table is shared with the core loop, which answers
-/// retries of applied writes from it without appending them again.
-#[derive(Debug, Default)]
+/// two replicas holding the same state also iterate (and snapshot) the same
+/// way, and persistent (imbl: structural sharing), so that [`KvStore::image`]
+/// is a copy in O(1) that a snapshot can be written from on another thread
+/// while this one goes on applying.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvStore {
-    data: BTreeMap<Vec<u8>, Value>,
-    sessions: Arc<Mutex<SessionTable>>,
+    data: OrdMap<Vec<u8>, Value>,
+    sessions: SessionTable,
 }
 
-impl PartialEq for KvStore {
-    fn eq(&self, other: &KvStore) -> bool {
-        self.data == other.data && *lock(&self.sessions) == *lock(&other.sessions)
+/// The state machine as of one applied index, frozen: what a snapshot holds.
+pub struct KvImage(KvStore);
+
+impl KvImage {
+    /// The snapshot's bytes: data and sessions.
+    pub fn encode(&self) -> Vec<u8> {
+        let data: Vec<(&serde_bytes::Bytes, &Value)> =
+            self.0.data.iter().map(|(key, value)| (serde_bytes::Bytes::new(key), value)).collect();
+        rmp_serde::to_vec(&(data, &self.0.sessions)).expect("plain data always encodes")
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
-
-impl Eq for KvStore {}
 
 impl KvStore {
     pub fn new() -> KvStore {
         KvStore::default()
     }
 
-    /// The session table, for readers on other threads.
-    pub fn sessions(&self) -> Arc<Mutex<SessionTable>> {
-        self.sessions.clone()
+    /// The session table, which answers retries of decided writes.
+    pub fn sessions(&self) -> &SessionTable {
+        &self.sessions
+    }
+
+    /// The state as it stands, to snapshot (cheap: the map is shared).
+    pub fn image(&self) -> KvImage {
+        KvImage(self.clone())
     }
 
     /// The whole state, data and sessions, as bytes for a snapshot.
     pub fn snapshot(&self) -> Vec<u8> {
-        let data: Vec<(&serde_bytes::Bytes, &Value)> =
-            self.data.iter().map(|(key, value)| (serde_bytes::Bytes::new(key), value)).collect();
-        rmp_serde::to_vec(&(data, &*lock(&self.sessions))).expect("plain data always encodes")
+        self.image().encode()
     }
 
-    /// Replaces the whole state by a snapshot's. The session table is
-    /// replaced in place, so other threads holding it see the new one.
+    /// Replaces the whole state by a snapshot's.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
         let (data, sessions): (Vec<(serde_bytes::ByteBuf, Value)>, SessionTable) =
             rmp_serde::from_slice(bytes).map_err(|e| format!("the state machine in it is unreadable: {e}"))?;
         self.data = data.into_iter().map(|(key, value)| (key.into_vec(), value)).collect();
-        *lock(&self.sessions) = sessions;
+        self.sessions = sessions;
         Ok(())
     }
 
@@ -250,12 +262,12 @@ impl KvStore {
             Ok(None) => return Applied { reply: self.execute(index, logged.command), duplicate: false },
             Err(problem) => return Applied { reply: bad_request(problem), duplicate: false },
         };
-        let verdict = lock(&self.sessions).check(client_id, seq);
+        let verdict = self.sessions.check(client_id, seq);
         if let Some(reply) = session_reply(verdict, seq) {
             return Applied { reply, duplicate: true };
         }
         let reply = self.execute(index, logged.command);
-        lock(&self.sessions).record(client_id, seq, reply.clone(), index);
+        self.sessions.record(client_id, seq, reply.clone(), index);
         Applied { reply, duplicate: false }
     }
 
@@ -631,7 +643,7 @@ mod tests {
         assert!(retry.duplicate);
         assert!(error_message(Some(retry.reply)).contains("forgotten"));
         assert_eq!(kv.get(&s("k")), Some(&s("second")));
-        assert_eq!(lock(&kv.sessions()).len(), MAX_SESSIONS);
+        assert_eq!(kv.sessions().len(), MAX_SESSIONS);
     }
 
     #[test]
@@ -640,10 +652,12 @@ mod tests {
         apply(&mut kv, 1, &payload(put(s("a"), b(b"\x00\xff")), Some("c1"), Some(4)));
         apply(&mut kv, 2, &plain(put(b(b"k"), s("v"))));
         let mut restored = KvStore::new();
-        let shared = restored.sessions();
-        restored.restore(&kv.snapshot()).unwrap();
+        let image = kv.image();
+        restored.restore(&image.encode()).unwrap();
         assert_eq!(restored, kv);
-        assert!(matches!(lock(&shared).check("c1", 4), Verdict::Retry(_)), "the shared table was replaced in place");
+        assert!(matches!(restored.sessions().check("c1", 4), Verdict::Retry(_)));
+        apply(&mut kv, 3, &plain(put(s("later"), s("x"))));
+        assert_eq!(image.len(), 2, "an image does not follow later writes");
         assert!(restored.restore(b"junk").unwrap_err().contains("unreadable"));
     }
 }

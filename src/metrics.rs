@@ -128,7 +128,7 @@ impl Metrics {
                 "peer",
             ),
             client_queue: gauge("raft_client_queue_requests", "Client requests waiting for the core loop"),
-            apply_queue: gauge("raft_apply_queue_batches", "Batches waiting for the apply loop"),
+            apply_queue: gauge("raft_apply_queue_batches", "Batches of applied entries waiting for the log mirror"),
             snapshots: counter("raft_snapshots_total", "Snapshots of the state machine taken"),
             snapshot_seconds: histogram("raft_snapshot_seconds", "Duration of taking one snapshot", seconds_buckets()),
             compactions: counter("raft_compactions_total", "Log compactions after a snapshot"),

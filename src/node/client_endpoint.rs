@@ -19,7 +19,8 @@ use log::{debug, info, warn};
 
 use super::Shared;
 use super::core_loop::ClientCall;
-use super::replies::{ReplyTo, not_leader};
+use super::replies::ReplyTo;
+use super::server::not_leader;
 use crate::protocol::{ErrorCode, Reply, Request, decode_request};
 use crate::raft::NodeId;
 use crate::security::{Domain, NodeSecurity};

@@ -1,16 +1,11 @@
 //! The node's side of membership: the members' endpoints (replicated as the
-//! membership's context, JSON like `config.json`'s `nodes`), the membership
-//! ops and the leadership transfers clients wait on.
-
-use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+//! membership's context, JSON like `config.json`'s `nodes`), and what the
+//! membership ops reply.
 
 use crate::config::Member;
 use crate::protocol::MemberInfo;
-use crate::raft::{Membership, NodeId, majority_value};
+use crate::raft::{Membership, NodeId};
 use crate::transport::bootstrap_fingerprint;
-
-use super::replies::ReplyTo;
 
 /// The members' endpoints a membership carries, in id order.
 pub fn members_of(membership: &Membership) -> Vec<Member> {
@@ -49,10 +44,10 @@ pub fn check_new_member(members: &[Member], new: &Member) -> Result<(), String> 
 }
 
 /// The `members` reply: every member with its role; on the leader, with
-/// `progress` (match index, and when it was last heard from).
+/// `progress` (match index, and how many ms ago it was last heard from).
 pub fn member_infos(
     membership: &Membership,
-    progress: impl Fn(NodeId) -> Option<(u64, Option<Instant>)>,
+    progress: impl Fn(NodeId) -> Option<(u64, Option<u64>)>,
 ) -> Vec<MemberInfo> {
     members_of(membership)
         .into_iter()
@@ -62,74 +57,12 @@ pub fn member_infos(
                 id: m.id,
                 role: if membership.is_voter(m.id) { "voter" } else { "learner" }.to_string(),
                 match_index: seen.map(|(matched, _)| matched),
-                last_contact_ms: seen.and_then(|(_, at)| at).map(|at| at.elapsed().as_millis() as u64),
+                last_contact_ms: seen.and_then(|(_, silence_ms)| silence_ms),
                 raft: m.raft,
                 client: m.client,
             }
         })
         .collect()
-}
-
-/// Clients waiting for a leadership transfer to complete.
-#[derive(Default)]
-pub struct Transfers {
-    waiting: Vec<(NodeId, ReplyTo, Instant)>,
-}
-
-impl Transfers {
-    pub fn wait(&mut self, to: NodeId, reply_to: ReplyTo, deadline: Instant) {
-        self.waiting.push((to, reply_to, deadline));
-    }
-
-    /// Those waiting for `leader` to take over, which it has.
-    pub fn done(&mut self, leader: NodeId) -> Vec<ReplyTo> {
-        self.take(|to, _| to == leader).into_iter().map(|(_, reply_to)| reply_to).collect()
-    }
-
-    /// Those whose deadline passed, with the target that did not take over.
-    pub fn expired(&mut self, now: Instant) -> Vec<(NodeId, ReplyTo)> {
-        self.take(|_, deadline| deadline <= now)
-    }
-
-    fn take(&mut self, pick: impl Fn(NodeId, Instant) -> bool) -> Vec<(NodeId, ReplyTo)> {
-        let (picked, kept): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.waiting).into_iter().partition(|(to, _, deadline)| pick(*to, *deadline));
-        self.waiting = kept;
-        picked.into_iter().map(|(to, reply_to, _)| (to, reply_to)).collect()
-    }
-}
-
-/// When each peer was last heard from (any message), for `last_contact_ms`.
-#[derive(Default)]
-pub struct LastContact(HashMap<NodeId, Instant>);
-
-impl LastContact {
-    pub fn heard(&mut self, from: NodeId) {
-        self.0.insert(from, Instant::now());
-    }
-
-    pub fn get(&self, id: NodeId) -> Option<Instant> {
-        self.0.get(&id).copied()
-    }
-
-    /// How long ago a majority of `voters` was last heard from, `me`
-    /// counting as heard now: a leader's own view of whether it still leads.
-    /// `None` while no majority ever was.
-    pub fn majority_silence(&self, me: NodeId, voters: &BTreeSet<NodeId>, now: Instant) -> Option<Duration> {
-        // Freshness in µs before the far future, so that the highest value a
-        // majority reaches is the oldest contact among the freshest majority.
-        const FAR: u64 = u64::MAX;
-        let freshness = |id: &NodeId| match self.get(*id) {
-            _ if *id == me => FAR,
-            Some(at) => FAR - now.saturating_duration_since(at).as_micros() as u64,
-            None => 0,
-        };
-        let mut values: Vec<u64> = voters.iter().map(freshness).collect();
-        match majority_value(&mut values) {
-            0 => None,
-            fresh => Some(Duration::from_micros(FAR - fresh)),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -139,20 +72,6 @@ mod tests {
     fn member(id: NodeId) -> Member {
         let (raft, client) = (format!("tcp://127.0.0.1:{}", 7000 + id), format!("tcp://127.0.0.1:{}", 7100 + id));
         Member { id, raft, client, public_key: None }
-    }
-
-    #[test]
-    fn majority_silence_is_the_age_of_the_freshest_majority() {
-        let now = Instant::now();
-        let mut contact = LastContact::default();
-        let voters: BTreeSet<NodeId> = [0, 1, 2, 3, 4].into();
-        assert_eq!(contact.majority_silence(0, &voters, now), None, "no majority heard yet");
-        contact.0.insert(1, now - Duration::from_millis(30));
-        contact.0.insert(2, now - Duration::from_millis(700));
-        assert_eq!(contact.majority_silence(0, &voters, now), Some(Duration::from_millis(700)));
-        contact.0.insert(3, now - Duration::from_millis(10));
-        assert_eq!(contact.majority_silence(0, &voters, now), Some(Duration::from_millis(30)));
-        assert_eq!(contact.majority_silence(0, &[0].into(), now), Some(Duration::ZERO), "alone");
     }
 
     #[test]

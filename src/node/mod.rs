@@ -9,7 +9,6 @@
 //! Threads are joined by crossbeam channels; the core loop is the only owner
 //! of the Raft state and of storage.
 
-mod applier;
 mod client_endpoint;
 mod core_loop;
 mod disk;
@@ -18,7 +17,9 @@ mod log_reader;
 mod members;
 pub use members::first_membership;
 mod replies;
+pub mod server;
 mod store;
+mod writers;
 
 use std::collections::BTreeSet;
 use std::error::Error;
@@ -33,7 +34,7 @@ use log::{info, warn};
 use crate::config::{Config, Member};
 use crate::kv::KvStore;
 use crate::lock;
-use crate::mirror::{Mirror, Rotation};
+use crate::mirror::{Mirror, MirrorError, Rotation};
 use crate::protocol::StatusInfo;
 use crate::raft::{self, HardState, Index, LogStore, Membership, NodeId, Raft, SnapshotMeta};
 use crate::security::NodeSecurity;
@@ -42,12 +43,12 @@ use crate::storage::Storage;
 use crate::transport::{Transport, TransportConfig};
 pub use log_reader::LOG_REPLY_MAX_BYTES;
 
-use applier::{Applier, Removal, SnapshotPolicy};
 use client_endpoint::{ClientEndpoint, EndpointConfig};
-use core_loop::{CoreLoop, Inputs, Io};
+use core_loop::{CoreLoop, Inputs, Outputs};
 use disk::DiskAlarm;
 use http::{HttpConfig, HttpServer};
 use replies::Replier;
+use server::{Server, ServerConfig};
 use store::NodeStore;
 
 /// State other threads read without asking the core loop.
@@ -170,9 +171,11 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let me =
         members.iter().find(|m| m.id == id).ok_or_else(|| format!("node {id} is not in the recorded membership"))?;
     let rotation = Rotation { every: config.snapshot_entries, keep: config.log_mirror_files };
-    let mirror = Mirror::open(&config.node_log_path(id))?.with_rotation(rotation);
+    let mut mirror = Mirror::open(&config.node_log_path(id))?.with_rotation(rotation);
     let snapshots = Snapshots::open(&snapshot::dir_in(&config.node_state_dir(id)))?;
     let (kv, last_snapshot) = restore_state_machine(&snapshots, &mut storage)?;
+    // A power loss may have cost the mirror lines the snapshot covers.
+    mirror.append_snapshot(last_snapshot.index, last_snapshot.term).map_err(|e: MirrorError| e.to_string())?;
     if start == Start::ForceNewCluster {
         force_new_cluster(&mut storage, &mut recovered.hard_state, config, id)?;
     }
@@ -273,19 +276,15 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         None => None,
     };
 
-    let sessions = kv.sessions();
-    let (apply_tx, apply_rx) = unbounded();
-    let (taken_tx, taken_rx) = unbounded();
-    let policy = SnapshotPolicy {
-        snapshots: snapshots.clone(),
-        every: config.snapshot_entries,
-        last: last_snapshot,
-        taken: taken_tx,
-    };
     let (stop_tx, stop_rx) = bounded(1);
-    let removal = Removal { id, stop: stop_tx.clone() };
-    let applier = Applier::new(kv, mirror, policy, replier.clone(), shared.clone(), removal);
-    let applier = thread::Builder::new().name("applier".into()).spawn(move || applier.run(apply_rx))?;
+    let (mirror_tx, mirror_rx) = unbounded();
+    let mirror = thread::Builder::new().name("mirror".into()).spawn(move || writers::mirror(mirror, mirror_rx))?;
+    let (jobs_tx, jobs_rx) = unbounded();
+    let (taken_tx, taken_rx) = unbounded();
+    let snapshotter = {
+        let snapshots = snapshots.clone();
+        thread::Builder::new().name("snapshots".into()).spawn(move || writers::snapshots(snapshots, jobs_rx, taken_tx))?
+    };
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
     let log_reader = {
         let (view, shared, replier) = (raft.store().storage.log_view(), shared.clone(), replier.clone());
@@ -304,27 +303,31 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     })?;
     info!("node {id}: serving peers on {} and clients on {}", me.raft, me.client);
 
-    let mut io = Io::new(
+    let server_config = ServerConfig {
         id,
-        transport,
-        apply_tx,
-        log_tx,
-        sessions,
-        replier,
-        shared.clone(),
-        Duration::from_millis(config.request_timeout_ms),
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
         // The core gives up after the minimum election timeout; the rest is
         // time to hear from the new leader.
-        Duration::from_millis(config.election_timeout_ms.1),
-    );
-    io.routes = routes.to_vec();
-    io.cluster_recorded = cluster;
-    io.security = security.clone();
-    let core = CoreLoop { raft, io };
+        handover_timeout: Duration::from_millis(config.election_timeout_ms.1),
+        snapshot_entries: config.snapshot_entries,
+        curve: security.is_curve(),
+    };
+    let server = Server::new(server_config, raft, kv, last_snapshot, cluster, fingerprint);
+    let out = Outputs {
+        transport,
+        replier,
+        mirror: mirror_tx,
+        snapshots: jobs_tx,
+        log_reader: log_tx,
+        shared: shared.clone(),
+        security: security.clone(),
+        routes: routes.to_vec(),
+    };
+    let core = CoreLoop { server, out, started: std::time::Instant::now() };
     let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
     core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, snapshots: taken_rx, stop: stop_rx });
-    shared.stopping.store(true, Ordering::Release);
-    let _ = applier.join();
+    let _ = mirror.join();
+    let _ = snapshotter.join();
     let _ = log_reader.join();
     shared.replies_done.store(true, Ordering::Release);
     let _ = endpoint.join();

@@ -12,8 +12,7 @@ use log::error;
 
 use crate::lock;
 use crate::metrics::{METRICS, seconds_since};
-use crate::protocol::{ErrorCode, Reply};
-use crate::raft::NodeId;
+use crate::protocol::Reply;
 
 /// The ROUTER routing frames of one request: the client's identity, any
 /// frames its socket adds (a REQ_CORRELATE request id), a forwarding tag when
@@ -95,15 +94,6 @@ impl Replier {
             error!("cannot hand a reply to the client endpoint: {e}");
         }
     }
-}
-
-/// The `no_leader` reply of node `me`, naming the leader it knows, if any.
-pub fn not_leader(me: NodeId, leader: Option<NodeId>) -> Reply {
-    let message = match leader {
-        Some(id) => format!("node {me} is not the leader; node {id} is"),
-        None => format!("node {me} is not the leader and knows of none (election in progress)"),
-    };
-    Reply::error(ErrorCode::NoLeader, message, leader)
 }
 
 #[cfg(test)]

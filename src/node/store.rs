@@ -12,7 +12,9 @@ use crate::raft::{Entry, HardState, Index, LogStore, Membership, Snapshot, Snaps
 use crate::snapshot::{SnapshotError, Snapshots};
 use crate::storage::{Storage, StorageError};
 
-use super::disk::DiskAlarm;
+use super::disk::{DiskAlarm, NOSPACE};
+use super::record_cluster;
+use super::server::NodeStorage;
 
 pub struct NodeStore {
     pub storage: Storage,
@@ -55,10 +57,34 @@ impl From<SnapshotError> for PersistError {
     }
 }
 
-impl NodeStore {
+impl NodeStorage for NodeStore {
+    fn reserve(&mut self, bytes: u64) -> Result<(), String> {
+        self.disk.wrote(bytes);
+        self.disk.poll(Instant::now());
+        if self.disk.raised() { Err(format!("alarm {NOSPACE}")) } else { Ok(()) }
+    }
+
+    fn low_on_space(&self) -> bool {
+        self.disk.raised()
+    }
+
+    fn check_space(&mut self) -> bool {
+        self.disk.poll(Instant::now());
+        self.disk.handover_due()
+    }
+
+    fn handed_over(&mut self) {
+        self.disk.handed_over();
+    }
+
+    fn disk_status(&self) -> (Vec<String>, u64) {
+        let alarms = self.disk.raised().then(|| NOSPACE.to_string()).into_iter().collect();
+        (alarms, self.disk.state_bytes())
+    }
+
     /// The state machine has a new snapshot on disk: it becomes the one to
     /// send, and the log is compacted up to `margin` entries before it.
-    pub fn snapshot_taken(&mut self, snapshot: SnapshotMeta) -> Result<(), StorageError> {
+    fn snapshot_saved(&mut self, snapshot: SnapshotMeta) -> Result<(), PersistError> {
         if snapshot.index <= self.newest.index {
             return Ok(());
         }
@@ -72,6 +98,19 @@ impl NodeStore {
             info!("log compacted up to {upto} (snapshot at {}) in {:?}", snapshot.index, started.elapsed());
         }
         Ok(())
+    }
+
+    fn load_snapshot(&self, snapshot: SnapshotMeta) -> Result<Vec<u8>, String> {
+        self.snapshots.load(snapshot).map_err(|e| e.to_string())
+    }
+
+    fn record_cluster(&mut self, cluster: u64) -> Result<(), PersistError> {
+        Ok(record_cluster(&mut self.storage, cluster)?)
+    }
+
+    fn persist_hard_state(&mut self, hard_state: &HardState) -> Result<(), PersistError> {
+        self.storage.write(Some(hard_state), &[])?;
+        Ok(self.storage.sync()?)
     }
 }
 

@@ -24,7 +24,7 @@ struct TestShell<'a> {
     sent: &'a mut Vec<Message>,
 }
 
-impl Shell for TestShell<'_> {
+impl<S> Shell<S> for TestShell<'_> {
     fn send(&mut self, msg: Message) {
         self.queue.push_back(msg.clone());
         self.sent.push(msg);
@@ -34,7 +34,7 @@ impl Shell for TestShell<'_> {
 
     fn membership(&mut self, _: &Membership) {}
 
-    fn restore(&mut self, snapshot: &Snapshot) {
+    fn restore(&mut self, snapshot: &Snapshot, _: &S) {
         let SnapshotMeta { index, term } = snapshot.meta;
         self.seen.applied.clear();
         self.seen.applied.push(Entry { index, term, payload: Payload::Noop });

@@ -160,7 +160,7 @@ struct FuzzShell<'a> {
     queue: &'a mut VecDeque<Message>,
 }
 
-impl Shell for FuzzShell<'_> {
+impl<S> Shell<S> for FuzzShell<'_> {
     fn send(&mut self, msg: Message) {
         self.queue.push_back(msg);
     }
@@ -169,7 +169,7 @@ impl Shell for FuzzShell<'_> {
 
     fn membership(&mut self, _: &Membership) {}
 
-    fn restore(&mut self, _: &Snapshot) {
+    fn restore(&mut self, _: &Snapshot, _: &S) {
         // The snapshot stands for every entry up to it.
         self.node.applied.clear();
     }

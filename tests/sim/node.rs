@@ -98,7 +98,7 @@ struct SimShell<'a> {
     snapshots: &'a SnapshotRegistry,
 }
 
-impl Shell for SimShell<'_> {
+impl<S> Shell<S> for SimShell<'_> {
     fn send(&mut self, msg: Message) {
         self.fx.sent.push(msg);
     }
@@ -111,7 +111,7 @@ impl Shell for SimShell<'_> {
         self.fx.membership = Some(membership.clone());
     }
 
-    fn restore(&mut self, snapshot: &Snapshot) {
+    fn restore(&mut self, snapshot: &Snapshot, _: &S) {
         self.app.removed |= snapshot.membership.removed.contains(&self.id);
         let snapshot = snapshot.meta;
         self.app.register = Register::restore(self.snapshots.get(&snapshot).expect("every snapshot sent was taken"));

@@ -1,0 +1,74 @@
+//! The two writers off the core loop: the log mirror (`logs/<id>.txt`) and
+//! the snapshot files. Neither is on a client's path: the server answers
+//! from the state machine it holds, and a snapshot of any size is written
+//! from a frozen image of it while the server goes on.
+
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{error, info};
+
+use crate::kv::{KvImage, command_json};
+use crate::metrics::{METRICS, seconds_since};
+use crate::mirror::Mirror;
+use crate::raft::{Entry, Index, SnapshotMeta};
+use crate::snapshot::Snapshots;
+
+pub enum MirrorMsg {
+    /// Applied entries, in order; those at `duplicates` get `"dup": true`.
+    Applied { entries: Vec<Entry>, duplicates: Vec<Index> },
+    /// The state machine started over from this snapshot.
+    Restored(SnapshotMeta),
+}
+
+/// Mirrors applied entries until the channel closes. The mirror is for
+/// people and scripts, not for recovery, so a failed write is logged and
+/// the node goes on.
+pub fn mirror(mut mirror: Mirror, inbox: Receiver<MirrorMsg>) {
+    for msg in inbox {
+        let written = match msg {
+            MirrorMsg::Applied { entries, duplicates } => entries.iter().try_for_each(|entry| {
+                let duplicate = duplicates.binary_search(&entry.index).is_ok();
+                mirror.append(entry.index, entry.term, &command_json(&entry.payload, duplicate))
+            }),
+            MirrorMsg::Restored(snapshot) => mirror.append_snapshot(snapshot.index, snapshot.term),
+        };
+        if let Err(e) = written.and_then(|()| mirror.flush()) {
+            error!("cannot write to the log mirror: {e}");
+        }
+    }
+}
+
+/// A snapshot to write: where, and the state machine as of there.
+pub type SnapshotJob = (SnapshotMeta, KvImage);
+/// The snapshot written, or the one that could not be.
+pub type SnapshotOutcome = Result<SnapshotMeta, SnapshotMeta>;
+
+/// Writes snapshots until the channel closes, telling the core loop of each.
+pub fn snapshots(snapshots: Snapshots, jobs: Receiver<SnapshotJob>, done: Sender<SnapshotOutcome>) {
+    for (meta, image) in jobs {
+        let started = Instant::now();
+        let data = image.encode();
+        let outcome = match snapshots.save(meta, &data) {
+            Ok(()) => {
+                info!(
+                    "snapshot at {}/{} taken ({} bytes, {} keys) in {:?}",
+                    meta.index,
+                    meta.term,
+                    data.len(),
+                    image.len(),
+                    started.elapsed()
+                );
+                METRICS.snapshots.inc();
+                METRICS.snapshot_seconds.observe(seconds_since(started));
+                Ok(meta)
+            }
+            Err(e) => {
+                error!("cannot take a snapshot: {e}");
+                Err(meta)
+            }
+        };
+        // After the core loop stopped nobody listens, which is fine.
+        let _ = done.send(outcome);
+    }
+}
