@@ -924,3 +924,6 @@ fn random_cluster_name() -> u64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     RandomState::new().hash_one(now).max(1)
 }
+
+#[cfg(test)]
+mod tests;

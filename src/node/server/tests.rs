@@ -1,0 +1,281 @@
+//! The server driven by hand: a lone voter that leads at once, or node 1 of
+//! three voters whose peers never answer, so that its writes stay pending.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use super::*;
+use crate::kv::Command;
+use crate::raft::{Config, Entry, LogStore, MemStore};
+
+/// `MemStore` with snapshot files and a disk that is never full.
+#[derive(Default)]
+struct TestStore {
+    log: MemStore,
+    snapshots: BTreeMap<SnapshotMeta, Vec<u8>>,
+    saved: Vec<SnapshotMeta>,
+}
+
+impl LogStore for TestStore {
+    fn log_start(&self) -> SnapshotMeta {
+        self.log.log_start()
+    }
+    fn last_index(&self) -> Index {
+        self.log.last_index()
+    }
+    fn term(&self, index: Index) -> Term {
+        self.log.term(index)
+    }
+    fn entries(&self, lo: Index, hi: Index, max_bytes: usize) -> Vec<Entry> {
+        self.log.entries(lo, hi, max_bytes)
+    }
+    fn memberships(&self) -> Vec<(Index, Membership)> {
+        self.log.memberships()
+    }
+}
+
+impl driver::Storage for TestStore {
+    type Error = Infallible;
+    fn persist(&mut self, s: Option<&Snapshot>, hs: Option<&HardState>, e: &[Entry]) -> Result<(), Infallible> {
+        self.log.persist(s, hs, e)
+    }
+}
+
+impl NodeStorage for TestStore {
+    fn reserve(&mut self, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn low_on_space(&self) -> bool {
+        false
+    }
+    fn check_space(&mut self) -> bool {
+        false
+    }
+    fn handed_over(&mut self) {}
+    fn disk_status(&self) -> (Vec<String>, u64) {
+        (Vec::new(), 0)
+    }
+    fn snapshot_saved(&mut self, snapshot: SnapshotMeta) -> Result<(), Infallible> {
+        self.saved.push(snapshot);
+        Ok(())
+    }
+    fn load_snapshot(&self, snapshot: SnapshotMeta) -> Result<Vec<u8>, String> {
+        self.snapshots.get(&snapshot).cloned().ok_or_else(|| "no such snapshot".into())
+    }
+    fn record_cluster(&mut self, _: u64) -> Result<(), Infallible> {
+        Ok(())
+    }
+    fn persist_hard_state(&mut self, hs: &HardState) -> Result<(), Infallible> {
+        self.log.hard_state = *hs;
+        Ok(())
+    }
+}
+
+type TestServer = Server<TestStore, u32>;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn server(voters: u64) -> TestServer {
+    let cfg = Config {
+        id: 1,
+        election_ticks: (10, 20),
+        heartbeat_ticks: 2,
+        max_append_bytes: 1 << 20,
+        max_apply_bytes: 1 << 20,
+        pre_vote: false,
+        check_quorum: false,
+        seed: 1,
+    };
+    let members: Vec<Member> = (1..=voters).map(member).collect();
+    let membership = Membership::of_voters(1..=voters, context_of(&members));
+    let log = MemStore::new(membership, HardState::default(), &[]);
+    let raft = Raft::new(cfg, TestStore { log, ..TestStore::default() }, HardState::default(), 0);
+    let server_cfg = ServerConfig {
+        id: 1,
+        request_timeout: TIMEOUT,
+        handover_timeout: TIMEOUT,
+        snapshot_entries: 1000,
+        curve: false,
+    };
+    // Named already, so that no naming entry comes first.
+    Server::new(server_cfg, raft, KvStore::new(), SnapshotMeta::default(), 7, 7)
+}
+
+/// Runs the Ready cycle; what was sent, and the replies given, by handle.
+fn process(server: &mut TestServer) -> (Vec<Message>, Vec<(u32, Reply)>) {
+    let mut sent = Vec::new();
+    server.process(&mut |msg| sent.push(msg)).unwrap();
+    let replies = server
+        .take_effects()
+        .into_iter()
+        .filter_map(|effect| match effect {
+            Effect::Reply(handle, reply) => Some((handle, reply)),
+            _ => None,
+        })
+        .collect();
+    (sent, replies)
+}
+
+/// A lone voter, leading, its no-op applied.
+fn lone_leader() -> TestServer {
+    let mut s = server(1);
+    elect(&mut s);
+    s
+}
+
+/// Node 1 of `voters`, leading (node 2 voted for it), its peers silent.
+fn leader_of(voters: u64) -> TestServer {
+    let mut s = server(voters);
+    elect(&mut s);
+    s
+}
+
+fn elect(s: &mut TestServer) {
+    for tick in 1..100 {
+        s.tick(Duration::from_millis(tick)).unwrap();
+        let (sent, _) = process(s);
+        if s.raft.soft_state().role == Role::Leader {
+            return;
+        }
+        if let Some(ask) = sent.first() {
+            let vote = Body::RequestVoteReply { granted: true, pre_vote: false };
+            s.peer(Message { from: 2, to: 1, term: ask.term, body: vote }, Duration::from_millis(tick));
+        }
+    }
+    panic!("no leader");
+}
+
+fn member(id: NodeId) -> Member {
+    let (raft, client) = (format!("tcp://127.0.0.1:{}", 7000 + id), format!("tcp://127.0.0.1:{}", 7100 + id));
+    Member { id, raft, client, public_key: None }
+}
+
+fn put(key: &str, session: Option<(&str, u64)>) -> Request {
+    Request::Write {
+        command: Command::Put { key: Value::Str(key.into()), value: Value::Str("v".into()) },
+        client_id: session.map(|(c, _)| c.to_owned()),
+        seq: session.map(|(_, s)| s),
+    }
+}
+
+fn now() -> Time {
+    Duration::from_secs(1)
+}
+
+fn code(reply: &Reply) -> &'static str {
+    reply.code()
+}
+
+#[test]
+fn a_write_is_answered_once_its_entry_applies_and_a_retry_gets_the_first_reply_without_a_new_entry() {
+    let mut s = lone_leader();
+    s.client(put("k", Some(("c", 1))), 10, now());
+    let (_, replies) = process(&mut s);
+    let [(10, Reply::Put { index })] = replies[..] else { panic!("{replies:?}") };
+    let last = s.raft.last_index();
+    s.client(put("k", Some(("c", 1))), 11, now());
+    assert_eq!(process(&mut s).1, [(11, Reply::Put { index })]);
+    assert_eq!(s.raft.last_index(), last, "a decided retry is not appended again");
+    s.client(put("k", Some(("c", 0))), 12, now());
+    assert_eq!(code(&process(&mut s).1[0].1), "bad_request", "a superseded seq");
+}
+
+#[test]
+fn a_retry_of_a_pending_write_waits_on_its_entry_and_a_stop_answers_both_with_timeout() {
+    let mut s = leader_of(3);
+    s.client(put("k", Some(("c", 1))), 10, now());
+    s.client(put("j", None), 11, now());
+    assert!(process(&mut s).1.is_empty(), "nothing commits without a peer");
+    let last = s.raft.last_index();
+    s.client(put("k", Some(("c", 1))), 12, now());
+    assert!(process(&mut s).1.is_empty());
+    assert_eq!(s.raft.last_index(), last, "a pending retry is not appended again");
+    s.shut_down().unwrap();
+    let replies = process(&mut s).1;
+    let mut answered: Vec<(u32, &str)> = replies.iter().map(|(h, r)| (*h, code(r))).collect();
+    answered.sort();
+    // Each may already be in the log: never shutting_down, which promises nothing applied.
+    assert_eq!(answered, [(10, "timeout"), (11, "timeout"), (12, "timeout")]);
+}
+
+#[test]
+fn a_leader_that_steps_down_answers_its_pending_writes_with_timeout_and_a_follower_names_the_leader() {
+    let mut s = leader_of(3);
+    s.client(put("k", None), 10, now());
+    assert!(process(&mut s).1.is_empty());
+    let term = s.raft.soft_state().term + 1;
+    let heartbeat = Body::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0, read_seq: 0 };
+    s.peer(Message { from: 2, to: 1, term, body: heartbeat }, now());
+    let replies = process(&mut s).1;
+    assert_eq!(replies.iter().map(|(h, r)| (*h, code(r))).collect::<Vec<_>>(), [(10, "timeout")]);
+    s.client(put("k", None), 11, now());
+    let replies = process(&mut s).1;
+    let [(11, Reply::Error { code: ErrorCode::NoLeader, leader: Some(2), .. })] = &replies[..] else {
+        panic!("{replies:?}")
+    };
+}
+
+#[test]
+fn waiters_past_their_deadline_hear_timeout_and_the_entry_stays_pending_for_a_retry() {
+    let mut s = leader_of(3);
+    s.client(put("k", Some(("c", 1))), 10, now());
+    process(&mut s);
+    s.tick(now() + TIMEOUT).unwrap();
+    let replies = process(&mut s).1;
+    assert_eq!(replies.iter().map(|(h, r)| (*h, code(r))).collect::<Vec<_>>(), [(10, "timeout")]);
+    let last = s.raft.last_index();
+    s.client(put("k", Some(("c", 1))), 11, now() + TIMEOUT);
+    process(&mut s);
+    assert_eq!(s.raft.last_index(), last, "the retry waits on the entry still in flight");
+}
+
+#[test]
+fn too_many_writes_in_flight_get_busy_and_nothing_is_appended() {
+    let mut s = leader_of(3);
+    for handle in 0..MAX_UNAPPLIED_ENTRIES as u32 {
+        s.client(put("k", None), handle, now());
+    }
+    process(&mut s);
+    let last = s.raft.last_index();
+    s.client(put("k", None), u32::MAX, now());
+    let replies = process(&mut s).1;
+    assert_eq!(replies.iter().map(|(h, r)| (*h, code(r))).collect::<Vec<_>>(), [(u32::MAX, "busy")]);
+    assert_eq!(s.raft.last_index(), last);
+}
+
+#[test]
+fn a_read_is_served_once_leadership_is_confirmed_and_the_state_machine_reached_its_index() {
+    let mut s = lone_leader();
+    s.client(put("k", None), 10, now());
+    process(&mut s);
+    s.client(Request::Get { key: Value::Str("k".into()) }, 11, now());
+    let replies = process(&mut s).1;
+    assert_eq!(replies, [(11, Reply::Get { value: Some(Value::Str("v".into())) })]);
+}
+
+#[test]
+fn the_snapshot_op_is_answered_once_the_image_is_on_disk() {
+    let mut s = lone_leader();
+    s.client(put("k", None), 10, now());
+    process(&mut s);
+    s.client(Request::Snapshot, 11, now());
+    let effects = s.take_effects();
+    let [Effect::SaveSnapshot(meta, image)] = &effects[..] else { panic!("one snapshot to write") };
+    assert_eq!((meta.index, image.len()), (s.applied().index, 1));
+    s.snapshot_saved(*meta).unwrap();
+    assert_eq!(process(&mut s).1, [(11, Reply::Snapshot { index: meta.index })]);
+    assert_eq!(s.raft.store().saved, [*meta], "the store may compact behind it");
+    s.client(Request::Snapshot, 12, now());
+    assert_eq!(process(&mut s).1, [(12, Reply::Snapshot { index: meta.index })], "nothing new applied");
+}
+
+#[test]
+fn the_leaders_own_row_in_members_has_its_last_index_and_no_silence() {
+    let s = leader_of(3);
+    let infos = s.members();
+    let rows: Vec<(NodeId, Option<u64>, Option<u64>)> =
+        infos.iter().map(|i| (i.id, i.match_index, i.last_contact_ms)).collect();
+    assert_eq!(rows[0], (1, Some(s.raft.last_index()), Some(0)), "like the others: its match index, heard now");
+    assert_eq!(rows[2], (3, Some(0), None), "never heard from");
+}
