@@ -233,6 +233,7 @@ impl KvStore {
             rmp_serde::from_slice(bytes).map_err(|e| format!("the state machine in it is unreadable: {e}"))?;
         self.data = data.into_iter().map(|(key, value)| (key.into_vec(), value)).collect();
         self.sessions = sessions;
+        self.sessions.recount();
         Ok(())
     }
 

@@ -507,7 +507,7 @@ fn parse_request(frame: &[u8]) -> Result<Request, String> {
         "propose" => Command::Propose { command: fields.required("command", to_string)? },
         other => return Err(format!("unknown op {other:?}")),
     };
-    let client_id = fields.optional("client_id", to_string)?;
+    let client_id = fields.optional("client_id", to_client_id)?;
     let seq = fields.optional("seq", to_u64)?;
     kv::session(client_id.as_deref(), seq)?;
     Ok(Request::Write { command, client_id, seq })
@@ -704,6 +704,17 @@ fn to_string(value: rmpv::Value) -> Result<String, String> {
     match value {
         rmpv::Value::String(s) => s.into_str().ok_or_else(|| "must be valid UTF-8".into()),
         other => Err(format!("must be str, got {}", type_name(&other))),
+    }
+}
+
+/// Session ids are kept on every replica: a few bytes (a UUID is 36) do.
+pub const MAX_CLIENT_ID_BYTES: usize = 128;
+
+fn to_client_id(value: rmpv::Value) -> Result<String, String> {
+    let id = to_string(value)?;
+    match id.len() {
+        len if len > MAX_CLIENT_ID_BYTES => Err(format!("is {len} bytes; at most {MAX_CLIENT_ID_BYTES}")),
+        _ => Ok(id),
     }
 }
 
@@ -1019,6 +1030,13 @@ mod tests {
             bad(&put_with(vec![("client_id", 5.into()), ("seq", 1.into())])),
             "field `client_id` must be str, got integer"
         );
+        let long = "c".repeat(MAX_CLIENT_ID_BYTES + 1);
+        assert_eq!(
+            bad(&put_with(vec![("client_id", long.as_str().into()), ("seq", 1.into())])),
+            "field `client_id` is 129 bytes; at most 128"
+        );
+        let longest = "c".repeat(MAX_CLIENT_ID_BYTES);
+        assert!(decode_request(&put_with(vec![("client_id", longest.as_str().into()), ("seq", 1.into())])).is_ok());
         assert_eq!(bad(&put_with(vec![("seq", 1.into())])), "seq given without client_id");
         assert_eq!(bad(&put_with(vec![("client_id", "c".into())])), "client_id given without seq");
         // Nil is the same as absent, as many client libraries send it.

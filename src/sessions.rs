@@ -4,8 +4,10 @@
 //!
 //! It is part of the replicated state, so everything here is deterministic:
 //! replicas that applied the same entries hold the same table. It is bounded
-//! (CONTRACT.md): the [`MAX_SESSIONS`] most recently active clients are kept;
-//! the least recently active one (by the log index of its last write) is
+//! (CONTRACT.md): at most the [`MAX_SESSIONS`] most recently active clients,
+//! holding at most [`MAX_SESSION_BYTES`] of replies (a failed `cas` carries
+//! the current value, which a client can make large); past either bound the
+//! least recently active client (by the log index of its last write) is
 //! forgotten first. A forgotten client's writes must be refused rather than
 //! applied a second time, so the ids of the last [`MAX_FORGOTTEN`] forgotten
 //! clients are remembered as 64-bit hashes (8 bytes each instead of a session).
@@ -21,6 +23,8 @@ use crate::raft::Index;
 pub const MAX_SESSIONS: usize = 10_000;
 /// Forgotten clients whose writes are still recognised and refused.
 pub const MAX_FORGOTTEN: usize = 100_000;
+/// The sessions' replies and ids take at most about this many bytes.
+pub const MAX_SESSION_BYTES: usize = 64 << 20;
 
 /// What the table says about a write of (client_id, seq).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +58,10 @@ pub struct SessionTable {
     /// Hashes of forgotten clients' ids, oldest first, and the same as a set.
     forgotten: VecDeque<u64>,
     forgotten_set: BTreeSet<u64>,
+    /// What the sessions take, by [`session_bytes`]: not in snapshots,
+    /// counted again on restore.
+    #[serde(skip)]
+    bytes: usize,
 }
 
 impl SessionTable {
@@ -71,15 +79,24 @@ impl SessionTable {
     /// `reply`, forgetting the least recently active client if the table is full.
     pub fn record(&mut self, client_id: &str, seq: u64, reply: Reply, index: Index) {
         let session = Session { seq, reply, last_active: index };
+        self.bytes += session_bytes(client_id, &session.reply);
         if let Some(old) = self.sessions.insert(client_id.to_owned(), session) {
             self.by_activity.remove(&old.last_active);
+            self.bytes -= session_bytes(client_id, &old.reply);
         }
         self.by_activity.insert(index, client_id.to_owned());
-        if self.sessions.len() > MAX_SESSIONS {
-            let (_, oldest) = self.by_activity.pop_first().expect("more sessions than zero");
-            self.sessions.remove(&oldest);
+        // The newest session stays, whatever its size.
+        while self.sessions.len() > MAX_SESSIONS || (self.bytes > MAX_SESSION_BYTES && self.sessions.len() > 1) {
+            let (_, oldest) = self.by_activity.pop_first().expect("more sessions than one");
+            let session = self.sessions.remove(&oldest).expect("listed by activity");
+            self.bytes -= session_bytes(&oldest, &session.reply);
             self.forget(client_hash(&oldest));
         }
+    }
+
+    /// Counts the bytes again, after the table was read from a snapshot.
+    pub fn recount(&mut self) {
+        self.bytes = self.sessions.iter().map(|(client_id, session)| session_bytes(client_id, &session.reply)).sum();
     }
 
     fn forget(&mut self, hash: u64) {
@@ -99,6 +116,18 @@ impl SessionTable {
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
     }
+}
+
+/// About what one session takes in memory: its id, its reply's variable
+/// part (a value or a message) and a fixed overhead.
+fn session_bytes(client_id: &str, reply: &Reply) -> usize {
+    const OVERHEAD: usize = 128;
+    let variable = match reply {
+        Reply::Cas { value: Some(value), .. } => value.as_bytes().len(),
+        Reply::Error { message, .. } => message.len(),
+        _ => 0,
+    };
+    OVERHEAD + client_id.len() + variable
 }
 
 /// FNV-1a 64: stable across builds and platforms, unlike `DefaultHasher`,
@@ -164,6 +193,31 @@ mod tests {
         }
         assert_eq!(one, two);
         assert_eq!(one.len(), MAX_SESSIONS);
+    }
+
+    #[test]
+    fn sessions_holding_large_replies_are_forgotten_past_the_byte_bound_oldest_first() {
+        use crate::kv::Value;
+        let mut table = SessionTable::default();
+        let large = |index| Reply::Cas { index, swapped: false, value: Some(Value::Bin(vec![7; 1 << 20])) };
+        for i in 1..=100 {
+            table.record(&format!("c{i}"), 1, large(i), i);
+        }
+        assert!(table.bytes <= MAX_SESSION_BYTES, "{} bytes", table.bytes);
+        assert!(table.len() < 64, "{} sessions of 1 MiB each", table.len());
+        assert_eq!(table.check("c1", 1), Verdict::Forgotten, "the oldest went first");
+        assert!(matches!(table.check("c100", 1), Verdict::Retry(_)));
+        let counted = table.bytes;
+        let mut copy = table.clone();
+        copy.bytes = 0;
+        copy.recount();
+        assert_eq!(copy.bytes, counted, "a restored table counts the same");
+        // Small sessions replacing large ones give the bytes back.
+        for i in 1..=100 {
+            table.record(&format!("c{i}"), 2, put(1000 + i), 1000 + i);
+        }
+        assert_eq!(table.len(), 100);
+        assert!(table.bytes < 100 * 256);
     }
 
     #[test]
