@@ -56,6 +56,9 @@ pub struct CurveConfig {
     /// The clients a client endpoint lets in besides the nodes; `None`: any
     /// CURVE client.
     pub client_keys: Option<Vec<PublicKey>>,
+    /// The clients that may run admin ops (and use the client endpoint);
+    /// `None`: any client when `client_keys` is `None` too, else none.
+    pub admin_keys: Option<Vec<PublicKey>>,
 }
 
 /// A validated `config.json`.
@@ -150,6 +153,8 @@ struct RawConfig {
     keys_dir: PathBuf,
     #[serde(default)]
     client_keys: Option<Vec<String>>,
+    #[serde(default)]
+    admin_keys: Option<Vec<String>>,
 }
 
 mod defaults {
@@ -310,7 +315,7 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
 }
 
 /// The keys, checked: valid Z85, on every node or on none, no two nodes
-/// sharing one, and `client_keys` only with node keys.
+/// sharing one, and `client_keys` / `admin_keys` only with node keys.
 fn curve_config(raw: &RawConfig) -> Result<Option<CurveConfig>, String> {
     let mut node_keys = BTreeMap::new();
     for node in &raw.nodes {
@@ -322,9 +327,10 @@ fn curve_config(raw: &RawConfig) -> Result<Option<CurveConfig>, String> {
         node_keys.insert(node.id, key);
     }
     let Some(&keyed) = node_keys.keys().next() else {
-        return match raw.client_keys {
-            Some(_) => Err("client_keys needs a public_key on every node".into()),
-            None => Ok(None),
+        return match (&raw.client_keys, &raw.admin_keys) {
+            (Some(_), _) => Err("client_keys needs a public_key on every node".into()),
+            (_, Some(_)) => Err("admin_keys needs a public_key on every node".into()),
+            (None, None) => Ok(None),
         };
     };
     if let Some(node) = raw.nodes.iter().find(|n| n.public_key.is_none()) {
@@ -333,17 +339,19 @@ fn curve_config(raw: &RawConfig) -> Result<Option<CurveConfig>, String> {
             node.id
         ));
     }
-    let client_keys = raw
-        .client_keys
-        .as_ref()
-        .map(|keys| {
-            let parse = |(i, text): (usize, &String)| {
-                PublicKey::parse(text).map_err(|why| format!("client_keys[{i}] {text:?}: {why}"))
-            };
-            keys.iter().enumerate().map(parse).collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?;
-    Ok(Some(CurveConfig { node_keys, client_keys }))
+    let client_keys = key_list("client_keys", &raw.client_keys)?;
+    let admin_keys = key_list("admin_keys", &raw.admin_keys)?;
+    if let Some(key) = admin_keys.iter().flatten().find(|key| node_keys.values().any(|k| k == *key)) {
+        return Err(format!("admin_keys lists node key {key}: a key belongs to one node or client only"));
+    }
+    Ok(Some(CurveConfig { node_keys, client_keys, admin_keys }))
+}
+
+/// The keys of the list `name`, each valid Z85.
+fn key_list(name: &str, keys: &Option<Vec<String>>) -> Result<Option<Vec<PublicKey>>, String> {
+    let parse =
+        |(i, text): (usize, &String)| PublicKey::parse(text).map_err(|why| format!("{name}[{i}] {text:?}: {why}"));
+    keys.as_ref().map(|keys| keys.iter().enumerate().map(parse).collect()).transpose()
 }
 
 /// Accepts `tcp://host:port` with a non-empty host and a port in 1..=65535
@@ -614,6 +622,7 @@ mod tests {
         assert_eq!(curve.node_keys.values().map(|k| k.to_string()).collect::<Vec<_>>(), [KEY_A, KEY_B]);
         assert_eq!(config.node_key(1), Some(PublicKey::parse(KEY_B).unwrap()));
         assert_eq!(curve.client_keys, Some(vec![PublicKey::parse(KEY_C).unwrap()]));
+        assert_eq!(curve.admin_keys, None);
         assert_eq!(config.node_key_path(1), dir.path().join("keys").join("1.key"));
         assert_eq!(
             config.nodes[0],
@@ -654,6 +663,20 @@ mod tests {
             keys_problem([Some(KEY_A), Some(KEY_B)], &format!(r#", "client_keys": ["{KEY_C}", "{KEY_C} "]"#)),
             format!(r#"client_keys[1] "{KEY_C} ": contains a character outside the Z85 alphabet"#)
         );
+        assert_eq!(
+            keys_problem([None, None], &format!(r#", "admin_keys": ["{KEY_C}"]"#)),
+            "admin_keys needs a public_key on every node"
+        );
+        assert_eq!(
+            keys_problem([Some(KEY_A), Some(KEY_B)], r#", "admin_keys": ["x"]"#),
+            r#"admin_keys[0] "x": must be 40 Z85 characters, not 1"#
+        );
+        assert_eq!(
+            keys_problem([Some(KEY_A), Some(KEY_B)], &format!(r#", "admin_keys": ["{KEY_B}"]"#)),
+            format!("admin_keys lists node key {KEY_B}: a key belongs to one node or client only")
+        );
+        let (_dir, result) = load(&keyed([Some(KEY_A), Some(KEY_B)], &format!(r#", "admin_keys": ["{KEY_C}"]"#)));
+        assert_eq!(result.unwrap().curve.unwrap().admin_keys, Some(vec![PublicKey::parse(KEY_C).unwrap()]));
     }
 
     #[test]

@@ -120,6 +120,8 @@ enum Tool {
         /// Node to ask (default: the first in the config).
         #[arg(long)]
         node: Option<u64>,
+        #[command(flatten)]
+        curve: client::CurveArgs,
         #[command(subcommand)]
         op: MemberOp,
     },
@@ -131,6 +133,8 @@ enum Tool {
         /// Node to ask (default: the first in the config).
         #[arg(long)]
         node: Option<u64>,
+        #[command(flatten)]
+        curve: client::CurveArgs,
     },
 }
 
@@ -197,8 +201,13 @@ fn main() -> ExitCode {
         return match op {
             Some(op) => run_client(&endpoint, keys.towards(None), timeout, op.into_request(client_id, seq)),
             None => {
-                let target = Target { id: None, endpoint };
-                let sh = shell::Shell::new(vec![target], 0, Box::new(move |_| keys.towards(None)), timeout, json);
+                let sh = shell::Shell::new(
+                    vec![Target::at(endpoint)],
+                    0,
+                    Box::new(move |_| keys.towards(None)),
+                    timeout,
+                    json,
+                );
                 run_shell(sh.with_session(client_id, seq))
             }
         };
@@ -264,15 +273,19 @@ fn main() -> ExitCode {
         }
         Some(Tool::Keygen { .. }) => unreachable!("handled before the config is read"),
         Some(tool @ (Tool::Member { .. } | Tool::TransferLeader { .. })) => {
-            let (node, op) = match tool {
-                Tool::Member { node, op: MemberOp::List } => (node, client::Op::Members),
-                Tool::Member { node, op: MemberOp::Add(new) } => (node, client::Op::AddNode(new)),
-                Tool::Member { node, op: MemberOp::Remove { id } } => (node, client::Op::RemoveNode { id }),
-                Tool::Member { node, op: MemberOp::Promote { id } } => (node, client::Op::PromoteNode { id }),
-                Tool::TransferLeader { to, node } => (node, client::Op::TransferLeader { to }),
+            let (node, curve, op) = match tool {
+                Tool::Member { node, curve, op: MemberOp::List } => (node, curve, client::Op::Members),
+                Tool::Member { node, curve, op: MemberOp::Add(new) } => (node, curve, client::Op::AddNode(new)),
+                Tool::Member { node, curve, op: MemberOp::Remove { id } } => {
+                    (node, curve, client::Op::RemoveNode { id })
+                }
+                Tool::Member { node, curve, op: MemberOp::Promote { id } } => {
+                    (node, curve, client::Op::PromoteNode { id })
+                }
+                Tool::TransferLeader { to, node, curve } => (node, curve, client::Op::TransferLeader { to }),
                 _ => unreachable!("matched above"),
             };
-            let (member, curve) = match node_target(&config, node, &client::CurveArgs { server_key: None, key: None }) {
+            let (member, curve) = match node_target(&config, node, &curve) {
                 Ok(target) => target,
                 Err(code) => return code,
             };
@@ -394,12 +407,7 @@ fn run_shell(shell: shell::Shell) -> ExitCode {
 }
 
 /// Prints the status of every node; exit status 1 when one did not answer.
-fn run_status(
-    targets: Vec<Target>,
-    curve: &dyn Fn(Option<u64>) -> Option<ClientCurve>,
-    timeout_ms: u64,
-    format: status::Format,
-) -> ExitCode {
+fn run_status(targets: Vec<Target>, curve: &status::CurveFor, timeout_ms: u64, format: status::Format) -> ExitCode {
     let rows = status::ask_all(targets, curve, Duration::from_millis(timeout_ms));
     print!("{}", status::render(&rows, format));
     if rows.iter().all(|row| row.status.is_ok()) { ExitCode::SUCCESS } else { ExitCode::from(1) }

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub compaction_seconds: Histogram,
     pub disk_bytes: IntGauge,
     pub nospace: IntGauge,
+    pub forged_messages: IntCounter,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -139,6 +140,10 @@ impl Metrics {
             ),
             disk_bytes: gauge("raft_disk_bytes", "Bytes the state dir takes on disk"),
             nospace: gauge("raft_alarm_nospace", "1 while the nospace alarm is raised"),
+            forged_messages: counter(
+                "raft_peer_forged_messages_total",
+                "Peer messages dropped because their sender is not the node whose key made the connection",
+            ),
             registry,
         };
         // Every op's series exist from the start, so that a scrape of an

@@ -89,6 +89,10 @@ impl Request {
         "transfer_leader",
     ];
 
+    /// The ops only admin keys may run (CONTRACT.md "Authorization").
+    pub const ADMIN_OPS: [&'static str; 6] =
+        ["add_node", "remove_node", "promote_node", "transfer_leader", "snapshot", "snapshot_data"];
+
     /// The wire name of the operation.
     pub fn op(&self) -> &'static str {
         match self {
@@ -118,6 +122,9 @@ pub struct MemberInfo {
     pub role: String,
     pub match_index: Option<Index>,
     pub last_contact_ms: Option<u64>,
+    /// Its CURVE public key (Z85), when the cluster uses CURVE: how tools
+    /// reach a member added at run time.
+    pub public_key: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,16 +136,19 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Overloaded: the request was not taken, nothing was applied; retry later.
     Busy,
+    /// The client's key may not run this op; nothing was applied.
+    Forbidden,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 6] = [
+    pub const ALL: [ErrorCode; 7] = [
         ErrorCode::NoLeader,
         ErrorCode::Timeout,
         ErrorCode::BadRequest,
         ErrorCode::TooLarge,
         ErrorCode::ShuttingDown,
         ErrorCode::Busy,
+        ErrorCode::Forbidden,
     ];
 
     /// The wire name.
@@ -150,6 +160,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Busy => "busy",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 
@@ -332,6 +343,7 @@ impl Reply {
                     ];
                     fields.extend(m.match_index.map(|i| ("match_index", i.into())));
                     fields.extend(m.last_contact_ms.map(|ms| ("last_contact_ms", ms.into())));
+                    fields.extend(m.public_key.as_deref().map(|key| ("public_key", key.into())));
                     to_map(fields)
                 });
                 map.push(("members", rmpv::Value::Array(members.collect())));
@@ -459,6 +471,13 @@ impl Reply {
 /// send back. Fields the op does not use are ignored.
 pub fn decode_request(frame: &[u8]) -> Result<Request, Reply> {
     parse_request(frame).map_err(|message| Reply::error(ErrorCode::BadRequest, message, None))
+}
+
+/// Whether `frame` asks for an admin op. Nothing else in it is checked:
+/// authorization is decided before whatever else is wrong with a request.
+pub fn is_admin_request(frame: &[u8]) -> bool {
+    let op = Fields::parse(frame).and_then(|mut fields| fields.required("op", to_string));
+    op.is_ok_and(|op| Request::ADMIN_OPS.contains(&op.as_str()))
 }
 
 fn parse_request(frame: &[u8]) -> Result<Request, String> {
@@ -697,6 +716,7 @@ fn to_member_info(value: rmpv::Value) -> Result<MemberInfo, String> {
         role: fields.required("role", to_string)?,
         match_index: fields.optional("match_index", to_u64)?,
         last_contact_ms: fields.optional("last_contact_ms", to_u64)?,
+        public_key: fields.optional("public_key", to_string)?,
     })
 }
 
@@ -920,11 +940,34 @@ mod tests {
     #[test]
     fn error_codes_have_contract_names() {
         let names: Vec<String> = ErrorCode::ALL.iter().map(ToString::to_string).collect();
-        assert_eq!(names, ["no_leader", "timeout", "bad_request", "too_large", "shutting_down", "busy"]);
+        assert_eq!(names, ["no_leader", "timeout", "bad_request", "too_large", "shutting_down", "busy", "forbidden"]);
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
         }
         assert_eq!(ErrorCode::from_wire("nope"), None);
+    }
+
+    #[test]
+    fn admin_requests_are_told_apart_before_anything_else_is_checked() {
+        let admin = [
+            Request::Snapshot,
+            Request::SnapshotData { index: None, offset: 0 },
+            Request::RemoveNode { id: 3 },
+            Request::PromoteNode { id: 3 },
+            Request::TransferLeader { to: None },
+        ];
+        for request in &admin {
+            assert!(is_admin_request(&encode_request(request)), "{request:?}");
+        }
+        assert!(!is_admin_request(&encode_request(&Request::Status)));
+        assert!(!is_admin_request(&encode_request(&Request::Members)));
+        // Missing or mistyped fields do not make it less an admin request.
+        assert!(is_admin_request(&frame(vec![("op", "add_node".into())])));
+        assert!(is_admin_request(&frame(vec![("op", "remove_node".into()), ("id", "x".into())])));
+        assert!(!is_admin_request(&frame(vec![("op", "put".into())])));
+        assert!(!is_admin_request(b"\xc1 not msgpack"));
+        let ops: Vec<&str> = Request::ADMIN_OPS.iter().filter(|op| !Request::OPS.contains(op)).copied().collect();
+        assert!(ops.is_empty(), "not ops: {ops:?}");
     }
 
     #[test]

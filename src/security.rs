@@ -258,6 +258,66 @@ pub struct NodeKeys {
     nodes: Arc<RwLock<BTreeMap<NodeId, PublicKey>>>,
     /// Who else may use the client endpoint; `None`: any CURVE client.
     clients: Option<Vec<PublicKey>>,
+    /// Who may run admin ops; `None`: see [`NodeSecurity::may_administer`].
+    admins: Option<Vec<PublicKey>>,
+}
+
+/// Who sent a request, as the ZAP handler named its key for the
+/// connection (the message's User-Id): what a node lets it do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// No CURVE: the network is trusted, and so is everyone on it.
+    Anyone,
+    /// A member's key: a node acting for itself, or forwarding a request
+    /// the node it came to authorized first.
+    Node(NodeId),
+    /// A key of `admin_keys`.
+    Admin,
+    /// Any other client key.
+    Client,
+}
+
+impl Caller {
+    /// The User-Id the ZAP handler gives a connection made with this key.
+    fn user_id(self) -> String {
+        match self {
+            Caller::Node(id) => format!("node:{id}"),
+            Caller::Admin => "admin".into(),
+            Caller::Client | Caller::Anyone => "client".into(),
+        }
+    }
+
+    /// The caller a message's User-Id names; `None` (no CURVE): anyone.
+    pub fn of(user_id: Option<&str>) -> Caller {
+        match user_id {
+            None => Caller::Anyone,
+            Some("admin") => Caller::Admin,
+            Some(user) => match user.strip_prefix("node:").and_then(|id| id.parse().ok()) {
+                Some(id) => Caller::Node(id),
+                None => Caller::Client,
+            },
+        }
+    }
+}
+
+/// Receives one multipart message, with the User-Id of the connection it
+/// came on (`None` without CURVE): who sent it, as its key proved.
+pub fn recv_with_user(socket: &zmq::Socket, flags: i32) -> zmq::Result<(Vec<Vec<u8>>, Option<String>)> {
+    let mut frames = Vec::new();
+    let mut user = None;
+    loop {
+        let mut frame = socket.recv_msg(flags)?;
+        // Not the first frame: a ROUTER makes up the routing id frame itself,
+        // without the connection's properties.
+        if user.is_none() {
+            user = frame.gets("User-Id").filter(|user| !user.is_empty()).map(str::to_owned);
+        }
+        let more = frame.get_more();
+        frames.push(frame.to_vec());
+        if !more {
+            return Ok((frames, user));
+        }
+    }
 }
 
 impl NodeSecurity {
@@ -290,7 +350,7 @@ impl NodeSecurity {
         }
         info!("node {id}: CURVE on, public key {}", identity.public);
         let nodes = Arc::new(RwLock::new(curve.node_keys.clone()));
-        let keys = NodeKeys { identity, nodes, clients: curve.client_keys.clone() };
+        let keys = NodeKeys { identity, nodes, clients: curve.client_keys.clone(), admins: curve.admin_keys.clone() };
         Ok(NodeSecurity::Curve(keys))
     }
 
@@ -307,21 +367,48 @@ impl NodeSecurity {
 
     /// Takes the keys of members added at run time from the membership, so
     /// that this node connects to them and lets them in. A key already known
-    /// for an id stays (the config's, or the first one heard).
+    /// for an id stays (the config's, or the first one heard), and a key
+    /// another node holds is not taken: a key speaks for one node only.
     pub fn learn(&self, members: &[Member]) {
         let NodeSecurity::Curve(keys) = self else { return };
         let mut nodes = keys.nodes.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         for member in members {
             let Some(text) = &member.public_key else { continue };
+            if nodes.contains_key(&member.id) {
+                continue;
+            }
             match PublicKey::parse(text) {
-                Ok(key) => {
-                    nodes.entry(member.id).or_insert_with(|| {
+                Ok(key) => match nodes.iter().find(|(_, k)| **k == key) {
+                    Some((other, _)) => warn!("member {}: public_key {key} is node {other}'s; not taken", member.id),
+                    None => {
                         info!("node {} has CURVE public key {key}", member.id);
-                        key
-                    });
-                }
+                        nodes.insert(member.id, key);
+                    }
+                },
                 Err(why) => warn!("member {}: public_key {text:?} in the membership is unusable: {why}", member.id),
             }
+        }
+    }
+
+    /// Forgets the keys of nodes whose removal is committed: they are let
+    /// in nowhere from now on.
+    pub fn revoke(&self, removed: &[NodeId]) {
+        let NodeSecurity::Curve(keys) = self else { return };
+        let mut nodes = keys.nodes.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for id in removed {
+            if let Some(key) = nodes.remove(id) {
+                info!("node {id} was removed: its CURVE key {key} is no longer let in");
+            }
+        }
+    }
+
+    /// Whether `caller` may run admin ops (CONTRACT.md "Authorization"):
+    /// nodes and `admin_keys` may; other clients only when the config
+    /// lists neither `client_keys` nor `admin_keys` (a trusted network).
+    pub fn may_administer(&self, caller: Caller) -> bool {
+        match (self, caller) {
+            (NodeSecurity::Plain, _) | (_, Caller::Anyone | Caller::Node(_) | Caller::Admin) => true,
+            (NodeSecurity::Curve(keys), Caller::Client) => keys.clients.is_none() && keys.admins.is_none(),
         }
     }
 
@@ -368,7 +455,8 @@ impl NodeSecurity {
     pub fn authenticate(&self, ctx: &zmq::Context) -> Result<Option<Authenticator>, String> {
         let NodeSecurity::Curve(keys) = self else { return Ok(None) };
         let clients = keys.clients.as_ref().map(|clients| clients.iter().copied().collect());
-        Authenticator::start(ctx, Gate { nodes: keys.nodes.clone(), clients }).map(Some)
+        let admins = keys.admins.iter().flatten().copied().collect();
+        Authenticator::start(ctx, Gate { nodes: keys.nodes.clone(), clients, admins }).map(Some)
     }
 }
 
@@ -379,22 +467,30 @@ impl NodeKeys {
 }
 
 /// Who the ZAP handler lets in: on the raft endpoint the members' keys only;
-/// on the client endpoint the members' and `clients` (`None`: any key).
+/// on the client endpoint the members', `admins` and `clients` (`None`: any key).
 struct Gate {
     nodes: Arc<RwLock<BTreeMap<NodeId, PublicKey>>>,
     clients: Option<HashSet<PublicKey>>,
+    admins: HashSet<PublicKey>,
 }
 
 impl Gate {
-    /// Whether `key` may in on `domain`; `None` for an unknown domain.
-    fn allows(&self, domain: &str, key: &PublicKey) -> Option<bool> {
-        let member = || self.nodes.read().unwrap_or_else(|poisoned| poisoned.into_inner()).values().any(|k| k == key);
+    /// Who `key` is on `domain`, or why it may not in.
+    fn identify(&self, domain: &str, key: &PublicKey) -> Result<Caller, &'static str> {
+        let nodes = self.nodes.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let member = nodes.iter().find(|(_, k)| *k == key).map(|(&id, _)| Caller::Node(id));
         if domain == Domain::Raft.name() {
-            Some(member())
+            member.ok_or("not a member's key")
         } else if domain == Domain::Client.name() {
-            Some(self.clients.as_ref().is_none_or(|clients| clients.contains(key)) || member())
+            let client = self.clients.as_ref().is_none_or(|clients| clients.contains(key));
+            match member {
+                Some(node) => Ok(node),
+                None if self.admins.contains(key) => Ok(Caller::Admin),
+                None if client => Ok(Caller::Client),
+                None => Err("not on client_keys or admin_keys"),
+            }
         } else {
-            None
+            Err("unknown ZAP domain")
         }
     }
 }
@@ -463,8 +559,9 @@ fn serve(socket: &zmq::Socket, allowed: &Gate, stop: &AtomicBool) {
     }
 }
 
-/// One ZAP reply: status 200 for a key on the domain's allow-list, 400
-/// otherwise; and for a refusal, a line for the log.
+/// One ZAP reply: status 200 for a key on the domain's allow-list, with the
+/// caller it is as the User-Id every message of the connection carries;
+/// 400 otherwise, and a line for the log.
 fn answer(allowed: &Gate, request: &[Vec<u8>]) -> (Vec<Vec<u8>>, Option<String>) {
     // [version, request id, domain, address, routing id, mechanism, credentials...]
     let request_id = request.get(1).cloned().unwrap_or_default();
@@ -473,21 +570,19 @@ fn answer(allowed: &Gate, request: &[Vec<u8>]) -> (Vec<Vec<u8>>, Option<String>)
             let domain = String::from_utf8_lossy(domain);
             let address = String::from_utf8_lossy(address);
             match <[u8; 32]>::try_from(key.as_slice()).map(PublicKey) {
-                Ok(key) => match allowed.allows(&domain, &key) {
-                    Some(true) => Ok(()),
-                    Some(false) => Err(format!("refused CURVE key {key} from {address} on the {domain} endpoint")),
-                    None => Err(format!("refused a handshake from {address} in unknown ZAP domain {domain:?}")),
-                },
+                Ok(key) => allowed
+                    .identify(&domain, &key)
+                    .map_err(|why| format!("refused CURVE key {key} from {address} on the {domain} endpoint ({why})")),
                 Err(_) => Err(format!("refused a handshake from {address}: malformed CURVE key")),
             }
         }
         _ => Err("refused a malformed ZAP request".to_string()),
     };
-    let (code, text, refused) = match verdict {
-        Ok(()) => ("200", "OK", None),
-        Err(why) => ("400", "key not allowed", Some(why)),
+    let (code, text, user, refused) = match verdict {
+        Ok(caller) => ("200", "OK", caller.user_id(), None),
+        Err(why) => ("400", "key not allowed", String::new(), Some(why)),
     };
-    let reply = [&b"1.0"[..], &request_id, code.as_bytes(), text.as_bytes(), b"", b""];
+    let reply = [&b"1.0"[..], &request_id, code.as_bytes(), text.as_bytes(), user.as_bytes(), b""];
     (reply.iter().map(|frame| frame.to_vec()).collect(), refused)
 }
 
@@ -569,7 +664,8 @@ mod tests {
     fn a_node_connects_only_to_members_with_keys() {
         let identity = CurveIdentity::generate().unwrap();
         let nodes = BTreeMap::from([(0, identity.public), (1, CurveIdentity::generate().unwrap().public)]);
-        let security = NodeSecurity::Curve(NodeKeys { identity, nodes: Arc::new(RwLock::new(nodes)), clients: None });
+        let nodes = Arc::new(RwLock::new(nodes));
+        let security = NodeSecurity::Curve(NodeKeys { identity, nodes, clients: None, admins: None });
         let member =
             |id| Member { id, raft: format!("tcp://127.0.0.1:{}", 7000 + id), client: String::new(), public_key: None };
         assert_eq!(security.check_members(&[member(0), member(1)]), Ok(()));
@@ -586,9 +682,43 @@ mod tests {
 
         // A member added at run time brings its key in the membership.
         let added = Member { public_key: Some(CurveIdentity::generate().unwrap().public.to_string()), ..member(2) };
-        security.learn(&[added]);
+        security.learn(&[added.clone()]);
         assert_eq!(security.check_members(&[member(0), member(2)]), Ok(()));
         security.client(&socket, 2).unwrap();
+
+        // A key speaks for one node: node 3 cannot claim node 2's.
+        security.learn(&[Member { id: 3, ..added }]);
+        assert!(security.check_members(&[member(3)]).is_err());
+        // Once its removal is committed, a node is let in nowhere.
+        security.revoke(&[2]);
+        assert!(security.check_members(&[member(2)]).is_err());
+        assert_eq!(security.client(&socket, 2), Err(zmq::Error::EINVAL));
+    }
+
+    #[test]
+    fn admin_ops_need_an_admin_key_once_the_config_lists_clients_or_admins() {
+        let identity = CurveIdentity::generate().unwrap();
+        let curve = |clients: Option<Vec<PublicKey>>, admins: Option<Vec<PublicKey>>| {
+            let nodes = Arc::new(RwLock::new(BTreeMap::new()));
+            NodeSecurity::Curve(NodeKeys { identity: identity.clone(), nodes, clients, admins })
+        };
+        let some = Some(vec![PublicKey([9; 32])]);
+        let cases = [
+            (NodeSecurity::Plain, [true, true, true]),
+            (curve(None, None), [true, true, true]),
+            (curve(some.clone(), None), [true, true, false]),
+            (curve(None, some.clone()), [true, true, false]),
+            (curve(some.clone(), some), [true, true, false]),
+        ];
+        for (security, expected) in cases {
+            let may = [Caller::Node(1), Caller::Admin, Caller::Client].map(|caller| security.may_administer(caller));
+            assert_eq!(may, expected, "{security:?}");
+        }
+        for caller in [Caller::Node(12), Caller::Admin, Caller::Client] {
+            assert_eq!(Caller::of(Some(&caller.user_id())), caller);
+        }
+        assert_eq!(Caller::of(None), Caller::Anyone);
+        assert_eq!(Caller::of(Some("node:x")), Caller::Client, "never a node by mistake");
     }
 
     fn zap_request(domain: &str, key: &[u8]) -> Vec<Vec<u8>> {
@@ -599,17 +729,21 @@ mod tests {
     fn zap_answers_from_the_domain_allow_list() {
         let (node, client, stranger) = ([1; 32], [2; 32], [3; 32]);
         let nodes = Arc::new(RwLock::new(BTreeMap::from([(0, PublicKey(node))])));
-        let allowed = Gate { nodes: nodes.clone(), clients: None };
+        let allowed = Gate { nodes: nodes.clone(), clients: None, admins: HashSet::new() };
         let status = |request: &[Vec<u8>]| {
             let (reply, refused) = answer(&allowed, request);
             assert_eq!((&reply[0][..], &reply[1][..]), (&b"1.0"[..], &b"7"[..]), "version and request id");
             assert_eq!(reply.len(), 6);
             assert_eq!(reply[2] == b"400", refused.is_some(), "a refusal is logged");
+            assert_eq!(reply[2] == b"400", reply[4].is_empty(), "a User-Id for those let in");
             String::from_utf8(reply[2].clone()).unwrap()
         };
+        let user = |gate: &Gate, request: &[Vec<u8>]| String::from_utf8(answer(gate, request).0[4].clone()).unwrap();
         assert_eq!(status(&zap_request("raft", &node)), "200");
+        assert_eq!(user(&allowed, &zap_request("raft", &node)), "node:0", "a node speaks for its own id");
         assert_eq!(status(&zap_request("raft", &client)), "400");
         assert_eq!(status(&zap_request("client", &stranger)), "200");
+        assert_eq!(user(&allowed, &zap_request("client", &stranger)), "client");
         assert_eq!(status(&zap_request("other", &node)), "400");
         assert_eq!(status(&zap_request("raft", &node[..31])), "400");
         let mut plain = zap_request("raft", &node);
@@ -619,9 +753,16 @@ mod tests {
         // Keys learnt later are let in; a client allow-list keeps strangers out.
         nodes.write().unwrap().insert(5, PublicKey(client));
         assert_eq!(status(&zap_request("raft", &client)), "200");
-        let listed = Gate { nodes, clients: Some(HashSet::from([PublicKey(stranger)])) };
+        let admin = [4; 32];
+        let listed = Gate {
+            nodes,
+            clients: Some(HashSet::from([PublicKey(stranger)])),
+            admins: HashSet::from([PublicKey(admin)]),
+        };
         assert_eq!(answer(&listed, &zap_request("client", &stranger)).0[2], b"200");
-        assert_eq!(answer(&listed, &zap_request("client", &node)).0[2], b"200", "a node forwards");
-        assert_eq!(answer(&listed, &zap_request("client", &[4; 32])).0[2], b"400");
+        assert_eq!(user(&listed, &zap_request("client", &node)), "node:0", "a node forwards");
+        assert_eq!(user(&listed, &zap_request("client", &admin)), "admin", "an admin key is a client key too");
+        assert_eq!(answer(&listed, &zap_request("client", &[5; 32])).0[2], b"400");
+        assert_eq!(answer(&listed, &zap_request("raft", &admin)).0[2], b"400");
     }
 }

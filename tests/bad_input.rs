@@ -735,3 +735,48 @@ fn a_failed_write_stops_the_node_at_once_and_its_state_dir_still_opens() {
     cluster.wait_applied(index);
     wait_for("node 2 to catch up", || (cluster.mirror(2) == cluster.mirror(leader)).then_some(()));
 }
+
+/// The resident memory of node `id`'s process, in bytes.
+fn rss_bytes(cluster: &TestCluster, id: usize) -> u64 {
+    let pid = cluster.nodes[id].process.as_ref().expect("running").id();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS");
+    kib.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() * 1024
+}
+
+/// A DEALER client that asks for a 1 MiB value 600 times and reads none of
+/// the replies must not make the node hold 600 MiB of them: at most 64 MiB
+/// wait per connection (CONTRACT.md "Limits"), the rest is dropped; the
+/// node goes on serving, and the client still gets the first replies, in order.
+#[test]
+fn replies_a_client_does_not_read_are_bounded_in_bytes() {
+    let cluster = TestCluster::configure_with_http(1).start_all();
+    cluster.wait_for_leader();
+    let value = "v".repeat((1 << 20) - 4096);
+    cluster.call_ok(0, &put("big", &value));
+    let before = rss_bytes(&cluster, 0);
+    let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[0].client);
+    // Its own side holds little: the replies pile up on the node.
+    dealer.set_rcvhwm(1).unwrap();
+    dealer.set_rcvbuf(64 * 1024).unwrap();
+    let request = raft_zmq::protocol::encode_request(&get("big"));
+    const GETS: u64 = 600;
+    for _ in 0..GETS {
+        dealer.send_multipart([&b""[..], &request], 0).unwrap();
+    }
+    let answered = || {
+        let (_, metrics) = http_get(cluster.nodes[0].http.as_ref().unwrap(), "/metrics")?;
+        let line = metrics.lines().find(|l| l.starts_with(r#"raft_client_requests_total{code="ok",op="get"}"#))?;
+        line.rsplit(' ').next()?.parse::<u64>().ok()
+    };
+    wait_for("the node to answer every get", || answered().filter(|&n| n >= GETS));
+    assert_serves(&cluster, 0, "after-unread-replies");
+    let grown = rss_bytes(&cluster, 0).saturating_sub(before);
+    assert!(grown < 300 << 20, "the node grew by {} MiB holding unread replies", grown >> 20);
+    dealer.set_rcvtimeo(2000).unwrap();
+    let first = dealer.recv_multipart(0).expect("the first replies are kept");
+    assert_eq!(
+        Reply::decode(&first[1], &get("big")).unwrap(),
+        Reply::Get { value: Some(raft_zmq::kv::Value::Str(value)) }
+    );
+}

@@ -166,27 +166,11 @@ fn a_peer_without_a_node_key_is_ignored() {
     let leader = cluster.wait_for_leader();
     let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!("status") };
     let cluster_id = cluster.wait_for_name(leader);
-    let envelope = |from: usize, to: usize, term: u64, body: Body| {
-        let (from, to) = (from as u64, to as u64);
-        let message = Message { from, to, term, body };
-        rmp_serde::to_vec_named(&Envelope {
-            version: PROTOCOL_VERSION,
-            cluster: cluster_id,
-            from,
-            term,
-            message,
-            chunk: None,
-        })
-        .unwrap()
-    };
+    let envelope = |from, to, term, body| peer_frame(cluster_id, from, to, term, body);
     // A heartbeat in the leader's name, which a follower always answers; and
     // a vote request in a far higher term, which a node that read it would
     // adopt, deposing the leader.
-    let heartbeat = |to| {
-        let body =
-            Body::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0, read_seq: 0 };
-        envelope(leader, to, before.term, body)
-    };
+    let heartbeat = |to| envelope(leader, to, before.term, empty_append());
     let vote = |to| {
         let (from, term) = ((to + 1) % 3, before.term + 100);
         let body = Body::RequestVote { last_log_index: 1 << 40, last_log_term: term, pre_vote: false, transfer: false };
@@ -214,6 +198,147 @@ fn a_peer_without_a_node_key_is_ignored() {
         let status = cluster.status(id).expect("status");
         assert_eq!((status.term, status.leader), (before.term, Some(leader as u64)), "node {id} was disturbed");
     }
+}
+
+/// One peer request frame, as node `from` would send it.
+fn peer_frame(cluster: u64, from: usize, to: usize, term: u64, body: Body) -> Vec<u8> {
+    let (from, to) = (from as u64, to as u64);
+    let message = Message { from, to, term, body };
+    let envelope = Envelope { version: PROTOCOL_VERSION, cluster, from, term, message, chunk: None };
+    rmp_serde::to_vec_named(&envelope).unwrap()
+}
+
+/// A heartbeat: an AppendEntries with nothing in it.
+fn empty_append() -> Body {
+    Body::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0, read_seq: 0 }
+}
+
+/// A REQ socket that talks CURVE to node `to`'s raft endpoint with node
+/// `as_node`'s own key.
+fn raft_req_as(cluster: &TestCluster, as_node: usize, to: usize) -> zmq::Socket {
+    let key = CurveIdentity::load(&cluster.dir.path().join("keys").join(format!("{as_node}.key"))).unwrap();
+    curve_req(cluster, &cluster.nodes[to].raft, &key, to)
+}
+
+/// With node 1's key, frames claiming to come from the leader are dropped
+/// and counted; once node 2's removal is committed, its key is let in
+/// nowhere (CONTRACT.md "Identity").
+#[test]
+fn a_raft_connection_speaks_only_for_the_node_whose_key_made_it() {
+    let mut cluster = TestCluster::configure_with_keys(4, false);
+    for node in &mut cluster.nodes {
+        node.http = Some(format!("127.0.0.1:{}", free_port()));
+    }
+    cluster.write_config_of(&cluster.config_path.clone(), 0..4, "");
+    let cluster = cluster.start_all();
+    cluster.make_leader(0);
+    let Reply::Status(before) = cluster.call_ok(0, &Request::Status) else { panic!("status") };
+    let cluster_id = cluster.wait_for_name(0);
+
+    // Node 1's key, node 0's name: a follower would answer a real heartbeat.
+    let forged = peer_frame(cluster_id, 0, 3, before.term, empty_append());
+    assert_no_reply(&raft_req_as(&cluster, 1, 3), &forged, "a heartbeat in the leader's name from node 1's key");
+    let forged_count = |id: usize| {
+        let (_, metrics) = http_get(cluster.nodes[id].http.as_ref().unwrap(), "/metrics")?;
+        let line = metrics.lines().find(|l| l.starts_with("raft_peer_forged_messages_total "))?;
+        line.rsplit(' ').next()?.parse::<u64>().ok()
+    };
+    wait_for("node 3 to count the forged message", || forged_count(3).filter(|&n| n >= 1));
+    wait_for("node 3 to log the forged message", || {
+        read_path(&cluster.output_path(3)).contains("node 1's connection sent a message from node 0").then_some(())
+    });
+
+    let Reply::Membership { index } = cluster.call_ok(0, &Request::RemoveNode { id: 2 }) else { panic!("remove") };
+    // Node 2 stops by itself once removed; the others go on.
+    let applied_by_the_rest = |index| {
+        wait_for(&format!("nodes 0, 1 and 3 to apply {index}"), || {
+            [0, 1, 3].iter().all(|&id| cluster.status(id).is_some_and(|s| s.last_applied >= index)).then_some(())
+        })
+    };
+    applied_by_the_rest(index);
+    let vote = peer_frame(
+        cluster_id,
+        2,
+        3,
+        before.term + 100,
+        Body::RequestVote {
+            last_log_index: 1 << 40,
+            last_log_term: before.term + 100,
+            pre_vote: false,
+            transfer: false,
+        },
+    );
+    assert_no_reply(&raft_req_as(&cluster, 2, 3), &vote, "a removed node's vote request");
+    let key = CurveIdentity::load(&cluster.dir.path().join("keys").join("2.key")).unwrap().public();
+    wait_for_refusal(&cluster, 3, key, "raft");
+    let Reply::Put { index } = cluster.call_ok(0, &put("after", "1")) else { panic!("put") };
+    applied_by_the_rest(index);
+    let status = cluster.status(3).expect("node 3 answers");
+    assert_eq!((status.term, status.leader), (before.term, Some(0)), "node 3 was disturbed");
+}
+
+/// With `admin_keys`, the keys of `client_keys` may read and write but not
+/// change the cluster: `forbidden` on any node, whatever else is wrong with
+/// the request; an admin key may, through a follower too (CONTRACT.md
+/// "Authorization").
+#[test]
+fn only_admin_keys_run_admin_ops() {
+    let cluster = TestCluster::configure_with_keys(3, false);
+    let keys = cluster.dir.path().join("keys");
+    let admin = CurveIdentity::write_new(&keys.join("admin")).unwrap();
+    let client = cluster.client_key.clone().unwrap().public();
+    let lists = format!(r#", "client_keys": ["{client}"], "admin_keys": ["{}"]"#, admin.public());
+    cluster.write_config_of(&cluster.config_path.clone(), 0..3, &lists);
+    let cluster = cluster.start_all();
+    let leader = cluster.wait_for_leader();
+    let follower = (leader + 1) % 3;
+    cluster.call_ok(follower, &put("k", "v"));
+
+    let forbidden = |reply: Reply| matches!(reply, Reply::Error { code: raft_zmq::protocol::ErrorCode::Forbidden, .. });
+    for id in [leader, follower] {
+        for request in [
+            Request::Snapshot,
+            Request::TransferLeader { to: None },
+            Request::RemoveNode { id: follower as u64 },
+            Request::AddNode { member: cluster.member(1), voter: true },
+        ] {
+            let reply = cluster.client(id).call(&request).unwrap();
+            assert!(forbidden(reply.clone()), "node {id}, {request:?}: {reply:?}");
+        }
+        // {"op": "remove_node"} without its id: forbidden, not bad_request.
+        let bare = rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("op", "remove_node")])).unwrap();
+        let frame = cluster.client(id).call_raw(&bare).unwrap();
+        let reply = Reply::decode(&frame, &Request::Status).unwrap();
+        assert!(forbidden(reply.clone()), "node {id}: a malformed admin request: {reply:?}");
+    }
+
+    // The admin key, through the follower: forwarded and done.
+    let config = path(&cluster.config_path).to_string();
+    let admin_key = keys.join("admin.key");
+    let moved = cli_ok(
+        &[
+            "transfer-leader",
+            "--config",
+            &config,
+            "--node",
+            &follower.to_string(),
+            "--to",
+            &follower.to_string(),
+            "--key",
+            path(&admin_key),
+        ]
+        .map(String::from),
+    );
+    assert!(moved.contains(&format!(r#""leader":{follower}"#)), "{moved}");
+    let as_admin = ClientCurve { identity: admin, server: cluster.nodes[leader].public_key.unwrap() };
+    let mut admin_client = raft_zmq::tools::client::Client::new(
+        &zmq::Context::new(),
+        &cluster.nodes[leader].client,
+        Duration::from_secs(5),
+    )
+    .with_curve(Some(as_admin));
+    let reply = admin_client.call(&Request::Snapshot).unwrap();
+    assert!(matches!(reply, Reply::Snapshot { .. }), "{reply:?}");
 }
 
 /// A loopback TCP proxy that keeps a copy of every byte it forwards, one

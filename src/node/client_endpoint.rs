@@ -9,7 +9,7 @@
 //! the leader's, or an error when it cannot be forwarded, the leader
 //! changes, or no reply comes in time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -19,11 +19,12 @@ use log::{debug, info, warn};
 
 use super::Shared;
 use super::core_loop::ClientCall;
+use super::log_reader::{LOG_REPLY_MAX_BYTES, SNAPSHOT_PIECE_BYTES};
 use super::replies::ReplyTo;
 use super::server::not_leader;
-use crate::protocol::{ErrorCode, Reply, Request, decode_request};
+use crate::protocol::{ErrorCode, Reply, Request, decode_request, is_admin_request};
 use crate::raft::NodeId;
-use crate::security::{Domain, NodeSecurity};
+use crate::security::{Caller, Domain, NodeSecurity, recv_with_user};
 
 /// Frames above this are dropped by ZeroMQ itself; up to it, an oversized
 /// request gets a `too_large` reply (CONTRACT.md).
@@ -44,9 +45,30 @@ pub struct EndpointConfig {
 
 /// Messages a socket queues per peer before it drops (ROUTER) or refuses
 /// (DEALER) more. ZeroMQ's default of 1,000 is less than one busy follower
-/// forwards at once, and a ROUTER drops replies beyond it without a word;
-/// the core loop's own queue bound (`busy`) is what limits memory.
+/// forwards at once; the core loop's own queue bound (`busy`) and
+/// [`MAX_FORWARDED_BYTES`] are what limit memory. Replies to clients have a
+/// bound of their own: [`reply_queue_hwm`].
 const QUEUE_HWM: i32 = 100_000;
+
+/// Bytes of replies a node holds queued for one connection whose client
+/// does not read them (CONTRACT.md "Limits": 64 MiB), half in ZeroMQ's
+/// queue for the connection and half in its [`Backlog`]; beyond, replies
+/// to it are dropped. Small replies hardly ever queue at all: the kernel's
+/// socket buffers take megabytes of them first.
+const MAX_QUEUED_REPLY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Bytes of requests a follower may have forwarded to the leader and not
+/// yet seen answered; beyond, `busy`.
+const MAX_FORWARDED_BYTES: usize = 64 * 1024 * 1024;
+
+/// How many replies ZeroMQ may queue per connection: as many of the largest
+/// reply as fit in [`MAX_QUEUED_REPLY_BYTES`]. ZeroMQ counts messages, not
+/// bytes, so the count is what bounds the bytes. The largest reply holds a
+/// value (at most a request's size), a `log` page or a `snapshot_data` piece.
+fn reply_queue_hwm(max_request_bytes: usize) -> i32 {
+    let largest = max_request_bytes.max(LOG_REPLY_MAX_BYTES).max(SNAPSHOT_PIECE_BYTES) + 64 * 1024;
+    i32::try_from((MAX_QUEUED_REPLY_BYTES / largest).max(1)).expect("at most 64 Mi")
+}
 
 /// Requests read per wake-up before replies get another turn.
 const REQUEST_BATCH: usize = 1000;
@@ -58,14 +80,44 @@ const SHUTDOWN_LINGER_MS: i32 = 2000;
 struct Forwarder {
     leader: NodeId,
     dealer: zmq::Socket,
-    /// Forwarding token → the client's route and its reply deadline.
-    waiting: HashMap<u64, (ReplyTo, Instant)>,
+    /// Forwarding token → the client's route, its reply deadline and the
+    /// request's size.
+    waiting: HashMap<u64, Forwarded>,
+    /// The sizes of the requests in `waiting`, summed.
+    waiting_bytes: usize,
+}
+
+struct Forwarded {
+    reply_to: ReplyTo,
+    deadline: Instant,
+    bytes: usize,
+}
+
+impl Forwarder {
+    fn take(&mut self, token: u64) -> Option<ReplyTo> {
+        let forwarded = self.waiting.remove(&token)?;
+        self.waiting_bytes -= forwarded.bytes;
+        Some(forwarded.reply_to)
+    }
+}
+
+/// How often replies held in backlogs try to leave again.
+const BACKLOG_RETRY_MS: i64 = 1;
+
+/// Replies to one connection that ZeroMQ's queue for it had no room for
+/// (its client is not reading), oldest first.
+#[derive(Default)]
+struct Backlog {
+    replies: VecDeque<Vec<Vec<u8>>>,
+    bytes: usize,
 }
 
 pub struct ClientEndpoint {
     ctx: zmq::Context,
     cfg: EndpointConfig,
     router: zmq::Socket,
+    /// By routing id: the connections whose queue is full.
+    backlogs: HashMap<Vec<u8>, Backlog>,
     replies: zmq::Socket,
     forwarder: Option<Forwarder>,
     /// The last forwarding token handed out; unique for the process's life.
@@ -78,14 +130,17 @@ impl ClientEndpoint {
         let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
         router.set_linger(0).map_err(|e| e.to_string())?;
         router.set_maxmsgsize(MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
-        router.set_sndhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
+        router.set_sndhwm(reply_queue_hwm(cfg.max_request_bytes)).map_err(|e| e.to_string())?;
+        // A full queue says EAGAIN instead of dropping the reply in silence.
+        router.set_router_mandatory(true).map_err(|e| e.to_string())?;
         router.set_rcvhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
         cfg.security.server(&router, Domain::Client).map_err(|e| e.to_string())?;
         router.bind(&cfg.client).map_err(|e| format!("cannot bind client endpoint {}: {e}", cfg.client))?;
         let replies = ctx.socket(zmq::PULL).map_err(|e| e.to_string())?;
         replies.set_linger(0).map_err(|e| e.to_string())?;
         replies.bind(replies_endpoint).map_err(|e| e.to_string())?;
-        Ok(ClientEndpoint { ctx: ctx.clone(), cfg, router, replies, forwarder: None, last_token: 0 })
+        let backlogs = HashMap::new();
+        Ok(ClientEndpoint { ctx: ctx.clone(), cfg, router, backlogs, replies, forwarder: None, last_token: 0 })
     }
 
     /// Serves until the rest of the node has stopped (`replies_done`), so
@@ -112,14 +167,15 @@ impl ClientEndpoint {
             // A bounded batch, so replies get their turn even under a flood.
             if router_ready {
                 for _ in 0..REQUEST_BATCH {
-                    let Ok(frames) = self.router.recv_multipart(zmq::DONTWAIT) else { break };
-                    self.on_request(frames, &shared, &to_core);
+                    let Ok((frames, user)) = recv_with_user(&self.router, zmq::DONTWAIT) else { break };
+                    self.on_request(frames, Caller::of(user.as_deref()), &shared, &to_core);
                 }
             }
             if self.forwarder.as_ref().is_some_and(|f| shared.leader() != Some(f.leader)) {
                 self.drop_forwarder();
             }
             self.expire_forwards();
+            self.flush_backlogs();
         }
         while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
             self.send_to_client(frames);
@@ -141,40 +197,86 @@ impl ClientEndpoint {
         if let Some(f) = &self.forwarder {
             items.push(f.dealer.as_poll_item(zmq::POLLIN));
         }
-        zmq::poll(&mut items, 50)?;
+        // ZeroMQ tells of no room in one connection's queue: while replies
+        // wait for some, look again soon.
+        let timeout = if self.backlogs.is_empty() { 50 } else { BACKLOG_RETRY_MS };
+        zmq::poll(&mut items, timeout)?;
         Ok((items[0].is_readable(), items[1].is_readable(), items.get(2).is_some_and(|i| i.is_readable())))
     }
 
-    fn send_to_client(&self, frames: Vec<Vec<u8>>) {
-        if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
-            debug!("client went away before its reply: {e}");
+    /// Sends a reply, or keeps it in its connection's backlog while
+    /// ZeroMQ's queue for the connection is full: replies leave in order,
+    /// and at most [`MAX_QUEUED_REPLY_BYTES`] wait.
+    fn send_to_client(&mut self, frames: Vec<Vec<u8>>) {
+        let Some(id) = frames.first().cloned() else { return };
+        let sent =
+            if self.backlogs.contains_key(&id) { Err(zmq::Error::EAGAIN) } else { try_send(&self.router, &frames) };
+        match sent {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => {
+                let backlog = self.backlogs.entry(id).or_default();
+                let bytes: usize = frames.iter().map(Vec::len).sum();
+                if backlog.bytes + bytes > MAX_QUEUED_REPLY_BYTES {
+                    return debug!("a client that does not read its replies lost one");
+                }
+                backlog.bytes += bytes;
+                backlog.replies.push_back(frames);
+            }
+            Err(e) => debug!("client went away before its reply: {e}"),
         }
+    }
+
+    /// Sends what the backlogs hold while their connections take it; forgets
+    /// the backlog of a client that went away.
+    fn flush_backlogs(&mut self) {
+        let router = &self.router;
+        self.backlogs.retain(|_, backlog| {
+            while let Some(frames) = backlog.replies.front() {
+                match try_send(router, frames) {
+                    Ok(()) => {
+                        backlog.bytes -= frames.iter().map(Vec::len).sum::<usize>();
+                        backlog.replies.pop_front();
+                    }
+                    Err(zmq::Error::EAGAIN) => return true,
+                    Err(_) => return false,
+                }
+            }
+            false
+        });
     }
 
     /// Answers directly on the ROUTER, never through the `Replier`: that
     /// queue is drained by this very thread, so blocking on it when full
     /// would wedge the node.
-    fn answer(&self, reply_to: ReplyTo, reply: &Reply) {
+    fn answer(&mut self, reply_to: ReplyTo, reply: &Reply) {
         reply_to.record(reply.code());
         let mut frames = reply_to.route;
         frames.push(reply.encode());
         self.send_to_client(frames);
     }
 
-    fn refuse(&self, reply_to: ReplyTo, code: ErrorCode, message: impl Into<String>, leader: Option<NodeId>) {
+    fn refuse(&mut self, reply_to: ReplyTo, code: ErrorCode, message: impl Into<String>, leader: Option<NodeId>) {
         self.answer(reply_to, &Reply::error(code, message, leader));
     }
 
-    fn on_request(&mut self, mut frames: Vec<Vec<u8>>, shared: &Shared, to_core: &Sender<ClientCall>) {
+    fn on_request(&mut self, mut frames: Vec<Vec<u8>>, caller: Caller, shared: &Shared, to_core: &Sender<ClientCall>) {
         // [routing frames..., empty delimiter, request]
         let Some(delimiter) = frames.iter().position(|f| f.is_empty()) else {
             debug!("dropping a request without an empty delimiter frame");
             return;
         };
         let body = frames.split_off(delimiter + 1);
-        let mut reply_to = ReplyTo::new(frames);
+        // Only a node forwards: a client's claim to be forwarded is ignored.
+        let forwarder = matches!(caller, Caller::Node(_) | Caller::Anyone);
+        let mut reply_to = ReplyTo::new(frames, forwarder);
         let leader = shared.leader();
         let [request] = <[Vec<u8>; 1]>::try_from(body).unwrap_or_default();
+        // First, whatever else is wrong with it, on whichever node it arrives:
+        // a node forwards only what its client may ask.
+        if !self.cfg.security.may_administer(caller) && is_admin_request(&request) {
+            let message = "this client's key may not run admin ops (admin_keys); nothing was applied";
+            return self.refuse(reply_to, ErrorCode::Forbidden, message, leader);
+        }
         if request.is_empty() {
             return self.refuse(
                 reply_to,
@@ -213,7 +315,7 @@ impl ClientEndpoint {
 
     /// Queues a request for the core loop, or answers `busy` when the queue
     /// is full by count or by bytes: memory stays bounded under any load.
-    fn to_core(&self, to_core: &Sender<ClientCall>, shared: &Shared, call: ClientCall) {
+    fn to_core(&mut self, to_core: &Sender<ClientCall>, shared: &Shared, call: ClientCall) {
         let queued = shared.queued_bytes.fetch_add(call.bytes, Ordering::AcqRel);
         let refused = if queued + call.bytes > self.cfg.max_queued_bytes {
             Some((call, ErrorCode::Busy, "too many requests queued; nothing was applied, retry later"))
@@ -240,13 +342,19 @@ impl ClientEndpoint {
             let message = format!("cannot connect to leader {leader} to forward the request; nothing was applied");
             return self.reply(reply_to, ErrorCode::Busy, &message);
         };
+        let bytes = request.len();
+        if forwarder.waiting_bytes + bytes > MAX_FORWARDED_BYTES {
+            let message = format!("too many bytes of requests forwarded to leader {leader}; nothing was applied");
+            return self.reply(reply_to, ErrorCode::Busy, &message);
+        }
         self.last_token += 1;
         let mut frames = ReplyTo::forwarding_route(self.last_token);
         frames.push(request);
         match forwarder.dealer.send_multipart(frames, zmq::DONTWAIT) {
             Ok(()) => {
                 let deadline = Instant::now() + self.cfg.forward_timeout;
-                forwarder.waiting.insert(self.last_token, (reply_to, deadline));
+                forwarder.waiting.insert(self.last_token, Forwarded { reply_to, deadline, bytes });
+                forwarder.waiting_bytes += bytes;
             }
             Err(e) => {
                 // EAGAIN: the queue towards the leader is full.
@@ -262,7 +370,7 @@ impl ClientEndpoint {
     /// `timeout` now rather than when their deadline passes.
     fn drop_forwarder(&mut self) {
         if let Some(old) = self.forwarder.take() {
-            for (_, (reply_to, _)) in old.waiting {
+            for (_, Forwarded { reply_to, .. }) in old.waiting {
                 let message = "leader changed while the request was forwarded; it may or may not apply";
                 self.reply(reply_to, ErrorCode::Timeout, message);
             }
@@ -288,7 +396,7 @@ impl ClientEndpoint {
             }
         };
         info!("node {}: forwarding client requests to leader {leader} at {}", self.cfg.id, member.client);
-        self.forwarder = Some(Forwarder { leader, dealer, waiting: HashMap::new() });
+        self.forwarder = Some(Forwarder { leader, dealer, waiting: HashMap::new(), waiting_bytes: 0 });
     }
 
     fn relay_leader_replies(&mut self) {
@@ -297,8 +405,8 @@ impl ClientEndpoint {
         // [token, empty delimiter, reply]
         while let Ok(mut frames) = forwarder.dealer.recv_multipart(zmq::DONTWAIT) {
             // A reply whose client already got `timeout` is dropped.
-            let waiting = ReplyTo::forwarded_token(&frames).and_then(|token| forwarder.waiting.remove(&token));
-            if let (Some((reply_to, _)), Some(reply)) = (waiting, frames.pop()) {
+            let waiting = ReplyTo::forwarded_token(&frames).and_then(|token| forwarder.take(token));
+            if let (Some(reply_to), Some(reply)) = (waiting, frames.pop()) {
                 reply_to.record(Reply::code_of(&reply));
                 let mut route = reply_to.route;
                 route.push(reply);
@@ -314,9 +422,8 @@ impl ClientEndpoint {
         let Some(forwarder) = self.forwarder.as_mut() else { return };
         let now = Instant::now();
         let expired: Vec<u64> =
-            forwarder.waiting.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(&token, _)| token).collect();
-        let expired: Vec<ReplyTo> =
-            expired.iter().filter_map(|k| forwarder.waiting.remove(k)).map(|(reply_to, _)| reply_to).collect();
+            forwarder.waiting.iter().filter(|(_, f)| f.deadline <= now).map(|(&token, _)| token).collect();
+        let expired: Vec<ReplyTo> = expired.into_iter().filter_map(|token| forwarder.take(token)).collect();
         for reply_to in expired {
             self.reply(
                 reply_to,
@@ -327,7 +434,33 @@ impl ClientEndpoint {
     }
 
     /// An error naming the leader requests are forwarded to.
-    fn reply(&self, reply_to: ReplyTo, code: ErrorCode, message: &str) {
+    fn reply(&mut self, reply_to: ReplyTo, code: ErrorCode, message: &str) {
         self.refuse(reply_to, code, message, self.forwarder.as_ref().map(|f| f.leader));
+    }
+}
+
+/// Sends one multipart message on a ROUTER, or nothing of it (EAGAIN: the
+/// connection's queue is full; a ROUTER decides on the routing id frame).
+fn try_send(router: &zmq::Socket, frames: &[Vec<u8>]) -> zmq::Result<()> {
+    let last = frames.len() - 1;
+    for (i, frame) in frames.iter().enumerate() {
+        let more = if i < last { zmq::SNDMORE } else { 0 };
+        router.send(&frame[..], zmq::DONTWAIT | more)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_queued_for_one_connection_stay_within_64_mib_whatever_the_request_limit() {
+        for max_request_bytes in [1, 1 << 20, 8 << 20, 64 << 20] {
+            let hwm = reply_queue_hwm(max_request_bytes) as usize;
+            let largest = max_request_bytes.max(LOG_REPLY_MAX_BYTES) + 64 * 1024;
+            assert!(hwm >= 1 && (hwm == 1 || hwm * largest <= MAX_QUEUED_REPLY_BYTES), "{max_request_bytes}: {hwm}");
+        }
+        assert_eq!(reply_queue_hwm(1 << 20), 60, "the default config: sixty 1 MiB replies");
     }
 }

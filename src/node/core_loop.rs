@@ -182,7 +182,9 @@ impl CoreLoop {
                 Effect::SaveSnapshot(snapshot, image) => {
                     let _ = out.snapshots.send((snapshot, image));
                 }
-                Effect::ReadLog { from, limit, handle } => out.read_disk(DiskRead::Log { from, limit, reply_to: handle }),
+                Effect::ReadLog { from, limit, handle } => {
+                    out.read_disk(DiskRead::Log { from, limit, reply_to: handle })
+                }
                 Effect::ReadSnapshotFile { index, offset, handle } => {
                     out.read_disk(DiskRead::Snapshot { index, offset, reply_to: handle })
                 }
@@ -192,10 +194,11 @@ impl CoreLoop {
                     let peers = peer_endpoints(&members, self.server.raft().id(), &out.routes)
                         .expect("no route to itself: checked at start");
                     if let Err(e) = out.transport.set_peers(peers) {
-                        warn!("node {}: cannot connect to the new members: {e}", self.server.raft().id());
+                        warn!("node {}: cannot start links to the new members: {e}", self.server.raft().id());
                     }
                     *lock(&out.shared.members) = members;
                 }
+                Effect::Revoked(removed) => out.security.revoke(&removed),
                 Effect::Identity { named, expected, fingerprint } => {
                     if named == 0 {
                         out.transport.expect_cluster(expected);

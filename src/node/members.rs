@@ -60,6 +60,7 @@ pub fn member_infos(
                 last_contact_ms: seen.and_then(|(_, silence_ms)| silence_ms),
                 raft: m.raft,
                 client: m.client,
+                public_key: m.public_key,
             }
         })
         .collect()

@@ -25,6 +25,8 @@ pub struct ReplyTo {
     pub op: &'static str,
     /// When it arrived, for the latency metric.
     pub arrived: Instant,
+    /// A follower forwarded it to us.
+    forwarded: bool,
 }
 
 /// Starts the frame a follower puts in front of a request it forwards to the
@@ -34,8 +36,11 @@ pub struct ReplyTo {
 const FORWARD_TAG: &[u8] = b"raft-zmq/forwarded/";
 
 impl ReplyTo {
-    pub fn new(route: Vec<Vec<u8>>) -> ReplyTo {
-        ReplyTo { route, op: "unknown", arrived: Instant::now() }
+    /// The route a request came in on; `from_node`: whether it came on a
+    /// connection that may forward (a node's key, or no CURVE at all).
+    pub fn new(route: Vec<Vec<u8>>, from_node: bool) -> ReplyTo {
+        let forwarded = from_node && route.get(1).is_some_and(|frame| frame.starts_with(FORWARD_TAG));
+        ReplyTo { route, op: "unknown", arrived: Instant::now(), forwarded }
     }
 
     /// Counts the request as answered with `code` ("ok" or an error code).
@@ -50,7 +55,7 @@ impl ReplyTo {
 
     /// Whether a follower forwarded this request to us.
     pub fn is_forwarded(&self) -> bool {
-        self.route.get(1).is_some_and(|frame| frame.starts_with(FORWARD_TAG))
+        self.forwarded
     }
 
     /// The frames a follower sends in front of request number `token` it forwards.
@@ -102,13 +107,14 @@ mod tests {
 
     #[test]
     fn forwarded_requests_are_told_apart_from_correlated_req_clients() {
-        let direct = ReplyTo::new(vec![b"client".to_vec(), vec![]]);
+        let direct = ReplyTo::new(vec![b"client".to_vec(), vec![]], true);
         // A REQ socket with ZMQ_REQ_CORRELATE adds a 4-byte request id.
-        let correlated = ReplyTo::new(vec![b"client".to_vec(), vec![0, 0, 0, 7], vec![]]);
+        let correlated = ReplyTo::new(vec![b"client".to_vec(), vec![0, 0, 0, 7], vec![]], true);
         let mut route = vec![b"follower".to_vec()];
         route.extend(ReplyTo::forwarding_route(42));
-        let forwarded = ReplyTo::new(route);
+        let forwarded = ReplyTo::new(route.clone(), true);
         assert!(!direct.is_forwarded() && !correlated.is_forwarded() && forwarded.is_forwarded());
+        assert!(!ReplyTo::new(route, false).is_forwarded(), "a client key cannot claim to be a node");
         assert_eq!(ReplyTo::forwarded_token(&ReplyTo::forwarding_route(42)), Some(42));
         assert_eq!(ReplyTo::forwarded_token(&[b"client".to_vec(), vec![]]), None);
     }

@@ -89,7 +89,7 @@ impl Client {
     }
 }
 
-/// The CURVE flags of `raft-zmq client` and `raft-zmq bench`.
+/// The CURVE flags of every subcommand that talks to a node.
 #[derive(Debug, clap::Args)]
 pub struct CurveArgs {
     /// The node's CURVE public key: Z85 text or a .pub file (default: the

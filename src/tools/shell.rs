@@ -18,10 +18,9 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value as Json, json};
 
 use super::client::{CallError, Client, Op, reply_to_json};
-use super::status::{self, Target, leader_of};
+use super::status::{self, CurveFor, Target, leader_of};
 use crate::protocol::{ErrorCode, Reply, Request, encode_request};
 use crate::raft::NodeId;
-use crate::security::ClientCurve;
 
 /// How long one command keeps retrying retryable errors.
 const RETRY_FOR: Duration = Duration::from_secs(15);
@@ -63,7 +62,7 @@ pub struct Shell {
     /// (id if known, client endpoint).
     nodes: Vec<Target>,
     current: usize,
-    curve: Box<dyn Fn(Option<NodeId>) -> Option<ClientCurve>>,
+    curve: Box<CurveFor>,
     timeout: Duration,
     json: bool,
     client_id: String,
@@ -72,13 +71,7 @@ pub struct Shell {
 
 impl Shell {
     /// `nodes`: the nodes it may talk to, `first` the one it starts with.
-    pub fn new(
-        nodes: Vec<Target>,
-        first: usize,
-        curve: Box<dyn Fn(Option<NodeId>) -> Option<ClientCurve>>,
-        timeout: Duration,
-        json: bool,
-    ) -> Shell {
+    pub fn new(nodes: Vec<Target>, first: usize, curve: Box<CurveFor>, timeout: Duration, json: bool) -> Shell {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let client_id = format!("shell-{}-{nanos:x}", std::process::id());
         Shell { ctx: zmq::Context::new(), nodes, current: first, curve, timeout, json, client_id, seq: 0 }
@@ -208,7 +201,7 @@ impl Shell {
         loop {
             let endpoint = self.nodes[self.current].endpoint.clone();
             let mut client =
-                Client::new(&self.ctx, &endpoint, self.timeout).with_curve((self.curve)(self.nodes[self.current].id));
+                Client::new(&self.ctx, &endpoint, self.timeout).with_curve((self.curve)(&self.nodes[self.current]));
             let reply = match client.call_raw(&frame) {
                 Ok(reply) => reply,
                 Err(CallError::NoReply)
@@ -248,14 +241,13 @@ impl Shell {
         let Reply::Members { members } = reply else { return };
         for m in members {
             if !self.nodes.iter().any(|n| n.id == Some(m.id) || n.endpoint == m.client) {
-                self.nodes.push(Target { id: Some(m.id), endpoint: m.client.clone() });
+                self.nodes.push(Target::member(m));
             }
         }
     }
 
     fn leader(&mut self) {
-        let curve = &self.curve;
-        let rows = status::ask_all(self.nodes.clone(), &|id| curve(id), self.timeout);
+        let rows = status::ask_all(self.nodes.clone(), &*self.curve, self.timeout);
         for row in &rows {
             if let (Ok(s), None) = (&row.status, row.target.id)
                 && let Some(node) = self.nodes.iter_mut().find(|n| n.endpoint == row.target.endpoint)

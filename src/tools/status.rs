@@ -11,7 +11,7 @@ use super::client::{Client, ClientKeys};
 use crate::config::Config;
 use crate::protocol::{MemberInfo, Reply, Request, StatusInfo};
 use crate::raft::NodeId;
-use crate::security::ClientCurve;
+use crate::security::{ClientCurve, PublicKey};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -19,12 +19,29 @@ pub enum Format {
     Json,
 }
 
-/// A node to ask: its client endpoint, and its id when the config names it.
+/// A node to ask: its client endpoint, its id when the config names it, and
+/// its CURVE key when the membership gave it (a member added at run time).
 #[derive(Clone, Debug)]
 pub struct Target {
     pub id: Option<NodeId>,
     pub endpoint: String,
+    pub public_key: Option<PublicKey>,
 }
+
+impl Target {
+    pub fn at(endpoint: String) -> Target {
+        Target { id: None, endpoint, public_key: None }
+    }
+
+    /// A member as the `members` reply lists it.
+    pub fn member(m: &MemberInfo) -> Target {
+        let public_key = m.public_key.as_deref().and_then(|key| PublicKey::parse(key).ok());
+        Target { id: Some(m.id), endpoint: m.client.clone(), public_key }
+    }
+}
+
+/// How a tool sets up CURVE towards a target (`None`: plaintext).
+pub type CurveFor = dyn Fn(&Target) -> Option<ClientCurve>;
 
 /// One row: what a node answered, or why it did not.
 pub struct Row {
@@ -34,29 +51,25 @@ pub struct Row {
 
 /// The config's nodes.
 pub fn targets_of(config: &Config) -> Vec<Target> {
-    config.nodes.iter().map(|m| Target { id: Some(m.id), endpoint: m.client.clone() }).collect()
+    config.nodes.iter().map(|m| Target { id: Some(m.id), endpoint: m.client.clone(), public_key: None }).collect()
 }
 
 /// `--endpoints a,b,c`.
 pub fn targets_from_list(list: &str) -> Vec<Target> {
-    list.split(',').map(str::trim).filter(|e| !e.is_empty()).map(|e| Target { id: None, endpoint: e.into() }).collect()
+    list.split(',').map(str::trim).filter(|e| !e.is_empty()).map(|e| Target::at(e.into())).collect()
 }
 
 /// Asks every target at once, then any member they report that was not
 /// asked (one added at run time), so the rows cover the whole cluster. A
 /// target that did not answer and is not a member (an entry of the config
 /// that was removed) is left out. `curve` gives the CURVE setup towards a
-/// node (by its id, if known).
-pub fn ask_all(
-    targets: Vec<Target>,
-    curve: &dyn Fn(Option<NodeId>) -> Option<ClientCurve>,
-    timeout: Duration,
-) -> Vec<Row> {
+/// node.
+pub fn ask_all(targets: Vec<Target>, curve: &CurveFor, timeout: Duration) -> Vec<Row> {
     let ctx = zmq::Context::new();
     let mut rows = ask(&ctx, targets, curve, timeout);
     let first = rows.iter().find(|r| r.status.is_ok()).map(|r| r.target.clone());
     let members = first.and_then(|first| {
-        let mut client = Client::new(&ctx, &first.endpoint, timeout).with_curve(curve(first.id));
+        let mut client = Client::new(&ctx, &first.endpoint, timeout).with_curve(curve(&first));
         match client.call(&Request::Members) {
             Ok(Reply::Members { members }) => Some(members),
             _ => None,
@@ -67,11 +80,7 @@ pub fn ask_all(
         let asked = |m: &MemberInfo| {
             rows.iter().any(|r| r.target.endpoint == m.client || r.status.as_ref().is_ok_and(|s| s.id == m.id))
         };
-        let extra: Vec<Target> = members
-            .iter()
-            .filter(|m| !asked(m))
-            .map(|m| Target { id: Some(m.id), endpoint: m.client.clone() })
-            .collect();
+        let extra: Vec<Target> = members.iter().filter(|m| !asked(m)).map(Target::member).collect();
         rows.extend(ask(&ctx, extra, curve, timeout));
     }
     rows.sort_by_key(|row| row.status.as_ref().ok().map(|s| s.id).or(row.target.id));
@@ -84,17 +93,12 @@ pub fn leader_of(rows: &[Row]) -> Option<&StatusInfo> {
     rows.iter().filter_map(|r| r.status.as_ref().ok()).filter(|s| s.role == "leader").max_by_key(|s| s.term)
 }
 
-fn ask(
-    ctx: &zmq::Context,
-    targets: Vec<Target>,
-    curve: &dyn Fn(Option<NodeId>) -> Option<ClientCurve>,
-    timeout: Duration,
-) -> Vec<Row> {
+fn ask(ctx: &zmq::Context, targets: Vec<Target>, curve: &CurveFor, timeout: Duration) -> Vec<Row> {
     thread::scope(|scope| {
         let asks: Vec<_> = targets
             .into_iter()
             .map(|target| {
-                let mut client = Client::new(ctx, &target.endpoint, timeout).with_curve(curve(target.id));
+                let mut client = Client::new(ctx, &target.endpoint, timeout).with_curve(curve(&target));
                 scope.spawn(move || {
                     let status = match client.call(&Request::Status) {
                         Ok(Reply::Status(status)) => Ok(*status),
@@ -110,14 +114,12 @@ fn ask(
     })
 }
 
-/// CURVE towards each node (by id, when known) as `raft-zmq client` sets
-/// it up: the node's key from the config, unless --server-key says otherwise.
-pub fn curve_for(
-    config: Option<&Config>,
-    keys: ClientKeys,
-) -> impl Fn(Option<NodeId>) -> Option<ClientCurve> + 'static {
+/// CURVE towards each node as `raft-zmq client` sets it up: the node's key
+/// from the config (or, for a member added at run time, from the
+/// membership), unless --server-key says otherwise.
+pub fn curve_for(config: Option<&Config>, keys: ClientKeys) -> impl Fn(&Target) -> Option<ClientCurve> + 'static {
     let node_keys = config.and_then(|c| c.curve.as_ref()).map(|c| c.node_keys.clone()).unwrap_or_default();
-    move |id| keys.towards(id.and_then(|id| node_keys.get(&id).copied()))
+    move |target| keys.towards(target.public_key.or_else(|| node_keys.get(&target.id?).copied()))
 }
 
 /// How far each node's applied index trails the leader's commit index (or
@@ -238,7 +240,7 @@ mod tests {
     }
 
     fn rows() -> Vec<Row> {
-        let target = |id| Target { id: Some(id), endpoint: format!("tcp://127.0.0.1:710{id}") };
+        let target = |id| Target { id: Some(id), endpoint: format!("tcp://127.0.0.1:710{id}"), public_key: None };
         vec![
             Row { target: target(0), status: Ok(status(0, "leader", 10, 10)) },
             Row { target: target(1), status: Ok(status(1, "follower", 8, 7)) },

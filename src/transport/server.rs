@@ -18,7 +18,9 @@ use log::{debug, error, info, warn};
 
 use super::envelope::{Chunk, Reject, Request, Wire};
 use super::{Inbound, STOP_CHECK, Warnings, deliver};
+use crate::metrics::METRICS;
 use crate::raft::{Body, Message, NodeId, SnapshotMeta};
+use crate::security::{Caller, recv_with_user};
 use crate::snapshot::Snapshots;
 
 /// Requests handled per wake-up before replies get another turn, so that a
@@ -81,8 +83,11 @@ impl Server {
                 self.send_reply(&mut pending, reply);
             }
             for _ in 0..BATCH {
-                match self.router.recv_multipart(zmq::DONTWAIT) {
-                    Ok(frames) => self.accept(&mut pending, &mut incoming, &mut warnings, frames),
+                match recv_with_user(&self.router, zmq::DONTWAIT) {
+                    Ok((frames, user)) => {
+                        let sender = Caller::of(user.as_deref());
+                        self.accept(&mut pending, &mut incoming, &mut warnings, frames, sender)
+                    }
                     Err(zmq::Error::EAGAIN) => break,
                     Err(e) => {
                         warnings.warn("receive failed", format!("raft server receive failed: {e}"));
@@ -107,6 +112,7 @@ impl Server {
         incoming: &mut HashMap<NodeId, Incoming>,
         warnings: &mut Warnings,
         mut frames: Vec<Vec<u8>>,
+        sender: Caller,
     ) {
         // A REQ peer arrives as [identity, empty delimiter, payload].
         let payload = frames.pop().unwrap_or_default();
@@ -115,7 +121,18 @@ impl Server {
             warnings.warn("malformed multipart", shape);
             return;
         }
-        match self.wire.open_request(&payload) {
+        let opened = self.wire.open_request(&payload);
+        // With CURVE, a connection speaks for the node whose key made it:
+        // checked before anything of the message, a snapshot piece
+        // included, is taken.
+        if let (Ok(Request { message, .. }), Caller::Node(node)) = (&opened, sender)
+            && message.from != node
+        {
+            METRICS.forged_messages.inc();
+            let forged = format!("node {node}'s connection sent a message from node {}; dropped", message.from);
+            return warnings.warn("forged sender", forged);
+        }
+        match opened {
             Ok(Request { message, chunk: Some(Chunk::Data { offset, total, data }), cluster }) => {
                 let from = message.from;
                 match self.collect(incoming, &message, offset, total, &data) {

@@ -21,7 +21,7 @@
 mod contact;
 mod proposals;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use log::{debug, info, warn};
@@ -32,14 +32,14 @@ use crate::kv::{KvImage, KvStore, LoggedCommand, Value, session_reply};
 use crate::metrics::METRICS;
 use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
 use crate::raft::{
-    Body, ChangeError, Entry, HardState, Index, Membership, MembershipChange, Message, NodeId, NotLeader,
-    Payload, Raft, ReadState, Role, Snapshot, SnapshotMeta, SoftState, Term, TransferError,
+    Body, ChangeError, Entry, HardState, Index, Membership, MembershipChange, Message, NodeId, NotLeader, Payload,
+    Raft, ReadState, Role, Snapshot, SnapshotMeta, SoftState, Term, TransferError,
 };
 
 use super::members::{check_new_member, context_of, member_infos, members_of};
 use contact::LastContact;
-use proposals::{Proposals, Session, Waiter};
 pub use proposals::{MAX_UNAPPLIED_BYTES, MAX_UNAPPLIED_ENTRIES};
+use proposals::{Proposals, Session, Waiter};
 
 /// Time since the node started, as the runtime (or the simulator) tells it.
 pub type Time = Duration;
@@ -94,22 +94,40 @@ pub enum Effect<H> {
     /// Committed entries applied to the state machine, in order; those at
     /// `duplicates` were skipped by the session check (the mirror and the
     /// `log` op mark them `"dup": true`).
-    Applied { entries: Vec<Entry>, duplicates: Vec<Index> },
+    Applied {
+        entries: Vec<Entry>,
+        duplicates: Vec<Index>,
+    },
     /// The state machine started over from this snapshot (from the leader).
     Restored(SnapshotMeta),
     /// Write this state as the snapshot at `meta`, off the server's thread;
     /// then call [`Server::snapshot_saved`] (or `snapshot_failed`).
     SaveSnapshot(SnapshotMeta, KvImage),
     /// The `log` op: committed entries from the stored log.
-    ReadLog { from: Index, limit: u64, handle: H },
+    ReadLog {
+        from: Index,
+        limit: u64,
+        handle: H,
+    },
     /// The `snapshot_data` op: a piece of a snapshot file.
-    ReadSnapshotFile { index: Option<Index>, offset: u64, handle: H },
+    ReadSnapshotFile {
+        index: Option<Index>,
+        offset: u64,
+        handle: H,
+    },
     /// The members changed: their endpoints and keys, to connect to.
     Members(Vec<Member>),
+    /// The removal of these nodes is committed: their keys are let in
+    /// nowhere from now on.
+    Revoked(Vec<NodeId>),
     /// What the wire speaks for (see `transport::Wire`): the cluster's
     /// committed name (0: not yet), the name the log holds uncommitted, and
     /// the fingerprint of the first membership.
-    Identity { named: u64, expected: u64, fingerprint: u64 },
+    Identity {
+        named: u64,
+        expected: u64,
+        fingerprint: u64,
+    },
 }
 
 pub struct Server<S: NodeStorage, H> {
@@ -137,6 +155,8 @@ struct App<H> {
     leadership_seen: Option<(NodeId, Term)>,
     campaigned_in: Term,
     identity: Identity,
+    /// Nodes the runtime was told were removed ([`Effect::Revoked`]).
+    revoked: BTreeSet<NodeId>,
     /// This node applied its own removal: it stops.
     removed: bool,
     stopping: Option<Stopping>,
@@ -188,7 +208,14 @@ impl<S: NodeStorage, H> Server<S, H> {
     /// A server over `raft`, whose state machine `kv` is as of `snapshot`
     /// (restored from it, or empty at index 0), with the cluster identity
     /// the state dir records.
-    pub fn new(cfg: ServerConfig, raft: Raft<S>, kv: KvStore, snapshot: SnapshotMeta, cluster: u64, fingerprint: u64) -> Self {
+    pub fn new(
+        cfg: ServerConfig,
+        raft: Raft<S>,
+        kv: KvStore,
+        snapshot: SnapshotMeta,
+        cluster: u64,
+        fingerprint: u64,
+    ) -> Self {
         let identity = Identity { named: cluster, expected: 0, fingerprint, recorded: cluster };
         let app = App {
             cfg,
@@ -204,6 +231,7 @@ impl<S: NodeStorage, H> Server<S, H> {
             leadership_seen: None,
             campaigned_in: 0,
             identity,
+            revoked: BTreeSet::new(),
             removed: false,
             stopping: None,
             fatal: None,
@@ -243,6 +271,7 @@ impl<S: NodeStorage, H> Server<S, H> {
             self.app.reply_error(handle, ErrorCode::Timeout, &message);
         }
         self.follow_cluster_name()?;
+        self.follow_removals();
         self.name_new_cluster();
         let expired: Vec<u64> =
             self.app.reads.asked.iter().filter(|(_, r)| r.deadline <= now).map(|(&ctx, _)| ctx).collect();
@@ -494,6 +523,10 @@ impl<S: NodeStorage, H> Server<S, H> {
         if let Err(problem) = check_new_member(&members, &member) {
             return self.app.reply_error(handle, ErrorCode::BadRequest, &problem);
         }
+        if let Some(owner) = members.iter().find(|m| m.public_key.is_some() && m.public_key == member.public_key) {
+            let problem = format!("public_key is node {}'s: a key speaks for one node only", owner.id);
+            return self.app.reply_error(handle, ErrorCode::BadRequest, &problem);
+        }
         if self.app.cfg.curve != member.public_key.is_some() {
             let problem = if self.app.cfg.curve {
                 format!("the cluster uses CURVE: node {} needs a public_key", member.id)
@@ -511,8 +544,8 @@ impl<S: NodeStorage, H> Server<S, H> {
     /// so that counting it does not stall commits.
     fn promote(&mut self, id: NodeId, handle: H, deadline: Time) {
         let (raft, committed) = (&self.raft, self.raft.commit_index());
-        let behind = raft.membership().learners.contains(&id)
-            && raft.progress(id).is_some_and(|pr| pr.matched < committed);
+        let behind =
+            raft.membership().learners.contains(&id) && raft.progress(id).is_some_and(|pr| pr.matched < committed);
         if behind {
             let matched = raft.progress(id).map_or(0, |pr| pr.matched);
             let message = format!("learner {id} is still catching up ({matched} of {committed}); retry later");
@@ -608,6 +641,17 @@ impl<S: NodeStorage, H> Server<S, H> {
             self.app.identity = identity;
         }
         Ok(())
+    }
+
+    /// Tells the runtime of every removal once it is committed (a removal
+    /// in force but not committed may still be cut off).
+    fn follow_removals(&mut self) {
+        let removed = &self.raft.committed_membership().removed;
+        let newly: Vec<NodeId> = removed.difference(&self.app.revoked).copied().collect();
+        if !newly.is_empty() {
+            self.app.revoked.extend(&newly);
+            self.app.effects.push(Effect::Revoked(newly));
+        }
     }
 
     /// The first leader of a new cluster names it: a random id, committed
@@ -728,10 +772,14 @@ impl<H> App<H> {
             }
             for waiter in self.proposals.applied(entry.index) {
                 let reply = match (&applied, &entry.payload) {
-                    (_, Payload::Membership(_)) if waiter.term == entry.term => Reply::Membership { index: entry.index },
+                    (_, Payload::Membership(_)) if waiter.term == entry.term => {
+                        Reply::Membership { index: entry.index }
+                    }
                     (Some(applied), _) if waiter.term == entry.term => applied.reply.clone(),
                     // Another leader's entry took this index: ours never committed.
-                    _ => Reply::error(ErrorCode::NoLeader, "leadership changed; the write was not applied", self.leader),
+                    _ => {
+                        Reply::error(ErrorCode::NoLeader, "leadership changed; the write was not applied", self.leader)
+                    }
                 };
                 self.reply(waiter.handle, reply);
             }
@@ -837,8 +885,7 @@ impl<S: NodeStorage, H> Shell<S> for ReadyShell<'_, H> {
         }
         if app.role == Role::Leader && soft.role != Role::Leader {
             // Whatever is pending is the next leader's to decide.
-            let message =
-                "leadership changed before the write committed; it may or may not apply (retry with the same client_id/seq)";
+            let message = "leadership changed before the write committed; it may or may not apply (retry with the same client_id/seq)";
             for handle in app.proposals.clear() {
                 app.reply_error(handle, ErrorCode::Timeout, message);
             }
