@@ -5,8 +5,6 @@
 //! tick, so they cost the core nothing. `/cluster` asks every member's
 //! client endpoint, as any client would, all at once.
 
-mod server;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
@@ -17,12 +15,12 @@ use serde_json::{Value as Json, json};
 use super::Shared;
 use super::disk::dir_bytes;
 use crate::config::Member;
+use crate::http_server::{Request as HttpRequest, Response, Server};
 use crate::lock;
 use crate::metrics::METRICS;
 use crate::protocol::{LogEntryView, Reply, Request, StatusInfo};
 use crate::security::NodeSecurity;
 use crate::tools::client::Client;
-use server::{Response, Server};
 
 /// The web view: one page, no build step, nothing loaded from outside.
 const WEB_VIEW: &str = include_str!("web_view.html");
@@ -53,7 +51,7 @@ impl HttpServer {
     pub fn start(ctx: &zmq::Context, config: HttpConfig, shared: Arc<Shared>) -> Result<HttpServer, String> {
         let listen = config.listen.clone();
         let site = Site { ctx: ctx.clone(), config, shared };
-        let server = Server::start(&listen, Arc::new(move |request: &server::Request| site.serve(request)))
+        let server = Server::start(&listen, Arc::new(move |request: &HttpRequest| site.serve(request)))
             .map_err(|e| format!("cannot serve HTTP on {listen}: {e}"))?;
         Ok(HttpServer { _server: server })
     }
@@ -68,7 +66,7 @@ struct Site {
 const JSON: &str = "application/json";
 
 impl Site {
-    fn serve(&self, request: &server::Request) -> Response {
+    fn serve(&self, request: &HttpRequest) -> Response {
         match request.path.as_str() {
             "/" => Response::new(200, "text/html; charset=utf-8", WEB_VIEW.to_owned()),
             "/metrics" => self.metrics(),
