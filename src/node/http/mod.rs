@@ -15,7 +15,7 @@ use serde_json::{Value as Json, json};
 use super::Shared;
 use super::disk::dir_bytes;
 use crate::config::Member;
-use crate::http_server::{Request as HttpRequest, Response, Server};
+use crate::http_server::{Limits, Request as HttpRequest, Response, Server};
 use crate::lock;
 use crate::metrics::METRICS;
 use crate::protocol::{LogEntryView, Reply, Request, StatusInfo};
@@ -51,8 +51,9 @@ impl HttpServer {
     pub fn start(ctx: &zmq::Context, config: HttpConfig, shared: Arc<Shared>) -> Result<HttpServer, String> {
         let listen = config.listen.clone();
         let site = Site { ctx: ctx.clone(), config, shared };
-        let server = Server::start(&listen, Arc::new(move |request: &HttpRequest| site.serve(request)))
-            .map_err(|e| format!("cannot serve HTTP on {listen}: {e}"))?;
+        let server =
+            Server::start(&listen, Limits::DEFAULT, Arc::new(move |request: &HttpRequest| site.serve(request)))
+                .map_err(|e| format!("cannot serve HTTP on {listen}: {e}"))?;
         Ok(HttpServer { _server: server })
     }
 }
