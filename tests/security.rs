@@ -480,3 +480,34 @@ fn slow_request_heads_do_not_keep_health_probes_waiting() {
     attack.into_iter().for_each(|attacker| attacker.join().unwrap());
     assert!(sent.load(Ordering::Relaxed) > 64, "the slow clients kept sending throughout");
 }
+
+/// With `client_keys`, keys and values are for those clients only: no HTTP
+/// page shows any, and `/cluster?log=N` lists index, term and op alone
+/// (CONTRACT.md "Security", HTTP; #23 item 8).
+#[test]
+fn with_client_keys_no_http_page_shows_keys_or_values() {
+    let mut cluster = TestCluster::configure_with_keys(1, true);
+    let http = format!("127.0.0.1:{}", free_port());
+    cluster.nodes[0].http = Some(http.clone());
+    let listed = cluster.client_key.as_ref().unwrap().public();
+    cluster.write_config_of(&cluster.config_path.clone(), 0..1, &format!(r#", "client_keys": ["{listed}"]"#));
+    cluster.start_node(0);
+    let (key, value) = (format!("key-{:016x}", fastrand::u64(..)), format!("value-{:016x}", fastrand::u64(..)));
+    let Reply::Put { index } = cluster.call_ok(0, &put(&key, &value)) else { panic!("put") };
+    let log = wait_for("/cluster?log=50 to list the put", || {
+        let (_, body) = http_get(&http, "/cluster?log=50")?;
+        let members: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let log = members[0]["log"].as_array()?.clone();
+        log.iter().any(|entry| entry["index"] == index).then_some(log)
+    });
+    for entry in &log {
+        let fields: Vec<&String> = entry.as_object().unwrap().keys().collect();
+        assert_eq!(fields, ["index", "op", "term"], "{entry}");
+    }
+    assert!(log.iter().any(|entry| entry["index"] == index && entry["op"] == "put"), "{log:?}");
+    for page in ["/cluster?log=50", "/status", "/metrics", "/"] {
+        let (code, body) = http_get(&http, page).expect("answers");
+        assert_eq!(code, 200, "{page}: {body}");
+        assert!(!body.contains(&key) && !body.contains(&value), "{page} shows a key or value: {body}");
+    }
+}

@@ -40,6 +40,9 @@ pub struct HttpConfig {
     /// majority) for this long is not healthy: the maximum election timeout.
     pub leader_silence: Duration,
     pub security: Arc<NodeSecurity>,
+    /// `client_keys` is set: keys and values are for those clients only, so
+    /// no page shows any (CONTRACT.md "Security", HTTP).
+    pub hide_data: bool,
 }
 
 /// Serves until dropped.
@@ -137,7 +140,8 @@ impl Site {
                 Ok(Reply::Log { entries }) => entries,
                 _ => Vec::new(),
             };
-            view["log"] = json!(entries);
+            let entries: Vec<Json> = entries.iter().map(|e| entry_view(e, self.config.hide_data)).collect();
+            view["log"] = Json::Array(entries);
         }
         view
     }
@@ -153,6 +157,16 @@ impl Site {
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// What `/cluster?log=N` shows of an entry: all of it, or only its index,
+/// term and op when keys and values must not be shown.
+fn entry_view(entry: &LogEntryView, hide_data: bool) -> Json {
+    if !hide_data {
+        return json!(entry);
+    }
+    let command: Json = serde_json::from_str(&entry.command).unwrap_or_default();
+    json!({"index": entry.index, "term": entry.term, "op": command["op"]})
 }
 
 /// `log=N` from a query string, capped; 0 when absent or unreadable.
@@ -197,6 +211,14 @@ mod tests {
         assert_eq!(healthy(&behind, silence), Err("applied 9 of 10 committed entries".into()));
         let cut_off = StatusInfo { id: 0, role: "leader".into(), leader_contact_ms: Some(900), ..status() };
         assert_eq!(healthy(&cut_off, silence), Err("not heard from a majority for 900 ms".into()));
+    }
+
+    #[test]
+    fn entries_show_only_index_term_and_op_when_data_is_hidden() {
+        let command = r#"{"op":"put","key":"secret-key","value":"secret-value"}"#;
+        let entry = LogEntryView { index: 7, term: 2, command: command.into() };
+        assert_eq!(entry_view(&entry, false), json!({"index": 7, "term": 2, "command": command}));
+        assert_eq!(entry_view(&entry, true), json!({"index": 7, "term": 2, "op": "put"}));
     }
 
     #[test]
