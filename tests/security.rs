@@ -377,14 +377,21 @@ fn a_node_without_its_own_secret_key_does_not_start() {
         path(&cluster.config_path),
         other.public()
     );
+    let own = fs::read_to_string(&key_path).unwrap();
+    let open = format!("is open to other users (mode 0640); run `chmod 600 {}`", path(&key_path));
     let cases = [
         ("missing", None, "raft-zmq keygen"),
-        ("not a key", Some("hello\n".to_string()), "not a secret key"),
-        ("another's key", Some(fs::read_to_string(cluster.dir.path().join("other.key")).unwrap()), mismatch.as_str()),
+        ("not a key", Some(("hello\n".to_string(), 0o600)), "not a secret key"),
+        ("another's key", Some((fs::read_to_string(cluster.dir.path().join("other.key")).unwrap(), 0o600)), &mismatch),
+        // As ssh: a secret key others may read is refused, even the right one.
+        ("readable by its group", Some((own, 0o640)), &open),
     ];
     for (case, content, problem) in cases {
         match content {
-            Some(text) => fs::write(&key_path, text).unwrap(),
+            Some((text, mode)) => {
+                fs::write(&key_path, text).unwrap();
+                fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).unwrap();
+            }
             None => fs::remove_file(&key_path).unwrap(),
         }
         let exited = cluster.run_node_to_exit(0);
