@@ -356,7 +356,8 @@ fn key_list(name: &str, keys: &Option<Vec<String>>) -> Result<Option<Vec<PublicK
 
 /// Accepts `tcp://host:port` with a non-empty host and a port in 1..=65535
 /// (port 0 would bind a random port that peers cannot know).
-fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
+/// `add_node` checks the endpoints of a new member with it too.
+pub fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
     let rest = endpoint.strip_prefix("tcp://").ok_or("must start with tcp://")?;
     check_host_port(rest).map_err(|why| if why == NO_PORT { "must be tcp://host:port" } else { why })
 }

@@ -4,8 +4,9 @@
 //! around it: `config`, `storage` (sled), `transport` (ZeroMQ peers), `kv`
 //! (the replicated state machine), `sessions` (its exactly-once table), `mirror`
 //! (`logs/<id>.txt`), `protocol` (the client wire format), `security` (CURVE
-//! keys and socket setup), `node` (threads wiring it all together) and `tools`
-//! (the cluster supervisor, CLI client and benchmark).
+//! keys and socket setup), `http_server` (a small hardened HTTP server),
+//! `node` (threads wiring it all together) and `tools` (the cluster
+//! supervisor, CLI client and benchmark).
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -18,6 +19,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub mod config;
 pub mod driver;
+pub mod http_server;
 pub mod kv;
 pub mod metrics;
 pub mod mirror;

@@ -84,13 +84,20 @@ impl CurveIdentity {
     }
 
     /// Reads a secret key file written by `raft-zmq keygen`; the public key
-    /// is derived from it, so a `.pub` file beside it is not needed.
+    /// is derived from it, so a `.pub` file beside it is not needed. A file
+    /// other users may read or write is refused, as ssh refuses one: the
+    /// key may be theirs already.
     pub fn load(path: &Path) -> Result<CurveIdentity, String> {
+        let mode = fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "secret key {} is open to other users (mode {mode:04o}); run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            ));
+        }
         let text = fs::read_to_string(path).map_err(|e| format!("cannot read secret key {}: {e}", path.display()))?;
         let secret = decode_key(text.trim_end()).map_err(|e| format!("{}: not a secret key: {e}", path.display()))?;
-        if fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
-            warn!("secret key {} is readable by other users; chmod 600 it", path.display());
-        }
         let public =
             public_of(&secret).map_err(|e| format!("{}: cannot derive its public key: {e}", path.display()))?;
         Ok(CurveIdentity { public, secret })
@@ -636,6 +643,26 @@ mod tests {
         let missing = dir.path().join("missing.pub");
         let error = PublicKey::from_text_or_file(missing.to_str().unwrap()).unwrap_err();
         assert!(error.contains("neither a Z85 public key nor a readable .pub file"), "{error}");
+    }
+
+    #[test]
+    fn a_secret_key_file_open_to_other_users_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = CurveIdentity::write_new(&dir.path().join("node")).unwrap();
+        let path = dir.path().join("node.key");
+        let shown = path.display();
+        for mode in [0o640, 0o604, 0o620, 0o602] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let error = CurveIdentity::load(&path).unwrap_err();
+            assert_eq!(
+                error,
+                format!("secret key {shown} is open to other users (mode {mode:04o}); run `chmod 600 {shown}`")
+            );
+        }
+        for mode in [0o600, 0o400] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(CurveIdentity::load(&path).unwrap().public, written.public, "mode {mode:o}");
+        }
     }
 
     #[test]

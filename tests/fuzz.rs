@@ -97,6 +97,11 @@ fn peer_frame_decoding_never_panics_nor_lets_an_invalid_message_through() {
 }
 
 #[test]
+fn http_request_heads_are_read_alike_however_split_and_never_panic() {
+    run("http_request_head", fuzz_targets::http_request_head);
+}
+
+#[test]
 fn the_core_keeps_raft_safe_under_any_schedule_and_never_panics_on_forged_messages() {
     run("core_sequence", fuzz_targets::core_sequence);
 }
@@ -177,6 +182,17 @@ fn write_seed_corpus() {
         schedule(3, &[7, 2, 1, 255, 0, 9, 9, 1, 1]),
     ];
     write_seeds("core_sequence", schedules.into_iter());
+
+    // The first byte: the size of the pieces the rest arrives in.
+    let heads: [&[u8]; 6] = [
+        b"\x01GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x07GET /cluster?log=5 HTTP/1.1\r\nHost: 127.0.0.1:7200\r\nAccept: */*\r\n\r\n",
+        b"\x03HEAD /health HTTP/1.0\n\n",
+        b"\x40POST /metrics HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+        b"\x02GET /\xff HTTP/1.1\r\n\r\n",
+        b"\x05GET / SPDY/3\r\n\r\n",
+    ];
+    write_seeds("http_request_head", heads.into_iter().map(<[u8]>::to_vec));
 }
 
 fn write_seeds(target: &str, seeds: impl Iterator<Item = Vec<u8>>) {

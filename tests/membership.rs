@@ -226,3 +226,29 @@ fn a_member_that_starts_after_the_cluster_was_named_learns_the_name() {
     let leader = leader_among(&cluster, &[0]);
     cluster.call_ok(leader, &put("after", "v"));
 }
+
+/// `add_node` endpoints are checked like the config's (#23 item 7): a raft
+/// endpoint without a port, or without a host, is refused with
+/// `bad_request` and never committed, so no restart can trip on it.
+#[test]
+fn add_node_refuses_an_endpoint_a_node_could_not_connect_to() {
+    let cluster = TestCluster::start(1);
+    cluster.wait_for_leader();
+    cluster.wait_for_name(0);
+    let Reply::Put { index: before } = cluster.call_ok(0, &put("before", "v")) else { panic!("put") };
+    for (raft, why) in [("tcp://127.0.0.1", "must be tcp://host:port"), ("tcp://:x", "host is empty")] {
+        let client = format!("tcp://127.0.0.1:{}", free_port());
+        let member = raft_zmq::config::Member { id: 1, raft: raft.into(), client, public_key: None };
+        let reply = cluster.client(0).call(&Request::AddNode { member, voter: true }).unwrap();
+        assert!(
+            matches!(&reply, Reply::Error { code: raft_zmq::protocol::ErrorCode::BadRequest, message, .. }
+                if message.contains(raft) && message.contains(why)),
+            "{raft}: {reply:?}"
+        );
+    }
+    // A write after the refusals commits right after what was there: no
+    // membership entry went into the log.
+    let Reply::Put { index } = cluster.call_ok(0, &put("after", "v")) else { panic!("put") };
+    assert_eq!(index, before + 1);
+    assert_eq!(membership(&cluster, 0), Some((vec![0], vec![])));
+}

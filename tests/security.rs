@@ -1,18 +1,19 @@
 //! CURVE against real `raft-zmq` processes (README "Security"): a cluster
 //! with keys works end to end; clients and peers without an allowed key get
 //! nothing; values never cross the wire in the clear; keys are generated and
-//! checked.
+//! checked. And the HTTP endpoint against slow clients.
 
 mod common;
 
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use raft_zmq::protocol::{Reply, Request};
@@ -501,14 +502,21 @@ fn a_node_without_its_own_secret_key_does_not_start() {
         path(&cluster.config_path),
         other.public()
     );
+    let own = fs::read_to_string(&key_path).unwrap();
+    let open = format!("is open to other users (mode 0640); run `chmod 600 {}`", path(&key_path));
     let cases = [
         ("missing", None, "raft-zmq keygen"),
-        ("not a key", Some("hello\n".to_string()), "not a secret key"),
-        ("another's key", Some(fs::read_to_string(cluster.dir.path().join("other.key")).unwrap()), mismatch.as_str()),
+        ("not a key", Some(("hello\n".to_string(), 0o600)), "not a secret key"),
+        ("another's key", Some((fs::read_to_string(cluster.dir.path().join("other.key")).unwrap(), 0o600)), &mismatch),
+        // As ssh: a secret key others may read is refused, even the right one.
+        ("readable by its group", Some((own, 0o640)), &open),
     ];
     for (case, content, problem) in cases {
         match content {
-            Some(text) => fs::write(&key_path, text).unwrap(),
+            Some((text, mode)) => {
+                fs::write(&key_path, text).unwrap();
+                fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).unwrap();
+            }
             None => fs::remove_file(&key_path).unwrap(),
         }
         let exited = cluster.run_node_to_exit(0);
@@ -516,5 +524,122 @@ fn a_node_without_its_own_secret_key_does_not_start() {
         let error = exited.stderr.lines().find(|l| l.starts_with("raft-zmq: ")).unwrap_or_default();
         assert!(error.contains(path(&key_path)) && error.contains(problem), "{case}: {error:?}\n{}", exited.stderr);
         assert!(!cluster.state_dir(0).exists(), "{case}: state was created");
+    }
+}
+
+/// A TCP connection to `to` from `from`: every 127.0.0.0/8 address is this
+/// host, so a test can be two clients at two addresses.
+fn connect_from(from: Ipv4Addr, to: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let address = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let (source, target) = (address(SocketAddrV4::new(from, 0)), address(to));
+    // SAFETY: a fresh socket, owned by the TcpStream (which closes it on
+    // every path) as soon as it exists; both addresses outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        if libc::bind(fd, (&raw const source).cast(), len) != 0
+            || libc::connect(fd, (&raw const target).cast(), len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+/// A slowloris client: one byte of a request head every 1.5 s, a new
+/// connection whenever the server closes one, until `stop`.
+fn drip(from: Ipv4Addr, to: SocketAddrV4, stop: &AtomicBool, sent: &AtomicUsize) {
+    const HEAD: &[u8] = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    let mut connection: Option<(TcpStream, usize)> = None;
+    while !stop.load(Ordering::Acquire) {
+        if connection.is_none() {
+            connection = connect_from(from, to).ok().map(|stream| (stream, 0));
+        }
+        if let Some((stream, at)) = &mut connection {
+            match stream.write_all(&[HEAD.get(*at).copied().unwrap_or(b'x')]) {
+                Ok(()) => {
+                    *at += 1;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => connection = None,
+            }
+        }
+        let next = Instant::now() + Duration::from_millis(1500);
+        while !stop.load(Ordering::Acquire) && Instant::now() < next {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Slowloris (#23 item 8): 32 connections from one address, each sending a
+/// byte of a request head every 1.5 s and reconnecting whenever closed, do
+/// not keep `/health` from another address unanswered, over more than one
+/// head deadline (5 s).
+#[test]
+fn slow_request_heads_do_not_keep_health_probes_waiting() {
+    let cluster = TestCluster::configure_with_http(1).start_all();
+    let http = cluster.nodes[0].http.clone().unwrap();
+    wait_for("/health to answer 200", || (http_get(&http, "/health")?.0 == 200).then_some(()));
+    let target: SocketAddrV4 = http.parse().unwrap();
+    let attacker = Ipv4Addr::new(127, 0, 0, 2);
+    let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let attack: Vec<JoinHandle<()>> = (0..32)
+        .map(|_| {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            thread::spawn(move || drip(attacker, target, &stop, &sent))
+        })
+        .collect();
+    wait_for("every slow client to have sent a byte", || (sent.load(Ordering::Relaxed) >= 32).then_some(()));
+    // `http_get` gives up after 10 s: that is the bound an answer must meet.
+    let probing = Instant::now();
+    let mut probes = 0;
+    while probing.elapsed() < Duration::from_secs(7) {
+        let answer = http_get(&http, "/health");
+        assert!(answer.is_some(), "probe {probes} unanswered while slow clients held connections");
+        probes += 1;
+        thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Release);
+    attack.into_iter().for_each(|attacker| attacker.join().unwrap());
+    assert!(sent.load(Ordering::Relaxed) > 64, "the slow clients kept sending throughout");
+}
+
+/// With `client_keys`, keys and values are for those clients only: no HTTP
+/// page shows any, and `/cluster?log=N` lists index, term and op alone
+/// (CONTRACT.md "Security", HTTP; #23 item 8).
+#[test]
+fn with_client_keys_no_http_page_shows_keys_or_values() {
+    let mut cluster = TestCluster::configure_with_keys(1, true);
+    let http = format!("127.0.0.1:{}", free_port());
+    cluster.nodes[0].http = Some(http.clone());
+    let listed = cluster.client_key.as_ref().unwrap().public();
+    cluster.write_config_of(&cluster.config_path.clone(), 0..1, &format!(r#", "client_keys": ["{listed}"]"#));
+    cluster.start_node(0);
+    let (key, value) = (format!("key-{:016x}", fastrand::u64(..)), format!("value-{:016x}", fastrand::u64(..)));
+    let Reply::Put { index } = cluster.call_ok(0, &put(&key, &value)) else { panic!("put") };
+    let log = wait_for("/cluster?log=50 to list the put", || {
+        let (_, body) = http_get(&http, "/cluster?log=50")?;
+        let members: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let log = members[0]["log"].as_array()?.clone();
+        log.iter().any(|entry| entry["index"] == index).then_some(log)
+    });
+    for entry in &log {
+        let fields: Vec<&String> = entry.as_object().unwrap().keys().collect();
+        assert_eq!(fields, ["index", "op", "term"], "{entry}");
+    }
+    assert!(log.iter().any(|entry| entry["index"] == index && entry["op"] == "put"), "{log:?}");
+    for page in ["/cluster?log=50", "/status", "/metrics", "/"] {
+        let (code, body) = http_get(&http, page).expect("answers");
+        assert_eq!(code, 200, "{page}: {body}");
+        assert!(!body.contains(&key) && !body.contains(&value), "{page} shows a key or value: {body}");
     }
 }

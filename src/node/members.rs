@@ -2,7 +2,7 @@
 //! membership's context, JSON like `config.json`'s `nodes`), and what the
 //! membership ops reply.
 
-use crate::config::Member;
+use crate::config::{Member, check_endpoint};
 use crate::protocol::MemberInfo;
 use crate::raft::{Membership, NodeId};
 use crate::transport::bootstrap_fingerprint;
@@ -30,12 +30,12 @@ pub fn context_of(members: &[Member]) -> Vec<u8> {
     serde_json::to_vec(members).expect("members always serialize")
 }
 
-/// Why a new member cannot be added as given.
+/// Why a new member cannot be added as given. Its endpoints are checked as
+/// the config's are: once committed, an endpoint every node must connect to
+/// cannot be taken back by restarting with a fixed file.
 pub fn check_new_member(members: &[Member], new: &Member) -> Result<(), String> {
     for (what, endpoint) in [("raft", &new.raft), ("client", &new.client)] {
-        if !endpoint.starts_with("tcp://") {
-            return Err(format!("`{what}` must be a tcp:// endpoint, not {endpoint:?}"));
-        }
+        check_endpoint(endpoint).map_err(|why| format!("`{what}` endpoint {endpoint:?}: {why}"))?;
         if let Some(m) = members.iter().find(|m| &m.raft == endpoint || &m.client == endpoint) {
             return Err(format!("endpoint {endpoint} is already node {}'s", m.id));
         }
@@ -92,7 +92,16 @@ mod tests {
         assert!(check_new_member(&members, &member(2)).is_ok());
         let taken = Member { raft: member(1).raft, ..member(2) };
         assert!(check_new_member(&members, &taken).unwrap_err().contains("node 1"));
-        let bad = Member { client: "127.0.0.1:9".into(), ..member(2) };
-        assert!(check_new_member(&members, &bad).is_err());
+        for (raft, why) in [
+            ("tcp://127.0.0.1", "must be tcp://host:port"),
+            ("tcp://:x", "host is empty"),
+            ("tcp://a:x", "port must be a number in 1..=65535"),
+            ("127.0.0.1:9", "must start with tcp://"),
+        ] {
+            let bad = Member { raft: raft.into(), ..member(2) };
+            assert_eq!(check_new_member(&members, &bad), Err(format!("`raft` endpoint {raft:?}: {why}")));
+        }
+        let bad_client = Member { client: "tcp://127.0.0.1".into(), ..member(2) };
+        assert!(check_new_member(&members, &bad_client).unwrap_err().starts_with("`client` endpoint"));
     }
 }

@@ -268,6 +268,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
                 state_dir: config.node_state_dir(id),
                 leader_silence: Duration::from_millis(config.election_timeout_ms.1),
                 security: security.clone(),
+                hide_data: config.curve.as_ref().is_some_and(|curve| curve.client_keys.is_some()),
             };
             let server = HttpServer::start(&ctx, http, shared.clone())?;
             info!("node {id}: serving metrics, health and the web view on http://{listen}/");

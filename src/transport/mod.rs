@@ -76,7 +76,6 @@ pub struct TransportConfig {
 #[derive(Debug)]
 pub enum TransportError {
     Bind { endpoint: String, source: zmq::Error },
-    Connect { peer: NodeId, endpoint: String, source: zmq::Error },
     Socket(zmq::Error),
     Spawn(std::io::Error),
 }
@@ -87,9 +86,6 @@ impl fmt::Display for TransportError {
             TransportError::Bind { endpoint, source } => {
                 write!(f, "cannot bind raft endpoint {endpoint}: {source}")
             }
-            TransportError::Connect { peer, endpoint, source } => {
-                write!(f, "cannot connect to peer {peer} at {endpoint}: {source}")
-            }
             TransportError::Socket(e) => write!(f, "cannot set up a zeromq socket: {e}"),
             TransportError::Spawn(e) => write!(f, "cannot start a transport thread: {e}"),
         }
@@ -99,7 +95,7 @@ impl fmt::Display for TransportError {
 impl std::error::Error for TransportError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            TransportError::Bind { source, .. } | TransportError::Connect { source, .. } => Some(source),
+            TransportError::Bind { source, .. } => Some(source),
             TransportError::Socket(e) => Some(e),
             TransportError::Spawn(e) => Some(e),
         }
@@ -126,14 +122,15 @@ struct LinkSettings {
 }
 
 impl LinkSettings {
-    fn link(&self, peer: NodeId, endpoint: String, queue: Receiver<Message>) -> Result<Link, TransportError> {
-        let socket = peer::connect(&self.ctx, &endpoint, self.max_message_bytes, &self.security, peer)
-            .map_err(|source| TransportError::Connect { peer, endpoint: endpoint.clone(), source })?;
-        Ok(Link {
+    /// Connects on its first request, and again after every failure: an
+    /// endpoint ZeroMQ refuses (say, no port) is a peer that stays
+    /// unreachable, with a warning, never a node that cannot start.
+    fn link(&self, peer: NodeId, endpoint: String, queue: Receiver<Message>) -> Link {
+        Link {
             peer,
             endpoint,
             ctx: self.ctx.clone(),
-            socket: Some(socket),
+            socket: None,
             queue,
             wire: Arc::clone(&self.wire),
             inbound: self.inbound.clone(),
@@ -143,7 +140,7 @@ impl LinkSettings {
             security: Arc::clone(&self.security),
             snapshots: self.snapshots.clone(),
             speak_as: None,
-        })
+        }
     }
 }
 
@@ -169,9 +166,9 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// Binds the raft endpoint (failing if it is taken or invalid), connects
-    /// to every peer, starts the threads, and delivers everything received to
-    /// `inbound`. If `inbound` is bounded and full, arrivals are dropped (with
+    /// Binds the raft endpoint (failing if it is taken or invalid), starts a
+    /// sender thread for every peer (each connects when it first sends) and
+    /// the server thread, and delivers everything received to `inbound`. If `inbound` is bounded and full, arrivals are dropped (with
     /// a warning) rather than stalling the network threads.
     pub fn start(
         ctx: &zmq::Context,
@@ -247,7 +244,7 @@ impl Transport {
                 continue;
             }
             let (queue_tx, queue) = crossbeam_channel::unbounded();
-            let link = self.links.link(peer, endpoint.clone(), queue)?;
+            let link = self.links.link(peer, endpoint.clone(), queue);
             self.spawn(format!("raft-send-{peer}"), move || link.run())?;
             self.requests.insert(peer, (endpoint, queue_tx));
         }
@@ -755,6 +752,24 @@ mod tests {
         }
         expect(&a_rx, Instant::now() + PATIENCE, |i| *i == Inbound::Unreachable(1));
         assert_eq!(message(&b_rx), heartbeat(0, 1, 10));
+    }
+
+    /// A committed membership may name an endpoint ZeroMQ cannot connect
+    /// to (written before `add_node` checked endpoints): that peer stays
+    /// unreachable, and the node starts and talks to the others.
+    #[test]
+    fn a_peer_endpoint_that_cannot_be_connected_to_is_only_unreachable() {
+        let ctx = zmq::Context::new();
+        let mut nodes = members(2);
+        nodes.extend([(2, "tcp://127.0.0.1".to_string()), (3, "tcp://:x".to_string())]);
+        let (a, a_rx) = start(&ctx, 0, &nodes, Duration::from_millis(200));
+        let (_b, b_rx) = start(&ctx, 1, &nodes, PATIENCE);
+        for bad in [2, 3] {
+            a.send(heartbeat(0, bad, 0));
+            expect(&a_rx, Instant::now() + PATIENCE, |i| *i == Inbound::Unreachable(bad));
+        }
+        a.send(heartbeat(0, 1, 5));
+        assert_eq!(message(&b_rx), heartbeat(0, 1, 5));
     }
 
     #[test]

@@ -49,8 +49,9 @@ pub(super) struct Link {
     pub(super) peer: NodeId,
     pub(super) endpoint: String,
     pub(super) ctx: zmq::Context,
-    /// `None` after a failed exchange: a REQ socket whose reply never came
-    /// is stuck, and its queue may hold stale requests, so it is replaced.
+    /// `None` before the first exchange and after a failed one: a REQ
+    /// socket whose reply never came is stuck, and its queue may hold stale
+    /// requests, so it is replaced.
     pub(super) socket: Option<zmq::Socket>,
     pub(super) queue: Receiver<Message>,
     pub(super) wire: Arc<Wire>,
@@ -116,7 +117,9 @@ impl Link {
                     match failure {
                         Failure::Stopped => return,
                         Failure::Timeout => {}
-                        Failure::Zmq(e) => warnings.warn("peer socket error", format!("peer {}: {e}", self.peer)),
+                        Failure::Zmq(e) => {
+                            warnings.warn("peer socket error", format!("peer {} at {}: {e}", self.peer, self.endpoint))
+                        }
                         Failure::Rejected(r) => {
                             let detail = format!("exchange with peer {} failed: {r}", self.peer);
                             warnings.warn(r.reason(), detail)

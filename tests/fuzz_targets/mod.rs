@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use raft_zmq::driver::{Shell, run_ready};
+use raft_zmq::http_server::RequestHead;
 use raft_zmq::protocol::decode_request;
 use raft_zmq::raft::{
     Body, Config, Entry, HardState, LogStore, MemStore, Membership, Message, Payload, Raft, ReadState, Role, Snapshot,
@@ -19,6 +20,21 @@ use raft_zmq::transport::{Wire, bootstrap_fingerprint};
 /// A client request frame, as the client endpoint decodes it.
 pub fn client_request(data: &[u8]) {
     let _ = decode_request(data);
+}
+
+/// A request head arriving at the HTTP server (the first byte says how big
+/// the pieces it arrives in are): reading it never panics, its outcome does
+/// not depend on how it was split, and a request let through is a GET or
+/// HEAD whose path holds no query.
+pub fn http_request_head(data: &[u8]) {
+    let Some((&piece, data)) = data.split_first() else { return };
+    let whole = RequestHead::default().push(data);
+    let mut head = RequestHead::default();
+    let in_pieces = data.chunks(usize::from(piece).max(1)).find_map(|piece| head.push(piece));
+    assert_eq!(in_pieces, whole, "the outcome depends on how the head arrived");
+    if let Some(Ok(request)) = whole {
+        assert!(matches!(request.method.as_str(), "GET" | "HEAD") && !request.path.contains('?'), "{request:?}");
+    }
 }
 
 /// A frame arriving on a node's raft endpoint, as a request and as a reply.

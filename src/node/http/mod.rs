@@ -5,8 +5,6 @@
 //! tick, so they cost the core nothing. `/cluster` asks every member's
 //! client endpoint, as any client would, all at once.
 
-mod server;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
@@ -17,12 +15,12 @@ use serde_json::{Value as Json, json};
 use super::Shared;
 use super::disk::dir_bytes;
 use crate::config::Member;
+use crate::http_server::{Limits, Request as HttpRequest, Response, Server};
 use crate::lock;
 use crate::metrics::METRICS;
 use crate::protocol::{LogEntryView, Reply, Request, StatusInfo};
 use crate::security::NodeSecurity;
 use crate::tools::client::Client;
-use server::{Response, Server};
 
 /// The web view: one page, no build step, nothing loaded from outside.
 const WEB_VIEW: &str = include_str!("web_view.html");
@@ -42,6 +40,9 @@ pub struct HttpConfig {
     /// majority) for this long is not healthy: the maximum election timeout.
     pub leader_silence: Duration,
     pub security: Arc<NodeSecurity>,
+    /// `client_keys` is set: keys and values are for those clients only, so
+    /// no page shows any (CONTRACT.md "Security", HTTP).
+    pub hide_data: bool,
 }
 
 /// Serves until dropped.
@@ -53,8 +54,9 @@ impl HttpServer {
     pub fn start(ctx: &zmq::Context, config: HttpConfig, shared: Arc<Shared>) -> Result<HttpServer, String> {
         let listen = config.listen.clone();
         let site = Site { ctx: ctx.clone(), config, shared };
-        let server = Server::start(&listen, Arc::new(move |request: &server::Request| site.serve(request)))
-            .map_err(|e| format!("cannot serve HTTP on {listen}: {e}"))?;
+        let server =
+            Server::start(&listen, Limits::DEFAULT, Arc::new(move |request: &HttpRequest| site.serve(request)))
+                .map_err(|e| format!("cannot serve HTTP on {listen}: {e}"))?;
         Ok(HttpServer { _server: server })
     }
 }
@@ -68,7 +70,7 @@ struct Site {
 const JSON: &str = "application/json";
 
 impl Site {
-    fn serve(&self, request: &server::Request) -> Response {
+    fn serve(&self, request: &HttpRequest) -> Response {
         match request.path.as_str() {
             "/" => Response::new(200, "text/html; charset=utf-8", WEB_VIEW.to_owned()),
             "/metrics" => self.metrics(),
@@ -138,7 +140,8 @@ impl Site {
                 Ok(Reply::Log { entries }) => entries,
                 _ => Vec::new(),
             };
-            view["log"] = json!(entries);
+            let entries: Vec<Json> = entries.iter().map(|e| entry_view(e, self.config.hide_data)).collect();
+            view["log"] = Json::Array(entries);
         }
         view
     }
@@ -154,6 +157,16 @@ impl Site {
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// What `/cluster?log=N` shows of an entry: all of it, or only its index,
+/// term and op when keys and values must not be shown.
+fn entry_view(entry: &LogEntryView, hide_data: bool) -> Json {
+    if !hide_data {
+        return json!(entry);
+    }
+    let command: Json = serde_json::from_str(&entry.command).unwrap_or_default();
+    json!({"index": entry.index, "term": entry.term, "op": command["op"]})
 }
 
 /// `log=N` from a query string, capped; 0 when absent or unreadable.
@@ -198,6 +211,14 @@ mod tests {
         assert_eq!(healthy(&behind, silence), Err("applied 9 of 10 committed entries".into()));
         let cut_off = StatusInfo { id: 0, role: "leader".into(), leader_contact_ms: Some(900), ..status() };
         assert_eq!(healthy(&cut_off, silence), Err("not heard from a majority for 900 ms".into()));
+    }
+
+    #[test]
+    fn entries_show_only_index_term_and_op_when_data_is_hidden() {
+        let command = r#"{"op":"put","key":"secret-key","value":"secret-value"}"#;
+        let entry = LogEntryView { index: 7, term: 2, command: command.into() };
+        assert_eq!(entry_view(&entry, false), json!({"index": 7, "term": 2, "command": command}));
+        assert_eq!(entry_view(&entry, true), json!({"index": 7, "term": 2, "op": "put"}));
     }
 
     #[test]
