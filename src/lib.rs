@@ -18,6 +18,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub mod config;
+pub(crate) mod disk_space;
 pub mod driver;
 pub mod http_server;
 pub mod kv;

@@ -11,18 +11,25 @@
 //! any point leaves the previous snapshot usable, and at most a temporary
 //! file that the next open deletes.
 //!
-//! A snapshot received from the leader is staged as `incoming-<from>.tmp`
-//! while its pieces arrive, renamed `received-<index>-<term>.ready` once it
-//! is complete, checked and fsynced, and adopted (renamed to its final
-//! name) when the node installs it. Opening deletes both kinds of leftovers:
-//! the leader sends the snapshot again.
+//! A snapshot received from the leader is staged as `incoming.tmp` while
+//! its pieces arrive (one at a time, see [`Staging`]), renamed
+//! `received-<index>-<term>.ready` once it is complete, checked and
+//! fsynced, and adopted (renamed to its final name) when the node installs
+//! it. Opening deletes both kinds of leftovers: the leader sends the
+//! snapshot again.
 
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::raft::{Index, NodeId, SnapshotMeta};
+use log::warn;
+
+use crate::disk_space::free_bytes;
+use crate::raft::{Index, NodeId, SnapshotMeta, Term};
 
 const MAGIC: &[u8] = b"raft-zmq snapshot 1\n";
 const HEADER_LEN: usize = MAGIC.len() + 24;
@@ -106,6 +113,9 @@ fn read_checked(path: &Path, meta: SnapshotMeta) -> Result<Vec<u8>, SnapshotErro
 #[derive(Clone, Debug)]
 pub struct Snapshots {
     dir: PathBuf,
+    /// Bytes the snapshot being staged declared and has not written yet,
+    /// shared by every clone: the disk alarm counts them as used.
+    promised: Arc<AtomicU64>,
 }
 
 impl Snapshots {
@@ -123,7 +133,7 @@ impl Snapshots {
         if let Some(parent) = dir.parent() {
             File::open(parent).and_then(|d| d.sync_all()).map_err(err)?;
         }
-        Ok(Snapshots { dir: dir.to_path_buf() })
+        Ok(Snapshots { dir: dir.to_path_buf(), promised: Arc::default() })
     }
 
     /// Writes the snapshot durably, then deletes all but the newest older one.
@@ -151,14 +161,19 @@ impl Snapshots {
         read_checked(&self.path(meta), meta)
     }
 
-    /// Where the pieces of a snapshot from `from` are collected.
-    pub fn incoming(&self, from: NodeId) -> PathBuf {
-        self.dir.join(format!("incoming-{from}{TEMP_SUFFIX}"))
+    /// Where the pieces of a snapshot being received are collected.
+    fn incoming(&self) -> PathBuf {
+        self.dir.join(format!("incoming{TEMP_SUFFIX}"))
+    }
+
+    /// Bytes a snapshot being received declared and has not written yet.
+    pub fn promised_bytes(&self) -> u64 {
+        self.promised.load(Ordering::Acquire)
     }
 
     /// Marks the complete snapshot collected in `incoming` as received:
     /// checks it is `meta` and intact, makes it durable.
-    pub fn receive(&self, incoming: &Path, meta: SnapshotMeta) -> Result<(), SnapshotError> {
+    fn receive(&self, incoming: &Path, meta: SnapshotMeta) -> Result<(), SnapshotError> {
         read_checked(incoming, meta)?;
         let received = self.received(meta);
         let err = |what: &str, e: io::Error| SnapshotError::new(incoming, format!("cannot {what}: {e}"));
@@ -222,6 +237,146 @@ impl Snapshots {
     }
 }
 
+/// A staging that gets no piece for this long was abandoned (its sender
+/// stopped or gave up), and its file is removed without waiting for a
+/// restart. A live transfer pauses at most a reply timeout between two
+/// pieces, well under an election timeout.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(30);
+
+/// Receives snapshot files from the leader into `incoming.tmp`, one at a
+/// time. The caller checks the sender may be the leader (a member, in the
+/// current term) before handing a piece over; here, nothing is written before a new
+/// transfer is known to fit on the disk above the reserve, and the bytes it
+/// declared and has not written yet count as used for the disk alarm
+/// ([`Snapshots::promised_bytes`]). A cap of this kind, not a constant, is
+/// what keeps a transfer from ever filling the disk: sled cannot recover
+/// from a failed write.
+pub struct Staging {
+    snapshots: Snapshots,
+    reserve: u64,
+    current: Option<Incoming>,
+}
+
+/// The transfer being staged: who sends it, in which term, and how far it got.
+struct Incoming {
+    from: NodeId,
+    term: Term,
+    meta: SnapshotMeta,
+    total: u64,
+    received: u64,
+    file: File,
+    last_piece: Instant,
+}
+
+impl Staging {
+    /// Staging in `snapshots`' directory, keeping `reserve` bytes free.
+    pub fn new(snapshots: Snapshots, reserve: u64) -> Staging {
+        Staging { snapshots, reserve, current: None }
+    }
+
+    /// Adds the piece at `offset` of the `total`-byte file of snapshot
+    /// `meta` that node `from` sends in `term`. Returns how much is held
+    /// when more is to come (a piece out of order is not written: the answer
+    /// tells the sender where to go on; 0 once a complete file turned out
+    /// damaged, so the sender gives up at once), or `None` once the whole
+    /// file is in, intact and durable, ready to be adopted. A piece from
+    /// another sender while a transfer is in progress, or of a transfer
+    /// that does not fit, is refused, nothing written.
+    pub fn piece(
+        &mut self,
+        (from, term): (NodeId, Term),
+        meta: SnapshotMeta,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<Option<u64>, String> {
+        let fresh =
+            self.current.as_ref().is_none_or(|c| (c.from, c.term, c.meta, c.total) != (from, term, meta, total));
+        if fresh {
+            if let Some(busy) = self.current.as_ref().filter(|c| c.from != from) {
+                return Err(format!(
+                    "node {} is sending snapshot {}/{} already",
+                    busy.from, busy.meta.index, busy.meta.term
+                ));
+            }
+            if offset != 0 {
+                return Ok(Some(0));
+            }
+            self.start((from, term), meta, total)?;
+        }
+        let path = self.snapshots.incoming();
+        let current = self.current.as_mut().expect("started above");
+        current.last_piece = Instant::now();
+        if offset != current.received {
+            return Ok(Some(current.received));
+        }
+        if let Err(e) = current.file.write_all(data) {
+            self.discard();
+            return Err(format!("cannot write {}: {e}", path.display()));
+        }
+        current.received += data.len() as u64;
+        let received = current.received;
+        self.snapshots.promised.store(total.saturating_sub(received), Ordering::Release);
+        if received < total {
+            return Ok(Some(received));
+        }
+        self.current = None;
+        if let Err(e) = self.snapshots.receive(&path, meta) {
+            warn!("snapshot from node {from} refused: {e}");
+            let _ = fs::remove_file(&path);
+            return Ok(Some(0));
+        }
+        Ok(None)
+    }
+
+    /// Starts staging a new transfer in place of any other, if the disk
+    /// has room for it above the reserve.
+    fn start(&mut self, (from, term): (NodeId, Term), meta: SnapshotMeta, total: u64) -> Result<(), String> {
+        self.discard();
+        let dir = &self.snapshots.dir;
+        let free = free_bytes(dir).map_err(|e| format!("cannot tell the free space of {}: {e}", dir.display()))?;
+        let room = free.saturating_sub(self.reserve);
+        if total > room {
+            return Err(format!(
+                "it declares {total} bytes; {} has room for {room} above the reserve of {}",
+                dir.display(),
+                self.reserve
+            ));
+        }
+        let path = self.snapshots.incoming();
+        let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        self.snapshots.promised.store(total, Ordering::Release);
+        self.current = Some(Incoming { from, term, meta, total, received: 0, file, last_piece: Instant::now() });
+        Ok(())
+    }
+
+    /// Drops the transfer in progress if it got no piece for
+    /// [`ABANDONED_AFTER`] by `now`, or if its sender, in the term it sent
+    /// in, is no longer `admitted` (leadership moved on): either way it will
+    /// never be completed. Returns the sender of a transfer dropped.
+    pub fn expire(&mut self, now: Instant, admitted: impl Fn(NodeId, Term) -> bool) -> Option<NodeId> {
+        let current = self.current.as_ref()?;
+        let abandoned = now.saturating_duration_since(current.last_piece) >= ABANDONED_AFTER;
+        if !abandoned && admitted(current.from, current.term) {
+            return None;
+        }
+        let from = current.from;
+        self.discard();
+        Some(from)
+    }
+
+    /// Removes the staging file and releases what it promised.
+    fn discard(&mut self) {
+        if self.current.take().is_some() {
+            let path = self.snapshots.incoming();
+            if let Err(e) = fs::remove_file(&path) {
+                warn!("cannot remove {}: {e}", path.display());
+            }
+            self.snapshots.promised.store(0, Ordering::Release);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +412,66 @@ mod tests {
         assert!(e.contains("checksum mismatch"), "{e}");
         assert!(decode(b"short").is_err());
         assert_eq!(decode(&encode(meta, b"ok")).unwrap(), (meta, &b"ok"[..]));
+    }
+
+    /// Staging in a fresh directory, with `reserve`; the directory and the
+    /// pieces of a 2,500-byte snapshot file.
+    fn staging(reserve: u64) -> (tempfile::TempDir, Staging, Snapshots, SnapshotMeta, Vec<u8>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let snapshots = Snapshots::open(&tmp.path().join("snapshots")).unwrap();
+        let meta = SnapshotMeta { index: 9, term: 2 };
+        let file = encode(meta, &[7; 2500]);
+        (tmp, Staging::new(snapshots.clone(), reserve), snapshots, meta, file)
+    }
+
+    fn staged(snapshots: &Snapshots) -> bool {
+        snapshots.incoming().exists()
+    }
+
+    #[test]
+    fn a_staged_snapshot_promises_its_bytes_until_it_is_received() {
+        let (_tmp, mut staging, snapshots, meta, file) = staging(0);
+        let total = file.len() as u64;
+        assert_eq!(staging.piece((1, 2), meta, 0, total, &file[..1000]), Ok(Some(1000)));
+        assert_eq!(snapshots.promised_bytes(), total - 1000, "declared and not written yet");
+        assert_eq!(staging.piece((1, 2), meta, 1000, total, &file[1000..]), Ok(None));
+        assert_eq!(snapshots.promised_bytes(), 0);
+        assert!(!staged(&snapshots));
+        snapshots.adopt(meta).unwrap();
+        assert_eq!(snapshots.load(meta).unwrap(), vec![7; 2500]);
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_fit_above_the_reserve_is_not_staged() {
+        let (tmp, mut staging, snapshots, meta, file) = staging(0);
+        let free = free_bytes(tmp.path()).unwrap();
+        let refused = staging.piece((1, 2), meta, 0, free.saturating_mul(2), &file[..1000]).unwrap_err();
+        assert!(refused.contains("has room for"), "{refused}");
+        let mut short = Staging::new(snapshots.clone(), u64::MAX);
+        let refused = short.piece((1, 2), meta, 0, file.len() as u64, &file[..1000]).unwrap_err();
+        assert!(
+            refused.contains("room for 0 above the reserve"),
+            "a small one, the disk short of its reserve: {refused}"
+        );
+        assert!(!staged(&snapshots) && snapshots.promised_bytes() == 0, "nothing written or promised");
+    }
+
+    #[test]
+    fn one_staging_at_a_time_until_it_is_abandoned() {
+        let (_tmp, mut staging, snapshots, meta, file) = staging(0);
+        let total = file.len() as u64;
+        assert_eq!(staging.piece((1, 2), meta, 0, total, &file[..1000]), Ok(Some(1000)));
+        let busy = staging.piece((2, 2), meta, 0, total, &file[..1000]).unwrap_err();
+        assert!(busy.contains("node 1 is sending"), "{busy}");
+        let now = Instant::now();
+        let leads = |leader, term| move |from, sent_in| (from, sent_in) == (leader, term);
+        assert_eq!(staging.expire(now, leads(1, 2)), None, "its sender still leads");
+        assert!(staged(&snapshots));
+        assert_eq!(staging.expire(now + ABANDONED_AFTER, leads(1, 2)), Some(1), "no piece for too long");
+        assert!(!staged(&snapshots) && snapshots.promised_bytes() == 0, "file removed, promise released");
+        assert_eq!(staging.piece((2, 2), meta, 0, total, &file[..1000]), Ok(Some(1000)), "another may start");
+        assert_eq!(staging.expire(now, leads(1, 3)), Some(2), "its sender no longer leads");
+        assert!(!staged(&snapshots));
+        assert_eq!(staging.piece((1, 3), meta, 1000, total, &file[1000..]), Ok(Some(0)), "start from the beginning");
     }
 }

@@ -1,7 +1,8 @@
 //! Snapshots and log compaction with real processes: periodic snapshots and
 //! the `snapshot` op, restarts from a snapshot, followers caught up by a
 //! streamed snapshot (one of them over 64 MiB), and a node restored from a
-//! snapshot serving as the source for others.
+//! snapshot serving as the source for others; and peers that could not be
+//! the leader, which make a node stage nothing.
 
 mod common;
 
@@ -10,6 +11,8 @@ use std::fs;
 use common::*;
 use raft_zmq::kv::{Command, Value};
 use raft_zmq::protocol::{Reply, Request};
+use raft_zmq::raft::{Body, Message, SnapshotMeta};
+use raft_zmq::transport::{Chunk, Envelope, PROTOCOL_VERSION};
 
 fn value(s: &str) -> Option<Value> {
     Some(Value::Str(s.to_string()))
@@ -129,6 +132,44 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot_and_can_then_rebui
     assert!(rebuilt.snapshot_index > 0 && rebuilt.last_applied >= commit, "{rebuilt:?}");
     assert_eq!(rebuilt.cluster_id, cluster.status(lagger).unwrap().cluster_id, "it learned the name");
     assert!(read_path(&cluster.output_path(lagger)).contains("sent snapshot"), "it sent its snapshot");
+}
+
+/// CONTRACT.md "Limits": a peer that is not a member, or not the leader of
+/// the current term, makes a node store nothing. Without CURVE anyone may
+/// send a raft frame; each of these first pieces is dropped unanswered
+/// before anything is staged.
+#[test]
+fn a_snapshot_piece_from_a_peer_that_cannot_be_the_leader_stages_nothing() {
+    let cluster = start(3, "");
+    let leader = cluster.wait_for_leader();
+    let follower = (0..3).find(|&id| id != leader).unwrap();
+    let other = 3 - leader - follower;
+    let cluster_id = cluster.wait_for_name(leader);
+    let term = cluster.status(follower).unwrap().term;
+    let piece = |from: u64, term: u64| {
+        let snapshot = SnapshotMeta { index: 1 << 20, term };
+        let body = Body::InstallSnapshot { snapshot, membership: Default::default() };
+        let message = Message { from, to: follower as u64, term, body };
+        let chunk = Chunk::Data { offset: 0, total: 1 << 20, data: vec![0; 1 << 16] };
+        let envelope =
+            Envelope { version: PROTOCOL_VERSION, cluster: cluster_id, from, term, message, chunk: Some(chunk) };
+        rmp_serde::to_vec_named(&envelope).unwrap()
+    };
+    let senders = [
+        ("a node that is not a member", piece(7, term)),
+        ("a node that is not a member, claiming a newer term", piece(7, term + 1)),
+        ("a member that is not the leader", piece(other as u64, term)),
+    ];
+    let staging = cluster.state_dir(follower).join("snapshots");
+    for (who, frame) in senders {
+        let socket = cluster.socket(zmq::REQ, &cluster.nodes[follower].raft);
+        socket.send(frame, 0).unwrap();
+        assert_eq!(socket.poll(zmq::POLLIN, 1000).unwrap(), 0, "{who} got an answer");
+        let files: Vec<_> = fs::read_dir(&staging).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(files.is_empty(), "{who} made node {follower} stage {files:?}");
+    }
+    let status = cluster.status(follower).unwrap();
+    assert_eq!((status.term, status.leader), (term, Some(leader as u64)), "the follower was not disturbed");
 }
 
 #[test]

@@ -94,6 +94,10 @@ impl CoreLoop {
             if !self.run_once(inputs)? {
                 self.server.begin_stop(self.now());
             }
+            // Before this step's replies leave: a leader told this node is
+            // behind sends snapshot pieces at once.
+            let soft = self.server.raft().soft_state();
+            self.out.transport.follow(soft.term, soft.leader);
             self.server.process(&mut |msg| self.out.transport.send(msg))?;
             self.carry_out();
             self.publish();

@@ -8,14 +8,12 @@
 //! the alarm by itself once space returns, and the node catches up. If a
 //! write fails anyway, the node stops at once (see `core_loop`).
 
-use std::ffi::CString;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use crate::disk_space::free_bytes;
 use crate::metrics::METRICS;
 
 /// The name `status` lists while the alarm is raised.
@@ -77,7 +75,9 @@ impl DiskAlarm {
     }
 
     /// Re-checks the free space when due; true if the alarm changed.
-    pub fn poll(&mut self, now: Instant) -> bool {
+    /// `promised` bytes are taken already though not written yet (a
+    /// snapshot being received declared them): they count as used.
+    pub fn poll(&mut self, now: Instant, promised: u64) -> bool {
         if now < self.next_check && self.written < (self.reserve / 8).max(1) {
             return false;
         }
@@ -85,7 +85,7 @@ impl DiskAlarm {
         self.written = 0;
         self.state_bytes = dir_bytes(&self.dir);
         let free = match free_bytes(&self.dir) {
-            Ok(free) => free,
+            Ok(free) => free.saturating_sub(promised),
             Err(e) => {
                 warn!("cannot tell the free space of {}: {e}", self.dir.display());
                 return false;
@@ -100,8 +100,8 @@ impl DiskAlarm {
         METRICS.nospace.set(raised as i64);
         if raised {
             warn!(
-                "alarm {NOSPACE}: {} has {free} bytes free, below the reserve of {}; taking no new entries \
-                 until space is freed",
+                "alarm {NOSPACE}: {} has {free} bytes free (besides {promised} promised to a snapshot being \
+                 received), below the reserve of {}; taking no new entries until space is freed",
                 self.dir.display(),
                 self.reserve
             );
@@ -110,19 +110,6 @@ impl DiskAlarm {
         }
         true
     }
-}
-
-/// Bytes an unprivileged process may still write on `dir`'s file system.
-fn free_bytes(dir: &Path) -> io::Result<u64> {
-    let path = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is NUL-terminated and `stats` is written by the call.
-    if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it filled `stats`.
-    let stats = unsafe { stats.assume_init() };
-    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 /// Bytes the files under `dir` take on disk (allocated blocks, so sparse
@@ -151,17 +138,28 @@ mod tests {
         let mut ample = DiskAlarm::new(dir.path(), 1);
         let mut starved = DiskAlarm::new(dir.path(), u64::MAX);
         let now = Instant::now();
-        assert!(!ample.poll(now) && !ample.raised());
-        assert!(starved.poll(now) && starved.raised() && starved.handover_due());
+        assert!(!ample.poll(now, 0) && !ample.raised());
+        assert!(starved.poll(now, 0) && starved.raised() && starved.handover_due());
         starved.handed_over();
         assert!(!starved.handover_due(), "once per alarm");
-        assert!(!starved.poll(now + DiskAlarm::CHECK_EVERY), "no change, no news");
+        assert!(!starved.poll(now + DiskAlarm::CHECK_EVERY, 0), "no change, no news");
         starved.reserve = 1;
-        assert!(!starved.poll(now + DiskAlarm::CHECK_EVERY), "not due yet");
-        assert!(starved.poll(now + 2 * DiskAlarm::CHECK_EVERY) && !starved.raised());
+        assert!(!starved.poll(now + DiskAlarm::CHECK_EVERY, 0), "not due yet");
+        assert!(starved.poll(now + 2 * DiskAlarm::CHECK_EVERY, 0) && !starved.raised());
         starved.reserve = u64::MAX;
         starved.wrote(u64::MAX / 8);
-        assert!(starved.poll(now + 2 * DiskAlarm::CHECK_EVERY), "due early after many bytes written");
+        assert!(starved.poll(now + 2 * DiskAlarm::CHECK_EVERY, 0), "due early after many bytes written");
+    }
+
+    #[test]
+    fn bytes_promised_to_a_snapshot_being_received_count_as_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_bytes(dir.path()).unwrap();
+        let mut alarm = DiskAlarm::new(dir.path(), free / 2);
+        let now = Instant::now();
+        assert!(!alarm.poll(now, 0) && !alarm.raised());
+        assert!(alarm.poll(now + DiskAlarm::CHECK_EVERY, free) && alarm.raised(), "the promise eats the reserve");
+        assert!(alarm.poll(now + 2 * DiskAlarm::CHECK_EVERY, 0) && !alarm.raised(), "released with the promise");
     }
 
     #[test]
@@ -177,6 +175,6 @@ mod tests {
     #[test]
     fn a_missing_dir_keeps_the_alarm_as_it_was() {
         let mut alarm = DiskAlarm::new(Path::new("/nonexistent/raft-zmq"), u64::MAX);
-        assert!(!alarm.poll(Instant::now()) && !alarm.raised());
+        assert!(!alarm.poll(Instant::now(), 0) && !alarm.raised());
     }
 }

@@ -241,6 +241,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
             max_message_bytes: (config.max_request_bytes as i64) * 2 + (16 << 20),
             security: Arc::clone(&security),
             snapshots: snapshots.clone(),
+            disk_reserve: config.disk_reserve_bytes,
         },
         peer_tx,
     )?;

@@ -57,10 +57,18 @@ impl From<SnapshotError> for PersistError {
     }
 }
 
+impl NodeStore {
+    /// Checks the free space when due, counting what a snapshot being
+    /// received has declared and not written yet as used.
+    fn poll_disk(&mut self) {
+        self.disk.poll(Instant::now(), self.snapshots.promised_bytes());
+    }
+}
+
 impl NodeStorage for NodeStore {
     fn reserve(&mut self, bytes: u64) -> Result<(), String> {
         self.disk.wrote(bytes);
-        self.disk.poll(Instant::now());
+        self.poll_disk();
         if self.disk.raised() { Err(format!("alarm {NOSPACE}")) } else { Ok(()) }
     }
 
@@ -69,7 +77,7 @@ impl NodeStorage for NodeStore {
     }
 
     fn check_space(&mut self) -> bool {
-        self.disk.poll(Instant::now());
+        self.poll_disk();
         self.disk.handover_due()
     }
 
@@ -164,7 +172,7 @@ impl driver::Storage for NodeStore {
             METRICS.persist_entries.observe(entries.len() as f64);
         }
         self.disk.wrote(entries.iter().map(|e| e.approx_size() as u64).sum());
-        self.disk.poll(Instant::now());
+        self.poll_disk();
         Ok(())
     }
 }

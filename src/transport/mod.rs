@@ -29,13 +29,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, error, warn};
 
-pub use envelope::{Envelope, PROTOCOL_VERSION, Reject, Request, Wire, bootstrap_fingerprint};
+pub use envelope::{Chunk, Envelope, PROTOCOL_VERSION, Reject, Request, Wire, bootstrap_fingerprint};
 
-use crate::raft::{Message, NodeId};
+use crate::raft::{Message, NodeId, Term};
 use crate::security::{Domain, NodeSecurity};
-use crate::snapshot::Snapshots;
+use crate::snapshot::{Snapshots, Staging};
 use peer::Link;
-use server::Server;
+use server::{Admission, Server};
 
 /// What the transport hands the core.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +71,9 @@ pub struct TransportConfig {
     pub security: Arc<NodeSecurity>,
     /// Where snapshots to send are read from and received ones collected.
     pub snapshots: Snapshots,
+    /// Bytes to keep free on the state dir's disk: a snapshot whose
+    /// declared size does not fit above them is not received.
+    pub disk_reserve: u64,
 }
 
 #[derive(Debug)]
@@ -161,6 +164,8 @@ pub struct Transport {
     /// Interrupts the server thread's poll. A Mutex because a zmq socket
     /// must not be used by two threads at once and `send` takes `&self`.
     wake: Mutex<zmq::Socket>,
+    /// Who may send a snapshot, for the server thread.
+    admission: Arc<Mutex<Admission>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -196,6 +201,7 @@ impl Transport {
 
         let (replies, replies_rx) = crossbeam_channel::unbounded();
         let stop = Arc::new(AtomicBool::new(false));
+        let admission = Arc::new(Mutex::new(Admission::default()));
         // From here on an early return drops `transport`, which stops and
         // joins whatever threads were already started.
         let links = LinkSettings {
@@ -215,6 +221,7 @@ impl Transport {
             links,
             replies,
             wake: Mutex::new(wake_tx),
+            admission: Arc::clone(&admission),
             stop: Arc::clone(&stop),
             threads: Vec::new(),
         };
@@ -225,7 +232,8 @@ impl Transport {
             wire: Arc::clone(&wire),
             inbound: inbound.clone(),
             stop: Arc::clone(&stop),
-            snapshots: cfg.snapshots.clone(),
+            staging: Staging::new(cfg.snapshots.clone(), cfg.disk_reserve),
+            admission,
         };
         transport.spawn("raft-server".into(), move || server.run())?;
         transport.set_peers(cfg.peers)?;
@@ -238,6 +246,7 @@ impl Transport {
     pub fn set_peers(&mut self, peers: Vec<(NodeId, String)>) -> Result<(), TransportError> {
         let me = self.links.id;
         let wanted: HashMap<NodeId, String> = peers.into_iter().filter(|(id, _)| *id != me).collect();
+        crate::lock(&self.admission).peers = wanted.keys().copied().collect();
         self.requests.retain(|id, (endpoint, _)| wanted.get(id) == Some(endpoint));
         for (peer, endpoint) in wanted {
             if self.requests.contains_key(&peer) {
@@ -264,6 +273,15 @@ impl Transport {
     /// While the name is not committed: the one the log holds (0: none).
     pub fn expect_cluster(&self, cluster: u64) {
         self.wire.expect(cluster);
+    }
+
+    /// The core's current term and the leader it follows in it, if any:
+    /// while it follows one, no other member's snapshot is staged. To be
+    /// called before the core's messages of the same step leave, since the
+    /// leader sends a snapshot as soon as it hears the follower needs one.
+    pub fn follow(&self, term: Term, leader: Option<NodeId>) {
+        let mut admission = crate::lock(&self.admission);
+        (admission.term, admission.leader) = (term, leader);
     }
 
     /// The fingerprint of the cluster's first membership, from the log.
@@ -431,6 +449,7 @@ mod tests {
             max_message_bytes: 1 << 20 | 1 << 16,
             security: Arc::new(NodeSecurity::Plain),
             snapshots,
+            disk_reserve: 0,
         };
         (Transport::start(ctx, cfg, tx).unwrap(), rx)
     }
@@ -509,7 +528,13 @@ mod tests {
         let snapshot = SnapshotMeta { index: 40, term: 3 };
         let data: Vec<u8> = (0..(3 * peer::SNAPSHOT_CHUNK + 12_345)).map(|i| (i % 251) as u8).collect();
         leader_dir.save(snapshot, &data).unwrap();
-        let install = Message { from: 0, to: 1, term: 3, body: Body::InstallSnapshot { snapshot, membership: Default::default() } };
+        let install = Message {
+            from: 0,
+            to: 1,
+            term: 3,
+            body: Body::InstallSnapshot { snapshot, membership: Default::default() },
+        };
+        b.follow(3, Some(0));
         a.send(install.clone());
         assert_eq!(message(&b_rx), install, "the core sees one InstallSnapshot, once all of it arrived");
         b.send(Message { from: 1, to: 0, ..ack(1, 0) });
@@ -523,7 +548,10 @@ mod tests {
         let mut bytes = std::fs::read(leader_dir.path(damaged)).unwrap();
         bytes[100] ^= 0xff;
         std::fs::write(leader_dir.path(damaged), bytes).unwrap();
-        a.send(Message { body: Body::InstallSnapshot { snapshot: damaged, membership: Default::default() }, ..install });
+        a.send(Message {
+            body: Body::InstallSnapshot { snapshot: damaged, membership: Default::default() },
+            ..install
+        });
         expect(&a_rx, Instant::now() + Duration::from_secs(15), |item| *item == Inbound::Unreachable(1));
         assert!(b_rx.try_recv().is_err(), "nothing was delivered");
         drop((a, b));
@@ -649,7 +677,8 @@ mod tests {
         let ctx = zmq::Context::new();
         let nodes = members(2);
         let follower_dir = snapshots_dir();
-        let (_follower, inbound) = start_with(&ctx, 0, &nodes, PATIENCE, follower_dir.clone());
+        let (follower, inbound) = start_with(&ctx, 0, &nodes, PATIENCE, follower_dir.clone());
+        follower.follow(2, Some(1));
         let raw = ctx.socket(zmq::REQ).unwrap();
         raw.set_linger(0).unwrap();
         raw.set_rcvtimeo(PATIENCE.as_millis() as i32).unwrap();
@@ -658,7 +687,12 @@ mod tests {
         let snapshot = SnapshotMeta { index: 9, term: 2 };
         let file = crate::snapshot::encode(snapshot, &[7; 2500]);
         let total = file.len() as u64;
-        let install = Message { from: 1, to: 0, term: 2, body: Body::InstallSnapshot { snapshot, membership: Default::default() } };
+        let install = Message {
+            from: 1,
+            to: 0,
+            term: 2,
+            body: Body::InstallSnapshot { snapshot, membership: Default::default() },
+        };
         // Sends the piece at `offset` (1000 bytes at most); returns the answer.
         let piece = |offset: u64| {
             let data = file[offset as usize..(offset as usize + 1000).min(file.len())].to_vec();
@@ -676,6 +710,46 @@ mod tests {
         assert_eq!(message(&inbound), install, "complete and intact: handed to the core");
         follower_dir.adopt(snapshot).unwrap();
         assert_eq!(follower_dir.load(snapshot).unwrap(), vec![7; 2500]);
+    }
+
+    /// Only a member that may lead the follower's current term stages a
+    /// snapshot: a node that is not a member, another member than the
+    /// leader, or the leader of an older term gets no answer and leaves no
+    /// file; once leadership moves on, the old leader's staging file goes.
+    #[test]
+    fn only_a_member_that_may_lead_the_current_term_makes_a_node_stage_a_snapshot() {
+        let ctx = zmq::Context::new();
+        let nodes = members(3);
+        let dir = tempfile::tempdir().unwrap();
+        let (follower, _inbound) = start_with(&ctx, 0, &nodes, PATIENCE, Snapshots::open(dir.path()).unwrap());
+        let raw = ctx.socket(zmq::DEALER).unwrap();
+        raw.set_linger(0).unwrap();
+        raw.connect(&nodes[0].1).unwrap();
+        let snapshot = SnapshotMeta { index: 9, term: 2 };
+        let file = crate::snapshot::encode(snapshot, &[7; 2500]);
+        // The first 1000 bytes, as node `from` in `term`; the answer, if any comes within a second.
+        let first_piece = |from: NodeId, term| {
+            let install =
+                Message { from, to: 0, term, body: Body::InstallSnapshot { snapshot, membership: Default::default() } };
+            let chunk = Chunk::Data { offset: 0, total: file.len() as u64, data: file[..1000].to_vec() };
+            let frame = Wire::new(from, CLUSTER, 0, -1).seal_as(CLUSTER, &install, Some(&chunk)).unwrap();
+            raw.send_multipart([&b""[..], &frame], 0).unwrap();
+            (raw.poll(zmq::POLLIN, 1000).unwrap() > 0).then(|| raw.recv_multipart(0).unwrap())
+        };
+        let staged = || std::fs::read_dir(dir.path()).unwrap().count();
+        follower.follow(2, Some(1));
+        assert!(first_piece(7, 3).is_none(), "a node that is not a member, in a newer term");
+        assert!(first_piece(2, 2).is_none(), "a member that is not the leader");
+        assert!(first_piece(1, 1).is_none(), "the leader of an older term");
+        assert_eq!(staged(), 0, "nothing staged");
+        assert!(first_piece(1, 2).is_some(), "the leader is answered");
+        assert_eq!(staged(), 1);
+        follower.follow(3, Some(2));
+        let deadline = Instant::now() + PATIENCE;
+        while staged() > 0 {
+            assert!(Instant::now() < deadline, "the deposed leader's staging file stayed");
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
@@ -707,7 +781,8 @@ mod tests {
         let timeout = Duration::from_millis(300);
         let (a, a_rx) = start(&ctx, 0, &nodes, timeout);
         let (_b, _b_rx) = start(&ctx, 1, &nodes, PATIENCE);
-        let missing = Body::InstallSnapshot { snapshot: SnapshotMeta { index: 7, term: 1 }, membership: Default::default() };
+        let missing =
+            Body::InstallSnapshot { snapshot: SnapshotMeta { index: 7, term: 1 }, membership: Default::default() };
         let sent = Instant::now();
         a.send(Message { from: 0, to: 1, term: 1, body: missing });
         expect(&a_rx, sent + timeout + PATIENCE, |i| *i == Inbound::Unreachable(1));
@@ -787,6 +862,7 @@ mod tests {
             max_message_bytes: -1,
             security: Arc::new(NodeSecurity::Plain),
             snapshots: snapshots_dir(),
+            disk_reserve: 0,
         };
         let error = Transport::start(&zmq::Context::new(), cfg, tx).err().unwrap();
         assert_eq!(error.to_string(), format!("cannot bind raft endpoint {endpoint}: Address already in use"));

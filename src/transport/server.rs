@@ -5,23 +5,25 @@
 //! It also collects the pieces of a snapshot a leader streams (see
 //! [`Chunk`]): each is written to the staging file and acknowledged here;
 //! once the whole file is in, checked and durable, the InstallSnapshot goes
-//! to the core, whose reply answers the last piece.
+//! to the core, whose reply answers the last piece. Only a peer that may be
+//! the leader of the core's current term may stage one (see [`Admission`]);
+//! any other's pieces are dropped before a byte is written.
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::Write;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 
 use super::envelope::{Chunk, Reject, Request, Wire};
 use super::{Inbound, STOP_CHECK, Warnings, deliver};
+use crate::lock;
 use crate::metrics::METRICS;
-use crate::raft::{Body, Message, NodeId, SnapshotMeta};
+use crate::raft::{Body, Message, NodeId, Term};
 use crate::security::{Caller, recv_with_user};
-use crate::snapshot::Snapshots;
+use crate::snapshot::Staging;
 
 /// Requests handled per wake-up before replies get another turn, so that a
 /// flood of requests cannot hold back replies (reply latency is commit latency).
@@ -38,7 +40,44 @@ pub(super) struct Server {
     pub(super) wire: Arc<Wire>,
     pub(super) inbound: Sender<Inbound>,
     pub(super) stop: Arc<AtomicBool>,
-    pub(super) snapshots: Snapshots,
+    pub(super) staging: Staging,
+    pub(super) admission: Arc<Mutex<Admission>>,
+}
+
+/// Who may send this node a snapshot, as far as the core's view goes: kept
+/// up to date by `Transport::follow` and `Transport::set_peers`. The core
+/// checks the InstallSnapshot again once the file is in; this only keeps
+/// a peer that could not be the leader from making the node store anything.
+#[derive(Default)]
+pub(super) struct Admission {
+    /// The core's current term and the leader it follows in it, if any.
+    pub(super) term: Term,
+    pub(super) leader: Option<NodeId>,
+    /// The members this node talks to (under CURVE, the nodes whose keys
+    /// it accepts). A joining node knows those its config names.
+    pub(super) peers: HashSet<NodeId>,
+}
+
+impl Admission {
+    /// Node `from`, sending in `term`, may be the leader: it is a member,
+    /// and either its term is newer than the core's or it is the leader the
+    /// core follows in it (or the core knows none yet: a leader probes a
+    /// follower far behind with the snapshot itself, not an AppendEntries).
+    fn admits(&self, from: NodeId, term: Term) -> Result<(), String> {
+        if !self.peers.contains(&from) {
+            return Err("not a member: refused".into());
+        }
+        match (term.cmp(&self.term), self.leader) {
+            (std::cmp::Ordering::Greater, _) | (std::cmp::Ordering::Equal, None) => Ok(()),
+            (std::cmp::Ordering::Equal, Some(leader)) if leader == from => Ok(()),
+            (std::cmp::Ordering::Equal, Some(leader)) => {
+                Err(format!("node {leader} is the leader of term {term}: refused"))
+            }
+            (std::cmp::Ordering::Less, _) => {
+                Err(format!("term {term} is over (this node is in {}): refused", self.term))
+            }
+        }
+    }
 }
 
 /// A peer's request waiting for the core's answer: the route it came in on
@@ -49,22 +88,13 @@ struct Waiting {
     cluster: u64,
 }
 
-/// A snapshot being received from one peer.
-struct Incoming {
-    snapshot: SnapshotMeta,
-    total: u64,
-    received: u64,
-    file: File,
-}
-
 impl Server {
-    pub(super) fn run(self) {
+    pub(super) fn run(mut self) {
         // Each peer has a single REQ socket, so it has at most one request
         // outstanding: its latest one. A reply the core sends after the peer gave up and
         // asked again answers the newer request; Raft replies describe
         // themselves (term, match_index, read_seq), so that is harmless.
         let mut pending: HashMap<NodeId, Waiting> = HashMap::new();
-        let mut incoming: HashMap<NodeId, Incoming> = HashMap::new();
         let mut warnings = Warnings::default();
         let poll_ms = STOP_CHECK.as_millis() as i64;
         while !self.stop.load(Ordering::Acquire) {
@@ -79,6 +109,7 @@ impl Server {
             // Drain wake-ups before replies: a reply queued after this point
             // leaves a wake-up behind, so the next poll returns at once.
             while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
+            self.expire_staging(&mut warnings);
             for reply in self.replies.try_iter() {
                 self.send_reply(&mut pending, reply);
             }
@@ -86,7 +117,7 @@ impl Server {
                 match recv_with_user(&self.router, zmq::DONTWAIT) {
                     Ok((frames, user)) => {
                         let sender = Caller::of(user.as_deref());
-                        self.accept(&mut pending, &mut incoming, &mut warnings, frames, sender)
+                        self.accept(&mut pending, &mut warnings, frames, sender)
                     }
                     Err(zmq::Error::EAGAIN) => break,
                     Err(e) => {
@@ -107,9 +138,8 @@ impl Server {
     }
 
     fn accept(
-        &self,
+        &mut self,
         pending: &mut HashMap<NodeId, Waiting>,
-        incoming: &mut HashMap<NodeId, Incoming>,
         warnings: &mut Warnings,
         mut frames: Vec<Vec<u8>>,
         sender: Caller,
@@ -135,7 +165,7 @@ impl Server {
         match opened {
             Ok(Request { message, chunk: Some(Chunk::Data { offset, total, data }), cluster }) => {
                 let from = message.from;
-                match self.collect(incoming, &message, offset, total, &data) {
+                match self.collect(&message, offset, total, &data, warnings) {
                     Ok(Some(next)) => self.acknowledge(frames, cluster, message, next),
                     Ok(None) => {
                         pending.insert(from, Waiting { route: frames, cluster });
@@ -143,7 +173,6 @@ impl Server {
                     }
                     Err(problem) => {
                         // No answer: the leader gives up on this transfer and tries again later.
-                        incoming.remove(&from);
                         warnings.warn("snapshot not received", format!("snapshot from node {from}: {problem}"));
                     }
                 }
@@ -166,46 +195,36 @@ impl Server {
         }
     }
 
-    /// Adds a piece to the snapshot being received from the message's
-    /// sender. Returns how much of it is held when more is to come (a piece
-    /// out of order is not written: the answer tells the sender where to go
-    /// on), or `None` once the whole file is in, intact and durable.
+    /// Adds a piece to the snapshot being received, if the message's
+    /// sender may be the leader (checked before anything is written).
+    /// Returns how much of it is held when more is to
+    /// come, or `None` once the whole file is in, intact and durable.
     fn collect(
-        &self,
-        incoming: &mut HashMap<NodeId, Incoming>,
+        &mut self,
         message: &Message,
         offset: u64,
         total: u64,
         data: &[u8],
+        warnings: &mut Warnings,
     ) -> Result<Option<u64>, String> {
         let Body::InstallSnapshot { snapshot, .. } = message.body else { unreachable!("the wire checked") };
-        let from = message.from;
-        let path = self.snapshots.incoming(from);
-        let fresh = incoming.get(&from).is_none_or(|i| i.snapshot != snapshot || i.total != total);
-        if fresh {
-            if offset != 0 {
-                return Ok(Some(0));
-            }
-            let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            incoming.insert(from, Incoming { snapshot, total, received: 0, file });
+        let (from, term) = (message.from, message.term);
+        self.expire_staging(warnings);
+        lock(&self.admission).admits(from, term)?;
+        let held = self.staging.piece((from, term), snapshot, offset, total, data)?;
+        if held.is_none() {
+            info!("node {from}'s snapshot {}/{} received ({total} bytes)", snapshot.index, snapshot.term);
         }
-        let state = incoming.get_mut(&from).expect("inserted above");
-        if offset != state.received {
-            return Ok(Some(state.received));
+        Ok(held)
+    }
+
+    /// Drops a staging that was abandoned or whose sender can no longer
+    /// be the leader.
+    fn expire_staging(&mut self, warnings: &mut Warnings) {
+        let admission = lock(&self.admission);
+        if let Some(from) = self.staging.expire(Instant::now(), |from, term| admission.admits(from, term).is_ok()) {
+            warnings.warn("snapshot abandoned", format!("snapshot from node {from} abandoned; staging file removed"));
         }
-        state.file.write_all(data).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        state.received += data.len() as u64;
-        if state.received < total {
-            return Ok(Some(state.received));
-        }
-        incoming.remove(&from);
-        if let Err(e) = self.snapshots.receive(&path, snapshot) {
-            // Answered with "nothing held", so the sender gives up at once.
-            warn!("snapshot from node {from} refused: {e}");
-            return Ok(Some(0));
-        }
-        info!("node {from}'s snapshot {}/{} received ({total} bytes)", snapshot.index, snapshot.term);
-        Ok(None)
     }
 
     /// Answers a piece with how much of the snapshot is held.
@@ -237,5 +256,23 @@ impl Server {
         if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
             warn!("reply to node {to} not sent: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_admitted_from_a_member_that_may_lead_the_current_term_or_a_newer_one() {
+        let mut admission = Admission { term: 5, leader: None, peers: HashSet::from([1, 2]) };
+        assert!(admission.admits(1, 5).is_ok(), "no leader known yet: the snapshot is the leader's probe");
+        assert!(admission.admits(7, 5).unwrap_err().contains("not a member"));
+        assert!(admission.admits(7, 6).unwrap_err().contains("not a member"), "whatever term it claims");
+        assert!(admission.admits(1, 4).unwrap_err().contains("term 4 is over"));
+        admission.leader = Some(2);
+        assert!(admission.admits(2, 5).is_ok());
+        assert!(admission.admits(1, 5).unwrap_err().contains("node 2 is the leader of term 5"));
+        assert!(admission.admits(1, 6).is_ok(), "a newer term: the core decides");
     }
 }
