@@ -14,6 +14,7 @@
 //! | `membership`                | (index, [`Membership`]): in force at the log start |
 //! | `membership/` + index as BE | [`Membership`] of the membership entry at that index |
 //! | `meta/` + name              | raw bytes    |
+//! | `dup/` + index as u64 BE    | empty: the applied entry there was a duplicate (see [`DuplicateMarks`]) |
 //!
 //! Big-endian indexes make sled's key order the log order. The newest
 //! entries (up to [`TAIL_BYTES`]) are also kept in memory, and they are all
@@ -52,7 +53,7 @@
 //! create, plus their parents, so a freshly created node's files exist after a
 //! power loss.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File};
@@ -72,6 +73,7 @@ const LOG_PREFIX: &[u8] = b"log/";
 const MEMBERSHIP_KEY: &[u8] = b"membership";
 const MEMBERSHIP_PREFIX: &[u8] = b"membership/";
 const META_PREFIX: &[u8] = b"meta/";
+const DUP_PREFIX: &[u8] = b"dup/";
 /// Written when the database is created. sled treats an unreadable data file
 /// as a torn write and silently opens it empty; without this marker a
 /// corrupted state dir would restart as a blank node that may vote twice in a
@@ -163,6 +165,14 @@ impl Compactor {
         let (jobs, queue) = crossbeam_channel::unbounded::<(Index, Index)>();
         let run = move || {
             for (from, to) in queue {
+                // Duplicate marks first: then no crash leaves one below the
+                // log start without a leftover entry, which the next open
+                // finds and has deleted.
+                let mut marks = sled::Batch::default();
+                db.range(dup_key(from)..=dup_key(to)).keys().flatten().for_each(|key| marks.remove(key));
+                if let Err(e) = db.apply_batch(marks) {
+                    log::warn!("state dir {}: cannot delete compacted duplicate marks: {e}", dir.display());
+                }
                 for start in (from..=to).step_by(Self::BATCH as usize) {
                     let mut batch = sled::Batch::default();
                     (start..=to.min(start + Self::BATCH - 1)).for_each(|i| batch.remove(&log_key(i)[..]));
@@ -423,6 +433,9 @@ impl Storage {
         for (index, _) in self.memberships.iter().skip(1) {
             batch.remove(&membership_key(*index)[..]);
         }
+        for key in self.db.scan_prefix(DUP_PREFIX).keys() {
+            batch.remove(key.map_err(|e| StorageError::new(&self.dir, format!("cannot read duplicate marks: {e}")))?);
+        }
         let start = (snapshot.index, membership.clone());
         batch.insert(MEMBERSHIP_KEY, self.encode(&start, "membership")?);
         self.apply(batch)?;
@@ -613,6 +626,15 @@ impl Storage {
         LogView { dir: self.dir.clone(), db: self.db.clone() }
     }
 
+    /// Where the core loop records which applied entries were duplicates.
+    pub fn duplicate_marks(&self) -> Result<DuplicateMarks, StorageError> {
+        let db_file = self
+            .db_file
+            .try_clone()
+            .map_err(|e| StorageError::new(&self.dir, format!("cannot reopen db file: {e}")))?;
+        Ok(DuplicateMarks { dir: self.dir.clone(), db: self.db.clone(), db_file })
+    }
+
     /// Reads the metadata blob `name`, if it was ever written.
     pub fn read_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
         self.db
@@ -666,6 +688,36 @@ impl LogStore for Storage {
     }
 }
 
+/// Which applied entries the session check skipped, so that the `log` op
+/// marks them `"dup": true` as the mirror does, after a restart too. Kept
+/// beside the log and compacted with it (a log that starts over after a
+/// snapshot keeps none), so they take no memory and are at most as many as
+/// the log's entries.
+pub struct DuplicateMarks {
+    dir: PathBuf,
+    db: sled::Db,
+    /// sled's data file, to make the marks durable (see `Storage::sync`).
+    db_file: File,
+}
+
+impl DuplicateMarks {
+    /// Records the entries at `indexes` as duplicates, durably: a snapshot
+    /// covering them may follow at once, after which a restart no longer
+    /// applies them again to find out. Duplicates are rare (a retry across a
+    /// change of leader), so the fsync is too.
+    pub fn mark(&self, indexes: &[Index]) -> Result<(), StorageError> {
+        if indexes.is_empty() {
+            return Ok(());
+        }
+        let err = |problem: String| StorageError::new(&self.dir, problem);
+        let mut batch = sled::Batch::default();
+        indexes.iter().for_each(|&index| batch.insert(&dup_key(index)[..], &[][..]));
+        self.db.apply_batch(batch).map_err(|e| err(format!("cannot write duplicate marks: {e}")))?;
+        self.db.flush().map_err(|e| err(format!("cannot flush: {e}")))?;
+        self.db_file.sync_data().map_err(|e| err(format!("cannot fsync db file: {e}")))
+    }
+}
+
 /// A read-only view of the stored log for other threads (the `log` op), so
 /// reading never holds up the core loop. Only entries the node has applied
 /// may be asked for: those are durable and never change again.
@@ -676,6 +728,22 @@ pub struct LogView {
 }
 
 impl LogView {
+    /// The indexes in `from..=to` marked as duplicates (see [`DuplicateMarks`]).
+    pub fn duplicates(&self, from: Index, to: Index) -> Result<BTreeSet<Index>, StorageError> {
+        if from > to {
+            return Ok(BTreeSet::new());
+        }
+        let err = |problem: String| StorageError::new(&self.dir, problem);
+        self.db
+            .range(dup_key(from)..=dup_key(to))
+            .keys()
+            .map(|key| {
+                let key = key.map_err(|e| err(format!("cannot read duplicate marks: {e}")))?;
+                parse_index_key(DUP_PREFIX, &key).ok_or_else(|| err("malformed duplicate mark".into()))
+            })
+            .collect()
+    }
+
     /// Hands `visit` the entries `from..=to` in order until it returns false.
     pub fn visit(&self, from: Index, to: Index, mut visit: impl FnMut(Entry) -> bool) -> Result<(), StorageError> {
         let err = |problem: String| StorageError::new(&self.dir, problem);
@@ -764,6 +832,10 @@ fn log_key(index: Index) -> [u8; LOG_KEY_LEN] {
 
 fn membership_key(index: Index) -> Vec<u8> {
     [MEMBERSHIP_PREFIX, &index.to_be_bytes()].concat()
+}
+
+fn dup_key(index: Index) -> Vec<u8> {
+    [DUP_PREFIX, &index.to_be_bytes()].concat()
 }
 
 fn parse_log_key(key: &[u8]) -> Option<Index> {
@@ -1134,6 +1206,28 @@ mod tests {
             open_err(tmp.path())
         };
         assert!(e.contains("log entry 12 follows a gap: expected index 11"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_marks_survive_a_reopen_and_go_with_the_entries_they_mark() {
+        let tmp = tempfile::tempdir().unwrap();
+        let marked = |s: &Storage| s.log_view().duplicates(1, 100).unwrap().into_iter().collect::<Vec<_>>();
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.write(None, &(1..=10).map(|i| entry(i, 1, b"x")).collect::<Vec<_>>()).unwrap();
+            s.sync().unwrap();
+            s.duplicate_marks().unwrap().mark(&[3, 5, 8]).unwrap();
+        }
+        let (mut s, _) = Storage::open(tmp.path()).unwrap();
+        assert_eq!(marked(&s), [3, 5, 8], "durable");
+        assert_eq!(s.log_view().duplicates(4, 7).unwrap(), BTreeSet::from([5]));
+        s.compact(5).unwrap();
+        s.sync().unwrap();
+        drop(s); // waits for the background deletion
+        let (mut s, _) = Storage::open(tmp.path()).unwrap();
+        assert_eq!(marked(&s), [8], "compacted with the entries they mark");
+        s.install_snapshot(SnapshotMeta { index: 20, term: 2 }, &Membership::default()).unwrap();
+        assert!(marked(&s).is_empty(), "a log that starts over keeps none");
     }
 
     #[test]

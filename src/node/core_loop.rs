@@ -25,6 +25,7 @@ use crate::metrics::METRICS;
 use crate::protocol::{ErrorCode, Reply, Request};
 use crate::raft::{NodeId, Role};
 use crate::security::NodeSecurity;
+use crate::storage::DuplicateMarks;
 use crate::transport::{Inbound, Transport};
 
 /// A decoded client request on its way to the core loop.
@@ -54,6 +55,8 @@ pub struct Outputs {
     pub mirror: Sender<MirrorMsg>,
     pub snapshots: Sender<SnapshotJob>,
     pub log_reader: Sender<DiskRead>,
+    /// Applied entries the session check skipped, for the `log` op.
+    pub duplicates: DuplicateMarks,
     pub shared: Arc<Shared>,
     /// Plaintext or CURVE; learns the keys of members added at run time.
     pub security: Arc<NodeSecurity>,
@@ -99,7 +102,7 @@ impl CoreLoop {
             let soft = self.server.raft().soft_state();
             self.out.transport.follow(soft.term, soft.leader);
             self.server.process(&mut |msg| self.out.transport.send(msg))?;
-            self.carry_out();
+            self.carry_out()?;
             self.publish();
             METRICS.client_queue.set(inputs.clients.len() as i64);
             METRICS.apply_queue.set(self.out.mirror.len() as i64);
@@ -113,7 +116,7 @@ impl CoreLoop {
         // New requests get `shutting_down` from the client endpoint from now on.
         self.out.shared.stopping.store(true, Ordering::Release);
         self.server.shut_down()?;
-        self.carry_out();
+        self.carry_out()?;
         Ok(())
     }
 
@@ -170,13 +173,15 @@ impl CoreLoop {
         self.server.client(request, reply_to, now);
     }
 
-    fn carry_out(&mut self) {
+    /// Fails only if the duplicate marks cannot be stored.
+    fn carry_out(&mut self) -> Result<(), PersistError> {
         for effect in self.server.take_effects() {
             let out = &mut self.out;
             match effect {
                 Effect::Reply(reply_to, reply) => out.replier.send(reply_to, &reply),
                 Effect::Applied { entries, duplicates } => {
-                    out.shared.duplicates().extend(duplicates.iter().copied());
+                    // Before `last_applied` says the `log` op may read them.
+                    out.duplicates.mark(&duplicates)?;
                     // The mirror thread only stops after us.
                     let _ = out.mirror.send(MirrorMsg::Applied { entries, duplicates });
                 }
@@ -213,6 +218,7 @@ impl CoreLoop {
                 }
             }
         }
+        Ok(())
     }
 
     /// What other threads read without asking: the leader (for forwarding),

@@ -82,15 +82,16 @@ fn read_log(view: &LogView, shared: &Shared, from: Index, limit: u64) -> Reply {
     let (from, to) = (from.max(1), applied.min(from.saturating_add(limit).saturating_sub(1)));
     let mut entries = Vec::new();
     let mut bytes = 0;
-    let read = view.visit(from, to, |entry| {
-        let duplicate = shared.duplicates().contains(&entry.index);
-        let command = command_json(&entry.payload, duplicate);
-        bytes += command.len();
-        if bytes > LOG_REPLY_MAX_BYTES && !entries.is_empty() {
-            return false;
-        }
-        entries.push(LogEntryView { index: entry.index, term: entry.term, command });
-        true
+    let read = view.duplicates(from, to).and_then(|duplicates| {
+        view.visit(from, to, |entry| {
+            let command = command_json(&entry.payload, duplicates.contains(&entry.index));
+            bytes += command.len();
+            if bytes > LOG_REPLY_MAX_BYTES && !entries.is_empty() {
+                return false;
+            }
+            entries.push(LogEntryView { index: entry.index, term: entry.term, command });
+            true
+        })
     });
     match read {
         Ok(()) => Reply::Log { entries },
@@ -98,5 +99,44 @@ fn read_log(view: &LogView, shared: &Shared, from: Index, limit: u64) -> Reply {
             error!("log request: {e}");
             Reply::error(ErrorCode::Busy, format!("cannot read the log: {e}"), shared.leader())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{Command, KvStore, LoggedCommand, Value};
+    use crate::raft::{Entry, Payload};
+    use crate::storage::Storage;
+
+    /// The same write twice in the log, the second skipped by the session
+    /// check (a retry across a change of leader): after a restart, with the
+    /// state machine past both (as from a snapshot), `log` still marks it.
+    #[test]
+    fn a_duplicate_is_still_marked_after_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let put = Command::Put { key: Value::Str("k".into()), value: Value::Str("v".into()) };
+        let write =
+            Payload::Command(LoggedCommand { command: put, client_id: Some("c".into()), seq: Some(1) }.encode());
+        let entries: Vec<Entry> = (1..=2).map(|index| Entry { index, term: 1, payload: write.clone() }).collect();
+        {
+            let (mut storage, _) = Storage::open(tmp.path()).unwrap();
+            storage.write(None, &entries).unwrap();
+            storage.sync().unwrap();
+            let mut kv = KvStore::new();
+            let duplicates: Vec<Index> = entries
+                .iter()
+                .filter(|e| kv.apply(e.index, &e.payload).is_some_and(|a| a.duplicate))
+                .map(|e| e.index)
+                .collect();
+            assert_eq!(duplicates, [2]);
+            storage.duplicate_marks().unwrap().mark(&duplicates).unwrap();
+        }
+        let (storage, _) = Storage::open(tmp.path()).unwrap();
+        let shared = Shared::new();
+        shared.last_applied.store(2, Ordering::Release);
+        let Reply::Log { entries } = read_log(&storage.log_view(), &shared, 1, 10) else { panic!("a log reply") };
+        let marked: Vec<bool> = entries.iter().map(|e| e.command.ends_with(r#""dup":true}"#)).collect();
+        assert_eq!(marked, [false, true]);
     }
 }

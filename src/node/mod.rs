@@ -21,10 +21,9 @@ pub mod server;
 mod store;
 mod writers;
 
-use std::collections::BTreeSet;
 use std::error::Error;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +35,7 @@ use crate::kv::KvStore;
 use crate::lock;
 use crate::mirror::{Mirror, MirrorError, Rotation};
 use crate::protocol::StatusInfo;
-use crate::raft::{self, HardState, Index, LogStore, Membership, NodeId, Raft, SnapshotMeta};
+use crate::raft::{self, HardState, LogStore, Membership, NodeId, Raft, SnapshotMeta};
 use crate::security::NodeSecurity;
 use crate::snapshot::{self, Snapshots};
 use crate::storage::Storage;
@@ -57,9 +56,6 @@ pub struct Shared {
     last_applied: AtomicU64,
     /// Index of the newest snapshot of the state machine (0: none).
     snapshot_index: AtomicU64,
-    /// Indexes of applied entries that the session check skipped; the `log`
-    /// op marks them `"dup": true`, as the mirror does.
-    duplicates: Mutex<BTreeSet<Index>>,
     /// Bytes of client requests queued for the core loop (backpressure).
     queued_bytes: AtomicUsize,
     /// The node is stopping: new requests get `shutting_down`.
@@ -81,7 +77,6 @@ impl Shared {
             leader: Mutex::new(None),
             last_applied: AtomicU64::new(0),
             snapshot_index: AtomicU64::new(0),
-            duplicates: Mutex::new(BTreeSet::new()),
             queued_bytes: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             members: Mutex::new(Vec::new()),
@@ -96,10 +91,6 @@ impl Shared {
 
     fn set_leader(&self, leader: Option<NodeId>) {
         *lock(&self.leader) = leader;
-    }
-
-    fn duplicates(&self) -> MutexGuard<'_, BTreeSet<Index>> {
-        lock(&self.duplicates)
     }
 
     fn member(&self, id: NodeId) -> Option<Member> {
@@ -221,6 +212,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         newest: last_snapshot,
         margin: compaction_margin(config.snapshot_entries),
     };
+    let duplicates = store.storage.duplicate_marks()?;
     let raft = Raft::new(core_config, store, hard_state, last_snapshot.index);
 
     let ctx = zmq::Context::new();
@@ -321,6 +313,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         mirror: mirror_tx,
         snapshots: jobs_tx,
         log_reader: log_tx,
+        duplicates,
         shared: shared.clone(),
         security: security.clone(),
         routes: routes.to_vec(),
