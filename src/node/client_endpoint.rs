@@ -461,6 +461,6 @@ mod tests {
             let largest = max_request_bytes.max(LOG_REPLY_MAX_BYTES) + 64 * 1024;
             assert!(hwm >= 1 && (hwm == 1 || hwm * largest <= MAX_QUEUED_REPLY_BYTES), "{max_request_bytes}: {hwm}");
         }
-        assert_eq!(reply_queue_hwm(1 << 20), 60, "the default config: sixty 1 MiB replies");
+        assert_eq!(reply_queue_hwm(1 << 20), 30, "the default config: thirty 1 MiB replies (and the backlog's 32 MiB)");
     }
 }
