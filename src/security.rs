@@ -263,6 +263,9 @@ pub struct NodeKeys {
     /// only clients its raft endpoint lets in. The config's nodes to start
     /// with; members added later as the membership brings their keys.
     nodes: Arc<RwLock<BTreeMap<NodeId, PublicKey>>>,
+    /// The keys of nodes whose removal is committed: let in on the raft
+    /// endpoint only to be told so ([`Caller::Removed`]).
+    removed: Arc<RwLock<BTreeMap<NodeId, PublicKey>>>,
     /// Who else may use the client endpoint; `None`: any CURVE client.
     clients: Option<Vec<PublicKey>>,
     /// Who may run admin ops; `None`: see [`NodeSecurity::may_administer`].
@@ -278,6 +281,10 @@ pub enum Caller {
     /// A member's key: a node acting for itself, or forwarding a request
     /// the node it came to authorized first.
     Node(NodeId),
+    /// The key of a node whose removal is committed, on a raft endpoint:
+    /// nothing it sends reaches Raft but a vote request, which is answered
+    /// by telling it it was removed (CONTRACT.md "Membership").
+    Removed(NodeId),
     /// A key of `admin_keys`.
     Admin,
     /// Any other client key.
@@ -289,6 +296,7 @@ impl Caller {
     fn user_id(self) -> String {
         match self {
             Caller::Node(id) => format!("node:{id}"),
+            Caller::Removed(id) => format!("removed:{id}"),
             Caller::Admin => "admin".into(),
             Caller::Client | Caller::Anyone => "client".into(),
         }
@@ -299,10 +307,14 @@ impl Caller {
         match user_id {
             None => Caller::Anyone,
             Some("admin") => Caller::Admin,
-            Some(user) => match user.strip_prefix("node:").and_then(|id| id.parse().ok()) {
-                Some(id) => Caller::Node(id),
-                None => Caller::Client,
-            },
+            Some(user) => {
+                let id = |prefix| user.strip_prefix(prefix).and_then(|id: &str| id.parse().ok());
+                match (id("node:"), id("removed:")) {
+                    (Some(id), _) => Caller::Node(id),
+                    (_, Some(id)) => Caller::Removed(id),
+                    _ => Caller::Client,
+                }
+            }
         }
     }
 }
@@ -357,7 +369,8 @@ impl NodeSecurity {
         }
         info!("node {id}: CURVE on, public key {}", identity.public);
         let nodes = Arc::new(RwLock::new(curve.node_keys.clone()));
-        let keys = NodeKeys { identity, nodes, clients: curve.client_keys.clone(), admins: curve.admin_keys.clone() };
+        let (clients, admins) = (curve.client_keys.clone(), curve.admin_keys.clone());
+        let keys = NodeKeys { identity, nodes, removed: Arc::default(), clients, admins };
         Ok(NodeSecurity::Curve(keys))
     }
 
@@ -397,14 +410,16 @@ impl NodeSecurity {
         }
     }
 
-    /// Forgets the keys of nodes whose removal is committed: they are let
-    /// in nowhere from now on.
+    /// Takes the keys of nodes whose removal is committed off the members':
+    /// from now on they are let in only to hear that they were removed.
     pub fn revoke(&self, removed: &[NodeId]) {
         let NodeSecurity::Curve(keys) = self else { return };
         let mut nodes = keys.nodes.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut gone = keys.removed.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         for id in removed {
             if let Some(key) = nodes.remove(id) {
-                info!("node {id} was removed: its CURVE key {key} is no longer let in");
+                info!("node {id} was removed: its CURVE key {key} is a member's no longer");
+                gone.insert(*id, key);
             }
         }
     }
@@ -415,6 +430,7 @@ impl NodeSecurity {
     pub fn may_administer(&self, caller: Caller) -> bool {
         match (self, caller) {
             (NodeSecurity::Plain, _) | (_, Caller::Anyone | Caller::Node(_) | Caller::Admin) => true,
+            (_, Caller::Removed(_)) => false,
             (NodeSecurity::Curve(keys), Caller::Client) => keys.clients.is_none() && keys.admins.is_none(),
         }
     }
@@ -463,7 +479,8 @@ impl NodeSecurity {
         let NodeSecurity::Curve(keys) = self else { return Ok(None) };
         let clients = keys.clients.as_ref().map(|clients| clients.iter().copied().collect());
         let admins = keys.admins.iter().flatten().copied().collect();
-        Authenticator::start(ctx, Gate { nodes: keys.nodes.clone(), clients, admins }).map(Some)
+        let gate = Gate { nodes: keys.nodes.clone(), removed: keys.removed.clone(), clients, admins };
+        Authenticator::start(ctx, gate).map(Some)
     }
 }
 
@@ -477,6 +494,7 @@ impl NodeKeys {
 /// on the client endpoint the members', `admins` and `clients` (`None`: any key).
 struct Gate {
     nodes: Arc<RwLock<BTreeMap<NodeId, PublicKey>>>,
+    removed: Arc<RwLock<BTreeMap<NodeId, PublicKey>>>,
     clients: Option<HashSet<PublicKey>>,
     admins: HashSet<PublicKey>,
 }
@@ -487,7 +505,11 @@ impl Gate {
         let nodes = self.nodes.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         let member = nodes.iter().find(|(_, k)| *k == key).map(|(&id, _)| Caller::Node(id));
         if domain == Domain::Raft.name() {
-            member.ok_or("not a member's key")
+            let removed = || {
+                let removed = self.removed.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+                removed.iter().find(|(_, k)| *k == key).map(|(&id, _)| Caller::Removed(id))
+            };
+            member.or_else(removed).ok_or("not a member's key")
         } else if domain == Domain::Client.name() {
             let client = self.clients.as_ref().is_none_or(|clients| clients.contains(key));
             match member {
@@ -692,7 +714,8 @@ mod tests {
         let identity = CurveIdentity::generate().unwrap();
         let nodes = BTreeMap::from([(0, identity.public), (1, CurveIdentity::generate().unwrap().public)]);
         let nodes = Arc::new(RwLock::new(nodes));
-        let security = NodeSecurity::Curve(NodeKeys { identity, nodes, clients: None, admins: None });
+        let keys = NodeKeys { identity, nodes, removed: Arc::default(), clients: None, admins: None };
+        let security = NodeSecurity::Curve(keys);
         let member =
             |id| Member { id, raft: format!("tcp://127.0.0.1:{}", 7000 + id), client: String::new(), public_key: None };
         assert_eq!(security.check_members(&[member(0), member(1)]), Ok(()));
@@ -727,7 +750,7 @@ mod tests {
         let identity = CurveIdentity::generate().unwrap();
         let curve = |clients: Option<Vec<PublicKey>>, admins: Option<Vec<PublicKey>>| {
             let nodes = Arc::new(RwLock::new(BTreeMap::new()));
-            NodeSecurity::Curve(NodeKeys { identity: identity.clone(), nodes, clients, admins })
+            NodeSecurity::Curve(NodeKeys { identity: identity.clone(), nodes, removed: Arc::default(), clients, admins })
         };
         let some = Some(vec![PublicKey([9; 32])]);
         let cases = [
@@ -741,7 +764,8 @@ mod tests {
             let may = [Caller::Node(1), Caller::Admin, Caller::Client].map(|caller| security.may_administer(caller));
             assert_eq!(may, expected, "{security:?}");
         }
-        for caller in [Caller::Node(12), Caller::Admin, Caller::Client] {
+        assert!(!curve(None, None).may_administer(Caller::Removed(3)));
+        for caller in [Caller::Node(12), Caller::Removed(3), Caller::Admin, Caller::Client] {
             assert_eq!(Caller::of(Some(&caller.user_id())), caller);
         }
         assert_eq!(Caller::of(None), Caller::Anyone);
@@ -754,9 +778,10 @@ mod tests {
 
     #[test]
     fn zap_answers_from_the_domain_allow_list() {
-        let (node, client, stranger) = ([1; 32], [2; 32], [3; 32]);
+        let (node, client, stranger, removed_key) = ([1; 32], [2; 32], [3; 32], [6; 32]);
         let nodes = Arc::new(RwLock::new(BTreeMap::from([(0, PublicKey(node))])));
-        let allowed = Gate { nodes: nodes.clone(), clients: None, admins: HashSet::new() };
+        let removed = Arc::new(RwLock::new(BTreeMap::from([(2, PublicKey(removed_key))])));
+        let allowed = Gate { nodes: nodes.clone(), removed: removed.clone(), clients: None, admins: HashSet::new() };
         let status = |request: &[Vec<u8>]| {
             let (reply, refused) = answer(&allowed, request);
             assert_eq!((&reply[0][..], &reply[1][..]), (&b"1.0"[..], &b"7"[..]), "version and request id");
@@ -781,8 +806,11 @@ mod tests {
         nodes.write().unwrap().insert(5, PublicKey(client));
         assert_eq!(status(&zap_request("raft", &client)), "200");
         let admin = [4; 32];
+        assert_eq!(user(&allowed, &zap_request("raft", &removed_key)), "removed:2", "only to be told so");
+        assert_eq!(status(&zap_request("client", &removed_key)), "200", "as any client, with no client_keys");
         let listed = Gate {
             nodes,
+            removed,
             clients: Some(HashSet::from([PublicKey(stranger)])),
             admins: HashSet::from([PublicKey(admin)]),
         };
@@ -791,5 +819,6 @@ mod tests {
         assert_eq!(user(&listed, &zap_request("client", &admin)), "admin", "an admin key is a client key too");
         assert_eq!(answer(&listed, &zap_request("client", &[5; 32])).0[2], b"400");
         assert_eq!(answer(&listed, &zap_request("raft", &admin)).0[2], b"400");
+        assert_eq!(answer(&listed, &zap_request("client", &removed_key)).0[2], b"400", "a member's no longer");
     }
 }
