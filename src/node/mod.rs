@@ -312,6 +312,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         handover_timeout: Duration::from_millis(config.election_timeout_ms.1),
         snapshot_entries: config.snapshot_entries,
         curve: security.is_curve(),
+        new_cluster_name: server::random_cluster_name(),
     };
     let server = Server::new(server_config, raft, kv, last_snapshot, cluster, fingerprint);
     let out = Outputs {

@@ -97,6 +97,7 @@ fn server(voters: u64) -> TestServer {
         handover_timeout: TIMEOUT,
         snapshot_entries: 1000,
         curve: false,
+        new_cluster_name: 7,
     };
     // Named already, so that no naming entry comes first.
     Server::new(server_cfg, raft, KvStore::new(), SnapshotMeta::default(), 7, 7)
