@@ -16,9 +16,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::*;
+use raft_zmq::keys::{CurveIdentity, PublicKey};
 use raft_zmq::protocol::{Reply, Request};
 use raft_zmq::raft::{Body, Message};
-use raft_zmq::security::{ClientCurve, CurveIdentity, PublicKey};
+use raft_zmq::security::ClientCurve;
 use raft_zmq::transport::{Envelope, PROTOCOL_VERSION};
 
 /// How long a refused client waits for the reply that must not come.
@@ -338,12 +339,9 @@ fn only_admin_keys_run_admin_ops() {
     );
     assert!(moved.contains(&format!(r#""leader":{follower}"#)), "{moved}");
     let as_admin = ClientCurve { identity: admin, server: cluster.nodes[leader].public_key.unwrap() };
-    let mut admin_client = raft_zmq::tools::client::Client::new(
-        &zmq::Context::new(),
-        &cluster.nodes[leader].client,
-        Duration::from_secs(5),
-    )
-    .with_curve(Some(as_admin));
+    let mut admin_client =
+        raft_zmq::client::Client::new(&zmq::Context::new(), &cluster.nodes[leader].client, Duration::from_secs(5))
+            .with_curve(Some(as_admin));
     let reply = admin_client.call(&Request::Snapshot).unwrap();
     assert!(matches!(reply, Reply::Snapshot { .. }), "{reply:?}");
 }

@@ -19,21 +19,21 @@ mod peer;
 mod server;
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use log::{debug, error, warn};
+use log::{debug, error};
 
 pub use envelope::{Envelope, PROTOCOL_VERSION, Reject, Request, Wire, bootstrap_fingerprint};
 
 use crate::raft::{Message, NodeId};
 use crate::security::{Domain, NodeSecurity};
 use crate::snapshot::Snapshots;
+use crate::warnings::Warnings;
 use peer::Link;
 use server::Server;
 
@@ -338,44 +338,10 @@ fn deliver(inbound: &Sender<Inbound>, item: Inbound, warnings: &mut Warnings) {
     }
 }
 
-/// Logs at most one warning per reason per second, so that a flood of bad
-/// frames cannot fill the disk; the next one says how many were suppressed.
-#[derive(Default)]
-pub(crate) struct Warnings {
-    last: HashMap<&'static str, (Instant, u64)>,
-}
-
-impl Warnings {
-    const INTERVAL: Duration = Duration::from_secs(1);
-
-    pub(crate) fn warn(&mut self, reason: &'static str, detail: impl fmt::Display) {
-        let now = Instant::now();
-        let suppressed = match self.last.entry(reason) {
-            Entry::Vacant(slot) => {
-                slot.insert((now, 0));
-                0
-            }
-            Entry::Occupied(mut slot) => {
-                let (since, suppressed) = slot.get_mut();
-                if now.duration_since(*since) < Self::INTERVAL {
-                    *suppressed += 1;
-                    return;
-                }
-                *since = now;
-                std::mem::take(suppressed)
-            }
-        };
-        if suppressed == 0 {
-            warn!("{detail}");
-        } else {
-            warn!("{detail} (and {suppressed} more '{reason}' suppressed)");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
+    use std::time::Instant;
 
     use crossbeam_channel::Receiver;
 
@@ -509,7 +475,12 @@ mod tests {
         let snapshot = SnapshotMeta { index: 40, term: 3 };
         let data: Vec<u8> = (0..(3 * peer::SNAPSHOT_CHUNK + 12_345)).map(|i| (i % 251) as u8).collect();
         leader_dir.save(snapshot, &data).unwrap();
-        let install = Message { from: 0, to: 1, term: 3, body: Body::InstallSnapshot { snapshot, membership: Default::default() } };
+        let install = Message {
+            from: 0,
+            to: 1,
+            term: 3,
+            body: Body::InstallSnapshot { snapshot, membership: Default::default() },
+        };
         a.send(install.clone());
         assert_eq!(message(&b_rx), install, "the core sees one InstallSnapshot, once all of it arrived");
         b.send(Message { from: 1, to: 0, ..ack(1, 0) });
@@ -523,7 +494,10 @@ mod tests {
         let mut bytes = std::fs::read(leader_dir.path(damaged)).unwrap();
         bytes[100] ^= 0xff;
         std::fs::write(leader_dir.path(damaged), bytes).unwrap();
-        a.send(Message { body: Body::InstallSnapshot { snapshot: damaged, membership: Default::default() }, ..install });
+        a.send(Message {
+            body: Body::InstallSnapshot { snapshot: damaged, membership: Default::default() },
+            ..install
+        });
         expect(&a_rx, Instant::now() + Duration::from_secs(15), |item| *item == Inbound::Unreachable(1));
         assert!(b_rx.try_recv().is_err(), "nothing was delivered");
         drop((a, b));
@@ -658,7 +632,12 @@ mod tests {
         let snapshot = SnapshotMeta { index: 9, term: 2 };
         let file = crate::snapshot::encode(snapshot, &[7; 2500]);
         let total = file.len() as u64;
-        let install = Message { from: 1, to: 0, term: 2, body: Body::InstallSnapshot { snapshot, membership: Default::default() } };
+        let install = Message {
+            from: 1,
+            to: 0,
+            term: 2,
+            body: Body::InstallSnapshot { snapshot, membership: Default::default() },
+        };
         // Sends the piece at `offset` (1000 bytes at most); returns the answer.
         let piece = |offset: u64| {
             let data = file[offset as usize..(offset as usize + 1000).min(file.len())].to_vec();
@@ -707,7 +686,8 @@ mod tests {
         let timeout = Duration::from_millis(300);
         let (a, a_rx) = start(&ctx, 0, &nodes, timeout);
         let (_b, _b_rx) = start(&ctx, 1, &nodes, PATIENCE);
-        let missing = Body::InstallSnapshot { snapshot: SnapshotMeta { index: 7, term: 1 }, membership: Default::default() };
+        let missing =
+            Body::InstallSnapshot { snapshot: SnapshotMeta { index: 7, term: 1 }, membership: Default::default() };
         let sent = Instant::now();
         a.send(Message { from: 0, to: 1, term: 1, body: missing });
         expect(&a_rx, sent + timeout + PATIENCE, |i| *i == Inbound::Unreachable(1));

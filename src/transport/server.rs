@@ -17,11 +17,12 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 
 use super::envelope::{Chunk, Reject, Request, Wire};
-use super::{Inbound, STOP_CHECK, Warnings, deliver};
+use super::{Inbound, STOP_CHECK, deliver};
 use crate::metrics::METRICS;
 use crate::raft::{Body, Message, NodeId, SnapshotMeta};
 use crate::security::{Caller, recv_with_user};
 use crate::snapshot::Snapshots;
+use crate::warnings::Warnings;
 
 /// Requests handled per wake-up before replies get another turn, so that a
 /// flood of requests cannot hold back replies (reply latency is commit latency).

@@ -176,7 +176,9 @@ impl Checker {
         if duplicate && first >= index {
             return violated(
                 "exactly once",
-                format!("node {node} skipped entry {index} as a duplicate of write {value}, which never took effect before"),
+                format!(
+                    "node {node} skipped entry {index} as a duplicate of write {value}, which never took effect before"
+                ),
             );
         }
         self.not_applied_unless_possible(value)
@@ -213,7 +215,9 @@ impl Checker {
             let refused: Vec<OpId> = sent_before().map(|&(attempt, _)| attempt).collect();
             return violated(
                 "no phantom writes",
-                format!("write {value} took effect at {index}, but its attempts {refused:?} were all told nothing applied"),
+                format!(
+                    "write {value} took effect at {index}, but its attempts {refused:?} were all told nothing applied"
+                ),
             );
         }
         Ok(())

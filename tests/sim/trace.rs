@@ -93,17 +93,41 @@ impl fmt::Display for Envelope {
 pub enum Event {
     Delivered(Envelope),
     Dropped(Envelope, &'static str),
-    Role { node: NodeId, role: Role, term: Term },
-    Persisted { node: NodeId, from: Index, to: Index },
-    Applied { node: NodeId, from: Index, to: Index },
+    Role {
+        node: NodeId,
+        role: Role,
+        term: Term,
+    },
+    Persisted {
+        node: NodeId,
+        from: Index,
+        to: Index,
+    },
+    Applied {
+        node: NodeId,
+        from: Index,
+        to: Index,
+    },
     Fault(Fault),
     Healed,
-    Crashed { node: NodeId, torn: bool },
+    Crashed {
+        node: NodeId,
+        torn: bool,
+    },
     Restarted(NodeId),
-    Compacted { node: NodeId, index: Index },
-    Restored { node: NodeId, index: Index },
+    Compacted {
+        node: NodeId,
+        index: Index,
+    },
+    Restored {
+        node: NodeId,
+        index: Index,
+    },
     /// The leader was asked for a membership change (`add_node` or `remove_node`).
-    Change { leader: NodeId, change: MembershipChange },
+    Change {
+        leader: NodeId,
+        change: MembershipChange,
+    },
     /// The node was asked to stop (SIGTERM): it hands over, answers, exits.
     Stopping(NodeId),
     Stopped(NodeId),
@@ -111,7 +135,11 @@ pub enum Event {
     Exited(NodeId),
     /// The node starts over with an empty disk, to be added.
     Wiped(NodeId),
-    Invoked { op: OpId, kind: OpKind, node: NodeId },
+    Invoked {
+        op: OpId,
+        kind: OpKind,
+        node: NodeId,
+    },
     Acked(OpId, Index),
     Read(OpId, Index),
     Failed(OpId, Option<ErrorCode>),

@@ -36,7 +36,7 @@ use crate::raft::{
     Raft, ReadState, Role, Snapshot, SnapshotMeta, SoftState, Term, TransferError,
 };
 
-use super::members::{check_new_member, context_of, member_infos, members_of};
+use crate::members::{check_new_member, context_of, member_infos, members_of};
 use contact::LastContact;
 pub use proposals::{MAX_UNAPPLIED_BYTES, MAX_UNAPPLIED_ENTRIES};
 use proposals::{Proposals, Session, Waiter};
