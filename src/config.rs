@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::keys::PublicKey;
 use crate::raft::NodeId;
-use crate::security::PublicKey;
 
 /// Frames beyond this size may be dropped unread (CONTRACT.md `too_large`),
 /// so a larger limit could never be honoured.

@@ -3,8 +3,8 @@
 //! `raft` is the pure consensus core (no I/O). Everything else is the shell
 //! around it: `config`, `storage` (sled), `transport` (ZeroMQ peers), `kv`
 //! (the replicated state machine), `sessions` (its exactly-once table), `mirror`
-//! (`logs/<id>.txt`), `protocol` (the client wire format), `security` (CURVE
-//! keys and socket setup), `http_server` (a small hardened HTTP server),
+//! (`logs/<id>.txt`), `protocol` (the client wire format), `keys` (CURVE keys), `security`
+//! (CURVE socket setup and who may do what), `http_server` (a small hardened HTTP server),
 //! `node` (threads wiring it all together) and `tools` (the cluster
 //! supervisor, CLI client and benchmark).
 
@@ -17,11 +17,14 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+pub mod client;
 pub mod config;
 pub(crate) mod disk_space;
 pub mod driver;
 pub mod http_server;
+pub mod keys;
 pub mod kv;
+pub mod members;
 pub mod metrics;
 pub mod mirror;
 pub mod node;
@@ -35,3 +38,4 @@ pub mod storage;
 pub mod testing;
 pub mod tools;
 pub mod transport;
+pub mod warnings;

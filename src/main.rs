@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use raft_zmq::config::Config;
+use raft_zmq::keys::CurveIdentity;
 use raft_zmq::node;
-use raft_zmq::security::{ClientCurve, CurveIdentity};
+use raft_zmq::security::ClientCurve;
 use raft_zmq::tools::status::{self, Target};
 use raft_zmq::tools::{backup, bench, client, cluster, shell};
 
@@ -298,7 +299,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let mut client =
-                client::Client::new(&zmq::Context::new(), &member.client, Duration::from_millis(timeout_ms))
+                raft_zmq::client::Client::new(&zmq::Context::new(), &member.client, Duration::from_millis(timeout_ms))
                     .with_curve(curve);
             backup::save(&mut client, &file).map(|s| {
                 println!(
@@ -386,7 +387,7 @@ fn run_client(
     timeout: Duration,
     request: raft_zmq::protocol::Request,
 ) -> ExitCode {
-    let mut client = client::Client::new(&zmq::Context::new(), endpoint, timeout).with_curve(curve);
+    let mut client = raft_zmq::client::Client::new(&zmq::Context::new(), endpoint, timeout).with_curve(curve);
     match client.call_raw(&raft_zmq::protocol::encode_request(&request)) {
         Ok(frame) => {
             println!("{}", client::reply_to_json(&frame));

@@ -741,7 +741,7 @@ fn to_client_id(value: rmpv::Value) -> Result<String, String> {
 /// A CURVE public key as Z85 text.
 fn to_public_key(value: rmpv::Value) -> Result<String, String> {
     let text = to_string(value)?;
-    crate::security::PublicKey::parse(&text).map_err(|why| format!("is not a CURVE public key: {why}"))?;
+    crate::keys::PublicKey::parse(&text).map_err(|why| format!("is not a CURVE public key: {why}"))?;
     Ok(text)
 }
 

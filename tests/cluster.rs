@@ -9,9 +9,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use raft_zmq::client::Client;
 use raft_zmq::kv::{Command, Value};
 use raft_zmq::protocol::{ErrorCode, Reply, Request};
-use raft_zmq::tools::client::Client;
 
 fn value(s: &str) -> Option<Value> {
     Some(Value::Str(s.into()))

@@ -1,4 +1,4 @@
-//! Deterministic cluster simulation of the Raft core (see `sim/mod.rs`).
+//! Deterministic cluster simulation of the node's server and Raft core (see `sim/mod.rs`).
 //!
 //! - `cargo test --release --test simulation` runs a fixed range of seeds
 //!   plus the fixed scenarios in `sim/scenarios.rs`;
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use sim::random_run::run_seed;
 
-/// Seeds of the default run: about 20 s on an idle 2-core machine
-/// (some 5 million simulated events per second).
+/// Seeds of the default run: about 2 minutes on an idle 2-core machine
+/// (about a million simulated events per second).
 const DEFAULT_SEEDS: u64 = 20_000;
 
 #[test]
@@ -41,7 +41,7 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     let next = AtomicU64::new(0);
     let (seeds, events) = (AtomicU64::new(0), AtomicU64::new(0));
     let (installs, duplicates, heals) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let changes = AtomicU64::new(0);
+    let (changes, stops) = (AtomicU64::new(0), AtomicU64::new(0));
     let failed = AtomicBool::new(false);
     let workers = thread::available_parallelism().map_or(2, |n| n.get());
     thread::scope(|s| {
@@ -59,6 +59,7 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
                             duplicates.fetch_add(summary.duplicates as u64, Ordering::Relaxed);
                             heals.fetch_add(summary.heals as u64, Ordering::Relaxed);
                             changes.fetch_add(summary.changes as u64, Ordering::Relaxed);
+                            stops.fetch_add(summary.stops as u64, Ordering::Relaxed);
                             seeds.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(panic) => {
@@ -73,10 +74,10 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     let secs = started.elapsed().as_secs_f64();
     let (seeds, events) = (seeds.into_inner(), events.into_inner());
     let (installs, duplicates, heals) = (installs.into_inner(), duplicates.into_inner(), heals.into_inner());
-    let changes = changes.into_inner();
+    let (changes, stops) = (changes.into_inner(), stops.into_inner());
     println!(
         "{seeds} seeds from {first} ({events} events, {installs} snapshots installed, {duplicates} duplicate \
-         writes skipped, {heals} heals checked for liveness, {changes} membership changes) in {secs:.1}s on \
+         writes skipped, {heals} heals checked for liveness, {changes} membership changes, {stops} clean stops) in {secs:.1}s on \
          {workers} threads: {:.0} events/s",
         events as f64 / secs
     );
@@ -85,4 +86,5 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     assert!(seeds < 1000 || installs > seeds / 10, "too few runs sent a snapshot to test InstallSnapshot");
     assert!(seeds < 1000 || duplicates > seeds / 10, "too few retries reached the log twice to test exactly-once");
     assert!(seeds < 1000 || changes > seeds, "too few membership changes were made");
+    assert!(seeds < 1000 || stops > seeds / 2, "too few clean stops with writes in flight");
 }

@@ -186,6 +186,7 @@ impl ClientEndpoint {
             self.refuse(call.reply_to, ErrorCode::ShuttingDown, "node is shutting down", None);
         }
         self.drop_forwarder();
+        self.drain_backlogs(Instant::now() + Duration::from_millis(SHUTDOWN_LINGER_MS as u64));
         // Closing a socket with linger 0 would discard the replies just queued.
         if let Err(e) = self.router.set_linger(SHUTDOWN_LINGER_MS) {
             warn!("cannot let the last replies drain: {e}");
@@ -243,6 +244,17 @@ impl ClientEndpoint {
             }
             false
         });
+    }
+
+    /// On the way out: the last replies (say, `timeout` for every request
+    /// forwarded to a leader) may fill a connection's queue many times over;
+    /// they leave as the client reads them, until `deadline`.
+    fn drain_backlogs(&mut self, deadline: Instant) {
+        self.flush_backlogs();
+        while !self.backlogs.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(BACKLOG_RETRY_MS as u64));
+            self.flush_backlogs();
+        }
     }
 
     /// Answers directly on the ROUTER, never through the `Replier`: that
@@ -461,6 +473,6 @@ mod tests {
             let largest = max_request_bytes.max(LOG_REPLY_MAX_BYTES) + 64 * 1024;
             assert!(hwm >= 1 && (hwm == 1 || hwm * largest <= MAX_QUEUED_REPLY_BYTES), "{max_request_bytes}: {hwm}");
         }
-        assert_eq!(reply_queue_hwm(1 << 20), 60, "the default config: sixty 1 MiB replies");
+        assert_eq!(reply_queue_hwm(1 << 20), 30, "the default config: thirty 1 MiB replies (and the backlog's 32 MiB)");
     }
 }

@@ -14,8 +14,6 @@ mod core_loop;
 mod disk;
 mod http;
 mod log_reader;
-mod members;
-pub use members::first_membership;
 mod replies;
 pub mod server;
 mod store;
@@ -147,7 +145,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     // The endpoints the log's membership carries win over any file, unless
     // it leaves this node out (a removal it may not have applied yet, or
     // that a new leader may cut off): then it starts as before and learns.
-    let logged = members::members_of(&storage.memberships().pop().expect("never empty").1);
+    let logged = crate::members::members_of(&storage.memberships().pop().expect("never empty").1);
     let members = if logged.iter().any(|m| m.id == id) { logged } else { members };
     if storage.memberships()[0].1.removed.contains(&id) {
         info!("node {id}: removed from the cluster (its state dir says so); not starting");
@@ -277,7 +275,9 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let (taken_tx, taken_rx) = unbounded();
     let snapshotter = {
         let snapshots = snapshots.clone();
-        thread::Builder::new().name("snapshots".into()).spawn(move || writers::snapshots(snapshots, jobs_rx, taken_tx))?
+        thread::Builder::new()
+            .name("snapshots".into())
+            .spawn(move || writers::snapshots(snapshots, jobs_rx, taken_tx))?
     };
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
     let log_reader = {
@@ -305,6 +305,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         handover_timeout: Duration::from_millis(config.election_timeout_ms.1),
         snapshot_entries: config.snapshot_entries,
         curve: security.is_curve(),
+        new_cluster_name: server::random_cluster_name(),
     };
     let server = Server::new(server_config, raft, kv, last_snapshot, cluster, fingerprint);
     let out = Outputs {
@@ -394,7 +395,7 @@ fn settle_membership(storage: &mut Storage, config: &Config) -> Result<Vec<Membe
             config.nodes.clone()
         }
     };
-    storage.bootstrap_membership(&members::first_membership(&members))?;
+    storage.bootstrap_membership(&crate::members::first_membership(&members))?;
     Ok(members)
 }
 
@@ -414,7 +415,7 @@ fn force_new_cluster(
     removed.extend(current.ids().filter(|&other| other != id));
     let (cluster, fingerprint) = (current.cluster, current.fingerprint);
     let membership =
-        Membership { removed, cluster, fingerprint, ..Membership::of_voters([id], members::context_of(&[me])) };
+        Membership { removed, cluster, fingerprint, ..Membership::of_voters([id], crate::members::context_of(&[me])) };
     let index = storage.last_index() + 1;
     let term = hard_state.term.max(storage.log_start().term);
     let entry = raft::Entry { index, term, payload: raft::Payload::Membership(membership) };
@@ -536,7 +537,7 @@ mod tests {
     #[test]
     fn a_new_cluster_speaks_for_its_fingerprint_and_older_state_for_the_id_it_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        let first = first_membership(&[member(0), member(1)]);
+        let first = crate::members::first_membership(&[member(0), member(1)]);
         assert_ne!(first.fingerprint, 0);
 
         let (mut fresh, _) = Storage::open(&dir.path().join("fresh")).unwrap();

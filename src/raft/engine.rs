@@ -1068,7 +1068,9 @@ impl<S: LogStore> Raft<S> {
                 Some((target, started)) if pr.matched >= target && now - started < round => {
                     let context = self.log.membership().context.clone();
                     match self.change_membership(MembershipChange::Promote(id), context) {
-                        Ok(index) => info!("node {}: learner {id} caught up; promoting it (entry {index})", self.cfg.id),
+                        Ok(index) => {
+                            info!("node {}: learner {id} caught up; promoting it (entry {index})", self.cfg.id)
+                        }
                         Err(e) => debug!("node {}: learner {id} caught up, not promoted yet: {e:?}", self.cfg.id),
                     }
                     return;

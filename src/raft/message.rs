@@ -129,7 +129,9 @@ impl Message {
                 }
                 Ok(())
             }
-            Body::RequestVoteReply { .. } | Body::AppendEntriesReply { .. } | Body::TimeoutNow | Body::Removed => Ok(()),
+            Body::RequestVoteReply { .. } | Body::AppendEntriesReply { .. } | Body::TimeoutNow | Body::Removed => {
+                Ok(())
+            }
         }
     }
 }

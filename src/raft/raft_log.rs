@@ -477,7 +477,8 @@ mod tests {
         assert_eq!(log.first_index_of_term_at(4), 4);
         assert_eq!(log.last_index_of_term(1), None, "compacted away");
         assert_eq!(log.last_index_of_term(2), Some(4));
-        let snapshot = Snapshot { meta: SnapshotMeta { index: 9, term: 3 }, membership: Membership::of_voters([7], vec![]) };
+        let snapshot =
+            Snapshot { meta: SnapshotMeta { index: 9, term: 3 }, membership: Membership::of_voters([7], vec![]) };
         log.restore(snapshot.clone());
         assert_eq!((log.last_index(), log.last_term(), log.committed(), log.applied()), (9, 3, 9, 9));
         assert_eq!(log.membership(), &snapshot.membership);

@@ -17,7 +17,7 @@ use crate::raft::{HardState, NodeId, SnapshotMeta};
 use crate::snapshot::{self, Snapshots};
 use crate::storage::Storage;
 
-use super::client::Client;
+use crate::client::Client;
 
 /// What a backup holds.
 pub struct Summary {
@@ -84,7 +84,7 @@ pub fn restore(config: &Config, id: NodeId, file: &Path) -> Result<Summary, Stri
         let snapshots = Snapshots::open(&snapshot::dir_in(&building)).map_err(|e| e.to_string())?;
         snapshots.save(summary.snapshot, data).map_err(|e| e.to_string())?;
         // A new cluster of the config's nodes: it names itself anew.
-        let membership = crate::node::first_membership(&config.nodes);
+        let membership = crate::members::first_membership(&config.nodes);
         storage.install_snapshot(summary.snapshot, &membership).map_err(|e| e.to_string())?;
         let hard_state = HardState { term: summary.snapshot.term, vote: None, commit: summary.snapshot.index };
         storage.write(Some(&hard_state), &[]).map_err(|e| e.to_string())?;
@@ -105,7 +105,7 @@ fn check(bytes: &[u8]) -> Result<Summary, String> {
     Ok(Summary { snapshot, bytes: bytes.len(), keys: kv.len() })
 }
 
-fn describe(outcome: Result<Reply, super::client::CallError>) -> String {
+fn describe(outcome: Result<Reply, crate::client::CallError>) -> String {
     match outcome {
         Ok(Reply::Error { code, message, .. }) => format!("{} ({message})", code.as_str()),
         Ok(other) => format!("unexpected reply {other:?}"),

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::client::{Client, ClientKeys, CurveArgs};
+use super::client::{ClientKeys, CurveArgs};
+use crate::client::Client;
 use crate::config::{Config, Member};
 use crate::kv::{Command, Value};
 use crate::protocol::{Reply, Request};

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use serde_json::{Value as Json, json};
 
-use super::client::{CallError, Client, Op, reply_to_json};
+use super::client::{Op, reply_to_json};
 use super::status::{self, CurveFor, Target, leader_of};
+use crate::client::{CallError, Client};
 use crate::protocol::{ErrorCode, Reply, Request, encode_request};
 use crate::raft::NodeId;
 

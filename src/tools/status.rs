@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use serde_json::{Value as Json, json};
 
-use super::client::{Client, ClientKeys};
+use super::client::ClientKeys;
+use crate::client::Client;
 use crate::config::Config;
+use crate::keys::PublicKey;
 use crate::protocol::{MemberInfo, Reply, Request, StatusInfo};
 use crate::raft::NodeId;
-use crate::security::{ClientCurve, PublicKey};
+use crate::security::ClientCurve;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

@@ -19,21 +19,21 @@ mod peer;
 mod server;
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use log::{debug, error, warn};
+use log::{debug, error};
 
 pub use envelope::{Chunk, Envelope, PROTOCOL_VERSION, Reject, Request, Wire, bootstrap_fingerprint};
 
 use crate::raft::{Message, NodeId, Term};
 use crate::security::{Domain, NodeSecurity};
 use crate::snapshot::{Snapshots, Staging};
+use crate::warnings::Warnings;
 use peer::Link;
 use server::{Admission, Server};
 
@@ -356,44 +356,10 @@ fn deliver(inbound: &Sender<Inbound>, item: Inbound, warnings: &mut Warnings) {
     }
 }
 
-/// Logs at most one warning per reason per second, so that a flood of bad
-/// frames cannot fill the disk; the next one says how many were suppressed.
-#[derive(Default)]
-pub(crate) struct Warnings {
-    last: HashMap<&'static str, (Instant, u64)>,
-}
-
-impl Warnings {
-    const INTERVAL: Duration = Duration::from_secs(1);
-
-    pub(crate) fn warn(&mut self, reason: &'static str, detail: impl fmt::Display) {
-        let now = Instant::now();
-        let suppressed = match self.last.entry(reason) {
-            Entry::Vacant(slot) => {
-                slot.insert((now, 0));
-                0
-            }
-            Entry::Occupied(mut slot) => {
-                let (since, suppressed) = slot.get_mut();
-                if now.duration_since(*since) < Self::INTERVAL {
-                    *suppressed += 1;
-                    return;
-                }
-                *since = now;
-                std::mem::take(suppressed)
-            }
-        };
-        if suppressed == 0 {
-            warn!("{detail}");
-        } else {
-            warn!("{detail} (and {suppressed} more '{reason}' suppressed)");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
+    use std::time::Instant;
 
     use crossbeam_channel::Receiver;
 

@@ -12,11 +12,12 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info};
 
 use super::envelope::{Chunk, Reject, Wire};
-use super::{Inbound, STOP_CHECK, Warnings, deliver};
+use super::{Inbound, STOP_CHECK, deliver};
 use crate::metrics::{METRICS, seconds_since};
 use crate::raft::{Body, Message, NodeId, SnapshotMeta};
 use crate::security::NodeSecurity;
 use crate::snapshot::Snapshots;
+use crate::warnings::Warnings;
 
 /// Bytes of snapshot per request: far below any frame limit, big enough
 /// that a large snapshot takes few round trips.

@@ -18,12 +18,13 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 
 use super::envelope::{Chunk, Reject, Request, Wire};
-use super::{Inbound, STOP_CHECK, Warnings, deliver};
+use super::{Inbound, STOP_CHECK, deliver};
 use crate::lock;
 use crate::metrics::METRICS;
 use crate::raft::{Body, Message, NodeId, Term};
 use crate::security::{Caller, recv_with_user};
 use crate::snapshot::Staging;
+use crate::warnings::Warnings;
 
 /// Requests handled per wake-up before replies get another turn, so that a
 /// flood of requests cannot hold back replies (reply latency is commit latency).
@@ -155,12 +156,19 @@ impl Server {
         // With CURVE, a connection speaks for the node whose key made it:
         // checked before anything of the message, a snapshot piece
         // included, is taken.
-        if let (Ok(Request { message, .. }), Caller::Node(node)) = (&opened, sender)
+        if let (Ok(Request { message, .. }), Caller::Node(node) | Caller::Removed(node)) = (&opened, sender)
             && message.from != node
         {
             METRICS.forged_messages.inc();
             let forged = format!("node {node}'s connection sent a message from node {}; dropped", message.from);
             return warnings.warn("forged sender", forged);
+        }
+        // A removed node is heard only asking for votes, which the core
+        // answers by telling it it was removed; it stops then.
+        if let (Ok(Request { message, .. }), Caller::Removed(node)) = (&opened, sender)
+            && !matches!(message.body, Body::RequestVote { .. })
+        {
+            return warnings.warn("removed sender", format!("a message from removed node {node} dropped"));
         }
         match opened {
             Ok(Request { message, chunk: Some(Chunk::Data { offset, total, data }), cluster }) => {

@@ -177,7 +177,11 @@ fn report(history: &History, schedule: &[Scheduled], checks: usize) {
     let leader_lost = |s: &&Scheduled| s.fault.removes_leader();
     let leader_killed = |s: &&Scheduled| matches!(s.fault, Fault::PowerOff { leader: true, .. });
     print_failovers("leader lost power", history, schedule.iter().filter(leader_killed));
-    print_failovers("leader lost power, paused or isolated, or all lost power", history, schedule.iter().filter(leader_lost));
+    print_failovers(
+        "leader lost power, paused or isolated, or all lost power",
+        history,
+        schedule.iter().filter(leader_lost),
+    );
 }
 
 fn check_failovers(history: &History, schedule: &[Scheduled], seed: u64) {

@@ -126,7 +126,10 @@ impl Fault {
     pub fn removes_leader(&self) -> bool {
         matches!(
             self,
-            Fault::PowerOff { leader: true, .. } | Fault::PauseLeader { .. } | Fault::IsolateLeader { .. } | Fault::PowerOffAll
+            Fault::PowerOff { leader: true, .. }
+                | Fault::PauseLeader { .. }
+                | Fault::IsolateLeader { .. }
+                | Fault::PowerOffAll
         )
     }
 }

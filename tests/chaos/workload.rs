@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use raft_zmq::client::{CallError, Client};
 use raft_zmq::kv::{Command, Value};
 use raft_zmq::protocol::{ErrorCode, Reply, Request};
-use raft_zmq::tools::client::{CallError, Client};
 
 use crate::common::Endpoint;
 

@@ -17,11 +17,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use raft_zmq::client::Client;
+use raft_zmq::keys::{CurveIdentity, PublicKey};
 use raft_zmq::kv::{Command as KvCommand, Value};
 use raft_zmq::protocol::{Reply, Request, StatusInfo};
-use raft_zmq::security::{ClientCurve, CurveIdentity, PublicKey};
+use raft_zmq::security::ClientCurve;
 pub use raft_zmq::testing::free_port;
-use raft_zmq::tools::client::Client;
 
 use lazyfs::LazyDisk;
 

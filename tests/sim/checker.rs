@@ -2,12 +2,13 @@
 //! contract, checked incrementally as the run produces facts, so checking
 //! after every step costs a few map lookups rather than a scan of all logs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use raft_zmq::protocol::ErrorCode;
 use raft_zmq::raft::{Entry, Index, NodeId, Payload, SnapshotMeta, Term};
 
 use super::history::OpId;
-use super::register::{Applied, Key, Version};
+use super::register::{Key, Version};
 use super::schedule::Time;
 
 #[derive(Debug)]
@@ -45,8 +46,14 @@ pub struct Checker {
     voters: Option<BTreeSet<NodeId>>,
     /// Last index each node applied in its current life.
     applied: BTreeMap<NodeId, Index>,
-    /// Exactly once: the index where each write (by value) first applied.
-    first_applied: HashMap<OpId, Index>,
+    /// Exactly once: the index where each write (by value) first applied,
+    /// and when.
+    first_applied: HashMap<OpId, (Index, Time)>,
+    /// Every attempt at each write (by value: the write and its retries),
+    /// with the time it was sent.
+    attempts: HashMap<OpId, Vec<(OpId, Time)>>,
+    /// Attempts answered with a code that promises nothing was applied.
+    refused: HashSet<OpId>,
     /// Durability: the term of every write a client was told succeeded.
     acked: BTreeMap<Index, Term>,
     /// Read safety, per key: (completion time, index of the version) of
@@ -155,22 +162,61 @@ impl Checker {
     }
 
     /// Exactly-once: a write (a session's seq) takes effect at one index only,
-    /// on every node, however often retries put it in the log; a skipped
-    /// duplicate answers with that index.
-    pub fn executed(&mut self, node: NodeId, index: Index, applied: &Applied) -> Check {
-        let first = *self.first_applied.entry(applied.value).or_insert(index);
-        if !applied.duplicate && first != index {
+    /// on every node, however often retries put it in the log; an entry is
+    /// skipped as a duplicate (`"dup": true`) exactly when its write took
+    /// effect at an earlier index.
+    pub fn executed(&mut self, node: NodeId, index: Index, value: OpId, duplicate: bool, now: Time) -> Check {
+        let (first, _) = *self.first_applied.entry(value).or_insert((index, now));
+        if !duplicate && first != index {
             return violated(
                 "exactly once",
-                format!("node {node} applied write {} at {index}; it was applied at {first} before", applied.value),
+                format!("node {node} applied write {value} at {index}; it was applied at {first} before"),
             );
         }
-        if applied.duplicate && applied.index != first {
+        if duplicate && first >= index {
             return violated(
                 "exactly once",
                 format!(
-                    "node {node} answered a retry of write {} with index {}, not {first}",
-                    applied.value, applied.index
+                    "node {node} skipped entry {index} as a duplicate of write {value}, which never took effect before"
+                ),
+            );
+        }
+        self.not_applied_unless_possible(value)
+    }
+
+    /// The index where write `value` took effect, once some node applied it.
+    pub fn first_applied(&self, value: OpId) -> Option<Index> {
+        self.first_applied.get(&value).map(|&(index, _)| index)
+    }
+
+    /// A client sent write `value` (for the first time, or again as
+    /// `attempt`, a retry in the same session).
+    pub fn write_sent(&mut self, value: OpId, attempt: OpId, now: Time) {
+        self.attempts.entry(value).or_default().push((attempt, now));
+    }
+
+    /// An attempt at write `value` failed with `code`. `no_leader`,
+    /// `shutting_down`, `busy`, `forbidden`, `bad_request` and `too_large`
+    /// promise that the attempt applied nothing; `timeout` that it may have.
+    pub fn write_failed(&mut self, value: OpId, attempt: OpId, code: ErrorCode) -> Check {
+        if code != ErrorCode::Timeout {
+            self.refused.insert(attempt);
+        }
+        self.not_applied_unless_possible(value)
+    }
+
+    /// A write that took effect must owe it to an attempt sent before, and
+    /// not told that it applied nothing.
+    fn not_applied_unless_possible(&self, value: OpId) -> Check {
+        let Some(&(index, at)) = self.first_applied.get(&value) else { return Ok(()) };
+        let attempts = self.attempts.get(&value).map_or(&[][..], Vec::as_slice);
+        let sent_before = || attempts.iter().filter(|&&(_, sent)| sent <= at);
+        if sent_before().all(|(attempt, _)| self.refused.contains(attempt)) {
+            let refused: Vec<OpId> = sent_before().map(|&(attempt, _)| attempt).collect();
+            return violated(
+                "no phantom writes",
+                format!(
+                    "write {value} took effect at {index}, but its attempts {refused:?} were all told nothing applied"
                 ),
             );
         }
@@ -196,12 +242,20 @@ impl Checker {
         self.applied.remove(&node);
     }
 
-    /// A client was told its write of `key` was applied at `index` (by this
-    /// node, which applied it: its term is known).
-    pub fn write_acked(&mut self, key: Key, index: Index, now: Time) {
+    /// A client was told its write `value` of `key` was applied at `index`
+    /// (by the node that answered, which applied it: its term is known). A
+    /// retry, too, must hear where the write first took effect.
+    pub fn write_acked(&mut self, key: Key, value: OpId, index: Index, now: Time) -> Check {
+        if self.first_applied(value) != Some(index) {
+            return violated(
+                "exactly once",
+                format!("write {value} was acknowledged at {index}; it took effect at {:?}", self.first_applied(value)),
+            );
+        }
         let term = self.committed[index as usize - 1].term;
         self.acked.insert(index, term);
         self.observe(key, now, index);
+        Ok(())
     }
 
     /// A read invoked at `invoked` must see at least every write and read of

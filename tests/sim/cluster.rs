@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use raft_zmq::protocol::Request;
 use raft_zmq::raft::{Config, Index, LogStore, MembershipChange, Message, NodeId, Raft, Role};
 
 use super::checker::{Check, Checker, Violation};
@@ -16,7 +17,7 @@ use super::node::{Completion, Effects, SimNode, SnapshotRegistry};
 use super::register::{KEYS, Key};
 use super::rng::Rng;
 use super::schedule::{MS, Schedule, Time};
-use super::storage::Disk;
+use super::storage::{Disk, sim_member};
 use super::trace::{Event as Traced, Trace};
 
 /// Nominal time between two ticks; each node's clock drifts from it.
@@ -121,6 +122,12 @@ enum Event {
     /// Heals the partition of this generation, if it is still in force.
     Heal(u64),
     Restart(NodeId),
+    /// A node asked to stop cleanly looks again whether it may exit.
+    Stopping {
+        node: NodeId,
+        incarnation: u64,
+        downtime: Time,
+    },
     /// The cluster has been whole for `HEALED_BOUND`, unless the generation
     /// moved on (something failed meanwhile).
     WholeFor(u64),
@@ -141,19 +148,21 @@ pub struct Summary {
     pub duplicates: usize,
     /// Heals during chaos after which liveness was checked.
     pub heals: usize,
-    /// Membership changes a leader accepted.
+    /// Membership changes asked of a leader.
     pub changes: usize,
+    /// Clean stops (a leader's hand-over, writes in flight answered).
+    pub stops: usize,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let Summary { events, terms, acked, read, failed, crashes, installs, duplicates, heals, changes } = self;
+        let Summary { events, terms, acked, read, failed, crashes, installs, duplicates, heals, changes, stops } = self;
         write!(
             f,
             "{events} events, {terms} terms with a leader, {acked} writes acknowledged, {read} reads served, \
              {failed} operations failed, {crashes} crashes, {installs} snapshots installed, \
              {duplicates} duplicate writes skipped, {heals} heals checked for liveness, \
-             {changes} membership changes"
+             {changes} membership changes, {stops} clean stops"
         )
     }
 }
@@ -166,7 +175,6 @@ pub struct Cluster {
     /// Nodes that applied their own removal and exited; they stay down
     /// unless added again (with a fresh disk).
     exited: BTreeSet<NodeId>,
-    snapshots: SnapshotRegistry,
     network: Network,
     schedule: Schedule<Event>,
     rng: Rng,
@@ -190,8 +198,9 @@ pub struct Cluster {
     crashes: usize,
     installs: usize,
     duplicates: usize,
-    /// Membership changes the leader accepted.
+    /// Membership changes asked of the leader.
     changes: usize,
+    stops: usize,
 }
 
 impl Cluster {
@@ -204,7 +213,9 @@ impl Cluster {
         }
         let mut schedule = Schedule::new();
         let mut nodes = BTreeMap::new();
-        for (id, disk) in (1..).zip(disks) {
+        let snapshots = SnapshotRegistry::default();
+        for (id, mut disk) in (1..).zip(disks) {
+            disk.snapshots = snapshots.clone();
             let cfg = Config {
                 id,
                 election_ticks: (10, 20),
@@ -225,7 +236,6 @@ impl Cluster {
             rerun,
             nodes,
             exited: BTreeSet::new(),
-            snapshots: SnapshotRegistry::new(),
             schedule,
             rng,
             checker: Checker::default(),
@@ -244,6 +254,7 @@ impl Cluster {
             installs: 0,
             duplicates: 0,
             changes: 0,
+            stops: 0,
         }
     }
 
@@ -266,6 +277,7 @@ impl Cluster {
             duplicates: self.duplicates,
             heals: self.heals_checked,
             changes: self.changes,
+            stops: self.stops,
         }
     }
 
@@ -366,7 +378,7 @@ impl Cluster {
         let seed = self.rng.next_u64();
         let node = self.nodes.get_mut(&id).expect("member");
         if !node.is_up() && !self.exited.contains(&id) {
-            node.restart(seed, &self.snapshots);
+            node.restart(seed);
             let start = node.disk().log_start();
             self.trace.record(self.now(), Traced::Restarted(id));
             if start.index > 0 {
@@ -380,21 +392,26 @@ impl Cluster {
     /// Fires `id`'s election timer now, as if it had drawn the shortest
     /// timeout, so a scenario can choose who campaigns first.
     pub fn expire_election_timer(&mut self, id: NodeId) {
-        let raft = self.nodes.get_mut(&id).and_then(SimNode::raft_mut).expect("node is up");
-        let before = raft.soft_state();
+        let now = self.now();
+        let node = self.nodes.get_mut(&id).expect("member");
+        let before = node.raft().expect("node is up").soft_state();
         assert_ne!(before.role, Role::Leader, "a leader has no election timer");
-        while raft.soft_state() == before {
-            raft.tick();
+        while node.raft().expect("node is up").soft_state() == before {
+            node.tick(now);
         }
         self.process(id, Effects::default());
     }
 
     /// A client operation sent to `id`.
     pub fn submit(&mut self, id: NodeId, kind: OpKind) -> OpId {
-        let op = self.history.invoke(kind, id, self.now());
-        self.trace.record(self.now(), Traced::Invoked { op, kind, node: id });
+        let now = self.now();
+        let op = self.history.invoke(kind, id, now);
+        self.trace.record(now, Traced::Invoked { op, kind, node: id });
+        if let Some((_, value)) = kind.written(op) {
+            self.checker.write_sent(value, op, now);
+        }
         let mut fx = Effects::default();
-        self.nodes.get_mut(&id).expect("member").submit(op, kind, &mut fx);
+        self.nodes.get_mut(&id).expect("member").submit(op, kind, now, &mut fx);
         self.process(id, fx);
         op
     }
@@ -440,13 +457,10 @@ impl Cluster {
                 let next = if node.paused_until > now {
                     node.paused_until - now
                 } else {
-                    if let Some(raft) = node.raft_mut() {
-                        raft.tick();
-                        if self.params.compaction > 0.0
-                            && self.rng.chance(self.params.compaction)
-                            && let Some(snapshot) = node.compact(&mut self.snapshots)
-                        {
-                            self.trace.record(now, Traced::Compacted { node: id, index: snapshot.index });
+                    if node.is_up() {
+                        node.tick(now);
+                        if self.params.compaction > 0.0 && self.rng.chance(self.params.compaction) {
+                            node.operator(Request::Snapshot, now);
                         }
                         self.process(id, Effects::default());
                     }
@@ -466,7 +480,7 @@ impl Cluster {
                 } else {
                     let id = m.to;
                     self.trace.record(now, Traced::Delivered((&m).into()));
-                    self.nodes.get_mut(&id).and_then(SimNode::raft_mut).expect("up").step(m);
+                    self.nodes.get_mut(&id).expect("up").step(m, now);
                     self.process(id, Effects::default());
                 }
             }
@@ -474,10 +488,8 @@ impl Cluster {
                 let node = self.nodes.get_mut(&id).expect("member");
                 if node.paused_until > now {
                     self.schedule.after(node.paused_until - now, Event::Unreachable { node: id, peer, incarnation });
-                } else if node.incarnation == incarnation
-                    && let Some(raft) = node.raft_mut()
-                {
-                    raft.peer_unreachable(peer);
+                } else if node.incarnation == incarnation && node.is_up() {
+                    node.peer_unreachable(peer);
                     self.process(id, Effects::default());
                 }
             }
@@ -501,6 +513,7 @@ impl Cluster {
                 }
             }
             Event::Restart(id) => self.restart(id),
+            Event::Stopping { node, incarnation, downtime } => self.stopping(node, incarnation, downtime),
             Event::WholeFor(generation) => {
                 if generation == self.whole_generation
                     && let Some(since) = self.whole_since
@@ -578,18 +591,49 @@ impl Cluster {
                 let node = self.nodes.get_mut(&id).expect("member");
                 node.paused_until = node.paused_until.max(self.schedule.now() + duration);
             }
-            Fault::Crash(_) | Fault::Pause(_) => {}
+            Fault::Stop(id) if self.nodes[&id].is_up() => {
+                self.trace.record(self.now(), Traced::Stopping(id));
+                let incarnation = self.nodes[&id].incarnation;
+                self.stopping(id, incarnation, duration);
+            }
+            Fault::Crash(_) | Fault::Pause(_) | Fault::Stop(_) => {}
             Fault::Transfer(to) => {
                 let now = self.now();
                 let Some(leader) = self.leader().filter(|&l| l != to && self.nodes[&l].paused_until <= now) else {
                     return;
                 };
                 self.trace.record(now, Traced::Fault(fault));
-                let raft = self.nodes.get_mut(&leader).and_then(SimNode::raft_mut).expect("leader is up");
                 // Refused for a learner, which may not lead.
-                let _ = raft.transfer_leadership(to);
+                let request = Request::TransferLeader { to: Some(to) };
+                self.nodes.get_mut(&leader).expect("leader is up").operator(request, now);
                 self.process(leader, Effects::default());
             }
+        }
+    }
+
+    /// Node `id`, asked to stop, exits once its server says it may (a
+    /// leader hands over first) and comes back after `downtime`.
+    fn stopping(&mut self, id: NodeId, incarnation: u64, downtime: Time) {
+        let now = self.now();
+        let node = self.nodes.get_mut(&id).expect("member");
+        if node.incarnation != incarnation || !node.is_up() {
+            return;
+        }
+        let next = Event::Stopping { node: id, incarnation, downtime };
+        if node.paused_until > now {
+            return self.schedule.after(node.paused_until - now, next);
+        }
+        let mut fx = Effects::default();
+        if node.stop(now, &mut fx) {
+            self.trace.record(now, Traced::Stopped(id));
+            self.stops += 1;
+            self.absorb(id, fx);
+            self.checker.restarted(id);
+            self.schedule.after(downtime, Event::Restart(id));
+        } else {
+            self.absorb(id, fx);
+            self.process(id, Effects::default());
+            self.schedule.after(TICK, next);
         }
     }
 
@@ -621,10 +665,14 @@ impl Cluster {
                 if removable.contains(&leader) && self.rng.chance(0.3) { leader } else { self.rng.pick(&removable) };
             MembershipChange::Remove(removed)
         };
-        let raft = self.nodes.get_mut(&leader).and_then(SimNode::raft_mut).expect("leader is up");
-        let accepted = raft.change_membership(change, vec![]).is_ok();
-        self.trace.record(now, Traced::Change { leader, change, accepted });
-        self.changes += usize::from(accepted);
+        let request = match change {
+            MembershipChange::AddLearner { id, promote } => Request::AddNode { member: sim_member(id), voter: promote },
+            MembershipChange::Remove(id) => Request::RemoveNode { id },
+            other => unreachable!("not asked for: {other:?}"),
+        };
+        self.nodes.get_mut(&leader).expect("leader is up").operator(request, now);
+        self.trace.record(now, Traced::Change { leader, change });
+        self.changes += 1;
         self.process(leader, Effects::default());
     }
 
@@ -690,8 +738,8 @@ impl Cluster {
     }
 
     fn process(&mut self, id: NodeId, mut fx: Effects) {
-        let torn_crash = if self.now() < self.chaos_until { self.params.torn_crash } else { 0.0 };
-        self.nodes.get_mut(&id).expect("member").process(&mut self.rng, torn_crash, &self.snapshots, &mut fx);
+        let torn_crash = self.now() < self.chaos_until && self.rng.chance(self.params.torn_crash);
+        self.nodes.get_mut(&id).expect("member").process(torn_crash, &mut fx);
         self.absorb(id, fx);
     }
 
@@ -700,6 +748,9 @@ impl Cluster {
         let now = self.now();
         for m in fx.sent {
             self.send(m);
+        }
+        if let Some(snapshot) = fx.compacted {
+            self.trace.record(now, Traced::Compacted { node: id, index: snapshot.index });
         }
         if let Some(snapshot) = fx.restored {
             self.trace.record(now, Traced::Restored { node: id, index: snapshot.index });
@@ -715,7 +766,7 @@ impl Cluster {
             let check = self.checker.persisted(id, start, &entries, from);
             self.check(check);
         }
-        for soft in fx.roles {
+        if let Some(soft) = fx.role {
             self.trace.record(now, Traced::Role { node: id, role: soft.role, term: soft.term });
             if soft.role == Role::Leader {
                 let disk = self.nodes[&id].disk();
@@ -738,9 +789,9 @@ impl Cluster {
                 let check = self.checker.applied(id, term, entry);
                 self.check(check);
             }
-            for (index, applied) in &fx.executed {
-                self.duplicates += usize::from(applied.duplicate);
-                let check = self.checker.executed(id, *index, applied);
+            for executed in &fx.executed {
+                self.duplicates += usize::from(executed.duplicate);
+                let check = self.checker.executed(id, executed.index, executed.value, executed.duplicate, now);
                 self.check(check);
             }
         }
@@ -768,23 +819,31 @@ impl Cluster {
         match completion {
             Completion::WriteAcked { op, index } => {
                 self.trace.record(now, Traced::Acked(op, index));
-                let (OpKind::Write(key) | OpKind::Retry(key, _)) = self.history.complete(op, now, Outcome::Acked).kind
-                else {
-                    unreachable!("only writes are acknowledged")
-                };
-                self.checker.write_acked(key, index, now);
+                let kind = self.history.complete(op, now, Outcome::Acked).kind;
+                let (key, value) = kind.written(op).expect("only writes are acknowledged");
+                let check = self.checker.write_acked(key, value, index, now);
+                self.check(check);
                 self.last_ack = Some((op, index));
             }
-            Completion::ReadServed { op, key, version } => {
+            Completion::ReadServed { op, value } => {
                 self.last_read = Some(op);
+                let version = value.map(|value| {
+                    let index = self.checker.first_applied(value).expect("a value read was applied");
+                    (value, index)
+                });
                 self.trace.record(now, Traced::Read(op, version.map_or(0, |(_, index)| index)));
-                let invoked = self.history.complete(op, now, Outcome::Read(version)).invoked;
+                let done = self.history.complete(op, now, Outcome::Read(version));
+                let (OpKind::Read(key), invoked) = (done.kind, done.invoked) else { unreachable!("only reads read") };
                 let check = self.checker.read_served(key, invoked, now, version);
                 self.check(check);
             }
-            Completion::Failed(op) => {
-                self.trace.record(now, Traced::Failed(op));
+            Completion::Failed(op, code) => {
+                self.trace.record(now, Traced::Failed(op, code));
                 let kind = self.history.complete(op, now, Outcome::Failed).kind;
+                if let (Some((_, value)), Some(code)) = (kind.written(op), code) {
+                    let check = self.checker.write_failed(value, op, code);
+                    self.check(check);
+                }
                 // Half the failed writes are sent again, as the same session
                 // write: whatever became of the first, it applies at most once.
                 if let OpKind::Write(key) | OpKind::Retry(key, _) = kind

@@ -78,6 +78,9 @@ pub enum Fault {
     /// Not a fault but an operator action racing with them: the current
     /// leader, if any, is asked to hand leadership over to this node.
     Transfer(NodeId),
+    /// A clean stop (SIGTERM) with clients writing: the node hands
+    /// leadership over, answers what it holds, exits, and restarts later.
+    Stop(NodeId),
 }
 
 impl fmt::Display for Fault {
@@ -93,7 +96,7 @@ impl Fault {
             Some(leader) if rng.chance(0.5) => leader,
             _ => rng.pick(members),
         };
-        let fault = match rng.range(0, 6) {
+        let fault = match rng.range(0, 7) {
             0 => Fault::Partition(Partition::Split(NodeSet::of(&rng.split(members).0))),
             1 => Fault::Partition(Partition::Mute(NodeSet::of(&[victim]))),
             2 => Fault::Partition(Partition::IsolateLeader(victim)),
@@ -103,6 +106,7 @@ impl Fault {
             }
             4 => Fault::Crash(victim),
             5 => Fault::Transfer(rng.pick(members)),
+            6 => Fault::Stop(victim),
             _ => Fault::Pause(victim),
         };
         (fault, rng.range(50 * MS, 1_000 * MS))

@@ -18,6 +18,17 @@ pub enum OpKind {
     Read(Key),
 }
 
+impl OpKind {
+    /// The value op `op` of this kind writes, if it writes.
+    pub fn written(self, op: OpId) -> Option<(Key, OpId)> {
+        match self {
+            OpKind::Write(key) => Some((key, op)),
+            OpKind::Retry(key, of) => Some((key, of)),
+            OpKind::Read(_) => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Pending,

@@ -1,306 +1,330 @@
-//! One simulated server: the real `Raft` core driven by the node's own Ready
-//! driver (`raft_zmq::driver`), a disk model, the register state machine and
-//! the client requests it holds.
+//! One simulated server: the node's own request layer (`raft_zmq::node::server`,
+//! with the real `Raft` core, the shared Ready driver and the real
+//! `KvStore`) over a disk model, given client requests as the client
+//! endpoint gives them and carrying out its effects as the runtime does.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::time::Duration;
 
-/// Every snapshot any node took, by position: the state machine at that
-/// index is the same on every node (state machine safety, which the checker
-/// verifies), so a follower installing one takes its state from here.
-use raft_zmq::driver::{Shell, run_ready};
-use raft_zmq::raft::{
-    Config, Entry, Index, LogStore, Membership, Message, NodeId, Payload, Raft, ReadState, Role, Snapshot, SnapshotMeta,
-    SoftState, Term,
-};
+use raft_zmq::kv::{Command, KvStore, LoggedCommand, Value};
+use raft_zmq::node::server::{Effect, ProcessError, Server, ServerConfig};
+use raft_zmq::protocol::{ErrorCode, Reply, Request};
+use raft_zmq::raft::{Config, Entry, Index, LogStore, Message, NodeId, Payload, Raft, Role, SnapshotMeta, SoftState};
 
 use super::history::{OpId, OpKind};
-use super::register::{Applied, Image, Key, Register, Version, encode_write};
-use super::rng::Rng;
+use super::register::{Key, key_value};
 use super::schedule::Time;
 use super::storage::{Crashed, Disk};
 
 /// How a client request held by a node ended.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Completion {
     /// `index` is the one the reply names: where the write was first applied.
-    WriteAcked {
-        op: OpId,
-        index: Index,
-    },
-    ReadServed {
-        op: OpId,
-        key: Key,
-        version: Version,
-    },
-    Failed(OpId),
+    WriteAcked { op: OpId, index: Index },
+    /// The value read (the op id of the write that stored it), if any.
+    ReadServed { op: OpId, value: Option<OpId> },
+    /// An error reply; `None`: no reply at all (the node crashed).
+    Failed(OpId, Option<ErrorCode>),
 }
 
-/// What one round of Ready processing did, for the cluster to route and check.
+/// One applied write command: the write it belongs to (its value), and
+/// whether the session check skipped it as a retry already applied.
+#[derive(Clone, Copy, Debug)]
+pub struct Executed {
+    pub index: Index,
+    pub value: OpId,
+    pub duplicate: bool,
+}
+
+/// What one round of processing did, for the cluster to route and check.
 #[derive(Default)]
 pub struct Effects {
     pub sent: Vec<Message>,
-    pub roles: Vec<SoftState>,
+    /// Role, term or leader after the round, when they changed in it.
+    pub role: Option<SoftState>,
     /// Lowest index written to disk, if entries were written.
     pub wrote_from: Option<Index>,
     pub applied: Vec<Entry>,
+    pub executed: Vec<Executed>,
     pub completed: Vec<Completion>,
-    /// The node crashed between sending `messages` and syncing its write.
+    /// The node crashed between sending messages and syncing its write.
     pub torn_crash: bool,
     /// The node's state machine started over from this snapshot.
     pub restored: Option<SnapshotMeta>,
-    /// The membership in force changed to this.
-    pub membership: Option<Membership>,
-    /// Write commands applied: (entry index, what the state machine did).
-    pub executed: Vec<(Index, Applied)>,
+    /// A snapshot was written and the log compacted behind it.
+    pub compacted: Option<SnapshotMeta>,
 }
 
-pub type SnapshotRegistry = BTreeMap<SnapshotMeta, Image>;
+/// Every snapshot file any node wrote, by position: the state machine at
+/// that index is the same on every node (state machine safety, which the
+/// checker verifies), so a follower installing one reads it from here, as
+/// the real one reads the file its transport staged.
+pub type SnapshotRegistry = Rc<RefCell<BTreeMap<SnapshotMeta, Vec<u8>>>>;
 
-struct PendingRead {
-    key: Key,
-    /// Set once leadership is confirmed; served when applied reaches it.
-    index: Option<Index>,
-}
-
-/// The state machine and the client requests a node holds: what a crash loses.
-#[derive(Default)]
-struct App {
-    register: Register,
-    applied: Index,
-    /// Proposals awaiting their apply: index → (term, op).
-    writes: BTreeMap<Index, (Term, OpId)>,
-    /// Reads by ctx, which is the op id.
-    reads: BTreeMap<OpId, PendingRead>,
-    /// A membership applied (or restored) says this node was removed.
-    removed: bool,
-}
+/// Who a request's reply goes to: a client operation, or the harness
+/// itself (a snapshot, a transfer or a membership change an operator asks for).
+pub type Handle = Option<OpId>;
 
 pub struct SimNode {
     cfg: Config,
-    /// The running core, which owns the disk; `None` while crashed.
-    raft: Option<Raft<Disk>>,
+    /// The running server, which owns the core, which owns the disk; `None`
+    /// while crashed.
+    server: Option<Server<Disk, Handle>>,
     /// The disk while the node is down.
     down_disk: Option<Disk>,
+    /// Client operations handed to the server and not yet answered: a crash
+    /// leaves them unanswered.
+    in_flight: BTreeSet<OpId>,
     /// Bumped by every crash, so stale timers for a past life are ignored.
     pub incarnation: u64,
     /// This node's drifting clock: virtual time between two ticks.
     pub tick_period: Time,
     /// A paused process (GC, SIGSTOP) handles nothing until then.
     pub paused_until: Time,
-    app: App,
+    /// Role, term and leader as last reported: a tick or a message may
+    /// change them, and the next round reports it.
+    reported: Option<SoftState>,
 }
 
-/// The node's side of the shared Ready driver, for one run of it.
-struct SimShell<'a> {
-    id: NodeId,
-    app: &'a mut App,
-    fx: &'a mut Effects,
-    snapshots: &'a SnapshotRegistry,
+/// How long a request may wait before its client hears `timeout`, and a
+/// stopping leader waits for its successor.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const HANDOVER_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn at(now: Time) -> Duration {
+    Duration::from_micros(now)
 }
 
-impl<S> Shell<S> for SimShell<'_> {
-    fn send(&mut self, msg: Message) {
-        self.fx.sent.push(msg);
-    }
-
-    fn soft_state(&mut self, soft: SoftState) {
-        self.fx.roles.push(soft);
-    }
-
-    fn membership(&mut self, membership: &Membership) {
-        self.fx.membership = Some(membership.clone());
-    }
-
-    fn restore(&mut self, snapshot: &Snapshot, _: &S) {
-        self.app.removed |= snapshot.membership.removed.contains(&self.id);
-        let snapshot = snapshot.meta;
-        self.app.register = Register::restore(self.snapshots.get(&snapshot).expect("every snapshot sent was taken"));
-        self.app.applied = snapshot.index;
-        // Whether these made it into the snapshot cannot be told: unknown.
-        let later = self.app.writes.split_off(&(snapshot.index + 1));
-        let covered = std::mem::replace(&mut self.app.writes, later);
-        self.fx.completed.extend(covered.into_values().map(|(_, op)| Completion::Failed(op)));
-        self.fx.restored = Some(snapshot);
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) {
-        for entry in entries {
-            if let Payload::Membership(membership) = &entry.payload {
-                self.app.removed |= membership.removed.contains(&self.id);
-            }
-            let applied = self.app.register.apply(&entry);
-            self.app.applied = entry.index;
-            if let Some((term, op)) = self.app.writes.remove(&entry.index) {
-                self.fx.completed.push(match &applied {
-                    Some(applied) if term == entry.term => Completion::WriteAcked { op, index: applied.index },
-                    _ => Completion::Failed(op),
-                });
-            }
-            self.fx.executed.extend(applied.map(|applied| (entry.index, applied)));
-            self.fx.applied.push(entry);
-        }
-    }
-
-    fn read_ready(&mut self, read: ReadState) {
-        if let Some(pending) = self.app.reads.get_mut(&read.ctx) {
-            pending.index = Some(read.index);
-        }
-    }
-
-    fn read_failed(&mut self, ctx: u64) {
-        if self.app.reads.remove(&ctx).is_some() {
-            self.fx.completed.push(Completion::Failed(ctx));
-        }
+/// The request a client operation sends: every write its own session.
+pub fn request_of(op: OpId, kind: OpKind) -> Request {
+    let write = |key: Key, value: OpId| Request::Write {
+        command: Command::Put { key: key_value(key), value: Value::Str(value.to_string()) },
+        client_id: Some(format!("op{value}")),
+        seq: Some(1),
+    };
+    match kind {
+        OpKind::Write(key) => write(key, op),
+        OpKind::Retry(key, of) => write(key, of),
+        OpKind::Read(key) => Request::Get { key: key_value(key) },
     }
 }
 
 impl SimNode {
     pub fn new(cfg: Config, disk: Disk, tick_period: Time) -> SimNode {
-        let hard_state = disk.hard_state();
-        let raft = Raft::new(cfg.clone(), disk, hard_state, 0);
-        SimNode {
+        let mut node = SimNode {
             cfg,
-            raft: Some(raft),
-            down_disk: None,
+            server: None,
+            down_disk: Some(disk),
+            in_flight: BTreeSet::new(),
             incarnation: 0,
             tick_period,
             paused_until: 0,
-            app: App::default(),
-        }
+            reported: None,
+        };
+        node.restart(node.cfg.seed);
+        node
     }
 
     pub fn raft(&self) -> Option<&Raft<Disk>> {
-        self.raft.as_ref()
-    }
-
-    pub fn raft_mut(&mut self) -> Option<&mut Raft<Disk>> {
-        self.raft.as_mut()
+        self.server.as_ref().map(Server::raft)
     }
 
     pub fn disk(&self) -> &Disk {
-        match &self.raft {
-            Some(raft) => raft.store(),
+        match &self.server {
+            Some(server) => server.raft().store(),
             None => self.down_disk.as_ref().expect("a node that is down keeps its disk"),
         }
     }
 
     pub fn is_up(&self) -> bool {
-        self.raft.is_some()
+        self.server.is_some()
     }
 
     pub fn applied(&self) -> Index {
-        self.app.applied
+        self.server.as_ref().map_or(0, |s| s.applied().index)
     }
 
-    /// Hands a client request to the core; a refusal fails it at once.
-    pub fn submit(&mut self, op: OpId, kind: OpKind, fx: &mut Effects) {
-        let Some(raft) = self.raft.as_mut() else { return fx.completed.push(Completion::Failed(op)) };
-        match kind {
-            OpKind::Write(_) | OpKind::Retry(..) => {
-                let command = match kind {
-                    OpKind::Retry(key, of) => encode_write(key, of),
-                    OpKind::Write(key) | OpKind::Read(key) => encode_write(key, op),
-                };
-                match raft.propose(command) {
-                    Ok((index, term)) => {
-                        // A slot re-proposed after a truncation: the old request lost it.
-                        if let Some((_, displaced)) = self.app.writes.insert(index, (term, op)) {
-                            fx.completed.push(Completion::Failed(displaced));
-                        }
-                    }
-                    Err(_) => fx.completed.push(Completion::Failed(op)),
-                }
-            }
-            OpKind::Read(key) => match raft.read_index(op) {
-                Ok(()) => {
-                    self.app.reads.insert(op, PendingRead { key, index: None });
-                }
-                Err(_) => fx.completed.push(Completion::Failed(op)),
-            },
+    /// Hands a client request to the server, as the client endpoint does.
+    pub fn submit(&mut self, op: OpId, kind: OpKind, now: Time, fx: &mut Effects) {
+        let Some(server) = self.server.as_mut() else { return fx.completed.push(Completion::Failed(op, None)) };
+        self.in_flight.insert(op);
+        server.client(request_of(op, kind), Some(op), at(now));
+    }
+
+    /// A request of the harness's own, whose reply nobody waits for.
+    pub fn operator(&mut self, request: Request, now: Time) {
+        if let Some(server) = self.server.as_mut() {
+            server.client(request, None, at(now));
         }
     }
 
-    /// Runs the shared Ready driver until the core is quiet. With
-    /// probability `torn_crash`, its first write crashes the node after the
-    /// round's `messages` left and before the sync.
-    pub fn process(&mut self, rng: &mut Rng, torn_crash: f64, snapshots: &SnapshotRegistry, fx: &mut Effects) {
-        let Some(raft) = self.raft.as_mut() else { return };
-        raft.store_mut().crash_before_sync = torn_crash > 0.0 && rng.chance(torn_crash);
-        let id = self.cfg.id;
-        let outcome = run_ready(raft, &mut SimShell { id, app: &mut self.app, fx, snapshots });
-        let disk = raft.store_mut();
+    pub fn tick(&mut self, now: Time) {
+        if let Some(server) = self.server.as_mut() {
+            // Only a sync can crash, and a tick writes nothing to the log.
+            server.tick(at(now)).expect("a tick never syncs the log");
+        }
+    }
+
+    pub fn step(&mut self, m: Message, now: Time) {
+        if let Some(server) = self.server.as_mut() {
+            server.peer(m, at(now));
+        }
+    }
+
+    pub fn peer_unreachable(&mut self, peer: NodeId) {
+        if let Some(server) = self.server.as_mut() {
+            server.peer_unreachable(peer);
+        }
+    }
+
+    /// Runs the server's Ready processing and carries out its effects. With
+    /// `torn_crash`, its first write crashes the node after the round's
+    /// messages left and before the sync.
+    pub fn process(&mut self, torn_crash: bool, fx: &mut Effects) {
+        let Some(server) = self.server.as_mut() else { return };
+        server.store_mut().crash_before_sync = torn_crash;
+        let outcome = server.process(&mut |m| fx.sent.push(m));
+        let disk = server.store_mut();
         disk.crash_before_sync = false;
         fx.wrote_from = disk.wrote_from.take();
         match outcome {
-            Ok(()) => self.serve_reads(fx),
-            Err(Crashed) => {
+            Ok(()) => {}
+            Err(ProcessError::Storage(Crashed)) => {
                 fx.torn_crash = true;
-                self.crash(fx);
+                return self.crash(fx);
             }
+            Err(ProcessError::StateMachine(problem)) => panic!("node {}: {problem}", self.cfg.id),
         }
+        let soft = server.raft().soft_state();
+        if self.reported != Some(soft) {
+            self.reported = Some(soft);
+            fx.role = Some(soft);
+        }
+        self.carry_out(fx);
     }
 
-    fn serve_reads(&mut self, fx: &mut Effects) {
-        let app = &mut self.app;
-        let ready: Vec<OpId> =
-            app.reads.iter().filter(|(_, r)| r.index.is_some_and(|i| i <= app.applied)).map(|(&op, _)| op).collect();
-        for op in ready {
-            let key = app.reads.remove(&op).expect("listed above").key;
-            fx.completed.push(Completion::ReadServed { op, key, version: app.register.get(key) });
+    fn carry_out(&mut self, fx: &mut Effects) {
+        let server = self.server.as_mut().expect("up");
+        for effect in server.take_effects() {
+            match effect {
+                Effect::Reply(Some(op), reply) => {
+                    self.in_flight.remove(&op);
+                    fx.completed.push(completion(op, reply));
+                }
+                Effect::Applied { entries, duplicates } => {
+                    for entry in &entries {
+                        if let Some(value) = written_value(entry) {
+                            let duplicate = duplicates.contains(&entry.index);
+                            fx.executed.push(Executed { index: entry.index, value, duplicate });
+                        }
+                    }
+                    fx.applied.extend(entries);
+                }
+                Effect::Restored(snapshot) => fx.restored = Some(snapshot),
+                Effect::SaveSnapshot(snapshot, image) => {
+                    server.store_mut().snapshots.borrow_mut().insert(snapshot, image.encode());
+                    server.snapshot_saved(snapshot).expect("compaction never crashes");
+                    fx.compacted = Some(snapshot);
+                }
+                // Operators' replies, and what only a real runtime uses.
+                Effect::Reply(None, _)
+                | Effect::ReadLog { .. }
+                | Effect::ReadSnapshotFile { .. }
+                | Effect::Members(_)
+                | Effect::Identity { .. }
+                | Effect::Revoked(_) => {}
+            }
         }
     }
 
     /// Loses everything but the disk; held client requests get no answer.
     pub fn crash(&mut self, fx: &mut Effects) {
-        let Some(raft) = self.raft.take() else { return };
-        self.down_disk = Some(raft.into_store());
+        let Some(server) = self.server.take() else { return };
+        self.down_disk = Some(server.into_store());
         self.incarnation += 1;
-        let app = std::mem::take(&mut self.app);
-        let writes = app.writes.into_values().map(|(_, op)| op);
-        fx.completed.extend(writes.chain(app.reads.into_keys()).map(Completion::Failed));
+        self.reported = None;
+        let lost = std::mem::take(&mut self.in_flight);
+        fx.completed.extend(lost.into_iter().map(|op| Completion::Failed(op, None)));
+    }
+
+    /// A clean stop (SIGTERM): the server hands leadership over and answers
+    /// everyone it holds, then the process exits. Returns whether it may
+    /// exit now; call again on later rounds until it may.
+    pub fn stop(&mut self, now: Time, fx: &mut Effects) -> bool {
+        let Some(server) = self.server.as_mut() else { return true };
+        server.begin_stop(at(now));
+        if !server.may_stop(at(now)) {
+            return false;
+        }
+        server.shut_down().expect("a clean stop syncs without a torn write");
+        self.carry_out(fx);
+        self.crash(fx);
+        true
     }
 
     /// Whether the node applied its own removal and no longer leads (a
     /// leader that removed itself hands over first): a real node exits then.
     pub fn must_exit(&self) -> bool {
-        self.raft().is_some_and(|r| (self.app.removed || r.removed()) && r.soft_state().role != Role::Leader)
+        self.server.as_ref().is_some_and(|s| s.removed() && s.raft().soft_state().role != Role::Leader)
     }
 
     /// Replaces the disk by an empty one (a new machine, or a wiped one,
     /// under the same id) and starts a node on it that waits to be added.
     pub fn wipe(&mut self, seed: u64, fx: &mut Effects) {
         self.crash(fx);
-        self.down_disk = Some(Disk::default());
-        self.app = App::default();
-        self.restart(seed, &SnapshotRegistry::new());
+        let snapshots = self.disk().snapshots.clone();
+        self.down_disk = Some(Disk { snapshots, ..Disk::default() });
+        self.restart(seed);
     }
 
     /// Starts a fresh process from what the disk holds: the state machine
     /// from the snapshot its log starts after, then the log.
-    pub fn restart(&mut self, seed: u64, snapshots: &SnapshotRegistry) {
+    pub fn restart(&mut self, seed: u64) {
         let cfg = Config { seed, ..self.cfg.clone() };
         let disk = self.down_disk.take().expect("restarting a node that is down");
-        let (hard_state, start) = (disk.hard_state(), disk.log_start());
-        // The membership the log starts with is committed.
-        self.app.removed = disk.memberships()[0].1.removed.contains(&self.cfg.id);
+        let (hard_state, start, cluster) = (disk.hard_state(), disk.log_start(), disk.cluster);
+        let mut kv = KvStore::new();
         if start.index > 0 {
-            self.app.register = Register::restore(snapshots.get(&start).expect("a compacted log follows a snapshot"));
-            self.app.applied = start.index;
+            let image = disk.snapshots.borrow().get(&start).cloned().expect("a compacted log follows a snapshot");
+            kv.restore(&image).expect("a snapshot the simulation took");
         }
-        self.raft = Some(Raft::new(cfg, disk, hard_state, start.index));
+        let server_cfg = ServerConfig {
+            id: cfg.id,
+            request_timeout: REQUEST_TIMEOUT,
+            handover_timeout: HANDOVER_TIMEOUT,
+            // The harness asks for snapshots (`Request::Snapshot`) at random.
+            snapshot_entries: u64::MAX,
+            curve: false,
+            new_cluster_name: seed.max(1),
+        };
+        let raft = Raft::new(cfg, disk, hard_state, start.index);
+        self.server = Some(Server::new(server_cfg, raft, kv, start, cluster, 0));
     }
+}
 
-    /// Snapshots the state machine and compacts the log up to what was
-    /// applied, as the node does every `snapshot_entries` entries.
-    pub fn compact(&mut self, snapshots: &mut SnapshotRegistry) -> Option<SnapshotMeta> {
-        let raft = self.raft.as_mut()?;
-        let applied = self.app.applied;
-        if applied <= raft.store().log_start().index {
-            return None;
+/// The client's view of a reply.
+fn completion(op: OpId, reply: Reply) -> Completion {
+    match reply {
+        Reply::Put { index } => Completion::WriteAcked { op, index },
+        Reply::Get { value } => {
+            let value = value.map(|v| match v {
+                Value::Str(v) => v.parse().expect("values are op ids"),
+                Value::Bin(_) => panic!("the simulation writes str values"),
+            });
+            Completion::ReadServed { op, value }
         }
-        let snapshot = SnapshotMeta { index: applied, term: raft.store().term(applied) };
-        snapshots.insert(snapshot, self.app.register.snapshot());
-        raft.store_mut().store.compact(applied);
-        Some(snapshot)
+        Reply::Error { code, .. } => Completion::Failed(op, Some(code)),
+        other => panic!("op {op} got {other:?}"),
+    }
+}
+
+/// The value a write command stores: the op id of the write.
+fn written_value(entry: &Entry) -> Option<OpId> {
+    let Payload::Command(bytes) = &entry.payload else { return None };
+    match LoggedCommand::decode(bytes).ok()?.command {
+        Command::Put { value: Value::Str(value), .. } => value.parse().ok(),
+        _ => None,
     }
 }

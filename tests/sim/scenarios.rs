@@ -173,7 +173,8 @@ fn leader_isolated_from_the_majority_while_clients_still_reach_it() {
 /// the time hide).
 #[test]
 fn a_new_leader_serves_reads_when_no_client_writes() {
-    let mut c = cluster("reads_only_after_a_leader_change", 4, Params::calm(3, true, true), vec![Disk::bootstrap(3); 3]);
+    let mut c =
+        cluster("reads_only_after_a_leader_change", 4, Params::calm(3, true, true), vec![Disk::bootstrap(3); 3]);
     c.set_clients(Clients::Leaders);
     let old = elect_someone(&mut c);
     c.run_for(500 * MS);

@@ -1,10 +1,15 @@
 //! The model of sled's durability: a node's disk holds exactly what the shell
 //! wrote *and* synced. A crash keeps this and loses everything else.
 
+use raft_zmq::config::Member;
 use raft_zmq::driver::Storage;
+use raft_zmq::node::server::NodeStorage;
 use raft_zmq::raft::{Entry, HardState, Index, LogStore, MemStore, Membership, Snapshot, SnapshotMeta, Term};
 
+use super::node::SnapshotRegistry;
+
 /// The write never reached the disk: the node crashed before its sync.
+#[derive(Debug)]
 pub struct Crashed;
 
 /// `Default` is the empty disk of a node that waits to be added to a cluster.
@@ -16,13 +21,24 @@ pub struct Disk {
     pub crash_before_sync: bool,
     /// Lowest index written since the simulator last looked, for the checker.
     pub wrote_from: Option<Index>,
+    /// The snapshot files, shared by every node's disk (see [`SnapshotRegistry`]).
+    pub snapshots: SnapshotRegistry,
+    /// The cluster's name, once the node knows it is committed.
+    pub cluster: u64,
+}
+
+/// Node `id` as the membership names it: endpoints no one connects to.
+pub fn sim_member(id: u64) -> Member {
+    Member { id, raft: format!("tcp://node{id}:7000"), client: format!("tcp://node{id}:7100"), public_key: None }
 }
 
 impl Disk {
     /// A disk of a node of a new cluster of voters 1 to `n`, holding
     /// `entries` (contiguous from index 1) and `hard_state`.
     pub fn with(n: u64, hard_state: HardState, entries: &[Entry]) -> Disk {
-        let store = MemStore::new(Membership::of_voters(1..=n, vec![]), hard_state, entries);
+        let members: Vec<Member> = (1..=n).map(sim_member).collect();
+        let context = serde_json::to_vec(&members).expect("members serialize");
+        let store = MemStore::new(Membership::of_voters(1..=n, context), hard_state, entries);
         Disk { store, ..Disk::default() }
     }
 
@@ -80,6 +96,47 @@ impl Storage for Disk {
         if let Some(first) = entries.first() {
             self.wrote_from = Some(self.wrote_from.map_or(first.index, |f| f.min(first.index)));
         }
+        Ok(())
+    }
+}
+
+/// The disk beyond the log: snapshot files and the cluster's name. Space
+/// never runs out here.
+impl NodeStorage for Disk {
+    fn reserve(&mut self, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn low_on_space(&self) -> bool {
+        false
+    }
+
+    fn check_space(&mut self) -> bool {
+        false
+    }
+
+    fn handed_over(&mut self) {}
+
+    fn disk_status(&self) -> (Vec<String>, u64) {
+        (Vec::new(), 0)
+    }
+
+    fn snapshot_saved(&mut self, snapshot: SnapshotMeta) -> Result<(), Crashed> {
+        self.store.compact(snapshot.index);
+        Ok(())
+    }
+
+    fn load_snapshot(&self, snapshot: SnapshotMeta) -> Result<Vec<u8>, String> {
+        self.snapshots.borrow().get(&snapshot).cloned().ok_or_else(|| format!("no snapshot file for {snapshot:?}"))
+    }
+
+    fn record_cluster(&mut self, cluster: u64) -> Result<(), Crashed> {
+        self.cluster = cluster;
+        Ok(())
+    }
+
+    fn persist_hard_state(&mut self, hard_state: &HardState) -> Result<(), Crashed> {
+        self.store.hard_state = *hard_state;
         Ok(())
     }
 }

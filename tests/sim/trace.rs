@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
+use raft_zmq::protocol::ErrorCode;
 use raft_zmq::raft::{Body, Index, MembershipChange, Message, NodeId, Role, Term};
 
 use super::faults::Fault;
@@ -92,25 +93,56 @@ impl fmt::Display for Envelope {
 pub enum Event {
     Delivered(Envelope),
     Dropped(Envelope, &'static str),
-    Role { node: NodeId, role: Role, term: Term },
-    Persisted { node: NodeId, from: Index, to: Index },
-    Applied { node: NodeId, from: Index, to: Index },
+    Role {
+        node: NodeId,
+        role: Role,
+        term: Term,
+    },
+    Persisted {
+        node: NodeId,
+        from: Index,
+        to: Index,
+    },
+    Applied {
+        node: NodeId,
+        from: Index,
+        to: Index,
+    },
     Fault(Fault),
     Healed,
-    Crashed { node: NodeId, torn: bool },
+    Crashed {
+        node: NodeId,
+        torn: bool,
+    },
     Restarted(NodeId),
-    Compacted { node: NodeId, index: Index },
-    Restored { node: NodeId, index: Index },
-    /// The leader was asked for a membership change; `accepted`: it took it.
-    Change { leader: NodeId, change: MembershipChange, accepted: bool },
+    Compacted {
+        node: NodeId,
+        index: Index,
+    },
+    Restored {
+        node: NodeId,
+        index: Index,
+    },
+    /// The leader was asked for a membership change (`add_node` or `remove_node`).
+    Change {
+        leader: NodeId,
+        change: MembershipChange,
+    },
+    /// The node was asked to stop (SIGTERM): it hands over, answers, exits.
+    Stopping(NodeId),
+    Stopped(NodeId),
     /// The node applied its own removal and exited, as a real node does.
     Exited(NodeId),
     /// The node starts over with an empty disk, to be added.
     Wiped(NodeId),
-    Invoked { op: OpId, kind: OpKind, node: NodeId },
+    Invoked {
+        op: OpId,
+        kind: OpKind,
+        node: NodeId,
+    },
     Acked(OpId, Index),
     Read(OpId, Index),
-    Failed(OpId),
+    Failed(OpId, Option<ErrorCode>),
 }
 
 impl fmt::Display for Event {
@@ -129,15 +161,16 @@ impl fmt::Display for Event {
             Event::Restarted(node) => write!(f, "RESTART node {node}"),
             Event::Compacted { node, index } => write!(f, "node {node} snapshot at {index}, log compacted"),
             Event::Restored { node, index } => write!(f, "node {node} installed the snapshot at {index}"),
-            Event::Change { leader, change, accepted } => {
-                write!(f, "MEMBERSHIP {change:?} asked of leader {leader}: {}", if accepted { "proposed" } else { "refused" })
-            }
+            Event::Change { leader, change } => write!(f, "MEMBERSHIP {change:?} asked of leader {leader}"),
+            Event::Stopping(node) => write!(f, "STOP node {node} (clean shutdown begins)"),
+            Event::Stopped(node) => write!(f, "node {node} STOPPED"),
             Event::Exited(node) => write!(f, "node {node} applied its removal and EXITED"),
             Event::Wiped(node) => write!(f, "node {node} starts over with an EMPTY disk"),
             Event::Invoked { op, kind, node } => write!(f, "client op {op} {kind:?} at node {node}"),
             Event::Acked(op, index) => write!(f, "client op {op} acknowledged at index {index}"),
             Event::Read(op, index) => write!(f, "client op {op} read the version of index {index}"),
-            Event::Failed(op) => write!(f, "client op {op} failed"),
+            Event::Failed(op, Some(code)) => write!(f, "client op {op} failed: {code}"),
+            Event::Failed(op, None) => write!(f, "client op {op} got no reply"),
         }
     }
 }

@@ -14,13 +14,13 @@ use serde_json::{Value as Json, json};
 
 use super::Shared;
 use super::disk::dir_bytes;
+use crate::client::Client;
 use crate::config::Member;
 use crate::http_server::{Limits, Request as HttpRequest, Response, Server};
 use crate::lock;
 use crate::metrics::METRICS;
 use crate::protocol::{LogEntryView, Reply, Request, StatusInfo};
 use crate::security::NodeSecurity;
-use crate::tools::client::Client;
 
 /// The web view: one page, no build step, nothing loaded from outside.
 const WEB_VIEW: &str = include_str!("web_view.html");

@@ -36,7 +36,7 @@ use crate::raft::{
     Raft, ReadState, Role, Snapshot, SnapshotMeta, SoftState, Term, TransferError,
 };
 
-use super::members::{check_new_member, context_of, member_infos, members_of};
+use crate::members::{check_new_member, context_of, member_infos, members_of};
 use contact::LastContact;
 pub use proposals::{MAX_UNAPPLIED_BYTES, MAX_UNAPPLIED_ENTRIES};
 use proposals::{Proposals, Session, Waiter};
@@ -58,6 +58,10 @@ pub struct ServerConfig {
     pub snapshot_entries: u64,
     /// The cluster uses CURVE: new members need a public key.
     pub curve: bool,
+    /// The name this node gives a new cluster if it is its first leader
+    /// (never 0): drawn at random by the runtime ([`random_cluster_name`]),
+    /// from the seed by the simulator.
+    pub new_cluster_name: u64,
 }
 
 /// What the server needs of its durable side beyond the Ready driver's.
@@ -243,6 +247,16 @@ impl<S: NodeStorage, H> Server<S, H> {
 
     pub fn raft(&self) -> &Raft<S> {
         &self.raft
+    }
+
+    /// The durable side, for a runtime (or simulator) that models it.
+    pub fn store_mut(&mut self) -> &mut S {
+        self.raft.store_mut()
+    }
+
+    /// What survives the process: its store.
+    pub fn into_store(self) -> S {
+        self.raft.into_store()
     }
 
     /// What the server has for the runtime to carry out, oldest first.
@@ -661,7 +675,7 @@ impl<S: NodeStorage, H> Server<S, H> {
         if self.raft.soft_state().role != Role::Leader || !unnamed {
             return;
         }
-        let name = random_cluster_name();
+        let name = self.app.cfg.new_cluster_name;
         let context = self.raft.membership().context.clone();
         match self.raft.change_membership(MembershipChange::Name(name), context) {
             Ok(index) => info!("node {}: naming the new cluster {name:#018x} (entry {index})", self.raft.id()),
@@ -966,7 +980,7 @@ pub fn not_leader(me: NodeId, leader: Option<NodeId>) -> Reply {
 /// A new cluster's name: the clock hashed under the random keys std's
 /// `RandomState` draws from the operating system, so unpredictable and, in
 /// practice, unique; never 0, which means "no name".
-fn random_cluster_name() -> u64 {
+pub fn random_cluster_name() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     RandomState::new().hash_one(now).max(1)

@@ -107,7 +107,6 @@ impl<H> Proposals<H> {
         let proposals = std::mem::take(self);
         proposals.by_index.into_values().flat_map(|p| p.waiters).map(|w| w.handle).collect()
     }
-
 }
 
 #[cfg(test)]

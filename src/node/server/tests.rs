@@ -97,6 +97,7 @@ fn server(voters: u64) -> TestServer {
         handover_timeout: TIMEOUT,
         snapshot_entries: 1000,
         curve: false,
+        new_cluster_name: 7,
     };
     // Named already, so that no naming entry comes first.
     Server::new(server_cfg, raft, KvStore::new(), SnapshotMeta::default(), 7, 7)
@@ -205,7 +206,8 @@ fn a_leader_that_steps_down_answers_its_pending_writes_with_timeout_and_a_follow
     s.client(put("k", None), 10, now());
     assert!(process(&mut s).1.is_empty());
     let term = s.raft.soft_state().term + 1;
-    let heartbeat = Body::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0, read_seq: 0 };
+    let heartbeat =
+        Body::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0, read_seq: 0 };
     s.peer(Message { from: 2, to: 1, term, body: heartbeat }, now());
     let replies = process(&mut s).1;
     assert_eq!(replies.iter().map(|(h, r)| (*h, code(r))).collect::<Vec<_>>(), [(10, "timeout")]);

@@ -132,7 +132,11 @@ impl LazyFs {
         let state = &mut *self.state();
         let relative = self.child(state, parent, name)?;
         let path = self.backing(&relative);
-        if directory { fs::remove_dir(path)? } else { fs::remove_file(path)? }
+        if directory {
+            fs::remove_dir(path)?
+        } else {
+            fs::remove_file(path)?
+        }
         state.forget(&relative);
         Ok(())
     }

@@ -25,7 +25,8 @@ impl Mounted {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let target = mountpoint.to_str().unwrap();
-        while !fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(target)) {
+        while !fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(target))
+        {
             assert!(Instant::now() < deadline, "lazyfs did not mount");
             thread::sleep(Duration::from_millis(10));
         }

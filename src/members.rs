@@ -1,4 +1,4 @@
-//! The node's side of membership: the members' endpoints (replicated as the
+//! The members' endpoints (replicated as the
 //! membership's context, JSON like `config.json`'s `nodes`), and what the
 //! membership ops reply.
 
