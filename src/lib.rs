@@ -31,7 +31,6 @@ pub mod node;
 pub mod protocol;
 pub mod raft;
 pub mod security;
-pub mod sessions;
 pub mod snapshot;
 pub mod storage;
 #[doc(hidden)]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use crate::config::Member;
-use crate::kv::{self, Command, Field, Value};
+use crate::kv::{self, Command, Field, Outcome, Value};
 use crate::raft::{Index, NodeId, Term};
 
 /// Default and maximum number of entries one `log` request returns; the cap
@@ -301,6 +301,17 @@ pub enum Reply {
 impl Reply {
     pub fn error(code: ErrorCode, message: impl Into<String>, leader: Option<NodeId>) -> Reply {
         Reply::Error { code, message: message.into(), leader }
+    }
+
+    /// The answer to a write that took its place in the log.
+    pub fn of_write(outcome: Outcome) -> Reply {
+        match outcome {
+            Outcome::Put { index } => Reply::Put { index },
+            Outcome::Delete { index, existed } => Reply::Delete { index, existed },
+            Outcome::Cas { index, swapped, value } => Reply::Cas { index, swapped, value },
+            Outcome::Propose { index } => Reply::Propose { index },
+            Outcome::Refused { reason } => Reply::error(ErrorCode::BadRequest, reason, None),
+        }
     }
 
     /// "ok", or the error code's wire name.

@@ -28,7 +28,7 @@ use log::{debug, info, warn};
 
 use crate::config::Member;
 use crate::driver::{self, Shell, run_ready};
-use crate::kv::{KvImage, KvStore, LoggedCommand, Value, session_reply};
+use crate::kv::{KvImage, KvStore, LoggedCommand, Value, decided};
 use crate::metrics::METRICS;
 use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
 use crate::raft::{
@@ -475,8 +475,8 @@ impl<S: NodeStorage, H> Server<S, H> {
         let session: Option<Session> = logged.client_id.clone().zip(logged.seq);
         let app = &mut self.app;
         if let Some((client_id, seq)) = &session {
-            if let Some(reply) = session_reply(app.kv.sessions().check(client_id, *seq), *seq) {
-                return app.reply(handle, reply);
+            if let Some(outcome) = decided(app.kv.sessions().check(client_id, *seq), *seq) {
+                return app.reply(handle, Reply::of_write(outcome));
             }
             let term = self.raft.soft_state().term;
             if let Some(index) = app.proposals.pending(&(client_id.clone(), *seq)) {
@@ -789,7 +789,7 @@ impl<H> App<H> {
                     (_, Payload::Membership(_)) if waiter.term == entry.term => {
                         Reply::Membership { index: entry.index }
                     }
-                    (Some(applied), _) if waiter.term == entry.term => applied.reply.clone(),
+                    (Some(applied), _) if waiter.term == entry.term => Reply::of_write(applied.outcome.clone()),
                     // Another leader's entry took this index: ours never committed.
                     _ => {
                         Reply::error(ErrorCode::NoLeader, "leadership changed; the write was not applied", self.leader)

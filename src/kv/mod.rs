@@ -6,12 +6,13 @@
 //! retries (Raft thesis §6.3): a retried (client_id, seq) gets its first reply
 //! back instead of being executed a second time.
 
+pub mod sessions;
+
 use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{ErrorCode, Reply};
 use crate::raft::{Index, Payload};
-use crate::sessions::{SessionTable, Verdict};
+use sessions::{SessionTable, Verdict};
 
 /// A key or value as the client sent it. The type is kept so that a value
 /// comes back as str or bin exactly as it was written.
@@ -166,11 +167,40 @@ pub fn session(client_id: Option<&str>, seq: Option<u64>) -> Result<Option<(&str
     }
 }
 
+/// What a write did, as the state machine tells it. The client protocol
+/// turns it into a reply; the session table keeps it for retries, so it is
+/// part of the snapshot format and changes only with that format's version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Put {
+        index: Index,
+    },
+    Delete {
+        index: Index,
+        existed: bool,
+    },
+    /// `value`: the current value when the swap failed (`None` if the key
+    /// is absent, or the swap succeeded: the client knows what it wrote).
+    Cas {
+        index: Index,
+        swapped: bool,
+        value: Option<Value>,
+    },
+    Propose {
+        index: Index,
+    },
+    /// Not executed, for the reason given: an undecodable entry, half a
+    /// session, a superseded seq or a forgotten session.
+    Refused {
+        reason: String,
+    },
+}
+
 /// What applying one committed entry did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
     /// For the client that proposed it.
-    pub reply: Reply,
+    pub outcome: Outcome,
     /// The session check refused it (a retry, a superseded seq or a forgotten
     /// session): it changed nothing, and the log shows it with `"dup": true`.
     pub duplicate: bool,
@@ -250,35 +280,34 @@ impl KvStore {
             Payload::Noop | Payload::Membership(_) => return None,
             Payload::Command(bytes) => bytes,
         };
-        let executed = |reply| Applied { reply, duplicate: false };
         Some(match LoggedCommand::decode(bytes) {
             Ok(logged) => self.apply_command(index, logged),
-            Err(e) => executed(bad_request(format!("entry {index}: {e}"))),
+            Err(e) => Applied { outcome: Outcome::Refused { reason: format!("entry {index}: {e}") }, duplicate: false },
         })
     }
 
     fn apply_command(&mut self, index: Index, logged: LoggedCommand) -> Applied {
         let (client_id, seq) = match session(logged.client_id.as_deref(), logged.seq) {
             Ok(Some(session)) => session,
-            Ok(None) => return Applied { reply: self.execute(index, logged.command), duplicate: false },
-            Err(problem) => return Applied { reply: bad_request(problem), duplicate: false },
+            Ok(None) => return Applied { outcome: self.execute(index, logged.command), duplicate: false },
+            Err(reason) => return Applied { outcome: Outcome::Refused { reason }, duplicate: false },
         };
         let verdict = self.sessions.check(client_id, seq);
-        if let Some(reply) = session_reply(verdict, seq) {
-            return Applied { reply, duplicate: true };
+        if let Some(outcome) = decided(verdict, seq) {
+            return Applied { outcome, duplicate: true };
         }
-        let reply = self.execute(index, logged.command);
-        self.sessions.record(client_id, seq, reply.clone(), index);
-        Applied { reply, duplicate: false }
+        let outcome = self.execute(index, logged.command);
+        self.sessions.record(client_id, seq, outcome.clone(), index);
+        Applied { outcome, duplicate: false }
     }
 
-    fn execute(&mut self, index: Index, command: Command) -> Reply {
+    fn execute(&mut self, index: Index, command: Command) -> Outcome {
         match command {
             Command::Put { key, value } => {
                 self.data.insert(key.into_bytes(), value);
-                Reply::Put { index }
+                Outcome::Put { index }
             }
-            Command::Delete { key } => Reply::Delete { index, existed: self.data.remove(key.as_bytes()).is_some() },
+            Command::Delete { key } => Outcome::Delete { index, existed: self.data.remove(key.as_bytes()).is_some() },
             Command::Cas { key, expect, value } => {
                 let current = self.data.get(key.as_bytes());
                 // Compared by bytes, like keys, so the str/bin choice of a
@@ -287,12 +316,12 @@ impl KvStore {
                     self.data.insert(key.into_bytes(), value);
                     // The client knows the value it just wrote; not keeping a
                     // copy keeps the session table small.
-                    Reply::Cas { index, swapped: true, value: None }
+                    Outcome::Cas { index, swapped: true, value: None }
                 } else {
-                    Reply::Cas { index, swapped: false, value: current.cloned() }
+                    Outcome::Cas { index, swapped: false, value: current.cloned() }
                 }
             }
-            Command::Propose { .. } => Reply::Propose { index },
+            Command::Propose { .. } => Outcome::Propose { index },
         }
     }
 
@@ -310,22 +339,20 @@ impl KvStore {
     }
 }
 
-fn bad_request(message: impl Into<String>) -> Reply {
-    Reply::error(ErrorCode::BadRequest, message, None)
-}
-
-/// The answer to a write whose session already decided it, or `None` if it
-/// is new and must be executed. The core loop answers early with the same
+/// The outcome of a write whose session already decided it, or `None` if
+/// it is new and must be executed. The server answers early with the same
 /// rule, so a client gets the same answer whichever of the two answers it.
-pub fn session_reply(verdict: Verdict, seq: u64) -> Option<Reply> {
+pub fn decided(verdict: Verdict, seq: u64) -> Option<Outcome> {
+    let refused = |reason: String| Some(Outcome::Refused { reason });
     match verdict {
         Verdict::New => None,
-        Verdict::Retry(reply) => Some(reply),
-        Verdict::Superseded { latest } => Some(bad_request(format!("seq {seq} already superseded by {latest}"))),
-        Verdict::Forgotten => Some(bad_request(
+        Verdict::Retry(outcome) => Some(outcome),
+        Verdict::Superseded { latest } => refused(format!("seq {seq} already superseded by {latest}")),
+        Verdict::Forgotten => refused(
             "this client_id's session was forgotten (over 10000 more recently active clients); \
-             whether the write applied is unknown: use a new client_id",
-        )),
+             whether the write applied is unknown: use a new client_id"
+                .into(),
+        ),
     }
 }
 
@@ -390,7 +417,7 @@ pub(crate) mod test_values {
 mod tests {
     use super::test_values::{b, s};
     use super::*;
-    use crate::sessions::MAX_SESSIONS;
+    use crate::kv::sessions::MAX_SESSIONS;
 
     fn payload(command: Command, client_id: Option<&str>, seq: Option<u64>) -> Payload {
         let logged = LoggedCommand { command, client_id: client_id.map(str::to_owned), seq };
@@ -405,15 +432,15 @@ mod tests {
         Command::Put { key, value }
     }
 
-    /// The reply of applying `payload`, asserting that it executed.
-    fn apply(kv: &mut KvStore, index: Index, payload: &Payload) -> Option<Reply> {
-        kv.apply(index, payload).map(|applied| applied.reply)
+    /// The outcome of applying `payload`.
+    fn apply(kv: &mut KvStore, index: Index, payload: &Payload) -> Option<Outcome> {
+        kv.apply(index, payload).map(|applied| applied.outcome)
     }
 
-    fn error_message(reply: Option<Reply>) -> String {
-        match reply {
-            Some(Reply::Error { code: ErrorCode::BadRequest, message, leader: None }) => message,
-            other => panic!("expected a bad_request reply, got {other:?}"),
+    fn refusal(outcome: Option<Outcome>) -> String {
+        match outcome {
+            Some(Outcome::Refused { reason }) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 
@@ -441,8 +468,8 @@ mod tests {
     #[test]
     fn put_then_get_keeps_the_value_type() {
         let mut kv = KvStore::new();
-        assert_eq!(apply(&mut kv, 3, &plain(put(s("a"), s("1")))), Some(Reply::Put { index: 3 }));
-        assert_eq!(apply(&mut kv, 4, &plain(put(s("b"), b(b"\x00\x01")))), Some(Reply::Put { index: 4 }));
+        assert_eq!(apply(&mut kv, 3, &plain(put(s("a"), s("1")))), Some(Outcome::Put { index: 3 }));
+        assert_eq!(apply(&mut kv, 4, &plain(put(s("b"), b(b"\x00\x01")))), Some(Outcome::Put { index: 4 }));
         assert_eq!(kv.get(&s("a")), Some(&s("1")));
         assert_eq!(kv.get(&s("b")), Some(&b(b"\x00\x01")));
         assert_eq!(kv.get(&s("c")), None);
@@ -465,8 +492,8 @@ mod tests {
         let mut kv = KvStore::new();
         apply(&mut kv, 1, &plain(put(s("a"), s("1"))));
         let delete = plain(Command::Delete { key: s("a") });
-        assert_eq!(apply(&mut kv, 2, &delete), Some(Reply::Delete { index: 2, existed: true }));
-        assert_eq!(apply(&mut kv, 3, &delete), Some(Reply::Delete { index: 3, existed: false }));
+        assert_eq!(apply(&mut kv, 2, &delete), Some(Outcome::Delete { index: 2, existed: true }));
+        assert_eq!(apply(&mut kv, 3, &delete), Some(Outcome::Delete { index: 3, existed: false }));
         assert!(kv.is_empty());
     }
 
@@ -475,25 +502,25 @@ mod tests {
         let mut kv = KvStore::new();
         let cas = |expect: Option<Value>, value: &str| plain(Command::Cas { key: s("a"), expect, value: s(value) });
         // Absent key: expect nil matches.
-        assert_eq!(apply(&mut kv, 1, &cas(None, "1")), Some(Reply::Cas { index: 1, swapped: true, value: None }));
+        assert_eq!(apply(&mut kv, 1, &cas(None, "1")), Some(Outcome::Cas { index: 1, swapped: true, value: None }));
         // Present key: expect nil fails and shows the current value.
         assert_eq!(
             apply(&mut kv, 2, &cas(None, "2")),
-            Some(Reply::Cas { index: 2, swapped: false, value: Some(s("1")) })
+            Some(Outcome::Cas { index: 2, swapped: false, value: Some(s("1")) })
         );
         assert_eq!(
             apply(&mut kv, 3, &cas(Some(s("9")), "2")),
-            Some(Reply::Cas { index: 3, swapped: false, value: Some(s("1")) })
+            Some(Outcome::Cas { index: 3, swapped: false, value: Some(s("1")) })
         );
         // Equal bytes match even if the types differ.
         assert_eq!(
             apply(&mut kv, 4, &cas(Some(b(b"1")), "2")),
-            Some(Reply::Cas { index: 4, swapped: true, value: None })
+            Some(Outcome::Cas { index: 4, swapped: true, value: None })
         );
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
         // Expecting a value of an absent key fails with nil.
         let other = plain(Command::Cas { key: s("z"), expect: Some(s("1")), value: s("2") });
-        assert_eq!(apply(&mut kv, 5, &other), Some(Reply::Cas { index: 5, swapped: false, value: None }));
+        assert_eq!(apply(&mut kv, 5, &other), Some(Outcome::Cas { index: 5, swapped: false, value: None }));
         assert_eq!(kv.get(&s("z")), None);
     }
 
@@ -501,7 +528,7 @@ mod tests {
     fn propose_only_takes_a_slot() {
         let mut kv = KvStore::new();
         let reply = apply(&mut kv, 8, &plain(Command::Propose { command: "x".into() }));
-        assert_eq!(reply, Some(Reply::Propose { index: 8 }));
+        assert_eq!(reply, Some(Outcome::Propose { index: 8 }));
         assert!(kv.is_empty());
     }
 
@@ -510,10 +537,10 @@ mod tests {
         let mut kv = KvStore::new();
         let first = payload(Command::Delete { key: s("a") }, Some("c1"), Some(1));
         apply(&mut kv, 1, &plain(put(s("a"), s("1"))));
-        assert_eq!(apply(&mut kv, 2, &first), Some(Reply::Delete { index: 2, existed: true }));
+        assert_eq!(apply(&mut kv, 2, &first), Some(Outcome::Delete { index: 2, existed: true }));
         apply(&mut kv, 3, &plain(put(s("a"), s("again"))));
         // The retry is not executed: the key stays, the reply is the first one.
-        assert_eq!(apply(&mut kv, 4, &first), Some(Reply::Delete { index: 2, existed: true }));
+        assert_eq!(apply(&mut kv, 4, &first), Some(Outcome::Delete { index: 2, existed: true }));
         assert_eq!(kv.get(&s("a")), Some(&s("again")));
     }
 
@@ -522,12 +549,12 @@ mod tests {
         let mut kv = KvStore::new();
         apply(&mut kv, 1, &payload(put(s("a"), s("1")), Some("c1"), Some(5)));
         let stale = apply(&mut kv, 2, &payload(put(s("a"), s("0")), Some("c1"), Some(4)));
-        assert_eq!(error_message(stale), "seq 4 already superseded by 5");
+        assert_eq!(refusal(stale), "seq 4 already superseded by 5");
         assert_eq!(kv.get(&s("a")), Some(&s("1")));
         // A later seq executes; seqs may skip.
         assert_eq!(
             apply(&mut kv, 3, &payload(put(s("a"), s("2")), Some("c1"), Some(9))),
-            Some(Reply::Put { index: 3 })
+            Some(Outcome::Put { index: 3 })
         );
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
     }
@@ -538,15 +565,15 @@ mod tests {
         apply(&mut kv, 1, &payload(put(s("a"), s("1")), Some("c1"), Some(7)));
         assert_eq!(
             apply(&mut kv, 2, &payload(put(s("a"), s("2")), Some("c2"), Some(7))),
-            Some(Reply::Put { index: 2 })
+            Some(Outcome::Put { index: 2 })
         );
         // c2's session advanced to 7, so its seq 1 is stale; c1's retry of 7
         // still gets c1's own first reply.
         let stale = apply(&mut kv, 3, &payload(put(s("b"), s("3")), Some("c2"), Some(1)));
-        assert_eq!(error_message(stale), "seq 1 already superseded by 7");
+        assert_eq!(refusal(stale), "seq 1 already superseded by 7");
         assert_eq!(
             apply(&mut kv, 4, &payload(put(s("a"), s("1")), Some("c1"), Some(7))),
-            Some(Reply::Put { index: 1 })
+            Some(Outcome::Put { index: 1 })
         );
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
     }
@@ -555,9 +582,9 @@ mod tests {
     fn half_sessions_are_refused() {
         let mut kv = KvStore::new();
         let reply = apply(&mut kv, 1, &payload(put(s("a"), s("1")), Some("c1"), None));
-        assert_eq!(error_message(reply), "client_id given without seq");
+        assert_eq!(refusal(reply), "client_id given without seq");
         let reply = apply(&mut kv, 2, &payload(put(s("a"), s("1")), None, Some(1)));
-        assert_eq!(error_message(reply), "seq given without client_id");
+        assert_eq!(refusal(reply), "seq given without client_id");
         assert!(kv.is_empty());
     }
 
@@ -565,7 +592,7 @@ mod tests {
     fn undecodable_payload_is_a_bad_request() {
         let mut kv = KvStore::new();
         let reply = apply(&mut kv, 6, &Payload::Command(vec![0xc1, 0x00]));
-        assert!(error_message(reply).starts_with("entry 6: undecodable command: "));
+        assert!(refusal(reply).starts_with("entry 6: undecodable command: "));
         assert_eq!(kv, KvStore::new());
     }
 
@@ -619,9 +646,9 @@ mod tests {
     fn duplicates_are_flagged_and_change_nothing() {
         let mut kv = KvStore::new();
         let write = payload(put(s("a"), s("1")), Some("c"), Some(2));
-        assert_eq!(kv.apply(1, &write), Some(Applied { reply: Reply::Put { index: 1 }, duplicate: false }));
+        assert_eq!(kv.apply(1, &write), Some(Applied { outcome: Outcome::Put { index: 1 }, duplicate: false }));
         kv.apply(2, &plain(put(s("a"), s("2"))));
-        assert_eq!(kv.apply(3, &write), Some(Applied { reply: Reply::Put { index: 1 }, duplicate: true }));
+        assert_eq!(kv.apply(3, &write), Some(Applied { outcome: Outcome::Put { index: 1 }, duplicate: true }));
         let older = kv.apply(4, &payload(put(s("a"), s("0")), Some("c"), Some(1))).unwrap();
         assert!(older.duplicate);
         assert_eq!(kv.get(&s("a")), Some(&s("2")));
@@ -642,7 +669,7 @@ mod tests {
         kv.apply(20_000, &plain(put(s("k"), s("second"))));
         let retry = kv.apply(20_001, &write).unwrap();
         assert!(retry.duplicate);
-        assert!(error_message(Some(retry.reply)).contains("forgotten"));
+        assert!(refusal(Some(retry.outcome)).contains("forgotten"));
         assert_eq!(kv.get(&s("k")), Some(&s("second")));
         assert_eq!(kv.sessions().len(), MAX_SESSIONS);
     }

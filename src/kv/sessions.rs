@@ -1,11 +1,11 @@
 //! The exactly-once session table (Raft thesis §6.3): for each client, the
-//! last write applied and its reply, so a retry gets that reply back instead
-//! of being executed again.
+//! last write applied and what it did, so a retry is answered as the first
+//! time instead of being executed again.
 //!
 //! It is part of the replicated state, so everything here is deterministic:
 //! replicas that applied the same entries hold the same table. It is bounded
 //! (CONTRACT.md): at most the [`MAX_SESSIONS`] most recently active clients,
-//! holding at most [`MAX_SESSION_BYTES`] of replies (a failed `cas` carries
+//! holding at most [`MAX_SESSION_BYTES`] of outcomes (a failed `cas` carries
 //! the current value, which a client can make large); past either bound the
 //! least recently active client (by the log index of its last write) is
 //! forgotten first. A forgotten client's writes must be refused rather than
@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::Reply;
+use super::Outcome;
 use crate::raft::Index;
 
 /// Sessions kept: at least this many of the most recently active clients.
@@ -31,8 +31,8 @@ pub const MAX_SESSION_BYTES: usize = 64 << 20;
 pub enum Verdict {
     /// A seq this client has not used yet: execute it.
     New,
-    /// The client's latest seq again: a retry, answered with the first reply.
-    Retry(Reply),
+    /// The client's latest seq again: a retry, answered as the first time.
+    Retry(Outcome),
     /// Older than the client's latest seq: that reply is gone.
     Superseded { latest: u64 },
     /// The client's session was forgotten: whether this write was applied
@@ -43,7 +43,7 @@ pub enum Verdict {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Session {
     seq: u64,
-    reply: Reply,
+    outcome: Outcome,
     /// Log index of the client's last applied write.
     last_active: Index,
 }
@@ -67,7 +67,7 @@ pub struct SessionTable {
 impl SessionTable {
     pub fn check(&self, client_id: &str, seq: u64) -> Verdict {
         match self.sessions.get(client_id) {
-            Some(session) if seq == session.seq => Verdict::Retry(session.reply.clone()),
+            Some(session) if seq == session.seq => Verdict::Retry(session.outcome.clone()),
             Some(session) if seq < session.seq => Verdict::Superseded { latest: session.seq },
             Some(_) => Verdict::New,
             None if self.forgotten_set.contains(&client_hash(client_id)) => Verdict::Forgotten,
@@ -76,27 +76,27 @@ impl SessionTable {
     }
 
     /// Records that `client_id`'s write `seq` was applied at `index` with
-    /// `reply`, forgetting the least recently active client if the table is full.
-    pub fn record(&mut self, client_id: &str, seq: u64, reply: Reply, index: Index) {
-        let session = Session { seq, reply, last_active: index };
-        self.bytes += session_bytes(client_id, &session.reply);
+    /// `outcome`, forgetting the least recently active client if the table is full.
+    pub fn record(&mut self, client_id: &str, seq: u64, outcome: Outcome, index: Index) {
+        let session = Session { seq, outcome, last_active: index };
+        self.bytes += session_bytes(client_id, &session.outcome);
         if let Some(old) = self.sessions.insert(client_id.to_owned(), session) {
             self.by_activity.remove(&old.last_active);
-            self.bytes -= session_bytes(client_id, &old.reply);
+            self.bytes -= session_bytes(client_id, &old.outcome);
         }
         self.by_activity.insert(index, client_id.to_owned());
         // The newest session stays, whatever its size.
         while self.sessions.len() > MAX_SESSIONS || (self.bytes > MAX_SESSION_BYTES && self.sessions.len() > 1) {
             let (_, oldest) = self.by_activity.pop_first().expect("more sessions than one");
             let session = self.sessions.remove(&oldest).expect("listed by activity");
-            self.bytes -= session_bytes(&oldest, &session.reply);
+            self.bytes -= session_bytes(&oldest, &session.outcome);
             self.forget(client_hash(&oldest));
         }
     }
 
     /// Counts the bytes again, after the table was read from a snapshot.
     pub fn recount(&mut self) {
-        self.bytes = self.sessions.iter().map(|(client_id, session)| session_bytes(client_id, &session.reply)).sum();
+        self.bytes = self.sessions.iter().map(|(client_id, session)| session_bytes(client_id, &session.outcome)).sum();
     }
 
     fn forget(&mut self, hash: u64) {
@@ -118,13 +118,13 @@ impl SessionTable {
     }
 }
 
-/// About what one session takes in memory: its id, its reply's variable
-/// part (a value or a message) and a fixed overhead.
-fn session_bytes(client_id: &str, reply: &Reply) -> usize {
+/// About what one session takes in memory: its id, its outcome's variable
+/// part (a value or a reason) and a fixed overhead.
+fn session_bytes(client_id: &str, outcome: &Outcome) -> usize {
     const OVERHEAD: usize = 128;
-    let variable = match reply {
-        Reply::Cas { value: Some(value), .. } => value.as_bytes().len(),
-        Reply::Error { message, .. } => message.len(),
+    let variable = match outcome {
+        Outcome::Cas { value: Some(value), .. } => value.as_bytes().len(),
+        Outcome::Refused { reason } => reason.len(),
         _ => 0,
     };
     OVERHEAD + client_id.len() + variable
@@ -142,8 +142,8 @@ fn client_hash(client_id: &str) -> u64 {
 mod tests {
     use super::*;
 
-    fn put(index: Index) -> Reply {
-        Reply::Put { index }
+    fn put(index: Index) -> Outcome {
+        Outcome::Put { index }
     }
 
     #[test]
@@ -199,7 +199,7 @@ mod tests {
     fn sessions_holding_large_replies_are_forgotten_past_the_byte_bound_oldest_first() {
         use crate::kv::Value;
         let mut table = SessionTable::default();
-        let large = |index| Reply::Cas { index, swapped: false, value: Some(Value::Bin(vec![7; 1 << 20])) };
+        let large = |index| Outcome::Cas { index, swapped: false, value: Some(Value::Bin(vec![7; 1 << 20])) };
         for i in 1..=100 {
             table.record(&format!("c{i}"), 1, large(i), i);
         }
