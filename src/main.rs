@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -11,11 +12,12 @@ use raft_zmq::node;
 use raft_zmq::security::ClientCurve;
 use raft_zmq::tools::status::{self, Target};
 use raft_zmq::tools::{backup, bench, client, cluster, shell};
+use raft_zmq::{mirror, snapshot, storage, transport};
 
 #[derive(Parser)]
 #[command(
     name = "raft-zmq",
-    version,
+    version = version_text(),
     about = "A crash-safe Raft node serving a replicated key-value store over ZeroMQ",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
@@ -49,6 +51,22 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     tool: Option<Tool>,
+}
+
+/// What `--version` prints after the name: the release, then the version of
+/// every format this build shares with other nodes or leaves on disk.
+fn version_text() -> &'static str {
+    static TEXT: OnceLock<String> = OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{}\npeer protocol: {}\nstate dir format: {}\nsnapshot format: {}\nmirror format: {}",
+            env!("CARGO_PKG_VERSION"),
+            transport::PROTOCOL_VERSION,
+            storage::STATE_FORMAT_VERSION,
+            snapshot::SNAPSHOT_FORMAT_VERSION,
+            mirror::MIRROR_FORMAT_VERSION,
+        )
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

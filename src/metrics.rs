@@ -1,7 +1,7 @@
 //! The node's Prometheus metrics (CONTRACT.md "Observability"), served as
 //! text on `/metrics`. A process runs one node, so they are process-wide, as
 //! etcd's and TiKV's are: each thread records what it sees, with no wiring.
-//! Every metric is documented in the README's operator guide.
+//! Every metric is documented in docs/running.md, "Monitoring".
 
 use std::sync::LazyLock;
 use std::time::Instant;

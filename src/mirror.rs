@@ -26,6 +26,9 @@ use std::path::{Path, PathBuf};
 
 use crate::raft::types::{Index, Term};
 
+/// Version of the mirror's line format (entry lines and `# snapshot` lines), shown by `raft-zmq --version`.
+pub const MIRROR_FORMAT_VERSION: u32 = 1;
+
 const SNAPSHOT_PREFIX: &str = "# snapshot ";
 
 /// A mirror failure: the file and what went wrong with it.

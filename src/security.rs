@@ -1,5 +1,5 @@
 //! CURVE: encryption and authentication of every ZeroMQ endpoint, on when
-//! the config gives each node a `public_key` (README "Security").
+//! the config gives each node a `public_key` (docs/running.md, "Security").
 //!
 //! Every rule of socket setup lives here; the transport, the client endpoint
 //! and the tools only say which role a socket plays:

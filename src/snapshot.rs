@@ -31,7 +31,12 @@ use log::warn;
 use crate::disk_space::free_bytes;
 use crate::raft::{Index, NodeId, SnapshotMeta, Term};
 
+/// Version of the snapshot file format: the number in its first line, `raft-zmq snapshot 1`.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+
 const MAGIC: &[u8] = b"raft-zmq snapshot 1\n";
+// The header names the version: changing one without the other fails the build.
+const _: () = assert!(MAGIC[MAGIC.len() - 2] == b'0' + SNAPSHOT_FORMAT_VERSION as u8);
 const HEADER_LEN: usize = MAGIC.len() + 24;
 const SUFFIX: &str = ".snap";
 const TEMP_SUFFIX: &str = ".tmp";

@@ -67,6 +67,9 @@ use crate::raft::log_store::take_within;
 use crate::raft::types::{Entry, HardState, Index, Membership, Payload, Term};
 use crate::raft::{LogStore, SnapshotMeta};
 
+/// Version of the state dir's layout (the keys and value encodings above), shown by `raft-zmq --version`.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+
 const HARD_STATE_KEY: &[u8] = b"hs";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 const LOG_PREFIX: &[u8] = b"log/";

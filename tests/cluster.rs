@@ -1,5 +1,5 @@
 //! End-to-end tests of real `raft-zmq` processes: the user stories of the
-//! README, one test each.
+//! README and docs/, one test each.
 
 mod common;
 
@@ -349,7 +349,7 @@ fn a_follower_whose_state_was_wiped_is_caught_up_by_the_same_leader() {
     let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!() };
     cluster.wait_applied(before.commit_index);
     cluster.kill(follower);
-    // The README's advice for a damaged node: move its state and mirror away.
+    // The advice for a damaged node (docs/running.md, "On disk"): move its state and mirror away.
     std::fs::remove_dir_all(cluster.state_dir(follower)).unwrap();
     std::fs::remove_file(cluster.mirror_path(follower)).unwrap();
     cluster.start_node(follower);

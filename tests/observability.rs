@@ -1,8 +1,8 @@
 //! CONTRACT.md "Observability" and "Command-line tools" on real processes:
 //! `/metrics` scraped and parsed, `/health`, `/status`, `/cluster` and the
-//! web view's page over HTTP, `raft-zmq status` with a node down, and the
-//! shell driven through standard input. (The web view in a real browser is
-//! tests/python/test_web.py.)
+//! web view's page over HTTP, `raft-zmq status` with a node down, the shell
+//! driven through standard input, and what `--version` names. (The web view
+//! in a real browser is tests/python/test_web.py.)
 
 mod common;
 
@@ -133,6 +133,21 @@ fn the_status_table_has_a_row_for_a_node_that_is_down() {
     assert_eq!(rows.len(), 3);
     assert_eq!(rows.iter().filter(|r| r["error"].is_string()).count(), 1, "{rows:?}");
     assert_eq!(rows.iter().filter(|r| r["role"] == "leader").count(), 1, "{rows:?}");
+}
+
+#[test]
+fn version_names_the_release_and_every_format() {
+    let out = run_to_exit(["--version"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let expected = format!(
+        "raft-zmq {}\npeer protocol: {}\nstate dir format: {}\nsnapshot format: {}\nmirror format: {}\n",
+        env!("CARGO_PKG_VERSION"),
+        raft_zmq::transport::PROTOCOL_VERSION,
+        raft_zmq::storage::STATE_FORMAT_VERSION,
+        raft_zmq::snapshot::SNAPSHOT_FORMAT_VERSION,
+        raft_zmq::mirror::MIRROR_FORMAT_VERSION,
+    );
+    assert_eq!(out.stdout, expected);
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! CURVE against real `raft-zmq` processes (README "Security"): a cluster
+//! CURVE against real `raft-zmq` processes (docs/running.md, "Security"): a cluster
 //! with keys works end to end; clients and peers without an allowed key get
 //! nothing; values never cross the wire in the clear; keys are generated and
 //! checked. And the HTTP endpoint against slow clients.
