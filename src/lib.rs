@@ -19,6 +19,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub mod client;
 pub mod config;
+pub mod crash_point;
 pub(crate) mod disk_space;
 pub mod driver;
 pub mod http_server;

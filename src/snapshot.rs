@@ -2,11 +2,18 @@
 //! `state/<id>/snapshots/<index>-<term>.snap`.
 //!
 //! ```text
-//! "raft-zmq snapshot 1\n" | index u64 BE | term u64 BE | length u64 BE | data | CRC-32 u32 BE
+//! "raft-zmq snapshot 2\n" | index u64 BE | term u64 BE
+//!     | membership length u64 BE | membership (MessagePack)
+//!     | data length u64 BE | data | CRC-32 u32 BE
 //! ```
 //!
-//! The CRC covers everything before it, so a torn or corrupted file is
-//! always told apart from a good one. A file is written under a temporary
+//! The membership is the one in force at the snapshot's index, so a node
+//! that finds a snapshot its log does not hold (a crash between adopting a
+//! received one and recording it in sled) starts over from exactly what the
+//! snapshot says, never from an older membership its log still holds. The
+//! CRC covers everything before it, so a torn or corrupted file is always
+//! told apart from a good one. Format 1 (no membership; the session table
+//! holding client replies) is refused with a message saying what to do. A file is written under a temporary
 //! name, fsynced, renamed into place and the directory fsynced: a crash at
 //! any point leaves the previous snapshot usable, and at most a temporary
 //! file that the next open deletes.
@@ -29,15 +36,18 @@ use std::time::{Duration, Instant};
 use log::warn;
 
 use crate::disk_space::free_bytes;
-use crate::raft::{Index, NodeId, SnapshotMeta, Term};
+use crate::raft::{Index, Membership, NodeId, SnapshotMeta, Term};
 
-/// Version of the snapshot file format: the number in its first line, `raft-zmq snapshot 1`.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// Version of the snapshot file format: the number in its first line, `raft-zmq snapshot 2`.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 
-const MAGIC: &[u8] = b"raft-zmq snapshot 1\n";
+/// The first line without its version number.
+const MAGIC_PREFIX: &[u8] = b"raft-zmq snapshot ";
+const MAGIC: &[u8] = b"raft-zmq snapshot 2\n";
 // The header names the version: changing one without the other fails the build.
 const _: () = assert!(MAGIC[MAGIC.len() - 2] == b'0' + SNAPSHOT_FORMAT_VERSION as u8);
-const HEADER_LEN: usize = MAGIC.len() + 24;
+/// The magic line, index and term.
+const HEADER_LEN: usize = MAGIC.len() + 16;
 const SUFFIX: &str = ".snap";
 const TEMP_SUFFIX: &str = ".tmp";
 const RECEIVED_SUFFIX: &str = ".ready";
@@ -64,35 +74,79 @@ impl fmt::Display for SnapshotError {
 
 impl std::error::Error for SnapshotError {}
 
+/// What a snapshot file holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotFile {
+    pub meta: SnapshotMeta,
+    /// In force at `meta.index`.
+    pub membership: Membership,
+    /// The state machine's image ([`crate::kv::KvImage::encode`]).
+    pub data: Vec<u8>,
+}
+
 /// Encodes a snapshot file's bytes.
-pub fn encode(meta: SnapshotMeta, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + data.len() + 4);
+pub fn encode(meta: SnapshotMeta, membership: &Membership, data: &[u8]) -> Vec<u8> {
+    let membership = rmp_serde::to_vec_named(membership).expect("a membership always encodes");
+    let mut out = Vec::with_capacity(HEADER_LEN + 16 + membership.len() + data.len() + 4);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&meta.index.to_be_bytes());
     out.extend_from_slice(&meta.term.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u64).to_be_bytes());
-    out.extend_from_slice(data);
+    for part in [&membership[..], data] {
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
+    }
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_be_bytes());
     out
 }
 
-/// Decodes and checks a snapshot file's bytes.
-pub fn decode(bytes: &[u8]) -> Result<(SnapshotMeta, &[u8]), String> {
-    if bytes.len() < HEADER_LEN + 4 || !bytes.starts_with(MAGIC) {
-        return Err("not a raft-zmq snapshot (bad header)".into());
+/// Decodes and checks a snapshot file's bytes. The data is cut out of
+/// `bytes` in place: a snapshot is never held twice in memory.
+pub fn decode(mut bytes: Vec<u8>) -> Result<SnapshotFile, String> {
+    if !bytes.starts_with(MAGIC) {
+        return Err(unknown_format(&bytes));
     }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if bytes.len() < HEADER_LEN + 4 {
+        return Err("truncated header".into());
+    }
+    let body_len = bytes.len() - 4;
+    let (body, crc) = bytes.split_at(body_len);
     if crc32fast::hash(body).to_be_bytes() != crc {
         return Err("checksum mismatch: the file is torn or corrupted".into());
     }
     let number = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("8 bytes"));
     let meta = SnapshotMeta { index: number(MAGIC.len()), term: number(MAGIC.len() + 8) };
-    let data = &body[HEADER_LEN..];
-    if number(MAGIC.len() + 16) != data.len() as u64 {
+    // Two parts, each after its length; nothing may follow the second.
+    let part = |at: usize| -> Result<(usize, usize), String> {
+        let len = body.get(at..at + 8).map(|_| number(at)).ok_or("length mismatch")?;
+        let end = usize::try_from(len).ok().and_then(|len| (at + 8).checked_add(len)).filter(|&end| end <= body_len);
+        Ok((at + 8, end.ok_or("length mismatch")?))
+    };
+    let (membership, data) = (part(HEADER_LEN)?, part(part(HEADER_LEN)?.1)?);
+    if data.1 != body_len {
         return Err("length mismatch".into());
     }
-    Ok((meta, data))
+    let membership =
+        rmp_serde::from_slice(&body[membership.0..membership.1]).map_err(|e| format!("unreadable membership: {e}"))?;
+    bytes.truncate(data.1);
+    bytes.drain(..data.0);
+    Ok(SnapshotFile { meta, membership, data: bytes })
+}
+
+/// Why a file that is not a format-2 snapshot cannot be read.
+fn unknown_format(bytes: &[u8]) -> String {
+    let version = bytes
+        .strip_prefix(MAGIC_PREFIX)
+        .and_then(|rest| rest.split(|&b| b == b'\n').next())
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .filter(|v| !v.is_empty() && v.len() <= 4 && v.bytes().all(|b| b.is_ascii_digit()));
+    match version {
+        Some(v) => format!(
+            "snapshot format {v}, and this raft-zmq reads format {SNAPSHOT_FORMAT_VERSION} only: run the release that \
+             wrote it, or move this node's state dir away and add it again (it gets a snapshot from the leader)"
+        ),
+        None => "not a raft-zmq snapshot (bad header)".into(),
+    }
 }
 
 /// Where a node's snapshots live, inside its state dir.
@@ -101,17 +155,17 @@ pub fn dir_in(state_dir: &Path) -> PathBuf {
 }
 
 /// Reads the snapshot file at `path`, checking it is intact and holds `meta`.
-fn read_checked(path: &Path, meta: SnapshotMeta) -> Result<Vec<u8>, SnapshotError> {
+fn read_checked(path: &Path, meta: SnapshotMeta) -> Result<SnapshotFile, SnapshotError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(|e| SnapshotError::new(path, format!("cannot read: {e}")))?;
-    let (held, data) = decode(&bytes).map_err(|problem| SnapshotError::new(path, problem))?;
-    if held != meta {
-        let problem = format!("holds {}/{}, not {}/{}", held.index, held.term, meta.index, meta.term);
+    let file = decode(bytes).map_err(|problem| SnapshotError::new(path, problem))?;
+    if file.meta != meta {
+        let problem = format!("holds {}/{}, not {}/{}", file.meta.index, file.meta.term, meta.index, meta.term);
         return Err(SnapshotError::new(path, problem));
     }
-    Ok(data.to_vec())
+    Ok(file)
 }
 
 /// The snapshots directory of one node.
@@ -142,12 +196,12 @@ impl Snapshots {
     }
 
     /// Writes the snapshot durably, then deletes all but the newest older one.
-    pub fn save(&self, meta: SnapshotMeta, data: &[u8]) -> Result<(), SnapshotError> {
+    pub fn save(&self, meta: SnapshotMeta, membership: &Membership, data: &[u8]) -> Result<(), SnapshotError> {
         let path = self.path(meta);
         let temp = path.with_extension(&TEMP_SUFFIX[1..]);
         let err = |what: &str, e: io::Error| SnapshotError::new(&path, format!("cannot {what}: {e}"));
         let mut file = File::create(&temp).map_err(|e| err("create", e))?;
-        file.write_all(&encode(meta, data)).map_err(|e| err("write", e))?;
+        file.write_all(&encode(meta, membership, data)).map_err(|e| err("write", e))?;
         file.sync_all().map_err(|e| err("fsync", e))?;
         fs::rename(&temp, &path).map_err(|e| err("rename into place", e))?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| err("fsync its directory", e))?;
@@ -161,8 +215,8 @@ impl Snapshots {
         Ok(())
     }
 
-    /// The data of snapshot `meta`, checked.
-    pub fn load(&self, meta: SnapshotMeta) -> Result<Vec<u8>, SnapshotError> {
+    /// Snapshot `meta`, checked.
+    pub fn load(&self, meta: SnapshotMeta) -> Result<SnapshotFile, SnapshotError> {
         read_checked(&self.path(meta), meta)
     }
 
@@ -200,13 +254,13 @@ impl Snapshots {
         self.dir.join(format!("received-{}-{}{RECEIVED_SUFFIX}", meta.index, meta.term))
     }
 
-    /// The newest snapshot and its data, checked; `None` if there is none.
-    /// A damaged newest snapshot is an error, not a reason to fall back to an
-    /// older one: the log may have been compacted past the older one.
-    pub fn latest(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, SnapshotError> {
+    /// The newest snapshot, checked; `None` if there is none. A damaged
+    /// newest snapshot is an error, not a reason to fall back to an older
+    /// one: the log may have been compacted past the older one.
+    pub fn latest(&self) -> Result<Option<SnapshotFile>, SnapshotError> {
         let listed = self.list().map_err(|e| SnapshotError::new(&self.dir, format!("cannot list: {e}")))?;
         let Some((path, named)) = listed.into_iter().last() else { return Ok(None) };
-        Ok(Some((named, read_checked(&path, named)?)))
+        Ok(Some(read_checked(&path, named)?))
     }
 
     /// The snapshot at `index`, or the newest if `None`, if there is one.
@@ -386,16 +440,48 @@ impl Staging {
 mod tests {
     use super::*;
 
+    /// A membership of voters 0..n.
+    fn members(n: u64) -> Membership {
+        Membership::of_voters(0..n, Vec::new())
+    }
+
+    #[test]
+    fn every_length_in_a_file_is_checked_and_another_format_is_named() {
+        let meta = SnapshotMeta { index: 5, term: 1 };
+        let file = encode(meta, &members(3), b"data");
+        let body = file.len() - 4;
+        for cut in 0..body {
+            // Whatever the checksum says, a file cut short is never read.
+            let mut short = file[..cut].to_vec();
+            let crc = crc32fast::hash(&short).to_be_bytes();
+            short.extend_from_slice(&crc);
+            assert!(decode(short).is_err(), "cut at {cut}");
+        }
+        // Or one with bytes after its data.
+        let mut long = file[..body].to_vec();
+        long.push(0);
+        let crc = crc32fast::hash(&long).to_be_bytes();
+        long.extend_from_slice(&crc);
+        assert_eq!(decode(long).unwrap_err(), "length mismatch");
+        let mut v1 = b"raft-zmq snapshot 1\n".to_vec();
+        v1.extend_from_slice(&[0; 40]);
+        let e = decode(v1).unwrap_err();
+        assert!(e.contains("snapshot format 1, and this raft-zmq reads format 2 only"), "{e}");
+        assert_eq!(decode(b"raft-zmq snapshot x\n....".to_vec()).unwrap_err(), "not a raft-zmq snapshot (bad header)");
+    }
+
     #[test]
     fn saved_snapshots_come_back_newest_first_and_old_ones_are_pruned() {
         let tmp = tempfile::tempdir().unwrap();
         let snapshots = Snapshots::open(&tmp.path().join("snapshots")).unwrap();
         assert!(snapshots.latest().unwrap().is_none());
         for index in [10, 30, 20] {
-            snapshots.save(SnapshotMeta { index, term: 2 }, &[index as u8; 100]).unwrap();
+            snapshots.save(SnapshotMeta { index, term: 2 }, &members(index), &[index as u8; 100]).unwrap();
         }
-        let (meta, data) = snapshots.latest().unwrap().unwrap();
-        assert_eq!((meta, data), (SnapshotMeta { index: 30, term: 2 }, vec![30; 100]));
+        let latest = snapshots.latest().unwrap().unwrap();
+        let expected =
+            SnapshotFile { meta: SnapshotMeta { index: 30, term: 2 }, membership: members(30), data: vec![30; 100] };
+        assert_eq!(latest, expected);
         assert_eq!(fs::read_dir(tmp.path().join("snapshots")).unwrap().count(), 2, "the newest and one older");
     }
 
@@ -405,7 +491,7 @@ mod tests {
         let dir = tmp.path().join("snapshots");
         let snapshots = Snapshots::open(&dir).unwrap();
         let meta = SnapshotMeta { index: 7, term: 3 };
-        snapshots.save(meta, b"state").unwrap();
+        snapshots.save(meta, &members(1), b"state").unwrap();
         fs::write(dir.join("x.tmp"), b"half").unwrap();
         let path = snapshots.path(meta);
         let mut bytes = fs::read(&path).unwrap();
@@ -415,8 +501,9 @@ mod tests {
         assert!(!dir.join("x.tmp").exists());
         let e = snapshots.latest().unwrap_err().to_string();
         assert!(e.contains("checksum mismatch"), "{e}");
-        assert!(decode(b"short").is_err());
-        assert_eq!(decode(&encode(meta, b"ok")).unwrap(), (meta, &b"ok"[..]));
+        assert!(decode(b"short".to_vec()).is_err());
+        let ok = SnapshotFile { meta, membership: members(2), data: b"ok".to_vec() };
+        assert_eq!(decode(encode(meta, &ok.membership, &ok.data)).unwrap(), ok);
     }
 
     /// Staging in a fresh directory, with `reserve`; the directory and the
@@ -425,7 +512,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let snapshots = Snapshots::open(&tmp.path().join("snapshots")).unwrap();
         let meta = SnapshotMeta { index: 9, term: 2 };
-        let file = encode(meta, &[7; 2500]);
+        let file = encode(meta, &members(3), &[7; 2500]);
         (tmp, Staging::new(snapshots.clone(), reserve), snapshots, meta, file)
     }
 
@@ -443,7 +530,7 @@ mod tests {
         assert_eq!(snapshots.promised_bytes(), 0);
         assert!(!staged(&snapshots));
         snapshots.adopt(meta).unwrap();
-        assert_eq!(snapshots.load(meta).unwrap(), vec![7; 2500]);
+        assert_eq!(snapshots.load(meta).unwrap().data, vec![7; 2500]);
     }
 
     #[test]

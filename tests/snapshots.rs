@@ -134,6 +134,43 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot_and_can_then_rebui
     assert!(read_path(&cluster.output_path(lagger)).contains("sent snapshot"), "it sent its snapshot");
 }
 
+/// A power cut between adopting a snapshot received from the leader and
+/// recording in the state dir that the log starts over after it: the node
+/// comes back with the membership the snapshot holds, not the older one its
+/// log still holds (here: from before a member was removed).
+#[test]
+fn a_power_cut_between_adopting_a_snapshot_and_recording_it_keeps_the_snapshots_membership() {
+    let mut cluster = TestCluster::configure(4, r#", "snapshot_entries": 40"#).on_lazy_disks();
+    (0..4).for_each(|id| cluster.start_node(id));
+    let leader = cluster.wait_for_leader();
+    let mut followers = (0..4).filter(|&id| id != leader);
+    let (lagger, removed) = (followers.next().unwrap(), followers.next().unwrap());
+    cluster.kill(lagger);
+    cluster.call_ok(leader, &Request::RemoveNode { id: removed as u64 });
+    // It stops once it hears of its removal; it applies nothing more.
+    cluster.kill(removed);
+    for i in 0..150 {
+        cluster.call_ok(leader, &put(&format!("k{}", i % 30), &format!("v{i}")));
+    }
+    wait_for("the leader to compact its log", || cluster.status(leader).filter(|s| s.first_log_index > 40).map(|_| ()));
+
+    cluster.start_node_crashing_at(lagger, raft_zmq::crash_point::SNAPSHOT_ADOPTED);
+    assert!(!cluster.wait_exit(lagger).success(), "it stopped at the crash point");
+    let output = read_path(&cluster.output_path(lagger));
+    assert!(output.contains("crash point snapshot-adopted reached"), "{output}");
+    cluster.power_off(lagger);
+
+    cluster.start_node(lagger);
+    let commit = settle(&cluster, leader);
+    let status = cluster.status(lagger).unwrap();
+    assert!(status.last_applied >= commit && status.snapshot_index > 40, "{status:?}");
+    let mut expected: Vec<u64> = (0..4).filter(|&id| id != removed).map(|id| id as u64).collect();
+    expected.sort();
+    assert_eq!(status.members, expected, "the snapshot's membership, without node {removed}");
+    let output = read_path(&cluster.output_path(lagger));
+    assert!(output.contains("the log does not hold snapshot"), "it repaired the cut at start:\n{output}");
+}
+
 /// CONTRACT.md "Limits": a peer that is not a member, or not the leader of
 /// the current term, makes a node store nothing. Without CURVE anyone may
 /// send a raft frame; each of these first pieces is dropped unanswered

@@ -225,7 +225,7 @@ impl KvImage {
     pub fn encode(&self) -> Vec<u8> {
         let data: Vec<(&serde_bytes::Bytes, &Value)> =
             self.0.data.iter().map(|(key, value)| (serde_bytes::Bytes::new(key), value)).collect();
-        rmp_serde::to_vec(&(data, &self.0.sessions)).expect("plain data always encodes")
+        rmp_serde::to_vec_named(&(data, &self.0.sessions)).expect("plain data always encodes")
     }
 
     pub fn len(&self) -> usize {

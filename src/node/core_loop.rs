@@ -16,9 +16,9 @@ use log::{error, warn};
 
 use super::log_reader::DiskRead;
 use super::replies::{Replier, ReplyTo};
-use super::server::{Effect, ProcessError, Server, Time};
+use super::server::{Effect, ProcessError, Server, SnapshotJob, Time};
 use super::store::{NodeStore, PersistError};
-use super::writers::{MirrorMsg, SnapshotJob, SnapshotOutcome};
+use super::writers::{MirrorMsg, SnapshotOutcome};
 use super::{Shared, peer_endpoints};
 use crate::lock;
 use crate::metrics::METRICS;
@@ -188,8 +188,8 @@ impl CoreLoop {
                 Effect::Restored(snapshot) => {
                     let _ = out.mirror.send(MirrorMsg::Restored(snapshot));
                 }
-                Effect::SaveSnapshot(snapshot, image) => {
-                    let _ = out.snapshots.send((snapshot, image));
+                Effect::SaveSnapshot(job) => {
+                    let _ = out.snapshots.send(job);
                 }
                 Effect::ReadLog { from, limit, handle } => {
                     out.read_disk(DiskRead::Log { from, limit, reply_to: handle })

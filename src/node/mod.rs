@@ -35,7 +35,7 @@ use crate::mirror::{Mirror, MirrorError, Rotation};
 use crate::protocol::StatusInfo;
 use crate::raft::{self, HardState, LogStore, Membership, NodeId, Raft, SnapshotMeta};
 use crate::security::NodeSecurity;
-use crate::snapshot::{self, Snapshots};
+use crate::snapshot::{self, SnapshotFile, Snapshots};
 use crate::storage::Storage;
 use crate::transport::{Transport, TransportConfig};
 pub use log_reader::LOG_REPLY_MAX_BYTES;
@@ -341,15 +341,18 @@ fn compaction_margin(snapshot_entries: u64) -> u64 {
 }
 
 /// The state machine as of the newest snapshot (empty at index 0 if none).
-/// A snapshot the log does not hold (a crash came between installing one
-/// from the leader and starting the log over after it) starts the log over
-/// now; the log's entries from before it are covered by it.
+/// A snapshot the log does not hold (a crash came between adopting one from
+/// the leader and starting the log over after it) starts the log over now,
+/// with the membership the snapshot file holds: the log's entries from
+/// before it are covered by it, and its memberships may be older.
 fn restore_state_machine(
     snapshots: &Snapshots,
     storage: &mut Storage,
 ) -> Result<(KvStore, SnapshotMeta), Box<dyn Error>> {
     let mut kv = KvStore::new();
-    let Some((meta, data)) = snapshots.latest()? else { return Ok((kv, SnapshotMeta::default())) };
+    let Some(SnapshotFile { meta, membership, data }) = snapshots.latest()? else {
+        return Ok((kv, SnapshotMeta::default()));
+    };
     kv.restore(&data).map_err(|e| format!("snapshot {}/{}: {e}", meta.index, meta.term))?;
     let start = storage.log_start();
     if meta.index < start.index {
@@ -363,9 +366,6 @@ fn restore_state_machine(
     let held = held.or_else(|| (meta.index <= storage.last_index()).then(|| storage.term(meta.index)));
     if held != Some(meta.term) {
         warn!("the log does not hold snapshot {}/{}; starting the log over after it", meta.index, meta.term);
-        // The membership in force there is what the log holds last: this
-        // repairs a crash right after the snapshot was adopted.
-        let membership = storage.memberships().pop().expect("never empty").1;
         storage.install_snapshot(meta, &membership)?;
         storage.sync()?;
     }
@@ -615,11 +615,14 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_the_log_does_not_hold_starts_the_log_over_after_it() {
+    fn a_snapshot_the_log_does_not_hold_starts_the_log_over_after_it_with_its_membership() {
         use crate::raft::{Entry, Payload};
         let dir = tempfile::tempdir().unwrap();
         let (mut storage, _) = Storage::open(&dir.path().join("db")).unwrap();
-        let entries: Vec<Entry> = (1..=10).map(|index| Entry { index, term: 1, payload: Payload::Noop }).collect();
+        let three = Membership::of_voters([0, 1, 2], Vec::new());
+        let four = Membership::of_voters([0, 1, 2, 3], Vec::new());
+        let payload = |index| if index == 5 { Payload::Membership(three.clone()) } else { Payload::Noop };
+        let entries: Vec<Entry> = (1..=10).map(|index| Entry { index, term: 1, payload: payload(index) }).collect();
         storage.write(None, &entries).unwrap();
         let snapshots = Snapshots::open(&dir.path().join("snapshots")).unwrap();
         let (mut kv, empty) = restore_state_machine(&snapshots, &mut storage).unwrap();
@@ -631,15 +634,17 @@ mod tests {
         };
         let logged = crate::kv::LoggedCommand { command: put, client_id: None, seq: None };
         kv.apply(1, &Payload::Command(logged.encode()));
+        // The leader added node 3 after the log's last membership.
         let ahead = SnapshotMeta { index: 20, term: 2 };
-        snapshots.save(ahead, &kv.snapshot()).unwrap();
+        snapshots.save(ahead, &four, &kv.snapshot()).unwrap();
         let (restored, meta) = restore_state_machine(&snapshots, &mut storage).unwrap();
         assert_eq!((meta, restored.len()), (ahead, 1));
         assert_eq!((storage.log_start(), storage.last_index()), (ahead, 20), "the log starts over after it");
+        assert_eq!(storage.memberships(), [(20, four.clone())], "the snapshot's membership, not the log's older one");
         // One the log holds (same index and term) leaves the log alone.
         storage.write(None, &[Entry { index: 21, term: 2, payload: Payload::Noop }]).unwrap();
         let held = SnapshotMeta { index: 21, term: 2 };
-        snapshots.save(held, &kv.snapshot()).unwrap();
+        snapshots.save(held, &four, &kv.snapshot()).unwrap();
         restore_state_machine(&snapshots, &mut storage).unwrap();
         assert_eq!((storage.log_start(), storage.last_index()), (ahead, 21));
     }

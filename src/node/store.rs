@@ -109,7 +109,7 @@ impl NodeStorage for NodeStore {
     }
 
     fn load_snapshot(&self, snapshot: SnapshotMeta) -> Result<Vec<u8>, String> {
-        self.snapshots.load(snapshot).map_err(|e| e.to_string())
+        self.snapshots.load(snapshot).map(|file| file.data).map_err(|e| e.to_string())
     }
 
     fn record_cluster(&mut self, cluster: u64) -> Result<(), PersistError> {
@@ -154,7 +154,8 @@ impl driver::Storage for NodeStore {
     /// A snapshot from the leader: its file (received and checked by the
     /// transport) becomes the newest first, then the log starts over after
     /// it. A crash in between is repaired at the next start, which finds a
-    /// snapshot the log does not hold.
+    /// snapshot the log does not hold and starts the log over after it with
+    /// the membership in the file.
     fn persist(
         &mut self,
         snapshot: Option<&Snapshot>,
@@ -163,6 +164,7 @@ impl driver::Storage for NodeStore {
     ) -> Result<(), PersistError> {
         if let Some(Snapshot { meta, membership }) = snapshot {
             self.snapshots.adopt(*meta)?;
+            crate::crash_point::reached(crate::crash_point::SNAPSHOT_ADOPTED);
             self.storage.install_snapshot(*meta, membership)?;
             self.newest = *meta;
         }

@@ -8,7 +8,8 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use log::{error, info};
 
-use crate::kv::{KvImage, command_json};
+use super::server::SnapshotJob;
+use crate::kv::command_json;
 use crate::metrics::{METRICS, seconds_since};
 use crate::mirror::Mirror;
 use crate::raft::{Entry, Index, SnapshotMeta};
@@ -39,17 +40,15 @@ pub fn mirror(mut mirror: Mirror, inbox: Receiver<MirrorMsg>) {
     }
 }
 
-/// A snapshot to write: where, and the state machine as of there.
-pub type SnapshotJob = (SnapshotMeta, KvImage);
 /// The snapshot written, or the one that could not be.
 pub type SnapshotOutcome = Result<SnapshotMeta, SnapshotMeta>;
 
 /// Writes snapshots until the channel closes, telling the core loop of each.
 pub fn snapshots(snapshots: Snapshots, jobs: Receiver<SnapshotJob>, done: Sender<SnapshotOutcome>) {
-    for (meta, image) in jobs {
+    for SnapshotJob { meta, membership, image } in jobs {
         let started = Instant::now();
         let data = image.encode();
-        let outcome = match snapshots.save(meta, &data) {
+        let outcome = match snapshots.save(meta, &membership, &data) {
             Ok(()) => {
                 info!(
                     "snapshot at {}/{} taken ({} bytes, {} keys) in {:?}",

@@ -554,6 +554,12 @@ impl<S: LogStore> Raft<S> {
         self.log.committed_membership()
     }
 
+    /// The membership once the log up to `index` is applied, for a snapshot
+    /// taken there (`index` applied, so at or after the log start).
+    pub fn membership_at(&self, index: Index) -> &Membership {
+        self.log.membership_at(index)
+    }
+
     /// Whether a member told this node that a committed membership removed
     /// it (see [`Body::Removed`]). The shell then stops the node, as it does
     /// when it applies its own removal.

@@ -102,6 +102,13 @@ impl<S: LogStore> RaftLog<S> {
         self.memberships.at(self.committed)
     }
 
+    /// The membership once the log up to `index` (at or after the log
+    /// start) is applied.
+    pub fn membership_at(&self, index: Index) -> &Membership {
+        debug_assert!(index >= self.snapshot().index, "{index} is before the log start");
+        self.memberships.at(index)
+    }
+
     /// Index of the entry that made the membership in force.
     pub fn membership_index(&self) -> Index {
         self.memberships.current_index()

@@ -46,11 +46,16 @@ pub fn save(client: &mut Client, file: &Path) -> Result<Summary, String> {
             other => return Err(format!("cannot read snapshot {index}: {}", describe(other))),
         }
     }
-    let summary = check(&bytes)?;
     let temp = file.with_extension("tmp");
     let err = |what: &str, e: std::io::Error| format!("{}: cannot {what}: {e}", file.display());
     let mut out = File::create(&temp).map_err(|e| err("create", e))?;
     out.write_all(&bytes).and_then(|()| out.sync_all()).map_err(|e| err("write", e))?;
+    // Checked before it replaces FILE (and taking the bytes: held once).
+    let checked = check(bytes);
+    if checked.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    let (summary, _) = checked?;
     fs::rename(&temp, file).map_err(|e| err("rename into place", e))?;
     Ok(summary)
 }
@@ -61,7 +66,7 @@ pub fn save(client: &mut Client, file: &Path) -> Result<Summary, String> {
 pub fn restore(config: &Config, id: NodeId, file: &Path) -> Result<Summary, String> {
     config.require_member(id).map_err(|e| e.to_string())?;
     let bytes = fs::read(file).map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
-    let summary = check(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+    let (summary, data) = check(bytes).map_err(|e| format!("{}: {e}", file.display()))?;
     let (state_dir, mirror) = (config.node_state_dir(id), config.node_log_path(id));
     for existing in [&state_dir, &mirror] {
         if existing.exists() {
@@ -80,11 +85,10 @@ pub fn restore(config: &Config, id: NodeId, file: &Path) -> Result<Summary, Stri
     }
     {
         let (mut storage, _) = Storage::open(&building).map_err(|e| e.to_string())?;
-        let (_, data) = snapshot::decode(&bytes).expect("checked above");
-        let snapshots = Snapshots::open(&snapshot::dir_in(&building)).map_err(|e| e.to_string())?;
-        snapshots.save(summary.snapshot, data).map_err(|e| e.to_string())?;
         // A new cluster of the config's nodes: it names itself anew.
         let membership = crate::members::first_membership(&config.nodes);
+        let snapshots = Snapshots::open(&snapshot::dir_in(&building)).map_err(|e| e.to_string())?;
+        snapshots.save(summary.snapshot, &membership, &data).map_err(|e| e.to_string())?;
         storage.install_snapshot(summary.snapshot, &membership).map_err(|e| e.to_string())?;
         let hard_state = HardState { term: summary.snapshot.term, vote: None, commit: summary.snapshot.index };
         storage.write(Some(&hard_state), &[]).map_err(|e| e.to_string())?;
@@ -97,12 +101,13 @@ pub fn restore(config: &Config, id: NodeId, file: &Path) -> Result<Summary, Stri
 }
 
 /// Checks a snapshot file's bytes: checksum, and a state machine inside
-/// that loads.
-fn check(bytes: &[u8]) -> Result<Summary, String> {
-    let (snapshot, data) = snapshot::decode(bytes).map_err(|e| format!("not a usable snapshot: {e}"))?;
+/// that loads. Returns what it holds, and the state machine's data.
+fn check(bytes: Vec<u8>) -> Result<(Summary, Vec<u8>), String> {
+    let len = bytes.len();
+    let file = snapshot::decode(bytes).map_err(|e| format!("not a usable snapshot: {e}"))?;
     let mut kv = KvStore::new();
-    kv.restore(data).map_err(|e| format!("not a usable snapshot: {e}"))?;
-    Ok(Summary { snapshot, bytes: bytes.len(), keys: kv.len() })
+    kv.restore(&file.data).map_err(|e| format!("not a usable snapshot: {e}"))?;
+    Ok((Summary { snapshot: file.meta, bytes: len, keys: kv.len() }, file.data))
 }
 
 fn describe(outcome: Result<Reply, crate::client::CallError>) -> String {

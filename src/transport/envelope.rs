@@ -17,7 +17,9 @@ use crate::raft::{Body, Message, NodeId, Term};
 /// holds in InstallSnapshot).
 /// Version 5: cluster names (in memberships, with the fingerprint), and
 /// refusals naming the cluster the refusing node speaks for.
-pub const PROTOCOL_VERSION: u8 = 5;
+/// Version 6: snapshot files of format 2 (with the membership; the session
+/// table holding the state machine's outcomes) in InstallSnapshot's chunks.
+pub const PROTOCOL_VERSION: u8 = 6;
 
 /// What travels in one ZeroMQ frame: MessagePack with named fields, so the
 /// format is self-describing and readable by non-Rust tools.

@@ -493,7 +493,7 @@ mod tests {
         let (b, b_rx) = start_with(&ctx, 1, &nodes, PATIENCE, follower_dir.clone());
         let snapshot = SnapshotMeta { index: 40, term: 3 };
         let data: Vec<u8> = (0..(3 * peer::SNAPSHOT_CHUNK + 12_345)).map(|i| (i % 251) as u8).collect();
-        leader_dir.save(snapshot, &data).unwrap();
+        leader_dir.save(snapshot, &Default::default(), &data).unwrap();
         let install = Message {
             from: 0,
             to: 1,
@@ -506,11 +506,11 @@ mod tests {
         b.send(Message { from: 1, to: 0, ..ack(1, 0) });
         assert_eq!(message(&a_rx), ack(1, 0), "the core's reply answers the last piece");
         follower_dir.adopt(snapshot).unwrap();
-        assert_eq!(follower_dir.load(snapshot).unwrap(), data);
+        assert_eq!(follower_dir.load(snapshot).unwrap().data, data);
 
         // A damaged file never reaches the follower's core.
         let damaged = SnapshotMeta { index: 50, term: 3 };
-        leader_dir.save(damaged, &data).unwrap();
+        leader_dir.save(damaged, &Default::default(), &data).unwrap();
         let mut bytes = std::fs::read(leader_dir.path(damaged)).unwrap();
         bytes[100] ^= 0xff;
         std::fs::write(leader_dir.path(damaged), bytes).unwrap();
@@ -651,7 +651,7 @@ mod tests {
         raw.connect(&nodes[0].1).unwrap();
         let leader = Wire::new(1, CLUSTER, 0, -1);
         let snapshot = SnapshotMeta { index: 9, term: 2 };
-        let file = crate::snapshot::encode(snapshot, &[7; 2500]);
+        let file = crate::snapshot::encode(snapshot, &Default::default(), &[7; 2500]);
         let total = file.len() as u64;
         let install = Message {
             from: 1,
@@ -675,7 +675,7 @@ mod tests {
         raw.send(leader.seal_as(CLUSTER, &install, Some(&last)).unwrap(), 0).unwrap();
         assert_eq!(message(&inbound), install, "complete and intact: handed to the core");
         follower_dir.adopt(snapshot).unwrap();
-        assert_eq!(follower_dir.load(snapshot).unwrap(), vec![7; 2500]);
+        assert_eq!(follower_dir.load(snapshot).unwrap().data, vec![7; 2500]);
     }
 
     /// Only a member that may lead the follower's current term stages a
@@ -692,7 +692,7 @@ mod tests {
         raw.set_linger(0).unwrap();
         raw.connect(&nodes[0].1).unwrap();
         let snapshot = SnapshotMeta { index: 9, term: 2 };
-        let file = crate::snapshot::encode(snapshot, &[7; 2500]);
+        let file = crate::snapshot::encode(snapshot, &Default::default(), &[7; 2500]);
         // The first 1000 bytes, as node `from` in `term`; the answer, if any comes within a second.
         let first_piece = |from: NodeId, term| {
             let install =

@@ -202,9 +202,30 @@ impl TestCluster {
 
     /// Starts node `id` with the config at `config` and `extra_args`.
     pub fn start_node_from(&mut self, id: usize, config: &Path, extra_args: &[String]) {
+        self.spawn(id, config, extra_args, None);
+    }
+
+    /// Starts node `id`, which aborts at the crash point named `point`
+    /// (see `raft_zmq::crash_point`).
+    pub fn start_node_crashing_at(&mut self, id: usize, point: &str) {
+        let config = self.config_path.clone();
+        self.spawn(id, &config, &[], Some(point));
+    }
+
+    /// Waits for node `id` to exit on its own; returns its status.
+    pub fn wait_exit(&mut self, id: usize) -> std::process::ExitStatus {
+        let mut child = self.nodes[id].process.take().expect("running");
+        wait_for("the node to exit", || child.try_wait().unwrap())
+    }
+
+    fn spawn(&mut self, id: usize, config: &Path, extra_args: &[String], crash_at: Option<&str>) {
         assert!(self.nodes[id].process.is_none(), "node {id} already running");
         let log = fs::OpenOptions::new().create(true).append(true).open(self.output_path(id)).unwrap();
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if let Some(point) = crash_at {
+            command.env(raft_zmq::crash_point::VARIABLE, point);
+        }
+        let child = command
             .args(["--node-id", &id.to_string(), "--config"])
             .arg(config)
             .args(extra_args)

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use raft_zmq::kv::{Command, KvStore, LoggedCommand, Value};
-use raft_zmq::node::server::{Effect, ProcessError, Server, ServerConfig};
+use raft_zmq::node::server::{Effect, ProcessError, Server, ServerConfig, SnapshotJob};
 use raft_zmq::protocol::{ErrorCode, Reply, Request};
 use raft_zmq::raft::{Config, Entry, Index, LogStore, Message, NodeId, Payload, Raft, Role, SnapshotMeta, SoftState};
 
@@ -223,7 +223,7 @@ impl SimNode {
                     fx.applied.extend(entries);
                 }
                 Effect::Restored(snapshot) => fx.restored = Some(snapshot),
-                Effect::SaveSnapshot(snapshot, image) => {
+                Effect::SaveSnapshot(SnapshotJob { meta: snapshot, image, .. }) => {
                     server.store_mut().snapshots.borrow_mut().insert(snapshot, image.encode());
                     server.snapshot_saved(snapshot).expect("compaction never crashes");
                     fx.compacted = Some(snapshot);

@@ -92,6 +92,14 @@ pub trait NodeStorage: driver::Storage {
     fn persist_hard_state(&mut self, hard_state: &HardState) -> Result<(), Self::Error>;
 }
 
+/// A snapshot to write: where, the membership in force there, and the
+/// state machine as of there.
+pub struct SnapshotJob {
+    pub meta: SnapshotMeta,
+    pub membership: Membership,
+    pub image: KvImage,
+}
+
 /// What the runtime carries out for the server.
 pub enum Effect<H> {
     Reply(H, Reply),
@@ -104,9 +112,9 @@ pub enum Effect<H> {
     },
     /// The state machine started over from this snapshot (from the leader).
     Restored(SnapshotMeta),
-    /// Write this state as the snapshot at `meta`, off the server's thread;
-    /// then call [`Server::snapshot_saved`] (or `snapshot_failed`).
-    SaveSnapshot(SnapshotMeta, KvImage),
+    /// Write this snapshot, off the server's thread; then call
+    /// [`Server::snapshot_saved`] (or `snapshot_failed`).
+    SaveSnapshot(SnapshotJob),
     /// The `log` op: committed entries from the stored log.
     ReadLog {
         from: Index,
@@ -146,6 +154,8 @@ struct App<H> {
     kv: KvStore,
     /// Index and term of the last entry applied.
     applied: SnapshotMeta,
+    /// The membership in force at `applied`, which a snapshot taken there holds.
+    applied_membership: Membership,
     snapshots: SnapshotState<H>,
     proposals: Proposals<H>,
     reads: Reads<H>,
@@ -225,6 +235,7 @@ impl<S: NodeStorage, H> Server<S, H> {
             cfg,
             kv,
             applied: snapshot,
+            applied_membership: raft.membership_at(snapshot.index).clone(),
             snapshots: SnapshotState { last: snapshot, saving: None, waiting: Vec::new() },
             proposals: Proposals::default(),
             reads: Reads { last_ctx: 0, asked: HashMap::new(), confirmed: BTreeMap::new() },
@@ -778,11 +789,15 @@ impl<H> App<H> {
             if applied.as_ref().is_some_and(|a| a.duplicate) {
                 duplicates.push(entry.index);
             }
-            if let Payload::Membership(membership) = &entry.payload
-                && membership.removed.contains(&self.cfg.id)
-            {
-                info!("node {}: removed from the cluster (membership entry {}); stopping", self.cfg.id, entry.index);
-                self.removed = true;
+            if let Payload::Membership(membership) = &entry.payload {
+                self.applied_membership = membership.clone();
+                if membership.removed.contains(&self.cfg.id) {
+                    info!(
+                        "node {}: removed from the cluster (membership entry {}); stopping",
+                        self.cfg.id, entry.index
+                    );
+                    self.removed = true;
+                }
             }
             for waiter in self.proposals.applied(entry.index) {
                 let reply = match (&applied, &entry.payload) {
@@ -822,7 +837,8 @@ impl<H> App<H> {
 
     fn save_snapshot(&mut self) {
         self.snapshots.saving = Some(self.applied);
-        self.effects.push(Effect::SaveSnapshot(self.applied, self.kv.image()));
+        let membership = self.applied_membership.clone();
+        self.effects.push(Effect::SaveSnapshot(SnapshotJob { meta: self.applied, membership, image: self.kv.image() }));
     }
 
     fn answer_snapshot_waiters(&mut self) {
@@ -940,6 +956,7 @@ impl<S: NodeStorage, H> Shell<S> for ReadyShell<'_, H> {
         }
         app.removed |= snapshot.membership.removed.contains(&app.cfg.id);
         app.applied = meta;
+        app.applied_membership = snapshot.membership.clone();
         if meta.index > app.snapshots.last.index {
             app.snapshots.last = meta;
         }
