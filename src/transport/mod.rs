@@ -15,6 +15,7 @@
 //! accepted from outside the cluster.
 
 mod envelope;
+mod name_check;
 mod peer;
 mod server;
 
@@ -34,6 +35,7 @@ use crate::raft::{Message, NodeId};
 use crate::security::{Domain, NodeSecurity};
 use crate::snapshot::Snapshots;
 use crate::warnings::Warnings;
+use name_check::NameCheck;
 use peer::Link;
 use server::Server;
 
@@ -128,6 +130,7 @@ impl LinkSettings {
     fn link(&self, peer: NodeId, endpoint: String, queue: Receiver<Message>) -> Link {
         Link {
             peer,
+            name_check: NameCheck::new(&endpoint),
             endpoint,
             ctx: self.ctx.clone(),
             socket: None,
