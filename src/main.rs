@@ -144,8 +144,10 @@ enum MemberOp {
     /// Every member: id, endpoints, voter or learner, and (from the leader)
     /// match index and last contact.
     List,
-    /// Add node ID at RAFT and CLIENT; promoted to voter once caught up
-    /// unless --learner. Start it with `--join` and a config that lists it.
+    /// Add node ID, advertised at RAFT and CLIENT (DNS names allowed);
+    /// promoted to voter once caught up unless --learner. Start it with
+    /// `--join` and a config that lists it (with its raft_listen /
+    /// client_listen, if it binds other endpoints).
     Add(client::NewMember),
     /// Remove node ID; it stops by itself, and its id is never reused.
     Remove { id: u64 },
