@@ -5,7 +5,8 @@
 //! start-up with one line naming the file and the problem, instead of
 //! surfacing later as a cluster that never elects a leader.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -47,6 +48,20 @@ struct RawMember {
     public_key: Option<String>,
     #[serde(default)]
     http: Option<String>,
+    #[serde(default)]
+    raft_listen: Option<String>,
+    #[serde(default)]
+    client_listen: Option<String>,
+}
+
+/// What a node binds instead of the endpoints it advertises (`raft_listen`,
+/// `client_listen`), e.g. `tcp://0.0.0.0:7000` in a container whose
+/// advertised name is not a local address. Like `http`, not part of the
+/// membership: each node reads its own from the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listen {
+    pub raft: Option<String>,
+    pub client: Option<String>,
 }
 
 /// CURVE settings: present when every node has a `public_key`.
@@ -97,6 +112,8 @@ pub struct Config {
     /// health, status and the web view. Not part of the membership: each
     /// node reads its own from the file.
     pub http: BTreeMap<NodeId, String>,
+    /// The nodes that bind other endpoints than they advertise.
+    pub listen: BTreeMap<NodeId, Listen>,
 }
 
 /// Why a config could not be used. Displays as one line, `<path>: <problem>`,
@@ -201,6 +218,12 @@ impl Config {
         let curve = curve_config(&raw).map_err(|problem| ConfigError::new(path, problem))?;
         let folder = path.parent().unwrap_or(Path::new(""));
         let http = raw.nodes.iter().filter_map(|n| Some((n.id, n.http.clone()?))).collect();
+        let listen = raw
+            .nodes
+            .iter()
+            .map(|n| (n.id, Listen { raft: n.raft_listen.clone(), client: n.client_listen.clone() }))
+            .filter(|(_, listen)| *listen != Listen::default())
+            .collect();
         Ok(Config {
             path: path.to_path_buf(),
             nodes: raw
@@ -222,7 +245,13 @@ impl Config {
             keys_dir: folder.join(raw.keys_dir),
             curve,
             http,
+            listen,
         })
+    }
+
+    /// What node `id` binds instead of its advertised endpoints, if anything.
+    pub fn listen_of(&self, id: NodeId) -> Listen {
+        self.listen.get(&id).cloned().unwrap_or_default()
     }
 
     pub fn member(&self, id: NodeId) -> Option<&Member> {
@@ -264,25 +293,30 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
         return Err("nodes is empty".into());
     }
     let mut ids = HashSet::new();
-    let mut endpoints = HashSet::new();
+    let mut addresses = Addresses::default();
     for member in &raw.nodes {
         if !ids.insert(member.id) {
             return Err(format!("duplicate node id {}", member.id));
         }
-        for (field, endpoint) in [("raft", &member.raft), ("client", &member.client)] {
-            check_endpoint(endpoint)
-                .map_err(|why| format!("node {} {field} endpoint {endpoint:?}: {why}", member.id))?;
-            // Two sockets cannot bind the same endpoint, and a peer that
-            // reached the wrong one would misread every message.
-            if !endpoints.insert(endpoint.as_str()) {
-                return Err(format!("duplicate endpoint {endpoint:?} (node {} {field})", member.id));
-            }
+        let endpoints = [
+            ("raft", Some(&member.raft)),
+            ("client", Some(&member.client)),
+            ("raft_listen", member.raft_listen.as_ref()),
+            ("client_listen", member.client_listen.as_ref()),
+        ];
+        for (field, endpoint) in endpoints {
+            let Some(endpoint) = endpoint else { continue };
+            let checked = if field.ends_with("_listen") {
+                check_listen_endpoint(endpoint).map(|_| ())
+            } else {
+                check_endpoint(endpoint)
+            };
+            checked.map_err(|why| format!("node {} {field} endpoint {endpoint:?}: {why}", member.id))?;
+            addresses.claim(member.id, field.trim_end_matches("_listen"), field, endpoint)?;
         }
         if let Some(http) = &member.http {
             check_http(http).map_err(|why| format!("node {} http {http:?}: {why}", member.id))?;
-            if !endpoints.insert(http.as_str()) {
-                return Err(format!("duplicate endpoint {http:?} (node {} http)", member.id));
-            }
+            addresses.claim(member.id, "http", "http", http)?;
         }
     }
     let (min, max) = raw.election_timeout_ms;
@@ -354,12 +388,63 @@ fn key_list(name: &str, keys: &Option<Vec<String>>) -> Result<Option<Vec<PublicK
     keys.as_ref().map(|keys| keys.iter().enumerate().map(parse).collect()).transpose()
 }
 
-/// Accepts `tcp://host:port` with a non-empty host and a port in 1..=65535
-/// (port 0 would bind a random port that peers cannot know).
-/// `add_node` checks the endpoints of a new member with it too.
+/// Which node's socket each address belongs to, so that no two sockets
+/// claim one: two cannot bind it, and a peer or client that reached the
+/// wrong one would misread every message.
+#[derive(Default)]
+struct Addresses {
+    /// By (`Some(node)` for a wildcard, `None` for any other host, HOST:PORT):
+    /// the node and socket (`raft`, `client` or `http`) it belongs to.
+    owners: HashMap<(Option<NodeId>, String), (NodeId, &'static str)>,
+}
+
+impl Addresses {
+    /// Claims `endpoint` (`tcp://HOST:PORT` or HOST:PORT, already checked)
+    /// for node `node`'s socket `socket`, written as its key `field`. The
+    /// same socket may claim an address twice (`raft_listen` equal to
+    /// `raft`). A wildcard is an address of the node's own host, so nodes
+    /// on separate hosts (containers, pods) may each bind the same one.
+    fn claim(&mut self, node: NodeId, socket: &'static str, field: &str, endpoint: &str) -> Result<(), String> {
+        let address = endpoint.strip_prefix("tcp://").unwrap_or(endpoint);
+        let (host, port) = address.rsplit_once(':').expect("checked: HOST:PORT");
+        let key = if is_wildcard(host) { (Some(node), format!("*:{port}")) } else { (None, address.to_string()) };
+        match self.owners.entry(key) {
+            Entry::Vacant(free) => {
+                free.insert((node, socket));
+                Ok(())
+            }
+            Entry::Occupied(owner) if *owner.get() == (node, socket) => Ok(()),
+            Entry::Occupied(_) => Err(format!("duplicate endpoint {endpoint:?} (node {node} {field})")),
+        }
+    }
+}
+
+/// Accepts `tcp://host:port` with a non-empty host that is not a wildcard
+/// (peers and clients connect to it) and a port in 1..=65535 (port 0 would
+/// bind a random port that peers cannot know). The host may be a DNS name:
+/// ZeroMQ resolves it on every connect. `add_node` checks the endpoints of
+/// a new member with it too.
 pub fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
+    let host = check_listen_endpoint(endpoint)?;
+    if is_wildcard(host) {
+        return Err("a wildcard address cannot be connected to: advertise an address or name that peers and \
+                    clients reach, and bind the wildcard with raft_listen / client_listen");
+    }
+    Ok(())
+}
+
+/// Accepts what a node may bind (`raft_listen`, `client_listen`): like
+/// [`check_endpoint`], and a wildcard (`tcp://0.0.0.0:7000`, `tcp://*:7000`)
+/// too. Returns the host.
+pub fn check_listen_endpoint(endpoint: &str) -> Result<&str, &'static str> {
     let rest = endpoint.strip_prefix("tcp://").ok_or("must start with tcp://")?;
     check_host_port(rest).map_err(|why| if why == NO_PORT { "must be tcp://host:port" } else { why })
+}
+
+/// An address that stands for every interface of the host: what a node
+/// binds, never what others connect to.
+fn is_wildcard(host: &str) -> bool {
+    matches!(host, "*" | "0.0.0.0" | "[::]" | "[*]")
 }
 
 /// An `http` address: `HOST:PORT`, as a TCP listener takes it (no scheme:
@@ -368,18 +453,21 @@ fn check_http(address: &str) -> Result<(), &'static str> {
     if address.contains("://") {
         return Err("must be host:port without a scheme, e.g. 127.0.0.1:7200");
     }
-    check_host_port(address).map_err(|why| if why == NO_PORT { "must be host:port, e.g. 127.0.0.1:7200" } else { why })
+    check_host_port(address)
+        .map(|_| ())
+        .map_err(|why| if why == NO_PORT { "must be host:port, e.g. 127.0.0.1:7200" } else { why })
 }
 
 const NO_PORT: &str = "no port";
 
-fn check_host_port(address: &str) -> Result<(), &'static str> {
+/// Checks `HOST:PORT` and returns the host.
+fn check_host_port(address: &str) -> Result<&str, &'static str> {
     let (host, port) = address.rsplit_once(':').ok_or(NO_PORT)?;
     if host.is_empty() {
         return Err("host is empty");
     }
     match port.parse::<u16>() {
-        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(host),
         _ => Err("port must be a number in 1..=65535"),
     }
 }
@@ -532,7 +620,97 @@ mod tests {
             assert_eq!(problem, format!("node 3 client endpoint {endpoint:?}: {why}"));
         }
         assert!(check_endpoint("tcp://[::1]:7000").is_ok());
-        assert!(check_endpoint("tcp://*:7000").is_ok());
+    }
+
+    #[test]
+    fn advertised_endpoints_may_be_names_but_not_wildcards() {
+        let (_dir, result) = load(
+            r#"{"nodes": [{"id": 0, "raft": "tcp://raft-0.raft.default.svc.cluster.local:7000",
+                           "client": "tcp://node0:7100"}]}"#,
+        );
+        assert_eq!(result.unwrap().nodes[0].raft, "tcp://raft-0.raft.default.svc.cluster.local:7000");
+        for host in ["0.0.0.0", "*", "[::]"] {
+            let endpoint = format!("tcp://{host}:7000");
+            let problem = problem_with_nodes(&format!(r#"{{"id": 3, "raft": "{endpoint}", "client": "tcp://a:2"}}"#));
+            assert_eq!(
+                problem,
+                format!(
+                    "node 3 raft endpoint {endpoint:?}: a wildcard address cannot be connected to: advertise an \
+                     address or name that peers and clients reach, and bind the wildcard with raft_listen / \
+                     client_listen"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn listen_endpoints_are_what_a_node_binds() {
+        let (_dir, result) = load(
+            r#"{"nodes": [
+                {"id": 0, "raft": "tcp://node0:7000", "client": "tcp://node0:7100",
+                 "raft_listen": "tcp://0.0.0.0:7000", "client_listen": "tcp://*:7100"},
+                {"id": 1, "raft": "tcp://node1:7000", "client": "tcp://node1:7100", "raft_listen": "tcp://10.0.0.2:7000"},
+                {"id": 2, "raft": "tcp://node2:7000", "client": "tcp://node2:7100"}]}"#,
+        );
+        let config = result.unwrap();
+        let listen = |raft: Option<&str>, client: Option<&str>| Listen {
+            raft: raft.map(String::from),
+            client: client.map(String::from),
+        };
+        assert_eq!(config.listen_of(0), listen(Some("tcp://0.0.0.0:7000"), Some("tcp://*:7100")));
+        assert_eq!(config.listen_of(1), listen(Some("tcp://10.0.0.2:7000"), None));
+        assert_eq!(config.listen_of(2), Listen::default(), "binds what it advertises");
+        assert_eq!(config.member(0).unwrap().raft, "tcp://node0:7000", "the membership has the advertised one");
+
+        for (endpoint, why) in [
+            ("0.0.0.0:7000", "must start with tcp://"),
+            ("tcp://0.0.0.0", "must be tcp://host:port"),
+            ("tcp://*:0", "port must be a number in 1..=65535"),
+        ] {
+            let problem = problem_with_nodes(&format!(
+                r#"{{"id": 3, "raft": "tcp://a:1", "client": "tcp://a:2", "client_listen": "{endpoint}"}}"#
+            ));
+            assert_eq!(problem, format!("node 3 client_listen endpoint {endpoint:?}: {why}"));
+        }
+    }
+
+    #[test]
+    fn a_wildcard_may_be_bound_by_every_node_but_by_one_socket_of_each() {
+        // Every container or pod binds the same wildcard ports.
+        let nodes: Vec<String> = (0..3)
+            .map(|id| {
+                format!(
+                    r#"{{"id": {id}, "raft": "tcp://node{id}:7000", "client": "tcp://node{id}:7100",
+                        "raft_listen": "tcp://0.0.0.0:7000", "client_listen": "tcp://0.0.0.0:7100",
+                        "http": "0.0.0.0:7200"}}"#
+                )
+            })
+            .collect();
+        let (_dir, result) = load(&format!(r#"{{"nodes": [{}]}}"#, nodes.join(", ")));
+        assert_eq!(result.unwrap().listen.len(), 3);
+
+        let one_node = |listen: &str| {
+            problem_with_nodes(&format!(r#"{{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:2", {listen}}}"#))
+        };
+        assert_eq!(
+            one_node(r#""raft_listen": "tcp://*:7000", "client_listen": "tcp://0.0.0.0:7000""#),
+            r#"duplicate endpoint "tcp://0.0.0.0:7000" (node 0 client_listen)"#
+        );
+        assert_eq!(
+            one_node(r#""raft_listen": "tcp://0.0.0.0:7200", "http": "0.0.0.0:7200""#),
+            r#"duplicate endpoint "0.0.0.0:7200" (node 0 http)"#
+        );
+        assert_eq!(one_node(r#""raft_listen": "tcp://a:2""#), r#"duplicate endpoint "tcp://a:2" (node 0 raft_listen)"#);
+        assert_eq!(one_node(r#""http": "a:1""#), r#"duplicate endpoint "a:1" (node 0 http)"#);
+        let (_dir, result) =
+            load(r#"{"nodes": [{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:2", "raft_listen": "tcp://a:1"}]}"#);
+        assert!(result.is_ok(), "binding its own advertised endpoint is no conflict");
+
+        let another_nodes = problem_with_nodes(
+            r#"{"id": 0, "raft": "tcp://a:1", "client": "tcp://a:2", "raft_listen": "tcp://127.0.0.1:7001"},
+               {"id": 1, "raft": "tcp://127.0.0.1:7001", "client": "tcp://a:4"}"#,
+        );
+        assert_eq!(another_nodes, r#"duplicate endpoint "tcp://127.0.0.1:7001" (node 1 raft)"#);
     }
 
     #[test]

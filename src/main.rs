@@ -11,7 +11,7 @@ use raft_zmq::keys::CurveIdentity;
 use raft_zmq::node;
 use raft_zmq::security::ClientCurve;
 use raft_zmq::tools::status::{self, Target};
-use raft_zmq::tools::{backup, bench, client, cluster, shell};
+use raft_zmq::tools::{backup, bench, client, cluster, health, shell};
 use raft_zmq::{mirror, snapshot, storage, transport};
 
 #[derive(Parser)]
@@ -122,6 +122,17 @@ enum Tool {
         #[command(flatten)]
         curve: client::CurveArgs,
     },
+    /// Ask a node's HTTP endpoint for /health and print its answer: exit
+    /// status 0 when healthy (200), 1 otherwise. For container health checks
+    /// without curl.
+    Health {
+        /// The node's `http` address.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7200")]
+        http: String,
+        /// Give up after this long.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Measure acknowledged-put throughput and latency against a running cluster.
     Bench(bench::BenchArgs),
     /// Write a new CURVE key pair, NAME.key (secret, mode 0600) and NAME.pub,
@@ -162,8 +173,10 @@ enum MemberOp {
     /// Every member: id, endpoints, voter or learner, and (from the leader)
     /// match index and last contact.
     List,
-    /// Add node ID at RAFT and CLIENT; promoted to voter once caught up
-    /// unless --learner. Start it with `--join` and a config that lists it.
+    /// Add node ID, advertised at RAFT and CLIENT (DNS names allowed);
+    /// promoted to voter once caught up unless --learner. Start it with
+    /// `--join` and a config that lists it (with its raft_listen /
+    /// client_listen, if it binds other endpoints).
     Add(client::NewMember),
     /// Remove node ID; it stops by itself, and its id is never reused.
     Remove { id: u64 },
@@ -198,7 +211,8 @@ enum SnapshotTool {
 fn main() -> ExitCode {
     node::abort_on_panic();
     let cli = Cli::parse();
-    let quiet = matches!(cli.tool, Some(Tool::Client { .. } | Tool::Bench(_) | Tool::Status { .. }));
+    let quiet =
+        matches!(cli.tool, Some(Tool::Client { .. } | Tool::Bench(_) | Tool::Status { .. } | Tool::Health { .. }));
     init_logging(if quiet { "warn" } else { "info" }, cli.log_format, cli.node_id);
 
     if let Some(Tool::Keygen { name }) = &cli.tool {
@@ -206,6 +220,15 @@ fn main() -> ExitCode {
             Ok(identity) => {
                 println!("{}", identity.public());
                 ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, &e),
+        };
+    }
+    if let Some(Tool::Health { http, timeout_ms }) = &cli.tool {
+        return match health::ask(http, Duration::from_millis(*timeout_ms)) {
+            Ok(answer) => {
+                println!("{}", answer.body);
+                if answer.code == 200 { ExitCode::SUCCESS } else { ExitCode::from(1) }
             }
             Err(e) => fail(1, &e),
         };
@@ -290,7 +313,7 @@ fn main() -> ExitCode {
             let curve = status::curve_for(Some(&config), keys);
             return run_status(status::targets_of(&config), &curve, timeout_ms, write_out);
         }
-        Some(Tool::Keygen { .. }) => unreachable!("handled before the config is read"),
+        Some(Tool::Keygen { .. } | Tool::Health { .. }) => unreachable!("handled before the config is read"),
         Some(tool @ (Tool::Member { .. } | Tool::TransferLeader { .. })) => {
             let (node, curve, op) = match tool {
                 Tool::Member { node, curve, op: MemberOp::List } => (node, curve, client::Op::Members),

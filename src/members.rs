@@ -97,6 +97,10 @@ mod tests {
             ("tcp://:x", "host is empty"),
             ("tcp://a:x", "port must be a number in 1..=65535"),
             ("127.0.0.1:9", "must start with tcp://"),
+            (
+                "tcp://0.0.0.0:9",
+                "a wildcard address cannot be connected to: advertise an address or name that peers and clients reach, and bind the wildcard with raft_listen / client_listen",
+            ),
         ] {
             let bad = Member { raft: raft.into(), ..member(2) };
             assert_eq!(check_new_member(&members, &bad), Err(format!("`raft` endpoint {raft:?}: {why}")));

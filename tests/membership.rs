@@ -228,7 +228,7 @@ fn a_member_that_starts_after_the_cluster_was_named_learns_the_name() {
 }
 
 /// `add_node` endpoints are checked like the config's (#23 item 7): a raft
-/// endpoint without a port, or without a host, is refused with
+/// endpoint without a port, or without a host, or a wildcard, is refused with
 /// `bad_request` and never committed, so no restart can trip on it.
 #[test]
 fn add_node_refuses_an_endpoint_a_node_could_not_connect_to() {
@@ -236,7 +236,12 @@ fn add_node_refuses_an_endpoint_a_node_could_not_connect_to() {
     cluster.wait_for_leader();
     cluster.wait_for_name(0);
     let Reply::Put { index: before } = cluster.call_ok(0, &put("before", "v")) else { panic!("put") };
-    for (raft, why) in [("tcp://127.0.0.1", "must be tcp://host:port"), ("tcp://:x", "host is empty")] {
+    let wildcard = format!("tcp://0.0.0.0:{}", free_port());
+    for (raft, why) in [
+        ("tcp://127.0.0.1", "must be tcp://host:port"),
+        ("tcp://:x", "host is empty"),
+        (wildcard.as_str(), "a wildcard address cannot be connected to"),
+    ] {
         let client = format!("tcp://127.0.0.1:{}", free_port());
         let member = raft_zmq::config::Member { id: 1, raft: raft.into(), client, public_key: None };
         let reply = cluster.client(0).call(&Request::AddNode { member, voter: true }).unwrap();

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{TestCluster, http_get, put, run_to_exit, run_to_exit_with_input, wait_for};
+use common::{Exited, TestCluster, http_get, put, run_to_exit, run_to_exit_with_input, wait_for};
 use raft_zmq::protocol::Reply;
 
 /// A Prometheus text exposition: `name{labels}` → value. Every line must
@@ -71,6 +71,9 @@ fn metrics_health_status_cluster_and_the_page_over_http() {
 
     for id in 0..3 {
         wait_for("every node to be healthy", || (json(&cluster, id, "/health").0 == 200).then_some(()));
+        let probe = health_probe(&cluster, id);
+        assert_eq!(probe.status.code(), Some(0), "raft-zmq health: {}{}", probe.stdout, probe.stderr);
+        assert!(probe.stdout.contains(r#""health":"true""#), "{}", probe.stdout);
         let (code, status) = json(&cluster, id, "/status");
         assert_eq!((code, status["id"].as_u64()), (200, Some(id as u64)));
     }
@@ -107,6 +110,18 @@ fn metrics_health_status_cluster_and_the_page_over_http() {
         let (code, body) = json(&cluster, leader, "/health");
         (code == 503 && body["health"] == "false").then_some(())
     });
+    let probe = health_probe(&cluster, leader);
+    assert_eq!(probe.status.code(), Some(1), "unhealthy: {}{}", probe.stdout, probe.stderr);
+    assert!(probe.stdout.contains(r#""health":"false""#), "says why: {}", probe.stdout);
+    cluster.kill(leader);
+    let probe = health_probe(&cluster, leader);
+    assert_eq!(probe.status.code(), Some(1), "no node: {}", probe.stderr);
+    assert!(probe.stderr.contains("cannot reach"), "{}", probe.stderr);
+}
+
+/// `raft-zmq health` against node `id`'s HTTP address.
+fn health_probe(cluster: &TestCluster, id: usize) -> Exited {
+    run_to_exit(["health", "--http", cluster.nodes[id].http.as_deref().unwrap()])
 }
 
 #[test]

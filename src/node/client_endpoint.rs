@@ -25,6 +25,7 @@ use super::server::not_leader;
 use crate::protocol::{ErrorCode, Reply, Request, decode_request, is_admin_request};
 use crate::raft::NodeId;
 use crate::security::{Caller, Domain, NodeSecurity, recv_with_user};
+use crate::transport::bind_problem;
 
 /// Frames above this are dropped by ZeroMQ itself; up to it, an oversized
 /// request gets a `too_large` reply (CONTRACT.md).
@@ -135,7 +136,7 @@ impl ClientEndpoint {
         router.set_router_mandatory(true).map_err(|e| e.to_string())?;
         router.set_rcvhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
         cfg.security.server(&router, Domain::Client).map_err(|e| e.to_string())?;
-        router.bind(&cfg.client).map_err(|e| format!("cannot bind client endpoint {}: {e}", cfg.client))?;
+        router.bind(&cfg.client).map_err(|e| bind_problem("client", &cfg.client, &e))?;
         let replies = ctx.socket(zmq::PULL).map_err(|e| e.to_string())?;
         replies.set_linger(0).map_err(|e| e.to_string())?;
         replies.bind(replies_endpoint).map_err(|e| e.to_string())?;

@@ -219,13 +219,18 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let _authenticator = security.authenticate(&ctx)?;
     let (peer_tx, peer_rx) = bounded(PEER_QUEUE_LEN);
     let peers = peer_endpoints(&members, id, routes)?;
+    // Advertised endpoints come from the membership, what to bind instead
+    // from this node's own entry in the file.
+    let listen = config.listen_of(id);
+    let raft_bind = listen.raft.unwrap_or_else(|| me.raft.clone());
+    let client_bind = listen.client.unwrap_or_else(|| me.client.clone());
     let transport = Transport::start(
         &ctx,
         TransportConfig {
             id,
             cluster,
             fingerprint,
-            bind: me.raft.clone(),
+            bind: raft_bind.clone(),
             peers,
             reply_timeout,
             max_message_bytes: (config.max_request_bytes as i64) * 2 + (16 << 20),
@@ -241,7 +246,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         &ctx,
         EndpointConfig {
             id,
-            client: me.client.clone(),
+            client: client_bind.clone(),
             max_request_bytes: config.max_request_bytes,
             forward_timeout: Duration::from_millis(config.request_timeout_ms + 1000),
             max_queued_bytes: CLIENT_QUEUE_BYTES,
@@ -295,7 +300,11 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     ctrlc::set_handler(move || {
         let _ = stop_tx.try_send(());
     })?;
-    info!("node {id}: serving peers on {} and clients on {}", me.raft, me.client);
+    info!(
+        "node {id}: serving peers on {} and clients on {}",
+        bound_as(&raft_bind, &me.raft),
+        bound_as(&client_bind, &me.client)
+    );
 
     let server_config = ServerConfig {
         id,
@@ -330,6 +339,12 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     drop(http);
     info!("node {id}: stopped");
     Ok(())
+}
+
+/// An endpoint as the start-up line names it: with the one peers and clients
+/// are told, when that is another.
+fn bound_as(bound: &str, advertised: &str) -> String {
+    if bound == advertised { bound.to_string() } else { format!("{bound} (advertised as {advertised})") }
 }
 
 /// Entries a node keeps before its newest snapshot when it compacts its log:

@@ -15,6 +15,7 @@
 //! accepted from outside the cluster.
 
 mod envelope;
+mod name_check;
 mod peer;
 mod server;
 
@@ -34,6 +35,7 @@ use crate::raft::{Message, NodeId, Term};
 use crate::security::{Domain, NodeSecurity};
 use crate::snapshot::{Snapshots, Staging};
 use crate::warnings::Warnings;
+use name_check::NameCheck;
 use peer::Link;
 use server::{Admission, Server};
 
@@ -86,13 +88,25 @@ pub enum TransportError {
 impl fmt::Display for TransportError {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
-            TransportError::Bind { endpoint, source } => {
-                write!(f, "cannot bind raft endpoint {endpoint}: {source}")
-            }
+            TransportError::Bind { endpoint, source } => f.write_str(&bind_problem("raft", endpoint, source)),
             TransportError::Socket(e) => write!(f, "cannot set up a zeromq socket: {e}"),
             TransportError::Spawn(e) => write!(f, "cannot start a transport thread: {e}"),
         }
     }
+}
+
+/// Why the `socket` ("raft" or "client") endpoint could not be bound, with
+/// what to do when its host is a DNS name, which ZeroMQ resolves only to
+/// connect.
+pub fn bind_problem(socket: &str, endpoint: &str, error: &zmq::Error) -> String {
+    let hint = match error {
+        zmq::Error::ENODEV => format!(
+            " (ZeroMQ binds an IP address or an interface name, not a DNS name: \
+             bind e.g. tcp://0.0.0.0:PORT with {socket}_listen)"
+        ),
+        _ => String::new(),
+    };
+    format!("cannot bind {socket} endpoint {endpoint}: {error}{hint}")
 }
 
 impl std::error::Error for TransportError {
@@ -131,6 +145,7 @@ impl LinkSettings {
     fn link(&self, peer: NodeId, endpoint: String, queue: Receiver<Message>) -> Link {
         Link {
             peer,
+            name_check: NameCheck::new(&endpoint),
             endpoint,
             ctx: self.ctx.clone(),
             socket: None,

@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use log::{debug, info};
+use log::{debug, info, warn};
 
 use super::envelope::{Chunk, Reject, Wire};
+use super::name_check::NameCheck;
 use super::{Inbound, STOP_CHECK, deliver};
 use crate::metrics::{METRICS, seconds_since};
 use crate::raft::{Body, Message, NodeId, SnapshotMeta};
@@ -49,6 +50,8 @@ pub(super) fn connect(
 pub(super) struct Link {
     pub(super) peer: NodeId,
     pub(super) endpoint: String,
+    /// Says so when `endpoint` names a host that does not resolve.
+    pub(super) name_check: NameCheck,
     pub(super) ctx: zmq::Context,
     /// `None` before the first exchange and after a failed one: a REQ
     /// socket whose reply never came is stuck, and its queue may hold stale
@@ -108,6 +111,7 @@ impl Link {
             let started = Instant::now();
             let outcome = match self.exchange(message) {
                 Ok(reply) => {
+                    self.name_check.after_success();
                     if !reachable {
                         info!("peer {} reachable again", self.peer);
                         reachable = true;
@@ -132,6 +136,13 @@ impl Link {
                     if reachable {
                         info!("peer {} unreachable at {}", self.peer, self.endpoint);
                         reachable = false;
+                    }
+                    if let Some(problem) = self.name_check.after_failure() {
+                        warn!(
+                            "peer {} at {}: the name does not resolve: {problem}; \
+                             ZeroMQ looks it up again on every connect",
+                            self.peer, self.endpoint
+                        );
                     }
                     // The core sends again as soon as it hears of a failure.
                     // One that came back at once (a snapshot file that cannot

@@ -52,6 +52,9 @@ pub struct Node {
     pub public_key: Option<PublicKey>,
     /// Its `http` address (HOST:PORT), when it serves HTTP.
     pub http: Option<String>,
+    /// What it binds instead of `raft` / `client`, when the config says.
+    pub raft_listen: Option<String>,
+    pub client_listen: Option<String>,
     pub process: Option<Child>,
 }
 
@@ -121,6 +124,17 @@ impl TestCluster {
         self
     }
 
+    /// Writes the config of `n` nodes on free ports, each changed by `edit`
+    /// (given its id) first.
+    pub fn configure_nodes(n: usize, mut edit: impl FnMut(usize, &mut Node)) -> TestCluster {
+        let mut cluster = Self::new(n);
+        for (id, node) in cluster.nodes.iter_mut().enumerate() {
+            edit(id, node);
+        }
+        cluster.write_config("");
+        cluster
+    }
+
     /// Writes the config only; `extra` is spliced into the JSON object.
     pub fn configure(n: usize, extra: &str) -> TestCluster {
         let cluster = Self::new(n);
@@ -154,6 +168,8 @@ impl TestCluster {
                 client: format!("tcp://127.0.0.1:{}", free_port()),
                 public_key: None,
                 http: None,
+                raft_listen: None,
+                client_listen: None,
                 process: None,
             })
             .collect();
@@ -176,8 +192,12 @@ impl TestCluster {
             .filter(|(id, _)| ids.contains(id))
             .map(|(id, n)| {
                 let key = n.public_key.map_or(String::new(), |key| format!(r#", "public_key": "{key}""#));
-                let http = n.http.as_ref().map_or(String::new(), |http| format!(r#", "http": "{http}""#));
-                format!(r#"{{"id": {id}, "raft": "{}", "client": "{}"{key}{http}}}"#, n.raft, n.client)
+                let optional = |key: &str, value: &Option<String>| {
+                    value.as_ref().map_or(String::new(), |value| format!(r#", "{key}": "{value}""#))
+                };
+                let http = optional("http", &n.http);
+                let listen = optional("raft_listen", &n.raft_listen) + &optional("client_listen", &n.client_listen);
+                format!(r#"{{"id": {id}, "raft": "{}", "client": "{}"{key}{http}{listen}}}"#, n.raft, n.client)
             })
             .collect();
         fs::write(
