@@ -1,4 +1,4 @@
-//! The deployment files in deploy/ (README "Deploying") cannot drift from
+//! The deployment files in deploy/ (docs/running.md "Deployment files") cannot drift from
 //! the node: the configs inside them are loaded by the node's own
 //! `Config::load` and checked for every node id their commands pass, and
 //! what the files say around them (service names, replicas, ordinals,

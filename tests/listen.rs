@@ -1,4 +1,4 @@
-//! Listen vs advertise (README "config.json"): nodes that bind a wildcard
+//! Listen vs advertise (docs/running.md "config.json"): nodes that bind a wildcard
 //! and are reached by DNS name, as in a container or a pod, and a member
 //! whose name does not resolve (yet). Traffic goes to loopback only:
 //! `localhost` is 127.0.0.1.
