@@ -1,5 +1,6 @@
-//! A [`TestCluster`] whose raft traffic runs through a [`Network`] of
-//! proxies and whose state dirs are on lazyfs (so that a kill is a power
+//! A [`TestCluster`] whose raft traffic runs through a [`Network`] (of
+//! proxies in the chaos test, of network namespaces in the multi-host
+//! test) and whose state dirs are on lazyfs (so that a kill is a power
 //! loss), with the few operations the nemesis and the checks need.
 //!
 //! A node's slot is its id. Slots beyond the first members are spares: a
@@ -21,7 +22,8 @@ use crate::network::Network;
 const SNAPSHOTS: &str = r#", "snapshot_entries": 2000"#;
 
 pub struct ChaosCluster {
-    /// Declared first so it drops first: processes die before their proxies.
+    /// Declared first so it drops first: processes die before their
+    /// proxies or their hosts.
     pub nodes: TestCluster,
     pub network: Network,
     /// The config each node that joined was started with (it lists the node
@@ -39,15 +41,16 @@ impl ChaosCluster {
     /// `n` members and `spares` slots for nodes that join later. `curve`:
     /// whether every endpoint, the workload's included, uses CURVE.
     pub fn start(n: usize, spares: usize, curve: bool) -> ChaosCluster {
-        let nodes = if curve {
+        let mut nodes = if curve {
             TestCluster::configure_with_keys(n + spares, false)
         } else {
             TestCluster::configure(n + spares, "")
         };
+        // It may move the nodes to hosts of their own, before any config names them.
+        let network = Network::start(&mut nodes.nodes);
         // The config's nodes are the first members only.
         nodes.write_config_of(&nodes.config_path.clone(), 0..n, SNAPSHOTS);
         let nodes = nodes.on_lazy_disks();
-        let network = Network::start(&nodes.nodes.iter().map(|node| node.raft.clone()).collect::<Vec<_>>());
         let spares = (n..n + spares).collect();
         let members: Vec<usize> = (0..n).collect();
         let published = Arc::new(Mutex::new(members.clone()));

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use crate::common::Node;
 use crate::proxy::Proxy;
 
 pub struct Network {
@@ -16,13 +17,14 @@ pub struct Network {
 }
 
 impl Network {
-    /// A proxy for every ordered pair of `raft_endpoints` (`tcp://ip:port`).
-    pub fn start(raft_endpoints: &[String]) -> Network {
+    /// A proxy for every ordered pair of `nodes` (whose raft endpoints are
+    /// `tcp://ip:port`); the nodes stay where they are.
+    pub fn start(nodes: &mut [Node]) -> Network {
         let addr = |endpoint: &str| -> SocketAddr { endpoint.trim_start_matches("tcp://").parse().unwrap() };
-        let n = raft_endpoints.len();
+        let n = nodes.len();
         let links = (0..n)
             .flat_map(|from| (0..n).filter(move |&to| to != from).map(move |to| (from, to)))
-            .map(|(from, to)| ((from, to), Proxy::start(addr(&raft_endpoints[to]))))
+            .map(|(from, to)| ((from, to), Proxy::start(addr(&nodes[to].raft))))
             .collect();
         Network { links }
     }
