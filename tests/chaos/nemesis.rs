@@ -1,18 +1,23 @@
 //! The nemesis: one fault at a time (power losses, pauses, partitions,
 //! replacing a member), each healed before the next, with quiet
 //! gaps in between so the cluster can recover and serve. Fault kinds are
-//! dealt from a shuffled deck, so any run of [`KINDS`] faults has them all.
+//! dealt from a shuffled deck, so any run of [`kinds`] faults has them all.
 //! While a fault cuts the leader off or takes it away, the probes aim at it.
+//! A network that drops packets (hosts of their own) adds two kinds: a
+//! host whose link goes down, and loss on every link.
 
 use std::fmt;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::cluster::ChaosCluster;
+use crate::network::Network;
 use crate::probe::Probe;
 
-/// The kinds of fault [`Fault::pick`] deals.
-const KINDS: usize = 8;
+/// The kinds of fault [`Fault::pick`] deals on this network.
+fn kinds() -> usize {
+    if Network::DROPS_PACKETS { 10 } else { 8 }
+}
 /// The longest SIGSTOP.
 pub const LONGEST_PAUSE: Duration = Duration::from_millis(2500);
 
@@ -34,6 +39,11 @@ pub enum Fault {
     /// Member `old` (perhaps the leader) is removed and stops; when healed,
     /// a new node `new` with an empty disk joins and is promoted.
     Replace { old: usize, new: usize },
+    /// A host goes away: its network link down, for peers and clients
+    /// alike, its process still running; the link back up when healed.
+    HostDown { node: usize, leader: bool },
+    /// Every node drops this share of the packets it receives.
+    Loss { percent: u32 },
 }
 
 /// A fault as it happened: times are since the run started.
@@ -45,7 +55,7 @@ pub struct Scheduled {
 }
 
 impl Fault {
-    /// A fault of `kind` (below [`KINDS`]) on random `members`; `leader`
+    /// A fault of `kind` (below [`kinds`]) on random `members`; `leader`
     /// is the current leader, `spare` the id a node that joins would take.
     fn pick(kind: usize, rng: &mut fastrand::Rng, members: &[usize], leader: usize, spare: Option<usize>) -> Fault {
         let others: Vec<usize> = members.iter().copied().filter(|&m| m != leader).collect();
@@ -65,6 +75,9 @@ impl Fault {
             5 if rng.bool() => Fault::OneWay { from: leader, to: other },
             5 => Fault::OneWay { from: other, to: leader },
             6 => Fault::PowerOffAll,
+            8 if rng.bool() => Fault::HostDown { node: leader, leader: true },
+            8 => Fault::HostDown { node: other, leader: false },
+            9 => Fault::Loss { percent: rng.u32(1..=5) },
             // Without a spare slot left: a power loss instead.
             _ => match spare {
                 Some(new) => Fault::Replace { old: if rng.bool() { leader } else { other }, new },
@@ -78,7 +91,10 @@ impl Fault {
         let ms = match self {
             Fault::PowerOff { .. } | Fault::PowerOffAll | Fault::Replace { .. } => rng.u64(300..2000),
             Fault::PauseLeader { .. } => rng.u64(1000..=LONGEST_PAUSE.as_millis() as u64),
-            Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } => rng.u64(1000..3000),
+            Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } | Fault::HostDown { .. } => {
+                rng.u64(1000..3000)
+            }
+            Fault::Loss { .. } => rng.u64(2000..4000),
         };
         Duration::from_millis(ms)
     }
@@ -94,6 +110,8 @@ impl Fault {
             Fault::OneWay { from, to } => cluster.network.apply(|a, b| (a, b) == (*from, *to)),
             Fault::PowerOffAll => cluster.members.clone().into_iter().for_each(|id| cluster.nodes.power_off(id)),
             Fault::Replace { old, .. } => cluster.remove(*old),
+            Fault::HostDown { node, .. } => cluster.network.set_link(*node, false),
+            Fault::Loss { percent } => cluster.network.set_loss(*percent),
         }
     }
 
@@ -104,6 +122,8 @@ impl Fault {
             Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } => cluster.network.heal(),
             Fault::PowerOffAll => cluster.members.clone().into_iter().for_each(|id| cluster.restart(id)),
             Fault::Replace { new, .. } => assert_eq!(cluster.join(), *new),
+            Fault::HostDown { node, .. } => cluster.network.set_link(*node, true),
+            Fault::Loss { .. } => cluster.network.set_loss(0),
         }
     }
 
@@ -127,6 +147,7 @@ impl Fault {
         matches!(
             self,
             Fault::PowerOff { leader: true, .. }
+                | Fault::HostDown { leader: true, .. }
                 | Fault::PauseLeader { .. }
                 | Fault::IsolateLeader { .. }
                 | Fault::PowerOffAll
@@ -145,6 +166,9 @@ impl fmt::Display for Fault {
             Fault::OneWay { from, to } => write!(f, "one-way: {from} cannot reach {to}"),
             Fault::PowerOffAll => write!(f, "power loss of every node"),
             Fault::Replace { old, new } => write!(f, "replace member {old} by a new node {new}"),
+            Fault::HostDown { node, leader: true } => write!(f, "link down: leader {node}'s host goes away"),
+            Fault::HostDown { node, leader: false } => write!(f, "link down: follower {node}'s host goes away"),
+            Fault::Loss { percent } => write!(f, "{percent}% packet loss on every link"),
         }
     }
 }
@@ -172,7 +196,7 @@ pub fn run(
             return schedule;
         }
         if deck.is_empty() {
-            deck.extend(0..KINDS);
+            deck.extend(0..kinds());
             rng.shuffle(&mut deck);
         }
         let kind = deck.pop().expect("refilled");

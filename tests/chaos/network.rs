@@ -17,6 +17,10 @@ pub struct Network {
 }
 
 impl Network {
+    /// Proxies cut whole connections, never single packets, and cannot
+    /// take a node's client traffic away: no loss, no host going away.
+    pub const DROPS_PACKETS: bool = false;
+
     /// A proxy for every ordered pair of `nodes` (whose raft endpoints are
     /// `tcp://ip:port`); the nodes stay where they are.
     pub fn start(nodes: &mut [Node]) -> Network {
@@ -47,5 +51,13 @@ impl Network {
 
     pub fn heal(&self) {
         self.apply(|_, _| false);
+    }
+
+    pub fn set_loss(&self, _percent: u32) {
+        unreachable!("proxies do not drop packets (DROPS_PACKETS)")
+    }
+
+    pub fn set_link(&self, _node: usize, _up: bool) {
+        unreachable!("proxies do not take hosts away (DROPS_PACKETS)")
     }
 }

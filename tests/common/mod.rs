@@ -55,6 +55,9 @@ pub struct Node {
     /// What it binds instead of `raft` / `client`, when the config says.
     pub raft_listen: Option<String>,
     pub client_listen: Option<String>,
+    /// The network namespace it runs in (`ip netns exec`), when it has a
+    /// host of its own.
+    pub netns: Option<String>,
     pub process: Option<Child>,
 }
 
@@ -170,6 +173,7 @@ impl TestCluster {
                 http: None,
                 raft_listen: None,
                 client_listen: None,
+                netns: None,
                 process: None,
             })
             .collect();
@@ -241,7 +245,25 @@ impl TestCluster {
     fn spawn(&mut self, id: usize, config: &Path, extra_args: &[String], crash_at: Option<&str>) {
         assert!(self.nodes[id].process.is_none(), "node {id} already running");
         let log = fs::OpenOptions::new().create(true).append(true).open(self.output_path(id)).unwrap();
-        let mut command = Command::new(binary());
+        // `ip netns exec` execs the binary: the child's pid is the node's.
+        let mut command = match &self.nodes[id].netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, binary()]);
+                // A node on a host of its own dies with the thread that
+                // started it, so a test killed before it could clean up
+                // leaves no node holding a namespace.
+                // SAFETY: prctl(2) is async-signal-safe and touches no memory.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
+                command
+            }
+            None => Command::new(binary()),
+        };
         if let Some(point) = crash_at {
             command.env(raft_zmq::crash_point::VARIABLE, point);
         }
