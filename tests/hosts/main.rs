@@ -1,8 +1,9 @@
-//! The chaos test (`tests/chaos/`) with every node on a host of its own: a
-//! network namespace per node, with its own address on a bridge, instead of
-//! 127.0.0.1 and proxies (see `network.rs`). Nodes run as
-//! `ip netns exec HOST raft-zmq ...`, bind their host's address and
-//! advertise it; the test's clients reach them over the bridge.
+//! The chaos test (`tests/chaos/`) with every node on a host of its own
+//! (docs/testing.md "Multi-host testing"): a network namespace per node,
+//! with its own address on a bridge, instead of 127.0.0.1 and proxies (see
+//! `network.rs`). Nodes run as `ip netns exec HOST raft-zmq ...`, bind
+//! their host's address and advertise it; the test's clients reach them
+//! over the bridge.
 //!
 //! The same workload, probes, nemesis and checks run (`run.rs`: every key's
 //! history linearizable, final reads included, so no acknowledged write is
