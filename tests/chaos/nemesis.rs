@@ -50,6 +50,7 @@ pub enum Fault {
 #[derive(Clone, Debug)]
 pub struct Scheduled {
     pub fault: Fault,
+    /// When it was in force (see [`Fault::in_force_once_injected`]).
     pub start: Duration,
     pub healed: Duration,
 }
@@ -125,6 +126,21 @@ impl Fault {
             Fault::HostDown { node, .. } => cluster.network.set_link(*node, true),
             Fault::Loss { .. } => cluster.network.set_loss(0),
         }
+    }
+
+    /// Whether the fault is in force only once it is wholly injected (rules
+    /// loaded on every host, a link down), rather than from its first step
+    /// (a kill, a signal): writes acknowledged while iptables loads rules
+    /// are no failover.
+    fn in_force_once_injected(&self) -> bool {
+        matches!(
+            self,
+            Fault::IsolateLeader { .. }
+                | Fault::Split { .. }
+                | Fault::OneWay { .. }
+                | Fault::HostDown { .. }
+                | Fault::Loss { .. }
+        )
     }
 
     /// Whether the fault takes away a leader that was serving, leaving the
@@ -207,8 +223,9 @@ pub fn run(
         let fault = Fault::pick(kind, rng, &cluster.members, leader, cluster.spare());
         let members = cluster.members.clone();
         probes.iter_mut().for_each(|probe| probe.before(&fault, leader));
-        let start = t0.elapsed();
+        let before = t0.elapsed();
         fault.inject(cluster);
+        let start = if fault.in_force_once_injected() { t0.elapsed() } else { before };
         let healed = thread::scope(|s| {
             let fault = &fault;
             let members = &members;
