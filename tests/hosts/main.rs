@@ -12,7 +12,9 @@
 //! way), power loss (`kill -9` over lazyfs) of one node or all, SIGSTOP,
 //! members replaced, and two faults that only a network of hosts has: a
 //! host whose link goes down (for clients too) and comes back, and 1–5 %
-//! packet loss on every link. No delay yet: this kernel has no `netem`.
+//! packet loss on every link. The 5-node cluster's links delay every packet
+//! 2.5 ms +/- 0.5 ms each way (5 ms round trips): this kernel has no
+//! `netem`, so the test holds packets itself (`delay.rs`, through NFQUEUE).
 //!
 //! Without root, iptables or `ip netns`, it prints one line saying why and
 //! passes (skipped); `RAFT_ZMQ_REQUIRE_HOSTS=1` (CI) makes that a failure.
@@ -25,6 +27,7 @@ mod common;
 
 #[path = "../chaos/cluster.rs"]
 mod cluster;
+mod delay;
 #[path = "../chaos/linearizability.rs"]
 mod linearizability;
 #[path = "../chaos/nemesis.rs"]
@@ -39,8 +42,11 @@ mod run;
 #[path = "../chaos/workload.rs"]
 mod workload;
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use network::Network;
 
@@ -55,11 +61,75 @@ fn three_hosts() {
     }
 }
 
+/// Over links with 5 ms round trips: 2.5 ms +/- 0.5 ms each way.
 #[test]
-fn five_hosts() {
+fn five_hosts_5ms_apart() {
     if available() {
+        network::delay_links(Duration::from_micros(2500), Duration::from_micros(500));
         run::chaos("hosts", 5, run::curve(false), SECS);
     }
+}
+
+/// A delayed link holds every packet for the delay on its way out of a
+/// host, so that a round trip between two hosts takes twice the delay; and
+/// without delay, as before.
+#[test]
+fn delayed_links_hold_every_packet_for_the_delay() {
+    if !available() {
+        return;
+    }
+    let mut cluster = common::TestCluster::configure(2, "");
+    let mut network = Network::start(&mut cluster.nodes);
+    let plain = median_round_trip(&cluster.nodes);
+    network.delay(Duration::from_millis(5), Duration::from_millis(1));
+    let delayed = median_round_trip(&cluster.nodes);
+    network.delay(Duration::ZERO, Duration::ZERO);
+    let undelayed = median_round_trip(&cluster.nodes);
+    eprintln!("round trips: {plain:?}, with 5 ms +/- 1 ms each way {delayed:?}, without again {undelayed:?}");
+    assert!(plain < Duration::from_millis(5), "{plain:?}");
+    assert!(delayed >= Duration::from_millis(8) && delayed < Duration::from_millis(40), "{delayed:?}");
+    assert!(undelayed < Duration::from_millis(5), "{undelayed:?}");
+}
+
+/// The median of 21 one-byte round trips over TCP from node 1's host to
+/// node 0's (its raft address).
+fn median_round_trip(nodes: &[common::Node]) -> Duration {
+    let address = nodes[0].raft.trim_start_matches("tcp://").to_string();
+    let (server, client) = (nodes[0].netns.clone().unwrap(), nodes[1].netns.clone().unwrap());
+    let listening = {
+        let address = address.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let echo = thread::spawn(move || {
+            delay::enter(&server).unwrap();
+            let listener = TcpListener::bind(&address).unwrap();
+            tx.send(()).unwrap();
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut byte = [0u8];
+            while stream.read_exact(&mut byte).is_ok() {
+                stream.write_all(&byte).unwrap();
+            }
+        });
+        rx.recv().unwrap();
+        echo
+    };
+    let mut times = thread::spawn(move || {
+        delay::enter(&client).unwrap();
+        let mut stream = TcpStream::connect(&address).unwrap();
+        stream.set_nodelay(true).unwrap();
+        (0..21)
+            .map(|_| {
+                let (start, mut byte) = (Instant::now(), [1u8]);
+                stream.write_all(&byte).unwrap();
+                stream.read_exact(&mut byte).unwrap();
+                start.elapsed()
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    listening.join().unwrap();
+    times.sort();
+    times[times.len() / 2]
 }
 
 /// The subnet a run takes overlaps nothing the machine has: neither an

@@ -23,14 +23,17 @@
 //! next run starts, and [`Drop`] removes everything a run made, even when a
 //! test panics.
 
+use std::cell::Cell;
 use std::fs;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::common::Node;
+use crate::delay::Delayer;
 
 const RAFT_PORT: u16 = 7000;
 const CLIENT_PORT: u16 = 7100;
@@ -39,9 +42,22 @@ const HOST_BASE: u8 = 10;
 /// Runs of this process so far: each gets names of its own.
 static RUNS: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// The delay and jitter of the links of networks this thread starts.
+    static DELAY: Cell<(Duration, Duration)> = const { Cell::new((Duration::ZERO, Duration::ZERO)) };
+}
+
+/// Every link of the networks this thread starts from now on holds each
+/// packet for `delay` ± `jitter` on its way out of a host (see [`Network::delay`]).
+pub fn delay_links(delay: Duration, jitter: Duration) {
+    DELAY.set((delay, jitter));
+}
+
 pub struct Network {
     hosts: Vec<Host>,
     bridge: String,
+    /// One a host while links are delayed.
+    delayers: Vec<Delayer>,
 }
 
 struct Host {
@@ -80,7 +96,7 @@ impl Network {
         remove_leftovers();
         let (pid, run_id) = (std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
         let bridge = format!("rz{pid}-{run_id}b");
-        let mut network = Network { hosts: Vec::new(), bridge: bridge.clone() };
+        let mut network = Network { hosts: Vec::new(), bridge: bridge.clone(), delayers: Vec::new() };
         // Chosen and claimed under a machine-wide lock, so that two runs
         // never pick the same subnet.
         let subnet = {
@@ -104,9 +120,11 @@ impl Network {
             sh(&["ip", "-n", &netns, "addr", "add", &format!("{address}/24"), "dev", "eth0"]);
             sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
             sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
-            // Its own chains, that faults rewrite: `cut` and `loss`, on the way in.
+            // Its own chains, that faults rewrite: `cut` and `loss` on the
+            // way in, `delay` on the way out.
             let chains = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
-                          :cut - [0:0]\n:loss - [0:0]\n-A INPUT -j loss\n-A INPUT -j cut\nCOMMIT\n";
+                          :cut - [0:0]\n:loss - [0:0]\n:delay - [0:0]\n-A INPUT -j loss\n-A INPUT -j cut\n\
+                          -A OUTPUT -j delay\nCOMMIT\n";
             network.restore(false, vec![(i, chains.to_string())]);
             node.raft = format!("tcp://{address}:{RAFT_PORT}");
             node.client = format!("tcp://{address}:{CLIENT_PORT}");
@@ -114,6 +132,11 @@ impl Network {
         }
         let hosts: Vec<String> = network.hosts.iter().map(|h| h.address.to_string()).collect();
         eprintln!("hosts: bridge {bridge} at {}/24, nodes at {}", host(subnet, 1), hosts.join(", "));
+        let (delay, jitter) = DELAY.get();
+        if !delay.is_zero() {
+            network.delay(delay, jitter);
+            eprintln!("hosts: every packet held {delay:?} +/- {jitter:?} on its way out (round trips {:?})", delay * 2);
+        }
         network
     }
 
@@ -155,6 +178,24 @@ impl Network {
         self.restore(true, (0..self.hosts.len()).map(|i| (i, rules.clone())).collect());
     }
 
+    /// Every host holds each packet it sends for `delay` ± `jitter`
+    /// (uniform) before it leaves, so a round trip takes twice that; zero:
+    /// none (see `delay.rs`).
+    pub fn delay(&mut self, delay: Duration, jitter: Duration) {
+        self.delayers.clear();
+        let mut rules = String::from("*filter\n:delay - [0:0]\n");
+        if !delay.is_zero() {
+            for (i, host) in self.hosts.iter().enumerate() {
+                let delayer = Delayer::start(&host.netns, 0, delay, jitter, i as u64)
+                    .unwrap_or_else(|e| panic!("a delayer in {}: {e}", host.netns));
+                self.delayers.push(delayer);
+            }
+            rules += "-A delay -o eth0 -j NFQUEUE --queue-num 0 --queue-bypass\n";
+        }
+        rules += "COMMIT\n";
+        self.restore(true, (0..self.hosts.len()).map(|i| (i, rules.clone())).collect());
+    }
+
     /// Node `node`'s host link up or down (the namespace's end: the node
     /// keeps its address, and neither sends nor receives while down).
     pub fn set_link(&self, node: usize, up: bool) {
@@ -191,6 +232,7 @@ impl Network {
 
 impl Drop for Network {
     fn drop(&mut self) {
+        self.delayers.clear();
         // Deleting a namespace takes its veth pair along once no process
         // holds it; the link is deleted first in case one still does.
         for host in &self.hosts {
