@@ -1,5 +1,5 @@
-//! The nemesis: one fault at a time (power losses, pauses, partitions,
-//! replacing a member), each healed before the next, with quiet
+//! The nemesis: one fault at a time (power losses, pauses, partitions (a
+//! bridge node's too), replacing a member), each healed before the next, with quiet
 //! gaps in between so the cluster can recover and serve. Fault kinds are
 //! dealt from a shuffled deck, so any run of [`kinds`] faults has them all.
 //! While a fault cuts the leader off or takes it away, the probes aim at it.
@@ -16,7 +16,7 @@ use crate::probe::Probe;
 
 /// The kinds of fault [`Fault::pick`] deals on this network.
 fn kinds() -> usize {
-    if Network::DROPS_PACKETS { 10 } else { 8 }
+    if Network::DROPS_PACKETS { 11 } else { 9 }
 }
 /// The longest SIGSTOP.
 pub const LONGEST_PAUSE: Duration = Duration::from_millis(2500);
@@ -34,6 +34,9 @@ pub enum Fault {
     Split { minority: Vec<usize> },
     /// `from` cannot reach `to`; `to` still reaches `from` (requests and replies).
     OneWay { from: usize, to: usize },
+    /// The others split in two halves that cannot reach each other, while
+    /// `bridge` reaches both.
+    Bridge { bridge: usize, halves: [Vec<usize>; 2] },
     /// Every node loses power at once; all restarted when healed.
     PowerOffAll,
     /// Member `old` (perhaps the leader) is removed and stops; when healed,
@@ -76,9 +79,18 @@ impl Fault {
             5 if rng.bool() => Fault::OneWay { from: leader, to: other },
             5 => Fault::OneWay { from: other, to: leader },
             6 => Fault::PowerOffAll,
-            8 if rng.bool() => Fault::HostDown { node: leader, leader: true },
-            8 => Fault::HostDown { node: other, leader: false },
-            9 => Fault::Loss { percent: rng.u32(1..=5) },
+            8 => {
+                let mut nodes = members.to_vec();
+                rng.shuffle(&mut nodes);
+                let bridge = nodes.pop().expect("members");
+                let mut half = nodes.split_off(nodes.len() / 2);
+                nodes.sort_unstable();
+                half.sort_unstable();
+                Fault::Bridge { bridge, halves: [nodes, half] }
+            }
+            9 if rng.bool() => Fault::HostDown { node: leader, leader: true },
+            9 => Fault::HostDown { node: other, leader: false },
+            10 => Fault::Loss { percent: rng.u32(1..=5) },
             // Without a spare slot left: a power loss instead.
             _ => match spare {
                 Some(new) => Fault::Replace { old: if rng.bool() { leader } else { other }, new },
@@ -92,9 +104,11 @@ impl Fault {
         let ms = match self {
             Fault::PowerOff { .. } | Fault::PowerOffAll | Fault::Replace { .. } => rng.u64(300..2000),
             Fault::PauseLeader { .. } => rng.u64(1000..=LONGEST_PAUSE.as_millis() as u64),
-            Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } | Fault::HostDown { .. } => {
-                rng.u64(1000..3000)
-            }
+            Fault::IsolateLeader { .. }
+            | Fault::Split { .. }
+            | Fault::OneWay { .. }
+            | Fault::Bridge { .. }
+            | Fault::HostDown { .. } => rng.u64(1000..3000),
             Fault::Loss { .. } => rng.u64(2000..4000),
         };
         Duration::from_millis(ms)
@@ -109,6 +123,9 @@ impl Fault {
                 cluster.network.apply(|from, to| minority.contains(&from) != minority.contains(&to))
             }
             Fault::OneWay { from, to } => cluster.network.apply(|a, b| (a, b) == (*from, *to)),
+            Fault::Bridge { halves: [one, other], .. } => cluster
+                .network
+                .apply(|a, b| (one.contains(&a) && other.contains(&b)) || (other.contains(&a) && one.contains(&b))),
             Fault::PowerOffAll => cluster.members.clone().into_iter().for_each(|id| cluster.nodes.power_off(id)),
             Fault::Replace { old, .. } => cluster.remove(*old),
             Fault::HostDown { node, .. } => cluster.network.set_link(*node, false),
@@ -120,7 +137,9 @@ impl Fault {
         match self {
             Fault::PowerOff { node, .. } => cluster.restart(*node),
             Fault::PauseLeader { node } => cluster.nodes.signal(*node, libc::SIGCONT),
-            Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } => cluster.network.heal(),
+            Fault::IsolateLeader { .. } | Fault::Split { .. } | Fault::OneWay { .. } | Fault::Bridge { .. } => {
+                cluster.network.heal()
+            }
             Fault::PowerOffAll => cluster.members.clone().into_iter().for_each(|id| cluster.restart(id)),
             Fault::Replace { new, .. } => assert_eq!(cluster.join(), *new),
             Fault::HostDown { node, .. } => cluster.network.set_link(*node, true),
@@ -138,6 +157,7 @@ impl Fault {
             Fault::IsolateLeader { .. }
                 | Fault::Split { .. }
                 | Fault::OneWay { .. }
+                | Fault::Bridge { .. }
                 | Fault::HostDown { .. }
                 | Fault::Loss { .. }
         )
@@ -180,6 +200,9 @@ impl fmt::Display for Fault {
             Fault::IsolateLeader { node } => write!(f, "isolate leader {node}"),
             Fault::Split { minority } => write!(f, "split off minority {minority:?}"),
             Fault::OneWay { from, to } => write!(f, "one-way: {from} cannot reach {to}"),
+            Fault::Bridge { bridge, halves: [one, other] } => {
+                write!(f, "bridge: {bridge} reaches {one:?} and {other:?}, which cannot reach each other")
+            }
             Fault::PowerOffAll => write!(f, "power loss of every node"),
             Fault::Replace { old, new } => write!(f, "replace member {old} by a new node {new}"),
             Fault::HostDown { node, leader: true } => write!(f, "link down: leader {node}'s host goes away"),
