@@ -8,10 +8,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use raft_zmq::kv::{Command, KvStore, LoggedCommand, Value};
-use raft_zmq::protocol::{Request, encode_request};
 use raft_zmq::raft::{Body, Entry, Membership, Message, Payload, SnapshotMeta};
-use raft_zmq::snapshot;
-use raft_zmq::transport::{Wire, bootstrap_fingerprint};
+use raft_zmq::storage::snapshot;
+use raft_zmq::wire::envelope::{Wire, bootstrap_fingerprint};
+use raft_zmq::wire::protocol::{Request, encode_request};
 
 /// Mutated inputs per target on top of the corpus.
 const MUTATIONS: usize = 20_000;

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use raft_zmq::keys::{CurveIdentity, PublicKey};
-use raft_zmq::protocol::{Reply, Request};
+use raft_zmq::net::security::ClientCurve;
 use raft_zmq::raft::{Body, Message};
-use raft_zmq::security::ClientCurve;
-use raft_zmq::transport::{Envelope, PROTOCOL_VERSION};
+use raft_zmq::wire::envelope::{Envelope, PROTOCOL_VERSION};
+use raft_zmq::wire::protocol::{Reply, Request};
 
 /// How long a refused client waits for the reply that must not come.
 const REFUSED_WAIT: Duration = Duration::from_secs(1);
@@ -102,7 +102,7 @@ fn a_curve_cluster_elects_a_leader_and_serves_the_cli_client() {
 
     // Plaintext gets nothing, not even an error reply.
     let plain = cluster.socket(zmq::REQ, &endpoint);
-    assert_no_reply(&plain, &raft_zmq::protocol::encode_request(&Request::Status), "a plaintext client");
+    assert_no_reply(&plain, &raft_zmq::wire::protocol::encode_request(&Request::Status), "a plaintext client");
     let refused = run_to_exit(["client", "--endpoint", &endpoint, "--timeout-ms", "500", "status"]);
     assert_eq!(refused.status.code(), Some(3), "no reply: {}", refused.stderr);
     assert!(refused.stdout.is_empty());
@@ -124,7 +124,7 @@ fn a_node_added_at_run_time_joins_a_curve_cluster_with_its_key() {
     let without_key = raft_zmq::config::Member { public_key: None, ..cluster.member(3) };
     let refused = cluster.client(leader).call(&Request::AddNode { member: without_key, voter: true }).unwrap();
     assert!(
-        matches!(&refused, Reply::Error { code: raft_zmq::protocol::ErrorCode::BadRequest, message, .. }
+        matches!(&refused, Reply::Error { code: raft_zmq::wire::protocol::ErrorCode::BadRequest, message, .. }
             if message.contains("needs a public_key")),
         "{refused:?}"
     );
@@ -153,7 +153,7 @@ fn with_client_keys_only_those_clients_get_replies() {
     // first refused key (refusals are logged at most once a second).
     let stranger = CurveIdentity::generate().unwrap();
     let socket = curve_req(&cluster, &cluster.nodes[follower].client, &stranger, follower);
-    assert_no_reply(&socket, &raft_zmq::protocol::encode_request(&get("k")), "an unlisted CURVE key");
+    assert_no_reply(&socket, &raft_zmq::wire::protocol::encode_request(&get("k")), "an unlisted CURVE key");
     wait_for_refusal(&cluster, follower, stranger.public(), "client");
     let refused = run_to_exit(with(&client_args(&cluster, follower), &["--timeout-ms", "500", "get", "k"]));
     assert_eq!(refused.status.code(), Some(3), "an ephemeral key got a reply: {}", refused.stdout);
@@ -302,7 +302,8 @@ fn only_admin_keys_run_admin_ops() {
     let follower = (leader + 1) % 3;
     cluster.call_ok(follower, &put("k", "v"));
 
-    let forbidden = |reply: Reply| matches!(reply, Reply::Error { code: raft_zmq::protocol::ErrorCode::Forbidden, .. });
+    let forbidden =
+        |reply: Reply| matches!(reply, Reply::Error { code: raft_zmq::wire::protocol::ErrorCode::Forbidden, .. });
     for id in [leader, follower] {
         for request in [
             Request::Snapshot,

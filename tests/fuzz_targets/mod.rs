@@ -8,16 +8,16 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use raft_zmq::driver::{Shell, run_ready};
 use raft_zmq::http_server::RequestHead;
 use raft_zmq::kv::KvStore;
-use raft_zmq::protocol::decode_request;
+use raft_zmq::raft::driver::{Shell, run_ready};
 use raft_zmq::raft::{
     Body, Config, Entry, HardState, LogStore, MemStore, Membership, Message, Payload, Raft, ReadState, Role, Snapshot,
     SnapshotMeta, SoftState,
 };
-use raft_zmq::snapshot;
-use raft_zmq::transport::{Wire, bootstrap_fingerprint};
+use raft_zmq::storage::snapshot;
+use raft_zmq::wire::envelope::{Wire, bootstrap_fingerprint};
+use raft_zmq::wire::protocol::decode_request;
 
 /// A client request frame, as the client endpoint decodes it.
 pub fn client_request(data: &[u8]) {
