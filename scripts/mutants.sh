@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Mutation testing, on demand (not part of CI; a full run takes hours on two
-# cores). cargo-mutants changes the Raft core (src/raft) and the Ready driver
-# (src/driver.rs) one small edit at a time, and runs the fast suites against
-# each mutant: the unit tests and the deterministic simulation. A mutant that
-# no test catches ("missed") is a gap to close. The node's shell (src/node)
-# is left out: only the real-process tests reach it, minutes a mutant.
+# cores). cargo-mutants changes the Raft core (src/raft, its Ready driver
+# included) and the node's server (src/node/server: every decision about
+# client requests, without I/O) one small edit at a time, and runs the fast
+# suites against each mutant: the unit tests and the deterministic simulation,
+# which drives that server. A mutant that no test catches ("missed") is a gap
+# to close. The rest of src/node (threads and sockets) is left out: only the
+# real-process tests reach it, minutes a mutant.
 #
 #   scripts/mutants.sh                          # everything (~640 mutants)
 #   scripts/mutants.sh -f src/raft/progress.rs  # only the mutants of one file
@@ -21,9 +23,9 @@ cd "$(dirname "$0")/.."
 
 command -v cargo-mutants >/dev/null || cargo install cargo-mutants
 export SIM_SOAK_SECS="${SIM_SOAK_SECS:-10}"
-files=(-f 'src/raft/*.rs' -f src/driver.rs)
+files=(-f 'src/raft/*.rs' -f 'src/node/server/*.rs')
 for arg in "$@"; do
   # Files named on the command line replace the default set.
   if [ "$arg" = -f ] || [ "$arg" = --file ]; then files=(); fi
 done
-exec cargo mutants "${files[@]}" -e src/raft/tests.rs --profile mutants "$@" -- --lib --test simulation
+exec cargo mutants "${files[@]}" -e src/raft/tests.rs -e src/node/server/tests.rs --profile mutants "$@" -- --lib --test simulation

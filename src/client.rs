@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::protocol::{Reply, Request, encode_request};
-use crate::security::ClientCurve;
+use crate::net::security::ClientCurve;
+use crate::wire::protocol::{Reply, Request, encode_request};
 
 /// One REQ socket to one node. A request that gets no reply in time leaves
 /// the socket unusable (REQ lockstep), so it is replaced before the next call.

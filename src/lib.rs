@@ -1,12 +1,22 @@
-//! raft-zmq: a crash-safe Raft node speaking ZeroMQ.
+//! raft-zmq: a crash-safe Raft node speaking ZeroMQ. Its folders are its layers:
 //!
-//! `raft` is the pure consensus core (no I/O). Everything else is the shell
-//! around it: `config`, `storage` (sled), `transport` (ZeroMQ peers), `kv`
-//! (the replicated state machine), `sessions` (its exactly-once table), `mirror`
-//! (`logs/<id>.txt`), `protocol` (the client wire format), `keys` (CURVE keys), `security`
-//! (CURVE socket setup and who may do what), `http_server` (a small hardened HTTP server),
-//! `node` (threads wiring it all together) and `tools` (the cluster
-//! supervisor, CLI client and benchmark).
+//! - `raft`: the pure consensus core (no I/O), with `raft::driver`, the one
+//!   Ready cycle every runtime uses;
+//! - `kv`: the replicated state machine and its exactly-once sessions;
+//! - `node`: the server (every decision about client requests, without I/O)
+//!   and the runtime around it (threads, sockets, the HTTP site);
+//! - `wire`: the formats others see: the client protocol, the peer envelope,
+//!   the members' endpoints a membership carries;
+//! - `storage`: the sled log store, snapshot files, the log mirror
+//!   (`logs/<id>.txt`), free disk space;
+//! - `net`: the ZeroMQ peer transport and socket security (CURVE);
+//! - `tools`: the command-line tools (cluster supervisor, client and shell,
+//!   status, bench, backups).
+//!
+//! Beside them: `config` and `keys` (CURVE key pairs and key files), which
+//! the layers read; `client` (the library's client, over `net` and `wire`);
+//! `http_server`, `metrics`, `warnings` and `crash_point`. No module imports
+//! one that imports it.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -20,22 +30,16 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub mod client;
 pub mod config;
 pub mod crash_point;
-pub(crate) mod disk_space;
-pub mod driver;
 pub mod http_server;
 pub mod keys;
 pub mod kv;
-pub mod members;
 pub mod metrics;
-pub mod mirror;
+pub mod net;
 pub mod node;
-pub mod protocol;
 pub mod raft;
-pub mod security;
-pub mod snapshot;
 pub mod storage;
 #[doc(hidden)]
 pub mod testing;
 pub mod tools;
-pub mod transport;
 pub mod warnings;
+pub mod wire;

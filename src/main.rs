@@ -8,11 +8,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use raft_zmq::config::Config;
 use raft_zmq::keys::CurveIdentity;
+use raft_zmq::net::security::ClientCurve;
 use raft_zmq::node;
-use raft_zmq::security::ClientCurve;
+use raft_zmq::storage::{self, mirror, snapshot};
 use raft_zmq::tools::status::{self, Target};
 use raft_zmq::tools::{backup, bench, client, cluster, health, shell};
-use raft_zmq::{mirror, snapshot, storage, transport};
+use raft_zmq::wire::envelope;
 
 #[derive(Parser)]
 #[command(
@@ -61,7 +62,7 @@ fn version_text() -> &'static str {
         format!(
             "{}\npeer protocol: {}\nstate dir format: {}\nsnapshot format: {}\nmirror format: {}",
             env!("CARGO_PKG_VERSION"),
-            transport::PROTOCOL_VERSION,
+            envelope::PROTOCOL_VERSION,
             storage::STATE_FORMAT_VERSION,
             snapshot::SNAPSHOT_FORMAT_VERSION,
             mirror::MIRROR_FORMAT_VERSION,
@@ -426,14 +427,14 @@ fn run_client(
     endpoint: &str,
     curve: Option<ClientCurve>,
     timeout: Duration,
-    request: raft_zmq::protocol::Request,
+    request: raft_zmq::wire::protocol::Request,
 ) -> ExitCode {
     let mut client = raft_zmq::client::Client::new(&zmq::Context::new(), endpoint, timeout).with_curve(curve);
-    match client.call_raw(&raft_zmq::protocol::encode_request(&request)) {
+    match client.call_raw(&raft_zmq::wire::protocol::encode_request(&request)) {
         Ok(frame) => {
             println!("{}", client::reply_to_json(&frame));
-            match raft_zmq::protocol::Reply::decode(&frame, &request) {
-                Ok(raft_zmq::protocol::Reply::Error { .. }) | Err(_) => ExitCode::from(1),
+            match raft_zmq::wire::protocol::Reply::decode(&frame, &request) {
+                Ok(raft_zmq::wire::protocol::Reply::Error { .. }) | Err(_) => ExitCode::from(1),
                 Ok(_) => ExitCode::SUCCESS,
             }
         }

@@ -148,7 +148,7 @@ impl Metrics {
         };
         // Every op's series exist from the start, so that a scrape of an
         // idle node has them (Prometheus leaves out a family with none).
-        for op in crate::protocol::Request::OPS {
+        for op in crate::wire::protocol::Request::OPS {
             metrics.client_requests.with_label_values(&[op, "ok"]);
             metrics.client_seconds.with_label_values(&[op]);
         }

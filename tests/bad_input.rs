@@ -13,7 +13,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 
 use common::*;
-use raft_zmq::protocol::{Reply, Request};
+use raft_zmq::wire::protocol::{Reply, Request};
 use rmpv::Value as M;
 
 // ---------------------------------------------------------------------------
@@ -200,7 +200,7 @@ fn a_multi_frame_request_from_a_dealer_is_bad_request() {
     let cluster = TestCluster::start(3);
     cluster.wait_for_leader();
     let status = map(&[("op", s("status"))]);
-    let put_frame = raft_zmq::protocol::encode_request(&put("multi", "1"));
+    let put_frame = raft_zmq::wire::protocol::encode_request(&put("multi", "1"));
     for id in 0..3 {
         for (case, frames) in [
             ("two valid requests", vec![&status[..], &status[..]]),
@@ -227,13 +227,13 @@ fn oversized_requests_get_too_large_and_the_node_keeps_serving() {
     cluster.wait_for_leader();
     // A put of exactly the limit is fine; one byte more is not.
     let put_of_size = |size: usize| {
-        let overhead = raft_zmq::protocol::encode_request(&put("big", "")).len();
+        let overhead = raft_zmq::wire::protocol::encode_request(&put("big", "")).len();
         // str8 holds up to 255 bytes, str16 up to 65535: both grow the header.
         let mut value_len = size - overhead;
-        let mut frame = raft_zmq::protocol::encode_request(&put("big", &"x".repeat(value_len)));
+        let mut frame = raft_zmq::wire::protocol::encode_request(&put("big", &"x".repeat(value_len)));
         while frame.len() > size {
             value_len -= 1;
-            frame = raft_zmq::protocol::encode_request(&put("big", &"x".repeat(value_len)));
+            frame = raft_zmq::wire::protocol::encode_request(&put("big", &"x".repeat(value_len)));
         }
         assert_eq!(frame.len(), size, "cannot build a put of exactly {size} bytes");
         frame
@@ -264,7 +264,7 @@ fn junk_on_the_raft_endpoint_neither_disturbs_the_leader_nor_stops_commits() {
     let leader = cluster.wait_for_leader();
     let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!() };
     let cluster_id = cluster.wait_for_name(leader);
-    let version = u64::from(raft_zmq::transport::PROTOCOL_VERSION);
+    let version = u64::from(raft_zmq::wire::envelope::PROTOCOL_VERSION);
     let mut truncated = map(&[
         ("version", M::from(version)),
         ("cluster", M::from(cluster_id)),
@@ -304,7 +304,7 @@ fn junk_on_the_raft_endpoint_neither_disturbs_the_leader_nor_stops_commits() {
                 ("message", s("vote for me")),
             ]),
         ),
-        ("client put on the raft port", raft_zmq::protocol::encode_request(&put("wrong-port", "1"))),
+        ("client put on the raft port", raft_zmq::wire::protocol::encode_request(&put("wrong-port", "1"))),
     ];
     // An idle stranger holding a TCP connection open for the whole test.
     let idle: Vec<TcpStream> = cluster.nodes.iter().map(|n| TcpStream::connect(addr(&n.raft)).unwrap()).collect();
@@ -336,7 +336,7 @@ fn junk_on_the_raft_endpoint_neither_disturbs_the_leader_nor_stops_commits() {
 #[test]
 fn inconsistent_peer_messages_with_a_valid_envelope_crash_nothing_and_never_reach_disk() {
     use raft_zmq::raft::{Body, Entry, Message, Payload};
-    use raft_zmq::transport::Envelope;
+    use raft_zmq::wire::envelope::Envelope;
 
     let mut cluster = TestCluster::start(3);
     let leader = cluster.wait_for_leader();
@@ -381,7 +381,7 @@ fn inconsistent_peer_messages_with_a_valid_envelope_crash_nothing_and_never_reac
             for (what, term, body) in &forged {
                 let message = Message { from, to, term: *term, body: body.clone() };
                 let envelope = Envelope {
-                    version: raft_zmq::transport::PROTOCOL_VERSION,
+                    version: raft_zmq::wire::envelope::PROTOCOL_VERSION,
                     cluster: cluster_id,
                     from,
                     term: *term,
@@ -759,7 +759,7 @@ fn replies_a_client_does_not_read_are_bounded_in_bytes() {
     // Its own side holds little: the replies pile up on the node.
     dealer.set_rcvhwm(1).unwrap();
     dealer.set_rcvbuf(64 * 1024).unwrap();
-    let request = raft_zmq::protocol::encode_request(&get("big"));
+    let request = raft_zmq::wire::protocol::encode_request(&get("big"));
     const GETS: u64 = 600;
     for _ in 0..GETS {
         dealer.send_multipart([&b""[..], &request], 0).unwrap();

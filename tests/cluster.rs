@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use raft_zmq::client::Client;
 use raft_zmq::kv::{Command, Value};
-use raft_zmq::protocol::{ErrorCode, Reply, Request};
+use raft_zmq::wire::protocol::{ErrorCode, Reply, Request};
 
 fn value(s: &str) -> Option<Value> {
     Some(Value::Str(s.into()))
@@ -224,7 +224,7 @@ fn paused_old_leader_never_serves_a_stale_read() {
     socket.set_linger(0).unwrap();
     socket.set_rcvtimeo(10_000).unwrap();
     socket.connect(&cluster.nodes[leader].client).unwrap();
-    socket.send(raft_zmq::protocol::encode_request(&get("x")), 0).unwrap();
+    socket.send(raft_zmq::wire::protocol::encode_request(&get("x")), 0).unwrap();
     cluster.signal(leader, libc::SIGCONT);
     let reply = Reply::decode(&socket.recv_bytes(0).unwrap(), &get("x")).unwrap();
     match reply {
@@ -257,7 +257,7 @@ fn pipeline_puts(cluster: &TestCluster, id: usize, n: usize, prefix: &str) -> (u
     let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[id].client);
     let request = put(prefix, "x");
     for i in 0..n {
-        let frame = raft_zmq::protocol::encode_request(&put(&format!("{prefix}-{i}"), "x"));
+        let frame = raft_zmq::wire::protocol::encode_request(&put(&format!("{prefix}-{i}"), "x"));
         dealer.send_multipart([&b""[..], &frame[..]], 0).unwrap();
     }
     let deadline = Instant::now() + WAIT;
@@ -284,7 +284,7 @@ fn pipelined_requests_through_a_follower_each_get_their_own_reply() {
     req.set_req_correlate(true).unwrap();
     req.set_req_relaxed(true).unwrap();
     let request = put("correlated", "1");
-    req.send(raft_zmq::protocol::encode_request(&request), 0).unwrap();
+    req.send(raft_zmq::wire::protocol::encode_request(&request), 0).unwrap();
     let reply = Reply::decode(&req.recv_bytes(0).unwrap(), &request).unwrap();
     assert!(matches!(reply, Reply::Put { .. }), "{reply:?}");
 }
@@ -295,12 +295,12 @@ fn pipelined_requests_through_a_follower_each_get_their_own_reply() {
 /// the node exits.
 fn assert_stopping_node_answers_everything(cluster: &mut TestCluster, id: usize) {
     let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[id].client);
-    let frame = raft_zmq::protocol::encode_request(&put("queued", "x"));
+    let frame = raft_zmq::wire::protocol::encode_request(&put("queued", "x"));
     let sent = 300;
     for _ in 0..sent {
         dealer.send_multipart([&b""[..], &frame[..]], 0).unwrap();
     }
-    dealer.send_multipart([&b""[..], &raft_zmq::protocol::encode_request(&Request::Status)[..]], 0).unwrap();
+    dealer.send_multipart([&b""[..], &raft_zmq::wire::protocol::encode_request(&Request::Status)[..]], 0).unwrap();
     let is_status = |frames: &[Vec<u8>]| Reply::decode(frames.last().unwrap(), &Request::Status).is_ok();
     let mut replies = 0;
     loop {
@@ -371,7 +371,7 @@ fn retries_of_a_pending_or_an_applied_write_show_once_in_the_log() {
     };
     // Three copies back to back: the later two arrive while the first is pending.
     let dealer = cluster.socket(zmq::DEALER, &cluster.nodes[leader].client);
-    let frame = raft_zmq::protocol::encode_request(&request);
+    let frame = raft_zmq::wire::protocol::encode_request(&request);
     for _ in 0..3 {
         dealer.send_multipart([&b""[..], &frame[..]], 0).unwrap();
     }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use common::*;
 use raft_zmq::client::Client;
 use raft_zmq::kv::Value;
-use raft_zmq::protocol::Reply;
+use raft_zmq::wire::protocol::Reply;
 
 /// Traces `pids` with strace while `act` runs; returns each process's trace.
 fn trace_while(cluster: &TestCluster, ids: &[usize], act: impl FnOnce()) -> Vec<String> {

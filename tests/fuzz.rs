@@ -7,10 +7,11 @@ mod fuzz_targets;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use raft_zmq::kv::{Command, Value};
-use raft_zmq::protocol::{Request, encode_request};
-use raft_zmq::raft::{Body, Entry, Message, Payload};
-use raft_zmq::transport::{Wire, bootstrap_fingerprint};
+use raft_zmq::kv::{Command, KvStore, LoggedCommand, Value};
+use raft_zmq::raft::{Body, Entry, Membership, Message, Payload, SnapshotMeta};
+use raft_zmq::storage::snapshot;
+use raft_zmq::wire::envelope::{Wire, bootstrap_fingerprint};
+use raft_zmq::wire::protocol::{Request, encode_request};
 
 /// Mutated inputs per target on top of the corpus.
 const MUTATIONS: usize = 20_000;
@@ -99,6 +100,11 @@ fn peer_frame_decoding_never_panics_nor_lets_an_invalid_message_through() {
 #[test]
 fn http_request_heads_are_read_alike_however_split_and_never_panic() {
     run("http_request_head", fuzz_targets::http_request_head);
+}
+
+#[test]
+fn snapshot_files_are_read_and_loaded_without_panicking_and_read_back_the_same() {
+    run("snapshot_file", fuzz_targets::snapshot_file);
 }
 
 #[test]
@@ -193,6 +199,25 @@ fn write_seed_corpus() {
         b"\x05GET / SPDY/3\r\n\r\n",
     ];
     write_seeds("http_request_head", heads.into_iter().map(<[u8]>::to_vec));
+
+    // Snapshot files: empty, and a state machine with keys of both kinds and
+    // sessions (a put, and a failed cas holding the current value).
+    let meta = SnapshotMeta { index: 9, term: 2 };
+    let members = Membership::of_voters([0, 1, 2], br#"[{"id":0}]"#.to_vec());
+    let mut kv = KvStore::new();
+    let session = |command, index: u64| LoggedCommand { command, client_id: Some("c".into()), seq: Some(index) };
+    let writes = [
+        Command::Put { key: s("k"), value: Value::Bin(vec![0, 255]) },
+        Command::Cas { key: s("k"), expect: None, value: s("v") },
+    ];
+    for (i, command) in writes.into_iter().enumerate() {
+        kv.apply(i as u64 + 1, &Payload::Command(session(command, i as u64 + 1).encode()));
+    }
+    let files = [
+        snapshot::encode(meta, &Membership::default(), &KvStore::new().snapshot()),
+        snapshot::encode(meta, &members, &kv.snapshot()),
+    ];
+    write_seeds("snapshot_file", files.into_iter());
 }
 
 fn write_seeds(target: &str, seeds: impl Iterator<Item = Vec<u8>>) {

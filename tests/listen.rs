@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use raft_zmq::kv::Value;
-use raft_zmq::protocol::Reply;
+use raft_zmq::wire::protocol::Reply;
 
 /// The port of a `tcp://HOST:PORT` endpoint.
 fn port(endpoint: &str) -> &str {

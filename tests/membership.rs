@@ -8,7 +8,7 @@ mod common;
 use std::process::ExitStatus;
 
 use common::*;
-use raft_zmq::protocol::{Reply, Request};
+use raft_zmq::wire::protocol::{Reply, Request};
 
 /// Waits until node `id` (which was asked to leave) exits by itself.
 fn exits(cluster: &mut TestCluster, id: usize) -> ExitStatus {
@@ -79,7 +79,7 @@ fn a_node_joins_and_is_promoted_then_a_follower_and_the_leader_leave() {
     // Adding a member twice is a bad request.
     let mut client = cluster.client(leader);
     let again = client.call(&Request::AddNode { member: cluster.member(3), voter: true }).unwrap();
-    assert!(matches!(again, Reply::Error { code: raft_zmq::protocol::ErrorCode::BadRequest, .. }), "{again:?}");
+    assert!(matches!(again, Reply::Error { code: raft_zmq::wire::protocol::ErrorCode::BadRequest, .. }), "{again:?}");
 
     // A follower leaves: it exits by itself, with status 0.
     let follower = (0..3).find(|&id| id != leader).unwrap();
@@ -246,7 +246,7 @@ fn add_node_refuses_an_endpoint_a_node_could_not_connect_to() {
         let member = raft_zmq::config::Member { id: 1, raft: raft.into(), client, public_key: None };
         let reply = cluster.client(0).call(&Request::AddNode { member, voter: true }).unwrap();
         assert!(
-            matches!(&reply, Reply::Error { code: raft_zmq::protocol::ErrorCode::BadRequest, message, .. }
+            matches!(&reply, Reply::Error { code: raft_zmq::wire::protocol::ErrorCode::BadRequest, message, .. }
                 if message.contains(raft) && message.contains(why)),
             "{raft}: {reply:?}"
         );

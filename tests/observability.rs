@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{Exited, TestCluster, http_get, put, run_to_exit, run_to_exit_with_input, wait_for};
-use raft_zmq::protocol::Reply;
+use raft_zmq::wire::protocol::Reply;
 
 /// A Prometheus text exposition: `name{labels}` → value. Every line must
 /// parse, so a malformed exposition fails the test.
@@ -157,10 +157,10 @@ fn version_names_the_release_and_every_format() {
     let expected = format!(
         "raft-zmq {}\npeer protocol: {}\nstate dir format: {}\nsnapshot format: {}\nmirror format: {}\n",
         env!("CARGO_PKG_VERSION"),
-        raft_zmq::transport::PROTOCOL_VERSION,
+        raft_zmq::wire::envelope::PROTOCOL_VERSION,
         raft_zmq::storage::STATE_FORMAT_VERSION,
-        raft_zmq::snapshot::SNAPSHOT_FORMAT_VERSION,
-        raft_zmq::mirror::MIRROR_FORMAT_VERSION,
+        raft_zmq::storage::snapshot::SNAPSHOT_FORMAT_VERSION,
+        raft_zmq::storage::mirror::MIRROR_FORMAT_VERSION,
     );
     assert_eq!(out.stdout, expected);
 }

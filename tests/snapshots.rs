@@ -10,9 +10,9 @@ use std::fs;
 
 use common::*;
 use raft_zmq::kv::{Command, Value};
-use raft_zmq::protocol::{Reply, Request};
 use raft_zmq::raft::{Body, Message, SnapshotMeta};
-use raft_zmq::transport::{Chunk, Envelope, PROTOCOL_VERSION};
+use raft_zmq::wire::envelope::{Chunk, Envelope, PROTOCOL_VERSION};
+use raft_zmq::wire::protocol::{Reply, Request};
 
 fn value(s: &str) -> Option<Value> {
     Some(Value::Str(s.to_string()))

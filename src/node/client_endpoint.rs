@@ -22,10 +22,10 @@ use super::core_loop::ClientCall;
 use super::log_reader::{LOG_REPLY_MAX_BYTES, SNAPSHOT_PIECE_BYTES};
 use super::replies::ReplyTo;
 use super::server::not_leader;
-use crate::protocol::{ErrorCode, Reply, Request, decode_request, is_admin_request};
+use crate::net::security::{Caller, Domain, NodeSecurity, recv_with_user};
+use crate::net::transport::bind_problem;
 use crate::raft::NodeId;
-use crate::security::{Caller, Domain, NodeSecurity, recv_with_user};
-use crate::transport::bind_problem;
+use crate::wire::protocol::{ErrorCode, Reply, Request, decode_request, is_admin_request};
 
 /// Frames above this are dropped by ZeroMQ itself; up to it, an oversized
 /// request gets a `too_large` reply (CONTRACT.md).

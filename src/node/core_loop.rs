@@ -22,11 +22,11 @@ use super::writers::{MirrorMsg, SnapshotOutcome};
 use super::{Shared, peer_endpoints};
 use crate::lock;
 use crate::metrics::METRICS;
-use crate::protocol::{ErrorCode, Reply, Request};
+use crate::net::security::NodeSecurity;
+use crate::net::transport::{Inbound, Transport};
 use crate::raft::{NodeId, Role};
-use crate::security::NodeSecurity;
 use crate::storage::DuplicateMarks;
-use crate::transport::{Inbound, Transport};
+use crate::wire::protocol::{ErrorCode, Reply, Request};
 
 /// A decoded client request on its way to the core loop.
 pub struct ClientCall {

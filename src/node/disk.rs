@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use crate::disk_space::free_bytes;
 use crate::metrics::METRICS;
+use crate::storage::disk_space::free_bytes;
 
 /// The name `status` lists while the alarm is raised.
 pub const NOSPACE: &str = "nospace";

@@ -14,10 +14,10 @@ use log::error;
 use super::Shared;
 use super::replies::{Replier, ReplyTo};
 use crate::kv::command_json;
-use crate::protocol::{ErrorCode, LogEntryView, Reply};
 use crate::raft::Index;
-use crate::snapshot::Snapshots;
 use crate::storage::LogView;
+use crate::storage::snapshot::Snapshots;
+use crate::wire::protocol::{ErrorCode, LogEntryView, Reply};
 
 /// A `log` reply takes entries until their commands, as rendered, pass this
 /// many bytes; the first entry always goes in, whatever its size. A client

@@ -31,13 +31,13 @@ use log::{info, warn};
 use crate::config::{Config, Member};
 use crate::kv::KvStore;
 use crate::lock;
-use crate::mirror::{Mirror, MirrorError, Rotation};
-use crate::protocol::StatusInfo;
+use crate::net::security::NodeSecurity;
+use crate::net::transport::{Transport, TransportConfig};
 use crate::raft::{self, HardState, LogStore, Membership, NodeId, Raft, SnapshotMeta};
-use crate::security::NodeSecurity;
-use crate::snapshot::{self, SnapshotFile, Snapshots};
 use crate::storage::Storage;
-use crate::transport::{Transport, TransportConfig};
+use crate::storage::mirror::{Mirror, MirrorError, Rotation};
+use crate::storage::snapshot::{self, SnapshotFile, Snapshots};
+use crate::wire::protocol::StatusInfo;
 pub use log_reader::LOG_REPLY_MAX_BYTES;
 
 use client_endpoint::{ClientEndpoint, EndpointConfig};
@@ -145,7 +145,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     // The endpoints the log's membership carries win over any file, unless
     // it leaves this node out (a removal it may not have applied yet, or
     // that a new leader may cut off): then it starts as before and learns.
-    let logged = crate::members::members_of(&storage.memberships().pop().expect("never empty").1);
+    let logged = crate::wire::members::members_of(&storage.memberships().pop().expect("never empty").1);
     let members = if logged.iter().any(|m| m.id == id) { logged } else { members };
     if storage.memberships()[0].1.removed.contains(&id) {
         info!("node {id}: removed from the cluster (its state dir says so); not starting");
@@ -410,7 +410,7 @@ fn settle_membership(storage: &mut Storage, config: &Config) -> Result<Vec<Membe
             config.nodes.clone()
         }
     };
-    storage.bootstrap_membership(&crate::members::first_membership(&members))?;
+    storage.bootstrap_membership(&crate::wire::members::first_membership(&members))?;
     Ok(members)
 }
 
@@ -429,8 +429,12 @@ fn force_new_cluster(
     let mut removed = current.removed.clone();
     removed.extend(current.ids().filter(|&other| other != id));
     let (cluster, fingerprint) = (current.cluster, current.fingerprint);
-    let membership =
-        Membership { removed, cluster, fingerprint, ..Membership::of_voters([id], crate::members::context_of(&[me])) };
+    let membership = Membership {
+        removed,
+        cluster,
+        fingerprint,
+        ..Membership::of_voters([id], crate::wire::members::context_of(&[me]))
+    };
     let index = storage.last_index() + 1;
     let term = hard_state.term.max(storage.log_start().term);
     let entry = raft::Entry { index, term, payload: raft::Payload::Membership(membership) };
@@ -552,7 +556,7 @@ mod tests {
     #[test]
     fn a_new_cluster_speaks_for_its_fingerprint_and_older_state_for_the_id_it_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        let first = crate::members::first_membership(&[member(0), member(1)]);
+        let first = crate::wire::members::first_membership(&[member(0), member(1)]);
         assert_ne!(first.fingerprint, 0);
 
         let (mut fresh, _) = Storage::open(&dir.path().join("fresh")).unwrap();

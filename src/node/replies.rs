@@ -12,7 +12,7 @@ use log::error;
 
 use crate::lock;
 use crate::metrics::{METRICS, seconds_since};
-use crate::protocol::Reply;
+use crate::wire::protocol::Reply;
 
 /// The ROUTER routing frames of one request: the client's identity, any
 /// frames its socket adds (a REQ_CORRELATE request id), a forwarding tag when

@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use log::info;
 
-use crate::driver;
 use crate::metrics::{METRICS, seconds_since};
+use crate::raft::driver;
 use crate::raft::{Entry, HardState, Index, LogStore, Membership, Snapshot, SnapshotMeta, Term};
-use crate::snapshot::{SnapshotError, Snapshots};
+use crate::storage::snapshot::{SnapshotError, Snapshots};
 use crate::storage::{Storage, StorageError};
 
 use super::disk::{DiskAlarm, NOSPACE};

@@ -11,9 +11,9 @@ use log::{error, info};
 use super::server::SnapshotJob;
 use crate::kv::command_json;
 use crate::metrics::{METRICS, seconds_since};
-use crate::mirror::Mirror;
 use crate::raft::{Entry, Index, SnapshotMeta};
-use crate::snapshot::Snapshots;
+use crate::storage::mirror::Mirror;
+use crate::storage::snapshot::Snapshots;
 
 pub enum MirrorMsg {
     /// Applied entries, in order; those at `duplicates` get `"dup": true`.

@@ -6,6 +6,7 @@
 //! be served. The shell persists, sends, applies, then calls
 //! [`Raft::advance`] — the division of labour of etcd's `RawNode`.
 
+pub mod driver;
 mod engine;
 pub mod log_store;
 pub mod membership;

@@ -48,7 +48,7 @@ pub struct ReadState {
 ///    durability), then call `Raft::advance`;
 /// 4. apply `committed`, serve `read_states`, fail `failed_reads`.
 ///
-/// [`crate::driver`] carries this out; it is the only code that does.
+/// [`crate::raft::driver`] carries this out; it is the only code that does.
 #[derive(Debug, Default)]
 pub struct Ready {
     pub soft_state: Option<SoftState>,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::*;
-use crate::driver::{Shell, run_ready};
+use crate::raft::driver::{Shell, run_ready};
 
 /// The core with its durable state as the shell keeps it.
 type Node = Raft<MemStore>;
@@ -332,8 +332,12 @@ fn elected(hs: HardState, log: Vec<Entry>) -> Node {
 /// One Ready, persisted as the driver would, with nothing sent.
 fn drain(raft: &mut Node) -> Ready {
     let rd = raft.ready();
-    let Ok(()) =
-        crate::driver::Storage::persist(raft.store_mut(), rd.snapshot.as_ref(), rd.hard_state.as_ref(), &rd.entries);
+    let Ok(()) = crate::raft::driver::Storage::persist(
+        raft.store_mut(),
+        rd.snapshot.as_ref(),
+        rd.hard_state.as_ref(),
+        &rd.entries,
+    );
     raft.advance();
     rd
 }

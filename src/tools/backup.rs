@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::kv::KvStore;
-use crate::protocol::{Reply, Request};
 use crate::raft::{HardState, NodeId, SnapshotMeta};
-use crate::snapshot::{self, Snapshots};
 use crate::storage::Storage;
+use crate::storage::snapshot::{self, Snapshots};
+use crate::wire::protocol::{Reply, Request};
 
 use crate::client::Client;
 
@@ -86,7 +86,7 @@ pub fn restore(config: &Config, id: NodeId, file: &Path) -> Result<Summary, Stri
     {
         let (mut storage, _) = Storage::open(&building).map_err(|e| e.to_string())?;
         // A new cluster of the config's nodes: it names itself anew.
-        let membership = crate::members::first_membership(&config.nodes);
+        let membership = crate::wire::members::first_membership(&config.nodes);
         let snapshots = Snapshots::open(&snapshot::dir_in(&building)).map_err(|e| e.to_string())?;
         snapshots.save(summary.snapshot, &membership, &data).map_err(|e| e.to_string())?;
         storage.install_snapshot(summary.snapshot, &membership).map_err(|e| e.to_string())?;

@@ -11,7 +11,7 @@ use super::client::{ClientKeys, CurveArgs};
 use crate::client::Client;
 use crate::config::{Config, Member};
 use crate::kv::{Command, Value};
-use crate::protocol::{Reply, Request};
+use crate::wire::protocol::{Reply, Request};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {

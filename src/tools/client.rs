@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use crate::keys::{CurveIdentity, PublicKey};
 use crate::kv::{Command, Value, bin_json};
-use crate::protocol::Request;
-use crate::security::ClientCurve;
+use crate::net::security::ClientCurve;
+use crate::wire::protocol::Request;
 
 /// The CURVE flags of every subcommand that talks to a node.
 #[derive(Debug, clap::Args)]

@@ -20,8 +20,8 @@ use serde_json::{Value as Json, json};
 use super::client::{Op, reply_to_json};
 use super::status::{self, CurveFor, Target, leader_of};
 use crate::client::{CallError, Client};
-use crate::protocol::{ErrorCode, Reply, Request, encode_request};
 use crate::raft::NodeId;
+use crate::wire::protocol::{ErrorCode, Reply, Request, encode_request};
 
 /// How long one command keeps retrying retryable errors.
 const RETRY_FOR: Duration = Duration::from_secs(15);

@@ -11,9 +11,9 @@ use super::client::ClientKeys;
 use crate::client::Client;
 use crate::config::Config;
 use crate::keys::PublicKey;
-use crate::protocol::{MemberInfo, Reply, Request, StatusInfo};
+use crate::net::security::ClientCurve;
 use crate::raft::NodeId;
-use crate::security::ClientCurve;
+use crate::wire::protocol::{MemberInfo, Reply, Request, StatusInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use raft_zmq::protocol::{ErrorCode, Reply, Request};
+use raft_zmq::wire::protocol::{ErrorCode, Reply, Request};
 
 use crate::common::{Endpoint, TestCluster, wait_for};
 use crate::network::Network;

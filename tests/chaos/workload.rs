@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use raft_zmq::client::{CallError, Client};
 use raft_zmq::kv::{Command, Value};
-use raft_zmq::protocol::{ErrorCode, Reply, Request};
+use raft_zmq::wire::protocol::{ErrorCode, Reply, Request};
 
 use crate::common::Endpoint;
 

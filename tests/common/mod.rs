@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use raft_zmq::client::Client;
 use raft_zmq::keys::{CurveIdentity, PublicKey};
 use raft_zmq::kv::{Command as KvCommand, Value};
-use raft_zmq::protocol::{Reply, Request, StatusInfo};
-use raft_zmq::security::ClientCurve;
+use raft_zmq::net::security::ClientCurve;
 pub use raft_zmq::testing::free_port;
+use raft_zmq::wire::protocol::{Reply, Request, StatusInfo};
 
 use lazyfs::LazyDisk;
 
@@ -399,12 +399,20 @@ impl TestCluster {
 
     /// Waits until a running node reports itself leader and a majority of
     /// the running nodes agree on it; returns its id.
+    /// Waits for a leader that a majority follows and whose cluster's name
+    /// every running node knows. A node that has not learned the name
+    /// cannot vote for a named candidate (docs/design.md "Cluster
+    /// identity"), so a test that stops the leader before then may leave
+    /// two nodes that cannot elect one.
     pub fn wait_for_leader(&self) -> usize {
-        wait_for("a leader", || {
+        wait_for("a leader whose cluster's name every running node knows", || {
             let statuses: Vec<StatusInfo> = self.running().into_iter().filter_map(|id| self.status(id)).collect();
             let leader = statuses.iter().find(|s| s.role == "leader")?;
             let agree = statuses.iter().filter(|s| s.leader == Some(leader.id) && s.term == leader.term).count();
-            (agree > self.nodes.len() / 2).then_some(leader.id as usize)
+            let named = leader.cluster_id.is_some()
+                && statuses.len() == self.running().len()
+                && statuses.iter().all(|s| s.cluster_id == leader.cluster_id);
+            (agree > self.nodes.len() / 2 && named).then_some(leader.id as usize)
         })
     }
 

@@ -8,14 +8,16 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use raft_zmq::driver::{Shell, run_ready};
 use raft_zmq::http_server::RequestHead;
-use raft_zmq::protocol::decode_request;
+use raft_zmq::kv::KvStore;
+use raft_zmq::raft::driver::{Shell, run_ready};
 use raft_zmq::raft::{
     Body, Config, Entry, HardState, LogStore, MemStore, Membership, Message, Payload, Raft, ReadState, Role, Snapshot,
     SnapshotMeta, SoftState,
 };
-use raft_zmq::transport::{Wire, bootstrap_fingerprint};
+use raft_zmq::storage::snapshot;
+use raft_zmq::wire::envelope::{Wire, bootstrap_fingerprint};
+use raft_zmq::wire::protocol::decode_request;
 
 /// A client request frame, as the client endpoint decodes it.
 pub fn client_request(data: &[u8]) {
@@ -34,6 +36,21 @@ pub fn http_request_head(data: &[u8]) {
     assert_eq!(in_pieces, whole, "the outcome depends on how the head arrived");
     if let Some(Ok(request)) = whole {
         assert!(matches!(request.method.as_str(), "GET" | "HEAD") && !request.path.contains('?'), "{request:?}");
+    }
+}
+
+/// A snapshot file, as a node reads one from its disk, from a backup or
+/// from a leader: reading it and loading the state machine in it never
+/// panic, and what is accepted reads back the same once written again.
+pub fn snapshot_file(data: &[u8]) {
+    let Ok(file) = snapshot::decode(data.to_vec()) else { return };
+    let again = snapshot::decode(snapshot::encode(file.meta, &file.membership, &file.data));
+    assert_eq!(again.as_ref(), Ok(&file), "a snapshot file does not read back the same");
+    let mut kv = KvStore::new();
+    if kv.restore(&file.data).is_ok() {
+        let mut copy = KvStore::new();
+        copy.restore(&kv.snapshot()).expect("a state machine's own image loads");
+        assert_eq!(copy, kv, "a state machine does not read back the same");
     }
 }
 

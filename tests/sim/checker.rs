@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use raft_zmq::protocol::ErrorCode;
 use raft_zmq::raft::{Entry, Index, NodeId, Payload, SnapshotMeta, Term};
+use raft_zmq::wire::protocol::ErrorCode;
 
 use super::history::OpId;
 use super::register::{Key, Version};

@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use raft_zmq::protocol::Request;
 use raft_zmq::raft::{Config, Index, LogStore, MembershipChange, Message, NodeId, Raft, Role};
+use raft_zmq::wire::protocol::Request;
 
 use super::checker::{Check, Checker, Violation};
 use super::faults::{Fault, Partition};

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use raft_zmq::kv::{Command, KvStore, LoggedCommand, Value};
 use raft_zmq::node::server::{Effect, ProcessError, Server, ServerConfig, SnapshotJob};
-use raft_zmq::protocol::{ErrorCode, Reply, Request};
 use raft_zmq::raft::{Config, Entry, Index, LogStore, Message, NodeId, Payload, Raft, Role, SnapshotMeta, SoftState};
+use raft_zmq::wire::protocol::{ErrorCode, Reply, Request};
 
 use super::history::{OpId, OpKind};
 use super::register::{Key, key_value};

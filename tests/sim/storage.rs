@@ -2,8 +2,8 @@
 //! wrote *and* synced. A crash keeps this and loses everything else.
 
 use raft_zmq::config::Member;
-use raft_zmq::driver::Storage;
 use raft_zmq::node::server::NodeStorage;
+use raft_zmq::raft::driver::Storage;
 use raft_zmq::raft::{Entry, HardState, Index, LogStore, MemStore, Membership, Snapshot, SnapshotMeta, Term};
 
 use super::node::SnapshotRegistry;

@@ -5,8 +5,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use raft_zmq::protocol::ErrorCode;
 use raft_zmq::raft::{Body, Index, MembershipChange, Message, NodeId, Role, Term};
+use raft_zmq::wire::protocol::ErrorCode;
 
 use super::faults::Fault;
 use super::history::{OpId, OpKind};

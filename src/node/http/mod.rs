@@ -19,8 +19,8 @@ use crate::config::Member;
 use crate::http_server::{Limits, Request as HttpRequest, Response, Server};
 use crate::lock;
 use crate::metrics::METRICS;
-use crate::protocol::{LogEntryView, Reply, Request, StatusInfo};
-use crate::security::NodeSecurity;
+use crate::net::security::NodeSecurity;
+use crate::wire::protocol::{LogEntryView, Reply, Request, StatusInfo};
 
 /// The web view: one page, no build step, nothing loaded from outside.
 const WEB_VIEW: &str = include_str!("web_view.html");

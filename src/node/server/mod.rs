@@ -6,7 +6,7 @@
 //! reply handle `H`, snapshots saved — and returns [`Effect`]s for the
 //! runtime to carry out (replies, mirror lines, snapshots to write, members
 //! to connect to). The core's `Ready`s go through the one driver
-//! ([`crate::driver::run_ready`]); its messages leave through the `send`
+//! ([`crate::raft::driver::run_ready`]); its messages leave through the `send`
 //! the caller of [`Server::process`] passes, at the moment the driver says,
 //! so a leader's AppendEntries still leave before its own fsync.
 //!
@@ -27,16 +27,16 @@ use std::time::Duration;
 use log::{debug, info, warn};
 
 use crate::config::Member;
-use crate::driver::{self, Shell, run_ready};
 use crate::kv::{KvImage, KvStore, LoggedCommand, Value, decided};
 use crate::metrics::METRICS;
-use crate::protocol::{ErrorCode, Reply, Request, StatusInfo};
+use crate::raft::driver::{self, Shell, run_ready};
 use crate::raft::{
     Body, ChangeError, Entry, HardState, Index, Membership, MembershipChange, Message, NodeId, NotLeader, Payload,
     Raft, ReadState, Role, Snapshot, SnapshotMeta, SoftState, Term, TransferError,
 };
+use crate::wire::protocol::{ErrorCode, Reply, Request, StatusInfo};
 
-use crate::members::{check_new_member, context_of, member_infos, members_of};
+use crate::wire::members::{check_new_member, context_of, member_infos, members_of};
 use contact::LastContact;
 pub use proposals::{MAX_UNAPPLIED_BYTES, MAX_UNAPPLIED_ENTRIES};
 use proposals::{Proposals, Session, Waiter};
@@ -696,7 +696,7 @@ impl<S: NodeStorage, H> Server<S, H> {
 
     /// The `members` reply; on the leader with each member's match index
     /// and how long ago it was heard from (the leader's own: its last index, now).
-    fn members(&self) -> Vec<crate::protocol::MemberInfo> {
+    fn members(&self) -> Vec<crate::wire::protocol::MemberInfo> {
         let (raft, app) = (&self.raft, &self.app);
         let leading = raft.soft_state().role == Role::Leader;
         let progress = |id| {

@@ -17,14 +17,14 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 
-use super::envelope::{Chunk, Reject, Request, Wire};
 use super::{Inbound, STOP_CHECK, deliver};
 use crate::lock;
 use crate::metrics::METRICS;
+use crate::net::security::{Caller, recv_with_user};
 use crate::raft::{Body, Message, NodeId, Term};
-use crate::security::{Caller, recv_with_user};
-use crate::snapshot::Staging;
+use crate::storage::snapshot::Staging;
 use crate::warnings::Warnings;
+use crate::wire::envelope::{Chunk, Reject, Request, Wire};
 
 /// Requests handled per wake-up before replies get another turn, so that a
 /// flood of requests cannot hold back replies (reply latency is commit latency).

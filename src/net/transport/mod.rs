@@ -14,7 +14,6 @@
 //! may be lost (and stale ones are dropped on purpose), never corrupted or
 //! accepted from outside the cluster.
 
-mod envelope;
 mod name_check;
 mod peer;
 mod server;
@@ -29,12 +28,11 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, error};
 
-pub use envelope::{Chunk, Envelope, PROTOCOL_VERSION, Reject, Request, Wire, bootstrap_fingerprint};
-
+use crate::net::security::{Domain, NodeSecurity};
 use crate::raft::{Message, NodeId, Term};
-use crate::security::{Domain, NodeSecurity};
-use crate::snapshot::{Snapshots, Staging};
+use crate::storage::snapshot::{Snapshots, Staging};
 use crate::warnings::Warnings;
+use crate::wire::envelope::Wire;
 use name_check::NameCheck;
 use peer::Link;
 use server::{Admission, Server};
@@ -380,7 +378,7 @@ mod tests {
 
     use super::*;
     use crate::raft::{Body, Entry, Payload, SnapshotMeta};
-    use envelope::Chunk;
+    use crate::wire::envelope::{Chunk, Envelope, PROTOCOL_VERSION, Reject};
 
     const CLUSTER: u64 = 0xc1;
     const PATIENCE: Duration = Duration::from_secs(5);
@@ -666,7 +664,7 @@ mod tests {
         raw.connect(&nodes[0].1).unwrap();
         let leader = Wire::new(1, CLUSTER, 0, -1);
         let snapshot = SnapshotMeta { index: 9, term: 2 };
-        let file = crate::snapshot::encode(snapshot, &Default::default(), &[7; 2500]);
+        let file = crate::storage::snapshot::encode(snapshot, &Default::default(), &[7; 2500]);
         let total = file.len() as u64;
         let install = Message {
             from: 1,
@@ -707,7 +705,7 @@ mod tests {
         raw.set_linger(0).unwrap();
         raw.connect(&nodes[0].1).unwrap();
         let snapshot = SnapshotMeta { index: 9, term: 2 };
-        let file = crate::snapshot::encode(snapshot, &Default::default(), &[7; 2500]);
+        let file = crate::storage::snapshot::encode(snapshot, &Default::default(), &[7; 2500]);
         // The first 1000 bytes, as node `from` in `term`; the answer, if any comes within a second.
         let first_piece = |from: NodeId, term| {
             let install =

@@ -53,6 +53,10 @@
 //! create, plus their parents, so a freshly created node's files exist after a
 //! power loss.
 
+pub(crate) mod disk_space;
+pub mod mirror;
+pub mod snapshot;
+
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fmt;

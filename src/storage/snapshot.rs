@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use log::warn;
 
-use crate::disk_space::free_bytes;
 use crate::raft::{Index, Membership, NodeId, SnapshotMeta, Term};
+use crate::storage::disk_space::free_bytes;
 
 /// Version of the snapshot file format: the number in its first line, `raft-zmq snapshot 2`.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info, warn};
 
-use super::envelope::{Chunk, Reject, Wire};
 use super::name_check::NameCheck;
 use super::{Inbound, STOP_CHECK, deliver};
 use crate::metrics::{METRICS, seconds_since};
+use crate::net::security::NodeSecurity;
 use crate::raft::{Body, Message, NodeId, SnapshotMeta};
-use crate::security::NodeSecurity;
-use crate::snapshot::Snapshots;
+use crate::storage::snapshot::Snapshots;
 use crate::warnings::Warnings;
+use crate::wire::envelope::{Chunk, Reject, Wire};
 
 /// Bytes of snapshot per request: far below any frame limit, big enough
 /// that a large snapshot takes few round trips.

@@ -3,9 +3,9 @@
 //! membership ops reply.
 
 use crate::config::{Member, check_endpoint};
-use crate::protocol::MemberInfo;
 use crate::raft::{Membership, NodeId};
-use crate::transport::bootstrap_fingerprint;
+use crate::wire::envelope::bootstrap_fingerprint;
+use crate::wire::protocol::MemberInfo;
 
 /// The members' endpoints a membership carries, in id order.
 pub fn members_of(membership: &Membership) -> Vec<Member> {
