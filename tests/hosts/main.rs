@@ -17,7 +17,7 @@
 //! `netem`, so the test holds packets itself (`delay.rs`, through NFQUEUE).
 //!
 //! Without root, iptables or `ip netns`, it prints one line saying why and
-//! passes (skipped); `RAFT_ZMQ_REQUIRE_HOSTS=1` (CI) makes that a failure.
+//! passes (skipped); `RAFT_ZMQ_REQUIRE_HOSTS=1` makes that a failure.
 //! `HOSTS_SECS=n` sets the load's duration per cluster (default 20),
 //! `HOSTS_SEED=n` replays a run's random choices, `CHAOS_CURVE` as in the
 //! chaos test.

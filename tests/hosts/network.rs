@@ -85,9 +85,19 @@ impl Network {
         if let Err(e) = run(&["ip", "netns", "add", &probe]) {
             return Some(format!("`ip netns add` fails here: {e}"));
         }
-        let iptables = run(&["ip", "netns", "exec", &probe, "iptables", "-S"]);
+        // Every kind of rule the faults load: a drop, a random drop, a queue.
+        let rules: [&[&str]; 3] = [
+            &["-A", "OUTPUT", "-o", "lo", "-p", "udp", "--dport", "9", "-j", "DROP"],
+            &["-A", "OUTPUT", "-o", "lo", "-m", "statistic", "--mode", "random", "--probability", "0.01", "-j", "DROP"],
+            &["-A", "OUTPUT", "-o", "lo", "-p", "udp", "--dport", "9", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"],
+        ];
+        let loaded = rules.iter().try_for_each(|rule| {
+            let mut command = vec!["ip", "netns", "exec", probe.as_str(), "iptables"];
+            command.extend_from_slice(rule);
+            run(&command).map(drop).map_err(|e| format!("iptables {} fails in a network namespace here: {e}", rule.join(" ")))
+        });
         let _ = run(&["ip", "netns", "del", &probe]);
-        iptables.err().map(|e| format!("iptables in a network namespace fails here: {e}"))
+        loaded.err()
     }
 
     /// A host for every node slot; moves each node there: it binds, and is
