@@ -42,6 +42,8 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     let (seeds, events) = (AtomicU64::new(0), AtomicU64::new(0));
     let (installs, duplicates, heals) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let (changes, stops) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (swapped, not_swapped) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (deleted, sessionless) = (AtomicU64::new(0), AtomicU64::new(0));
     let failed = AtomicBool::new(false);
     let workers = thread::available_parallelism().map_or(2, |n| n.get());
     thread::scope(|s| {
@@ -60,6 +62,10 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
                             heals.fetch_add(summary.heals as u64, Ordering::Relaxed);
                             changes.fetch_add(summary.changes as u64, Ordering::Relaxed);
                             stops.fetch_add(summary.stops as u64, Ordering::Relaxed);
+                            swapped.fetch_add(summary.swapped as u64, Ordering::Relaxed);
+                            not_swapped.fetch_add(summary.not_swapped as u64, Ordering::Relaxed);
+                            deleted.fetch_add(summary.deleted as u64, Ordering::Relaxed);
+                            sessionless.fetch_add(summary.sessionless as u64, Ordering::Relaxed);
                             seeds.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(panic) => {
@@ -75,10 +81,13 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     let (seeds, events) = (seeds.into_inner(), events.into_inner());
     let (installs, duplicates, heals) = (installs.into_inner(), duplicates.into_inner(), heals.into_inner());
     let (changes, stops) = (changes.into_inner(), stops.into_inner());
+    let (swapped, not_swapped) = (swapped.into_inner(), not_swapped.into_inner());
+    let (deleted, sessionless) = (deleted.into_inner(), sessionless.into_inner());
     println!(
         "{seeds} seeds from {first} ({events} events, {installs} snapshots installed, {duplicates} duplicate \
-         writes skipped, {heals} heals checked for liveness, {changes} membership changes, {stops} clean stops) in {secs:.1}s on \
-         {workers} threads: {:.0} events/s",
+         writes skipped, {heals} heals checked for liveness, {changes} membership changes, {stops} clean stops, \
+         {swapped} cas swapped and {not_swapped} not, {deleted} deletes of a key present, {sessionless} session-less \
+         writes acknowledged) in {secs:.1}s on {workers} threads: {:.0} events/s",
         events as f64 / secs
     );
     // About one heal per 6 seeds.
@@ -87,4 +96,9 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     assert!(seeds < 1000 || duplicates > seeds / 10, "too few retries reached the log twice to test exactly-once");
     assert!(seeds < 1000 || changes > seeds, "too few membership changes were made");
     assert!(seeds < 1000 || stops > seeds / 2, "too few clean stops with writes in flight");
+    // About 18, 33, 35 and 31 per seed.
+    assert!(seeds < 1000 || swapped > seeds, "too few cas swapped");
+    assert!(seeds < 1000 || not_swapped > seeds, "too few cas did not swap");
+    assert!(seeds < 1000 || deleted > seeds, "too few deletes found their key");
+    assert!(seeds < 1000 || sessionless > seeds, "too few session-less writes were acknowledged");
 }

@@ -1,6 +1,18 @@
 //! The safety properties of Raft (paper Figure 3) and of the client
 //! contract, checked incrementally as the run produces facts, so checking
 //! after every step costs a few map lookups rather than a scan of all logs.
+//!
+//! Linearizability of the key-value history, per key: every write takes
+//! effect at exactly one log index, so replaying the committed log on a
+//! model register per key (`WriteResult::of`) gives the value each key held
+//! after every index. An acknowledged write must have taken effect at
+//! the index its reply names, with the result the model gives there (a
+//! cas's `swapped` and current value, a delete's `existed`); a write must
+//! take effect after every index already acknowledged or read on its key
+//! when it was invoked; a read must return what the key held at some index
+//! from the newest one acknowledged or read before its invocation up to the
+//! last committed one at its completion. Each op is then placed at the
+//! lowest such index, which later ops must not precede.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -8,7 +20,7 @@ use raft_zmq::raft::{Entry, Index, NodeId, Payload, SnapshotMeta, Term};
 use raft_zmq::wire::protocol::ErrorCode;
 
 use super::history::OpId;
-use super::register::{Key, Version};
+use super::register::{Held, Key, Write, WriteResult};
 use super::schedule::Time;
 
 #[derive(Debug)]
@@ -56,10 +68,52 @@ pub struct Checker {
     refused: HashSet<OpId>,
     /// Durability: the term of every write a client was told succeeded.
     acked: BTreeMap<Index, Term>,
-    /// Read safety, per key: (completion time, index of the version) of
-    /// acknowledged writes and served reads, in completion order, with the
-    /// running maximum of the index.
+    /// Linearizability, per key: (completion time, index where the op was
+    /// placed) of acknowledged writes and served reads, in completion
+    /// order, with the running maximum of the index.
     observed: BTreeMap<Key, Vec<(Time, Index, Index)>>,
+    /// The model registers, replayed from the committed log up to `modelled`.
+    registers: HashMap<Key, Register>,
+    modelled: Index,
+    /// What each write that took effect did there, by the model's rules.
+    effects: HashMap<OpId, (Index, WriteResult)>,
+}
+
+/// One key's model: what it held after each index that changed it.
+struct Register {
+    /// (index, what the key holds from there on), from `(0, None)`.
+    changes: Vec<(Index, Held)>,
+    /// Where in `changes` each value was stored.
+    stored: HashMap<OpId, usize>,
+}
+
+impl Default for Register {
+    fn default() -> Register {
+        Register { changes: vec![(0, None)], stored: HashMap::new() }
+    }
+}
+
+impl Register {
+    /// The lowest index from `lo` up to `hi` after which the key held
+    /// `held`: a value from where it was stored (once) until the next
+    /// change; nothing from any change that emptied the key (or from 0).
+    fn lowest_holding(&self, held: Held, lo: Index, hi: Index) -> Option<Index> {
+        let mut at = match held {
+            Some(value) => *self.stored.get(&value)?,
+            None => self.changes.partition_point(|&(index, _)| index <= lo) - 1,
+        };
+        while let Some(&(start, holds)) = self.changes.get(at).filter(|&&(start, _)| start <= hi) {
+            let end = self.changes.get(at + 1).map_or(Index::MAX, |&(index, _)| index);
+            if holds == held && end > lo {
+                return Some(start.max(lo));
+            }
+            if held.is_some() {
+                return None;
+            }
+            at += 1;
+        }
+        None
+    }
 }
 
 impl Checker {
@@ -164,8 +218,17 @@ impl Checker {
     /// Exactly-once: a write (a session's seq) takes effect at one index only,
     /// on every node, however often retries put it in the log; an entry is
     /// skipped as a duplicate (`"dup": true`) exactly when its write took
-    /// effect at an earlier index.
-    pub fn executed(&mut self, node: NodeId, index: Index, value: OpId, duplicate: bool, now: Time) -> Check {
+    /// effect at an earlier index. A session-less write is sent again only
+    /// after an answer that promises nothing applied, so it too takes effect
+    /// once at most.
+    pub fn executed(
+        &mut self,
+        node: NodeId,
+        index: Index,
+        (value, write): (OpId, Write),
+        duplicate: bool,
+        now: Time,
+    ) -> Check {
         let (first, _) = *self.first_applied.entry(value).or_insert((index, now));
         if !duplicate && first != index {
             return violated(
@@ -181,7 +244,50 @@ impl Checker {
                 ),
             );
         }
-        self.not_applied_unless_possible(value)
+        self.not_applied_unless_possible(value)?;
+        if index > self.modelled {
+            self.modelled = index;
+            if !duplicate {
+                return self.take_effect(index, value, write);
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `value` takes effect at `index`, the first time any node
+    /// applies that index: on the model, and after everything on its key
+    /// that completed before the write was invoked.
+    fn take_effect(&mut self, index: Index, value: OpId, write: Write) -> Check {
+        let invoked = self.attempts[&value][0].1;
+        let newest = self.newest_before(write.key, invoked);
+        if newest >= index {
+            return violated(
+                "linearizability",
+                format!(
+                    "write {value} {write:?} invoked at {invoked}us took effect at {index}, but index {newest} \
+                     of {:?} was acknowledged or read before it was invoked",
+                    write.key
+                ),
+            );
+        }
+        let register = self.registers.entry(write.key).or_default();
+        let mut held = register.changes.last().expect("from (0, None)").1;
+        let effect = WriteResult::of(write.action, &mut held, value);
+        if Some(held) != register.changes.last().map(|&(_, h)| h) {
+            if held == Some(value) {
+                register.stored.insert(value, register.changes.len());
+            }
+            register.changes.push((index, held));
+        }
+        self.effects.insert(value, (index, effect));
+        Ok(())
+    }
+
+    /// The newest index placed on `key` by an op completed before `at`.
+    fn newest_before(&self, key: Key, at: Time) -> Index {
+        let history = self.observed.get(&key).map_or(&[][..], Vec::as_slice);
+        let before = history.partition_point(|&(completed, _, _)| completed < at);
+        before.checked_sub(1).map_or(0, |i| history[i].2)
     }
 
     /// The index where write `value` took effect, once some node applied it.
@@ -243,13 +349,24 @@ impl Checker {
     }
 
     /// A client was told its write `value` of `key` was applied at `index`
-    /// (by the node that answered, which applied it: its term is known). A
-    /// retry, too, must hear where the write first took effect.
-    pub fn write_acked(&mut self, key: Key, value: OpId, index: Index, now: Time) -> Check {
+    /// (by the node that answered, which applied it: its term is known) and
+    /// did `effect` there. A retry, too, must hear where the write first
+    /// took effect and what it did.
+    pub fn write_acked(&mut self, key: Key, value: OpId, index: Index, effect: WriteResult, now: Time) -> Check {
         if self.first_applied(value) != Some(index) {
             return violated(
                 "exactly once",
                 format!("write {value} was acknowledged at {index}; it took effect at {:?}", self.first_applied(value)),
+            );
+        }
+        let model = self.effects.get(&value).map(|&(_, effect)| effect);
+        if model != Some(effect) {
+            return violated(
+                "linearizability",
+                format!(
+                    "write {value} of {key:?} was answered {effect:?} at {index}; the log applied in order \
+                     gives {model:?} there"
+                ),
             );
         }
         let term = self.committed[index as usize - 1].term;
@@ -258,23 +375,23 @@ impl Checker {
         Ok(())
     }
 
-    /// A read invoked at `invoked` must see at least every write and read of
-    /// its key that completed before then.
-    pub fn read_served(&mut self, key: Key, invoked: Time, now: Time, version: Version) -> Check {
-        let index = version.map_or(0, |(_, index)| index);
-        let history = self.observed.get(&key).map_or(&[][..], Vec::as_slice);
-        let before = history.partition_point(|&(completed, _, _)| completed < invoked);
-        if let Some(&(_, _, newest)) = before.checked_sub(1).map(|i| &history[i])
-            && newest > index
-        {
+    /// A read invoked at `invoked` and served `now` must return what `key`
+    /// held at some index between the newest one acknowledged or read
+    /// before `invoked` and the last one committed.
+    pub fn read_served(&mut self, key: Key, invoked: Time, now: Time, held: Held) -> Check {
+        let newest = self.newest_before(key, invoked);
+        let committed = self.committed.len() as Index;
+        let register = self.registers.entry(key).or_default();
+        let Some(index) = register.lowest_holding(held, newest, committed) else {
+            let stored = held.and_then(|value| register.stored.get(&value)).map(|&at| register.changes[at]);
             return violated(
-                "read safety",
+                "linearizability",
                 format!(
-                    "read of {key:?} invoked at {invoked}us returned the version of index {index}, \
-                     but the version of index {newest} was already acknowledged or read"
+                    "read of {key:?} invoked at {invoked}us returned {held:?} (stored at {stored:?}), which {key:?} \
+                     held at no index from {newest} (acknowledged or read before) to {committed} (committed)"
                 ),
             );
-        }
+        };
         self.observe(key, now, index);
         Ok(())
     }

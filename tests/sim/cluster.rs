@@ -7,14 +7,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use raft_zmq::raft::{Config, Index, LogStore, MembershipChange, Message, NodeId, Raft, Role};
-use raft_zmq::wire::protocol::Request;
+use raft_zmq::wire::protocol::{ErrorCode, Request};
 
 use super::checker::{Check, Checker, Violation};
 use super::faults::{Fault, Partition};
 use super::history::{History, OpId, OpKind, Outcome};
 use super::network::{NetProfile, Network};
 use super::node::{Completion, Effects, SimNode, SnapshotRegistry};
-use super::register::{KEYS, Key};
+use super::register::{Action, Held, KEYS, Key, Write, WriteResult};
 use super::rng::Rng;
 use super::schedule::{MS, Schedule, Time};
 use super::storage::{Disk, sim_member};
@@ -115,7 +115,7 @@ enum Event {
     Client,
     /// A client sends the write `of` again, after it failed.
     Retry {
-        key: Key,
+        write: Write,
         of: OpId,
     },
     Fault,
@@ -152,15 +152,26 @@ pub struct Summary {
     pub changes: usize,
     /// Clean stops (a leader's hand-over, writes in flight answered).
     pub stops: usize,
+    /// Acknowledged cas that swapped, and that did not.
+    pub swapped: usize,
+    pub not_swapped: usize,
+    /// Acknowledged deletes of a key that existed.
+    pub deleted: usize,
+    /// Acknowledged session-less writes.
+    pub sessionless: usize,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let Summary { events, terms, acked, read, failed, crashes, installs, duplicates, heals, changes, stops } = self;
+        let Summary {
+            events, terms, acked, read, failed, crashes, installs, duplicates, heals, changes, stops, ..
+        } = self;
+        let Summary { swapped, not_swapped, deleted, sessionless, .. } = self;
         write!(
             f,
-            "{events} events, {terms} terms with a leader, {acked} writes acknowledged, {read} reads served, \
-             {failed} operations failed, {crashes} crashes, {installs} snapshots installed, \
+            "{events} events, {terms} terms with a leader, {acked} writes acknowledged ({swapped} cas swapped, \
+             {not_swapped} not, {deleted} deletes of a key present, {sessionless} without a session), \
+             {read} reads served, {failed} operations failed, {crashes} crashes, {installs} snapshots installed, \
              {duplicates} duplicate writes skipped, {heals} heals checked for liveness, \
              {changes} membership changes, {stops} clean stops"
         )
@@ -188,6 +199,8 @@ pub struct Cluster {
     last_ack: Option<(OpId, Index)>,
     /// The latest read served, for the liveness check.
     last_read: Option<OpId>,
+    /// What the latest read of each key returned: what a cas expects.
+    seen: BTreeMap<Key, Held>,
     /// Since when every node is up and running and no link is cut, if so
     /// (`Some(0)` at the start: only a heal after a fault counts).
     whole_since: Option<Time>,
@@ -246,6 +259,7 @@ impl Cluster {
             partition_generation: 0,
             last_ack: None,
             last_read: None,
+            seen: BTreeMap::new(),
             whole_since: Some(0),
             whole_generation: 0,
             heals_checked: 0,
@@ -265,11 +279,17 @@ impl Cluster {
     }
 
     pub fn summary(&self) -> Summary {
-        let count = |outcome: fn(&Outcome) -> bool| self.history.ops().iter().filter(|op| outcome(&op.outcome)).count();
+        let ops = self.history.ops();
+        let count = |outcome: fn(&Outcome) -> bool| ops.iter().filter(|op| outcome(&op.outcome)).count();
+        let sessionless = ops
+            .iter()
+            .filter(|op| matches!(op.outcome, Outcome::Acked(_)))
+            .filter(|op| op.kind.written(0).is_some_and(|(write, _)| !write.session))
+            .count();
         Summary {
             events: self.events,
             terms: self.checker.leader_terms(),
-            acked: count(|o| *o == Outcome::Acked),
+            acked: count(|o| matches!(o, Outcome::Acked(_))),
             read: count(|o| matches!(o, Outcome::Read(_))),
             failed: count(|o| *o == Outcome::Failed),
             crashes: self.crashes,
@@ -278,6 +298,10 @@ impl Cluster {
             heals: self.heals_checked,
             changes: self.changes,
             stops: self.stops,
+            swapped: count(|o| *o == Outcome::Acked(WriteResult::Cas { swapped: true, current: None })),
+            not_swapped: count(|o| matches!(o, Outcome::Acked(WriteResult::Cas { swapped: false, .. }))),
+            deleted: count(|o| *o == Outcome::Acked(WriteResult::Delete { existed: true })),
+            sessionless,
         }
     }
 
@@ -494,7 +518,7 @@ impl Cluster {
                 }
             }
             Event::Client => self.client_op(None),
-            Event::Retry { key, of } => self.client_op(Some(OpKind::Retry(key, of))),
+            Event::Retry { write, of } => self.client_op(Some(OpKind::Retry(write, of))),
             Event::Fault if now < self.chaos_until => {
                 if self.params.churn && self.rng.chance(CHANGE_SHARE) {
                     self.change_membership();
@@ -713,10 +737,24 @@ impl Cluster {
         }
         if let Some(id) = target {
             let key = self.rng.pick(&KEYS);
-            let kind = if self.rng.chance(0.6) { OpKind::Write(key) } else { OpKind::Read(key) };
+            let kind = if self.rng.chance(0.6) { OpKind::Write(self.new_write(key)) } else { OpKind::Read(key) };
             self.submit(id, kind);
         }
         self.schedule.after(self.rng.range(CLIENT_GAP.0, CLIENT_GAP.1), Event::Client);
+    }
+
+    /// Half puts, a third cas (expecting what the last read of the key
+    /// returned, or the key absent), the rest deletes; a quarter of the puts
+    /// and cas without a session.
+    fn new_write(&mut self, key: Key) -> Write {
+        let action = match self.rng.range(0, 6) {
+            0..=2 => Action::Put,
+            3 | 4 if self.rng.chance(0.7) => Action::Cas(self.seen.get(&key).copied().flatten()),
+            3 | 4 => Action::Cas(None),
+            _ => Action::Delete,
+        };
+        let session = action == Action::Delete || self.rng.chance(0.75);
+        Write { key, action, session }
     }
 
     fn send(&mut self, m: Message) {
@@ -789,9 +827,9 @@ impl Cluster {
                 let check = self.checker.applied(id, term, entry);
                 self.check(check);
             }
-            for executed in &fx.executed {
-                self.duplicates += usize::from(executed.duplicate);
-                let check = self.checker.executed(id, executed.index, executed.value, executed.duplicate, now);
+            for e in &fx.executed {
+                self.duplicates += usize::from(e.duplicate);
+                let check = self.checker.executed(id, e.index, (e.name, e.write), e.duplicate, now);
                 self.check(check);
             }
         }
@@ -817,44 +855,39 @@ impl Cluster {
     fn complete(&mut self, completion: Completion) {
         let now = self.now();
         match completion {
-            Completion::WriteAcked { op, index } => {
+            Completion::WriteAcked { op, index, effect } => {
                 self.trace.record(now, Traced::Acked(op, index));
-                let kind = self.history.complete(op, now, Outcome::Acked).kind;
-                let (key, value) = kind.written(op).expect("only writes are acknowledged");
-                let check = self.checker.write_acked(key, value, index, now);
+                let kind = self.history.complete(op, now, Outcome::Acked(effect)).kind;
+                let (write, name) = kind.written(op).expect("only writes are acknowledged");
+                let check = self.checker.write_acked(write.key, name, index, effect, now);
                 self.check(check);
                 self.last_ack = Some((op, index));
             }
             Completion::ReadServed { op, value } => {
                 self.last_read = Some(op);
-                let version = value.map(|value| {
-                    let index = self.checker.first_applied(value).expect("a value read was applied");
-                    (value, index)
-                });
-                self.trace.record(now, Traced::Read(op, version.map_or(0, |(_, index)| index)));
-                let done = self.history.complete(op, now, Outcome::Read(version));
+                self.trace.record(now, Traced::Read(op, value));
+                let done = self.history.complete(op, now, Outcome::Read(value));
                 let (OpKind::Read(key), invoked) = (done.kind, done.invoked) else { unreachable!("only reads read") };
-                let check = self.checker.read_served(key, invoked, now, version);
+                self.seen.insert(key, value);
+                let check = self.checker.read_served(key, invoked, now, value);
                 self.check(check);
             }
             Completion::Failed(op, code) => {
                 self.trace.record(now, Traced::Failed(op, code));
                 let kind = self.history.complete(op, now, Outcome::Failed).kind;
-                if let (Some((_, value)), Some(code)) = (kind.written(op), code) {
-                    let check = self.checker.write_failed(value, op, code);
+                let Some((write, name)) = kind.written(op) else { return };
+                if let Some(code) = code {
+                    let check = self.checker.write_failed(name, op, code);
                     self.check(check);
                 }
-                // Half the failed writes are sent again, as the same session
-                // write: whatever became of the first, it applies at most once.
-                if let OpKind::Write(key) | OpKind::Retry(key, _) = kind
-                    && self.clients != Clients::Off
-                    && self.rng.chance(0.5)
-                {
-                    let of = match kind {
-                        OpKind::Retry(_, of) => of,
-                        _ => op,
-                    };
-                    self.schedule.after(self.rng.range(CLIENT_GAP.0, CLIENT_GAP.1), Event::Retry { key, of });
+                // Half the failed writes are sent again: in a session, as the
+                // same session write, after any failure (whatever became of
+                // the first, it applies at most once); without one, only
+                // after an answer that promises nothing applied.
+                let may_retry = write.session
+                    || matches!(code, Some(ErrorCode::NoLeader | ErrorCode::Busy | ErrorCode::ShuttingDown));
+                if may_retry && self.clients != Clients::Off && self.rng.chance(0.5) {
+                    self.schedule.after(self.rng.range(CLIENT_GAP.0, CLIENT_GAP.1), Event::Retry { write, of: name });
                 }
             }
         }

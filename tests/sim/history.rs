@@ -3,27 +3,28 @@
 
 use raft_zmq::raft::NodeId;
 
-use super::register::{Key, Version};
+use super::register::{Held, Key, Write, WriteResult};
 use super::schedule::Time;
 
-/// Also the value a write stores, which makes every written value unique.
+/// Also the name of the write an op first sends, and the value it stores
+/// (if it stores one), which makes every written value unique.
 pub type OpId = u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpKind {
-    Write(Key),
-    /// The same write as op `OpId` (same value, same session), sent again
-    /// after that one failed: applied at most once, whatever happens.
-    Retry(Key, OpId),
+    Write(Write),
+    /// The same write as op `OpId` (same value, same session, if any), sent
+    /// again after that one failed: applied at most once, whatever happens.
+    Retry(Write, OpId),
     Read(Key),
 }
 
 impl OpKind {
-    /// The value op `op` of this kind writes, if it writes.
-    pub fn written(self, op: OpId) -> Option<(Key, OpId)> {
+    /// The write op `op` of this kind sends, and its name, if it writes.
+    pub fn written(self, op: OpId) -> Option<(Write, OpId)> {
         match self {
-            OpKind::Write(key) => Some((key, op)),
-            OpKind::Retry(key, of) => Some((key, of)),
+            OpKind::Write(write) => Some((write, op)),
+            OpKind::Retry(write, of) => Some((write, of)),
             OpKind::Read(_) => None,
         }
     }
@@ -33,10 +34,11 @@ impl OpKind {
 pub enum Outcome {
     Pending,
     /// The write was applied by the node it was proposed on, at the index and
-    /// term it was proposed with: the client was told it succeeded.
-    Acked,
+    /// term it was proposed with: the client was told it succeeded, and what
+    /// it did.
+    Acked(WriteResult),
     /// The read was confirmed by a quorum and served from the state machine.
-    Read(Version),
+    Read(Held),
     /// The client was told "failed" or got no answer (its node crashed, lost
     /// leadership, or the slot went to another entry): the effect is unknown.
     Failed,

@@ -8,33 +8,35 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
-use raft_zmq::kv::{Command, KvStore, LoggedCommand, Value};
+use raft_zmq::kv::KvStore;
 use raft_zmq::node::server::{Effect, ProcessError, Server, ServerConfig, SnapshotJob};
-use raft_zmq::raft::{Config, Entry, Index, LogStore, Message, NodeId, Payload, Raft, Role, SnapshotMeta, SoftState};
+use raft_zmq::raft::{Config, Entry, Index, LogStore, Message, NodeId, Raft, Role, SnapshotMeta, SoftState};
 use raft_zmq::wire::protocol::{ErrorCode, Reply, Request};
 
 use super::history::{OpId, OpKind};
-use super::register::{Key, key_value};
+use super::register::{Held, Write, WriteResult, command_of, held, key_value, logged_write};
 use super::schedule::Time;
 use super::storage::{Crashed, Disk};
 
 /// How a client request held by a node ended.
 #[derive(Clone, Debug)]
 pub enum Completion {
-    /// `index` is the one the reply names: where the write was first applied.
-    WriteAcked { op: OpId, index: Index },
-    /// The value read (the op id of the write that stored it), if any.
-    ReadServed { op: OpId, value: Option<OpId> },
+    /// `index` is the one the reply names: where the write was first
+    /// applied; `effect` what the reply says it did there.
+    WriteAcked { op: OpId, index: Index, effect: WriteResult },
+    /// What the key held (the write that stored its value), if anything.
+    ReadServed { op: OpId, value: Held },
     /// An error reply; `None`: no reply at all (the node crashed).
     Failed(OpId, Option<ErrorCode>),
 }
 
-/// One applied write command: the write it belongs to (its value), and
+/// One applied write command: the write it belongs to (by name), and
 /// whether the session check skipped it as a retry already applied.
 #[derive(Clone, Copy, Debug)]
 pub struct Executed {
     pub index: Index,
-    pub value: OpId,
+    pub name: OpId,
+    pub write: Write,
     pub duplicate: bool,
 }
 
@@ -97,16 +99,15 @@ fn at(now: Time) -> Duration {
     Duration::from_micros(now)
 }
 
-/// The request a client operation sends: every write its own session.
+/// The request a client operation sends.
 pub fn request_of(op: OpId, kind: OpKind) -> Request {
-    let write = |key: Key, value: OpId| Request::Write {
-        command: Command::Put { key: key_value(key), value: Value::Str(value.to_string()) },
-        client_id: Some(format!("op{value}")),
-        seq: Some(1),
+    let write = |name: OpId, write: Write| {
+        let logged = command_of(name, write);
+        Request::Write { command: logged.command, client_id: logged.client_id, seq: logged.seq }
     };
     match kind {
-        OpKind::Write(key) => write(key, op),
-        OpKind::Retry(key, of) => write(key, of),
+        OpKind::Write(w) => write(op, w),
+        OpKind::Retry(w, of) => write(of, w),
         OpKind::Read(key) => Request::Get { key: key_value(key) },
     }
 }
@@ -215,9 +216,9 @@ impl SimNode {
                 }
                 Effect::Applied { entries, duplicates } => {
                     for entry in &entries {
-                        if let Some(value) = written_value(entry) {
+                        if let Some((name, write)) = logged_write(entry) {
                             let duplicate = duplicates.contains(&entry.index);
-                            fx.executed.push(Executed { index: entry.index, value, duplicate });
+                            fx.executed.push(Executed { index: entry.index, name, write, duplicate });
                         }
                     }
                     fx.applied.extend(entries);
@@ -306,25 +307,15 @@ impl SimNode {
 
 /// The client's view of a reply.
 fn completion(op: OpId, reply: Reply) -> Completion {
+    let acked = |index, effect| Completion::WriteAcked { op, index, effect };
     match reply {
-        Reply::Put { index } => Completion::WriteAcked { op, index },
-        Reply::Get { value } => {
-            let value = value.map(|v| match v {
-                Value::Str(v) => v.parse().expect("values are op ids"),
-                Value::Bin(_) => panic!("the simulation writes str values"),
-            });
-            Completion::ReadServed { op, value }
+        Reply::Put { index } => acked(index, WriteResult::Put),
+        Reply::Delete { index, existed } => acked(index, WriteResult::Delete { existed }),
+        Reply::Cas { index, swapped, value } => {
+            acked(index, WriteResult::Cas { swapped, current: value.as_ref().map(held) })
         }
+        Reply::Get { value } => Completion::ReadServed { op, value: value.as_ref().map(held) },
         Reply::Error { code, .. } => Completion::Failed(op, Some(code)),
         other => panic!("op {op} got {other:?}"),
-    }
-}
-
-/// The value a write command stores: the op id of the write.
-fn written_value(entry: &Entry) -> Option<OpId> {
-    let Payload::Command(bytes) = &entry.payload else { return None };
-    match LoggedCommand::decode(bytes).ok()?.command {
-        Command::Put { value: Value::Str(value), .. } => value.parse().ok(),
-        _ => None,
     }
 }

@@ -141,7 +141,7 @@ pub enum Event {
         node: NodeId,
     },
     Acked(OpId, Index),
-    Read(OpId, Index),
+    Read(OpId, Option<OpId>),
     Failed(OpId, Option<ErrorCode>),
 }
 
@@ -168,7 +168,8 @@ impl fmt::Display for Event {
             Event::Wiped(node) => write!(f, "node {node} starts over with an EMPTY disk"),
             Event::Invoked { op, kind, node } => write!(f, "client op {op} {kind:?} at node {node}"),
             Event::Acked(op, index) => write!(f, "client op {op} acknowledged at index {index}"),
-            Event::Read(op, index) => write!(f, "client op {op} read the version of index {index}"),
+            Event::Read(op, Some(value)) => write!(f, "client op {op} read the value of write {value}"),
+            Event::Read(op, None) => write!(f, "client op {op} read nothing"),
             Event::Failed(op, Some(code)) => write!(f, "client op {op} failed: {code}"),
             Event::Failed(op, None) => write!(f, "client op {op} got no reply"),
         }
