@@ -467,7 +467,7 @@ mod tests {
 
         // A member added at run time brings its key in the membership.
         let added = Member { public_key: Some(CurveIdentity::generate().unwrap().public().to_string()), ..member(2) };
-        security.learn(&[added.clone()]);
+        security.learn(std::slice::from_ref(&added));
         assert_eq!(security.check_members(&[member(0), member(2)]), Ok(()));
         security.client(&socket, 2).unwrap();
 

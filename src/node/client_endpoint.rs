@@ -319,7 +319,7 @@ impl ClientEndpoint {
         match leader {
             leader if local || leader == Some(self.cfg.id) => {
                 let call = ClientCall { request: decoded, reply_to, bytes: request.len() };
-                self.to_core(to_core, shared, call)
+                self.hand_to_core(to_core, shared, call)
             }
             Some(leader) if !reply_to.is_forwarded() => self.forward(leader, shared, reply_to, request),
             leader => self.answer(reply_to, &not_leader(self.cfg.id, leader)),
@@ -328,7 +328,7 @@ impl ClientEndpoint {
 
     /// Queues a request for the core loop, or answers `busy` when the queue
     /// is full by count or by bytes: memory stays bounded under any load.
-    fn to_core(&mut self, to_core: &Sender<ClientCall>, shared: &Shared, call: ClientCall) {
+    fn hand_to_core(&mut self, to_core: &Sender<ClientCall>, shared: &Shared, call: ClientCall) {
         let queued = shared.queued_bytes.fetch_add(call.bytes, Ordering::AcqRel);
         let refused = if queued + call.bytes > self.cfg.max_queued_bytes {
             Some((call, ErrorCode::Busy, "too many requests queued; nothing was applied, retry later"))

@@ -189,7 +189,7 @@ impl CoreLoop {
                     let _ = out.mirror.send(MirrorMsg::Restored(snapshot));
                 }
                 Effect::SaveSnapshot(job) => {
-                    let _ = out.snapshots.send(job);
+                    let _ = out.snapshots.send(*job);
                 }
                 Effect::ReadLog { from, limit, handle } => {
                     out.read_disk(DiskRead::Log { from, limit, reply_to: handle })

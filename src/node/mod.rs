@@ -201,7 +201,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         hard_state.commit
     );
     let core_config = core_config(config, id);
-    let reply_timeout = Duration::from_millis(tick_ms(config) * core_config.inflight_timeout());
+    let reply_timeout = peer_reply_timeout(config);
     let disk = DiskAlarm::new(&config.node_state_dir(id), config.disk_reserve_bytes);
     let store = NodeStore {
         storage,
@@ -507,6 +507,20 @@ fn peer_endpoints(
 
 /// The largest tick (at most 10 ms) that divides every configured interval,
 /// so tick counts express the timeouts exactly.
+/// How long the transport waits for a peer's reply before it drops the
+/// connection and reports the peer unreachable: twice the longest election
+/// timeout. A healthy peer can be slow to answer: TCP resends a lost packet
+/// after 200 ms or more, a fresh connection takes about four round trips
+/// before its first reply, a follower may be writing a large append. Giving
+/// up sooner throws that work away and starts a new connection, which on a
+/// slow or lossy link times out in turn (seen with the old half of the
+/// shortest election timeout, 150 ms: over 40 ms round trips no connection
+/// ever answered in time). A dead peer only delays messages to itself, and
+/// Raft's own timers (CheckQuorum, elections) do not wait for this one.
+fn peer_reply_timeout(config: &Config) -> Duration {
+    Duration::from_millis(config.election_timeout_ms.1 * 2)
+}
+
 fn tick_ms(config: &Config) -> u64 {
     fn gcd(a: u64, b: u64) -> u64 {
         if b == 0 { a } else { gcd(b, a % b) }

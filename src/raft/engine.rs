@@ -41,8 +41,7 @@ impl Config {
     /// An unanswered AppendEntries is given up on after this many ticks, so a
     /// lost message never stalls a follower. Half the minimum election
     /// timeout: the retry still reaches the follower before its election
-    /// timer fires and within the leader's CheckQuorum window. The shell's
-    /// transport gives up on a reply after the same time.
+    /// timer fires and within the leader's CheckQuorum window.
     pub fn inflight_timeout(&self) -> u64 {
         (self.election_ticks.0 / 2).max(1)
     }

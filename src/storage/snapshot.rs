@@ -28,6 +28,7 @@
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -109,28 +110,119 @@ pub fn decode(mut bytes: Vec<u8>) -> Result<SnapshotFile, String> {
     if bytes.len() < HEADER_LEN + 4 {
         return Err("truncated header".into());
     }
-    let body_len = bytes.len() - 4;
-    let (body, crc) = bytes.split_at(body_len);
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
     if crc32fast::hash(body).to_be_bytes() != crc {
-        return Err("checksum mismatch: the file is torn or corrupted".into());
+        return Err(CHECKSUM_MISMATCH.into());
     }
-    let number = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("8 bytes"));
-    let meta = SnapshotMeta { index: number(MAGIC.len()), term: number(MAGIC.len() + 8) };
-    // Two parts, each after its length; nothing may follow the second.
-    let part = |at: usize| -> Result<(usize, usize), String> {
-        let len = body.get(at..at + 8).map(|_| number(at)).ok_or("length mismatch")?;
-        let end = usize::try_from(len).ok().and_then(|len| (at + 8).checked_add(len)).filter(|&end| end <= body_len);
-        Ok((at + 8, end.ok_or("length mismatch")?))
+    let (meta, membership, data) = parse_head(&bytes, bytes.len())?;
+    bytes.truncate(data.end);
+    bytes.drain(..data.start);
+    Ok(SnapshotFile { meta, membership, data: bytes })
+}
+
+const CHECKSUM_MISMATCH: &str = "checksum mismatch: the file is torn or corrupted";
+
+/// What the head of a `len`-byte file says: its snapshot, membership, and
+/// where its data lies. `head` holds the file's bytes at least up to its
+/// data. Two parts, each after its length; nothing but the CRC may follow
+/// the second.
+fn parse_head(head: &[u8], len: usize) -> Result<(SnapshotMeta, Membership, Range<usize>), String> {
+    if !head.starts_with(MAGIC) {
+        return Err(unknown_format(head));
+    }
+    if len < HEADER_LEN + 4 || head.len() < HEADER_LEN {
+        return Err("truncated header".into());
+    }
+    let body_len = len - 4;
+    let number = |at: usize| head.get(at..at + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+    let meta = SnapshotMeta { index: number(MAGIC.len()).unwrap_or(0), term: number(MAGIC.len() + 8).unwrap_or(0) };
+    let part = |at: usize| -> Result<Range<usize>, String> {
+        let end = number(at)
+            .and_then(|len| usize::try_from(len).ok())
+            .and_then(|len| (at + 8).checked_add(len))
+            .filter(|&end| end <= body_len);
+        Ok(at + 8..end.ok_or("length mismatch")?)
     };
-    let (membership, data) = (part(HEADER_LEN)?, part(part(HEADER_LEN)?.1)?);
-    if data.1 != body_len {
+    let membership = part(HEADER_LEN)?;
+    let data = part(membership.end)?;
+    if data.end != body_len {
         return Err("length mismatch".into());
     }
-    let membership =
-        rmp_serde::from_slice(&body[membership.0..membership.1]).map_err(|e| format!("unreadable membership: {e}"))?;
-    bytes.truncate(data.1);
-    bytes.drain(..data.0);
-    Ok(SnapshotFile { meta, membership, data: bytes })
+    let membership = head.get(membership).ok_or("length mismatch")?;
+    let membership = rmp_serde::from_slice(membership).map_err(|e| format!("unreadable membership: {e}"))?;
+    Ok((meta, membership, data))
+}
+
+/// Checks a snapshot file as its bytes go by, in order, without holding
+/// them: a received snapshot is checked while it is written to disk, and
+/// read into memory only once, when it is installed.
+struct StreamCheck {
+    total: u64,
+    seen: u64,
+    crc: crc32fast::Hasher,
+    /// The file's last four bytes: the CRC it declares.
+    declared: [u8; 4],
+    /// The bytes up to the data, as far as they came.
+    head: Vec<u8>,
+}
+
+/// A membership list is a few hundred bytes; a head longer than this is
+/// not kept (and the file is refused).
+const MAX_HEAD: usize = 1 << 20;
+
+impl StreamCheck {
+    fn new(total: u64) -> StreamCheck {
+        StreamCheck { total, seen: 0, crc: crc32fast::Hasher::new(), declared: [0; 4], head: Vec::new() }
+    }
+
+    /// The next bytes of the file.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        let body_len = self.total.saturating_sub(4);
+        let hashed = body_len.saturating_sub(self.seen).min(bytes.len() as u64) as usize;
+        self.crc.update(&bytes[..hashed]);
+        // Past the body: the CRC, from this position of it on.
+        let first = (self.seen + hashed as u64).saturating_sub(body_len);
+        for (at, &byte) in (first..).zip(&bytes[hashed..]) {
+            if let Some(slot) = self.declared.get_mut(at as usize) {
+                *slot = byte;
+            }
+        }
+        self.seen += bytes.len() as u64;
+        // The head's length is known once its membership's length is in.
+        while self.head.len() < self.head_len() && !bytes.is_empty() {
+            let take = (self.head_len() - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+        }
+    }
+
+    fn head_len(&self) -> usize {
+        let Some(len) = self.head.get(HEADER_LEN..HEADER_LEN + 8) else { return HEADER_LEN + 8 };
+        let membership = u64::from_be_bytes(len.try_into().expect("8 bytes"));
+        usize::try_from(membership).map_or(MAX_HEAD, |m| (HEADER_LEN + 16).saturating_add(m).min(MAX_HEAD))
+    }
+
+    /// Once every byte went by: whether the file is intact and holds `meta`.
+    fn finish(self, meta: SnapshotMeta) -> Result<(), String> {
+        if self.seen != self.total {
+            return Err("length mismatch".into());
+        }
+        if !self.head.starts_with(MAGIC) {
+            return Err(unknown_format(&self.head));
+        }
+        if self.total < (HEADER_LEN + 4) as u64 {
+            return Err("truncated header".into());
+        }
+        if self.crc.finalize().to_be_bytes() != self.declared {
+            return Err(CHECKSUM_MISMATCH.into());
+        }
+        let len = usize::try_from(self.total).map_err(|_| "length mismatch")?;
+        let (held, ..) = parse_head(&self.head, len)?;
+        if held != meta {
+            return Err(format!("holds {}/{}, not {}/{}", held.index, held.term, meta.index, meta.term));
+        }
+        Ok(())
+    }
 }
 
 /// Why a file that is not a format-2 snapshot cannot be read.
@@ -230,10 +322,9 @@ impl Snapshots {
         self.promised.load(Ordering::Acquire)
     }
 
-    /// Marks the complete snapshot collected in `incoming` as received:
-    /// checks it is `meta` and intact, makes it durable.
+    /// Marks the complete snapshot collected in `incoming`, checked as it
+    /// came in, as received: makes it durable.
     fn receive(&self, incoming: &Path, meta: SnapshotMeta) -> Result<(), SnapshotError> {
-        read_checked(incoming, meta)?;
         let received = self.received(meta);
         let err = |what: &str, e: io::Error| SnapshotError::new(incoming, format!("cannot {what}: {e}"));
         File::open(incoming).and_then(|f| f.sync_all()).map_err(|e| err("fsync", e))?;
@@ -324,6 +415,7 @@ struct Incoming {
     total: u64,
     received: u64,
     file: File,
+    check: StreamCheck,
     last_piece: Instant,
 }
 
@@ -373,14 +465,16 @@ impl Staging {
             self.discard();
             return Err(format!("cannot write {}: {e}", path.display()));
         }
+        current.check.feed(data);
         current.received += data.len() as u64;
         let received = current.received;
         self.snapshots.promised.store(total.saturating_sub(received), Ordering::Release);
         if received < total {
             return Ok(Some(received));
         }
-        self.current = None;
-        if let Err(e) = self.snapshots.receive(&path, meta) {
+        let check = self.current.take().expect("started above").check;
+        let checked = check.finish(meta).map_err(|problem| SnapshotError::new(&path, problem));
+        if let Err(e) = checked.and_then(|()| self.snapshots.receive(&path, meta)) {
             warn!("snapshot from node {from} refused: {e}");
             let _ = fs::remove_file(&path);
             return Ok(Some(0));
@@ -405,7 +499,8 @@ impl Staging {
         let path = self.snapshots.incoming();
         let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         self.snapshots.promised.store(total, Ordering::Release);
-        self.current = Some(Incoming { from, term, meta, total, received: 0, file, last_piece: Instant::now() });
+        let check = StreamCheck::new(total);
+        self.current = Some(Incoming { from, term, meta, total, received: 0, file, check, last_piece: Instant::now() });
         Ok(())
     }
 
@@ -531,6 +626,39 @@ mod tests {
         assert!(!staged(&snapshots));
         snapshots.adopt(meta).unwrap();
         assert_eq!(snapshots.load(meta).unwrap().data, vec![7; 2500]);
+    }
+
+    /// A received file is checked piece by piece as it is written (never
+    /// read back whole): whatever the pieces, it is received exactly when
+    /// reading it whole would accept it.
+    #[test]
+    fn a_received_snapshot_is_checked_as_its_pieces_come_in() {
+        let (_tmp, mut staging, snapshots, meta, file) = staging(0);
+        let total = file.len() as u64;
+        let send = |staging: &mut Staging, meta, bytes: &[u8], piece: usize| {
+            let mut outcome = Ok(Some(0));
+            for (i, chunk) in bytes.chunks(piece).enumerate() {
+                outcome = staging.piece((1, 2), meta, (i * piece) as u64, bytes.len() as u64, chunk);
+            }
+            outcome
+        };
+        for piece in [1, 3, 4, 5, 999, 2533, file.len()] {
+            assert_eq!(send(&mut staging, meta, &file, piece), Ok(None), "pieces of {piece}");
+            fs::remove_file(snapshots.received(meta)).unwrap();
+        }
+        let other = SnapshotMeta { index: 10, term: 2 };
+        assert_eq!(send(&mut staging, other, &file, 1000), Ok(Some(0)), "not the snapshot it claims");
+        // Every byte matters: the header, the lengths, the data, the CRC.
+        for at in (0..file.len()).step_by(7).chain(file.len() - 4..file.len()) {
+            let mut damaged = file.clone();
+            damaged[at] ^= 0x10;
+            assert!(decode(damaged.clone()).is_err());
+            assert_eq!(send(&mut staging, meta, &damaged, 1000), Ok(Some(0)), "byte {at} changed");
+        }
+        let long = [&file[..], b"x"].concat();
+        assert_eq!(send(&mut staging, meta, &long, 1000), Ok(Some(0)), "a byte too many");
+        assert_eq!(staging.piece((1, 2), meta, 0, total, &long), Ok(Some(0)), "a last piece past the end");
+        assert!(!staged(&snapshots) && snapshots.promised_bytes() == 0);
     }
 
     #[test]

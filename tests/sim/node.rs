@@ -224,7 +224,8 @@ impl SimNode {
                     fx.applied.extend(entries);
                 }
                 Effect::Restored(snapshot) => fx.restored = Some(snapshot),
-                Effect::SaveSnapshot(SnapshotJob { meta: snapshot, image, .. }) => {
+                Effect::SaveSnapshot(job) => {
+                    let SnapshotJob { meta: snapshot, image, .. } = *job;
                     server.store_mut().snapshots.borrow_mut().insert(snapshot, image.encode());
                     server.snapshot_saved(snapshot).expect("compaction never crashes");
                     fx.compacted = Some(snapshot);

@@ -63,7 +63,8 @@ pub struct TransportConfig {
     /// is ignored).
     pub peers: Vec<(NodeId, String)>,
     /// How long a request waits for its reply before the peer is reported
-    /// unreachable. Should be well under the election timeout.
+    /// unreachable. Long enough for a slow or lossy link (see the node's
+    /// `peer_reply_timeout`): a timeout costs a new connection.
     pub reply_timeout: Duration,
     /// Largest frame sent or accepted (ZMQ_MAXMSGSIZE); negative = unlimited.
     pub max_message_bytes: i64,

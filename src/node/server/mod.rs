@@ -114,7 +114,7 @@ pub enum Effect<H> {
     Restored(SnapshotMeta),
     /// Write this snapshot, off the server's thread; then call
     /// [`Server::snapshot_saved`] (or `snapshot_failed`).
-    SaveSnapshot(SnapshotJob),
+    SaveSnapshot(Box<SnapshotJob>),
     /// The `log` op: committed entries from the stored log.
     ReadLog {
         from: Index,
@@ -838,7 +838,8 @@ impl<H> App<H> {
     fn save_snapshot(&mut self) {
         self.snapshots.saving = Some(self.applied);
         let membership = self.applied_membership.clone();
-        self.effects.push(Effect::SaveSnapshot(SnapshotJob { meta: self.applied, membership, image: self.kv.image() }));
+        let job = SnapshotJob { meta: self.applied, membership, image: self.kv.image() };
+        self.effects.push(Effect::SaveSnapshot(Box::new(job)));
     }
 
     fn answer_snapshot_waiters(&mut self) {

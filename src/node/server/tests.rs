@@ -263,9 +263,8 @@ fn the_snapshot_op_is_answered_once_the_image_is_on_disk() {
     process(&mut s);
     s.client(Request::Snapshot, 11, now());
     let effects = s.take_effects();
-    let [Effect::SaveSnapshot(SnapshotJob { meta, membership, image })] = &effects[..] else {
-        panic!("one snapshot to write")
-    };
+    let [Effect::SaveSnapshot(job)] = &effects[..] else { panic!("one snapshot to write") };
+    let SnapshotJob { meta, membership, image } = &**job;
     assert_eq!((meta.index, image.len()), (s.applied().index, 1));
     assert_eq!(membership, s.raft.membership(), "the membership in force there");
     s.snapshot_saved(*meta).unwrap();
