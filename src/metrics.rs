@@ -52,6 +52,7 @@ pub struct Metrics {
     pub disk_bytes: IntGauge,
     pub nospace: IntGauge,
     pub forged_messages: IntCounter,
+    pub peer_rejects: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -93,6 +94,15 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(client_requests.clone())).expect("registered once");
+        let peer_rejects = IntCounterVec::new(
+            Opts::new(
+                "raft_peer_messages_rejected_total",
+                "Peer requests and replies dropped unread, by reason (e.g. protocol version mismatch)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(peer_rejects.clone())).expect("registered once");
         let metrics = Metrics {
             term: gauge("raft_term", "Current term"),
             is_leader: gauge("raft_is_leader", "1 on the leader, 0 elsewhere"),
@@ -144,6 +154,7 @@ impl Metrics {
                 "raft_peer_forged_messages_total",
                 "Peer messages dropped because their sender is not the node whose key made the connection",
             ),
+            peer_rejects,
             registry,
         };
         // Every op's series exist from the start, so that a scrape of an

@@ -58,6 +58,8 @@ pub struct Node {
     /// The network namespace it runs in (`ip netns exec`), when it has a
     /// host of its own.
     pub netns: Option<String>,
+    /// The raft-zmq it runs when not this build's (an older release).
+    pub binary: Option<PathBuf>,
     pub process: Option<Child>,
 }
 
@@ -174,6 +176,7 @@ impl TestCluster {
                 raft_listen: None,
                 client_listen: None,
                 netns: None,
+                binary: None,
                 process: None,
             })
             .collect();
@@ -245,11 +248,12 @@ impl TestCluster {
     fn spawn(&mut self, id: usize, config: &Path, extra_args: &[String], crash_at: Option<&str>) {
         assert!(self.nodes[id].process.is_none(), "node {id} already running");
         let log = fs::OpenOptions::new().create(true).append(true).open(self.output_path(id)).unwrap();
+        let program = self.nodes[id].binary.clone().unwrap_or_else(|| PathBuf::from(binary()));
         // `ip netns exec` execs the binary: the child's pid is the node's.
         let mut command = match &self.nodes[id].netns {
             Some(netns) => {
                 let mut command = Command::new("ip");
-                command.args(["netns", "exec", netns, binary()]);
+                command.args(["netns", "exec", netns]).arg(&program);
                 // A node on a host of its own dies with the thread that
                 // started it, so a test killed before it could clean up
                 // leaves no node holding a namespace.
@@ -262,7 +266,7 @@ impl TestCluster {
                 }
                 command
             }
-            None => Command::new(binary()),
+            None => Command::new(&program),
         };
         if let Some(point) = crash_at {
             command.env(raft_zmq::crash_point::VARIABLE, point);

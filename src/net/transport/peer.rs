@@ -126,6 +126,7 @@ impl Link {
                             warnings.warn("peer socket error", format!("peer {} at {}: {e}", self.peer, self.endpoint))
                         }
                         Failure::Rejected(r) => {
+                            METRICS.peer_rejects.with_label_values(&[r.reason()]).inc();
                             let detail = format!("exchange with peer {} failed: {r}", self.peer);
                             warnings.warn(r.reason(), detail)
                         }

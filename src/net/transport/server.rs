@@ -190,6 +190,7 @@ impl Server {
                 deliver(&self.inbound, Inbound::Message(message), warnings);
             }
             Err(reject) => {
+                METRICS.peer_rejects.with_label_values(&[reject.reason()]).inc();
                 warnings.warn(reject.reason(), format!("request dropped: {reject}"));
                 // Said at once, so the sender need not wait out a timeout to
                 // learn which cluster this node speaks for.
