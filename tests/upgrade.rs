@@ -12,90 +12,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::Duration;
 
-use common::{TestCluster, get, put, wait_for};
-use raft_zmq::kv::Value;
+use common::rolling::{self, Leaders, Load};
+use common::{TestCluster, get, wait_for};
 use raft_zmq::wire::envelope::PROTOCOL_VERSION;
-use raft_zmq::wire::protocol::{Reply, Request};
-
-/// Writes that go on while nodes are replaced: a new key each, through
-/// every node in turn. Acknowledged ones must all be there at the end.
-struct Load {
-    stop: Arc<AtomicBool>,
-    acknowledged: Arc<Mutex<BTreeMap<String, String>>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(cluster: &TestCluster) -> Load {
-        let (stop, acknowledged) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(BTreeMap::new())));
-        let endpoints = cluster.endpoints();
-        let thread = {
-            let (stop, acknowledged) = (Arc::clone(&stop), Arc::clone(&acknowledged));
-            thread::spawn(move || {
-                let ctx = zmq::Context::new();
-                let mut clients: Vec<_> = endpoints.iter().map(|e| e.client(&ctx, Duration::from_secs(2))).collect();
-                let n = clients.len();
-                for i in 0.. {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let (key, value) = (format!("u{i}"), format!("v{i}"));
-                    if let Ok(Reply::Put { .. }) = clients[i % n].call(&put(&key, &value)) {
-                        acknowledged.lock().unwrap().insert(key, value);
-                    }
-                }
-            })
-        };
-        Load { stop, acknowledged, thread: Some(thread) }
-    }
-
-    fn acknowledged(&self) -> usize {
-        self.acknowledged.lock().unwrap().len()
-    }
-
-    /// Stops the writes; returns the acknowledged ones.
-    fn finish(mut self) -> BTreeMap<String, String> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap();
-        std::mem::take(&mut *self.acknowledged.lock().unwrap())
-    }
-}
-
-/// The leaders the cluster had, in order, as its nodes report them.
-#[derive(Default)]
-struct Leaders(Vec<(u64, u64)>);
-
-impl Leaders {
-    /// Records the leader a majority of the running nodes follow, if any.
-    fn observe(&mut self, cluster: &TestCluster) -> Option<usize> {
-        let statuses: Vec<_> = cluster.running().into_iter().filter_map(|id| cluster.status(id)).collect();
-        let leader = statuses.iter().find(|s| s.role == "leader")?;
-        let agree = statuses.iter().filter(|s| s.leader == Some(leader.id) && s.term == leader.term).count();
-        if agree <= cluster.nodes.len() / 2 {
-            return None;
-        }
-        if self.0.last().is_none_or(|&(_, id)| id != leader.id) {
-            self.0.push((leader.term, leader.id));
-        }
-        Some(leader.id as usize)
-    }
-
-    fn wait(&mut self, cluster: &TestCluster) -> usize {
-        wait_for("a leader a majority follows", || self.observe(cluster))
-    }
-
-    fn changes(&self) -> usize {
-        self.0.len().saturating_sub(1)
-    }
-}
+use raft_zmq::wire::protocol::Reply;
 
 #[test]
 fn a_rolling_upgrade_from_the_previous_release_loses_no_acknowledged_write() {
@@ -112,21 +35,9 @@ fn a_rolling_upgrade_from_the_previous_release_loses_no_acknowledged_write() {
     let load = Load::start(&cluster);
     wait_for("writes to the previous release", || (load.acknowledged() >= 50).then_some(()));
 
-    // Followers first, the leader last; a leader hands over before it stops
-    // (SIGTERM), as an operator would with `transfer-leader`.
-    let leader = leaders.wait(&cluster);
-    let order: Vec<usize> = (0..3).filter(|&id| id != leader).chain([leader]).collect();
-    for id in order {
-        let before = load.acknowledged();
-        assert_eq!(cluster.terminate(id).code(), Some(0), "node {id} of {tag} stops cleanly");
+    rolling::one_node_at_a_time(&mut cluster, &mut leaders, &load, 20, |cluster, id| {
         cluster.nodes[id].binary = None;
-        cluster.start_node(id);
-        leaders.wait(&cluster);
-        wait_for(&format!("writes after node {id} was upgraded"), || {
-            leaders.observe(&cluster);
-            (load.acknowledged() >= before + 20).then_some(())
-        });
-    }
+    });
     let upgraded = load.acknowledged();
 
     // One node back to the previous release, then forward again.
@@ -159,21 +70,10 @@ fn a_rolling_upgrade_from_the_previous_release_loses_no_acknowledged_write() {
     cluster.start_node(down);
     leaders.wait(&cluster);
 
-    let acknowledged = load.finish();
-    let leader = leaders.wait(&cluster);
-    let last = match cluster.call_ok(leader, &Request::Status) {
-        Reply::Status(status) => status.commit_index,
-        other => panic!("unexpected {other:?}"),
-    };
-    cluster.wait_applied(last);
-    for (key, value) in &acknowledged {
-        assert_eq!(cluster.get_value(leader, key), Some(Value::Str(value.clone())), "acknowledged {key} lost");
-    }
-    let mirrors: Vec<String> = (0..3).map(|id| cluster.mirror(id)).collect();
-    assert!(mirrors.iter().all(|m| m == &mirrors[0]), "the replicas' logs differ");
+    let acknowledged = rolling::check(&cluster, &mut leaders, load);
     eprintln!(
         "upgrade from {tag}: {} writes acknowledged, none lost; leaders {:?} ({} changes for 3 nodes replaced and one downgraded and upgraded again)",
-        acknowledged.len(),
+        acknowledged,
         leaders.0,
         leaders.changes()
     );

@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod lazyfs;
+pub mod rolling;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
