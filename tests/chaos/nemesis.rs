@@ -3,8 +3,9 @@
 //! gaps in between so the cluster can recover and serve. Fault kinds are
 //! dealt from a shuffled deck, so any run of [`kinds`] faults has them all.
 //! While a fault cuts the leader off or takes it away, the probes aim at it.
-//! A network that drops packets (hosts of their own) adds two kinds: a
-//! host whose link goes down, and loss on every link.
+//! A network that drops packets (hosts of their own) adds three kinds: a
+//! host whose link goes down, loss on every link, and every link slowed
+//! down for a while.
 
 use std::fmt;
 use std::thread;
@@ -16,7 +17,7 @@ use crate::probe::Probe;
 
 /// The kinds of fault [`Fault::pick`] deals on this network.
 fn kinds() -> usize {
-    if Network::DROPS_PACKETS { 11 } else { 9 }
+    if Network::DROPS_PACKETS { 12 } else { 9 }
 }
 /// The longest SIGSTOP.
 pub const LONGEST_PAUSE: Duration = Duration::from_millis(2500);
@@ -47,6 +48,8 @@ pub enum Fault {
     HostDown { node: usize, leader: bool },
     /// Every node drops this share of the packets it receives.
     Loss { percent: u32 },
+    /// Every link holds each packet this long (± a fifth) each way.
+    Delay { ms: u64 },
 }
 
 /// A fault as it happened: times are since the run started.
@@ -91,6 +94,7 @@ impl Fault {
             9 if rng.bool() => Fault::HostDown { node: leader, leader: true },
             9 => Fault::HostDown { node: other, leader: false },
             10 => Fault::Loss { percent: rng.u32(1..=5) },
+            11 => Fault::Delay { ms: rng.u64(5..=20) },
             // Without a spare slot left: a power loss instead.
             _ => match spare {
                 Some(new) => Fault::Replace { old: if rng.bool() { leader } else { other }, new },
@@ -109,7 +113,7 @@ impl Fault {
             | Fault::OneWay { .. }
             | Fault::Bridge { .. }
             | Fault::HostDown { .. } => rng.u64(1000..3000),
-            Fault::Loss { .. } => rng.u64(2000..4000),
+            Fault::Loss { .. } | Fault::Delay { .. } => rng.u64(2000..4000),
         };
         Duration::from_millis(ms)
     }
@@ -130,6 +134,7 @@ impl Fault {
             Fault::Replace { old, .. } => cluster.remove(*old),
             Fault::HostDown { node, .. } => cluster.network.set_link(*node, false),
             Fault::Loss { percent } => cluster.network.set_loss(*percent),
+            Fault::Delay { ms } => cluster.network.set_delay(Some(Duration::from_millis(*ms))),
         }
     }
 
@@ -144,6 +149,7 @@ impl Fault {
             Fault::Replace { new, .. } => assert_eq!(cluster.join(), *new),
             Fault::HostDown { node, .. } => cluster.network.set_link(*node, true),
             Fault::Loss { .. } => cluster.network.set_loss(0),
+            Fault::Delay { .. } => cluster.network.set_delay(None),
         }
     }
 
@@ -160,6 +166,7 @@ impl Fault {
                 | Fault::Bridge { .. }
                 | Fault::HostDown { .. }
                 | Fault::Loss { .. }
+                | Fault::Delay { .. }
         )
     }
 
@@ -208,6 +215,7 @@ impl fmt::Display for Fault {
             Fault::HostDown { node, leader: true } => write!(f, "link down: leader {node}'s host goes away"),
             Fault::HostDown { node, leader: false } => write!(f, "link down: follower {node}'s host goes away"),
             Fault::Loss { percent } => write!(f, "{percent}% packet loss on every link"),
+            Fault::Delay { ms } => write!(f, "{ms} ms delay each way on every link"),
         }
     }
 }

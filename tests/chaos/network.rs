@@ -57,6 +57,10 @@ impl Network {
         unreachable!("proxies do not drop packets (DROPS_PACKETS)")
     }
 
+    pub fn set_delay(&mut self, _delay: Option<std::time::Duration>) {
+        unreachable!("proxies do not delay packets (DROPS_PACKETS)")
+    }
+
     pub fn set_link(&self, _node: usize, _up: bool) {
         unreachable!("proxies do not take hosts away (DROPS_PACKETS)")
     }

@@ -58,6 +58,8 @@ pub struct Network {
     bridge: String,
     /// One a host while links are delayed.
     delayers: Vec<Delayer>,
+    /// The delay and jitter the links started with, and go back to.
+    base_delay: (Duration, Duration),
 }
 
 struct Host {
@@ -106,7 +108,8 @@ impl Network {
         remove_leftovers();
         let (pid, run_id) = (std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
         let bridge = format!("rz{pid}-{run_id}b");
-        let mut network = Network { hosts: Vec::new(), bridge: bridge.clone(), delayers: Vec::new() };
+        let base_delay = DELAY.get();
+        let mut network = Network { hosts: Vec::new(), bridge: bridge.clone(), delayers: Vec::new(), base_delay };
         // Chosen and claimed under a machine-wide lock, so that two runs
         // never pick the same subnet.
         let subnet = {
@@ -142,7 +145,7 @@ impl Network {
         }
         let hosts: Vec<String> = network.hosts.iter().map(|h| h.address.to_string()).collect();
         eprintln!("hosts: bridge {bridge} at {}/24, nodes at {}", host(subnet, 1), hosts.join(", "));
-        let (delay, jitter) = DELAY.get();
+        let (delay, jitter) = base_delay;
         if !delay.is_zero() {
             network.delay(delay, jitter);
             eprintln!("hosts: every packet held {delay:?} +/- {jitter:?} on its way out (round trips {:?})", delay * 2);
@@ -204,6 +207,13 @@ impl Network {
         }
         rules += "COMMIT\n";
         self.restore(true, (0..self.hosts.len()).map(|i| (i, rules.clone())).collect());
+    }
+
+    /// Every link holds each packet for `delay` ± a fifth of it each way
+    /// (a slow network for a while); `None`: back to the links' own delay.
+    pub fn set_delay(&mut self, delay: Option<Duration>) {
+        let (delay, jitter) = delay.map_or(self.base_delay, |delay| (delay, delay / 5));
+        self.delay(delay, jitter);
     }
 
     /// Node `node`'s host link up or down (the namespace's end: the node
