@@ -3,9 +3,9 @@
 //! gaps in between so the cluster can recover and serve. Fault kinds are
 //! dealt from a shuffled deck, so any run of [`kinds`] faults has them all.
 //! While a fault cuts the leader off or takes it away, the probes aim at it.
-//! A network that drops packets (hosts of their own) adds three kinds: a
-//! host whose link goes down, loss on every link, and every link slowed
-//! down for a while.
+//! A network that drops packets (hosts of their own) adds four kinds: a
+//! host whose link goes down, loss on every link, every link slowed down
+//! for a while, and packets sent twice.
 
 use std::fmt;
 use std::thread;
@@ -17,7 +17,7 @@ use crate::probe::Probe;
 
 /// The kinds of fault [`Fault::pick`] deals on this network.
 fn kinds() -> usize {
-    if Network::DROPS_PACKETS { 12 } else { 9 }
+    if Network::DROPS_PACKETS { 13 } else { 9 }
 }
 /// The longest SIGSTOP.
 pub const LONGEST_PAUSE: Duration = Duration::from_millis(2500);
@@ -50,6 +50,8 @@ pub enum Fault {
     Loss { percent: u32 },
     /// Every link holds each packet this long (± a fifth) each way.
     Delay { ms: u64 },
+    /// Every host sends this share of its packets twice.
+    Duplicate { percent: u32 },
 }
 
 /// A fault as it happened: times are since the run started.
@@ -95,6 +97,7 @@ impl Fault {
             9 => Fault::HostDown { node: other, leader: false },
             10 => Fault::Loss { percent: rng.u32(1..=5) },
             11 => Fault::Delay { ms: rng.u64(5..=20) },
+            12 => Fault::Duplicate { percent: rng.u32(5..=30) },
             // Without a spare slot left: a power loss instead.
             _ => match spare {
                 Some(new) => Fault::Replace { old: if rng.bool() { leader } else { other }, new },
@@ -113,7 +116,7 @@ impl Fault {
             | Fault::OneWay { .. }
             | Fault::Bridge { .. }
             | Fault::HostDown { .. } => rng.u64(1000..3000),
-            Fault::Loss { .. } | Fault::Delay { .. } => rng.u64(2000..4000),
+            Fault::Loss { .. } | Fault::Delay { .. } | Fault::Duplicate { .. } => rng.u64(2000..4000),
         };
         Duration::from_millis(ms)
     }
@@ -135,6 +138,7 @@ impl Fault {
             Fault::HostDown { node, .. } => cluster.network.set_link(*node, false),
             Fault::Loss { percent } => cluster.network.set_loss(*percent),
             Fault::Delay { ms } => cluster.network.set_delay(Some(Duration::from_millis(*ms))),
+            Fault::Duplicate { percent } => cluster.network.set_duplication(*percent),
         }
     }
 
@@ -150,6 +154,7 @@ impl Fault {
             Fault::HostDown { node, .. } => cluster.network.set_link(*node, true),
             Fault::Loss { .. } => cluster.network.set_loss(0),
             Fault::Delay { .. } => cluster.network.set_delay(None),
+            Fault::Duplicate { .. } => cluster.network.set_duplication(0),
         }
     }
 
@@ -167,6 +172,7 @@ impl Fault {
                 | Fault::HostDown { .. }
                 | Fault::Loss { .. }
                 | Fault::Delay { .. }
+                | Fault::Duplicate { .. }
         )
     }
 
@@ -216,6 +222,7 @@ impl fmt::Display for Fault {
             Fault::HostDown { node, leader: false } => write!(f, "link down: follower {node}'s host goes away"),
             Fault::Loss { percent } => write!(f, "{percent}% packet loss on every link"),
             Fault::Delay { ms } => write!(f, "{ms} ms delay each way on every link"),
+            Fault::Duplicate { percent } => write!(f, "{percent}% of the packets sent twice on every link"),
         }
     }
 }

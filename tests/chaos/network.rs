@@ -61,6 +61,10 @@ impl Network {
         unreachable!("proxies do not delay packets (DROPS_PACKETS)")
     }
 
+    pub fn set_duplication(&mut self, _percent: u32) {
+        unreachable!("proxies do not duplicate packets (DROPS_PACKETS)")
+    }
+
     pub fn set_link(&self, _node: usize, _up: bool) {
         unreachable!("proxies do not take hosts away (DROPS_PACKETS)")
     }

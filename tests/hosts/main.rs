@@ -162,25 +162,76 @@ fn three_nodes_delayed(delay: Duration, jitter: Duration) -> (Network, common::T
     (network, cluster)
 }
 
+/// Two hosts on a bridge, with nodes configured (not started), where the
+/// machine can make them.
+fn two_hosts() -> Option<(Network, common::TestCluster)> {
+    available().then(|| {
+        let mut cluster = common::TestCluster::configure(2, "");
+        (Network::start(&mut cluster.nodes), cluster)
+    })
+}
+
 /// A delayed link holds every packet for the delay on its way out of a
 /// host, so that a round trip between two hosts takes twice the delay; and
 /// without delay, as before.
 #[test]
 fn delayed_links_hold_every_packet_for_the_delay() {
-    if !available() {
-        return;
-    }
-    let mut cluster = common::TestCluster::configure(2, "");
-    let mut network = Network::start(&mut cluster.nodes);
+    let Some((mut network, cluster)) = two_hosts() else { return };
     let plain = median_round_trip(&cluster.nodes);
-    network.delay(Duration::from_millis(5), Duration::from_millis(1));
+    network.shape(delay::Shaping { delay: Duration::from_millis(5), jitter: Duration::from_millis(1), ..Default::default() });
     let delayed = median_round_trip(&cluster.nodes);
-    network.delay(Duration::ZERO, Duration::ZERO);
+    network.shape(delay::Shaping::default());
     let undelayed = median_round_trip(&cluster.nodes);
     eprintln!("round trips: {plain:?}, with 5 ms +/- 1 ms each way {delayed:?}, without again {undelayed:?}");
     assert!(plain < Duration::from_millis(5), "{plain:?}");
     assert!(delayed >= Duration::from_millis(8) && delayed < Duration::from_millis(40), "{delayed:?}");
     assert!(undelayed < Duration::from_millis(5), "{undelayed:?}");
+}
+
+/// A duplicating link delivers a share of the packets twice: UDP shows it
+/// (TCP drops the copies it gets, which is what the nodes see).
+#[test]
+fn duplicating_links_deliver_a_share_of_packets_twice() {
+    let Some((mut network, cluster)) = two_hosts() else { return };
+    let sent = 200;
+    network.set_duplication(50);
+    let doubled = datagrams_through(&cluster.nodes, sent);
+    network.set_duplication(0);
+    let once = datagrams_through(&cluster.nodes, sent);
+    eprintln!("{sent} datagrams sent: {doubled} received with 50 % duplication, {once} without");
+    assert!(doubled > sent + sent / 4 && doubled < sent + sent * 3 / 4, "{doubled}");
+    assert_eq!(once, sent);
+}
+
+/// How many of `count` UDP datagrams sent from node 1's host to node 0's
+/// arrive.
+fn datagrams_through(nodes: &[common::Node], count: usize) -> usize {
+    let address = nodes[0].raft.trim_start_matches("tcp://").to_string();
+    let (server, client) = (nodes[0].netns.clone().unwrap(), nodes[1].netns.clone().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = {
+        let address = address.clone();
+        thread::spawn(move || {
+            delay::enter(&server).unwrap();
+            let socket = std::net::UdpSocket::bind(&address).unwrap();
+            socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            tx.send(()).unwrap();
+            let mut buffer = [0u8; 64];
+            std::iter::from_fn(|| socket.recv(&mut buffer).ok()).count()
+        })
+    };
+    rx.recv().unwrap();
+    thread::spawn(move || {
+        delay::enter(&client).unwrap();
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for i in 0..count {
+            socket.send_to(&(i as u32).to_be_bytes(), &address).unwrap();
+            thread::sleep(Duration::from_micros(200));
+        }
+    })
+    .join()
+    .unwrap();
+    receiver.join().unwrap()
 }
 
 /// The median of 21 one-byte round trips over TCP from node 1's host to

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::common::Node;
-use crate::delay::Delayer;
+use crate::delay::{COPY_MARK, Delayer, Shaping};
 
 const RAFT_PORT: u16 = 7000;
 const CLIENT_PORT: u16 = 7100;
@@ -58,8 +58,8 @@ pub struct Network {
     bridge: String,
     /// One a host while links are delayed.
     delayers: Vec<Delayer>,
-    /// The delay and jitter the links started with, and go back to.
-    base_delay: (Duration, Duration),
+    /// What the links started with, and go back to.
+    base: Shaping,
 }
 
 struct Host {
@@ -108,8 +108,9 @@ impl Network {
         remove_leftovers();
         let (pid, run_id) = (std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
         let bridge = format!("rz{pid}-{run_id}b");
-        let base_delay = DELAY.get();
-        let mut network = Network { hosts: Vec::new(), bridge: bridge.clone(), delayers: Vec::new(), base_delay };
+        let (delay, jitter) = DELAY.get();
+        let base = Shaping { delay, jitter, duplicate_percent: 0 };
+        let mut network = Network { hosts: Vec::new(), bridge: bridge.clone(), delayers: Vec::new(), base };
         // Chosen and claimed under a machine-wide lock, so that two runs
         // never pick the same subnet.
         let subnet = {
@@ -145,9 +146,8 @@ impl Network {
         }
         let hosts: Vec<String> = network.hosts.iter().map(|h| h.address.to_string()).collect();
         eprintln!("hosts: bridge {bridge} at {}/24, nodes at {}", host(subnet, 1), hosts.join(", "));
-        let (delay, jitter) = base_delay;
         if !delay.is_zero() {
-            network.delay(delay, jitter);
+            network.shape(base);
             eprintln!("hosts: every packet held {delay:?} +/- {jitter:?} on its way out (round trips {:?})", delay * 2);
         }
         network
@@ -191,18 +191,19 @@ impl Network {
         self.restore(true, (0..self.hosts.len()).map(|i| (i, rules.clone())).collect());
     }
 
-    /// Every host holds each packet it sends for `delay` ± `jitter`
-    /// (uniform) before it leaves, so a round trip takes twice that; zero:
-    /// none (see `delay.rs`).
-    pub fn delay(&mut self, delay: Duration, jitter: Duration) {
+    /// Every host shapes each packet it sends before it leaves (see
+    /// `delay.rs`): held for the delay ± the jitter, so a round trip takes
+    /// twice that, and a share sent twice. Nothing at all: no delayers.
+    pub fn shape(&mut self, shaping: Shaping) {
         self.delayers.clear();
         let mut rules = String::from("*filter\n:delay - [0:0]\n");
-        if !delay.is_zero() {
+        if shaping != Shaping::default() {
             for (i, host) in self.hosts.iter().enumerate() {
-                let delayer = Delayer::start(&host.netns, 0, delay, jitter, i as u64)
+                let delayer = Delayer::start(&host.netns, 0, shaping, i as u64)
                     .unwrap_or_else(|e| panic!("a delayer in {}: {e}", host.netns));
                 self.delayers.push(delayer);
             }
+            rules += &format!("-A delay -m mark --mark {COPY_MARK} -j RETURN\n");
             rules += "-A delay -o eth0 -j NFQUEUE --queue-num 0 --queue-bypass\n";
         }
         rules += "COMMIT\n";
@@ -212,8 +213,13 @@ impl Network {
     /// Every link holds each packet for `delay` ± a fifth of it each way
     /// (a slow network for a while); `None`: back to the links' own delay.
     pub fn set_delay(&mut self, delay: Option<Duration>) {
-        let (delay, jitter) = delay.map_or(self.base_delay, |delay| (delay, delay / 5));
-        self.delay(delay, jitter);
+        let (delay, jitter) = delay.map_or((self.base.delay, self.base.jitter), |delay| (delay, delay / 5));
+        self.shape(Shaping { delay, jitter, ..self.base });
+    }
+
+    /// Every host sends `percent` % of its packets twice (0: none).
+    pub fn set_duplication(&mut self, percent: u32) {
+        self.shape(Shaping { duplicate_percent: percent, ..self.base });
     }
 
     /// Node `node`'s host link up or down (the namespace's end: the node
