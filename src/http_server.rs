@@ -62,7 +62,7 @@ impl Limits {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub struct Request {
+pub struct HttpRequest {
     pub method: String,
     pub path: String,
     pub query: String,
@@ -81,7 +81,7 @@ impl Response {
     }
 }
 
-pub type Handler = Arc<dyn Fn(&Request) -> Response + Send + Sync>;
+pub type Handler = Arc<dyn Fn(&HttpRequest) -> Response + Send + Sync>;
 
 /// A request head as it arrives, piece by piece.
 #[derive(Default)]
@@ -93,7 +93,7 @@ impl RequestHead {
     /// Adds what arrived. Once the head is complete (up to its first blank
     /// line) or too long: the request, or the response that refuses it.
     /// The outcome does not depend on how the bytes were split.
-    pub fn push(&mut self, data: &[u8]) -> Option<Result<Request, Response>> {
+    pub fn push(&mut self, data: &[u8]) -> Option<Result<HttpRequest, Response>> {
         // Only ends that `data` adds are searched: a head sent a byte at a
         // time costs linear time, not quadratic.
         let searched = self.bytes.len();
@@ -186,7 +186,7 @@ impl Drop for Connection {
 /// A complete request head (or the response that refuses it) for a worker.
 struct Job {
     connection: Connection,
-    request: Result<Request, Response>,
+    request: Result<HttpRequest, Response>,
 }
 
 struct Pending {
@@ -198,7 +198,7 @@ struct Pending {
 enum Progress {
     More,
     Closed,
-    Done(Result<Request, Response>),
+    Done(Result<HttpRequest, Response>),
 }
 
 impl Pending {
@@ -321,7 +321,7 @@ impl Heads {
 fn work(
     stop: &AtomicBool,
     jobs: &Receiver<Job>,
-    handler: &(dyn Fn(&Request) -> Response + Send + Sync),
+    handler: &(dyn Fn(&HttpRequest) -> Response + Send + Sync),
     write_timeout: Duration,
 ) {
     while !stop.load(Ordering::Acquire) {
@@ -333,7 +333,11 @@ fn work(
 }
 
 /// Answers one request and closes the connection.
-fn answer(job: Job, handler: &(dyn Fn(&Request) -> Response + Send + Sync), write_timeout: Duration) -> io::Result<()> {
+fn answer(
+    job: Job,
+    handler: &(dyn Fn(&HttpRequest) -> Response + Send + Sync),
+    write_timeout: Duration,
+) -> io::Result<()> {
     let mut stream = &job.connection.stream;
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(write_timeout))?;
@@ -346,7 +350,7 @@ fn answer(job: Job, handler: &(dyn Fn(&Request) -> Response + Send + Sync), writ
 }
 
 /// A complete head (up to and including its blank line).
-fn parse(head: &[u8]) -> Result<Request, Response> {
+fn parse(head: &[u8]) -> Result<HttpRequest, Response> {
     let bad = |why: &str| Response::new(400, "text/plain", format!("{why}\n"));
     let head = std::str::from_utf8(head).map_err(|_| bad("request head is not UTF-8"))?;
     let line = head.lines().next().unwrap_or_default();
@@ -362,7 +366,7 @@ fn parse(head: &[u8]) -> Result<Request, Response> {
         return Err(Response::new(405, "text/plain", "only GET and HEAD\n".into()));
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Ok(Request { method: method.into(), path: path.into(), query: query.into() })
+    Ok(HttpRequest { method: method.into(), path: path.into(), query: query.into() })
 }
 
 fn write_response(stream: &mut impl Write, response: &Response) -> io::Result<()> {
@@ -408,7 +412,7 @@ mod tests {
         let probe = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = probe.local_addr().unwrap().to_string();
         drop(probe);
-        let handler: Handler = Arc::new(|request: &Request| {
+        let handler: Handler = Arc::new(|request: &HttpRequest| {
             Response::new(200, "text/plain", format!("{} {} {}", request.method, request.path, request.query))
         });
         (Server::start(&address, limits, handler).unwrap(), address)
@@ -445,7 +449,7 @@ mod tests {
     #[test]
     fn a_head_is_complete_at_its_first_blank_line_however_it_is_split() {
         let whole = b"GET /a?b HTTP/1.1\nHost: x\n\nGET /ignored HTTP/1.1\r\n\r\n";
-        let expected = Request { method: "GET".into(), path: "/a".into(), query: "b".into() };
+        let expected = HttpRequest { method: "GET".into(), path: "/a".into(), query: "b".into() };
         assert_eq!(RequestHead::default().push(whole), Some(Ok(expected)));
         let mut head = RequestHead::default();
         let outcomes: Vec<_> = whole.iter().map(|byte| head.push(&[*byte])).collect();

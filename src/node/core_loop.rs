@@ -237,7 +237,7 @@ impl CoreLoop {
         m.applied_index.set(applied as i64);
         m.snapshot_index.set(server.last_snapshot().index as i64);
         m.last_log_index.set(raft.last_index() as i64);
-        m.first_log_index.set(raft.snapshot().index as i64 + 1);
+        m.first_log_index.set(raft.log_start().index as i64 + 1);
         m.members.with_label_values(&["voter"]).set(raft.membership().voters.len() as i64);
         m.members.with_label_values(&["learner"]).set(raft.membership().learners.len() as i64);
     }

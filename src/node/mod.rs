@@ -530,11 +530,11 @@ fn tick_ms(config: &Config) -> u64 {
     (1..=10).rev().find(|&d| g.is_multiple_of(d)).unwrap_or(1)
 }
 
-fn core_config(config: &Config, id: NodeId) -> raft::Config {
+fn core_config(config: &Config, id: NodeId) -> raft::CoreConfig {
     let tick = tick_ms(config);
     let (min, max) = config.election_timeout_ms;
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ id;
-    raft::Config {
+    raft::CoreConfig {
         id,
         election_ticks: (min / tick, max / tick),
         heartbeat_ticks: config.heartbeat_ms / tick,

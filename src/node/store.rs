@@ -8,7 +8,7 @@ use log::info;
 
 use crate::metrics::{METRICS, seconds_since};
 use crate::raft::driver;
-use crate::raft::{Entry, HardState, Index, LogStore, Membership, Snapshot, SnapshotMeta, Term};
+use crate::raft::{Entry, HardState, Index, LogStore, Membership, SnapshotInfo, SnapshotMeta, Term};
 use crate::storage::snapshot::{SnapshotError, Snapshots};
 use crate::storage::{Storage, StorageError};
 
@@ -148,7 +148,7 @@ impl LogStore for NodeStore {
     }
 }
 
-impl driver::Storage for NodeStore {
+impl driver::DurableStore for NodeStore {
     type Error = PersistError;
 
     /// A snapshot from the leader: its file (received and checked by the
@@ -158,11 +158,11 @@ impl driver::Storage for NodeStore {
     /// the membership in the file.
     fn persist(
         &mut self,
-        snapshot: Option<&Snapshot>,
+        snapshot: Option<&SnapshotInfo>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), PersistError> {
-        if let Some(Snapshot { meta, membership }) = snapshot {
+        if let Some(SnapshotInfo { meta, membership }) = snapshot {
             self.snapshots.adopt(*meta)?;
             crate::crash_point::reached(crate::crash_point::SNAPSHOT_ADOPTED);
             self.storage.install_snapshot(*meta, membership)?;

@@ -1,16 +1,18 @@
 //! The Ready cycle, written once: the node's core loop, the deterministic
 //! simulator, the fuzz targets and the core's unit tests all drive the core
-//! through [`run_ready`], over the [`Storage`] and [`Shell`] each provides.
+//! through [`run_ready`], over the [`DurableStore`] and [`ReadySink`] each provides.
 //! So the order that makes Raft safe — nothing that promises durability
 //! leaves before the sync — is the same code everywhere, and a bug in it is
 //! a bug the simulator finds.
 
 use std::convert::Infallible;
 
-use crate::raft::{Entry, HardState, LogStore, MemStore, Membership, Message, Raft, ReadState, Snapshot, SoftState};
+use crate::raft::{
+    Entry, HardState, LogStore, MemStore, Membership, Message, Raft, ReadState, SnapshotInfo, SoftState,
+};
 
 /// The durable side of a node.
-pub trait Storage: LogStore {
+pub trait DurableStore: LogStore {
     type Error;
 
     /// Step 2 of a `Ready`, all of it durable when this returns: start the
@@ -20,7 +22,7 @@ pub trait Storage: LogStore {
     /// the first of them on).
     fn persist(
         &mut self,
-        snapshot: Option<&Snapshot>,
+        snapshot: Option<&SnapshotInfo>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), Self::Error>;
@@ -29,7 +31,7 @@ pub trait Storage: LogStore {
 /// Everything else around the core: the network, the state machine and the
 /// clients waiting on it. `S` is the core's store, which a state machine
 /// restoring a snapshot reads it from.
-pub trait Shell<S> {
+pub trait ReadySink<S> {
     fn send(&mut self, msg: Message);
     /// Role, term or leader changed.
     fn soft_state(&mut self, soft: SoftState);
@@ -37,7 +39,7 @@ pub trait Shell<S> {
     /// a snapshot brought it): messages to new members follow.
     fn membership(&mut self, membership: &Membership);
     /// The state machine starts over from the snapshot just installed in `store`.
-    fn restore(&mut self, snapshot: &Snapshot, store: &S);
+    fn restore(&mut self, snapshot: &SnapshotInfo, store: &S);
     /// Committed entries, in order, to apply.
     fn apply(&mut self, entries: Vec<Entry>);
     /// A linearizable read may be served once `read.index` is applied.
@@ -50,7 +52,7 @@ pub trait Shell<S> {
 /// documents, until it has nothing more to say. A storage error stops it
 /// at once: the caller must not go on (the node exits, the simulator
 /// counts a crash).
-pub fn run_ready<S: Storage, H: Shell<S>>(raft: &mut Raft<S>, shell: &mut H) -> Result<(), S::Error> {
+pub fn run_ready<S: DurableStore, H: ReadySink<S>>(raft: &mut Raft<S>, shell: &mut H) -> Result<(), S::Error> {
     while raft.has_ready() {
         let rd = raft.ready();
         let must_persist = rd.must_persist();
@@ -86,12 +88,12 @@ pub fn run_ready<S: Storage, H: Shell<S>>(raft: &mut Raft<S>, shell: &mut H) -> 
     Ok(())
 }
 
-impl Storage for MemStore {
+impl DurableStore for MemStore {
     type Error = Infallible;
 
     fn persist(
         &mut self,
-        snapshot: Option<&Snapshot>,
+        snapshot: Option<&SnapshotInfo>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), Infallible> {

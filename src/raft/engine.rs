@@ -18,11 +18,11 @@ use super::progress::Progress;
 use super::raft_log::RaftLog;
 use super::ready::{ReadState, Ready, Role, SoftState};
 use super::tracker::{Tracker, VoteResult};
-use super::types::{Entry, HardState, Index, Membership, NodeId, Payload, Snapshot, SnapshotMeta, Term};
+use super::types::{Entry, HardState, Index, Membership, NodeId, Payload, SnapshotInfo, SnapshotMeta, Term};
 
 /// Timing and behaviour knobs, all in ticks so the core needs no clock.
 #[derive(Clone, Debug)]
-pub struct Config {
+pub struct CoreConfig {
     pub id: NodeId,
     /// Election timeouts are drawn uniformly from `[min, max)` ticks.
     pub election_ticks: (u64, u64),
@@ -37,7 +37,7 @@ pub struct Config {
     pub seed: u64,
 }
 
-impl Config {
+impl CoreConfig {
     /// An unanswered AppendEntries is given up on after this many ticks, so a
     /// lost message never stalls a follower. Half the minimum election
     /// timeout: the retry still reaches the follower before its election
@@ -114,7 +114,7 @@ struct PendingRead {
 }
 
 pub struct Raft<S> {
-    cfg: Config,
+    cfg: CoreConfig,
     term: Term,
     vote: Option<NodeId>,
     role: Role,
@@ -162,7 +162,7 @@ impl<S: LogStore> Raft<S> {
     /// its state machine at `applied` (the snapshot it loaded, if any). Its
     /// membership is the newest in the log; a node that is in none (one
     /// waiting to join) never campaigns and only follows a leader.
-    pub fn new(cfg: Config, store: S, hard_state: HardState, applied: Index) -> Raft<S> {
+    pub fn new(cfg: CoreConfig, store: S, hard_state: HardState, applied: Index) -> Raft<S> {
         assert!(cfg.election_ticks.0 > cfg.heartbeat_ticks && cfg.election_ticks.0 <= cfg.election_ticks.1);
         let log = RaftLog::new(store, hard_state.commit, applied);
         let generation = log.membership_generation();
@@ -347,7 +347,7 @@ impl<S: LogStore> Raft<S> {
             }
             Body::TimeoutNow => self.handle_timeout_now(m.from),
             Body::InstallSnapshot { snapshot, membership } => {
-                self.handle_install_snapshot(m.from, Snapshot { meta: snapshot, membership })
+                self.handle_install_snapshot(m.from, SnapshotInfo { meta: snapshot, membership })
             }
             Body::Removed => unreachable!("handled above"),
         }
@@ -529,13 +529,14 @@ impl<S: LogStore> Raft<S> {
     }
 
     /// Last index handed to the shell to apply (or restored from a snapshot).
-    pub fn applied(&self) -> Index {
-        self.log.applied()
+    pub fn handed_to_apply(&self) -> Index {
+        self.log.handed_to_apply()
     }
 
-    /// The snapshot the log starts after.
-    pub fn snapshot(&self) -> SnapshotMeta {
-        self.log.snapshot()
+    /// Where the log starts: after the snapshot it was compacted to, or
+    /// one being installed.
+    pub fn log_start(&self) -> SnapshotMeta {
+        self.log.log_start()
     }
 
     pub fn last_index(&self) -> Index {
@@ -796,7 +797,7 @@ impl<S: LogStore> Raft<S> {
                 },
             });
         };
-        if prev_log_index < self.log.snapshot().index {
+        if prev_log_index < self.log.log_start().index {
             // Our snapshot covers `prev`: everything up to our commit index is
             // committed, hence in the leader's log too (Leader Completeness).
             let committed = self.log.committed();
@@ -851,7 +852,7 @@ impl<S: LogStore> Raft<S> {
 
     /// A snapshot from the leader, already received and checked by the
     /// shell: install it unless our log already covers it.
-    fn handle_install_snapshot(&mut self, from: NodeId, install: Snapshot) {
+    fn handle_install_snapshot(&mut self, from: NodeId, install: SnapshotInfo) {
         if !self.follow(from) {
             return;
         }
@@ -959,7 +960,7 @@ impl<S: LogStore> Raft<S> {
                 },
                 // What the follower needs next was compacted away.
                 None => {
-                    let Snapshot { meta, membership } = self.log.newest_snapshot();
+                    let SnapshotInfo { meta, membership } = self.log.newest_snapshot();
                     Body::InstallSnapshot { snapshot: meta, membership }
                 }
             };
@@ -1115,7 +1116,7 @@ impl<S: LogStore> Raft<S> {
     fn debug_check_invariants(&self) {
         let last = self.log.last_index();
         debug_assert!(self.log.committed() <= last, "commit {} past the last entry {last}", self.log.committed());
-        debug_assert!(self.log.committed() >= self.log.snapshot().index, "commit behind the snapshot");
+        debug_assert!(self.log.committed() >= self.log.log_start().index, "commit behind the snapshot");
         debug_assert!(self.term >= self.last_hard_state.term, "the term went back");
         debug_assert_eq!(self.role == Role::Leader, self.leader == Some(self.cfg.id), "leader but not leading");
         debug_assert!(

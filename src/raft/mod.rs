@@ -21,10 +21,10 @@ pub mod types;
 #[cfg(test)]
 mod tests;
 
-pub use engine::{ChangeError, Config, NotLeader, Raft, TransferError};
+pub use engine::{ChangeError, CoreConfig, NotLeader, Raft, TransferError};
 pub use log_store::{LogStore, MemStore};
 pub use membership::MembershipChange;
 pub use message::{Body, Message};
 pub use quorum::majority_value;
 pub use ready::{ReadState, Ready, Role, SoftState};
-pub use types::{Entry, HardState, Index, Membership, NodeId, Payload, Snapshot, SnapshotMeta, Term};
+pub use types::{Entry, HardState, Index, Membership, NodeId, Payload, SnapshotInfo, SnapshotMeta, Term};

@@ -18,7 +18,7 @@
 
 use super::log_store::{LogStore, take_within};
 use super::membership::Memberships;
-use super::types::{Entry, Index, Membership, Payload, Snapshot, SnapshotMeta, Term};
+use super::types::{Entry, Index, Membership, Payload, SnapshotInfo, SnapshotMeta, Term};
 
 #[derive(Debug)]
 pub struct RaftLog<S> {
@@ -29,11 +29,12 @@ pub struct RaftLog<S> {
     /// Last index handed to the shell to write (`offset - 1` when none).
     handed: Index,
     committed: Index,
-    /// Last index handed to the shell to apply.
-    applied: Index,
+    /// Last index handed to the shell to apply (the state machine may not
+    /// have applied it yet).
+    handed_to_apply: Index,
     /// A snapshot from the leader that replaces the log; the shell installs
     /// it before anything else.
-    pending_snapshot: Option<Snapshot>,
+    pending_snapshot: Option<SnapshotInfo>,
     /// It was handed to the shell.
     snapshot_handed: bool,
     /// The memberships in the log; the newest is in force.
@@ -51,7 +52,7 @@ impl<S: LogStore> RaftLog<S> {
             offset: last + 1,
             handed: last,
             committed: committed.clamp(applied, last),
-            applied,
+            handed_to_apply: applied,
             pending_snapshot: None,
             snapshot_handed: false,
             memberships: Memberships::new(store.memberships()),
@@ -71,20 +72,21 @@ impl<S: LogStore> RaftLog<S> {
         self.store
     }
 
-    /// The position the log starts after.
-    pub fn snapshot(&self) -> SnapshotMeta {
+    /// The position the log starts after (a snapshot being installed
+    /// counts already).
+    pub fn log_start(&self) -> SnapshotMeta {
         self.pending_snapshot.as_ref().map_or_else(|| self.store.log_start(), |s| s.meta)
     }
 
     /// The newest snapshot to send a follower that needs compacted entries,
     /// with the membership it holds.
-    pub fn newest_snapshot(&self) -> Snapshot {
+    pub fn newest_snapshot(&self) -> SnapshotInfo {
         if let Some(pending) = &self.pending_snapshot {
             return pending.clone();
         }
         let meta = self.store.snapshot();
-        debug_assert!(meta.index >= self.snapshot().index, "the newest snapshot is older than the log start");
-        Snapshot { meta, membership: self.memberships.at(meta.index).clone() }
+        debug_assert!(meta.index >= self.log_start().index, "the newest snapshot is older than the log start");
+        SnapshotInfo { meta, membership: self.memberships.at(meta.index).clone() }
     }
 
     /// The membership in force: the newest in the log.
@@ -105,7 +107,7 @@ impl<S: LogStore> RaftLog<S> {
     /// The membership once the log up to `index` (at or after the log
     /// start) is applied.
     pub fn membership_at(&self, index: Index) -> &Membership {
-        debug_assert!(index >= self.snapshot().index, "{index} is before the log start");
+        debug_assert!(index >= self.log_start().index, "{index} is before the log start");
         self.memberships.at(index)
     }
 
@@ -127,7 +129,7 @@ impl<S: LogStore> RaftLog<S> {
         if index >= self.offset {
             return self.unstable.get((index - self.offset) as usize).map(|e| e.term);
         }
-        let snapshot = self.snapshot();
+        let snapshot = self.log_start();
         match index.cmp(&snapshot.index) {
             std::cmp::Ordering::Less => None,
             std::cmp::Ordering::Equal => Some(snapshot.term),
@@ -139,8 +141,8 @@ impl<S: LogStore> RaftLog<S> {
         self.committed
     }
 
-    pub fn applied(&self) -> Index {
-        self.applied
+    pub fn handed_to_apply(&self) -> Index {
+        self.handed_to_apply
     }
 
     pub fn stable(&self) -> Index {
@@ -178,7 +180,7 @@ impl<S: LogStore> RaftLog<S> {
     /// Terms never decrease along the log, so this is a binary search.
     pub fn first_index_of_term_at(&self, index: Index) -> Index {
         let term = self.term(index);
-        let (mut lo, mut hi) = (self.snapshot().index + 1, index);
+        let (mut lo, mut hi) = (self.log_start().index + 1, index);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             if self.term(mid) < term {
@@ -193,7 +195,7 @@ impl<S: LogStore> RaftLog<S> {
     /// Last index whose entry has exactly `term`, if any (the leader's side
     /// of the conflict hint); a binary search, like the above.
     pub fn last_index_of_term(&self, term: Term) -> Option<Index> {
-        let (mut lo, mut hi) = (self.snapshot().index, self.last_index());
+        let (mut lo, mut hi) = (self.log_start().index, self.last_index());
         if self.term(lo) > Some(term) {
             return None;
         }
@@ -234,7 +236,7 @@ impl<S: LogStore> RaftLog<S> {
         if start <= self.committed {
             return Err(start);
         }
-        debug_assert!(start <= self.last_index() + 1 && start > self.snapshot().index);
+        debug_assert!(start <= self.last_index() + 1 && start > self.log_start().index);
         if start >= self.offset {
             self.unstable.truncate((start - self.offset) as usize);
         } else {
@@ -258,21 +260,21 @@ impl<S: LogStore> RaftLog<S> {
 
     /// Replaces the whole log by `snapshot` from the leader (which is past
     /// our commit index): it is committed and, once installed, applied.
-    pub fn restore(&mut self, snapshot: Snapshot) {
+    pub fn restore(&mut self, snapshot: SnapshotInfo) {
         let index = snapshot.meta.index;
         debug_assert!(index > self.committed);
         self.unstable.clear();
         self.offset = index + 1;
         self.handed = index;
         self.committed = index;
-        self.applied = index;
+        self.handed_to_apply = index;
         self.memberships.restored(index, snapshot.membership.clone());
         self.pending_snapshot = Some(snapshot);
         self.snapshot_handed = false;
     }
 
     /// Hands out the snapshot to install, once.
-    pub fn take_snapshot(&mut self) -> Option<Snapshot> {
+    pub fn take_snapshot(&mut self) -> Option<SnapshotInfo> {
         if self.snapshot_handed {
             return None;
         }
@@ -313,11 +315,11 @@ impl<S: LogStore> RaftLog<S> {
     /// `max_bytes` of them (but at least one).
     pub fn take_committed(&mut self, max_bytes: usize) -> Vec<Entry> {
         let upto = self.committed.min(self.stable());
-        if upto <= self.applied {
+        if upto <= self.handed_to_apply {
             return Vec::new();
         }
-        let out = self.slice(self.applied + 1, upto, max_bytes);
-        self.applied = out.last().map_or(self.applied, |e| e.index);
+        let out = self.slice(self.handed_to_apply + 1, upto, max_bytes);
+        self.handed_to_apply = out.last().map_or(self.handed_to_apply, |e| e.index);
         out
     }
 
@@ -326,7 +328,7 @@ impl<S: LogStore> RaftLog<S> {
     }
 
     pub fn has_committed_to_apply(&self) -> bool {
-        self.committed.min(self.stable()) > self.applied
+        self.committed.min(self.stable()) > self.handed_to_apply
     }
 
     /// Is `(term, index)` at least as up to date as our last entry (§5.4.1)?
@@ -480,14 +482,14 @@ mod tests {
         log.commit_to(4);
         log.take_committed(1 << 20);
         log.store_mut().compact(3);
-        assert_eq!((log.snapshot(), log.term(3), log.term(2)), (SnapshotMeta { index: 3, term: 2 }, Some(2), None));
+        assert_eq!((log.log_start(), log.term(3), log.term(2)), (SnapshotMeta { index: 3, term: 2 }, Some(2), None));
         assert_eq!(log.first_index_of_term_at(4), 4);
         assert_eq!(log.last_index_of_term(1), None, "compacted away");
         assert_eq!(log.last_index_of_term(2), Some(4));
         let snapshot =
-            Snapshot { meta: SnapshotMeta { index: 9, term: 3 }, membership: Membership::of_voters([7], vec![]) };
+            SnapshotInfo { meta: SnapshotMeta { index: 9, term: 3 }, membership: Membership::of_voters([7], vec![]) };
         log.restore(snapshot.clone());
-        assert_eq!((log.last_index(), log.last_term(), log.committed(), log.applied()), (9, 3, 9, 9));
+        assert_eq!((log.last_index(), log.last_term(), log.committed(), log.handed_to_apply()), (9, 3, 9, 9));
         assert_eq!(log.membership(), &snapshot.membership);
         assert!(log.has_unstable(), "the snapshot is still to be written");
         assert_eq!(log.take_snapshot(), Some(snapshot.clone()));

@@ -1,7 +1,7 @@
 //! What the core hands the shell after a round of input (etcd's `Ready`).
 
 use super::message::Message;
-use super::types::{Entry, HardState, Index, Membership, NodeId, Snapshot, Term};
+use super::types::{Entry, HardState, Index, Membership, NodeId, SnapshotInfo, Term};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -55,7 +55,7 @@ pub struct Ready {
     /// The membership in force, when it changed.
     pub membership: Option<Membership>,
     pub hard_state: Option<HardState>,
-    pub snapshot: Option<Snapshot>,
+    pub snapshot: Option<SnapshotInfo>,
     pub entries: Vec<Entry>,
     pub messages: Vec<Message>,
     pub persisted_messages: Vec<Message>,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::*;
-use crate::raft::driver::{Shell, run_ready};
+use crate::raft::driver::{ReadySink, run_ready};
 
 /// The core with its durable state as the shell keeps it.
 type Node = Raft<MemStore>;
@@ -24,7 +24,7 @@ struct TestShell<'a> {
     sent: &'a mut Vec<Message>,
 }
 
-impl<S> Shell<S> for TestShell<'_> {
+impl<S> ReadySink<S> for TestShell<'_> {
     fn send(&mut self, msg: Message) {
         self.queue.push_back(msg.clone());
         self.sent.push(msg);
@@ -34,7 +34,7 @@ impl<S> Shell<S> for TestShell<'_> {
 
     fn membership(&mut self, _: &Membership) {}
 
-    fn restore(&mut self, snapshot: &Snapshot, _: &S) {
+    fn restore(&mut self, snapshot: &SnapshotInfo, _: &S) {
         let SnapshotMeta { index, term } = snapshot.meta;
         self.seen.applied.clear();
         self.seen.applied.push(Entry { index, term, payload: Payload::Noop });
@@ -66,15 +66,15 @@ struct Cluster {
     queue: VecDeque<Message>,
     /// Directed links that drop everything.
     cut: BTreeSet<(NodeId, NodeId)>,
-    cfg: Config,
+    cfg: CoreConfig,
     /// Drops AppendEntries sent by this node (to strand a leader's entries).
     drop_appends_from: Option<NodeId>,
     /// Every message ever sent, for assertions about traffic.
     sent: Vec<Message>,
 }
 
-fn config(id: NodeId) -> Config {
-    Config {
+fn config(id: NodeId) -> CoreConfig {
+    CoreConfig {
         id,
         election_ticks: (10, 20),
         heartbeat_ticks: 2,
@@ -92,10 +92,12 @@ impl Cluster {
     }
 
     /// `n` voters, 1 to n, configured like `cfg`.
-    fn with(n: u64, cfg: Config) -> Cluster {
+    fn with(n: u64, cfg: CoreConfig) -> Cluster {
         let store = MemStore::new(voters(n), HardState::default(), &[]);
         let nodes = (1..=n)
-            .map(|id| (id, Raft::new(Config { id, seed: id, ..cfg.clone() }, store.clone(), HardState::default(), 0)))
+            .map(|id| {
+                (id, Raft::new(CoreConfig { id, seed: id, ..cfg.clone() }, store.clone(), HardState::default(), 0))
+            })
             .collect();
         let seen = (1..=n).map(|id| (id, Seen::default())).collect();
         Cluster {
@@ -199,7 +201,7 @@ impl Cluster {
     /// Starts node `id` with an empty disk and no membership: it waits to
     /// be added, following whichever leader replicates to it.
     fn join(&mut self, id: NodeId) {
-        let cfg = Config { id, seed: id, ..self.cfg.clone() };
+        let cfg = CoreConfig { id, seed: id, ..self.cfg.clone() };
         self.nodes.insert(id, Raft::new(cfg, MemStore::default(), HardState::default(), 0));
         self.seen.insert(id, Seen::default());
     }
@@ -219,7 +221,7 @@ impl Cluster {
 
     /// Restarts `id` from `store`, its state machine empty.
     fn restart_from(&mut self, id: NodeId, store: MemStore) {
-        let cfg = Config { id, seed: id + 1000, ..self.cfg.clone() };
+        let cfg = CoreConfig { id, seed: id + 1000, ..self.cfg.clone() };
         let hard_state = store.hard_state;
         self.nodes.insert(id, Raft::new(cfg, store, hard_state, 0));
         self.seen.insert(id, Seen::default());
@@ -296,15 +298,15 @@ fn node_with(id: NodeId, hs: HardState, entries: Vec<Entry>) -> Node {
     node_from(config(id), hs, entries)
 }
 
-fn node_from(cfg: Config, hs: HardState, entries: Vec<Entry>) -> Node {
+fn node_from(cfg: CoreConfig, hs: HardState, entries: Vec<Entry>) -> Node {
     let mut raft = Raft::new(cfg, MemStore::new(voters(3), hs, &entries), hs, 0);
     raft.ready();
     raft
 }
 
-/// Config for a lone node that campaigns without a pre-vote round.
-fn no_pre_vote(id: NodeId) -> Config {
-    Config { pre_vote: false, ..config(id) }
+/// CoreConfig for a lone node that campaigns without a pre-vote round.
+fn no_pre_vote(id: NodeId) -> CoreConfig {
+    CoreConfig { pre_vote: false, ..config(id) }
 }
 
 /// Ticks until the node becomes a candidate; returns the ticks it took.
@@ -332,7 +334,7 @@ fn elected(hs: HardState, log: Vec<Entry>) -> Node {
 /// One Ready, persisted as the driver would, with nothing sent.
 fn drain(raft: &mut Node) -> Ready {
     let rd = raft.ready();
-    let Ok(()) = crate::raft::driver::Storage::persist(
+    let Ok(()) = crate::raft::driver::DurableStore::persist(
         raft.store_mut(),
         rd.snapshot.as_ref(),
         rd.hard_state.as_ref(),
@@ -459,7 +461,7 @@ fn election_timeouts_are_drawn_from_the_whole_configured_range() {
     // election_ticks (10, 20): every draw in [10, 20), and every value drawn.
     let drawn: BTreeSet<u64> = (0..200)
         .map(|seed| {
-            tick_until_candidate(&mut node_from(Config { seed, ..no_pre_vote(1) }, HardState::default(), vec![]))
+            tick_until_candidate(&mut node_from(CoreConfig { seed, ..no_pre_vote(1) }, HardState::default(), vec![]))
         })
         .collect();
     assert_eq!(drawn, (10..20).collect(), "drawn over 200 seeds");
@@ -568,7 +570,7 @@ fn follower_ignores_vote_requests_while_it_hears_from_a_leader() {
 
 #[test]
 fn pre_vote_is_refused_while_a_leader_is_heard_even_without_check_quorum() {
-    let mut c = Cluster::with(3, Config { check_quorum: false, ..config(1) });
+    let mut c = Cluster::with(3, CoreConfig { check_quorum: false, ..config(1) });
     c.run(30);
     let leader = c.leaders()[0];
     let follower = (1..=3).find(|&id| id != leader).unwrap();
@@ -858,7 +860,7 @@ fn figure_8_scenario_end_to_end() {
     // writes a conflicting entry 2 that nobody else sees. (c) S1 leads term 3.
     // (e) Everyone reconnects: S5's entry must be overwritten and every node
     // must apply the same commands, never changing one already applied.
-    let mut c = Cluster::with(5, Config { pre_vote: false, check_quorum: false, ..config(1) });
+    let mut c = Cluster::with(5, CoreConfig { pre_vote: false, check_quorum: false, ..config(1) });
     c.campaign(1);
     assert_eq!(c.leaders(), vec![1]);
     c.cut.extend([(1, 3), (1, 4), (1, 5)]);
@@ -1089,7 +1091,7 @@ fn lost_append_is_retried_after_the_inflight_timeout() {
 #[test]
 fn one_lost_append_does_not_silence_a_follower_for_an_election_timeout() {
     // Every node's election timeout is exactly 10 ticks.
-    let mut c = Cluster::with(3, Config { election_ticks: (10, 11), ..config(1) });
+    let mut c = Cluster::with(3, CoreConfig { election_ticks: (10, 11), ..config(1) });
     c.campaign(1);
     c.run(5);
     let leader = c.leaders()[0];
@@ -1407,9 +1409,9 @@ fn leader_compacted_past_a_lagger() -> (Cluster, NodeId, NodeId, Index) {
     for i in 0..20u8 {
         c.propose(leader, &[i]);
     }
-    let applied = c.raft(leader).applied();
+    let applied = c.raft(leader).handed_to_apply();
     c.raft_mut(leader).store_mut().compact(applied);
-    assert_eq!(c.raft(leader).snapshot().index, applied);
+    assert_eq!(c.raft(leader).log_start().index, applied);
     (c, leader, lagger, applied)
 }
 
@@ -1420,7 +1422,7 @@ fn follower_behind_the_compacted_log_is_caught_up_by_a_snapshot() {
     c.run(10);
     let snapshots = c.sent.iter().filter(|m| m.to == lagger && matches!(m.body, Body::InstallSnapshot { .. })).count();
     assert_eq!(snapshots, 1, "one snapshot, however many heartbeats went by");
-    assert_eq!(c.raft(lagger).snapshot().index, applied, "the follower's log now starts after the snapshot");
+    assert_eq!(c.raft(lagger).log_start().index, applied, "the follower's log now starts after the snapshot");
     assert_eq!(c.seen[&lagger].applied[0].index, applied, "its state machine was restored from it");
     c.propose(leader, b"after");
     c.run(3);
@@ -1466,7 +1468,7 @@ fn a_lost_snapshot_is_sent_again_even_after_a_stale_reply() {
     c.raft_mut(leader).step(ack(lagger, leader, term, 1, 0));
     c.heal();
     c.run(100);
-    assert_eq!(c.raft(lagger).snapshot().index, applied, "the snapshot was sent again");
+    assert_eq!(c.raft(lagger).log_start().index, applied, "the snapshot was sent again");
     assert_eq!(c.raft(lagger).commit_index(), c.raft(leader).commit_index());
 }
 
@@ -1686,7 +1688,7 @@ fn a_node_joining_behind_a_compacted_log_gets_the_membership_with_the_snapshot()
     c.join(4);
     c.change(leader, add_learner(4, false)).unwrap();
     c.run(3);
-    let applied = c.raft(leader).applied();
+    let applied = c.raft(leader).handed_to_apply();
     c.raft_mut(leader).store_mut().compact(applied);
     c.propose(leader, b"after");
     c.run(20);

@@ -114,7 +114,7 @@ pub struct HardState {
 /// membership in force at that point (entries it covers are gone, the
 /// membership entries among them too).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct SnapshotInfo {
     pub meta: SnapshotMeta,
     pub membership: Membership,
 }

@@ -73,7 +73,7 @@ struct Header {
 /// A request as accepted: the message, its snapshot piece if any, and the
 /// cluster it named, which the answer names too.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Request {
+pub struct PeerRequest {
     pub message: Message,
     pub chunk: Option<Chunk>,
     pub cluster: u64,
@@ -305,7 +305,7 @@ impl Wire {
 
     /// Accepts a request from any peer: an InstallSnapshot always with a
     /// piece of its data, anything else without.
-    pub fn open_request(&self, frame: &[u8]) -> Result<Request, Reject> {
+    pub fn open_request(&self, frame: &[u8]) -> Result<PeerRequest, Reject> {
         let (message, chunk, cluster) = self.open(frame, None)?;
         let from = message.from;
         if !message.body.is_request() {
@@ -325,7 +325,7 @@ impl Wire {
             (_, Some(_)) => return Err(Reject::Invalid { from, problem: "snapshot data with another message".into() }),
             (_, None) => {}
         }
-        Ok(Request { message, chunk, cluster })
+        Ok(PeerRequest { message, chunk, cluster })
     }
 
     /// Accepts only a reply, and only from the peer that was asked: a
@@ -462,7 +462,7 @@ mod tests {
     fn request_and_reply_roundtrip() {
         let request = append(1, 0);
         let frame = wire(1).seal(&request).unwrap();
-        assert_eq!(wire(0).open_request(&frame), Ok(Request { message: request, chunk: None, cluster: CLUSTER }));
+        assert_eq!(wire(0).open_request(&frame), Ok(PeerRequest { message: request, chunk: None, cluster: CLUSTER }));
 
         let reply = vote_reply(0, 1);
         let frame = wire(0).seal(&reply).unwrap();

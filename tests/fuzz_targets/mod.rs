@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, VecDeque};
 
 use raft_zmq::http_server::RequestHead;
 use raft_zmq::kv::KvStore;
-use raft_zmq::raft::driver::{Shell, run_ready};
+use raft_zmq::raft::driver::{ReadySink, run_ready};
 use raft_zmq::raft::{
-    Body, Config, Entry, HardState, LogStore, MemStore, Membership, Message, Payload, Raft, ReadState, Role, Snapshot,
-    SnapshotMeta, SoftState,
+    Body, CoreConfig, Entry, HardState, LogStore, MemStore, Membership, Message, Payload, Raft, ReadState, Role,
+    SnapshotInfo, SnapshotMeta, SoftState,
 };
 use raft_zmq::storage::snapshot;
 use raft_zmq::wire::envelope::{Wire, bootstrap_fingerprint};
@@ -46,7 +46,8 @@ pub fn snapshot_file(data: &[u8]) {
     let decoded = snapshot::decode(data.to_vec());
     // The snapshot the file's header names, when it is damaged elsewhere.
     let at = |from: usize| data.get(from..from + 8).map_or(0, |b| u64::from_be_bytes(b.try_into().expect("8")));
-    let claimed = SnapshotMeta { index: at(b"raft-zmq snapshot 2\n".len()), term: at(b"raft-zmq snapshot 2\n".len() + 8) };
+    let claimed =
+        SnapshotMeta { index: at(b"raft-zmq snapshot 2\n".len()), term: at(b"raft-zmq snapshot 2\n".len() + 8) };
     let meta = decoded.as_ref().map_or(claimed, |file| file.meta);
     assert_eq!(
         received_in_pieces(data, meta),
@@ -133,8 +134,8 @@ fn members() -> Membership {
     Membership::of_voters(0..3, vec![])
 }
 
-fn config(id: u64) -> Config {
-    Config {
+fn config(id: u64) -> CoreConfig {
+    CoreConfig {
         id,
         election_ticks: (4, 8),
         heartbeat_ticks: 1,
@@ -219,7 +220,7 @@ struct FuzzShell<'a> {
     queue: &'a mut VecDeque<Message>,
 }
 
-impl<S> Shell<S> for FuzzShell<'_> {
+impl<S> ReadySink<S> for FuzzShell<'_> {
     fn send(&mut self, msg: Message) {
         self.queue.push_back(msg);
     }
@@ -228,7 +229,7 @@ impl<S> Shell<S> for FuzzShell<'_> {
 
     fn membership(&mut self, _: &Membership) {}
 
-    fn restore(&mut self, _: &Snapshot, _: &S) {
+    fn restore(&mut self, _: &SnapshotInfo, _: &S) {
         // The snapshot stands for every entry up to it.
         self.node.applied.clear();
     }
@@ -283,7 +284,7 @@ impl Sim {
         let raft = self.rafts.get_mut(&id).expect("member");
         raft.tick();
         if compact {
-            let applied = raft.applied();
+            let applied = raft.handed_to_apply();
             raft.store_mut().compact(applied);
         }
         self.process(id);

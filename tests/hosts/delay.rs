@@ -158,7 +158,14 @@ fn send_copy(raw: &OwnedFd, packet: &[u8]) {
     let size = std::mem::size_of::<libc::sockaddr_in>() as u32;
     // SAFETY: sendto(2) reads `packet` and `to`, both ours.
     unsafe {
-        libc::sendto(raw.as_raw_fd(), packet.as_ptr().cast(), packet.len(), 0, (&to as *const libc::sockaddr_in).cast(), size)
+        libc::sendto(
+            raw.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            size,
+        )
     };
 }
 

@@ -144,7 +144,10 @@ fn a_rolling_restart_of_three_hosts_under_load_loses_nothing() {
     let load = Load::start(&cluster);
     rolling::one_node_at_a_time(&mut cluster, &mut leaders, &load, 50, |_, _| {});
     let acknowledged = rolling::check(&cluster, &mut leaders, load);
-    eprintln!("rolling restart over 5 ms round trips: {acknowledged} writes acknowledged, none lost; leaders {:?}", leaders.0);
+    eprintln!(
+        "rolling restart over 5 ms round trips: {acknowledged} writes acknowledged, none lost; leaders {:?}",
+        leaders.0
+    );
     assert!(leaders.changes() <= 3, "more than one leader change per node restarted: {:?}", leaders.0);
 }
 
@@ -178,7 +181,11 @@ fn two_hosts() -> Option<(Network, common::TestCluster)> {
 fn delayed_links_hold_every_packet_for_the_delay() {
     let Some((mut network, cluster)) = two_hosts() else { return };
     let plain = median_round_trip(&cluster.nodes);
-    network.shape(delay::Shaping { delay: Duration::from_millis(5), jitter: Duration::from_millis(1), ..Default::default() });
+    network.shape(delay::Shaping {
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(1),
+        ..Default::default()
+    });
     let delayed = median_round_trip(&cluster.nodes);
     network.shape(delay::Shaping::default());
     let undelayed = median_round_trip(&cluster.nodes);

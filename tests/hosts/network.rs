@@ -91,12 +91,28 @@ impl Network {
         let rules: [&[&str]; 3] = [
             &["-A", "OUTPUT", "-o", "lo", "-p", "udp", "--dport", "9", "-j", "DROP"],
             &["-A", "OUTPUT", "-o", "lo", "-m", "statistic", "--mode", "random", "--probability", "0.01", "-j", "DROP"],
-            &["-A", "OUTPUT", "-o", "lo", "-p", "udp", "--dport", "9", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"],
+            &[
+                "-A",
+                "OUTPUT",
+                "-o",
+                "lo",
+                "-p",
+                "udp",
+                "--dport",
+                "9",
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                "0",
+                "--queue-bypass",
+            ],
         ];
         let loaded = rules.iter().try_for_each(|rule| {
             let mut command = vec!["ip", "netns", "exec", probe.as_str(), "iptables"];
             command.extend_from_slice(rule);
-            run(&command).map(drop).map_err(|e| format!("iptables {} fails in a network namespace here: {e}", rule.join(" ")))
+            run(&command)
+                .map(drop)
+                .map_err(|e| format!("iptables {} fails in a network namespace here: {e}", rule.join(" ")))
         });
         let _ = run(&["ip", "netns", "del", &probe]);
         loaded.err()

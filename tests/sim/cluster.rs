@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use raft_zmq::raft::{Config, Index, LogStore, MembershipChange, Message, NodeId, Raft, Role};
+use raft_zmq::raft::{CoreConfig, Index, LogStore, MembershipChange, Message, NodeId, Raft, Role};
 use raft_zmq::wire::protocol::{ErrorCode, Request};
 
 use super::checker::{Check, Checker, Violation};
@@ -229,7 +229,7 @@ impl Cluster {
         let snapshots = SnapshotRegistry::default();
         for (id, mut disk) in (1..).zip(disks) {
             disk.snapshots = snapshots.clone();
-            let cfg = Config {
+            let cfg = CoreConfig {
                 id,
                 election_ticks: (10, 20),
                 heartbeat_ticks: 2,
@@ -933,7 +933,7 @@ impl Cluster {
                 soft.leader,
                 last_term,
                 hard.commit,
-                raft.applied(),
+                raft.handed_to_apply(),
                 m.voters,
                 m.learners,
                 m.promote,

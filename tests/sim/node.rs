@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use raft_zmq::kv::KvStore;
 use raft_zmq::node::server::{Effect, ProcessError, Server, ServerConfig, SnapshotJob};
-use raft_zmq::raft::{Config, Entry, Index, LogStore, Message, NodeId, Raft, Role, SnapshotMeta, SoftState};
+use raft_zmq::raft::{CoreConfig, Entry, Index, LogStore, Message, NodeId, Raft, Role, SnapshotMeta, SoftState};
 use raft_zmq::wire::protocol::{ErrorCode, Reply, Request};
 
 use super::history::{OpId, OpKind};
@@ -70,7 +70,7 @@ pub type SnapshotRegistry = Rc<RefCell<BTreeMap<SnapshotMeta, Vec<u8>>>>;
 pub type Handle = Option<OpId>;
 
 pub struct SimNode {
-    cfg: Config,
+    cfg: CoreConfig,
     /// The running server, which owns the core, which owns the disk; `None`
     /// while crashed.
     server: Option<Server<Disk, Handle>>,
@@ -113,7 +113,7 @@ pub fn request_of(op: OpId, kind: OpKind) -> Request {
 }
 
 impl SimNode {
-    pub fn new(cfg: Config, disk: Disk, tick_period: Time) -> SimNode {
+    pub fn new(cfg: CoreConfig, disk: Disk, tick_period: Time) -> SimNode {
         let mut node = SimNode {
             cfg,
             server: None,
@@ -284,7 +284,7 @@ impl SimNode {
     /// Starts a fresh process from what the disk holds: the state machine
     /// from the snapshot its log starts after, then the log.
     pub fn restart(&mut self, seed: u64) {
-        let cfg = Config { seed, ..self.cfg.clone() };
+        let cfg = CoreConfig { seed, ..self.cfg.clone() };
         let disk = self.down_disk.take().expect("restarting a node that is down");
         let (hard_state, start, cluster) = (disk.hard_state(), disk.log_start(), disk.cluster);
         let mut kv = KvStore::new();

@@ -3,8 +3,8 @@
 
 use raft_zmq::config::Member;
 use raft_zmq::node::server::NodeStorage;
-use raft_zmq::raft::driver::Storage;
-use raft_zmq::raft::{Entry, HardState, Index, LogStore, MemStore, Membership, Snapshot, SnapshotMeta, Term};
+use raft_zmq::raft::driver::DurableStore;
+use raft_zmq::raft::{Entry, HardState, Index, LogStore, MemStore, Membership, SnapshotInfo, SnapshotMeta, Term};
 
 use super::node::SnapshotRegistry;
 
@@ -80,12 +80,12 @@ impl LogStore for Disk {
     }
 }
 
-impl Storage for Disk {
+impl DurableStore for Disk {
     type Error = Crashed;
 
     fn persist(
         &mut self,
-        snapshot: Option<&Snapshot>,
+        snapshot: Option<&SnapshotInfo>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), Crashed> {

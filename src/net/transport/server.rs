@@ -24,7 +24,7 @@ use crate::net::security::{Caller, recv_with_user};
 use crate::raft::{Body, Message, NodeId, Term};
 use crate::storage::snapshot::Staging;
 use crate::warnings::Warnings;
-use crate::wire::envelope::{Chunk, Reject, Request, Wire};
+use crate::wire::envelope::{Chunk, PeerRequest, Reject, Wire};
 
 /// Requests handled per wake-up before replies get another turn, so that a
 /// flood of requests cannot hold back replies (reply latency is commit latency).
@@ -156,7 +156,7 @@ impl Server {
         // With CURVE, a connection speaks for the node whose key made it:
         // checked before anything of the message, a snapshot piece
         // included, is taken.
-        if let (Ok(Request { message, .. }), Caller::Node(node) | Caller::Removed(node)) = (&opened, sender)
+        if let (Ok(PeerRequest { message, .. }), Caller::Node(node) | Caller::Removed(node)) = (&opened, sender)
             && message.from != node
         {
             METRICS.forged_messages.inc();
@@ -165,13 +165,13 @@ impl Server {
         }
         // A removed node is heard only asking for votes, which the core
         // answers by telling it it was removed; it stops then.
-        if let (Ok(Request { message, .. }), Caller::Removed(node)) = (&opened, sender)
+        if let (Ok(PeerRequest { message, .. }), Caller::Removed(node)) = (&opened, sender)
             && !matches!(message.body, Body::RequestVote { .. })
         {
             return warnings.warn("removed sender", format!("a message from removed node {node} dropped"));
         }
         match opened {
-            Ok(Request { message, chunk: Some(Chunk::Data { offset, total, data }), cluster }) => {
+            Ok(PeerRequest { message, chunk: Some(Chunk::Data { offset, total, data }), cluster }) => {
                 let from = message.from;
                 match self.collect(&message, offset, total, &data, warnings) {
                     Ok(Some(next)) => self.acknowledge(frames, cluster, message, next),
@@ -185,7 +185,7 @@ impl Server {
                     }
                 }
             }
-            Ok(Request { message, cluster, .. }) => {
+            Ok(PeerRequest { message, cluster, .. }) => {
                 pending.insert(message.from, Waiting { route: frames, cluster });
                 deliver(&self.inbound, Inbound::Message(message), warnings);
             }

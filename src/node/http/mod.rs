@@ -16,7 +16,7 @@ use super::Shared;
 use super::disk::dir_bytes;
 use crate::client::Client;
 use crate::config::Member;
-use crate::http_server::{Limits, Request as HttpRequest, Response, Server};
+use crate::http_server::{HttpRequest, Limits, Response, Server};
 use crate::lock;
 use crate::metrics::METRICS;
 use crate::net::security::NodeSecurity;

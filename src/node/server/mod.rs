@@ -29,10 +29,10 @@ use log::{debug, info, warn};
 use crate::config::Member;
 use crate::kv::{KvImage, KvStore, LoggedCommand, Value, decided};
 use crate::metrics::METRICS;
-use crate::raft::driver::{self, Shell, run_ready};
+use crate::raft::driver::{self, ReadySink, run_ready};
 use crate::raft::{
     Body, ChangeError, Entry, HardState, Index, Membership, MembershipChange, Message, NodeId, NotLeader, Payload,
-    Raft, ReadState, Role, Snapshot, SnapshotMeta, SoftState, Term, TransferError,
+    Raft, ReadState, Role, SnapshotInfo, SnapshotMeta, SoftState, Term, TransferError,
 };
 use crate::wire::protocol::{ErrorCode, Reply, Request, StatusInfo};
 
@@ -65,7 +65,7 @@ pub struct ServerConfig {
 }
 
 /// What the server needs of its durable side beyond the Ready driver's.
-pub trait NodeStorage: driver::Storage {
+pub trait NodeStorage: driver::DurableStore {
     /// Counts `bytes` about to be proposed against the disk's reserve, so
     /// that one large batch cannot eat it between two checks. `Err` (why)
     /// while the disk is low on space: nothing may be proposed.
@@ -732,7 +732,7 @@ impl<S: NodeStorage, H> Server<S, H> {
             last_log_index: raft.last_index(),
             members: raft.membership().voters.iter().copied().collect(),
             learners: raft.membership().learners.iter().copied().collect(),
-            first_log_index: raft.snapshot().index + 1,
+            first_log_index: raft.log_start().index + 1,
             snapshot_index: app.snapshots.last.index,
             alarms,
             vote: raft.hard_state().vote,
@@ -879,7 +879,7 @@ struct ReadyShell<'a, H> {
     send: &'a mut dyn FnMut(Message),
 }
 
-impl<S: NodeStorage, H> Shell<S> for ReadyShell<'_, H> {
+impl<S: NodeStorage, H> ReadySink<S> for ReadyShell<'_, H> {
     fn send(&mut self, msg: Message) {
         (self.send)(msg);
     }
@@ -940,7 +940,7 @@ impl<S: NodeStorage, H> Shell<S> for ReadyShell<'_, H> {
         }
     }
 
-    fn restore(&mut self, snapshot: &Snapshot, store: &S) {
+    fn restore(&mut self, snapshot: &SnapshotInfo, store: &S) {
         let app = &mut *self.app;
         let meta = snapshot.meta;
         match store.load_snapshot(meta).and_then(|data| app.kv.restore(&data)) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::kv::Command;
-use crate::raft::{Config, Entry, LogStore, MemStore};
+use crate::raft::{CoreConfig, Entry, LogStore, MemStore};
 
 /// `MemStore` with snapshot files and a disk that is never full.
 #[derive(Default)]
@@ -35,9 +35,9 @@ impl LogStore for TestStore {
     }
 }
 
-impl driver::Storage for TestStore {
+impl driver::DurableStore for TestStore {
     type Error = Infallible;
-    fn persist(&mut self, s: Option<&Snapshot>, hs: Option<&HardState>, e: &[Entry]) -> Result<(), Infallible> {
+    fn persist(&mut self, s: Option<&SnapshotInfo>, hs: Option<&HardState>, e: &[Entry]) -> Result<(), Infallible> {
         self.log.persist(s, hs, e)
     }
 }
@@ -77,7 +77,7 @@ type TestServer = Server<TestStore, u32>;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn server(voters: u64) -> TestServer {
-    let cfg = Config {
+    let cfg = CoreConfig {
         id: 1,
         election_ticks: (10, 20),
         heartbeat_ticks: 2,
