@@ -28,4 +28,7 @@ for arg in "$@"; do
   # Files named on the command line replace the default set.
   if [ "$arg" = -f ] || [ "$arg" = --file ]; then files=(); fi
 done
-exec cargo mutants "${files[@]}" -e src/raft/tests.rs -e src/node/server/tests.rs --profile mutants "$@" -- --lib --test simulation
+# `-C` limits the builds too, not only the test runs: building every
+# integration test for each mutant took minutes.
+exec cargo mutants "${files[@]}" -e src/raft/tests.rs -e src/node/server/tests.rs --profile mutants \
+  -C --lib -C --test=simulation "$@"

@@ -178,3 +178,38 @@ impl driver::DurableStore for NodeStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::storage::snapshot::{self, Staging};
+
+    fn open(dir: &Path) -> NodeStore {
+        let (mut storage, _) = Storage::open(dir).unwrap();
+        // Once only: a bootstrapped store ignores it.
+        storage.bootstrap_membership(&Membership::of_voters([1, 2, 3], vec![])).unwrap();
+        let snapshots = Snapshots::open(&snapshot::dir_in(dir)).unwrap();
+        let newest = snapshots.latest().unwrap().map_or(storage.log_start(), |file| file.meta);
+        NodeStore { storage, disk: DiskAlarm::new(dir, 0), snapshots, newest, margin: 0 }
+    }
+
+    /// The sled store, its snapshot files received as the transport does,
+    /// reopened from its directory.
+    #[test]
+    fn the_nodes_store_conforms() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let stage = |store: &mut NodeStore, info: &SnapshotInfo| {
+            let file = snapshot::encode(info.meta, &info.membership, b"state");
+            let mut staging = Staging::new(store.snapshots.clone(), 0);
+            let received = staging.piece((1, info.meta.term), info.meta, 0, file.len() as u64, &file);
+            assert_eq!(received, Ok(None), "received");
+        };
+        crate::testing::log_store_conformance(open(&dir), stage, |store| {
+            drop(store);
+            open(&dir)
+        });
+    }
+}

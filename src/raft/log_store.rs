@@ -158,6 +158,12 @@ mod tests {
     }
 
     #[test]
+    fn the_reference_store_conforms() {
+        let store = MemStore::new(Membership::of_voters([1, 2, 3], vec![]), HardState::default(), &[]);
+        crate::testing::log_store_conformance(store, |_, _| {}, |store| store);
+    }
+
+    #[test]
     fn append_replaces_the_suffix_and_compaction_keeps_the_rest() {
         let mut store = MemStore::default();
         store.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]);

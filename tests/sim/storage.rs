@@ -140,3 +140,12 @@ impl NodeStorage for Disk {
         Ok(())
     }
 }
+
+/// The simulator's disk behaves as the node's store does: both run the
+/// same suite (`raft_zmq::testing::log_store_conformance`), so what the
+/// simulation proves holds for the store the node runs on. A crash keeps
+/// what was persisted, as a restart of the node does.
+#[test]
+fn the_simulated_disk_conforms() {
+    raft_zmq::testing::log_store_conformance(Disk::bootstrap(3), |_, _| {}, |disk| disk);
+}
