@@ -1,0 +1,104 @@
+//! A 3-node raft-zmq cluster on 127.0.0.1, with its default settings.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use raft_zmq::client::Client;
+use raft_zmq::kv::{Command as KvCommand, Value};
+use raft_zmq::wire::protocol::{Reply, Request};
+
+use crate::load::KvClient;
+use crate::{System, cpu_seconds_of, free_port};
+
+pub struct Cluster {
+    nodes: Vec<Child>,
+    /// The leader's client endpoint.
+    leader: String,
+    ctx: zmq::Context,
+}
+
+impl Cluster {
+    pub fn start(binary: &Path, dir: &Path) -> Cluster {
+        std::fs::create_dir_all(dir).expect("a cluster dir");
+        let endpoints: Vec<(String, String)> = (0..3)
+            .map(|_| (format!("tcp://127.0.0.1:{}", free_port()), format!("tcp://127.0.0.1:{}", free_port())))
+            .collect();
+        let nodes: Vec<String> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(id, (raft, client))| format!(r#"{{"id": {id}, "raft": "{raft}", "client": "{client}"}}"#))
+            .collect();
+        let config = dir.join("config.json");
+        std::fs::write(&config, format!(r#"{{"nodes": [{}]}}"#, nodes.join(", "))).expect("config.json");
+        let nodes = (0..3)
+            .map(|id| {
+                let log = std::fs::File::create(dir.join(format!("node{id}.log"))).expect("a log file");
+                Command::new(binary)
+                    .args(["--node-id", &id.to_string(), "--config"])
+                    .arg(&config)
+                    .current_dir(dir)
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start {} (cargo build --release): {e}", binary.display()))
+            })
+            .collect();
+        let ctx = zmq::Context::new();
+        let clients: Vec<String> = endpoints.into_iter().map(|(_, client)| client).collect();
+        let leader = wait_for_leader(&ctx, &clients);
+        Cluster { nodes, leader, ctx }
+    }
+}
+
+fn wait_for_leader(ctx: &zmq::Context, clients: &[String]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        for endpoint in clients {
+            let mut client = Client::new(ctx, endpoint, Duration::from_millis(500));
+            if let Ok(Reply::Status(status)) = client.call(&Request::Status)
+                && status.role == "leader"
+                && status.cluster_id.is_some()
+            {
+                return endpoint.clone();
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    panic!("raft-zmq elected no leader within 60 s");
+}
+
+impl System for Cluster {
+    fn name(&self) -> &'static str {
+        "raft-zmq"
+    }
+
+    fn client(&self) -> Box<dyn KvClient> {
+        Box::new(Client::new(&self.ctx, &self.leader, Duration::from_secs(10)))
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        self.nodes.iter().map(|n| cpu_seconds_of(n.id())).sum()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
+impl KvClient for Client {
+    fn put(&mut self, key: &str, value: &str) -> bool {
+        let command = KvCommand::Put { key: Value::Str(key.into()), value: Value::Str(value.into()) };
+        matches!(self.call(&Request::Write { command, client_id: None, seq: None }), Ok(Reply::Put { .. }))
+    }
+
+    fn get(&mut self, key: &str) -> bool {
+        matches!(self.call(&Request::Get { key: Value::Str(key.into()) }), Ok(Reply::Get { .. }))
+    }
+}
