@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -12,10 +12,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use crate::load::KvClient;
-use crate::{System, cpu_seconds_of, free_port};
+use crate::{Processes, System, free_port};
 
 pub struct Cluster {
-    members: Vec<Child>,
+    members: Processes,
     /// The leader's client address, HOST:PORT.
     leader: String,
 }
@@ -25,27 +25,31 @@ impl Cluster {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> =
             ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
-        let members = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (client, peer))| {
-                let log = std::fs::File::create(dir.with_extension(format!("e{i}.log"))).expect("a log file");
-                Command::new(etcd)
-                    .args(["--name", &format!("e{i}")])
-                    .arg("--data-dir")
-                    .arg(dir.join(format!("e{i}")))
-                    .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
-                    .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
-                    .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-                    .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-                    .args(["--initial-cluster", &initial.join(",")])
-                    .args(["--initial-cluster-state", "new", "--initial-cluster-token", "compare"])
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("cannot start {} (apt-get install etcd-server): {e}", etcd.display()))
-            })
-            .collect();
+        let members = Processes(
+            ports
+                .iter()
+                .enumerate()
+                .map(|(i, (client, peer))| {
+                    let log = std::fs::File::create(dir.with_extension(format!("e{i}.log"))).expect("a log file");
+                    Command::new(etcd)
+                        .args(["--name", &format!("e{i}")])
+                        .arg("--data-dir")
+                        .arg(dir.join(format!("e{i}")))
+                        .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
+                        .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
+                        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                        .args(["--initial-cluster", &initial.join(",")])
+                        .args(["--initial-cluster-state", "new", "--initial-cluster-token", "compare"])
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .unwrap_or_else(|e| {
+                            panic!("cannot start {} (apt-get install etcd-server): {e}", etcd.display())
+                        })
+                })
+                .collect(),
+        );
         let addresses: Vec<String> = ports.iter().map(|(client, _)| format!("127.0.0.1:{client}")).collect();
         let leader = wait_for_leader(&addresses);
         Cluster { members, leader }
@@ -62,16 +66,7 @@ impl System for Cluster {
     }
 
     fn cpu_seconds(&self) -> f64 {
-        self.members.iter().map(|m| cpu_seconds_of(m.id())).sum()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for member in &mut self.members {
-            let _ = member.kill();
-            let _ = member.wait();
-        }
+        self.members.cpu_seconds()
     }
 }
 

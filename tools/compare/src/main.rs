@@ -124,6 +124,25 @@ fn free_port() -> u16 {
     raft_zmq::testing::free_port()
 }
 
+/// A cluster's server processes, killed when dropped.
+pub struct Processes(pub Vec<std::process::Child>);
+
+impl Processes {
+    /// CPU seconds (user + system) they used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.0.iter().map(|p| cpu_seconds_of(p.id())).sum()
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for process in &mut self.0 {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
 /// CPU seconds (user + system) process `pid` and its threads used so far.
 fn cpu_seconds_of(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

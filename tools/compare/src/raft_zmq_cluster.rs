@@ -1,7 +1,7 @@
 //! A 3-node raft-zmq cluster on 127.0.0.1, with its default settings.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -10,10 +10,10 @@ use raft_zmq::kv::{Command as KvCommand, Value};
 use raft_zmq::wire::protocol::{Reply, Request};
 
 use crate::load::KvClient;
-use crate::{System, cpu_seconds_of, free_port};
+use crate::{Processes, System, free_port};
 
 pub struct Cluster {
-    nodes: Vec<Child>,
+    nodes: Processes,
     /// The leader's client endpoint.
     leader: String,
     ctx: zmq::Context,
@@ -32,19 +32,21 @@ impl Cluster {
             .collect();
         let config = dir.join("config.json");
         std::fs::write(&config, format!(r#"{{"nodes": [{}]}}"#, nodes.join(", "))).expect("config.json");
-        let nodes = (0..3)
-            .map(|id| {
-                let log = std::fs::File::create(dir.join(format!("node{id}.log"))).expect("a log file");
-                Command::new(binary)
-                    .args(["--node-id", &id.to_string(), "--config"])
-                    .arg(&config)
-                    .current_dir(dir)
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("cannot start {} (cargo build --release): {e}", binary.display()))
-            })
-            .collect();
+        let nodes = Processes(
+            (0..3)
+                .map(|id| {
+                    let log = std::fs::File::create(dir.join(format!("node{id}.log"))).expect("a log file");
+                    Command::new(binary)
+                        .args(["--node-id", &id.to_string(), "--config"])
+                        .arg(&config)
+                        .current_dir(dir)
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .unwrap_or_else(|e| panic!("cannot start {} (cargo build --release): {e}", binary.display()))
+                })
+                .collect(),
+        );
         let ctx = zmq::Context::new();
         let clients: Vec<String> = endpoints.into_iter().map(|(_, client)| client).collect();
         let leader = wait_for_leader(&ctx, &clients);
@@ -79,16 +81,7 @@ impl System for Cluster {
     }
 
     fn cpu_seconds(&self) -> f64 {
-        self.nodes.iter().map(|n| cpu_seconds_of(n.id())).sum()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            let _ = node.kill();
-            let _ = node.wait();
-        }
+        self.nodes.cpu_seconds()
     }
 }
 
