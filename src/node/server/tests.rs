@@ -283,3 +283,41 @@ fn the_leaders_own_row_in_members_has_its_last_index_and_no_silence() {
     assert_eq!(rows[0], (1, Some(s.raft.last_index()), Some(0)), "like the others: its match index, heard now");
     assert_eq!(rows[2], (3, Some(0), None), "never heard from");
 }
+
+/// Node 2 acknowledges everything the leader has, so that its entries commit.
+fn acknowledge(s: &mut TestServer) {
+    let (term, last) = (s.raft.soft_state().term, s.raft.last_index());
+    let ack = Body::AppendEntriesReply {
+        success: true,
+        prev_log_index: last - 1,
+        match_index: last,
+        conflict_index: 0,
+        conflict_term: None,
+        read_seq: 0,
+    };
+    s.peer(Message { from: 2, to: 1, term, body: ack }, now());
+    process(s);
+}
+
+#[test]
+fn a_removal_proposes_the_members_without_the_removed_one() {
+    let mut s = leader_of(3);
+    acknowledge(&mut s);
+    s.client(Request::RemoveNode { id: 3 }, 10, now());
+    process(&mut s);
+    let membership = s.raft.membership();
+    assert_eq!(membership.voters, [1, 2].into(), "in force once appended");
+    let endpoints: Vec<NodeId> = members_of(membership).iter().map(|m| m.id).collect();
+    assert_eq!(endpoints, [1, 2], "the members' endpoints and keys follow the voters");
+}
+
+#[test]
+fn a_peer_reported_unreachable_is_sent_to_again_at_once() {
+    let mut s = leader_of(3);
+    s.client(put("k", None), 10, now());
+    let to_3 = |sent: &[Message]| sent.iter().filter(|m| m.to == 3).count();
+    process(&mut s);
+    assert_eq!(to_3(&process(&mut s).0), 0, "one append in flight, unanswered");
+    s.peer_unreachable(3);
+    assert_eq!(to_3(&process(&mut s).0), 1, "sent again without waiting out the in-flight timeout");
+}
