@@ -321,3 +321,34 @@ fn a_peer_reported_unreachable_is_sent_to_again_at_once() {
     s.peer_unreachable(3);
     assert_eq!(to_3(&process(&mut s).0), 1, "sent again without waiting out the in-flight timeout");
 }
+
+#[test]
+fn a_failed_snapshot_answers_its_waiters_with_the_last_one_and_the_next_is_tried_again() {
+    let mut s = lone_leader();
+    s.client(put("k", None), 10, now());
+    process(&mut s);
+    s.client(Request::Snapshot, 11, now());
+    assert!(matches!(s.take_effects()[..], [Effect::SaveSnapshot(_)]));
+    s.snapshot_failed();
+    assert_eq!(process(&mut s).1, [(11, Reply::Snapshot { index: 0 })], "the last snapshot taken: none");
+    s.client(Request::Snapshot, 12, now());
+    assert!(matches!(s.take_effects()[..], [Effect::SaveSnapshot(_)]), "no snapshot is being written any more");
+}
+
+#[test]
+fn a_stopping_leader_hands_over_to_a_caught_up_follower_before_it_may_stop() {
+    let mut s = leader_of(3);
+    acknowledge(&mut s);
+    assert!(!s.may_stop(now()), "not stopping");
+    s.begin_stop(now());
+    let (sent, _) = process(&mut s);
+    assert!(sent.iter().any(|m| m.to == 2 && m.body == Body::TimeoutNow), "{sent:?}");
+    assert!(!s.may_stop(now()), "the hand-over is under way");
+    assert!(s.may_stop(now() + TIMEOUT), "out of time: it stops anyway");
+    let term = s.raft.soft_state().term + 1;
+    let heartbeat =
+        Body::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0, read_seq: 0 };
+    s.peer(Message { from: 2, to: 1, term, body: heartbeat }, now());
+    process(&mut s);
+    assert!(s.may_stop(now()), "node 2 leads");
+}
