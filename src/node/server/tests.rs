@@ -352,3 +352,19 @@ fn a_stopping_leader_hands_over_to_a_caught_up_follower_before_it_may_stop() {
     process(&mut s);
     assert!(s.may_stop(now()), "node 2 leads");
 }
+
+#[test]
+fn a_stopping_leader_whose_hand_over_fails_stops_without_waiting_out_its_time() {
+    let mut s = leader_of(3);
+    acknowledge(&mut s);
+    s.begin_stop(now());
+    process(&mut s);
+    // Node 2 never takes over: the core abandons the transfer after an
+    // election timeout (10 to 20 ticks), long before the hand-over deadline.
+    for tick in 1..=30 {
+        s.tick(now() + Duration::from_millis(tick)).unwrap();
+        process(&mut s);
+    }
+    assert_eq!(s.raft.soft_state().role, Role::Leader);
+    assert!(s.may_stop(now() + Duration::from_millis(30)), "the transfer failed: no reason to wait");
+}
