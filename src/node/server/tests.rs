@@ -368,3 +368,28 @@ fn a_stopping_leader_whose_hand_over_fails_stops_without_waiting_out_its_time() 
     assert_eq!(s.raft.soft_state().role, Role::Leader);
     assert!(s.may_stop(now() + Duration::from_millis(30)), "the transfer failed: no reason to wait");
 }
+
+/// What the runtime reads off the server for the client endpoint, the
+/// metrics and the log reader.
+#[test]
+fn the_leader_the_state_machine_and_the_last_snapshot_are_what_the_runtime_reads() {
+    let mut s = lone_leader();
+    assert_eq!(s.leader(), Some(1));
+    s.client(put("k", None), 10, now());
+    process(&mut s);
+    assert_eq!(s.kv().get(&Value::Str("k".into())), Some(&Value::Str("v".into())));
+    assert_eq!(s.last_snapshot(), SnapshotMeta::default());
+    s.client(Request::Snapshot, 11, now());
+    s.take_effects();
+    s.snapshot_saved(s.applied()).unwrap();
+    assert_eq!(s.last_snapshot(), s.applied());
+}
+
+#[test]
+fn a_member_saying_this_node_was_removed_makes_it_stop() {
+    let mut s = server(3);
+    assert!(!s.removed());
+    s.peer(Message { from: 2, to: 1, term: 1, body: Body::Removed }, now());
+    process(&mut s);
+    assert!(s.removed(), "told by a member, before any entry says so");
+}
