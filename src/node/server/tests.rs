@@ -393,3 +393,16 @@ fn a_member_saying_this_node_was_removed_makes_it_stop() {
     process(&mut s);
     assert!(s.removed(), "told by a member, before any entry says so");
 }
+
+#[test]
+fn reads_in_flight_together_are_each_answered() {
+    let mut s = lone_leader();
+    s.client(put("k", None), 10, now());
+    process(&mut s);
+    let get = || Request::Get { key: Value::Str("k".into()) };
+    s.client(get(), 11, now());
+    s.client(get(), 12, now());
+    let mut answered: Vec<u32> = process(&mut s).1.into_iter().map(|(handle, _)| handle).collect();
+    answered.sort();
+    assert_eq!(answered, [11, 12], "each read has a round of its own");
+}
