@@ -77,6 +77,11 @@ type TestServer = Server<TestStore, u32>;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn server(voters: u64) -> TestServer {
+    server_with(voters, false)
+}
+
+/// With `curve`, every member has a public key (node `n`'s bytes are all `n`).
+fn server_with(voters: u64, curve: bool) -> TestServer {
     let cfg = CoreConfig {
         id: 1,
         election_ticks: (10, 20),
@@ -87,7 +92,8 @@ fn server(voters: u64) -> TestServer {
         check_quorum: false,
         seed: 1,
     };
-    let members: Vec<Member> = (1..=voters).map(member).collect();
+    let keyed = |id| Member { public_key: curve.then(|| key(id)), ..member(id) };
+    let members: Vec<Member> = (1..=voters).map(keyed).collect();
     let membership = Membership::of_voters(1..=voters, context_of(&members));
     let log = MemStore::new(membership, HardState::default(), &[]);
     let raft = Raft::new(cfg, TestStore { log, ..TestStore::default() }, HardState::default(), 0);
@@ -96,7 +102,7 @@ fn server(voters: u64) -> TestServer {
         request_timeout: TIMEOUT,
         handover_timeout: TIMEOUT,
         snapshot_entries: 1000,
-        curve: false,
+        curve,
         new_cluster_name: 7,
     };
     // Named already, so that no naming entry comes first.
@@ -405,4 +411,44 @@ fn reads_in_flight_together_are_each_answered() {
     let mut answered: Vec<u32> = process(&mut s).1.into_iter().map(|(handle, _)| handle).collect();
     answered.sort();
     assert_eq!(answered, [11, 12], "each read has a round of its own");
+}
+
+/// Node `id`'s public key, as a config holds it.
+fn key(id: NodeId) -> String {
+    crate::keys::PublicKey::from_bytes([id as u8; 32]).to_string()
+}
+
+/// Node 1 of three, leading with an entry of its term committed.
+fn committed_leader(curve: bool) -> TestServer {
+    let mut s = server_with(3, curve);
+    elect(&mut s);
+    acknowledge(&mut s);
+    s
+}
+
+#[test]
+fn an_added_node_joins_as_a_learner_with_its_endpoints() {
+    let mut s = committed_leader(false);
+    s.client(Request::AddNode { member: member(4), voter: true }, 10, now());
+    process(&mut s);
+    let membership = s.raft.membership();
+    assert!(membership.learners.contains(&4) && membership.promote.contains(&4), "{membership:?}");
+    assert_eq!(members_of(membership).iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+}
+
+#[test]
+fn a_key_speaks_for_one_node_and_curve_is_all_or_nothing() {
+    let mut s = committed_leader(true);
+    let with_key = |id, key| Member { public_key: key, ..member(id) };
+    s.client(Request::AddNode { member: with_key(4, Some(key(2))), voter: true }, 10, now());
+    s.client(Request::AddNode { member: with_key(4, None), voter: true }, 11, now());
+    let replies = process(&mut s).1;
+    let codes: Vec<(u32, &str)> = replies.iter().map(|(h, r)| (*h, code(r))).collect();
+    assert_eq!(codes, [(10, "bad_request"), (11, "bad_request")], "{replies:?}");
+    s.client(Request::AddNode { member: with_key(4, Some(key(4))), voter: true }, 12, now());
+    process(&mut s);
+    assert!(s.raft.membership().learners.contains(&4), "a key of its own is welcome");
+    let mut plain = committed_leader(false);
+    plain.client(Request::AddNode { member: with_key(4, Some(key(4))), voter: true }, 13, now());
+    assert_eq!(code(&process(&mut plain).1[0].1), "bad_request", "no keys in a cluster without CURVE");
 }
