@@ -104,12 +104,7 @@ pub fn encode(meta: SnapshotMeta, membership: &Membership, data: &[u8]) -> Vec<u
 /// Decodes and checks a snapshot file's bytes. The data is cut out of
 /// `bytes` in place: a snapshot is never held twice in memory.
 pub fn decode(mut bytes: Vec<u8>) -> Result<SnapshotFile, String> {
-    if !bytes.starts_with(MAGIC) {
-        return Err(unknown_format(&bytes));
-    }
-    if bytes.len() < HEADER_LEN + 4 {
-        return Err("truncated header".into());
-    }
+    check_header(&bytes, bytes.len())?;
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     if crc32fast::hash(body).to_be_bytes() != crc {
         return Err(CHECKSUM_MISMATCH.into());
@@ -120,6 +115,19 @@ pub fn decode(mut bytes: Vec<u8>) -> Result<SnapshotFile, String> {
     Ok(SnapshotFile { meta, membership, data: bytes })
 }
 
+/// Whether a `len`-byte file whose first bytes are `head` is of this
+/// format and long enough for its header (checked before the CRC, so that
+/// another format is named as such).
+fn check_header(head: &[u8], len: usize) -> Result<(), String> {
+    if !head.starts_with(MAGIC) {
+        return Err(unknown_format(head));
+    }
+    if len < HEADER_LEN + 4 || head.len() < HEADER_LEN {
+        return Err("truncated header".into());
+    }
+    Ok(())
+}
+
 const CHECKSUM_MISMATCH: &str = "checksum mismatch: the file is torn or corrupted";
 
 /// What the head of a `len`-byte file says: its snapshot, membership, and
@@ -127,12 +135,7 @@ const CHECKSUM_MISMATCH: &str = "checksum mismatch: the file is torn or corrupte
 /// data. Two parts, each after its length; nothing but the CRC may follow
 /// the second.
 fn parse_head(head: &[u8], len: usize) -> Result<(SnapshotMeta, Membership, Range<usize>), String> {
-    if !head.starts_with(MAGIC) {
-        return Err(unknown_format(head));
-    }
-    if len < HEADER_LEN + 4 || head.len() < HEADER_LEN {
-        return Err("truncated header".into());
-    }
+    check_header(head, len)?;
     let body_len = len - 4;
     let number = |at: usize| head.get(at..at + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
     let meta = SnapshotMeta { index: number(MAGIC.len()).unwrap_or(0), term: number(MAGIC.len() + 8).unwrap_or(0) };
@@ -207,16 +210,11 @@ impl StreamCheck {
         if self.seen != self.total {
             return Err("length mismatch".into());
         }
-        if !self.head.starts_with(MAGIC) {
-            return Err(unknown_format(&self.head));
-        }
-        if self.total < (HEADER_LEN + 4) as u64 {
-            return Err("truncated header".into());
-        }
+        let len = usize::try_from(self.total).map_err(|_| "length mismatch")?;
+        check_header(&self.head, len)?;
         if self.crc.finalize().to_be_bytes() != self.declared {
             return Err(CHECKSUM_MISMATCH.into());
         }
-        let len = usize::try_from(self.total).map_err(|_| "length mismatch")?;
         let (held, ..) = parse_head(&self.head, len)?;
         if held != meta {
             return Err(format!("holds {}/{}, not {}/{}", held.index, held.term, meta.index, meta.term));
