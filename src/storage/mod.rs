@@ -19,17 +19,24 @@
 //! Big-endian indexes make sled's key order the log order. The newest
 //! entries (up to [`TAIL_BYTES`]) are also kept in memory, and they are all
 //! that opening reads: the core reads older ones through [`LogStore`].
-//! Membership entries are also indexed on their own, in the same batch as
-//! the entries, so that opening finds every membership without reading the
-//! whole log.
+//! Membership entries are also indexed on their own, so that opening finds
+//! every membership without reading the whole log.
 //!
-//! # Atomicity
+//! # Crash consistency
 //!
-//! [`Storage::write`] puts the hard state, the deletion of a conflicting
-//! suffix and the new entries in one `sled::Batch`. sled applies a batch
-//! all-or-nothing across a crash, so a follower that truncates its log at a
-//! conflict never comes back with a log that is neither the old one nor the
-//! new one.
+//! sled recovers a prefix of its operations, so [`Storage::write`] orders
+//! them so that every prefix is a state [`Storage::open`] accepts: the hard
+//! state first (a newer term or vote may always be durable before the
+//! entries that come with it; a commit index past the log is clamped at
+//! open); then a conflicting suffix, deleted from its end; then the
+//! membership index of those entries; then each new entry after its own
+//! membership index. A crash part-way leaves the old log cut short and part
+//! of the new entries: none of them was acknowledged (acknowledgements wait
+//! for [`Storage::sync`]), and none of the cut entries was committed, since
+//! a leader's log disagreed with them. A membership index past the last
+//! entry is a leftover, deleted at open. (One `sled::Batch` would make the
+//! write all-or-nothing, but sled writes a batch's manifest in a buffer of
+//! its own: two more writes and `sync_file_range` calls on every persist.)
 //!
 //! # Durability
 //!
@@ -161,7 +168,7 @@ struct Compactor {
 }
 
 impl Compactor {
-    /// Keys removed per sled batch, and the pause after each: deleting a
+    /// Keys removed between pauses: deleting a
     /// compaction's keys at once competed with the core loop's writes and
     /// syncs for the disk and CPU (p99 write latency 38 ms instead of 12
     /// in `scripts/long_history.sh`); spread out, the cost disappears.
@@ -175,15 +182,15 @@ impl Compactor {
                 // Duplicate marks first: then no crash leaves one below the
                 // log start without a leftover entry, which the next open
                 // finds and has deleted.
-                let mut marks = sled::Batch::default();
-                db.range(dup_key(from)..=dup_key(to)).keys().flatten().for_each(|key| marks.remove(key));
-                if let Err(e) = db.apply_batch(marks) {
+                // Key by key: no atomicity is needed, and a sled batch costs
+                // buffer writes of its own.
+                let marks = db.range(dup_key(from)..=dup_key(to)).keys().flatten();
+                if let Err(e) = marks.map(|key| db.remove(key)).collect::<Result<Vec<_>, _>>() {
                     log::warn!("state dir {}: cannot delete compacted duplicate marks: {e}", dir.display());
                 }
                 for start in (from..=to).step_by(Self::BATCH as usize) {
-                    let mut batch = sled::Batch::default();
-                    (start..=to.min(start + Self::BATCH - 1)).for_each(|i| batch.remove(&log_key(i)[..]));
-                    if let Err(e) = db.apply_batch(batch) {
+                    let chunk = start..=to.min(start + Self::BATCH - 1);
+                    if let Err(e) = chunk.map(|i| db.remove(log_key(i))).collect::<Result<Vec<_>, _>>() {
                         log::warn!("state dir {}: cannot delete compacted entries: {e}", dir.display());
                         break;
                     }
@@ -332,8 +339,14 @@ impl Storage {
             let (key, value) = item.map_err(|e| err(format!("cannot read memberships: {e}")))?;
             let index =
                 parse_index_key(MEMBERSHIP_PREFIX, &key).ok_or_else(|| err("malformed membership key".into()))?;
-            // Leftovers of a compaction or a truncation a crash cut short.
-            if index <= self.snapshot.index || index > self.last_index {
+            // Leftovers of a compaction, or of a write or a truncation a
+            // crash cut short. Those past the log go now: an entry that is
+            // no membership may take their index.
+            if index <= self.snapshot.index {
+                continue;
+            }
+            if index > self.last_index {
+                self.delete(&key)?;
                 continue;
             }
             let membership = rmp_serde::from_slice(&value)
@@ -375,9 +388,12 @@ impl Storage {
     /// until [`Storage::sync`].
     pub fn write(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), StorageError> {
         let new_last = self.check_appendable(entries)?;
-        let mut batch = sled::Batch::default();
+        // One sled operation at a time, in an order whose every prefix is a
+        // state `open` accepts (see "Crash consistency" above): a batch
+        // would cost sled two more buffer writes, each with its own
+        // `sync_file_range`, on every persist.
         if let Some(hs) = hard_state {
-            batch.insert(HARD_STATE_KEY, self.encode(hs, "hard state")?);
+            self.put(HARD_STATE_KEY, self.encode(hs, "hard state")?)?;
         }
         // Memberships of truncated entries go; the start's always stays.
         let kept_memberships = entries.first().map_or(self.memberships.len(), |first| {
@@ -385,24 +401,21 @@ impl Storage {
             kept.min(self.memberships.len())
         });
         if let Some(first) = entries.first() {
-            for index in first.index..=self.last_index {
-                batch.remove(&log_key(index)[..]);
+            for index in (first.index..=self.last_index).rev() {
+                self.delete(&log_key(index))?;
             }
             for (index, _) in &self.memberships[kept_memberships..] {
-                batch.remove(&membership_key(*index)[..]);
+                self.delete(&membership_key(*index))?;
             }
         }
         let mut added = Vec::new();
         for entry in entries {
-            // Inserted after the removals: a batch is a map, so an entry
-            // that replaces a truncated one wins.
-            batch.insert(&log_key(entry.index)[..], self.encode(entry, "log entry")?);
             if let Payload::Membership(membership) = &entry.payload {
-                batch.insert(&membership_key(entry.index)[..], self.encode(membership, "membership")?);
+                self.put(&membership_key(entry.index), self.encode(membership, "membership")?)?;
                 added.push((entry.index, membership.clone()));
             }
+            self.put(&log_key(entry.index), self.encode(entry, "log entry")?)?;
         }
-        self.apply(batch)?;
         self.memberships.truncate(kept_memberships);
         self.memberships.extend(added);
         if let Some(first) = entries.first() {
@@ -509,6 +522,14 @@ impl Storage {
 
     fn apply(&self, batch: sled::Batch) -> Result<(), StorageError> {
         self.db.apply_batch(batch).map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))
+    }
+
+    fn put(&self, key: &[u8], value: Vec<u8>) -> Result<(), StorageError> {
+        self.db.insert(key, value).map(drop).map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))
+    }
+
+    fn delete(&self, key: &[u8]) -> Result<(), StorageError> {
+        self.db.remove(key).map(drop).map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))
     }
 
     /// Returns the last index after writing `entries`, or an error if that
@@ -1213,6 +1234,52 @@ mod tests {
             open_err(tmp.path())
         };
         assert!(e.contains("log entry 12 follows a gap: expected index 11"), "{e}");
+    }
+
+    /// A write is one sled operation at a time: a crash can keep a new
+    /// membership's index without its entry. That leftover must not make
+    /// the ordinary entry later written at its index a membership.
+    #[test]
+    fn a_membership_index_left_past_the_log_by_a_crash_is_dropped_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let memberships = |s: &Storage| s.memberships().into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.bootstrap_membership(&Membership::of_voters([1, 2, 3], vec![])).unwrap();
+            s.write(None, &[entry(1, 1, b"a"), entry(2, 1, b"b")]).unwrap();
+            s.sync().unwrap();
+        }
+        let planted = rmp_serde::to_vec_named(&Membership::of_voters([1, 2], vec![])).unwrap();
+        write_raw(tmp.path(), &[(membership_key(3), planted)]);
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            assert_eq!(memberships(&s), vec![0], "past the log: not in force");
+            s.write(None, &[entry(3, 2, b"c")]).unwrap();
+            s.sync().unwrap();
+        }
+        let (s, _) = Storage::open(tmp.path()).unwrap();
+        assert_eq!(memberships(&s), vec![0], "entry 3 is a command");
+        assert_eq!(s.last_index(), 3);
+    }
+
+    /// Truncating a suffix that holds a membership entry removes both, and
+    /// the entries replacing them are what a reopen finds.
+    #[test]
+    fn a_truncated_membership_entry_goes_with_its_index() {
+        let tmp = tempfile::tempdir().unwrap();
+        let membership = Membership::of_voters([1, 2], vec![]);
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.bootstrap_membership(&Membership::of_voters([1, 2, 3], vec![])).unwrap();
+            let change = Entry { index: 2, term: 1, payload: Payload::Membership(membership) };
+            s.write(None, &[entry(1, 1, b"a"), change, entry(3, 1, b"c")]).unwrap();
+            assert_eq!(s.memberships().len(), 2);
+            s.write(None, &[entry(2, 2, b"x")]).unwrap();
+            s.sync().unwrap();
+        }
+        let (s, _) = Storage::open(tmp.path()).unwrap();
+        assert_eq!(s.memberships().len(), 1);
+        assert_eq!(all_entries(&s), vec![entry(1, 1, b"a"), entry(2, 2, b"x")]);
     }
 
     #[test]
