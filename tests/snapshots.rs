@@ -130,7 +130,9 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot_and_can_then_rebui
     let commit = settle(&cluster, lagger).max(commit);
     let rebuilt = cluster.status(leader).unwrap();
     assert!(rebuilt.snapshot_index > 0 && rebuilt.last_applied >= commit, "{rebuilt:?}");
-    assert_eq!(rebuilt.cluster_id, cluster.status(lagger).unwrap().cluster_id, "it learned the name");
+    // Learned on the tick after the naming membership commits there.
+    let name = wait_for("the rebuilt node to learn the cluster's name", || cluster.status(leader)?.cluster_id);
+    assert_eq!(Some(name), cluster.status(lagger).unwrap().cluster_id, "it learned the name");
     assert!(read_path(&cluster.output_path(lagger)).contains("sent snapshot"), "it sent its snapshot");
 }
 

@@ -20,7 +20,7 @@ use log::{debug, info, warn};
 use super::Shared;
 use super::core_loop::ClientCall;
 use super::log_reader::{LOG_REPLY_MAX_BYTES, SNAPSHOT_PIECE_BYTES};
-use super::replies::ReplyTo;
+use super::replies::{ReplyBacklog, ReplyTo, frame_bytes};
 use super::server::not_leader;
 use crate::net::security::{Caller, Domain, NodeSecurity, recv_with_user};
 use crate::net::transport::bind_problem;
@@ -148,7 +148,14 @@ impl ClientEndpoint {
     /// that every reply the core loop and the applier give on their way out
     /// still reaches its client. `core_queue` is the receiving end of
     /// `to_core`: whatever the core loop left in it is answered on the way out.
-    pub fn run(mut self, shared: Arc<Shared>, to_core: Sender<ClientCall>, core_queue: Receiver<ClientCall>) {
+    /// `backlog` counts the replies handed to it and not yet taken.
+    pub fn run(
+        mut self,
+        shared: Arc<Shared>,
+        to_core: Sender<ClientCall>,
+        core_queue: Receiver<ClientCall>,
+        backlog: ReplyBacklog,
+    ) {
         while !shared.replies_done.load(Ordering::Acquire) {
             let (router_ready, replies_ready, dealer_ready) = match self.poll() {
                 Ok(ready) => ready,
@@ -158,9 +165,7 @@ impl ClientEndpoint {
                 }
             };
             if replies_ready {
-                while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
-                    self.send_to_client(frames);
-                }
+                self.pass_replies_on(&backlog);
             }
             if dealer_ready {
                 self.relay_leader_replies();
@@ -178,9 +183,7 @@ impl ClientEndpoint {
             self.expire_forwards();
             self.flush_backlogs();
         }
-        while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
-            self.send_to_client(frames);
-        }
+        self.pass_replies_on(&backlog);
         // Queued after the core loop's last look; nothing adds to it now.
         for call in core_queue.try_iter() {
             shared.queued_bytes.fetch_sub(call.bytes, Ordering::AcqRel);
@@ -191,6 +194,13 @@ impl ClientEndpoint {
         // Closing a socket with linger 0 would discard the replies just queued.
         if let Err(e) = self.router.set_linger(SHUTDOWN_LINGER_MS) {
             warn!("cannot let the last replies drain: {e}");
+        }
+    }
+
+    fn pass_replies_on(&mut self, backlog: &ReplyBacklog) {
+        while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
+            backlog.taken(frame_bytes(&frames));
+            self.send_to_client(frames);
         }
     }
 

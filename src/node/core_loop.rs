@@ -18,7 +18,7 @@ use super::log_reader::DiskRead;
 use super::replies::{Replier, ReplyTo};
 use super::server::{Effect, ProcessError, Server, SnapshotJob, Time};
 use super::store::{NodeStore, PersistError};
-use super::writers::{MirrorMsg, SnapshotOutcome};
+use super::writers::{MirrorMsg, SnapshotOutcome, SyncJob};
 use super::{Shared, peer_endpoints};
 use crate::lock;
 use crate::metrics::METRICS;
@@ -40,11 +40,18 @@ pub struct ClientCall {
 /// under a flood while still batching generously.
 const MAX_BATCH: usize = 4096;
 
+/// Client requests taken per wake-up: each may be answered with a value of
+/// up to 1 MiB in this round, and the replies must stay within reach of
+/// [`super::replies::ReplyBacklog::LIMIT`].
+const MAX_CLIENT_BATCH: usize = 64;
+
 pub struct Inputs {
     pub ticks: Receiver<Instant>,
     pub peers: Receiver<Inbound>,
     pub clients: Receiver<ClientCall>,
     pub snapshots: Receiver<SnapshotOutcome>,
+    /// Log writes made durable off this thread.
+    pub synced: Receiver<SyncJob>,
     pub stop: Receiver<()>,
 }
 
@@ -55,6 +62,7 @@ pub struct Outputs {
     pub mirror: Sender<MirrorMsg>,
     pub snapshots: Sender<SnapshotJob>,
     pub log_reader: Sender<DiskRead>,
+    pub syncer: Sender<SyncJob>,
     /// Applied entries the session check skipped, for the `log` op.
     pub duplicates: DuplicateMarks,
     pub shared: Arc<Shared>,
@@ -123,6 +131,10 @@ impl CoreLoop {
     /// Waits for one input, then drains what else is queued. False when the
     /// node is to stop.
     fn run_once(&mut self, inputs: &Inputs) -> Result<bool, PersistError> {
+        // New requests wait while the client endpoint has too many replies
+        // to pass on; a tick looks again.
+        let idle = crossbeam_channel::never();
+        let clients = if self.out.replier.backlog().full() { &idle } else { &inputs.clients };
         select! {
             recv(inputs.stop) -> _ => return Ok(false),
             recv(inputs.ticks) -> _ => {
@@ -133,8 +145,15 @@ impl CoreLoop {
                 Ok(msg) => self.on_peer(msg),
                 Err(_) => return Ok(false),
             },
-            recv(inputs.clients) -> call => match call {
+            recv(clients) -> call => match call {
                 Ok(call) => self.on_client(call),
+                Err(_) => return Ok(false),
+            },
+            recv(inputs.synced) -> job => match job {
+                Ok(SyncJob { written, messages }) => {
+                    self.server.synced(written);
+                    messages.into_iter().for_each(|msg| self.out.transport.send(msg));
+                }
                 Err(_) => return Ok(false),
             },
             recv(inputs.snapshots) -> outcome => match outcome {
@@ -143,14 +162,19 @@ impl CoreLoop {
                 Err(_) => return Ok(false),
             },
         }
+        let mut taken = 0;
         for _ in 0..MAX_BATCH {
             let mut idle = true;
             if let Ok(msg) = inputs.peers.try_recv() {
                 self.on_peer(msg);
                 idle = false;
             }
-            if let Ok(call) = inputs.clients.try_recv() {
+            if taken < MAX_CLIENT_BATCH
+                && !self.out.replier.backlog().full()
+                && let Ok(call) = inputs.clients.try_recv()
+            {
                 self.on_client(call);
+                taken += 1;
                 idle = false;
             }
             if idle {
@@ -208,6 +232,10 @@ impl CoreLoop {
                     *lock(&out.shared.members) = members;
                 }
                 Effect::Revoked(removed) => out.security.revoke(&removed),
+                Effect::Sync { written, messages } => {
+                    // The syncer only stops after us.
+                    let _ = out.syncer.send(SyncJob { written, messages });
+                }
                 Effect::Identity { named, expected, fingerprint } => {
                     if named == 0 {
                         out.transport.expect_cluster(expected);

@@ -284,6 +284,12 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
             .name("snapshots".into())
             .spawn(move || writers::snapshots(snapshots, jobs_rx, taken_tx))?
     };
+    let (sync_tx, sync_rx) = unbounded();
+    let (synced_tx, synced_rx) = unbounded();
+    let log_syncer = {
+        let syncer = raft.store().storage.syncer();
+        thread::Builder::new().name("log-sync".into()).spawn(move || writers::log_syncer(syncer, sync_rx, synced_tx))?
+    };
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
     let log_reader = {
         let (view, shared, replier) = (raft.store().storage.log_view(), shared.clone(), replier.clone());
@@ -293,8 +299,10 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     };
     let (client_tx, client_rx) = bounded(CLIENT_QUEUE_LEN);
     let endpoint = {
-        let (shared, core_queue) = (shared.clone(), client_rx.clone());
-        thread::Builder::new().name("clients".into()).spawn(move || endpoint.run(shared, client_tx, core_queue))?
+        let (shared, core_queue, backlog) = (shared.clone(), client_rx.clone(), replier.backlog().clone());
+        thread::Builder::new()
+            .name("clients".into())
+            .spawn(move || endpoint.run(shared, client_tx, core_queue, backlog))?
     };
 
     ctrlc::set_handler(move || {
@@ -315,6 +323,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         snapshot_entries: config.snapshot_entries,
         curve: security.is_curve(),
         new_cluster_name: server::random_cluster_name(),
+        sync_later: true,
     };
     let server = Server::new(server_config, raft, kv, last_snapshot, cluster, fingerprint);
     let out = Outputs {
@@ -323,6 +332,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         mirror: mirror_tx,
         snapshots: jobs_tx,
         log_reader: log_tx,
+        syncer: sync_tx,
         duplicates,
         shared: shared.clone(),
         security: security.clone(),
@@ -330,7 +340,15 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     };
     let core = CoreLoop { server, out, started: std::time::Instant::now() };
     let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
-    core.run(Inputs { ticks, peers: peer_rx, clients: client_rx, snapshots: taken_rx, stop: stop_rx });
+    core.run(Inputs {
+        ticks,
+        peers: peer_rx,
+        clients: client_rx,
+        snapshots: taken_rx,
+        synced: synced_rx,
+        stop: stop_rx,
+    });
+    let _ = log_syncer.join();
     let _ = mirror.join();
     let _ = snapshotter.join();
     let _ = log_reader.join();

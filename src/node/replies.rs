@@ -5,6 +5,7 @@
 //! replies to it over an inproc PUSH/PULL pair, which also wakes its poll
 //! immediately: a reply's latency is the client's latency.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -75,6 +76,28 @@ impl ReplyTo {
 #[derive(Clone)]
 pub struct Replier {
     push: Arc<Mutex<zmq::Socket>>,
+    backlog: ReplyBacklog,
+}
+
+/// Bytes of replies handed to the client endpoint and not yet taken by it.
+/// The core loop takes no new client requests while they exceed
+/// [`ReplyBacklog::LIMIT`]: a client asking for large values faster than
+/// the endpoint thread passes them on would otherwise pile up replies
+/// without bound (on a busy machine, hundreds of MiB of them).
+#[derive(Clone, Default)]
+pub struct ReplyBacklog(Arc<AtomicUsize>);
+
+impl ReplyBacklog {
+    pub const LIMIT: usize = 64 << 20;
+
+    pub fn full(&self) -> bool {
+        self.0.load(Ordering::Acquire) > Self::LIMIT
+    }
+
+    /// The endpoint took a reply of `bytes` off the queue.
+    pub fn taken(&self, bytes: usize) {
+        self.0.fetch_sub(bytes, Ordering::AcqRel);
+    }
 }
 
 impl Replier {
@@ -87,18 +110,30 @@ impl Replier {
         // Back-pressure rather than unbounded memory if the endpoint lags.
         push.set_sndhwm(100_000)?;
         push.connect(endpoint)?;
-        Ok(Replier { push: Arc::new(Mutex::new(push)) })
+        Ok(Replier { push: Arc::new(Mutex::new(push)), backlog: ReplyBacklog::default() })
+    }
+
+    pub fn backlog(&self) -> &ReplyBacklog {
+        &self.backlog
     }
 
     pub fn send(&self, to: ReplyTo, reply: &Reply) {
         to.record(reply.code());
         let mut frames = to.route;
         frames.push(reply.encode());
+        let bytes = frame_bytes(&frames);
+        self.backlog.0.fetch_add(bytes, Ordering::AcqRel);
         let push = lock(&self.push);
         if let Err(e) = push.send_multipart(frames, 0) {
+            self.backlog.taken(bytes);
             error!("cannot hand a reply to the client endpoint: {e}");
         }
     }
+}
+
+/// What a reply's frames weigh in the backlog.
+pub fn frame_bytes(frames: &[Vec<u8>]) -> usize {
+    frames.iter().map(Vec::len).sum()
 }
 
 #[cfg(test)]

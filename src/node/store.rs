@@ -115,11 +115,6 @@ impl NodeStorage for NodeStore {
     fn record_cluster(&mut self, cluster: u64) -> Result<(), PersistError> {
         Ok(record_cluster(&mut self.storage, cluster)?)
     }
-
-    fn persist_hard_state(&mut self, hard_state: &HardState) -> Result<(), PersistError> {
-        self.storage.write(Some(hard_state), &[])?;
-        Ok(self.storage.sync()?)
-    }
 }
 
 impl LogStore for NodeStore {
@@ -156,7 +151,7 @@ impl driver::DurableStore for NodeStore {
     /// it. A crash in between is repaired at the next start, which finds a
     /// snapshot the log does not hold and starts the log over after it with
     /// the membership in the file.
-    fn persist(
+    fn write(
         &mut self,
         snapshot: Option<&SnapshotInfo>,
         hard_state: Option<&HardState>,
@@ -169,13 +164,16 @@ impl driver::DurableStore for NodeStore {
             self.newest = *meta;
         }
         self.storage.write(hard_state, entries)?;
-        self.storage.sync()?;
         if !entries.is_empty() {
             METRICS.persist_entries.observe(entries.len() as f64);
         }
         self.disk.wrote(entries.iter().map(|e| e.approx_size() as u64).sum());
         self.poll_disk();
         Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), PersistError> {
+        Ok(self.storage.sync()?)
     }
 }
 

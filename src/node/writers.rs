@@ -1,7 +1,8 @@
-//! The two writers off the core loop: the log mirror (`logs/<id>.txt`) and
-//! the snapshot files. Neither is on a client's path: the server answers
-//! from the state machine it holds, and a snapshot of any size is written
-//! from a frozen image of it while the server goes on.
+//! The writers off the core loop: the log's syncs, the log mirror
+//! (`logs/<id>.txt`) and the snapshot files. Only the first is on a
+//! client's path, and it lets the core go on during an fsync: the server
+//! answers from the state machine it holds, and a snapshot of any size is
+//! written from a frozen image of it while the server goes on.
 
 use std::time::Instant;
 
@@ -11,9 +12,38 @@ use log::{error, info};
 use super::server::SnapshotJob;
 use crate::kv::command_json;
 use crate::metrics::{METRICS, seconds_since};
-use crate::raft::{Entry, Index, SnapshotMeta};
+use crate::raft::{Entry, Index, Message, SnapshotMeta, Term};
+use crate::storage::Syncer;
 use crate::storage::mirror::Mirror;
 use crate::storage::snapshot::Snapshots;
+
+/// Log writes to make durable (an `Effect::Sync`), or made durable: the
+/// last entry written, if any, and the messages that promise them.
+pub struct SyncJob {
+    pub written: Option<(Index, Term)>,
+    pub messages: Vec<Message>,
+}
+
+/// Makes the node's log writes durable until the channel closes, one sync
+/// for all the jobs queued meanwhile (group commit), and hands each batch
+/// back in order. A failed sync stops the process at once, as it does on
+/// the core loop: nothing may be retried after a failed fsync.
+pub fn log_syncer(syncer: Syncer, jobs: Receiver<SyncJob>, done: Sender<SyncJob>) {
+    while let Ok(mut batch) = jobs.recv() {
+        for next in jobs.try_iter() {
+            // The newest write names the log's end as it is now; a sync
+            // covers every write before it.
+            batch.written = next.written.or(batch.written);
+            batch.messages.extend(next.messages);
+        }
+        if let Err(e) = syncer.sync() {
+            error!("stopping at once: {e}; restart it once its disk is fine");
+            std::process::exit(1);
+        }
+        // After the core loop stopped nobody listens, which is fine.
+        let _ = done.send(batch);
+    }
+}
 
 pub enum MirrorMsg {
     /// Applied entries, in order; those at `duplicates` get `"dup": true`.

@@ -8,24 +8,39 @@
 use std::convert::Infallible;
 
 use crate::raft::{
-    Entry, HardState, LogStore, MemStore, Membership, Message, Raft, ReadState, SnapshotInfo, SoftState,
+    Entry, HardState, Index, LogStore, MemStore, Membership, Message, Raft, ReadState, SnapshotInfo, SoftState, Term,
 };
 
 /// The durable side of a node.
 pub trait DurableStore: LogStore {
     type Error;
 
-    /// Step 2 of a `Ready`, all of it durable when this returns: start the
-    /// log over after `snapshot` (whose data the shell received and staged
-    /// with the message that brought it) with its membership, set
-    /// `hard_state`, write `entries` (replacing whatever the store holds from
-    /// the first of them on).
-    fn persist(
+    /// Step 2 of a `Ready`, durable once [`DurableStore::sync`] returns:
+    /// start the log over after `snapshot` (whose data the shell received
+    /// and staged with the message that brought it) with its membership,
+    /// set `hard_state`, write `entries` (replacing whatever the store
+    /// holds from the first of them on). A crash before the sync may keep
+    /// any prefix of what was written since the last one, in order.
+    fn write(
         &mut self,
         snapshot: Option<&SnapshotInfo>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), Self::Error>;
+
+    /// Makes everything written so far durable.
+    fn sync(&mut self) -> Result<(), Self::Error>;
+
+    /// [`DurableStore::write`], then [`DurableStore::sync`].
+    fn persist(
+        &mut self,
+        snapshot: Option<&SnapshotInfo>,
+        hard_state: Option<&HardState>,
+        entries: &[Entry],
+    ) -> Result<(), Self::Error> {
+        self.write(snapshot, hard_state, entries)?;
+        self.sync()
+    }
 }
 
 /// Everything else around the core: the network, the state machine and the
@@ -46,6 +61,18 @@ pub trait ReadySink<S> {
     fn read_ready(&mut self, read: ReadState);
     /// A read whose leadership could not be confirmed.
     fn read_failed(&mut self, ctx: u64);
+    /// Whether this shell makes writes durable itself, off the core's
+    /// thread (asynchronous storage writes; see [`crate::raft::Ready`]).
+    fn syncs_later(&self) -> bool {
+        false
+    }
+    /// Only if [`ReadySink::syncs_later`]: make everything written so far
+    /// durable, then call `Raft::persisted` with `written` (the last entry
+    /// written, if any) and send `messages`, after those of earlier calls.
+    fn sync_later(&mut self, written: Option<(Index, Term)>, messages: Vec<Message>) {
+        let _ = (written, messages);
+        unreachable!("a shell that syncs later must take its writes");
+    }
 }
 
 /// Carries out the core's `Ready`s, in the order [`crate::raft::Ready`]
@@ -56,6 +83,7 @@ pub fn run_ready<S: DurableStore, H: ReadySink<S>>(raft: &mut Raft<S>, shell: &m
     while raft.has_ready() {
         let rd = raft.ready();
         let must_persist = rd.must_persist();
+        let may_sync_later = rd.may_sync_later();
         if let Some(soft) = rd.soft_state {
             shell.soft_state(soft);
         }
@@ -66,12 +94,22 @@ pub fn run_ready<S: DurableStore, H: ReadySink<S>>(raft: &mut Raft<S>, shell: &m
             shell.send(msg);
         }
         if must_persist {
-            raft.store_mut().persist(rd.snapshot.as_ref(), rd.hard_state.as_ref(), &rd.entries)?;
+            raft.store_mut().write(rd.snapshot.as_ref(), rd.hard_state.as_ref(), &rd.entries)?;
         }
-        for msg in rd.persisted_messages {
-            shell.send(msg);
+        // Acknowledgements without a write of their own go behind the
+        // writes still being synced, which they promise too.
+        let promises = must_persist || !rd.persisted_messages.is_empty();
+        if promises && may_sync_later && shell.syncs_later() {
+            shell.sync_later(raft.defer_persistence(), rd.persisted_messages);
+        } else {
+            if must_persist {
+                raft.store_mut().sync()?;
+            }
+            for msg in rd.persisted_messages {
+                shell.send(msg);
+            }
+            raft.advance();
         }
-        raft.advance();
         if let Some(snapshot) = &rd.snapshot {
             shell.restore(snapshot, raft.store());
         }
@@ -91,7 +129,7 @@ pub fn run_ready<S: DurableStore, H: ReadySink<S>>(raft: &mut Raft<S>, shell: &m
 impl DurableStore for MemStore {
     type Error = Infallible;
 
-    fn persist(
+    fn write(
         &mut self,
         snapshot: Option<&SnapshotInfo>,
         hard_state: Option<&HardState>,
@@ -104,6 +142,9 @@ impl DurableStore for MemStore {
             self.hard_state = *hs;
         }
         self.append(entries);
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), Infallible> {
         Ok(())
     }
 }

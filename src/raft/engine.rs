@@ -457,7 +457,8 @@ impl<S: LogStore> Raft<S> {
         }
         // The commit index rides along with writes that happen anyway; after a
         // crash the mirror of applied entries recovers anything newer.
-        let hard_state = (self.hard_state_changed() || !entries.is_empty() || snapshot.is_some()).then(|| {
+        let new_term_or_vote = self.hard_state_changed();
+        let hard_state = (new_term_or_vote || !entries.is_empty() || snapshot.is_some()).then(|| {
             self.last_hard_state = self.hard_state();
             self.last_hard_state
         });
@@ -474,6 +475,7 @@ impl<S: LogStore> Raft<S> {
             soft_state,
             membership,
             hard_state,
+            new_term_or_vote,
             snapshot,
             entries,
             messages: std::mem::take(&mut self.messages),
@@ -488,10 +490,25 @@ impl<S: LogStore> Raft<S> {
     pub fn advance(&mut self) {
         self.log.snapshot_installed();
         if let Some((index, term)) = self.handed_out.take() {
-            self.log.stable_to(index, term);
-            if self.role == Role::Leader {
-                self.maybe_commit();
-            }
+            self.persisted(index, term);
+        }
+    }
+
+    /// The shell wrote the last `Ready` and will make it durable later
+    /// (asynchronous storage writes): the last entry it wrote, to hand to
+    /// [`Raft::persisted`] then. Until that, those entries count toward no
+    /// commit of this node's and are not applied.
+    pub fn defer_persistence(&mut self) -> Option<(Index, Term)> {
+        self.handed_out.take()
+    }
+
+    /// Storage made durable every entry written up to `index` of `term`.
+    /// Ignored if the log no longer holds that entry (a conflict cut it
+    /// off, or a snapshot replaced it): a later write covers what is left.
+    pub fn persisted(&mut self, index: Index, term: Term) {
+        self.log.stable_to(index, term);
+        if self.role == Role::Leader {
+            self.maybe_commit();
         }
     }
 

@@ -48,6 +48,13 @@ pub struct ReadState {
 ///    durability), then call `Raft::advance`;
 /// 4. apply `committed`, serve `read_states`, fail `failed_reads`.
 ///
+/// Steps 2 and 3 may finish later, off the caller's thread (asynchronous
+/// storage writes), unless the batch installs a snapshot or records a new
+/// term or vote ([`Ready::may_sync_later`]): write now, call
+/// `Raft::defer_persistence`, and once the write is durable call
+/// `Raft::persisted` and send `persisted_messages` — after those of every
+/// earlier batch, since an acknowledgement promises all that came before.
+///
 /// [`crate::raft::driver`] carries this out; it is the only code that does.
 #[derive(Debug, Default)]
 pub struct Ready {
@@ -55,6 +62,8 @@ pub struct Ready {
     /// The membership in force, when it changed.
     pub membership: Option<Membership>,
     pub hard_state: Option<HardState>,
+    /// `hard_state` records a new term or vote (not only a commit index).
+    pub new_term_or_vote: bool,
     pub snapshot: Option<SnapshotInfo>,
     pub entries: Vec<Entry>,
     pub messages: Vec<Message>,
@@ -74,6 +83,14 @@ impl Ready {
             "a write without its hard state"
         );
         self.hard_state.is_some()
+    }
+
+    /// Whether steps 2 and 3 may finish after step 4. Not for a new term
+    /// or vote: a candidate counts its own vote at once, and a vote must be
+    /// durable before anyone may count it. Not for a snapshot: the state
+    /// machine restores from the store.
+    pub fn may_sync_later(&self) -> bool {
+        self.snapshot.is_none() && !self.new_term_or_vote
     }
 }
 

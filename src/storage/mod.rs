@@ -25,12 +25,14 @@
 //! # Crash consistency
 //!
 //! sled recovers a prefix of its operations, so [`Storage::write`] orders
-//! them so that every prefix is a state [`Storage::open`] accepts: the hard
-//! state first (a newer term or vote may always be durable before the
-//! entries that come with it; a commit index past the log is clamped at
-//! open); then a conflicting suffix, deleted from its end; then the
-//! membership index of those entries; then each new entry after its own
-//! membership index. A crash part-way leaves the old log cut short and part
+//! them so that every prefix is a state [`Storage::open`] accepts and Raft
+//! is safe in: the hard state first (a newer term or vote may always be
+//! durable before the entries that come with it), its commit index held
+//! below the first new entry; then a conflicting suffix, deleted from its
+//! end; then the membership index of those entries; then each new entry
+//! after its own membership index; then the commit index the hard state
+//! gives. (Written first, that commit index could make a crash-cut
+//! follower apply the uncommitted entries a leader was replacing.) A crash part-way leaves the old log cut short and part
 //! of the new entries: none of them was acknowledged (acknowledgements wait
 //! for [`Storage::sync`]), and none of the cut entries was committed, since
 //! a leader's log disagreed with them. A membership index past the last
@@ -71,8 +73,10 @@ use std::fs::{self, File};
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::lock;
 use crate::metrics::{METRICS, seconds_since};
 use crate::raft::log_store::take_within;
 use crate::raft::types::{Entry, HardState, Index, Membership, Payload, Term};
@@ -134,13 +138,7 @@ const TAIL_BYTES: usize = 32 << 20;
 pub struct Storage {
     dir: PathBuf,
     db: sled::Db,
-    /// A second handle on sled's data file, only for `fdatasync`.
-    db_file: File,
-    /// Blob files already fsynced (by name). Rebuilt from each listing so
-    /// blobs that sled garbage-collected are forgotten.
-    synced_blobs: HashSet<OsString>,
-    /// Names in `dir` when it was last fsynced.
-    synced_names: HashSet<OsString>,
+    syncer: Syncer,
     /// The snapshot the stored log follows.
     snapshot: SnapshotMeta,
     /// Index of the last log entry written (durable or not), so that `write`
@@ -152,8 +150,27 @@ pub struct Storage {
     /// The newest entries, contiguous and ending at `last_index`.
     tail: VecDeque<Entry>,
     tail_bytes: usize,
-    sync_count: u64,
     compactor: Compactor,
+}
+
+/// What makes the state dir's writes durable, shareable with a thread that
+/// syncs a node's writes while its core loop goes on (see
+/// [`crate::raft::Ready`] on asynchronous storage writes). One sync covers
+/// every write made before it began, whichever thread made it.
+#[derive(Clone)]
+pub struct Syncer(Arc<Mutex<SyncState>>);
+
+struct SyncState {
+    dir: PathBuf,
+    db: sled::Db,
+    /// A second handle on sled's data file, only for `fdatasync`.
+    db_file: File,
+    /// Blob files already fsynced (by name). Rebuilt from each listing so
+    /// blobs that sled garbage-collected are forgotten.
+    synced_blobs: HashSet<OsString>,
+    /// Names in `dir` when it was last fsynced.
+    synced_names: HashSet<OsString>,
+    count: u64,
 }
 
 /// Deletes compacted entries on a thread of its own: a compaction deletes
@@ -251,28 +268,36 @@ impl Storage {
         let db_file = File::open(dir.join("db")).map_err(|e| err(format!("cannot open db file for syncing: {e}")))?;
 
         let compactor = Compactor::start(db.clone(), dir.to_path_buf())?;
-        let mut storage = Storage {
+        let syncer = Syncer(Arc::new(Mutex::new(SyncState {
             dir: dir.to_path_buf(),
-            db,
+            db: db.clone(),
             db_file,
             synced_blobs: HashSet::new(),
             synced_names: HashSet::new(),
+            count: 0,
+        })));
+        let mut storage = Storage {
+            dir: dir.to_path_buf(),
+            db,
+            syncer,
             snapshot: SnapshotMeta::default(),
             last_index: 0,
             memberships: Vec::new(),
             tail: VecDeque::new(),
             tail_bytes: 0,
-            sync_count: 0,
             compactor,
         };
         // sled wrote `conf` (and maybe `db`'s first pages) without fsync.
         // Doing this on every open rather than only on creation also covers
         // a crash between creation and the first sync.
-        storage.sync_files()?;
-        for path in ["conf", "db"].map(|name| dir.join(name)) {
-            fsync_path(&path).map_err(|e| err(format!("cannot fsync {}: {e}", path.display())))?;
+        {
+            let mut state = lock(&storage.syncer.0);
+            state.sync_files()?;
+            for path in ["conf", "db"].map(|name| dir.join(name)) {
+                fsync_path(&path).map_err(|e| err(format!("cannot fsync {}: {e}", path.display())))?;
+            }
+            state.sync_dir_entries()?;
         }
-        storage.sync_dir_entries()?;
         for created_dir in created {
             let parent = created_dir.parent().filter(|p| !p.as_os_str().is_empty());
             let parent = parent.unwrap_or(Path::new("."));
@@ -392,7 +417,14 @@ impl Storage {
         // state `open` accepts (see "Crash consistency" above): a batch
         // would cost sled two more buffer writes, each with its own
         // `sync_file_range`, on every persist.
-        if let Some(hs) = hard_state {
+        // Until the entries are in, the commit index covers only entries this
+        // write leaves alone: the suffix it replaces is not committed, and a
+        // crash must not leave it looking so.
+        let first_commit = hard_state.map(|hs| match entries.first() {
+            Some(first) => HardState { commit: hs.commit.min(first.index - 1), ..*hs },
+            None => *hs,
+        });
+        if let Some(hs) = &first_commit {
             self.put(HARD_STATE_KEY, self.encode(hs, "hard state")?)?;
         }
         // Memberships of truncated entries go; the start's always stays.
@@ -415,6 +447,11 @@ impl Storage {
                 added.push((entry.index, membership.clone()));
             }
             self.put(&log_key(entry.index), self.encode(entry, "log entry")?)?;
+        }
+        if let Some(hs) = hard_state
+            && first_commit != Some(*hs)
+        {
+            self.put(HARD_STATE_KEY, self.encode(hs, "hard state")?)?;
         }
         self.memberships.truncate(kept_memberships);
         self.memberships.extend(added);
@@ -589,64 +626,20 @@ impl Storage {
         rmp_serde::to_vec_named(value).map_err(|e| StorageError::new(&self.dir, format!("cannot encode {what}: {e}")))
     }
 
-    /// Makes everything written so far durable (see the module docs for why
-    /// this is more than `flush`). One call covers any number of writes, so
-    /// the caller can group-commit.
+    /// Makes everything written so far durable (see [`Syncer::sync`]).
     pub fn sync(&mut self) -> Result<(), StorageError> {
-        let started = Instant::now();
-        self.db.flush().map_err(|e| StorageError::new(&self.dir, format!("cannot flush: {e}")))?;
-        self.db_file.sync_data().map_err(|e| StorageError::new(&self.dir, format!("cannot fsync db file: {e}")))?;
-        self.sync_files()?;
-        self.sync_dir_entries()?;
-        self.sync_count += 1;
-        METRICS.fsync_seconds.observe(seconds_since(started));
-        Ok(())
+        self.syncer.sync()
     }
 
-    /// Number of completed [`Storage::sync`] calls (lets tests prove that an
-    /// acknowledgement waited for one).
+    /// Number of completed syncs (lets tests prove that an acknowledgement
+    /// waited for one).
     pub fn sync_count(&self) -> u64 {
-        self.sync_count
+        lock(&self.syncer.0).count
     }
 
-    /// Fsyncs blob files not synced before, then the `blobs` directory so
-    /// their names are durable too.
-    fn sync_files(&mut self) -> Result<(), StorageError> {
-        let blobs = self.dir.join("blobs");
-        let err =
-            |what: &Path, e: io::Error| StorageError::new(&self.dir, format!("cannot fsync {}: {e}", what.display()));
-        let names = list_names(&blobs).map_err(|e| err(&blobs, e))?;
-        let mut synced_any = false;
-        for name in &names {
-            if self.synced_blobs.contains(name) {
-                continue;
-            }
-            let path = blobs.join(name);
-            match fsync_path(&path) {
-                Ok(()) => synced_any = true,
-                // sled garbage-collects blobs concurrently; a deleted one
-                // needs no durability.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(err(&path, e)),
-            }
-        }
-        if synced_any {
-            fsync_path(&blobs).map_err(|e| err(&blobs, e))?;
-        }
-        self.synced_blobs = names;
-        Ok(())
-    }
-
-    /// Fsyncs `dir` if names appeared or vanished in it since the last time
-    /// (sled renames a new snapshot into place without doing so).
-    fn sync_dir_entries(&mut self) -> Result<(), StorageError> {
-        let err = |e: io::Error| StorageError::new(&self.dir, format!("cannot fsync the directory: {e}"));
-        let names = list_names(&self.dir).map_err(err)?;
-        if names != self.synced_names {
-            fsync_path(&self.dir).map_err(err)?;
-            self.synced_names = names;
-        }
-        Ok(())
+    /// A handle that syncs this store from another thread.
+    pub fn syncer(&self) -> Syncer {
+        self.syncer.clone()
     }
 
     /// A view of the log for readers on other threads.
@@ -656,7 +649,7 @@ impl Storage {
 
     /// Where the core loop records which applied entries were duplicates.
     pub fn duplicate_marks(&self) -> Result<DuplicateMarks, StorageError> {
-        let db_file = self
+        let db_file = lock(&self.syncer.0)
             .db_file
             .try_clone()
             .map_err(|e| StorageError::new(&self.dir, format!("cannot reopen db file: {e}")))?;
@@ -743,6 +736,68 @@ impl DuplicateMarks {
         self.db.apply_batch(batch).map_err(|e| err(format!("cannot write duplicate marks: {e}")))?;
         self.db.flush().map_err(|e| err(format!("cannot flush: {e}")))?;
         self.db_file.sync_data().map_err(|e| err(format!("cannot fsync db file: {e}")))
+    }
+}
+
+impl Syncer {
+    /// Makes everything written so far durable (see the module docs for why
+    /// this is more than `flush`). One call covers any number of writes, so
+    /// the caller can group-commit.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        lock(&self.0).sync()
+    }
+}
+
+impl SyncState {
+    fn sync(&mut self) -> Result<(), StorageError> {
+        let started = Instant::now();
+        self.db.flush().map_err(|e| StorageError::new(&self.dir, format!("cannot flush: {e}")))?;
+        self.db_file.sync_data().map_err(|e| StorageError::new(&self.dir, format!("cannot fsync db file: {e}")))?;
+        self.sync_files()?;
+        self.sync_dir_entries()?;
+        self.count += 1;
+        METRICS.fsync_seconds.observe(seconds_since(started));
+        Ok(())
+    }
+
+    /// Fsyncs blob files not synced before, then the `blobs` directory so
+    /// their names are durable too.
+    fn sync_files(&mut self) -> Result<(), StorageError> {
+        let blobs = self.dir.join("blobs");
+        let err =
+            |what: &Path, e: io::Error| StorageError::new(&self.dir, format!("cannot fsync {}: {e}", what.display()));
+        let names = list_names(&blobs).map_err(|e| err(&blobs, e))?;
+        let mut synced_any = false;
+        for name in &names {
+            if self.synced_blobs.contains(name) {
+                continue;
+            }
+            let path = blobs.join(name);
+            match fsync_path(&path) {
+                Ok(()) => synced_any = true,
+                // sled garbage-collects blobs concurrently; a deleted one
+                // needs no durability.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(&path, e)),
+            }
+        }
+        if synced_any {
+            fsync_path(&blobs).map_err(|e| err(&blobs, e))?;
+        }
+        self.synced_blobs = names;
+        Ok(())
+    }
+
+    /// Fsyncs `dir` if names appeared or vanished in it since the last time
+    /// (sled renames a new snapshot into place without doing so).
+    fn sync_dir_entries(&mut self) -> Result<(), StorageError> {
+        let err = |e: io::Error| StorageError::new(&self.dir, format!("cannot fsync the directory: {e}"));
+        let names = list_names(&self.dir).map_err(err)?;
+        if names != self.synced_names {
+            fsync_path(&self.dir).map_err(err)?;
+            self.synced_names = names;
+        }
+        Ok(())
     }
 }
 
@@ -1091,9 +1146,9 @@ mod tests {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
             s.write(None, &[entry(1, 1, &big)]).unwrap();
             s.sync().unwrap();
-            assert!(!s.synced_blobs.is_empty(), "sync found no blob file");
+            assert!(!lock(&s.syncer.0).synced_blobs.is_empty(), "sync found no blob file");
             let on_disk = list_names(&tmp.path().join("blobs")).unwrap();
-            assert!(on_disk.iter().all(|n| s.synced_blobs.contains(n)));
+            assert!(on_disk.iter().all(|n| lock(&s.syncer.0).synced_blobs.contains(n)));
         }
         assert_eq!(reopen(tmp.path()).entries, vec![entry(1, 1, &big)]);
     }

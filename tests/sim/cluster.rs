@@ -52,6 +52,10 @@ const HEALED_BOUND_SLOW: Time = 2_000 * MS;
 const SPARE_NODES: u64 = 4;
 /// With membership churn: the share of faults that are membership changes.
 const CHANGE_SHARE: f64 = 0.3;
+/// How long a node's sync thread takes to make its pending writes durable:
+/// events keep coming meanwhile, acknowledgements wait, and a crash finds
+/// writes not yet synced.
+const SYNC_DELAY: (Time, Time) = (100, 3 * MS);
 
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -131,6 +135,11 @@ enum Event {
     /// The cluster has been whole for `HEALED_BOUND`, unless the generation
     /// moved on (something failed meanwhile).
     WholeFor(u64),
+    /// A node's sync thread made the writes pending when it began durable.
+    Synced {
+        node: NodeId,
+        incarnation: u64,
+    },
 }
 
 /// What a run did, to see that it did something.
@@ -538,6 +547,15 @@ impl Cluster {
             }
             Event::Restart(id) => self.restart(id),
             Event::Stopping { node, incarnation, downtime } => self.stopping(node, incarnation, downtime),
+            Event::Synced { node: id, incarnation } => {
+                let node = self.nodes.get_mut(&id).expect("member");
+                if node.paused_until > now {
+                    self.schedule.after(node.paused_until - now, Event::Synced { node: id, incarnation });
+                } else if node.incarnation == incarnation && node.is_up() {
+                    node.sync_scheduled = false;
+                    self.process_syncing(id, true, Effects::default());
+                }
+            }
             Event::WholeFor(generation) => {
                 if generation == self.whole_generation
                     && let Some(since) = self.whole_since
@@ -775,9 +793,21 @@ impl Cluster {
         self.schedule.after(TRANSPORT_TIMEOUT, Event::Unreachable { node: requester, peer, incarnation });
     }
 
-    fn process(&mut self, id: NodeId, mut fx: Effects) {
+    fn process(&mut self, id: NodeId, fx: Effects) {
+        self.process_syncing(id, false, fx);
+    }
+
+    /// Processes, first finishing the node's pending syncs if `sync_now`;
+    /// schedules the next sync if writes are left pending.
+    fn process_syncing(&mut self, id: NodeId, sync_now: bool, mut fx: Effects) {
         let torn_crash = self.now() < self.chaos_until && self.rng.chance(self.params.torn_crash);
-        self.nodes.get_mut(&id).expect("member").process(torn_crash, &mut fx);
+        let node = self.nodes.get_mut(&id).expect("member");
+        node.process(torn_crash, sync_now, &mut fx);
+        if node.has_unsynced() && !node.sync_scheduled {
+            node.sync_scheduled = true;
+            let next = Event::Synced { node: id, incarnation: node.incarnation };
+            self.schedule.after(self.rng.range(SYNC_DELAY.0, SYNC_DELAY.1), next);
+        }
         self.absorb(id, fx);
     }
 
@@ -922,10 +952,11 @@ impl Cluster {
                 continue;
             };
             let (soft, hard, m) = (raft.soft_state(), raft.hard_state(), raft.membership());
-            let (last, start) = (raft.last_index(), raft.store().log_start());
+            // What the disk holds: later entries may wait for their sync.
+            let (last, start) = (raft.store().last_index(), raft.store().log_start());
             let last_term = if last == start.index { start.term } else { raft.store().term(last) };
             out += &format!(
-                "  node {id}: {:?} term {} vote {:?} leader {:?} last {last}/t{} commit {} applied {} \
+                "  node {id}: {:?} term {} vote {:?} leader {:?} stored {last}/t{} commit {} applied {} \
                  voters {:?} learners {:?} promote {:?} removed {:?}\n",
                 soft.role,
                 soft.term,

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use raft_zmq::kv::KvStore;
 use raft_zmq::node::server::{Effect, ProcessError, Server, ServerConfig, SnapshotJob};
-use raft_zmq::raft::{CoreConfig, Entry, Index, LogStore, Message, NodeId, Raft, Role, SnapshotMeta, SoftState};
+use raft_zmq::raft::driver::DurableStore;
+use raft_zmq::raft::{CoreConfig, Entry, Index, LogStore, Message, NodeId, Raft, Role, SnapshotMeta, SoftState, Term};
 use raft_zmq::wire::protocol::{ErrorCode, Reply, Request};
 
 use super::history::{OpId, OpKind};
@@ -88,6 +89,18 @@ pub struct SimNode {
     /// Role, term and leader as last reported: a tick or a message may
     /// change them, and the next round reports it.
     reported: Option<SoftState>,
+    /// Syncs the server left to the runtime (`Effect::Sync`), oldest first:
+    /// what they wrote, and the messages waiting for them.
+    unsynced: Vec<PendingSync>,
+    /// A `Synced` event is on its way for this incarnation.
+    pub sync_scheduled: bool,
+}
+
+/// An `Effect::Sync` not carried out yet: the last entry it wrote, and the
+/// messages waiting for it.
+struct PendingSync {
+    wrote: Option<(Index, Term)>,
+    messages: Vec<Message>,
 }
 
 /// How long a request may wait before its client hears `timeout`, and a
@@ -123,6 +136,8 @@ impl SimNode {
             tick_period,
             paused_until: 0,
             reported: None,
+            unsynced: Vec::new(),
+            sync_scheduled: false,
         };
         node.restart(node.cfg.seed);
         node
@@ -137,6 +152,10 @@ impl SimNode {
             Some(server) => server.raft().store(),
             None => self.down_disk.as_ref().expect("a node that is down keeps its disk"),
         }
+    }
+
+    pub fn has_unsynced(&self) -> bool {
+        !self.unsynced.is_empty()
     }
 
     pub fn is_up(&self) -> bool {
@@ -182,9 +201,20 @@ impl SimNode {
 
     /// Runs the server's Ready processing and carries out its effects. With
     /// `torn_crash`, its first write crashes the node after the round's
-    /// messages left and before the sync.
-    pub fn process(&mut self, torn_crash: bool, fx: &mut Effects) {
+    /// messages left and before the sync. With `sync_now`, the syncs left
+    /// to the runtime finish first, as the node's sync thread does them: one
+    /// sync for all, then their messages in order.
+    pub fn process(&mut self, torn_crash: bool, sync_now: bool, fx: &mut Effects) {
         let Some(server) = self.server.as_mut() else { return };
+        if sync_now && !self.unsynced.is_empty() {
+            server.store_mut().sync().expect("a sync on its own never crashes");
+            let mut written = None;
+            for PendingSync { wrote, messages } in self.unsynced.drain(..) {
+                written = wrote.or(written);
+                fx.sent.extend(messages);
+            }
+            server.synced(written);
+        }
         server.store_mut().crash_before_sync = torn_crash;
         let outcome = server.process(&mut |m| fx.sent.push(m));
         let disk = server.store_mut();
@@ -224,6 +254,7 @@ impl SimNode {
                     fx.applied.extend(entries);
                 }
                 Effect::Restored(snapshot) => fx.restored = Some(snapshot),
+                Effect::Sync { written, messages } => self.unsynced.push(PendingSync { wrote: written, messages }),
                 Effect::SaveSnapshot(job) => {
                     let SnapshotJob { meta: snapshot, image, .. } = *job;
                     server.store_mut().snapshots.borrow_mut().insert(snapshot, image.encode());
@@ -244,7 +275,11 @@ impl SimNode {
     /// Loses everything but the disk; held client requests get no answer.
     pub fn crash(&mut self, fx: &mut Effects) {
         let Some(server) = self.server.take() else { return };
-        self.down_disk = Some(server.into_store());
+        let mut disk = server.into_store();
+        disk.lose_unsynced();
+        self.unsynced.clear();
+        self.sync_scheduled = false;
+        self.down_disk = Some(disk);
         self.incarnation += 1;
         self.reported = None;
         let lost = std::mem::take(&mut self.in_flight);
@@ -300,6 +335,8 @@ impl SimNode {
             snapshot_entries: u64::MAX,
             curve: false,
             new_cluster_name: seed.max(1),
+            // Mostly the node's way; now and then every write synced at once.
+            sync_later: !seed.is_multiple_of(4),
         };
         let raft = Raft::new(cfg, disk, hard_state, start.index);
         self.server = Some(Server::new(server_cfg, raft, kv, start, cluster, 0));

@@ -1,5 +1,7 @@
 //! The model of sled's durability: a node's disk holds exactly what the shell
-//! wrote *and* synced. A crash keeps this and loses everything else.
+//! wrote *and* synced. A crash keeps this and loses everything else, even
+//! writes made long before, whose sync was left to later (asynchronous
+//! storage writes).
 
 use raft_zmq::config::Member;
 use raft_zmq::node::server::NodeStorage;
@@ -25,6 +27,15 @@ pub struct Disk {
     pub snapshots: SnapshotRegistry,
     /// The cluster's name, once the node knows it is committed.
     pub cluster: u64,
+    /// Written since the last sync, in order: lost in a crash.
+    pub unsynced: Vec<Write>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Write {
+    snapshot: Option<SnapshotInfo>,
+    hard_state: Option<HardState>,
+    entries: Vec<Entry>,
 }
 
 /// Node `id` as the membership names it: endpoints no one connects to.
@@ -49,6 +60,11 @@ impl Disk {
 
     pub fn hard_state(&self) -> HardState {
         self.store.hard_state
+    }
+
+    /// The power went: what was not synced is gone.
+    pub fn lose_unsynced(&mut self) {
+        self.unsynced.clear();
     }
 
     /// Every entry held after the snapshot, in order.
@@ -83,7 +99,7 @@ impl LogStore for Disk {
 impl DurableStore for Disk {
     type Error = Crashed;
 
-    fn persist(
+    fn write(
         &mut self,
         snapshot: Option<&SnapshotInfo>,
         hard_state: Option<&HardState>,
@@ -92,9 +108,22 @@ impl DurableStore for Disk {
         if std::mem::take(&mut self.crash_before_sync) {
             return Err(Crashed);
         }
-        let Ok(()) = self.store.persist(snapshot, hard_state, entries);
-        if let Some(first) = entries.first() {
-            self.wrote_from = Some(self.wrote_from.map_or(first.index, |f| f.min(first.index)));
+        let (snapshot, hard_state, entries) = (snapshot.cloned(), hard_state.copied(), entries.to_vec());
+        self.unsynced.push(Write { snapshot, hard_state, entries });
+        Ok(())
+    }
+
+    /// The core reads back only what it was told is durable, so the store
+    /// takes writes at their sync.
+    fn sync(&mut self) -> Result<(), Crashed> {
+        for Write { snapshot, hard_state, entries } in std::mem::take(&mut self.unsynced) {
+            let Ok(()) = self.store.persist(snapshot.as_ref(), hard_state.as_ref(), &entries);
+            if snapshot.is_some() {
+                self.wrote_from = None; // what was written before is gone
+            }
+            if let Some(first) = entries.first() {
+                self.wrote_from = Some(self.wrote_from.map_or(first.index, |f| f.min(first.index)));
+            }
         }
         Ok(())
     }
@@ -132,11 +161,6 @@ impl NodeStorage for Disk {
 
     fn record_cluster(&mut self, cluster: u64) -> Result<(), Crashed> {
         self.cluster = cluster;
-        Ok(())
-    }
-
-    fn persist_hard_state(&mut self, hard_state: &HardState) -> Result<(), Crashed> {
-        self.store.hard_state = *hard_state;
         Ok(())
     }
 }

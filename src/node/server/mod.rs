@@ -31,7 +31,7 @@ use crate::kv::{KvImage, KvStore, LoggedCommand, Value, decided};
 use crate::metrics::METRICS;
 use crate::raft::driver::{self, ReadySink, run_ready};
 use crate::raft::{
-    Body, ChangeError, Entry, HardState, Index, Membership, MembershipChange, Message, NodeId, NotLeader, Payload,
+    Body, ChangeError, Entry, Index, Membership, MembershipChange, Message, NodeId, NotLeader, Payload,
     Raft, ReadState, Role, SnapshotInfo, SnapshotMeta, SoftState, Term, TransferError,
 };
 use crate::wire::protocol::{ErrorCode, Reply, Request, StatusInfo};
@@ -62,6 +62,9 @@ pub struct ServerConfig {
     /// (never 0): drawn at random by the runtime ([`random_cluster_name`]),
     /// from the seed by the simulator.
     pub new_cluster_name: u64,
+    /// Make log writes durable off the server's thread ([`Effect::Sync`]),
+    /// so that the core goes on meanwhile (asynchronous storage writes).
+    pub sync_later: bool,
 }
 
 /// What the server needs of its durable side beyond the Ready driver's.
@@ -87,9 +90,6 @@ pub trait NodeStorage: driver::DurableStore {
     fn load_snapshot(&self, snapshot: SnapshotMeta) -> Result<Vec<u8>, String>;
     /// The cluster's name, once this node knows it is committed.
     fn record_cluster(&mut self, cluster: u64) -> Result<(), Self::Error>;
-    /// On a clean stop: the hard state (with the commit index, which is
-    /// otherwise written lazily), durable.
-    fn persist_hard_state(&mut self, hard_state: &HardState) -> Result<(), Self::Error>;
 }
 
 /// A snapshot to write: where, the membership in force there, and the
@@ -139,6 +139,14 @@ pub enum Effect<H> {
         named: u64,
         expected: u64,
         fingerprint: u64,
+    },
+    /// Only with [`ServerConfig::sync_later`]: make everything written so
+    /// far durable, off the server's thread; then send `messages` and call
+    /// [`Server::synced`] with `written`. In order: the messages of one
+    /// `Sync` never leave before those of an earlier one.
+    Sync {
+        written: Option<(Index, Term)>,
+        messages: Vec<Message>,
     },
 }
 
@@ -283,6 +291,13 @@ impl<S: NodeStorage, H> Server<S, H> {
         match self.app.fatal.take() {
             Some(problem) => Err(ProcessError::StateMachine(problem)),
             None => Ok(()),
+        }
+    }
+
+    /// An [`Effect::Sync`] is done: what it covers is durable.
+    pub fn synced(&mut self, written: Option<(Index, Term)>) {
+        if let Some((index, term)) = written {
+            self.raft.persisted(index, term);
         }
     }
 
@@ -458,8 +473,10 @@ impl<S: NodeStorage, H> Server<S, H> {
         for handle in std::mem::take(&mut app.snapshots.waiting) {
             app.reply_error(handle, ErrorCode::ShuttingDown, "node is shutting down");
         }
+        // Through the log's own write and sync: the commit index may cover
+        // entries whose sync was left to later, and this one covers them.
         let hard_state = self.raft.hard_state();
-        self.raft.store_mut().persist_hard_state(&hard_state)
+        self.raft.store_mut().persist(None, Some(&hard_state), &[])
     }
 
     pub fn leader(&self) -> Option<NodeId> {
@@ -882,6 +899,14 @@ struct ReadyShell<'a, H> {
 impl<S: NodeStorage, H> ReadySink<S> for ReadyShell<'_, H> {
     fn send(&mut self, msg: Message) {
         (self.send)(msg);
+    }
+
+    fn syncs_later(&self) -> bool {
+        self.app.cfg.sync_later
+    }
+
+    fn sync_later(&mut self, written: Option<(Index, Term)>, messages: Vec<Message>) {
+        self.app.effects.push(Effect::Sync { written, messages });
     }
 
     fn soft_state(&mut self, soft: SoftState) {

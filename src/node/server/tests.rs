@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::kv::Command;
-use crate::raft::{CoreConfig, Entry, LogStore, MemStore};
+use crate::raft::{CoreConfig, Entry, HardState, LogStore, MemStore};
 
 /// `MemStore` with snapshot files and a disk that is never full.
 #[derive(Default)]
@@ -37,8 +37,11 @@ impl LogStore for TestStore {
 
 impl driver::DurableStore for TestStore {
     type Error = Infallible;
-    fn persist(&mut self, s: Option<&SnapshotInfo>, hs: Option<&HardState>, e: &[Entry]) -> Result<(), Infallible> {
-        self.log.persist(s, hs, e)
+    fn write(&mut self, s: Option<&SnapshotInfo>, hs: Option<&HardState>, e: &[Entry]) -> Result<(), Infallible> {
+        self.log.write(s, hs, e)
+    }
+    fn sync(&mut self) -> Result<(), Infallible> {
+        Ok(())
     }
 }
 
@@ -66,10 +69,6 @@ impl NodeStorage for TestStore {
     fn record_cluster(&mut self, _: u64) -> Result<(), Infallible> {
         Ok(())
     }
-    fn persist_hard_state(&mut self, hs: &HardState) -> Result<(), Infallible> {
-        self.log.hard_state = *hs;
-        Ok(())
-    }
 }
 
 type TestServer = Server<TestStore, u32>;
@@ -77,11 +76,18 @@ type TestServer = Server<TestStore, u32>;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn server(voters: u64) -> TestServer {
-    server_with(voters, false)
+    server_with(voters, false, false)
 }
 
-/// With `curve`, every member has a public key (node `n`'s bytes are all `n`).
-fn server_with(voters: u64, curve: bool) -> TestServer {
+/// With `curve`, every member has a public key (node `n`'s bytes are all
+/// `n`); with `sync_later`, the log's syncs are the runtime's (`Effect::Sync`).
+fn server_with(voters: u64, curve: bool, sync_later: bool) -> TestServer {
+    server_named(voters, curve, sync_later, 7)
+}
+
+/// `named`: the cluster's name as the state dir records it (0: a new
+/// cluster, which its first leader names).
+fn server_named(voters: u64, curve: bool, sync_later: bool, named: u64) -> TestServer {
     let cfg = CoreConfig {
         id: 1,
         election_ticks: (10, 20),
@@ -104,9 +110,9 @@ fn server_with(voters: u64, curve: bool) -> TestServer {
         snapshot_entries: 1000,
         curve,
         new_cluster_name: 7,
+        sync_later,
     };
-    // Named already, so that no naming entry comes first.
-    Server::new(server_cfg, raft, KvStore::new(), SnapshotMeta::default(), 7, 7)
+    Server::new(server_cfg, raft, KvStore::new(), SnapshotMeta::default(), named, 7)
 }
 
 /// Runs the Ready cycle; what was sent, and the replies given, by handle.
@@ -292,6 +298,11 @@ fn the_leaders_own_row_in_members_has_its_last_index_and_no_silence() {
 
 /// Node 2 acknowledges everything the leader has, so that its entries commit.
 fn acknowledge(s: &mut TestServer) {
+    acknowledge_from(s, 2);
+    process(s);
+}
+
+fn acknowledge_from(s: &mut TestServer, peer: NodeId) {
     let (term, last) = (s.raft.soft_state().term, s.raft.last_index());
     let ack = Body::AppendEntriesReply {
         success: true,
@@ -301,8 +312,32 @@ fn acknowledge(s: &mut TestServer) {
         conflict_term: None,
         read_seq: 0,
     };
-    s.peer(Message { from: 2, to: 1, term, body: ack }, now());
-    process(s);
+    s.peer(Message { from: peer, to: 1, term, body: ack }, now());
+}
+
+/// Asynchronous storage writes: the leader's followers alone may commit its
+/// entry, but nothing is applied or answered before its own copy is durable.
+#[test]
+fn a_write_whose_sync_is_left_to_later_is_answered_only_after_it() {
+    let mut s = server_with(3, false, true);
+    elect(&mut s);
+    // The no-op's sync (`process` drops the effect).
+    let (last, term) = (s.raft.last_index(), s.raft.soft_state().term);
+    s.synced(Some((last, term)));
+    acknowledge(&mut s);
+    s.client(put("k", None), 10, now());
+    s.process(&mut drop).unwrap();
+    let effects = s.take_effects();
+    let [Effect::Sync { written: Some((index, _)), .. }] = effects[..] else { panic!("one sync, {} effects", effects.len()) };
+    assert_eq!(index, s.raft.last_index());
+    acknowledge_from(&mut s, 2);
+    acknowledge_from(&mut s, 3);
+    assert!(process(&mut s).1.is_empty(), "not answered");
+    assert_eq!(s.raft.commit_index(), index, "committed by the followers alone");
+    assert_eq!(s.applied().index, index - 1, "not applied before this node's copy is durable");
+    let Effect::Sync { written, .. } = &effects[0] else { unreachable!() };
+    s.synced(*written);
+    assert_eq!(process(&mut s).1, [(10, Reply::Put { index })]);
 }
 
 #[test]
@@ -420,7 +455,7 @@ fn key(id: NodeId) -> String {
 
 /// Node 1 of three, leading with an entry of its term committed.
 fn committed_leader(curve: bool) -> TestServer {
-    let mut s = server_with(3, curve);
+    let mut s = server_with(3, curve, false);
     elect(&mut s);
     acknowledge(&mut s);
     s
@@ -434,6 +469,54 @@ fn an_added_node_joins_as_a_learner_with_its_endpoints() {
     let membership = s.raft.membership();
     assert!(membership.learners.contains(&4) && membership.promote.contains(&4), "{membership:?}");
     assert_eq!(members_of(membership).iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+}
+
+/// As etcd: a learner is promoted only once it holds everything committed.
+#[test]
+fn a_learner_is_promoted_only_once_it_holds_every_committed_entry() {
+    let mut s = committed_leader(false);
+    s.client(Request::AddNode { member: member(4), voter: false }, 10, now());
+    process(&mut s);
+    acknowledge(&mut s);
+    assert!(s.raft.committed_membership().learners.contains(&4));
+    s.client(Request::PromoteNode { id: 4 }, 11, now());
+    let (_, replies) = process(&mut s);
+    assert_eq!(code(&replies[0].1), "busy", "learner 4 holds nothing yet: {replies:?}");
+    acknowledge_from(&mut s, 4);
+    process(&mut s);
+    assert_eq!(s.raft.progress(4).map(|pr| pr.matched), Some(s.raft.commit_index()), "exactly caught up");
+    s.client(Request::PromoteNode { id: 4 }, 12, now());
+    assert!(process(&mut s).1.is_empty(), "proposed, answered once it applies");
+    assert!(s.raft.membership().voters.contains(&4));
+    acknowledge(&mut s);
+    acknowledge_from(&mut s, 4);
+    let (_, replies) = process(&mut s);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!((replies[0].0, code(&replies[0].1)), (12, "ok"));
+}
+
+/// A member added before a new cluster's name commits would speak for the
+/// fingerprint: the leader asks to retry until it knows the name committed.
+#[test]
+fn a_new_cluster_takes_no_member_before_its_name_commits() {
+    let mut s = server_named(3, false, false, 0);
+    elect(&mut s);
+    acknowledge(&mut s); // the leader's no-op: now it may propose the name
+    s.tick(now()).unwrap();
+    process(&mut s);
+    assert_ne!(s.raft.membership().cluster, 0, "the name is proposed");
+    acknowledge(&mut s);
+    assert_ne!(s.raft.committed_membership().cluster, 0, "committed, not yet seen by a tick");
+    s.client(Request::AddNode { member: member(4), voter: true }, 10, now());
+    let (_, replies) = process(&mut s);
+    let [(10, Reply::Error { code: ErrorCode::Busy, message, .. })] = &replies[..] else { panic!("{replies:?}") };
+    assert!(message.contains("has not committed its name"), "{message}");
+    s.tick(now()).unwrap();
+    process(&mut s);
+    s.client(Request::AddNode { member: member(4), voter: true }, 11, now());
+    let (_, replies) = process(&mut s);
+    assert!(replies.is_empty(), "proposed once the name committed: {replies:?}");
+    assert!(s.raft.membership().learners.contains(&4));
 }
 
 #[test]
