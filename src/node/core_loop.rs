@@ -150,8 +150,8 @@ impl CoreLoop {
                 Err(_) => return Ok(false),
             },
             recv(inputs.synced) -> job => match job {
-                Ok(SyncJob { written, messages }) => {
-                    self.server.synced(written);
+                Ok(SyncJob { seq, written, messages }) => {
+                    self.server.synced(seq, written);
                     messages.into_iter().for_each(|msg| self.out.transport.send(msg));
                 }
                 Err(_) => return Ok(false),
@@ -232,9 +232,9 @@ impl CoreLoop {
                     *lock(&out.shared.members) = members;
                 }
                 Effect::Revoked(removed) => out.security.revoke(&removed),
-                Effect::Sync { written, messages } => {
+                Effect::Sync { seq, written, messages } => {
                     // The syncer only stops after us.
-                    let _ = out.syncer.send(SyncJob { written, messages });
+                    let _ = out.syncer.send(SyncJob { seq, written, messages });
                 }
                 Effect::Identity { named, expected, fingerprint } => {
                     if named == 0 {

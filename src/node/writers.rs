@@ -20,6 +20,7 @@ use crate::storage::snapshot::Snapshots;
 /// Log writes to make durable (an `Effect::Sync`), or made durable: the
 /// last entry written, if any, and the messages that promise them.
 pub struct SyncJob {
+    pub seq: u64,
     pub written: Option<(Index, Term)>,
     pub messages: Vec<Message>,
 }
@@ -33,10 +34,15 @@ pub fn log_syncer(syncer: Syncer, jobs: Receiver<SyncJob>, done: Sender<SyncJob>
         for next in jobs.try_iter() {
             // The newest write names the log's end as it is now; a sync
             // covers every write before it.
+            batch.seq = next.seq;
             batch.written = next.written.or(batch.written);
             batch.messages.extend(next.messages);
         }
-        if let Err(e) = syncer.sync() {
+        // Nothing written since the last sync: the messages only waited
+        // for the ones before them.
+        if batch.written.is_some()
+            && let Err(e) = syncer.sync()
+        {
             error!("stopping at once: {e}; restart it once its disk is fine");
             std::process::exit(1);
         }

@@ -68,7 +68,8 @@ pub trait ReadySink<S> {
     }
     /// Only if [`ReadySink::syncs_later`]: make everything written so far
     /// durable, then call `Raft::persisted` with `written` (the last entry
-    /// written, if any) and send `messages`, after those of earlier calls.
+    /// written; none if this batch wrote nothing) and send `messages`,
+    /// after those of earlier calls.
     fn sync_later(&mut self, written: Option<(Index, Term)>, messages: Vec<Message>) {
         let _ = (written, messages);
         unreachable!("a shell that syncs later must take its writes");
@@ -100,7 +101,9 @@ pub fn run_ready<S: DurableStore, H: ReadySink<S>>(raft: &mut Raft<S>, shell: &m
         // writes still being synced, which they promise too.
         let promises = must_persist || !rd.persisted_messages.is_empty();
         if promises && may_sync_later && shell.syncs_later() {
-            shell.sync_later(raft.defer_persistence(), rd.persisted_messages);
+            let written = raft.defer_persistence();
+            debug_assert!(written.is_some() || !must_persist, "a deferred write names its last entry");
+            shell.sync_later(written, rd.persisted_messages);
         } else {
             if must_persist {
                 raft.store_mut().sync()?;

@@ -99,6 +99,7 @@ pub struct SimNode {
 /// An `Effect::Sync` not carried out yet: the last entry it wrote, and the
 /// messages waiting for it.
 struct PendingSync {
+    seq: u64,
     wrote: Option<(Index, Term)>,
     messages: Vec<Message>,
 }
@@ -208,12 +209,12 @@ impl SimNode {
         let Some(server) = self.server.as_mut() else { return };
         if sync_now && !self.unsynced.is_empty() {
             server.store_mut().sync().expect("a sync on its own never crashes");
-            let mut written = None;
-            for PendingSync { wrote, messages } in self.unsynced.drain(..) {
-                written = wrote.or(written);
+            let (mut last, mut written) = (0, None);
+            for PendingSync { seq, wrote, messages } in self.unsynced.drain(..) {
+                (last, written) = (seq, wrote.or(written));
                 fx.sent.extend(messages);
             }
-            server.synced(written);
+            server.synced(last, written);
         }
         server.store_mut().crash_before_sync = torn_crash;
         let outcome = server.process(&mut |m| fx.sent.push(m));
@@ -254,7 +255,9 @@ impl SimNode {
                     fx.applied.extend(entries);
                 }
                 Effect::Restored(snapshot) => fx.restored = Some(snapshot),
-                Effect::Sync { written, messages } => self.unsynced.push(PendingSync { wrote: written, messages }),
+                Effect::Sync { seq, written, messages } => {
+                    self.unsynced.push(PendingSync { seq, wrote: written, messages })
+                }
                 Effect::SaveSnapshot(job) => {
                     let SnapshotJob { meta: snapshot, image, .. } = *job;
                     server.store_mut().snapshots.borrow_mut().insert(snapshot, image.encode());

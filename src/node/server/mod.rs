@@ -142,9 +142,13 @@ pub enum Effect<H> {
     },
     /// Only with [`ServerConfig::sync_later`]: make everything written so
     /// far durable, off the server's thread; then send `messages` and call
-    /// [`Server::synced`] with `written`. In order: the messages of one
-    /// `Sync` never leave before those of an earlier one.
+    /// [`Server::synced`] with `seq` and `written` (the last entry written;
+    /// none: nothing was, and the sync only keeps the messages in order). In
+    /// order: the messages of one `Sync` never leave before those of an
+    /// earlier one, and one call may answer for several (the newest `seq`
+    /// and `written`).
     Sync {
+        seq: u64,
         written: Option<(Index, Term)>,
         messages: Vec<Message>,
     },
@@ -186,6 +190,9 @@ struct App<H> {
     fatal: Option<String>,
     now: Time,
     effects: Vec<Effect<H>>,
+    /// The last [`Effect::Sync`] handed out, and the last one done.
+    syncs_issued: u64,
+    syncs_done: u64,
 }
 
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
@@ -260,6 +267,8 @@ impl<S: NodeStorage, H> Server<S, H> {
             fatal: None,
             now: Duration::ZERO,
             effects: Vec::new(),
+            syncs_issued: 0,
+            syncs_done: 0,
         };
         Server { raft, app }
     }
@@ -294,8 +303,10 @@ impl<S: NodeStorage, H> Server<S, H> {
         }
     }
 
-    /// An [`Effect::Sync`] is done: what it covers is durable.
-    pub fn synced(&mut self, written: Option<(Index, Term)>) {
+    /// [`Effect::Sync`] `seq` and every one before it are done: what they
+    /// cover is durable.
+    pub fn synced(&mut self, seq: u64, written: Option<(Index, Term)>) {
+        self.app.syncs_done = self.app.syncs_done.max(seq);
         if let Some((index, term)) = written {
             self.raft.persisted(index, term);
         }
@@ -905,8 +916,15 @@ impl<S: NodeStorage, H> ReadySink<S> for ReadyShell<'_, H> {
         self.app.cfg.sync_later
     }
 
+    /// Acknowledgements with no write of their own and no sync to wait
+    /// behind leave at once (a follower's answer to a heartbeat).
     fn sync_later(&mut self, written: Option<(Index, Term)>, messages: Vec<Message>) {
-        self.app.effects.push(Effect::Sync { written, messages });
+        let app = &mut *self.app;
+        if written.is_none() && app.syncs_done == app.syncs_issued {
+            return messages.into_iter().for_each(|msg| (self.send)(msg));
+        }
+        app.syncs_issued += 1;
+        app.effects.push(Effect::Sync { seq: app.syncs_issued, written, messages });
     }
 
     fn soft_state(&mut self, soft: SoftState) {

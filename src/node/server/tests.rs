@@ -323,12 +323,14 @@ fn a_write_whose_sync_is_left_to_later_is_answered_only_after_it() {
     elect(&mut s);
     // The no-op's sync (`process` drops the effect).
     let (last, term) = (s.raft.last_index(), s.raft.soft_state().term);
-    s.synced(Some((last, term)));
+    s.synced(0, Some((last, term)));
     acknowledge(&mut s);
     s.client(put("k", None), 10, now());
     s.process(&mut drop).unwrap();
     let effects = s.take_effects();
-    let [Effect::Sync { written: Some((index, _)), .. }] = effects[..] else { panic!("one sync, {} effects", effects.len()) };
+    let [Effect::Sync { seq, written: Some((index, _)), .. }] = effects[..] else {
+        panic!("one sync, {} effects", effects.len())
+    };
     assert_eq!(index, s.raft.last_index());
     acknowledge_from(&mut s, 2);
     acknowledge_from(&mut s, 3);
@@ -336,7 +338,7 @@ fn a_write_whose_sync_is_left_to_later_is_answered_only_after_it() {
     assert_eq!(s.raft.commit_index(), index, "committed by the followers alone");
     assert_eq!(s.applied().index, index - 1, "not applied before this node's copy is durable");
     let Effect::Sync { written, .. } = &effects[0] else { unreachable!() };
-    s.synced(*written);
+    s.synced(seq, *written);
     assert_eq!(process(&mut s).1, [(10, Reply::Put { index })]);
 }
 
@@ -469,6 +471,43 @@ fn an_added_node_joins_as_a_learner_with_its_endpoints() {
     let membership = s.raft.membership();
     assert!(membership.learners.contains(&4) && membership.promote.contains(&4), "{membership:?}");
     assert_eq!(members_of(membership).iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+}
+
+type SyncSeen = (u64, Option<(Index, Term)>, usize);
+
+/// A follower's acknowledgement waits for the sync of what it acknowledges,
+/// and for every sync before it; one with nothing to wait for leaves at once.
+#[test]
+fn a_followers_acknowledgements_wait_for_pending_syncs_and_only_for_them() {
+    let mut s = server_with(3, false, true);
+    let append = |prev: Index, entries: Vec<Entry>| Message {
+        from: 2,
+        to: 1,
+        term: 1,
+        body: Body::AppendEntries { prev_log_index: prev, prev_log_term: prev.min(1), entries, leader_commit: 0, read_seq: 0 },
+    };
+    let step = |s: &mut TestServer, m: Message| {
+        s.peer(m, now());
+        let mut sent = Vec::new();
+        s.process(&mut |msg| sent.push(msg)).unwrap();
+        // Each sync: its number, the entry it wrote, the messages waiting.
+        let syncs: Vec<SyncSeen> = s
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Sync { seq, written, messages } => Some((seq, written, messages.len())),
+                _ => None,
+            })
+            .collect();
+        (sent.len(), syncs)
+    };
+    // The new term is synced at once, so this heartbeat's answer leaves.
+    assert_eq!(step(&mut s, append(0, vec![])), (1, vec![]));
+    let entry = Entry { index: 1, term: 1, payload: Payload::Noop };
+    assert_eq!(step(&mut s, append(0, vec![entry])), (0, vec![(1, Some((1, 1)), 1)]), "after its sync");
+    assert_eq!(step(&mut s, append(1, vec![])), (0, vec![(2, None, 1)]), "behind the pending sync");
+    s.synced(2, Some((1, 1)));
+    assert_eq!(step(&mut s, append(1, vec![])), (1, vec![]), "nothing pending: at once");
 }
 
 /// As etcd: a learner is promoted only once it holds everything committed.
