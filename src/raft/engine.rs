@@ -505,6 +505,10 @@ impl<S: LogStore> Raft<S> {
     /// Storage made durable every entry written up to `index` of `term`.
     /// Ignored if the log no longer holds that entry (a conflict cut it
     /// off, or a snapshot replaced it): a later write covers what is left.
+    /// The term tells: an entry written again after a cut or a snapshot
+    /// has another term, since a snapshot never replaces a log that holds
+    /// its last entry, and two entries of one term at one index are one
+    /// (Log Matching).
     pub fn persisted(&mut self, index: Index, term: Term) {
         self.log.stable_to(index, term);
         if self.role == Role::Leader {
