@@ -12,7 +12,7 @@ use log::{error, info};
 use super::server::SnapshotJob;
 use crate::kv::command_json;
 use crate::metrics::{METRICS, seconds_since};
-use crate::raft::{Entry, Index, Message, SnapshotMeta, Term};
+use crate::raft::{Entry, Index, LogWrite, Message, SnapshotMeta};
 use crate::storage::Syncer;
 use crate::storage::mirror::Mirror;
 use crate::storage::snapshot::Snapshots;
@@ -21,7 +21,7 @@ use crate::storage::snapshot::Snapshots;
 /// last entry written, if any, and the messages that promise them.
 pub struct SyncJob {
     pub seq: u64,
-    pub written: Option<(Index, Term)>,
+    pub written: Option<LogWrite>,
     pub messages: Vec<Message>,
 }
 

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 
 use crate::raft::{
-    Entry, HardState, Index, LogStore, MemStore, Membership, Message, Raft, ReadState, SnapshotInfo, SoftState, Term,
+    Entry, HardState, LogStore, LogWrite, MemStore, Membership, Message, Raft, ReadState, SnapshotInfo, SoftState,
 };
 
 /// The durable side of a node.
@@ -70,7 +70,7 @@ pub trait ReadySink<S> {
     /// durable, then call `Raft::persisted` with `written` (the last entry
     /// written; none if this batch wrote nothing) and send `messages`,
     /// after those of earlier calls.
-    fn sync_later(&mut self, written: Option<(Index, Term)>, messages: Vec<Message>) {
+    fn sync_later(&mut self, written: Option<LogWrite>, messages: Vec<Message>) {
         let _ = (written, messages);
         unreachable!("a shell that syncs later must take its writes");
     }

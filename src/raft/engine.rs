@@ -16,7 +16,7 @@ use super::membership::MembershipChange;
 use super::message::{Body, Message};
 use super::progress::Progress;
 use super::raft_log::RaftLog;
-use super::ready::{ReadState, Ready, Role, SoftState};
+use super::ready::{LogWrite, ReadState, Ready, Role, SoftState};
 use super::tracker::{Tracker, VoteResult};
 use super::types::{Entry, HardState, Index, Membership, NodeId, Payload, SnapshotInfo, SnapshotMeta, Term};
 
@@ -490,7 +490,8 @@ impl<S: LogStore> Raft<S> {
     pub fn advance(&mut self) {
         self.log.snapshot_installed();
         if let Some((index, term)) = self.handed_out.take() {
-            self.persisted(index, term);
+            self.log.stable_to(index, term);
+            self.maybe_commit_as_leader();
         }
     }
 
@@ -498,19 +499,22 @@ impl<S: LogStore> Raft<S> {
     /// (asynchronous storage writes): the last entry it wrote, to hand to
     /// [`Raft::persisted`] then. Until that, those entries count toward no
     /// commit of this node's and are not applied.
-    pub fn defer_persistence(&mut self) -> Option<(Index, Term)> {
-        self.handed_out.take()
+    pub fn defer_persistence(&mut self) -> Option<LogWrite> {
+        let cuts = self.log.cuts();
+        self.handed_out.take().map(|(index, term)| LogWrite { index, term, cuts })
     }
 
-    /// Storage made durable every entry written up to `index` of `term`.
-    /// Ignored if the log no longer holds that entry (a conflict cut it
-    /// off, or a snapshot replaced it): a later write covers what is left.
-    /// The term tells: an entry written again after a cut or a snapshot
-    /// has another term, since a snapshot never replaces a log that holds
-    /// its last entry, and two entries of one term at one index are one
-    /// (Log Matching).
-    pub fn persisted(&mut self, index: Index, term: Term) {
-        self.log.stable_to(index, term);
+    /// Storage made durable every entry written up to `written`. Ignored if
+    /// the log was cut back or started over since it was written: the
+    /// write that followed covers what is left (see [`LogWrite`]).
+    pub fn persisted(&mut self, written: LogWrite) {
+        if written.cuts == self.log.cuts() {
+            self.log.stable_to(written.index, written.term);
+            self.maybe_commit_as_leader();
+        }
+    }
+
+    fn maybe_commit_as_leader(&mut self) {
         if self.role == Role::Leader {
             self.maybe_commit();
         }

@@ -26,5 +26,5 @@ pub use log_store::{LogStore, MemStore};
 pub use membership::MembershipChange;
 pub use message::{Body, Message};
 pub use quorum::majority_value;
-pub use ready::{ReadState, Ready, Role, SoftState};
+pub use ready::{LogWrite, ReadState, Ready, Role, SoftState};
 pub use types::{Entry, HardState, Index, Membership, NodeId, Payload, SnapshotInfo, SnapshotMeta, Term};

@@ -37,6 +37,8 @@ pub struct RaftLog<S> {
     pending_snapshot: Option<SnapshotInfo>,
     /// It was handed to the shell.
     snapshot_handed: bool,
+    /// Times the log was cut back (a conflict) or started over (a snapshot).
+    cuts: u64,
     /// The memberships in the log; the newest is in force.
     memberships: Memberships,
 }
@@ -55,6 +57,7 @@ impl<S: LogStore> RaftLog<S> {
             handed_to_apply: applied,
             pending_snapshot: None,
             snapshot_handed: false,
+            cuts: 0,
             memberships: Memberships::new(store.memberships()),
             store,
         }
@@ -237,6 +240,9 @@ impl<S: LogStore> RaftLog<S> {
             return Err(start);
         }
         debug_assert!(start <= self.last_index() + 1 && start > self.log_start().index);
+        if start <= self.last_index() {
+            self.cuts += 1;
+        }
         if start >= self.offset {
             self.unstable.truncate((start - self.offset) as usize);
         } else {
@@ -271,6 +277,12 @@ impl<S: LogStore> RaftLog<S> {
         self.memberships.restored(index, snapshot.membership.clone());
         self.pending_snapshot = Some(snapshot);
         self.snapshot_handed = false;
+        self.cuts += 1;
+    }
+
+    /// How many times the log was cut back or started over.
+    pub fn cuts(&self) -> u64 {
+        self.cuts
     }
 
     /// Hands out the snapshot to install, once.

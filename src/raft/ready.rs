@@ -38,6 +38,18 @@ pub struct ReadState {
     pub index: Index,
 }
 
+/// A write whose sync the shell took over ([`crate::raft::Raft::defer_persistence`]):
+/// its last entry, and how many times the log had been cut back when it
+/// was written. After a cut the same entry may come back (a leader of a
+/// later term that holds it) in a write not yet synced, so a sync begun
+/// before the cut vouches for nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogWrite {
+    pub index: Index,
+    pub term: Term,
+    pub(crate) cuts: u64,
+}
+
 /// One batch of work for the shell, to be carried out in this order:
 /// 0. take note of `membership` (the members to reach from now on);
 /// 1. send `messages` (they do not depend on this batch being durable);

@@ -334,6 +334,10 @@ fn elected(hs: HardState, log: Vec<Entry>) -> Node {
 /// One Ready, persisted as the driver would, with nothing sent.
 fn drain(raft: &mut Node) -> Ready {
     let rd = raft.ready();
+    drain_ready(raft, rd)
+}
+
+fn drain_ready(raft: &mut Node, rd: Ready) -> Ready {
     let Ok(()) = crate::raft::driver::DurableStore::persist(
         raft.store_mut(),
         rd.snapshot.as_ref(),
@@ -1444,6 +1448,41 @@ fn snapshot_already_covered_by_the_followers_log_only_advances_its_commit() {
     r.step(msg(1, 2, 2, Body::InstallSnapshot { snapshot: SnapshotMeta { index: 2, term: 1 }, membership: voters(3) }));
     let rd = drain(&mut r);
     assert!(matches!(rd.persisted_messages[0].body, Body::AppendEntriesReply { success: true, match_index: 3, .. }));
+}
+
+/// Asynchronous storage writes: a sync begun before the log was cut back
+/// vouches for nothing after, even for the very same entries written
+/// again (found in review): entries 2..3 of term 2 are cut off by a leader
+/// of term 3, then written again by a leader of term 4 that holds them.
+#[test]
+fn a_sync_from_before_a_cut_does_not_vouch_for_entries_written_again() {
+    let mut r = node_with(2, HardState { term: 2, vote: None, commit: 1 }, vec![entry(1, 1)]);
+    let append = |from, term, entries: Vec<Entry>, commit| {
+        let body = Body::AppendEntries { prev_log_index: 1, prev_log_term: 1, entries, leader_commit: commit, read_seq: 0 };
+        msg(from, 2, term, body)
+    };
+    let write_deferred = |r: &mut Node| {
+        let rd = r.ready();
+        if !rd.may_sync_later() {
+            drain_ready(r, rd);
+            return None;
+        }
+        let Ok(()) = crate::raft::driver::DurableStore::write(r.store_mut(), None, rd.hard_state.as_ref(), &rd.entries);
+        r.defer_persistence()
+    };
+    r.step(append(1, 2, vec![entry(2, 2), entry(3, 2)], 1));
+    let before = write_deferred(&mut r).expect("deferred");
+    r.step(append(3, 3, vec![entry(2, 3)], 1)); // a new term: synced at once
+    assert_eq!(write_deferred(&mut r), None);
+    r.step(append(1, 4, vec![], 1)); // term 4, synced at once
+    write_deferred(&mut r);
+    r.step(append(1, 4, vec![entry(2, 2), entry(3, 2)], 3));
+    let again = write_deferred(&mut r).expect("deferred");
+    assert_eq!((again.index, again.term), (before.index, before.term), "the same entry");
+    r.persisted(before);
+    assert!(r.ready().committed.is_empty(), "entries 2..3 are not durable again yet");
+    r.persisted(again);
+    assert_eq!(r.ready().committed.iter().map(|e| e.index).collect::<Vec<_>>(), [2, 3]);
 }
 
 #[test]

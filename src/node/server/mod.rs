@@ -31,7 +31,7 @@ use crate::kv::{KvImage, KvStore, LoggedCommand, Value, decided};
 use crate::metrics::METRICS;
 use crate::raft::driver::{self, ReadySink, run_ready};
 use crate::raft::{
-    Body, ChangeError, Entry, Index, Membership, MembershipChange, Message, NodeId, NotLeader, Payload,
+    Body, ChangeError, Entry, Index, LogWrite, Membership, MembershipChange, Message, NodeId, NotLeader, Payload,
     Raft, ReadState, Role, SnapshotInfo, SnapshotMeta, SoftState, Term, TransferError,
 };
 use crate::wire::protocol::{ErrorCode, Reply, Request, StatusInfo};
@@ -149,7 +149,7 @@ pub enum Effect<H> {
     /// and `written`).
     Sync {
         seq: u64,
-        written: Option<(Index, Term)>,
+        written: Option<LogWrite>,
         messages: Vec<Message>,
     },
 }
@@ -305,10 +305,10 @@ impl<S: NodeStorage, H> Server<S, H> {
 
     /// [`Effect::Sync`] `seq` and every one before it are done: what they
     /// cover is durable.
-    pub fn synced(&mut self, seq: u64, written: Option<(Index, Term)>) {
+    pub fn synced(&mut self, seq: u64, written: Option<LogWrite>) {
         self.app.syncs_done = self.app.syncs_done.max(seq);
-        if let Some((index, term)) = written {
-            self.raft.persisted(index, term);
+        if let Some(written) = written {
+            self.raft.persisted(written);
         }
     }
 
@@ -918,7 +918,7 @@ impl<S: NodeStorage, H> ReadySink<S> for ReadyShell<'_, H> {
 
     /// Acknowledgements with no write of their own and no sync to wait
     /// behind leave at once (a follower's answer to a heartbeat).
-    fn sync_later(&mut self, written: Option<(Index, Term)>, messages: Vec<Message>) {
+    fn sync_later(&mut self, written: Option<LogWrite>, messages: Vec<Message>) {
         let app = &mut *self.app;
         if written.is_none() && app.syncs_done == app.syncs_issued {
             return messages.into_iter().for_each(|msg| (self.send)(msg));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::kv::Command;
-use crate::raft::{CoreConfig, Entry, HardState, LogStore, MemStore};
+use crate::raft::{CoreConfig, Entry, HardState, LogStore, LogWrite, MemStore};
 
 /// `MemStore` with snapshot files and a disk that is never full.
 #[derive(Default)]
@@ -323,12 +323,12 @@ fn a_write_whose_sync_is_left_to_later_is_answered_only_after_it() {
     elect(&mut s);
     // The no-op's sync (`process` drops the effect).
     let (last, term) = (s.raft.last_index(), s.raft.soft_state().term);
-    s.synced(0, Some((last, term)));
+    s.synced(0, Some(LogWrite { index: last, term, cuts: 0 }));
     acknowledge(&mut s);
     s.client(put("k", None), 10, now());
     s.process(&mut drop).unwrap();
     let effects = s.take_effects();
-    let [Effect::Sync { seq, written: Some((index, _)), .. }] = effects[..] else {
+    let [Effect::Sync { seq, written: Some(LogWrite { index, .. }), .. }] = effects[..] else {
         panic!("one sync, {} effects", effects.len())
     };
     assert_eq!(index, s.raft.last_index());
@@ -495,7 +495,7 @@ fn a_followers_acknowledgements_wait_for_pending_syncs_and_only_for_them() {
             .take_effects()
             .into_iter()
             .filter_map(|e| match e {
-                Effect::Sync { seq, written, messages } => Some((seq, written, messages.len())),
+                Effect::Sync { seq, written, messages } => Some((seq, written.map(|w| (w.index, w.term)), messages.len())),
                 _ => None,
             })
             .collect();
@@ -506,7 +506,7 @@ fn a_followers_acknowledgements_wait_for_pending_syncs_and_only_for_them() {
     let entry = Entry { index: 1, term: 1, payload: Payload::Noop };
     assert_eq!(step(&mut s, append(0, vec![entry])), (0, vec![(1, Some((1, 1)), 1)]), "after its sync");
     assert_eq!(step(&mut s, append(1, vec![])), (0, vec![(2, None, 1)]), "behind the pending sync");
-    s.synced(2, Some((1, 1)));
+    s.synced(2, Some(LogWrite { index: 1, term: 1, cuts: 0 }));
     assert_eq!(step(&mut s, append(1, vec![])), (1, vec![]), "nothing pending: at once");
 }
 
