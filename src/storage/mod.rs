@@ -32,10 +32,11 @@
 //! end; then the membership index of those entries; then each new entry
 //! after its own membership index; then the commit index the hard state
 //! gives. (Written first, that commit index could make a crash-cut
-//! follower apply the uncommitted entries a leader was replacing.) A crash part-way leaves the old log cut short and part
-//! of the new entries: none of them was acknowledged (acknowledgements wait
-//! for [`Storage::sync`]), and none of the cut entries was committed, since
-//! a leader's log disagreed with them. A membership index past the last
+//! follower apply the uncommitted entries a leader was replacing.) A crash
+//! part-way leaves the old log cut short and part of the new entries: none
+//! of them was acknowledged (acknowledgements wait for [`Storage::sync`]),
+//! and none of the cut entries was committed, since a leader's log
+//! disagreed with them. A membership index past the last
 //! entry is a leftover, deleted at open. (One `sled::Batch` would make the
 //! write all-or-nothing, but sled writes a batch's manifest in a buffer of
 //! its own: two more writes and `sync_file_range` calls on every persist.)
@@ -202,12 +203,12 @@ impl Compactor {
                 // Key by key: no atomicity is needed, and a sled batch costs
                 // buffer writes of its own.
                 let marks = db.range(dup_key(from)..=dup_key(to)).keys().flatten();
-                if let Err(e) = marks.map(|key| db.remove(key)).collect::<Result<Vec<_>, _>>() {
+                if let Err(e) = marks.into_iter().try_for_each(|key| db.remove(key).map(drop)) {
                     log::warn!("state dir {}: cannot delete compacted duplicate marks: {e}", dir.display());
                 }
                 for start in (from..=to).step_by(Self::BATCH as usize) {
                     let chunk = start..=to.min(start + Self::BATCH - 1);
-                    if let Err(e) = chunk.map(|i| db.remove(log_key(i))).collect::<Result<Vec<_>, _>>() {
+                    if let Err(e) = chunk.into_iter().try_for_each(|i| db.remove(log_key(i)).map(drop)) {
                         log::warn!("state dir {}: cannot delete compacted entries: {e}", dir.display());
                         break;
                     }
