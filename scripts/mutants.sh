@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 command -v cargo-mutants >/dev/null || cargo install cargo-mutants
 export SIM_SOAK_SECS="${SIM_SOAK_SECS:-10}"
-files=(-f 'src/raft/*.rs' -f 'src/node/server/*.rs')
+files=(-f 'src/raft/*.rs' -f 'src/raft/engine/*.rs' -f 'src/node/server/*.rs')
 for arg in "$@"; do
   # Files named on the command line replace the default set.
   if [ "$arg" = -f ] || [ "$arg" = --file ]; then files=(); fi

@@ -1,5 +1,8 @@
 //! What the core hands the shell after a round of input (etcd's `Ready`).
 
+use super::Raft;
+use super::engine::RoleState;
+use super::log_store::LogStore;
 use super::message::Message;
 use super::types::{Entry, HardState, Index, Membership, NodeId, SnapshotInfo, Term};
 
@@ -103,6 +106,101 @@ impl Ready {
     /// machine restores from the store.
     pub fn may_sync_later(&self) -> bool {
         self.snapshot.is_none() && !self.new_term_or_vote
+    }
+}
+
+/// The core's side of the Ready cycle (etcd's `rawnode.go`): what has
+/// changed since the last `Ready`, and what the shell reports back.
+impl<S: LogStore> Raft<S> {
+    // ----- outputs --------------------------------------------------------
+
+    pub fn has_ready(&self) -> bool {
+        let (last, committed) = (self.log.last_index(), self.log.committed());
+        let wants_append = |lead: &super::engine::Leadership| {
+            self.tracker.progresses().any(|(_, pr)| lead.wants_append(pr, last, committed))
+        };
+        matches!(&self.state, RoleState::Leader(lead) if wants_append(lead))
+            || self.hard_state_changed()
+            || self.log.has_unstable()
+            || self.log.has_committed_to_apply()
+            || !self.messages.is_empty()
+            || !self.persisted_messages.is_empty()
+            || !self.read_states.is_empty()
+            || !self.failed_reads.is_empty()
+            || self.last_soft_state != Some(self.soft_state())
+            || self.membership_reported != self.log.membership_generation()
+    }
+
+    /// Collects everything the shell must do now; see [`Ready`] for the order.
+    pub fn ready(&mut self) -> Ready {
+        self.debug_check_invariants();
+        self.send_appends();
+        let snapshot = self.log.take_snapshot();
+        let entries = self.log.take_unstable();
+        if let Some(last) = entries.last() {
+            self.handed_out = Some((last.index, last.term));
+        }
+        // The commit index rides along with writes that happen anyway; after a
+        // crash the mirror of applied entries recovers anything newer.
+        let new_term_or_vote = self.hard_state_changed();
+        let hard_state = (new_term_or_vote || !entries.is_empty() || snapshot.is_some()).then(|| {
+            self.last_hard_state = self.hard_state();
+            self.last_hard_state
+        });
+        let soft = self.soft_state();
+        let soft_state = (self.last_soft_state != Some(soft)).then(|| {
+            self.last_soft_state = Some(soft);
+            soft
+        });
+        let membership = (self.membership_reported != self.log.membership_generation()).then(|| {
+            self.membership_reported = self.log.membership_generation();
+            self.log.membership().clone()
+        });
+        Ready {
+            soft_state,
+            membership,
+            hard_state,
+            new_term_or_vote,
+            snapshot,
+            entries,
+            messages: std::mem::take(&mut self.messages),
+            persisted_messages: std::mem::take(&mut self.persisted_messages),
+            committed: self.log.take_committed(self.cfg.max_apply_bytes),
+            read_states: std::mem::take(&mut self.read_states),
+            failed_reads: std::mem::take(&mut self.failed_reads),
+        }
+    }
+
+    /// The shell has made the last `Ready`'s writes durable.
+    pub fn advance(&mut self) {
+        self.log.snapshot_installed();
+        if let Some((index, term)) = self.handed_out.take() {
+            self.log.stable_to(index, term);
+            self.maybe_commit_as_leader();
+        }
+    }
+
+    /// The shell wrote the last `Ready` and will make it durable later
+    /// (asynchronous storage writes): the last entry it wrote, to hand to
+    /// [`Raft::persisted`] then. Until that, those entries count toward no
+    /// commit of this node's and are not applied.
+    pub fn defer_persistence(&mut self) -> Option<LogWrite> {
+        let cuts = self.log.cuts();
+        self.handed_out.take().map(|(index, term)| LogWrite { index, term, cuts })
+    }
+
+    /// Storage made durable every entry written up to `written`. Ignored if
+    /// the log was cut back or started over since it was written: the
+    /// write that followed covers what is left (see [`LogWrite`]).
+    pub fn persisted(&mut self, written: LogWrite) {
+        if written.cuts == self.log.cuts() {
+            self.log.stable_to(written.index, written.term);
+            self.maybe_commit_as_leader();
+        }
+    }
+
+    fn hard_state_changed(&self) -> bool {
+        self.term != self.last_hard_state.term || self.vote != self.last_hard_state.vote
     }
 }
 

@@ -1458,7 +1458,8 @@ fn snapshot_already_covered_by_the_followers_log_only_advances_its_commit() {
 fn a_sync_from_before_a_cut_does_not_vouch_for_entries_written_again() {
     let mut r = node_with(2, HardState { term: 2, vote: None, commit: 1 }, vec![entry(1, 1)]);
     let append = |from, term, entries: Vec<Entry>, commit| {
-        let body = Body::AppendEntries { prev_log_index: 1, prev_log_term: 1, entries, leader_commit: commit, read_seq: 0 };
+        let body =
+            Body::AppendEntries { prev_log_index: 1, prev_log_term: 1, entries, leader_commit: commit, read_seq: 0 };
         msg(from, 2, term, body)
     };
     let write_deferred = |r: &mut Node| {

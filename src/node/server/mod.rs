@@ -31,8 +31,8 @@ use crate::kv::{KvImage, KvStore, LoggedCommand, Value, decided};
 use crate::metrics::METRICS;
 use crate::raft::driver::{self, ReadySink, run_ready};
 use crate::raft::{
-    Body, ChangeError, Entry, Index, LogWrite, Membership, MembershipChange, Message, NodeId, NotLeader, Payload,
-    Raft, ReadState, Role, SnapshotInfo, SnapshotMeta, SoftState, Term, TransferError,
+    Body, ChangeError, Entry, Index, LogWrite, Membership, MembershipChange, Message, NodeId, NotLeader, Payload, Raft,
+    ReadState, Role, SnapshotInfo, SnapshotMeta, SoftState, Term, TransferError,
 };
 use crate::wire::protocol::{ErrorCode, Reply, Request, StatusInfo};
 

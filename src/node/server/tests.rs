@@ -484,7 +484,13 @@ fn a_followers_acknowledgements_wait_for_pending_syncs_and_only_for_them() {
         from: 2,
         to: 1,
         term: 1,
-        body: Body::AppendEntries { prev_log_index: prev, prev_log_term: prev.min(1), entries, leader_commit: 0, read_seq: 0 },
+        body: Body::AppendEntries {
+            prev_log_index: prev,
+            prev_log_term: prev.min(1),
+            entries,
+            leader_commit: 0,
+            read_seq: 0,
+        },
     };
     let step = |s: &mut TestServer, m: Message| {
         s.peer(m, now());
@@ -495,7 +501,9 @@ fn a_followers_acknowledgements_wait_for_pending_syncs_and_only_for_them() {
             .take_effects()
             .into_iter()
             .filter_map(|e| match e {
-                Effect::Sync { seq, written, messages } => Some((seq, written.map(|w| (w.index, w.term)), messages.len())),
+                Effect::Sync { seq, written, messages } => {
+                    Some((seq, written.map(|w| (w.index, w.term)), messages.len()))
+                }
                 _ => None,
             })
             .collect();
