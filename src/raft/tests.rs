@@ -1,57 +1,13 @@
 //! Scenario tests of the core: whole clusters of `Raft` driven by hand
 //! through an in-memory network whose delivery the test controls.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
-use crate::raft::driver::{ReadySink, run_ready};
+use crate::testing::network::{Core, Network, Seen};
 
 /// The core with its durable state as the shell keeps it.
-type Node = Raft<MemStore>;
-
-/// What the tests' shell saw of one node.
-#[derive(Default)]
-struct Seen {
-    applied: Vec<Entry>,
-    reads: Vec<ReadState>,
-    failed_reads: Vec<u64>,
-}
-
-/// The shell of one node, for one run of the driver.
-struct TestShell<'a> {
-    seen: &'a mut Seen,
-    queue: &'a mut VecDeque<Message>,
-    sent: &'a mut Vec<Message>,
-}
-
-impl<S> ReadySink<S> for TestShell<'_> {
-    fn send(&mut self, msg: Message) {
-        self.queue.push_back(msg.clone());
-        self.sent.push(msg);
-    }
-
-    fn soft_state(&mut self, _: SoftState) {}
-
-    fn membership(&mut self, _: &Membership) {}
-
-    fn restore(&mut self, snapshot: &SnapshotInfo, _: &S) {
-        let SnapshotMeta { index, term } = snapshot.meta;
-        self.seen.applied.clear();
-        self.seen.applied.push(Entry { index, term, payload: Payload::Noop });
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) {
-        self.seen.applied.extend(entries);
-    }
-
-    fn read_ready(&mut self, read: ReadState) {
-        self.seen.reads.push(read);
-    }
-
-    fn read_failed(&mut self, ctx: u64) {
-        self.seen.failed_reads.push(ctx);
-    }
-}
+type Node = Core;
 
 /// Everything a node's store holds after its snapshot.
 fn stored(raft: &Node) -> Vec<Entry> {
@@ -61,16 +17,12 @@ fn stored(raft: &Node) -> Vec<Entry> {
 }
 
 struct Cluster {
-    nodes: BTreeMap<NodeId, Node>,
-    seen: BTreeMap<NodeId, Seen>,
-    queue: VecDeque<Message>,
+    net: Network,
     /// Directed links that drop everything.
     cut: BTreeSet<(NodeId, NodeId)>,
     cfg: CoreConfig,
     /// Drops AppendEntries sent by this node (to strand a leader's entries).
     drop_appends_from: Option<NodeId>,
-    /// Every message ever sent, for assertions about traffic.
-    sent: Vec<Message>,
 }
 
 fn config(id: NodeId) -> CoreConfig {
@@ -94,67 +46,49 @@ impl Cluster {
     /// `n` voters, 1 to n, configured like `cfg`.
     fn with(n: u64, cfg: CoreConfig) -> Cluster {
         let store = MemStore::new(voters(n), HardState::default(), &[]);
-        let nodes = (1..=n)
-            .map(|id| {
-                (id, Raft::new(CoreConfig { id, seed: id, ..cfg.clone() }, store.clone(), HardState::default(), 0))
-            })
-            .collect();
-        let seen = (1..=n).map(|id| (id, Seen::default())).collect();
-        Cluster {
-            nodes,
-            seen,
-            queue: VecDeque::new(),
-            cut: BTreeSet::new(),
-            cfg,
-            drop_appends_from: None,
-            sent: vec![],
+        let mut net = Network { record: true, ..Network::default() };
+        for id in 1..=n {
+            net.start(Raft::new(CoreConfig { id, seed: id, ..cfg.clone() }, store.clone(), HardState::default(), 0));
         }
+        Cluster { net, cut: BTreeSet::new(), cfg, drop_appends_from: None }
     }
 
     fn raft(&self, id: NodeId) -> &Node {
-        &self.nodes[&id]
+        self.net.core(id)
     }
 
     fn raft_mut(&mut self, id: NodeId) -> &mut Node {
-        self.nodes.get_mut(&id).unwrap()
+        self.net.core_mut(id)
     }
 
-    /// Runs the Ready loop of one node through the shared driver.
-    fn process(&mut self, id: NodeId) {
-        let raft = self.nodes.get_mut(&id).unwrap();
-        let seen = self.seen.get_mut(&id).unwrap();
-        let mut shell = TestShell { seen, queue: &mut self.queue, sent: &mut self.sent };
-        let Ok(()) = run_ready(raft, &mut shell);
+    fn seen(&self, id: NodeId) -> &Seen {
+        &self.net.seen[&id]
     }
 
     /// Delivers queued messages (and whatever they cause) until quiet.
     fn deliver(&mut self) {
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        for id in &ids {
-            self.process(*id);
+        let ids: Vec<NodeId> = self.net.nodes.keys().copied().collect();
+        for id in ids {
+            self.net.process(id);
         }
         let mut budget = 100_000;
-        while let Some(m) = self.queue.pop_front() {
+        while let Some(m) = self.net.queue.pop_front() {
             budget -= 1;
             assert!(budget > 0, "message storm");
             let stranded = self.drop_appends_from == Some(m.from) && matches!(m.body, Body::AppendEntries { .. });
-            if stranded || self.cut.contains(&(m.from, m.to)) || !self.nodes.contains_key(&m.to) {
-                continue;
+            if !stranded && !self.cut.contains(&(m.from, m.to)) {
+                self.net.step(m);
             }
-            let to = m.to;
-            self.raft_mut(to).step(m);
-            self.process(to);
         }
     }
 
     fn tick(&mut self, id: NodeId) {
-        self.raft_mut(id).tick();
-        self.process(id);
+        self.net.tick(id);
     }
 
     /// Ticks every node once and delivers, `n` times.
     fn run(&mut self, n: usize) {
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let ids: Vec<NodeId> = self.net.nodes.keys().copied().collect();
         for _ in 0..n {
             for &id in &ids {
                 self.tick(id);
@@ -176,11 +110,11 @@ impl Cluster {
     }
 
     fn leaders(&self) -> Vec<NodeId> {
-        self.nodes.values().filter(|n| n.soft_state().role == Role::Leader).map(|n| n.id()).collect()
+        self.net.nodes.values().filter(|n| n.soft_state().role == Role::Leader).map(|n| n.id()).collect()
     }
 
     fn isolate(&mut self, id: NodeId) {
-        for &other in self.nodes.keys() {
+        for &other in self.net.nodes.keys() {
             if other != id {
                 self.cut.insert((id, other));
                 self.cut.insert((other, id));
@@ -202,8 +136,7 @@ impl Cluster {
     /// be added, following whichever leader replicates to it.
     fn join(&mut self, id: NodeId) {
         let cfg = CoreConfig { id, seed: id, ..self.cfg.clone() };
-        self.nodes.insert(id, Raft::new(cfg, MemStore::default(), HardState::default(), 0));
-        self.seen.insert(id, Seen::default());
+        self.net.start(Raft::new(cfg, MemStore::default(), HardState::default(), 0));
     }
 
     /// Has `leader` propose `change` (with no shell context) and delivers.
@@ -223,13 +156,12 @@ impl Cluster {
     fn restart_from(&mut self, id: NodeId, store: MemStore) {
         let cfg = CoreConfig { id, seed: id + 1000, ..self.cfg.clone() };
         let hard_state = store.hard_state;
-        self.nodes.insert(id, Raft::new(cfg, store, hard_state, 0));
-        self.seen.insert(id, Seen::default());
-        self.queue.retain(|m| m.to != id && m.from != id);
+        self.net.start(Raft::new(cfg, store, hard_state, 0));
+        self.net.queue.retain(|m| m.to != id && m.from != id);
     }
 
     fn commands(&self, id: NodeId) -> Vec<Vec<u8>> {
-        self.seen[&id]
+        self.seen(id)
             .applied
             .iter()
             .filter_map(|e| match &e.payload {
@@ -367,7 +299,7 @@ fn three_nodes_elect_exactly_one_leader_and_commit_its_noop() {
     assert_eq!(leaders.len(), 1, "{leaders:?}");
     c.run(5);
     for id in 1..=3 {
-        assert_eq!(c.seen[&id].applied.len(), 1, "node {id} applied the leader's no-op");
+        assert_eq!(c.seen(id).applied.len(), 1, "node {id} applied the leader's no-op");
         assert_eq!(c.raft(id).soft_state().leader, Some(leaders[0]));
     }
 }
@@ -615,7 +547,7 @@ fn leader_steps_down_without_quorum() {
         if c.raft(leader).soft_state().role != Role::Leader {
             break;
         }
-        c.process(leader);
+        c.net.process(leader);
     }
     // Nothing but the role changed, and the shell must still hear of it.
     let r = c.raft_mut(leader);
@@ -670,12 +602,13 @@ fn proposals_batch_into_one_append_per_follower() {
     let mut c = Cluster::new(3);
     c.run(30);
     let leader = c.leaders()[0];
-    c.sent.clear();
+    c.net.sent.clear();
     for i in 0..50u8 {
         c.raft_mut(leader).propose(vec![i]).unwrap();
     }
     c.deliver();
     let appends: Vec<usize> = c
+        .net
         .sent
         .iter()
         .filter_map(|m| match &m.body {
@@ -813,10 +746,11 @@ fn far_behind_follower_catches_up_in_a_few_round_trips() {
         c.propose(leader, &i.to_be_bytes());
     }
     c.heal();
-    c.sent.clear();
+    c.net.sent.clear();
     c.raft_mut(leader).peer_unreachable(lagger);
     c.run(3);
-    let to_lagger = c.sent.iter().filter(|m| m.to == lagger && matches!(m.body, Body::AppendEntries { .. })).count();
+    let to_lagger =
+        c.net.sent.iter().filter(|m| m.to == lagger && matches!(m.body, Body::AppendEntries { .. })).count();
     assert!(to_lagger <= 4, "{to_lagger} round trips");
     assert_eq!(c.commands(lagger).len(), 300);
 }
@@ -971,10 +905,10 @@ fn read_index_is_confirmed_by_a_heartbeat_round() {
     c.propose(leader, b"w");
     let commit = c.raft(leader).commit_index();
     c.raft_mut(leader).read_index(7).unwrap();
-    c.process(leader);
-    assert!(c.seen[&leader].reads.is_empty(), "not before a majority answered");
+    c.net.process(leader);
+    assert!(c.seen(leader).reads.is_empty(), "not before a majority answered");
     c.deliver();
-    assert_eq!(c.seen[&leader].reads, vec![ReadState { ctx: 7, index: commit }]);
+    assert_eq!(c.seen(leader).reads, vec![ReadState { ctx: 7, index: commit }]);
 }
 
 #[test]
@@ -988,8 +922,8 @@ fn isolated_leader_never_confirms_a_read_and_fails_it_on_step_down() {
         c.tick(leader);
         c.deliver();
     }
-    assert!(c.seen[&leader].reads.is_empty());
-    assert_eq!(c.seen[&leader].failed_reads, vec![9]);
+    assert!(c.seen(leader).reads.is_empty());
+    assert_eq!(c.seen(leader).failed_reads, vec![9]);
 }
 
 #[test]
@@ -1003,8 +937,8 @@ fn a_reply_cannot_acknowledge_read_rounds_not_yet_started() {
     // A buggy follower claims to have seen every read round there will ever be.
     c.raft_mut(leader).step(ack(follower, leader, term, 0, u64::MAX));
     c.raft_mut(leader).read_index(9).unwrap();
-    c.process(leader);
-    assert!(c.seen[&leader].reads.is_empty(), "confirmed without a round that reached a majority");
+    c.net.process(leader);
+    assert!(c.seen(leader).reads.is_empty(), "confirmed without a round that reached a majority");
 }
 
 #[test]
@@ -1018,11 +952,11 @@ fn a_follower_that_answered_the_read_round_is_not_asked_again() {
     let mut followers = (1..=5).filter(|&id| id != leader);
     let heard = followers.next().unwrap();
     c.cut.extend(followers.map(|id| (leader, id)));
-    c.sent.clear();
+    c.net.sent.clear();
     c.raft_mut(leader).read_index(7).unwrap();
     c.deliver();
-    assert!(c.seen[&leader].reads.is_empty(), "confirmed by a minority");
-    let asked = c.sent.iter().filter(|m| m.from == leader && m.to == heard).count();
+    assert!(c.seen(leader).reads.is_empty(), "confirmed by a minority");
+    let asked = c.net.sent.iter().filter(|m| m.from == leader && m.to == heard).count();
     assert_eq!(asked, 1, "asked {asked} times");
 }
 
@@ -1084,8 +1018,8 @@ fn lost_append_is_retried_after_the_inflight_timeout() {
     c.run(30);
     let leader = c.leaders()[0];
     c.raft_mut(leader).propose(b"lost".to_vec()).unwrap();
-    c.process(leader);
-    c.queue.clear(); // the appends vanish
+    c.net.process(leader);
+    c.net.queue.clear(); // the appends vanish
     c.run(15);
     for id in 1..=3 {
         assert_eq!(c.commands(id), vec![b"lost".to_vec()], "node {id}");
@@ -1101,11 +1035,11 @@ fn one_lost_append_does_not_silence_a_follower_for_an_election_timeout() {
     let leader = c.leaders()[0];
     let term = c.raft(leader).soft_state().term;
     c.raft_mut(leader).propose(b"lost".to_vec()).unwrap();
-    c.process(leader);
-    c.queue.clear(); // the appends vanish
-    c.sent.clear();
+    c.net.process(leader);
+    c.net.queue.clear(); // the appends vanish
+    c.net.sent.clear();
     c.run(30);
-    let votes = c.sent.iter().filter(|m| matches!(m.body, Body::RequestVote { .. })).count();
+    let votes = c.net.sent.iter().filter(|m| matches!(m.body, Body::RequestVote { .. })).count();
     assert_eq!(votes, 0, "a follower's election timer fired before the retry reached it");
     assert_eq!((c.leaders(), c.raft(leader).soft_state().term), (vec![leader], term));
     assert_eq!(c.commands(1), vec![b"lost".to_vec()]);
@@ -1113,7 +1047,7 @@ fn one_lost_append_does_not_silence_a_follower_for_an_election_timeout() {
 
 /// How many messages `from` sent `to` that `is_kind` picks out.
 fn count_sent(c: &Cluster, from: NodeId, to: NodeId, is_kind: fn(&Body) -> bool) -> usize {
-    c.sent.iter().filter(|m| m.from == from && m.to == to && is_kind(&m.body)).count()
+    c.net.sent.iter().filter(|m| m.from == from && m.to == to && is_kind(&m.body)).count()
 }
 
 fn carries_entries(body: &Body) -> bool {
@@ -1127,7 +1061,7 @@ fn an_unanswered_append_is_sent_again_only_after_the_inflight_timeout() {
     // a follower before its election timer fires.
     let timeout = 5;
     c.cut.insert((a, leader)); // a's replies are lost
-    c.sent.clear();
+    c.net.sent.clear();
     c.propose(leader, b"slow");
     c.run(timeout - 1);
     assert_eq!(count_sent(&c, leader, a, carries_entries), 1, "sent again before the timeout");
@@ -1149,7 +1083,7 @@ fn settled() -> (Cluster, NodeId, NodeId, NodeId, Term) {
 }
 
 fn timeout_now_queued(c: &Cluster) -> bool {
-    c.queue.iter().any(|m| m.body == Body::TimeoutNow)
+    c.net.queue.iter().any(|m| m.body == Body::TimeoutNow)
 }
 
 #[test]
@@ -1157,7 +1091,7 @@ fn transfer_to_an_up_to_date_follower_hands_over_in_the_next_term() {
     let (mut c, leader, target, other, term) = settled();
     c.propose(leader, b"before");
     c.raft_mut(leader).transfer_leadership(target).unwrap();
-    c.process(leader);
+    c.net.process(leader);
     assert!(timeout_now_queued(&c), "the target is caught up: TimeoutNow goes out at once");
     c.deliver();
     assert_eq!(c.leaders(), vec![target]);
@@ -1180,7 +1114,7 @@ fn transfer_to_a_lagging_follower_catches_it_up_first() {
     c.heal();
     c.raft_mut(leader).peer_unreachable(target);
     c.raft_mut(leader).transfer_leadership(target).unwrap();
-    c.process(leader);
+    c.net.process(leader);
     assert!(!timeout_now_queued(&c), "TimeoutNow waits until the target holds the whole log");
     c.deliver();
     assert_eq!(c.leaders(), vec![target], "it won the up-to-date check, so it had caught up");
@@ -1424,10 +1358,11 @@ fn follower_behind_the_compacted_log_is_caught_up_by_a_snapshot() {
     let (mut c, leader, lagger, applied) = leader_compacted_past_a_lagger();
     c.heal();
     c.run(10);
-    let snapshots = c.sent.iter().filter(|m| m.to == lagger && matches!(m.body, Body::InstallSnapshot { .. })).count();
+    let snapshots =
+        c.net.sent.iter().filter(|m| m.to == lagger && matches!(m.body, Body::InstallSnapshot { .. })).count();
     assert_eq!(snapshots, 1, "one snapshot, however many heartbeats went by");
     assert_eq!(c.raft(lagger).log_start().index, applied, "the follower's log now starts after the snapshot");
-    assert_eq!(c.seen[&lagger].applied[0].index, applied, "its state machine was restored from it");
+    assert_eq!(c.seen(lagger).restored.map(|s| s.index), Some(applied), "its state machine was restored from it");
     c.propose(leader, b"after");
     c.run(3);
     assert_eq!(c.commands(lagger), vec![b"after".to_vec()]);
@@ -1503,7 +1438,7 @@ fn a_lost_snapshot_is_sent_again_even_after_a_stale_reply() {
     let (mut c, leader, lagger, applied) = leader_compacted_past_a_lagger();
     let term = c.raft(leader).soft_state().term;
     c.run(10); // the snapshot goes out, and is lost
-    assert!(c.sent.iter().any(|m| m.to == lagger && matches!(m.body, Body::InstallSnapshot { .. })));
+    assert!(c.net.sent.iter().any(|m| m.to == lagger && matches!(m.body, Body::InstallSnapshot { .. })));
     // A reply to an older AppendEntries arrives late (found by the simulator).
     c.raft_mut(leader).step(ack(lagger, leader, term, 1, 0));
     c.heal();
@@ -1518,7 +1453,7 @@ fn an_unanswered_snapshot_is_sent_again_only_after_the_snapshot_timeout() {
     let is_snapshot = |body: &Body| matches!(body, Body::InstallSnapshot { .. });
     c.heal();
     c.cut.insert((lagger, leader)); // the lagger's replies are lost
-    c.sent.clear();
+    c.net.sent.clear();
     for _ in 0..100 {
         if count_sent(&c, leader, lagger, is_snapshot) > 0 {
             break;
@@ -1547,10 +1482,10 @@ fn a_new_member_is_first_probed_at_the_leaders_last_entry() {
     // moves the leader back. (etcd probes one entry earlier.)
     let (mut c, leader, ..) = settled();
     c.join(4);
-    c.sent.clear();
+    c.net.sent.clear();
     let index = c.raft_mut(leader).change_membership(add_learner(4, false), vec![]).unwrap();
-    c.process(leader);
-    let first = c.sent.iter().find(|m| m.to == 4).map(|m| &m.body);
+    c.net.process(leader);
+    let first = c.net.sent.iter().find(|m| m.to == 4).map(|m| &m.body);
     assert!(
         matches!(first, Some(Body::AppendEntries { prev_log_index, entries, .. }) if *prev_log_index == index && entries.is_empty()),
         "sent {first:?}, the membership entry is {index}"
@@ -1615,7 +1550,7 @@ fn learners_never_vote_campaign_or_count_toward_commit() {
     assert_eq!(c.raft(4).soft_state().role, Role::Follower);
     assert_eq!(c.raft(4).soft_state().term, term, "it never started an election");
     // It only asks whether it is still a member (a pre-vote request).
-    assert!(c.sent.iter().all(|m| m.from != 4 || !matches!(m.body, Body::RequestVote { pre_vote: false, .. })));
+    assert!(c.net.sent.iter().all(|m| m.from != 4 || !matches!(m.body, Body::RequestVote { pre_vote: false, .. })));
 }
 
 #[test]
@@ -1796,7 +1731,7 @@ fn a_removed_node_that_asks_for_votes_is_told_and_only_by_a_member() {
     c.heal();
     c.run(40);
     assert!(c.raft(removed).removed());
-    assert!(c.sent.iter().any(|m| m.from == other && m.to == removed && m.body == Body::Removed));
+    assert!(c.net.sent.iter().any(|m| m.from == other && m.to == removed && m.body == Body::Removed));
     // A stranger's word counts for nothing.
     let mut r = node_with(2, HardState { term: 1, vote: None, commit: 0 }, vec![]);
     r.step(msg(9, 2, 1, Body::Removed));
@@ -1818,9 +1753,9 @@ fn a_learner_removed_while_it_was_away_asks_and_is_told() {
     c.heal();
     c.run(40);
     assert!(c.raft(4).removed());
-    assert!(c.sent.iter().any(|m| m.from == other && m.to == 4 && m.body == Body::Removed));
+    assert!(c.net.sent.iter().any(|m| m.from == other && m.to == 4 && m.body == Body::Removed));
     assert!(
-        !c.sent.iter().any(|m| m.from == 4 && matches!(m.body, Body::RequestVote { pre_vote: false, .. })),
+        !c.net.sent.iter().any(|m| m.from == 4 && matches!(m.body, Body::RequestVote { pre_vote: false, .. })),
         "it only asked"
     );
 }
@@ -1882,10 +1817,10 @@ fn an_uncommitted_removal_is_not_told() {
     // The removal reaches nobody else, so it cannot commit.
     c.isolate(leader);
     c.raft_mut(leader).change_membership(MembershipChange::Remove(removed), vec![]).unwrap();
-    c.process(leader);
+    c.net.process(leader);
     let vote = pre_vote_request(0, 0);
     c.raft_mut(leader).step(msg(removed, leader, term + 1, vote));
-    c.process(leader);
-    assert!(!c.queue.iter().any(|m| m.body == Body::Removed), "the removal may still be undone");
+    c.net.process(leader);
+    assert!(!c.net.queue.iter().any(|m| m.body == Body::Removed), "the removal may still be undone");
     assert!(c.raft(other).membership().contains(removed));
 }

@@ -6,16 +6,15 @@
 
 #![allow(dead_code)] // each user calls the targets it needs
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use raft_zmq::http_server::RequestHead;
 use raft_zmq::kv::KvStore;
-use raft_zmq::raft::driver::{ReadySink, run_ready};
 use raft_zmq::raft::{
-    Body, CoreConfig, Entry, HardState, LogStore, MemStore, Membership, Message, Payload, Raft, ReadState, Role,
-    SnapshotInfo, SnapshotMeta, SoftState,
+    Body, CoreConfig, Entry, HardState, LogStore, MemStore, Membership, Message, Payload, Raft, Role, SnapshotMeta,
 };
 use raft_zmq::storage::snapshot;
+use raft_zmq::testing::network::Network;
 use raft_zmq::wire::envelope::{Wire, bootstrap_fingerprint};
 use raft_zmq::wire::protocol::decode_request;
 
@@ -91,10 +90,9 @@ pub fn peer_frame(data: &[u8]) {
     for message in [request, wire.open_reply(data, 1, cluster).map(|(message, _)| message)].into_iter().flatten() {
         assert!(message.validate().is_ok(), "the wire accepted an invalid message: {message:?}");
         let hard_state = HardState { term: 2, vote: None, commit: 1 };
-        let mut node = Raft::new(config(0), MemStore::new(members(), hard_state, &log(&[1, 2])), hard_state, 0);
-        node.step(message);
-        let mut sink = Node::default();
-        let Ok(()) = run_ready(&mut node, &mut FuzzShell { node: &mut sink, queue: &mut VecDeque::new() });
+        let mut net = Network::default();
+        net.start(Raft::new(config(0), MemStore::new(members(), hard_state, &log(&[1, 2])), hard_state, 0));
+        net.step(message);
     }
 }
 
@@ -123,7 +121,7 @@ pub fn core_sequence(data: &[u8]) {
                 let forged = forge(node, &mut bytes);
                 sim.step(forged);
             }
-            _ => sim.deliver(sim.queue.len().saturating_sub(1)),
+            _ => sim.deliver(sim.net.queue.len().saturating_sub(1)),
         }
         sim.check(!hostile);
     }
@@ -209,44 +207,10 @@ fn forge(to: u64, bytes: &mut impl Iterator<Item = u8>) -> Message {
     Message { from, to, term, body }
 }
 
-/// What the fuzz shell keeps of one node besides its core and store.
-#[derive(Default)]
-struct Node {
-    applied: Vec<Entry>,
-}
-
-struct FuzzShell<'a> {
-    node: &'a mut Node,
-    queue: &'a mut VecDeque<Message>,
-}
-
-impl<S> ReadySink<S> for FuzzShell<'_> {
-    fn send(&mut self, msg: Message) {
-        self.queue.push_back(msg);
-    }
-
-    fn soft_state(&mut self, _: SoftState) {}
-
-    fn membership(&mut self, _: &Membership) {}
-
-    fn restore(&mut self, _: &SnapshotInfo, _: &S) {
-        // The snapshot stands for every entry up to it.
-        self.node.applied.clear();
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) {
-        self.node.applied.extend(entries);
-    }
-
-    fn read_ready(&mut self, _: ReadState) {}
-
-    fn read_failed(&mut self, _: u64) {}
-}
-
+/// A 3-node cluster on the shared test network, with the faults the input
+/// asks for.
 struct Sim {
-    rafts: BTreeMap<u64, Raft<MemStore>>,
-    nodes: BTreeMap<u64, Node>,
-    queue: VecDeque<Message>,
+    net: Network,
     leaders: BTreeMap<u64, u64>,
     /// Every entry any node applied, by index: all must agree.
     applied: BTreeMap<u64, Entry>,
@@ -255,93 +219,76 @@ struct Sim {
 
 impl Sim {
     fn new() -> Sim {
-        let rafts = (0..3)
-            .map(|id| {
-                (
-                    id,
-                    Raft::new(config(id), MemStore::new(members(), HardState::default(), &[]), HardState::default(), 0),
-                )
-            })
-            .collect();
-        let nodes = (0..3).map(|id| (id, Node::default())).collect();
-        Sim { rafts, nodes, queue: VecDeque::new(), leaders: BTreeMap::new(), applied: BTreeMap::new(), proposals: 0 }
+        let mut net = Network::default();
+        for id in 0..3 {
+            let store = MemStore::new(members(), HardState::default(), &[]);
+            net.start(Raft::new(config(id), store, HardState::default(), 0));
+        }
+        Sim { net, leaders: BTreeMap::new(), applied: BTreeMap::new(), proposals: 0 }
     }
 
-    /// The node's Ready loop, through the shared driver.
-    fn process(&mut self, id: u64) {
-        let raft = self.rafts.get_mut(&id).expect("member");
-        let node = self.nodes.get_mut(&id).expect("member");
-        let Ok(()) = run_ready(raft, &mut FuzzShell { node, queue: &mut self.queue });
-        // Bound the work per input: a real network loses messages too.
-        while self.queue.len() > 64 {
-            self.queue.pop_front();
+    /// Bounds the work per input: a real network loses messages too.
+    fn trim(&mut self) {
+        while self.net.queue.len() > 64 {
+            self.net.queue.pop_front();
         }
     }
 
     /// A tick, and with `compact`, a compaction of the log up to what the
     /// node applied, as the shell does after a snapshot.
     fn tick(&mut self, id: u64, compact: bool) {
-        let raft = self.rafts.get_mut(&id).expect("member");
+        let raft = self.net.core_mut(id);
         raft.tick();
         if compact {
             let applied = raft.handed_to_apply();
             raft.store_mut().compact(applied);
         }
-        self.process(id);
+        self.net.process(id);
+        self.trim();
     }
 
-    /// A message to a node that does not exist (a forged membership may
-    /// name one) is lost.
     fn step(&mut self, message: Message) {
-        let to = message.to;
-        if let Some(raft) = self.rafts.get_mut(&to) {
-            raft.step(message);
-            self.process(to);
-        }
+        self.net.step(message);
+        self.trim();
     }
 
     fn deliver(&mut self, at: usize) {
-        if let Some(message) = self.take(at) {
+        if let Some(message) = self.net.take(at) {
             self.step(message);
         }
     }
 
     fn drop_message(&mut self, at: usize) {
-        self.take(at);
+        self.net.take(at);
     }
 
     fn duplicate(&mut self, at: usize) {
-        if let Some(message) = self.queue.get(at % self.queue.len().max(1)).cloned() {
-            self.queue.push_back(message);
+        if let Some(message) = self.net.queue.get(at % self.net.queue.len().max(1)).cloned() {
+            self.net.queue.push_back(message);
         }
-    }
-
-    fn take(&mut self, at: usize) -> Option<Message> {
-        let len = self.queue.len();
-        (len > 0).then(|| self.queue.remove(at % len)).flatten()
     }
 
     fn propose(&mut self, id: u64, arg: u8) {
         self.proposals += 1;
         let command = [self.proposals.to_be_bytes().as_slice(), &[arg]].concat();
-        let _ = self.rafts.get_mut(&id).expect("member").propose(command);
-        self.process(id);
+        let _ = self.net.core_mut(id).propose(command);
+        self.net.process(id);
+        self.trim();
     }
 
     /// A crash keeps only what was persisted.
     fn restart(&mut self, id: u64) {
-        let store = self.rafts.remove(&id).expect("member").into_store();
+        let store = self.net.nodes.remove(&id).expect("member").into_store();
         let hard_state = store.hard_state;
         // The state machine restarts from the snapshot the log starts after.
         let applied = store.log_start().index;
-        self.rafts.insert(id, Raft::new(config(id), store, hard_state, applied));
-        self.nodes.insert(id, Node::default());
-        self.queue.retain(|m| m.from != id);
+        self.net.start(Raft::new(config(id), store, hard_state, applied));
+        self.net.queue.retain(|m| m.from != id);
     }
 
     fn check(&mut self, honest: bool) {
-        for (id, raft) in &self.rafts {
-            let node = &self.nodes[id];
+        for (id, raft) in &self.net.nodes {
+            let seen = &self.net.seen[id];
             assert!(raft.commit_index() <= raft.last_index(), "node {id}: commit past the last entry");
             let store = raft.store();
             let (first, last) = (store.log_start().index + 1, store.last_index());
@@ -359,7 +306,7 @@ impl Sim {
                 let leader = *self.leaders.entry(soft.term).or_insert(*id);
                 assert_eq!(leader, *id, "two leaders in term {}", soft.term);
             }
-            for entry in &node.applied {
+            for entry in &seen.applied {
                 let agreed = self.applied.entry(entry.index).or_insert_with(|| entry.clone());
                 assert_eq!(agreed, entry, "node {id} applied another entry at {}", entry.index);
             }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use raft_zmq::kv::KvStore;
 use raft_zmq::node::server::{Effect, ProcessError, Server, ServerConfig, SnapshotJob};
 use raft_zmq::raft::driver::DurableStore;
-use raft_zmq::raft::{CoreConfig, Entry, Index, LogStore, LogWrite, Message, NodeId, Raft, Role, SnapshotMeta, SoftState};
+use raft_zmq::raft::{
+    CoreConfig, Entry, Index, LogStore, LogWrite, Message, NodeId, Raft, Role, SnapshotMeta, SoftState,
+};
 use raft_zmq::wire::protocol::{ErrorCode, Reply, Request};
 
 use super::history::{OpId, OpKind};

@@ -1,6 +1,8 @@
 //! Helpers for this crate's tests and its integration tests. Not part of the
 //! product; public only so that `tests/` can share them.
 
+pub mod network;
+
 use std::net::TcpListener;
 
 use crate::raft::driver::DurableStore;
