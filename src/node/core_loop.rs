@@ -150,10 +150,7 @@ impl CoreLoop {
                 Err(_) => return Ok(false),
             },
             recv(inputs.synced) -> job => match job {
-                Ok(SyncJob { seq, written, messages }) => {
-                    self.server.synced(seq, written);
-                    messages.into_iter().for_each(|msg| self.out.transport.send(msg));
-                }
+                Ok(job) => self.on_synced(job),
                 Err(_) => return Ok(false),
             },
             recv(inputs.snapshots) -> outcome => match outcome {
@@ -165,6 +162,11 @@ impl CoreLoop {
         let mut taken = 0;
         for _ in 0..MAX_BATCH {
             let mut idle = true;
+            // A completed sync may commit what the requests below wait on.
+            if let Ok(job) = inputs.synced.try_recv() {
+                self.on_synced(job);
+                idle = false;
+            }
             if let Ok(msg) = inputs.peers.try_recv() {
                 self.on_peer(msg);
                 idle = false;
@@ -189,6 +191,11 @@ impl CoreLoop {
             Inbound::Message(msg) => self.server.peer(msg, self.now()),
             Inbound::Unreachable(peer) => self.server.peer_unreachable(peer),
         }
+    }
+
+    fn on_synced(&mut self, SyncJob { seq, written, messages }: SyncJob) {
+        self.server.synced(seq, written);
+        messages.into_iter().for_each(|msg| self.out.transport.send(msg));
     }
 
     fn on_client(&mut self, ClientCall { request, reply_to, bytes }: ClientCall) {

@@ -130,7 +130,7 @@ mod tests {
                 .map(|e| e.index)
                 .collect();
             assert_eq!(duplicates, [2]);
-            storage.duplicate_marks().unwrap().mark(&duplicates).unwrap();
+            storage.duplicate_marks().mark(&duplicates).unwrap();
         }
         let (storage, _) = Storage::open(tmp.path()).unwrap();
         let shared = Shared::new();

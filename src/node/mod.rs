@@ -210,7 +210,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         newest: last_snapshot,
         margin: compaction_margin(config.snapshot_entries),
     };
-    let duplicates = store.storage.duplicate_marks()?;
+    let duplicates = store.storage.duplicate_marks();
     let raft = Raft::new(core_config, store, hard_state, last_snapshot.index);
 
     let ctx = zmq::Context::new();

@@ -649,12 +649,8 @@ impl Storage {
     }
 
     /// Where the core loop records which applied entries were duplicates.
-    pub fn duplicate_marks(&self) -> Result<DuplicateMarks, StorageError> {
-        let db_file = lock(&self.syncer.0)
-            .db_file
-            .try_clone()
-            .map_err(|e| StorageError::new(&self.dir, format!("cannot reopen db file: {e}")))?;
-        Ok(DuplicateMarks { dir: self.dir.clone(), db: self.db.clone(), db_file })
+    pub fn duplicate_marks(&self) -> DuplicateMarks {
+        DuplicateMarks { dir: self.dir.clone(), db: self.db.clone(), syncer: self.syncer() }
     }
 
     /// Reads the metadata blob `name`, if it was ever written.
@@ -718,8 +714,7 @@ impl LogStore for Storage {
 pub struct DuplicateMarks {
     dir: PathBuf,
     db: sled::Db,
-    /// sled's data file, to make the marks durable (see `Storage::sync`).
-    db_file: File,
+    syncer: Syncer,
 }
 
 impl DuplicateMarks {
@@ -735,8 +730,7 @@ impl DuplicateMarks {
         let mut batch = sled::Batch::default();
         indexes.iter().for_each(|&index| batch.insert(&dup_key(index)[..], &[][..]));
         self.db.apply_batch(batch).map_err(|e| err(format!("cannot write duplicate marks: {e}")))?;
-        self.db.flush().map_err(|e| err(format!("cannot flush: {e}")))?;
-        self.db_file.sync_data().map_err(|e| err(format!("cannot fsync db file: {e}")))
+        self.syncer.sync()
     }
 }
 
@@ -1346,7 +1340,7 @@ mod tests {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
             s.write(None, &(1..=10).map(|i| entry(i, 1, b"x")).collect::<Vec<_>>()).unwrap();
             s.sync().unwrap();
-            s.duplicate_marks().unwrap().mark(&[3, 5, 8]).unwrap();
+            s.duplicate_marks().mark(&[3, 5, 8]).unwrap();
         }
         let (mut s, _) = Storage::open(tmp.path()).unwrap();
         assert_eq!(marked(&s), [3, 5, 8], "durable");
