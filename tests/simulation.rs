@@ -43,7 +43,7 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     let (installs, duplicates, heals) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let (changes, stops) = (AtomicU64::new(0), AtomicU64::new(0));
     let (swapped, not_swapped) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (deleted, sessionless) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (deleted, sessionless, forwarded) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let failed = AtomicBool::new(false);
     let workers = thread::available_parallelism().map_or(2, |n| n.get());
     thread::scope(|s| {
@@ -66,6 +66,7 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
                             not_swapped.fetch_add(summary.not_swapped as u64, Ordering::Relaxed);
                             deleted.fetch_add(summary.deleted as u64, Ordering::Relaxed);
                             sessionless.fetch_add(summary.sessionless as u64, Ordering::Relaxed);
+                            forwarded.fetch_add(summary.forwarded as u64, Ordering::Relaxed);
                             seeds.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(panic) => {
@@ -82,12 +83,12 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     let (installs, duplicates, heals) = (installs.into_inner(), duplicates.into_inner(), heals.into_inner());
     let (changes, stops) = (changes.into_inner(), stops.into_inner());
     let (swapped, not_swapped) = (swapped.into_inner(), not_swapped.into_inner());
-    let (deleted, sessionless) = (deleted.into_inner(), sessionless.into_inner());
+    let (deleted, sessionless, forwarded) = (deleted.into_inner(), sessionless.into_inner(), forwarded.into_inner());
     println!(
         "{seeds} seeds from {first} ({events} events, {installs} snapshots installed, {duplicates} duplicate \
          writes skipped, {heals} heals checked for liveness, {changes} membership changes, {stops} clean stops, \
          {swapped} cas swapped and {not_swapped} not, {deleted} deletes of a key present, {sessionless} session-less \
-         writes acknowledged) in {secs:.1}s on {workers} threads: {:.0} events/s",
+         writes acknowledged, {forwarded} operations forwarded by a follower and served) in {secs:.1}s on {workers} threads: {:.0} events/s",
         events as f64 / secs
     );
     // About one heal per 6 seeds.
@@ -101,4 +102,5 @@ fn run_in_parallel(first: u64, count: u64, go_on: impl Fn() -> bool + Sync) {
     assert!(seeds < 1000 || not_swapped > seeds, "too few cas did not swap");
     assert!(seeds < 1000 || deleted > seeds, "too few deletes found their key");
     assert!(seeds < 1000 || sessionless > seeds, "too few session-less writes were acknowledged");
+    assert!(seeds < 1000 || forwarded > seeds, "too few operations sent to a follower were forwarded and served");
 }

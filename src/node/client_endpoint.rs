@@ -2,12 +2,13 @@
 //! DEALER) clients at once.
 //!
 //! Malformed and oversized requests are answered here without bothering the
-//! core. Writes and reads on a follower are forwarded to the leader over a
-//! DEALER socket, each under a token of its own, so that the leader's reply
-//! finds its way back to the right request even when one client has many in
-//! flight (the ZeroMQ broker pattern). Every request gets exactly one reply:
-//! the leader's, or an error when it cannot be forwarded, the leader
-//! changes, or no reply comes in time.
+//! core. The server decides what a follower forwards to the leader; this
+//! endpoint carries it out over a DEALER socket, each request under a token
+//! of its own, so that the leader's reply finds its way back to the right
+//! request even when one client has many in flight (the ZeroMQ broker
+//! pattern). Every request gets exactly one reply: the leader's, or an
+//! error when it cannot be forwarded, the leader changes, or no reply comes
+//! in time.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -20,12 +21,11 @@ use log::{debug, info, warn};
 use super::Shared;
 use super::core_loop::ClientCall;
 use super::log_reader::{LOG_REPLY_MAX_BYTES, SNAPSHOT_PIECE_BYTES};
-use super::replies::{ReplyBacklog, ReplyTo, frame_bytes};
-use super::server::not_leader;
+use super::replies::{Forward, ReplyBacklog, ReplyTo, frame_bytes, is_wake_up};
 use crate::net::security::{Caller, Domain, NodeSecurity, recv_with_user};
 use crate::net::transport::bind_problem;
 use crate::raft::NodeId;
-use crate::wire::protocol::{ErrorCode, Reply, Request, decode_request, is_admin_request};
+use crate::wire::protocol::{ErrorCode, Reply, decode_request, is_admin_request};
 
 /// Frames above this are dropped by ZeroMQ itself; up to it, an oversized
 /// request gets a `too_large` reply (CONTRACT.md).
@@ -148,12 +148,14 @@ impl ClientEndpoint {
     /// that every reply the core loop and the applier give on their way out
     /// still reaches its client. `core_queue` is the receiving end of
     /// `to_core`: whatever the core loop left in it is answered on the way out.
-    /// `backlog` counts the replies handed to it and not yet taken.
+    /// `forwards`: what the server sends on to the leader. `backlog` counts
+    /// the replies and forwards handed to it and not yet taken.
     pub fn run(
         mut self,
         shared: Arc<Shared>,
         to_core: Sender<ClientCall>,
         core_queue: Receiver<ClientCall>,
+        forwards: Receiver<Forward>,
         backlog: ReplyBacklog,
     ) {
         while !shared.replies_done.load(Ordering::Acquire) {
@@ -166,6 +168,7 @@ impl ClientEndpoint {
             };
             if replies_ready {
                 self.pass_replies_on(&backlog);
+                self.forward_all(&forwards, &shared, &backlog);
             }
             if dealer_ready {
                 self.relay_leader_replies();
@@ -184,6 +187,7 @@ impl ClientEndpoint {
             self.flush_backlogs();
         }
         self.pass_replies_on(&backlog);
+        self.forward_all(&forwards, &shared, &backlog);
         // Queued after the core loop's last look; nothing adds to it now.
         for call in core_queue.try_iter() {
             shared.queued_bytes.fetch_sub(call.bytes, Ordering::AcqRel);
@@ -199,8 +203,17 @@ impl ClientEndpoint {
 
     fn pass_replies_on(&mut self, backlog: &ReplyBacklog) {
         while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
-            backlog.taken(frame_bytes(&frames));
-            self.send_to_client(frames);
+            if !is_wake_up(&frames) {
+                backlog.taken(frame_bytes(&frames));
+                self.send_to_client(frames);
+            }
+        }
+    }
+
+    fn forward_all(&mut self, forwards: &Receiver<Forward>, shared: &Shared, backlog: &ReplyBacklog) {
+        for Forward { leader, request, reply_to } in forwards.try_iter() {
+            backlog.taken(request.len());
+            self.forward(leader, shared, reply_to, request);
         }
     }
 
@@ -322,18 +335,8 @@ impl ClientEndpoint {
             Err(reply) => return self.answer(reply_to, &reply),
         };
         reply_to.op = decoded.op();
-        let local = matches!(
-            decoded,
-            Request::Status | Request::Members | Request::Log { .. } | Request::Snapshot | Request::SnapshotData { .. }
-        );
-        match leader {
-            leader if local || leader == Some(self.cfg.id) => {
-                let call = ClientCall { request: decoded, reply_to, bytes: request.len() };
-                self.hand_to_core(to_core, shared, call)
-            }
-            Some(leader) if !reply_to.is_forwarded() => self.forward(leader, shared, reply_to, request),
-            leader => self.answer(reply_to, &not_leader(self.cfg.id, leader)),
-        }
+        let call = ClientCall { request: decoded, reply_to, bytes: request.len() };
+        self.hand_to_core(to_core, shared, call)
     }
 
     /// Queues a request for the core loop, or answers `busy` when the queue

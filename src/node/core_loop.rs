@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use log::{error, warn};
 
 use super::log_reader::DiskRead;
-use super::replies::{Replier, ReplyTo};
+use super::replies::{Forward, Replier, ReplyTo};
 use super::server::{Effect, ProcessError, Server, SnapshotJob, Time};
 use super::store::{NodeStore, PersistError};
 use super::writers::{MirrorMsg, SnapshotOutcome, SyncJob};
@@ -26,7 +26,7 @@ use crate::net::security::NodeSecurity;
 use crate::net::transport::{Inbound, Transport};
 use crate::raft::{NodeId, Role};
 use crate::storage::DuplicateMarks;
-use crate::wire::protocol::{ErrorCode, Reply, Request};
+use crate::wire::protocol::{ErrorCode, Reply, Request, encode_request};
 
 /// A decoded client request on its way to the core loop.
 pub struct ClientCall {
@@ -201,7 +201,11 @@ impl CoreLoop {
     fn on_client(&mut self, ClientCall { request, reply_to, bytes }: ClientCall) {
         self.out.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         let now = self.now();
-        self.server.client(request, reply_to, now);
+        if reply_to.is_forwarded() {
+            self.server.forwarded(request, reply_to, now);
+        } else {
+            self.server.client(request, reply_to, now);
+        }
     }
 
     /// Fails only if the duplicate marks cannot be stored.
@@ -210,6 +214,9 @@ impl CoreLoop {
             let out = &mut self.out;
             match effect {
                 Effect::Reply(reply_to, reply) => out.replier.send(reply_to, &reply),
+                Effect::Forward { leader, request, handle } => {
+                    out.replier.forward(Forward { leader, request: encode_request(&request), reply_to: handle })
+                }
                 Effect::Applied { entries, duplicates } => {
                     // Before `last_applied` says the `log` op may read them.
                     out.duplicates.mark(&duplicates)?;

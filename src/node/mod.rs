@@ -254,7 +254,8 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         },
         &replies_endpoint,
     )?;
-    let replier = Replier::connect(&ctx, &replies_endpoint)?;
+    let (forward_tx, forward_rx) = unbounded();
+    let replier = Replier::connect(&ctx, &replies_endpoint, forward_tx)?;
     let shared = Arc::new(Shared::new());
     *lock(&shared.members) = members.clone();
     let http = match config.http.get(&id) {
@@ -302,7 +303,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         let (shared, core_queue, backlog) = (shared.clone(), client_rx.clone(), replier.backlog().clone());
         thread::Builder::new()
             .name("clients".into())
-            .spawn(move || endpoint.run(shared, client_tx, core_queue, backlog))?
+            .spawn(move || endpoint.run(shared, client_tx, core_queue, forward_rx, backlog))?
     };
 
     ctrlc::set_handler(move || {

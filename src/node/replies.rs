@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crossbeam_channel::Sender;
 use log::error;
 
 use crate::lock;
 use crate::metrics::{METRICS, seconds_since};
+use crate::raft::NodeId;
 use crate::wire::protocol::Reply;
 
 /// The ROUTER routing frames of one request: the client's identity, any
@@ -72,11 +74,21 @@ impl ReplyTo {
     }
 }
 
-/// Cloneable handle that sends replies to the client endpoint thread.
+/// A request the server sends on to the leader (`Effect::Forward`), on its
+/// way to the client endpoint, which owns the connection to the leader.
+pub struct Forward {
+    pub leader: NodeId,
+    pub request: Vec<u8>,
+    pub reply_to: ReplyTo,
+}
+
+/// Cloneable handle that sends replies, and requests to forward, to the
+/// client endpoint thread.
 #[derive(Clone)]
 pub struct Replier {
     push: Arc<Mutex<zmq::Socket>>,
     backlog: ReplyBacklog,
+    forwards: Sender<Forward>,
 }
 
 /// Bytes of replies handed to the client endpoint and not yet taken by it.
@@ -103,14 +115,15 @@ impl ReplyBacklog {
 impl Replier {
     pub const ENDPOINT_PREFIX: &'static str = "inproc://raft-zmq-replies";
 
-    /// Connects to the PULL socket the client endpoint bound at `endpoint`.
-    pub fn connect(ctx: &zmq::Context, endpoint: &str) -> zmq::Result<Replier> {
+    /// Connects to the PULL socket the client endpoint bound at `endpoint`;
+    /// requests to forward go to it through `forwards`.
+    pub fn connect(ctx: &zmq::Context, endpoint: &str, forwards: Sender<Forward>) -> zmq::Result<Replier> {
         let push = ctx.socket(zmq::PUSH)?;
         push.set_linger(0)?;
         // Back-pressure rather than unbounded memory if the endpoint lags.
         push.set_sndhwm(100_000)?;
         push.connect(endpoint)?;
-        Ok(Replier { push: Arc::new(Mutex::new(push)), backlog: ReplyBacklog::default() })
+        Ok(Replier { push: Arc::new(Mutex::new(push)), backlog: ReplyBacklog::default(), forwards })
     }
 
     pub fn backlog(&self) -> &ReplyBacklog {
@@ -129,6 +142,28 @@ impl Replier {
             error!("cannot hand a reply to the client endpoint: {e}");
         }
     }
+}
+
+impl Replier {
+    /// Hands `forward` to the client endpoint and wakes it with an empty
+    /// message, which no reply is (a reply starts with its route). Counted
+    /// in the backlog like a reply until the endpoint takes it.
+    pub fn forward(&self, forward: Forward) {
+        let bytes = forward.request.len();
+        self.backlog.0.fetch_add(bytes, Ordering::AcqRel);
+        if self.forwards.send(forward).is_err() {
+            self.backlog.taken(bytes);
+            return error!("cannot hand a request to forward to the client endpoint: it has stopped");
+        }
+        if let Err(e) = lock(&self.push).send(Vec::new(), 0) {
+            error!("cannot wake the client endpoint: {e}");
+        }
+    }
+}
+
+/// Whether frames from the replies socket are only [`Replier::forward`]'s wake-up.
+pub fn is_wake_up(frames: &[Vec<u8>]) -> bool {
+    frames.iter().all(Vec::is_empty)
 }
 
 /// What a reply's frames weigh in the backlog.

@@ -93,6 +93,15 @@ impl Request {
     pub const ADMIN_OPS: [&'static str; 6] =
         ["add_node", "remove_node", "promote_node", "transfer_leader", "snapshot", "snapshot_data"];
 
+    /// Whether any node serves it from its own state; every other op needs
+    /// the leader, and a follower forwards it there.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            Request::Status | Request::Members | Request::Log { .. } | Request::Snapshot | Request::SnapshotData { .. }
+        )
+    }
+
     /// The wire name of the operation.
     pub fn op(&self) -> &'static str {
         match self {

@@ -16,11 +16,15 @@ use raft_zmq::raft::{
 use raft_zmq::storage::snapshot;
 use raft_zmq::testing::network::Network;
 use raft_zmq::wire::envelope::{Wire, bootstrap_fingerprint};
-use raft_zmq::wire::protocol::decode_request;
+use raft_zmq::wire::protocol::{decode_request, encode_request};
 
-/// A client request frame, as the client endpoint decodes it.
+/// A client request frame, as the client endpoint decodes it. What it
+/// accepts reads back the same once encoded again, as a follower encodes
+/// the requests it forwards to the leader.
 pub fn client_request(data: &[u8]) {
-    let _ = decode_request(data);
+    if let Ok(request) = decode_request(data) {
+        assert_eq!(decode_request(&encode_request(&request)), Ok(request), "a forwarded request would change");
+    }
 }
 
 /// A request head arriving at the HTTP server (the first byte says how big

@@ -13,7 +13,7 @@ use super::checker::{Check, Checker, Violation};
 use super::faults::{Fault, Partition};
 use super::history::{History, OpId, OpKind, Outcome};
 use super::network::{NetProfile, Network};
-use super::node::{Completion, Effects, SimNode, SnapshotRegistry};
+use super::node::{Completion, Effects, Forwarded, SimNode, SnapshotRegistry};
 use super::register::{Action, Held, KEYS, Key, Write, WriteResult};
 use super::rng::Rng;
 use super::schedule::{MS, Schedule, Time};
@@ -110,6 +110,11 @@ pub enum Clients {
 enum Event {
     Tick(NodeId),
     Deliver(Message),
+    /// A client request a follower forwards to the leader it knows.
+    Forward {
+        from: NodeId,
+        forwarded: Forwarded,
+    },
     /// The transport gave up waiting on a request between `node` and `peer`.
     Unreachable {
         node: NodeId,
@@ -168,6 +173,8 @@ pub struct Summary {
     pub deleted: usize,
     /// Acknowledged session-less writes.
     pub sessionless: usize,
+    /// Operations sent to a follower, forwarded, and served by the leader.
+    pub forwarded: usize,
 }
 
 impl fmt::Display for Summary {
@@ -175,14 +182,14 @@ impl fmt::Display for Summary {
         let Summary {
             events, terms, acked, read, failed, crashes, installs, duplicates, heals, changes, stops, ..
         } = self;
-        let Summary { swapped, not_swapped, deleted, sessionless, .. } = self;
+        let Summary { swapped, not_swapped, deleted, sessionless, forwarded, .. } = self;
         write!(
             f,
             "{events} events, {terms} terms with a leader, {acked} writes acknowledged ({swapped} cas swapped, \
              {not_swapped} not, {deleted} deletes of a key present, {sessionless} without a session), \
              {read} reads served, {failed} operations failed, {crashes} crashes, {installs} snapshots installed, \
              {duplicates} duplicate writes skipped, {heals} heals checked for liveness, \
-             {changes} membership changes, {stops} clean stops"
+             {changes} membership changes, {stops} clean stops, {forwarded} operations forwarded and served"
         )
     }
 }
@@ -223,6 +230,10 @@ pub struct Cluster {
     /// Membership changes asked of the leader.
     changes: usize,
     stops: usize,
+    /// Client operations a follower forwarded to a leader, still unanswered;
+    /// and how many of those the leader answered with success.
+    forwarded: BTreeSet<OpId>,
+    forwarded_served: usize,
 }
 
 impl Cluster {
@@ -278,6 +289,8 @@ impl Cluster {
             duplicates: 0,
             changes: 0,
             stops: 0,
+            forwarded: BTreeSet::new(),
+            forwarded_served: 0,
         }
     }
 
@@ -311,6 +324,7 @@ impl Cluster {
             not_swapped: count(|o| matches!(o, Outcome::Acked(WriteResult::Cas { swapped: false, .. }))),
             deleted: count(|o| *o == Outcome::Acked(WriteResult::Delete { existed: true })),
             sessionless,
+            forwarded: self.forwarded_served,
         }
     }
 
@@ -515,6 +529,22 @@ impl Cluster {
                     self.trace.record(now, Traced::Delivered((&m).into()));
                     self.nodes.get_mut(&id).expect("up").step(m, now);
                     self.process(id, Effects::default());
+                }
+            }
+            Event::Forward { from, forwarded } => {
+                let Forwarded { op, leader, request } = forwarded;
+                let node = &self.nodes[&leader];
+                if self.network.is_cut(from, leader) || !node.is_up() {
+                    // The follower's endpoint hears nothing back in time.
+                    self.complete(Completion::Failed(op, Some(ErrorCode::Timeout)));
+                } else if node.paused_until > now {
+                    let forwarded = Forwarded { op, leader, request };
+                    self.schedule.after(node.paused_until - now, Event::Forward { from, forwarded });
+                } else {
+                    self.forwarded.insert(op);
+                    let mut fx = Effects::default();
+                    self.nodes.get_mut(&leader).expect("up").submit_forwarded(op, request, now, &mut fx);
+                    self.process(leader, fx);
                 }
             }
             Event::Unreachable { node: id, peer, incarnation } => {
@@ -817,6 +847,13 @@ impl Cluster {
         for m in fx.sent {
             self.send(m);
         }
+        for forwarded in fx.forwarded {
+            // One way across the network; lost like any message.
+            match self.network.delays(&mut self.rng).pop() {
+                Some(delay) => self.schedule.after(delay, Event::Forward { from: id, forwarded }),
+                None => self.complete(Completion::Failed(forwarded.op, Some(ErrorCode::Timeout))),
+            }
+        }
         if let Some(snapshot) = fx.compacted {
             self.trace.record(now, Traced::Compacted { node: id, index: snapshot.index });
         }
@@ -884,6 +921,13 @@ impl Cluster {
 
     fn complete(&mut self, completion: Completion) {
         let now = self.now();
+        let op = match completion {
+            Completion::WriteAcked { op, .. } | Completion::ReadServed { op, .. } | Completion::Failed(op, _) => op,
+        };
+        let served = !matches!(completion, Completion::Failed(..));
+        if self.forwarded.remove(&op) && served {
+            self.forwarded_served += 1;
+        }
         match completion {
             Completion::WriteAcked { op, index, effect } => {
                 self.trace.record(now, Traced::Acked(op, index));

@@ -60,6 +60,8 @@ pub struct Effects {
     pub restored: Option<SnapshotMeta>,
     /// A snapshot was written and the log compacted behind it.
     pub compacted: Option<SnapshotMeta>,
+    /// Client requests sent on to the leader.
+    pub forwarded: Vec<Forwarded>,
 }
 
 /// Every snapshot file any node wrote, by position: the state machine at
@@ -67,6 +69,14 @@ pub struct Effects {
 /// checker verifies), so a follower installing one reads it from here, as
 /// the real one reads the file its transport staged.
 pub type SnapshotRegistry = Rc<RefCell<BTreeMap<SnapshotMeta, Vec<u8>>>>;
+
+/// A client request a follower's server sent on to the leader it knows,
+/// as the client endpoint does.
+pub struct Forwarded {
+    pub op: OpId,
+    pub leader: NodeId,
+    pub request: Request,
+}
 
 /// Who a request's reply goes to: a client operation, or the harness
 /// itself (a snapshot, a transfer or a membership change an operator asks for).
@@ -176,6 +186,13 @@ impl SimNode {
         server.client(request_of(op, kind), Some(op), at(now));
     }
 
+    /// A client request another node forwarded here.
+    pub fn submit_forwarded(&mut self, op: OpId, request: Request, now: Time, fx: &mut Effects) {
+        let Some(server) = self.server.as_mut() else { return fx.completed.push(Completion::Failed(op, None)) };
+        self.in_flight.insert(op);
+        server.forwarded(request, Some(op), at(now));
+    }
+
     /// A request of the harness's own, whose reply nobody waits for.
     pub fn operator(&mut self, request: Request, now: Time) {
         if let Some(server) = self.server.as_mut() {
@@ -247,6 +264,10 @@ impl SimNode {
                     self.in_flight.remove(&op);
                     fx.completed.push(completion(op, reply));
                 }
+                Effect::Forward { leader, request, handle: Some(op) } => {
+                    self.in_flight.remove(&op);
+                    fx.forwarded.push(Forwarded { op, leader, request });
+                }
                 Effect::Applied { entries, duplicates } => {
                     for entry in &entries {
                         if let Some((name, write)) = logged_write(entry) {
@@ -266,8 +287,9 @@ impl SimNode {
                     server.snapshot_saved(snapshot).expect("compaction never crashes");
                     fx.compacted = Some(snapshot);
                 }
-                // Operators' replies, and what only a real runtime uses.
+                // Operators' requests and replies, and what only a real runtime uses.
                 Effect::Reply(None, _)
+                | Effect::Forward { handle: None, .. }
                 | Effect::ReadLog { .. }
                 | Effect::ReadSnapshotFile { .. }
                 | Effect::Members(_)

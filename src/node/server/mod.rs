@@ -11,6 +11,8 @@
 //! so a leader's AppendEntries still leave before its own fsync.
 //!
 //! What it decides, and where a client write goes:
+//! 0. forwarding: on a follower, a request that needs the leader goes to
+//!    the leader it knows ([`Effect::Forward`]), or is answered `no_leader`;
 //! 1. admission: `busy` when too much is in flight or the disk is low;
 //! 2. sessions: a decided (client_id, seq) is answered from the session
 //!    table, a pending one waits on its entry, a new one is proposed;
@@ -103,6 +105,14 @@ pub struct SnapshotJob {
 /// What the runtime carries out for the server.
 pub enum Effect<H> {
     Reply(H, Reply),
+    /// Send `request` to `leader` on the client's behalf (this node follows
+    /// it) and pass its reply on to `handle`; the runtime answers `timeout`
+    /// if the leader does not in time, since the request may have applied.
+    Forward {
+        leader: NodeId,
+        request: Request,
+        handle: H,
+    },
     /// Committed entries applied to the state machine, in order; those at
     /// `duplicates` were skipped by the session check (the mirror and the
     /// `log` op mark them `"dup": true`).
@@ -358,10 +368,39 @@ impl<S: NodeStorage, H> Server<S, H> {
         self.raft.peer_unreachable(peer);
     }
 
-    /// A client request; its reply goes to `handle`, now or later.
+    /// A client request; its reply goes to `handle`, now or later. On a
+    /// follower, one that needs the leader goes to the leader it knows.
     pub fn client(&mut self, request: Request, handle: H, now: Time) {
         self.app.now = now;
-        let deadline = now + self.app.cfg.request_timeout;
+        match self.leader_elsewhere(&request) {
+            None => self.serve(request, handle),
+            Some(NotLeader { leader: Some(leader) }) => {
+                self.app.effects.push(Effect::Forward { leader, request, handle })
+            }
+            Some(not_leader) => self.app.reply_not_leader(handle, not_leader),
+        }
+    }
+
+    /// A request a follower forwarded here, taking this node for the
+    /// leader. Never forwarded again: two nodes with stale views of the
+    /// leader would bounce it between them.
+    pub fn forwarded(&mut self, request: Request, handle: H, now: Time) {
+        self.app.now = now;
+        match self.leader_elsewhere(&request) {
+            None => self.serve(request, handle),
+            Some(not_leader) => self.app.reply_not_leader(handle, not_leader),
+        }
+    }
+
+    /// For a request only the leader serves, on a node that does not lead:
+    /// who leads as far as this node knows.
+    fn leader_elsewhere(&self, request: &Request) -> Option<NotLeader> {
+        let SoftState { role, leader, .. } = self.raft.soft_state();
+        (role != Role::Leader && !request.is_local()).then_some(NotLeader { leader })
+    }
+
+    fn serve(&mut self, request: Request, handle: H) {
+        let deadline = self.app.now + self.app.cfg.request_timeout;
         match request {
             Request::Write { command, client_id, seq } => {
                 self.write(LoggedCommand { command, client_id, seq }, handle, deadline)

@@ -213,7 +213,7 @@ fn a_retry_of_a_pending_write_waits_on_its_entry_and_a_stop_answers_both_with_ti
 }
 
 #[test]
-fn a_leader_that_steps_down_answers_its_pending_writes_with_timeout_and_a_follower_names_the_leader() {
+fn a_leader_that_steps_down_answers_its_pending_writes_with_timeout_and_forwards_new_ones() {
     let mut s = leader_of(3);
     s.client(put("k", None), 10, now());
     assert!(process(&mut s).1.is_empty());
@@ -224,10 +224,59 @@ fn a_leader_that_steps_down_answers_its_pending_writes_with_timeout_and_a_follow
     let replies = process(&mut s).1;
     assert_eq!(replies.iter().map(|(h, r)| (*h, code(r))).collect::<Vec<_>>(), [(10, "timeout")]);
     s.client(put("k", None), 11, now());
+    let effects = s.take_effects();
+    let [Effect::Forward { leader: 2, handle: 11, .. }] = &effects[..] else { panic!("not forwarded") };
+}
+
+/// Node 1 of three, following node 2 (or, with `leader` false, no one yet).
+fn follower(leader: bool) -> TestServer {
+    let mut s = server(3);
+    let heartbeat =
+        Body::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0, read_seq: 0 };
+    if leader {
+        s.peer(Message { from: 2, to: 1, term: 1, body: heartbeat }, now());
+    }
+    process(&mut s);
+    assert_eq!(s.raft.soft_state().leader, leader.then_some(2));
+    s
+}
+
+#[test]
+fn a_follower_forwards_what_needs_the_leader_and_answers_the_rest_itself() {
+    let mut s = follower(true);
+    let get = Request::Get { key: Value::Str("k".into()) };
+    let needs_leader =
+        [put("k", Some(("c", 1))), get, Request::TransferLeader { to: None }, Request::RemoveNode { id: 3 }];
+    for (handle, request) in (10..).zip(needs_leader) {
+        s.client(request.clone(), handle, now());
+        let effects = s.take_effects();
+        let [Effect::Forward { leader: 2, request: sent, handle: h }] = &effects[..] else { panic!("{request:?}") };
+        assert_eq!((sent, *h), (&request, handle));
+    }
+    s.client(Request::Status, 20, now());
+    s.client(Request::Members, 21, now());
+    let answered: Vec<(u32, &str)> = process(&mut s).1.iter().map(|(h, r)| (*h, code(r))).collect();
+    assert_eq!(answered, [(20, "ok"), (21, "ok")], "answered where asked");
+}
+
+#[test]
+fn a_forwarded_request_is_never_forwarded_again_and_without_a_leader_nothing_is() {
+    let mut s = follower(true);
+    s.forwarded(put("k", None), 10, now());
     let replies = process(&mut s).1;
-    let [(11, Reply::Error { code: ErrorCode::NoLeader, leader: Some(2), .. })] = &replies[..] else {
+    let [(10, Reply::Error { code: ErrorCode::NoLeader, leader: Some(2), .. })] = &replies[..] else {
         panic!("{replies:?}")
     };
+    let mut s = follower(false);
+    s.client(put("k", None), 11, now());
+    let replies = process(&mut s).1;
+    let [(11, Reply::Error { code: ErrorCode::NoLeader, leader: None, .. })] = &replies[..] else {
+        panic!("{replies:?}")
+    };
+    let mut s = lone_leader();
+    s.forwarded(put("k", None), 12, now());
+    let replies = process(&mut s).1;
+    assert!(matches!(replies[..], [(12, Reply::Put { .. })]), "the leader serves what it is forwarded: {replies:?}");
 }
 
 #[test]
