@@ -22,6 +22,7 @@ use super::Shared;
 use super::core_loop::ClientCall;
 use super::log_reader::{LOG_REPLY_MAX_BYTES, SNAPSHOT_PIECE_BYTES};
 use super::replies::{Forward, ReplyBacklog, ReplyTo, frame_bytes, is_wake_up};
+use super::server::not_leader;
 use crate::net::security::{Caller, Domain, NodeSecurity, recv_with_user};
 use crate::net::transport::bind_problem;
 use crate::raft::NodeId;
@@ -187,7 +188,10 @@ impl ClientEndpoint {
             self.flush_backlogs();
         }
         self.pass_replies_on(&backlog);
-        self.forward_all(&forwards, &shared, &backlog);
+        for Forward { request, reply_to, .. } in forwards.try_iter() {
+            backlog.taken(request.len());
+            self.refuse(reply_to, ErrorCode::ShuttingDown, "node is shutting down", None);
+        }
         // Queued after the core loop's last look; nothing adds to it now.
         for call in core_queue.try_iter() {
             shared.queued_bytes.fetch_sub(call.bytes, Ordering::AcqRel);
@@ -210,10 +214,16 @@ impl ClientEndpoint {
         }
     }
 
+    /// Sends on what the server forwards. One meant for a leader that is no
+    /// longer the one the core loop last saw gets `no_leader` naming the new
+    /// one, unsent: the connection follows the newest leader.
     fn forward_all(&mut self, forwards: &Receiver<Forward>, shared: &Shared, backlog: &ReplyBacklog) {
         for Forward { leader, request, reply_to } in forwards.try_iter() {
             backlog.taken(request.len());
-            self.forward(leader, shared, reply_to, request);
+            match shared.leader() {
+                Some(now) if now == leader => self.forward(leader, shared, reply_to, request),
+                now => self.answer(reply_to, &not_leader(self.cfg.id, now)),
+            }
         }
     }
 

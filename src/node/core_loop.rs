@@ -110,6 +110,9 @@ impl CoreLoop {
             let soft = self.server.raft().soft_state();
             self.out.transport.follow(soft.term, soft.leader);
             self.server.process(&mut |msg| self.out.transport.send(msg))?;
+            // Before the forwards leave: the client endpoint answers those
+            // to a leader other than the one it sees, rather than sending.
+            self.out.shared.set_leader(self.server.leader());
             self.carry_out()?;
             self.publish();
             METRICS.client_queue.set(inputs.clients.len() as i64);

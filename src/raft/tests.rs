@@ -1003,6 +1003,40 @@ fn rejecting_an_older_terms_append_does_not_confirm_reads() {
 }
 
 #[test]
+fn a_leader_elected_again_counts_its_read_rounds_anew_and_no_answer_to_its_old_leadership_confirms_them() {
+    // Node 1 leads term 2 and starts five read rounds.
+    let mut r = elected(HardState { term: 1, vote: None, commit: 0 }, vec![entry(1, 1)]);
+    drain(&mut r);
+    r.step(ack(2, 1, 2, 2, 0));
+    drain(&mut r);
+    for ctx in 1..=5 {
+        r.read_index(ctx).unwrap();
+    }
+    drain(&mut r);
+    // Deposed by a leader of term 3, it wins term 4: its rounds start at 1.
+    r.step(append(3, 1, 3, (2, 2), vec![], 2));
+    drain(&mut r);
+    tick_until_candidate(&mut r);
+    drain(&mut r);
+    r.step(msg(2, 1, 4, Body::RequestVoteReply { granted: true, pre_vote: false }));
+    drain(&mut r);
+    r.step(ack(2, 1, 4, 3, 0));
+    drain(&mut r);
+    assert_eq!(r.soft_state(), SoftState { role: Role::Leader, term: 4, leader: Some(1) });
+    r.read_index(7).unwrap();
+    // Follower 2, in term 4, rejects a delayed AppendEntries of term 2 that
+    // carried round 5: its answer may not vouch for round 1 of term 4.
+    let mut follower = node_with(2, HardState { term: 4, vote: Some(1), commit: 0 }, vec![entry(1, 1)]);
+    let old_append =
+        Body::AppendEntries { prev_log_index: 2, prev_log_term: 2, entries: vec![], leader_commit: 2, read_seq: 5 };
+    follower.step(msg(1, 2, 2, old_append));
+    let rejection = follower.ready().persisted_messages.pop().unwrap();
+    assert_eq!(rejection.term, 4);
+    r.step(rejection);
+    assert!(r.ready().read_states.is_empty(), "a read confirmed by an answer to the previous leadership");
+}
+
+#[test]
 fn followers_refuse_proposals_and_reads_naming_the_leader() {
     let mut c = Cluster::new(3);
     c.run(30);

@@ -253,10 +253,40 @@ fn a_follower_forwards_what_needs_the_leader_and_answers_the_rest_itself() {
         let [Effect::Forward { leader: 2, request: sent, handle: h }] = &effects[..] else { panic!("{request:?}") };
         assert_eq!((sent, *h), (&request, handle));
     }
+    for (handle, request) in
+        [(14, Request::AddNode { member: member(4), voter: true }), (15, Request::PromoteNode { id: 3 })]
+    {
+        s.client(request, handle, now());
+        let effects = s.take_effects();
+        assert!(matches!(effects[..], [Effect::Forward { leader: 2, handle: h, .. }] if h == handle), "{handle}");
+    }
     s.client(Request::Status, 20, now());
     s.client(Request::Members, 21, now());
     let answered: Vec<(u32, &str)> = process(&mut s).1.iter().map(|(h, r)| (*h, code(r))).collect();
     assert_eq!(answered, [(20, "ok"), (21, "ok")], "answered where asked");
+    s.client(Request::Log { from: 1, limit: 10 }, 22, now());
+    s.client(Request::SnapshotData { index: None, offset: 0 }, 23, now());
+    s.client(Request::Snapshot, 24, now());
+    let effects = s.take_effects();
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Forward { .. })), "the log and snapshots are this node's own");
+    assert!(matches!(effects[..2], [Effect::ReadLog { handle: 22, .. }, Effect::ReadSnapshotFile { handle: 23, .. }]));
+}
+
+#[test]
+fn a_leader_handing_over_answers_writes_itself_and_forwards_nothing() {
+    let mut s = leader_of(3);
+    s.client(Request::TransferLeader { to: Some(2) }, 10, now());
+    s.client(put("k", None), 11, now());
+    let effects = s.take_effects();
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Forward { .. })));
+    let replies: Vec<(u32, &str)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply(h, r) => Some((*h, code(r))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replies, [(11, "no_leader")], "nothing applied, no leader named while it hands over");
 }
 
 #[test]

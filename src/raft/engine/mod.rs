@@ -90,7 +90,6 @@ pub enum ChangeError {
     Invalid(String),
 }
 
-/// A leadership transfer in progress on the leader.
 /// This node's part in its term. What only a leader keeps is in
 /// [`Leadership`], which exists only while it leads.
 #[derive(Debug)]
@@ -111,6 +110,9 @@ pub(super) struct Leadership {
     transfer: Option<Transfer>,
     /// Number of ReadIndex rounds started; AppendEntries carry it and
     /// replies echo it, so one heartbeat round confirms a whole batch of reads.
+    /// Each leadership counts from 1 again: only replies of its own term
+    /// reach it (a node leads at most once a term), and a reply to a request
+    /// of an older term echoes no round (`reply_to_stale`).
     read_seq: u64,
     pending_reads: VecDeque<PendingRead>,
     /// Reads that arrived before this leader committed an entry of its own
@@ -498,10 +500,10 @@ impl<S: LogStore> Raft<S> {
     /// stale candidate steps down; stale replies are simply dropped.
     fn reply_to_stale(&mut self, m: &Message) {
         let body = match m.body {
-            // No read round echoed: it belongs to an older leadership, and a
-            // leader that restarted counts its rounds from 1 again, so the
-            // echo could confirm its new reads without a quorum (found by
-            // the simulator).
+            // No read round echoed: it belongs to an older leadership, and
+            // every leadership counts its rounds from 1, so the echo could
+            // confirm the newer one's reads without a quorum (found by the
+            // simulator, with a leader that restarted).
             Body::AppendEntries { prev_log_index, .. }
             | Body::InstallSnapshot { snapshot: SnapshotMeta { index: prev_log_index, .. }, .. } => {
                 Body::AppendEntriesReply {

@@ -9,6 +9,7 @@ use crate::raft::message::{Body, Message};
 use crate::raft::progress::Progress;
 use crate::raft::types::{Entry, Index, NodeId, SnapshotInfo, Term};
 
+/// A follower's refusal of an AppendEntries whose `prev_log_index` it does
 /// not hold, with its hint where to resume.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Rejection {
