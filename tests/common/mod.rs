@@ -455,11 +455,14 @@ impl TestCluster {
     }
 
     /// Waits until every running node has applied at least `index`.
+    /// Waits until every running node applied `index` and wrote it to its
+    /// mirror (which happens a moment after the apply, off the core loop).
     pub fn wait_applied(&self, index: u64) {
         for id in self.running() {
             wait_for(&format!("node {id} to apply {index}"), || {
                 self.status(id).filter(|s| s.last_applied >= index).map(|_| ())
             });
+            wait_for(&format!("node {id} to mirror {index}"), || (self.mirror_entries(id).1 >= index).then_some(()));
         }
     }
 
@@ -476,7 +479,10 @@ impl TestCluster {
         let files: Vec<PathBuf> = rotated.collect::<Vec<_>>().into_iter().rev().chain([path]).collect();
         let (mut entries, mut last) = (BTreeMap::new(), 0);
         for file in files {
-            for line in fs::read_to_string(&file).unwrap_or_default().lines() {
+            let text = fs::read_to_string(&file).unwrap_or_default();
+            // A line still being written is not there yet.
+            let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+            for line in complete.lines() {
                 let snapshot = line.strip_prefix("# snapshot ");
                 last = snapshot.unwrap_or(line).split(", ").next().unwrap().parse().expect("an index");
                 if snapshot.is_none() {
