@@ -1,5 +1,5 @@
 //! Durability, observed from the outside: a write is acknowledged only after
-//! an fdatasync completed on the node's sled data file, and no acknowledged
+//! an fdatasync completed on the node's log file, and no acknowledged
 //! write is lost when nodes lose power (their unsynced writes with it).
 //!
 //! The node runs normally; `strace` attaches to it and records the syscalls
@@ -91,11 +91,11 @@ fn acknowledged_write_was_fdatasynced_first() {
     // The ack is the first msgpack map {"ok": true, "index": ...} sent after it.
     let synced = synced_between(&trace, |l| l.contains("durable-key"), |l| l.contains(r#"\242ok\303\245index"#));
     assert_eq!(synced, Some(true), "no completed fdatasync between request and acknowledgement:\n{trace}");
-    let db = cluster.state_dir(0).join("db");
+    let log = cluster.state_dir(0).join("log");
     assert!(
-        trace.lines().any(|l| l.contains("fdatasync(") && l.contains(&*db.to_string_lossy())),
-        "the fdatasync is on sled's data file {}",
-        db.display()
+        trace.lines().any(|l| l.contains("fdatasync(") && l.contains(&*log.to_string_lossy()) && l.contains(".wal")),
+        "the fdatasync is on a log segment under {}",
+        log.display()
     );
 }
 

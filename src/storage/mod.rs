@@ -1,48 +1,34 @@
-//! Durable Raft state (term, vote, lazily persisted commit index, log and
-//! small metadata blobs) in a sled database under `state/<id>/`.
+//! Durable Raft state: term, vote, lazily persisted commit index and log in
+//! append-only segment files under `state/<id>/log/` ([`wal`]), small
+//! metadata in a sled database under `state/<id>/`.
 //!
-//! # Layout
+//! # Layout (state format 2)
 //!
-//! One sled tree (the default one) with prefixed keys, values encoded with
-//! `rmp_serde::to_vec_named`:
+//! - `log/<seq>.wal`: the hard state, the log and where it starts (with the
+//!   membership in force there); see [`wal`] for the format and why every
+//!   crash leaves a state it replays.
+//! - sled, values raw bytes:
 //!
-//! | key                         | value        |
-//! |-----------------------------|--------------|
-//! | `hs`                        | [`HardState`] |
-//! | `snapshot`                  | [`SnapshotMeta`]: the log starts after it |
-//! | `log/` + index as u64 BE    | [`Entry`]    |
-//! | `membership`                | (index, [`Membership`]): in force at the log start |
-//! | `membership/` + index as BE | [`Membership`] of the membership entry at that index |
-//! | `meta/` + name              | raw bytes    |
-//! | `dup/` + index as u64 BE    | empty: the applied entry there was a duplicate (see [`DuplicateMarks`]) |
+//! | key                       | value        |
+//! |---------------------------|--------------|
+//! | `created`                 | empty: written when the dir is created |
+//! | `hs`                      | [`FORMAT_2_MARKER`]: the hard state moved out (format 1 kept it here) |
+//! | `meta/` + name            | raw bytes    |
+//! | `dup/` + index as u64 BE  | empty: the applied entry there was a duplicate (see [`DuplicateMarks`]) |
 //!
-//! Big-endian indexes make sled's key order the log order. The newest
-//! entries (up to [`TAIL_BYTES`]) are also kept in memory, and they are all
-//! that opening reads: the core reads older ones through [`LogStore`].
-//! Membership entries are also indexed on their own, so that opening finds
-//! every membership without reading the whole log.
+//! Format 1 (0.1 and 0.2) kept the log in sled too ([`format1`]); opening
+//! such a dir moves it into `log/` once. The marker is where 0.1 and 0.2
+//! read their hard state, so they refuse a format-2 dir, saying why.
 //!
-//! # Crash consistency
-//!
-//! sled recovers a prefix of its operations, so [`Storage::write`] orders
-//! them so that every prefix is a state [`Storage::open`] accepts and Raft
-//! is safe in: the hard state first (a newer term or vote may always be
-//! durable before the entries that come with it), its commit index held
-//! below the first new entry; then a conflicting suffix, deleted from its
-//! end; then the membership index of those entries; then each new entry
-//! after its own membership index; then the commit index the hard state
-//! gives. (Written first, that commit index could make a crash-cut
-//! follower apply the uncommitted entries a leader was replacing.) A crash
-//! part-way leaves the old log cut short and part of the new entries: none
-//! of them was acknowledged (acknowledgements wait for [`Storage::sync`]),
-//! and none of the cut entries was committed, since a leader's log
-//! disagreed with them. A membership index past the last
-//! entry is a leftover, deleted at open. (One `sled::Batch` would make the
-//! write all-or-nothing, but sled writes a batch's manifest in a buffer of
-//! its own: two more writes and `sync_file_range` calls on every persist.)
+//! The newest entries (up to [`TAIL_BYTES`]) are also kept in memory: the
+//! leader replicates and applies from there, and only a follower far
+//! behind costs file reads.
 //!
 //! # Durability
 //!
+//! [`Syncer::sync`] makes every write made before it durable: one
+//! `fdatasync` of the log segment written since the last one, and, only if
+//! sled was written since, sled's `flush()` followed by what it leaves out.
 //! `sled::Db::flush` alone is not an fsync. In sled 0.34.7:
 //! - the log buffers are written with `pwrite` followed by `sync_file_range`
 //!   (`pagecache/iobuf.rs`), which pushes dirty pages to the device but does
@@ -55,17 +41,19 @@
 //!   snapshots `snap.<lsn>` are fsynced and renamed into place without
 //!   fsyncing the directory (`pagecache/snapshot.rs`).
 //!
-//! So [`Storage::sync`] does `flush()`, then `fdatasync` on `<dir>/db`, then
-//! `fsync` on every blob file it has not synced before (blob files are
-//! immutable once written) followed by the `blobs` directory, and `fsync` on
-//! `<dir>` whenever its set of names changed (a new snapshot). [`Storage::open`]
+//! So a sled sync is `flush()`, then `fdatasync` on `<dir>/db`, then `fsync`
+//! on every blob file not synced before (blob files are immutable once
+//! written) followed by the `blobs` directory, and `fsync` on `<dir>`
+//! whenever its set of names changed (a new snapshot). [`Storage::open`]
 //! fsyncs `conf`, `db`, `blobs/`, `<dir>` and every directory it had to
 //! create, plus their parents, so a freshly created node's files exist after a
 //! power loss.
 
 pub(crate) mod disk_space;
+mod format1;
 pub mod mirror;
 pub mod snapshot;
+pub mod wal;
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ffi::OsString;
@@ -74,6 +62,7 @@ use std::fs::{self, File};
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,15 +71,17 @@ use crate::metrics::{METRICS, seconds_since};
 use crate::raft::log_store::take_within;
 use crate::raft::types::{Entry, HardState, Index, Membership, Payload, Term};
 use crate::raft::{LogStore, SnapshotMeta};
+use wal::{Batch, Start, Wal, WalReader, WalSyncer};
 
-/// Version of the state dir's layout (the keys and value encodings above), shown by `raft-zmq --version`.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+/// Version of the state dir's layout (see the module docs), shown by `raft-zmq --version`.
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
-const HARD_STATE_KEY: &[u8] = b"hs";
-const SNAPSHOT_KEY: &[u8] = b"snapshot";
-const LOG_PREFIX: &[u8] = b"log/";
-const MEMBERSHIP_KEY: &[u8] = b"membership";
-const MEMBERSHIP_PREFIX: &[u8] = b"membership/";
+/// What a format-2 dir holds where format 1 kept its hard state: a
+/// MessagePack string, so that 0.1 and 0.2 fail to read it as a hard state
+/// and print it.
+pub const FORMAT_2_MARKER: &str =
+    "MOVED: state dir format 2 keeps the hard state and the log in log/; run raft-zmq 0.3 or later";
+
 const META_PREFIX: &[u8] = b"meta/";
 const DUP_PREFIX: &[u8] = b"dup/";
 /// Written when the database is created. sled treats an unreadable data file
@@ -98,7 +89,6 @@ const DUP_PREFIX: &[u8] = b"dup/";
 /// corrupted state dir would restart as a blank node that may vote twice in a
 /// term and has forgotten acknowledged entries.
 const CREATED_KEY: &[u8] = b"created";
-const LOG_KEY_LEN: usize = LOG_PREFIX.len() + 8;
 
 /// A storage failure: the state dir and what went wrong there.
 #[derive(Debug)]
@@ -129,21 +119,19 @@ pub struct Recovered {
     pub hard_state: HardState,
 }
 
-/// The newest entries are kept in memory too, up to this many bytes: the
-/// leader replicates and applies from memory, and only a follower far
-/// behind costs database reads. It is also all that `open` reads and checks,
-/// so a restart takes the same time however long the log is.
+/// The newest entries are kept in memory too, up to this many bytes.
 const TAIL_BYTES: usize = 32 << 20;
 
-/// The node's durable state. Writes are buffered by sled until [`Storage::sync`].
+/// The node's durable state. Writes are durable after [`Storage::sync`].
 pub struct Storage {
     dir: PathBuf,
     db: sled::Db,
+    wal: Wal,
+    reader: WalReader,
     syncer: Syncer,
     /// The snapshot the stored log follows.
     snapshot: SnapshotMeta,
-    /// Index of the last log entry written (durable or not), so that `write`
-    /// can truncate and validate without reading the database.
+    /// Index of the last log entry written (durable or not).
     last_index: Index,
     /// The membership in force at the log start, then those of the stored
     /// membership entries; empty until a membership is first recorded.
@@ -151,7 +139,6 @@ pub struct Storage {
     /// The newest entries, contiguous and ending at `last_index`.
     tail: VecDeque<Entry>,
     tail_bytes: usize,
-    compactor: Compactor,
 }
 
 /// What makes the state dir's writes durable, shareable with a thread that
@@ -159,9 +146,16 @@ pub struct Storage {
 /// [`crate::raft::Ready`] on asynchronous storage writes). One sync covers
 /// every write made before it began, whichever thread made it.
 #[derive(Clone)]
-pub struct Syncer(Arc<Mutex<SyncState>>);
+pub struct Syncer {
+    wal: WalSyncer,
+    sled: Arc<Mutex<SledSync>>,
+    /// sled was written since its last sync. Set after each write, cleared
+    /// under the `sled` lock by the sync that covers it.
+    sled_written: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+}
 
-struct SyncState {
+struct SledSync {
     dir: PathBuf,
     db: sled::Db,
     /// A second handle on sled's data file, only for `fdatasync`.
@@ -171,93 +165,33 @@ struct SyncState {
     synced_blobs: HashSet<OsString>,
     /// Names in `dir` when it was last fsynced.
     synced_names: HashSet<OsString>,
-    count: u64,
 }
 
-/// Deletes compacted entries on a thread of its own: a compaction deletes
-/// thousands of keys, which on the core loop's thread held up replication
-/// for tens of milliseconds. The new log start is recorded first (sled
-/// recovers a prefix of its operations, so no crash can leave entries
-/// deleted without it); leftovers at or below it are never read, and the
-/// next open deletes them.
-struct Compactor {
-    jobs: Option<crossbeam_channel::Sender<(Index, Index)>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Compactor {
-    /// Keys removed between pauses: deleting a
-    /// compaction's keys at once competed with the core loop's writes and
-    /// syncs for the disk and CPU (p99 write latency 38 ms instead of 12
-    /// in `scripts/long_history.sh`); spread out, the cost disappears.
-    const BATCH: u64 = 256;
-    const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
-
-    fn start(db: sled::Db, dir: PathBuf) -> Result<Compactor, StorageError> {
-        let (jobs, queue) = crossbeam_channel::unbounded::<(Index, Index)>();
-        let run = move || {
-            for (from, to) in queue {
-                // Duplicate marks first: then no crash leaves one below the
-                // log start without a leftover entry, which the next open
-                // finds and has deleted.
-                // Key by key: no atomicity is needed, and a sled batch costs
-                // buffer writes of its own.
-                let marks = db.range(dup_key(from)..=dup_key(to)).keys().flatten();
-                if let Err(e) = marks.into_iter().try_for_each(|key| db.remove(key).map(drop)) {
-                    log::warn!("state dir {}: cannot delete compacted duplicate marks: {e}", dir.display());
-                }
-                for start in (from..=to).step_by(Self::BATCH as usize) {
-                    let chunk = start..=to.min(start + Self::BATCH - 1);
-                    if let Err(e) = chunk.into_iter().try_for_each(|i| db.remove(log_key(i)).map(drop)) {
-                        log::warn!("state dir {}: cannot delete compacted entries: {e}", dir.display());
-                        break;
-                    }
-                    std::thread::sleep(Self::PAUSE);
-                }
-            }
-        };
-        let thread = std::thread::Builder::new()
-            .name("compactor".into())
-            .spawn(run)
-            .map_err(|e| StorageError::new(Path::new("."), format!("cannot start the compactor: {e}")))?;
-        Ok(Compactor { jobs: Some(jobs), thread: Some(thread) })
-    }
-
-    fn delete(&self, from: Index, to: Index) {
-        if let Some(jobs) = &self.jobs
-            && from <= to
-        {
-            // Fails only if the thread died; the next open cleans up.
-            let _ = jobs.send((from, to));
-        }
-    }
-}
-
-impl Drop for Compactor {
-    /// Finishes the queued deletions, so the database is closed (and its
-    /// lock released) when the storage is dropped.
-    fn drop(&mut self) {
-        self.jobs.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// What the sled database says about the dir's format.
+enum Found {
+    Fresh,
+    Format1,
+    Format2,
 }
 
 impl Storage {
-    /// Opens (creating if absent) the sled db in `dir`, checks it and reads
-    /// the hard state and the newest entries.
+    /// Opens (creating if absent) the state in `dir`, checks it and reads
+    /// the hard state and the newest entries. A format-1 dir has its log
+    /// moved into `log/` first.
     pub fn open(dir: &Path) -> Result<(Storage, Recovered), StorageError> {
         let err = |problem: String| StorageError::new(dir, problem);
 
         let created = create_dirs(dir).map_err(|e| err(format!("cannot create: {e}")))?;
         let had_data = fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
         let db = open_sled(dir)?;
-        match db.get(CREATED_KEY) {
-            Ok(Some(_)) => {}
-            Ok(None) if !had_data => {
-                db.insert(CREATED_KEY, &[][..]).map_err(|e| err(format!("cannot initialise: {e}")))?;
-            }
+        let marker = rmp_serde::to_vec(FORMAT_2_MARKER).expect("a string encodes");
+        let found = match db.get(CREATED_KEY) {
+            Ok(Some(_)) => match db.get(format1::HARD_STATE_KEY) {
+                Ok(Some(hs)) if *hs == *marker => Found::Format2,
+                Ok(_) => Found::Format1,
+                Err(e) => return Err(err(format!("cannot read: {e}"))),
+            },
+            Ok(None) if !had_data => Found::Fresh,
             Ok(None) => {
                 return Err(err("holds a data file but no readable raft-zmq state: it is corrupt or not ours. \
                      Refusing to start, since a blank restart could vote twice or forget acknowledged writes. \
@@ -265,239 +199,165 @@ impl Storage {
                     .into()));
             }
             Err(e) => return Err(err(format!("cannot read: {e}"))),
-        }
+        };
         let db_file = File::open(dir.join("db")).map_err(|e| err(format!("cannot open db file for syncing: {e}")))?;
-
-        let compactor = Compactor::start(db.clone(), dir.to_path_buf())?;
-        let syncer = Syncer(Arc::new(Mutex::new(SyncState {
+        let mut sled_sync = SledSync {
             dir: dir.to_path_buf(),
             db: db.clone(),
             db_file,
             synced_blobs: HashSet::new(),
             synced_names: HashSet::new(),
-            count: 0,
-        })));
-        let mut storage = Storage {
-            dir: dir.to_path_buf(),
-            db,
-            syncer,
-            snapshot: SnapshotMeta::default(),
-            last_index: 0,
-            memberships: Vec::new(),
-            tail: VecDeque::new(),
-            tail_bytes: 0,
-            compactor,
         };
         // sled wrote `conf` (and maybe `db`'s first pages) without fsync.
         // Doing this on every open rather than only on creation also covers
         // a crash between creation and the first sync.
-        {
-            let mut state = lock(&storage.syncer.0);
-            state.sync_files()?;
-            for path in ["conf", "db"].map(|name| dir.join(name)) {
-                fsync_path(&path).map_err(|e| err(format!("cannot fsync {}: {e}", path.display())))?;
-            }
-            state.sync_dir_entries()?;
+        sled_sync.sync_files()?;
+        for path in ["conf", "db"].map(|name| dir.join(name)) {
+            fsync_path(&path).map_err(|e| err(format!("cannot fsync {}: {e}", path.display())))?;
         }
+        sled_sync.sync_dir_entries()?;
         for created_dir in created {
             let parent = created_dir.parent().filter(|p| !p.as_os_str().is_empty());
             let parent = parent.unwrap_or(Path::new("."));
             fsync_path(parent).map_err(|e| err(format!("cannot fsync {}: {e}", parent.display())))?;
         }
 
-        let recovered = storage.recover()?;
-        Ok((storage, recovered))
-    }
-
-    /// Reads the hard state, the snapshot position and the log's newest
-    /// entries, and checks them; any inconsistency is an error rather than
-    /// something to paper over, since Raft's safety rests on this state.
-    /// Older entries are checked as they are read.
-    fn recover(&mut self) -> Result<Recovered, StorageError> {
-        let err = |problem: String| StorageError::new(&self.dir, problem);
-
-        let mut hard_state: HardState = self.read_key(HARD_STATE_KEY, "hard state")?.unwrap_or_default();
-        self.snapshot = self.read_key(SNAPSHOT_KEY, "snapshot position")?.unwrap_or_default();
-
-        // Newest first, until the byte budget is spent.
-        let mut newest: Vec<Entry> = Vec::new();
-        let mut bytes = 0;
-        let mut reached_start = true;
-        for item in self.db.scan_prefix(LOG_PREFIX).rev() {
-            if bytes >= TAIL_BYTES {
-                reached_start = false;
-                break;
-            }
-            let (key, value) = item.map_err(|e| err(format!("cannot read log: {e}")))?;
-            if parse_log_key(&key).is_some_and(|index| index <= self.snapshot.index) {
-                break; // compacted, and not yet deleted when the node stopped
-            }
-            let entry = decode_entry(&self.dir, &key, &value)?;
-            bytes += entry.approx_size();
-            newest.push(entry);
-        }
-        newest.reverse();
-        let mut prev: Option<(Index, Term)> = reached_start.then_some((self.snapshot.index, self.snapshot.term));
-        for entry in &newest {
-            if let Some((index, term)) = prev {
-                if entry.index != index + 1 {
-                    return Err(err(format!("log entry {} follows a gap: expected index {}", entry.index, index + 1)));
+        let log_dir = dir.join("log");
+        let (wal, replayed) = match found {
+            Found::Fresh => {
+                if let Some((_, replayed)) = Wal::open(&log_dir, 0).map_err(err)?
+                    && (replayed.hard_state.unwrap_or_default() != HardState::default() || replayed.last > 0)
+                {
+                    return Err(err("holds a log in log/ but a new sled database: the node's other state \
+                         is lost. Refusing to start. To rebuild this node from its peers, move the state \
+                         dir and its logs/<id>.txt away"
+                        .into()));
                 }
-                if entry.term < term {
-                    return Err(err(format!(
-                        "log entry {} has term {} after term {term} at index {index}",
-                        entry.index, entry.term
-                    )));
+                // The log first: a crash before the marker leaves a fresh dir again.
+                Wal::create(&log_dir, HardState::default(), Start { restart: true, ..Start::default() })
+                    .map_err(err)?;
+                let mark = db.insert(CREATED_KEY, &[][..]).and_then(|_| db.insert(format1::HARD_STATE_KEY, marker));
+                mark.map_err(|e| err(format!("cannot initialise: {e}")))?;
+                sled_sync.sync()?;
+                open_wal(dir, &log_dir)?
+            }
+            Found::Format1 => {
+                move_log_out_of_sled(dir, &db, &log_dir, &marker, &mut sled_sync)?;
+                open_wal(dir, &log_dir)?
+            }
+            Found::Format2 => {
+                if format1::has_leftovers(&db) {
+                    format1::delete(&db, dir)?;
+                    sled_sync.sync()?;
                 }
+                open_wal(dir, &log_dir)?
             }
-            prev = Some((entry.index, entry.term));
-        }
-        self.last_index = newest.last().map_or(self.snapshot.index, |e| e.index);
-        if let Some(Ok((key, _))) = self.db.scan_prefix(LOG_PREFIX).next()
-            && let Some(first) = parse_log_key(&key).filter(|&first| first <= self.snapshot.index)
-        {
-            self.compactor.delete(first, self.snapshot.index);
-        }
-        self.tail_bytes = bytes;
-        self.tail = newest.into();
-        self.memberships = self.read_key(MEMBERSHIP_KEY, "membership")?.into_iter().collect();
-        for item in self.db.scan_prefix(MEMBERSHIP_PREFIX) {
-            let (key, value) = item.map_err(|e| err(format!("cannot read memberships: {e}")))?;
-            let index =
-                parse_index_key(MEMBERSHIP_PREFIX, &key).ok_or_else(|| err("malformed membership key".into()))?;
-            // Leftovers of a compaction, or of a write or a truncation a
-            // crash cut short. Those past the log go now: an entry that is
-            // no membership may take their index.
-            if index <= self.snapshot.index {
-                continue;
-            }
-            if index > self.last_index {
-                self.delete(&key)?;
-                continue;
-            }
-            let membership = rmp_serde::from_slice(&value)
-                .map_err(|e| err(format!("membership of entry {index} is unreadable: {e}")))?;
-            self.memberships.push((index, membership));
-        }
+        };
 
-        if hard_state.commit > self.last_index {
+        let mut hard_state = replayed
+            .hard_state
+            .ok_or_else(|| err("log/ holds no hard state: the node's term and vote are lost. Refusing to start".into()))?;
+        let start = replayed.start;
+        let memberships = start.membership.into_iter().chain(replayed.memberships).collect();
+        let syncer = Syncer {
+            wal: wal.syncer(),
+            sled: Arc::new(Mutex::new(sled_sync)),
+            sled_written: Arc::new(AtomicBool::new(false)),
+            count: Arc::new(AtomicU64::new(0)),
+        };
+        let storage = Storage {
+            dir: dir.to_path_buf(),
+            db,
+            reader: wal.reader(),
+            wal,
+            syncer,
+            snapshot: start.meta,
+            last_index: replayed.last,
+            memberships,
+            tail_bytes: replayed.tail.iter().map(Entry::approx_size).sum(),
+            tail: replayed.tail,
+        };
+        // Marks past the log are leftovers of a log that started over.
+        storage.delete_duplicate_marks(storage.last_index + 1, Index::MAX)?;
+        if hard_state.commit > storage.last_index {
             log::warn!(
                 "state dir {}: commit index {} is past the last log entry {}; using {}",
-                self.dir.display(),
+                dir.display(),
                 hard_state.commit,
-                self.last_index,
-                self.last_index
+                storage.last_index,
+                storage.last_index
             );
-            hard_state.commit = self.last_index;
+            hard_state.commit = storage.last_index;
         }
-        Ok(Recovered { hard_state })
+        Ok((storage, Recovered { hard_state }))
     }
 
-    fn read_key<T: serde::de::DeserializeOwned>(&self, key: &[u8], what: &str) -> Result<Option<T>, StorageError> {
-        let err = |problem: String| StorageError::new(&self.dir, problem);
-        match self.db.get(key) {
-            Ok(None) => Ok(None),
-            Ok(Some(bytes)) => {
-                rmp_serde::from_slice(&bytes).map(Some).map_err(|e| err(format!("{what} is unreadable: {e}")))
-            }
-            Err(e) => Err(err(format!("cannot read {what}: {e}"))),
-        }
-    }
-
-    /// Atomically (one sled batch, so a crash leaves either all or none of
-    /// it): sets the hard state if `Some`, and writes `entries` in place of
-    /// every stored entry from the first of them on.
+    /// Sets the hard state if `Some`, and writes `entries` in place of
+    /// every stored entry from the first of them on. A crash before the
+    /// next [`Storage::sync`] keeps a prefix of what was written.
     ///
     /// `entries` must be consecutive, start past the snapshot and at most
     /// one past the last stored entry, and not go back in term, so that the
-    /// log on disk never has a gap (which `open` would reject). Not durable
-    /// until [`Storage::sync`].
+    /// log on disk never has a gap (which `open` would reject).
     pub fn write(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), StorageError> {
         let new_last = self.check_appendable(entries)?;
-        // One sled operation at a time, in an order whose every prefix is a
-        // state `open` accepts (see "Crash consistency" above): a batch
-        // would cost sled two more buffer writes, each with its own
-        // `sync_file_range`, on every persist.
-        // Until the entries are in, the commit index covers only entries this
-        // write leaves alone: the suffix it replaces is not committed, and a
-        // crash must not leave it looking so.
+        // A new term or vote goes first (no entry of a term is kept without
+        // it), with a commit index covering only entries this write leaves
+        // alone: the suffix it replaces is not committed, and a crash must
+        // not leave it looking so. The real commit index follows the entries.
         let first_commit = hard_state.map(|hs| match entries.first() {
             Some(first) => HardState { commit: hs.commit.min(first.index - 1), ..*hs },
             None => *hs,
         });
+        let mut batch = Batch::default();
         if let Some(hs) = &first_commit {
-            self.put(HARD_STATE_KEY, self.encode(hs, "hard state")?)?;
+            batch.hard_state(hs);
         }
-        // Memberships of truncated entries go; the start's always stays.
-        let kept_memberships = entries.first().map_or(self.memberships.len(), |first| {
-            let kept = self.memberships.partition_point(|(index, _)| *index < first.index).max(1);
-            kept.min(self.memberships.len())
-        });
-        if let Some(first) = entries.first() {
-            for index in (first.index..=self.last_index).rev() {
-                self.delete(&log_key(index))?;
-            }
-            for (index, _) in &self.memberships[kept_memberships..] {
-                self.delete(&membership_key(*index))?;
-            }
-        }
-        let mut added = Vec::new();
-        for entry in entries {
-            if let Payload::Membership(membership) = &entry.payload {
-                self.put(&membership_key(entry.index), self.encode(membership, "membership")?)?;
-                added.push((entry.index, membership.clone()));
-            }
-            self.put(&log_key(entry.index), self.encode(entry, "log entry")?)?;
-        }
+        entries.iter().for_each(|entry| batch.entry(entry));
         if let Some(hs) = hard_state
             && first_commit != Some(*hs)
         {
-            self.put(HARD_STATE_KEY, self.encode(hs, "hard state")?)?;
+            batch.hard_state(hs);
         }
-        self.memberships.truncate(kept_memberships);
-        self.memberships.extend(added);
-        if let Some(first) = entries.first() {
-            while self.tail.back().is_some_and(|e| e.index >= first.index) {
-                let dropped = self.tail.pop_back().expect("checked");
-                self.tail_bytes -= dropped.approx_size();
-            }
-            if self.tail.back().is_some_and(|e| e.index + 1 != first.index) {
-                self.tail.clear();
-                self.tail_bytes = 0;
-            }
-            for entry in entries {
-                self.tail_bytes += entry.approx_size();
-                self.tail.push_back(entry.clone());
-            }
-            while self.tail.len() > 1 && self.tail_bytes > TAIL_BYTES {
-                let dropped = self.tail.pop_front().expect("more than one");
-                self.tail_bytes -= dropped.approx_size();
-            }
-            self.last_index = new_last;
+        self.wal.write(batch).map_err(|e| StorageError::new(&self.dir, e))?;
+
+        let Some(first) = entries.first() else { return Ok(()) };
+        // Memberships of truncated entries go; the start's always stays.
+        let kept = self.memberships.partition_point(|(index, _)| *index < first.index).max(1);
+        self.memberships.truncate(kept);
+        self.memberships.extend(entries.iter().filter_map(|entry| match &entry.payload {
+            Payload::Membership(membership) => Some((entry.index, membership.clone())),
+            _ => None,
+        }));
+        while self.tail.back().is_some_and(|e| e.index >= first.index) {
+            let dropped = self.tail.pop_back().expect("checked");
+            self.tail_bytes -= dropped.approx_size();
         }
+        if self.tail.back().is_some_and(|e| e.index + 1 != first.index) {
+            self.tail.clear();
+            self.tail_bytes = 0;
+        }
+        for entry in entries {
+            self.tail_bytes += entry.approx_size();
+            self.tail.push_back(entry.clone());
+        }
+        while self.tail.len() > 1 && self.tail_bytes > TAIL_BYTES {
+            let dropped = self.tail.pop_front().expect("more than one");
+            self.tail_bytes -= dropped.approx_size();
+        }
+        self.last_index = new_last;
         Ok(())
     }
 
     /// Starts the log over after `snapshot`: every stored entry goes (those
-    /// after it may conflict with the history it holds). Atomic, not durable
-    /// until [`Storage::sync`].
-    /// `membership` is the one in force at the snapshot.
+    /// after it may conflict with the history it holds). `membership` is the
+    /// one in force at the snapshot. Durable at once: the segments it
+    /// empties are deleted.
     pub fn install_snapshot(&mut self, snapshot: SnapshotMeta, membership: &Membership) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(SNAPSHOT_KEY, self.encode(&snapshot, "snapshot position")?);
-        for index in self.snapshot.index + 1..=self.last_index {
-            batch.remove(&log_key(index)[..]);
-        }
-        for (index, _) in self.memberships.iter().skip(1) {
-            batch.remove(&membership_key(*index)[..]);
-        }
-        for key in self.db.scan_prefix(DUP_PREFIX).keys() {
-            batch.remove(key.map_err(|e| StorageError::new(&self.dir, format!("cannot read duplicate marks: {e}")))?);
-        }
-        let start = (snapshot.index, membership.clone());
-        batch.insert(MEMBERSHIP_KEY, self.encode(&start, "membership")?);
-        self.apply(batch)?;
-        self.memberships = vec![start];
+        let start = Start { meta: snapshot, membership: Some((snapshot.index, membership.clone())), restart: true };
+        self.move_start(start)?;
+        self.delete_duplicate_marks(0, Index::MAX)?;
+        self.memberships = vec![(snapshot.index, membership.clone())];
         self.snapshot = snapshot;
         self.last_index = snapshot.index;
         self.tail.clear();
@@ -505,10 +365,8 @@ impl Storage {
         Ok(())
     }
 
-    /// Makes the log start after `index`, which a durable snapshot covers;
-    /// the entries up to it are deleted in the background (see
-    /// [`Compactor`]). Not durable until [`Storage::sync`]: a crash before
-    /// leaves the old start, and the entries are still there.
+    /// Makes the log start after `index`, which a durable snapshot covers.
+    /// Durable at once: the segments it empties are deleted.
     pub fn compact(&mut self, index: Index) -> Result<(), StorageError> {
         if index <= self.snapshot.index {
             return Ok(());
@@ -520,27 +378,31 @@ impl Storage {
             ));
         }
         let snapshot = SnapshotMeta { index, term: self.term(index) };
-        let mut batch = sled::Batch::default();
-        batch.insert(SNAPSHOT_KEY, self.encode(&snapshot, "snapshot position")?);
         // The newest membership at or before the new start becomes the start's.
         let covered = self.memberships.partition_point(|(i, _)| *i <= index);
-        if covered > 1 {
-            for (i, _) in &self.memberships[1..covered] {
-                batch.remove(&membership_key(*i)[..]);
-            }
-            batch.insert(MEMBERSHIP_KEY, self.encode(&self.memberships[covered - 1], "membership")?);
-        }
-        self.apply(batch)?;
+        let membership = covered.checked_sub(1).map(|newest| self.memberships[newest].clone());
+        self.move_start(Start { meta: snapshot, membership, restart: false })?;
+        self.delete_duplicate_marks(0, index)?;
         if covered > 1 {
             self.memberships.drain(..covered - 1);
         }
-        self.compactor.delete(self.snapshot.index + 1, index);
         self.snapshot = snapshot;
         while self.tail.front().is_some_and(|e| e.index <= index) {
             let dropped = self.tail.pop_front().expect("checked");
             self.tail_bytes -= dropped.approx_size();
         }
         Ok(())
+    }
+
+    /// Writes `start`, syncs, then deletes the segments no longer needed
+    /// (only a durable start may make them so).
+    fn move_start(&mut self, start: Start) -> Result<(), StorageError> {
+        let err = |problem: String| StorageError::new(&self.dir, problem);
+        let mut batch = Batch::default();
+        batch.start(&start);
+        self.wal.write(batch).map_err(err)?;
+        self.syncer.wal.sync().map_err(|e| err(format!("cannot fsync the log: {e}")))?;
+        self.wal.delete_obsolete().map_err(err)
     }
 
     /// Records the membership a new cluster starts with, unless one is
@@ -551,23 +413,21 @@ impl Storage {
             return Ok(());
         }
         let start = (self.snapshot.index, membership.clone());
-        let mut batch = sled::Batch::default();
-        batch.insert(MEMBERSHIP_KEY, self.encode(&start, "membership")?);
-        self.apply(batch)?;
+        let mut batch = Batch::default();
+        batch.start(&Start { meta: self.snapshot, membership: Some(start.clone()), restart: false });
+        self.wal.write(batch).map_err(|e| StorageError::new(&self.dir, e))?;
         self.memberships = vec![start];
         Ok(())
     }
 
-    fn apply(&self, batch: sled::Batch) -> Result<(), StorageError> {
-        self.db.apply_batch(batch).map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))
-    }
-
-    fn put(&self, key: &[u8], value: Vec<u8>) -> Result<(), StorageError> {
-        self.db.insert(key, value).map(drop).map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))
-    }
-
-    fn delete(&self, key: &[u8]) -> Result<(), StorageError> {
-        self.db.remove(key).map(drop).map_err(|e| StorageError::new(&self.dir, format!("cannot write: {e}")))
+    /// Deletes the duplicate marks in `from..=to`.
+    fn delete_duplicate_marks(&self, from: Index, to: Index) -> Result<(), StorageError> {
+        let err = |e: sled::Error| StorageError::new(&self.dir, format!("cannot delete duplicate marks: {e}"));
+        for key in self.db.range(dup_key(from)..=dup_key(to)).keys() {
+            self.db.remove(key.map_err(err)?).map_err(err)?;
+            self.syncer.sled_written();
+        }
+        Ok(())
     }
 
     /// Returns the last index after writing `entries`, or an error if that
@@ -609,22 +469,12 @@ impl Storage {
     /// The stored entry at `index`. A node that cannot read its own log
     /// must not go on: this stops the process, saying why.
     fn read_entry(&self, index: Index) -> Entry {
-        let read = self
-            .db
-            .get(log_key(index))
-            .map_err(|e| format!("cannot read log entry {index}: {e}"))
-            .and_then(|bytes| bytes.ok_or_else(|| format!("log entry {index} is missing")))
-            .and_then(|bytes| decode_entry(&self.dir, &log_key(index), &bytes).map_err(|e| e.problem));
-        read.unwrap_or_else(|problem| self.fatal(&problem))
+        self.reader.read(index).unwrap_or_else(|problem| self.fatal(&problem))
     }
 
     fn fatal(&self, problem: &str) -> ! {
         log::error!("state dir {}: {problem}; stopping at once", self.dir.display());
         std::process::exit(1)
-    }
-
-    fn encode<T: serde::Serialize>(&self, value: &T, what: &str) -> Result<Vec<u8>, StorageError> {
-        rmp_serde::to_vec_named(value).map_err(|e| StorageError::new(&self.dir, format!("cannot encode {what}: {e}")))
     }
 
     /// Makes everything written so far durable (see [`Syncer::sync`]).
@@ -635,7 +485,7 @@ impl Storage {
     /// Number of completed syncs (lets tests prove that an acknowledgement
     /// waited for one).
     pub fn sync_count(&self) -> u64 {
-        lock(&self.syncer.0).count
+        self.syncer.count.load(Ordering::SeqCst)
     }
 
     /// A handle that syncs this store from another thread.
@@ -645,7 +495,7 @@ impl Storage {
 
     /// A view of the log for readers on other threads.
     pub fn log_view(&self) -> LogView {
-        LogView { dir: self.dir.clone(), db: self.db.clone() }
+        LogView { dir: self.dir.clone(), db: self.db.clone(), log: self.reader.clone() }
     }
 
     /// Where the core loop records which applied entries were duplicates.
@@ -667,8 +517,60 @@ impl Storage {
         self.db
             .insert(meta_key(name), value)
             .map_err(|e| StorageError::new(&self.dir, format!("cannot write meta {name:?}: {e}")))?;
+        self.syncer.sled_written();
         self.sync()
     }
+
+    #[cfg(test)]
+    fn set_segment_bytes(&mut self, bytes: u64) {
+        self.wal.set_segment_bytes(bytes);
+    }
+}
+
+fn open_wal(dir: &Path, log_dir: &Path) -> Result<(Wal, wal::Replayed), StorageError> {
+    Wal::open(log_dir, TAIL_BYTES).map_err(|e| StorageError::new(dir, e))?.ok_or_else(|| {
+        StorageError::new(
+            dir,
+            "log/ is missing or empty: the node's term, vote and log are lost. Refusing to start, \
+             since a blank restart could vote twice or forget acknowledged writes. To rebuild this \
+             node from its peers, move the state dir and its logs/<id>.txt away",
+        )
+    })
+}
+
+/// Moves a format-1 dir's hard state and log into `log/`: the new log is
+/// durable before the marker says so, so a crash part-way leaves a
+/// format-1 dir, moved again at the next open.
+fn move_log_out_of_sled(
+    dir: &Path,
+    db: &sled::Db,
+    log_dir: &Path,
+    marker: &[u8],
+    sled_sync: &mut SledSync,
+) -> Result<(), StorageError> {
+    let err = |problem: String| StorageError::new(dir, problem);
+    let started = Instant::now();
+    let old = format1::read(db, dir)?;
+    let start = Start { meta: old.start, membership: old.membership, restart: true };
+    let mut wal = Wal::create(log_dir, old.hard_state, start).map_err(err)?;
+    for chunk in old.entries.chunks(1024) {
+        let mut batch = Batch::default();
+        chunk.iter().for_each(|entry| batch.entry(entry));
+        wal.write(batch).map_err(err)?;
+    }
+    wal.syncer().sync().map_err(|e| err(format!("cannot fsync the log: {e}")))?;
+    drop(wal);
+    db.insert(format1::HARD_STATE_KEY, marker).map_err(|e| err(format!("cannot write: {e}")))?;
+    sled_sync.sync()?;
+    format1::delete(db, dir)?;
+    sled_sync.sync()?;
+    log::info!(
+        "state dir {}: moved {} log entries and the hard state from sled into log/ (state format 1 to 2) in {:?}",
+        dir.display(),
+        old.entries.len(),
+        started.elapsed()
+    );
+    Ok(())
 }
 
 impl LogStore for Storage {
@@ -683,7 +585,7 @@ impl LogStore for Storage {
     fn term(&self, index: Index) -> Term {
         match self.tail.front() {
             Some(first) if index >= first.index => self.tail[(index - first.index) as usize].term,
-            _ => self.read_entry(index).term,
+            _ => self.wal.term(index).unwrap_or_else(|| self.fatal(&format!("log entry {index} is not in the log"))),
         }
     }
 
@@ -708,9 +610,9 @@ impl LogStore for Storage {
 
 /// Which applied entries the session check skipped, so that the `log` op
 /// marks them `"dup": true` as the mirror does, after a restart too. Kept
-/// beside the log and compacted with it (a log that starts over after a
-/// snapshot keeps none), so they take no memory and are at most as many as
-/// the log's entries.
+/// in sled and deleted with the entries they mark (a log that starts over
+/// after a snapshot keeps none), so they take no memory and are at most as
+/// many as the log's entries.
 pub struct DuplicateMarks {
     dir: PathBuf,
     db: sled::Db,
@@ -730,29 +632,43 @@ impl DuplicateMarks {
         let mut batch = sled::Batch::default();
         indexes.iter().for_each(|&index| batch.insert(&dup_key(index)[..], &[][..]));
         self.db.apply_batch(batch).map_err(|e| err(format!("cannot write duplicate marks: {e}")))?;
+        self.syncer.sled_written();
         self.syncer.sync()
     }
 }
 
 impl Syncer {
-    /// Makes everything written so far durable (see the module docs for why
-    /// this is more than `flush`). One call covers any number of writes, so
-    /// the caller can group-commit.
+    /// Makes everything written so far durable (see the module docs for what
+    /// that takes). One call covers any number of writes, so the caller can
+    /// group-commit.
     pub fn sync(&self) -> Result<(), StorageError> {
-        lock(&self.0).sync()
+        let started = Instant::now();
+        self.wal.sync().map_err(|e| StorageError::new(&lock(&self.sled).dir, format!("cannot fsync the log: {e}")))?;
+        {
+            let mut sled = lock(&self.sled);
+            if self.sled_written.swap(false, Ordering::SeqCst)
+                && let Err(e) = sled.sync()
+            {
+                self.sled_written.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        self.count.fetch_add(1, Ordering::SeqCst);
+        METRICS.fsync_seconds.observe(seconds_since(started));
+        Ok(())
+    }
+
+    fn sled_written(&self) {
+        self.sled_written.store(true, Ordering::SeqCst);
     }
 }
 
-impl SyncState {
+impl SledSync {
     fn sync(&mut self) -> Result<(), StorageError> {
-        let started = Instant::now();
         self.db.flush().map_err(|e| StorageError::new(&self.dir, format!("cannot flush: {e}")))?;
         self.db_file.sync_data().map_err(|e| StorageError::new(&self.dir, format!("cannot fsync db file: {e}")))?;
         self.sync_files()?;
-        self.sync_dir_entries()?;
-        self.count += 1;
-        METRICS.fsync_seconds.observe(seconds_since(started));
-        Ok(())
+        self.sync_dir_entries()
     }
 
     /// Fsyncs blob files not synced before, then the `blobs` directory so
@@ -803,6 +719,7 @@ impl SyncState {
 pub struct LogView {
     dir: PathBuf,
     db: sled::Db,
+    log: WalReader,
 }
 
 impl LogView {
@@ -822,22 +739,39 @@ impl LogView {
             .collect()
     }
 
-    /// Hands `visit` the entries `from..=to` in order until it returns false.
+    /// Hands `visit` the entries `from..=to` the log still holds, in order,
+    /// until it returns false. Compacted ones are skipped.
     pub fn visit(&self, from: Index, to: Index, mut visit: impl FnMut(Entry) -> bool) -> Result<(), StorageError> {
-        let err = |problem: String| StorageError::new(&self.dir, problem);
-        if from > to {
-            return Ok(());
-        }
-        for item in self.db.range(log_key(from)..=log_key(to)) {
-            let (key, value) = item.map_err(|e| err(format!("cannot read log: {e}")))?;
-            let index = parse_log_key(&key).ok_or_else(|| err("malformed log key".into()))?;
-            let entry: Entry =
-                rmp_serde::from_slice(&value).map_err(|e| err(format!("log entry {index} is unreadable: {e}")))?;
-            if !visit(entry) {
-                break;
+        for index in from.max(self.log.first())..=to.min(self.log.last()) {
+            match self.log.read(index) {
+                Ok(entry) => {
+                    if !visit(entry) {
+                        break;
+                    }
+                }
+                // Compacted while being read.
+                Err(_) if index < self.log.first() => {}
+                Err(e) => return Err(StorageError::new(&self.dir, e)),
             }
         }
         Ok(())
+    }
+}
+
+/// Reads the value under `key`, if any.
+fn read_key<T: serde::de::DeserializeOwned>(
+    db: &sled::Db,
+    dir: &Path,
+    key: &[u8],
+    what: &str,
+) -> Result<Option<T>, StorageError> {
+    let err = |problem: String| StorageError::new(dir, problem);
+    match db.get(key) {
+        Ok(None) => Ok(None),
+        Ok(Some(bytes)) => {
+            rmp_serde::from_slice(&bytes).map(Some).map_err(|e| err(format!("{what} is unreadable: {e}")))
+        }
+        Err(e) => Err(err(format!("cannot read {what}: {e}"))),
     }
 }
 
@@ -901,24 +835,12 @@ fn fsync_path(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
-fn log_key(index: Index) -> [u8; LOG_KEY_LEN] {
-    let mut key = [0; LOG_KEY_LEN];
-    key[..LOG_PREFIX.len()].copy_from_slice(LOG_PREFIX);
-    key[LOG_PREFIX.len()..].copy_from_slice(&index.to_be_bytes());
-    key
-}
 
-fn membership_key(index: Index) -> Vec<u8> {
-    [MEMBERSHIP_PREFIX, &index.to_be_bytes()].concat()
-}
 
 fn dup_key(index: Index) -> Vec<u8> {
     [DUP_PREFIX, &index.to_be_bytes()].concat()
 }
 
-fn parse_log_key(key: &[u8]) -> Option<Index> {
-    parse_index_key(LOG_PREFIX, key)
-}
 
 /// The index in a key made of `prefix` and a big-endian u64.
 fn parse_index_key(prefix: &[u8], key: &[u8]) -> Option<Index> {
@@ -926,22 +848,11 @@ fn parse_index_key(prefix: &[u8], key: &[u8]) -> Option<Index> {
     Some(Index::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// Decodes the log entry stored under `key`, checking the two agree.
-fn decode_entry(dir: &Path, key: &[u8], value: &[u8]) -> Result<Entry, StorageError> {
-    let err = |problem: String| StorageError::new(dir, problem);
-    let index = parse_log_key(key)
-        .ok_or_else(|| err(format!("log key {} is malformed", String::from_utf8_lossy(key).escape_debug())))?;
-    let entry: Entry =
-        rmp_serde::from_slice(value).map_err(|e| err(format!("log entry {index} is unreadable: {e}")))?;
-    if entry.index != index {
-        return Err(err(format!("log entry {index} is stored with index {} inside", entry.index)));
-    }
-    Ok(entry)
-}
 
 fn meta_key(name: &str) -> Vec<u8> {
     [META_PREFIX, name.as_bytes()].concat()
 }
+
 
 #[cfg(test)]
 mod tests {
@@ -967,17 +878,23 @@ mod tests {
         Reopened { hard_state: rec.hard_state, entries: all_entries(&s) }
     }
 
-    /// Writes raw key/values with sled directly, bypassing `Storage`'s
-    /// checks, to plant bad data in a store it created.
-    fn write_raw(dir: &Path, pairs: &[(Vec<u8>, Vec<u8>)]) {
-        if !dir.join("db").exists() {
-            drop(Storage::open(dir).unwrap());
-        }
+    fn log_key(index: Index) -> Vec<u8> {
+        [format1::LOG_PREFIX, &index.to_be_bytes()].concat()
+    }
+
+    /// Writes raw key/values into a state dir of format 1 (as 0.1 and 0.2
+    /// left it) with sled directly, to plant what `open` must move or refuse.
+    fn write_format_1(dir: &Path, pairs: &[(Vec<u8>, Vec<u8>)]) {
         let db = open_sled(dir).unwrap();
+        db.insert(CREATED_KEY, &[][..]).unwrap();
         for (k, v) in pairs {
             db.insert(k.as_slice(), v.as_slice()).unwrap();
         }
         db.flush().unwrap();
+    }
+
+    fn format_1_entries(entries: &[Entry]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        entries.iter().map(|e| (log_key(e.index), rmp_serde::to_vec_named(e).unwrap())).collect()
     }
 
     fn open_err(dir: &Path) -> String {
@@ -995,6 +912,7 @@ mod tests {
         assert_eq!(rec.hard_state, HardState::default());
         assert!(all_entries(&s).is_empty());
         assert!(dir.join("db").exists());
+        assert_eq!(s.wal.segments().len(), 1);
     }
 
     #[test]
@@ -1044,6 +962,34 @@ mod tests {
         let rec = reopen(tmp.path());
         assert_eq!(rec.entries, vec![entry(1, 1, b"old"), entry(2, 1, b"old"), entry(3, 2, b"new")]);
         assert_eq!(rec.hard_state.term, 2);
+    }
+
+    /// The commit index is written after the entries it may cover: a crash
+    /// between keeps the new term but not a commit index over the suffix
+    /// being replaced.
+    #[test]
+    fn a_write_cut_short_keeps_no_commit_index_over_the_entries_it_replaces() {
+        let tmp = tempfile::tempdir().unwrap();
+        let segment;
+        let before;
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.write(Some(&HardState { term: 1, vote: None, commit: 1 }), &(1..=3).map(|i| entry(i, 1, b"a")).collect::<Vec<_>>())
+                .unwrap();
+            segment = tmp.path().join("log").join(format!("{:020}.wal", s.wal.segments()[0]));
+            before = fs::metadata(&segment).unwrap().len();
+            s.write(Some(&HardState { term: 2, vote: None, commit: 3 }), &[entry(2, 2, b"b"), entry(3, 2, b"c")]).unwrap();
+        }
+        // Keep the new hard state and the first new entry only.
+        let bytes = fs::read(&segment).unwrap();
+        let record = |at: usize| 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let mut end = before as usize;
+        end += record(end);
+        end += record(end);
+        fs::write(&segment, &bytes[..end]).unwrap();
+        let rec = reopen(tmp.path());
+        assert_eq!(rec.hard_state, HardState { term: 2, vote: None, commit: 1 });
+        assert_eq!(rec.entries, vec![entry(1, 1, b"a"), entry(2, 2, b"b")]);
     }
 
     #[test]
@@ -1099,7 +1045,7 @@ mod tests {
     }
 
     #[test]
-    fn log_view_visits_a_range_until_told_to_stop() {
+    fn log_view_visits_a_range_until_told_to_stop_and_skips_compacted_entries() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut s, _) = Storage::open(tmp.path()).unwrap();
         let entries: Vec<Entry> = (1..=5).map(|i| entry(i, 1, &[i as u8; 10])).collect();
@@ -1118,6 +1064,8 @@ mod tests {
         assert_eq!(collect(4, 9, 10), entries[3..]);
         assert!(collect(4, 3, 10).is_empty());
         assert_eq!(collect(1, 5, 2), entries[..2]);
+        s.compact(2).unwrap();
+        assert_eq!(collect(1, 4, 10), entries[2..4]);
     }
 
     #[test]
@@ -1134,18 +1082,33 @@ mod tests {
     }
 
     #[test]
-    fn large_entry_goes_to_blob_and_is_synced() {
+    fn a_large_entry_round_trips_and_a_large_meta_value_goes_to_a_synced_blob() {
         let tmp = tempfile::tempdir().unwrap();
         let big = vec![0xAB; 1 << 20];
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
             s.write(None, &[entry(1, 1, &big)]).unwrap();
-            s.sync().unwrap();
-            assert!(!lock(&s.syncer.0).synced_blobs.is_empty(), "sync found no blob file");
+            s.write_meta("big", &big).unwrap();
+            let sled = lock(&s.syncer.sled);
+            assert!(!sled.synced_blobs.is_empty(), "sync found no blob file");
             let on_disk = list_names(&tmp.path().join("blobs")).unwrap();
-            assert!(on_disk.iter().all(|n| lock(&s.syncer.0).synced_blobs.contains(n)));
+            assert!(on_disk.iter().all(|n| sled.synced_blobs.contains(n)));
         }
-        assert_eq!(reopen(tmp.path()).entries, vec![entry(1, 1, &big)]);
+        let (s, _) = Storage::open(tmp.path()).unwrap();
+        assert_eq!(all_entries(&s), vec![entry(1, 1, &big)]);
+        assert_eq!(s.read_meta("big").unwrap(), Some(big));
+    }
+
+    #[test]
+    fn sled_is_synced_only_when_it_was_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut s, _) = Storage::open(tmp.path()).unwrap();
+        s.write(None, &[entry(1, 1, b"x")]).unwrap();
+        s.sync().unwrap();
+        assert!(!s.syncer.sled_written.load(Ordering::SeqCst));
+        s.duplicate_marks().mark(&[1]).unwrap();
+        assert!(!s.syncer.sled_written.load(Ordering::SeqCst), "the mark was synced");
+        assert_eq!(s.sync_count(), 2);
     }
 
     #[test]
@@ -1165,66 +1128,58 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_entry_is_an_error() {
+    fn a_format_1_dir_has_its_log_moved_into_log_and_reopens_as_format_2() {
         let tmp = tempfile::tempdir().unwrap();
-        let good = rmp_serde::to_vec_named(&entry(1, 1, b"a")).unwrap();
-        write_raw(tmp.path(), &[(log_key(1).to_vec(), good), (log_key(2).to_vec(), b"\xc1junk".to_vec())]);
-        let e = open_err(tmp.path());
-        assert!(e.starts_with(&format!("state dir {}: ", tmp.path().display())), "{e}");
-        assert!(e.contains("log entry 2 is unreadable"), "{e}");
+        let hs = HardState { term: 3, vote: Some(2), commit: 7 };
+        let membership = Membership::of_voters([1, 2, 3], vec![]);
+        let change = Entry { index: 6, term: 3, payload: Payload::Membership(Membership::of_voters([1, 2], vec![])) };
+        let entries: Vec<Entry> = (3..=8).map(|i| if i == 6 { change.clone() } else { entry(i, 3, b"v") }).collect();
+        let mut pairs = format_1_entries(&[entry(1, 1, b"compacted, not yet deleted")]);
+        pairs.extend(format_1_entries(&entries));
+        pairs.push((b"hs".to_vec(), rmp_serde::to_vec_named(&hs).unwrap()));
+        pairs.push((b"snapshot".to_vec(), rmp_serde::to_vec_named(&SnapshotMeta { index: 2, term: 1 }).unwrap()));
+        pairs.push((b"membership".to_vec(), rmp_serde::to_vec_named(&(0u64, membership.clone())).unwrap()));
+        pairs.push((dup_key(4), vec![]));
+        write_format_1(tmp.path(), &pairs);
+        for _ in 0..2 {
+            let (s, rec) = Storage::open(tmp.path()).unwrap();
+            assert_eq!(rec.hard_state, hs);
+            assert_eq!(s.log_start(), SnapshotMeta { index: 2, term: 1 });
+            assert_eq!(all_entries(&s), entries);
+            assert_eq!(s.memberships(), vec![(0, membership.clone()), (6, Membership::of_voters([1, 2], vec![]))]);
+            assert_eq!(s.log_view().duplicates(1, 10).unwrap(), BTreeSet::from([4]));
+            assert!(!format1::has_leftovers(&s.db), "the old keys are gone");
+        }
+        // What 0.1 and 0.2 say when they open it.
+        let db = open_sled(tmp.path()).unwrap();
+        let e = rmp_serde::from_slice::<HardState>(&db.get(b"hs").unwrap().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("run raft-zmq 0.3 or later"), "{e}");
     }
 
     #[test]
-    fn corrupt_hard_state_is_an_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        write_raw(tmp.path(), &[(HARD_STATE_KEY.to_vec(), b"\xff\xff".to_vec())]);
-        assert!(open_err(tmp.path()).contains("hard state is unreadable"));
-    }
-
-    #[test]
-    fn entry_index_must_match_key() {
-        let tmp = tempfile::tempdir().unwrap();
-        let wrong = rmp_serde::to_vec_named(&entry(5, 1, b"a")).unwrap();
-        write_raw(tmp.path(), &[(log_key(1).to_vec(), wrong)]);
-        assert!(open_err(tmp.path()).contains("log entry 1 is stored with index 5"));
-    }
-
-    #[test]
-    fn gap_in_log_is_an_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        let pairs: Vec<_> = [1, 2, 4]
-            .into_iter()
-            .map(|i| (log_key(i).to_vec(), rmp_serde::to_vec_named(&entry(i, 1, b"a")).unwrap()))
-            .collect();
-        write_raw(tmp.path(), &pairs);
-        let e = open_err(tmp.path());
-        assert!(e.contains("log entry 4 follows a gap: expected index 3"), "{e}");
-    }
-
-    #[test]
-    fn log_must_start_at_one() {
-        let tmp = tempfile::tempdir().unwrap();
-        let e2 = rmp_serde::to_vec_named(&entry(2, 1, b"a")).unwrap();
-        write_raw(tmp.path(), &[(log_key(2).to_vec(), e2)]);
-        assert!(open_err(tmp.path()).contains("expected index 1"));
-    }
-
-    #[test]
-    fn decreasing_term_is_an_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        let pairs: Vec<_> = [(1, 2), (2, 1)]
-            .into_iter()
-            .map(|(i, t)| (log_key(i).to_vec(), rmp_serde::to_vec_named(&entry(i, t, b"a")).unwrap()))
-            .collect();
-        write_raw(tmp.path(), &pairs);
-        assert!(open_err(tmp.path()).contains("log entry 2 has term 1 after term 2"));
-    }
-
-    #[test]
-    fn malformed_log_key_is_an_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        write_raw(tmp.path(), &[(b"log/short".to_vec(), b"x".to_vec())]);
-        assert!(open_err(tmp.path()).contains("log key log/short is malformed"));
+    fn a_format_1_dir_with_a_bad_log_is_refused_and_left_as_it_was() {
+        let good = entry(1, 1, b"a");
+        let cases: Vec<(Vec<(Vec<u8>, Vec<u8>)>, &str)> = vec![
+            (
+                vec![(log_key(1), rmp_serde::to_vec_named(&good).unwrap()), (log_key(2), b"\xc1junk".to_vec())],
+                "log entry 2 is unreadable",
+            ),
+            (vec![(b"hs".to_vec(), b"\xff\xff".to_vec())], "hard state is unreadable"),
+            (vec![(log_key(1), rmp_serde::to_vec_named(&entry(5, 1, b"a")).unwrap())], "log entry 1 is stored with index 5"),
+            (format_1_entries(&[entry(1, 1, b"a"), entry(2, 1, b"a"), entry(4, 1, b"a")]), "log entry 4 follows a gap: expected index 3"),
+            (format_1_entries(&[entry(2, 1, b"a")]), "expected index 1"),
+            (format_1_entries(&[entry(1, 2, b"a"), entry(2, 1, b"a")]), "log entry 2 has term 1 after term 2"),
+            (vec![(b"log/short".to_vec(), b"x".to_vec())], "log key log/short is malformed"),
+        ];
+        for (pairs, expected) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            write_format_1(tmp.path(), &pairs);
+            let e = open_err(tmp.path());
+            assert!(e.starts_with(&format!("state dir {}: ", tmp.path().display())), "{e}");
+            assert!(e.contains(expected), "{e} should say {expected}");
+            let db = open_sled(tmp.path()).unwrap();
+            assert!(format1::has_leftovers(&db) || db.contains_key(b"hs").unwrap(), "untouched");
+        }
     }
 
     #[test]
@@ -1246,6 +1201,29 @@ mod tests {
         }
         fs::write(tmp.path().join("db"), vec![0x5a; 4096]).unwrap();
         assert!(open_err(tmp.path()).contains("corrupt"));
+    }
+
+    #[test]
+    fn a_lost_log_or_a_lost_sled_database_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.write(Some(&HardState { term: 3, vote: Some(1), commit: 0 }), &[entry(1, 3, b"x")]).unwrap();
+            s.sync().unwrap();
+        }
+        fs::rename(tmp.path().join("log"), tmp.path().join("log.away")).unwrap();
+        assert!(open_err(tmp.path()).contains("log/ is missing or empty"));
+        for name in ["db", "conf", "blobs", "snap.*"] {
+            let _ = fs::remove_dir_all(tmp.path().join(name)).or_else(|_| fs::remove_file(tmp.path().join(name)));
+        }
+        for item in fs::read_dir(tmp.path()).unwrap() {
+            let path = item.unwrap().path();
+            if path.file_name().unwrap().to_string_lossy().starts_with("snap.") {
+                fs::remove_file(path).unwrap();
+            }
+        }
+        fs::rename(tmp.path().join("log.away"), tmp.path().join("log")).unwrap();
+        assert!(open_err(tmp.path()).contains("holds a log in log/ but a new sled database"));
     }
 
     #[test]
@@ -1278,41 +1256,35 @@ mod tests {
         let (s, _) = Storage::open(tmp.path()).unwrap();
         assert_eq!(s.log_start(), SnapshotMeta { index: 9, term: 3 });
         assert_eq!(all_entries(&s), vec![entry(10, 3, b"z")]);
-        let e = {
-            drop(s);
-            write_raw(tmp.path(), &[(log_key(12).to_vec(), rmp_serde::to_vec_named(&entry(12, 3, b"a")).unwrap())]);
-            open_err(tmp.path())
-        };
-        assert!(e.contains("log entry 12 follows a gap: expected index 11"), "{e}");
     }
 
-    /// A write is one sled operation at a time: a crash can keep a new
-    /// membership's index without its entry. That leftover must not make
-    /// the ordinary entry later written at its index a membership.
     #[test]
-    fn a_membership_index_left_past_the_log_by_a_crash_is_dropped_at_open() {
+    fn compaction_deletes_the_segments_it_empties_and_keeps_the_start_membership() {
         let tmp = tempfile::tempdir().unwrap();
-        let memberships = |s: &Storage| s.memberships().into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        let voters = Membership::of_voters([1, 2, 3], vec![]);
+        let change = Membership::of_voters([1, 2], vec![]);
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.bootstrap_membership(&Membership::of_voters([1, 2, 3], vec![])).unwrap();
-            s.write(None, &[entry(1, 1, b"a"), entry(2, 1, b"b")]).unwrap();
+            s.set_segment_bytes(2000);
+            s.bootstrap_membership(&voters).unwrap();
+            for i in 1..=100 {
+                let payload = if i == 30 { Payload::Membership(change.clone()) } else { Payload::Command(vec![1; 100]) };
+                s.write(Some(&HardState { term: 1, vote: None, commit: i - 1 }), &[Entry { index: i, term: 1, payload }])
+                    .unwrap();
+            }
+            let before = s.wal.segments().len();
+            s.compact(90).unwrap();
+            assert!(s.wal.segments().len() <= 2, "{before} segments, then {:?}", s.wal.segments());
+            assert_eq!(s.memberships(), vec![(30, change.clone())]);
             s.sync().unwrap();
         }
-        let planted = rmp_serde::to_vec_named(&Membership::of_voters([1, 2], vec![])).unwrap();
-        write_raw(tmp.path(), &[(membership_key(3), planted)]);
-        {
-            let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            assert_eq!(memberships(&s), vec![0], "past the log: not in force");
-            s.write(None, &[entry(3, 2, b"c")]).unwrap();
-            s.sync().unwrap();
-        }
-        let (s, _) = Storage::open(tmp.path()).unwrap();
-        assert_eq!(memberships(&s), vec![0], "entry 3 is a command");
-        assert_eq!(s.last_index(), 3);
+        let (s, rec) = Storage::open(tmp.path()).unwrap();
+        assert_eq!((s.log_start().index, s.last_index(), rec.hard_state.commit), (90, 100, 99));
+        assert_eq!(s.memberships(), vec![(30, change)]);
+        assert_eq!(all_entries(&s).len(), 10);
     }
 
-    /// Truncating a suffix that holds a membership entry removes both, and
+    /// Truncating a suffix that holds a membership entry removes it, and
     /// the entries replacing them are what a reopen finds.
     #[test]
     fn a_truncated_membership_entry_goes_with_its_index() {
@@ -1347,7 +1319,7 @@ mod tests {
         assert_eq!(s.log_view().duplicates(4, 7).unwrap(), BTreeSet::from([5]));
         s.compact(5).unwrap();
         s.sync().unwrap();
-        drop(s); // waits for the background deletion
+        drop(s);
         let (mut s, _) = Storage::open(tmp.path()).unwrap();
         assert_eq!(marked(&s), [8], "compacted with the entries they mark");
         s.install_snapshot(SnapshotMeta { index: 20, term: 2 }, &Membership::default()).unwrap();
@@ -1355,33 +1327,20 @@ mod tests {
     }
 
     #[test]
-    fn entries_older_than_the_memory_tail_are_read_from_the_database() {
+    fn entries_older_than_the_memory_tail_are_read_from_the_log_files() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut s, _) = Storage::open(tmp.path()).unwrap();
         let big = vec![7u8; 1 << 20];
         let entries: Vec<Entry> = (1..=40).map(|i| entry(i, 1, &big)).collect();
-        s.write(None, &entries).unwrap();
-        assert!(s.tail.front().unwrap().index > 1, "the tail is bounded");
-        assert_eq!(s.entries(1, 3, 3 << 20), entries[..2]);
-        assert_eq!(s.term(1), 1);
-    }
-
-    #[test]
-    fn entries_left_below_the_log_start_by_a_crash_are_ignored_then_deleted() {
-        let tmp = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(None, &(1..=6).map(|i| entry(i, 1, b"x")).collect::<Vec<_>>()).unwrap();
-            s.compact(4).unwrap();
+            s.write(None, &entries).unwrap();
+            assert!(s.tail.front().unwrap().index > 1, "the tail is bounded");
+            assert_eq!(s.entries(1, 3, 3 << 20), entries[..2]);
+            assert_eq!(s.term(1), 1);
             s.sync().unwrap();
         }
-        // As if the node stopped before the background deletion got to them.
-        let leftovers: Vec<_> =
-            (2..=4).map(|i| (log_key(i).to_vec(), rmp_serde::to_vec_named(&entry(i, 1, b"x")).unwrap())).collect();
-        write_raw(tmp.path(), &leftovers);
-        let reopened = reopen(tmp.path());
-        assert_eq!(reopened.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![5, 6]);
-        let db = open_sled(tmp.path()).unwrap();
-        assert_eq!(db.scan_prefix(LOG_PREFIX).count(), 2, "the leftovers were deleted");
+        let (s, _) = Storage::open(tmp.path()).unwrap();
+        assert!(s.tail.front().unwrap().index > 1, "the tail read at open is bounded");
+        assert_eq!(s.entries(1, 40, usize::MAX), entries);
     }
 }
