@@ -80,7 +80,7 @@ pub const STATE_FORMAT_VERSION: u32 = 2;
 /// MessagePack string, so that 0.1 and 0.2 fail to read it as a hard state
 /// and print it.
 pub const FORMAT_2_MARKER: &str =
-    "MOVED: state dir format 2 keeps the hard state and the log in log/; run raft-zmq 0.3 or later";
+    "MOVED: state dir format 2 keeps the hard state and the log in log/; run a raft-zmq newer than 0.2.0";
 
 const META_PREFIX: &[u8] = b"meta/";
 const DUP_PREFIX: &[u8] = b"dup/";
@@ -1153,7 +1153,7 @@ mod tests {
         // What 0.1 and 0.2 say when they open it.
         let db = open_sled(tmp.path()).unwrap();
         let e = rmp_serde::from_slice::<HardState>(&db.get(b"hs").unwrap().unwrap()).unwrap_err().to_string();
-        assert!(e.contains("run raft-zmq 0.3 or later"), "{e}");
+        assert!(e.contains("state dir format 2") && e.contains("newer than 0.2.0"), "{e}");
     }
 
     #[test]
