@@ -348,14 +348,19 @@ impl Wal {
     /// Deletes the segments that hold no entry of the log any more. Only
     /// once the records that made them obsolete are durable: the caller syncs first.
     pub fn delete_obsolete(&mut self) -> Result<(), String> {
-        let obsolete: Vec<u64> = {
+        let obsolete = self.obsolete();
+        {
             let mut locations = self.locations.write().expect("a reader panicked");
-            let oldest_needed = locations.entries.front().map_or(self.segment, |l| l.segment);
-            let obsolete: Vec<u64> = locations.segments.range(..oldest_needed).map(|(&s, _)| s).collect();
             obsolete.iter().for_each(|s| drop(locations.segments.remove(s)));
-            obsolete
-        };
+        }
         delete_segments(&self.dir, &obsolete)
+    }
+
+    /// The segments older than any that holds an entry of the log.
+    pub fn obsolete(&self) -> Vec<u64> {
+        let locations = self.locations.read().expect("a writer panicked");
+        let oldest_needed = locations.entries.front().map_or(self.segment, |l| l.segment);
+        locations.segments.range(..oldest_needed).map(|(&s, _)| s).collect()
     }
 
     /// Closes the segment appended to (durably: nothing may be torn in a
