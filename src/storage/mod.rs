@@ -254,9 +254,9 @@ impl Storage {
             }
         };
 
-        let mut hard_state = replayed
-            .hard_state
-            .ok_or_else(|| err("log/ holds no hard state: the node's term and vote are lost. Refusing to start".into()))?;
+        let mut hard_state = replayed.hard_state.ok_or_else(|| {
+            err("log/ holds no hard state: the node's term and vote are lost. Refusing to start".into())
+        })?;
         let start = replayed.start;
         let memberships = start.membership.into_iter().chain(replayed.memberships).collect();
         let syncer = Syncer {
@@ -841,12 +841,9 @@ fn fsync_path(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
-
-
 fn dup_key(index: Index) -> Vec<u8> {
     [DUP_PREFIX, &index.to_be_bytes()].concat()
 }
-
 
 /// The index in a key made of `prefix` and a big-endian u64.
 fn parse_index_key(prefix: &[u8], key: &[u8]) -> Option<Index> {
@@ -854,11 +851,9 @@ fn parse_index_key(prefix: &[u8], key: &[u8]) -> Option<Index> {
     Some(Index::from_be_bytes(bytes.try_into().ok()?))
 }
 
-
 fn meta_key(name: &str) -> Vec<u8> {
     [META_PREFIX, name.as_bytes()].concat()
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -899,7 +894,9 @@ mod tests {
         db.flush().unwrap();
     }
 
-    fn format_1_entries(entries: &[Entry]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn format_1_entries(entries: &[Entry]) -> Pairs {
         entries.iter().map(|e| (log_key(e.index), rmp_serde::to_vec_named(e).unwrap())).collect()
     }
 
@@ -980,11 +977,15 @@ mod tests {
         let before;
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
-            s.write(Some(&HardState { term: 1, vote: None, commit: 1 }), &(1..=3).map(|i| entry(i, 1, b"a")).collect::<Vec<_>>())
-                .unwrap();
+            s.write(
+                Some(&HardState { term: 1, vote: None, commit: 1 }),
+                &(1..=3).map(|i| entry(i, 1, b"a")).collect::<Vec<_>>(),
+            )
+            .unwrap();
             segment = tmp.path().join("log").join(format!("{:020}.wal", s.wal.segments()[0]));
             before = fs::metadata(&segment).unwrap().len();
-            s.write(Some(&HardState { term: 2, vote: None, commit: 3 }), &[entry(2, 2, b"b"), entry(3, 2, b"c")]).unwrap();
+            s.write(Some(&HardState { term: 2, vote: None, commit: 3 }), &[entry(2, 2, b"b"), entry(3, 2, b"c")])
+                .unwrap();
         }
         // Keep the new hard state and the first new entry only.
         let bytes = fs::read(&segment).unwrap();
@@ -1165,14 +1166,20 @@ mod tests {
     #[test]
     fn a_format_1_dir_with_a_bad_log_is_refused_and_left_as_it_was() {
         let good = entry(1, 1, b"a");
-        let cases: Vec<(Vec<(Vec<u8>, Vec<u8>)>, &str)> = vec![
+        let cases: Vec<(Pairs, &str)> = vec![
             (
                 vec![(log_key(1), rmp_serde::to_vec_named(&good).unwrap()), (log_key(2), b"\xc1junk".to_vec())],
                 "log entry 2 is unreadable",
             ),
             (vec![(b"hs".to_vec(), b"\xff\xff".to_vec())], "hard state is unreadable"),
-            (vec![(log_key(1), rmp_serde::to_vec_named(&entry(5, 1, b"a")).unwrap())], "log entry 1 is stored with index 5"),
-            (format_1_entries(&[entry(1, 1, b"a"), entry(2, 1, b"a"), entry(4, 1, b"a")]), "log entry 4 follows a gap: expected index 3"),
+            (
+                vec![(log_key(1), rmp_serde::to_vec_named(&entry(5, 1, b"a")).unwrap())],
+                "log entry 1 is stored with index 5",
+            ),
+            (
+                format_1_entries(&[entry(1, 1, b"a"), entry(2, 1, b"a"), entry(4, 1, b"a")]),
+                "log entry 4 follows a gap: expected index 3",
+            ),
             (format_1_entries(&[entry(2, 1, b"a")]), "expected index 1"),
             (format_1_entries(&[entry(1, 2, b"a"), entry(2, 1, b"a")]), "log entry 2 has term 1 after term 2"),
             (vec![(b"log/short".to_vec(), b"x".to_vec())], "log key log/short is malformed"),
@@ -1274,9 +1281,13 @@ mod tests {
             s.set_segment_bytes(2000);
             s.bootstrap_membership(&voters).unwrap();
             for i in 1..=100 {
-                let payload = if i == 30 { Payload::Membership(change.clone()) } else { Payload::Command(vec![1; 100]) };
-                s.write(Some(&HardState { term: 1, vote: None, commit: i - 1 }), &[Entry { index: i, term: 1, payload }])
-                    .unwrap();
+                let payload =
+                    if i == 30 { Payload::Membership(change.clone()) } else { Payload::Command(vec![1; 100]) };
+                s.write(
+                    Some(&HardState { term: 1, vote: None, commit: i - 1 }),
+                    &[Entry { index: i, term: 1, payload }],
+                )
+                .unwrap();
             }
             let before = s.wal.segments().len();
             s.compact(90).unwrap();

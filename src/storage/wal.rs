@@ -39,8 +39,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::lock;
-use crate::raft::types::{Entry, HardState, Index, Membership, Payload, Term};
 use crate::raft::SnapshotMeta;
+use crate::raft::types::{Entry, HardState, Index, Membership, Payload, Term};
 
 /// First bytes of every segment: what the file is, and its format version.
 pub const HEADER: &[u8] = b"raft-zmq wal 1\n";
@@ -430,8 +430,7 @@ impl WalReader {
         };
         let file = file.ok_or_else(|| format!("the segment of log entry {index} is gone"))?;
         let mut header = [0; RECORD_HEADER];
-        file.read_exact_at(&mut header, location.offset)
-            .map_err(|e| format!("cannot read log entry {index}: {e}"))?;
+        file.read_exact_at(&mut header, location.offset).map_err(|e| format!("cannot read log entry {index}: {e}"))?;
         let (len, crc) = record_header(&header);
         if len > MAX_RECORD {
             return Err(format!("log entry {index} is damaged"));
@@ -486,11 +485,9 @@ impl WalSyncer {
             let written = std::mem::replace(&mut current.1, false);
             (current.0.clone(), written)
         };
-        if written {
-            if let Err(e) = file.sync_data() {
-                lock(&self.0.current).1 = true;
-                return Err(e);
-            }
+        if written && let Err(e) = file.sync_data() {
+            lock(&self.0.current).1 = true;
+            return Err(e);
         }
         Ok(())
     }
@@ -562,7 +559,8 @@ impl Replay {
                 self.push_tail(entry);
             }
             KIND_HARD_STATE => {
-                self.hard_state = Some(rmp_serde::from_slice(value).map_err(|e| format!("unreadable hard state: {e}"))?);
+                self.hard_state =
+                    Some(rmp_serde::from_slice(value).map_err(|e| format!("unreadable hard state: {e}"))?);
             }
             KIND_START => {
                 let start: Start = rmp_serde::from_slice(value).map_err(|e| format!("unreadable log start: {e}"))?;
@@ -580,7 +578,8 @@ impl Replay {
 
     fn push_tail(&mut self, entry: Entry) {
         let first = self.locations.first;
-        while self.tail.back().is_some_and(|e| e.index >= entry.index) || self.tail.front().is_some_and(|e| e.index < first)
+        while self.tail.back().is_some_and(|e| e.index >= entry.index)
+            || self.tail.front().is_some_and(|e| e.index < first)
         {
             let dropped = if self.tail.back().is_some_and(|e| e.index >= entry.index) {
                 self.tail.pop_back()
