@@ -225,9 +225,7 @@ impl Storage {
         let log_dir = dir.join("log");
         let (wal, replayed) = match found {
             Found::Fresh => {
-                if let Some((_, replayed)) = Wal::open(&log_dir, 0).map_err(err)?
-                    && (replayed.hard_state.unwrap_or_default() != HardState::default() || replayed.last > 0)
-                {
+                if holds_state(&log_dir).map_err(err)? {
                     return Err(err("holds a log in log/ but a new sled database: the node's other state \
                          is lost. Refusing to start. To rebuild this node from its peers, move the state \
                          dir and its logs/<id>.txt away"
@@ -242,6 +240,14 @@ impl Storage {
                 open_wal(dir, &log_dir)?
             }
             Found::Format1 => {
+                // A crash while moving leaves the old hard state in sled; a
+                // log in log/ beside none means sled lost its marker.
+                let moved_before = db.get(format1::HARD_STATE_KEY).map_err(|e| err(format!("cannot read: {e}")))?;
+                if moved_before.is_none() && holds_state(&log_dir).map_err(err)? {
+                    return Err(err("holds a log in log/ but sled has lost the mark of state dir format 2. \
+                         Refusing to start rather than replace that log"
+                        .into()));
+                }
                 move_log_out_of_sled(dir, &db, &log_dir, &marker, &mut sled_sync)?;
                 open_wal(dir, &log_dir)?
             }
@@ -531,6 +537,13 @@ impl Storage {
     fn set_segment_bytes(&mut self, bytes: u64) {
         self.wal.set_segment_bytes(bytes);
     }
+}
+
+/// Whether `log_dir` holds a log with anything in it: a term, a vote or an entry.
+fn holds_state(log_dir: &Path) -> Result<bool, String> {
+    Ok(Wal::open(log_dir, 0)?.is_some_and(|(_, replayed)| {
+        replayed.hard_state.unwrap_or_default() != HardState::default() || replayed.last > 0
+    }))
 }
 
 fn open_wal(dir: &Path, log_dir: &Path) -> Result<(Wal, wal::Replayed), StorageError> {
@@ -1299,6 +1312,45 @@ mod tests {
         assert_eq!((s.log_start().index, s.last_index(), rec.hard_state.commit), (90, 100, 99));
         assert_eq!(s.memberships(), vec![(30, change)]);
         assert_eq!(all_entries(&s).len(), 10);
+    }
+
+    /// A snapshot below the log's end starts the log over: a reopen before
+    /// any new entry finds none of the old ones, nor their memberships.
+    #[test]
+    fn a_snapshot_installed_below_the_last_entry_leaves_nothing_of_the_old_log_after_a_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let snapshot_membership = Membership::of_voters([1, 2, 3], vec![]);
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.bootstrap_membership(&Membership::of_voters([1], vec![])).unwrap();
+            let change =
+                Entry { index: 9, term: 1, payload: Payload::Membership(Membership::of_voters([1, 2], vec![])) };
+            let mut entries: Vec<Entry> = (1..=8).map(|i| entry(i, 1, b"stale")).collect();
+            entries.extend([change, entry(10, 1, b"stale")]);
+            s.write(None, &entries).unwrap();
+            s.install_snapshot(SnapshotMeta { index: 6, term: 2 }, &snapshot_membership).unwrap();
+            s.sync().unwrap();
+        }
+        let (s, _) = Storage::open(tmp.path()).unwrap();
+        assert_eq!((s.log_start().index, s.last_index()), (6, 6));
+        assert_eq!(s.memberships(), vec![(6, snapshot_membership)]);
+        assert!(s.tail.is_empty() && all_entries(&s).is_empty());
+    }
+
+    #[test]
+    fn a_log_beside_a_sled_database_that_lost_its_format_2_mark_is_refused_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Storage::open(tmp.path()).unwrap();
+            s.write(Some(&HardState { term: 3, vote: Some(1), commit: 0 }), &[entry(1, 3, b"x")]).unwrap();
+            s.sync().unwrap();
+        }
+        let db = open_sled(tmp.path()).unwrap();
+        db.remove(format1::HARD_STATE_KEY).unwrap();
+        db.flush().unwrap();
+        drop(db);
+        assert!(open_err(tmp.path()).contains("sled has lost the mark of state dir format 2"));
+        assert_eq!(fs::read_dir(tmp.path().join("log")).unwrap().count(), 1, "the log is untouched");
     }
 
     /// Truncating a suffix that holds a membership entry removes it, and

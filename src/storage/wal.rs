@@ -114,6 +114,8 @@ impl Batch {
 struct Location {
     segment: u64,
     offset: u64,
+    /// Of the record's body.
+    len: u32,
     term: Term,
 }
 
@@ -177,7 +179,7 @@ impl Locations {
             self.first += 1;
         }
         if self.entries.is_empty() {
-            self.first = start.meta.index + 1;
+            self.first = start.meta.index.saturating_add(1);
         }
     }
 }
@@ -257,8 +259,22 @@ impl Wal {
                 .open(&path)
                 .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
             let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let end = replay.segment(segment, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-            if end < bytes.len() || end < HEADER.len() {
+            // A new segment's first records (the hard state and the start,
+            // copies of what older segments hold) are synced before anything
+            // follows them: if they are incomplete, or the file is still
+            // zeros, the segment was torn while being created, and nothing
+            // in it is needed.
+            let zeros = bytes.iter().all(|&b| b == 0);
+            let (end, records) = if zeros { Ok((0, 0)) } else { replay.segment(segment, &bytes) }
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if newest && records < 2 {
+                log::warn!("{}: dropping a segment a crash cut short as it was created", path.display());
+                fs::remove_file(&path).map_err(|e| format!("cannot delete {}: {e}", path.display()))?;
+                fsync_dir(dir)?;
+                segments.remove(0);
+                continue;
+            }
+            if end < bytes.len() {
                 if !newest {
                     return Err(format!(
                         "{} is damaged at byte {end} of {}: only the newest segment may end in a torn write",
@@ -271,13 +287,6 @@ impl Wal {
                     path.display(),
                     bytes.len() - end
                 );
-                if end < HEADER.len() {
-                    // Torn while being created: nothing in it was ever durable.
-                    fs::remove_file(&path).map_err(|e| format!("cannot delete {}: {e}", path.display()))?;
-                    fsync_dir(dir)?;
-                    segments.remove(0);
-                    continue;
-                }
                 file.set_len(end as u64).map_err(|e| format!("cannot truncate {}: {e}", path.display()))?;
                 file.sync_all().map_err(|e| format!("cannot fsync {}: {e}", path.display()))?;
             }
@@ -291,7 +300,7 @@ impl Wal {
         locations.segments = files;
         let start = replay.start.clone();
         if let Some(first) = locations.entries.front().map(|_| locations.first)
-            && first > start.meta.index + 1
+            && first > start.meta.index.saturating_add(1)
         {
             return Err(format!(
                 "the log holds entries from {first} on, but starts after {}: entries are missing",
@@ -335,7 +344,8 @@ impl Wal {
         }
         let mut locations = self.locations.write().expect("a reader panicked");
         for (index, term, at) in batch.entries {
-            let location = Location { segment: self.segment, offset: offset + at as u64, term };
+            let len = u32::from_le_bytes(batch.bytes[at..at + 4].try_into().expect("4 bytes"));
+            let location = Location { segment: self.segment, offset: offset + at as u64, len, term };
             locations.place(index, location)?;
         }
         if let Some(start) = batch.start {
@@ -432,7 +442,7 @@ impl WalReader {
         let mut header = [0; RECORD_HEADER];
         file.read_exact_at(&mut header, location.offset).map_err(|e| format!("cannot read log entry {index}: {e}"))?;
         let (len, crc) = record_header(&header);
-        if len > MAX_RECORD {
+        if len != location.len {
             return Err(format!("log entry {index} is damaged"));
         }
         let mut body = vec![0; len as usize];
@@ -506,15 +516,15 @@ struct Replay {
 
 impl Replay {
     /// Replays the records of one segment; returns where the valid ones end
-    /// (before the header if it is torn).
-    fn segment(&mut self, segment: u64, bytes: &[u8]) -> Result<usize, String> {
+    /// (before the header if it is torn) and how many there are.
+    fn segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(usize, usize), String> {
         if bytes.len() < HEADER.len() {
-            return if HEADER.starts_with(bytes) { Ok(0) } else { Err("not a raft-zmq log segment".into()) };
+            return if HEADER.starts_with(bytes) { Ok((0, 0)) } else { Err("not a raft-zmq log segment".into()) };
         }
         if &bytes[..HEADER.len()] != HEADER {
             return Err("not a raft-zmq log segment, or of a newer format".into());
         }
-        let mut at = HEADER.len();
+        let (mut at, mut records) = (HEADER.len(), 0);
         while bytes.len() - at >= RECORD_HEADER {
             let (len, crc) = record_header(&bytes[at..at + RECORD_HEADER]);
             let end = at + RECORD_HEADER + len as usize;
@@ -525,11 +535,11 @@ impl Replay {
             if crc32fast::hash(body) != crc {
                 break;
             }
-            self.record(Location { segment, offset: at as u64, term: 0 }, body)
+            self.record(Location { segment, offset: at as u64, len, term: 0 }, body)
                 .map_err(|e| format!("record at byte {at}: {e}"))?;
-            at = end;
+            (at, records) = (end, records + 1);
         }
-        Ok(at)
+        Ok((at, records))
     }
 
     fn record(&mut self, mut location: Location, body: &[u8]) -> Result<(), String> {
@@ -565,9 +575,10 @@ impl Replay {
             KIND_START => {
                 let start: Start = rmp_serde::from_slice(value).map_err(|e| format!("unreadable log start: {e}"))?;
                 self.locations.apply_start(&start);
-                let first = self.locations.first;
-                self.memberships.retain(|(i, _)| *i >= first);
-                self.tail.retain(|e| e.index >= first);
+                // A restart leaves no entry: `first` is past all of them.
+                let (first, last) = (self.locations.first, self.locations.last().unwrap_or(0));
+                self.memberships.retain(|(i, _)| (first..=last).contains(i));
+                self.tail.retain(|e| (first..=last).contains(&e.index));
                 self.tail_size = self.tail.iter().map(Entry::approx_size).sum();
                 self.start = start;
             }
@@ -639,17 +650,16 @@ fn new_segment(dir: &Path, segment: u64, hard_state: &HardState, start: &Start) 
     Ok((Arc::new(file), batch.bytes.len() as u64))
 }
 
-/// Deletes `segments` oldest first (a crash leaves the newest ones), then
-/// makes that durable.
+/// Deletes `segments` oldest first, each durably before the next (no file
+/// system promises to keep unlinks in order through a crash otherwise), so
+/// that a crash leaves the newest ones.
 fn delete_segments(dir: &Path, segments: &[u64]) -> Result<(), String> {
-    if segments.is_empty() {
-        return Ok(());
-    }
     for &segment in segments {
         let path = segment_path(dir, segment);
         fs::remove_file(&path).map_err(|e| format!("cannot delete {}: {e}", path.display()))?;
+        fsync_dir(dir)?;
     }
-    fsync_dir(dir)
+    Ok(())
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), String> {
@@ -773,13 +783,19 @@ mod tests {
             let mut wal = fresh(tmp.path());
             write(&mut wal, None, &[entry(1, 1)]);
         }
-        fs::write(segment_path(tmp.path(), 2), &HEADER[..4]).unwrap();
-        let (mut wal, replayed) = reopen(tmp.path());
-        assert_eq!(indexes(&replayed), vec![1]);
-        assert_eq!(wal.segments(), vec![1]);
-        write(&mut wal, None, &[entry(2, 1)]);
-        drop(wal);
-        assert_eq!(indexes(&reopen(tmp.path()).1), vec![1, 2]);
+        let mut first_records = Batch { bytes: HEADER.to_vec(), ..Batch::default() };
+        first_records.hard_state(&HardState::default());
+        first_records.start(&Start::default());
+        let torn_starts =
+            [HEADER[..4].to_vec(), vec![0; 64], first_records.bytes[..first_records.bytes.len() - 3].to_vec()];
+        for (i, torn) in torn_starts.into_iter().enumerate() {
+            fs::write(segment_path(tmp.path(), 2), torn).unwrap();
+            let (mut wal, replayed) = reopen(tmp.path());
+            assert_eq!(indexes(&replayed), (1..=i as u64 + 1).collect::<Vec<_>>());
+            assert_eq!(wal.segments(), vec![1]);
+            write(&mut wal, None, &[entry(i as u64 + 2, 1)]);
+        }
+        assert_eq!(indexes(&reopen(tmp.path()).1), vec![1, 2, 3, 4]);
     }
 
     #[test]
