@@ -145,7 +145,7 @@ class Cluster:
     def status(self, node_id):
         return self.call_raw(node_id, pack({"op": "status"}), timeout_ms=500)
 
-    def wait_for_leader(self):
+    def wait_for_leader(self, agreeing=2):
         deadline = time.monotonic() + DEADLINE_S
         while True:
             for proc in self.procs:
@@ -155,7 +155,7 @@ class Cluster:
             if leaders:
                 leader = leaders[0]
                 agree = [s for s in statuses if s["leader"] == leader["id"] and s["term"] == leader["term"]]
-                if len(agree) >= 2:
+                if len(agree) >= agreeing:
                     return leader["id"]
             assert time.monotonic() < deadline, "no leader within the deadline"
             time.sleep(0.05)
@@ -170,7 +170,9 @@ def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("raft-zmq"))
     try:
         c.start()
-        c.wait_for_leader()
+        # Every node, not just a majority: the first tests write through a
+        # follower, which must know the leader (and hear from it) already.
+        c.wait_for_leader(agreeing=3)
         yield c
     finally:
         c.stop()
