@@ -15,6 +15,10 @@ struct TestStore {
     log: MemStore,
     snapshots: BTreeMap<SnapshotMeta, Vec<u8>>,
     saved: Vec<SnapshotMeta>,
+    /// Cluster names recorded in the state dir, in order.
+    recorded: Vec<u64>,
+    /// The disk is short of space (the alarm is raised and a hand-over due).
+    full: bool,
 }
 
 impl LogStore for TestStore {
@@ -50,10 +54,10 @@ impl NodeStorage for TestStore {
         Ok(())
     }
     fn low_on_space(&self) -> bool {
-        false
+        self.full
     }
     fn check_space(&mut self) -> bool {
-        false
+        self.full
     }
     fn handed_over(&mut self) {}
     fn disk_status(&self) -> (Vec<String>, u64) {
@@ -66,7 +70,8 @@ impl NodeStorage for TestStore {
     fn load_snapshot(&self, snapshot: SnapshotMeta) -> Result<Vec<u8>, String> {
         self.snapshots.get(&snapshot).cloned().ok_or_else(|| "no such snapshot".into())
     }
-    fn record_cluster(&mut self, _: u64) -> Result<(), Infallible> {
+    fn record_cluster(&mut self, cluster: u64) -> Result<(), Infallible> {
+        self.recorded.push(cluster);
         Ok(())
     }
 }
@@ -88,6 +93,14 @@ fn server_with(voters: u64, curve: bool, sync_later: bool) -> TestServer {
 /// `named`: the cluster's name as the state dir records it (0: a new
 /// cluster, which its first leader names).
 fn server_named(voters: u64, curve: bool, sync_later: bool, named: u64) -> TestServer {
+    server_identity(voters, curve, sync_later, (named, 7, 0))
+}
+
+/// `identity`: the cluster's name as the state dir records it, the
+/// fingerprint the node knows (0: a joined node, which learns it), and the
+/// fingerprint its first membership carries.
+fn server_identity(voters: u64, curve: bool, sync_later: bool, identity: (u64, u64, u64)) -> TestServer {
+    let (named, fingerprint, membership_fingerprint) = identity;
     let cfg = CoreConfig {
         id: 1,
         election_ticks: (10, 20),
@@ -100,7 +113,8 @@ fn server_named(voters: u64, curve: bool, sync_later: bool, named: u64) -> TestS
     };
     let keyed = |id| Member { public_key: curve.then(|| key(id)), ..member(id) };
     let members: Vec<Member> = (1..=voters).map(keyed).collect();
-    let membership = Membership::of_voters(1..=voters, context_of(&members));
+    let membership =
+        Membership { fingerprint: membership_fingerprint, ..Membership::of_voters(1..=voters, context_of(&members)) };
     let log = MemStore::new(membership, HardState::default(), &[]);
     let raft = Raft::new(cfg, TestStore { log, ..TestStore::default() }, HardState::default(), 0);
     let server_cfg = ServerConfig {
@@ -112,7 +126,13 @@ fn server_named(voters: u64, curve: bool, sync_later: bool, named: u64) -> TestS
         new_cluster_name: 7,
         sync_later,
     };
-    Server::new(server_cfg, raft, KvStore::new(), SnapshotMeta::default(), named, 7)
+    Server::new(server_cfg, raft, KvStore::new(), SnapshotMeta::default(), named, fingerprint)
+}
+
+/// Runs the Ready cycle; every effect.
+fn all_effects(server: &mut TestServer) -> Vec<Effect<u32>> {
+    server.process(&mut drop).unwrap();
+    server.take_effects()
 }
 
 /// Runs the Ready cycle; what was sent, and the replies given, by handle.
@@ -660,4 +680,86 @@ fn a_key_speaks_for_one_node_and_curve_is_all_or_nothing() {
     let mut plain = committed_leader(false);
     plain.client(Request::AddNode { member: with_key(4, Some(key(4))), voter: true }, 13, now());
     assert_eq!(code(&process(&mut plain).1[0].1), "bad_request", "no keys in a cluster without CURVE");
+}
+
+#[test]
+fn a_committed_removal_is_told_to_the_runtime_once() {
+    let mut s = committed_leader(false);
+    s.client(Request::RemoveNode { id: 3 }, 10, now());
+    process(&mut s);
+    let revoked = |effects: Vec<Effect<u32>>| -> Vec<Vec<NodeId>> {
+        effects.into_iter().filter_map(|e| if let Effect::Revoked(ids) = e { Some(ids) } else { None }).collect()
+    };
+    assert!(revoked(all_effects(&mut s)).is_empty(), "in force, not committed");
+    acknowledge_from(&mut s, 2);
+    process(&mut s);
+    s.tick(now()).unwrap();
+    assert_eq!(revoked(all_effects(&mut s)), [vec![3]]);
+    s.tick(now()).unwrap();
+    assert!(revoked(all_effects(&mut s)).is_empty(), "once");
+}
+
+/// The (name, fingerprint) of each `Identity` effect of one Ready cycle.
+fn identities(s: &mut TestServer) -> Vec<(u64, u64)> {
+    let identity =
+        |e| if let Effect::Identity { named, fingerprint, .. } = e { Some((named, fingerprint)) } else { None };
+    all_effects(s).into_iter().filter_map(identity).collect()
+}
+
+#[test]
+fn a_committed_name_is_recorded_once_and_announced_with_the_fingerprint_known() {
+    let mut s = server_identity(3, false, false, (0, 7, 9));
+    elect(&mut s);
+    acknowledge(&mut s);
+    s.tick(now()).unwrap();
+    process(&mut s); // the name proposed
+    acknowledge(&mut s);
+    s.tick(now()).unwrap();
+    let identities = identities(&mut s);
+    assert_eq!(identities.last(), Some(&(7, 7)), "named, and the node's own fingerprint kept");
+    assert_eq!(s.raft.store().recorded, [7]);
+    s.tick(now()).unwrap();
+    all_effects(&mut s);
+    assert_eq!(s.raft.store().recorded, [7], "recorded once");
+}
+
+#[test]
+fn a_joined_node_learns_the_fingerprint_from_the_membership_once_it_knows_the_name() {
+    let mut s = server_identity(3, false, false, (5, 0, 9));
+    s.tick(now()).unwrap();
+    let identities = identities(&mut s);
+    assert_eq!(identities, [(5, 9)]);
+    assert!(s.raft.store().recorded.is_empty(), "the name was recorded already");
+}
+
+#[test]
+fn a_leader_short_of_space_hands_leadership_to_a_caught_up_follower() {
+    let mut s = committed_leader(false);
+    acknowledge_from(&mut s, 3);
+    process(&mut s);
+    s.raft.store_mut().full = true;
+    s.tick(now()).unwrap();
+    let (sent, _) = process(&mut s);
+    assert!(s.raft.transfer_target().is_some(), "handing over");
+    assert!(sent.iter().any(|m| matches!(m.body, Body::TimeoutNow)), "{sent:?}");
+}
+
+#[test]
+fn a_transfer_to_the_leader_itself_is_answered_at_once_and_one_to_another_once_it_leads() {
+    let mut s = lone_leader();
+    s.client(Request::TransferLeader { to: None }, 10, now());
+    assert_eq!(process(&mut s).1, [(10, Reply::TransferLeader { leader: 1 })]);
+    let mut s = committed_leader(false);
+    s.client(Request::TransferLeader { to: Some(2) }, 11, now());
+    assert!(process(&mut s).1.is_empty(), "answered once node 2 leads, not before");
+    assert_eq!(s.raft.transfer_target(), Some(2));
+}
+
+#[test]
+fn a_leader_that_knows_the_clusters_name_never_names_it_again() {
+    let mut s = committed_leader(false);
+    let last = s.raft.last_index();
+    s.tick(now()).unwrap();
+    process(&mut s);
+    assert_eq!((s.raft.membership().cluster, s.raft.last_index()), (0, last), "nothing proposed");
 }
