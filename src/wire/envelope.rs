@@ -256,6 +256,12 @@ impl Wire {
         self.pending.store(cluster, Ordering::Release);
     }
 
+    /// While unnamed: the id the log holds, not known here to be committed
+    /// (0: none).
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Acquire)
+    }
+
     /// What this node's own requests and replies carry.
     pub fn speaks_for(&self) -> u64 {
         match self.cluster() {
@@ -268,7 +274,7 @@ impl Wire {
     fn accepts(&self, cluster: u64) -> bool {
         match self.cluster() {
             0 => {
-                let (fingerprint, pending) = (self.fingerprint(), self.pending.load(Ordering::Acquire));
+                let (fingerprint, pending) = (self.fingerprint(), self.pending());
                 fingerprint != 0 && (cluster == fingerprint || (pending != 0 && cluster == pending))
             }
             named => cluster == named,

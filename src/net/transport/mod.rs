@@ -602,6 +602,42 @@ mod tests {
         member.shutdown();
     }
 
+    /// A member that learned of the name's commit before this node (seen:
+    /// the leader itself, between the commit and following it) is reached
+    /// by that name at once, votes included, since this node's log holds
+    /// it; a peer naming any other cluster is not.
+    #[test]
+    fn a_node_whose_log_holds_the_name_reaches_a_member_that_knows_it_committed() {
+        const FINGERPRINT: u64 = 0xf1;
+        let ctx = zmq::Context::new();
+        let nodes = members(3);
+        let reply_timeout = Duration::from_millis(300);
+        let (leader, leader_rx) = start_in(&ctx, 0, &nodes, (0, FINGERPRINT), reply_timeout, snapshots_dir());
+        let (named, named_rx) = start_in(&ctx, 1, &nodes, (CLUSTER, FINGERPRINT), PATIENCE, snapshots_dir());
+        let (stranger, stranger_rx) = start_in(&ctx, 2, &nodes, (CLUSTER + 1, FINGERPRINT), PATIENCE, snapshots_dir());
+        leader.expect_cluster(CLUSTER);
+
+        leader.send(heartbeat(0, 1, 7));
+        assert_eq!(message(&named_rx), heartbeat(0, 1, 7), "refused in the fingerprint, then sent by name");
+        named.send(ack(1, 0));
+        assert_eq!(message(&leader_rx), ack(1, 0));
+        let vote = Message {
+            from: 0,
+            to: 1,
+            term: 2,
+            body: Body::RequestVote { last_log_index: 9, last_log_term: 1, pre_vote: false, transfer: false },
+        };
+        leader.send(vote.clone());
+        assert_eq!(message(&named_rx), vote, "a vote asked by the name the log holds");
+
+        leader.send(heartbeat(0, 2, 7));
+        assert_eq!(expect(&leader_rx, Instant::now() + PATIENCE, |_| true), Inbound::Unreachable(2));
+        assert!(stranger_rx.is_empty(), "another cluster's member hears nothing");
+        leader.shutdown();
+        named.shutdown();
+        stranger.shutdown();
+    }
+
     /// (A sender outside the membership is the core's to drop: membership
     /// changes at run time.)
     #[test]

@@ -67,7 +67,8 @@ pub(super) struct Link {
     pub(super) snapshots: Snapshots,
     /// The cluster to name instead of the one this node speaks for: the
     /// fingerprint, for a member of a new cluster that has not learned the
-    /// cluster's name (see [`Wire`]).
+    /// cluster's name; or that name, for a member that learned it before
+    /// this node (see [`Wire`] and `switch_to`).
     pub(super) speak_as: Option<u64>,
 }
 
@@ -172,26 +173,35 @@ impl Link {
         }
     }
 
-    /// The cluster a request names: the one this node speaks for, or for
-    /// the log only, the one this link switched to.
+    /// The cluster a request names: the one this node speaks for, or the
+    /// one this link switched to (the fingerprint for the log only).
     fn speaks_for(&self, message: &Message) -> u64 {
         match self.speak_as {
-            Some(cluster) if brings_the_log(message) => cluster,
+            Some(cluster) if cluster == self.wire.pending() => cluster,
+            Some(cluster) if cluster == self.wire.fingerprint() && brings_the_log(message) => cluster,
             _ => self.wire.speaks_for(),
         }
     }
 
-    /// Whether to name `theirs` to this peer from now on: the cluster's
-    /// name, once the peer has learned it; or, from a named leader bringing
-    /// the log, the fingerprint of the cluster's first membership, to a
-    /// member that has not learned the name (started late, or wiped). Never
-    /// to ask for a vote: a node with an old cluster's state must not win
-    /// the votes of a new cluster's members.
+    /// Whether to name `theirs` to this peer from now on:
+    /// - the cluster's name, once the peer has learned it;
+    /// - the name this node's log holds but this node does not know to be
+    ///   committed yet, which the peer does: the peer heard of the commit
+    ///   first (from this very leader, between the commit and this node
+    ///   following it, or from an earlier leader). The name is random and
+    ///   only this cluster's log holds it, so it may ask for votes too;
+    /// - from a named leader bringing the log, the fingerprint of the
+    ///   cluster's first membership, to a member that has not learned the
+    ///   name (started late, or wiped). Never to ask for a vote: a node with
+    ///   an old cluster's state must not win the votes of a new cluster's
+    ///   members.
     fn switch_to(&mut self, theirs: u64, message: &Message) -> bool {
-        let (named, fingerprint) = (self.wire.cluster(), self.wire.fingerprint());
+        let (named, fingerprint, pending) = (self.wire.cluster(), self.wire.fingerprint(), self.wire.pending());
+        let learned_first = named == 0 && pending != 0 && theirs == pending;
+        let unnamed_member = named != 0 && fingerprint != 0 && theirs == fingerprint && brings_the_log(message);
         let next = if named != 0 && theirs == named {
             None
-        } else if named != 0 && fingerprint != 0 && theirs == fingerprint && brings_the_log(message) {
+        } else if learned_first || unnamed_member {
             Some(theirs)
         } else {
             return false;

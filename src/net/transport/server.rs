@@ -191,7 +191,14 @@ impl Server {
             }
             Err(reject) => {
                 METRICS.peer_rejects.with_label_values(&[reject.reason()]).inc();
-                warnings.warn(reject.reason(), format!("request dropped: {reject}"));
+                if matches!(reject, Reject::Cluster(_)) && self.wire.cluster() == 0 {
+                    // Routine at a new cluster's start: a leader that knows
+                    // the name reaches a member that has not learned it, and
+                    // speaks the fingerprint once refused.
+                    debug!("request dropped: {reject}; answered with the cluster this node speaks for");
+                } else {
+                    warnings.warn(reject.reason(), format!("request dropped: {reject}"));
+                }
                 // Said at once, so the sender need not wait out a timeout to
                 // learn which cluster this node speaks for.
                 if let Reject::Cluster(_) = reject {

@@ -307,6 +307,11 @@ impl<S: NodeStorage, H> Server<S, H> {
     /// the node.
     pub fn process(&mut self, send: &mut dyn FnMut(Message)) -> Result<(), ProcessError<S::Error>> {
         run_ready(&mut self.raft, &mut ReadyShell { app: &mut self.app, send })?;
+        // Right after every step, not on the next tick: a leader that
+        // names its wire later than a follower learns of the commit has its
+        // requests refused in the meantime.
+        self.follow_cluster_name().map_err(ProcessError::Storage)?;
+        self.follow_removals();
         match self.app.fatal.take() {
             Some(problem) => Err(ProcessError::StateMachine(problem)),
             None => Ok(()),
@@ -331,8 +336,6 @@ impl<S: NodeStorage, H> Server<S, H> {
             let message = format!("node {to} did not take over leadership in time");
             self.app.reply_error(handle, ErrorCode::Timeout, &message);
         }
-        self.follow_cluster_name()?;
-        self.follow_removals();
         self.name_new_cluster();
         let expired: Vec<u64> =
             self.app.reads.asked.iter().filter(|(_, r)| r.deadline <= now).map(|(&ctx, _)| ctx).collect();

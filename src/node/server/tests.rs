@@ -642,7 +642,8 @@ fn a_learner_is_promoted_only_once_it_holds_every_committed_entry() {
 }
 
 /// A member added before a new cluster's name commits would speak for the
-/// fingerprint: the leader asks to retry until it knows the name committed.
+/// fingerprint: the leader asks to retry until it knows the name committed,
+/// which it does in the step that commits it (no tick needed).
 #[test]
 fn a_new_cluster_takes_no_member_before_its_name_commits() {
     let mut s = server_named(3, false, false, 0);
@@ -651,14 +652,11 @@ fn a_new_cluster_takes_no_member_before_its_name_commits() {
     s.tick(now()).unwrap();
     process(&mut s);
     assert_ne!(s.raft.membership().cluster, 0, "the name is proposed");
-    acknowledge(&mut s);
-    assert_ne!(s.raft.committed_membership().cluster, 0, "committed, not yet seen by a tick");
     s.client(Request::AddNode { member: member(4), voter: true }, 10, now());
     let (_, replies) = process(&mut s);
     let [(10, Reply::Error { code: ErrorCode::Busy, message, .. })] = &replies[..] else { panic!("{replies:?}") };
     assert!(message.contains("has not committed its name"), "{message}");
-    s.tick(now()).unwrap();
-    process(&mut s);
+    acknowledge(&mut s);
     s.client(Request::AddNode { member: member(4), voter: true }, 11, now());
     let (_, replies) = process(&mut s);
     assert!(replies.is_empty(), "proposed once the name committed: {replies:?}");
@@ -692,10 +690,9 @@ fn a_committed_removal_is_told_to_the_runtime_once() {
     };
     assert!(revoked(all_effects(&mut s)).is_empty(), "in force, not committed");
     acknowledge_from(&mut s, 2);
+    assert_eq!(revoked(all_effects(&mut s)), [vec![3]], "in the step that commits it");
+    s.tick(now()).unwrap();
     process(&mut s);
-    s.tick(now()).unwrap();
-    assert_eq!(revoked(all_effects(&mut s)), [vec![3]]);
-    s.tick(now()).unwrap();
     assert!(revoked(all_effects(&mut s)).is_empty(), "once");
 }
 
@@ -713,12 +710,12 @@ fn a_committed_name_is_recorded_once_and_announced_with_the_fingerprint_known() 
     acknowledge(&mut s);
     s.tick(now()).unwrap();
     process(&mut s); // the name proposed
-    acknowledge(&mut s);
-    s.tick(now()).unwrap();
+    acknowledge_from(&mut s, 2);
     let identities = identities(&mut s);
-    assert_eq!(identities.last(), Some(&(7, 7)), "named, and the node's own fingerprint kept");
+    assert_eq!(identities.last(), Some(&(7, 7)), "named in the committing step, the own fingerprint kept");
     assert_eq!(s.raft.store().recorded, [7]);
     s.tick(now()).unwrap();
+    process(&mut s);
     all_effects(&mut s);
     assert_eq!(s.raft.store().recorded, [7], "recorded once");
 }
@@ -726,7 +723,6 @@ fn a_committed_name_is_recorded_once_and_announced_with_the_fingerprint_known() 
 #[test]
 fn a_joined_node_learns_the_fingerprint_from_the_membership_once_it_knows_the_name() {
     let mut s = server_identity(3, false, false, (5, 0, 9));
-    s.tick(now()).unwrap();
     let identities = identities(&mut s);
     assert_eq!(identities, [(5, 9)]);
     assert!(s.raft.store().recorded.is_empty(), "the name was recorded already");
