@@ -53,9 +53,10 @@ pub(crate) mod disk_space;
 mod format1;
 pub mod mirror;
 pub mod snapshot;
+mod tail;
 pub mod wal;
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet};
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File};
@@ -71,6 +72,7 @@ use crate::metrics::{METRICS, seconds_since};
 use crate::raft::log_store::take_within;
 use crate::raft::types::{Entry, HardState, Index, Membership, Payload, Term};
 use crate::raft::{LogStore, SnapshotMeta};
+use tail::Tail;
 use wal::{Batch, Start, Wal, WalReader, WalSyncer};
 
 /// Version of the state dir's layout (see the module docs), shown by `raft-zmq --version`.
@@ -137,8 +139,7 @@ pub struct Storage {
     /// membership entries; empty until a membership is first recorded.
     memberships: Vec<(Index, Membership)>,
     /// The newest entries, contiguous and ending at `last_index`.
-    tail: VecDeque<Entry>,
-    tail_bytes: usize,
+    tail: Tail,
 }
 
 /// What makes the state dir's writes durable, shareable with a thread that
@@ -280,7 +281,6 @@ impl Storage {
             snapshot: start.meta,
             last_index: replayed.last,
             memberships,
-            tail_bytes: replayed.tail.iter().map(Entry::approx_size).sum(),
             tail: replayed.tail,
         };
         // Marks past the log are leftovers of a log that started over.
@@ -335,22 +335,7 @@ impl Storage {
             Payload::Membership(membership) => Some((entry.index, membership.clone())),
             _ => None,
         }));
-        while self.tail.back().is_some_and(|e| e.index >= first.index) {
-            let dropped = self.tail.pop_back().expect("checked");
-            self.tail_bytes -= dropped.approx_size();
-        }
-        if self.tail.back().is_some_and(|e| e.index + 1 != first.index) {
-            self.tail.clear();
-            self.tail_bytes = 0;
-        }
-        for entry in entries {
-            self.tail_bytes += entry.approx_size();
-            self.tail.push_back(entry.clone());
-        }
-        while self.tail.len() > 1 && self.tail_bytes > TAIL_BYTES {
-            let dropped = self.tail.pop_front().expect("more than one");
-            self.tail_bytes -= dropped.approx_size();
-        }
+        entries.iter().for_each(|entry| self.tail.push(entry.clone()));
         self.last_index = new_last;
         Ok(())
     }
@@ -367,7 +352,6 @@ impl Storage {
         self.snapshot = snapshot;
         self.last_index = snapshot.index;
         self.tail.clear();
-        self.tail_bytes = 0;
         Ok(())
     }
 
@@ -394,10 +378,7 @@ impl Storage {
             self.memberships.drain(..covered - 1);
         }
         self.snapshot = snapshot;
-        while self.tail.front().is_some_and(|e| e.index <= index) {
-            let dropped = self.tail.pop_front().expect("checked");
-            self.tail_bytes -= dropped.approx_size();
-        }
+        self.tail.keep(index + 1, self.last_index);
         Ok(())
     }
 
@@ -602,18 +583,15 @@ impl LogStore for Storage {
     }
 
     fn term(&self, index: Index) -> Term {
-        match self.tail.front() {
-            Some(first) if index >= first.index => self.tail[(index - first.index) as usize].term,
-            _ => self.wal.term(index).unwrap_or_else(|| self.fatal(&format!("log entry {index} is not in the log"))),
-        }
+        self.tail
+            .term(index)
+            .or_else(|| self.wal.term(index))
+            .unwrap_or_else(|| self.fatal(&format!("log entry {index} is not in the log")))
     }
 
     fn entries(&self, lo: Index, hi: Index, max_bytes: usize) -> Vec<Entry> {
-        if let Some(first) = self.tail.front()
-            && lo >= first.index
-        {
-            let range = (lo - first.index) as usize..=(hi - first.index) as usize;
-            return take_within(self.tail.range(range).cloned(), max_bytes);
+        if let Some(held) = self.tail.range(lo, hi) {
+            return take_within(held.cloned(), max_bytes);
         }
         take_within((lo..=hi).map(|index| self.read_entry(index)), max_bytes)
     }
@@ -1403,13 +1381,13 @@ mod tests {
         {
             let (mut s, _) = Storage::open(tmp.path()).unwrap();
             s.write(None, &entries).unwrap();
-            assert!(s.tail.front().unwrap().index > 1, "the tail is bounded");
+            assert!(s.tail.first_index().unwrap() > 1, "the tail is bounded");
             assert_eq!(s.entries(1, 3, 3 << 20), entries[..2]);
             assert_eq!(s.term(1), 1);
             s.sync().unwrap();
         }
         let (s, _) = Storage::open(tmp.path()).unwrap();
-        assert!(s.tail.front().unwrap().index > 1, "the tail read at open is bounded");
+        assert!(s.tail.first_index().unwrap() > 1, "the tail read at open is bounded");
         assert_eq!(s.entries(1, 40, usize::MAX), entries);
     }
 }

@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+use super::tail::Tail;
 use crate::lock;
 use crate::raft::SnapshotMeta;
 use crate::raft::types::{Entry, HardState, Index, Membership, Payload, Term};
@@ -193,7 +194,7 @@ pub struct Replayed {
     /// The memberships of the membership entries in the log.
     pub memberships: Vec<(Index, Membership)>,
     /// The newest entries, up to `tail_bytes` of them (and at least the last).
-    pub tail: VecDeque<Entry>,
+    pub tail: Tail,
 }
 
 /// The log's segments, appended to by one thread.
@@ -247,7 +248,7 @@ impl Wal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
         };
-        let mut replay = Replay { tail_bytes, ..Replay::default() };
+        let mut replay = Replay { tail: Tail::new(tail_bytes), ..Replay::default() };
         let mut files = BTreeMap::new();
         let mut current = None;
         while let Some(&segment) = segments.first() {
@@ -509,9 +510,7 @@ struct Replay {
     start: Start,
     locations: Locations,
     memberships: Vec<(Index, Membership)>,
-    tail: VecDeque<Entry>,
-    tail_size: usize,
-    tail_bytes: usize,
+    tail: Tail,
 }
 
 impl Replay {
@@ -566,7 +565,7 @@ impl Replay {
                 if let Payload::Membership(membership) = &entry.payload {
                     self.memberships.push((entry.index, membership.clone()));
                 }
-                self.push_tail(entry);
+                self.tail.push(entry);
             }
             KIND_HARD_STATE => {
                 self.hard_state =
@@ -578,32 +577,12 @@ impl Replay {
                 // A restart leaves no entry: `first` is past all of them.
                 let (first, last) = (self.locations.first, self.locations.last().unwrap_or(0));
                 self.memberships.retain(|(i, _)| (first..=last).contains(i));
-                self.tail.retain(|e| (first..=last).contains(&e.index));
-                self.tail_size = self.tail.iter().map(Entry::approx_size).sum();
+                self.tail.keep(first, last);
                 self.start = start;
             }
             kind => return Err(format!("unknown record kind {kind}")),
         }
         Ok(())
-    }
-
-    fn push_tail(&mut self, entry: Entry) {
-        let first = self.locations.first;
-        while self.tail.back().is_some_and(|e| e.index >= entry.index)
-            || self.tail.front().is_some_and(|e| e.index < first)
-        {
-            let dropped = if self.tail.back().is_some_and(|e| e.index >= entry.index) {
-                self.tail.pop_back()
-            } else {
-                self.tail.pop_front()
-            };
-            self.tail_size -= dropped.map_or(0, |e| e.approx_size());
-        }
-        self.tail_size += entry.approx_size();
-        self.tail.push_back(entry);
-        while self.tail.len() > 1 && self.tail_size > self.tail_bytes {
-            self.tail_size -= self.tail.pop_front().map_or(0, |e| e.approx_size());
-        }
     }
 }
 
@@ -725,7 +704,7 @@ mod tests {
         let (wal, replayed) = reopen(tmp.path());
         assert_eq!(replayed.hard_state, Some(HardState { term: 2, vote: None, commit: 3 }));
         assert_eq!((replayed.last, indexes(&replayed)), (4, vec![1, 2, 3, 4]));
-        assert_eq!(replayed.tail[3], entry(4, 2));
+        assert_eq!(replayed.tail.iter().nth(3), Some(&entry(4, 2)));
         assert_eq!(wal.term(4), Some(2));
         assert_eq!(all(&wal, 1, 4), replayed.tail.iter().cloned().collect::<Vec<_>>());
     }
