@@ -38,14 +38,6 @@ impl Value {
             Value::Bin(b) => b,
         }
     }
-
-    /// The mirror's form: str as a JSON string, bin as `{"$bin": hex}`.
-    fn to_json(&self) -> serde_json::Value {
-        match self {
-            Value::Str(s) => s.as_str().into(),
-            Value::Bin(b) => bin_json(b),
-        }
-    }
 }
 
 /// A state-machine operation.
@@ -102,27 +94,40 @@ impl LoggedCommand {
         rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable command: {e}"))
     }
 
+    /// Written straight into one buffer: the mirror formats every applied
+    /// entry on every node.
     fn to_json(&self, duplicate: bool) -> String {
-        let fields = write_fields(&self.command, self.client_id.as_deref(), self.seq);
-        let body: Vec<String> = fields
-            .into_iter()
-            .map(|(name, field)| {
-                let json = match field {
-                    Field::Value(v) => v.map_or(serde_json::Value::Null, Value::to_json),
-                    Field::Text(s) => s.into(),
-                    Field::Uint(n) => n.into(),
-                };
-                format!("\"{name}\":{json}")
-            })
-            .chain(duplicate.then(|| r#""dup":true"#.to_owned()))
-            .collect();
-        format!("{{{}}}", body.join(","))
+        let mut out = Vec::with_capacity(96);
+        out.push(b'{');
+        for (i, (name, field)) in
+            write_fields(&self.command, self.client_id.as_deref(), self.seq).into_iter().enumerate()
+        {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json(&mut out, name);
+            out.push(b':');
+            match field {
+                // A value shows as a JSON string, bin as `{"$bin": hex}`.
+                Field::Value(Some(Value::Str(s))) => write_json(&mut out, s),
+                Field::Text(s) => write_json(&mut out, s),
+                Field::Value(Some(Value::Bin(b))) => write_json(&mut out, &bin_json(b)),
+                Field::Value(None) => out.extend_from_slice(b"null"),
+                Field::Uint(n) => write_json(&mut out, &n),
+            }
+        }
+        if duplicate {
+            out.extend_from_slice(br#","dup":true"#);
+        }
+        out.push(b'}');
+        String::from_utf8(out).expect("JSON is UTF-8")
     }
 }
 
-/// One field of a write, borrowed, so that the MessagePack request encoder
-/// and the JSON mirror share one definition of which fields a write has and
-/// in what order.
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("strings and numbers always serialize to JSON in memory");
+}
+
 pub(crate) enum Field<'a> {
     /// A key or value; `None` only for cas's `expect` (nil / null).
     Value(Option<&'a Value>),
