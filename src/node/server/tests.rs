@@ -749,6 +749,10 @@ fn a_transfer_to_the_leader_itself_is_answered_at_once_and_one_to_another_once_i
     s.client(Request::TransferLeader { to: Some(2) }, 11, now());
     assert!(process(&mut s).1.is_empty(), "answered once node 2 leads, not before");
     assert_eq!(s.raft.transfer_target(), Some(2));
+    s.tick(now() + Duration::from_secs(3600)).unwrap();
+    let replies = process(&mut s).1;
+    let [(11, Reply::Error { code: ErrorCode::Timeout, message, .. })] = &replies[..] else { panic!("{replies:?}") };
+    assert!(message.contains("did not take over leadership in time"), "{message}");
 }
 
 #[test]
@@ -758,4 +762,19 @@ fn a_leader_that_knows_the_clusters_name_never_names_it_again() {
     s.tick(now()).unwrap();
     process(&mut s);
     assert_eq!((s.raft.membership().cluster, s.raft.last_index()), (0, last), "nothing proposed");
+}
+
+#[test]
+fn status_tells_the_role_the_log_and_how_long_ago_the_leader_was_heard_from() {
+    let mut s = committed_leader(false);
+    let status = s.status();
+    assert_eq!((status.role.as_str(), status.leader, status.members), ("leader", Some(1), vec![1, 2, 3]));
+    assert_eq!((status.first_log_index, status.last_log_index), (1, s.raft.last_index()));
+    assert_eq!(status.leader_contact_ms, Some(0), "a leader's: the majority that keeps it leading, heard just now");
+    let mut f = follower(true);
+    f.tick(now() + Duration::from_millis(40)).unwrap();
+    let status = f.status();
+    assert_eq!((status.role.as_str(), status.leader), ("follower", Some(2)));
+    assert_eq!(status.leader_contact_ms, Some(40), "a follower's: its leader");
+    assert_eq!(follower(false).status().leader_contact_ms, None);
 }
