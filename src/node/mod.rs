@@ -288,8 +288,10 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let (sync_tx, sync_rx) = unbounded();
     let (synced_tx, synced_rx) = unbounded();
     let log_syncer = {
-        let syncer = raft.store().storage.syncer();
-        thread::Builder::new().name("log-sync".into()).spawn(move || writers::log_syncer(syncer, sync_rx, synced_tx))?
+        let (syncer, answers) = (raft.store().storage.syncer(), transport.answers());
+        thread::Builder::new()
+            .name("log-sync".into())
+            .spawn(move || writers::log_syncer(syncer, sync_rx, synced_tx, answers))?
     };
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
     let log_reader = {

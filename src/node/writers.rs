@@ -12,6 +12,7 @@ use log::{error, info};
 use super::server::SnapshotJob;
 use crate::kv::command_json;
 use crate::metrics::{METRICS, seconds_since};
+use crate::net::transport::Answers;
 use crate::raft::{Entry, Index, LogWrite, Message, SnapshotMeta};
 use crate::storage::Syncer;
 use crate::storage::mirror::Mirror;
@@ -27,9 +28,12 @@ pub struct SyncJob {
 
 /// Makes the node's log writes durable until the channel closes, one sync
 /// for all the jobs queued meanwhile (group commit), and hands each batch
-/// back in order. A failed sync stops the process at once, as it does on
-/// the core loop: nothing may be retried after a failed fsync.
-pub fn log_syncer(syncer: Syncer, jobs: Receiver<SyncJob>, done: Sender<SyncJob>) {
+/// back in order. The replies the batch promised leave from here the moment
+/// they are true (a follower's acknowledgement waits on no other thread);
+/// requests go back with the batch, for the core loop to send. A failed
+/// sync stops the process at once, as it does on the core loop: nothing
+/// may be retried after a failed fsync.
+pub fn log_syncer(syncer: Syncer, jobs: Receiver<SyncJob>, done: Sender<SyncJob>, answers: Answers) {
     while let Ok(mut batch) = jobs.recv() {
         for next in jobs.try_iter() {
             // The newest write names the log's end as it is now; a sync
@@ -46,6 +50,9 @@ pub fn log_syncer(syncer: Syncer, jobs: Receiver<SyncJob>, done: Sender<SyncJob>
             error!("stopping at once: {e}; restart it once its disk is fine");
             std::process::exit(1);
         }
+        let (replies, requests) = std::mem::take(&mut batch.messages).into_iter().partition(|m| !m.body.is_request());
+        batch.messages = requests;
+        replies.into_iter().for_each(|reply: Message| answers.send(reply));
         // After the core loop stopped nobody listens, which is fine.
         let _ = done.send(batch);
     }

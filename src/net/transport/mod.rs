@@ -172,12 +172,8 @@ pub struct Transport {
     requests: HashMap<NodeId, (String, Sender<Message>)>,
     /// What starting a sender thread for a new peer takes.
     links: LinkSettings,
-    /// Replies for the server thread, which seals each naming the cluster
-    /// its request named.
-    replies: Sender<Message>,
-    /// Interrupts the server thread's poll. A Mutex because a zmq socket
-    /// must not be used by two threads at once and `send` takes `&self`.
-    wake: Mutex<zmq::Socket>,
+    /// Replies, to the server thread.
+    answers: Answers,
     /// Who may send a snapshot, for the server thread.
     admission: Arc<Mutex<Admission>>,
     stop: Arc<AtomicBool>,
@@ -233,8 +229,7 @@ impl Transport {
             wire: Arc::clone(&wire),
             requests: HashMap::new(),
             links,
-            replies,
-            wake: Mutex::new(wake_tx),
+            answers: Answers { replies, wake: Arc::new(Mutex::new(wake_tx)) },
             admission: Arc::clone(&admission),
             stop: Arc::clone(&stop),
             threads: Vec::new(),
@@ -320,10 +315,13 @@ impl Transport {
                 None => debug!("request for non-peer {to} dropped"),
             }
         } else {
-            // Fails only once the server thread is gone (shutdown).
-            let _ = self.replies.send(message);
-            self.wake();
+            self.answers.send(message);
         }
+    }
+
+    /// A handle that sends replies (not requests) from another thread.
+    pub fn answers(&self) -> Answers {
+        self.answers.clone()
     }
 
     /// Stops all threads and joins them; returns within about 50 ms even
@@ -336,6 +334,25 @@ impl Transport {
         let handle = thread::Builder::new().name(name).spawn(body).map_err(TransportError::Spawn)?;
         self.threads.push(handle);
         Ok(())
+    }
+}
+
+/// Sends replies to peers' requests through the transport's server thread,
+/// which seals each naming the cluster its request named.
+#[derive(Clone)]
+pub struct Answers {
+    replies: Sender<Message>,
+    /// Interrupts the server thread's poll. A Mutex because a zmq socket
+    /// must not be used by two threads at once.
+    wake: Arc<Mutex<zmq::Socket>>,
+}
+
+impl Answers {
+    pub fn send(&self, reply: Message) {
+        debug_assert!(!reply.body.is_request(), "requests leave through Transport::send");
+        // Fails only once the server thread is gone (shutdown).
+        let _ = self.replies.send(reply);
+        self.wake();
     }
 
     fn wake(&self) {
@@ -350,7 +367,7 @@ impl Drop for Transport {
         self.stop.store(true, Ordering::Release);
         // Disconnecting the queues wakes idle sender threads.
         self.requests.clear();
-        self.wake();
+        self.answers.wake();
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {
                 error!("a transport thread panicked");
