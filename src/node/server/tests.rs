@@ -766,7 +766,7 @@ fn a_leader_that_knows_the_clusters_name_never_names_it_again() {
 
 #[test]
 fn status_tells_the_role_the_log_and_how_long_ago_the_leader_was_heard_from() {
-    let mut s = committed_leader(false);
+    let s = committed_leader(false);
     let status = s.status();
     assert_eq!((status.role.as_str(), status.leader, status.members), ("leader", Some(1), vec![1, 2, 3]));
     assert_eq!((status.first_log_index, status.last_log_index), (1, s.raft.last_index()));
