@@ -622,7 +622,8 @@ mod tests {
     /// A member that learned of the name's commit before this node (seen:
     /// the leader itself, between the commit and following it) is reached
     /// by that name at once, votes included, since this node's log holds
-    /// it; a peer naming any other cluster is not.
+    /// it, and in the fingerprint again once it lost the name; a peer
+    /// naming any other cluster is not.
     #[test]
     fn a_node_whose_log_holds_the_name_reaches_a_member_that_knows_it_committed() {
         const FINGERPRINT: u64 = 0xf1;
@@ -646,12 +647,19 @@ mod tests {
         };
         leader.send(vote.clone());
         assert_eq!(message(&named_rx), vote, "a vote asked by the name the log holds");
+        named.shutdown();
+        drop(named_rx);
+
+        // Wiped, it speaks the fingerprint again: so does the link.
+        let (wiped, wiped_rx) = start_in(&ctx, 1, &nodes, (0, FINGERPRINT), PATIENCE, snapshots_dir());
+        leader.send(heartbeat(0, 1, 8));
+        assert_eq!(message(&wiped_rx), heartbeat(0, 1, 8), "refused by the name, then sent in the fingerprint");
 
         leader.send(heartbeat(0, 2, 7));
-        assert_eq!(expect(&leader_rx, Instant::now() + PATIENCE, |_| true), Inbound::Unreachable(2));
+        expect(&leader_rx, Instant::now() + PATIENCE, |item| *item == Inbound::Unreachable(2));
         assert!(stranger_rx.is_empty(), "another cluster's member hears nothing");
         leader.shutdown();
-        named.shutdown();
+        wiped.shutdown();
         stranger.shutdown();
     }
 

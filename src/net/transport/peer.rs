@@ -165,9 +165,10 @@ impl Link {
     /// last piece; once more at once if the peer refused the cluster named
     /// and named one this node may speak for to it.
     fn exchange(&mut self, message: Message) -> Result<Message, Failure> {
-        match self.exchange_once(&message) {
-            Err(Failure::Rejected(Reject::Refused { cluster })) if self.switch_to(cluster, &message) => {
-                self.exchange_once(&message)
+        let asked_as = self.speaks_for(&message);
+        match self.exchange_once(&message, asked_as) {
+            Err(Failure::Rejected(Reject::Refused { cluster })) if self.switch_to(cluster, &message, asked_as) => {
+                self.exchange_once(&message, self.speaks_for(&message))
             }
             outcome => outcome,
         }
@@ -183,8 +184,11 @@ impl Link {
         }
     }
 
-    /// Whether to name `theirs` to this peer from now on:
-    /// - the cluster's name, once the peer has learned it;
+    /// Whether to name `theirs` to this peer from now on, having been
+    /// refused in `asked_as`:
+    /// - what this node speaks for anyway (the cluster's name once the peer
+    ///   has learned it; the fingerprint, while this node is unnamed, to a
+    ///   member that lost the name, say wiped);
     /// - the name this node's log holds but this node does not know to be
     ///   committed yet, which the peer does: the peer heard of the commit
     ///   first (from this very leader, between the commit and this node
@@ -195,18 +199,19 @@ impl Link {
     ///   name (started late, or wiped). Never to ask for a vote: a node with
     ///   an old cluster's state must not win the votes of a new cluster's
     ///   members.
-    fn switch_to(&mut self, theirs: u64, message: &Message) -> bool {
+    fn switch_to(&mut self, theirs: u64, message: &Message, asked_as: u64) -> bool {
         let (named, fingerprint, pending) = (self.wire.cluster(), self.wire.fingerprint(), self.wire.pending());
         let learned_first = named == 0 && pending != 0 && theirs == pending;
         let unnamed_member = named != 0 && fingerprint != 0 && theirs == fingerprint && brings_the_log(message);
-        let next = if named != 0 && theirs == named {
+        let next = if theirs != 0 && theirs == self.wire.speaks_for() {
             None
         } else if learned_first || unnamed_member {
             Some(theirs)
         } else {
             return false;
         };
-        if theirs == self.speaks_for(message) {
+        // Refused in the very cluster they speak for: nothing to switch to.
+        if theirs == asked_as {
             return false;
         }
         info!("peer {}: naming cluster {theirs:#018x} to it from now on", self.peer);
@@ -214,11 +219,11 @@ impl Link {
         true
     }
 
-    fn exchange_once(&mut self, message: &Message) -> Result<Message, Failure> {
+    /// `cluster`: the one the request names.
+    fn exchange_once(&mut self, message: &Message, cluster: u64) -> Result<Message, Failure> {
         if let Body::InstallSnapshot { snapshot, .. } = message.body {
-            return self.send_snapshot(message, snapshot);
+            return self.send_snapshot(message, snapshot, cluster);
         }
-        let cluster = self.speaks_for(message);
         let request = self.wire.seal_as(cluster, message, None)?;
         let started = Instant::now();
         match self.round_trip(request, cluster, self.reply_timeout)? {
@@ -232,13 +237,12 @@ impl Link {
 
     /// Streams the snapshot file piece by piece, going on from wherever the
     /// follower says it is (so a transfer interrupted by a timeout resumes).
-    fn send_snapshot(&mut self, message: &Message, snapshot: SnapshotMeta) -> Result<Message, Failure> {
+    fn send_snapshot(&mut self, message: &Message, snapshot: SnapshotMeta, cluster: u64) -> Result<Message, Failure> {
         let path = self.snapshots.path(snapshot);
         let unreadable = |e: io::Error| Failure::Snapshot(format!("cannot read {}: {e}", path.display()));
         let mut file = File::open(&path).map_err(unreadable)?;
         let total = file.metadata().map_err(unreadable)?.len();
         let started = Instant::now();
-        let cluster = self.speaks_for(message);
         let mut offset = 0;
         loop {
             let mut data = vec![0; SNAPSHOT_CHUNK.min((total - offset) as usize)];

@@ -151,12 +151,13 @@ pub enum Effect<H> {
         fingerprint: u64,
     },
     /// Only with [`ServerConfig::sync_later`]: make everything written so
-    /// far durable, off the server's thread; then send `messages` and call
-    /// [`Server::synced`] with `seq` and `written` (the last entry written;
-    /// none: nothing was, and the sync only keeps the messages in order). In
-    /// order: the messages of one `Sync` never leave before those of an
-    /// earlier one, and one call may answer for several (the newest `seq`
-    /// and `written`).
+    /// far durable, off the server's thread; then send `messages` (from any
+    /// thread) and call [`Server::synced`] with `seq` and `written` (the
+    /// last entry written; none: nothing was, and the sync only keeps the
+    /// messages in order). No message may leave before its sync is done,
+    /// and replies to a peer leave in the order given (requests and replies
+    /// travel apart and may pass each other, as Raft allows). One call may
+    /// answer for several (the newest `seq` and `written`).
     Sync {
         seq: u64,
         written: Option<LogWrite>,
