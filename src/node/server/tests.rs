@@ -778,3 +778,33 @@ fn status_tells_the_role_the_log_and_how_long_ago_the_leader_was_heard_from() {
     assert_eq!(status.leader_contact_ms, Some(40), "a follower's: its leader");
     assert_eq!(follower(false).status().leader_contact_ms, None);
 }
+
+/// A write or a membership change whose index another leader's entry took
+/// is answered `timeout` once leadership changes (the step down comes
+/// first in the Ready), never with the outcome of the entry that took its
+/// place.
+#[test]
+fn a_proposal_whose_index_another_leader_took_never_gets_that_entrys_outcome() {
+    let mut s = committed_leader(false);
+    s.client(put("k", None), 10, now());
+    process(&mut s);
+    s.client(Request::AddNode { member: member(4), voter: true }, 11, now());
+    process(&mut s);
+    let (first, last) = (s.raft.last_index() - 1, s.raft.last_index());
+    let theirs = crate::kv::LoggedCommand {
+        command: Command::Delete { key: Value::Str("k".into()) },
+        client_id: None,
+        seq: None,
+    };
+    let entries = vec![
+        Entry { index: first, term: 2, payload: Payload::Command(theirs.encode()) },
+        Entry { index: last, term: 2, payload: Payload::Membership(s.raft.membership().clone()) },
+    ];
+    let takeover =
+        Body::AppendEntries { prev_log_index: first - 1, prev_log_term: 1, entries, leader_commit: last, read_seq: 0 };
+    s.peer(Message { from: 2, to: 1, term: 2, body: takeover }, now());
+    let replies = process(&mut s).1;
+    let codes: Vec<(u32, &str)> = replies.iter().map(|(h, r)| (*h, code(r))).collect();
+    assert_eq!(codes, [(10, "timeout"), (11, "timeout")], "{replies:?}");
+    assert_eq!(s.app.applied.index, last, "their entries applied");
+}
