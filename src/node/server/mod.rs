@@ -189,8 +189,7 @@ struct App<H> {
     leader: Option<NodeId>,
     /// For the metrics: the last leadership counted, and the last term this
     /// node campaigned in.
-    leadership_seen: Option<(NodeId, Term)>,
-    campaigned_in: Term,
+    turnover: Turnover,
     identity: Identity,
     /// Nodes the runtime was told were removed ([`Effect::Revoked`]).
     revoked: BTreeSet<NodeId>,
@@ -269,8 +268,7 @@ impl<S: NodeStorage, H> Server<S, H> {
             last_contact: LastContact::default(),
             role: Role::Follower,
             leader: None,
-            leadership_seen: None,
-            campaigned_in: 0,
+            turnover: Turnover::default(),
             identity,
             revoked: BTreeSet::new(),
             removed: false,
@@ -921,6 +919,34 @@ impl<H> App<H> {
     }
 }
 
+/// The leaderships and campaigns a node has seen, for the metrics.
+#[derive(Default)]
+struct Turnover {
+    leadership_seen: Option<(NodeId, Term)>,
+    campaigned_in: Term,
+}
+
+impl Turnover {
+    /// Whether `soft` shows a leadership not seen before, and a campaign of
+    /// this node's in a new term.
+    fn observe(&mut self, soft: &SoftState) -> (bool, bool) {
+        // A leadership is a (leader, term): a blip of "no leader" between
+        // two heartbeats of the same one is no change.
+        let leadership = soft.leader.map(|leader| (leader, soft.term));
+        let new_leadership = leadership.is_some() && leadership != self.leadership_seen;
+        if new_leadership {
+            self.leadership_seen = leadership;
+        }
+        // A candidate or leader in a term it was not one in before campaigned
+        // in it (a lone voter becomes leader without showing as candidate).
+        let new_campaign = matches!(soft.role, Role::Candidate | Role::Leader) && soft.term > self.campaigned_in;
+        if new_campaign {
+            self.campaigned_in = soft.term;
+        }
+        (new_leadership, new_campaign)
+    }
+}
+
 /// Why the server cannot go on: the node stops at once.
 #[derive(Debug)]
 pub enum ProcessError<E> {
@@ -980,18 +1006,11 @@ impl<S: NodeStorage, H> ReadySink<S> for ReadyShell<'_, H> {
             soft.term,
             soft.leader.map_or("unknown".to_string(), |l| l.to_string())
         );
-        // A leadership is a (leader, term): a blip of "no leader" between
-        // two heartbeats of the same one is no change.
-        if let Some(leader) = soft.leader
-            && app.leadership_seen != Some((leader, soft.term))
-        {
-            app.leadership_seen = Some((leader, soft.term));
+        let (new_leadership, new_campaign) = app.turnover.observe(&soft);
+        if new_leadership {
             METRICS.leader_changes.inc();
         }
-        // A candidate or leader in a term it was not one in before campaigned
-        // in it (a lone voter becomes leader without showing as candidate).
-        if matches!(soft.role, Role::Candidate | Role::Leader) && soft.term > app.campaigned_in {
-            app.campaigned_in = soft.term;
+        if new_campaign {
             METRICS.elections.inc();
         }
         app.leader = soft.leader;

@@ -808,3 +808,58 @@ fn a_proposal_whose_index_another_leader_took_never_gets_that_entrys_outcome() {
     assert_eq!(codes, [(10, "timeout"), (11, "timeout")], "{replies:?}");
     assert_eq!(s.app.applied.index, last, "their entries applied");
 }
+
+#[test]
+fn a_leadership_counts_once_per_leader_and_term_and_a_campaign_once_per_term() {
+    let mut turnover = Turnover::default();
+    let soft = |role, term, leader| SoftState { role, term, leader };
+    let seen: Vec<(bool, bool)> = [
+        soft(Role::Follower, 1, Some(2)),
+        soft(Role::Follower, 1, None),
+        soft(Role::Follower, 1, Some(2)),
+        soft(Role::Candidate, 2, None),
+        soft(Role::Leader, 2, Some(1)),
+        soft(Role::Candidate, 3, None),
+        soft(Role::Follower, 3, Some(3)),
+        soft(Role::Candidate, 2, None),
+    ]
+    .iter()
+    .map(|s| turnover.observe(s))
+    .collect();
+    let expected = [
+        (true, false),
+        (false, false),
+        (false, false),
+        (false, true),
+        (true, false),
+        (false, true),
+        (true, false),
+        (false, false),
+    ];
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn a_snapshot_is_taken_every_snapshot_entries_applied() {
+    let mut s = lone_leader();
+    s.app.cfg.snapshot_entries = 3;
+    let mut taken = Vec::new();
+    for seq in 0..10 {
+        s.client(put("k", None), seq, now());
+        for effect in all_effects(&mut s) {
+            if let Effect::SaveSnapshot(job) = effect {
+                taken.push(job.meta.index);
+                s.snapshot_saved(job.meta).unwrap();
+            }
+        }
+    }
+    assert!(taken.len() >= 3, "{taken:?}");
+    assert!(taken.windows(2).all(|w| w[1] - w[0] == 3), "every 3 entries: {taken:?}");
+}
+
+#[test]
+fn a_process_error_shows_its_cause() {
+    let storage: ProcessError<String> = ProcessError::Storage("disk gone".into());
+    assert_eq!(storage.to_string(), "disk gone");
+    assert_eq!(ProcessError::<String>::StateMachine("bad snapshot".into()).to_string(), "bad snapshot");
+}
