@@ -863,3 +863,26 @@ fn a_process_error_shows_its_cause() {
     assert_eq!(storage.to_string(), "disk gone");
     assert_eq!(ProcessError::<String>::StateMachine("bad snapshot".into()).to_string(), "bad snapshot");
 }
+
+#[test]
+fn a_transfer_is_answered_when_its_target_leads_not_when_another_node_does() {
+    let mut s = committed_leader(false);
+    s.client(Request::TransferLeader { to: Some(2) }, 11, now());
+    process(&mut s);
+    let heartbeat = |from, term| Message {
+        from,
+        to: 1,
+        term,
+        body: Body::AppendEntries {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![],
+            leader_commit: 0,
+            read_seq: 0,
+        },
+    };
+    s.peer(heartbeat(3, 2), now());
+    assert!(process(&mut s).1.is_empty(), "node 3 leads: not what was asked");
+    s.peer(heartbeat(2, 3), now());
+    assert_eq!(process(&mut s).1, [(11, Reply::TransferLeader { leader: 2 })]);
+}
