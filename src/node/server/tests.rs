@@ -566,10 +566,14 @@ fn committed_leader(curve: bool) -> TestServer {
 fn an_added_node_joins_as_a_learner_with_its_endpoints() {
     let mut s = committed_leader(false);
     s.client(Request::AddNode { member: member(4), voter: true }, 10, now());
-    process(&mut s);
+    let told: Vec<Vec<Member>> = all_effects(&mut s)
+        .into_iter()
+        .filter_map(|e| if let Effect::Members(m) = e { Some(m) } else { None })
+        .collect();
     let membership = s.raft.membership();
     assert!(membership.learners.contains(&4) && membership.promote.contains(&4), "{membership:?}");
     assert_eq!(members_of(membership).iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(told, [members_of(membership)], "the runtime is told, to connect to node 4 at its endpoints");
 }
 
 type SyncSeen = (u64, Option<(Index, Term)>, usize);
