@@ -890,3 +890,40 @@ fn a_transfer_is_answered_when_its_target_leads_not_when_another_node_does() {
     s.peer(heartbeat(2, 3), now());
     assert_eq!(process(&mut s).1, [(11, Reply::TransferLeader { leader: 2 })]);
 }
+
+#[test]
+fn a_snapshot_from_the_leader_is_restored_and_counts_as_the_last_one() {
+    let mut s = follower(true);
+    let mut kv = crate::kv::KvStore::new();
+    let command = crate::kv::LoggedCommand {
+        command: Command::Delete { key: Value::Str("k".into()) },
+        client_id: None,
+        seq: None,
+    };
+    kv.apply(1, &Payload::Command(command.encode()));
+    let meta = SnapshotMeta { index: 50, term: 1 };
+    s.raft.store_mut().snapshots.insert(meta, kv.image().encode());
+    let membership = s.raft.membership().clone();
+    s.peer(Message { from: 2, to: 1, term: 1, body: Body::InstallSnapshot { snapshot: meta, membership } }, now());
+    let restored: Vec<SnapshotMeta> = all_effects(&mut s)
+        .into_iter()
+        .filter_map(|e| if let Effect::Restored(m) = e { Some(m) } else { None })
+        .collect();
+    assert_eq!(restored, [meta]);
+    let status = s.status();
+    assert_eq!((status.last_applied, status.snapshot_index), (50, 50));
+}
+
+#[test]
+fn a_read_the_leader_could_not_confirm_is_answered_no_leader_at_once() {
+    let mut s = committed_leader(false);
+    s.client(Request::Get { key: Value::Str("k".into()) }, 10, now());
+    assert!(process(&mut s).1.is_empty(), "waiting for a majority to confirm");
+    let heartbeat =
+        Body::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0, read_seq: 0 };
+    s.peer(Message { from: 2, to: 1, term: 2, body: heartbeat }, now());
+    let replies = process(&mut s).1;
+    let [(10, Reply::Error { code: ErrorCode::NoLeader, leader: Some(2), .. })] = &replies[..] else {
+        panic!("{replies:?}")
+    };
+}
