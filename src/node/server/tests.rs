@@ -927,3 +927,10 @@ fn a_read_the_leader_could_not_confirm_is_answered_no_leader_at_once() {
         panic!("{replies:?}")
     };
 }
+
+#[test]
+fn new_cluster_names_are_never_zero_and_differ() {
+    let names: std::collections::BTreeSet<u64> = (0..100).map(|_| random_cluster_name()).collect();
+    assert_eq!(names.len(), 100, "each bootstrap names a new cluster");
+    assert!(!names.contains(&0), "0 means no name");
+}
