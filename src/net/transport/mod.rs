@@ -460,6 +460,11 @@ mod tests {
         (0..n).map(|id| (id, free_endpoint())).collect()
     }
 
+    fn vote_request(from: NodeId, to: NodeId, term: Term) -> Message {
+        let body = Body::RequestVote { last_log_index: 9, last_log_term: 1, pre_vote: false, transfer: false };
+        Message { from, to, term, body }
+    }
+
     fn heartbeat(from: NodeId, to: NodeId, leader_commit: u64) -> Message {
         Message {
             from,
@@ -592,12 +597,7 @@ mod tests {
         let (leader, leader_rx) = start_in(&ctx, 0, &nodes, (CLUSTER, FINGERPRINT), reply_timeout, snapshots_dir());
         let (member, member_rx) = start_in(&ctx, 1, &nodes, (0, FINGERPRINT), PATIENCE, snapshots_dir());
 
-        let vote = Message {
-            from: 0,
-            to: 1,
-            term: 1,
-            body: Body::RequestVote { last_log_index: 9, last_log_term: 1, pre_vote: false, transfer: false },
-        };
+        let vote = vote_request(0, 1, 1);
         leader.send(vote.clone());
         assert_eq!(expect(&leader_rx, Instant::now() + PATIENCE, |_| true), Inbound::Unreachable(1));
         assert!(member_rx.is_empty(), "no vote asked in the fingerprint");
@@ -639,12 +639,7 @@ mod tests {
         assert_eq!(message(&named_rx), heartbeat(0, 1, 7), "refused in the fingerprint, then sent by name");
         named.send(ack(1, 0));
         assert_eq!(message(&leader_rx), ack(1, 0));
-        let vote = Message {
-            from: 0,
-            to: 1,
-            term: 2,
-            body: Body::RequestVote { last_log_index: 9, last_log_term: 1, pre_vote: false, transfer: false },
-        };
+        let vote = vote_request(0, 1, 2);
         leader.send(vote.clone());
         assert_eq!(message(&named_rx), vote, "a vote asked by the name the log holds");
         named.shutdown();
