@@ -128,6 +128,9 @@ fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     serde_json::to_writer(out, value).expect("strings and numbers always serialize to JSON in memory");
 }
 
+/// One field of a write, borrowed, so that the MessagePack request encoder
+/// and the JSON mirror share one definition of which fields a write has and
+/// in what order.
 pub(crate) enum Field<'a> {
     /// A key or value; `None` only for cas's `expect` (nil / null).
     Value(Option<&'a Value>),
