@@ -291,7 +291,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         let (syncer, answers) = (raft.store().storage.syncer(), transport.answers());
         thread::Builder::new()
             .name("log-sync".into())
-            .spawn(move || writers::log_syncer(syncer, sync_rx, synced_tx, answers))?
+            .spawn(move || writers::log_syncer(|| syncer.sync(), sync_rx, synced_tx, |reply| answers.send(reply)))?
     };
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
     let log_reader = {

@@ -12,9 +12,7 @@ use log::{error, info};
 use super::server::SnapshotJob;
 use crate::kv::command_json;
 use crate::metrics::{METRICS, seconds_since};
-use crate::net::transport::Answers;
 use crate::raft::{Entry, Index, LogWrite, Message, SnapshotMeta};
-use crate::storage::Syncer;
 use crate::storage::mirror::Mirror;
 use crate::storage::snapshot::Snapshots;
 
@@ -33,7 +31,12 @@ pub struct SyncJob {
 /// requests go back with the batch, for the core loop to send. A failed
 /// sync stops the process at once, as it does on the core loop: nothing
 /// may be retried after a failed fsync.
-pub fn log_syncer(syncer: Syncer, jobs: Receiver<SyncJob>, done: Sender<SyncJob>, answers: Answers) {
+pub fn log_syncer<E: std::fmt::Display>(
+    sync: impl Fn() -> Result<(), E>,
+    jobs: Receiver<SyncJob>,
+    done: Sender<SyncJob>,
+    answer: impl Fn(Message),
+) {
     while let Ok(mut batch) = jobs.recv() {
         for next in jobs.try_iter() {
             // The newest write names the log's end as it is now; a sync
@@ -45,14 +48,14 @@ pub fn log_syncer(syncer: Syncer, jobs: Receiver<SyncJob>, done: Sender<SyncJob>
         // Nothing written since the last sync: the messages only waited
         // for the ones before them.
         if batch.written.is_some()
-            && let Err(e) = syncer.sync()
+            && let Err(e) = sync()
         {
             error!("stopping at once: {e}; restart it once its disk is fine");
             std::process::exit(1);
         }
         let (replies, requests) = std::mem::take(&mut batch.messages).into_iter().partition(|m| !m.body.is_request());
         batch.messages = requests;
-        replies.into_iter().for_each(|reply: Message| answers.send(reply));
+        replies.into_iter().for_each(&answer);
         // After the core loop stopped nobody listens, which is fine.
         let _ = done.send(batch);
     }
@@ -121,5 +124,65 @@ pub fn snapshots(snapshots: Snapshots, jobs: Receiver<SnapshotJob>, done: Sender
         };
         // After the core loop stopped nobody listens, which is fine.
         let _ = done.send(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use crossbeam_channel::unbounded;
+
+    use super::*;
+    use crate::raft::Body;
+
+    fn message(body: Body) -> Message {
+        Message { from: 1, to: 0, term: 3, body }
+    }
+
+    /// A follower's acknowledgement promises the entries are on disk, so it
+    /// must leave after the fsync that makes them so, never before.
+    #[test]
+    fn replies_leave_after_the_sync_and_requests_go_back_to_the_core() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (jobs_tx, jobs) = unbounded();
+        let (done, done_rx) = unbounded();
+        let reply = message(Body::RequestVoteReply { granted: true, pre_vote: false });
+        let request =
+            message(Body::RequestVote { last_log_index: 4, last_log_term: 3, pre_vote: false, transfer: false });
+        let written = Some(LogWrite { index: 4, term: 3, cuts: 0 });
+        jobs_tx.send(SyncJob { seq: 7, written, messages: vec![reply.clone(), request.clone()] }).unwrap();
+        drop(jobs_tx);
+        let (synced, answered) = (events.clone(), events.clone());
+        log_syncer(
+            move || Ok::<_, String>(synced.lock().unwrap().push("sync".to_string())),
+            jobs,
+            done,
+            move |msg| answered.lock().unwrap().push(format!("answer {:?}", msg.body)),
+        );
+        assert_eq!(*events.lock().unwrap(), ["sync".to_string(), format!("answer {:?}", reply.body)]);
+        let back: Vec<SyncJob> = done_rx.try_iter().collect();
+        assert_eq!(back.len(), 1);
+        assert_eq!((back[0].seq, back[0].written, &back[0].messages), (7, written, &vec![request]));
+    }
+
+    /// Messages that only waited for earlier writes need no sync of their own.
+    #[test]
+    fn a_batch_with_nothing_written_is_not_synced() {
+        let (jobs_tx, jobs) = unbounded();
+        let (done, done_rx) = unbounded();
+        let reply = message(Body::RequestVoteReply { granted: false, pre_vote: true });
+        jobs_tx.send(SyncJob { seq: 1, written: None, messages: vec![reply.clone()] }).unwrap();
+        drop(jobs_tx);
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let sink = answered.clone();
+        log_syncer(
+            || -> Result<(), String> { panic!("nothing to sync") },
+            jobs,
+            done,
+            move |msg| sink.lock().unwrap().push(msg),
+        );
+        assert_eq!(*answered.lock().unwrap(), vec![reply]);
+        assert_eq!(done_rx.try_iter().count(), 1);
     }
 }
