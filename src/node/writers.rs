@@ -155,7 +155,10 @@ mod tests {
         drop(jobs_tx);
         let (synced, answered) = (events.clone(), events.clone());
         log_syncer(
-            move || Ok::<_, String>(synced.lock().unwrap().push("sync".to_string())),
+            move || {
+                synced.lock().unwrap().push("sync".to_string());
+                Ok::<_, String>(())
+            },
             jobs,
             done,
             move |msg| answered.lock().unwrap().push(format!("answer {:?}", msg.body)),
