@@ -3,3 +3,4 @@
 
 pub mod security;
 pub mod transport;
+pub mod wake;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, TrySendError};
 use log::{debug, info, warn};
 
 use super::Shared;
@@ -25,6 +25,7 @@ use super::replies::{Forward, ReplyBacklog, ReplyTo, frame_bytes, is_wake_up};
 use super::server::not_leader;
 use crate::net::security::{Caller, Domain, NodeSecurity, recv_with_user};
 use crate::net::transport::bind_problem;
+use crate::net::wake::WakingSender;
 use crate::raft::NodeId;
 use crate::wire::protocol::{ErrorCode, Reply, decode_request, is_admin_request};
 
@@ -154,7 +155,7 @@ impl ClientEndpoint {
     pub fn run(
         mut self,
         shared: Arc<Shared>,
-        to_core: Sender<ClientCall>,
+        to_core: WakingSender<ClientCall>,
         core_queue: Receiver<ClientCall>,
         forwards: Receiver<Forward>,
         backlog: ReplyBacklog,
@@ -305,7 +306,13 @@ impl ClientEndpoint {
         self.answer(reply_to, &Reply::error(code, message, leader));
     }
 
-    fn on_request(&mut self, mut frames: Vec<Vec<u8>>, caller: Caller, shared: &Shared, to_core: &Sender<ClientCall>) {
+    fn on_request(
+        &mut self,
+        mut frames: Vec<Vec<u8>>,
+        caller: Caller,
+        shared: &Shared,
+        to_core: &WakingSender<ClientCall>,
+    ) {
         // [routing frames..., empty delimiter, request]
         let Some(delimiter) = frames.iter().position(|f| f.is_empty()) else {
             debug!("dropping a request without an empty delimiter frame");
@@ -351,7 +358,7 @@ impl ClientEndpoint {
 
     /// Queues a request for the core loop, or answers `busy` when the queue
     /// is full by count or by bytes: memory stays bounded under any load.
-    fn hand_to_core(&mut self, to_core: &Sender<ClientCall>, shared: &Shared, call: ClientCall) {
+    fn hand_to_core(&mut self, to_core: &WakingSender<ClientCall>, shared: &Shared, call: ClientCall) {
         let queued = shared.queued_bytes.fetch_add(call.bytes, Ordering::AcqRel);
         let refused = if queued + call.bytes > self.cfg.max_queued_bytes {
             Some((call, ErrorCode::Busy, "too many requests queued; nothing was applied, retry later"))

@@ -1,18 +1,19 @@
 //! The core loop: the thread that runs the [`Server`] and carries out its
 //! effects. It decides nothing itself.
 //!
-//! It waits for any input (tick, peer message, client request, snapshot
-//! written), then drains everything else already queued before the server
-//! processes the core's `Ready`. Proposals that arrive while the previous
+//! It waits for any input (tick, peer message, client request, sync or
+//! snapshot written) in the transport's poll, which the other threads wake,
+//! then drains everything else already queued before the server processes
+//! the core's `Ready`. Proposals that arrive while the previous
 //! batch is being fsynced therefore share one append, one sync and one
 //! AppendEntries round (group commit).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, select};
-use log::{error, warn};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use log::error;
 
 use super::log_reader::DiskRead;
 use super::replies::{Forward, Replier, ReplyTo};
@@ -46,7 +47,8 @@ const MAX_BATCH: usize = 4096;
 const MAX_CLIENT_BATCH: usize = 64;
 
 pub struct Inputs {
-    pub ticks: Receiver<Instant>,
+    /// How often the server's clock ticks.
+    pub tick: Duration,
     pub peers: Receiver<Inbound>,
     pub clients: Receiver<ClientCall>,
     pub snapshots: Receiver<SnapshotOutcome>,
@@ -101,8 +103,9 @@ impl CoreLoop {
 
     fn serve(&mut self, inputs: &Inputs) -> Result<(), ProcessError<PersistError>> {
         self.publish();
+        let mut next_tick = Instant::now() + inputs.tick;
         loop {
-            if !self.run_once(inputs)? {
+            if !self.run_once(inputs, &mut next_tick)? {
                 self.server.begin_stop(self.now());
             }
             // Before this step's replies leave: a leader told this node is
@@ -131,62 +134,68 @@ impl CoreLoop {
         Ok(())
     }
 
-    /// Waits for one input, then drains what else is queued. False when the
-    /// node is to stop.
-    fn run_once(&mut self, inputs: &Inputs) -> Result<bool, PersistError> {
-        // New requests wait while the client endpoint has too many replies
-        // to pass on; a tick looks again.
-        let idle = crossbeam_channel::never();
-        let clients = if self.out.replier.backlog().full() { &idle } else { &inputs.clients };
-        select! {
-            recv(inputs.stop) -> _ => return Ok(false),
-            recv(inputs.ticks) -> _ => {
-                self.server.tick(self.now())?;
-                *lock(&self.out.shared.status) = Some(self.server.status());
-            }
-            recv(inputs.peers) -> msg => match msg {
-                Ok(msg) => self.on_peer(msg),
-                Err(_) => return Ok(false),
-            },
-            recv(clients) -> call => match call {
-                Ok(call) => self.on_client(call),
-                Err(_) => return Ok(false),
-            },
-            recv(inputs.synced) -> job => match job {
-                Ok(job) => self.on_synced(job),
-                Err(_) => return Ok(false),
-            },
-            recv(inputs.snapshots) -> outcome => match outcome {
-                Ok(Ok(snapshot)) => self.server.snapshot_saved(snapshot)?,
-                Ok(Err(_)) => self.server.snapshot_failed(),
-                Err(_) => return Ok(false),
-            },
+    /// Waits for the network, a wake-up or the next tick, then takes what
+    /// is queued. False when the node is to stop.
+    fn run_once(&mut self, inputs: &Inputs, next_tick: &mut Instant) -> Result<bool, PersistError> {
+        let wait =
+            if self.queued(inputs) { Duration::ZERO } else { next_tick.saturating_duration_since(Instant::now()) };
+        // Replies and requests from peers land in `inputs.peers`.
+        self.out.transport.poll(wait);
+        if !matches!(inputs.stop.try_recv(), Err(TryRecvError::Empty)) {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        if now >= *next_tick {
+            *next_tick = (*next_tick + inputs.tick).max(now);
+            self.server.tick(self.now())?;
+            *lock(&self.out.shared.status) = Some(self.server.status());
         }
         let mut taken = 0;
         for _ in 0..MAX_BATCH {
             let mut idle = true;
             // A completed sync may commit what the requests below wait on.
-            if let Ok(job) = inputs.synced.try_recv() {
-                self.on_synced(job);
-                idle = false;
+            match inputs.synced.try_recv() {
+                Ok(job) => {
+                    self.on_synced(job);
+                    idle = false;
+                }
+                Err(TryRecvError::Disconnected) => return Ok(false),
+                Err(TryRecvError::Empty) => {}
             }
             if let Ok(msg) = inputs.peers.try_recv() {
                 self.on_peer(msg);
                 idle = false;
             }
-            if taken < MAX_CLIENT_BATCH
-                && !self.out.replier.backlog().full()
-                && let Ok(call) = inputs.clients.try_recv()
-            {
-                self.on_client(call);
-                taken += 1;
-                idle = false;
+            // New requests wait while the client endpoint has too many
+            // replies to pass on; a tick looks again.
+            if taken < MAX_CLIENT_BATCH && !self.out.replier.backlog().full() {
+                match inputs.clients.try_recv() {
+                    Ok(call) => {
+                        self.on_client(call);
+                        taken += 1;
+                        idle = false;
+                    }
+                    Err(TryRecvError::Disconnected) => return Ok(false),
+                    Err(TryRecvError::Empty) => {}
+                }
+            }
+            match inputs.snapshots.try_recv() {
+                Ok(Ok(snapshot)) => self.server.snapshot_saved(snapshot)?,
+                Ok(Err(_)) => self.server.snapshot_failed(),
+                Err(TryRecvError::Disconnected) => return Ok(false),
+                Err(TryRecvError::Empty) => {}
             }
             if idle {
                 break;
             }
         }
         Ok(true)
+    }
+
+    /// Something waits to be taken: no need to wait for the network.
+    fn queued(&self, inputs: &Inputs) -> bool {
+        let clients = !inputs.clients.is_empty() && !self.out.replier.backlog().full();
+        clients || !inputs.synced.is_empty() || !inputs.peers.is_empty() || !inputs.snapshots.is_empty()
     }
 
     fn on_peer(&mut self, inbound: Inbound) {
@@ -243,9 +252,7 @@ impl CoreLoop {
                     out.security.learn(&members);
                     let peers = peer_endpoints(&members, self.server.raft().id(), &out.routes)
                         .expect("no route to itself: checked at start");
-                    if let Err(e) = out.transport.set_peers(peers) {
-                        warn!("node {}: cannot start links to the new members: {e}", self.server.raft().id());
-                    }
+                    out.transport.set_peers(peers);
                     *lock(&out.shared.members) = members;
                 }
                 Effect::Revoked(removed) => out.security.revoke(&removed),

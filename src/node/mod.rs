@@ -33,6 +33,7 @@ use crate::kv::KvStore;
 use crate::lock;
 use crate::net::security::NodeSecurity;
 use crate::net::transport::{Transport, TransportConfig};
+use crate::net::wake::WakingSender;
 use crate::raft::{self, HardState, LogStore, Membership, NodeId, Raft, SnapshotMeta};
 use crate::storage::Storage;
 use crate::storage::mirror::{Mirror, MirrorError, Rotation};
@@ -274,11 +275,15 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         None => None,
     };
 
+    // Whatever other threads queue for the core loop wakes it from its poll.
+    let waker = transport.waker();
     let (stop_tx, stop_rx) = bounded(1);
+    let stop_tx = WakingSender::new(stop_tx, waker.clone());
     let (mirror_tx, mirror_rx) = unbounded();
     let mirror = thread::Builder::new().name("mirror".into()).spawn(move || writers::mirror(mirror, mirror_rx))?;
     let (jobs_tx, jobs_rx) = unbounded();
     let (taken_tx, taken_rx) = unbounded();
+    let taken_tx = WakingSender::new(taken_tx, waker.clone());
     let snapshotter = {
         let snapshots = snapshots.clone();
         thread::Builder::new()
@@ -287,6 +292,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     };
     let (sync_tx, sync_rx) = unbounded();
     let (synced_tx, synced_rx) = unbounded();
+    let synced_tx = WakingSender::new(synced_tx, waker.clone());
     let log_syncer = {
         let (syncer, answers) = (raft.store().storage.syncer(), transport.answers());
         thread::Builder::new()
@@ -301,6 +307,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
             .spawn(move || log_reader::run(view, snapshots, shared, replier, log_rx))?
     };
     let (client_tx, client_rx) = bounded(CLIENT_QUEUE_LEN);
+    let client_tx = WakingSender::new(client_tx, waker.clone());
     let endpoint = {
         let (shared, core_queue, backlog) = (shared.clone(), client_rx.clone(), replier.backlog().clone());
         thread::Builder::new()
@@ -342,9 +349,8 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         routes: routes.to_vec(),
     };
     let core = CoreLoop { server, out, started: std::time::Instant::now() };
-    let ticks = crossbeam_channel::tick(Duration::from_millis(tick_ms(config)));
     core.run(Inputs {
-        ticks,
+        tick: Duration::from_millis(tick_ms(config)),
         peers: peer_rx,
         clients: client_rx,
         snapshots: taken_rx,

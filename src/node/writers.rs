@@ -6,12 +6,13 @@
 
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use log::{error, info};
 
 use super::server::SnapshotJob;
 use crate::kv::command_json;
 use crate::metrics::{METRICS, seconds_since};
+use crate::net::wake::WakingSender;
 use crate::raft::{Entry, Index, LogWrite, Message, SnapshotMeta};
 use crate::storage::mirror::Mirror;
 use crate::storage::snapshot::Snapshots;
@@ -34,7 +35,7 @@ pub struct SyncJob {
 pub fn log_syncer<E: std::fmt::Display>(
     sync: impl Fn() -> Result<(), E>,
     jobs: Receiver<SyncJob>,
-    done: Sender<SyncJob>,
+    done: WakingSender<SyncJob>,
     answer: impl Fn(Message),
 ) {
     while let Ok(mut batch) = jobs.recv() {
@@ -99,7 +100,7 @@ const MIRROR_BATCH: usize = 64;
 pub type SnapshotOutcome = Result<SnapshotMeta, SnapshotMeta>;
 
 /// Writes snapshots until the channel closes, telling the core loop of each.
-pub fn snapshots(snapshots: Snapshots, jobs: Receiver<SnapshotJob>, done: Sender<SnapshotOutcome>) {
+pub fn snapshots(snapshots: Snapshots, jobs: Receiver<SnapshotJob>, done: WakingSender<SnapshotOutcome>) {
     for SnapshotJob { meta, membership, image } in jobs {
         let started = Instant::now();
         let data = image.encode();
@@ -134,6 +135,7 @@ mod tests {
     use crossbeam_channel::unbounded;
 
     use super::*;
+    use crate::net::wake::Wakeup;
     use crate::raft::Body;
 
     fn message(body: Body) -> Message {
@@ -147,6 +149,7 @@ mod tests {
         let events = Arc::new(Mutex::new(Vec::new()));
         let (jobs_tx, jobs) = unbounded();
         let (done, done_rx) = unbounded();
+        let done = WakingSender::new(done, Wakeup::new().unwrap().1);
         let reply = message(Body::RequestVoteReply { granted: true, pre_vote: false });
         let request =
             message(Body::RequestVote { last_log_index: 4, last_log_term: 3, pre_vote: false, transfer: false });
@@ -174,6 +177,7 @@ mod tests {
     fn a_batch_with_nothing_written_is_not_synced() {
         let (jobs_tx, jobs) = unbounded();
         let (done, done_rx) = unbounded();
+        let done = WakingSender::new(done, Wakeup::new().unwrap().1);
         let reply = message(Body::RequestVoteReply { granted: false, pre_vote: true });
         jobs_tx.send(SyncJob { seq: 1, written: None, messages: vec![reply.clone()] }).unwrap();
         drop(jobs_tx);

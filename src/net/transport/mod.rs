@@ -1,17 +1,20 @@
 //! Peer-to-peer transport: carries the core's [`Message`]s between nodes
 //! over ZeroMQ.
 //!
-//! Threads:
-//! - one *server* thread owns a ROUTER socket bound to this node's raft
+//! It has no thread of its own: the core loop waits in [`Transport::poll`],
+//! on every socket at once and on the [`Wakeup`] the node's other threads
+//! wake it with, so a message crosses no thread between the network and
+//! the core (each crossing costs a wake-up, the node's largest expense).
+//! - the *server* half owns a ROUTER socket bound to this node's raft
 //!   endpoint; it hands incoming requests to the core and sends the core's
 //!   replies back on the route each request came in on;
-//! - one *sender* thread per peer owns a REQ socket to that peer, sends
-//!   requests one at a time and hands back each reply, or
-//!   [`Inbound::Unreachable`] when none comes within the reply timeout.
+//! - a *link* per peer owns a REQ socket to that peer, sends requests one
+//!   at a time and hands back each reply, or [`Inbound::Unreachable`] when
+//!   none comes within the reply timeout.
 //!
-//! Everything received goes to a single crossbeam channel, so the core has
-//! one queue to wait on. Delivery is best effort, as Raft expects: messages
-//! may be lost (and stale ones are dropped on purpose), never corrupted or
+//! Everything received goes to one crossbeam channel, which the core drains
+//! after each poll. Delivery is best effort, as Raft expects: messages may
+//! be lost (and stale ones are dropped on purpose), never corrupted or
 //! accepted from outside the cluster.
 
 mod name_check;
@@ -20,15 +23,14 @@ mod server;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, error};
 
 use crate::net::security::{Domain, NodeSecurity};
+use crate::net::wake::{Waker, Wakeup, WakingSender};
 use crate::raft::{Message, NodeId, Term};
 use crate::storage::snapshot::{Snapshots, Staging};
 use crate::warnings::Warnings;
@@ -81,7 +83,7 @@ pub struct TransportConfig {
 pub enum TransportError {
     Bind { endpoint: String, source: zmq::Error },
     Socket(zmq::Error),
-    Spawn(std::io::Error),
+    Wakeup(std::io::Error),
 }
 
 impl fmt::Display for TransportError {
@@ -89,7 +91,7 @@ impl fmt::Display for TransportError {
         match self {
             TransportError::Bind { endpoint, source } => f.write_str(&bind_problem("raft", endpoint, source)),
             TransportError::Socket(e) => write!(f, "cannot set up a zeromq socket: {e}"),
-            TransportError::Spawn(e) => write!(f, "cannot start a transport thread: {e}"),
+            TransportError::Wakeup(e) => write!(f, "cannot make the transport's wake-up pipe: {e}"),
         }
     }
 }
@@ -113,7 +115,7 @@ impl std::error::Error for TransportError {
         match self {
             TransportError::Bind { source, .. } => Some(source),
             TransportError::Socket(e) => Some(e),
-            TransportError::Spawn(e) => Some(e),
+            TransportError::Wakeup(e) => Some(e),
         }
     }
 }
@@ -124,13 +126,12 @@ impl From<zmq::Error> for TransportError {
     }
 }
 
-/// What every sender thread shares.
+/// What every link shares.
 struct LinkSettings {
     id: NodeId,
     ctx: zmq::Context,
     wire: Arc<Wire>,
     inbound: Sender<Inbound>,
-    stop: Arc<AtomicBool>,
     reply_timeout: Duration,
     max_message_bytes: i64,
     security: Arc<NodeSecurity>,
@@ -141,58 +142,53 @@ impl LinkSettings {
     /// Connects on its first request, and again after every failure: an
     /// endpoint ZeroMQ refuses (say, no port) is a peer that stays
     /// unreachable, with a warning, never a node that cannot start.
-    fn link(&self, peer: NodeId, endpoint: String, queue: Receiver<Message>) -> Link {
+    fn link(&self, peer: NodeId, endpoint: String) -> Link {
         Link {
             peer,
             name_check: NameCheck::new(&endpoint),
             endpoint,
             ctx: self.ctx.clone(),
             socket: None,
-            queue,
             wire: Arc::clone(&self.wire),
             inbound: self.inbound.clone(),
-            stop: Arc::clone(&self.stop),
             reply_timeout: self.reply_timeout,
             max_message_bytes: self.max_message_bytes,
             security: Arc::clone(&self.security),
             snapshots: self.snapshots.clone(),
             speak_as: None,
+            queued: None,
+            state: peer::State::Idle,
+            reachable: true,
+            warnings: Warnings::default(),
         }
     }
 }
 
-/// How long a thread may go without noticing shutdown while waiting on a
-/// socket. Shutdown also wakes the server at once; this bounds the senders.
-const STOP_CHECK: Duration = Duration::from_millis(50);
-
-/// A running transport. Dropping it stops it, like [`Transport::shutdown`].
+/// A transport, driven by whoever calls [`Transport::poll`]: the core loop.
 pub struct Transport {
     wire: Arc<Wire>,
-    /// Each peer's endpoint and its sender thread's queue of requests.
-    requests: HashMap<NodeId, (String, Sender<Message>)>,
-    /// What starting a sender thread for a new peer takes.
-    links: LinkSettings,
-    /// Replies, to the server thread.
+    server: Server,
+    /// The links to the members, and to gone ones until their last request
+    /// is answered (`gone`).
+    links: Vec<(Link, bool)>,
+    /// What starting a link to a new peer takes.
+    settings: LinkSettings,
+    wakeup: Wakeup,
+    /// Replies given on other threads (see [`Answers`]), and a sender for more.
     answers: Answers,
-    /// Who may send a snapshot, for the server thread.
-    admission: Arc<Mutex<Admission>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    answered: Receiver<Message>,
 }
 
 impl Transport {
-    /// Binds the raft endpoint (failing if it is taken or invalid), starts a
-    /// sender thread for every peer (each connects when it first sends) and
-    /// the server thread, and delivers everything received to `inbound`. If `inbound` is bounded and full, arrivals are dropped (with
-    /// a warning) rather than stalling the network threads.
+    /// Binds the raft endpoint (failing if it is taken or invalid) and makes
+    /// a link to every peer (each connects when it first sends). What
+    /// arrives goes to `inbound` as [`Transport::poll`] takes it; if
+    /// `inbound` is bounded and full, arrivals are dropped with a warning.
     pub fn start(
         ctx: &zmq::Context,
         cfg: TransportConfig,
         inbound: Sender<Inbound>,
     ) -> Result<Transport, TransportError> {
-        // Distinguishes the wake pipes of several transports in one context.
-        static INSTANCE: AtomicU64 = AtomicU64::new(0);
-
         let wire = Arc::new(Wire::new(cfg.id, cfg.cluster, cfg.fingerprint, cfg.max_message_bytes));
 
         let router = ctx.socket(zmq::ROUTER)?;
@@ -201,72 +197,106 @@ impl Transport {
         cfg.security.server(&router, Domain::Raft)?;
         router.bind(&cfg.bind).map_err(|source| TransportError::Bind { endpoint: cfg.bind.clone(), source })?;
 
-        let wake_endpoint = format!("inproc://raft-transport-wake-{}", INSTANCE.fetch_add(1, Ordering::Relaxed));
-        let wake_rx = ctx.socket(zmq::PULL)?;
-        wake_rx.set_linger(0)?;
-        wake_rx.bind(&wake_endpoint)?;
-        let wake_tx = ctx.socket(zmq::PUSH)?;
-        wake_tx.set_linger(0)?;
-        wake_tx.connect(&wake_endpoint)?;
-
-        let (replies, replies_rx) = crossbeam_channel::unbounded();
-        let stop = Arc::new(AtomicBool::new(false));
-        let admission = Arc::new(Mutex::new(Admission::default()));
-        // From here on an early return drops `transport`, which stops and
-        // joins whatever threads were already started.
-        let links = LinkSettings {
+        let (wakeup, waker) = Wakeup::new().map_err(TransportError::Wakeup)?;
+        let (replies, answered) = crossbeam_channel::unbounded();
+        let settings = LinkSettings {
             id: cfg.id,
             ctx: ctx.clone(),
             wire: Arc::clone(&wire),
             inbound: inbound.clone(),
-            stop: Arc::clone(&stop),
             reply_timeout: cfg.reply_timeout,
             max_message_bytes: cfg.max_message_bytes,
             security: Arc::clone(&cfg.security),
             snapshots: cfg.snapshots.clone(),
         };
-        let mut transport = Transport {
-            wire: Arc::clone(&wire),
-            requests: HashMap::new(),
-            links,
-            answers: Answers { replies, wake: Arc::new(Mutex::new(wake_tx)) },
-            admission: Arc::clone(&admission),
-            stop: Arc::clone(&stop),
-            threads: Vec::new(),
-        };
         let server = Server {
             router,
-            wake: wake_rx,
-            replies: replies_rx,
             wire: Arc::clone(&wire),
-            inbound: inbound.clone(),
-            stop: Arc::clone(&stop),
+            inbound,
             staging: Staging::new(cfg.snapshots.clone(), cfg.disk_reserve),
-            admission,
+            admission: Admission::default(),
+            pending: HashMap::new(),
+            warnings: Warnings::default(),
         };
-        transport.spawn("raft-server".into(), move || server.run())?;
-        transport.set_peers(cfg.peers)?;
+        let mut transport = Transport {
+            wire,
+            server,
+            links: Vec::new(),
+            settings,
+            wakeup,
+            answers: Answers(WakingSender::new(replies, waker)),
+            answered,
+        };
+        transport.set_peers(cfg.peers);
         Ok(transport)
     }
 
     /// The peers to send to from now on (an entry for this node is ignored):
-    /// a sender thread starts for each new one, and stops for each gone one
-    /// once its queue is empty. A peer whose endpoint changed gets a new one.
-    pub fn set_peers(&mut self, peers: Vec<(NodeId, String)>) -> Result<(), TransportError> {
-        let me = self.links.id;
+    /// a link starts for each new one, and goes for each gone one once its
+    /// last request is answered. A peer whose endpoint changed gets a new one.
+    pub fn set_peers(&mut self, peers: Vec<(NodeId, String)>) {
+        let me = self.settings.id;
         let wanted: HashMap<NodeId, String> = peers.into_iter().filter(|(id, _)| *id != me).collect();
-        crate::lock(&self.admission).peers = wanted.keys().copied().collect();
-        self.requests.retain(|id, (endpoint, _)| wanted.get(id) == Some(endpoint));
-        for (peer, endpoint) in wanted {
-            if self.requests.contains_key(&peer) {
-                continue;
-            }
-            let (queue_tx, queue) = crossbeam_channel::unbounded();
-            let link = self.links.link(peer, endpoint.clone(), queue);
-            self.spawn(format!("raft-send-{peer}"), move || link.run())?;
-            self.requests.insert(peer, (endpoint, queue_tx));
+        self.server.admission.peers = wanted.keys().copied().collect();
+        for (link, gone) in &mut self.links {
+            *gone |= wanted.get(&link.peer) != Some(&link.endpoint);
         }
-        Ok(())
+        for (peer, endpoint) in wanted {
+            if !self.links.iter().any(|(link, gone)| !gone && link.peer == peer) {
+                self.links.push((self.settings.link(peer, endpoint), false));
+            }
+        }
+        self.links.retain(|(link, gone)| !gone || !link.is_idle());
+    }
+
+    /// Waits up to `timeout` for the network, a wake-up or a link's deadline,
+    /// and handles whatever is ready: requests and replies go to `inbound`,
+    /// replies given elsewhere leave, overdue requests fail.
+    pub fn poll(&mut self, timeout: Duration) {
+        let now = Instant::now();
+        let wait = match self.links.iter().filter_map(|(link, _)| link.next_deadline()).min() {
+            Some(deadline) => timeout.min(deadline.saturating_duration_since(now)),
+            None => timeout,
+        };
+        // Rounded up: a deadline a few microseconds away must not spin.
+        let wait_ms = i64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(i64::MAX);
+        let awaiting: Vec<usize> = (0..self.links.len()).filter(|&i| self.links[i].0.awaiting().is_some()).collect();
+        let ready: Vec<bool> = {
+            let mut items = vec![self.wakeup.poll_item(), self.server.router.as_poll_item(zmq::POLLIN)];
+            items.extend(
+                awaiting.iter().filter_map(|&i| self.links[i].0.awaiting()).map(|s| s.as_poll_item(zmq::POLLIN)),
+            );
+            match zmq::poll(&mut items, wait_ms) {
+                Ok(_) | Err(zmq::Error::EINTR) => {}
+                Err(e) => error!("raft transport poll failed: {e}"),
+            }
+            items.iter().map(zmq::PollItem::is_readable).collect()
+        };
+        if ready[0] {
+            self.wakeup.clear();
+        }
+        for reply in self.answered.try_iter() {
+            self.server.send_reply(reply);
+        }
+        if ready[1] {
+            self.server.on_readable();
+        }
+        let now = Instant::now();
+        for (slot, &i) in awaiting.iter().enumerate() {
+            if ready[2 + slot] {
+                self.links[i].0.on_readable(now);
+            }
+        }
+        for (link, _) in &mut self.links {
+            link.go_on(now);
+        }
+        self.links.retain(|(link, gone)| !gone || !link.is_idle());
+        self.server.expire_staging();
+    }
+
+    /// Wakes the thread in [`Transport::poll`] from any other.
+    pub fn waker(&self) -> Waker {
+        self.answers.0.waker()
     }
 
     /// The cluster this node is in; 0 while it does not know its name.
@@ -288,8 +318,8 @@ impl Transport {
     /// while it follows one, no other member's snapshot is staged. To be
     /// called before the core's messages of the same step leave, since the
     /// leader sends a snapshot as soon as it hears the follower needs one.
-    pub fn follow(&self, term: Term, leader: Option<NodeId>) {
-        let mut admission = crate::lock(&self.admission);
+    pub fn follow(&mut self, term: Term, leader: Option<NodeId>) {
+        let admission = &mut self.server.admission;
         (admission.term, admission.leader) = (term, leader);
     }
 
@@ -298,24 +328,21 @@ impl Transport {
         self.wire.learn_fingerprint(fingerprint);
     }
 
-    /// Non-blocking. A request (see [`Body::is_request`]) is queued for the
-    /// sender thread of `message.to`; a reply is handed to the server thread,
-    /// which sends it to that node's pending request, if any. Requests for
+    /// Never waits. A request (see [`Body::is_request`]) goes to the link
+    /// to `message.to`, which sends it as soon as its last one is answered;
+    /// a reply goes to that node's pending request, if any. Requests for
     /// non-peers are dropped.
     ///
     /// [`Body::is_request`]: crate::raft::Body::is_request
-    pub fn send(&self, message: Message) {
+    pub fn send(&mut self, message: Message) {
         let to = message.to;
         if message.body.is_request() {
-            match self.requests.get(&to) {
-                // Fails only once the sender thread is gone (shutdown).
-                Some((_, queue)) => {
-                    let _ = queue.send(message);
-                }
+            match self.links.iter_mut().find(|(link, gone)| !gone && link.peer == to) {
+                Some((link, _)) => link.send(message, Instant::now()),
                 None => debug!("request for non-peer {to} dropped"),
             }
         } else {
-            self.answers.send(message);
+            self.server.send_reply(message);
         }
     }
 
@@ -324,55 +351,26 @@ impl Transport {
         self.answers.clone()
     }
 
-    /// Stops all threads and joins them; returns within about 50 ms even
-    /// while a request waits on a dead peer (sockets have LINGER 0).
-    pub fn shutdown(self) {
-        drop(self);
-    }
-
-    fn spawn(&mut self, name: String, body: impl FnOnce() + Send + 'static) -> Result<(), TransportError> {
-        let handle = thread::Builder::new().name(name).spawn(body).map_err(TransportError::Spawn)?;
-        self.threads.push(handle);
-        Ok(())
+    /// Sends the replies other threads gave meanwhile and lets them drain
+    /// for a moment: a peer waiting on one would otherwise time out.
+    pub fn shutdown(mut self) {
+        for reply in self.answered.try_iter() {
+            self.server.send_reply(reply);
+        }
+        self.server.linger();
     }
 }
 
-/// Sends replies to peers' requests through the transport's server thread,
-/// which seals each naming the cluster its request named.
+/// Sends replies to peers' requests from another thread, through the
+/// thread that polls the transport (a zmq socket is never used by two).
 #[derive(Clone)]
-pub struct Answers {
-    replies: Sender<Message>,
-    /// Interrupts the server thread's poll. A Mutex because a zmq socket
-    /// must not be used by two threads at once.
-    wake: Arc<Mutex<zmq::Socket>>,
-}
+pub struct Answers(WakingSender<Message>);
 
 impl Answers {
     pub fn send(&self, reply: Message) {
         debug_assert!(!reply.body.is_request(), "requests leave through Transport::send");
-        // Fails only once the server thread is gone (shutdown).
-        let _ = self.replies.send(reply);
-        self.wake();
-    }
-
-    fn wake(&self) {
-        let wake = crate::lock(&self.wake);
-        // EAGAIN means the pipe is full of wake-ups already, which is as good.
-        let _ = wake.send(&[][..], zmq::DONTWAIT);
-    }
-}
-
-impl Drop for Transport {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Disconnecting the queues wakes idle sender threads.
-        self.requests.clear();
-        self.answers.wake();
-        for thread in self.threads.drain(..) {
-            if thread.join().is_err() {
-                error!("a transport thread panicked");
-            }
-        }
+        // Fails only once the transport is gone (shutdown).
+        let _ = self.0.send(reply);
     }
 }
 
@@ -390,6 +388,7 @@ fn deliver(inbound: &Sender<Inbound>, item: Inbound, warnings: &mut Warnings) {
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
+    use std::thread;
     use std::time::Instant;
 
     use crossbeam_channel::Receiver;
@@ -412,7 +411,7 @@ mod tests {
         id: NodeId,
         members: &[(NodeId, String)],
         reply_timeout: Duration,
-    ) -> (Transport, Receiver<Inbound>) {
+    ) -> (Running, Receiver<Inbound>) {
         start_with(ctx, id, members, reply_timeout, snapshots_dir())
     }
 
@@ -422,7 +421,7 @@ mod tests {
         members: &[(NodeId, String)],
         reply_timeout: Duration,
         snapshots: Snapshots,
-    ) -> (Transport, Receiver<Inbound>) {
+    ) -> (Running, Receiver<Inbound>) {
         start_in(ctx, id, members, (CLUSTER, 0), reply_timeout, snapshots)
     }
 
@@ -434,7 +433,7 @@ mod tests {
         (cluster, fingerprint): (u64, u64),
         reply_timeout: Duration,
         snapshots: Snapshots,
-    ) -> (Transport, Receiver<Inbound>) {
+    ) -> (Running, Receiver<Inbound>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let cfg = TransportConfig {
             id,
@@ -448,7 +447,70 @@ mod tests {
             snapshots,
             disk_reserve: 0,
         };
-        (Transport::start(ctx, cfg, tx).unwrap(), rx)
+        (Running::start(Transport::start(ctx, cfg, tx).unwrap()), rx)
+    }
+
+    type Call = Box<dyn FnOnce(&mut Transport) + Send>;
+
+    /// A transport polled on a thread of its own, as a node's core loop
+    /// polls it; the test's calls reach it through a queue.
+    struct Running {
+        calls: WakingSender<Call>,
+        waker: Waker,
+        thread: Option<thread::JoinHandle<()>>,
+    }
+
+    impl Running {
+        fn start(mut transport: Transport) -> Running {
+            let (calls, queue) = crossbeam_channel::unbounded::<Call>();
+            let waker = transport.waker();
+            let thread = thread::spawn(move || {
+                loop {
+                    transport.poll(Duration::from_millis(50));
+                    loop {
+                        match queue.try_recv() {
+                            Ok(call) => call(&mut transport),
+                            Err(crossbeam_channel::TryRecvError::Empty) => break,
+                            Err(crossbeam_channel::TryRecvError::Disconnected) => return transport.shutdown(),
+                        }
+                    }
+                }
+            });
+            Running { calls: WakingSender::new(calls, waker.clone()), waker, thread: Some(thread) }
+        }
+
+        fn call(&self, call: impl FnOnce(&mut Transport) + Send + 'static) {
+            self.calls.send(Box::new(call)).unwrap();
+        }
+
+        fn send(&self, message: Message) {
+            self.call(move |transport| transport.send(message));
+        }
+
+        fn follow(&self, term: Term, leader: Option<NodeId>) {
+            self.call(move |transport| transport.follow(term, leader));
+        }
+
+        fn name_cluster(&self, cluster: u64) {
+            self.call(move |transport| transport.name_cluster(cluster));
+        }
+
+        fn expect_cluster(&self, cluster: u64) {
+            self.call(move |transport| transport.expect_cluster(cluster));
+        }
+
+        fn shutdown(self) {
+            drop(self);
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            // Closing the queue stops the thread at its next look.
+            self.calls = WakingSender::new(crossbeam_channel::unbounded().0, self.waker.clone());
+            self.waker.wake();
+            self.thread.take().unwrap().join().unwrap();
+        }
     }
 
     /// A snapshots directory that outlives the test (the OS cleans /tmp).
@@ -515,9 +577,11 @@ mod tests {
     }
 
     #[test]
-    fn transport_can_be_shared_between_threads() {
+    fn the_transport_moves_to_the_thread_that_polls_it_and_answers_go_from_any() {
+        fn sendable<T: Send>() {}
         fn shareable<T: Send + Sync>() {}
-        shareable::<Transport>();
+        sendable::<Transport>();
+        shareable::<Answers>();
     }
 
     #[test]

@@ -1,18 +1,18 @@
-//! The sending half: one thread and one REQ socket per peer, so a slow or
-//! dead peer only ever delays messages to itself. An InstallSnapshot is
-//! sent as the snapshot file's pieces, one request each (see [`Chunk`]).
+//! The sending half: one REQ socket per peer, driven by the thread that
+//! polls the transport, never waiting on it, so a slow or dead peer only
+//! ever delays messages to itself. An InstallSnapshot is sent as the
+//! snapshot file's pieces, one request each (see [`Chunk`]).
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use log::{debug, info, warn};
 
 use super::name_check::NameCheck;
-use super::{Inbound, STOP_CHECK, deliver};
+use super::{Inbound, deliver};
 use crate::metrics::{METRICS, seconds_since};
 use crate::net::security::NodeSecurity;
 use crate::raft::{Body, Message, NodeId, SnapshotMeta};
@@ -57,10 +57,8 @@ pub(super) struct Link {
     /// socket whose reply never came is stuck, and its queue may hold stale
     /// requests, so it is replaced.
     pub(super) socket: Option<zmq::Socket>,
-    pub(super) queue: Receiver<Message>,
     pub(super) wire: Arc<Wire>,
     pub(super) inbound: Sender<Inbound>,
-    pub(super) stop: Arc<AtomicBool>,
     pub(super) reply_timeout: Duration,
     pub(super) max_message_bytes: i64,
     pub(super) security: Arc<NodeSecurity>,
@@ -70,10 +68,54 @@ pub(super) struct Link {
     /// cluster's name; or that name, for a member that learned it before
     /// this node (see [`Wire`] and `switch_to`).
     pub(super) speak_as: Option<u64>,
+    /// The request to send once the link is free. Heartbeats and votes pile
+    /// up while the peer is down; only the newest reflects this node's
+    /// state, and Raft tolerates the loss of older ones.
+    pub(super) queued: Option<Message>,
+    pub(super) state: State,
+    pub(super) reachable: bool,
+    pub(super) warnings: Warnings,
+}
+
+pub(super) enum State {
+    Idle,
+    /// A request is out, awaiting its reply.
+    Exchanging(Box<Exchange>),
+    /// The last exchange failed; the core hears of it at `report_at`.
+    Failed {
+        report_at: Instant,
+    },
+}
+
+/// One request and its reply, or a whole snapshot and the reply to its
+/// last piece.
+pub(super) struct Exchange {
+    message: Message,
+    /// The cluster the request named.
+    asked_as: u64,
+    /// When the exchange began: a failure is reported no sooner than the
+    /// reply timeout after it.
+    began: Instant,
+    /// When the request out now was sent, and when its reply is due.
+    sent: Instant,
+    due: Instant,
+    /// The link switched the cluster it names once in this exchange already.
+    switched: bool,
+    snapshot: Option<Stream>,
+}
+
+/// A snapshot file on its way, piece by piece, going on from wherever the
+/// follower says it is (so a transfer interrupted by a timeout resumes).
+struct Stream {
+    meta: SnapshotMeta,
+    file: File,
+    total: u64,
+    /// The piece out now.
+    offset: u64,
+    last: bool,
 }
 
 enum Failure {
-    Stopped,
     Timeout,
     Zmq(zmq::Error),
     Rejected(Reject),
@@ -100,78 +142,242 @@ fn brings_the_log(message: &Message) -> bool {
 }
 
 impl Link {
-    /// Runs until the transport drops the queue's sender (shutdown).
-    pub(super) fn run(mut self) {
-        let mut warnings = Warnings::default();
-        let mut reachable = true;
-        while let Ok(oldest) = self.queue.recv() {
-            // Heartbeats and votes pile up while the peer is down. Only the
-            // newest reflects this node's state; older ones are stale and
-            // Raft tolerates their loss.
-            let message = self.queue.try_iter().last().unwrap_or(oldest);
-            let started = Instant::now();
-            let outcome = match self.exchange(message) {
-                Ok(reply) => {
-                    self.name_check.after_success();
-                    if !reachable {
-                        info!("peer {} reachable again", self.peer);
-                        reachable = true;
-                    }
-                    Inbound::Message(reply)
-                }
-                Err(failure) => {
-                    match failure {
-                        Failure::Stopped => return,
-                        Failure::Timeout => {}
-                        Failure::Zmq(e) => {
-                            warnings.warn("peer socket error", format!("peer {} at {}: {e}", self.peer, self.endpoint))
-                        }
-                        Failure::Rejected(r) => {
-                            METRICS.peer_rejects.with_label_values(&[r.reason()]).inc();
-                            let detail = format!("exchange with peer {} failed: {r}", self.peer);
-                            warnings.warn(r.reason(), detail)
-                        }
-                        Failure::Snapshot(problem) => {
-                            warnings.warn("snapshot not sent", format!("snapshot to peer {}: {problem}", self.peer))
-                        }
-                    }
-                    if reachable {
-                        info!("peer {} unreachable at {}", self.peer, self.endpoint);
-                        reachable = false;
-                    }
-                    if let Some(problem) = self.name_check.after_failure() {
-                        warn!(
-                            "peer {} at {}: the name does not resolve: {problem}; \
-                             ZeroMQ looks it up again on every connect",
-                            self.peer, self.endpoint
-                        );
-                    }
-                    // The core sends again as soon as it hears of a failure.
-                    // One that came back at once (a snapshot file that cannot
-                    // be read, a refusal) would make that a hot loop (seen:
-                    // 6,000 tries a second), so every failure is reported
-                    // no sooner than a timeout would be.
-                    if !self.sleep_until(started + self.reply_timeout) {
-                        return;
-                    }
-                    Inbound::Unreachable(self.peer)
-                }
-            };
-            deliver(&self.inbound, outcome, &mut warnings);
+    /// Sends `message` as soon as the link is free, replacing whatever
+    /// older request still waited.
+    pub(super) fn send(&mut self, message: Message, now: Instant) {
+        self.queued = Some(message);
+        self.go_on(now);
+    }
+
+    /// Nothing out and nothing to send: a link to a gone member may go.
+    pub(super) fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle) && self.queued.is_none()
+    }
+
+    /// The socket to poll for a reply, while one is awaited.
+    pub(super) fn awaiting(&self) -> Option<&zmq::Socket> {
+        match self.state {
+            State::Exchanging(_) => self.socket.as_ref(),
+            _ => None,
         }
     }
 
-    /// One request and its reply, or a whole snapshot and the reply to its
-    /// last piece; once more at once if the peer refused the cluster named
-    /// and named one this node may speak for to it.
-    fn exchange(&mut self, message: Message) -> Result<Message, Failure> {
-        let asked_as = self.speaks_for(&message);
-        match self.exchange_once(&message, asked_as) {
-            Err(Failure::Rejected(Reject::Refused { cluster })) if self.switch_to(cluster, &message, asked_as) => {
-                self.exchange_once(&message, self.speaks_for(&message))
-            }
-            outcome => outcome,
+    /// When [`Link::go_on`] has something to do without a reply arriving.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        match &self.state {
+            State::Idle => None,
+            State::Exchanging(exchange) => Some(exchange.due),
+            State::Failed { report_at } => Some(*report_at),
         }
+    }
+
+    /// Gives up on a reply that is overdue, reports a failure once it is
+    /// time, and starts the queued request when the link is free.
+    pub(super) fn go_on(&mut self, now: Instant) {
+        match &self.state {
+            State::Exchanging(exchange) if now >= exchange.due => {
+                debug!("no reply from peer {} within {:?}", self.peer, exchange.due - exchange.sent);
+                let began = exchange.began;
+                self.fail(Failure::Timeout, began);
+            }
+            _ => {}
+        }
+        if let State::Failed { report_at } = self.state
+            && now >= report_at
+        {
+            self.state = State::Idle;
+            deliver(&self.inbound, Inbound::Unreachable(self.peer), &mut self.warnings);
+        }
+        if matches!(self.state, State::Idle)
+            && let Some(message) = self.queued.take()
+        {
+            let asked_as = self.speaks_for(&message);
+            let exchange =
+                Exchange { message, asked_as, began: now, sent: now, due: now, switched: false, snapshot: None };
+            self.begin(exchange, now);
+        }
+    }
+
+    /// Takes the reply the socket has, if any, and goes on from it.
+    pub(super) fn on_readable(&mut self, now: Instant) {
+        let State::Exchanging(exchange) = std::mem::replace(&mut self.state, State::Idle) else { return };
+        let mut exchange = *exchange;
+        let Some(socket) = &self.socket else { return };
+        let reply = match socket.recv_bytes(zmq::DONTWAIT) {
+            Ok(reply) => reply,
+            Err(zmq::Error::EAGAIN) => {
+                self.state = State::Exchanging(Box::new(exchange));
+                return;
+            }
+            Err(e) => return self.fail(e.into(), exchange.began),
+        };
+        match self.wire.open_reply(&reply, self.peer, exchange.asked_as) {
+            // Once more at once if the peer refused the cluster named and
+            // named one this node may speak for to it.
+            Err(Reject::Refused { cluster })
+                if !exchange.switched && self.switch_to(cluster, &exchange.message, exchange.asked_as) =>
+            {
+                exchange.switched = true;
+                exchange.asked_as = self.speaks_for(&exchange.message);
+                exchange.snapshot = None;
+                self.begin(exchange, now);
+            }
+            Err(reject) => self.fail(reject.into(), exchange.began),
+            Ok((reply, chunk)) => match exchange.snapshot.take() {
+                None if chunk.is_none() => {
+                    let peer = self.peer.to_string();
+                    METRICS.peer_seconds.with_label_values(&[&peer]).observe(seconds_since(exchange.sent));
+                    self.succeed(reply);
+                }
+                None => {
+                    self.fail(Failure::Snapshot("a snapshot acknowledgement where none belongs".into()), exchange.began)
+                }
+                Some(stream) => self.on_piece_answered(exchange, stream, reply, chunk, now),
+            },
+        }
+    }
+
+    fn on_piece_answered(
+        &mut self,
+        mut exchange: Exchange,
+        mut stream: Stream,
+        reply: Message,
+        chunk: Option<Chunk>,
+        now: Instant,
+    ) {
+        let Stream { meta, total, offset, last, .. } = stream;
+        match (reply, chunk) {
+            (reply, None) if last => {
+                info!(
+                    "sent snapshot {}/{} to peer {} ({total} bytes in {:?})",
+                    meta.index,
+                    meta.term,
+                    self.peer,
+                    now - exchange.began
+                );
+                self.succeed(reply);
+            }
+            (_, Some(Chunk::Ack { next })) if next <= total && !(last && next == total) => {
+                if last && next <= offset {
+                    let refused = format!("refused after all {total} bytes were sent");
+                    return self.fail(Failure::Snapshot(refused), exchange.began);
+                }
+                stream.offset = next;
+                exchange.snapshot = Some(stream);
+                match self.send_piece(&mut exchange, now) {
+                    Ok(()) => self.state = State::Exchanging(Box::new(exchange)),
+                    Err(failure) => self.fail(failure, exchange.began),
+                }
+            }
+            (reply, chunk) => {
+                let unexpected = format!("unexpected answer {reply:?} with {chunk:?}");
+                self.fail(Failure::Snapshot(unexpected), exchange.began);
+            }
+        }
+    }
+
+    /// Sends the exchange's request, or the first piece of its snapshot.
+    fn begin(&mut self, mut exchange: Exchange, now: Instant) {
+        let sent = match exchange.message.body {
+            Body::InstallSnapshot { snapshot, .. } => self.open_snapshot(snapshot).and_then(|stream| {
+                exchange.snapshot = Some(stream);
+                self.send_piece(&mut exchange, now)
+            }),
+            _ => self
+                .wire
+                .seal_as(exchange.asked_as, &exchange.message, None)
+                .map_err(Failure::from)
+                .and_then(|request| self.send_request(request, &mut exchange, self.reply_timeout, now)),
+        };
+        match sent {
+            Ok(()) => self.state = State::Exchanging(Box::new(exchange)),
+            Err(failure) => self.fail(failure, exchange.began),
+        }
+    }
+
+    fn open_snapshot(&self, meta: SnapshotMeta) -> Result<Stream, Failure> {
+        let path = self.snapshots.path(meta);
+        let unreadable = |e: io::Error| Failure::Snapshot(format!("cannot read {}: {e}", path.display()));
+        let file = File::open(&path).map_err(unreadable)?;
+        let total = file.metadata().map_err(unreadable)?.len();
+        Ok(Stream { meta, file, total, offset: 0, last: false })
+    }
+
+    /// Sends the piece of the snapshot at the stream's offset.
+    fn send_piece(&mut self, exchange: &mut Exchange, now: Instant) -> Result<(), Failure> {
+        let stream = exchange.snapshot.as_mut().expect("a snapshot exchange");
+        let mut data = vec![0; SNAPSHOT_CHUNK.min((stream.total - stream.offset) as usize)];
+        let read = stream.file.seek(SeekFrom::Start(stream.offset)).and_then(|_| stream.file.read_exact(&mut data));
+        read.map_err(|e| {
+            Failure::Snapshot(format!("cannot read {}: {e}", self.snapshots.path(stream.meta).display()))
+        })?;
+        stream.last = stream.offset + data.len() as u64 == stream.total;
+        let chunk = Chunk::Data { offset: stream.offset, total: stream.total, data };
+        let request = self.wire.seal_as(exchange.asked_as, &exchange.message, Some(&chunk))?;
+        self.send_request(request, exchange, self.reply_timeout.max(SNAPSHOT_REPLY_TIMEOUT), now)
+    }
+
+    /// Puts one request on the wire; its reply is due within `timeout`.
+    fn send_request(
+        &mut self,
+        request: Vec<u8>,
+        exchange: &mut Exchange,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<(), Failure> {
+        let socket = match self.socket.take() {
+            Some(socket) => socket,
+            None => connect(&self.ctx, &self.endpoint, self.max_message_bytes, &self.security, self.peer)?,
+        };
+        socket.send(request, zmq::DONTWAIT)?;
+        self.socket = Some(socket);
+        (exchange.sent, exchange.due) = (now, now + timeout);
+        Ok(())
+    }
+
+    fn succeed(&mut self, reply: Message) {
+        self.name_check.after_success();
+        if !self.reachable {
+            info!("peer {} reachable again", self.peer);
+            self.reachable = true;
+        }
+        self.state = State::Idle;
+        deliver(&self.inbound, Inbound::Message(reply), &mut self.warnings);
+    }
+
+    /// The socket goes (see [`Link::socket`]); the core hears of the failure
+    /// no sooner than a timeout after the exchange began. It sends again as
+    /// soon as it hears, so a failure that came at once (a snapshot file
+    /// that cannot be read, a refusal) would otherwise make that a hot loop
+    /// (seen: 6,000 tries a second).
+    fn fail(&mut self, failure: Failure, began: Instant) {
+        self.socket = None;
+        match failure {
+            Failure::Timeout => {}
+            Failure::Zmq(e) => {
+                self.warnings.warn("peer socket error", format!("peer {} at {}: {e}", self.peer, self.endpoint))
+            }
+            Failure::Rejected(r) => {
+                METRICS.peer_rejects.with_label_values(&[r.reason()]).inc();
+                let detail = format!("exchange with peer {} failed: {r}", self.peer);
+                self.warnings.warn(r.reason(), detail)
+            }
+            Failure::Snapshot(problem) => {
+                self.warnings.warn("snapshot not sent", format!("snapshot to peer {}: {problem}", self.peer))
+            }
+        }
+        if self.reachable {
+            info!("peer {} unreachable at {}", self.peer, self.endpoint);
+            self.reachable = false;
+        }
+        if let Some(problem) = self.name_check.after_failure() {
+            warn!(
+                "peer {} at {}: the name does not resolve: {problem}; \
+                 ZeroMQ looks it up again on every connect",
+                self.peer, self.endpoint
+            );
+        }
+        self.state = State::Failed { report_at: began + self.reply_timeout };
     }
 
     /// The cluster a request names: the one this node speaks for, or the
@@ -217,116 +423,5 @@ impl Link {
         info!("peer {}: naming cluster {theirs:#018x} to it from now on", self.peer);
         self.speak_as = next;
         true
-    }
-
-    /// `cluster`: the one the request names.
-    fn exchange_once(&mut self, message: &Message, cluster: u64) -> Result<Message, Failure> {
-        if let Body::InstallSnapshot { snapshot, .. } = message.body {
-            return self.send_snapshot(message, snapshot, cluster);
-        }
-        let request = self.wire.seal_as(cluster, message, None)?;
-        let started = Instant::now();
-        match self.round_trip(request, cluster, self.reply_timeout)? {
-            (reply, None) => {
-                METRICS.peer_seconds.with_label_values(&[&self.peer.to_string()]).observe(seconds_since(started));
-                Ok(reply)
-            }
-            (_, Some(_)) => Err(Failure::Snapshot("a snapshot acknowledgement where none belongs".into())),
-        }
-    }
-
-    /// Streams the snapshot file piece by piece, going on from wherever the
-    /// follower says it is (so a transfer interrupted by a timeout resumes).
-    fn send_snapshot(&mut self, message: &Message, snapshot: SnapshotMeta, cluster: u64) -> Result<Message, Failure> {
-        let path = self.snapshots.path(snapshot);
-        let unreadable = |e: io::Error| Failure::Snapshot(format!("cannot read {}: {e}", path.display()));
-        let mut file = File::open(&path).map_err(unreadable)?;
-        let total = file.metadata().map_err(unreadable)?.len();
-        let started = Instant::now();
-        let mut offset = 0;
-        loop {
-            let mut data = vec![0; SNAPSHOT_CHUNK.min((total - offset) as usize)];
-            file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut data)).map_err(unreadable)?;
-            let last = offset + data.len() as u64 == total;
-            let chunk = Chunk::Data { offset, total, data };
-            let request = self.wire.seal_as(cluster, message, Some(&chunk))?;
-            match self.round_trip(request, cluster, self.reply_timeout.max(SNAPSHOT_REPLY_TIMEOUT))? {
-                (reply, None) if last => {
-                    info!(
-                        "sent snapshot {}/{} to peer {} ({total} bytes in {:?})",
-                        snapshot.index,
-                        snapshot.term,
-                        self.peer,
-                        started.elapsed()
-                    );
-                    return Ok(reply);
-                }
-                (_, Some(Chunk::Ack { next })) if next <= total && !(last && next == total) => {
-                    if last && next <= offset {
-                        return Err(Failure::Snapshot(format!("refused after all {total} bytes were sent")));
-                    }
-                    offset = next;
-                }
-                (reply, chunk) => {
-                    return Err(Failure::Snapshot(format!("unexpected answer {reply:?} with {chunk:?}")));
-                }
-            }
-        }
-    }
-
-    /// One request, one reply. On any failure the socket is dropped here and
-    /// a fresh one is connected for the next request.
-    /// `cluster`: the one the request names, and so must the reply.
-    fn round_trip(
-        &mut self,
-        request: Vec<u8>,
-        cluster: u64,
-        timeout: Duration,
-    ) -> Result<(Message, Option<Chunk>), Failure> {
-        let socket = match self.socket.take() {
-            Some(socket) => socket,
-            None => connect(&self.ctx, &self.endpoint, self.max_message_bytes, &self.security, self.peer)?,
-        };
-        socket.send(request, zmq::DONTWAIT)?;
-        self.await_reply(&socket, timeout)?;
-        let reply = socket.recv_bytes(zmq::DONTWAIT)?;
-        let reply = self.wire.open_reply(&reply, self.peer, cluster)?;
-        self.socket = Some(socket);
-        Ok(reply)
-    }
-
-    /// Sleeps until `deadline` in slices; false if told to stop meanwhile.
-    fn sleep_until(&self, deadline: Instant) -> bool {
-        loop {
-            if self.stop.load(Ordering::Acquire) {
-                return false;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return true;
-            }
-            std::thread::sleep(left.min(STOP_CHECK));
-        }
-    }
-
-    /// Waits up to `timeout`, in slices so that shutdown is prompt.
-    fn await_reply(&self, socket: &zmq::Socket, timeout: Duration) -> Result<(), Failure> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.stop.load(Ordering::Acquire) {
-                return Err(Failure::Stopped);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                debug!("no reply from peer {} within {timeout:?}", self.peer);
-                return Err(Failure::Timeout);
-            }
-            let slice_ms = left.min(STOP_CHECK).as_millis().max(1) as i64;
-            match socket.poll(zmq::POLLIN, slice_ms) {
-                Ok(0) | Err(zmq::Error::EINTR) => {}
-                Ok(_) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 }

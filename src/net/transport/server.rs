@@ -1,6 +1,7 @@
-//! The receiving half: one thread owning the ROUTER socket peers' REQ
-//! sockets connect to. ROUTER lets replies leave in whatever order the core
-//! produces them, addressed by the route each request came in on.
+//! The receiving half: the ROUTER socket peers' REQ sockets connect to,
+//! driven by the thread that polls the transport. ROUTER lets replies leave
+//! in whatever order the core produces them, addressed by the route each
+//! request came in on.
 //!
 //! It also collects the pieces of a snapshot a leader streams (see
 //! [`Chunk`]): each is written to the staging file and acknowledged here;
@@ -10,15 +11,13 @@
 //! any other's pieces are dropped before a byte is written.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
-use log::{debug, error, info, warn};
+use crossbeam_channel::Sender;
+use log::{debug, info, warn};
 
-use super::{Inbound, STOP_CHECK, deliver};
-use crate::lock;
+use super::{Inbound, deliver};
 use crate::metrics::METRICS;
 use crate::net::security::{Caller, recv_with_user};
 use crate::raft::{Body, Message, NodeId, Term};
@@ -26,8 +25,7 @@ use crate::storage::snapshot::Staging;
 use crate::warnings::Warnings;
 use crate::wire::envelope::{Chunk, PeerRequest, Reject, Wire};
 
-/// Requests handled per wake-up before replies get another turn, so that a
-/// flood of requests cannot hold back replies (reply latency is commit latency).
+/// Requests taken per poll.
 const BATCH: usize = 64;
 
 /// How long the last replies may take to leave once the transport stops.
@@ -35,14 +33,16 @@ const LAST_REPLIES_LINGER_MS: i32 = 100;
 
 pub(super) struct Server {
     pub(super) router: zmq::Socket,
-    /// Woken by `Transport::send` after queueing a reply, and on shutdown.
-    pub(super) wake: zmq::Socket,
-    pub(super) replies: Receiver<Message>,
     pub(super) wire: Arc<Wire>,
     pub(super) inbound: Sender<Inbound>,
-    pub(super) stop: Arc<AtomicBool>,
     pub(super) staging: Staging,
-    pub(super) admission: Arc<Mutex<Admission>>,
+    pub(super) admission: Admission,
+    /// Each peer has a single REQ socket, so it has at most one request
+    /// outstanding: its latest one. A reply the core sends after the peer
+    /// gave up and asked again answers the newer request; Raft replies
+    /// describe themselves (term, match_index, read_seq), so that is harmless.
+    pub(super) pending: HashMap<NodeId, Waiting>,
+    pub(super) warnings: Warnings,
 }
 
 /// Who may send this node a snapshot, as far as the core's view goes: kept
@@ -84,72 +84,43 @@ impl Admission {
 /// A peer's request waiting for the core's answer: the route it came in on
 /// (identity frames up to the empty delimiter), and the cluster it named,
 /// which the answer names too.
-struct Waiting {
+pub(super) struct Waiting {
     route: Vec<Vec<u8>>,
     cluster: u64,
 }
 
 impl Server {
-    pub(super) fn run(mut self) {
-        // Each peer has a single REQ socket, so it has at most one request
-        // outstanding: its latest one. A reply the core sends after the peer gave up and
-        // asked again answers the newer request; Raft replies describe
-        // themselves (term, match_index, read_seq), so that is harmless.
-        let mut pending: HashMap<NodeId, Waiting> = HashMap::new();
-        let mut warnings = Warnings::default();
-        let poll_ms = STOP_CHECK.as_millis() as i64;
-        while !self.stop.load(Ordering::Acquire) {
-            let mut items = [self.router.as_poll_item(zmq::POLLIN), self.wake.as_poll_item(zmq::POLLIN)];
-            match zmq::poll(&mut items, poll_ms) {
-                Ok(_) | Err(zmq::Error::EINTR) => {}
+    /// Takes the requests that arrived, a bounded batch of them so that a
+    /// flood of requests cannot hold back replies (reply latency is commit
+    /// latency); the poll comes back at once for the rest.
+    pub(super) fn on_readable(&mut self) {
+        for _ in 0..BATCH {
+            match recv_with_user(&self.router, zmq::DONTWAIT) {
+                Ok((frames, user)) => self.accept(frames, Caller::of(user.as_deref())),
+                Err(zmq::Error::EAGAIN) => break,
                 Err(e) => {
-                    error!("raft server poll failed, no longer receiving: {e}");
-                    return;
-                }
-            }
-            // Drain wake-ups before replies: a reply queued after this point
-            // leaves a wake-up behind, so the next poll returns at once.
-            while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
-            self.expire_staging(&mut warnings);
-            for reply in self.replies.try_iter() {
-                self.send_reply(&mut pending, reply);
-            }
-            for _ in 0..BATCH {
-                match recv_with_user(&self.router, zmq::DONTWAIT) {
-                    Ok((frames, user)) => {
-                        let sender = Caller::of(user.as_deref());
-                        self.accept(&mut pending, &mut warnings, frames, sender)
-                    }
-                    Err(zmq::Error::EAGAIN) => break,
-                    Err(e) => {
-                        warnings.warn("receive failed", format!("raft server receive failed: {e}"));
-                        break;
-                    }
+                    self.warnings.warn("receive failed", format!("raft server receive failed: {e}"));
+                    break;
                 }
             }
         }
-        // Replies the core gave before stopping still leave (a vote granted,
-        // an acknowledgement): a peer waiting on one would otherwise time out.
-        for reply in self.replies.try_iter() {
-            self.send_reply(&mut pending, reply);
-        }
+    }
+
+    /// Lets the replies already sent drain for a moment once the transport
+    /// stops: a peer waiting on one (a vote granted, an acknowledgement)
+    /// would otherwise time out.
+    pub(super) fn linger(&self) {
         if let Err(e) = self.router.set_linger(LAST_REPLIES_LINGER_MS) {
             debug!("cannot let the last replies drain: {e}");
         }
     }
 
-    fn accept(
-        &mut self,
-        pending: &mut HashMap<NodeId, Waiting>,
-        warnings: &mut Warnings,
-        mut frames: Vec<Vec<u8>>,
-        sender: Caller,
-    ) {
+    fn accept(&mut self, mut frames: Vec<Vec<u8>>, sender: Caller) {
         // A REQ peer arrives as [identity, empty delimiter, payload].
         let payload = frames.pop().unwrap_or_default();
         if frames.len() < 2 || frames.last().is_some_and(|delimiter| !delimiter.is_empty()) {
             let shape = format!("request dropped: malformed multipart of {} frames", frames.len() + 1);
-            warnings.warn("malformed multipart", shape);
+            self.warnings.warn("malformed multipart", shape);
             return;
         }
         let opened = self.wire.open_request(&payload);
@@ -161,33 +132,33 @@ impl Server {
         {
             METRICS.forged_messages.inc();
             let forged = format!("node {node}'s connection sent a message from node {}; dropped", message.from);
-            return warnings.warn("forged sender", forged);
+            return self.warnings.warn("forged sender", forged);
         }
         // A removed node is heard only asking for votes, which the core
         // answers by telling it it was removed; it stops then.
         if let (Ok(PeerRequest { message, .. }), Caller::Removed(node)) = (&opened, sender)
             && !matches!(message.body, Body::RequestVote { .. })
         {
-            return warnings.warn("removed sender", format!("a message from removed node {node} dropped"));
+            return self.warnings.warn("removed sender", format!("a message from removed node {node} dropped"));
         }
         match opened {
             Ok(PeerRequest { message, chunk: Some(Chunk::Data { offset, total, data }), cluster }) => {
                 let from = message.from;
-                match self.collect(&message, offset, total, &data, warnings) {
+                match self.collect(&message, offset, total, &data) {
                     Ok(Some(next)) => self.acknowledge(frames, cluster, message, next),
                     Ok(None) => {
-                        pending.insert(from, Waiting { route: frames, cluster });
-                        deliver(&self.inbound, Inbound::Message(message), warnings);
+                        self.pending.insert(from, Waiting { route: frames, cluster });
+                        deliver(&self.inbound, Inbound::Message(message), &mut self.warnings);
                     }
                     Err(problem) => {
                         // No answer: the leader gives up on this transfer and tries again later.
-                        warnings.warn("snapshot not received", format!("snapshot from node {from}: {problem}"));
+                        self.warnings.warn("snapshot not received", format!("snapshot from node {from}: {problem}"));
                     }
                 }
             }
             Ok(PeerRequest { message, cluster, .. }) => {
-                pending.insert(message.from, Waiting { route: frames, cluster });
-                deliver(&self.inbound, Inbound::Message(message), warnings);
+                self.pending.insert(message.from, Waiting { route: frames, cluster });
+                deliver(&self.inbound, Inbound::Message(message), &mut self.warnings);
             }
             Err(reject) => {
                 METRICS.peer_rejects.with_label_values(&[reject.reason()]).inc();
@@ -197,7 +168,7 @@ impl Server {
                     // speaks the fingerprint once refused.
                     debug!("request dropped: {reject}; answered with the cluster this node speaks for");
                 } else {
-                    warnings.warn(reject.reason(), format!("request dropped: {reject}"));
+                    self.warnings.warn(reject.reason(), format!("request dropped: {reject}"));
                 }
                 // Said at once, so the sender need not wait out a timeout to
                 // learn which cluster this node speaks for.
@@ -215,18 +186,11 @@ impl Server {
     /// sender may be the leader (checked before anything is written).
     /// Returns how much of it is held when more is to
     /// come, or `None` once the whole file is in, intact and durable.
-    fn collect(
-        &mut self,
-        message: &Message,
-        offset: u64,
-        total: u64,
-        data: &[u8],
-        warnings: &mut Warnings,
-    ) -> Result<Option<u64>, String> {
+    fn collect(&mut self, message: &Message, offset: u64, total: u64, data: &[u8]) -> Result<Option<u64>, String> {
         let Body::InstallSnapshot { snapshot, .. } = message.body else { unreachable!("the wire checked") };
         let (from, term) = (message.from, message.term);
-        self.expire_staging(warnings);
-        lock(&self.admission).admits(from, term)?;
+        self.expire_staging();
+        self.admission.admits(from, term)?;
         let held = self.staging.piece((from, term), snapshot, offset, total, data)?;
         if held.is_none() {
             info!("node {from}'s snapshot {}/{} received ({total} bytes)", snapshot.index, snapshot.term);
@@ -236,10 +200,11 @@ impl Server {
 
     /// Drops a staging that was abandoned or whose sender can no longer
     /// be the leader.
-    fn expire_staging(&mut self, warnings: &mut Warnings) {
-        let admission = lock(&self.admission);
+    pub(super) fn expire_staging(&mut self) {
+        let admission = &self.admission;
         if let Some(from) = self.staging.expire(Instant::now(), |from, term| admission.admits(from, term).is_ok()) {
-            warnings.warn("snapshot abandoned", format!("snapshot from node {from} abandoned; staging file removed"));
+            self.warnings
+                .warn("snapshot abandoned", format!("snapshot from node {from} abandoned; staging file removed"));
         }
     }
 
@@ -257,9 +222,9 @@ impl Server {
         }
     }
 
-    fn send_reply(&self, pending: &mut HashMap<NodeId, Waiting>, reply: Message) {
+    pub(super) fn send_reply(&mut self, reply: Message) {
         let to = reply.to;
-        let Some(Waiting { route: mut frames, cluster }) = pending.remove(&to) else {
+        let Some(Waiting { route: mut frames, cluster }) = self.pending.remove(&to) else {
             debug!("reply to node {to} dropped: no request of its is pending");
             return;
         };
