@@ -64,8 +64,13 @@ pub struct ServerConfig {
     /// (never 0): drawn at random by the runtime ([`random_cluster_name`]),
     /// from the seed by the simulator.
     pub new_cluster_name: u64,
-    /// Make log writes durable off the server's thread ([`Effect::Sync`]),
-    /// so that the core goes on meanwhile (asynchronous storage writes).
+    /// Make a leader's log writes durable off the server's thread
+    /// ([`Effect::Sync`]), so that it goes on meanwhile (asynchronous
+    /// storage writes): it replicates, commits and answers while it syncs.
+    /// A follower syncs in the Ready cycle all the same. It has nothing to
+    /// go on with (its leader has one AppendEntries out to it at a time),
+    /// and the hand-off to another thread and back, to send the
+    /// acknowledgement, costs more than the wait it saves.
     pub sync_later: bool,
 }
 
@@ -982,7 +987,7 @@ impl<S: NodeStorage, H> ReadySink<S> for ReadyShell<'_, H> {
     }
 
     fn syncs_later(&self) -> bool {
-        self.app.cfg.sync_later
+        self.app.cfg.sync_later && self.app.role == Role::Leader
     }
 
     /// Acknowledgements with no write of their own and no sync to wait
