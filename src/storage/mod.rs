@@ -974,7 +974,7 @@ mod tests {
             )
             .unwrap();
             segment = tmp.path().join("log").join(format!("{:020}.wal", s.wal.segments()[0]));
-            before = fs::metadata(&segment).unwrap().len();
+            before = s.wal.end();
             s.write(Some(&HardState { term: 2, vote: None, commit: 3 }), &[entry(2, 2, b"b"), entry(3, 2, b"c")])
                 .unwrap();
         }
