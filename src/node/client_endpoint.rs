@@ -1,5 +1,8 @@
 //! The client endpoint: one ROUTER socket that serves any number of REQ (or
-//! DEALER) clients at once.
+//! DEALER) clients at once. The core loop polls it with the peer sockets
+//! and hands its requests to the server itself, and the server's replies go
+//! straight back on it: a request crosses no thread between the network
+//! and the server (each crossing costs a wake-up, the node's largest expense).
 //!
 //! Malformed and oversized requests are answered here without bothering the
 //! core. The server decides what a follower forwards to the leader; this
@@ -15,17 +18,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TrySendError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use log::{debug, info, warn};
 
 use super::Shared;
 use super::core_loop::ClientCall;
 use super::log_reader::{LOG_REPLY_MAX_BYTES, SNAPSHOT_PIECE_BYTES};
-use super::replies::{Forward, ReplyBacklog, ReplyTo, frame_bytes, is_wake_up};
+use super::replies::{Forward, ReplyTo};
 use super::server::not_leader;
 use crate::net::security::{Caller, Domain, NodeSecurity, recv_with_user};
 use crate::net::transport::bind_problem;
-use crate::net::wake::WakingSender;
 use crate::raft::NodeId;
 use crate::wire::protocol::{ErrorCode, Reply, decode_request, is_admin_request};
 
@@ -40,7 +42,8 @@ pub struct EndpointConfig {
     pub max_request_bytes: usize,
     /// How long a forwarded request may wait for the leader's reply.
     pub forward_timeout: Duration,
-    /// Bytes of requests that may wait for the core loop; beyond, `busy`.
+    /// Requests, and bytes of them, that may wait for the server; beyond, `busy`.
+    pub max_queued: usize,
     pub max_queued_bytes: usize,
     /// Plaintext, or CURVE for clients and for forwarding to the leader.
     pub security: Arc<NodeSecurity>,
@@ -73,7 +76,7 @@ fn reply_queue_hwm(max_request_bytes: usize) -> i32 {
     i32::try_from((MAX_QUEUED_REPLY_BYTES / largest).max(1)).expect("at most 64 Mi")
 }
 
-/// Requests read per wake-up before replies get another turn.
+/// Requests read per poll before replies get another turn.
 const REQUEST_BATCH: usize = 1000;
 
 /// How long replies still queued at shutdown may take to leave.
@@ -105,7 +108,7 @@ impl Forwarder {
 }
 
 /// How often replies held in backlogs try to leave again.
-const BACKLOG_RETRY_MS: i64 = 1;
+const BACKLOG_RETRY: Duration = Duration::from_millis(1);
 
 /// Replies to one connection that ZeroMQ's queue for it had no room for
 /// (its client is not reading), oldest first.
@@ -121,15 +124,18 @@ pub struct ClientEndpoint {
     router: zmq::Socket,
     /// By routing id: the connections whose queue is full.
     backlogs: HashMap<Vec<u8>, Backlog>,
-    replies: zmq::Socket,
     forwarder: Option<Forwarder>,
     /// The last forwarding token handed out; unique for the process's life.
     last_token: u64,
+    /// Requests read and checked, waiting for the server, oldest first.
+    queue: VecDeque<ClientCall>,
+    /// The sizes of the requests in `queue`, summed.
+    queued_bytes: usize,
 }
 
 impl ClientEndpoint {
-    /// Binds the client endpoint and the inproc socket replies arrive on.
-    pub fn bind(ctx: &zmq::Context, cfg: EndpointConfig, replies_endpoint: &str) -> Result<ClientEndpoint, String> {
+    /// Binds the client endpoint.
+    pub fn bind(ctx: &zmq::Context, cfg: EndpointConfig) -> Result<ClientEndpoint, String> {
         let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
         router.set_linger(0).map_err(|e| e.to_string())?;
         router.set_maxmsgsize(MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
@@ -139,105 +145,129 @@ impl ClientEndpoint {
         router.set_rcvhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
         cfg.security.server(&router, Domain::Client).map_err(|e| e.to_string())?;
         router.bind(&cfg.client).map_err(|e| bind_problem("client", &cfg.client, &e))?;
-        let replies = ctx.socket(zmq::PULL).map_err(|e| e.to_string())?;
-        replies.set_linger(0).map_err(|e| e.to_string())?;
-        replies.bind(replies_endpoint).map_err(|e| e.to_string())?;
-        let backlogs = HashMap::new();
-        Ok(ClientEndpoint { ctx: ctx.clone(), cfg, router, backlogs, replies, forwarder: None, last_token: 0 })
+        Ok(ClientEndpoint {
+            ctx: ctx.clone(),
+            cfg,
+            router,
+            backlogs: HashMap::new(),
+            forwarder: None,
+            last_token: 0,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+        })
     }
 
-    /// Serves until the rest of the node has stopped (`replies_done`), so
-    /// that every reply the core loop and the applier give on their way out
-    /// still reaches its client. `core_queue` is the receiving end of
-    /// `to_core`: whatever the core loop left in it is answered on the way out.
-    /// `forwards`: what the server sends on to the leader. `backlog` counts
-    /// the replies and forwards handed to it and not yet taken.
-    pub fn run(
-        mut self,
-        shared: Arc<Shared>,
-        to_core: WakingSender<ClientCall>,
-        core_queue: Receiver<ClientCall>,
-        forwards: Receiver<Forward>,
-        backlog: ReplyBacklog,
-    ) {
-        while !shared.replies_done.load(Ordering::Acquire) {
-            let (router_ready, replies_ready, dealer_ready) = match self.poll() {
-                Ok(ready) => ready,
-                Err(e) => {
-                    warn!("client endpoint poll failed: {e}");
-                    continue;
-                }
-            };
-            if replies_ready {
-                self.pass_replies_on(&backlog);
-                self.forward_all(&forwards, &shared, &backlog);
-            }
-            if dealer_ready {
-                self.relay_leader_replies();
-            }
-            // A bounded batch, so replies get their turn even under a flood.
-            if router_ready {
-                for _ in 0..REQUEST_BATCH {
-                    let Ok((frames, user)) = recv_with_user(&self.router, zmq::DONTWAIT) else { break };
-                    self.on_request(frames, Caller::of(user.as_deref()), &shared, &to_core);
-                }
-            }
-            if self.forwarder.as_ref().is_some_and(|f| shared.leader() != Some(f.leader)) {
-                self.drop_forwarder();
-            }
-            self.expire_forwards();
-            self.flush_backlogs();
+    /// The sockets to poll for input: the ROUTER, and the connection to
+    /// the leader while requests are forwarded.
+    pub fn sockets(&self) -> Vec<&zmq::Socket> {
+        std::iter::once(&self.router).chain(self.forwarder.as_ref().map(|f| &f.dealer)).collect()
+    }
+
+    /// How soon to look again with no input: ZeroMQ tells of no room in one
+    /// connection's queue, so while replies wait for some, soon.
+    pub fn look_again_in(&self) -> Option<Duration> {
+        (!self.backlogs.is_empty()).then_some(BACKLOG_RETRY)
+    }
+
+    /// Takes what the sockets of [`ClientEndpoint::sockets`] that `ready`
+    /// says are readable hold: requests, checked and queued for the server
+    /// (or answered here), and the leader's replies to forwarded ones.
+    /// A bounded batch of requests, so that replies get their turn.
+    pub fn on_ready(&mut self, ready: &[bool], shared: &Shared) {
+        if ready.get(1).copied().unwrap_or(false) {
+            self.relay_leader_replies();
         }
-        self.pass_replies_on(&backlog);
-        for Forward { request, reply_to, .. } in forwards.try_iter() {
-            backlog.taken(request.len());
-            self.refuse(reply_to, ErrorCode::ShuttingDown, "node is shutting down", None);
+        if ready.first().copied().unwrap_or(false) {
+            for _ in 0..REQUEST_BATCH {
+                let Ok((frames, user)) = recv_with_user(&self.router, zmq::DONTWAIT) else { break };
+                self.on_request(frames, Caller::of(user.as_deref()), shared);
+            }
         }
-        // Queued after the core loop's last look; nothing adds to it now.
-        for call in core_queue.try_iter() {
-            shared.queued_bytes.fetch_sub(call.bytes, Ordering::AcqRel);
+    }
+
+    /// The oldest request waiting for the server.
+    pub fn next_call(&mut self) -> Option<ClientCall> {
+        let call = self.queue.pop_front()?;
+        self.queued_bytes -= call.bytes;
+        Some(call)
+    }
+
+    /// Requests waiting for the server.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Goes on with what time and the leader decide: forgets the connection
+    /// to a leader that no longer is one, answers forwarded requests whose
+    /// time is up, sends what the backlogs hold.
+    pub fn tidy(&mut self, shared: &Shared) {
+        if self.forwarder.as_ref().is_some_and(|f| shared.leader() != Some(f.leader)) {
+            self.drop_forwarder();
+        }
+        self.expire_forwards();
+        self.flush_backlogs();
+    }
+
+    /// On the way out, once the server gave its last replies: every request
+    /// still waiting, and every one that arrives until the replies the log
+    /// reader still gives (`disk_replies`, until it closes) and those the
+    /// backlogs hold have left, gets `shutting_down`.
+    pub fn shut_down(mut self, disk_replies: &Receiver<(ReplyTo, Reply)>) {
+        while let Some(call) = self.next_call() {
             self.refuse(call.reply_to, ErrorCode::ShuttingDown, "node is shutting down", None);
         }
         self.drop_forwarder();
-        self.drain_backlogs(Instant::now() + Duration::from_millis(SHUTDOWN_LINGER_MS as u64));
+        let deadline = Instant::now() + Duration::from_millis(SHUTDOWN_LINGER_MS as u64);
+        let mut reader_done = false;
+        while Instant::now() < deadline && !(reader_done && self.backlogs.is_empty()) {
+            loop {
+                match disk_replies.try_recv() {
+                    Ok((reply_to, reply)) => self.reply(reply_to, &reply),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        reader_done = true;
+                        break;
+                    }
+                }
+            }
+            if self.router.poll(zmq::POLLIN, BACKLOG_RETRY.as_millis() as i64).is_ok_and(|n| n > 0) {
+                while let Ok((mut frames, _)) = recv_with_user(&self.router, zmq::DONTWAIT) {
+                    if let Some(delimiter) = frames.iter().position(|f| f.is_empty()) {
+                        frames.truncate(delimiter + 1);
+                        self.refuse(
+                            ReplyTo::new(frames, false),
+                            ErrorCode::ShuttingDown,
+                            "node is shutting down",
+                            None,
+                        );
+                    }
+                }
+            }
+            self.flush_backlogs();
+        }
         // Closing a socket with linger 0 would discard the replies just queued.
         if let Err(e) = self.router.set_linger(SHUTDOWN_LINGER_MS) {
             warn!("cannot let the last replies drain: {e}");
         }
     }
 
-    fn pass_replies_on(&mut self, backlog: &ReplyBacklog) {
-        while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
-            if !is_wake_up(&frames) {
-                backlog.taken(frame_bytes(&frames));
-                self.send_to_client(frames);
-            }
-        }
+    /// Answers a request: counts it, and sends the reply, or keeps it in
+    /// its connection's backlog while ZeroMQ's queue for it is full.
+    pub fn reply(&mut self, reply_to: ReplyTo, reply: &Reply) {
+        reply_to.record(reply.code());
+        let mut frames = reply_to.route;
+        frames.push(reply.encode());
+        self.send_to_client(frames);
     }
 
     /// Sends on what the server forwards. One meant for a leader that is no
     /// longer the one the core loop last saw gets `no_leader` naming the new
     /// one, unsent: the connection follows the newest leader.
-    fn forward_all(&mut self, forwards: &Receiver<Forward>, shared: &Shared, backlog: &ReplyBacklog) {
-        for Forward { leader, request, reply_to } in forwards.try_iter() {
-            backlog.taken(request.len());
-            match shared.leader() {
-                Some(now) if now == leader => self.forward(leader, shared, reply_to, request),
-                now => self.answer(reply_to, &not_leader(self.cfg.id, now)),
-            }
+    pub fn forward(&mut self, Forward { leader, request, reply_to }: Forward, shared: &Shared) {
+        match shared.leader() {
+            Some(now) if now == leader => self.forward_to(leader, shared, reply_to, request),
+            now => self.reply(reply_to, &not_leader(self.cfg.id, now)),
         }
-    }
-
-    fn poll(&self) -> zmq::Result<(bool, bool, bool)> {
-        let mut items = vec![self.router.as_poll_item(zmq::POLLIN), self.replies.as_poll_item(zmq::POLLIN)];
-        if let Some(f) = &self.forwarder {
-            items.push(f.dealer.as_poll_item(zmq::POLLIN));
-        }
-        // ZeroMQ tells of no room in one connection's queue: while replies
-        // wait for some, look again soon.
-        let timeout = if self.backlogs.is_empty() { 50 } else { BACKLOG_RETRY_MS };
-        zmq::poll(&mut items, timeout)?;
-        Ok((items[0].is_readable(), items[1].is_readable(), items.get(2).is_some_and(|i| i.is_readable())))
     }
 
     /// Sends a reply, or keeps it in its connection's backlog while
@@ -281,38 +311,11 @@ impl ClientEndpoint {
         });
     }
 
-    /// On the way out: the last replies (say, `timeout` for every request
-    /// forwarded to a leader) may fill a connection's queue many times over;
-    /// they leave as the client reads them, until `deadline`.
-    fn drain_backlogs(&mut self, deadline: Instant) {
-        self.flush_backlogs();
-        while !self.backlogs.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(BACKLOG_RETRY_MS as u64));
-            self.flush_backlogs();
-        }
-    }
-
-    /// Answers directly on the ROUTER, never through the `Replier`: that
-    /// queue is drained by this very thread, so blocking on it when full
-    /// would wedge the node.
-    fn answer(&mut self, reply_to: ReplyTo, reply: &Reply) {
-        reply_to.record(reply.code());
-        let mut frames = reply_to.route;
-        frames.push(reply.encode());
-        self.send_to_client(frames);
-    }
-
     fn refuse(&mut self, reply_to: ReplyTo, code: ErrorCode, message: impl Into<String>, leader: Option<NodeId>) {
-        self.answer(reply_to, &Reply::error(code, message, leader));
+        self.reply(reply_to, &Reply::error(code, message, leader));
     }
 
-    fn on_request(
-        &mut self,
-        mut frames: Vec<Vec<u8>>,
-        caller: Caller,
-        shared: &Shared,
-        to_core: &WakingSender<ClientCall>,
-    ) {
+    fn on_request(&mut self, mut frames: Vec<Vec<u8>>, caller: Caller, shared: &Shared) {
         // [routing frames..., empty delimiter, request]
         let Some(delimiter) = frames.iter().position(|f| f.is_empty()) else {
             debug!("dropping a request without an empty delimiter frame");
@@ -349,46 +352,36 @@ impl ClientEndpoint {
         let decoded = match decode_request(&request) {
             Ok(decoded) => decoded,
             Err(Reply::Error { code, message, .. }) => return self.refuse(reply_to, code, message, leader),
-            Err(reply) => return self.answer(reply_to, &reply),
+            Err(reply) => return self.reply(reply_to, &reply),
         };
         reply_to.op = decoded.op();
         let call = ClientCall { request: decoded, reply_to, bytes: request.len() };
-        self.hand_to_core(to_core, shared, call)
+        self.enqueue(shared, call)
     }
 
-    /// Queues a request for the core loop, or answers `busy` when the queue
+    /// Queues a request for the server, or answers `busy` when the queue
     /// is full by count or by bytes: memory stays bounded under any load.
-    fn hand_to_core(&mut self, to_core: &WakingSender<ClientCall>, shared: &Shared, call: ClientCall) {
-        let queued = shared.queued_bytes.fetch_add(call.bytes, Ordering::AcqRel);
-        let refused = if queued + call.bytes > self.cfg.max_queued_bytes {
-            Some((call, ErrorCode::Busy, "too many requests queued; nothing was applied, retry later"))
-        } else {
-            match to_core.try_send(call) {
-                Ok(()) => None,
-                Err(TrySendError::Full(call)) => {
-                    Some((call, ErrorCode::Busy, "too many requests queued; nothing was applied, retry later"))
-                }
-                Err(TrySendError::Disconnected(call)) => Some((call, ErrorCode::ShuttingDown, "node is shutting down")),
-            }
-        };
-        if let Some((call, code, message)) = refused {
-            shared.queued_bytes.fetch_sub(call.bytes, Ordering::AcqRel);
-            self.refuse(call.reply_to, code, message, shared.leader());
+    fn enqueue(&mut self, shared: &Shared, call: ClientCall) {
+        if self.queue.len() >= self.cfg.max_queued || self.queued_bytes + call.bytes > self.cfg.max_queued_bytes {
+            let message = "too many requests queued; nothing was applied, retry later";
+            return self.refuse(call.reply_to, ErrorCode::Busy, message, shared.leader());
         }
+        self.queued_bytes += call.bytes;
+        self.queue.push_back(call);
     }
 
-    fn forward(&mut self, leader: NodeId, shared: &Shared, reply_to: ReplyTo, request: Vec<u8>) {
+    fn forward_to(&mut self, leader: NodeId, shared: &Shared, reply_to: ReplyTo, request: Vec<u8>) {
         if self.forwarder.as_ref().is_none_or(|f| f.leader != leader) {
             self.connect_forwarder(leader, shared);
         }
         let Some(forwarder) = self.forwarder.as_mut() else {
             let message = format!("cannot connect to leader {leader} to forward the request; nothing was applied");
-            return self.reply(reply_to, ErrorCode::Busy, &message);
+            return self.refuse_forward(reply_to, ErrorCode::Busy, &message);
         };
         let bytes = request.len();
         if forwarder.waiting_bytes + bytes > MAX_FORWARDED_BYTES {
             let message = format!("too many bytes of requests forwarded to leader {leader}; nothing was applied");
-            return self.reply(reply_to, ErrorCode::Busy, &message);
+            return self.refuse_forward(reply_to, ErrorCode::Busy, &message);
         }
         self.last_token += 1;
         let mut frames = ReplyTo::forwarding_route(self.last_token);
@@ -403,7 +396,7 @@ impl ClientEndpoint {
                 // EAGAIN: the queue towards the leader is full.
                 debug!("cannot forward a request to leader {leader}: {e}");
                 let message = format!("cannot forward the request to leader {leader} ({e}); nothing was applied");
-                self.reply(reply_to, ErrorCode::Busy, &message);
+                self.refuse_forward(reply_to, ErrorCode::Busy, &message);
             }
         }
     }
@@ -415,7 +408,7 @@ impl ClientEndpoint {
         if let Some(old) = self.forwarder.take() {
             for (_, Forwarded { reply_to, .. }) in old.waiting {
                 let message = "leader changed while the request was forwarded; it may or may not apply";
-                self.reply(reply_to, ErrorCode::Timeout, message);
+                self.refuse_forward(reply_to, ErrorCode::Timeout, message);
             }
         }
     }
@@ -468,7 +461,7 @@ impl ClientEndpoint {
             forwarder.waiting.iter().filter(|(_, f)| f.deadline <= now).map(|(&token, _)| token).collect();
         let expired: Vec<ReplyTo> = expired.into_iter().filter_map(|token| forwarder.take(token)).collect();
         for reply_to in expired {
-            self.reply(
+            self.refuse_forward(
                 reply_to,
                 ErrorCode::Timeout,
                 "the leader did not answer in time; the request may or may not apply",
@@ -477,7 +470,7 @@ impl ClientEndpoint {
     }
 
     /// An error naming the leader requests are forwarded to.
-    fn reply(&mut self, reply_to: ReplyTo, code: ErrorCode, message: &str) {
+    fn refuse_forward(&mut self, reply_to: ReplyTo, code: ErrorCode, message: &str) {
         self.refuse(reply_to, code, message, self.forwarder.as_ref().map(|f| f.leader));
     }
 }

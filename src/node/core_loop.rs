@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use log::error;
 
+use super::client_endpoint::ClientEndpoint;
 use super::log_reader::DiskRead;
-use super::replies::{Forward, Replier, ReplyTo};
+use super::replies::{Forward, ReplyTo};
 use super::server::{Effect, ProcessError, Server, SnapshotJob, Time};
 use super::store::{NodeStore, PersistError};
 use super::writers::{MirrorMsg, SnapshotOutcome, SyncJob};
@@ -41,16 +42,17 @@ pub struct ClientCall {
 /// under a flood while still batching generously.
 const MAX_BATCH: usize = 4096;
 
-/// Client requests taken per wake-up: each may be answered with a value of
-/// up to 1 MiB in this round, and the replies must stay within reach of
-/// [`super::replies::ReplyBacklog::LIMIT`].
+/// Client requests handed to the server per round: each may be answered
+/// with a value of up to 1 MiB in this round, which bounds the replies one
+/// round queues at once.
 const MAX_CLIENT_BATCH: usize = 64;
 
 pub struct Inputs {
     /// How often the server's clock ticks.
     pub tick: Duration,
     pub peers: Receiver<Inbound>,
-    pub clients: Receiver<ClientCall>,
+    /// The log reader's replies to `log` and `snapshot_data` requests.
+    pub disk_replies: Receiver<(ReplyTo, Reply)>,
     pub snapshots: Receiver<SnapshotOutcome>,
     /// Log writes made durable off this thread.
     pub synced: Receiver<SyncJob>,
@@ -60,7 +62,7 @@ pub struct Inputs {
 /// Where the server's effects go.
 pub struct Outputs {
     pub transport: Transport,
-    pub replier: Replier,
+    pub clients: ClientEndpoint,
     pub mirror: Sender<MirrorMsg>,
     pub snapshots: Sender<SnapshotJob>,
     pub log_reader: Sender<DiskRead>,
@@ -94,7 +96,11 @@ impl CoreLoop {
             error!("node {id}: stopping at once: {e}; restart it once its disk is fine");
             std::process::exit(1);
         }
-        self.out.transport.shutdown();
+        let Outputs { transport, clients, log_reader, .. } = self.out;
+        transport.shutdown();
+        // The log reader stops once it has answered what it holds.
+        drop(log_reader);
+        clients.shut_down(&inputs.disk_replies);
     }
 
     fn now(&self) -> Time {
@@ -118,7 +124,8 @@ impl CoreLoop {
             self.out.shared.set_leader(self.server.leader());
             self.carry_out()?;
             self.publish();
-            METRICS.client_queue.set(inputs.clients.len() as i64);
+            self.out.clients.tidy(&self.out.shared);
+            METRICS.client_queue.set(self.out.clients.queued() as i64);
             METRICS.apply_queue.set(self.out.mirror.len() as i64);
             if self.server.removed() {
                 self.server.begin_stop(self.now());
@@ -137,10 +144,17 @@ impl CoreLoop {
     /// Waits for the network, a wake-up or the next tick, then takes what
     /// is queued. False when the node is to stop.
     fn run_once(&mut self, inputs: &Inputs, next_tick: &mut Instant) -> Result<bool, PersistError> {
-        let wait =
-            if self.queued(inputs) { Duration::ZERO } else { next_tick.saturating_duration_since(Instant::now()) };
-        // Replies and requests from peers land in `inputs.peers`.
-        self.out.transport.poll(wait);
+        let wait = if self.queued(inputs) {
+            Duration::ZERO
+        } else {
+            let tick = next_tick.saturating_duration_since(Instant::now());
+            self.out.clients.look_again_in().map_or(tick, |soon| soon.min(tick))
+        };
+        // Replies and requests from peers land in `inputs.peers`; client
+        // requests in the endpoint's queue.
+        let Outputs { transport, clients, shared, .. } = &mut self.out;
+        let ready = transport.poll(wait, &clients.sockets());
+        clients.on_ready(&ready, shared);
         if !matches!(inputs.stop.try_recv(), Err(TryRecvError::Empty)) {
             return Ok(false);
         }
@@ -166,18 +180,16 @@ impl CoreLoop {
                 self.on_peer(msg);
                 idle = false;
             }
-            // New requests wait while the client endpoint has too many
-            // replies to pass on; a tick looks again.
-            if taken < MAX_CLIENT_BATCH && !self.out.replier.backlog().full() {
-                match inputs.clients.try_recv() {
-                    Ok(call) => {
-                        self.on_client(call);
-                        taken += 1;
-                        idle = false;
-                    }
-                    Err(TryRecvError::Disconnected) => return Ok(false),
-                    Err(TryRecvError::Empty) => {}
-                }
+            if taken < MAX_CLIENT_BATCH
+                && let Some(call) = self.out.clients.next_call()
+            {
+                self.on_client(call);
+                taken += 1;
+                idle = false;
+            }
+            if let Ok((reply_to, reply)) = inputs.disk_replies.try_recv() {
+                self.out.clients.reply(reply_to, &reply);
+                idle = false;
             }
             match inputs.snapshots.try_recv() {
                 Ok(Ok(snapshot)) => self.server.snapshot_saved(snapshot)?,
@@ -194,8 +206,11 @@ impl CoreLoop {
 
     /// Something waits to be taken: no need to wait for the network.
     fn queued(&self, inputs: &Inputs) -> bool {
-        let clients = !inputs.clients.is_empty() && !self.out.replier.backlog().full();
-        clients || !inputs.synced.is_empty() || !inputs.peers.is_empty() || !inputs.snapshots.is_empty()
+        self.out.clients.queued() > 0
+            || !inputs.synced.is_empty()
+            || !inputs.peers.is_empty()
+            || !inputs.snapshots.is_empty()
+            || !inputs.disk_replies.is_empty()
     }
 
     fn on_peer(&mut self, inbound: Inbound) {
@@ -210,8 +225,7 @@ impl CoreLoop {
         messages.into_iter().for_each(|msg| self.out.transport.send(msg));
     }
 
-    fn on_client(&mut self, ClientCall { request, reply_to, bytes }: ClientCall) {
-        self.out.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    fn on_client(&mut self, ClientCall { request, reply_to, .. }: ClientCall) {
         let now = self.now();
         if reply_to.is_forwarded() {
             self.server.forwarded(request, reply_to, now);
@@ -225,9 +239,10 @@ impl CoreLoop {
         for effect in self.server.take_effects() {
             let out = &mut self.out;
             match effect {
-                Effect::Reply(reply_to, reply) => out.replier.send(reply_to, &reply),
+                Effect::Reply(reply_to, reply) => out.clients.reply(reply_to, &reply),
                 Effect::Forward { leader, request, handle } => {
-                    out.replier.forward(Forward { leader, request: encode_request(&request), reply_to: handle })
+                    let forward = Forward { leader, request: encode_request(&request), reply_to: handle };
+                    out.clients.forward(forward, &out.shared)
                 }
                 Effect::Applied { entries, duplicates } => {
                     // Before `last_applied` says the `log` op may read them.
@@ -296,14 +311,14 @@ impl CoreLoop {
 }
 
 impl Outputs {
-    fn read_disk(&self, read: DiskRead) {
+    fn read_disk(&mut self, read: DiskRead) {
         if let Err(TrySendError::Full(read) | TrySendError::Disconnected(read)) = self.log_reader.try_send(read) {
             let reply = Reply::error(
                 ErrorCode::Busy,
                 "too many log or snapshot reads queued; retry later",
                 self.shared.leader(),
             );
-            self.replier.send(read.reply_to(), &reply);
+            self.clients.reply(read.reply_to(), &reply);
         }
     }
 }

@@ -12,8 +12,9 @@ use crossbeam_channel::Receiver;
 use log::error;
 
 use super::Shared;
-use super::replies::{Replier, ReplyTo};
+use super::replies::ReplyTo;
 use crate::kv::command_json;
+use crate::net::wake::WakingSender;
 use crate::raft::Index;
 use crate::storage::LogView;
 use crate::storage::snapshot::Snapshots;
@@ -43,17 +44,26 @@ impl DiskRead {
     }
 }
 
-/// Serves requests until the channel closes.
-pub fn run(view: LogView, snapshots: Snapshots, shared: Arc<Shared>, replier: Replier, requests: Receiver<DiskRead>) {
+/// Serves requests until the channel closes; the replies go to the core
+/// loop, which owns the client endpoint.
+pub fn run(
+    view: LogView,
+    snapshots: Snapshots,
+    shared: Arc<Shared>,
+    replies: WakingSender<(ReplyTo, Reply)>,
+    requests: Receiver<DiskRead>,
+) {
     for request in requests {
-        match request {
-            DiskRead::Log { from, limit, reply_to } => replier.send(reply_to, &read_log(&view, &shared, from, limit)),
+        let reply = match request {
+            DiskRead::Log { from, limit, reply_to } => (reply_to, read_log(&view, &shared, from, limit)),
             DiskRead::Snapshot { index, offset, reply_to } => {
                 let reply = read_snapshot(&snapshots, index, offset)
                     .unwrap_or_else(|message| Reply::error(ErrorCode::BadRequest, message, shared.leader()));
-                replier.send(reply_to, &reply);
+                (reply_to, reply)
             }
-        }
+        };
+        // After the core loop stopped nobody listens, which is fine.
+        let _ = replies.send(reply);
     }
 }
 

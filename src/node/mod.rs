@@ -20,7 +20,7 @@ mod store;
 mod writers;
 
 use std::error::Error;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,7 +45,6 @@ use client_endpoint::{ClientEndpoint, EndpointConfig};
 use core_loop::{CoreLoop, Inputs, Outputs};
 use disk::DiskAlarm;
 use http::{HttpConfig, HttpServer};
-use replies::Replier;
 use server::{Server, ServerConfig};
 use store::NodeStore;
 
@@ -55,8 +54,6 @@ pub struct Shared {
     last_applied: AtomicU64,
     /// Index of the newest snapshot of the state machine (0: none).
     snapshot_index: AtomicU64,
-    /// Bytes of client requests queued for the core loop (backpressure).
-    queued_bytes: AtomicUsize,
     /// The node is stopping: new requests get `shutting_down`.
     stopping: AtomicBool,
     /// Every member's endpoints, as the membership in force says.
@@ -64,10 +61,6 @@ pub struct Shared {
     /// The `status` reply as of the core loop's last tick (`None` before
     /// the first), for the HTTP endpoint.
     status: Mutex<Option<StatusInfo>>,
-    /// The core loop, the applier and the log reader have stopped: every
-    /// reply they will ever give is queued, and the client endpoint may
-    /// close once it has sent them.
-    replies_done: AtomicBool,
 }
 
 impl Shared {
@@ -76,11 +69,9 @@ impl Shared {
             leader: Mutex::new(None),
             last_applied: AtomicU64::new(0),
             snapshot_index: AtomicU64::new(0),
-            queued_bytes: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             members: Mutex::new(Vec::new()),
             status: Mutex::new(None),
-            replies_done: AtomicBool::new(false),
         }
     }
 
@@ -242,21 +233,18 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
         peer_tx,
     )?;
 
-    let replies_endpoint = format!("{}-{id}", Replier::ENDPOINT_PREFIX);
-    let endpoint = ClientEndpoint::bind(
+    let clients = ClientEndpoint::bind(
         &ctx,
         EndpointConfig {
             id,
             client: client_bind.clone(),
             max_request_bytes: config.max_request_bytes,
             forward_timeout: Duration::from_millis(config.request_timeout_ms + 1000),
+            max_queued: CLIENT_QUEUE_LEN,
             max_queued_bytes: CLIENT_QUEUE_BYTES,
             security: security.clone(),
         },
-        &replies_endpoint,
     )?;
-    let (forward_tx, forward_rx) = unbounded();
-    let replier = Replier::connect(&ctx, &replies_endpoint, forward_tx)?;
     let shared = Arc::new(Shared::new());
     *lock(&shared.members) = members.clone();
     let http = match config.http.get(&id) {
@@ -300,19 +288,13 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
             .spawn(move || writers::log_syncer(|| syncer.sync(), sync_rx, synced_tx, |reply| answers.send(reply)))?
     };
     let (log_tx, log_rx) = bounded(log_reader::QUEUE_LEN);
+    let (disk_replies_tx, disk_replies) = unbounded();
+    let disk_replies_tx = WakingSender::new(disk_replies_tx, waker.clone());
     let log_reader = {
-        let (view, shared, replier) = (raft.store().storage.log_view(), shared.clone(), replier.clone());
+        let (view, shared) = (raft.store().storage.log_view(), shared.clone());
         thread::Builder::new()
             .name("log-reader".into())
-            .spawn(move || log_reader::run(view, snapshots, shared, replier, log_rx))?
-    };
-    let (client_tx, client_rx) = bounded(CLIENT_QUEUE_LEN);
-    let client_tx = WakingSender::new(client_tx, waker.clone());
-    let endpoint = {
-        let (shared, core_queue, backlog) = (shared.clone(), client_rx.clone(), replier.backlog().clone());
-        thread::Builder::new()
-            .name("clients".into())
-            .spawn(move || endpoint.run(shared, client_tx, core_queue, forward_rx, backlog))?
+            .spawn(move || log_reader::run(view, snapshots, shared, disk_replies_tx, log_rx))?
     };
 
     ctrlc::set_handler(move || {
@@ -338,7 +320,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let server = Server::new(server_config, raft, kv, last_snapshot, cluster, fingerprint);
     let out = Outputs {
         transport,
-        replier,
+        clients,
         mirror: mirror_tx,
         snapshots: jobs_tx,
         log_reader: log_tx,
@@ -352,7 +334,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     core.run(Inputs {
         tick: Duration::from_millis(tick_ms(config)),
         peers: peer_rx,
-        clients: client_rx,
+        disk_replies,
         snapshots: taken_rx,
         synced: synced_rx,
         stop: stop_rx,
@@ -361,8 +343,6 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
     let _ = mirror.join();
     let _ = snapshotter.join();
     let _ = log_reader.join();
-    shared.replies_done.store(true, Ordering::Release);
-    let _ = endpoint.join();
     drop(http);
     info!("node {id}: stopped");
     Ok(())

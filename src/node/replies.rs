@@ -1,21 +1,10 @@
-//! Getting a reply back to the client that asked.
-//!
-//! ZeroMQ sockets are not thread-safe, so only the client endpoint thread
-//! touches the ROUTER socket. Other threads (the core loop, the applier) hand
-//! replies to it over an inproc PUSH/PULL pair, which also wakes its poll
-//! immediately: a reply's latency is the client's latency.
+//! Getting a reply back to the client that asked: the route a request came
+//! in on, and the requests a follower forwards to the leader.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::Sender;
-use log::error;
-
-use crate::lock;
 use crate::metrics::{METRICS, seconds_since};
 use crate::raft::NodeId;
-use crate::wire::protocol::Reply;
 
 /// The ROUTER routing frames of one request: the client's identity, any
 /// frames its socket adds (a REQ_CORRELATE request id), a forwarding tag when
@@ -74,101 +63,12 @@ impl ReplyTo {
     }
 }
 
-/// A request the server sends on to the leader (`Effect::Forward`), on its
-/// way to the client endpoint, which owns the connection to the leader.
+/// A request the server sends on to the leader (`Effect::Forward`), for
+/// the client endpoint, which owns the connection to the leader.
 pub struct Forward {
     pub leader: NodeId,
     pub request: Vec<u8>,
     pub reply_to: ReplyTo,
-}
-
-/// Cloneable handle that sends replies, and requests to forward, to the
-/// client endpoint thread.
-#[derive(Clone)]
-pub struct Replier {
-    push: Arc<Mutex<zmq::Socket>>,
-    backlog: ReplyBacklog,
-    forwards: Sender<Forward>,
-}
-
-/// Bytes of replies handed to the client endpoint and not yet taken by it.
-/// The core loop takes no new client requests while they exceed
-/// [`ReplyBacklog::LIMIT`]: a client asking for large values faster than
-/// the endpoint thread passes them on would otherwise pile up replies
-/// without bound (on a busy machine, hundreds of MiB of them).
-#[derive(Clone, Default)]
-pub struct ReplyBacklog(Arc<AtomicUsize>);
-
-impl ReplyBacklog {
-    pub const LIMIT: usize = 64 << 20;
-
-    pub fn full(&self) -> bool {
-        self.0.load(Ordering::Acquire) > Self::LIMIT
-    }
-
-    /// The endpoint took a reply of `bytes` off the queue.
-    pub fn taken(&self, bytes: usize) {
-        self.0.fetch_sub(bytes, Ordering::AcqRel);
-    }
-}
-
-impl Replier {
-    pub const ENDPOINT_PREFIX: &'static str = "inproc://raft-zmq-replies";
-
-    /// Connects to the PULL socket the client endpoint bound at `endpoint`;
-    /// requests to forward go to it through `forwards`.
-    pub fn connect(ctx: &zmq::Context, endpoint: &str, forwards: Sender<Forward>) -> zmq::Result<Replier> {
-        let push = ctx.socket(zmq::PUSH)?;
-        push.set_linger(0)?;
-        // Back-pressure rather than unbounded memory if the endpoint lags.
-        push.set_sndhwm(100_000)?;
-        push.connect(endpoint)?;
-        Ok(Replier { push: Arc::new(Mutex::new(push)), backlog: ReplyBacklog::default(), forwards })
-    }
-
-    pub fn backlog(&self) -> &ReplyBacklog {
-        &self.backlog
-    }
-
-    pub fn send(&self, to: ReplyTo, reply: &Reply) {
-        to.record(reply.code());
-        let mut frames = to.route;
-        frames.push(reply.encode());
-        let bytes = frame_bytes(&frames);
-        self.backlog.0.fetch_add(bytes, Ordering::AcqRel);
-        let push = lock(&self.push);
-        if let Err(e) = push.send_multipart(frames, 0) {
-            self.backlog.taken(bytes);
-            error!("cannot hand a reply to the client endpoint: {e}");
-        }
-    }
-}
-
-impl Replier {
-    /// Hands `forward` to the client endpoint and wakes it with an empty
-    /// message, which no reply is (a reply starts with its route). Counted
-    /// in the backlog like a reply until the endpoint takes it.
-    pub fn forward(&self, forward: Forward) {
-        let bytes = forward.request.len();
-        self.backlog.0.fetch_add(bytes, Ordering::AcqRel);
-        if self.forwards.send(forward).is_err() {
-            self.backlog.taken(bytes);
-            return error!("cannot hand a request to forward to the client endpoint: it has stopped");
-        }
-        if let Err(e) = lock(&self.push).send(Vec::new(), 0) {
-            error!("cannot wake the client endpoint: {e}");
-        }
-    }
-}
-
-/// Whether frames from the replies socket are only [`Replier::forward`]'s wake-up.
-pub fn is_wake_up(frames: &[Vec<u8>]) -> bool {
-    frames.iter().all(Vec::is_empty)
-}
-
-/// What a reply's frames weigh in the backlog.
-pub fn frame_bytes(frames: &[Vec<u8>]) -> usize {
-    frames.iter().map(Vec::len).sum()
 }
 
 #[cfg(test)]

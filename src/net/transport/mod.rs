@@ -251,8 +251,10 @@ impl Transport {
 
     /// Waits up to `timeout` for the network, a wake-up or a link's deadline,
     /// and handles whatever is ready: requests and replies go to `inbound`,
-    /// replies given elsewhere leave, overdue requests fail.
-    pub fn poll(&mut self, timeout: Duration) {
+    /// replies given elsewhere leave, overdue requests fail. The sockets in
+    /// `also` (the client endpoint's) are polled too, for reading; returns
+    /// which of them are readable, for their owner to handle.
+    pub fn poll(&mut self, timeout: Duration, also: &[&zmq::Socket]) -> Vec<bool> {
         let now = Instant::now();
         let wait = match self.links.iter().filter_map(|(link, _)| link.next_deadline()).min() {
             Some(deadline) => timeout.min(deadline.saturating_duration_since(now)),
@@ -266,6 +268,7 @@ impl Transport {
             items.extend(
                 awaiting.iter().filter_map(|&i| self.links[i].0.awaiting()).map(|s| s.as_poll_item(zmq::POLLIN)),
             );
+            items.extend(also.iter().map(|s| s.as_poll_item(zmq::POLLIN)));
             match zmq::poll(&mut items, wait_ms) {
                 Ok(_) | Err(zmq::Error::EINTR) => {}
                 Err(e) => error!("raft transport poll failed: {e}"),
@@ -292,6 +295,7 @@ impl Transport {
         }
         self.links.retain(|(link, gone)| !gone || !link.is_idle());
         self.server.expire_staging();
+        ready[2 + awaiting.len()..].to_vec()
     }
 
     /// Wakes the thread in [`Transport::poll`] from any other.
@@ -466,7 +470,7 @@ mod tests {
             let waker = transport.waker();
             let thread = thread::spawn(move || {
                 loop {
-                    transport.poll(Duration::from_millis(50));
+                    transport.poll(Duration::from_millis(50), &[]);
                     loop {
                         match queue.try_recv() {
                             Ok(call) => call(&mut transport),
