@@ -56,6 +56,11 @@ pub struct EndpointConfig {
 /// bound of their own: [`reply_queue_hwm`].
 const QUEUE_HWM: i32 = 100_000;
 
+/// Requests ZeroMQ reads ahead from one client connection while the core
+/// loop is busy (a follower's fsync, a snapshot installed); beyond, that
+/// client waits on TCP. The core loop drains far more than this per round.
+const REQUEST_HWM: i32 = 1_000;
+
 /// Bytes of replies a node holds queued for one connection whose client
 /// does not read them (CONTRACT.md "Limits": 64 MiB), half in ZeroMQ's
 /// queue for the connection and half in its [`Backlog`]; beyond, replies
@@ -107,8 +112,12 @@ impl Forwarder {
     }
 }
 
-/// How often replies held in backlogs try to leave again.
+/// How soon replies held in backlogs try to leave again: at first, and
+/// after one did. Each try that moves nothing doubles the wait, up to
+/// [`BACKLOG_RETRY_MAX`], so that a client that never reads does not keep
+/// the core loop going round for nothing.
 const BACKLOG_RETRY: Duration = Duration::from_millis(1);
+const BACKLOG_RETRY_MAX: Duration = Duration::from_millis(64);
 
 /// Replies to one connection that ZeroMQ's queue for it had no room for
 /// (its client is not reading), oldest first.
@@ -131,6 +140,8 @@ pub struct ClientEndpoint {
     queue: VecDeque<ClientCall>,
     /// The sizes of the requests in `queue`, summed.
     queued_bytes: usize,
+    /// How soon the backlogs try again (see [`BACKLOG_RETRY`]).
+    backlog_retry: Duration,
 }
 
 impl ClientEndpoint {
@@ -142,7 +153,7 @@ impl ClientEndpoint {
         router.set_sndhwm(reply_queue_hwm(cfg.max_request_bytes)).map_err(|e| e.to_string())?;
         // A full queue says EAGAIN instead of dropping the reply in silence.
         router.set_router_mandatory(true).map_err(|e| e.to_string())?;
-        router.set_rcvhwm(QUEUE_HWM).map_err(|e| e.to_string())?;
+        router.set_rcvhwm(REQUEST_HWM).map_err(|e| e.to_string())?;
         cfg.security.server(&router, Domain::Client).map_err(|e| e.to_string())?;
         router.bind(&cfg.client).map_err(|e| bind_problem("client", &cfg.client, &e))?;
         Ok(ClientEndpoint {
@@ -154,6 +165,7 @@ impl ClientEndpoint {
             last_token: 0,
             queue: VecDeque::new(),
             queued_bytes: 0,
+            backlog_retry: BACKLOG_RETRY,
         })
     }
 
@@ -166,7 +178,7 @@ impl ClientEndpoint {
     /// How soon to look again with no input: ZeroMQ tells of no room in one
     /// connection's queue, so while replies wait for some, soon.
     pub fn look_again_in(&self) -> Option<Duration> {
-        (!self.backlogs.is_empty()).then_some(BACKLOG_RETRY)
+        (!self.backlogs.is_empty()).then_some(self.backlog_retry)
     }
 
     /// Takes what the sockets of [`ClientEndpoint::sockets`] that `ready`
@@ -209,17 +221,17 @@ impl ClientEndpoint {
     }
 
     /// On the way out, once the server gave its last replies: every request
-    /// still waiting, and every one that arrives until the replies the log
-    /// reader still gives (`disk_replies`, until it closes) and those the
-    /// backlogs hold have left, gets `shutting_down`.
+    /// still waiting, and every one that arrives until the log reader has
+    /// given its last replies (`disk_replies` closes: its work is bounded)
+    /// and the backlogs have sent theirs (for up to 2 s), gets `shutting_down`.
     pub fn shut_down(mut self, disk_replies: &Receiver<(ReplyTo, Reply)>) {
         while let Some(call) = self.next_call() {
             self.refuse(call.reply_to, ErrorCode::ShuttingDown, "node is shutting down", None);
         }
         self.drop_forwarder();
-        let deadline = Instant::now() + Duration::from_millis(SHUTDOWN_LINGER_MS as u64);
         let mut reader_done = false;
-        while Instant::now() < deadline && !(reader_done && self.backlogs.is_empty()) {
+        let mut deadline = None;
+        while !reader_done || (!self.backlogs.is_empty() && deadline.is_none_or(|d| Instant::now() < d)) {
             loop {
                 match disk_replies.try_recv() {
                     Ok((reply_to, reply)) => self.reply(reply_to, &reply),
@@ -229,6 +241,9 @@ impl ClientEndpoint {
                         break;
                     }
                 }
+            }
+            if reader_done && deadline.is_none() {
+                deadline = Some(Instant::now() + Duration::from_millis(SHUTDOWN_LINGER_MS as u64));
             }
             if self.router.poll(zmq::POLLIN, BACKLOG_RETRY.as_millis() as i64).is_ok_and(|n| n > 0) {
                 while let Ok((mut frames, _)) = recv_with_user(&self.router, zmq::DONTWAIT) {
@@ -295,13 +310,14 @@ impl ClientEndpoint {
     /// Sends what the backlogs hold while their connections take it; forgets
     /// the backlog of a client that went away.
     fn flush_backlogs(&mut self) {
-        let router = &self.router;
+        let (router, mut moved) = (&self.router, false);
         self.backlogs.retain(|_, backlog| {
             while let Some(frames) = backlog.replies.front() {
                 match try_send(router, frames) {
                     Ok(()) => {
                         backlog.bytes -= frames.iter().map(Vec::len).sum::<usize>();
                         backlog.replies.pop_front();
+                        moved = true;
                     }
                     Err(zmq::Error::EAGAIN) => return true,
                     Err(_) => return false,
@@ -309,6 +325,11 @@ impl ClientEndpoint {
             }
             false
         });
+        self.backlog_retry = if moved || self.backlogs.is_empty() {
+            BACKLOG_RETRY
+        } else {
+            (self.backlog_retry * 2).min(BACKLOG_RETRY_MAX)
+        };
     }
 
     fn refuse(&mut self, reply_to: ReplyTo, code: ErrorCode, message: impl Into<String>, leader: Option<NodeId>) {

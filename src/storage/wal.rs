@@ -214,13 +214,17 @@ pub struct Wal {
 
 impl Wal {
     /// Creates a log that holds `hard_state` and starts at `start` (so
-    /// `start.restart` should be set), durably, in a new segment of `dir`;
-    /// then deletes the segments it had before.
+    /// `start.restart` should be set), durably, in a new segment of `dir`,
+    /// in place of the segments it had. Those are deleted first: they hold
+    /// nothing the callers need (a start or a move that a crash cut short,
+    /// done again), and the newest may end in reserved space, which would
+    /// read as damage once another segment follows it.
     pub fn create(dir: &Path, hard_state: HardState, start: Start) -> Result<Wal, String> {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         fsync_dir(dir.parent().unwrap_or(Path::new(".")))?;
         let old = list_segments(dir)?;
         let segment = old.last().map_or(1, |last| last + 1);
+        delete_segments(dir, &old)?;
         let (file, len) = new_segment(dir, segment, &hard_state, &start, SEGMENT_BYTES)?;
         let mut locations = Locations::default();
         locations.apply_start(&start);
@@ -236,7 +240,6 @@ impl Wal {
             start,
             locations: Arc::new(RwLock::new(locations)),
         };
-        delete_segments(dir, &old)?;
         Ok(wal)
     }
 

@@ -271,7 +271,12 @@ impl Transport {
             items.extend(also.iter().map(|s| s.as_poll_item(zmq::POLLIN)));
             match zmq::poll(&mut items, wait_ms) {
                 Ok(_) | Err(zmq::Error::EINTR) => {}
-                Err(e) => error!("raft transport poll failed: {e}"),
+                Err(e) => {
+                    // Waited out all the same, so that an error that stays
+                    // cannot turn the core loop into a busy loop.
+                    error!("raft transport poll failed: {e}");
+                    std::thread::sleep(wait);
+                }
             }
             items.iter().map(zmq::PollItem::is_readable).collect()
         };

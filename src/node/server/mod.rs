@@ -986,8 +986,11 @@ impl<S: NodeStorage, H> ReadySink<S> for ReadyShell<'_, H> {
         (self.send)(msg);
     }
 
+    /// A leader, or a node whose syncs from when it led are still under way:
+    /// its acknowledgements queue behind those, in order.
     fn syncs_later(&self) -> bool {
-        self.app.cfg.sync_later && self.app.role == Role::Leader
+        let app = &self.app;
+        app.cfg.sync_later && (app.role == Role::Leader || app.syncs_done < app.syncs_issued)
     }
 
     /// Acknowledgements with no write of their own and no sync to wait
