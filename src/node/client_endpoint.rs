@@ -15,7 +15,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
@@ -142,6 +141,8 @@ pub struct ClientEndpoint {
     queued_bytes: usize,
     /// How soon the backlogs try again (see [`BACKLOG_RETRY`]).
     backlog_retry: Duration,
+    /// The node is stopping: checked requests get `shutting_down`.
+    stopping: bool,
 }
 
 impl ClientEndpoint {
@@ -166,6 +167,7 @@ impl ClientEndpoint {
             queue: VecDeque::new(),
             queued_bytes: 0,
             backlog_retry: BACKLOG_RETRY,
+            stopping: false,
         })
     }
 
@@ -224,7 +226,8 @@ impl ClientEndpoint {
     /// still waiting, and every one that arrives until the log reader has
     /// given its last replies (`disk_replies` closes: its work is bounded)
     /// and the backlogs have sent theirs (for up to 2 s), gets `shutting_down`.
-    pub fn shut_down(mut self, disk_replies: &Receiver<(ReplyTo, Reply)>) {
+    pub fn shut_down(mut self, disk_replies: &Receiver<(ReplyTo, Reply)>, shared: &Shared) {
+        self.stopping = true;
         while let Some(call) = self.next_call() {
             self.refuse(call.reply_to, ErrorCode::ShuttingDown, "node is shutting down", None);
         }
@@ -246,17 +249,7 @@ impl ClientEndpoint {
                 deadline = Some(Instant::now() + Duration::from_millis(SHUTDOWN_LINGER_MS as u64));
             }
             if self.router.poll(zmq::POLLIN, BACKLOG_RETRY.as_millis() as i64).is_ok_and(|n| n > 0) {
-                while let Ok((mut frames, _)) = recv_with_user(&self.router, zmq::DONTWAIT) {
-                    if let Some(delimiter) = frames.iter().position(|f| f.is_empty()) {
-                        frames.truncate(delimiter + 1);
-                        self.refuse(
-                            ReplyTo::new(frames, false),
-                            ErrorCode::ShuttingDown,
-                            "node is shutting down",
-                            None,
-                        );
-                    }
-                }
+                self.on_ready(&[true], shared);
             }
             self.flush_backlogs();
         }
@@ -367,7 +360,7 @@ impl ClientEndpoint {
                 format!("request is {} bytes; max_request_bytes is {}", request.len(), self.cfg.max_request_bytes);
             return self.refuse(reply_to, ErrorCode::TooLarge, message, leader);
         }
-        if shared.stopping.load(Ordering::Acquire) {
+        if self.stopping {
             return self.refuse(reply_to, ErrorCode::ShuttingDown, "node is shutting down", leader);
         }
         let decoded = match decode_request(&request) {

@@ -96,11 +96,11 @@ impl CoreLoop {
             error!("node {id}: stopping at once: {e}; restart it once its disk is fine");
             std::process::exit(1);
         }
-        let Outputs { transport, clients, log_reader, .. } = self.out;
+        let Outputs { transport, clients, log_reader, shared, .. } = self.out;
         transport.shutdown();
         // The log reader stops once it has answered what it holds.
         drop(log_reader);
-        clients.shut_down(&inputs.disk_replies);
+        clients.shut_down(&inputs.disk_replies, &shared);
     }
 
     fn now(&self) -> Time {
@@ -134,8 +134,6 @@ impl CoreLoop {
                 break;
             }
         }
-        // New requests get `shutting_down` from the client endpoint from now on.
-        self.out.shared.stopping.store(true, Ordering::Release);
         self.server.shut_down()?;
         self.carry_out()?;
         Ok(())

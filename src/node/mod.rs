@@ -20,7 +20,7 @@ mod store;
 mod writers;
 
 use std::error::Error;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -54,8 +54,6 @@ pub struct Shared {
     last_applied: AtomicU64,
     /// Index of the newest snapshot of the state machine (0: none).
     snapshot_index: AtomicU64,
-    /// The node is stopping: new requests get `shutting_down`.
-    stopping: AtomicBool,
     /// Every member's endpoints, as the membership in force says.
     members: Mutex<Vec<Member>>,
     /// The `status` reply as of the core loop's last tick (`None` before
@@ -69,7 +67,6 @@ impl Shared {
             leader: Mutex::new(None),
             last_applied: AtomicU64::new(0),
             snapshot_index: AtomicU64::new(0),
-            stopping: AtomicBool::new(false),
             members: Mutex::new(Vec::new()),
             status: Mutex::new(None),
         }

@@ -246,6 +246,11 @@ impl Transport {
                 self.links.push((self.settings.link(peer, endpoint), false));
             }
         }
+        self.drop_finished_links();
+    }
+
+    /// Links to gone members go once their last request is answered.
+    fn drop_finished_links(&mut self) {
         self.links.retain(|(link, gone)| !gone || !link.is_idle());
     }
 
@@ -298,7 +303,7 @@ impl Transport {
         for (link, _) in &mut self.links {
             link.go_on(now);
         }
-        self.links.retain(|(link, gone)| !gone || !link.is_idle());
+        self.drop_finished_links();
         self.server.expire_staging();
         ready[2 + awaiting.len()..].to_vec()
     }

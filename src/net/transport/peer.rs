@@ -264,10 +264,8 @@ impl Link {
                 }
                 stream.offset = next;
                 exchange.snapshot = Some(stream);
-                match self.send_piece(&mut exchange, now) {
-                    Ok(()) => self.state = State::Exchanging(Box::new(exchange)),
-                    Err(failure) => self.fail(failure, exchange.began),
-                }
+                let sent = self.send_piece(&mut exchange, now);
+                self.await_reply(exchange, sent);
             }
             (reply, chunk) => {
                 let unexpected = format!("unexpected answer {reply:?} with {chunk:?}");
@@ -289,6 +287,11 @@ impl Link {
                 .map_err(Failure::from)
                 .and_then(|request| self.send_request(request, &mut exchange, self.reply_timeout, now)),
         };
+        self.await_reply(exchange, sent);
+    }
+
+    /// After a request of `exchange` was put on the wire (`sent`), or not.
+    fn await_reply(&mut self, exchange: Exchange, sent: Result<(), Failure>) {
         match sent {
             Ok(()) => self.state = State::Exchanging(Box::new(exchange)),
             Err(failure) => self.fail(failure, exchange.began),
