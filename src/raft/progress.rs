@@ -17,7 +17,7 @@ pub struct Progress {
     pub inflight_since: Option<u64>,
     /// Highest read round the follower acknowledged in this term.
     pub read_acked: u64,
-    /// Commit index last sent, so the follower learns of new commits promptly.
+    /// Commit index last sent, so the follower learns of new commits within a tick.
     pub commit_sent: Index,
     /// Heard from in the current CheckQuorum window.
     pub recent_active: bool,

@@ -1103,6 +1103,26 @@ fn an_unanswered_append_is_sent_again_only_after_the_inflight_timeout() {
     assert!(count_sent(&c, leader, a, carries_entries) >= 2, "never sent again");
 }
 
+#[test]
+fn a_commit_alone_reaches_followers_at_the_next_tick_or_with_the_next_entries() {
+    let (mut c, leader, a, b, _) = settled();
+    c.net.sent.clear();
+    let (index, _) = c.propose(leader, b"one");
+    assert_eq!(c.raft(leader).commit_index(), index);
+    for id in [a, b] {
+        assert_eq!(count_sent(&c, leader, id, |_| true), 1, "one round to node {id}, not a second for the commit");
+        assert_eq!(c.raft(id).commit_index(), index - 1, "node {id}");
+    }
+    c.propose(leader, b"two");
+    for id in [a, b] {
+        assert_eq!(c.raft(id).commit_index(), index, "node {id}: the next entries carry the commit");
+    }
+    c.run(1);
+    for id in [a, b] {
+        assert_eq!(c.raft(id).commit_index(), index + 1, "node {id}: told at the next tick");
+    }
+}
+
 // ----- leadership transfer -------------------------------------------------
 
 /// A settled 3-node cluster: (leader, a follower, the other follower, term).
@@ -1134,6 +1154,7 @@ fn transfer_to_an_up_to_date_follower_hands_over_in_the_next_term() {
     assert_eq!(c.raft(other).soft_state(), expected);
     assert_eq!(c.raft(target).soft_state().term, term + 1, "one election, no split vote");
     c.propose(target, b"after");
+    c.run(1);
     for id in 1..=3 {
         assert_eq!(c.commands(id), vec![b"before".to_vec(), b"after".to_vec()], "node {id}");
     }

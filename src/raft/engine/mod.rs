@@ -106,6 +106,9 @@ pub(super) enum RoleState {
 pub(super) struct Leadership {
     heartbeat_elapsed: u64,
     heartbeat_due: bool,
+    /// A tick passed since the last round: a follower behind on the commit
+    /// index hears of it in the next, even with nothing else to send.
+    commit_due: bool,
     /// The follower it is handing leadership to.
     transfer: Option<Transfer>,
     /// Number of ReadIndex rounds started; AppendEntries carry it and
@@ -126,6 +129,7 @@ impl Leadership {
             heartbeat_elapsed: 0,
             // A new leader announces itself at once.
             heartbeat_due: true,
+            commit_due: false,
             transfer: None,
             read_seq: 0,
             pending_reads: VecDeque::new(),

@@ -20,14 +20,19 @@ pub(super) struct Rejection {
 
 impl Leadership {
     /// Whether the follower at `pr` is due an AppendEntries: none in flight
-    /// and something to tell it (entries, the commit index, a heartbeat or
-    /// a read round).
+    /// and something to tell it (entries, a heartbeat, a read round, or a
+    /// commit index it has not heard). A new commit index alone waits for
+    /// the next tick, unless nothing was ever sent to the follower (a member
+    /// just added is probed at once): the next entries carry it anyway, and
+    /// a round of its own after every commit doubled the messages a write
+    /// costs under light load.
     pub(in crate::raft) fn wants_append(&self, pr: &Progress, last_index: Index, committed: Index) -> bool {
+        let unheard_commit = pr.commit_sent < committed && (self.commit_due || pr.commit_sent == 0);
         pr.inflight_since.is_none()
             && pr.pending_snapshot.is_none()
             && (self.heartbeat_due
                 || pr.next <= last_index
-                || pr.commit_sent < committed
+                || unheard_commit
                 || (!self.pending_reads.is_empty() && pr.read_acked < self.read_seq))
     }
 }
@@ -39,6 +44,7 @@ impl<S: LogStore> Raft<S> {
     pub(super) fn tick_replication(&mut self) {
         let RoleState::Leader(lead) = &mut self.state else { return };
         lead.heartbeat_elapsed += 1;
+        lead.commit_due = true;
         if lead.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
             lead.heartbeat_elapsed = 0;
             lead.heartbeat_due = true;
@@ -234,6 +240,7 @@ impl<S: LogStore> Raft<S> {
             .map(|(id, _)| id)
             .collect();
         lead.heartbeat_due = false;
+        lead.commit_due = false;
         let read_seq = lead.read_seq;
         for to in wanting {
             let pr = self.tracker.progress(to).expect("listed above");
