@@ -38,6 +38,7 @@ use log::warn;
 
 use crate::raft::{Index, Membership, NodeId, SnapshotMeta, Term};
 use crate::storage::disk_space::free_bytes;
+use crate::storage::start_writeback;
 
 /// Version of the snapshot file format: the number in its first line, `raft-zmq snapshot 2`.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
@@ -237,17 +238,6 @@ fn unknown_format(bytes: &[u8]) -> String {
         ),
         None => "not a raft-zmq snapshot (bad header)".into(),
     }
-}
-
-/// Starts writing `len` bytes at `offset` of `file` to the disk without
-/// waiting, so that the fsync once the last piece is in (on the core loop)
-/// waits for the last pieces only, however big the snapshot. A hint: the
-/// fsync is what makes the file durable, so a failure here changes nothing.
-fn start_writeback(file: &File, offset: u64, len: usize) {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else { return };
-    // SAFETY: the descriptor is open for as long as `file` is borrowed.
-    unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// Where a node's snapshots live, inside its state dir.
