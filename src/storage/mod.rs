@@ -826,8 +826,6 @@ fn list_names(dir: &Path) -> io::Result<HashSet<OsString>> {
     fs::read_dir(dir)?.map(|entry| entry.map(|e| e.file_name())).collect()
 }
 
-/// `fsync` on a file or a directory (on Linux a directory opened read-only
-/// can be fsynced, which makes the names in it durable).
 /// Starts writing `len` bytes at `offset` of `file` to the disk without
 /// waiting for them, so that a large file's fsync waits for the last of
 /// them only, and the device gets them spread out rather than all at once.
@@ -840,6 +838,8 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: usize) {
     unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
+/// `fsync` on a file or a directory (on Linux a directory opened read-only
+/// can be fsynced, which makes the names in it durable).
 fn fsync_path(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
