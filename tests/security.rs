@@ -38,9 +38,19 @@ fn client_args(cluster: &TestCluster, id: usize) -> Vec<String> {
 /// Runs `raft-zmq client` until it exits 0 (a node may still be settling),
 /// and returns its stdout.
 fn cli_ok(args: &[String]) -> String {
-    wait_for(&format!("`raft-zmq {}` to succeed", args.join(" ")), || {
-        let exited = run_to_exit(args);
-        exited.status.success().then_some(exited.stdout)
+    let mut last = None;
+    let what = format!("`raft-zmq {}` to succeed", args.join(" "));
+    let succeeded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(&what, || {
+            let exited = run_to_exit(args);
+            let ok = exited.status.success().then(|| exited.stdout.clone());
+            last = Some(exited);
+            ok
+        })
+    }));
+    succeeded.unwrap_or_else(|_| {
+        let said = last.map(|e| format!("{}: {}{}", e.status, e.stdout, e.stderr)).unwrap_or_default();
+        panic!("{what}: the last try said {said}")
     })
 }
 
