@@ -421,11 +421,11 @@ impl Wal {
         if self.next.as_ref()?.handle.as_ref().is_some_and(|handle| !handle.is_finished()) {
             return None;
         }
-        let Prepared { handle, bytes, path } = self.next.take()?;
+        let Prepared { handle, bytes } = self.next.take()?;
         match handle?.join().expect("the thread making a segment ahead panicked") {
             Ok(file) if bytes == self.segment_bytes => Some(file),
             Ok(_) => {
-                let _ = fs::remove_file(&path);
+                let _ = fs::remove_file(self.dir.join(PREPARED));
                 None
             }
             Err(e) => {
@@ -687,14 +687,20 @@ fn new_segment(
         .create_new(true)
         .open(&path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    let mut batch = Batch { bytes: HEADER.to_vec(), ..Batch::default() };
-    batch.hard_state(hard_state);
-    batch.start(start);
-    file.write_all_at(&batch.bytes, 0).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let first = first_records(hard_state, start);
+    file.write_all_at(&first, 0).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     reserve_space(&file, reserve);
     file.sync_all().map_err(|e| format!("cannot fsync {}: {e}", path.display()))?;
     fsync_dir(dir)?;
-    Ok((Arc::new(file), batch.bytes.len() as u64))
+    Ok((Arc::new(file), first.len() as u64))
+}
+
+/// What a segment begins with: the header, the hard state and the start.
+fn first_records(hard_state: &HardState, start: &Start) -> Vec<u8> {
+    let mut batch = Batch { bytes: HEADER.to_vec(), ..Batch::default() };
+    batch.hard_state(hard_state);
+    batch.start(start);
+    batch.bytes
 }
 
 /// Makes the next segment in place of the one made ahead, `file`: its
@@ -709,20 +715,18 @@ fn install_segment(
     start: &Start,
 ) -> Result<(Arc<File>, u64), String> {
     let path = segment_path(dir, segment);
-    let mut batch = Batch { bytes: HEADER.to_vec(), ..Batch::default() };
-    batch.hard_state(hard_state);
-    batch.start(start);
+    let first = first_records(hard_state, start);
     let prepared = dir.join(PREPARED);
     // As `create_new` refuses for a segment made here: never replace one.
     if fs::symlink_metadata(&path).is_ok() {
         return Err(format!("cannot create {}: it exists already", path.display()));
     }
-    file.write_all_at(&batch.bytes, 0).map_err(|e| format!("cannot write {}: {e}", prepared.display()))?;
+    file.write_all_at(&first, 0).map_err(|e| format!("cannot write {}: {e}", prepared.display()))?;
     file.sync_data().map_err(|e| format!("cannot fsync {}: {e}", prepared.display()))?;
     fs::rename(&prepared, &path)
         .map_err(|e| format!("cannot rename {} to {}: {e}", prepared.display(), path.display()))?;
     fsync_dir(dir)?;
-    Ok((Arc::new(file), batch.bytes.len() as u64))
+    Ok((Arc::new(file), first.len() as u64))
 }
 
 /// Where the next segment's file is made ahead: not a segment's name, so
@@ -734,7 +738,6 @@ const PREPARED: &str = "next.wal.tmp";
 struct Prepared {
     handle: Option<JoinHandle<Result<File, String>>>,
     bytes: u64,
-    path: PathBuf,
 }
 
 /// Starts making a file of `bytes` zeros in `dir`, written and synced, for
@@ -747,8 +750,7 @@ struct Prepared {
 /// file, 2 writes and 0.22 ms into one written with zeros first). Off the
 /// appending thread: writing 8 MiB takes tens of milliseconds.
 fn prepare(dir: &Path, bytes: u64) -> Prepared {
-    let path = dir.join(PREPARED);
-    let target = path.clone();
+    let target = dir.join(PREPARED);
     let spawned = thread::Builder::new().name("wal-ahead".into()).spawn(move || {
         let made = zero_filled(&target, bytes);
         if made.is_err() {
@@ -758,7 +760,7 @@ fn prepare(dir: &Path, bytes: u64) -> Prepared {
         made
     });
     let handle = spawned.map_err(|e| log::debug!("cannot start making a log segment ahead: {e}")).ok();
-    Prepared { handle, bytes, path }
+    Prepared { handle, bytes }
 }
 
 fn zero_filled(path: &Path, bytes: u64) -> Result<File, String> {
@@ -1062,11 +1064,8 @@ mod tests {
             write(&mut wal, None, &[entry(1, 1)]);
             seal(wal);
         }
-        let mut first_records = Batch { bytes: HEADER.to_vec(), ..Batch::default() };
-        first_records.hard_state(&HardState::default());
-        first_records.start(&Start::default());
-        let torn_starts =
-            [HEADER[..4].to_vec(), vec![0; 64], first_records.bytes[..first_records.bytes.len() - 3].to_vec()];
+        let first = first_records(&HardState::default(), &Start::default());
+        let torn_starts = [HEADER[..4].to_vec(), vec![0; 64], first[..first.len() - 3].to_vec()];
         for (i, torn) in torn_starts.into_iter().enumerate() {
             fs::write(segment_path(tmp.path(), 2), torn).unwrap();
             let (mut wal, replayed) = reopen(tmp.path());
