@@ -417,3 +417,25 @@ fn a_log_reply_is_capped_by_bytes_and_the_rest_pages_on() {
     }
     assert!(pages >= 3, "six entries of 400 kB take at least three pages of 1 MiB, took {pages}");
 }
+
+/// `raft-zmq bench` drives acknowledged puts, and with `--op get`
+/// linearizable gets of keys it writes first, and says how many it made.
+#[test]
+fn bench_runs_puts_and_gets_against_the_leader() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader();
+    let config = cluster.config_path.to_str().unwrap();
+    for (op, done) in [("put", "puts"), ("get", "gets")] {
+        let args = ["bench", "--config", config, "--op", op, "--clients", "2", "--duration", "1", "--keys", "5"];
+        let exited = run_to_exit(args);
+        assert!(exited.status.success(), "bench --op {op}: {}{}", exited.stdout, exited.stderr);
+        let made = exited.stdout.lines().find_map(|line| {
+            let count = line.strip_prefix("ok ")?.split_once(&format!(" {done}, "))?.0;
+            count.parse::<u64>().ok()
+        });
+        assert!(made.is_some_and(|n| n > 0), "bench --op {op} made no {done}: {}", exited.stdout);
+    }
+    // What the gets read: the bench's own writes, 64-byte values by default.
+    let Reply::Get { value } = cluster.call_ok(leader, &get("k4")) else { panic!() };
+    assert_eq!(value, Some(Value::Str("v".repeat(64))));
+}

@@ -86,8 +86,18 @@ pub struct LoggedCommand {
 
 impl LoggedCommand {
     pub fn encode(&self) -> Vec<u8> {
+        // Sized up front: regrowing the buffer through a value copies it over and over.
+        let text = |v: &Value| v.as_bytes().len();
+        let data = match &self.command {
+            Command::Put { key, value } => text(key) + text(value),
+            Command::Delete { key } => text(key),
+            Command::Cas { key, expect, value } => text(key) + expect.as_ref().map_or(0, text) + text(value),
+            Command::Propose { command } => command.len(),
+        };
+        let mut bytes = Vec::with_capacity(128 + data + self.client_id.as_ref().map_or(0, String::len));
         // Plain strings, bytes, integers and enums: MessagePack can hold them all.
-        rmp_serde::to_vec_named(self).expect("a LoggedCommand is always serializable")
+        rmp_serde::encode::write_named(&mut bytes, self).expect("a LoggedCommand is always serializable");
+        bytes
     }
 
     pub fn decode(bytes: &[u8]) -> Result<LoggedCommand, String> {
@@ -97,11 +107,19 @@ impl LoggedCommand {
     /// Written straight into one buffer: the mirror formats every applied
     /// entry on every node.
     fn to_json(&self, duplicate: bool) -> String {
-        let mut out = Vec::with_capacity(96);
+        let fields = write_fields(&self.command, self.client_id.as_deref(), self.seq);
+        // Sized up front (unless escapes make it longer): regrowing the
+        // buffer through a value copies it over and over.
+        let size = |field: &Field| match field {
+            Field::Value(Some(Value::Str(s))) => s.len(),
+            Field::Text(s) => s.len(),
+            Field::Value(Some(Value::Bin(b))) => 12 + 2 * b.len(),
+            Field::Value(None) | Field::Uint(_) => 20,
+        };
+        let mut out =
+            Vec::with_capacity(16 + fields.iter().map(|(name, field)| 6 + name.len() + size(field)).sum::<usize>());
         out.push(b'{');
-        for (i, (name, field)) in
-            write_fields(&self.command, self.client_id.as_deref(), self.seq).into_iter().enumerate()
-        {
+        for (i, (name, field)) in fields.into_iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }

@@ -145,8 +145,9 @@ impl Caller {
 }
 
 /// Receives one multipart message, with the User-Id of the connection it
-/// came on (`None` without CURVE): who sent it, as its key proved.
-pub fn recv_with_user(socket: &zmq::Socket, flags: i32) -> zmq::Result<(Vec<Vec<u8>>, Option<String>)> {
+/// came on (`None` without CURVE): who sent it, as its key proved. The
+/// frames stay ZeroMQ's: a request is read where it landed, not copied.
+pub fn recv_with_user(socket: &zmq::Socket, flags: i32) -> zmq::Result<(Vec<zmq::Message>, Option<String>)> {
     let mut frames = Vec::new();
     let mut user = None;
     loop {
@@ -157,7 +158,7 @@ pub fn recv_with_user(socket: &zmq::Socket, flags: i32) -> zmq::Result<(Vec<Vec<
             user = frame.gets("User-Id").filter(|user| !user.is_empty()).map(str::to_owned);
         }
         let more = frame.get_more();
-        frames.push(frame.to_vec());
+        frames.push(frame);
         if !more {
             return Ok((frames, user));
         }

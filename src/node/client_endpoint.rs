@@ -329,7 +329,7 @@ impl ClientEndpoint {
         self.reply(reply_to, &Reply::error(code, message, leader));
     }
 
-    fn on_request(&mut self, mut frames: Vec<Vec<u8>>, caller: Caller, shared: &Shared) {
+    fn on_request(&mut self, mut frames: Vec<zmq::Message>, caller: Caller, shared: &Shared) {
         // [routing frames..., empty delimiter, request]
         let Some(delimiter) = frames.iter().position(|f| f.is_empty()) else {
             debug!("dropping a request without an empty delimiter frame");
@@ -338,9 +338,9 @@ impl ClientEndpoint {
         let body = frames.split_off(delimiter + 1);
         // Only a node forwards: a client's claim to be forwarded is ignored.
         let forwarder = matches!(caller, Caller::Node(_) | Caller::Anyone);
-        let mut reply_to = ReplyTo::new(frames, forwarder);
+        let mut reply_to = ReplyTo::new(frames.iter().map(|f| f.to_vec()).collect(), forwarder);
         let leader = shared.leader();
-        let [request] = <[Vec<u8>; 1]>::try_from(body).unwrap_or_default();
+        let [request] = <[zmq::Message; 1]>::try_from(body).unwrap_or_else(|_| [zmq::Message::new()]);
         // First, whatever else is wrong with it, on whichever node it arrives:
         // a node forwards only what its client may ask.
         if !self.cfg.security.may_administer(caller) && is_admin_request(&request) {

@@ -80,6 +80,14 @@ pub enum Body {
 }
 
 impl Message {
+    /// Rough wire size of the entries it carries (0 for other messages).
+    pub fn approx_size(&self) -> usize {
+        match &self.body {
+            Body::AppendEntries { entries, .. } => entries.iter().map(Entry::approx_size).sum(),
+            _ => 0,
+        }
+    }
+
     /// Checks what the receiver relies on and a peer could get wrong (through
     /// a bug, a version skew or malice): entries that follow `prev` without a
     /// gap and with non-decreasing terms no newer than the message, terms

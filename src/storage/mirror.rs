@@ -63,6 +63,8 @@ pub struct Mirror {
     /// Bytes in the current file.
     len: u64,
     rotation: Option<Rotation>,
+    /// The line being written, kept to be reused.
+    line: Vec<u8>,
 }
 
 impl Mirror {
@@ -84,6 +86,7 @@ impl Mirror {
             last_term: 0,
             len: 0,
             rotation: None,
+            line: Vec::new(),
         };
         mirror.cut_invalid_tail()?;
         Ok(mirror)
@@ -112,17 +115,24 @@ impl Mirror {
             return Err(self.error(format!("entry {index} would leave a gap after line {}", self.last_index)));
         }
         // The reader would reject such a line and cut the file there.
-        if json.is_empty() || json.bytes().any(|b| b < 0x20) {
+        if json.is_empty() || has_control_bytes(json.as_bytes()) {
             return Err(self.error(format!("entry {index}: command {json:?} is not compact one-line JSON")));
         }
         if self.rotation.is_some_and(|r| (index - 1).is_multiple_of(r.every)) && self.len > 0 {
             self.rotate()?;
         }
-        self.write_line(index, term, &format!("{index}, {term}, {json}"))
+        // Into a buffer kept for the next line: this runs for every entry applied.
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        write!(line, "{index}, {term}, {json}").expect("writing to memory cannot fail");
+        let written = self.write_line(index, term, &line);
+        self.line = line;
+        written
     }
 
-    fn write_line(&mut self, index: Index, term: Term, line: &str) -> Result<(), MirrorError> {
-        writeln!(self.out, "{line}").map_err(|e| self.error(format!("cannot append line {index}: {e}")))?;
+    fn write_line(&mut self, index: Index, term: Term, line: &[u8]) -> Result<(), MirrorError> {
+        let mut write = || self.out.write_all(line).and_then(|()| self.out.write_all(b"\n"));
+        write().map_err(|e| self.error(format!("cannot append line {index}: {e}")))?;
         self.len += line.len() as u64 + 1;
         self.last_index = index;
         self.last_term = term;
@@ -154,7 +164,7 @@ impl Mirror {
         self.out = BufWriter::new(file);
         self.len = 0;
         let (index, term) = (self.last_index, self.last_term);
-        self.write_line(index, term, &format!("{SNAPSHOT_PREFIX}{index}, {term}"))
+        self.write_line(index, term, format!("{SNAPSHOT_PREFIX}{index}, {term}").as_bytes())
     }
 
     /// Appends `# snapshot <index>, <term>`; numbering continues at
@@ -164,7 +174,7 @@ impl Mirror {
         if index <= self.last_index {
             return Ok(());
         }
-        self.write_line(index, term, &format!("{SNAPSHOT_PREFIX}{index}, {term}"))
+        self.write_line(index, term, format!("{SNAPSHOT_PREFIX}{index}, {term}").as_bytes())
     }
 
     /// Hands buffered lines to the OS. No fsync: after a crash the mirror is
@@ -229,10 +239,16 @@ fn scan(file: &File) -> io::Result<(u64, (Index, Term), Option<String>)> {
     }
 }
 
+/// Whether `bytes` holds a byte below 0x20 (`\n` among them). Without an
+/// early exit, so that it compiles to vector code: every line is checked.
+fn has_control_bytes(bytes: &[u8]) -> bool {
+    bytes.iter().fold(false, |found, &b| found | (b < 0x20))
+}
+
 /// Parses one line (without its `\n`) that must follow a line with index
 /// `last`; returns its index and term.
 fn parse_line(body: &[u8], last: Index) -> Result<(Index, Term), String> {
-    if body.iter().any(|&b| b < 0x20) {
+    if has_control_bytes(body) {
         return Err("control characters (power-loss garbage?)".to_string());
     }
     let text = std::str::from_utf8(body).map_err(|_| "not UTF-8".to_string())?;

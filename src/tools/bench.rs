@@ -1,6 +1,6 @@
-//! `raft-zmq bench`: N concurrent clients issue acknowledged puts against a
-//! running cluster for a fixed time; prints throughput and latency
-//! percentiles from an HDR histogram.
+//! `raft-zmq bench`: N concurrent clients issue acknowledged puts (or
+//! linearizable gets) against a running cluster for a fixed time; prints
+//! throughput and latency percentiles from an HDR histogram.
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,15 +13,35 @@ use crate::config::{Config, Member};
 use crate::kv::{Command, Value};
 use crate::wire::protocol::{Reply, Request};
 
+/// What the clients send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Op {
+    Put,
+    /// Linearizable gets of keys written once before the clock starts.
+    Get,
+}
+
+impl Op {
+    fn plural(self) -> &'static str {
+        match self {
+            Op::Put => "puts",
+            Op::Get => "gets",
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
+    /// What each client sends.
+    #[arg(long, value_enum, default_value_t = Op::Put)]
+    pub op: Op,
     /// Concurrent clients, each with its own connection and one request in flight.
     #[arg(long, default_value_t = 16)]
     pub clients: usize,
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
-    /// Number of distinct keys written.
+    /// Number of distinct keys written or read.
     #[arg(long, default_value_t = 1000)]
     pub keys: u64,
     /// Size of each value in bytes.
@@ -50,16 +70,32 @@ pub fn run(config: &Config, args: &BenchArgs) -> Result<(), Box<dyn std::error::
     let node = config.nodes.iter().find(|m| m.client == endpoint);
     let curve = keys.towards(node.and_then(|m| config.node_key(m.id)));
     println!(
-        "bench: {} clients, {:.1}s, {} keys, {}-byte values, against {endpoint}",
-        args.clients, args.duration, args.keys, args.value_size
+        "bench: {} clients, {} {}, {:.1}s, {} keys, {}-byte values, against {endpoint}",
+        args.clients,
+        args.op.plural(),
+        if args.op == Op::Get { "(linearizable)" } else { "(acknowledged)" },
+        args.duration,
+        args.keys,
+        args.value_size
     );
+    if args.op == Op::Get {
+        let mut client = Client::new(&ctx, &endpoint, Duration::from_secs(5)).with_curve(curve.clone());
+        let value = Value::Str("v".repeat(args.value_size));
+        for key in 0..args.keys.max(1) {
+            let command = Command::Put { key: Value::Str(format!("k{key}")), value: value.clone() };
+            match client.call(&Request::Write { command, client_id: None, seq: None }) {
+                Ok(Reply::Put { .. }) => {}
+                other => return Err(format!("cannot write key k{key} to read later: {other:?}").into()),
+            }
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
     let started = Instant::now();
     let workers: Vec<_> = (0..args.clients)
         .map(|i| {
             let client = Client::new(&ctx, &endpoint, Duration::from_secs(5)).with_curve(curve.clone());
-            let (keys, value_size) = (args.keys.max(1), args.value_size);
-            thread::spawn(move || run_client(client, i as u64, keys, value_size, deadline))
+            let (op, keys, value_size) = (args.op, args.keys.max(1), args.value_size);
+            thread::spawn(move || run_client(client, op, i as u64, keys, value_size, deadline))
         })
         .collect();
     let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -71,8 +107,9 @@ pub fn run(config: &Config, args: &BenchArgs) -> Result<(), Box<dyn std::error::
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
+    let ops = args.op.plural();
     println!(
-        "ok {} puts, {errors} errors in {elapsed:.2}s: {:.0} puts/s",
+        "ok {} {ops}, {errors} errors in {elapsed:.2}s: {:.0} {ops}/s",
         latencies.len(),
         latencies.len() as f64 / elapsed
     );
@@ -87,7 +124,7 @@ pub fn run(config: &Config, args: &BenchArgs) -> Result<(), Box<dyn std::error::
     Ok(())
 }
 
-fn run_client(mut client: Client, id: u64, keys: u64, value_size: usize, deadline: Instant) -> ClientResult {
+fn run_client(mut client: Client, op: Op, id: u64, keys: u64, value_size: usize, deadline: Instant) -> ClientResult {
     let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
     let mut errors = 0;
     let mut rng = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -97,14 +134,18 @@ fn run_client(mut client: Client, id: u64, keys: u64, value_size: usize, deadlin
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let request = Request::Write {
-            command: Command::Put { key: Value::Str(format!("k{}", rng % keys)), value: Value::Str(value.clone()) },
-            client_id: None,
-            seq: None,
+        let key = Value::Str(format!("k{}", rng % keys));
+        let request = match op {
+            Op::Put => Request::Write {
+                command: Command::Put { key, value: Value::Str(value.clone()) },
+                client_id: None,
+                seq: None,
+            },
+            Op::Get => Request::Get { key },
         };
         let start = Instant::now();
         match client.call(&request) {
-            Ok(Reply::Put { .. }) => {
+            Ok(Reply::Put { .. } | Reply::Get { value: Some(_) }) => {
                 latencies.saturating_record(start.elapsed().as_micros() as u64);
             }
             _ => errors += 1,

@@ -292,7 +292,15 @@ impl Wire {
     pub fn seal_as(&self, cluster: u64, message: &Message, chunk: Option<&Chunk>) -> Result<Vec<u8>, Reject> {
         let envelope =
             Outgoing { version: PROTOCOL_VERSION, cluster, from: message.from, term: message.term, message, chunk };
-        let bytes = rmp_serde::to_vec_named(&envelope).expect("plain data always serializes to MessagePack in memory");
+        // Sized up front: regrowing a buffer through entries or a snapshot
+        // piece copies them over and over.
+        let data = match chunk {
+            Some(Chunk::Data { data, .. }) => data.len(),
+            _ => 0,
+        };
+        let mut bytes = Vec::with_capacity(256 + message.approx_size() + data);
+        rmp_serde::encode::write_named(&mut bytes, &envelope)
+            .expect("plain data always serializes to MessagePack in memory");
         match usize::try_from(self.max_message_bytes) {
             Ok(limit) if bytes.len() > limit => {
                 Err(Reject::TooLarge { bytes: bytes.len(), limit: self.max_message_bytes })

@@ -1,10 +1,12 @@
 //! The client wire protocol (CONTRACT.md "Client protocol"): one frame, one
 //! MessagePack map with string keys, each way.
 //!
-//! Frames are decoded into a generic `rmpv::Value` and picked apart by hand,
-//! not through serde derive, so that every malformed request gets a
-//! `bad_request` naming the exact field and problem.
+//! Frames are decoded into a generic `rmpv::ValueRef` (borrowing the
+//! frame's strings and bytes) and picked apart by hand, not through serde
+//! derive, so that every malformed request gets a `bad_request` naming the
+//! exact field and problem.
 
+use rmpv::ValueRef;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
@@ -346,7 +348,7 @@ impl Reply {
     /// (and an unknown leader) are nil.
     pub fn encode(&self) -> Vec<u8> {
         let ok = !matches!(self, Reply::Error { .. });
-        let mut map = vec![("ok", ok.into())];
+        let mut map = vec![("ok", ValueRef::Boolean(ok))];
         match self {
             Reply::Put { index }
             | Reply::Propose { index }
@@ -366,22 +368,22 @@ impl Reply {
                     fields.extend(m.public_key.as_deref().map(|key| ("public_key", key.into())));
                     to_map(fields)
                 });
-                map.push(("members", rmpv::Value::Array(members.collect())));
+                map.push(("members", ValueRef::Array(members.collect())));
             }
             Reply::SnapshotData { index, term, total, offset, data } => map.extend([
                 ("index", (*index).into()),
                 ("term", (*term).into()),
                 ("total", (*total).into()),
                 ("offset", (*offset).into()),
-                ("data", rmpv::Value::Binary(data.clone())),
+                ("data", ValueRef::Binary(data)),
             ]),
             Reply::Delete { index, existed } => {
                 map.push(("index", (*index).into()));
-                map.push(("existed", (*existed).into()));
+                map.push(("existed", ValueRef::Boolean(*existed)));
             }
             Reply::Cas { index, swapped, value } => {
                 map.push(("index", (*index).into()));
-                map.push(("swapped", (*swapped).into()));
+                map.push(("swapped", ValueRef::Boolean(*swapped)));
                 map.push(("value", value_or_nil(value.as_ref())));
             }
             Reply::Get { value } => map.push(("value", value_or_nil(value.as_ref()))),
@@ -393,15 +395,15 @@ impl Reply {
                 ("commit_index", status.commit_index.into()),
                 ("last_applied", status.last_applied.into()),
                 ("last_log_index", status.last_log_index.into()),
-                ("members", rmpv::Value::Array(status.members.iter().map(|&m| m.into()).collect())),
-                ("learners", rmpv::Value::Array(status.learners.iter().map(|&m| m.into()).collect())),
+                ("members", ValueRef::Array(status.members.iter().map(|&m| m.into()).collect())),
+                ("learners", ValueRef::Array(status.learners.iter().map(|&m| m.into()).collect())),
                 ("first_log_index", status.first_log_index.into()),
                 ("snapshot_index", status.snapshot_index.into()),
-                ("alarms", rmpv::Value::Array(status.alarms.iter().map(|a| a.as_str().into()).collect())),
+                ("alarms", ValueRef::Array(status.alarms.iter().map(|a| a.as_str().into()).collect())),
                 ("vote", uint_or_nil(status.vote)),
                 ("leader_contact_ms", uint_or_nil(status.leader_contact_ms)),
                 ("state_bytes", status.state_bytes.into()),
-                ("cluster_id", status.cluster_id.as_deref().map_or(rmpv::Value::Nil, Into::into)),
+                ("cluster_id", status.cluster_id.as_deref().map_or(ValueRef::Nil, Into::into)),
             ]),
             Reply::Log { entries } => {
                 let entries = entries.iter().map(|entry| {
@@ -411,7 +413,7 @@ impl Reply {
                         ("command", entry.command.as_str().into()),
                     ])
                 });
-                map.push(("entries", rmpv::Value::Array(entries.collect())));
+                map.push(("entries", ValueRef::Array(entries.collect())));
             }
             Reply::Error { code, message, leader } => map.extend([
                 ("error", code.as_str().into()),
@@ -583,7 +585,7 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
             ("id", member.id.into()),
             ("raft", member.raft.as_str().into()),
             ("client", member.client.as_str().into()),
-            ("voter", (*voter).into()),
+            ("voter", ValueRef::Boolean(*voter)),
         ]
         .into_iter()
         .chain(member.public_key.as_deref().map(|key| ("public_key", key.into())))
@@ -599,39 +601,56 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
     write(&to_map(map))
 }
 
-fn to_map(pairs: Vec<(&str, rmpv::Value)>) -> rmpv::Value {
-    rmpv::Value::Map(pairs.into_iter().map(|(name, value)| (name.into(), value)).collect())
+fn to_map<'a>(pairs: Vec<(&'a str, ValueRef<'a>)>) -> ValueRef<'a> {
+    ValueRef::Map(pairs.into_iter().map(|(name, value)| (name.into(), value)).collect())
 }
 
-fn write(value: &rmpv::Value) -> Vec<u8> {
-    let mut frame = Vec::new();
-    rmpv::encode::write_value(&mut frame, value).expect("writing to a Vec cannot fail");
+/// Encodes a map, the frame sized up front: a value of up to a MiB is
+/// copied into it once, not regrown into it.
+fn write(value: &ValueRef<'_>) -> Vec<u8> {
+    let bound = encoded_size_bound(value);
+    let mut frame = Vec::with_capacity(bound);
+    rmpv::encode::write_value_ref(&mut frame, value).expect("writing to a Vec cannot fail");
+    debug_assert!(frame.len() <= bound, "{} bytes encoded, {bound} reserved", frame.len());
     frame
 }
 
-fn value_or_nil(value: Option<&Value>) -> rmpv::Value {
+/// At least the bytes `value` encodes to: a marker and length of at most 9
+/// bytes per item, plus its strings' and binaries' bytes.
+fn encoded_size_bound(value: &ValueRef<'_>) -> usize {
+    9 + match value {
+        ValueRef::String(s) => s.as_bytes().len(),
+        ValueRef::Binary(b) | ValueRef::Ext(_, b) => b.len(),
+        ValueRef::Array(items) => items.iter().map(encoded_size_bound).sum(),
+        ValueRef::Map(pairs) => pairs.iter().map(|(k, v)| encoded_size_bound(k) + encoded_size_bound(v)).sum(),
+        _ => 0,
+    }
+}
+
+fn value_or_nil(value: Option<&Value>) -> ValueRef<'_> {
     match value {
-        None => rmpv::Value::Nil,
+        None => ValueRef::Nil,
         Some(Value::Str(s)) => s.as_str().into(),
         Some(Value::Bin(b)) => b.as_slice().into(),
     }
 }
 
-fn uint_or_nil(n: Option<u64>) -> rmpv::Value {
-    n.map_or(rmpv::Value::Nil, rmpv::Value::from)
+fn uint_or_nil<'a>(n: Option<u64>) -> ValueRef<'a> {
+    n.map_or(ValueRef::Nil, ValueRef::from)
 }
 
-/// A MessagePack map with string keys, consumed field by field.
-struct Fields(HashMap<String, rmpv::Value>);
+/// A MessagePack map with string keys, consumed field by field; it borrows
+/// from the frame, so only the fields taken are copied.
+struct Fields<'a>(HashMap<&'a str, ValueRef<'a>>);
 
-impl Fields {
+impl<'a> Fields<'a> {
     /// Parses a whole frame, which must be exactly one map.
-    fn parse(frame: &[u8]) -> Result<Fields, String> {
+    fn parse(frame: &'a [u8]) -> Result<Fields<'a>, String> {
         if frame.is_empty() {
             return Err("empty frame, expected a MessagePack map".into());
         }
         let mut rest = frame;
-        let value = rmpv::decode::read_value_with_max_depth(&mut rest, MAX_DEPTH).map_err(|e| match e {
+        let value = rmpv::decode::read_value_ref_with_max_depth(&mut rest, MAX_DEPTH).map_err(|e| match e {
             rmpv::decode::Error::DepthLimitExceeded => "nested too deeply".to_owned(),
             // Reading from a slice fails only when the slice runs out.
             _ => "not MessagePack: the frame ends in the middle of a value".to_owned(),
@@ -644,7 +663,11 @@ impl Fields {
     }
 
     /// Takes field `name`, which must be present (nil counts as present).
-    fn required<T>(&mut self, name: &str, convert: impl FnOnce(rmpv::Value) -> Result<T, String>) -> Result<T, String> {
+    fn required<T>(
+        &mut self,
+        name: &str,
+        convert: impl FnOnce(ValueRef<'a>) -> Result<T, String>,
+    ) -> Result<T, String> {
         let value = self.0.remove(name).ok_or_else(|| format!("missing field `{name}`"))?;
         convert(value).map_err(|problem| format!("field `{name}` {problem}"))
     }
@@ -653,57 +676,58 @@ impl Fields {
     fn optional<T>(
         &mut self,
         name: &str,
-        convert: impl FnOnce(rmpv::Value) -> Result<T, String>,
+        convert: impl FnOnce(ValueRef<'a>) -> Result<T, String>,
     ) -> Result<Option<T>, String> {
         if self.0.contains_key(name) { self.required(name, nullable(convert)) } else { Ok(None) }
     }
 }
 
-fn to_fields(value: rmpv::Value) -> Result<Fields, String> {
-    let rmpv::Value::Map(pairs) = value else {
+fn to_fields(value: ValueRef<'_>) -> Result<Fields<'_>, String> {
+    let ValueRef::Map(pairs) = value else {
         return Err(format!("expected a map, got {}", type_name(&value)));
     };
     let mut fields = HashMap::with_capacity(pairs.len());
     for (key, value) in pairs {
         let key = match key {
-            rmpv::Value::String(s) => s.into_str().ok_or("map key is not valid UTF-8")?,
+            ValueRef::String(s) => s.into_str().ok_or("map key is not valid UTF-8")?,
             other => return Err(format!("map keys must be str, got {}", type_name(&other))),
         };
         // Two values for one field would make the request ambiguous.
-        if fields.contains_key(&key) {
+        if fields.insert(key, value).is_some() {
             return Err(format!("duplicate field `{key}`"));
         }
-        fields.insert(key, value);
     }
     Ok(Fields(fields))
 }
 
 /// The MessagePack type name, for error messages.
-fn type_name(value: &rmpv::Value) -> &'static str {
+fn type_name(value: &ValueRef<'_>) -> &'static str {
     match value {
-        rmpv::Value::Nil => "nil",
-        rmpv::Value::Boolean(_) => "bool",
-        rmpv::Value::Integer(_) => "integer",
-        rmpv::Value::F32(_) | rmpv::Value::F64(_) => "float",
-        rmpv::Value::String(_) => "str",
-        rmpv::Value::Binary(_) => "bin",
-        rmpv::Value::Array(_) => "array",
-        rmpv::Value::Map(_) => "map",
-        rmpv::Value::Ext(..) => "ext",
+        ValueRef::Nil => "nil",
+        ValueRef::Boolean(_) => "bool",
+        ValueRef::Integer(_) => "integer",
+        ValueRef::F32(_) | ValueRef::F64(_) => "float",
+        ValueRef::String(_) => "str",
+        ValueRef::Binary(_) => "bin",
+        ValueRef::Array(_) => "array",
+        ValueRef::Map(_) => "map",
+        ValueRef::Ext(..) => "ext",
     }
 }
 
-fn nullable<T>(
-    convert: impl FnOnce(rmpv::Value) -> Result<T, String>,
-) -> impl FnOnce(rmpv::Value) -> Result<Option<T>, String> {
+fn nullable<'a, T>(
+    convert: impl FnOnce(ValueRef<'a>) -> Result<T, String>,
+) -> impl FnOnce(ValueRef<'a>) -> Result<Option<T>, String> {
     move |value| {
-        if value.is_nil() { Ok(None) } else { convert(value).map(Some) }
+        if matches!(value, ValueRef::Nil) { Ok(None) } else { convert(value).map(Some) }
     }
 }
 
-fn list<T>(convert: impl Fn(rmpv::Value) -> Result<T, String>) -> impl FnOnce(rmpv::Value) -> Result<Vec<T>, String> {
+fn list<'a, T>(
+    convert: impl Fn(ValueRef<'a>) -> Result<T, String>,
+) -> impl FnOnce(ValueRef<'a>) -> Result<Vec<T>, String> {
     move |value| match value {
-        rmpv::Value::Array(items) => items
+        ValueRef::Array(items) => items
             .into_iter()
             .enumerate()
             .map(|(i, item)| convert(item).map_err(|problem| format!("item {i} {problem}")))
@@ -712,22 +736,24 @@ fn list<T>(convert: impl Fn(rmpv::Value) -> Result<T, String>) -> impl FnOnce(rm
     }
 }
 
-fn to_value(value: rmpv::Value) -> Result<Value, String> {
+fn to_value(value: ValueRef<'_>) -> Result<Value, String> {
     match value {
-        rmpv::Value::String(s) => s.into_str().map(Value::Str).ok_or_else(|| "must be valid UTF-8".into()),
-        rmpv::Value::Binary(b) => Ok(Value::Bin(b)),
+        ValueRef::String(s) => {
+            s.into_str().map(|s| Value::Str(s.to_owned())).ok_or_else(|| "must be valid UTF-8".into())
+        }
+        ValueRef::Binary(b) => Ok(Value::Bin(b.to_vec())),
         other => Err(format!("must be str or bin, got {}", type_name(&other))),
     }
 }
 
-fn to_bin(value: rmpv::Value) -> Result<Vec<u8>, String> {
+fn to_bin(value: ValueRef<'_>) -> Result<Vec<u8>, String> {
     match value {
-        rmpv::Value::Binary(b) => Ok(b),
+        ValueRef::Binary(b) => Ok(b.to_vec()),
         other => Err(format!("must be bin, got {}", type_name(&other))),
     }
 }
 
-fn to_member_info(value: rmpv::Value) -> Result<MemberInfo, String> {
+fn to_member_info(value: ValueRef<'_>) -> Result<MemberInfo, String> {
     let mut fields = to_fields(value)?;
     Ok(MemberInfo {
         id: fields.required("id", to_u64)?,
@@ -740,48 +766,56 @@ fn to_member_info(value: rmpv::Value) -> Result<MemberInfo, String> {
     })
 }
 
-fn to_string(value: rmpv::Value) -> Result<String, String> {
+/// A str field, still borrowed from the frame.
+fn to_str(value: ValueRef<'_>) -> Result<&str, String> {
     match value {
-        rmpv::Value::String(s) => s.into_str().ok_or_else(|| "must be valid UTF-8".into()),
+        ValueRef::String(s) => s.into_str().ok_or_else(|| "must be valid UTF-8".into()),
         other => Err(format!("must be str, got {}", type_name(&other))),
     }
+}
+
+fn to_string(value: ValueRef<'_>) -> Result<String, String> {
+    to_str(value).map(str::to_owned)
 }
 
 /// Session ids are kept on every replica: a few bytes (a UUID is 36) do.
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
 
-fn to_client_id(value: rmpv::Value) -> Result<String, String> {
-    let id = to_string(value)?;
+fn to_client_id(value: ValueRef<'_>) -> Result<String, String> {
+    let id = to_str(value)?;
     match id.len() {
         len if len > MAX_CLIENT_ID_BYTES => Err(format!("is {len} bytes; at most {MAX_CLIENT_ID_BYTES}")),
-        _ => Ok(id),
+        _ => Ok(id.to_owned()),
     }
 }
 
 /// A CURVE public key as Z85 text.
-fn to_public_key(value: rmpv::Value) -> Result<String, String> {
+fn to_public_key(value: ValueRef<'_>) -> Result<String, String> {
     let text = to_string(value)?;
     crate::keys::PublicKey::parse(&text).map_err(|why| format!("is not a CURVE public key: {why}"))?;
     Ok(text)
 }
 
-fn to_u64(value: rmpv::Value) -> Result<u64, String> {
+fn to_u64(value: ValueRef<'_>) -> Result<u64, String> {
     match value {
-        rmpv::Value::Integer(n) => n.as_u64().ok_or_else(|| format!("must be a non-negative integer, got {n}")),
+        ValueRef::Integer(n) => n.as_u64().ok_or_else(|| format!("must be a non-negative integer, got {n}")),
         other => Err(format!("must be a non-negative integer, got {}", type_name(&other))),
     }
 }
 
-fn to_bool(value: rmpv::Value) -> Result<bool, String> {
-    value.as_bool().ok_or_else(|| format!("must be a bool, got {}", type_name(&value)))
+fn to_bool(value: ValueRef<'_>) -> Result<bool, String> {
+    match value {
+        ValueRef::Boolean(b) => Ok(b),
+        other => Err(format!("must be a bool, got {}", type_name(&other))),
+    }
 }
 
-fn to_error_code(value: rmpv::Value) -> Result<ErrorCode, String> {
-    let name = to_string(value)?;
-    ErrorCode::from_wire(&name).ok_or_else(|| format!("is an unknown error code {name:?}"))
+fn to_error_code(value: ValueRef<'_>) -> Result<ErrorCode, String> {
+    let name = to_str(value)?;
+    ErrorCode::from_wire(name).ok_or_else(|| format!("is an unknown error code {name:?}"))
 }
 
-fn to_log_entry(value: rmpv::Value) -> Result<LogEntryView, String> {
+fn to_log_entry(value: ValueRef<'_>) -> Result<LogEntryView, String> {
     let mut fields = to_fields(value)?;
     Ok(LogEntryView {
         index: fields.required("index", to_u64)?,
@@ -798,7 +832,7 @@ mod tests {
 
     /// A frame holding a map with the given string keys.
     fn frame(pairs: Vec<(&str, M)>) -> Vec<u8> {
-        write(&to_map(pairs))
+        write(&to_map(pairs.iter().map(|(name, value)| (*name, value.as_ref())).collect()))
     }
 
     /// The `bad_request` message `frame` must be refused with.
@@ -1019,8 +1053,8 @@ mod tests {
         trailing.extend([0xc0, 0xc0]);
         assert_eq!(bad(&trailing), "trailing data after the MessagePack map (2 bytes)");
         assert_eq!(bad(&[0x01, 0x02]), "expected a map, got integer");
-        assert_eq!(bad(&write(&M::Array(vec![]))), "expected a map, got array");
-        assert_eq!(bad(&write(&M::from("put"))), "expected a map, got str");
+        assert_eq!(bad(&write(&M::Array(vec![]).as_ref())), "expected a map, got array");
+        assert_eq!(bad(&write(&M::from("put").as_ref())), "expected a map, got str");
         let mut deep = M::Nil;
         for _ in 0..100 {
             deep = M::Array(vec![deep]);
@@ -1030,7 +1064,7 @@ mod tests {
 
     #[test]
     fn map_keys_must_be_unique_utf8_strings() {
-        let int_key = write(&M::Map(vec![(M::from(1), M::from("put"))]));
+        let int_key = write(&M::Map(vec![(M::from(1), M::from("put"))]).as_ref());
         assert_eq!(bad(&int_key), "map keys must be str, got integer");
         // fixmap(1) { fixstr(1) 0xff : nil }
         assert_eq!(bad(&[0x81, 0xa1, 0xff, 0xc0]), "map key is not valid UTF-8");
@@ -1144,7 +1178,7 @@ mod tests {
             r#"field `error` is an unknown error code "oops""#
         );
         let log = Request::Log { from: 1, limit: 1 };
-        let entries = M::Array(vec![to_map(vec![("index", 1.into()), ("term", "x".into())])]);
+        let entries = M::Array(vec![M::Map(vec![("index".into(), 1.into()), ("term".into(), "x".into())])]);
         let bad_entry = frame(vec![("ok", true.into()), ("entries", entries)]);
         assert_eq!(
             Reply::decode(&bad_entry, &log).unwrap_err(),

@@ -115,14 +115,15 @@ impl Server {
         }
     }
 
-    fn accept(&mut self, mut frames: Vec<Vec<u8>>, sender: Caller) {
+    fn accept(&mut self, mut frames: Vec<zmq::Message>, sender: Caller) {
         // A REQ peer arrives as [identity, empty delimiter, payload].
-        let payload = frames.pop().unwrap_or_default();
+        let payload = frames.pop().unwrap_or_else(zmq::Message::new);
         if frames.len() < 2 || frames.last().is_some_and(|delimiter| !delimiter.is_empty()) {
             let shape = format!("request dropped: malformed multipart of {} frames", frames.len() + 1);
             self.warnings.warn("malformed multipart", shape);
             return;
         }
+        let mut frames: Vec<Vec<u8>> = frames.iter().map(|frame| frame.to_vec()).collect();
         let opened = self.wire.open_request(&payload);
         // With CURVE, a connection speaks for the node whose key made it:
         // checked before anything of the message, a snapshot piece
