@@ -346,7 +346,7 @@ fn inconsistent_peer_messages_with_a_valid_envelope_crash_nothing_and_never_reac
     let Reply::Status(before) = cluster.call_ok(leader, &Request::Status) else { panic!() };
     let term = before.term;
     let cluster_id = cluster.wait_for_name(leader);
-    let entry = |index, term| Entry { index, term, payload: Payload::Command(b"forged".to_vec()) };
+    let entry = |index, term| Entry { index, term, payload: Payload::Command(b"forged".to_vec().into()) };
     let append = |prev: (u64, u64), entries: Vec<Entry>, leader_commit| Body::AppendEntries {
         prev_log_index: prev.0,
         prev_log_term: prev.1,

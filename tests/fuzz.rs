@@ -141,7 +141,7 @@ fn write_seed_corpus() {
     let cluster =
         bootstrap_fingerprint(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
     let wire = Wire::new(1, cluster, 0, 1 << 26);
-    let entry = |index, term| Entry { index, term, payload: Payload::Command(vec![index as u8; 3]) };
+    let entry = |index, term| Entry { index, term, payload: Payload::Command(vec![index as u8; 3].into()) };
     let bodies = [
         Body::RequestVote { last_log_index: 2, last_log_term: 2, pre_vote: true, transfer: false },
         Body::RequestVoteReply { granted: true, pre_vote: false },
@@ -211,7 +211,7 @@ fn write_seed_corpus() {
         Command::Cas { key: s("k"), expect: None, value: s("v") },
     ];
     for (i, command) in writes.into_iter().enumerate() {
-        kv.apply(i as u64 + 1, &Payload::Command(session(command, i as u64 + 1).encode()));
+        kv.apply(i as u64 + 1, &Payload::Command(session(command, i as u64 + 1).encode().into()));
     }
     let files = [
         snapshot::encode(meta, &Membership::default(), &KvStore::new().snapshot()),

@@ -282,13 +282,13 @@ impl ClientEndpoint {
     /// ZeroMQ's queue for the connection is full: replies leave in order,
     /// and at most [`MAX_QUEUED_REPLY_BYTES`] wait.
     fn send_to_client(&mut self, frames: Vec<Vec<u8>>) {
-        let Some(id) = frames.first().cloned() else { return };
+        let Some(id) = frames.first() else { return };
         let sent =
-            if self.backlogs.contains_key(&id) { Err(zmq::Error::EAGAIN) } else { try_send(&self.router, &frames) };
+            if self.backlogs.contains_key(id) { Err(zmq::Error::EAGAIN) } else { try_send(&self.router, &frames) };
         match sent {
             Ok(()) => {}
             Err(zmq::Error::EAGAIN) => {
-                let backlog = self.backlogs.entry(id).or_default();
+                let backlog = self.backlogs.entry(id.clone()).or_default();
                 let bytes: usize = frames.iter().map(Vec::len).sum();
                 if backlog.bytes + bytes > MAX_QUEUED_REPLY_BYTES {
                     return debug!("a client that does not read its replies lost one");
@@ -338,7 +338,10 @@ impl ClientEndpoint {
         let body = frames.split_off(delimiter + 1);
         // Only a node forwards: a client's claim to be forwarded is ignored.
         let forwarder = matches!(caller, Caller::Node(_) | Caller::Anyone);
-        let mut reply_to = ReplyTo::new(frames.iter().map(|f| f.to_vec()).collect(), forwarder);
+        // With room for the reply that will follow the route.
+        let mut route = Vec::with_capacity(frames.len() + 1);
+        route.extend(frames.iter().map(|f| f.to_vec()));
+        let mut reply_to = ReplyTo::new(route, forwarder);
         let leader = shared.leader();
         let [request] = <[zmq::Message; 1]>::try_from(body).unwrap_or_else(|_| [zmq::Message::new()]);
         // First, whatever else is wrong with it, on whichever node it arrives:

@@ -127,7 +127,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let put = Command::Put { key: Value::Str("k".into()), value: Value::Str("v".into()) };
         let write =
-            Payload::Command(LoggedCommand { command: put, client_id: Some("c".into()), seq: Some(1) }.encode());
+            Payload::Command(LoggedCommand { command: put, client_id: Some("c".into()), seq: Some(1) }.encode().into());
         let entries: Vec<Entry> = (1..=2).map(|index| Entry { index, term: 1, payload: write.clone() }).collect();
         {
             let (mut storage, _) = Storage::open(tmp.path()).unwrap();

@@ -670,7 +670,7 @@ mod tests {
             value: crate::kv::Value::Str("v".into()),
         };
         let logged = crate::kv::LoggedCommand { command: put, client_id: None, seq: None };
-        kv.apply(1, &Payload::Command(logged.encode()));
+        kv.apply(1, &Payload::Command(logged.encode().into()));
         // The leader added node 3 after the log's last membership.
         let ahead = SnapshotMeta { index: 20, term: 2 };
         snapshots.save(ahead, &four, &kv.snapshot()).unwrap();

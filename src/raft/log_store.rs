@@ -136,7 +136,8 @@ impl LogStore for MemStore {
 /// The leading entries of `entries` whose sizes add up to at most
 /// `max_bytes`, but at least one.
 pub fn take_within(entries: impl Iterator<Item = Entry>, max_bytes: usize) -> Vec<Entry> {
-    let mut out = Vec::new();
+    // Usually all of them fit; a long backlog is cut at `max_bytes` anyway.
+    let mut out = Vec::with_capacity(entries.size_hint().0.min(256));
     let mut bytes = 0;
     for entry in entries {
         bytes += entry.approx_size();

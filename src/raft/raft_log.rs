@@ -480,7 +480,7 @@ mod tests {
     #[test]
     fn a_batch_cut_short_in_the_store_does_not_go_on_in_memory() {
         let mut log = log_with_terms(&[1, 1]);
-        log.append(1, Payload::Command(vec![0; 100]));
+        log.append(1, Payload::Command(vec![0; 100].into()));
         persist(&mut log);
         log.append(1, Payload::Noop);
         // Entry 3 is too big for the budget; entry 4, in memory, is not, but

@@ -165,7 +165,7 @@ impl Cluster {
             .applied
             .iter()
             .filter_map(|e| match &e.payload {
-                Payload::Command(c) => Some(c.clone()),
+                Payload::Command(c) => Some(c.to_vec()),
                 Payload::Noop | Payload::Membership(_) => None,
             })
             .collect()

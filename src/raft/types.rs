@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// A member's id, as in `config.json`.
@@ -18,8 +19,9 @@ pub enum Payload {
     /// Appended by every new leader so that it can commit entries of earlier
     /// terms through one of its own (Raft paper §5.4.2, Figure 8).
     Noop,
-    /// An opaque state-machine command (the KV layer's encoding).
-    Command(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// An opaque state-machine command (the KV layer's encoding). Shared:
+    /// each AppendEntries and the apply take the entry without a copy.
+    Command(Bytes),
     /// The whole membership from this entry on. It takes effect on every
     /// node as soon as the node appends it, committed or not (thesis §4.1).
     Membership(Membership),

@@ -864,7 +864,7 @@ mod tests {
     use crate::raft::types::Payload;
 
     fn entry(index: Index, term: u64, data: &[u8]) -> Entry {
-        Entry { index, term, payload: Payload::Command(data.to_vec()) }
+        Entry { index, term, payload: Payload::Command(data.to_vec().into()) }
     }
 
     struct Reopened {
@@ -1285,7 +1285,7 @@ mod tests {
             s.bootstrap_membership(&voters).unwrap();
             for i in 1..=100 {
                 let payload =
-                    if i == 30 { Payload::Membership(change.clone()) } else { Payload::Command(vec![1; 100]) };
+                    if i == 30 { Payload::Membership(change.clone()) } else { Payload::Command(vec![1; 100].into()) };
                 s.write(
                     Some(&HardState { term: 1, vote: None, commit: i - 1 }),
                     &[Entry { index: i, term: 1, payload }],

@@ -94,7 +94,7 @@ mod tests {
     use crate::raft::Payload;
 
     fn entry(index: Index, term: Term) -> Entry {
-        Entry { index, term, payload: Payload::Command(vec![0; 100]) }
+        Entry { index, term, payload: Payload::Command(vec![0; 100].into()) }
     }
 
     fn indexes(tail: &Tail) -> Vec<Index> {

@@ -80,6 +80,9 @@ pub struct Batch {
 
 impl Batch {
     pub fn entry(&mut self, entry: &Entry) {
+        // Room for the record up front: encoding into the buffer would
+        // otherwise grow it a few bytes at a time.
+        self.bytes.reserve(RECORD_HEADER + 64 + entry.approx_size());
         let at = self.bytes.len();
         self.record(KIND_ENTRY, entry);
         self.entries.push((entry.index, entry.term, at));
@@ -845,7 +848,7 @@ mod tests {
     use super::*;
 
     fn entry(index: Index, term: Term) -> Entry {
-        Entry { index, term, payload: Payload::Command(vec![index as u8; 100]) }
+        Entry { index, term, payload: Payload::Command(vec![index as u8; 100].into()) }
     }
 
     fn fresh(dir: &Path) -> Wal {

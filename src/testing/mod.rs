@@ -48,7 +48,7 @@ where
     assert_eq!(store.last_index(), start.index, "a fresh store holds no entries");
     assert_eq!(first.len(), 1, "a fresh store: the membership at its log start only");
     let at = |i: u64| start.index + i;
-    let command = |i: u64, term: u64| Entry { index: at(i), term, payload: Payload::Command(vec![i as u8; 10]) };
+    let command = |i: u64, term: u64| Entry { index: at(i), term, payload: Payload::Command(vec![i as u8; 10].into()) };
     let joined = Membership { voters: first[0].1.voters.iter().copied().chain([99]).collect(), ..first[0].1.clone() };
     let change = Entry { index: at(2), term: 1, payload: Payload::Membership(joined.clone()) };
     let written = [command(1, 1), change, command(3, 1), command(4, 2), command(5, 2)];

@@ -425,7 +425,7 @@ mod tests {
                 prev_log_term: 2,
                 entries: vec![
                     Entry { index: 5, term: 3, payload: Payload::Noop },
-                    Entry { index: 6, term: 3, payload: Payload::Command(vec![0, 0xff, 7]) },
+                    Entry { index: 6, term: 3, payload: Payload::Command(vec![0, 0xff, 7].into()) },
                 ],
                 leader_commit: 4,
                 read_seq: 9,

@@ -348,7 +348,8 @@ impl Reply {
     /// (and an unknown leader) are nil.
     pub fn encode(&self) -> Vec<u8> {
         let ok = !matches!(self, Reply::Error { .. });
-        let mut map = vec![("ok", ValueRef::Boolean(ok))];
+        let mut map = Vec::with_capacity(20);
+        map.push(("ok", ValueRef::Boolean(ok)));
         match self {
             Reply::Put { index }
             | Reply::Propose { index }

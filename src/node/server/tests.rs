@@ -793,7 +793,7 @@ fn a_proposal_whose_index_another_leader_took_never_gets_that_entrys_outcome() {
         seq: None,
     };
     let entries = vec![
-        Entry { index: first, term: 2, payload: Payload::Command(theirs.encode()) },
+        Entry { index: first, term: 2, payload: Payload::Command(theirs.encode().into()) },
         Entry { index: last, term: 2, payload: Payload::Membership(s.raft.membership().clone()) },
     ];
     let takeover =
@@ -892,7 +892,7 @@ fn a_snapshot_from_the_leader_is_restored_and_counts_as_the_last_one() {
         client_id: None,
         seq: None,
     };
-    kv.apply(1, &Payload::Command(command.encode()));
+    kv.apply(1, &Payload::Command(command.encode().into()));
     let meta = SnapshotMeta { index: 50, term: 1 };
     s.raft.store_mut().snapshots.insert(meta, kv.image().encode());
     let membership = s.raft.membership().clone();

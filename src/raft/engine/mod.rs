@@ -342,7 +342,7 @@ impl<S: LogStore> Raft<S> {
         if self.require_leader()?.transfer.is_some() {
             return Err(NotLeader { leader: None });
         }
-        let index = self.log.append(self.term, Payload::Command(command));
+        let index = self.log.append(self.term, Payload::Command(command.into()));
         Ok((index, self.term))
     }
 
