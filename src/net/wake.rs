@@ -1,20 +1,21 @@
-//! Wakes a thread that waits in `zmq::poll` from any other thread.
+//! Wakes a thread that waits in [`crate::net::poll::wait`] from any other
+//! thread.
 //!
 //! The core loop waits on its sockets and on the queues other threads fill
-//! at once, in one `zmq::poll`. A crossbeam channel cannot be polled, so
+//! at once, in one poll. A crossbeam channel cannot be polled, so
 //! whoever queues something for that thread also wakes it through a socket
 //! pair, which can. A burst of wake-ups before the thread looks costs one
 //! write: waking a thread is what the node spends most of its CPU on.
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{SendError, Sender, TrySendError};
 
-/// The waiting side: poll [`Wakeup::poll_item`] with the sockets, then
+/// The waiting side: poll [`Wakeup::fd`] with the sockets, then
 /// [`Wakeup::clear`] before looking at the queues.
 pub struct Wakeup {
     read: UnixStream,
@@ -41,8 +42,9 @@ impl Wakeup {
         Ok((Wakeup { read, shared: Arc::clone(&shared) }, Waker(shared)))
     }
 
-    pub fn poll_item(&self) -> zmq::PollItem<'static> {
-        zmq::PollItem::from_fd(self.read.as_raw_fd(), zmq::POLLIN)
+    /// What to wait on: readable once woken.
+    pub fn fd(&self) -> RawFd {
+        self.read.as_raw_fd()
     }
 
     /// Takes the wake-ups so far. Anything queued before a wake-up that
@@ -110,8 +112,7 @@ mod tests {
     use super::*;
 
     fn woken(wakeup: &Wakeup, timeout_ms: i64) -> bool {
-        let mut items = [wakeup.poll_item()];
-        zmq::poll(&mut items, timeout_ms).unwrap() > 0
+        crate::net::poll::wait(wakeup.fd(), &[], timeout_ms).unwrap()[0]
     }
 
     #[test]

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, error};
 
+use crate::net::poll;
 use crate::net::security::{Domain, NodeSecurity};
 use crate::net::wake::{Waker, Wakeup, WakingSender};
 use crate::raft::{Message, NodeId, Term};
@@ -269,21 +270,16 @@ impl Transport {
         let wait_ms = i64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(i64::MAX);
         let awaiting: Vec<usize> = (0..self.links.len()).filter(|&i| self.links[i].0.awaiting().is_some()).collect();
         let ready: Vec<bool> = {
-            let mut items = vec![self.wakeup.poll_item(), self.server.router.as_poll_item(zmq::POLLIN)];
-            items.extend(
-                awaiting.iter().filter_map(|&i| self.links[i].0.awaiting()).map(|s| s.as_poll_item(zmq::POLLIN)),
-            );
-            items.extend(also.iter().map(|s| s.as_poll_item(zmq::POLLIN)));
-            match zmq::poll(&mut items, wait_ms) {
-                Ok(_) | Err(zmq::Error::EINTR) => {}
-                Err(e) => {
-                    // Waited out all the same, so that an error that stays
-                    // cannot turn the core loop into a busy loop.
-                    error!("raft transport poll failed: {e}");
-                    std::thread::sleep(wait);
-                }
-            }
-            items.iter().map(zmq::PollItem::is_readable).collect()
+            let mut sockets = vec![&self.server.router];
+            sockets.extend(awaiting.iter().filter_map(|&i| self.links[i].0.awaiting()));
+            sockets.extend(also);
+            poll::wait(self.wakeup.fd(), &sockets, wait_ms).unwrap_or_else(|e| {
+                // Waited out all the same, so that an error that stays
+                // cannot turn the core loop into a busy loop.
+                error!("raft transport poll failed: {e}");
+                std::thread::sleep(wait);
+                vec![false; 1 + sockets.len()]
+            })
         };
         if ready[0] {
             self.wakeup.clear();
@@ -648,7 +644,7 @@ mod tests {
             body: Body::AppendEntries {
                 prev_log_index: 1,
                 prev_log_term: 1,
-                entries: vec![Entry { index: 2, term: 2, payload: Payload::Command(b"x=1".to_vec()) }],
+                entries: vec![Entry { index: 2, term: 2, payload: Payload::Command(b"x=1".to_vec().into()) }],
                 leader_commit: 1,
                 read_seq: 4,
             },
