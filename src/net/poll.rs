@@ -4,14 +4,16 @@
 //! A socket's `ZMQ_FD` only says that commands reached its mailbox; whether
 //! a message can be received, `ZMQ_EVENTS` tells, and asking costs two
 //! system calls (a `getpid` and a `poll`) whenever the mailbox is empty.
-//! `zmq_poll` asks every socket twice around a wait, and once more first:
-//! about ten system calls per wait for the core loop's four sockets, which
-//! a leader waits in several times a write. Here every socket is asked
-//! once before the wait (it may hold messages that a send or receive since
-//! the last wait left behind, with no signal on its `ZMQ_FD`), and after
-//! the wait only those whose `ZMQ_FD` woke it: a socket whose mailbox got
-//! nothing during the wait cannot have a new message, as this thread did
-//! nothing with it meanwhile.
+//! `zmq_poll` polls every descriptor without waiting, asks every socket,
+//! waits, and asks every socket again: about 18 system calls per wait for
+//! the core loop's four sockets, which a leader waits in several times a
+//! write. Here every socket is asked once before the wait (it may hold
+//! messages that a send or receive since the last wait left behind, with
+//! no signal on its `ZMQ_FD`), and after the wait only those whose
+//! `ZMQ_FD` woke it: a socket whose mailbox got nothing during the wait
+//! cannot have a new message, as this thread did nothing with it meanwhile.
+//! A wake-up may bring commands and no message: `wait` then returns with
+//! nothing ready, before its timeout.
 
 use std::io;
 use std::os::fd::RawFd;

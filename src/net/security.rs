@@ -148,7 +148,8 @@ impl Caller {
 /// came on (`None` without CURVE): who sent it, as its key proved. The
 /// frames stay ZeroMQ's: a request is read where it landed, not copied.
 pub fn recv_with_user(socket: &zmq::Socket, flags: i32) -> zmq::Result<(Vec<zmq::Message>, Option<String>)> {
-    // A request's routing id, delimiter and body, and the reply to come.
+    // Routing id, delimiter and body, often one more (a forwarding tag or a
+    // REQ_CORRELATE request id).
     let mut frames = Vec::with_capacity(4);
     let mut user = None;
     // Only CURVE's ZAP handler names users. Looking for the property costs,

@@ -499,14 +499,14 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, Reply> {
 /// Whether `frame` asks for an admin op. Nothing else in it is checked:
 /// authorization is decided before whatever else is wrong with a request.
 pub fn is_admin_request(frame: &[u8]) -> bool {
-    let op = Fields::parse(frame).and_then(|mut fields| fields.required("op", to_string));
-    op.is_ok_and(|op| Request::ADMIN_OPS.contains(&op.as_str()))
+    let op = Fields::parse(frame).and_then(|mut fields| fields.required("op", to_str));
+    op.is_ok_and(|op| Request::ADMIN_OPS.contains(&op))
 }
 
 fn parse_request(frame: &[u8]) -> Result<Request, String> {
     let mut fields = Fields::parse(frame)?;
-    let op = fields.required("op", to_string)?;
-    let command = match op.as_str() {
+    let op = fields.required("op", to_str)?;
+    let command = match op {
         "get" => {
             return Ok(Request::Get { key: fields.required("key", to_value)? });
         }

@@ -439,12 +439,25 @@ impl TestCluster {
     }
 
     /// Retries `request` on node `id` until it gets a non-error reply.
+    /// Asks node `id` until it answers without an error; on timeout the
+    /// panic says what the last try got.
     pub fn call_ok(&self, id: usize, request: &Request) -> Reply {
         let mut client = self.client(id);
-        wait_for("a successful reply", || match client.call(request) {
-            Ok(Reply::Error { .. }) | Err(_) => None,
-            Ok(reply) => Some(reply),
-        })
+        let mut last = None;
+        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for("a successful reply", || match client.call(request) {
+                Ok(Reply::Error { code, message, leader }) => {
+                    last = Some(format!("{code}: {message} (leader {leader:?})"));
+                    None
+                }
+                Err(e) => {
+                    last = Some(format!("{e}"));
+                    None
+                }
+                Ok(reply) => Some(reply),
+            })
+        }));
+        answered.unwrap_or_else(|_| panic!("node {id} never answered {} well; the last try got {last:?}", request.op()))
     }
 
     pub fn get_value(&self, id: usize, key: &str) -> Option<Value> {

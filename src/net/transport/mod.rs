@@ -259,7 +259,10 @@ impl Transport {
     /// and handles whatever is ready: requests and replies go to `inbound`,
     /// replies given elsewhere leave, overdue requests fail. The sockets in
     /// `also` (the client endpoint's) are polled too, for reading; returns
-    /// which of them are readable, for their owner to handle.
+    /// which of them are readable, for their owner to handle. It may return
+    /// early with nothing ready, and a wake-up may wait for the next call
+    /// while a socket is readable: the caller looks at its queues after
+    /// every call, woken or not.
     pub fn poll(&mut self, timeout: Duration, also: &[&zmq::Socket]) -> Vec<bool> {
         let now = Instant::now();
         let wait = match self.links.iter().filter_map(|(link, _)| link.next_deadline()).min() {
