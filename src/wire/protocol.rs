@@ -739,9 +739,7 @@ fn list<'a, T>(
 
 fn to_value(value: ValueRef<'_>) -> Result<Value, String> {
     match value {
-        ValueRef::String(s) => {
-            s.into_str().map(|s| Value::Str(s.to_owned())).ok_or_else(|| "must be valid UTF-8".into())
-        }
+        ValueRef::String(_) => to_str(value).map(|s| Value::Str(s.to_owned())),
         ValueRef::Binary(b) => Ok(Value::Bin(b.to_vec())),
         other => Err(format!("must be str or bin, got {}", type_name(&other))),
     }
