@@ -13,11 +13,13 @@
 //!
 //! etcd is spoken to over its JSON gateway (`/v3/kv/put`, `/v3/kv/range`,
 //! linearizable by default), by hand: neither this tool nor the node needs
-//! an etcd client library.
+//! an etcd client library. raft-zmq is spoken to in ZMTP by hand too (see
+//! `zmtp.rs`), so that neither load pays for a client library's threads.
 
 mod etcd;
 mod load;
 mod raft_zmq_cluster;
+mod zmtp;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,6 +49,11 @@ struct Args {
     /// The etcd binary (Debian: `apt-get install etcd-server`).
     #[arg(long, default_value = "etcd")]
     etcd: PathBuf,
+    /// How the load speaks to raft-zmq: ZMTP by hand over plain TCP, as it
+    /// speaks HTTP to etcd; or through libzmq, as raft-zmq's own tools do
+    /// (figures before 2026-12-08 were taken so).
+    #[arg(long, value_enum, default_value_t = raft_zmq_cluster::ClientKind::Zmtp)]
+    raft_zmq_client: raft_zmq_cluster::ClientKind,
 }
 
 /// One system under test, started.
@@ -81,7 +88,8 @@ fn main() {
     let mut results: Vec<Vec<Stats>> = Vec::new();
     let systems: [&dyn Fn() -> Box<dyn System>; 2] =
         [&|| Box::new(etcd::Cluster::start(&args.etcd, &dir.path().join("etcd"))), &|| {
-            Box::new(raft_zmq_cluster::Cluster::start(&args.raft_zmq, &dir.path().join("raft-zmq")))
+            let dir = dir.path().join("raft-zmq");
+            Box::new(raft_zmq_cluster::Cluster::start(&args.raft_zmq, &dir, args.raft_zmq_client))
         }];
     for start in systems {
         let system = start();

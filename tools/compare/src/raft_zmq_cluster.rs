@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use raft_zmq::client::Client;
 use raft_zmq::kv::{Command as KvCommand, Value};
-use raft_zmq::wire::protocol::{Reply, Request};
+use raft_zmq::wire::protocol::{Reply, Request, encode_request};
 
 use crate::load::KvClient;
+use crate::zmtp::ZmtpReq;
 use crate::{Processes, System, free_port};
 
 pub struct Cluster {
@@ -17,10 +18,20 @@ pub struct Cluster {
     /// The leader's client endpoint.
     leader: String,
     ctx: zmq::Context,
+    client: ClientKind,
+}
+
+/// What the load's connections are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientKind {
+    /// [`ZmtpReq`]: ZMTP spoken by hand over a blocking TCP socket.
+    Zmtp,
+    /// raft-zmq's own client, a libzmq REQ socket.
+    Libzmq,
 }
 
 impl Cluster {
-    pub fn start(binary: &Path, dir: &Path) -> Cluster {
+    pub fn start(binary: &Path, dir: &Path, client: ClientKind) -> Cluster {
         std::fs::create_dir_all(dir).expect("a cluster dir");
         let endpoints: Vec<(String, String)> = (0..3)
             .map(|_| (format!("tcp://127.0.0.1:{}", free_port()), format!("tcp://127.0.0.1:{}", free_port())))
@@ -50,7 +61,7 @@ impl Cluster {
         let ctx = zmq::Context::new();
         let clients: Vec<String> = endpoints.into_iter().map(|(_, client)| client).collect();
         let leader = wait_for_leader(&ctx, &clients);
-        Cluster { nodes, leader, ctx }
+        Cluster { nodes, leader, ctx, client }
     }
 }
 
@@ -77,7 +88,11 @@ impl System for Cluster {
     }
 
     fn client(&self) -> Box<dyn KvClient> {
-        Box::new(Client::new(&self.ctx, &self.leader, Duration::from_secs(10)))
+        let timeout = Duration::from_secs(10);
+        match self.client {
+            ClientKind::Zmtp => Box::new(ZmtpReq::connect(&self.leader, timeout).expect("a connection to the leader")),
+            ClientKind::Libzmq => Box::new(Client::new(&self.ctx, &self.leader, timeout)),
+        }
     }
 
     fn cpu_seconds(&self) -> f64 {
@@ -93,5 +108,20 @@ impl KvClient for Client {
 
     fn get(&mut self, key: &str) -> bool {
         matches!(self.call(&Request::Get { key: Value::Str(key.into()) }), Ok(Reply::Get { .. }))
+    }
+}
+
+impl KvClient for ZmtpReq {
+    fn put(&mut self, key: &str, value: &str) -> bool {
+        let command = KvCommand::Put { key: Value::Str(key.into()), value: Value::Str(value.into()) };
+        let request = Request::Write { command, client_id: None, seq: None };
+        let reply = self.call(&encode_request(&request));
+        matches!(reply.map(|frame| Reply::decode(&frame, &request)), Ok(Ok(Reply::Put { .. })))
+    }
+
+    fn get(&mut self, key: &str) -> bool {
+        let request = Request::Get { key: Value::Str(key.into()) };
+        let reply = self.call(&encode_request(&request));
+        matches!(reply.map(|frame| Reply::decode(&frame, &request)), Ok(Ok(Reply::Get { .. })))
     }
 }
