@@ -15,10 +15,19 @@ const LONG: u8 = 0x02;
 const COMMAND: u8 = 0x04;
 
 pub struct ZmtpReq {
+    endpoint: String,
+    timeout: Duration,
+    /// `None` after a failed call: a reply may still be on its way to the
+    /// old connection, to be taken for the next request's, so it goes (as
+    /// raft-zmq's `Client` drops a REQ socket whose reply never came).
+    connection: Option<Connection>,
+    /// The next request, framed: reused so that a call allocates less.
+    out: Vec<u8>,
+}
+
+struct Connection {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
-    /// The next request, framed: reused so that a call allocates nothing.
-    out: Vec<u8>,
 }
 
 /// The 64-byte greeting: signature, version 3.0, mechanism NULL, as a client.
@@ -36,15 +45,45 @@ fn bad(what: impl Into<String>) -> io::Error {
 }
 
 impl ZmtpReq {
-    /// Connects to `endpoint` (`tcp://host:port`) and does the handshake.
+    /// Connects to `endpoint` (`tcp://host:port`) and does the handshake;
+    /// each reply may take up to `timeout`.
     pub fn connect(endpoint: &str, timeout: Duration) -> io::Result<ZmtpReq> {
+        let connection = Some(Connection::open(endpoint, timeout)?);
+        Ok(ZmtpReq { endpoint: endpoint.to_string(), timeout, connection, out: Vec::new() })
+    }
+
+    /// Sends `request` as a REQ socket would (an empty delimiter, then the
+    /// frame) and returns the reply's frame.
+    pub fn call(&mut self, request: &[u8]) -> io::Result<Vec<u8>> {
+        self.out.clear();
+        self.out.extend_from_slice(&[MORE, 0]);
+        match u8::try_from(request.len()) {
+            Ok(size) => self.out.extend_from_slice(&[0, size]),
+            Err(_) => {
+                self.out.push(LONG);
+                self.out.extend_from_slice(&(request.len() as u64).to_be_bytes());
+            }
+        }
+        self.out.extend_from_slice(request);
+        let mut connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => Connection::open(&self.endpoint, self.timeout)?,
+        };
+        let reply = connection.exchange(&self.out)?;
+        self.connection = Some(connection);
+        Ok(reply)
+    }
+}
+
+impl Connection {
+    fn open(endpoint: &str, timeout: Duration) -> io::Result<Connection> {
         let address = endpoint.strip_prefix("tcp://").ok_or_else(|| bad(format!("not a tcp endpoint: {endpoint}")))?;
         let stream = TcpStream::connect(address)?;
         // As libzmq does: a frame leaves at once.
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        let mut client = ZmtpReq { reader: BufReader::new(stream.try_clone()?), writer: stream, out: Vec::new() };
+        let mut client = Connection { reader: BufReader::new(stream.try_clone()?), writer: stream };
         let mut hello = greeting().to_vec();
         // READY with one property, Socket-Type = REQ.
         let mut ready = vec![5];
@@ -87,20 +126,9 @@ impl ZmtpReq {
         Ok((flags[0], body))
     }
 
-    /// Sends `request` as a REQ socket would (an empty delimiter, then the
-    /// frame) and returns the reply's frame.
-    pub fn call(&mut self, request: &[u8]) -> io::Result<Vec<u8>> {
-        self.out.clear();
-        self.out.extend_from_slice(&[MORE, 0]);
-        match u8::try_from(request.len()) {
-            Ok(size) => self.out.extend_from_slice(&[0, size]),
-            Err(_) => {
-                self.out.push(LONG);
-                self.out.extend_from_slice(&(request.len() as u64).to_be_bytes());
-            }
-        }
-        self.out.extend_from_slice(request);
-        self.writer.write_all(&self.out)?;
+    /// Sends a framed request and returns the reply's frame.
+    fn exchange(&mut self, request: &[u8]) -> io::Result<Vec<u8>> {
+        self.writer.write_all(request)?;
         loop {
             let (flags, delimiter) = self.frame()?;
             // A command (a PING, say) may come between messages.
@@ -146,6 +174,31 @@ mod tests {
         assert_eq!(client.call(b"short").unwrap(), b"short!");
         let long = vec![7u8; 1000];
         assert_eq!(client.call(&long).unwrap(), [&long[..], b"!"].concat());
+        server.join().unwrap();
+    }
+
+    /// A reply that comes too late never passes for the next request's.
+    #[test]
+    fn after_a_reply_times_out_the_next_call_gets_its_own_reply() {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.set_linger(0).unwrap();
+        let endpoint = format!("tcp://127.0.0.1:{}", crate::free_port());
+        router.bind(&endpoint).unwrap();
+        let server = std::thread::spawn(move || {
+            // The first is answered only once the second came, before it.
+            let requests = [router.recv_multipart(0).unwrap(), router.recv_multipart(0).unwrap()];
+            for mut frames in requests {
+                let request = frames.pop().unwrap();
+                frames.push([&request[..], b"!"].concat());
+                router.send_multipart(frames, 0).unwrap();
+            }
+        });
+        let mut client = ZmtpReq::connect(&endpoint, Duration::from_millis(300)).unwrap();
+        assert_eq!(client.call(b"first").unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        client.timeout = Duration::from_secs(10);
+        assert_eq!(client.call(b"second").unwrap(), b"second!");
+        assert!(client.connection.is_some(), "kept after a good call");
         server.join().unwrap();
     }
 
