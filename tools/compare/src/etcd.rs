@@ -21,15 +21,20 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn start(etcd: &Path, dir: &Path) -> Cluster {
+    /// `one_way`: the members reach each other through delay proxies.
+    pub fn start(etcd: &Path, dir: &Path, one_way: Option<Duration>) -> Cluster {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        // Where the others reach each member's peer port.
+        let advertised: Vec<u16> =
+            ports.iter().map(|&(_, peer)| one_way.map_or(peer, |delay| crate::delay::proxy(peer, delay))).collect();
         let initial: Vec<String> =
-            ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
+            advertised.iter().enumerate().map(|(i, peer)| format!("e{i}=http://127.0.0.1:{peer}")).collect();
         let members = Processes(
             ports
                 .iter()
                 .enumerate()
                 .map(|(i, (client, peer))| {
+                    let advertised = advertised[i];
                     let log = std::fs::File::create(dir.with_extension(format!("e{i}.log"))).expect("a log file");
                     Command::new(etcd)
                         .args(["--name", &format!("e{i}")])
@@ -38,7 +43,7 @@ impl Cluster {
                         .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
                         .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
                         .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-                        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{advertised}")])
                         .args(["--initial-cluster", &initial.join(",")])
                         .args(["--initial-cluster-state", "new", "--initial-cluster-token", "compare"])
                         .stdout(Stdio::null())

@@ -16,6 +16,7 @@
 //! an etcd client library. raft-zmq is spoken to in ZMTP by hand too (see
 //! `zmtp.rs`), so that neither load pays for a client library's threads.
 
+mod delay;
 mod etcd;
 mod load;
 mod raft_zmq_cluster;
@@ -54,6 +55,11 @@ struct Args {
     /// (figures before 2026-12-08 were taken so).
     #[arg(long, value_enum, default_value_t = raft_zmq_cluster::ClientKind::Zmtp)]
     raft_zmq_client: raft_zmq_cluster::ClientKind,
+    /// The round trip between members, in milliseconds: each member's peer
+    /// port is reached through a proxy that holds each way for half of it
+    /// (0: straight over loopback).
+    #[arg(long, default_value_t = 0.0)]
+    rtt_ms: f64,
 }
 
 /// One system under test, started.
@@ -80,16 +86,21 @@ fn main() {
         .collect();
     let duration = Duration::from_secs_f64(args.duration);
     println!("{}", machine());
+    let apart = match args.rtt_ms {
+        0.0 => "on loopback".to_string(),
+        rtt => format!("{rtt} ms apart (a delaying proxy in front of each member's peer port)"),
+    };
     println!(
-        "3 nodes each, fsync on, {}-byte values, keys k0..k999, {:.0} s a run, closed loop to the leader\n",
+        "3 nodes each, {apart}, fsync on, {}-byte values, keys k0..k999, {:.0} s a run, closed loop to the leader\n",
         args.value_size, args.duration
     );
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut results: Vec<Vec<Stats>> = Vec::new();
+    let one_way = (args.rtt_ms > 0.0).then(|| Duration::from_secs_f64(args.rtt_ms / 2000.0));
     let systems: [&dyn Fn() -> Box<dyn System>; 2] =
-        [&|| Box::new(etcd::Cluster::start(&args.etcd, &dir.path().join("etcd"))), &|| {
+        [&|| Box::new(etcd::Cluster::start(&args.etcd, &dir.path().join("etcd"), one_way)), &|| {
             let dir = dir.path().join("raft-zmq");
-            Box::new(raft_zmq_cluster::Cluster::start(&args.raft_zmq, &dir, args.raft_zmq_client))
+            Box::new(raft_zmq_cluster::Cluster::start(&args.raft_zmq, &dir, args.raft_zmq_client, one_way))
         }];
     for start in systems {
         let system = start();

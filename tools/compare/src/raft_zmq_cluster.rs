@@ -31,15 +31,24 @@ pub enum ClientKind {
 }
 
 impl Cluster {
-    pub fn start(binary: &Path, dir: &Path, client: ClientKind) -> Cluster {
+    /// `one_way`: the nodes reach each other through delay proxies.
+    pub fn start(binary: &Path, dir: &Path, client: ClientKind, one_way: Option<Duration>) -> Cluster {
         std::fs::create_dir_all(dir).expect("a cluster dir");
-        let endpoints: Vec<(String, String)> = (0..3)
-            .map(|_| (format!("tcp://127.0.0.1:{}", free_port()), format!("tcp://127.0.0.1:{}", free_port())))
-            .collect();
-        let nodes: Vec<String> = endpoints
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let nodes: Vec<String> = ports
             .iter()
             .enumerate()
-            .map(|(id, (raft, client))| format!(r#"{{"id": {id}, "raft": "{raft}", "client": "{client}"}}"#))
+            .map(|(id, (raft, client))| {
+                format!(r#"{{"id": {id}, "raft": "tcp://127.0.0.1:{raft}", "client": "tcp://127.0.0.1:{client}"}}"#)
+            })
+            .collect();
+        // How the others reach each node: `--peer`, through its delay proxy.
+        let peers: Vec<Option<String>> = ports
+            .iter()
+            .enumerate()
+            .map(|(id, &(raft, _))| {
+                one_way.map(|delay| format!("{id}=tcp://127.0.0.1:{}", crate::delay::proxy(raft, delay)))
+            })
             .collect();
         let config = dir.join("config.json");
         std::fs::write(&config, format!(r#"{{"nodes": [{}]}}"#, nodes.join(", "))).expect("config.json");
@@ -47,9 +56,11 @@ impl Cluster {
             (0..3)
                 .map(|id| {
                     let log = std::fs::File::create(dir.join(format!("node{id}.log"))).expect("a log file");
+                    let through_proxies = peers.iter().enumerate().filter(|&(peer, _)| peer != id).flat_map(|(_, p)| p);
                     Command::new(binary)
                         .args(["--node-id", &id.to_string(), "--config"])
                         .arg(&config)
+                        .args(through_proxies.flat_map(|peer| ["--peer", peer]))
                         .current_dir(dir)
                         .stdout(Stdio::null())
                         .stderr(log)
@@ -59,7 +70,7 @@ impl Cluster {
                 .collect(),
         );
         let ctx = zmq::Context::new();
-        let clients: Vec<String> = endpoints.into_iter().map(|(_, client)| client).collect();
+        let clients: Vec<String> = ports.iter().map(|(_, client)| format!("tcp://127.0.0.1:{client}")).collect();
         let leader = wait_for_leader(&ctx, &clients);
         Cluster { nodes, leader, ctx, client }
     }
