@@ -103,6 +103,9 @@ pub struct Config {
     /// Our extension: `logs/<id>.txt` starts a new file every
     /// `snapshot_entries` entries and keeps this many older ones.
     pub log_mirror_files: usize,
+    /// Our extension: AppendEntries a leader keeps in flight to each
+    /// follower (1: the next only once the last is answered).
+    pub max_appends_in_flight: usize,
     /// Where node N finds its secret key `N.key`; already resolved against
     /// the config file's folder.
     pub keys_dir: PathBuf,
@@ -166,6 +169,8 @@ struct RawConfig {
     snapshot_entries: u64,
     #[serde(default = "defaults::log_mirror_files")]
     log_mirror_files: usize,
+    #[serde(default = "defaults::max_appends_in_flight")]
+    max_appends_in_flight: usize,
     #[serde(default = "defaults::keys_dir")]
     keys_dir: PathBuf,
     #[serde(default)]
@@ -194,6 +199,11 @@ mod defaults {
     }
     pub fn log_mirror_files() -> usize {
         10
+    }
+    /// One: on one machine, where this project measures, a second append
+    /// out costs more CPU than it saves waiting (docs/running.md).
+    pub fn max_appends_in_flight() -> usize {
+        1
     }
     pub fn state_dir() -> PathBuf {
         PathBuf::from("state")
@@ -237,6 +247,7 @@ impl Config {
             request_timeout_ms: raw.request_timeout_ms,
             snapshot_entries: raw.snapshot_entries,
             log_mirror_files: raw.log_mirror_files,
+            max_appends_in_flight: raw.max_appends_in_flight,
             // `join` keeps an absolute path as it is.
             state_dir: folder.join(raw.state_dir),
             logs_dir: folder.join(raw.logs_dir),
@@ -328,6 +339,10 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
     }
     if raw.heartbeat_ms == 0 {
         return Err("heartbeat_ms must be > 0".into());
+    }
+    // Each one may hold 1 MiB of entries: a window is a few of them.
+    if !(1..=16).contains(&raw.max_appends_in_flight) {
+        return Err(format!("max_appends_in_flight {} must be 1 to 16", raw.max_appends_in_flight));
     }
     // Followers would time out between heartbeats and depose a healthy leader.
     if raw.heartbeat_ms >= min {
@@ -749,6 +764,19 @@ mod tests {
             "election_timeout_ms [700, 600]: minimum must be < maximum"
         );
         assert_eq!(problem_with(r#", "election_timeout_ms": [0, 600]"#), "election_timeout_ms minimum must be > 0");
+    }
+
+    #[test]
+    fn appends_in_flight_are_one_to_sixteen_one_unless_said() {
+        assert_eq!(problem_with(r#", "max_appends_in_flight": 0"#), "max_appends_in_flight 0 must be 1 to 16");
+        assert_eq!(problem_with(r#", "max_appends_in_flight": 17"#), "max_appends_in_flight 17 must be 1 to 16");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let nodes = r#""nodes":[{"id":0,"raft":"tcp://127.0.0.1:1","client":"tcp://127.0.0.1:2"}]"#;
+        std::fs::write(&path, format!("{{{nodes}}}")).unwrap();
+        assert_eq!(Config::load(&path).unwrap().max_appends_in_flight, 1);
+        std::fs::write(&path, format!(r#"{{{nodes}, "max_appends_in_flight": 2}}"#)).unwrap();
+        assert_eq!(Config::load(&path).unwrap().max_appends_in_flight, 2);
     }
 
     #[test]

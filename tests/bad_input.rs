@@ -387,6 +387,7 @@ fn inconsistent_peer_messages_with_a_valid_envelope_crash_nothing_and_never_reac
                     term: *term,
                     message,
                     chunk: None,
+                    window: None,
                 };
                 let req = cluster.socket(zmq::REQ, &cluster.nodes[to as usize].raft);
                 req.set_rcvtimeo(100).unwrap();

@@ -218,7 +218,7 @@ fn a_peer_without_a_node_key_is_ignored() {
 fn peer_frame(cluster: u64, from: usize, to: usize, term: u64, body: Body) -> Vec<u8> {
     let (from, to) = (from as u64, to as u64);
     let message = Message { from, to, term, body };
-    let envelope = Envelope { version: PROTOCOL_VERSION, cluster, from, term, message, chunk: None };
+    let envelope = Envelope { version: PROTOCOL_VERSION, cluster, from, term, message, chunk: None, window: None };
     rmp_serde::to_vec_named(&envelope).unwrap()
 }
 

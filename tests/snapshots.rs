@@ -190,8 +190,15 @@ fn a_snapshot_piece_from_a_peer_that_cannot_be_the_leader_stages_nothing() {
         let body = Body::InstallSnapshot { snapshot, membership: Default::default() };
         let message = Message { from, to: follower as u64, term, body };
         let chunk = Chunk::Data { offset: 0, total: 1 << 20, data: vec![0; 1 << 16] };
-        let envelope =
-            Envelope { version: PROTOCOL_VERSION, cluster: cluster_id, from, term, message, chunk: Some(chunk) };
+        let envelope = Envelope {
+            version: PROTOCOL_VERSION,
+            cluster: cluster_id,
+            from,
+            term,
+            message,
+            chunk: Some(chunk),
+            window: None,
+        };
         rmp_serde::to_vec_named(&envelope).unwrap()
     };
     let senders = [

@@ -544,6 +544,7 @@ fn core_config(config: &Config, id: NodeId) -> raft::CoreConfig {
         heartbeat_ticks: config.heartbeat_ms / tick,
         max_append_bytes: 1 << 20,
         max_apply_bytes: 16 << 20,
+        max_inflight_appends: config.max_appends_in_flight,
         pre_vote: true,
         check_quorum: true,
         seed,

@@ -117,7 +117,8 @@ impl<S: LogStore> Raft<S> {
     pub fn has_ready(&self) -> bool {
         let (last, committed) = (self.log.last_index(), self.log.committed());
         let wants_append = |lead: &super::engine::Leadership| {
-            self.tracker.progresses().any(|(_, pr)| lead.wants_append(pr, last, committed))
+            let window = self.cfg.max_inflight_appends;
+            self.tracker.progresses().any(|(_, pr)| lead.wants_append(pr, window, last, committed))
         };
         matches!(&self.state, RoleState::Leader(lead) if wants_append(lead))
             || self.hard_state_changed()

@@ -32,6 +32,7 @@ fn config(id: NodeId) -> CoreConfig {
         heartbeat_ticks: 2,
         max_append_bytes: 1 << 20,
         max_apply_bytes: 1 << 20,
+        max_inflight_appends: 2,
         pre_vote: true,
         check_quorum: true,
         seed: id,
@@ -1101,6 +1102,69 @@ fn an_unanswered_append_is_sent_again_only_after_the_inflight_timeout() {
     assert_eq!(count_sent(&c, leader, a, carries_entries), 1, "sent again before the timeout");
     c.run(timeout + 1);
     assert!(count_sent(&c, leader, a, carries_entries) >= 2, "never sent again");
+}
+
+/// The AppendEntries `from` sent `to`: each one's prev_log_index and how
+/// many entries it carried.
+fn appends_sent(c: &Cluster, from: NodeId, to: NodeId) -> Vec<(Index, usize)> {
+    c.net
+        .sent
+        .iter()
+        .filter(|m| m.from == from && m.to == to)
+        .filter_map(|m| match &m.body {
+            Body::AppendEntries { prev_log_index, entries, .. } => Some((*prev_log_index, entries.len())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn with_a_window_of_one_the_next_append_waits_for_the_last_ones_answer() {
+    let mut c = Cluster::with(3, CoreConfig { max_inflight_appends: 1, ..config(1) });
+    c.run(30);
+    let leader = c.leaders()[0];
+    let a = (1..=3).find(|&id| id != leader).unwrap();
+    c.cut.insert((a, leader)); // a's replies are lost
+    c.net.sent.clear();
+    for command in [b"one", b"two"] {
+        c.propose(leader, command);
+    }
+    assert_eq!(appends_sent(&c, leader, a).len(), 1);
+}
+
+#[test]
+fn a_replicating_follower_gets_a_second_append_before_the_first_is_answered_but_not_a_third() {
+    let (mut c, leader, a, _, _) = settled();
+    c.cut.insert((a, leader)); // a's replies are lost
+    c.net.sent.clear();
+    for command in [b"one", b"two", b"six"] {
+        c.propose(leader, command);
+    }
+    let appends = appends_sent(&c, leader, a);
+    let [(first, carried), (second, _)] = appends[..] else { panic!("{appends:?}") };
+    assert_eq!(second, first + carried as Index, "the second goes on where the first ended");
+    c.heal();
+    c.run(10);
+    assert_eq!(c.commands(a), c.commands(leader), "the third follows once the two lost ones expire");
+}
+
+#[test]
+fn an_append_lost_while_replicating_is_found_by_the_next_ones_rejection_and_sent_again() {
+    let (mut c, leader, a, _, _) = settled();
+    c.raft_mut(leader).propose(b"one".to_vec()).unwrap();
+    c.net.process(leader);
+    c.net.queue.retain(|m| !(m.to == a && matches!(m.body, Body::AppendEntries { .. }))); // lost
+    c.deliver();
+    c.net.sent.clear();
+    c.propose(leader, b"two");
+    let to_a = appends_sent(&c, leader, a);
+    let refusals = count_sent(&c, a, leader, |b| matches!(b, Body::AppendEntriesReply { success: false, .. }));
+    assert_eq!(refusals, 1, "two went on after the lost one: refused");
+    let [(after_one, 1), (probe, 2)] = to_a[..] else { panic!("{to_a:?}") };
+    assert_eq!(probe + 1, after_one, "the probe carries one and two");
+    c.run(1);
+    assert_eq!(c.commands(a), c.commands(leader));
+    assert!(c.raft(leader).progress(a).is_some_and(|pr| pr.replicating), "replicating again");
 }
 
 #[test]

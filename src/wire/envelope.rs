@@ -21,6 +21,11 @@ use crate::raft::{Body, Message, NodeId, Term};
 /// table holding the state machine's outcomes) in InstallSnapshot's chunks.
 pub const PROTOCOL_VERSION: u8 = 6;
 
+/// How many requests of one peer's connection a node takes before it has
+/// answered them, answering in the order they came: what its replies say
+/// in [`Envelope::window`]. A leader keeps two AppendEntries in flight.
+pub const WINDOW: u8 = 4;
+
 /// What travels in one ZeroMQ frame: MessagePack with named fields, so the
 /// format is self-describing and readable by non-Rust tools.
 ///
@@ -37,6 +42,11 @@ pub struct Envelope {
     /// the receiver's answer, how much of it has arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk: Option<Chunk>,
+    /// Only in a reply: the sender's [`WINDOW`]. A node of 0.2.0 or older
+    /// answers one request of a connection at a time and says nothing,
+    /// and it ignores the field; so the protocol version stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u8>,
 }
 
 /// The transport streams a snapshot file as a series of InstallSnapshot
@@ -70,6 +80,15 @@ struct Header {
     refused: bool,
 }
 
+/// A reply as accepted: the message, the acknowledgement of a snapshot
+/// piece if it is one, and how many requests the peer takes at once.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PeerReply {
+    pub message: Message,
+    pub chunk: Option<Chunk>,
+    pub window: u8,
+}
+
 /// A request as accepted: the message, its snapshot piece if any, and the
 /// cluster it named, which the answer names too.
 #[derive(Debug, PartialEq, Eq)]
@@ -89,6 +108,8 @@ struct Outgoing<'a> {
     message: &'a Message,
     #[serde(skip_serializing_if = "Option::is_none")]
     chunk: Option<&'a Chunk>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window: Option<u8>,
 }
 
 /// A stable fingerprint of a new cluster's first members: FNV-1a 64 over
@@ -290,8 +311,16 @@ impl Wire {
     /// Encodes a message naming `cluster`, with a piece of a snapshot or the
     /// answer to one.
     pub fn seal_as(&self, cluster: u64, message: &Message, chunk: Option<&Chunk>) -> Result<Vec<u8>, Reject> {
-        let envelope =
-            Outgoing { version: PROTOCOL_VERSION, cluster, from: message.from, term: message.term, message, chunk };
+        let window = (!message.body.is_request()).then_some(WINDOW);
+        let envelope = Outgoing {
+            version: PROTOCOL_VERSION,
+            cluster,
+            from: message.from,
+            term: message.term,
+            message,
+            chunk,
+            window,
+        };
         // Sized up front: regrowing a buffer through entries or a snapshot
         // piece copies them over and over.
         let data = match chunk {
@@ -320,7 +349,7 @@ impl Wire {
     /// Accepts a request from any peer: an InstallSnapshot always with a
     /// piece of its data, anything else without.
     pub fn open_request(&self, frame: &[u8]) -> Result<PeerRequest, Reject> {
-        let (message, chunk, cluster) = self.open(frame, None)?;
+        let Envelope { message, chunk, cluster, .. } = self.open(frame, None)?;
         let from = message.from;
         if !message.body.is_request() {
             return Err(Reject::Unexpected { from, request: false });
@@ -345,8 +374,8 @@ impl Wire {
     /// Accepts only a reply, and only from the peer that was asked: a
     /// message of the core, or the acknowledgement of a snapshot piece.
     /// `sent_as` is the cluster the request named.
-    pub fn open_reply(&self, frame: &[u8], peer: NodeId, sent_as: u64) -> Result<(Message, Option<Chunk>), Reject> {
-        let (message, chunk, _) = self.open(frame, Some(sent_as))?;
+    pub fn open_reply(&self, frame: &[u8], peer: NodeId, sent_as: u64) -> Result<PeerReply, Reject> {
+        let Envelope { message, chunk, window, .. } = self.open(frame, Some(sent_as))?;
         let request = message.body.is_request();
         let acknowledgement =
             matches!((&message.body, &chunk), (Body::InstallSnapshot { .. }, Some(Chunk::Ack { .. })));
@@ -354,12 +383,12 @@ impl Wire {
         if message.from != peer || !(acknowledgement || plain_reply) {
             return Err(Reject::Unexpected { from: message.from, request });
         }
-        Ok((message, chunk))
+        // Zero would stall the link; more than one is a promise to answer in order.
+        Ok(PeerReply { message, chunk, window: window.unwrap_or(1).max(1) })
     }
 
-    /// `sent_as`: for a reply, the cluster its request named. Returns the
-    /// cluster the frame named with its contents.
-    fn open(&self, frame: &[u8], sent_as: Option<u64>) -> Result<(Message, Option<Chunk>, u64), Reject> {
+    /// `sent_as`: for a reply, the cluster its request named.
+    fn open(&self, frame: &[u8], sent_as: Option<u64>) -> Result<Envelope, Reject> {
         let undecodable = |e: rmp_serde::decode::Error| Reject::Undecodable(e.to_string());
         let header: Header = rmp_serde::from_slice(frame).map_err(undecodable)?;
         if header.version != PROTOCOL_VERSION {
@@ -380,7 +409,8 @@ impl Wire {
         if !accepted {
             return Err(Reject::Cluster(header.cluster));
         }
-        let Envelope { from, term, message, chunk, .. } = rmp_serde::from_slice(frame).map_err(undecodable)?;
+        let envelope: Envelope = rmp_serde::from_slice(frame).map_err(undecodable)?;
+        let Envelope { from, term, ref message, .. } = envelope;
         if (from, term) != (message.from, message.term) {
             return Err(Reject::Inconsistent { envelope: (from, term), message: (message.from, message.term) });
         }
@@ -400,7 +430,7 @@ impl Wire {
                 return Err(Reject::Cluster(header.cluster));
             }
         }
-        Ok((message, chunk, header.cluster))
+        Ok(envelope)
     }
 }
 
@@ -449,6 +479,7 @@ mod tests {
             term: message.term,
             message,
             chunk: None,
+            window: None,
         }
     }
 
@@ -477,10 +508,32 @@ mod tests {
         let request = append(1, 0);
         let frame = wire(1).seal(&request).unwrap();
         assert_eq!(wire(0).open_request(&frame), Ok(PeerRequest { message: request, chunk: None, cluster: CLUSTER }));
+        assert!(!frame.windows(6).any(|w| w == b"window"), "only replies say how many requests they take");
 
         let reply = vote_reply(0, 1);
         let frame = wire(0).seal(&reply).unwrap();
-        assert_eq!(wire(1).open_reply(&frame, 0, CLUSTER), Ok((reply, None)));
+        let opened = PeerReply { message: reply.clone(), chunk: None, window: WINDOW };
+        assert_eq!(wire(1).open_reply(&frame, 0, CLUSTER), Ok(opened));
+    }
+
+    #[test]
+    fn a_reply_that_names_no_window_is_from_a_node_that_takes_one_request_at_a_time() {
+        // As 0.2.0 and older send it; they ignore the field in ours.
+        let old = raw(&envelope(vote_reply(0, 1)));
+        assert_eq!(wire(1).open_reply(&old, 0, CLUSTER).map(|r| r.window), Ok(1));
+        let zero = raw(&Envelope { window: Some(0), ..envelope(vote_reply(0, 1)) });
+        assert_eq!(wire(1).open_reply(&zero, 0, CLUSTER).map(|r| r.window), Ok(1), "zero would stall the link");
+        #[derive(Deserialize)]
+        struct Old {
+            version: u8,
+            cluster: u64,
+            from: NodeId,
+            term: Term,
+            message: Message,
+        }
+        let new = wire(0).seal(&vote_reply(0, 1)).unwrap();
+        let old: Old = rmp_serde::from_slice(&new).expect("an older release decodes our replies");
+        assert_eq!((old.version, old.cluster, old.from, old.term, old.message), (6, CLUSTER, 0, 3, vote_reply(0, 1)));
     }
 
     #[test]

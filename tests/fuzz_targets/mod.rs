@@ -91,7 +91,7 @@ pub fn peer_frame(data: &[u8]) {
         bootstrap_fingerprint(&[(0, "tcp://127.0.0.1:7000"), (1, "tcp://127.0.0.1:7001"), (2, "tcp://127.0.0.1:7002")]);
     let wire = Wire::new(0, cluster, 0, 1 << 26);
     let request = wire.open_request(data).map(|request| request.message);
-    for message in [request, wire.open_reply(data, 1, cluster).map(|(message, _)| message)].into_iter().flatten() {
+    for message in [request, wire.open_reply(data, 1, cluster).map(|reply| reply.message)].into_iter().flatten() {
         assert!(message.validate().is_ok(), "the wire accepted an invalid message: {message:?}");
         let hard_state = HardState { term: 2, vote: None, commit: 1 };
         let mut net = Network::default();
@@ -143,6 +143,7 @@ fn config(id: u64) -> CoreConfig {
         heartbeat_ticks: 1,
         max_append_bytes: 256,
         max_apply_bytes: 256,
+        max_inflight_appends: 2,
         pre_vote: id != 2,
         check_quorum: id != 1,
         seed: id,

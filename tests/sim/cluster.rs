@@ -255,6 +255,8 @@ impl Cluster {
                 heartbeat_ticks: 2,
                 max_append_bytes: params.max_append_bytes,
                 max_apply_bytes: params.max_append_bytes,
+                // Each node its own: one at a time, or a window.
+                max_inflight_appends: rng.range(1, 3) as usize,
                 pre_vote: params.pre_vote,
                 check_quorum: params.check_quorum,
                 seed: rng.next_u64(),

@@ -21,7 +21,7 @@ mod name_check;
 mod peer;
 mod server;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,8 +157,10 @@ impl LinkSettings {
             security: Arc::clone(&self.security),
             snapshots: self.snapshots.clone(),
             speak_as: None,
+            window: 1,
             queued: None,
-            state: peer::State::Idle,
+            out: VecDeque::new(),
+            failed_until: None,
             reachable: true,
             warnings: Warnings::default(),
         }
@@ -589,6 +591,89 @@ mod tests {
         }
     }
 
+    /// Once a peer's reply says it takes a window of requests, appends go
+    /// out before the ones before them are answered; each reply comes back
+    /// on the one connection, in order.
+    #[test]
+    fn appends_go_out_within_the_window_a_peer_names_and_are_answered_in_order() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let (leader, leader_rx) = start(&ctx, 0, &nodes, PATIENCE);
+        let (follower, follower_rx) = start(&ctx, 1, &nodes, PATIENCE);
+        leader.send(heartbeat(0, 1, 1));
+        assert_eq!(message(&follower_rx), heartbeat(0, 1, 1));
+        follower.send(ack(1, 0));
+        assert_eq!(message(&leader_rx), ack(1, 0), "the window is one until the peer says more");
+        leader.send(heartbeat(0, 1, 2));
+        leader.send(heartbeat(0, 1, 3));
+        assert_eq!(message(&follower_rx), heartbeat(0, 1, 2));
+        assert_eq!(message(&follower_rx), heartbeat(0, 1, 3), "the second is out before the first is answered");
+        let answer = |match_index| Message {
+            body: Body::AppendEntriesReply {
+                success: true,
+                prev_log_index: 0,
+                match_index,
+                conflict_index: 0,
+                conflict_term: None,
+                read_seq: 0,
+            },
+            ..ack(1, 0)
+        };
+        follower.send(answer(2));
+        follower.send(answer(3));
+        assert_eq!(message(&leader_rx), answer(2));
+        assert_eq!(message(&leader_rx), answer(3));
+        leader.shutdown();
+        follower.shutdown();
+    }
+
+    /// A release that answers one request at a time (0.2.0) says nothing of
+    /// a window: it is sent one request at a time, the next once the last
+    /// is answered.
+    #[test]
+    fn a_peer_that_names_no_window_is_sent_one_request_at_a_time() {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let (leader, leader_rx) = start(&ctx, 0, &nodes, PATIENCE);
+        let old = ctx.socket(zmq::ROUTER).unwrap();
+        old.set_linger(0).unwrap();
+        old.bind(&nodes[1].1).unwrap();
+        let wire = Wire::new(1, CLUSTER, 0, -1);
+        // Answers as 0.2.0 does, with no window in the envelope.
+        let answer = |frames: &mut Vec<zmq::Message>| {
+            let request = wire.open_request(&frames.pop().unwrap()).unwrap().message;
+            let reply = ack(1, 0);
+            let envelope = Envelope {
+                version: PROTOCOL_VERSION,
+                cluster: CLUSTER,
+                from: 1,
+                term: 2,
+                message: reply,
+                chunk: None,
+                window: None,
+            };
+            frames.push(rmp_serde::to_vec_named(&envelope).unwrap().into());
+            old.send_multipart(frames.drain(..), 0).unwrap();
+            request
+        };
+        let receive = |timeout: Duration| {
+            (old.poll(zmq::POLLIN, timeout.as_millis() as i64).unwrap() > 0)
+                .then(|| old.recv_multipart(0).unwrap().into_iter().map(zmq::Message::from).collect::<Vec<_>>())
+        };
+        leader.send(heartbeat(0, 1, 1));
+        let mut first = receive(PATIENCE).unwrap();
+        assert_eq!(answer(&mut first), heartbeat(0, 1, 1));
+        assert_eq!(message(&leader_rx), ack(1, 0));
+        leader.send(heartbeat(0, 1, 2));
+        leader.send(heartbeat(0, 1, 3));
+        let mut second = receive(PATIENCE).unwrap();
+        assert!(receive(Duration::from_millis(300)).is_none(), "the third waits for the second's answer");
+        assert_eq!(answer(&mut second), heartbeat(0, 1, 2));
+        let mut third = receive(PATIENCE).unwrap();
+        assert_eq!(answer(&mut third), heartbeat(0, 1, 3));
+        leader.shutdown();
+    }
+
     #[test]
     fn the_transport_moves_to_the_thread_that_polls_it_and_answers_go_from_any() {
         fn sendable<T: Send>() {}
@@ -750,7 +835,8 @@ mod tests {
         raw.connect(&nodes[0].1).unwrap();
         let frame = |version, cluster, from, message: Message| {
             let term = message.term;
-            rmp_serde::to_vec_named(&Envelope { version, cluster, from, term, message, chunk: None }).unwrap()
+            rmp_serde::to_vec_named(&Envelope { version, cluster, from, term, message, chunk: None, window: None })
+                .unwrap()
         };
         let bad = [
             b"\xc1 not msgpack".to_vec(),
@@ -781,7 +867,8 @@ mod tests {
         assert!(raw.poll(zmq::POLLIN, PATIENCE.as_millis() as i64).unwrap() > 0);
         let reply = raw.recv_multipart(0).unwrap();
         assert_eq!(reply.len(), 2);
-        assert_eq!(wire.open_reply(&reply[1], 0, CLUSTER), Ok((ack(0, 1), None)));
+        let reply = wire.open_reply(&reply[1], 0, CLUSTER).unwrap();
+        assert_eq!((reply.message, reply.chunk), (ack(0, 1), None));
         server.shutdown();
     }
 
@@ -811,7 +898,7 @@ mod tests {
             let data = file[offset as usize..(offset as usize + 1000).min(file.len())].to_vec();
             let chunk = Chunk::Data { offset, total, data };
             raw.send(leader.seal_as(CLUSTER, &install, Some(&chunk)).unwrap(), 0).unwrap();
-            leader.open_reply(&raw.recv_bytes(0).unwrap(), 0, CLUSTER).unwrap().1
+            leader.open_reply(&raw.recv_bytes(0).unwrap(), 0, CLUSTER).unwrap().chunk
         };
         assert_eq!(piece(0), Some(Chunk::Ack { next: 1000 }));
         assert_eq!(piece(0), Some(Chunk::Ack { next: 1000 }), "a repeated piece is not written twice");

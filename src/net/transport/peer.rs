@@ -1,8 +1,12 @@
-//! The sending half: one REQ socket per peer, driven by the thread that
+//! The sending half: one DEALER socket per peer, driven by the thread that
 //! polls the transport, never waiting on it, so a slow or dead peer only
-//! ever delays messages to itself. An InstallSnapshot is sent as the
-//! snapshot file's pieces, one request each (see [`Chunk`]).
+//! ever delays messages to itself. Requests leave as a REQ socket's would
+//! (an empty delimiter, then the frame); AppendEntries up to the peer's
+//! window of them at once, whose replies come back in the same order on
+//! the one connection. An InstallSnapshot is sent as the snapshot file's
+//! pieces, one request each (see [`Chunk`]).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
@@ -18,7 +22,7 @@ use crate::net::security::NodeSecurity;
 use crate::raft::{Body, Message, NodeId, SnapshotMeta};
 use crate::storage::snapshot::Snapshots;
 use crate::warnings::Warnings;
-use crate::wire::envelope::{Chunk, Reject, Wire};
+use crate::wire::envelope::{Chunk, PeerReply, Reject, Wire};
 
 /// Bytes of snapshot per request: far below any frame limit, big enough
 /// that a large snapshot takes few round trips.
@@ -29,9 +33,10 @@ pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// checked the whole file, made it durable and installed it.
 const SNAPSHOT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A REQ socket to `peer` at `endpoint`. It never needs a send or receive
-/// timeout: sends are DONTWAIT (connect creates the outgoing pipe at once, so
-/// one request always fits) and replies are awaited with `poll`.
+/// A DEALER socket to `peer` at `endpoint`. It never needs a send or
+/// receive timeout: sends are DONTWAIT (connect creates the outgoing pipe at
+/// once, and a window of requests is far below its high-water mark) and
+/// replies are awaited with `poll`.
 pub(super) fn connect(
     ctx: &zmq::Context,
     endpoint: &str,
@@ -39,7 +44,7 @@ pub(super) fn connect(
     security: &NodeSecurity,
     peer: NodeId,
 ) -> zmq::Result<zmq::Socket> {
-    let socket = ctx.socket(zmq::REQ)?;
+    let socket = ctx.socket(zmq::DEALER)?;
     socket.set_linger(0)?;
     socket.set_maxmsgsize(max_message_bytes)?;
     security.client(&socket, peer)?;
@@ -53,10 +58,14 @@ pub(super) struct Link {
     /// Says so when `endpoint` names a host that does not resolve.
     pub(super) name_check: NameCheck,
     pub(super) ctx: zmq::Context,
-    /// `None` before the first exchange and after a failed one: a REQ
-    /// socket whose reply never came is stuck, and its queue may hold stale
-    /// requests, so it is replaced.
+    /// `None` before the first exchange and after a failed one: replies
+    /// still on their way to it would be taken for the next requests', and
+    /// its queue may hold stale requests, so it is replaced.
     pub(super) socket: Option<zmq::Socket>,
+    /// How many requests the peer takes at once on this connection, as its
+    /// last reply said; one for a new connection (the peer may be another
+    /// process, of a release that answers one at a time).
+    pub(super) window: usize,
     pub(super) wire: Arc<Wire>,
     pub(super) inbound: Sender<Inbound>,
     pub(super) reply_timeout: Duration,
@@ -68,23 +77,17 @@ pub(super) struct Link {
     /// cluster's name; or that name, for a member that learned it before
     /// this node (see [`Wire`] and `switch_to`).
     pub(super) speak_as: Option<u64>,
-    /// The request to send once the link is free. Heartbeats and votes pile
-    /// up while the peer is down; only the newest reflects this node's
-    /// state, and Raft tolerates the loss of older ones.
+    /// The request to send once the window has room. Heartbeats and votes
+    /// pile up while the peer is down; only the newest reflects this node's
+    /// state, and Raft tolerates the loss of older ones. (The core keeps
+    /// its AppendEntries within the window: see `Progress`.)
     pub(super) queued: Option<Message>,
-    pub(super) state: State,
+    /// The requests out, oldest first, awaiting their replies in that order.
+    pub(super) out: VecDeque<Exchange>,
+    /// After a failure, when the core hears of it; nothing is sent until then.
+    pub(super) failed_until: Option<Instant>,
     pub(super) reachable: bool,
     pub(super) warnings: Warnings,
-}
-
-pub(super) enum State {
-    Idle,
-    /// A request is out, awaiting its reply.
-    Exchanging(Box<Exchange>),
-    /// The last exchange failed; the core hears of it at `report_at`.
-    Failed {
-        report_at: Instant,
-    },
 }
 
 /// One request and its reply, or a whole snapshot and the reply to its
@@ -125,6 +128,20 @@ fn read_ahead(file: &File, offset: u64) {
     unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, SNAPSHOT_CHUNK as libc::off_t, libc::POSIX_FADV_WILLNEED) };
 }
 
+/// The next reply on a link's socket: `[empty delimiter, frame]`, as a
+/// ROUTER answers a REQ socket.
+fn receive_reply(socket: &zmq::Socket) -> Result<zmq::Message, Failure> {
+    let mut frames = vec![socket.recv_msg(zmq::DONTWAIT)?];
+    // The rest of a multipart message is there once its first frame is.
+    while frames.last().is_some_and(zmq::Message::get_more) {
+        frames.push(socket.recv_msg(zmq::DONTWAIT)?);
+    }
+    match <[zmq::Message; 2]>::try_from(frames) {
+        Ok([delimiter, reply]) if delimiter.is_empty() => Ok(reply),
+        _ => Err(Reject::Undecodable("a reply not framed as [empty delimiter, frame]".into()).into()),
+    }
+}
+
 enum Failure {
     Timeout,
     Zmq(zmq::Error),
@@ -152,7 +169,7 @@ fn brings_the_log(message: &Message) -> bool {
 }
 
 impl Link {
-    /// Sends `message` as soon as the link is free, replacing whatever
+    /// Sends `message` as soon as the window has room, replacing whatever
     /// older request still waited.
     pub(super) fn send(&mut self, message: Message, now: Instant) {
         self.queued = Some(message);
@@ -161,44 +178,35 @@ impl Link {
 
     /// Nothing out and nothing to send: a link to a gone member may go.
     pub(super) fn is_idle(&self) -> bool {
-        matches!(self.state, State::Idle) && self.queued.is_none()
+        self.out.is_empty() && self.failed_until.is_none() && self.queued.is_none()
     }
 
-    /// The socket to poll for a reply, while one is awaited.
+    /// The socket to poll for replies, while any is awaited.
     pub(super) fn awaiting(&self) -> Option<&zmq::Socket> {
-        match self.state {
-            State::Exchanging(_) => self.socket.as_ref(),
-            _ => None,
-        }
+        if self.out.is_empty() { None } else { self.socket.as_ref() }
     }
 
     /// When [`Link::go_on`] has something to do without a reply arriving.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        match &self.state {
-            State::Idle => None,
-            State::Exchanging(exchange) => Some(exchange.due),
-            State::Failed { report_at } => Some(*report_at),
-        }
+        self.out.front().map(|exchange| exchange.due).or(self.failed_until)
     }
 
-    /// Gives up on a reply that is overdue, reports a failure once it is
-    /// time, and starts the queued request when the link is free.
+    /// Gives up on the requests out once the oldest reply is overdue,
+    /// reports a failure once it is time, and starts the queued request
+    /// when the window has room.
     pub(super) fn go_on(&mut self, now: Instant) {
-        match &self.state {
-            State::Exchanging(exchange) if now >= exchange.due => {
-                debug!("no reply from peer {} within {:?}", self.peer, exchange.due - exchange.sent);
-                let began = exchange.began;
-                self.fail(Failure::Timeout, began);
-            }
-            _ => {}
-        }
-        if let State::Failed { report_at } = self.state
-            && now >= report_at
+        if let Some(exchange) = self.out.front()
+            && now >= exchange.due
         {
-            self.state = State::Idle;
+            debug!("no reply from peer {} within {:?}", self.peer, exchange.due - exchange.sent);
+            let began = exchange.began;
+            self.fail(Failure::Timeout, began);
+        }
+        if self.failed_until.is_some_and(|at| now >= at) {
+            self.failed_until = None;
             deliver(&self.inbound, Inbound::Unreachable(self.peer), &mut self.warnings);
         }
-        if matches!(self.state, State::Idle)
+        if self.queued.as_ref().is_some_and(|message| self.has_room_for(message))
             && let Some(message) = self.queued.take()
         {
             let asked_as = self.speaks_for(&message);
@@ -208,20 +216,37 @@ impl Link {
         }
     }
 
-    /// Takes the reply the socket has, if any, and goes on from it.
+    /// Whether `message` may go out now: not after a failure before the
+    /// core heard of it, and beside others only AppendEntries among
+    /// AppendEntries, the one stream worth pipelining. Anything else goes
+    /// alone, as before there were windows: a snapshot's pieces are
+    /// answered by the transport, ahead of the core's replies to anything
+    /// before them, and a vote or a TimeoutNow may go unanswered.
+    fn has_room_for(&self, message: &Message) -> bool {
+        let pipelined = |message: &Message| matches!(message.body, Body::AppendEntries { .. });
+        self.failed_until.is_none()
+            && (self.out.is_empty()
+                || (self.out.len() < self.window
+                    && pipelined(message)
+                    && self.out.iter().all(|exchange| pipelined(&exchange.message))))
+    }
+
+    /// Takes the replies the socket has, each answering the oldest request
+    /// out, and goes on from them.
     pub(super) fn on_readable(&mut self, now: Instant) {
-        let State::Exchanging(exchange) = std::mem::replace(&mut self.state, State::Idle) else { return };
-        let mut exchange = *exchange;
-        let Some(socket) = &self.socket else { return };
-        let reply = match socket.recv_bytes(zmq::DONTWAIT) {
-            Ok(reply) => reply,
-            Err(zmq::Error::EAGAIN) => {
-                self.state = State::Exchanging(Box::new(exchange));
-                return;
-            }
-            Err(e) => return self.fail(e.into(), exchange.began),
-        };
-        match self.wire.open_reply(&reply, self.peer, exchange.asked_as) {
+        while let (Some(socket), Some(oldest)) = (&self.socket, self.out.front()) {
+            let reply = match receive_reply(socket) {
+                Ok(reply) => reply,
+                Err(Failure::Zmq(zmq::Error::EAGAIN)) => return,
+                Err(failure) => return self.fail(failure, oldest.began),
+            };
+            let exchange = self.out.pop_front().expect("looked at above");
+            self.on_reply(exchange, &reply, now);
+        }
+    }
+
+    fn on_reply(&mut self, mut exchange: Exchange, reply: &[u8], now: Instant) {
+        match self.wire.open_reply(reply, self.peer, exchange.asked_as) {
             // Once more at once if the peer refused the cluster named and
             // named one this node may speak for to it.
             Err(Reject::Refused { cluster })
@@ -233,17 +258,21 @@ impl Link {
                 self.begin(exchange, now);
             }
             Err(reject) => self.fail(reject.into(), exchange.began),
-            Ok((reply, chunk)) => match exchange.snapshot.take() {
-                None if chunk.is_none() => {
-                    let peer = self.peer.to_string();
-                    METRICS.peer_seconds.with_label_values(&[&peer]).observe(seconds_since(exchange.sent));
-                    self.succeed(reply);
+            Ok(PeerReply { message, chunk, window }) => {
+                self.window = usize::from(window);
+                match exchange.snapshot.take() {
+                    None if chunk.is_none() => {
+                        let peer = self.peer.to_string();
+                        METRICS.peer_seconds.with_label_values(&[&peer]).observe(seconds_since(exchange.sent));
+                        self.succeed(message);
+                    }
+                    None => self.fail(
+                        Failure::Snapshot("a snapshot acknowledgement where none belongs".into()),
+                        exchange.began,
+                    ),
+                    Some(stream) => self.on_piece_answered(exchange, stream, message, chunk, now),
                 }
-                None => {
-                    self.fail(Failure::Snapshot("a snapshot acknowledgement where none belongs".into()), exchange.began)
-                }
-                Some(stream) => self.on_piece_answered(exchange, stream, reply, chunk, now),
-            },
+            }
         }
     }
 
@@ -303,7 +332,7 @@ impl Link {
     /// After a request of `exchange` was put on the wire (`sent`), or not.
     fn await_reply(&mut self, exchange: Exchange, sent: Result<(), Failure>) {
         match sent {
-            Ok(()) => self.state = State::Exchanging(Box::new(exchange)),
+            Ok(()) => self.out.push_back(exchange),
             Err(failure) => self.fail(failure, exchange.began),
         }
     }
@@ -343,8 +372,13 @@ impl Link {
     ) -> Result<(), Failure> {
         let socket = match self.socket.take() {
             Some(socket) => socket,
-            None => connect(&self.ctx, &self.endpoint, self.max_message_bytes, &self.security, self.peer)?,
+            None => {
+                self.window = 1;
+                connect(&self.ctx, &self.endpoint, self.max_message_bytes, &self.security, self.peer)?
+            }
         };
+        // A multipart message is queued whole or not at all.
+        socket.send(zmq::Message::new(), zmq::SNDMORE | zmq::DONTWAIT)?;
         socket.send(request, zmq::DONTWAIT)?;
         self.socket = Some(socket);
         (exchange.sent, exchange.due) = (now, now + timeout);
@@ -357,17 +391,18 @@ impl Link {
             info!("peer {} reachable again", self.peer);
             self.reachable = true;
         }
-        self.state = State::Idle;
         deliver(&self.inbound, Inbound::Message(reply), &mut self.warnings);
     }
 
-    /// The socket goes (see [`Link::socket`]); the core hears of the failure
-    /// no sooner than a timeout after the exchange began. It sends again as
+    /// The socket goes (see [`Link::socket`]) with every request out; the
+    /// core hears of the failure no sooner than a timeout after the
+    /// exchange began. It sends again as
     /// soon as it hears, so a failure that came at once (a snapshot file
     /// that cannot be read, a refusal) would otherwise make that a hot loop
     /// (seen: 6,000 tries a second).
     fn fail(&mut self, failure: Failure, began: Instant) {
         self.socket = None;
+        self.out.clear();
         match failure {
             Failure::Timeout => {}
             Failure::Zmq(e) => {
@@ -393,7 +428,7 @@ impl Link {
                 self.peer, self.endpoint
             );
         }
-        self.state = State::Failed { report_at: began + self.reply_timeout };
+        self.failed_until = Some(began + self.reply_timeout);
     }
 
     /// The cluster a request names: the one this node speaks for, or the

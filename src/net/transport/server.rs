@@ -1,7 +1,7 @@
-//! The receiving half: the ROUTER socket peers' REQ sockets connect to,
-//! driven by the thread that polls the transport. ROUTER lets replies leave
-//! in whatever order the core produces them, addressed by the route each
-//! request came in on.
+//! The receiving half: the ROUTER socket peers' sockets connect to, driven
+//! by the thread that polls the transport. Each reply the core gives a peer
+//! goes back on the connection its requests came in on, answering the
+//! oldest of them still unanswered.
 //!
 //! It also collects the pieces of a snapshot a leader streams (see
 //! [`Chunk`]): each is written to the staging file and acknowledged here;
@@ -10,7 +10,7 @@
 //! the leader of the core's current term may stage one (see [`Admission`]);
 //! any other's pieces are dropped before a byte is written.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +23,7 @@ use crate::net::security::{Caller, recv_with_user};
 use crate::raft::{Body, Message, NodeId, Term};
 use crate::storage::snapshot::Staging;
 use crate::warnings::Warnings;
-use crate::wire::envelope::{Chunk, PeerRequest, Reject, Wire};
+use crate::wire::envelope::{Chunk, PeerRequest, Reject, WINDOW, Wire};
 
 /// Requests taken per poll.
 const BATCH: usize = 64;
@@ -37,10 +37,11 @@ pub(super) struct Server {
     pub(super) inbound: Sender<Inbound>,
     pub(super) staging: Staging,
     pub(super) admission: Admission,
-    /// Each peer has a single REQ socket, so it has at most one request
-    /// outstanding: its latest one. A reply the core sends after the peer
-    /// gave up and asked again answers the newer request; Raft replies
-    /// describe themselves (term, match_index, read_seq), so that is harmless.
+    /// Each peer sends on one connection at a time, a window of requests
+    /// at most; the core answers them in order. A reply the core sends
+    /// after the peer gave up and asked again on a new connection answers
+    /// the newer request; Raft replies describe themselves (term,
+    /// prev_log_index, match_index, read_seq), so that is harmless.
     pub(super) pending: HashMap<NodeId, Waiting>,
     pub(super) warnings: Warnings,
 }
@@ -81,12 +82,30 @@ impl Admission {
     }
 }
 
-/// A peer's request waiting for the core's answer: the route it came in on
-/// (identity frames up to the empty delimiter), and the cluster it named,
-/// which the answer names too.
+/// A peer's requests waiting for the core's answers: the route they came
+/// in on (identity frames up to the empty delimiter), and the cluster each
+/// named, which its answer names too, oldest first.
 pub(super) struct Waiting {
     route: Vec<Vec<u8>>,
-    cluster: u64,
+    clusters: VecDeque<u64>,
+}
+
+impl Waiting {
+    /// Another request from the peer, on `route`. One on a new route means
+    /// the peer gave up on the old connection (a REQ or DEALER socket is
+    /// replaced after a failure): what it waited for there is forgotten.
+    /// More than a window's worth means the core left some unanswered
+    /// (say a request it ignored): the oldest go.
+    fn push(&mut self, route: &[zmq::Message], cluster: u64) {
+        if !self.route.iter().map(Vec::as_slice).eq(route.iter().map(|frame| &frame[..])) {
+            self.route = route.iter().map(|frame| frame.to_vec()).collect();
+            self.clusters.clear();
+        }
+        if self.clusters.len() == usize::from(WINDOW) {
+            self.clusters.pop_front();
+        }
+        self.clusters.push_back(cluster);
+    }
 }
 
 impl Server {
@@ -116,14 +135,13 @@ impl Server {
     }
 
     fn accept(&mut self, mut frames: Vec<zmq::Message>, sender: Caller) {
-        // A REQ peer arrives as [identity, empty delimiter, payload].
+        // A peer arrives as [identity, empty delimiter, payload].
         let payload = frames.pop().unwrap_or_else(zmq::Message::new);
         if frames.len() < 2 || frames.last().is_some_and(|delimiter| !delimiter.is_empty()) {
             let shape = format!("request dropped: malformed multipart of {} frames", frames.len() + 1);
             self.warnings.warn("malformed multipart", shape);
             return;
         }
-        let mut frames: Vec<Vec<u8>> = frames.iter().map(|frame| frame.to_vec()).collect();
         let opened = self.wire.open_request(&payload);
         // With CURVE, a connection speaks for the node whose key made it:
         // checked before anything of the message, a snapshot piece
@@ -148,7 +166,7 @@ impl Server {
                 match self.collect(&message, offset, total, &data) {
                     Ok(Some(next)) => self.acknowledge(frames, cluster, message, next),
                     Ok(None) => {
-                        self.pending.insert(from, Waiting { route: frames, cluster });
+                        self.wait_for_the_core(from, &frames, cluster);
                         deliver(&self.inbound, Inbound::Message(message), &mut self.warnings);
                     }
                     Err(problem) => {
@@ -158,7 +176,7 @@ impl Server {
                 }
             }
             Ok(PeerRequest { message, cluster, .. }) => {
-                self.pending.insert(message.from, Waiting { route: frames, cluster });
+                self.wait_for_the_core(message.from, &frames, cluster);
                 deliver(&self.inbound, Inbound::Message(message), &mut self.warnings);
             }
             Err(reject) => {
@@ -174,7 +192,7 @@ impl Server {
                 // Said at once, so the sender need not wait out a timeout to
                 // learn which cluster this node speaks for.
                 if let Reject::Cluster(_) = reject {
-                    frames.push(self.wire.refusal());
+                    frames.push(self.wire.refusal().into());
                     if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
                         debug!("refusal not sent: {e}");
                     }
@@ -210,11 +228,11 @@ impl Server {
     }
 
     /// Answers a piece with how much of the snapshot is held.
-    fn acknowledge(&self, mut frames: Vec<Vec<u8>>, cluster: u64, request: Message, next: u64) {
+    fn acknowledge(&self, mut frames: Vec<zmq::Message>, cluster: u64, request: Message, next: u64) {
         let answer = Message { from: request.to, to: request.from, ..request };
         match self.wire.seal_as(cluster, &answer, Some(&Chunk::Ack { next })) {
             Ok(frame) => {
-                frames.push(frame);
+                frames.push(frame.into());
                 if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
                     warn!("snapshot acknowledgement not sent: {e}");
                 }
@@ -223,16 +241,30 @@ impl Server {
         }
     }
 
+    /// The core is to answer `from`'s request, which came on `route`.
+    fn wait_for_the_core(&mut self, from: NodeId, route: &[zmq::Message], cluster: u64) {
+        let waiting =
+            self.pending.entry(from).or_insert_with(|| Waiting { route: Vec::new(), clusters: VecDeque::new() });
+        waiting.push(route, cluster);
+    }
+
     pub(super) fn send_reply(&mut self, reply: Message) {
         let to = reply.to;
-        let Some(Waiting { route: mut frames, cluster }) = self.pending.remove(&to) else {
+        let Some(waiting) = self.pending.get_mut(&to) else {
             debug!("reply to node {to} dropped: no request of its is pending");
             return;
         };
-        match self.wire.seal_as(cluster, &reply, None) {
-            Ok(payload) => frames.push(payload),
+        let cluster = waiting.clusters.pop_front().expect("emptied entries go");
+        let sealed = self.wire.seal_as(cluster, &reply, None);
+        let route = match waiting.clusters.is_empty() {
+            true => self.pending.remove(&to).expect("looked up above").route,
+            false => waiting.route.clone(),
+        };
+        let payload = match sealed {
+            Ok(payload) => payload,
             Err(reject) => return warn!("reply to node {to} not sent: {reject}"),
-        }
+        };
+        let frames = route.into_iter().map(zmq::Message::from).chain([zmq::Message::from(payload)]);
         // ROUTER never blocks: it drops frames for a vanished or saturated peer,
         // which then times out and retries.
         if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {

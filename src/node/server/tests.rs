@@ -110,6 +110,7 @@ fn server_identity(voters: u64, curve: bool, sync_later: bool, identity: (u64, u
         heartbeat_ticks: 2,
         max_append_bytes: 1 << 20,
         max_apply_bytes: 1 << 20,
+        max_inflight_appends: 2,
         pre_vote: false,
         check_quorum: false,
         seed: 1,

@@ -42,6 +42,10 @@ pub struct CoreConfig {
     pub max_append_bytes: usize,
     /// Upper bound on the committed entries handed out by one `Ready`.
     pub max_apply_bytes: usize,
+    /// AppendEntries a leader keeps in flight to a follower whose log is
+    /// known to match (see `Progress`); 1 sends the next only once the last
+    /// is answered.
+    pub max_inflight_appends: usize,
     pub pre_vote: bool,
     pub check_quorum: bool,
     /// Seeds the election-timeout randomness, so runs are reproducible.
@@ -321,8 +325,8 @@ impl<S: LogStore> Raft<S> {
                 conflict_term,
                 read_seq,
             } => {
-                let rejection = (!success).then_some(Rejection { prev_log_index, conflict_index, conflict_term });
-                self.handle_append_reply(m.from, match_index, rejection, read_seq)
+                let rejection = (!success).then_some(Rejection { conflict_index, conflict_term });
+                self.handle_append_reply(m.from, prev_log_index, match_index, rejection, read_seq)
             }
             Body::TimeoutNow => self.handle_timeout_now(m.from),
             Body::InstallSnapshot { snapshot, membership } => {
@@ -351,7 +355,7 @@ impl<S: LogStore> Raft<S> {
     /// transport paces failures that come back at once).
     pub fn peer_unreachable(&mut self, peer: NodeId) {
         if let Some(pr) = self.tracker.progress_mut(peer) {
-            pr.inflight_since = None;
+            pr.forget_inflight();
             pr.pending_snapshot = None;
         }
     }

@@ -10,30 +10,36 @@ use crate::raft::progress::Progress;
 use crate::raft::types::{Entry, Index, NodeId, SnapshotInfo, Term};
 
 /// A follower's refusal of an AppendEntries whose `prev_log_index` it does
-/// not hold, with its hint where to resume.
+/// not hold: its hint where to resume.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Rejection {
-    pub(super) prev_log_index: Index,
     pub(super) conflict_index: Index,
     pub(super) conflict_term: Option<Term>,
 }
 
 impl Leadership {
-    /// Whether the follower at `pr` is due an AppendEntries: none in flight
-    /// and something to tell it (entries, a heartbeat, a read round, or a
-    /// commit index it has not heard). A new commit index alone waits for
+    /// Whether the follower at `pr` is due an AppendEntries: room for one
+    /// more in flight (up to `window`) and something to tell it (entries, a heartbeat, a read
+    /// round no request out carries, or a commit index it has not heard).
+    /// A new commit index alone waits for
     /// the next tick, unless nothing was ever sent to the follower (a member
     /// just added is probed at once): the next entries carry it anyway, and
     /// a round of its own after every commit doubled the messages a write
     /// costs under light load.
-    pub(in crate::raft) fn wants_append(&self, pr: &Progress, last_index: Index, committed: Index) -> bool {
+    pub(in crate::raft) fn wants_append(
+        &self,
+        pr: &Progress,
+        window: usize,
+        last_index: Index,
+        committed: Index,
+    ) -> bool {
         let unheard_commit = pr.commit_sent < committed && (self.commit_due || pr.commit_sent == 0);
-        pr.inflight_since.is_none()
+        pr.has_room(window)
             && pr.pending_snapshot.is_none()
             && (self.heartbeat_due
                 || pr.next <= last_index
                 || unheard_commit
-                || (!self.pending_reads.is_empty() && pr.read_acked < self.read_seq))
+                || (!self.pending_reads.is_empty() && pr.read_sent < self.read_seq))
     }
 }
 
@@ -52,8 +58,8 @@ impl<S: LogStore> Raft<S> {
         let now = self.ticks;
         let (append_timeout, snapshot_timeout) = (self.cfg.inflight_timeout(), self.cfg.snapshot_timeout());
         for pr in self.tracker.progresses_mut() {
-            if pr.inflight_since.is_some_and(|sent| now - sent >= append_timeout) {
-                pr.inflight_since = None;
+            if pr.overdue(now, append_timeout) {
+                pr.forget_inflight();
             }
             if pr.pending_snapshot.is_some_and(|(_, sent)| now - sent >= snapshot_timeout) {
                 pr.pending_snapshot = None;
@@ -185,6 +191,7 @@ impl<S: LogStore> Raft<S> {
     pub(super) fn handle_append_reply(
         &mut self,
         from: NodeId,
+        prev_log_index: Index,
         match_index: Index,
         rejection: Option<Rejection>,
         read_seq: u64,
@@ -193,7 +200,7 @@ impl<S: LogStore> Raft<S> {
         let (last, transferee) = (self.log.last_index(), lead.transfer.map(|t| t.to));
         let Some(pr) = self.tracker.progress_mut(from) else { return };
         pr.recent_active = true;
-        pr.inflight_since = None;
+        pr.answered(prev_log_index);
         // A reply cannot acknowledge a read round that has not started.
         pr.read_acked = pr.read_acked.max(read_seq.min(lead.read_seq));
         match rejection {
@@ -208,7 +215,7 @@ impl<S: LogStore> Raft<S> {
             }
             // No hint: the follower answered a request from an older term.
             Some(Rejection { conflict_index: 0, .. }) => {}
-            Some(Rejection { prev_log_index, conflict_index, conflict_term }) => {
+            Some(Rejection { conflict_index, conflict_term }) => {
                 // Skip the follower's whole conflicting term at once; if we have
                 // entries of that term, resume right after our last one of it.
                 let next = conflict_term
@@ -228,15 +235,15 @@ impl<S: LogStore> Raft<S> {
         self.confirm_reads();
     }
 
-    /// One AppendEntries to every follower that is not waiting on one and has
-    /// something to learn; all proposals since the last round go in it.
+    /// One AppendEntries to every follower that has room for one more in
+    /// flight and something to learn; all proposals since its last one go in it.
     pub(in crate::raft) fn send_appends(&mut self) {
         let RoleState::Leader(lead) = &mut self.state else { return };
         let (last, committed) = (self.log.last_index(), self.log.committed());
         let wanting: Vec<NodeId> = self
             .tracker
             .progresses()
-            .filter(|(_, pr)| lead.wants_append(pr, last, committed))
+            .filter(|(_, pr)| lead.wants_append(pr, self.cfg.max_inflight_appends, last, committed))
             .map(|(id, _)| id)
             .collect();
         lead.heartbeat_due = false;
@@ -260,12 +267,21 @@ impl<S: LogStore> Raft<S> {
                 }
             };
             let pr = self.tracker.progress_mut(to).expect("listed above");
-            if let Body::InstallSnapshot { snapshot, .. } = &body {
-                info!("node {}: sending snapshot {}/{} to {}", self.cfg.id, snapshot.index, snapshot.term, to);
-                pr.pending_snapshot = Some((snapshot.index, self.ticks));
+            match &body {
+                Body::AppendEntries { entries, .. } => {
+                    pr.sent(prev_log_index, prev_log_index + entries.len() as Index, self.ticks)
+                }
+                Body::InstallSnapshot { snapshot, .. } => {
+                    info!("node {}: sending snapshot {}/{} to {}", self.cfg.id, snapshot.index, snapshot.term, to);
+                    pr.pending_snapshot = Some((snapshot.index, self.ticks));
+                    // Its reply names the snapshot's index.
+                    pr.replicating = false;
+                    pr.sent(snapshot.index, snapshot.index, self.ticks);
+                }
+                _ => unreachable!("built above"),
             }
-            pr.inflight_since = Some(self.ticks);
             pr.commit_sent = self.log.committed();
+            pr.read_sent = read_seq;
             // The leader may send before its own write is durable (thesis
             // §10.2.1): it counts itself toward commit only once it is.
             self.messages.push(Message { from: self.cfg.id, to, term: self.term, body });

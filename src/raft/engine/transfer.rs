@@ -81,16 +81,18 @@ impl<S: LogStore> Raft<S> {
 
     /// Tells the transferee to campaign once it holds our whole log, so that
     /// it wins on the up-to-date check. Proposals are refused meanwhile, so
-    /// `last_index` stands still. `TimeoutNow` takes the follower's request
-    /// slot like an AppendEntries would: the transport keeps one request per
-    /// peer in flight and only the newest of those queued behind it, so an
-    /// append right after would replace it.
+    /// `last_index` stands still. `TimeoutNow` closes the follower's window
+    /// (its progress probes again): the transport sends it alone, once the
+    /// requests out are answered, and keeps only the newest request queued,
+    /// so an append right after would replace it. It is never answered: it
+    /// expires like an unanswered request, or a later reply answers it.
     pub(super) fn send_timeout_now_if_caught_up(&mut self) {
         let Some(to) = self.transfer_target() else { return };
         let (last, now) = (self.log.last_index(), self.ticks);
         let pr = self.tracker.progress_mut(to).expect("the transferee is a member");
         if pr.matched == last {
-            pr.inflight_since = Some(now);
+            pr.replicating = false;
+            pr.sent(last, last, now);
             self.messages.push(Message { from: self.cfg.id, to, term: self.term, body: Body::TimeoutNow });
         }
     }
