@@ -340,9 +340,11 @@ fn validate(raw: &RawConfig) -> Result<(), String> {
     if raw.heartbeat_ms == 0 {
         return Err("heartbeat_ms must be > 0".into());
     }
-    // Each one may hold 1 MiB of entries: a window is a few of them.
-    if !(1..=16).contains(&raw.max_appends_in_flight) {
-        return Err(format!("max_appends_in_flight {} must be 1 to 16", raw.max_appends_in_flight));
+    // A peer of 0.2.0 takes one request at a time, and a link keeps only
+    // the newest request queued behind the one out: a third append would
+    // replace the second, and the follower would refuse the ones after it.
+    if !(1..=2).contains(&raw.max_appends_in_flight) {
+        return Err(format!("max_appends_in_flight {} must be 1 or 2", raw.max_appends_in_flight));
     }
     // Followers would time out between heartbeats and depose a healthy leader.
     if raw.heartbeat_ms >= min {
@@ -767,9 +769,9 @@ mod tests {
     }
 
     #[test]
-    fn appends_in_flight_are_one_to_sixteen_one_unless_said() {
-        assert_eq!(problem_with(r#", "max_appends_in_flight": 0"#), "max_appends_in_flight 0 must be 1 to 16");
-        assert_eq!(problem_with(r#", "max_appends_in_flight": 17"#), "max_appends_in_flight 17 must be 1 to 16");
+    fn appends_in_flight_are_one_or_two_one_unless_said() {
+        assert_eq!(problem_with(r#", "max_appends_in_flight": 0"#), "max_appends_in_flight 0 must be 1 or 2");
+        assert_eq!(problem_with(r#", "max_appends_in_flight": 3"#), "max_appends_in_flight 3 must be 1 or 2");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         let nodes = r#""nodes":[{"id":0,"raft":"tcp://127.0.0.1:1","client":"tcp://127.0.0.1:2"}]"#;

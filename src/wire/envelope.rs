@@ -23,8 +23,9 @@ pub const PROTOCOL_VERSION: u8 = 6;
 
 /// How many requests of one peer's connection a node takes before it has
 /// answered them, answering in the order they came: what its replies say
-/// in [`Envelope::window`]. A leader keeps two AppendEntries in flight.
-pub const WINDOW: u8 = 4;
+/// in [`Envelope::window`]. More than a leader sends (two at most, for now):
+/// a later release may send more to this one.
+pub const WINDOW: u8 = 16;
 
 /// What travels in one ZeroMQ frame: MessagePack with named fields, so the
 /// format is self-describing and readable by non-Rust tools.
