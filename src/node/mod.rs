@@ -99,7 +99,7 @@ pub fn abort_on_panic() {
 }
 
 /// Peer messages queued for the core loop; more are dropped (Raft tolerates
-/// loss, and each peer has one request in flight anyway).
+/// loss, and each peer has a request or two in flight anyway).
 const PEER_QUEUE_LEN: usize = 1024;
 /// Client requests queued for the core loop, by count and by bytes; more get `busy`.
 const CLIENT_QUEUE_LEN: usize = 10_000;

@@ -155,7 +155,7 @@ fn check_position(what: &str, index: Index, term: Term, message_term: Term) -> R
 }
 
 impl Body {
-    /// Requests travel on the sender's REQ socket; replies answer them.
+    /// Requests travel on the sender's link to the peer; replies answer them.
     pub fn is_request(&self) -> bool {
         matches!(
             self,

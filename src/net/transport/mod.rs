@@ -8,9 +8,10 @@
 //! - the *server* half owns a ROUTER socket bound to this node's raft
 //!   endpoint; it hands incoming requests to the core and sends the core's
 //!   replies back on the route each request came in on;
-//! - a *link* per peer owns a REQ socket to that peer, sends requests one
-//!   at a time and hands back each reply, or [`Inbound::Unreachable`] when
-//!   none comes within the reply timeout.
+//! - a *link* per peer owns a DEALER socket to that peer, speaking REQ's
+//!   framing; it sends requests (AppendEntries up to the peer's window,
+//!   anything else alone) and hands back each reply, or
+//!   [`Inbound::Unreachable`] when none comes within the reply timeout.
 //!
 //! Everything received goes to one crossbeam channel, which the core drains
 //! after each poll. Delivery is best effort, as Raft expects: messages may

@@ -68,10 +68,9 @@ pub struct ServerConfig {
     /// ([`Effect::Sync`]), so that it goes on meanwhile (asynchronous
     /// storage writes): it replicates, commits and answers while it syncs.
     /// A follower syncs in the Ready cycle all the same (once the syncs
-    /// from when it led are done). It has nothing to go on with (its leader
-    /// has one AppendEntries out to it at a time), and the hand-off to
-    /// another thread and back, to send the acknowledgement, costs more
-    /// than the wait it saves.
+    /// from when it led are done). Its work is the entries its leader
+    /// sends, in order, and the hand-off to another thread and back, to
+    /// send the acknowledgement, costs more than the wait it saves.
     pub sync_later: bool,
 }
 
