@@ -135,7 +135,7 @@ impl Metrics {
             apply_entries: histogram("raft_apply_batch_entries", "Entries applied per batch", batch_buckets()),
             peer_seconds: histograms(
                 "raft_peer_round_trip_seconds",
-                "Round trip of one AppendEntries (or other request) to a peer, by peer id",
+                "Round trip of one AppendEntries (or other request) to a peer, by peer id, queueing behind the ones out included",
                 "peer",
             ),
             client_queue: gauge("raft_client_queue_requests", "Client requests waiting for the core loop"),

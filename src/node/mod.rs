@@ -226,6 +226,7 @@ pub fn run(config: &Config, id: NodeId, routes: &[(NodeId, String)], start: Star
             security: Arc::clone(&security),
             snapshots: snapshots.clone(),
             disk_reserve: config.disk_reserve_bytes,
+            appends_in_flight: config.max_appends_in_flight,
         },
         peer_tx,
     )?;

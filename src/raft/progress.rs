@@ -4,9 +4,10 @@
 //! where its log matches ours; from then on it is *replicating*: `next`
 //! moves ahead as each request goes out, and up to a window of them are
 //! out at once (`CoreConfig::max_inflight_appends`), so the next batch is
-//! on its way while the follower writes the last one. A rejection, a timeout or an unreachable peer goes back to
-//! probing. Whatever accumulates while the window is full goes out as one
-//! batch in the next request, which is where throughput comes from.
+//! on its way while the follower writes the last one. A rejection, a
+//! timeout or an unreachable peer goes back to probing. Whatever
+//! accumulates while the window is full goes out as one batch in the next
+//! request, which is where throughput comes from.
 
 use std::collections::VecDeque;
 

@@ -79,6 +79,10 @@ pub struct TransportConfig {
     /// Bytes to keep free on the state dir's disk: a snapshot whose
     /// declared size does not fit above them is not received.
     pub disk_reserve: u64,
+    /// AppendEntries a link keeps out at once, at most (the core's
+    /// `max_inflight_appends`): an append the core sends again after its
+    /// in-flight timeout waits behind the one out, as it did on a REQ socket.
+    pub appends_in_flight: usize,
 }
 
 #[derive(Debug)]
@@ -138,6 +142,7 @@ struct LinkSettings {
     max_message_bytes: i64,
     security: Arc<NodeSecurity>,
     snapshots: Snapshots,
+    appends_in_flight: usize,
 }
 
 impl LinkSettings {
@@ -159,6 +164,7 @@ impl LinkSettings {
             snapshots: self.snapshots.clone(),
             speak_as: None,
             window: 1,
+            appends_in_flight: self.appends_in_flight,
             queued: None,
             out: VecDeque::new(),
             failed_until: None,
@@ -212,6 +218,7 @@ impl Transport {
             max_message_bytes: cfg.max_message_bytes,
             security: Arc::clone(&cfg.security),
             snapshots: cfg.snapshots.clone(),
+            appends_in_flight: cfg.appends_in_flight,
         };
         let server = Server {
             router,
@@ -462,6 +469,7 @@ mod tests {
             security: Arc::new(NodeSecurity::Plain),
             snapshots,
             disk_reserve: 0,
+            appends_in_flight: 2,
         };
         (Running::start(Transport::start(ctx, cfg, tx).unwrap()), rx)
     }
@@ -574,6 +582,33 @@ mod tests {
         }
     }
 
+    /// Node 0 and node 1, once node 0 heard from node 1 how many requests
+    /// it takes at once (a link's window is one until the peer says).
+    fn leader_and_follower_with_a_window() -> ((Running, Receiver<Inbound>), (Running, Receiver<Inbound>)) {
+        let ctx = zmq::Context::new();
+        let nodes = members(2);
+        let (leader, leader_rx) = start(&ctx, 0, &nodes, PATIENCE);
+        let (follower, follower_rx) = start(&ctx, 1, &nodes, PATIENCE);
+        leader.send(heartbeat(0, 1, 1));
+        assert_eq!(message(&follower_rx), heartbeat(0, 1, 1));
+        follower.send(ack(1, 0));
+        assert_eq!(message(&leader_rx), ack(1, 0));
+        ((leader, leader_rx), (follower, follower_rx))
+    }
+
+    /// Node 1's success answering node 0's AppendEntries after `prev_log_index`.
+    fn acknowledged(prev_log_index: u64, match_index: u64) -> Message {
+        let body = Body::AppendEntriesReply {
+            success: true,
+            prev_log_index,
+            match_index,
+            conflict_index: 0,
+            conflict_term: None,
+            read_seq: 0,
+        };
+        Message { body, ..ack(1, 0) }
+    }
+
     /// The next item matching `wanted`, skipping others, or a panic at `deadline`.
     fn expect(rx: &Receiver<Inbound>, deadline: Instant, wanted: impl Fn(&Inbound) -> bool) -> Inbound {
         loop {
@@ -597,33 +632,46 @@ mod tests {
     /// on the one connection, in order.
     #[test]
     fn appends_go_out_within_the_window_a_peer_names_and_are_answered_in_order() {
-        let ctx = zmq::Context::new();
-        let nodes = members(2);
-        let (leader, leader_rx) = start(&ctx, 0, &nodes, PATIENCE);
-        let (follower, follower_rx) = start(&ctx, 1, &nodes, PATIENCE);
-        leader.send(heartbeat(0, 1, 1));
-        assert_eq!(message(&follower_rx), heartbeat(0, 1, 1));
-        follower.send(ack(1, 0));
-        assert_eq!(message(&leader_rx), ack(1, 0), "the window is one until the peer says more");
+        let ((leader, leader_rx), (follower, follower_rx)) = leader_and_follower_with_a_window();
         leader.send(heartbeat(0, 1, 2));
         leader.send(heartbeat(0, 1, 3));
         assert_eq!(message(&follower_rx), heartbeat(0, 1, 2));
         assert_eq!(message(&follower_rx), heartbeat(0, 1, 3), "the second is out before the first is answered");
-        let answer = |match_index| Message {
-            body: Body::AppendEntriesReply {
-                success: true,
-                prev_log_index: 0,
-                match_index,
-                conflict_index: 0,
-                conflict_term: None,
+        follower.send(acknowledged(0, 2));
+        follower.send(acknowledged(0, 3));
+        assert_eq!(message(&leader_rx), acknowledged(0, 2));
+        assert_eq!(message(&leader_rx), acknowledged(0, 3));
+        leader.shutdown();
+        follower.shutdown();
+    }
+
+    /// A request out that gets no answer (lost with a connection libzmq
+    /// made again, or left unanswered) is passed over once a later one's
+    /// reply comes: the reply is paired with its own request, and nothing
+    /// waits behind the lost one until the reply timeout.
+    #[test]
+    fn a_reply_is_paired_with_the_append_it_answers_and_those_before_it_go() {
+        let ((leader, leader_rx), (follower, follower_rx)) = leader_and_follower_with_a_window();
+        let append = |prev_log_index| Message {
+            body: Body::AppendEntries {
+                prev_log_index,
+                prev_log_term: 2,
+                entries: vec![],
+                leader_commit: 0,
                 read_seq: 0,
             },
-            ..ack(1, 0)
+            ..heartbeat(0, 1, 0)
         };
-        follower.send(answer(2));
-        follower.send(answer(3));
-        assert_eq!(message(&leader_rx), answer(2));
-        assert_eq!(message(&leader_rx), answer(3));
+        leader.send(append(4));
+        leader.send(append(6));
+        assert_eq!(message(&follower_rx), append(4));
+        assert_eq!(message(&follower_rx), append(6));
+        follower.send(acknowledged(6, 6)); // the first is never answered
+        assert_eq!(message(&leader_rx), acknowledged(6, 6));
+        let vote = vote_request(0, 1, 3);
+        leader.send(vote.clone());
+        let asked = follower_rx.recv_timeout(PATIENCE / 2).expect("the vote waits for nothing out");
+        assert_eq!(asked, Inbound::Message(vote));
         leader.shutdown();
         follower.shutdown();
     }
@@ -741,8 +789,9 @@ mod tests {
         };
         a.send(request.clone());
         assert_eq!(message(&b_rx), request);
-        b.send(ack(1, 0));
-        assert_eq!(message(&a_rx), ack(1, 0));
+        let reply = acknowledged(1, 2);
+        b.send(reply.clone());
+        assert_eq!(message(&a_rx), reply);
         a.shutdown();
         b.shutdown();
     }
@@ -1064,6 +1113,7 @@ mod tests {
             security: Arc::new(NodeSecurity::Plain),
             snapshots: snapshots_dir(),
             disk_reserve: 0,
+            appends_in_flight: 2,
         };
         let error = Transport::start(&zmq::Context::new(), cfg, tx).err().unwrap();
         assert_eq!(error.to_string(), format!("cannot bind raft endpoint {endpoint}: Address already in use"));

@@ -66,6 +66,8 @@ pub(super) struct Link {
     /// last reply said; one for a new connection (the peer may be another
     /// process, of a release that answers one at a time).
     pub(super) window: usize,
+    /// AppendEntries this node keeps out at once, at most.
+    pub(super) appends_in_flight: usize,
     pub(super) wire: Arc<Wire>,
     pub(super) inbound: Sender<Inbound>,
     pub(super) reply_timeout: Duration,
@@ -148,6 +150,8 @@ enum Failure {
     Rejected(Reject),
     /// The snapshot to send cannot be read, or the follower refused it.
     Snapshot(String),
+    /// A reply that answers none of the requests out.
+    Unpaired(String),
 }
 
 impl From<zmq::Error> for Failure {
@@ -226,27 +230,57 @@ impl Link {
         let pipelined = |message: &Message| matches!(message.body, Body::AppendEntries { .. });
         self.failed_until.is_none()
             && (self.out.is_empty()
-                || (self.out.len() < self.window
+                || (self.out.len() < self.window.min(self.appends_in_flight)
                     && pipelined(message)
                     && self.out.iter().all(|exchange| pipelined(&exchange.message))))
     }
 
-    /// Takes the replies the socket has, each answering the oldest request
-    /// out, and goes on from them.
+    /// Takes the replies the socket has, each answering a request out, and
+    /// goes on from them.
     pub(super) fn on_readable(&mut self, now: Instant) {
         while let (Some(socket), Some(oldest)) = (&self.socket, self.out.front()) {
-            let reply = match receive_reply(socket) {
-                Ok(reply) => reply,
+            let (began, asked_as) = (oldest.began, oldest.asked_as);
+            let opened = match receive_reply(socket) {
+                Ok(reply) => self.wire.open_reply(&reply, self.peer, asked_as),
                 Err(Failure::Zmq(zmq::Error::EAGAIN)) => return,
-                Err(failure) => return self.fail(failure, oldest.began),
+                Err(failure) => return self.fail(failure, began),
             };
-            let exchange = self.out.pop_front().expect("looked at above");
-            self.on_reply(exchange, &reply, now);
+            let Some(answered) = self.answered_by(&opened) else {
+                let unpaired = format!("{:?} answers no request out", opened.map(|reply| reply.message.body));
+                return self.fail(Failure::Unpaired(unpaired), began);
+            };
+            // Those before it will get no answer: lost with a connection
+            // libzmq made again, or left unanswered by the peer. The core
+            // gives up on them by its own clock.
+            for skipped in self.out.drain(..answered) {
+                debug!("peer {}: no answer to {:?}", self.peer, skipped.message.body);
+            }
+            let exchange = self.out.pop_front().expect("found above");
+            self.on_reply(exchange, opened, now);
         }
     }
 
-    fn on_reply(&mut self, mut exchange: Exchange, reply: &[u8], now: Instant) {
-        match self.wire.open_reply(reply, self.peer, exchange.asked_as) {
+    /// Which request out `opened` answers: an AppendEntries by the
+    /// `prev_log_index` its reply names (several may be out); anything
+    /// else goes alone, so it is the only one. `None` if it answers none
+    /// of them, which only a peer's bug can cause.
+    fn answered_by(&self, opened: &Result<PeerReply, Reject>) -> Option<usize> {
+        let Some(Exchange { message: Message { body: Body::AppendEntries { .. }, .. }, .. }) = self.out.front() else {
+            return Some(0);
+        };
+        let Ok(PeerReply { message: Message { body: Body::AppendEntriesReply { prev_log_index, .. }, .. }, .. }) =
+            opened
+        else {
+            // A refusal or a broken frame is the oldest's: the link fails or goes on from it.
+            return opened.is_err().then_some(0);
+        };
+        self.out.iter().position(|exchange| {
+            matches!(exchange.message.body, Body::AppendEntries { prev_log_index: sent, .. } if sent == *prev_log_index)
+        })
+    }
+
+    fn on_reply(&mut self, mut exchange: Exchange, opened: Result<PeerReply, Reject>, now: Instant) {
+        match opened {
             // Once more at once if the peer refused the cluster named and
             // named one this node may speak for to it.
             Err(Reject::Refused { cluster })
@@ -259,7 +293,10 @@ impl Link {
             }
             Err(reject) => self.fail(reject.into(), exchange.began),
             Ok(PeerReply { message, chunk, window }) => {
-                self.window = usize::from(window);
+                // A snapshot piece's acknowledgement is the transport's and names none.
+                if chunk.is_none() {
+                    self.window = usize::from(window);
+                }
                 match exchange.snapshot.take() {
                     None if chunk.is_none() => {
                         let peer = self.peer.to_string();
@@ -416,6 +453,7 @@ impl Link {
             Failure::Snapshot(problem) => {
                 self.warnings.warn("snapshot not sent", format!("snapshot to peer {}: {problem}", self.peer))
             }
+            Failure::Unpaired(reply) => self.warnings.warn("unpaired reply", format!("peer {}: {reply}", self.peer)),
         }
         if self.reachable {
             info!("peer {} unreachable at {}", self.peer, self.endpoint);

@@ -350,7 +350,7 @@ impl<S: LogStore> Raft<S> {
         Ok((index, self.term))
     }
 
-    /// The transport gave up on the request in flight to `peer`: allow the
+    /// The transport gave up on the requests in flight to `peer`: allow the
     /// next one to go out right away instead of waiting for the timeout (the
     /// transport paces failures that come back at once).
     pub fn peer_unreachable(&mut self, peer: NodeId) {

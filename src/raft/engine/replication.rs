@@ -19,9 +19,9 @@ pub(super) struct Rejection {
 
 impl Leadership {
     /// Whether the follower at `pr` is due an AppendEntries: room for one
-    /// more in flight (up to `window`) and something to tell it (entries, a heartbeat, a read
-    /// round no request out carries, or a commit index it has not heard).
-    /// A new commit index alone waits for
+    /// more in flight (up to `window`) and something to tell it (entries, a
+    /// heartbeat, a read round no request out carries, or a commit index it
+    /// has not heard). A new commit index alone waits for
     /// the next tick, unless nothing was ever sent to the follower (a member
     /// just added is probed at once): the next entries carry it anyway, and
     /// a round of its own after every commit doubled the messages a write
@@ -269,7 +269,8 @@ impl<S: LogStore> Raft<S> {
             let pr = self.tracker.progress_mut(to).expect("listed above");
             match &body {
                 Body::AppendEntries { entries, .. } => {
-                    pr.sent(prev_log_index, prev_log_index + entries.len() as Index, self.ticks)
+                    pr.sent(prev_log_index, prev_log_index + entries.len() as Index, self.ticks);
+                    pr.read_sent = read_seq;
                 }
                 Body::InstallSnapshot { snapshot, .. } => {
                     info!("node {}: sending snapshot {}/{} to {}", self.cfg.id, snapshot.index, snapshot.term, to);
@@ -281,7 +282,6 @@ impl<S: LogStore> Raft<S> {
                 _ => unreachable!("built above"),
             }
             pr.commit_sent = self.log.committed();
-            pr.read_sent = read_seq;
             // The leader may send before its own write is durable (thesis
             // §10.2.1): it counts itself toward commit only once it is.
             self.messages.push(Message { from: self.cfg.id, to, term: self.term, body });
