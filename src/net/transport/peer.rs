@@ -433,10 +433,9 @@ impl Link {
 
     /// The socket goes (see [`Link::socket`]) with every request out; the
     /// core hears of the failure no sooner than a timeout after the
-    /// exchange began. It sends again as
-    /// soon as it hears, so a failure that came at once (a snapshot file
-    /// that cannot be read, a refusal) would otherwise make that a hot loop
-    /// (seen: 6,000 tries a second).
+    /// exchange began. It sends again as soon as it hears, so a failure
+    /// that came at once (a snapshot file that cannot be read, a refusal)
+    /// would otherwise make that a hot loop (seen: 6,000 tries a second).
     fn fail(&mut self, failure: Failure, began: Instant) {
         self.socket = None;
         self.out.clear();

@@ -111,28 +111,31 @@ impl System for Cluster {
     }
 }
 
-impl KvClient for Client {
-    fn put(&mut self, key: &str, value: &str) -> bool {
-        let command = KvCommand::Put { key: Value::Str(key.into()), value: Value::Str(value.into()) };
-        matches!(self.call(&Request::Write { command, client_id: None, seq: None }), Ok(Reply::Put { .. }))
-    }
+/// A connection that answers a raft-zmq request, or not.
+trait Ask: Send {
+    fn ask(&mut self, request: &Request) -> Option<Reply>;
+}
 
-    fn get(&mut self, key: &str) -> bool {
-        matches!(self.call(&Request::Get { key: Value::Str(key.into()) }), Ok(Reply::Get { .. }))
+impl Ask for Client {
+    fn ask(&mut self, request: &Request) -> Option<Reply> {
+        self.call(request).ok()
     }
 }
 
-impl KvClient for ZmtpReq {
+impl Ask for ZmtpReq {
+    fn ask(&mut self, request: &Request) -> Option<Reply> {
+        let frame = self.call(&encode_request(request)).ok()?;
+        Reply::decode(&frame, request).ok()
+    }
+}
+
+impl<C: Ask> KvClient for C {
     fn put(&mut self, key: &str, value: &str) -> bool {
         let command = KvCommand::Put { key: Value::Str(key.into()), value: Value::Str(value.into()) };
-        let request = Request::Write { command, client_id: None, seq: None };
-        let reply = self.call(&encode_request(&request));
-        matches!(reply.map(|frame| Reply::decode(&frame, &request)), Ok(Ok(Reply::Put { .. })))
+        matches!(self.ask(&Request::Write { command, client_id: None, seq: None }), Some(Reply::Put { .. }))
     }
 
     fn get(&mut self, key: &str) -> bool {
-        let request = Request::Get { key: Value::Str(key.into()) };
-        let reply = self.call(&encode_request(&request));
-        matches!(reply.map(|frame| Reply::decode(&frame, &request)), Ok(Ok(Reply::Get { .. })))
+        matches!(self.ask(&Request::Get { key: Value::Str(key.into()) }), Some(Reply::Get { .. }))
     }
 }

@@ -153,23 +153,32 @@ mod tests {
 
     /// Against libzmq's own ROUTER, as raft-zmq's client endpoint is: short
     /// and long frames both ways, on one connection.
-    #[test]
-    fn a_libzmq_router_answers_it_as_a_req_socket() {
+    /// A libzmq ROUTER on a free port that takes `batch` requests, then
+    /// answers each with itself and "!", in order, `rounds` times.
+    fn echo_router(batch: usize, rounds: usize) -> (String, std::thread::JoinHandle<()>) {
         let ctx = zmq::Context::new();
         let router = ctx.socket(zmq::ROUTER).unwrap();
         router.set_linger(0).unwrap();
         let endpoint = format!("tcp://127.0.0.1:{}", crate::free_port());
         router.bind(&endpoint).unwrap();
         let server = std::thread::spawn(move || {
-            for _ in 0..2 {
-                let mut frames = router.recv_multipart(0).unwrap();
-                assert_eq!(frames.len(), 3, "[identity, empty delimiter, request]");
-                assert!(frames[1].is_empty());
-                let request = frames.pop().unwrap();
-                frames.push([&request[..], b"!"].concat());
-                router.send_multipart(frames, 0).unwrap();
+            for _ in 0..rounds {
+                let requests: Vec<Vec<Vec<u8>>> = (0..batch).map(|_| router.recv_multipart(0).unwrap()).collect();
+                for mut frames in requests {
+                    assert_eq!(frames.len(), 3, "[identity, empty delimiter, request]");
+                    assert!(frames[1].is_empty());
+                    let request = frames.pop().unwrap();
+                    frames.push([&request[..], b"!"].concat());
+                    router.send_multipart(frames, 0).unwrap();
+                }
             }
         });
+        (endpoint, server)
+    }
+
+    #[test]
+    fn a_libzmq_router_answers_it_as_a_req_socket() {
+        let (endpoint, server) = echo_router(1, 2);
         let mut client = ZmtpReq::connect(&endpoint, Duration::from_secs(10)).unwrap();
         assert_eq!(client.call(b"short").unwrap(), b"short!");
         let long = vec![7u8; 1000];
@@ -180,20 +189,8 @@ mod tests {
     /// A reply that comes too late never passes for the next request's.
     #[test]
     fn after_a_reply_times_out_the_next_call_gets_its_own_reply() {
-        let ctx = zmq::Context::new();
-        let router = ctx.socket(zmq::ROUTER).unwrap();
-        router.set_linger(0).unwrap();
-        let endpoint = format!("tcp://127.0.0.1:{}", crate::free_port());
-        router.bind(&endpoint).unwrap();
-        let server = std::thread::spawn(move || {
-            // The first is answered only once the second came, before it.
-            let requests = [router.recv_multipart(0).unwrap(), router.recv_multipart(0).unwrap()];
-            for mut frames in requests {
-                let request = frames.pop().unwrap();
-                frames.push([&request[..], b"!"].concat());
-                router.send_multipart(frames, 0).unwrap();
-            }
-        });
+        // The first is answered only once the second came, before it.
+        let (endpoint, server) = echo_router(2, 1);
         let mut client = ZmtpReq::connect(&endpoint, Duration::from_millis(300)).unwrap();
         assert_eq!(client.call(b"first").unwrap_err().kind(), io::ErrorKind::WouldBlock);
         client.timeout = Duration::from_secs(10);
